@@ -1,0 +1,46 @@
+"""The expert bank: N leaf vectors in the base's hidden space, stored as unit directions and norms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertBank(nn.Module):
+    """N expert vectors e_i = norm_i * direction_i / ||direction_i||.
+
+    Direction and norm are separate parameters so training can move either (and a bank can be frozen in
+    direction only); the gate never reads the bank, so it cannot prefer a leaf for its norm.
+
+    Args:
+        vectors: (N, D) initial expert vectors (teacher-derived, or random).
+        info: JSON-serialisable metadata (teacher id, layers, projection fit, how the bank was built).
+    """
+
+    def __init__(self, vectors: torch.Tensor, info: dict[str, Any] | None = None):
+        super().__init__()
+        vectors = vectors.detach().float()
+        norm = vectors.norm(dim=-1)
+        self.direction = nn.Parameter(vectors / norm.clamp_min(1e-12)[:, None])  # (N, D)
+        self.norm = nn.Parameter(norm)  # (N,)
+        self.info = dict(info or {})
+
+    @property
+    def num_leaves(self) -> int:
+        return self.direction.shape[0]
+
+    def vectors(self) -> torch.Tensor:
+        """(N, D) float32 expert vectors."""
+        return F.normalize(self.direction, dim=-1) * self.norm[:, None]
+
+    def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""
+        e = F.embedding(indices, self.vectors())  # (B, T, K, D)
+        return torch.einsum("btk,btkd->btd", weights, e)
+
+    def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:
+        """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather."""
+        return probs @ self.vectors()

@@ -1,0 +1,52 @@
+"""`toe` command line: one typed library function per subcommand (jsonargparse gives --config and --print_config)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .config import ToEError
+
+
+def _commands() -> dict:
+    from .inference import generate
+
+    return {"generate": generate}
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """Accepts --num-leaves as well as --num_leaves."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def _show(result) -> None:
+    if result is None:
+        return
+    if isinstance(result, list) and result and isinstance(result[0], dict) and "completion" in result[0]:
+        for row in result:
+            print(row["completion"])
+        return
+    print(json.dumps(result, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import CLI
+
+    argv = _normalise(sys.argv[1:] if argv is None else argv)
+    try:
+        result = CLI(_commands(), args=argv, as_positional=False)
+    except ToEError as e:
+        print(f"toe: error: {e}", file=sys.stderr)
+        return 2
+    _show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Thin glue to transformers: loading models by id or path, finding decoder layers, fingerprints.
+
+Layer convention used everywhere in ToE: "layer l" is the *output of decoder layer l* (0-based), i.e. the residual
+stream after l + 1 blocks. It equals ``output_hidden_states[l + 1]`` for every layer but the last one, because
+transformers applies the final norm to ``output_hidden_states[-1]``; ToE reads states with forward hooks on the
+decoder layers, never from ``output_hidden_states``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ToEError
+
+# Architecture fields that must match for a plug-in (or a cached extraction) to be valid on a base.
+ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "rope_theta",
+    "rms_norm_eps",
+    "max_position_embeddings",
+)
+
+
+def arch_fingerprint(config: Any) -> tuple[dict[str, Any], str]:
+    """The base config fields that must match, and their sha256."""
+    arch = {k: getattr(config, k, None) for k in ARCH_KEYS}
+    arch = {k: v for k, v in arch.items() if v is not None and isinstance(v, (int, float, str, bool))}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
+    return arch, digest
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"tree_of_experts": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM (Llama/Qwen/Mistral-style ``model.layers``, GPT-style ``h``)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for owner in (inner, getattr(inner, "model", None), getattr(model, "transformer", None)):
+        if owner is None:
+            continue
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+    raise ToEError(f"cannot find the decoder layers of {type(model).__name__}: ToE supports decoder-only causal LMs")
+
+
+def model_id(model: nn.Module) -> str:
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """Loads a causal LM from a hub id or local folder (``gguf_file=...`` passes through), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"cannot load model {name_or_path!r} ({first}): pass a local folder or a reachable hub id") from None
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"cannot load tokenizer {name_or_path!r} ({first}): pass a local folder or hub id") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def is_local(name_or_path: str) -> bool:
+    return os.path.isdir(name_or_path)

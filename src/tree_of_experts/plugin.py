@@ -1,0 +1,222 @@
+"""Fusion: a tree gate + expert bank + scale per injection layer, added to the residual stream by forward hooks.
+
+``h_t <- h_t + Δ_t`` with ``Δ_t = a_t · s ⊙ Σ_{i∈K} g_i e_i``, clipped to ``||Δ_t|| <= κ ||h_t||`` and zero at the
+first real token of every sequence (the attention sink) and on padding. ``s`` starts at zero, so a fresh plug-in
+is an exact no-op: logits are bit-identical to the bare base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .bank import ExpertBank
+from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
+from .hf import decoder_layers
+from .io import atomic_save_tensors
+from .tree import RouteOutput, TreeGate
+
+
+class InjectionLayer(nn.Module):
+    """Gate, bank and scale for one decoder layer."""
+
+    def __init__(self, config: ToEConfig, bank: ExpertBank):
+        super().__init__()
+        if bank.num_leaves != config.num_leaves or bank.direction.shape[1] != config.hidden_size:
+            raise ToEError(
+                f"bank is {tuple(bank.direction.shape)} but the config asks for ({config.num_leaves}, "
+                f"{config.hidden_size}): rebuild the bank or fix num_leaves/hidden_size"
+            )
+        self.gate = TreeGate(
+            config.hidden_size,
+            config.num_leaves,
+            config.shape,
+            config.gate_rank,
+            config.selection,
+            config.top_k,
+            config.top_p,
+            config.intensity,
+        )
+        self.bank = bank
+        self.scale = nn.Parameter(torch.zeros(config.hidden_size))  # zero-init: exact no-op until trained
+        self.clip = config.clip
+
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor, selection: str | None = None
+    ) -> tuple[torch.Tensor, RouteOutput]:
+        """Δ for hidden states ``h`` (B, T, D) where ``mask`` (B, T) is 1; returns (Δ (B, T, D) float32, route)."""
+        route = self.gate(h, selection)
+        if (selection or self.gate.selection) == "dense":
+            mixed = self.bank.mix_dense(route.weights)
+        else:
+            mixed = self.bank.mix(route.indices, route.weights)  # (B, T, D)
+        delta = self.scale * mixed
+        if route.intensity is not None:
+            delta = delta * route.intensity
+        h_norm = h.float().norm(dim=-1, keepdim=True)
+        d_norm = delta.norm(dim=-1, keepdim=True)
+        delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
+        return delta * mask[..., None].to(delta.dtype), route
+
+
+def injection_mask(
+    batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None, past_len: int
+) -> torch.Tensor:
+    """(B, T) 1.0 where Δ may be added: real tokens that are not the first real token of their sequence.
+
+    Args:
+        attention_mask: (B, past + T) 2-D padding mask (1 = real), as ``generate`` passes it, or None.
+        past_len: number of cached positions before these T tokens (used only without a mask).
+    """
+    if attention_mask is not None and attention_mask.dim() == 2:
+        am = attention_mask.to(device)
+        first = am.cumsum(-1) == 1
+        keep = am.bool() & ~first  # (B, past + T)
+        return keep[:, -length:].float()
+    pos = past_len + torch.arange(length, device=device)
+    return (pos > 0).float().expand(batch, length)
+
+
+def _past_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return int(past[0][0].shape[-2])  # legacy tuple cache (transformers < 4.47)
+
+
+class ToEPlugin(nn.Module):
+    """All injection layers of one plug-in, and the hooks that put them into a base model."""
+
+    def __init__(self, config: ToEConfig, banks: dict[int, ExpertBank] | None = None):
+        super().__init__()
+        self.config = config
+        banks = banks or {}
+        self.blocks = nn.ModuleDict()
+        for layer in config.layers:
+            bank = banks.get(layer)
+            if bank is None:
+                info = dict(config.bank_info.get(str(layer), {}))
+                bank = ExpertBank(torch.randn(config.num_leaves, config.hidden_size) * 0.02, info or {"init": "random"})
+            self.blocks[str(layer)] = InjectionLayer(config, bank)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the model pre-hook
+        self._routes: dict[int, RouteOutput] | None = None
+        self.selection: str | None = None  # per-call override of the configured selection mode
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, model: nn.Module) -> ToEPlugin:
+        """Registers the hooks on ``model`` (a causal LM); returns self. Idempotent."""
+        if self._handles:
+            return self
+        layers = decoder_layers(model)
+        bad = [layer for layer in self.config.layers if layer >= len(layers)]
+        if bad:
+            raise ToEError(f"layers {bad} out of range: the base has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        for layer in self.config.layers:
+            self._handles.append(layers[layer].register_forward_hook(self._layer_hook(layer)))
+        return self
+
+    def detach(self) -> None:
+        """Removes every hook; the base then computes exactly what it computed before ``attach``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            self._mask = None
+            return
+        batch, length = ref.shape[0], ref.shape[1]
+        past = kwargs.get("past_key_values")
+        past_len = _past_length(past)
+        cache_position = kwargs.get("cache_position")
+        if kwargs.get("attention_mask") is None and cache_position is not None:
+            past_len = int(cache_position[0])  # only read without a mask (a sync, but off the usual path)
+        self._mask = injection_mask(batch, length, ref.device, kwargs.get("attention_mask"), past_len)
+
+    def _layer_hook(self, layer: int):
+        block = self.blocks[str(layer)]
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            # transformers < 5 returns a tuple (hidden, ...) from decoder layers; 5.x returns the tensor.
+            h = output[0] if isinstance(output, tuple) else output
+            mask = self._mask
+            if mask is None or mask.shape != h.shape[:2]:
+                mask = injection_mask(h.shape[0], h.shape[1], h.device, None, 0)
+            delta, route = block(h, mask, self.selection)
+            if self._routes is not None:
+                self._routes[layer] = route
+            h = h + delta.to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[int, RouteOutput]]:
+        """Collects each injection layer's RouteOutput during the forwards run inside the block (for aux losses)."""
+        self._routes = {}
+        try:
+            yield self._routes
+        finally:
+            self._routes = None
+
+    @property
+    def last_mask(self) -> torch.Tensor | None:
+        """(B, T) injection mask of the most recent forward."""
+        return self._mask
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.config.bank_info = {k: b.bank.info for k, b in self.blocks.items()}
+        atomic_save_tensors(
+            os.path.join(directory, WEIGHTS_NAME),
+            {k: v.float() for k, v in self.state_dict().items()},
+            metadata={"format": "pt", "toe_format_version": str(self.config.format_version)},
+        )
+        self.config.save(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None) -> ToEPlugin:
+        """Reads a plug-in folder; every tensor must be present with the shape the config implies."""
+        config = config or ToEConfig.load(directory)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ToEError(f"{path} not found: the folder has {CONFIG_NAME} but no weights; re-save the plug-in")
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ToEError(f"{path} is unreadable ({e}): the file is corrupted, re-save or re-download it") from None
+        plugin = cls(config)
+        expected = plugin.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ToEError(
+                f"{path} does not match {CONFIG_NAME}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                "the weights and config come from different plug-ins"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ToEError(
+                    f"{path}: {key} has shape {tuple(value.shape)} but {CONFIG_NAME} implies "
+                    f"{tuple(expected[key].shape)}; the weights and config come from different plug-ins"
+                )
+        plugin.load_state_dict(state)
+        return plugin

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tree_of_experts import ToEModel
+from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def base():
+    return tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+
+
+@pytest.fixture
+def batch(tok):
+    """Two prompts of different lengths, left-padded (the first row has padding)."""
+    return tok(["Question: 3 plus 4?", "Question: what is 12 times 7 then?"], return_tensors="pt", padding=True)
+
+
+def randomize(model: ToEModel, seed: int = 0, scale: float = 1.0) -> ToEModel:
+    """Gives every plug-in parameter a random non-trivial value (so the plug-in actually changes the output)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.plugin.named_parameters():
+            if name.endswith("scale"):
+                p.copy_(torch.rand(p.shape, generator=g) * scale + 0.5)
+            elif name.endswith("norm.weight"):
+                continue
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
