@@ -9,9 +9,10 @@ from .config import ToEError
 
 
 def _commands() -> dict:
+    from .extract import extract
     from .inference import generate
 
-    return {"generate": generate}
+    return {"generate": generate, "extract": extract}
 
 
 def _normalise(argv: list[str]) -> list[str]:

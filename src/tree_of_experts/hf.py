@@ -8,9 +8,11 @@ decoder layers, never from ``output_hidden_states``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -100,3 +102,46 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
 
 def is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path)
+
+
+def edit_output(output: Any, fn) -> Any:
+    """Applies ``fn`` to a decoder layer's hidden states, whichever output convention the layer uses.
+
+    transformers < 5 returns a tuple ``(hidden, ...)`` from decoder layers; 5.x returns the tensor itself.
+    """
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Records the outputs of the given decoder layers (see the layer convention above) during the block."""
+    blocks = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, hidden_of(o))) for i in layers]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def add_to_layers(model: nn.Module, fns: dict[int, Any]) -> Iterator[None]:
+    """Adds ``fns[i](h)`` (same shape as h) to the output of decoder layer i during the block."""
+    blocks = decoder_layers(model)
+
+    def make(fn):
+        return lambda m, a, o: edit_output(o, lambda h: h + fn(h).to(h.dtype))
+
+    handles = [blocks[i].register_forward_hook(make(fn)) for i, fn in fns.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

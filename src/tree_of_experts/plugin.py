@@ -19,7 +19,7 @@ from torch import nn
 
 from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
-from .hf import decoder_layers
+from .hf import decoder_layers, edit_output
 from .io import atomic_save_tensors
 from .tree import RouteOutput, TreeGate
 
@@ -153,19 +153,16 @@ class ToEPlugin(nn.Module):
     def _layer_hook(self, layer: int):
         block = self.blocks[str(layer)]
 
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            # transformers < 5 returns a tuple (hidden, ...) from decoder layers; 5.x returns the tensor.
-            h = output[0] if isinstance(output, tuple) else output
+        def add_delta(h: torch.Tensor) -> torch.Tensor:
             mask = self._mask
             if mask is None or mask.shape != h.shape[:2]:
                 mask = injection_mask(h.shape[0], h.shape[1], h.device, None, 0)
             delta, route = block(h, mask, self.selection)
             if self._routes is not None:
                 self._routes[layer] = route
-            h = h + delta.to(h.dtype)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            return h + delta.to(h.dtype)
 
-        return hook
+        return lambda module, args, output: edit_output(output, add_delta)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[int, RouteOutput]]:

@@ -1,0 +1,126 @@
+"""Reasoning data: JSONL records -> prompt/response text -> token ids with a response (loss) mask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ToEError
+
+CALC_NOTE = re.compile(r"<<[^>]*>>")
+
+
+@dataclass
+class DataSpec:
+    """How a record becomes text.
+
+    Attributes:
+        prompt_field: record field holding the question (GSM8K: "question", MATH: "problem").
+        response_field: record field holding the reasoning trace (GSM8K: "answer", MATH: "solution").
+        template: prompt template; ``{prompt}`` is replaced by the question.
+        strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
+    """
+
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    template: str = "Question: {prompt}\nAnswer: "
+    strip_calc: bool = False
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.template:
+            raise ToEError(f"template {self.template!r} has no {{prompt}} placeholder: add one where the question goes")
+
+    def prompt(self, record: dict[str, Any]) -> str:
+        return self.template.replace("{prompt}", str(record[self.prompt_field]))
+
+    def response(self, record: dict[str, Any]) -> str:
+        text = str(record[self.response_field])
+        return CALC_NOTE.sub("", text) if self.strip_calc else text
+
+
+def read_jsonl(path: str | os.PathLike, spec: DataSpec | None = None, limit: int | None = None) -> list[dict]:
+    """Rows of a JSONL file; with ``spec``, checks that every row has its fields (one-line error naming them)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ToEError(f"data file {path!r} not found: pass a local JSONL file")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ToEError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise ToEError(f"{path} has no rows")
+    if spec is not None:
+        for field in (spec.prompt_field, spec.response_field):
+            missing = [i for i, r in enumerate(rows) if field not in r]
+            if missing:
+                have = sorted(rows[missing[0]].keys())
+                raise ToEError(
+                    f"{path}: row {missing[0] + 1} has no field {field!r} (it has {have}): "
+                    f"pass --prompt_field/--response_field to name the right ones"
+                )
+    return rows
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Encoded:
+    """One tokenized example. ``offsets`` are character spans in ``text`` (the appended EOS spans the end)."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    loss_mask: torch.Tensor  # (T,) bool, True on response tokens (the ones CE is measured on)
+    offsets: torch.Tensor  # (T, 2) int64
+    text: str
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Encoded:
+    """Tokenizes ``prompt + response`` in one pass (so ids match how the model sees the text) plus EOS."""
+    text = prompt + response
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True,
+                    max_length=max_length - 1)
+    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))]
+    offsets_t = torch.tensor(offsets, dtype=torch.long)
+    loss_mask = offsets_t[:, 1] > len(prompt)  # tokens that end inside the response (incl. EOS)
+    return Encoded(torch.tensor(ids, dtype=torch.long), loss_mask, offsets_t, text)
+
+
+def pad_left(seqs: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks 1-D tensors left-padded: returns (B, T) values and (B, T) attention mask."""
+    length = max(s.shape[0] for s in seqs)
+    out = torch.full((len(seqs), length), pad_value, dtype=seqs[0].dtype)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, length - s.shape[0] :] = s
+        mask[i, length - s.shape[0] :] = 1
+    return out, mask
+
+
+def align_offsets(base_offsets: torch.Tensor, teacher_offsets: torch.Tensor) -> torch.Tensor:
+    """For each base token, the last teacher token that ends at or before the base token's end (-1 if none).
+
+    The teacher's state there has seen no character beyond what the base token has seen, so the alignment never
+    leaks future text into the expert signal.
+    """
+    t_end = teacher_offsets[:, 1].contiguous()
+    idx = torch.searchsorted(t_end, base_offsets[:, 1].contiguous(), right=True) - 1
+    return idx

@@ -1,0 +1,521 @@
+"""`toe extract`: paired hidden states -> projector (ridge, then trained) -> tree + bank -> an untrained plug-in.
+
+Output folder layout::
+
+    run.json                 settings of this extraction (a rerun with other settings is refused)
+    shards/shard-00000.safetensors ...   fp16 teacher/base states per token, ids, masks, teacher top-k log-probs
+    manifest.json            models, revisions, layers, data hash, counts, timings, shard list
+    projector.safetensors    ridge map and trained fusion map per layer
+    route_data.safetensors   sampled base states, their leaf ids and path branches (Stage A supervision)
+    toe_config.json, toe_model.safetensors, README.md   the plug-in (gate initialised from the geometry, s = 0)
+    summary.json, summary.md projector fit, O1 dev CE table, cluster sizes, effective leaves, throughput
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .bank import ExpertBank
+from .cluster import balanced_tree, init_gate_from_geometry, leaf_means, mass_ordered_clusters
+from .config import ToEError
+from .data import DataSpec, align_offsets, encode, file_hash, pad_left, read_jsonl
+from .hf import add_to_layers, arch_fingerprint, capture_layers, decoder_layers, load_causal_lm, load_tokenizer, model_id
+from .io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from .losses import token_nll
+from .model import ToEModel, new_config
+from .plugin import ToEPlugin
+from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
+from .tree import effective_leaves, path_table
+
+
+def default_layer(num_layers: int) -> int:
+    """The middle of the base: injection there measured best in the first real-pair probe (layer 11 of 24)."""
+    return num_layers // 2 - 1
+
+
+def teacher_layer_for(base_layer: int, base_layers: int, teacher_layers: int) -> int:
+    """Teacher layer at the same relative depth (layer outputs, 0-based): 11 of 24 -> 13 of 28."""
+    return max(0, round((base_layer + 1) * teacher_layers / base_layers) - 1)
+
+
+def same_vocab(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+@dataclass
+class Example:
+    index: int
+    ids: torch.Tensor  # (T,) base token ids
+    loss_mask: torch.Tensor  # (T,) bool
+    teacher_ids: torch.Tensor  # (T',) teacher token ids (== ids when the tokenizers agree)
+    align: torch.Tensor  # (T,) teacher index for each base token (-1: none)
+
+
+def prepare(records: list[dict], spec: DataSpec, base_tok, teacher_tok, max_length: int) -> list[Example]:
+    shared = same_vocab(base_tok, teacher_tok)
+    out = []
+    for i, r in enumerate(records):
+        prompt, response = spec.prompt(r), spec.response(r)
+        b = encode(base_tok, prompt, response, max_length)
+        if shared:
+            out.append(Example(i, b.input_ids, b.loss_mask, b.input_ids, torch.arange(len(b.input_ids))))
+            continue
+        t = encode(teacher_tok, prompt, response, max_length)
+        out.append(Example(i, b.input_ids, b.loss_mask, t.input_ids, align_offsets(b.offsets, t.offsets)))
+    return out
+
+
+# -- capture -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def capture_shard(
+    examples: list[Example],
+    teacher, base, layers: list[int], teacher_layers: list[int], batch_size: int, topk: int, pad_id: int,
+    kd: bool, timings: dict,
+) -> dict[str, torch.Tensor]:
+    """Teacher-forced forward of both models; returns the shard's tensors (rows = kept tokens of each example)."""
+    dev = next(base.parameters()).device
+    cols: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids_t, am_t = pad_left([e.teacher_ids for e in chunk], pad_id)
+        ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
+        t0 = time.perf_counter()
+        with capture_layers(teacher, teacher_layers) as t_states:
+            t_logits = teacher(input_ids=ids_t.to(dev), attention_mask=am_t.to(dev)).logits
+        t1 = time.perf_counter()
+        with capture_layers(base, layers) as b_states:
+            base(input_ids=ids_b.to(dev), attention_mask=am_b.to(dev), logits_to_keep=1)
+        t2 = time.perf_counter()
+        timings["teacher_s"] += t1 - t0
+        timings["base_s"] += t2 - t1
+        timings["tokens"] += int(am_b.sum())
+        if kd:
+            t_nll = token_nll(t_logits, ids_t.to(dev), am_t.to(dev).bool())  # scored at target positions
+            logp = t_logits[:, :-1].float().log_softmax(-1)
+            top = logp.topk(topk, dim=-1)
+        for row, e in enumerate(chunk):
+            tb, tt = ids_b.shape[1] - len(e.ids), ids_t.shape[1] - len(e.teacher_ids)  # left-pad offsets
+            align = e.align
+            valid = align >= 0
+            valid[0] = False  # position 0 is the attention sink: never a training or injection row
+            tix = tt + align.clamp_min(0)
+            add = cols.setdefault
+            add("input_ids", []).append(e.ids)
+            add("loss_mask", []).append(e.loss_mask.to(torch.uint8))
+            add("valid", []).append(valid.to(torch.uint8))
+            add("example", []).append(torch.full((len(e.ids),), e.index, dtype=torch.long))
+            for j, (lb, lt) in enumerate(zip(layers, teacher_layers)):
+                add(f"base.{j}", []).append(b_states[lb][row, tb:].half().cpu())
+                add(f"teacher.{j}", []).append(t_states[lt][row, tix].half().cpu())
+            if kd:
+                # Targets: base token t is predicted at teacher position (aligned t) - 1 (only used when ids match).
+                src = (tix - 1).clamp_min(0)
+                add("teacher_nll", []).append(t_nll[row, tix].float().cpu())
+                add("topk_ids", []).append(top.indices[row, src.clamp_max(logp.shape[1] - 1)].int().cpu())
+                add("topk_logp", []).append(top.values[row, src.clamp_max(logp.shape[1] - 1)].half().cpu())
+    tensors = {k: torch.cat(v) for k, v in cols.items()}
+    tensors["offsets"] = torch.tensor([0] + [len(e.ids) for e in examples]).cumsum(0)
+    return tensors
+
+
+def shard_paths(out: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out, "shards", "shard-*.safetensors")))
+
+
+def iter_shards(out: str) -> Iterator[dict[str, torch.Tensor]]:
+    for path in shard_paths(out):
+        yield load_file(path)
+
+
+def iter_examples(out: str, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Per-example slices of the shards (only examples in ``which`` when given)."""
+    for shard in iter_shards(out):
+        offsets = shard["offsets"]
+        for k in range(len(offsets) - 1):
+            a, b = int(offsets[k]), int(offsets[k + 1])
+            if which is not None and int(shard["example"][a]) not in which:
+                continue
+            yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+
+
+# -- the trained fusion map ---------------------------------------------------------------------------------------
+def batches(examples: list[dict], size: int) -> Iterator[list[dict]]:
+    for i in range(0, len(examples), size):
+        yield examples[i : i + size]
+
+
+def collate(chunk: list[dict], num_layers: int, pad_id: int) -> dict[str, torch.Tensor]:
+    ids, am = pad_left([c["input_ids"] for c in chunk], pad_id)
+    out = {"input_ids": ids, "attention_mask": am}
+    for key in ("loss_mask", "valid"):
+        out[key] = pad_left([c[key].bool().long() for c in chunk], 0)[0].bool()
+    for j in range(num_layers):
+        t = max(len(c["input_ids"]) for c in chunk)
+        u = torch.zeros(len(chunk), t, chunk[0][f"teacher.{j}"].shape[1])
+        for i, c in enumerate(chunk):
+            u[i, t - len(c["input_ids"]) :] = c[f"teacher.{j}"].float()
+        out[f"teacher.{j}"] = u
+    return out
+
+
+def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
+    """Mean response-token CE of the base, optionally with ``delta_fn(j, u, h) -> Δ`` injected at layer j."""
+    total, count = 0.0, 0
+    dev = next(base.parameters()).device
+    with torch.no_grad():
+        for chunk in batches(data, batch_size):
+            b = collate(chunk, len(layers), pad_id)
+            fns = {}
+            if delta_fn is not None:
+                for j, layer in enumerate(layers):
+                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
+                    fns[layer] = lambda h, j=j, u=u, m=m: delta_fn(j, u, h) * m[..., None]
+            with add_to_layers(base, fns):
+                logits = base(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+            nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
+            total += float(nll.sum())
+            count += int(b["loss_mask"].sum())
+    return total / max(count, 1)
+
+
+def train_fusion_maps(
+    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, epochs: int, lr: float,
+    batch_size: int, seed: int,
+) -> list[float]:
+    """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
+    dev = next(base.parameters()).device
+    maps.to(dev).train()
+    opt = torch.optim.Adam(maps.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    steps = epochs * math.ceil(len(data) / batch_size)
+    bar = tqdm(total=steps, desc="train fusion map", leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=g).tolist()
+        for chunk in batches([data[i] for i in order], batch_size):
+            b = collate(chunk, len(layers), pad_id)
+            fns = {}
+            for j, layer in enumerate(layers):
+                u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
+                fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
+            with add_to_layers(base, fns):
+                logits = base(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+            mask = b["loss_mask"].to(dev)
+            loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    maps.eval()
+    return losses
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def extract(
+    teacher: str,
+    base: str,
+    data: str,
+    out: str,
+    num_leaves: int = 64,
+    shape: str = "balanced",
+    layers: list[int] | None = None,
+    teacher_layers: list[int] | None = None,
+    sample_rate: float = 1.0,
+    max_rows: int = 200_000,
+    limit: int | None = None,
+    heldout_frac: float = 0.1,
+    prompt_field: str = "question",
+    response_field: str = "answer",
+    template: str = "Question: {prompt}\nAnswer: ",
+    strip_calc: bool = False,
+    max_length: int = 512,
+    batch_size: int = 8,
+    shard_size: int = 64,
+    topk_logprobs: int = 32,
+    projector_epochs: int = 1,
+    projector_lr: float = 1e-3,
+    ridge_lambdas: tuple[float, ...] = (0.25, 0.5, 1.0),
+    gate_rank: int = 64,
+    top_k: int = 4,
+    selection: str = "topk",
+    dtype: str = "float32",
+    device: str | None = None,
+    seed: int = 0,
+    teacher_gguf_file: str | None = None,
+    base_gguf_file: str | None = None,
+) -> dict | None:
+    """Builds an expert bank and tree from a teacher, a base and reasoning text.
+
+    Args:
+        teacher: hub id or local folder of the teacher.
+        base: hub id or local folder of the base.
+        data: JSONL with one reasoning example per row (GSM8K's question/answer by default).
+        out: output folder; rerunning with the same settings resumes from the last complete shard.
+        num_leaves: N leaves of the tree.
+        shape: "balanced" (ToE-B) or "deep" (ToE-D).
+        layers: base injection layers (default: the middle layer).
+        teacher_layers: teacher layers read for each injection layer (default: same relative depth).
+        sample_rate: fraction of training tokens used for clustering.
+        max_rows: cap on the tokens clustered (memory bound).
+        limit: use only the first ``limit`` rows of ``data``.
+        heldout_frac: fraction of examples held out for λ selection and the O1 CE table.
+        prompt_field, response_field, template, strip_calc: how a row becomes text (see DataSpec).
+        max_length: truncate examples to this many tokens.
+        batch_size: sequences per forward.
+        shard_size: examples per shard file.
+        topk_logprobs: teacher top-k log-probs cached per token for distillation (0: none).
+        projector_epochs: epochs of the trained fusion map.
+        projector_lr: its learning rate.
+        ridge_lambdas: interpolation weights λ of the untrained O1 injection λ (P(u) - h) to report.
+        gate_rank: r of the gate trunk.
+        top_k: K of the plug-in.
+        selection: routing mode of the plug-in.
+        dtype: dtype to run both models in.
+        device: device (default: the accelerate process's device).
+        seed: seed for sampling, clustering and the projector's data order.
+        teacher_gguf_file, base_gguf_file: load from a GGUF file inside the given folder.
+
+    Returns:
+        The summary dict (on the main process; None on the others under ``accelerate launch``).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    dev = torch.device(device) if device else state.device
+    spec = DataSpec(prompt_field, response_field, template, strip_calc)
+    if not 0 < sample_rate <= 1:
+        raise ToEError(f"sample_rate={sample_rate}: must be in (0, 1]")
+    if not 0 <= heldout_frac < 1:
+        raise ToEError(f"heldout_frac={heldout_frac}: must be in [0, 1)")
+    records = read_jsonl(data, spec, limit)
+    t_kw = {"gguf_file": teacher_gguf_file} if teacher_gguf_file else {}
+    b_kw = {"gguf_file": base_gguf_file} if base_gguf_file else {}
+    base_tok, teacher_tok = load_tokenizer(base, **b_kw), load_tokenizer(teacher, **t_kw)
+    base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
+    teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+    n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
+    layers = list(layers) if layers else [default_layer(n_b)]
+    teacher_layers = list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
+    if len(teacher_layers) != len(layers):
+        raise ToEError(f"teacher_layers={teacher_layers} needs one entry per injection layer in layers={layers}")
+    for name, ls, n in (("layers", layers, n_b), ("teacher_layers", teacher_layers, n_t)):
+        if any(not 0 <= x < n for x in ls):
+            raise ToEError(f"{name}={ls} out of range: that model has {n} decoder layers (0..{n - 1})")
+    kd = same_vocab(base_tok, teacher_tok) and topk_logprobs > 0
+    settings = {
+        "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit, "spec": dataclasses.asdict(spec),
+        "layers": layers, "teacher_layers": teacher_layers, "max_length": max_length, "shard_size": shard_size,
+        "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
+        "teacher_arch": arch_fingerprint(teacher_model.config)[1], "base_arch": arch_fingerprint(base_model.config)[1],
+    }
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    run_path = os.path.join(out, "run.json")
+    if state.is_main_process:
+        if os.path.isfile(run_path):
+            with open(run_path) as f:
+                previous = json.load(f)
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            if changed:
+                raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): use a new --out")
+        else:
+            atomic_write_json(run_path, settings)
+    state.wait_for_everyone()
+
+    # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume.
+    examples = prepare(records, spec, base_tok, teacher_tok, max_length)
+    n_shards = math.ceil(len(examples) / shard_size)
+    mine = [s for s in range(n_shards) if s % state.num_processes == state.process_index]
+    timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
+    pad = base_tok.pad_token_id
+    t_start = time.perf_counter()
+    for s in tqdm(mine, desc="extract shards", disable=not state.is_local_main_process):
+        path = os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
+        if os.path.exists(path):
+            continue
+        tensors = capture_shard(examples[s * shard_size : (s + 1) * shard_size], teacher_model, base_model, layers,
+                                teacher_layers, batch_size, topk_logprobs, pad, kd, timings)
+        atomic_save_tensors(path, tensors)
+    timings["wall_s"] = time.perf_counter() - t_start
+    atomic_write_json(os.path.join(out, f"timings-{state.process_index}.json"), timings)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    del teacher_model
+    return build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
+                 max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection,
+                 seed, kd, teacher, dev)
+
+
+def build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
+          max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection, seed, kd,
+          teacher, dev) -> dict:
+    """Steps 2-4 on the main process, from the shards alone."""
+    pad = base_tok.pad_token_id
+    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
+    heldout = {e.index for e in examples if every and e.index % every == every - 1}
+    train_ids = {e.index for e in examples} - heldout
+    times: dict[str, float] = {}
+
+    # 2. Ridge map per layer from streamed Gram matrices.
+    t0 = time.perf_counter()
+    d_t = load_file(shard_paths(out)[0])["teacher.0"].shape[1]
+    d_b = base_model.config.hidden_size
+    grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
+    for shard in tqdm(list(iter_shards(out)), desc="ridge", leave=False):
+        rows = shard["valid"].bool()
+        held = torch.tensor([int(x) in heldout for x in shard["example"]]) & rows
+        for j, (tr, ho) in enumerate(grams):
+            u, v = shard[f"teacher.{j}"].float(), shard[f"base.{j}"].float()
+            tr.add(u[rows & ~held], v[rows & ~held])
+            if held.any():
+                ho.add(u[held], v[held])
+    ridge = [fit_ridge(tr, ho) for tr, ho in grams]
+    times["ridge_s"] = time.perf_counter() - t0
+
+    # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
+    t0 = time.perf_counter()
+    train_data = list(iter_examples(out, train_ids))
+    dev_data = list(iter_examples(out, heldout)) if heldout else []
+    maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
+    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, projector_epochs, projector_lr, 4, seed)
+    times["fusion_map_s"] = time.perf_counter() - t0
+    o1 = {}
+    if dev_data:
+        o1["base"] = mean_ce(base_model, layers, dev_data, pad)
+        if kd:
+            nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()] for d in dev_data])
+            o1["teacher"] = float(nll.mean())
+        for lam in ridge_lambdas:
+            o1[f"ridge_lambda_{lam}"] = mean_ce(
+                base_model, layers, dev_data, pad,
+                lambda j, u, h, lam=lam: ridge_delta(ridge[j][0].to(dev), u, h, lam))
+        o1["trained_map"] = mean_ce(base_model, layers, dev_data, pad, lambda j, u, h: maps[j](u, h))
+        if "teacher" in o1:
+            gap = o1["teacher"] - o1["base"]
+            o1["gap_closed"] = {k: (o1["base"] - v) / -gap if abs(gap) > 1e-9 else None
+                                for k, v in o1.items() if k not in ("base", "teacher")}
+
+    # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    deltas: list[list[torch.Tensor]] = [[] for _ in layers]
+    states: list[list[torch.Tensor]] = [[] for _ in layers]
+    with torch.no_grad():
+        for ex in train_data:
+            keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
+            for j in range(len(layers)):
+                h = ex[f"base.{j}"][keep].float()
+                deltas[j].append(maps[j].cpu()(ex[f"teacher.{j}"][keep].float(), h))
+                states[j].append(ex[f"base.{j}"][keep])
+    config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
+                        top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
+    plugin = ToEPlugin(config)
+    route_tensors, clusters = {}, {}
+    nodes_table, branch_table = path_table(shape, num_leaves)
+    for j, layer in enumerate(layers):
+        delta, x = torch.cat(deltas[j]), torch.cat(states[j])
+        if len(delta) > max_rows:
+            pick = torch.randperm(len(delta), generator=g)[:max_rows]
+            delta, x = delta[pick], x[pick]
+        if len(delta) < num_leaves:
+            raise ToEError(f"only {len(delta)} tokens sampled for {num_leaves} leaves: use more data, a higher "
+                           "--sample_rate, or fewer --num_leaves")
+        if shape == "balanced":
+            leaf = balanced_tree(delta, config.depth, seed=seed)
+        else:
+            leaf = mass_ordered_clusters(delta, num_leaves, seed=seed)
+        vectors = leaf_means(delta, leaf, num_leaves)
+        sizes = torch.bincount(leaf, minlength=num_leaves)
+        block = plugin.blocks[str(layer)]
+        block.bank = ExpertBank(vectors, {
+            "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
+            "clustering": "balanced 2-means" if shape == "balanced" else "k-means, mass-ordered",
+            "rows": len(delta), "ridge_heldout_r2": round(ridge[j][1]["heldout_r2"], 4),
+        })
+        init_gate_from_geometry(block.gate, x.float(), leaf)
+        with torch.no_grad():
+            routed = block.gate(x.float(), "dense").leaf_logp.argmax(-1)
+        clusters[str(layer)] = {
+            "sizes": sizes.tolist(),
+            "effective_leaves": float(effective_leaves(sizes.float())),
+            "mean_delta_norm": float(delta.norm(dim=-1).mean()),
+            "mean_state_norm": float(x.float().norm(dim=-1).mean()),
+            "gate_init_routing_accuracy": float((routed == leaf).float().mean()),
+        }
+        route_tensors[f"states.{layer}"] = x.half()
+        route_tensors[f"leaf.{layer}"] = leaf
+        route_tensors[f"branches.{layer}"] = branch_table[leaf].to(torch.int8)
+    times["tree_s"] = time.perf_counter() - t0
+
+    # 5. Write everything.
+    atomic_save_tensors(os.path.join(out, "route_data.safetensors"), route_tensors)
+    proj = {}
+    for j, layer in enumerate(layers):
+        proj[f"ridge.{layer}"] = ridge[j][0]
+        for k, v in maps[j].state_dict().items():
+            proj[f"trained.{layer}.{k}"] = v
+    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
+    model = ToEModel(base_model, plugin)
+    model.save_pretrained(out)
+    model.detach()
+    timing_files = sorted(glob.glob(os.path.join(out, "timings-*.json")))
+    capture = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
+    for path in timing_files:
+        with open(path) as f:
+            t = json.load(f)
+        for k in capture:
+            capture[k] += t[k] if k != "wall_s" else 0
+        capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
+    if capture["tokens"]:
+        capture["tokens_per_s"] = capture["tokens"] / max(capture["wall_s"], 1e-9)
+        capture["teacher_forward_tokens_per_s"] = capture["tokens"] / max(capture["teacher_s"], 1e-9)
+        capture["ratio_vs_teacher_forward"] = capture["tokens_per_s"] / capture["teacher_forward_tokens_per_s"]
+    summary = {
+        "teacher": teacher, "base": model_id(base_model), "layers": layers, "teacher_layers": teacher_layers,
+        "examples": len(examples), "train_examples": len(train_ids), "heldout_examples": len(heldout),
+        "tokens": sum(len(e.ids) for e in examples), "num_leaves": num_leaves, "shape": shape,
+        "projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
+        "o1_heldout_ce": o1, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
+    }
+    manifest = {**settings, "shards": [os.path.relpath(p, out) for p in shard_paths(out)],
+                "base_revision": getattr(base_model.config, "_commit_hash", None),
+                "counts": {"examples": len(examples), "heldout": sorted(heldout)[:1000]}, "timings": {**times, **capture}}
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    atomic_write_json(os.path.join(out, "summary.json"), summary)
+    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(summary))
+    return summary
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [f"# Extraction: {s['teacher']} -> {s['base']}", "",
+             f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
+             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}.", ""]
+    for p, layer in zip(s["projector"], s["layers"]):
+        lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
+    if s["o1_heldout_ce"]:
+        lines += ["", "| held-out CE (response tokens) | nats |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in s["o1_heldout_ce"].items() if isinstance(v, float)]
+    for layer, c in s["clusters"].items():
+        lines += ["", f"Layer {layer}: effective leaves {c['effective_leaves']:.1f} of {len(c['sizes'])}; "
+                      f"cluster sizes min {min(c['sizes'])} / max {max(c['sizes'])}; "
+                      f"geometry-initialised gate routes {100 * c['gate_init_routing_accuracy']:.1f} % of tokens "
+                      f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
+    cap = s["capture"]
+    if cap.get("tokens"):
+        lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
+                      f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
+    return "\n".join(lines) + "\n"

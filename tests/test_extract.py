@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tree_of_experts import ToEError, ToEModel
+from tree_of_experts.cluster import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
+from tree_of_experts.data import align_offsets
+from tree_of_experts.extract import extract, iter_examples, shard_paths
+from tree_of_experts.projector import GramAccumulator, fit_ridge
+from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+from tree_of_experts.tree import TreeGate, path_labels
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    tok = tiny_tokenizer()
+    for name, width, layers, seed in (("base", 32, 2, 0), ("teacher", 48, 3, 1)):
+        tiny_qwen2(hidden_size=width, num_layers=layers, seed=seed).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    return d
+
+
+def run(pair, out, **kw):
+    args = dict(teacher=str(pair / "teacher"), base=str(pair / "base"), data=FIXTURE, out=str(out), num_leaves=8,
+                shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    return extract(**{**args, **kw})
+
+
+def test_extract_writes_shards_manifest_and_a_loadable_identity_plugin(pair, tmp_path):
+    summary = run(pair, tmp_path / "ex")
+    out = tmp_path / "ex"
+    for name in ("manifest.json", "summary.json", "summary.md", "projector.safetensors", "route_data.safetensors",
+                 "toe_config.json", "toe_model.safetensors", "README.md"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3 and manifest["layers"] == [0] and manifest["teacher_layers"] == [1]
+    shard = load_file(shard_paths(str(out))[0])
+    assert shard["teacher.0"].dtype == torch.float16 and shard["teacher.0"].shape[1] == 48
+    assert shard["base.0"].shape[1] == 32 and shard["topk_ids"].shape[1] == 32
+    assert not shard["valid"][shard["offsets"][:-1]].any()  # position 0 of every example is skipped
+    rows = sum(len(e["input_ids"]) for e in iter_examples(str(out)))
+    assert rows == summary["tokens"]
+    # The plug-in loads onto the base and is an exact no-op until trained.
+    base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    batch = tiny_tokenizer()(["what is 3 plus 4?"], return_tensors="pt")
+    with torch.no_grad():
+        ref = base(**batch).logits
+        model = ToEModel.from_pretrained(str(pair / "base"), out)
+        assert torch.equal(model(**batch).logits, ref)
+    assert summary["clusters"]["0"]["sizes"] == [summary["clusters"]["0"]["sizes"][0]] * 8 or \
+        max(summary["clusters"]["0"]["sizes"]) - min(summary["clusters"]["0"]["sizes"]) <= 1
+    assert set(summary["o1_heldout_ce"]) >= {"base", "teacher", "trained_map", "ridge_lambda_0.5"}
+
+
+def test_resume_after_interruption_equals_one_run(pair, tmp_path):
+    run(pair, tmp_path / "one")
+    run(pair, tmp_path / "two")
+    # Interrupt: drop the last shard and everything after capture, then rerun.
+    os.remove(shard_paths(str(tmp_path / "two"))[-1])
+    for name in ("toe_model.safetensors", "summary.json"):
+        os.remove(tmp_path / "two" / name)
+    run(pair, tmp_path / "two")
+    a, b = load_file(tmp_path / "one" / "toe_model.safetensors"), load_file(tmp_path / "two" / "toe_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for pa, pb in zip(shard_paths(str(tmp_path / "one")), shard_paths(str(tmp_path / "two"))):
+        sa, sb = load_file(pa), load_file(pb)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_rerun_with_other_settings_is_refused(pair, tmp_path):
+    run(pair, tmp_path / "ex")
+    with pytest.raises(ToEError, match="other settings.*layers"):
+        run(pair, tmp_path / "ex", layers=[1])
+
+
+def test_bad_dataset_fields_give_a_clear_error(pair, tmp_path):
+    with pytest.raises(ToEError, match="no field 'problem'.*--prompt_field"):
+        run(pair, tmp_path / "ex", prompt_field="problem")
+
+
+def test_ridge_recovers_a_planted_linear_map():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)
+    b = torch.randn(4)
+    tr, ho = GramAccumulator(6, 4), GramAccumulator(6, 4)
+    for acc in (tr, tr, ho):
+        x = torch.randn(500, 6)
+        acc.add(x, x @ w + b + 0.001 * torch.randn(500, 4))
+    sol, report = fit_ridge(tr, ho)
+    torch.testing.assert_close(sol[:-1], w, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(sol[-1], b, atol=1e-2, rtol=1e-2)
+    assert report["heldout_r2"] > 0.999
+
+
+def test_balanced_tree_has_equal_mass_leaves():
+    x = torch.randn(1000, 5)
+    leaf = balanced_tree(x, depth=3)
+    sizes = torch.bincount(leaf, minlength=8)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == 1000
+
+
+def test_deep_tree_orders_leaves_by_mass():
+    torch.manual_seed(0)
+    centers = torch.randn(5, 3) * 20
+    counts = [50, 400, 10, 200, 100]
+    x = torch.cat([c + torch.randn(n, 3) for c, n in zip(centers, counts)])
+    sizes = torch.bincount(mass_ordered_clusters(x, 5), minlength=5).tolist()
+    assert sizes == sorted(counts, reverse=True)
+
+
+@pytest.mark.parametrize("shape,n", [("balanced", 8), ("deep", 6)])
+def test_geometry_initialised_gate_routes_clustered_data_to_its_own_leaf(shape, n):
+    torch.manual_seed(0)
+    centers = torch.randn(n, 16) * 4
+    x = torch.cat([c + 0.3 * torch.randn(200, 16) for c in centers])
+    leaf = balanced_tree(x, 3) if shape == "balanced" else mass_ordered_clusters(x, n)
+    gate = TreeGate(16, n, shape, rank=16)
+    init_gate_from_geometry(gate, x, leaf)
+    with torch.no_grad():
+        routed = gate(x, "dense").leaf_logp.argmax(-1)
+    assert (routed == leaf).float().mean() > 0.9
+    # Labels are consistent with the tree: following them from the root reaches the leaf.
+    labels = path_labels(shape, n, leaf)
+    follow = torch.where(labels == 1, 30.0, torch.where(labels == 0, -30.0, 0.0))
+    from tree_of_experts.tree import leaf_log_probs
+    assert torch.equal(leaf_log_probs(shape, follow).argmax(-1), leaf)
+
+
+def test_character_offset_alignment_never_looks_ahead():
+    # base tokens "ab|cd|e", teacher tokens "abc|de"
+    base = torch.tensor([[0, 2], [2, 4], [4, 5]])
+    teacher = torch.tensor([[0, 3], [3, 5]])
+    assert align_offsets(base, teacher).tolist() == [-1, 0, 1]
+
+
+def test_mismatched_tokenizers_are_aligned(pair, tmp_path):
+    other = tmp_path / "teacher2"
+    shutil.copytree(pair / "teacher", other)
+    tok = tiny_tokenizer(extra_words=["plus", "what is"])  # different vocabulary -> alignment by offsets
+    tok.save_pretrained(other)
+    model = tiny_qwen2(hidden_size=48, num_layers=3, seed=1, vocab_size=len(tok))
+    model.save_pretrained(other)
+    summary = run(pair, tmp_path / "ex", teacher=str(other))
+    assert summary["kd_cached"] is False and summary["projector"][0]["train_rows"] > 0
