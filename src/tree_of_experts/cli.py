@@ -11,8 +11,9 @@ from .config import ToEError
 def _commands() -> dict:
     from .extract import extract
     from .inference import generate
+    from .train import train
 
-    return {"generate": generate, "extract": extract}
+    return {"generate": generate, "extract": extract, "train": train}
 
 
 def _normalise(argv: list[str]) -> list[str]:

@@ -30,7 +30,16 @@ from .bank import ExpertBank
 from .cluster import balanced_tree, init_gate_from_geometry, leaf_means, mass_ordered_clusters
 from .config import ToEError
 from .data import DataSpec, align_offsets, encode, file_hash, pad_left, read_jsonl
-from .hf import add_to_layers, arch_fingerprint, capture_layers, decoder_layers, load_causal_lm, load_tokenizer, model_id
+from .hf import (
+    add_to_layers,
+    arch_fingerprint,
+    capture_layers,
+    decoder_layers,
+    load_causal_lm,
+    load_tokenizer,
+    model_id,
+    padded_inputs,
+)
 from .io import atomic_save_tensors, atomic_write_json, atomic_write_text
 from .losses import token_nll
 from .model import ToEModel, new_config
@@ -92,10 +101,10 @@ def capture_shard(
         ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
         t0 = time.perf_counter()
         with capture_layers(teacher, teacher_layers) as t_states:
-            t_logits = teacher(input_ids=ids_t.to(dev), attention_mask=am_t.to(dev)).logits
+            t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
         t1 = time.perf_counter()
         with capture_layers(base, layers) as b_states:
-            base(input_ids=ids_b.to(dev), attention_mask=am_b.to(dev), logits_to_keep=1)
+            base(**padded_inputs(ids_b, am_b, dev), logits_to_keep=1)
         t2 = time.perf_counter()
         timings["teacher_s"] += t1 - t0
         timings["base_s"] += t2 - t1
@@ -182,7 +191,7 @@ def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=Non
                     u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
                     fns[layer] = lambda h, j=j, u=u, m=m: delta_fn(j, u, h) * m[..., None]
             with add_to_layers(base, fns):
-                logits = base(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
             nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
             total += float(nll.sum())
             count += int(b["loss_mask"].sum())
@@ -210,7 +219,7 @@ def train_fusion_maps(
                 u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
                 fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
             with add_to_layers(base, fns):
-                logits = base(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
             mask = b["loss_mask"].to(dev)
             loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
             opt.zero_grad(set_to_none=True)

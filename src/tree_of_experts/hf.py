@@ -145,3 +145,13 @@ def add_to_layers(model: nn.Module, fns: dict[int, Any]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def padded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device | str) -> dict:
+    """Forward kwargs for a left-padded batch, with position ids counted from each row's first real token.
+
+    Without explicit position ids a plain forward numbers left-padded rows from the padding; RoPE models are
+    invariant to that shift, absolute-position models are not.
+    """
+    am = attention_mask.to(device)
+    return {"input_ids": input_ids.to(device), "attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp_min(0)}

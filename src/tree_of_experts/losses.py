@@ -34,12 +34,11 @@ def topk_kl(
         loss_mask: (B, T) targets that count.
 
     Returns:
-        scalar mean KL over counted targets.
+        (B, T) KL at the counted targets, 0 elsewhere (sum and divide by the token count you normalise by).
     """
     student = F.pad(logits[:, :-1].float(), (0, 0, 1, 0)).log_softmax(-1)  # (B, T, V) aligned with targets
     s = student.gather(-1, topk_ids.long())
     s = s - s.logsumexp(-1, keepdim=True)
     t = topk_logp.float() - topk_logp.float().logsumexp(-1, keepdim=True)
     kl = (t.exp() * (t - s)).sum(-1)  # (B, T)
-    m = loss_mask.float()
-    return (kl * m).sum() / m.sum().clamp_min(1)
+    return kl * loss_mask

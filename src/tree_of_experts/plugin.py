@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +22,14 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
 from .hf import decoder_layers, edit_output
 from .io import atomic_save_tensors
 from .tree import RouteOutput, TreeGate
+
+
+class Record(NamedTuple):
+    """What one injection layer did in the last forward: its route, mask (B, T) and mean ||Δ|| / ||h||."""
+
+    route: RouteOutput
+    mask: torch.Tensor
+    delta_ratio: torch.Tensor
 
 
 class InjectionLayer(nn.Module):
@@ -108,7 +116,7 @@ class ToEPlugin(nn.Module):
             self.blocks[str(layer)] = InjectionLayer(config, bank)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the model pre-hook
-        self._routes: dict[int, RouteOutput] | None = None
+        self._routes: dict[int, Record] | None = None
         self.selection: str | None = None  # per-call override of the configured selection mode
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -159,14 +167,15 @@ class ToEPlugin(nn.Module):
                 mask = injection_mask(h.shape[0], h.shape[1], h.device, None, 0)
             delta, route = block(h, mask, self.selection)
             if self._routes is not None:
-                self._routes[layer] = route
+                ratio = (delta.norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-6) * mask).sum() / mask.sum().clamp_min(1)
+                self._routes[layer] = Record(route, mask, ratio)
             return h + delta.to(h.dtype)
 
         return lambda module, args, output: edit_output(output, add_delta)
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[dict[int, RouteOutput]]:
-        """Collects each injection layer's RouteOutput during the forwards run inside the block (for aux losses)."""
+    def recording(self) -> Iterator[dict[int, Record]]:
+        """Collects each injection layer's routing Record during the forward run inside the block (for aux losses)."""
         self._routes = {}
         try:
             yield self._routes

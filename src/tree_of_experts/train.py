@@ -1,0 +1,374 @@
+"""`toe train`: route warm-up (Stage A), distillation (Stage B) and optional dense -> top-K anneal (Stage C).
+
+One function, top to bottom: setup -> Stage A steps -> Stage B steps -> checkpoint / log -> save the plug-in.
+Every random choice is a function of (seed, step), so ``resume=True`` continues from the last checkpoint and ends
+bit-identical to an uninterrupted run. Runs unchanged on CPU, one GPU or many (``accelerate launch``, DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .config import ToEError
+from .data import DataSpec, encode, file_hash, pad_left, read_jsonl
+from .extract import iter_examples
+from .hf import load_causal_lm, load_tokenizer, padded_inputs
+from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
+from .losses import token_nll, topk_kl
+from .model import ToEModel
+from .tree import effective_leaves, path_labels, route_loss, usage, usage_loss
+
+
+@dataclass
+class Example:
+    ids: torch.Tensor  # (T,)
+    loss_mask: torch.Tensor  # (T,) bool
+    topk_ids: torch.Tensor | None  # (T, k) teacher top-k at target positions, or None
+    topk_logp: torch.Tensor | None
+
+
+def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
+                  use_kd: bool) -> tuple[list[Example], bool]:
+    """Tokenizes the training rows; attaches the teacher's cached top-k when the extraction saw the same rows."""
+    rows = read_jsonl(data, spec, limit)
+    encoded = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
+    kd_rows: dict[int, dict] = {}
+    run_path = os.path.join(experts, "run.json")
+    if use_kd and os.path.isfile(run_path):
+        with open(run_path) as f:
+            run = json.load(f)
+        if run.get("topk_logprobs") and run.get("data_sha256") == file_hash(data):
+            for ex in iter_examples(experts):
+                kd_rows[int(ex["example"][0])] = ex
+    out = []
+    for i, e in enumerate(encoded):
+        cached = kd_rows.get(i)
+        if cached is not None and torch.equal(cached["input_ids"], e.input_ids):
+            out.append(Example(e.input_ids, e.loss_mask, cached["topk_ids"], cached["topk_logp"]))
+        else:
+            out.append(Example(e.input_ids, e.loss_mask, None, None))
+    has_kd = any(e.topk_ids is not None for e in out)
+    return out, has_kd
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, am = pad_left([e.ids for e in batch], pad_id)
+    loss_mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool()
+    out = {"input_ids": ids, "attention_mask": am, "loss_mask": loss_mask}
+    k = next((e.topk_ids.shape[1] for e in batch if e.topk_ids is not None), None)
+    if k is not None:
+        t = ids.shape[1]
+        tid = torch.zeros(len(batch), t, k, dtype=torch.long)
+        tlp = torch.zeros(len(batch), t, k)
+        kd_mask = torch.zeros(len(batch), t, dtype=torch.bool)
+        for i, e in enumerate(batch):
+            if e.topk_ids is not None:
+                n = len(e.ids)
+                tid[i, t - n :], tlp[i, t - n :] = e.topk_ids.long(), e.topk_logp.float()
+                kd_mask[i, t - n :] = e.loss_mask
+        out.update(topk_ids=tid, topk_logp=tlp, kd_mask=kd_mask)
+    return out
+
+
+def node_levels(shape: str, num_leaves: int) -> torch.Tensor:
+    """(M,) depth of each internal node: heap level for balanced trees, the node index for deep ones."""
+    m = torch.arange(num_leaves - 1)
+    return torch.log2(m.float() + 1).floor().long() if shape == "balanced" else m
+
+
+def level_accuracy(acc: torch.Tensor, levels: torch.Tensor) -> list[float]:
+    """Mean per-node routing accuracy at each level (NaN-free: nodes no token visits are skipped)."""
+    out = []
+    for lv in range(int(levels.max()) + 1):
+        a = acc[levels == lv]
+        a = a[~torch.isnan(a)]
+        out.append(round(float(a.mean()), 4) if len(a) else float("nan"))
+    return out
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, "checkpoint")
+
+
+def save_checkpoint(out: str, model: ToEModel, opt: torch.optim.Optimizer, step: int, stage: str) -> None:
+    """Writes a checkpoint next to the old one, then swaps: a crash leaves the previous checkpoint whole."""
+    tmp = checkpoint_dir(out) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    atomic_save_tensors(os.path.join(tmp, "plugin.safetensors"), model.plugin.state_dict())
+    atomic_torch_save(os.path.join(tmp, "optimizer.pt"), opt.state_dict())
+    atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, "stage": stage})
+    old = checkpoint_dir(out) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(checkpoint_dir(out)):
+        os.replace(checkpoint_dir(out), old)
+    os.replace(tmp, checkpoint_dir(out))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(
+    base: str | torch.nn.Module,
+    experts: str,
+    data: str,
+    out: str,
+    max_steps: int = 200,
+    stage_a_steps: int = 100,
+    batch_size: int = 8,
+    route_batch_size: int = 512,
+    lr: float = 1e-3,
+    scale_lr: float = 1e-2,
+    bank_lr: float = 1e-4,
+    stage_a_lr: float = 1e-2,
+    kd_weight: float = 1.0,
+    route_weight: float = 0.1,
+    usage_weight: float = 0.01,
+    no_kd: bool = False,
+    freeze_bank: bool = False,
+    skip_stage_a: bool = False,
+    train_selection: str = "dense",
+    anneal_steps: int = 0,
+    limit: int | None = None,
+    prompt_field: str = "question",
+    response_field: str = "answer",
+    template: str = "Question: {prompt}\nAnswer: ",
+    strip_calc: bool = False,
+    max_length: int = 512,
+    log_every: int = 10,
+    save_every: int = 50,
+    resume: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    tokenizer: str | None = None,
+) -> dict:
+    """Trains a ToE plug-in on a frozen base.
+
+    Args:
+        base: hub id or folder of the base model, or a loaded model (with ``tokenizer`` then required).
+        experts: a `toe extract` output folder (bank, tree, initial gate, route labels, cached teacher top-k).
+        data: JSONL training data (the same file as the extraction enables KD from its cache).
+        out: plug-in folder to write (metrics.jsonl, curves.png and checkpoint/ go there too).
+        max_steps: Stage B (+C) optimisation steps.
+        stage_a_steps: route warm-up steps on cached base states (0 or skip_stage_a to skip).
+        batch_size: global batch of sequences (split across processes).
+        route_batch_size: cached states per Stage A step.
+        lr: learning rate of the gate; scale_lr: of the zero-initialised scales s (they must travel from 0 to
+            about 1 to inject the bank at its extracted size); bank_lr: of the bank; stage_a_lr: of the gate in
+            Stage A.
+        kd_weight: weight of top-k KL to the teacher (when cached).
+        route_weight: initial weight of the route loss in Stage B, decaying linearly to 0.
+        usage_weight: weight of the usage regulariser (log N - entropy of leaf usage).
+        no_kd: turn distillation off. freeze_bank: keep the bank at its extracted vectors.
+        skip_stage_a: no route warm-up.
+        train_selection: routing in Stage B ("dense" by default: every leaf gets gradient).
+        anneal_steps: Stage C, the last ``anneal_steps`` steps route with the plug-in's own selection (top-K).
+        limit: use the first ``limit`` rows of ``data``.
+        prompt_field, response_field, template, strip_calc, max_length: how rows become tokens (as in extract).
+        log_every: steps between metrics rows; save_every: steps between checkpoints.
+        resume: continue from ``out/checkpoint``.
+        seed: seed of every random choice.
+        dtype: dtype of the frozen base; mixed_precision: accelerate's "no", "fp16" or "bf16".
+        gradient_checkpointing: recompute the frozen layers' activations in backward (saves memory).
+        tokenizer: tokenizer id or folder (default: the base's).
+
+    Returns:
+        A summary: final metrics, steps, the plug-in folder.
+    """
+    from accelerate import Accelerator
+
+    args = dict(locals())
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    spec = DataSpec(prompt_field, response_field, template, strip_calc)
+    if max_steps < 1:
+        raise ToEError(f"max_steps={max_steps}: must be >= 1")
+    if batch_size % acc.num_processes:
+        raise ToEError(f"batch_size={batch_size} must divide evenly over {acc.num_processes} processes")
+    if not isinstance(base, str) and tokenizer is None:
+        raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
+    tok = load_tokenizer(tokenizer or base)
+    if isinstance(base, str):
+        base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
+    model = ToEModel.from_pretrained(base, experts)
+    if gradient_checkpointing:
+        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = model.config
+    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
+    use_kd = has_kd and not no_kd and kd_weight > 0
+    route_path = os.path.join(experts, "route_data.safetensors")
+    route_data = load_file(route_path) if os.path.isfile(route_path) else {}
+    if not route_data:
+        skip_stage_a, route_weight = True, 0.0
+    stage_a = 0 if skip_stage_a else stage_a_steps
+    levels = node_levels(cfg.shape, cfg.num_leaves)
+    depth = int(levels.max()) + 1
+
+    for name, p in model.plugin.named_parameters():
+        p.requires_grad_(not (freeze_bank and ".bank." in name))
+    named = list(model.plugin.named_parameters())
+    bank = [p for n, p in named if ".bank." in n and p.requires_grad]
+    scales = [p for n, p in named if n.endswith(".scale")]
+    gate = [p for n, p in named if ".bank." not in n and not n.endswith(".scale")]
+    opt = torch.optim.Adam([{"params": gate, "lr": lr}, {"params": scales, "lr": scale_lr},
+                            {"params": bank, "lr": bank_lr}])
+    gates = [b.gate for b in model.plugin.blocks.values()]
+    opt_a = torch.optim.Adam([p for g in gates for p in g.parameters()], lr=stage_a_lr)
+    wrapped = acc.prepare(model)  # DDP syncs only parameters that require grad: the plug-in's
+
+    os.makedirs(out, exist_ok=True)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    step = 0
+    if resume and os.path.isdir(checkpoint_dir(out)):
+        ck = checkpoint_dir(out)
+        model.plugin.load_state_dict(load_file(os.path.join(ck, "plugin.safetensors")))
+        with open(os.path.join(ck, "state.json")) as f:
+            state = json.load(f)
+        step = state["step"]
+        (opt_a if state["stage"] == "A" else opt).load_state_dict(torch.load(os.path.join(ck, "optimizer.pt")))
+        if acc.is_main_process and os.path.isfile(metrics_path):  # drop rows logged after the checkpoint
+            with open(metrics_path) as f:
+                rows = [r for r in f if json.loads(r)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(rows)
+    elif acc.is_main_process and os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+    if acc.is_main_process:
+        atomic_write_json(os.path.join(out, "train_args.json"), args)
+
+    total = stage_a + max_steps
+    bar = tqdm(total=total, initial=step, desc="toe train", disable=not acc.is_local_main_process)
+    per_proc = batch_size // acc.num_processes
+    n_examples = len(examples)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        row: dict = {"step": step + 1}
+        if step < stage_a:
+            # Stage A: per-level BCE on cached base states; levels open top-down over the first half.
+            stage = "A"
+            open_levels = min(depth, 1 + int(2 * depth * step / max(stage_a, 1)))
+            loss = 0.0
+            accs = []
+            for layer, gate in zip(cfg.layers, gates):
+                states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
+                pick = torch.randint(len(leaf), (route_batch_size,), generator=g)
+                labels = path_labels(cfg.shape, cfg.num_leaves, leaf[pick]).to(acc.device)
+                labels[:, levels >= open_levels] = -1
+                route = gate(states[pick].to(acc.device).float()[None], "dense")
+                l_route, node_acc = route_loss(route, labels[None])
+                loss = loss + l_route
+                accs.append(level_accuracy(node_acc.cpu(), levels))
+            opt_a.zero_grad(set_to_none=True)
+            with acc.no_sync(wrapped):  # identical picks on every process: nothing to all-reduce
+                acc.backward(loss)
+            opt_a.step()
+            row.update(stage="A", loss=loss.item(), route_acc_per_level=accs[0], open_levels=open_levels)
+        else:
+            # Stage B: CE (+ KD) through the fused model; decaying route loss; usage regulariser. Stage C: top-K.
+            stage = "B"
+            b_step = step - stage_a
+            epoch, pos = divmod(b_step * batch_size, n_examples)
+            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            order = order + torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch + 1)).tolist()
+            global_batch = [examples[i] for i in order[pos : pos + batch_size]]
+            mine = global_batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
+            b = collate(mine, tok.pad_token_id)
+            selection = cfg.selection if (anneal_steps and b_step >= max_steps - anneal_steps) else train_selection
+            stage = "C" if selection != train_selection else "B"
+            # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
+            n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
+            with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
+                logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device)).logits
+                ce = token_nll(logits, b["input_ids"].to(acc.device), b["loss_mask"].to(acc.device)).sum() / n_tok
+                loss = ce
+                kd = torch.zeros((), device=acc.device)
+                if use_kd and "topk_ids" in b:
+                    kd = topk_kl(logits, b["topk_ids"].to(acc.device), b["topk_logp"].to(acc.device),
+                                 b["kd_mask"].to(acc.device)).sum() / n_tok
+                    loss = loss + kd_weight * kd
+                aux_route = torch.zeros((), device=acc.device)
+                aux_usage = torch.zeros((), device=acc.device)
+                eff, ratio = [], []
+                for layer, rec in records.items():
+                    if rec.route.leaf_logp is not None:
+                        aux_usage = aux_usage + usage_loss(rec.route, rec.mask)
+                        eff.append(effective_leaves(usage(rec.route, rec.mask)).item())
+                    ratio.append(rec.delta_ratio.item())
+                w_route = route_weight * max(0.0, 1.0 - b_step / max_steps)
+                if w_route > 0:
+                    for layer, gate in zip(cfg.layers, gates):
+                        states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
+                        pick = torch.randint(len(leaf), (route_batch_size,), generator=g)
+                        labels = path_labels(cfg.shape, cfg.num_leaves, leaf[pick]).to(acc.device)
+                        aux_route = aux_route + route_loss(gate(states[pick].to(acc.device).float()[None], "dense"),
+                                                           labels[None])[0]
+                loss = loss + w_route * aux_route + usage_weight * aux_usage
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            tokens_since += int(b["attention_mask"].sum()) * acc.num_processes
+            row.update(stage=stage, loss=loss.item(), ce=ce.item(), kd=kd.item(), route=aux_route.item(),
+                       usage=aux_usage.item(), effective_leaves=eff, delta_ratio=ratio)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}")
+        if acc.is_main_process and (step % log_every == 0 or step == total or step == stage_a):
+            now = time.perf_counter()
+            row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9) if tokens_since else None
+            t_last, tokens_since = now, 0
+            append_jsonl(metrics_path, row)
+        if step % save_every == 0 or step == total or step == stage_a:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(out, model, opt_a if step <= stage_a and stage_a else opt, step,
+                                "A" if step <= stage_a and stage_a else "B")
+    bar.close()
+    acc.wait_for_everyone()
+    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd, "examples": n_examples}
+    if acc.is_main_process:
+        model.save_pretrained(out)
+        summary["curves"] = plot_curves(metrics_path, os.path.join(out, "curves.png"))
+        with open(metrics_path) as f:
+            rows = [json.loads(r) for r in f]
+        last_b = [r for r in rows if r["stage"] != "A"]
+        summary["final"] = last_b[-1] if last_b else rows[-1]
+        atomic_write_json(os.path.join(out, "train_summary.json"), summary)
+    return summary
+
+
+def plot_curves(metrics_path: str, png: str) -> str | None:
+    """Loss curves per stage from metrics.jsonl -> PNG; returns the path (None without matplotlib rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        rows = [json.loads(r) for r in f]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    a = [r for r in rows if r["stage"] == "A"]
+    b = [r for r in rows if r["stage"] != "A"]
+    if a:
+        axes[0].plot([r["step"] for r in a], [r["loss"] for r in a])
+    axes[0].set(title="Stage A: route BCE", xlabel="step")
+    if b:
+        for key in ("ce", "kd"):
+            axes[1].plot([r["step"] for r in b], [r[key] for r in b], label=key)
+        axes[1].legend()
+    axes[1].set(title="Stage B/C: distillation", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tree_of_experts.train as train_mod
+from tree_of_experts.extract import extract
+from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+from tree_of_experts.train import train
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    tok = tiny_tokenizer()
+    for name, width, layers, seed in (("base", 32, 2, 0), ("teacher", 48, 3, 1)):
+        tiny_qwen2(hidden_size=width, num_layers=layers, seed=seed).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    extract(teacher=str(d / "teacher"), base=str(d / "base"), data=FIXTURE, out=str(d / "ex"), num_leaves=8,
+            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    return d
+
+
+def args(experts, out, **kw):
+    return {"base": str(experts / "base"), "experts": str(experts / "ex"), "data": FIXTURE, "out": str(out),
+            "max_steps": 12, "stage_a_steps": 6, "batch_size": 4, "log_every": 2, "save_every": 4, **kw}
+
+
+def plugin_tensors(out):
+    return load_file(os.path.join(out, "toe_model.safetensors"))
+
+
+def test_loss_decreases_and_base_is_untouched(experts, tmp_path):
+    base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    summary = train(**args(experts, tmp_path / "p", base=base, tokenizer=str(experts / "base"), max_steps=40,
+                           lr=1e-2, scale_lr=5e-2, bank_lr=1e-2, stage_a_steps=20))
+    rows = [json.loads(r) for r in open(tmp_path / "p" / "metrics.jsonl")]
+    a = [r["loss"] for r in rows if r["stage"] == "A"]
+    b = [r["ce"] for r in rows if r["stage"] == "B"]
+    assert a[-1] < a[0]  # route warm-up learns the extraction's labels
+    assert sum(b[-3:]) / 3 < b[0] - 0.05  # the plug-in lowers CE (the fixture's digits are learnable)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert summary["kd"] and os.path.exists(tmp_path / "p" / "curves.png")
+    assert "route_acc_per_level" in rows[0] and len(rows[0]["route_acc_per_level"]) == 3
+
+
+def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
+    train(**args(experts, tmp_path / "full"))
+    real_save = train_mod.save_checkpoint
+
+    def crash_after_step_8(out, model, opt, step, stage):
+        real_save(out, model, opt, step, stage)
+        if step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(**args(experts, tmp_path / "resumed"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train(**args(experts, tmp_path / "resumed", resume=True))
+    a, b = plugin_tensors(tmp_path / "full"), plugin_tensors(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda p: [json.loads(r)["step"] for r in open(p / "metrics.jsonl")]  # noqa: E731
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "full")
+
+
+def test_ablation_flags_change_the_computation(experts, tmp_path):
+    train(**args(experts, tmp_path / "frozen", freeze_bank=True, skip_stage_a=True))
+    start = load_file(str(experts / "ex" / "toe_model.safetensors"))
+    frozen = plugin_tensors(tmp_path / "frozen")
+    bank_keys = [k for k in start if ".bank." in k]
+    assert bank_keys and all(torch.equal(start[k], frozen[k]) for k in bank_keys)
+    rows = [json.loads(r) for r in open(tmp_path / "frozen" / "metrics.jsonl")]
+    assert all(r["stage"] != "A" for r in rows)
+    train(**args(experts, tmp_path / "nokd", no_kd=True))
+    assert all(r["kd"] == 0 for r in map(json.loads, open(tmp_path / "nokd" / "metrics.jsonl")) if r["stage"] != "A")
+
+
+def test_two_processes_equal_one(experts, tmp_path):
+    common = ["--base", str(experts / "base"), "--experts", str(experts / "ex"), "--data", FIXTURE,
+              "--max_steps", "4", "--stage_a_steps", "2", "--batch_size", "4", "--usage_weight", "0",
+              "--lr", "1e-2", "--scale_lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "tree_of_experts.cli", "train", *common, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "tree_of_experts.cli", "train", *common, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    a, b = plugin_tensors(tmp_path / "one"), plugin_tensors(tmp_path / "two")
+    start = load_file(str(experts / "ex" / "toe_model.safetensors"))
+    assert not torch.equal(a["blocks.0.scale"], start["blocks.0.scale"])  # training moved the plug-in
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
