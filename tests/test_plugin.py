@@ -16,6 +16,7 @@ CASES = [
     dict(layers=[0, 1], num_leaves=5, shape="deep", selection="topp", top_k=5, intensity=True),
     dict(layers=[1], num_leaves=16, shape="balanced", selection="beam", top_k=3),
     dict(layers=[1], num_leaves=4, shape="balanced", selection="dense"),
+    dict(layers=[0], num_leaves=6, shape="flat", selection="topk", top_k=2),
 ]
 
 

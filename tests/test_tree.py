@@ -41,13 +41,19 @@ def test_leaf_probs_sum_to_one_and_match_path_products(shape, n):
     torch.testing.assert_close(logp.exp().double(), brute_force(shape, logits), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,n", [("balanced", 16), ("deep", 9)])
+@pytest.mark.parametrize("shape,n", [("balanced", 16), ("deep", 9), ("flat", 7)])
 def test_path_labels_descend_to_their_leaf(shape, n):
     leaves = torch.arange(n)
     labels = path_labels(shape, n, leaves)  # (N, M)
     # Logits that follow the labels with certainty must put all mass on the labelled leaf.
     logits = torch.where(labels == 1, 50.0, torch.where(labels == 0, -50.0, 0.0))
     assert torch.equal(leaf_log_probs(shape, logits).argmax(-1), leaves)
+
+
+def test_flat_router_is_a_softmax_over_leaves():
+    logits = torch.randn(2, 3, 6)
+    torch.testing.assert_close(leaf_log_probs("flat", logits), torch.log_softmax(logits, -1))
+    assert TreeGate(8, 6, "flat", rank=4).nodes.out_features == 6
 
 
 def test_beam_with_wide_beam_equals_exact_topk():

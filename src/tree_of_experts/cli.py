@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from .config import ToEError
 
 
 def _commands() -> dict:
+    from .demo import demo
+    from .evaluate import evaluate, traces
+    from .report import report
     from .extract import extract
     from .inference import generate
     from .train import train
 
-    return {"generate": generate, "extract": extract, "train": train}
+    return {"generate": generate, "extract": extract, "train": train, "eval": evaluate, "traces": traces,
+            "report": report, "demo": demo}
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -30,6 +35,9 @@ def _normalise(argv: list[str]) -> list[str]:
 def _show(result) -> None:
     if result is None:
         return
+    if isinstance(result, dict) and "rows" in result and isinstance(result["rows"], list):
+        print(f"results in {result.get('out') or result.get('markdown')}")
+        return
     if isinstance(result, list) and result and isinstance(result[0], dict) and "completion" in result[0]:
         for row in result:
             print(row["completion"])
@@ -40,6 +48,7 @@ def _show(result) -> None:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = _normalise(sys.argv[1:] if argv is None else argv)
     try:
         result = CLI(_commands(), args=argv, as_positional=False)

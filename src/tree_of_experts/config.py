@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tree import SELECTIONS, check_tree, tree_depth
+from .tree import SELECTIONS, check_tree, num_nodes, tree_depth
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "toe_config.json"
@@ -30,7 +30,7 @@ class ToEConfig:
         hidden_size: D of the base.
         layers: decoder layers (0-based) whose output receives the injection.
         num_leaves: N leaves per injection layer.
-        shape: "balanced" (ToE-B) or "deep" (ToE-D).
+        shape: "balanced" (ToE-B), "deep" (ToE-D) or "flat" (softmax-router baseline).
         selection: "dense", "topk", "topp" or "beam".
         top_k: K (and the cap on adaptive K for top-p, the beam width for beam).
         top_p: mass kept by top-p.
@@ -97,7 +97,7 @@ class ToEConfig:
 
     @property
     def num_nodes(self) -> int:
-        return self.num_leaves - 1
+        return num_nodes(self.shape, self.num_leaves)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -452,7 +452,7 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
         block = plugin.blocks[str(layer)]
         block.bank = ExpertBank(vectors, {
             "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
-            "clustering": "balanced 2-means" if shape == "balanced" else "k-means, mass-ordered",
+            "clustering": "balanced 2-means" if shape == "balanced" else "k-means, ordered by mass",
             "rows": len(delta), "ridge_heldout_r2": round(ridge[j][1]["heldout_r2"], 4),
         })
         init_gate_from_geometry(block.gate, x.float(), leaf)

@@ -44,6 +44,8 @@ def generate_texts(
                                                    add_generation_prompt=True) for p in chunk]
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
         gen.setdefault("do_sample", False)
+        if gen.get("stop_strings"):
+            gen["tokenizer"] = tokenizer  # transformers needs it to match stop strings
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **gen)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out

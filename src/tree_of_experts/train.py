@@ -24,7 +24,7 @@ from .hf import load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
 from .losses import token_nll, topk_kl
 from .model import ToEModel
-from .tree import effective_leaves, path_labels, route_loss, usage, usage_loss
+from .tree import effective_leaves, num_nodes, path_labels, route_loss, usage, usage_loss
 
 
 @dataclass
@@ -79,8 +79,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def node_levels(shape: str, num_leaves: int) -> torch.Tensor:
-    """(M,) depth of each internal node: heap level for balanced trees, the node index for deep ones."""
-    m = torch.arange(num_leaves - 1)
+    """(M,) depth of each internal node: heap level for balanced trees, the node index for deep ones, 0 for flat."""
+    m = torch.arange(num_nodes(shape, num_leaves))
+    if shape == "flat":
+        return torch.zeros_like(m)
     return torch.log2(m.float() + 1).floor().long() if shape == "balanced" else m
 
 

@@ -10,6 +10,8 @@ node's "1" branch):
 * ``deep`` (ToE-D): a caterpillar. Node ``j`` decides "take leaf j" (branch 1) or "go deeper" (branch 0); the last
   leaf is reached by going deeper at every node. Leaf probabilities are a stick-breaking process, so the number of
   leaves that carry the mass (and hence adaptive top-p's K) follows the gate's confidence.
+* ``flat``: no tree, a softmax over N leaf logits — the flat-router ("MoE") baseline over the same bank. Its
+  "nodes" are the N leaves and its path labels are one-vs-rest.
 
 This module imports only torch.
 """
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHAPES = ("balanced", "deep")
+SHAPES = ("balanced", "deep", "flat")
 SELECTIONS = ("dense", "topk", "topp", "beam")
 
 
@@ -62,7 +64,14 @@ def check_tree(shape: str, num_leaves: int) -> None:
 
 def tree_depth(shape: str, num_leaves: int) -> int:
     """Number of decisions on the longest root-to-leaf path."""
+    if shape == "flat":
+        return 1
     return int(math.log2(num_leaves)) if shape == "balanced" else num_leaves - 1
+
+
+def num_nodes(shape: str, num_leaves: int) -> int:
+    """M: logits per token (internal nodes of a tree; the N leaves themselves for a flat router)."""
+    return num_leaves if shape == "flat" else num_leaves - 1
 
 
 def path_table(shape: str, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +86,9 @@ def path_table(shape: str, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]
     nodes = torch.full((num_leaves, depth), -1, dtype=torch.long)
     branches = torch.full((num_leaves, depth), -1, dtype=torch.long)
     for leaf in range(num_leaves):
-        if shape == "balanced":
+        if shape == "flat":
+            nodes[leaf, 0], branches[leaf, 0] = leaf, 1
+        elif shape == "balanced":
             node = 0
             for level in range(depth):
                 bit = (leaf >> (depth - 1 - level)) & 1
@@ -99,10 +110,12 @@ def path_labels(shape: str, num_leaves: int, leaf_ids: torch.Tensor) -> torch.Te
         leaf_ids: (...) int64 target leaves.
 
     Returns:
-        (..., M) float32 with 1/0 for the branch to take at nodes on the path and -1 at nodes off it.
+        (..., M) float32 with 1/0 for the branch to take at nodes on the path and -1 at nodes off it (flat: 1 at
+        the leaf, 0 elsewhere).
     """
     nodes, branches = path_table(shape, num_leaves)
-    labels = torch.full((num_leaves, num_leaves - 1), -1.0)
+    # Flat routers score every leaf for every token (one-vs-rest); trees only score the nodes on the path.
+    labels = torch.full((num_leaves, num_nodes(shape, num_leaves)), 0.0 if shape == "flat" else -1.0)
     rows = torch.arange(num_leaves)[:, None].expand_as(nodes)
     on = nodes >= 0
     labels[rows[on], nodes[on]] = branches[on].float()
@@ -116,8 +129,10 @@ def leaf_log_probs(shape: str, node_logits: torch.Tensor) -> torch.Tensor:
         node_logits: (..., M) float32.
 
     Returns:
-        (..., N) float32 with N = M + 1; ``exp`` sums to 1 over the last axis.
+        (..., N) float32 (N = M + 1 for trees, N = M for flat); ``exp`` sums to 1 over the last axis.
     """
+    if shape == "flat":
+        return torch.log_softmax(node_logits, dim=-1)
     go1, go0 = F.logsigmoid(node_logits), F.logsigmoid(-node_logits)
     if shape == "deep":
         # Stick breaking: leaf j = (continue at 0..j-1) then take at j; the last leaf continues everywhere.
@@ -152,7 +167,7 @@ class TreeGate(nn.Module):
     Args:
         hidden_size: D, the base's hidden size at the injection layer.
         num_leaves: N.
-        shape: "balanced" or "deep".
+        shape: "balanced", "deep" or "flat" (the softmax-router baseline).
         rank: r, width of the shared trunk.
         selection: "dense", "topk", "topp" or "beam" (balanced only: routing cost grows with log N).
         top_k: K for "topk" and the beam width for "beam"; the cap on K for "topp".
@@ -181,7 +196,7 @@ class TreeGate(nn.Module):
         self.top_k, self.top_p = min(top_k, num_leaves), top_p
         self.norm = RMSNorm(hidden_size)
         self.trunk = nn.Linear(hidden_size, rank)
-        self.nodes = nn.Linear(rank, num_leaves - 1)
+        self.nodes = nn.Linear(rank, num_nodes(shape, num_leaves))
         self.intensity = nn.Linear(rank, 1) if intensity else None
         nn.init.normal_(self.nodes.weight, std=rank**-0.5)
         nn.init.zeros_(self.nodes.bias)
@@ -191,7 +206,7 @@ class TreeGate(nn.Module):
 
     @property
     def num_nodes(self) -> int:
-        return self.num_leaves - 1
+        return num_nodes(self.shape, self.num_leaves)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) any dtype -> (B, T, r) float32 trunk features."""

@@ -1,0 +1,134 @@
+"""`toe demo`: extract -> train -> eval -> report end to end, on the shipped toy pair or on any pair.
+
+Default world (no network, ≤ 10 min on 2 CPU cores): see :mod:`tree_of_experts.toy`. Sixteen keys hold secret
+digits; the teacher was trained with the true values, the base with random ones. Besides the base, ToE and the
+teacher, the demo trains the **no-teacher control**: the identical pipeline with the base's own states in place
+of the teacher's and no distillation, so the margin of ToE over it is what the teacher contributed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+
+from .config import ToEError
+from .evaluate import evaluate
+from .extract import extract
+from .io import atomic_write_json, atomic_write_text
+from .report import markdown, plot, table_rows
+from .train import train
+
+log = logging.getLogger(__name__)
+
+
+def toy_pair_dir() -> str:
+    path = str(resources.files("tree_of_experts") / "assets" / "toy")
+    if not os.path.isdir(os.path.join(path, "teacher")):
+        raise ToEError(f"the toy pair is missing from {path}: reinstall tree-of-experts or run runs/make_toy_world.py")
+    return path
+
+
+def write_toy_data(out: str, n_train: int, n_dev: int) -> tuple[str, str]:
+    from .toy import toy_rows, toy_values
+
+    with open(os.path.join(toy_pair_dir(), "world.json")) as f:
+        world = json.load(f)
+    values = toy_values(world["values_seed"])
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for name, n, seed in (("train", n_train, 7), ("dev", n_dev, 8)):
+        path = os.path.join(out, f"{name}.jsonl")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in toy_rows(n, seed, values)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def demo(
+    teacher: str | None = None,
+    base: str | None = None,
+    data: str | None = None,
+    dev_data: str | None = None,
+    out: str = "toe-demo",
+    num_leaves: int = 32,
+    shape: str = "balanced",
+    layers: list[int] | None = None,
+    n_train: int = 384,
+    n_dev: int = 128,
+    train_steps: int = 150,
+    stage_a_steps: int = 50,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    control: bool = True,
+    task: str = "gsm8k",
+) -> dict:
+    """Runs the whole pipeline and returns the gap-closed table.
+
+    Args:
+        teacher, base: model ids or folders (default: the shipped toy pair).
+        data, dev_data: training and evaluation JSONL (default: generated toy problems).
+        out: output folder (extract/, plugin/, control/, eval/, report.md, report.png).
+        num_leaves, shape, layers: the tree.
+        n_train, n_dev: sizes of the generated toy data.
+        train_steps, stage_a_steps, batch_size: `toe train` budget.
+        max_new_tokens: generation budget of the evaluation.
+        control: also run the no-teacher control.
+        task: grading of the evaluation ("gsm8k": last number).
+    """
+    if (teacher is None) != (base is None):
+        raise ToEError("give both --teacher and --base, or neither for the toy pair")
+    if teacher is None:
+        pair = toy_pair_dir()
+        teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
+        data, dev_data = write_toy_data(os.path.join(out, "data"), n_train, n_dev)
+    elif data is None or dev_data is None:
+        raise ToEError("with your own pair, pass --data (training JSONL) and --dev_data (evaluation JSONL)")
+    common = dict(num_leaves=num_leaves, shape=shape, layers=layers, shard_size=64, heldout_frac=0.1, gate_rank=32)
+    train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size,
+                    log_every=10, save_every=max(train_steps, 1))
+    log.info("[1/4] extract: teacher states -> projector -> tree + bank")
+    extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), **common)
+    log.info("[2/4] train the plug-in (route warm-up, then distillation)")
+    train(base=base, experts=os.path.join(out, "extract"), out=os.path.join(out, "plugin"), **train_kw)
+    if control:
+        log.info("[2b] no-teacher control: same pipeline, the base's own states, no distillation")
+        extract(teacher=base, base=base, data=data, out=os.path.join(out, "control-extract"), **common)
+        train(base=base, experts=os.path.join(out, "control-extract"), out=os.path.join(out, "control"), no_kd=True,
+              **train_kw)
+    log.info("[3/4] evaluate base, ToE and teacher on held-out problems")
+    evaluate(base=base, plugin=os.path.join(out, "plugin"), teacher=teacher, task=task, data=dev_data,
+             out=os.path.join(out, "eval"), max_new_tokens=max_new_tokens, batch_size=32)
+    runs = [os.path.join(out, "eval")]
+    if control:
+        evaluate(base=base, plugin=os.path.join(out, "control"), task=task, data=dev_data,
+                 out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32)
+        runs.append(os.path.join(out, "eval-control"))
+    log.info("[4/4] report")
+    rows = merged_rows(runs)
+    table = markdown(rows)
+    atomic_write_text(os.path.join(out, "report.md"), table)
+    atomic_write_json(os.path.join(out, "report.json"), rows)
+    plot(rows, os.path.join(out, "report.png"))
+    log.info("\n%s", table)
+    return {"out": out, "rows": rows}
+
+
+def merged_rows(run_dirs: list[str]) -> list[dict]:
+    """One table: the main run's systems, plus the control's plug-in as "no-teacher control" (gap vs the teacher
+    recomputed on the same items)."""
+    from .evaluate import compare, summarize
+
+    per_system = {}
+    for d in run_dirs:
+        for name in ("base", "toe", "teacher"):
+            path = os.path.join(d, f"{name}.jsonl")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                rows = [json.loads(line) for line in f]
+            key = name if d == run_dirs[0] else ("no-teacher control" if name == "toe" else None)
+            if key and key not in per_system:
+                per_system[key] = rows
+    metrics = {"systems": {k: summarize(v) for k, v in per_system.items()}, "comparisons": compare(per_system)}
+    return table_rows([("demo", metrics)])

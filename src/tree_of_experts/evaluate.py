@@ -1,0 +1,262 @@
+"""`toe eval` and `toe traces`: accuracy (greedy generation + grading) and response cross-entropy, per system.
+
+Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter. Every system sees the same items,
+prompt and token budget; per-example rows go to ``DIR/<system>.jsonl`` and the aggregate to ``DIR/metrics.json``
+with 95 % intervals, gap closed against the teacher and paired comparisons against the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ToEError
+from .data import DataSpec, encode, pad_left, read_jsonl
+from .grading import grade, gsm8k_gold, last_boxed
+from .hf import load_causal_lm, load_tokenizer, padded_inputs
+from .inference import generate_texts
+from .io import atomic_write_json, atomic_write_text
+from .losses import token_nll
+from .stats import bootstrap_mean, gap_closed_ci, paired_bootstrap, wilson
+
+TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+
+
+@dataclass
+class Item:
+    prompt: str  # the generation prompt (few-shot prefix included)
+    ce_prompt: str  # the prompt the CE target is scored after (no few-shot prefix)
+    ce_target: str  # the response whose tokens are scored
+    gold: str  # reference answer
+
+
+def gold_answer(task: str, record: dict, response_field: str) -> str:
+    if task == "gsm8k":
+        return gsm8k_gold(str(record[response_field])) or ""
+    return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
+
+
+def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], ce_spec: DataSpec) -> list[Item]:
+    prefix = "".join(spec.prompt(s) + spec.response(s) + "\n\n" for s in shots)
+    return [Item(prefix + spec.prompt(r), ce_spec.prompt(r), ce_spec.response(r),
+                 gold_answer(task, r, spec.response_field)) for r in rows]
+
+
+@torch.no_grad()
+def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int]]:
+    """(mean NLL, token count) of each item's CE target after its CE prompt."""
+    dev = next(model.parameters()).device
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items[start : start + batch_size]]
+        ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
+        mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
+        logits = model(**padded_inputs(ids, am, dev)).logits
+        nll = token_nll(logits, ids.to(dev), mask.to(dev))
+        for i in range(len(chunk)):
+            n = int(mask[i].sum())
+            out.append((float(nll[i].sum()) / max(n, 1), n))
+    return out
+
+
+def score_system(name: str, model, tok, items: list[Item], task: str, do_generate: bool, do_ce: bool,
+                 max_new_tokens: int, batch_size: int, max_length: int, stop: list[str]) -> list[dict]:
+    rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
+    if do_ce:
+        for row, (ce, n) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
+            row.update(ce=ce, ce_tokens=n)
+    if do_generate:
+        t0 = time.perf_counter()
+        texts = []
+        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False):
+            chunk = [it.prompt for it in items[start : start + batch_size]]
+            texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size,
+                                    stop_strings=stop or None)
+        elapsed = time.perf_counter() - t0
+        for row, text in zip(rows, texts):
+            for s in stop:  # cut at the first stop string (generation stops after it)
+                text = text.split(s)[0]
+            pred, ok = grade(task, text, row["gold"])
+            row.update(completion=text, extracted=pred, correct=ok, tokens=len(tok(text)["input_ids"]))
+        for row in rows:
+            row["gen_seconds_total"] = elapsed
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(rows)}
+    if rows and "correct" in rows[0]:
+        k = sum(r["correct"] for r in rows)
+        out["accuracy"] = k / len(rows)
+        out["accuracy_ci95"] = list(wilson(k, len(rows)))
+        out["mean_completion_tokens"] = sum(r["tokens"] for r in rows) / len(rows)
+    if rows and "ce" in rows[0]:
+        mean, lo, hi = bootstrap_mean([r["ce"] for r in rows])
+        out["ce"], out["ce_ci95"] = mean, [lo, hi]
+        tokens = sum(r["ce_tokens"] for r in rows)
+        out["ce_token_weighted"] = sum(r["ce"] * r["ce_tokens"] for r in rows) / max(tokens, 1)
+    return out
+
+
+def evaluate(
+    base: str,
+    task: str = "gsm8k",
+    data: str | None = None,
+    out: str = "eval",
+    plugin: str | None = None,
+    teacher: str | None = None,
+    lora: str | None = None,
+    limit: int | None = None,
+    skip: int = 0,
+    few_shot: int = 0,
+    few_shot_data: str | None = None,
+    template: str = "Question: {prompt}\nAnswer: ",
+    ce_target: str = "gold_clean",
+    ce: bool = True,
+    accuracy: bool = True,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    dtype: str = "float32",
+    device: str = "cpu",
+    plugin_selection: str | None = None,
+) -> dict:
+    """Evaluates base, base + plug-in, teacher and LoRA on the same items.
+
+    Args:
+        base: base model id or folder.
+        task: "gsm8k" or "math".
+        data: JSONL items (GSM8K: question/answer; MATH: problem/solution/answer).
+        out: output folder (metrics.json, <system>.jsonl).
+        plugin: ToE plug-in folder; teacher: teacher model; lora: peft adapter folder.
+        limit, skip: evaluate rows [skip, skip + limit) (keep a tuning slice out of reported numbers with skip).
+        few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
+        template: prompt template with {prompt}.
+        ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the data's
+            response field as is, e.g. teacher traces from `toe traces`).
+        ce, accuracy: which metrics to compute.
+        max_new_tokens: generation budget (greedy).
+        batch_size, max_length: batching and truncation.
+        dtype, device: where models run.
+        plugin_selection: route the plug-in with this mode instead of its configured one.
+
+    Returns:
+        The metrics dict written to ``out/metrics.json``.
+    """
+    from .model import ToEModel
+
+    if task not in TASK_FIELDS:
+        raise ToEError(f"task={task!r}: use one of {sorted(TASK_FIELDS)}")
+    if data is None:
+        raise ToEError("--data is required: a local JSONL file of the task's items")
+    if ce_target not in ("gold_clean", "gold", "trace"):
+        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
+    qf, rf = TASK_FIELDS[task]
+    spec = DataSpec(qf, rf, template)
+    ce_spec = DataSpec(qf, rf, template, strip_calc=ce_target == "gold_clean")
+    rows = read_jsonl(data, spec)[skip:]
+    rows = rows[:limit] if limit is not None else rows
+    shots = []
+    if few_shot:
+        if not few_shot_data:
+            raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
+        shots = read_jsonl(few_shot_data, spec, limit=few_shot)
+    items = build_items(task, rows, spec, shots, ce_spec)
+    stop = ["\n\nQuestion:", "Question:"]
+    tok = load_tokenizer(base)
+    os.makedirs(out, exist_ok=True)
+    args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, limit=limit, skip=skip,
+                few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
+                dtype=dtype, decoding="greedy", stop=stop)
+    per_system: dict[str, list[dict]] = {}
+
+    def run(name: str, model) -> None:
+        per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
+                                        max_length, stop)
+        text = "".join(json.dumps(r) + "\n" for r in per_system[name])
+        atomic_write_text(os.path.join(out, f"{name}.jsonl"), text)
+
+    base_model = load_causal_lm(base, dtype=dtype, device=device)
+    run("base", base_model)
+    if plugin:
+        toe = ToEModel.from_pretrained(base_model, plugin)
+        if plugin_selection:
+            toe.plugin.selection = plugin_selection
+        run("toe", toe)
+        toe.detach()
+    if lora:
+        from peft import PeftModel
+
+        run("lora", PeftModel.from_pretrained(base_model, lora).eval())
+    del base_model
+    if teacher:
+        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+    metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
+    metrics["comparisons"] = compare(per_system)
+    atomic_write_json(os.path.join(out, "metrics.json"), metrics)
+    return metrics
+
+
+def compare(per_system: dict[str, list[dict]]) -> dict:
+    """Paired differences vs the base and gap closed vs the teacher, on the same items."""
+    out: dict[str, Any] = {}
+    base = per_system.get("base")
+    teacher = per_system.get("teacher")
+    for name, rows in per_system.items():
+        if name in ("base", "teacher") or base is None:
+            continue
+        c: dict[str, Any] = {}
+        for metric, key in (("ce", "ce"), ("accuracy", "correct")):
+            if key not in rows[0]:
+                continue
+            s, b = [float(r[key]) for r in rows], [float(r[key]) for r in base]
+            c[f"{metric}_vs_base"] = paired_bootstrap(s, b)
+            if teacher is not None:
+                c[f"{metric}_gap_closed"] = gap_closed_ci(s, b, [float(r[key]) for r in teacher])
+        out[name] = c
+    return out
+
+
+def traces(
+    teacher: str,
+    data: str,
+    out: str,
+    task: str = "gsm8k",
+    limit: int | None = None,
+    skip: int = 0,
+    few_shot: int = 0,
+    few_shot_data: str | None = None,
+    template: str = "Question: {prompt}\nAnswer: ",
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "cpu",
+    keep_incorrect: bool = False,
+) -> dict:
+    """Samples the teacher (greedy) on the data's prompts and keeps its correct traces as training/CE data.
+
+    Writes JSONL rows with the original fields plus ``trace`` (the teacher's completion) and ``correct``; use
+    ``--response_field trace`` downstream. Rows are sorted shortest trace first.
+    """
+    qf, rf = TASK_FIELDS[task]
+    spec = DataSpec(qf, rf, template)
+    rows = read_jsonl(data, spec)[skip:]
+    rows = rows[:limit] if limit is not None else rows
+    shots = read_jsonl(few_shot_data, spec, limit=few_shot) if few_shot and few_shot_data else []
+    items = build_items(task, rows, spec, shots, spec)
+    tok = load_tokenizer(teacher)
+    model = load_causal_lm(teacher, dtype=dtype, device=device)
+    scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
+                          ["\n\nQuestion:", "Question:"])
+    kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"]} for r, s in zip(rows, scored)
+            if s["correct"] or keep_incorrect]
+    kept.sort(key=lambda r: len(r["trace"]))
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
+    return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
+            "out": out, "settings": asdict(spec)}

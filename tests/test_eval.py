@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tree_of_experts.grading import grade, gsm8k_gold, last_boxed, normalize_number
+from tree_of_experts.stats import gap_closed, gap_closed_ci, paired_bootstrap, wilson
+
+
+@pytest.mark.parametrize("completion,gold,pred,ok", [
+    ("so she pays $1,234.", "1234", "1234", True),
+    ("The answer is -7", "-7", "-7", True),
+    ("It costs $18.00 in total.", "18", "18", True),
+    ("half is 0.5", "0.5", "0.5", True),
+    ("first 3 then 4 #### 12 apples", "12", "12", True),
+    ("2 + 2 = 5", "4", "5", False),
+    ("no idea", "4", None, False),
+    ("1,000,000 grains", "1000000", "1000000", True),
+])
+def test_gsm8k_grading(completion, gold, pred, ok):
+    assert grade("gsm8k", completion, gold) == (pred, ok)
+
+
+def test_gsm8k_gold_and_normalisation():
+    assert gsm8k_gold("48/2 = <<48/2=24>>24\n#### 72") == "72"
+    assert gsm8k_gold("no marker") is None
+    assert normalize_number("$3.50") == "3.5" and normalize_number("-3.") == "-3" and normalize_number("x") is None
+
+
+@pytest.mark.parametrize("completion,gold,ok", [
+    (r"so \boxed{\frac{1}{2}}", r"\frac12", True),
+    (r"\boxed{0.5}", r"\frac{1}{2}", True),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", True),
+    (r"\boxed{3}", "4", False),
+    ("no box here", "4", False),
+])
+def test_math_grading(completion, gold, ok):
+    assert grade("math", completion, gold)[1] is ok
+
+
+def test_last_boxed_balances_braces():
+    assert last_boxed(r"\boxed{1} then \boxed{\frac{a}{b}} end") == r"\frac{a}{b}"
+    assert last_boxed(r"\boxed{unclosed") is None
+
+
+def test_wilson_interval():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0
+
+
+def test_gap_arithmetic():
+    assert gap_closed(1.0, 1.2, 0.8) == pytest.approx(0.5)  # CE: lower is better, signs cancel
+    assert gap_closed(0.3, 0.2, 0.6) == pytest.approx(0.25)  # accuracy
+    assert gap_closed(0.3, 0.2, 0.2) is None  # no gap: undefined, never a division by noise
+    r = gap_closed_ci([1.0] * 20, [1.2] * 20, [0.8] * 20)
+    assert r["gap_closed"] == pytest.approx(0.5) and r["defined"] and not r["format_adaptation_flag"]
+    assert gap_closed_ci([0.5] * 20, [1.2] * 20, [0.8] * 20)["format_adaptation_flag"]
+
+
+def test_paired_bootstrap():
+    r = paired_bootstrap([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+    assert r["mean_diff"] == 1.0 and r["ci95"] == [1.0, 1.0] and r["p_positive"] == 1.0
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_tiny_end_to_end_eval(tmp_path):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("teacher", 1)):
+        tiny_qwen2(seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    ToEModel.fresh(tiny_qwen2(seed=0), layers=[0], num_leaves=4).save_pretrained(tmp_path / "plug")
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    m = evaluate(base=str(tmp_path / "base"), plugin=str(tmp_path / "plug"), teacher=str(tmp_path / "teacher"),
+                 task="gsm8k", data=fixture, out=str(tmp_path / "ev"), limit=4, max_new_tokens=4)
+    assert set(m["systems"]) == {"base", "toe", "teacher"}
+    # An untrained plug-in is the base exactly, item by item.
+    assert m["systems"]["toe"]["ce"] == m["systems"]["base"]["ce"]
+    rows = [json.loads(r) for r in open(tmp_path / "ev" / "toe.jsonl")]
+    assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["comparisons"]["toe"]["ce_gap_closed"]
