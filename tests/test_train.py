@@ -101,3 +101,25 @@ def test_two_processes_equal_one(experts, tmp_path):
     assert not torch.equal(a["blocks.0.scale"], start["blocks.0.scale"])  # training moved the plug-in
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["static", "random", "flat", "lora"])
+def test_baselines_train_and_load(experts, tmp_path, kind):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.baseline import baseline
+
+    summary = baseline(kind=kind, base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE,
+                       out=str(tmp_path / kind), max_steps=3, stage_a_steps=2, batch_size=4)
+    base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    if kind == "lora":
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(base, str(tmp_path / kind))
+        assert abs(summary["trainable_params"] - summary["plugin_params"]) / summary["plugin_params"] < 0.5
+        return
+    model = ToEModel.from_pretrained(base, tmp_path / kind)
+    bank = model.plugin.blocks["0"].bank.vectors()
+    if kind == "static":  # one vector for every leaf, kept frozen
+        assert torch.allclose(bank, bank[0].expand_as(bank), atol=1e-6)
+    if kind == "flat":
+        assert model.config.shape == "flat" and model.plugin.blocks["0"].gate.num_nodes == 8

@@ -10,6 +10,7 @@ from .config import ToEError
 
 
 def _commands() -> dict:
+    from .baseline import baseline
     from .demo import demo
     from .evaluate import evaluate, traces
     from .report import report
@@ -18,7 +19,7 @@ def _commands() -> dict:
     from .train import train
 
     return {"generate": generate, "extract": extract, "train": train, "eval": evaluate, "traces": traces,
-            "report": report, "demo": demo}
+            "report": report, "demo": demo, "baseline": baseline}
 
 
 def _normalise(argv: list[str]) -> list[str]:

@@ -151,6 +151,7 @@ def train(
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
     tokenizer: str | None = None,
+    init_plugin: str | None = None,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
 
@@ -181,6 +182,8 @@ def train(
         dtype: dtype of the frozen base; mixed_precision: accelerate's "no", "fp16" or "bf16".
         gradient_checkpointing: recompute the frozen layers' activations in backward (saves memory).
         tokenizer: tokenizer id or folder (default: the base's).
+        init_plugin: start from this plug-in folder instead of the extraction's (baselines: static vector, random
+            bank, flat router); route labels and the teacher's cached top-k still come from ``experts``.
 
     Returns:
         A summary: final metrics, steps, the plug-in folder.
@@ -199,7 +202,7 @@ def train(
     tok = load_tokenizer(tokenizer or base)
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
-    model = ToEModel.from_pretrained(base, experts)
+    model = ToEModel.from_pretrained(base, init_plugin or experts)
     if gradient_checkpointing:
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = model.config
