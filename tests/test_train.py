@@ -115,7 +115,8 @@ def test_baselines_train_and_load(experts, tmp_path, kind):
         from peft import PeftModel
 
         PeftModel.from_pretrained(base, str(tmp_path / kind))
-        assert abs(summary["trainable_params"] - summary["plugin_params"]) / summary["plugin_params"] < 0.5
+        per_rank = summary["trainable_params"] // summary["rank"]  # matched up to rounding of the rank
+        assert abs(summary["trainable_params"] - summary["plugin_params"]) <= per_rank / 2 or summary["rank"] == 1
         return
     model = ToEModel.from_pretrained(base, tmp_path / kind)
     bank = model.plugin.blocks["0"].bank.vectors()
