@@ -151,3 +151,16 @@ def test_mismatched_tokenizers_are_aligned(pair, tmp_path):
     model.save_pretrained(other)
     summary = run(pair, tmp_path / "ex", teacher=str(other))
     assert summary["kd_cached"] is False and summary["projector"][0]["train_rows"] > 0
+
+
+def test_oracle_table_has_every_row(pair, tmp_path):
+    from tree_of_experts.oracle import oracle
+
+    run(pair, tmp_path / "ex")
+    r = oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
+               out=str(tmp_path / "or"), plugin=str(tmp_path / "ex"), limit=6)
+    names = set(r["systems"])
+    assert {"base", "teacher", "O1 trained map", "O2 oracle routing", "static vector", "ToE (learned)"} <= names
+    # The untrained plug-in (s = 0) is exactly the base.
+    assert r["systems"]["ToE (learned)"]["ce"] == r["systems"]["base"]["ce"]
+    assert (tmp_path / "or" / "oracle.md").exists()

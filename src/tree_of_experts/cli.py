@@ -16,10 +16,12 @@ def _commands() -> dict:
     from .report import report
     from .extract import extract
     from .inference import generate
+    from .oracle import oracle
     from .train import train
 
     return {"generate": generate, "extract": extract, "train": train, "eval": evaluate, "traces": traces,
-            "report": report, "demo": demo, "baseline": baseline}
+            "report": report, "demo": demo, "baseline": baseline,
+            "oracle": oracle}
 
 
 def _normalise(argv: list[str]) -> list[str]:

@@ -178,9 +178,11 @@ def collate(chunk: list[dict], num_layers: int, pad_id: int) -> dict[str, torch.
     return out
 
 
-def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
-    """Mean response-token CE of the base, optionally with ``delta_fn(j, u, h) -> Δ`` injected at layer j."""
-    total, count = 0.0, 0
+def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None,
+               batch_size: int = 4) -> list[tuple[float, int]]:
+    """(NLL sum, token count) over each example's response tokens, optionally with ``delta_fn(j, u, h) -> Δ``
+    injected at injection layer j (u: the example's cached teacher states)."""
+    out = []
     dev = next(base.parameters()).device
     with torch.no_grad():
         for chunk in batches(data, batch_size):
@@ -193,9 +195,14 @@ def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=Non
             with add_to_layers(base, fns):
                 logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
             nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
-            total += float(nll.sum())
-            count += int(b["loss_mask"].sum())
-    return total / max(count, 1)
+            out += [(float(nll[i].sum()), int(b["loss_mask"][i].sum())) for i in range(len(chunk))]
+    return out
+
+
+def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
+    """Token-weighted mean response CE (see :func:`example_ce`)."""
+    per = example_ce(base, layers, data, pad_id, delta_fn, batch_size)
+    return sum(s for s, _ in per) / max(sum(n for _, n in per), 1)
 
 
 def train_fusion_maps(

@@ -1,0 +1,137 @@
+"""`toe oracle`: the ceilings that say where ToE's effect comes from (teacher running alongside the base).
+
+On the same held-out items, response CE of:
+    base, teacher                   the two ends of the gap
+    O1 ridge λ                      λ (P(u_t) - h_t) from the live teacher, untrained ridge map, λ swept
+    O1 trained map                  A(u_t, h_t) from the live teacher: the best one-layer latent fusion found
+    O2 oracle routing               the extracted bank's leaf nearest to the live δ_t = A(u_t, h_t)
+    static vector                   the mean δ added to every token
+    ToE (learned)                   the trained plug-in, no teacher (when --plugin is given)
+O1 - O2 is what clustering into N leaves loses; O2 - ToE is what learned routing (and training) loses or adds.
+Teacher-forced CE only: the generation variant (teacher fed the generated tokens) is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from .config import ToEConfig, ToEError
+from .data import DataSpec, read_jsonl
+from .evaluate import TASK_FIELDS
+from .extract import capture_shard, example_ce, prepare, same_vocab
+from .hf import load_causal_lm, load_tokenizer
+from .io import atomic_write_json, atomic_write_text
+from .model import ToEModel
+from .plugin import ToEPlugin
+from .projector import FusionMap, ridge_delta
+from .stats import bootstrap_mean, gap_closed_ci
+
+
+def oracle(
+    teacher: str,
+    base: str,
+    experts: str,
+    data: str,
+    out: str,
+    plugin: str | None = None,
+    task: str = "gsm8k",
+    limit: int | None = None,
+    skip: int = 0,
+    template: str = "Question: {prompt}\nAnswer: ",
+    strip_calc: bool = True,
+    lambdas: tuple[float, ...] = (0.25, 0.5, 1.0),
+    batch_size: int = 4,
+    max_length: int = 512,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict:
+    """Teacher-forced response CE of base, teacher, O1, O2, static vector and ToE on the same items.
+
+    Args:
+        teacher, base: the models the extraction used.
+        experts: the `toe extract` folder (projector, extracted bank).
+        data: JSONL items (task fields); out: output folder (oracle.json, oracle.md).
+        plugin: a trained plug-in to add as the "ToE (learned)" row.
+        task: "gsm8k" or "math" (which fields hold question and solution).
+        limit, skip: the rows [skip, skip + limit).
+        template: prompt template; strip_calc: score gold solutions without <<...>> notes (default).
+        lambdas: λ values of the ridge O1.
+    """
+    qf, rf = TASK_FIELDS[task]
+    spec = DataSpec(qf, rf, template, strip_calc)
+    rows = read_jsonl(data, spec)[skip:]
+    rows = rows[:limit] if limit is not None else rows
+    cfg = ToEConfig.load(experts)
+    base_tok, teacher_tok = load_tokenizer(base), load_tokenizer(teacher)
+    if not same_vocab(base_tok, teacher_tok):
+        raise ToEError("toe oracle compares CE token by token and needs teacher and base to share a tokenizer")
+    base_model = load_causal_lm(base, dtype=dtype, device=device)
+    teacher_model = load_causal_lm(teacher, dtype=dtype, device=device)
+    examples = prepare(rows, spec, base_tok, teacher_tok, max_length)
+    timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}
+    shard = capture_shard(examples, teacher_model, base_model, cfg.layers, cfg.teacher_layers, batch_size, 1,
+                          base_tok.pad_token_id, True, timings)
+    del teacher_model
+    offsets = shard["offsets"]
+    items = [{k: v[int(offsets[i]) : int(offsets[i + 1])] for k, v in shard.items() if k != "offsets"}
+             for i in range(len(examples))]
+    proj = load_file(os.path.join(experts, "projector.safetensors"))
+    maps, ridge = [], []
+    for layer in cfg.layers:
+        w = proj[f"ridge.{layer}"]
+        fm = FusionMap(w)
+        fm.load_state_dict({k.split(".", 2)[2]: v for k, v in proj.items() if k.startswith(f"trained.{layer}.")})
+        maps.append(fm.to(device).eval())
+        ridge.append(w.to(device))
+    extracted = ToEPlugin.load(experts)
+    banks = [extracted.blocks[str(layer)].bank.vectors().detach().to(device) for layer in cfg.layers]
+    route = load_file(os.path.join(experts, "route_data.safetensors"))
+    static = []
+    for layer, bank in zip(cfg.layers, banks):
+        sizes = torch.bincount(route[f"leaf.{layer}"], minlength=len(bank)).float().to(device)
+        static.append((bank * sizes[:, None]).sum(0) / sizes.sum())
+
+    def o2(j, u, h):
+        delta = maps[j](u, h)  # (B, T, D) the live expert signal
+        leaf = torch.cdist(delta.flatten(0, 1), banks[j]).argmin(-1).view(delta.shape[:2])
+        return banks[j][leaf]
+
+    pad = base_tok.pad_token_id
+    systems = {"base": example_ce(base_model, cfg.layers, items, pad, None, batch_size)}
+    systems["teacher"] = [(float(it["teacher_nll"][it["loss_mask"].bool()].sum()), int(it["loss_mask"].sum()))
+                          for it in items]
+    for lam in lambdas:
+        systems[f"O1 ridge λ={lam}"] = example_ce(base_model, cfg.layers, items, pad,
+                                                  lambda j, u, h, lam=lam: ridge_delta(ridge[j], u, h, lam), batch_size)
+    with torch.no_grad():
+        systems["O1 trained map"] = example_ce(base_model, cfg.layers, items, pad, lambda j, u, h: maps[j](u, h),
+                                               batch_size)
+        systems["O2 oracle routing"] = example_ce(base_model, cfg.layers, items, pad, o2, batch_size)
+        systems["static vector"] = example_ce(base_model, cfg.layers, items, pad,
+                                              lambda j, u, h: static[j].expand_as(h), batch_size)
+    if plugin:
+        toe = ToEModel.from_pretrained(base_model, plugin)
+        systems["ToE (learned)"] = example_ce(base_model, cfg.layers, items, pad, None, batch_size)
+        toe.detach()
+    per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
+    result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "strip_calc": strip_calc,
+              "systems": {}}
+    for name, values in per_item.items():
+        mean, lo, hi = bootstrap_mean(values)
+        entry = {"ce": mean, "ce_ci95": [lo, hi]}
+        if name not in ("base", "teacher"):
+            entry["gap_closed"] = gap_closed_ci(values, per_item["base"], per_item["teacher"])
+        result["systems"][name] = entry
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "oracle.json"), result)
+    lines = ["| system | CE nats [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
+    for name, e in result["systems"].items():
+        g = e.get("gap_closed")
+        gap = "–" if not g or g["gap_closed"] is None else (
+            f"{100 * g['gap_closed']:.0f} % [{100 * g['ci95'][0]:.0f} %, {100 * g['ci95'][1]:.0f} %]")
+        lines.append(f"| {name} | {e['ce']:.4f} [{e['ce_ci95'][0]:.4f}, {e['ce_ci95'][1]:.4f}] | {gap} |")
+    atomic_write_text(os.path.join(out, "oracle.md"), "\n".join(lines) + "\n")
+    return result
