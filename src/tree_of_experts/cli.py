@@ -11,6 +11,7 @@ from .config import ToEError
 
 def _commands() -> dict:
     from .baseline import baseline
+    from .bench import bench
     from .demo import demo
     from .evaluate import evaluate, traces
     from .report import report
@@ -21,7 +22,7 @@ def _commands() -> dict:
 
     return {"generate": generate, "extract": extract, "train": train, "eval": evaluate, "traces": traces,
             "report": report, "demo": demo, "baseline": baseline,
-            "oracle": oracle}
+            "oracle": oracle, "bench": bench}
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -37,6 +38,9 @@ def _normalise(argv: list[str]) -> list[str]:
 
 def _show(result) -> None:
     if result is None:
+        return
+    if isinstance(result, dict) and "summary" in result and isinstance(result["summary"], str):
+        print(result["summary"])
         return
     if isinstance(result, dict) and "rows" in result and isinstance(result["rows"], list):
         print(f"results in {result.get('out') or result.get('markdown')}")

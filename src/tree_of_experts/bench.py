@@ -1,0 +1,182 @@
+"""`toe bench`: speed of base + plug-in vs the bare base, and routing cost vs N, measured side by side.
+
+Every ratio comes from interleaved repetitions in one process (base, ToE, base, ToE, ...), so drifts in machine
+load hit both sides alike. Timings use ``time.perf_counter`` on CPU and CUDA events on GPU (with synchronisation).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from .hf import load_causal_lm
+from .io import atomic_write_json
+from .model import ToEModel
+from .tree import TreeGate
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def run(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+    else:
+        def run(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+@torch.no_grad()
+def bench_generation(base_model, model: ToEModel, batch: int, prompt_len: int, new_tokens: int, reps: int,
+                     device: torch.device) -> dict:
+    """Prefill and decode tokens/s of the bare base and base + plug-in, interleaved."""
+    timer = _timer(device)
+    vocab = base_model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, prompt_len), generator=g).to(device)
+    am = torch.ones_like(ids)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    res = {"base": {"prefill": [], "decode": []}, "toe": {"prefill": [], "decode": []}}
+
+    def once(name: str) -> None:
+        prefill = timer(lambda: base_model(input_ids=ids, attention_mask=am))
+        full = timer(lambda: base_model.generate(input_ids=ids, attention_mask=am, **kw))
+        res[name]["prefill"].append(batch * prompt_len / prefill)
+        # decode rate: tokens after the first, time after the prefill
+        res[name]["decode"].append(batch * (new_tokens - 1) / max(full - prefill, 1e-9))
+
+    model.detach()
+    once("base")  # warm-up, discarded
+    model.attach()
+    once("toe")
+    res = {"base": {"prefill": [], "decode": []}, "toe": {"prefill": [], "decode": []}}
+    for _ in range(reps):
+        model.detach()
+        once("base")
+        model.attach()
+        once("toe")
+    out = {name: {k: _stats(v) for k, v in r.items()} for name, r in res.items()}
+    for k in ("prefill", "decode"):
+        ratios = [t / b for t, b in zip(res["toe"][k], res["base"][k])]
+        out[f"{k}_ratio"] = _stats(ratios)
+    return out
+
+
+@torch.no_grad()
+def bench_routing(hidden: int, rank: int, k: int, exponents: list[int], tokens: int, reps: int,
+                  device: torch.device) -> dict:
+    """Routing time per token vs N: tree gate with beam descent vs a flat softmax router (top-K over N)."""
+    timer = _timer(device)
+    h = torch.randn(1, tokens, hidden, device=device)
+    rows = []
+    for e in exponents:
+        n = 2**e
+        row = {"num_leaves": n}
+        for name, shape, mode in (("tree_beam", "balanced", "beam"), ("flat", "flat", "topk")):
+            gate = TreeGate(hidden, n, shape, rank=rank, selection=mode, top_k=k).to(device).eval()
+            gate(h)  # warm-up
+            times = [timer(lambda: gate(h)) / tokens for _ in range(reps)]
+            row[f"{name}_us_per_token"] = 1e6 * statistics.median(times)
+            del gate
+        rows.append(row)
+    by_n = {r["num_leaves"]: r for r in rows}
+    out = {"rows": rows}
+    if 2**10 in by_n and 2**20 in by_n:
+        out["tree_2^20_over_2^10"] = by_n[2**20]["tree_beam_us_per_token"] / by_n[2**10]["tree_beam_us_per_token"]
+        out["flat_2^20_over_2^10"] = by_n[2**20]["flat_us_per_token"] / by_n[2**10]["flat_us_per_token"]
+    return out
+
+
+def bench(
+    base: str,
+    out: str = "bench",
+    plugin: str | None = None,
+    num_leaves: int = 64,
+    top_k: int = 4,
+    batches: list[int] | None = None,
+    prompt_len: int = 64,
+    new_tokens: int = 32,
+    reps: int = 5,
+    routing_exponents: list[int] | None = None,
+    routing_tokens: int = 64,
+    routing_reps: int = 5,
+    dtype: str = "float32",
+    device: str | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
+
+    Args:
+        base: base model id or folder.
+        out: output folder (bench.json, bench.png).
+        plugin: a plug-in folder; default: one built in-process (N = num_leaves, top-K, random bank and gate, a
+            non-zero scale so every part of the plug-in computes).
+        batches: batch sizes to time (default 1 and 8).
+        prompt_len, new_tokens, reps: the generation workload and interleaved repetitions.
+        routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
+        routing_tokens, routing_reps: tokens per routing call and repetitions.
+        dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
+
+    Returns:
+        The results (also in ``out/bench.json``) with a one-line ``summary``.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base_model = load_causal_lm(base, dtype=dtype, device=str(dev))
+    if plugin:
+        model = ToEModel.from_pretrained(base_model, plugin)
+    else:
+        layer = len(base_model.model.layers) // 2 - 1 if hasattr(base_model, "model") else 0
+        model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
+        with torch.no_grad():
+            for block in model.plugin.blocks.values():
+                block.scale.fill_(0.1)
+    result: dict = {"device": str(dev), "torch_threads": torch.get_num_threads(), "dtype": dtype, "base": base,
+                    "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}", "generation": {}}
+    for b in batches or [1, 8]:
+        result["generation"][f"batch_{b}"] = bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
+    exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
+    result["routing"] = bench_routing(base_model.config.hidden_size, model.config.gate_rank, top_k, exps,
+                                      routing_tokens, routing_reps, dev)
+    decode = {k: v["decode_ratio"]["median"] for k, v in result["generation"].items()}
+    scaling = result["routing"].get("tree_2^20_over_2^10")
+    result["summary"] = ("decode speed ToE/base: " + ", ".join(f"{k} {v:.3f}x" for k, v in decode.items())
+                         + (f"; tree routing time 2^20/2^10: {scaling:.2f}x (flat: "
+                            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)" if scaling else ""))
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "bench.json"), result)
+    _plot(result, os.path.join(out, "bench.png"))
+    return result
+
+
+def _plot(result: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["routing"]["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    n = [r["num_leaves"] for r in rows]
+    ax.loglog(n, [r["tree_beam_us_per_token"] for r in rows], "o-", label="tree gate (beam descent)")
+    ax.loglog(n, [r["flat_us_per_token"] for r in rows], "s-", label="flat softmax router")
+    ax.set(xlabel="leaves N", ylabel="routing µs / token", title=f"routing cost vs N ({result['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
