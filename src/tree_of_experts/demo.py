@@ -56,10 +56,12 @@ def demo(
     layers: list[int] | None = None,
     n_train: int = 384,
     n_dev: int = 128,
-    train_steps: int = 150,
-    stage_a_steps: int = 50,
+    train_steps: int = 1000,
+    stage_a_steps: int = 100,
     batch_size: int = 16,
-    max_new_tokens: int = 24,
+    lr: float = 3e-3,
+    bank_lr: float = 3e-3,
+    max_new_tokens: int = 64,
     control: bool = True,
     task: str = "gsm8k",
 ) -> dict:
@@ -71,7 +73,7 @@ def demo(
         out: output folder (extract/, plugin/, control/, eval/, report.md, report.png).
         num_leaves, shape, layers: the tree.
         n_train, n_dev: sizes of the generated toy data.
-        train_steps, stage_a_steps, batch_size: `toe train` budget.
+        train_steps, stage_a_steps, batch_size, lr, bank_lr: `toe train` budget (the same for the control).
         max_new_tokens: generation budget of the evaluation.
         control: also run the no-teacher control.
         task: grading of the evaluation ("gsm8k": last number).
@@ -79,14 +81,17 @@ def demo(
     if (teacher is None) != (base is None):
         raise ToEError("give both --teacher and --base, or neither for the toy pair")
     if teacher is None:
+        import torch
+
+        torch.set_num_threads(1)  # the toy models are tiny: one thread beats two that contend
         pair = toy_pair_dir()
         teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
         data, dev_data = write_toy_data(os.path.join(out, "data"), n_train, n_dev)
     elif data is None or dev_data is None:
         raise ToEError("with your own pair, pass --data (training JSONL) and --dev_data (evaluation JSONL)")
     common = dict(num_leaves=num_leaves, shape=shape, layers=layers, shard_size=64, heldout_frac=0.1, gate_rank=32)
-    train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size,
-                    log_every=10, save_every=max(train_steps, 1))
+    train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size, lr=lr,
+                    bank_lr=bank_lr, log_every=20, save_every=max(train_steps, 1))
     log.info("[1/4] extract: teacher states -> projector -> tree + bank")
     extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), **common)
     log.info("[2/4] train the plug-in (route warm-up, then distillation)")

@@ -87,10 +87,19 @@ def load_causal_lm(
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    cls = AutoTokenizer
+    config_path = os.path.join(name_or_path, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            declared = json.load(f).get("tokenizer_class")
+        # A plain `tokenizers` tokenizer saved next to a model: AutoTokenizer would pick the model family's
+        # tokenizer class (e.g. Qwen2Tokenizer) and silently drop its pre-tokenizer.
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            cls = PreTrainedTokenizerFast
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        tok = cls.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToEError(f"cannot load tokenizer {name_or_path!r} ({first}): pass a local folder or hub id") from None
