@@ -112,11 +112,30 @@ def demo(
     log.info("[4/4] report")
     rows = merged_rows(runs)
     table = markdown(rows)
+    margin = control_margin(runs) if control else None
+    if margin:
+        table += ("\nToE minus no-teacher control on the same items (what the teacher contributed), paired bootstrap: "
+                  f"CE {margin['ce']['mean_diff']:+.4f} nats [{margin['ce']['ci95'][0]:+.4f}, "
+                  f"{margin['ce']['ci95'][1]:+.4f}]; accuracy {100 * margin['accuracy']['mean_diff']:+.1f} pts "
+                  f"[{100 * margin['accuracy']['ci95'][0]:+.1f}, {100 * margin['accuracy']['ci95'][1]:+.1f}].\n")
     atomic_write_text(os.path.join(out, "report.md"), table)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     plot(rows, os.path.join(out, "report.png"))
     log.info("\n%s", table)
-    return {"out": out, "rows": rows}
+    return {"out": out, "rows": rows, "control_margin": margin}
+
+
+def control_margin(run_dirs: list[str]) -> dict:
+    """Paired ToE - control differences in per-item CE and correctness."""
+    from .stats import paired_bootstrap
+
+    def load(d: str) -> list[dict]:
+        with open(os.path.join(d, "toe.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    toe, ctl = load(run_dirs[0]), load(run_dirs[1])
+    return {key: paired_bootstrap([float(r[field]) for r in toe], [float(r[field]) for r in ctl])
+            for key, field in (("ce", "ce"), ("accuracy", "correct"))}
 
 
 def merged_rows(run_dirs: list[str]) -> list[dict]:

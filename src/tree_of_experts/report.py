@@ -83,7 +83,7 @@ def plot(rows: list[dict], png: str) -> None:
         labels = [f"{r['run']}\n{r['system']}" if len({x['run'] for x in rows}) > 1 else r["system"] for r in shown]
         values = [r[key] for r in shown]
         ci = [r[f"{key}_ci95"] for r in shown]
-        err = [[v - c[0] for v, c in zip(values, ci)], [c[1] - v for v, c in zip(values, ci)]]
+        err = [[max(v - c[0], 0.0) for v, c in zip(values, ci)], [max(c[1] - v, 0.0) for v, c in zip(values, ci)]]
         ax.bar(range(len(values)), values, yerr=err, capsize=4, color="#4c72b0")
         ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title + " [95 % CI]")
