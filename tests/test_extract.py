@@ -164,3 +164,23 @@ def test_oracle_table_has_every_row(pair, tmp_path):
     # The untrained plug-in (s = 0) is exactly the base.
     assert r["systems"]["ToE (learned)"]["ce"] == r["systems"]["base"]["ce"]
     assert (tmp_path / "or" / "oracle.md").exists()
+
+
+def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):
+    import subprocess
+    import sys
+
+    args = ["extract", "--teacher", str(pair / "teacher"), "--base", str(pair / "base"), "--data", FIXTURE,
+            "--num_leaves", "8", "--shard_size", "8", "--heldout_frac", "0.25", "--batch_size", "4", "--gate_rank", "8"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "tree_of_experts.cli", *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    # torchrun starts two CPU processes (gloo); `accelerate launch --cpu` would start only one.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                    "-m", "tree_of_experts.cli", *args, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    assert len(list((tmp_path / "two").glob("timings-*.json"))) == 2  # both processes captured shards
+    a = load_file(tmp_path / "one" / "toe_model.safetensors")
+    b = load_file(tmp_path / "two" / "toe_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -92,10 +92,11 @@ def test_two_processes_equal_one(experts, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "tree_of_experts.cli", "train", *common, "--out", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # torchrun starts two CPU processes (gloo); `accelerate launch --cpu` would start only one.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                     "-m", "tree_of_experts.cli", "train", *common, "--out", str(tmp_path / "two")],
                    check=True, env=env, capture_output=True)
+    assert json.load(open(tmp_path / "two" / "train_summary.json"))["processes"] == 2
     a, b = plugin_tensors(tmp_path / "one"), plugin_tensors(tmp_path / "two")
     start = load_file(str(experts / "ex" / "toe_model.safetensors"))
     assert not torch.equal(a["blocks.0.scale"], start["blocks.0.scale"])  # training moved the plug-in

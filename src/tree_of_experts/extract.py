@@ -310,7 +310,7 @@ def extract(
     """
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
     dev = torch.device(device) if device else state.device
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     if not 0 < sample_rate <= 1:

@@ -337,7 +337,8 @@ def train(
                                 "A" if step <= stage_a and stage_a else "B")
     bar.close()
     acc.wait_for_everyone()
-    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd, "examples": n_examples}
+    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd, "examples": n_examples,
+               "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)
         summary["curves"] = plot_curves(metrics_path, os.path.join(out, "curves.png"))
