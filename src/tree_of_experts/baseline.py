@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from .bank import ExpertBank
 from .cluster import init_gate_from_geometry
 from .config import WEIGHTS_NAME, ToEConfig, ToEError
-from .data import DataSpec, encode, pad_left, read_jsonl
+from .data import DataSpec, batch_indices, encode, pad_left, read_jsonl
 from .extract import extract
 from .hf import load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_write_json
@@ -85,10 +85,7 @@ def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_ste
         os.remove(path)
     t0 = time.perf_counter()
     for step in range(max_steps):
-        epoch, pos = divmod(step * batch_size, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch + 1)).tolist()
-        batch = [examples[i] for i in order[pos : pos + batch_size]]
+        batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         ids, am = pad_left([e.input_ids for e in batch], tok.pad_token_id)
         mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool().to(dev)
         logits = base_model(**padded_inputs(ids, am, dev)).logits

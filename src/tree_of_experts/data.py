@@ -124,3 +124,13 @@ def align_offsets(base_offsets: torch.Tensor, teacher_offsets: torch.Tensor) -> 
     t_end = teacher_offsets[:, 1].contiguous()
     idx = torch.searchsorted(t_end, base_offsets[:, 1].contiguous(), right=True) - 1
     return idx
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of global batch ``step``: epochs are seeded permutations, so any step is reproducible on its
+    own (exact resume) and ToE and its baselines see the same batches."""
+    epoch, pos = divmod(step * batch_size, n)
+    order: list[int] = []
+    while len(order) < pos + batch_size:  # a batch may run into the next epoch(s)
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch + len(order) // n)).tolist()
+    return order[pos : pos + batch_size]

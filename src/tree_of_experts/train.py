@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import ToEError
-from .data import DataSpec, encode, file_hash, pad_left, read_jsonl
+from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jsonl
 from .extract import iter_examples
 from .hf import load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
@@ -280,10 +280,7 @@ def train(
             # Stage B: CE (+ KD) through the fused model; decaying route loss; usage regulariser. Stage C: top-K.
             stage = "B"
             b_step = step - stage_a
-            epoch, pos = divmod(b_step * batch_size, n_examples)
-            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            order = order + torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch + 1)).tolist()
-            global_batch = [examples[i] for i in order[pos : pos + batch_size]]
+            global_batch = [examples[i] for i in batch_indices(n_examples, batch_size, b_step, seed)]
             mine = global_batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
             b = collate(mine, tok.pad_token_id)
             selection = cfg.selection if (anneal_steps and b_step >= max_steps - anneal_steps) else train_selection
