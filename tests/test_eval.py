@@ -86,3 +86,18 @@ def test_tiny_end_to_end_eval(tmp_path):
     rows = [json.loads(r) for r in open(tmp_path / "ev" / "toe.jsonl")]
     assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["comparisons"]["toe"]["ce_gap_closed"]
+
+
+def test_cli_accepts_dashes_and_positional_report_dirs():
+    from tree_of_experts.cli import _normalise
+
+    assert _normalise(["extract", "--num-leaves", "8", "--out=x"]) == ["extract", "--num_leaves", "8", "--out=x"]
+    assert _normalise(["report", "a", "b", "--out", "r"]) == ["report", "--run_dirs", '["a", "b"]', "--out", "r"]
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    from tree_of_experts.cli import main
+
+    assert main(["generate", "--base", str(tmp_path), "--plugin", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("toe: error:")

@@ -25,8 +25,26 @@ def _commands() -> dict:
             "oracle": oracle, "bench": bench}
 
 
+def _report_positionals(argv: list[str]) -> list[str]:
+    """`toe report A B --out X` -> `toe report --run_dirs '["A", "B"]' --out X`."""
+    dirs, rest, i = [], [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            rest.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            dirs.append(arg)
+        i += 1
+    return ["report", "--run_dirs", json.dumps(dirs), *rest] if dirs else argv
+
+
 def _normalise(argv: list[str]) -> list[str]:
-    """Accepts --num-leaves as well as --num_leaves."""
+    """Accepts --num-leaves as well as --num_leaves, and `toe report DIR DIR ...` (positional run folders)."""
+    if argv[:1] == ["report"]:
+        argv = _report_positionals(argv)
     out = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:

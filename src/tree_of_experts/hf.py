@@ -78,7 +78,7 @@ def load_causal_lm(
         dtype = getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToEError(f"cannot load model {name_or_path!r} ({first}): pass a local folder or a reachable hub id") from None
     if device:
@@ -100,7 +100,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
             cls = PreTrainedTokenizerFast
     try:
         tok = cls.from_pretrained(name_or_path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToEError(f"cannot load tokenizer {name_or_path!r} ({first}): pass a local folder or hub id") from None
     if tok.pad_token is None:
