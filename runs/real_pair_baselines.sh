@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"
 train_data="$here/../shared/data/gsm8k/train.jsonl"; dev="$here/../shared/data/gsm8k/dev.jsonl"
 res="$here/results/real_pair"
-for kind in lora static flat; do
+for kind in ${KINDS:-lora static flat}; do
   toe baseline --kind "$kind" --base "$base" --experts "$work/extract" --data "$train_data" --limit 160 \
     --out "$work/$kind" --max-steps "$steps" --stage-a-steps 50 --batch-size 4 --max-length 384
   mkdir -p "$res/baseline-$kind"
@@ -20,4 +20,4 @@ for kind in lora static flat; do
       --ce-target gold_clean --batch-size 4 --out "$res/eval-ce-$kind"
   fi
 done
-toe report "$res/eval-ce" "$res/eval-ce-lora" "$res/eval-ce-static" "$res/eval-ce-flat" --out "$res/report"
+toe report "$res/eval-ce" $(for k in ${KINDS:-lora static flat}; do echo "$res/eval-ce-$k"; done) --out "$res/report"
