@@ -23,6 +23,15 @@ def batch(tok):
     return tok(["Question: 3 plus 4?", "Question: what is 12 times 7 then?"], return_tensors="pt", padding=True)
 
 
+def save_tiny_pair(directory) -> None:
+    """A base (32 wide, 2 layers) and a teacher of another size (48 wide, 3 layers) sharing one tokenizer, saved as
+    Hugging Face folders ``directory/base`` and ``directory/teacher``."""
+    tok = tiny_tokenizer()
+    for name, width, layers, seed in (("base", 32, 2, 0), ("teacher", 48, 3, 1)):
+        tiny_qwen2(hidden_size=width, num_layers=layers, seed=seed).save_pretrained(directory / name)
+        tok.save_pretrained(directory / name)
+
+
 def randomize(model: ToEModel, seed: int = 0, scale: float = 1.0) -> ToEModel:
     """Gives every plug-in parameter a random non-trivial value (so the plug-in actually changes the output)."""
     g = torch.Generator().manual_seed(seed)

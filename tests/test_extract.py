@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 from tree_of_experts import ToEError, ToEModel
@@ -22,10 +23,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
-    tok = tiny_tokenizer()
-    for name, width, layers, seed in (("base", 32, 2, 0), ("teacher", 48, 3, 1)):
-        tiny_qwen2(hidden_size=width, num_layers=layers, seed=seed).save_pretrained(d / name)
-        tok.save_pretrained(d / name)
+    save_tiny_pair(d)
     return d
 
 

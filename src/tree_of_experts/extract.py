@@ -430,12 +430,13 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
     g = torch.Generator().manual_seed(seed)
     deltas: list[list[torch.Tensor]] = [[] for _ in layers]
     states: list[list[torch.Tensor]] = [[] for _ in layers]
+    maps.cpu()  # shard rows live on the CPU
     with torch.no_grad():
         for ex in train_data:
             keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
             for j in range(len(layers)):
                 h = ex[f"base.{j}"][keep].float()
-                deltas[j].append(maps[j].cpu()(ex[f"teacher.{j}"][keep].float(), h))
+                deltas[j].append(maps[j](ex[f"teacher.{j}"][keep].float(), h))
                 states[j].append(ex[f"base.{j}"][keep])
     config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)

@@ -96,6 +96,18 @@ def level_accuracy(acc: torch.Tensor, levels: torch.Tensor) -> list[float]:
     return out
 
 
+def sampled_route_loss(gate, route_data: dict[str, torch.Tensor], layer: int, n: int, g: torch.Generator,
+                       device: torch.device, closed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route BCE of ``gate`` on ``n`` cached base states drawn with ``g``; nodes where ``closed`` (M,) is True are
+    left out (Stage A opens levels top-down). Returns (loss, per-node accuracy)."""
+    states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
+    pick = torch.randint(len(leaf), (n,), generator=g)
+    labels = path_labels(gate.shape, gate.num_leaves, leaf[pick]).to(device)
+    if closed is not None:
+        labels[:, closed] = -1
+    return route_loss(gate(states[pick].to(device).float()[None], "dense"), labels[None])
+
+
 def checkpoint_dir(out: str) -> str:
     return os.path.join(out, "checkpoint")
 
@@ -263,12 +275,8 @@ def train(
             loss = 0.0
             accs = []
             for layer, gate in zip(cfg.layers, gates):
-                states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
-                pick = torch.randint(len(leaf), (route_batch_size,), generator=g)
-                labels = path_labels(cfg.shape, cfg.num_leaves, leaf[pick]).to(acc.device)
-                labels[:, levels >= open_levels] = -1
-                route = gate(states[pick].to(acc.device).float()[None], "dense")
-                l_route, node_acc = route_loss(route, labels[None])
+                l_route, node_acc = sampled_route_loss(gate, route_data, layer, route_batch_size, g, acc.device,
+                                                       levels >= open_levels)
                 loss = loss + l_route
                 accs.append(level_accuracy(node_acc.cpu(), levels))
             opt_a.zero_grad(set_to_none=True)
@@ -307,11 +315,8 @@ def train(
                 w_route = route_weight * max(0.0, 1.0 - b_step / max_steps)
                 if w_route > 0:
                     for layer, gate in zip(cfg.layers, gates):
-                        states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
-                        pick = torch.randint(len(leaf), (route_batch_size,), generator=g)
-                        labels = path_labels(cfg.shape, cfg.num_leaves, leaf[pick]).to(acc.device)
-                        aux_route = aux_route + route_loss(gate(states[pick].to(acc.device).float()[None], "dense"),
-                                                           labels[None])[0]
+                        aux_route = aux_route + sampled_route_loss(gate, route_data, layer, route_batch_size, g,
+                                                                   acc.device)[0]
                 loss = loss + w_route * aux_route + usage_weight * aux_usage
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
