@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.cluster import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
 from tree_of_experts.data import align_offsets
-from tree_of_experts.extract import extract, iter_examples, shard_paths
+from tree_of_experts.extract import extract, iter_examples, rebuild, shard_paths
 from tree_of_experts.projector import GramAccumulator, fit_ridge
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 from tree_of_experts.tree import TreeGate, path_labels
@@ -72,6 +72,20 @@ def test_resume_after_interruption_equals_one_run(pair, tmp_path):
     for pa, pb in zip(shard_paths(str(tmp_path / "one")), shard_paths(str(tmp_path / "two"))):
         sa, sb = load_file(pa), load_file(pb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_rebuild_reuses_the_capture_and_fusion_map(pair, tmp_path):
+    run(pair, tmp_path / "ex")
+    same = rebuild(str(tmp_path / "ex"), str(tmp_path / "same"), num_leaves=8, gate_rank=8)
+    a, b = load_file(tmp_path / "ex" / "toe_model.safetensors"), load_file(tmp_path / "same" / "toe_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same settings: the same plug-in
+    deep = rebuild(str(tmp_path / "ex"), str(tmp_path / "deep"), num_leaves=4, shape="deep", gate_rank=8)
+    assert deep["shape"] == "deep" and len(deep["clusters"]["0"]["sizes"]) == 4
+    assert deep["o1_heldout_ce"] == json.loads((tmp_path / "ex" / "summary.json").read_text())["o1_heldout_ce"]
+    assert len(list(iter_examples(str(tmp_path / "deep")))) == len(list(iter_examples(str(tmp_path / "ex"))))
+    assert ToEModel.from_pretrained(str(pair / "base"), str(tmp_path / "deep")).config.shape == "deep"
+    with pytest.raises(ToEError, match="not a finished"):
+        rebuild(str(tmp_path / "nothing"), str(tmp_path / "x"))
 
 
 def test_rerun_with_other_settings_is_refused(pair, tmp_path):

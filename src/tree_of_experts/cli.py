@@ -15,12 +15,12 @@ def _commands() -> dict:
     from .demo import demo
     from .evaluate import evaluate, traces
     from .report import report
-    from .extract import extract
+    from .extract import extract, rebuild
     from .inference import generate
     from .oracle import oracle
     from .train import train
 
-    return {"generate": generate, "extract": extract, "train": train, "eval": evaluate, "traces": traces,
+    return {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate, "traces": traces,
             "report": report, "demo": demo, "baseline": baseline,
             "oracle": oracle, "bench": bench}
 

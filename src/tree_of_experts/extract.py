@@ -9,6 +9,9 @@ Output folder layout::
     route_data.safetensors   sampled base states, their leaf ids and path branches (Stage A supervision)
     toe_config.json, toe_model.safetensors, README.md   the plug-in (gate initialised from the geometry, s = 0)
     summary.json, summary.md projector fit, O1 dev CE table, cluster sizes, effective leaves, throughput
+
+`toe rebuild --source EXTRACTION --out NEW --num_leaves N --shape deep` redoes only the tree and bank from an
+extraction's shards and trained fusion map (sweeps over N and shape without running the teacher again).
 """
 
 from __future__ import annotations
@@ -424,15 +427,34 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
             gap = o1["teacher"] - o1["base"]
             o1["gap_closed"] = {k: (o1["base"] - v) / -gap if abs(gap) > 1e-9 else None
                                 for k, v in o1.items() if k not in ("base", "teacher")}
+    proj = {}
+    for j, layer in enumerate(layers):
+        proj[f"ridge.{layer}"] = ridge[j][0]
+        for k, v in maps[j].state_dict().items():
+            proj[f"trained.{layer}.{k}"] = v
+    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
+    fit = {"projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
+           "o1_heldout_ce": o1}
+    counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
+    return build_tree(out, out, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves,
+                      shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher)
 
+
+def build_tree(out, source, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves, shape,
+               sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher) -> dict:
+    """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
+    with the summary and manifest."""
     # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     deltas: list[list[torch.Tensor]] = [[] for _ in layers]
     states: list[list[torch.Tensor]] = [[] for _ in layers]
     maps.cpu()  # shard rows live on the CPU
+    heldout = set(counts["heldout"])
     with torch.no_grad():
-        for ex in train_data:
+        for ex in iter_examples(source):
+            if int(ex["example"][0]) in heldout:
+                continue
             keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
             for j in range(len(layers)):
                 h = ex[f"base.{j}"][keep].float()
@@ -461,7 +483,7 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
         block.bank = ExpertBank(vectors, {
             "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
             "clustering": "balanced 2-means" if shape == "balanced" else "k-means, ordered by mass",
-            "rows": len(delta), "ridge_heldout_r2": round(ridge[j][1]["heldout_r2"], 4),
+            "rows": len(delta), "ridge_heldout_r2": round(fit["projector"][j]["heldout_r2"], 4),
         })
         init_gate_from_geometry(block.gate, x.float(), leaf)
         with torch.no_grad():
@@ -480,16 +502,10 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
 
     # 5. Write everything.
     atomic_save_tensors(os.path.join(out, "route_data.safetensors"), route_tensors)
-    proj = {}
-    for j, layer in enumerate(layers):
-        proj[f"ridge.{layer}"] = ridge[j][0]
-        for k, v in maps[j].state_dict().items():
-            proj[f"trained.{layer}.{k}"] = v
-    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
     model = ToEModel(base_model, plugin)
     model.save_pretrained(out)
     model.detach()
-    timing_files = sorted(glob.glob(os.path.join(out, "timings-*.json")))
+    timing_files = sorted(glob.glob(os.path.join(source, "timings-*.json")))
     capture = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
     for path in timing_files:
         with open(path) as f:
@@ -503,18 +519,80 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
         capture["ratio_vs_teacher_forward"] = capture["tokens_per_s"] / capture["teacher_forward_tokens_per_s"]
     summary = {
         "teacher": teacher, "base": model_id(base_model), "layers": layers, "teacher_layers": teacher_layers,
-        "examples": len(examples), "train_examples": len(train_ids), "heldout_examples": len(heldout),
-        "tokens": sum(len(e.ids) for e in examples), "num_leaves": num_leaves, "shape": shape,
-        "projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
-        "o1_heldout_ce": o1, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
+        "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
+        "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
+        **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
     }
+    if source != out:
+        summary["rebuilt_from"] = source
     manifest = {**settings, "shards": [os.path.relpath(p, out) for p in shard_paths(out)],
                 "base_revision": getattr(base_model.config, "_commit_hash", None),
-                "counts": {"examples": len(examples), "heldout": sorted(heldout)[:1000]}, "timings": {**times, **capture}}
+                "counts": counts, "timings": {**times, **capture}}
     atomic_write_json(os.path.join(out, "manifest.json"), manifest)
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(summary))
     return summary
+
+
+def rebuild(
+    source: str,
+    out: str,
+    num_leaves: int = 64,
+    shape: str = "balanced",
+    sample_rate: float = 1.0,
+    max_rows: int = 200_000,
+    gate_rank: int = 64,
+    top_k: int = 4,
+    selection: str = "topk",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict:
+    """A new tree and bank (N, shape, gate) from an existing extraction, without running the teacher again.
+
+    Reuses ``source``'s captured shards (linked, not copied), ridge map, trained fusion map and O1 table; only the
+    clustering and the gate's initialisation are redone. This is how sweeps over N, ToE-B vs ToE-D or K cost
+    minutes instead of a new capture.
+
+    Args:
+        source: a finished `toe extract` folder.
+        out: the new extraction folder (usable wherever an extraction is: `toe train --experts OUT`).
+        num_leaves, shape, sample_rate, max_rows, gate_rank, top_k, selection, seed: as for `toe extract`.
+        dtype: dtype of the base while building.
+    """
+    needed = ("run.json", "manifest.json", "summary.json", "projector.safetensors")
+    missing = [f for f in needed if not os.path.isfile(os.path.join(source, f))]
+    if missing:
+        raise ToEError(f"{source} is not a finished `toe extract` folder (missing {', '.join(missing)}): run "
+                       "`toe extract` to the end first")
+    if os.path.abspath(source) == os.path.abspath(out):
+        raise ToEError("rebuild --out must be a new folder, not the source extraction")
+    with open(os.path.join(source, "run.json")) as f:
+        settings = json.load(f)
+    with open(os.path.join(source, "manifest.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(source, "summary.json")) as f:
+        prior = json.load(f)
+    os.makedirs(out, exist_ok=True)
+    link = os.path.join(out, "shards")
+    if os.path.islink(link) and os.path.realpath(link) != os.path.realpath(os.path.join(source, "shards")):
+        os.remove(link)
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(os.path.join(source, "shards")), link)
+    atomic_write_json(os.path.join(out, "run.json"), settings)
+    base_model = load_causal_lm(settings["base"], dtype=dtype)
+    proj = load_file(os.path.join(source, "projector.safetensors"))
+    layers = prior["layers"]
+    maps = torch.nn.ModuleList()
+    for layer in layers:
+        fm = FusionMap(proj[f"ridge.{layer}"])
+        fm.load_state_dict({k.split(".", 2)[2]: v for k, v in proj.items() if k.startswith(f"trained.{layer}.")})
+        maps.append(fm)
+    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
+    fit = {k: prior[k] for k in ("projector", "fusion_map_loss_first_last", "o1_heldout_ce")}
+    counts = {"tokens": prior["tokens"], **manifest["counts"]}
+    return build_tree(out, source, base_model, layers, prior["teacher_layers"], settings, counts, maps, fit, {},
+                      num_leaves, shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, prior["kd_cached"],
+                      prior["teacher"])
 
 
 def summary_markdown(s: dict) -> str:

@@ -139,6 +139,7 @@ def train(
     route_batch_size: int = 512,
     lr: float = 1e-3,
     scale_lr: float = 1e-2,
+    scale_init: float = 1.0,
     bank_lr: float = 1e-4,
     stage_a_lr: float = 1e-2,
     kd_weight: float = 1.0,
@@ -176,9 +177,12 @@ def train(
         stage_a_steps: route warm-up steps on cached base states (0 or skip_stage_a to skip).
         batch_size: global batch of sequences (split across processes).
         route_batch_size: cached states per Stage A step.
-        lr: learning rate of the gate; scale_lr: of the zero-initialised scales s (they must travel from 0 to
-            about 1 to inject the bank at its extracted size); bank_lr: of the bank; stage_a_lr: of the gate in
+        lr: learning rate of the gate; scale_lr: of the scales s; bank_lr: of the bank; stage_a_lr: of the gate in
             Stage A.
+        scale_init: where the scales of a fresh plug-in (all zero: an exact no-op, as `toe extract` saves it) start
+            in Stage B. 1.0 injects the bank at its extracted size, the trained fusion map's own size; 0 starts
+            from the no-op, which needs many steps before the plug-in has any effect. Scales that are not all
+            zero (a trained or baseline plug-in) are kept.
         kd_weight: weight of top-k KL to the teacher (when cached).
         route_weight: initial weight of the route loss in Stage B, decaying linearly to 0.
         usage_weight: weight of the usage regulariser (log N - entropy of leaf usage).
@@ -228,6 +232,10 @@ def train(
     levels = node_levels(cfg.shape, cfg.num_leaves)
     depth = int(levels.max()) + 1
 
+    with torch.no_grad():
+        for block in model.plugin.blocks.values():
+            if not block.scale.any():
+                block.scale.fill_(scale_init)
     for name, p in model.plugin.named_parameters():
         p.requires_grad_(not (freeze_bank and ".bank." in name))
     named = list(model.plugin.named_parameters())
