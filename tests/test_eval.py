@@ -4,6 +4,9 @@ import json
 import os
 
 import pytest
+import torch
+
+from tree_of_experts import ToEError
 
 from tree_of_experts.grading import grade, gsm8k_gold, last_boxed, normalize_number
 from tree_of_experts.stats import gap_closed, gap_closed_ci, paired_bootstrap, wilson
@@ -86,6 +89,52 @@ def test_tiny_end_to_end_eval(tmp_path):
     rows = [json.loads(r) for r in open(tmp_path / "ev" / "toe.jsonl")]
     assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["comparisons"]["toe"]["ce_gap_closed"]
+    # CE on the teacher's own traces: its greedy completions are the target, so the teacher scores lowest there.
+    from tree_of_experts.demo import toy_pair_dir
+    from tree_of_experts.evaluate import traces
+
+    toy = toy_pair_dir()  # trained toy models: they write real text
+    t = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces.jsonl"), limit=4,
+               max_new_tokens=12, keep_incorrect=True)
+    assert t["kept"] == 4
+    m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k",
+                 data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "ev-trace"), ce_target="trace",
+                 accuracy=False)
+    assert m["systems"]["teacher"]["ce"] < m["systems"]["base"]["ce"]
+    with pytest.raises(ToEError, match="toe traces"):
+        evaluate(base=str(tmp_path / "base"), task="gsm8k", data=fixture, out=str(tmp_path / "x"), ce_target="trace")
+
+
+def test_report_pools_eval_folders_on_the_same_items(tmp_path):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.report import report
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("teacher", 1)):
+        tiny_qwen2(seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    for name, scale in (("toe", 0.5), ("ctl", 2.0)):
+        m = ToEModel.fresh(tiny_qwen2(seed=0), layers=[0], num_leaves=4)
+        with torch.no_grad():
+            m.plugin.blocks["0"].scale.fill_(scale)
+            m.plugin.blocks["0"].bank.norm.fill_(3.0)
+        m.save_pretrained(tmp_path / name)
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    common = dict(base=str(tmp_path / "base"), task="gsm8k", data=fixture, limit=6, accuracy=False)
+    evaluate(plugin=str(tmp_path / "toe"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "toe-b"), **common)
+    evaluate(plugin=str(tmp_path / "ctl"), with_base=False, out=str(tmp_path / "control"), **common)
+    report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"))
+    rows = {r["system"]: r for r in json.load(open(tmp_path / "rep" / "report.json"))}
+    assert list(rows) == ["base", "teacher", "toe-b", "control"]
+    ctl, toe = rows["control"], rows["toe-b"]
+    assert ctl["ce_gap_closed"]["gap_closed"] is not None  # the teacher came from the other folder
+    assert ctl["reference"] == "toe-b" and toe["reference"] is None
+    assert abs(ctl["ce_vs_reference"]["mean_diff"] - (ctl["ce"] - toe["ce"])) < 1e-9
+    assert "CE minus toe-b" in open(tmp_path / "rep" / "report.md").read()
+    with pytest.raises(ToEError, match="system label"):
+        report([str(tmp_path / "control"), str(tmp_path / "control")], out=str(tmp_path / "rep2"))
 
 
 def test_cli_accepts_dashes_and_positional_report_dirs():

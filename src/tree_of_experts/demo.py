@@ -17,7 +17,7 @@ from .config import ToEError
 from .evaluate import evaluate
 from .extract import extract
 from .io import atomic_write_json, atomic_write_text
-from .report import markdown, plot, table_rows
+from .report import markdown, plot, pool, table_rows
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ def demo(
                  out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32)
         runs.append(os.path.join(out, "eval-control"))
     log.info("[4/4] report")
-    rows = merged_rows(runs)
+    rows = table_rows(pool(runs, {runs[0]: "ToE", **({runs[1]: "no-teacher control"} if control else {})}), "ToE")
     table = markdown(rows)
-    margin = control_margin(runs) if control else None
+    margin = control_margin(rows) if control else None
     if margin:
         table += ("\nToE minus no-teacher control on the same items (what the teacher contributed), paired bootstrap: "
                   f"CE {margin['ce']['mean_diff']:+.4f} nats [{margin['ce']['ci95'][0]:+.4f}, "
@@ -125,34 +125,12 @@ def demo(
     return {"out": out, "rows": rows, "control_margin": margin}
 
 
-def control_margin(run_dirs: list[str]) -> dict:
-    """Paired ToE - control differences in per-item CE and correctness."""
-    from .stats import paired_bootstrap
-
-    def load(d: str) -> list[dict]:
-        with open(os.path.join(d, "toe.jsonl")) as f:
-            return [json.loads(line) for line in f]
-
-    toe, ctl = load(run_dirs[0]), load(run_dirs[1])
-    return {key: paired_bootstrap([float(r[field]) for r in toe], [float(r[field]) for r in ctl])
-            for key, field in (("ce", "ce"), ("accuracy", "correct"))}
-
-
-def merged_rows(run_dirs: list[str]) -> list[dict]:
-    """One table: the main run's systems, plus the control's plug-in as "no-teacher control" (gap vs the teacher
-    recomputed on the same items)."""
-    from .evaluate import compare, summarize
-
-    per_system = {}
-    for d in run_dirs:
-        for name in ("base", "toe", "teacher"):
-            path = os.path.join(d, f"{name}.jsonl")
-            if not os.path.isfile(path):
-                continue
-            with open(path) as f:
-                rows = [json.loads(line) for line in f]
-            key = name if d == run_dirs[0] else ("no-teacher control" if name == "toe" else None)
-            if key and key not in per_system:
-                per_system[key] = rows
-    metrics = {"systems": {k: summarize(v) for k, v in per_system.items()}, "comparisons": compare(per_system)}
-    return table_rows([("demo", metrics)])
+def control_margin(rows: list[dict]) -> dict:
+    """ToE minus the no-teacher control, per-item CE and correctness (paired bootstrap), from the report rows."""
+    ctl = next(r for r in rows if r["system"] == "no-teacher control")
+    flip = {}
+    for key in ("ce", "accuracy"):
+        d = ctl[f"{key}_vs_reference"]  # control - ToE
+        flip[key] = {**d, "mean_diff": -d["mean_diff"], "ci95": [-d["ci95"][1], -d["ci95"][0]],
+                     "p_positive": 1 - d["p_positive"]}
+    return flip

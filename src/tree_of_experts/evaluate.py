@@ -118,6 +118,7 @@ def evaluate(
     few_shot_data: str | None = None,
     template: str = "Question: {prompt}\nAnswer: ",
     ce_target: str = "gold_clean",
+    with_base: bool = True,
     ce: bool = True,
     accuracy: bool = True,
     max_new_tokens: int = 256,
@@ -138,8 +139,10 @@ def evaluate(
         limit, skip: evaluate rows [skip, skip + limit) (keep a tuning slice out of reported numbers with skip).
         few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
         template: prompt template with {prompt}.
-        ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the data's
-            response field as is, e.g. teacher traces from `toe traces`).
+        ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the ``trace``
+            field written by `toe traces`: the teacher's own completions, where its CE is the natural floor).
+        with_base: also score the bare base (off: a folder holding only the plug-in/LoRA/teacher rows, to be pooled
+            by `toe report` with a folder that has the base on the same items).
         ce, accuracy: which metrics to compute.
         max_new_tokens: generation budget (greedy).
         batch_size, max_length: batching and truncation.
@@ -159,9 +162,11 @@ def evaluate(
         raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
-    ce_spec = DataSpec(qf, rf, template, strip_calc=ce_target == "gold_clean")
+    ce_spec = DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
     rows = read_jsonl(data, spec)[skip:]
     rows = rows[:limit] if limit is not None else rows
+    if ce and ce_target == "trace" and any("trace" not in r for r in rows):
+        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
     shots = []
     if few_shot:
         if not few_shot_data:
@@ -183,7 +188,8 @@ def evaluate(
         atomic_write_text(os.path.join(out, f"{name}.jsonl"), text)
 
     base_model = load_causal_lm(base, dtype=dtype, device=device)
-    run("base", base_model)
+    if with_base:
+        run("base", base_model)
     if plugin:
         toe = ToEModel.from_pretrained(base_model, plugin)
         if plugin_selection:
@@ -197,6 +203,8 @@ def evaluate(
     del base_model
     if teacher:
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+    if not per_system:
+        raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora or --teacher")
     metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
     metrics["comparisons"] = compare(per_system)
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
@@ -255,7 +263,7 @@ def traces(
     scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
                           ["\n\nQuestion:", "Question:"])
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"]} for r, s in zip(rows, scored)
-            if s["correct"] or keep_incorrect]
+            if (s["correct"] or keep_incorrect) and s["completion"].strip()]
     kept.sort(key=lambda r: len(r["trace"]))
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),

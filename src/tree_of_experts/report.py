@@ -1,4 +1,11 @@
-"""`toe report`: one table (markdown + JSON) and plots from saved eval runs."""
+"""`toe report`: one table (markdown + JSON) and a plot from saved `toe eval` folders.
+
+Eval folders that scored the same items with the same CE target are pooled into one table: the bare base and the
+teacher are taken once, every other system (ToE, a baseline's plug-in, LoRA) is one row labelled by its folder,
+and each row carries the gap closed against the pooled base and teacher plus its paired difference from a
+reference system (ToE by default) on the same items. So a baseline evaluated in its own folder without the teacher
+still gets a gap-closed figure, and "ToE minus the no-teacher control" is a column, not a hand calculation.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,11 @@ import json
 import os
 
 from .config import ToEError
+from .evaluate import summarize
 from .io import atomic_write_json, atomic_write_text
+from .stats import gap_closed_ci, paired_bootstrap
+
+ANCHORS = ("base", "teacher")
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -17,89 +28,150 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
 
-def load_runs(run_dirs: list[str]) -> list[tuple[str, dict]]:
-    runs = []
+def _target(args: dict) -> str:
+    data = os.path.basename(args.get("data") or "?")
+    skip, limit = args.get("skip") or 0, args.get("limit")
+    items = f"rows {skip}–{skip + limit}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
+    return f"{args.get('ce_target', 'gold_clean')} CE · {data} {items} · {args.get('few_shot', 0)}-shot"
+
+
+def pool(run_dirs: list[str], labels: dict[str, str] | None = None) -> dict[str, dict[str, list[dict]]]:
+    """{target: {system label: per-item rows}} from `toe eval` folders; checks that pooled systems saw the same
+    items. ``labels`` renames a folder's non-anchor system (default: the folder's name)."""
+    labels = labels or {}
+    groups: dict[str, dict[str, list[dict]]] = {}
     for d in run_dirs:
         path = os.path.join(d, "metrics.json")
         if not os.path.isfile(path):
             raise ToEError(f"{path} not found: pass folders written by `toe eval`")
         with open(path) as f:
-            runs.append((os.path.basename(os.path.normpath(d)), json.load(f)))
-    return runs
+            metrics = json.load(f)
+        run = os.path.basename(os.path.normpath(d))
+        group = groups.setdefault(_target(metrics["args"]), {})
+        others = [s for s in metrics["systems"] if s not in ANCHORS]
+        for system in metrics["systems"]:
+            rows_path = os.path.join(d, f"{system}.jsonl")
+            if not os.path.isfile(rows_path):
+                raise ToEError(f"{rows_path} not found: the eval folder {d} is incomplete, rerun `toe eval`")
+            if system in ANCHORS:
+                label = system
+                if label in group:
+                    continue
+            else:
+                label = labels.get(d, labels.get(run, run))
+                label = label if len(others) == 1 else f"{label}:{system}"
+                if label in group:
+                    raise ToEError(f"two eval folders give the system label {label!r}: rename one folder")
+            with open(rows_path) as f:
+                group[label] = [json.loads(line) for line in f]
+        prompts = {lab: [r["prompt"] for r in rows] for lab, rows in group.items()}
+        first = next(iter(prompts))
+        for lab, p in prompts.items():
+            if p != prompts[first]:
+                raise ToEError(f"{lab!r} and {first!r} were evaluated on different items under one target "
+                               "(same data, skip, limit, CE target): evaluate them on the same rows")
+    return groups
 
 
-def table_rows(runs: list[tuple[str, dict]]) -> list[dict]:
-    rows = []
-    for run, m in runs:
-        for system, s in m["systems"].items():
-            c = m.get("comparisons", {}).get(system, {})
-            ce_gap = c.get("ce_gap_closed", {})
-            acc_gap = c.get("accuracy_gap_closed", {})
-            rows.append({
-                "run": run, "system": system, "n": s["n"],
-                "accuracy": s.get("accuracy"), "accuracy_ci95": s.get("accuracy_ci95"),
-                "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"),
-                "ce_gap_closed": ce_gap.get("gap_closed"), "ce_gap_closed_ci95": ce_gap.get("ci95"),
-                "ce_gap_defined": ce_gap.get("defined"),
-                "accuracy_gap_closed": acc_gap.get("gap_closed"), "accuracy_gap_closed_ci95": acc_gap.get("ci95"),
-                "accuracy_gap_defined": acc_gap.get("defined"),
-                "format_adaptation": bool(ce_gap.get("format_adaptation_flag")),
-            })
-    return rows
+def table_rows(groups: dict[str, dict[str, list[dict]]], reference: str | None = None) -> list[dict]:
+    """One row per (target, system): accuracy and CE with 95 % intervals, gap closed vs the pooled base and
+    teacher, and the paired difference from ``reference`` (default: the first system whose label starts with
+    "toe" or "ToE")."""
+    out = []
+    for target, systems in groups.items():
+        ref = reference
+        if ref is None:
+            ref = next((s for s in systems if s.lower().startswith("toe")), None)
+        base, teacher = systems.get("base"), systems.get("teacher")
+        order = [s for s in ANCHORS if s in systems] + [s for s in systems if s not in ANCHORS]
+        for name in order:
+            rows = systems[name]
+            s = summarize(rows)
+            row = {"target": target, "system": name, "n": s["n"], "accuracy": s.get("accuracy"),
+                   "accuracy_ci95": s.get("accuracy_ci95"), "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"),
+                   "reference": ref if ref in systems and name != ref else None}
+            for metric, key in (("ce", "ce"), ("accuracy", "correct")):
+                if key not in rows[0]:
+                    continue
+                values = [float(r[key]) for r in rows]
+                if base is not None and teacher is not None and name not in ANCHORS:
+                    row[f"{metric}_gap_closed"] = gap_closed_ci(values, [float(r[key]) for r in base],
+                                                                [float(r[key]) for r in teacher])
+                if row["reference"]:
+                    row[f"{metric}_vs_reference"] = paired_bootstrap(values, [float(r[key]) for r in systems[ref]])
+            out.append(row)
+    return out
+
+
+def _interval(point, ci, fmt) -> str:
+    if point is None:
+        return "–"
+    lo, hi = ci or (None, None)
+    return f"{fmt(point)} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| run | system | n | accuracy [95 % CI] | CE nats [95 % CI] | CE gap closed [95 % CI] | acc. gap closed |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        acc = "–" if r["accuracy"] is None else (
-            f"{_pct(r['accuracy'])} [{_pct(r['accuracy_ci95'][0])}, {_pct(r['accuracy_ci95'][1])}]")
-        ce = "–" if r["ce"] is None else f"{_fmt(r['ce'])} [{_fmt(r['ce_ci95'][0])}, {_fmt(r['ce_ci95'][1])}]"
-        gap = "–"
-        if r["ce_gap_closed"] is not None:
-            lo, hi = r["ce_gap_closed_ci95"] or [None, None]
-            gap = f"{_pct(r['ce_gap_closed'])} [{_pct(lo)}, {_pct(hi)}]"
-            if r["format_adaptation"]:
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        block = [r for r in rows if r["target"] == target]
+        ref = next((r["reference"] for r in block if r["reference"]), None)
+        lines += [f"**{target}**", "",
+                  f"| system | n | accuracy [95 % CI] | CE nats [95 % CI] | CE gap closed [95 % CI] | "
+                  f"CE minus {ref or 'reference'} [95 % CI] | accuracy minus {ref or 'reference'} |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in block:
+            acc = _interval(r["accuracy"], r["accuracy_ci95"], _pct)
+            ce = _interval(r["ce"], r["ce_ci95"], _fmt)
+            g = r.get("ce_gap_closed")
+            gap = "–" if not g else _interval(g["gap_closed"], g["ci95"], _pct)
+            if g and g["format_adaptation_flag"]:
                 gap += " (>100 %: format adaptation, not transfer)"
-            if not r["ce_gap_defined"]:
-                gap += " (gap not significant)"
-        agap = "–"
-        if r["accuracy_gap_closed"] is not None:
-            agap = _pct(r["accuracy_gap_closed"]) + ("" if r["accuracy_gap_defined"] else " (undefined: no gap)")
-        lines.append(f"| {r['run']} | {r['system']} | {r['n']} | {acc} | {ce} | {gap} | {agap} |")
-    return "\n".join(lines) + "\n"
+            if g and not g["defined"]:
+                gap += " (teacher–base gap not significant)"
+            dce, dacc = r.get("ce_vs_reference"), r.get("accuracy_vs_reference")
+            dce_s = "–" if not dce else _interval(dce["mean_diff"], dce["ci95"], lambda x: f"{x:+.3f}")
+            dacc_s = "–" if not dacc else _interval(dacc["mean_diff"], dacc["ci95"],
+                                                      lambda x: f"{100 * x:+.1f} pts")
+            lines.append(f"| {r['system']} | {r['n']} | {acc} | {ce} | {gap} | {dce_s} | {dacc_s} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], png: str) -> None:
+    """CE (and accuracy where measured) per system with 95 % intervals, one panel per target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, key, title in ((axes[0], "ce", "response CE (nats, lower is better)"),
-                           (axes[1], "accuracy", "answer accuracy")):
-        shown = [r for r in rows if r[key] is not None]
-        labels = [f"{r['run']}\n{r['system']}" if len({x['run'] for x in rows}) > 1 else r["system"] for r in shown]
+    panels = [(t, key) for t in dict.fromkeys(r["target"] for r in rows) for key in ("ce", "accuracy")
+              if any(r[key] is not None for r in rows if r["target"] == t)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (target, key) in zip(axes[0], panels):
+        shown = [r for r in rows if r["target"] == target and r[key] is not None]
         values = [r[key] for r in shown]
         ci = [r[f"{key}_ci95"] for r in shown]
         err = [[max(v - c[0], 0.0) for v, c in zip(values, ci)], [max(c[1] - v, 0.0) for v, c in zip(values, ci)]]
-        ax.bar(range(len(values)), values, yerr=err, capsize=4, color="#4c72b0")
-        ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title + " [95 % CI]")
+        colors = ["#999999" if r["system"] in ANCHORS else "#4c72b0" for r in shown]
+        ax.bar(range(len(values)), values, yerr=err, capsize=4, color=colors)
+        ax.set_xticks(range(len(values)), [r["system"] for r in shown], rotation=30, ha="right", fontsize=8)
+        ax.set_title(("CE, nats (lower is better)" if key == "ce" else "accuracy") + f"\n{target}", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def report(run_dirs: list[str], out: str = "report") -> dict:
+def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
+           labels: dict[str, str] | None = None) -> dict:
     """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders.
 
     Args:
-        run_dirs: folders written by `toe eval` (each has metrics.json).
+        run_dirs: folders written by `toe eval` (each has metrics.json and one JSONL per system).
         out: output folder.
+        reference: system label the paired-difference columns compare against (default: the ToE row).
+        labels: {folder or folder name: label} for the non-anchor system of a folder (default: the folder name).
     """
-    rows = table_rows(load_runs(run_dirs))
+    rows = table_rows(pool(run_dirs, labels), reference)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     atomic_write_text(os.path.join(out, "report.md"), markdown(rows))

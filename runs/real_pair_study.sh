@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The real-pair study (Qwen2.5-Coder-1.5B-Instruct teacher -> 0.5B-Instruct base), after runs/real_pair_extract.sh:
+# every system trained on the same 160 GSM8K-train problems with the same budget (30 Stage-B steps of 4 sequences,
+# 50 route warm-up steps where the system has them), then response CE on the first 40 GSM8K dev items, on two
+# targets: gold solutions with the <<...>> notes removed, and the teacher's own greedy completions (`toe traces`).
+# One pooled report at the end. Steps whose outputs exist are skipped, so the script resumes after an interruption.
+#
+# Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
+#   SYSTEM: toe-b toe-d control lora flat static random lora-r64 (default: all, in that order), oracle.
+#   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
+#   extraction, ~4 min per system for the two CE evaluations.
+set -euo pipefail
+pair=$1; work=$2; shift 2
+systems=${*:-toe-b control lora flat toe-d static random oracle lora-r64}
+dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
+here=$(cd "$(dirname "$0")/.." && pwd)
+base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
+train_data="$here/../shared/data/gsm8k/train.jsonl"; dev="$here/../shared/data/gsm8k/dev.jsonl"
+res="$here/results/real_pair"; traces="$work/dev-traces.jsonl"
+budget=(--data "$train_data" --limit 160 --max-steps "$steps" --stage-a-steps 50 --batch-size 4 --max-length 384)
+mkdir -p "$res/ce-gold" "$res/ce-trace" "$res/train"
+
+evals() {  # evals NAME EVAL_ARGS...: CE on both targets, without re-scoring the base (the anchors folder has it)
+  local name=$1; shift
+  [ -f "$res/ce-gold/$name/metrics.json" ] || toe eval --base "$base" "$@" --task gsm8k --data "$dev" \
+    --limit "$dev_limit" --accuracy false --ce-target gold_clean --batch-size 4 --out "$res/ce-gold/$name"
+  [ -f "$res/ce-trace/$name/metrics.json" ] || toe eval --base "$base" "$@" --task gsm8k --data "$traces" \
+    --accuracy false --ce-target trace --batch-size 4 --out "$res/ce-trace/$name"
+}
+
+keep() {  # keep NAME FILES...: copy a run's small files into the repo
+  local name=$1; shift
+  mkdir -p "$res/train/$name"; cp "$@" "$res/train/$name/"
+}
+
+# 0. The teacher's own completions on the dev items (second CE target), then base and teacher on both targets.
+if [ ! -f "$traces" ]; then
+  toe traces --teacher "$teacher" --data "$dev" --limit "$dev_limit" --keep-incorrect true --max-new-tokens 256 \
+    --batch-size 8 --out "$traces" > "$res/traces_summary.json"
+fi
+evals anchors --teacher "$teacher"
+
+for sys in $systems; do
+  case $sys in
+    toe-b|toe-d)
+      experts="$work/extract"
+      if [ "$sys" = toe-d ]; then
+        experts="$work/extract-d"
+        [ -f "$experts/summary.json" ] || toe rebuild --source "$work/extract" --out "$experts" --shape deep \
+          --selection topp --num-leaves 64
+        mkdir -p "$res/extract-d"; cp "$experts/summary.json" "$experts/summary.md" "$res/extract-d/"
+      fi
+      [ -f "$work/$sys/train_summary.json" ] || toe train --base "$base" --experts "$experts" --out "$work/$sys" \
+        "${budget[@]}" --log-every 5 --save-every 10 --resume true
+      keep "$sys" "$work/$sys"/{metrics.jsonl,curves.png,train_summary.json,toe_config.json}
+      evals "$sys" --plugin "$work/$sys" --with-base false ;;
+    control|flat|static|random)
+      [ -f "$work/$sys/baseline_summary.json" ] || toe baseline --kind "$sys" --base "$base" \
+        --experts "$work/extract" --out "$work/$sys" "${budget[@]}"
+      keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
+      evals "$sys" --plugin "$work/$sys" --with-base false ;;
+    lora|lora-r64)
+      rank=(); [ "$sys" = lora-r64 ] && rank=(--lora-rank 64)
+      [ -f "$work/$sys/baseline_summary.json" ] || toe baseline --kind lora "${rank[@]}" --base "$base" \
+        --experts "$work/extract" --out "$work/$sys" "${budget[@]}"
+      keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
+      evals "$sys" --lora "$work/$sys" --with-base false ;;
+    oracle)
+      [ -f "$res/oracle/oracle.json" ] || toe oracle --teacher "$teacher" --base "$base" --experts "$work/extract" \
+        --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --out "$res/oracle" ;;
+    *) echo "unknown system $sys" >&2; exit 2 ;;
+  esac
+  toe report "$res"/ce-gold/* "$res"/ce-trace/* --reference toe-b --out "$res/report"
+done
