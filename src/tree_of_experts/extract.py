@@ -42,6 +42,7 @@ from .hf import (
     load_tokenizer,
     model_id,
     padded_inputs,
+    states_until,
 )
 from .io import atomic_save_tensors, atomic_write_json, atomic_write_text
 from .losses import token_nll
@@ -103,11 +104,13 @@ def capture_shard(
         ids_t, am_t = pad_left([e.teacher_ids for e in chunk], pad_id)
         ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
         t0 = time.perf_counter()
-        with capture_layers(teacher, teacher_layers) as t_states:
-            t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
+        if kd:  # the teacher's log-probs are cached too: a full forward
+            with capture_layers(teacher, teacher_layers) as t_states:
+                t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
+        else:
+            t_states = states_until(teacher, teacher_layers, padded_inputs(ids_t, am_t, dev))
         t1 = time.perf_counter()
-        with capture_layers(base, layers) as b_states:
-            base(**padded_inputs(ids_b, am_b, dev), logits_to_keep=1)
+        b_states = states_until(base, layers, padded_inputs(ids_b, am_b, dev))
         t2 = time.perf_counter()
         timings["teacher_s"] += t1 - t0
         timings["base_s"] += t2 - t1

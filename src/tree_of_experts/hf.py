@@ -140,6 +140,36 @@ def capture_layers(model: nn.Module, layers: list[int]) -> Iterator[dict[int, to
             handle.remove()
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the last needed layer has run."""
+
+
+def states_until(model: nn.Module, layers: list[int], inputs: dict) -> dict[int, torch.Tensor]:
+    """Outputs of the given decoder layers, running the model only up to the deepest of them.
+
+    Extraction needs the base's residual at the injection layer and nothing above it: stopping there skips the
+    upper layers and the LM head (about half the base's cost for a middle layer).
+    """
+    blocks = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def hook(m, a, o, i):
+        seen[i] = hidden_of(o)
+        if i == last:
+            raise _StopForward
+
+    handles = [blocks[i].register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i in layers]
+    try:
+        model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 @contextlib.contextmanager
 def add_to_layers(model: nn.Module, fns: dict[int, Any]) -> Iterator[None]:
     """Adds ``fns[i](h)`` (same shape as h) to the output of decoder layer i during the block."""
