@@ -5,7 +5,9 @@ import torch
 
 from tree_of_experts import ToEModel
 from tree_of_experts.bench import bench
-from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+from conftest import save_tiny_pair
+
+from tree_of_experts.toy import tiny_qwen2
 
 
 @pytest.mark.parametrize("selection", ["topk", "topp", "dense", "beam"])
@@ -18,11 +20,13 @@ def test_no_graph_breaks_inside_the_injection(selection):
 
 
 def test_bench_runs_and_reports_ratios(tmp_path):
-    tiny_qwen2().save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
-    r = bench(base=str(tmp_path / "base"), out=str(tmp_path / "b"), batches=[2], reps=1, new_tokens=4,
-              prompt_len=8, routing_exponents=[4, 6], routing_tokens=8, routing_reps=1)
+    save_tiny_pair(tmp_path)
+    r = bench(base=str(tmp_path / "base"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "b"), batches=[2],
+              reps=2, new_tokens=4, prompt_len=8, routing_exponents=[4, 6], routing_tokens=8, routing_reps=1,
+              extract_batch=2, extract_length=16, train_batch=2, train_length=16)
     assert r["generation"]["batch_2"]["decode_ratio"]["median"] > 0
     assert [row["num_leaves"] for row in r["routing"]["rows"]] == [16, 64]
     assert (tmp_path / "b" / "bench.json").exists() and (tmp_path / "b" / "bench.png").exists()
-    assert "decode speed ToE/base" in r["summary"]
+    assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
+    assert r["training"]["ratio"]["median"] > 0 and r["extraction"]["ratio"]["median"] > 0
+    assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains

@@ -12,8 +12,10 @@ import time
 
 import torch
 
-from .hf import load_causal_lm
+from .extract import Example, capture_shard, default_layer, teacher_layer_for
+from .hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
 from .io import atomic_write_json
+from .losses import token_nll
 from .model import ToEModel
 from .tree import TreeGate
 
@@ -101,6 +103,95 @@ def bench_routing(hidden: int, rank: int, k: int, exponents: list[int], tokens: 
     return out
 
 
+def _random_ids(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (batch, length), generator=g)
+
+
+def bench_extraction(teacher_model, base_model, layers: list[int], teacher_layers: list[int], batch: int,
+                     length: int, reps: int, device: torch.device) -> dict:
+    """Tokens/s of `toe extract`'s capture (teacher forward + top-k cache + base states) vs a bare teacher forward
+    on the same tokens, interleaved."""
+    timer = _timer(device)
+    vocab = min(teacher_model.config.vocab_size, base_model.config.vocab_size)
+    ids = _random_ids(vocab, batch, length)
+    examples = [Example(i, ids[i], torch.ones(length, dtype=torch.bool), ids[i], torch.arange(length))
+                for i in range(batch)]
+    am = torch.ones_like(ids)
+
+    def bare() -> None:
+        with torch.no_grad():
+            teacher_model(**padded_inputs(ids, am, device))
+
+    def capture() -> None:
+        capture_shard(examples, teacher_model, base_model, layers, teacher_layers, batch, 32, 0, True,
+                      {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0})
+
+    bare(), capture()  # warm-up
+    res: dict[str, list[float]] = {"teacher_forward": [], "capture": []}
+    for _ in range(reps):
+        res["teacher_forward"].append(batch * length / timer(bare))
+        res["capture"].append(batch * length / timer(capture))
+    out = {f"{k}_tokens_per_s": _stats(v) for k, v in res.items()}
+    out["ratio"] = _stats([c / t for c, t in zip(res["capture"], res["teacher_forward"])])
+    return out
+
+
+def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: int, device: torch.device) -> dict:
+    """Time and memory of one `toe train` step (dense routing, CE, backward, Adam on the plug-in) vs the least any
+    residual injection at the same layers costs: a forward + backward of the frozen base down to those layers."""
+    timer = _timer(device)
+    ids = _random_ids(base_model.config.vocab_size, batch, length, seed=1).to(device)
+    am = torch.ones_like(ids)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    layers = [int(k) for k in model.plugin.blocks]
+    params = [p for p in model.plugin.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-4)
+    hidden = base_model.config.hidden_size
+
+    def reference() -> None:
+        zero = torch.zeros(batch, length, hidden, device=device, requires_grad=True)
+        model.detach()
+        with add_to_layers(base_model, {i: (lambda h: zero) for i in layers}):
+            logits = base_model(input_ids=ids, attention_mask=am).logits
+        token_nll(logits, ids, mask).mean().backward()
+
+    def step() -> None:
+        model.attach()
+        with model.selection("dense"):
+            logits = model(input_ids=ids, attention_mask=am).logits
+        token_nll(logits, ids, mask).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def peak(fn) -> int | None:
+        if device.type != "cuda":
+            return None
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device)
+
+    base_model.train()
+    reference(), step()  # warm-up (allocates Adam state)
+    res: dict[str, list[float]] = {"reference_s": [], "toe_step_s": []}
+    for _ in range(reps):
+        res["reference_s"].append(timer(reference))
+        res["toe_step_s"].append(timer(step))
+    base_model.eval()
+    model.attach()
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    out = {k: _stats(v) for k, v in res.items()}
+    out["ratio"] = _stats([t / r for t, r in zip(res["toe_step_s"], res["reference_s"])])
+    out["base_params_with_grad"] = sum(p.grad is not None for p in base_model.parameters())
+    out["plugin_state_bytes"] = {"params": trainable, "grads": trainable, "adam": 2 * trainable}
+    out["peak_bytes"] = {"reference": peak(reference), "toe_step": peak(step)}
+    for p in params:
+        p.requires_grad_(False)
+    return out
+
+
 def bench(
     base: str,
     out: str = "bench",
@@ -114,6 +205,11 @@ def bench(
     routing_exponents: list[int] | None = None,
     routing_tokens: int = 64,
     routing_reps: int = 5,
+    teacher: str | None = None,
+    extract_batch: int = 4,
+    extract_length: int = 128,
+    train_batch: int = 4,
+    train_length: int = 128,
     dtype: str = "float32",
     device: str | None = None,
     threads: int | None = None,
@@ -129,6 +225,9 @@ def bench(
         prompt_len, new_tokens, reps: the generation workload and interleaved repetitions.
         routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
         routing_tokens, routing_reps: tokens per routing call and repetitions.
+        teacher: also time `toe extract`'s capture against a bare forward of this teacher (extract_batch sequences
+            of extract_length tokens).
+        train_batch, train_length: the `toe train` step timed against a frozen-base forward + backward.
         dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
 
     Returns:
@@ -141,7 +240,7 @@ def bench(
     if plugin:
         model = ToEModel.from_pretrained(base_model, plugin)
     else:
-        layer = len(base_model.model.layers) // 2 - 1 if hasattr(base_model, "model") else 0
+        layer = default_layer(len(decoder_layers(base_model)))
         model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
         with torch.no_grad():
             for block in model.plugin.blocks.values():
@@ -150,6 +249,15 @@ def bench(
                     "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}", "generation": {}}
     for b in batches or [1, 8]:
         result["generation"][f"batch_{b}"] = bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
+    result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev)
+    if teacher:
+        teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev))
+        layers = [int(k) for k in model.plugin.blocks]
+        n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
+        result["extraction"] = bench_extraction(teacher_model, base_model, layers,
+                                                [teacher_layer_for(x, n_b, n_t) for x in layers], extract_batch,
+                                                extract_length, reps, dev)
+        del teacher_model
     exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
     result["routing"] = bench_routing(base_model.config.hidden_size, model.config.gate_rank, top_k, exps,
                                       routing_tokens, routing_reps, dev)
@@ -157,7 +265,10 @@ def bench(
     scaling = result["routing"].get("tree_2^20_over_2^10")
     result["summary"] = ("decode speed ToE/base: " + ", ".join(f"{k} {v:.3f}x" for k, v in decode.items())
                          + (f"; tree routing time 2^20/2^10: {scaling:.2f}x (flat: "
-                            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)" if scaling else ""))
+                            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)" if scaling else "")
+                         + f"; train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x"
+                         + (f"; extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x"
+                            if "extraction" in result else ""))
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "bench.json"), result)
     _plot(result, os.path.join(out, "bench.png"))

@@ -245,7 +245,8 @@ class TreeGate(nn.Module):
         for _ in range(depth):
             w = self.nodes.weight[node]  # (B, T, beam, r)
             s = torch.einsum("btkr,btr->btk", w, z) + self.nodes.bias[node]  # (B, T, beam)
-            logp = torch.stack([logp + F.logsigmoid(-s), logp + F.logsigmoid(s)], -1).flatten(-2)  # (B, T, 2 beam)
+            right = logp + F.logsigmoid(s)  # log sigmoid(-s) = log sigmoid(s) - s: one transcendental per level
+            logp = torch.stack([right - s, right], -1).flatten(-2)  # (B, T, 2 beam)
             node = torch.stack([2 * node + 1, 2 * node + 2], -1).flatten(-2)
             if node.shape[-1] > self.top_k:
                 logp, keep = logp.topk(self.top_k, dim=-1)
