@@ -186,12 +186,41 @@ def test_oracle_table_has_every_row(pair, tmp_path):
 
     run(pair, tmp_path / "ex")
     r = oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
-               out=str(tmp_path / "or"), plugin=str(tmp_path / "ex"), limit=6)
+               out=str(tmp_path / "or"), plugin=str(tmp_path / "ex"), limit=6, generate=True, max_new_tokens=6)
     names = set(r["systems"])
     assert {"base", "teacher", "O1 trained map", "O2 oracle routing", "static vector", "ToE (learned)"} <= names
     # The untrained plug-in (s = 0) is exactly the base.
     assert r["systems"]["ToE (learned)"]["ce"] == r["systems"]["base"]["ce"]
     assert (tmp_path / "or" / "oracle.md").exists()
+    assert set(r["generation"]) == {"base", "teacher", "ToE (learned)", "O1 trained map"}
+    assert len((tmp_path / "or" / "generation.jsonl").read_text().splitlines()) == 4 * 6
+
+
+def test_live_o1_generation_matches_a_teacher_forced_recompute(pair):
+    """The cached loop (teacher fed each generated token) injects exactly what a full teacher-forced pass would."""
+    from tree_of_experts.hf import add_to_layers, capture_layers, load_causal_lm, load_tokenizer
+    from tree_of_experts.oracle import live_greedy
+
+    tok = load_tokenizer(str(pair / "base"))
+    base, teacher = load_causal_lm(str(pair / "base")), load_causal_lm(str(pair / "teacher"))
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    delta = lambda j, u, h: u.float() @ w  # noqa: E731
+    prompt = "what is 3 plus 4?"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    plain = live_greedy(base, tok, prompt, 8)
+    ref = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert plain == ref[0, ids.shape[1]:].tolist()[: len(plain)]
+    live = live_greedy(base, tok, prompt, 8, teacher, [0], [1], delta)
+    assert len(plain) > 2 and live != plain  # the injection changed the answer
+    full = torch.cat([ids, torch.tensor([live])], 1)
+    with torch.no_grad(), capture_layers(teacher, [1]) as u:
+        teacher(input_ids=full)
+    keep = torch.ones(1, full.shape[1], 1)
+    keep[:, 0] = 0
+    with torch.no_grad(), add_to_layers(base, {0: lambda h: delta(0, u[1], h) * keep}):
+        logits = base(input_ids=full).logits
+    n = ids.shape[1]
+    assert torch.equal(logits[0, n - 1 : -1].argmax(-1), full[0, n:])
 
 
 def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):

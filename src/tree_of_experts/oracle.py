@@ -8,11 +8,15 @@ On the same held-out items, response CE of:
     static vector                   the mean δ added to every token
     ToE (learned)                   the trained plug-in, no teacher (when --plugin is given)
 O1 - O2 is what clustering into N leaves loses; O2 - ToE is what learned routing (and training) loses or adds.
-Teacher-forced CE only: the generation variant (teacher fed the generated tokens) is not implemented yet.
+
+With ``--generate true`` the same items are also answered greedily and graded: base, teacher, ToE and O1 with the
+trained map, where the teacher runs alongside the base and is fed every generated token (its own KV cache, run only
+up to the layer it is read at), so the injected update at each new token comes from the live teacher state.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -20,14 +24,67 @@ from safetensors.torch import load_file
 
 from .config import ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
-from .evaluate import TASK_FIELDS
+from .evaluate import TASK_FIELDS, gold_answer
 from .extract import capture_shard, example_ce, prepare, same_vocab
-from .hf import load_causal_lm, load_tokenizer
+from .grading import grade
+from .hf import add_to_layers, load_causal_lm, load_tokenizer, states_until
 from .io import atomic_write_json, atomic_write_text
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
-from .stats import bootstrap_mean, gap_closed_ci
+from .stats import bootstrap_mean, gap_closed_ci, wilson
+
+STOP = ("Question:",)
+
+
+def live_generate(model, tok, prompt: str, max_new_tokens: int, teacher=None, layers: list[int] = (),
+                  teacher_layers: list[int] = (), delta_fn=None) -> str:
+    """Greedy completion of ``prompt`` (batch 1, KV cache), cut at the stop string. With a teacher,
+    ``delta_fn(j, u, h)`` is added at ``layers[j]`` for every token, u being the teacher's state at
+    ``teacher_layers[j]`` for the same token; the teacher is fed each generated token. No injection at position 0
+    (the attention sink), as in training."""
+    text = tok.decode(live_greedy(model, tok, prompt, max_new_tokens, teacher, layers, teacher_layers, delta_fn),
+                      skip_special_tokens=True)
+    for s in STOP:
+        text = text.split(s)[0]
+    return text
+
+
+@torch.no_grad()
+def live_greedy(model, tok, prompt: str, max_new_tokens: int, teacher=None, layers: list[int] = (),
+                teacher_layers: list[int] = (), delta_fn=None) -> list[int]:
+    """The generated token ids of :func:`live_generate`."""
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    cur = tok(prompt, return_tensors="pt")["input_ids"].to(dev)
+    seen = cur.shape[1]
+    cache, t_cache = DynamicCache(), DynamicCache()
+    eos = {tok.eos_token_id, tok.pad_token_id} - {None}
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        am = torch.ones(1, seen, dtype=torch.long, device=dev)
+        fns = {}
+        if teacher is not None:
+            u = states_until(teacher, list(teacher_layers), {"input_ids": cur, "attention_mask": am,
+                                                             "past_key_values": t_cache, "use_cache": True})
+            keep = torch.ones(1, cur.shape[1], 1, device=dev)
+            if step == 0:
+                keep[:, 0] = 0
+            fns = {layer: (lambda h, j=j, lt=lt: delta_fn(j, u[lt], h) * keep)
+                   for j, (layer, lt) in enumerate(zip(layers, teacher_layers))}
+        with add_to_layers(model, fns):
+            logits = model(input_ids=cur, attention_mask=am, past_key_values=cache, use_cache=True).logits
+        nxt = int(logits[0, -1].argmax())
+        if nxt in eos:
+            break
+        new.append(nxt)
+        text = tok.decode(new, skip_special_tokens=True)
+        if any(s in text for s in STOP):
+            break
+        cur = torch.tensor([[nxt]], device=dev)
+        seen += 1
+    return new
 
 
 def oracle(
@@ -43,6 +100,8 @@ def oracle(
     template: str = "Question: {prompt}\nAnswer: ",
     strip_calc: bool = True,
     lambdas: tuple[float, ...] = (0.25, 0.5, 1.0),
+    generate: bool = False,
+    max_new_tokens: int = 256,
     batch_size: int = 4,
     max_length: int = 512,
     dtype: str = "float32",
@@ -59,6 +118,8 @@ def oracle(
         limit, skip: the rows [skip, skip + limit).
         template: prompt template; strip_calc: score gold solutions without <<...>> notes (default).
         lambdas: λ values of the ridge O1.
+        generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
+        max_new_tokens: generation budget.
     """
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template, strip_calc)
@@ -74,7 +135,8 @@ def oracle(
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}
     shard = capture_shard(examples, teacher_model, base_model, cfg.layers, cfg.teacher_layers, batch_size, 1,
                           base_tok.pad_token_id, True, timings)
-    del teacher_model
+    if not generate:
+        del teacher_model
     offsets = shard["offsets"]
     items = [{k: v[int(offsets[i]) : int(offsets[i + 1])] for k, v in shard.items() if k != "offsets"}
              for i in range(len(examples))]
@@ -112,10 +174,22 @@ def oracle(
         systems["O2 oracle routing"] = example_ce(base_model, cfg.layers, items, pad, o2, batch_size)
         systems["static vector"] = example_ce(base_model, cfg.layers, items, pad,
                                               lambda j, u, h: static[j].expand_as(h), batch_size)
+    completions: dict[str, list[str]] = {}
     if plugin:
         toe = ToEModel.from_pretrained(base_model, plugin)
         systems["ToE (learned)"] = example_ce(base_model, cfg.layers, items, pad, None, batch_size)
+        if generate:
+            completions["ToE (learned)"] = [live_generate(base_model, base_tok, spec.prompt(r), max_new_tokens)
+                                            for r in rows]
         toe.detach()
+    if generate:
+        prompts = [spec.prompt(r) for r in rows]
+        completions["base"] = [live_generate(base_model, base_tok, p, max_new_tokens) for p in prompts]
+        completions["teacher"] = [live_generate(teacher_model, teacher_tok, p, max_new_tokens) for p in prompts]
+        completions["O1 trained map"] = [
+            live_generate(base_model, base_tok, p, max_new_tokens, teacher_model, cfg.layers, cfg.teacher_layers,
+                          lambda j, u, h: maps[j](u, h)) for p in prompts]
+        del teacher_model
     per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
     result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "strip_calc": strip_calc,
               "systems": {}}
@@ -126,6 +200,23 @@ def oracle(
             entry["gap_closed"] = gap_closed_ci(values, per_item["base"], per_item["teacher"])
         result["systems"][name] = entry
     os.makedirs(out, exist_ok=True)
+    if completions:
+        golds = [gold_answer(task, r, rf) for r in rows]
+        graded = {name: [grade(task, c, g) for c, g in zip(texts, golds)] for name, texts in completions.items()}
+        correct = {name: [float(ok) for _, ok in g] for name, g in graded.items()}
+        result["generation"] = {}
+        for name in ("base", "teacher", "ToE (learned)", "O1 trained map"):
+            if name not in correct:
+                continue
+            k = int(sum(correct[name]))
+            entry = {"accuracy": k / len(rows), "accuracy_ci95": list(wilson(k, len(rows)))}
+            if name not in ("base", "teacher"):
+                entry["gap_closed"] = gap_closed_ci(correct[name], correct["base"], correct["teacher"])
+            result["generation"][name] = entry
+        atomic_write_text(os.path.join(out, "generation.jsonl"), "".join(
+            json.dumps({"system": name, "item": i, "completion": c, "extracted": graded[name][i][0],
+                        "gold": golds[i], "correct": graded[name][i][1]}) + "\n"
+            for name, texts in completions.items() for i, c in enumerate(texts)))
     atomic_write_json(os.path.join(out, "oracle.json"), result)
     lines = ["| system | CE nats [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
     for name, e in result["systems"].items():
@@ -133,5 +224,13 @@ def oracle(
         gap = "–" if not g or g["gap_closed"] is None else (
             f"{100 * g['gap_closed']:.0f} % [{100 * g['ci95'][0]:.0f} %, {100 * g['ci95'][1]:.0f} %]")
         lines.append(f"| {name} | {e['ce']:.4f} [{e['ce_ci95'][0]:.4f}, {e['ce_ci95'][1]:.4f}] | {gap} |")
+    if "generation" in result:
+        lines += ["", "| greedy generation | accuracy [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
+        for name, e in result["generation"].items():
+            g = e.get("gap_closed")
+            gap = "–" if not g or g["gap_closed"] is None or g["ci95"][0] is None else (
+                f"{100 * g['gap_closed']:.0f} % [{100 * g['ci95'][0]:.0f} %, {100 * g['ci95'][1]:.0f} %]")
+            lo, hi = e["accuracy_ci95"]
+            lines.append(f"| {name} | {100 * e['accuracy']:.0f} % [{100 * lo:.0f} %, {100 * hi:.0f} %] | {gap} |")
     atomic_write_text(os.path.join(out, "oracle.md"), "\n".join(lines) + "\n")
     return result
