@@ -150,3 +150,20 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["generate", "--base", str(tmp_path), "--plugin", str(tmp_path / "none"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("toe: error:")
+
+
+def test_data_from_a_datasets_split(tmp_path):
+    """`hf:NAME[:CONFIG]:SPLIT` goes through datasets.load_dataset (here a local folder, no network)."""
+    from tree_of_experts.data import file_hash, read_jsonl
+
+    folder = tmp_path / "arith"
+    folder.mkdir()
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    (folder / "train.jsonl").write_text(open(fixture).read())
+    rows = read_jsonl(f"hf:{folder}:train", limit=3)
+    assert rows == read_jsonl(fixture, limit=3)
+    assert len(file_hash(f"hf:{folder}:train")) == 64
+    with pytest.raises(ToEError, match="hf:NAME:SPLIT"):
+        read_jsonl("hf:only-a-name")
+    with pytest.raises(ToEError, match="could not load"):
+        read_jsonl(f"hf:{folder}:nosuchsplit")

@@ -44,22 +44,49 @@ class DataSpec:
         return CALC_NOTE.sub("", text) if self.strip_calc else text
 
 
+HUB = "hf:"
+
+
+def _hub_rows(ref: str, limit: int | None) -> tuple[list[dict], str]:
+    """Rows and fingerprint of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` via `datasets.load_dataset` (a hub id,
+    or a local folder of data files)."""
+    parts = ref[len(HUB):].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ToEError(f"{ref!r}: write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (e.g. hf:openai/gsm8k:main:test)")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
+    if limit is not None:
+        split = f"{split}[:{limit}]"
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (network, missing config, bad split)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"could not load {ref!r} with datasets ({reason}): check name, config and split, or pass a "
+                       "local JSONL file") from None
+    return [dict(r) for r in ds], ds._fingerprint
+
+
 def read_jsonl(path: str | os.PathLike, spec: DataSpec | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file; with ``spec``, checks that every row has its fields (one-line error naming them)."""
+    """Rows of a JSONL file, or of a `datasets` split written ``hf:NAME[:CONFIG]:SPLIT``; with ``spec``, checks
+    that every row has its fields (one-line error naming them)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ToEError(f"data file {path!r} not found: pass a local JSONL file")
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ToEError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    if path.startswith(HUB):
+        rows = _hub_rows(path, limit)[0]
+    elif not os.path.isfile(path):
+        raise ToEError(f"data file {path!r} not found: pass a local JSONL file or hf:NAME[:CONFIG]:SPLIT")
+    else:
+        rows = []
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ToEError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
+                if limit is not None and len(rows) >= limit:
+                    break
     if not rows:
         raise ToEError(f"{path} has no rows")
     if spec is not None:
@@ -75,7 +102,12 @@ def read_jsonl(path: str | os.PathLike, spec: DataSpec | None = None, limit: int
 
 
 def file_hash(path: str | os.PathLike) -> str:
+    """sha256 of a data file (of the dataset fingerprint for ``hf:`` references)."""
     h = hashlib.sha256()
+    path = os.fspath(path)
+    if path.startswith(HUB):
+        h.update(_hub_rows(path, None)[1].encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
