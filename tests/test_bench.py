@@ -26,7 +26,7 @@ def test_bench_runs_and_reports_ratios(tmp_path):
               extract_batch=2, extract_length=16, train_batch=2, train_length=16)
     assert r["generation"]["batch_2"]["decode_ratio"]["median"] > 0
     assert [row["num_leaves"] for row in r["routing"]["rows"]] == [16, 64]
-    assert (tmp_path / "b" / "bench.json").exists() and (tmp_path / "b" / "bench.png").exists()
+    assert all((tmp_path / "b" / f).exists() for f in ("bench.json", "bench.png", "bench.md"))
     assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
     assert r["training"]["ratio"]["median"] > 0 and r["extraction"]["ratio"]["median"] > 0
     assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains

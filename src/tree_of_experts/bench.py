@@ -14,7 +14,7 @@ import torch
 
 from .extract import Example, capture_shard, default_layer, teacher_layer_for
 from .hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .losses import token_nll
 from .model import ToEModel
 from .tree import TreeGate
@@ -271,8 +271,49 @@ def bench(
                             if "extraction" in result else ""))
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "bench.json"), result)
+    atomic_write_text(os.path.join(out, "bench.md"), markdown(result))
     _plot(result, os.path.join(out, "bench.png"))
     return result
+
+
+def markdown(result: dict) -> str:
+    """The README tables of one bench run."""
+
+    def ratio(r: dict) -> str:
+        return f"{r['median']:.2f}× [{r['min']:.2f}, {r['max']:.2f}]"
+
+    lines = [f"`{result['base']}` on {result['device']}, {result['torch_threads']} torch thread(s), {result['dtype']}; "
+             f"plug-in: {result['plugin']}. Ratios: median [min, max] over interleaved repetitions.", "",
+             "| measure | ToE / reference |", "|---|---|"]
+    for name, g in result["generation"].items():
+        b = name.replace("batch_", "batch ")
+        lines.append(f"| decode tokens/s, {b} (reference: bare base) | {ratio(g['decode_ratio'])} |")
+        lines.append(f"| prefill tokens/s, {b} (reference: bare base) | {ratio(g['prefill_ratio'])} |")
+    t = result.get("training")
+    if t:
+        lines.append(f"| train step time (reference: frozen-base forward + backward to the injection layer) | "
+                     f"{ratio(t['ratio'])} |")
+    e = result.get("extraction")
+    if e:
+        lines.append(f"| extraction capture tokens/s (reference: bare teacher forward) | {ratio(e['ratio'])} |")
+    if t:
+        st = t["plugin_state_bytes"]
+        lines += ["", f"Training state: plug-in parameters {st['params'] / 2**20:.2f} MiB + gradients "
+                      f"{st['grads'] / 2**20:.2f} MiB + Adam {st['adam'] / 2**20:.2f} MiB; base parameters holding a "
+                      f"gradient after a step: {t['base_params_with_grad']}."]
+        peak = t["peak_bytes"]
+        if peak["reference"]:
+            lines.append(f"Peak GPU memory: train step {peak['toe_step'] / 2**20:.0f} MiB vs reference "
+                         f"{peak['reference'] / 2**20:.0f} MiB.")
+    rows = result["routing"]["rows"]
+    lines += ["", "| N | tree gate, beam K (µs/token) | flat softmax router (µs/token) |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| 2^{r['num_leaves'].bit_length() - 1} | {r['tree_beam_us_per_token']:.1f} | "
+                     f"{r['flat_us_per_token']:.1f} |")
+    if "tree_2^20_over_2^10" in result["routing"]:
+        lines += ["", f"Tree routing time 2^20 / 2^10: {result['routing']['tree_2^20_over_2^10']:.2f}×; flat router: "
+                      f"{result['routing']['flat_2^20_over_2^10']:.0f}×."]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(result: dict, png: str) -> None:
