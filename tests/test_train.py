@@ -137,3 +137,25 @@ def test_baselines_train_and_load(experts, tmp_path, kind):
         assert torch.allclose(bank, bank[0].expand_as(bank), atol=1e-6)
     if kind == "flat":
         assert model.config.shape == "flat" and model.plugin.blocks["0"].gate.num_nodes == 8
+
+
+def test_topk_losses_match_the_full_softmax_formulas():
+    import torch.nn.functional as F
+
+    from tree_of_experts.losses import token_nll, topk_kl, topk_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(2, 7, 50, generator=g), torch.randn(2, 7, 50, generator=g)
+    ids = torch.randint(0, 50, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[:, 0] = False
+    nll, top_ids, top_logp = topk_logprobs(teacher, ids, mask, 5)
+    full = teacher[:, :-1].log_softmax(-1)
+    assert torch.allclose(nll, token_nll(teacher, ids, mask), atol=1e-5)
+    assert torch.allclose(top_logp, full.topk(5, dim=-1).values, atol=1e-5)
+    ids_t, logp_t = F.pad(top_ids, (0, 0, 1, 0)), F.pad(top_logp, (0, 0, 1, 0))  # stored at target positions
+    student = F.pad(logits[:, :-1], (0, 0, 1, 0)).log_softmax(-1).gather(-1, ids_t)
+    s = student - student.logsumexp(-1, keepdim=True)
+    t = logp_t - logp_t.logsumexp(-1, keepdim=True)
+    expected = (t.exp() * (t - s)).sum(-1) * mask
+    assert torch.allclose(topk_kl(logits, ids_t, logp_t, mask), expected, atol=1e-5)

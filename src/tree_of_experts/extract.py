@@ -45,7 +45,7 @@ from .hf import (
     states_until,
 )
 from .io import atomic_save_tensors, atomic_write_json, atomic_write_text
-from .losses import token_nll
+from .losses import token_nll, topk_logprobs
 from .model import ToEModel, new_config
 from .plugin import ToEPlugin
 from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
@@ -116,9 +116,7 @@ def capture_shard(
         timings["base_s"] += t2 - t1
         timings["tokens"] += int(am_b.sum())
         if kd:
-            t_nll = token_nll(t_logits, ids_t.to(dev), am_t.to(dev).bool())  # scored at target positions
-            logp = t_logits[:, :-1].float().log_softmax(-1)
-            top = logp.topk(topk, dim=-1)
+            t_nll, top_ids, top_logp = topk_logprobs(t_logits, ids_t.to(dev), am_t.to(dev).bool(), topk)
         for row, e in enumerate(chunk):
             tb, tt = ids_b.shape[1] - len(e.ids), ids_t.shape[1] - len(e.teacher_ids)  # left-pad offsets
             align = e.align
@@ -137,8 +135,9 @@ def capture_shard(
                 # Targets: base token t is predicted at teacher position (aligned t) - 1 (only used when ids match).
                 src = (tix - 1).clamp_min(0)
                 add("teacher_nll", []).append(t_nll[row, tix].float().cpu())
-                add("topk_ids", []).append(top.indices[row, src.clamp_max(logp.shape[1] - 1)].int().cpu())
-                add("topk_logp", []).append(top.values[row, src.clamp_max(logp.shape[1] - 1)].half().cpu())
+                last = top_ids.shape[1] - 1
+                add("topk_ids", []).append(top_ids[row, src.clamp_max(last)].int().cpu())
+                add("topk_logp", []).append(top_logp[row, src.clamp_max(last)].half().cpu())
     tensors = {k: torch.cat(v) for k, v in cols.items()}
     tensors["offsets"] = torch.tensor([0] + [len(e.ids) for e in examples]).cumsum(0)
     return tensors

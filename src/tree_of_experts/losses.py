@@ -36,9 +36,25 @@ def topk_kl(
     Returns:
         (B, T) KL at the counted targets, 0 elsewhere (sum and divide by the token count you normalise by).
     """
-    student = F.pad(logits[:, :-1].float(), (0, 0, 1, 0)).log_softmax(-1)  # (B, T, V) aligned with targets
-    s = student.gather(-1, topk_ids.long())
+    # Renormalising over the top-k makes the student's log-partition cancel: gather k logits per position, never
+    # a (B, T, V) log-softmax (that tensor is 0.9 GB for 4 x 384 tokens of a 152k vocabulary).
+    s = logits[:, :-1].gather(-1, topk_ids[:, 1:].long()).float()  # (B, T-1, k): position t scores target t + 1
+    s = F.pad(s, (0, 0, 1, 0))
     s = s - s.logsumexp(-1, keepdim=True)
     t = topk_logp.float() - topk_logp.float().logsumexp(-1, keepdim=True)
     kl = (t.exp() * (t - s)).sum(-1)  # (B, T)
     return kl * loss_mask
+
+
+def topk_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, k: int):
+    """The teacher side of :func:`topk_kl` and its own NLL, from one pass over the vocabulary.
+
+    Returns:
+        nll: (B, T) as :func:`token_nll`; top_ids, top_logp: (B, T - 1, k) top-k next-token ids and log-probs at
+        each predicting position t (for target t + 1).
+    """
+    lse = logits[:, :-1].float().logsumexp(-1)  # (B, T-1)
+    target = logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1).float()
+    nll = F.pad(lse - target, (1, 0)) * loss_mask
+    top = logits[:, :-1].topk(k, dim=-1)
+    return nll, top.indices, top.values.float() - lse[..., None]
