@@ -110,6 +110,7 @@ def baseline(
     stage_a_steps: int = 100,
     batch_size: int = 8,
     lr: float | None = None,
+    bank_lr: float | None = None,
     lora_rank: int | None = None,
     limit: int | None = None,
     prompt_field: str = "question",
@@ -130,6 +131,7 @@ def baseline(
         experts: the `toe extract` folder ToE was built from (needed by every kind but sft; sets LoRA's matched rank).
         max_steps, stage_a_steps, batch_size: the budget (match `toe train`'s).
         lr: learning rate (defaults: ToE's for plug-in kinds, 2e-4 for lora, 1e-5 for sft).
+        bank_lr: the bank's learning rate for plug-in kinds (default: ToE's).
         lora_rank: LoRA rank (default: matched to the plug-in's parameter count).
         limit, prompt_field, response_field, template, strip_calc, max_length: the data, as for `toe train`.
         dtype, seed: as for `toe train`.
@@ -144,6 +146,8 @@ def baseline(
     train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype, **data_kw)
     if lr is not None:
         train_kw["lr"] = lr
+    if bank_lr is not None and kind not in ("lora", "sft"):
+        train_kw["bank_lr"] = bank_lr
     summary: dict = {"kind": kind, "out": out}
     if kind == "control":
         with open(os.path.join(experts, "run.json")) as f:
