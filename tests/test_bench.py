@@ -24,7 +24,9 @@ def test_bench_runs_and_reports_ratios(tmp_path):
     r = bench(base=str(tmp_path / "base"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "b"), batches=[2],
               reps=2, new_tokens=4, prompt_len=8, routing_exponents=[4, 6], routing_tokens=8, routing_reps=1,
               extract_batch=2, extract_length=16, train_batch=2, train_length=16)
-    assert r["generation"]["batch_2"]["decode_ratio"]["median"] > 0
+    g = r["generation"]["batch_2"]
+    assert g["decode_ratio"]["median"] > 0 and g["decode_ratio_best"] > 0
+    assert g["step"]["base_step_us"] > 0 and g["step"]["plugin_us"] > 0 and 0 < g["step"]["implied_ratio"] < 1
     assert [row["num_leaves"] for row in r["routing"]["rows"]] == [16, 64]
     assert all((tmp_path / "b" / f).exists() for f in ("bench.json", "bench.png", "bench.md"))
     assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
