@@ -196,6 +196,31 @@ def test_oracle_table_has_every_row(pair, tmp_path):
     assert len((tmp_path / "or" / "generation.jsonl").read_text().splitlines()) == 4 * 6
 
 
+def test_oracle_rows_pool_with_toe_eval(pair, tmp_path):
+    """The oracle folder is also an eval folder: `toe report` pools O1/O2 with `toe eval` runs on the same items,
+    and the oracle's base CE is the one `toe eval` measures."""
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.oracle import oracle
+    from tree_of_experts.report import pool, table_rows
+
+    run(pair, tmp_path / "ex")
+    oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
+           out=str(tmp_path / "oracle"), limit=5, lambdas=(0.5,))
+    evaluate(base=str(pair / "base"), teacher=str(pair / "teacher"), data=FIXTURE, limit=5, accuracy=False,
+             out=str(tmp_path / "ev"))
+    groups = pool([str(tmp_path / "ev"), str(tmp_path / "oracle")])
+    (systems,) = groups.values()
+    assert {"base", "teacher", "oracle:O1-map", "oracle:O2-routing", "oracle:O1-ridge-0.5"} <= set(systems)
+    with open(tmp_path / "oracle" / "base.jsonl") as f:
+        oracle_base = [json.loads(line)["ce"] for line in f]
+    assert oracle_base == pytest.approx([r["ce"] for r in systems["base"]], abs=1e-4)
+    rows = {r["system"]: r for r in table_rows(groups, reference="oracle:O1-map")}
+    assert rows["oracle:O2-routing"]["ce_vs_reference"] is not None
+    with pytest.raises(ToEError, match="toe traces"):
+        oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
+               out=str(tmp_path / "o2"), ce_target="trace")
+
+
 def test_live_o1_generation_matches_a_teacher_forced_recompute(pair):
     """The cached loop (teacher fed each generated token) injects exactly what a full teacher-forced pass would."""
     from tree_of_experts.hf import add_to_layers, capture_layers, load_causal_lm, load_tokenizer

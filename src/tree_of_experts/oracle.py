@@ -9,6 +9,10 @@ On the same held-out items, response CE of:
     ToE (learned)                   the trained plug-in, no teacher (when --plugin is given)
 O1 - O2 is what clustering into N leaves loses; O2 - ToE is what learned routing (and training) loses or adds.
 
+Besides oracle.json/oracle.md the output folder is a `toe eval` folder (metrics.json + one JSONL per system, the
+systems under the short names of ``SLUGS``), so `toe report` pools O1 and O2 into one table with the evaluated
+systems: ``toe report EVAL_DIRS... ORACLE_DIR``.
+
 With ``--generate true`` the same items are also answered greedily and graded: base, teacher, ToE and O1 with the
 trained map, where the teacher runs alongside the base and is fed every generated token (its own KV cache, run only
 up to the layer it is read at), so the injected update at each new token comes from the live teacher state.
@@ -35,6 +39,12 @@ from .projector import FusionMap, ridge_delta
 from .stats import bootstrap_mean, gap_closed_ci, wilson
 
 STOP = ("Question:",)
+SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",
+         "static vector": "static-mean", "ToE (learned)": "toe"}  # file names of the eval-format rows
+
+
+def _slug(name: str) -> str:
+    return SLUGS.get(name) or name.replace("O1 ridge λ=", "O1-ridge-")
 
 
 def live_generate(model, tok, prompt: str, max_new_tokens: int, teacher=None, layers: list[int] = (),
@@ -87,6 +97,21 @@ def live_greedy(model, tok, prompt: str, max_new_tokens: int, teacher=None, laye
     return new
 
 
+def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[str], golds: list[str],
+                       args: dict) -> None:
+    """The CE rows in `toe eval`'s layout (one JSONL per system, metrics.json), for `toe report` to pool."""
+    from .evaluate import summarize
+
+    summaries = {}
+    for name, values in per_item.items():
+        rows = [{"system": _slug(name), "prompt": p, "gold": g, "ce": ce, "ce_tokens": n}
+                for p, g, ce, (_, n) in zip(prompts, golds, values, systems[name])]
+        atomic_write_text(os.path.join(out, f"{_slug(name)}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        summaries[_slug(name)] = summarize(rows)
+    atomic_write_json(os.path.join(out, "metrics.json"), {"args": {**args, "source": "toe oracle"},
+                                                          "systems": summaries})
+
+
 def oracle(
     teacher: str,
     base: str,
@@ -98,7 +123,7 @@ def oracle(
     limit: int | None = None,
     skip: int = 0,
     template: str = "Question: {prompt}\nAnswer: ",
-    strip_calc: bool = True,
+    ce_target: str = "gold_clean",
     lambdas: tuple[float, ...] = (0.25, 0.5, 1.0),
     generate: bool = False,
     max_new_tokens: int = 256,
@@ -116,15 +141,21 @@ def oracle(
         plugin: a trained plug-in to add as the "ToE (learned)" row.
         task: "gsm8k" or "math" (which fields hold question and solution).
         limit, skip: the rows [skip, skip + limit).
-        template: prompt template; strip_calc: score gold solutions without <<...>> notes (default).
+        template: prompt template.
+        ce_target: what CE is scored on, as in `toe eval`: "gold_clean" (gold solutions without <<...>> notes),
+            "gold" (as written) or "trace" (the ``trace`` field written by `toe traces`).
         lambdas: λ values of the ridge O1.
         generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
         max_new_tokens: generation budget.
     """
+    if ce_target not in ("gold_clean", "gold", "trace"):
+        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
     qf, rf = TASK_FIELDS[task]
-    spec = DataSpec(qf, rf, template, strip_calc)
+    spec = DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
     rows = read_jsonl(data, spec)[skip:]
     rows = rows[:limit] if limit is not None else rows
+    if ce_target == "trace" and any("trace" not in r for r in rows):
+        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
     cfg = ToEConfig.load(experts)
     base_tok, teacher_tok = load_tokenizer(base), load_tokenizer(teacher)
     if not same_vocab(base_tok, teacher_tok):
@@ -191,7 +222,7 @@ def oracle(
                           lambda j, u, h: maps[j](u, h)) for p in prompts]
         del teacher_model
     per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
-    result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "strip_calc": strip_calc,
+    result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "ce_target": ce_target,
               "systems": {}}
     for name, values in per_item.items():
         mean, lo, hi = bootstrap_mean(values)
@@ -201,7 +232,7 @@ def oracle(
         result["systems"][name] = entry
     os.makedirs(out, exist_ok=True)
     if completions:
-        golds = [gold_answer(task, r, rf) for r in rows]
+        golds = [gold_answer(task, r, rf) for r in rows]  # always from the gold solution
         graded = {name: [grade(task, c, g) for c, g in zip(texts, golds)] for name, texts in completions.items()}
         correct = {name: [float(ok) for _, ok in g] for name, g in graded.items()}
         result["generation"] = {}
@@ -218,6 +249,9 @@ def oracle(
                         "gold": golds[i], "correct": graded[name][i][1]}) + "\n"
             for name, texts in completions.items() for i, c in enumerate(texts)))
     atomic_write_json(os.path.join(out, "oracle.json"), result)
+    _write_eval_folder(out, per_item, systems, [spec.prompt(r) for r in rows], [gold_answer(task, r, rf) for r in rows],
+                       dict(base=base, teacher=teacher, task=task, data=data, plugin=plugin, limit=limit, skip=skip,
+                            few_shot=0, template=template, ce_target=ce_target, experts=experts))
     lines = ["| system | CE nats [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
     for name, e in result["systems"].items():
         g = e.get("gap_closed")
