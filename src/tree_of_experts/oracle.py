@@ -152,7 +152,7 @@ def oracle(
         raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
-    rows = read_jsonl(data, spec)[skip:]
+    rows = read_jsonl(data, DataSpec(qf, rf, template))[skip:]
     rows = rows[:limit] if limit is not None else rows
     if ce_target == "trace" and any("trace" not in r for r in rows):
         raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
