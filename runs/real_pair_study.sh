@@ -6,12 +6,12 @@
 # One pooled report at the end. Steps whose outputs exist are skipped, so the script resumes after an interruption.
 #
 # Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: toe-b toe-d control lora flat static random lora-r64 (default: all, in that order), oracle.
+#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 (default: all, in that order).
 #   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
 #   extraction, ~4 min per system for the two CE evaluations.
 set -euo pipefail
 pair=$1; work=$2; shift 2
-systems=${*:-toe-b control lora flat toe-d static random oracle lora-r64}
+systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64}
 dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
@@ -65,9 +65,13 @@ for sys in $systems; do
         --experts "$work/extract" --out "$work/$sys" "${budget[@]}"
       keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
       evals "$sys" --lora "$work/$sys" --with-base false ;;
-    oracle)
-      [ -f "$res/oracle/oracle.json" ] || toe oracle --teacher "$teacher" --base "$base" --experts "$work/extract" \
-        --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --out "$res/oracle" ;;
+    oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
+      [ -f "$res/ce-gold/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" \
+        --experts "$work/extract" --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean \
+        --out "$res/ce-gold/oracle"
+      [ -f "$res/ce-trace/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" \
+        --experts "$work/extract" --plugin "$work/toe-b" --data "$traces" --ce-target trace \
+        --out "$res/ce-trace/oracle" ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
   esac
   toe report "$res"/ce-gold/* "$res"/ce-trace/* --reference toe-b --out "$res/report"
