@@ -174,3 +174,21 @@ def test_config_validation_names_the_fix():
         ToEConfig(hidden_size=8, layers=[0], num_leaves=6, shape="deep", selection="beam")
     with pytest.raises(ToEError, match="out of range"):
         ToEModel.fresh(tiny_qwen2(num_layers=2), layers=[5], num_leaves=4)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_plugin_generates_what_the_eager_one_does(backend):
+    """ToEPlugin.compile: same logits at prefill and decode shapes, same greedy tokens through generate."""
+    torch.manual_seed(0)
+    model = ToEModel.fresh(tiny_qwen2(), layers=[1], num_leaves=16, top_k=4)
+    with torch.no_grad():
+        model.plugin.blocks["1"].scale.fill_(0.5)
+    ids = torch.randint(5, 60, (2, 7))
+    am = torch.ones_like(ids)
+    eager_logits = model(input_ids=ids, attention_mask=am).logits
+    eager = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    model.plugin.compile(backend=backend)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, eager_logits, rtol=1e-4, atol=1e-4)
+    compiled = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(compiled, eager)

@@ -145,3 +145,20 @@ def test_route_loss_and_usage():
     assert 1.0 <= effective_leaves(u).item() <= 4.0 + 1e-5
     for shape, n in itertools.product(["balanced"], [4]):
         assert path_labels(shape, n, torch.tensor([0])).tolist() == [[0.0, 0.0, -1.0]]
+
+
+def test_bank_vectors_reused_without_autograd_until_a_parameter_changes():
+    from tree_of_experts.bank import ExpertBank
+
+    bank, other = ExpertBank(torch.randn(8, 16)), ExpertBank(torch.randn(8, 16))
+    with torch.no_grad():
+        first = bank.vectors()
+        assert bank.vectors() is first  # cached for generation
+    opt = torch.optim.SGD(bank.parameters(), lr=0.5)
+    (bank.vectors() ** 2).sum().backward()
+    opt.step()
+    fresh = (torch.nn.functional.normalize(bank.direction, dim=-1) * bank.norm[:, None]).detach()
+    with torch.no_grad():
+        assert not torch.equal(bank.vectors(), first) and torch.equal(bank.vectors(), fresh)
+        bank.load_state_dict(other.state_dict())
+        assert torch.equal(bank.vectors(), other.vectors())

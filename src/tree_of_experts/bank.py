@@ -27,19 +27,26 @@ class ExpertBank(nn.Module):
         self.direction = nn.Parameter(vectors / norm.clamp_min(1e-12)[:, None])  # (N, D)
         self.norm = nn.Parameter(norm)  # (N,)
         self.info = dict(info or {})
+        self._cached: tuple[tuple, torch.Tensor] | None = None  # vectors() for inference, keyed by parameter versions
 
     @property
     def num_leaves(self) -> int:
         return self.direction.shape[0]
 
     def vectors(self) -> torch.Tensor:
-        """(N, D) float32 expert vectors."""
-        return F.normalize(self.direction, dim=-1) * self.norm[:, None]
+        """(N, D) float32 expert vectors. Without autograd (generation, eval) they are computed once and reused
+        until a parameter changes in place (an optimizer step or a load bumps its version)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return F.normalize(self.direction, dim=-1) * self.norm[:, None]
+        key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr())
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, F.normalize(self.direction, dim=-1) * self.norm[:, None])
+        return self._cached[1]
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""
         e = F.embedding(indices, self.vectors())  # (B, T, K, D)
-        return torch.einsum("btk,btkd->btd", weights, e)
+        return (weights.unsqueeze(-2) @ e).squeeze(-2)
 
     def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:
         """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather."""

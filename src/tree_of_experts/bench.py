@@ -272,6 +272,7 @@ def bench(
     dtype: str = "float32",
     device: str | None = None,
     threads: int | None = None,
+    compile: bool = False,
 ) -> dict:
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
 
@@ -288,6 +289,8 @@ def bench(
             of extract_length tokens).
         train_batch, train_length: the `toe train` step timed against a frozen-base forward + backward.
         dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
+        compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
+            timed repetitions.
 
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``.
@@ -304,7 +307,9 @@ def bench(
         with torch.no_grad():
             for block in model.plugin.blocks.values():
                 block.scale.fill_(0.1)
-    result: dict = {"device": str(dev), "torch_threads": torch.get_num_threads(), "dtype": dtype, "base": base,
+    if compile:
+        model.plugin.compile()
+    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(), "dtype": dtype, "base": base,
                     "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}", "generation": {}}
     for b in batches or [1, 8]:
         result["generation"][f"batch_{b}"] = bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
@@ -343,8 +348,9 @@ def markdown(result: dict) -> str:
     def ratio(r: dict) -> str:
         return f"{r['median']:.2f}× [{r['min']:.2f}, {r['max']:.2f}]"
 
+    compiled = " (hook compiled with torch.compile)" if result.get("compiled_plugin") else ""
     lines = [f"`{result['base']}` on {result['device']}, {result['torch_threads']} torch thread(s), {result['dtype']}; "
-             f"plug-in: {result['plugin']}. Ratios: median [min, max] over interleaved repetitions.", "",
+             f"plug-in: {result['plugin']}{compiled}. Ratios: median [min, max] over interleaved repetitions.", "",
              "| measure | ToE / reference |", "|---|---|"]
     for name, g in result["generation"].items():
         b = name.replace("batch_", "batch ")

@@ -61,6 +61,7 @@ def generate(
     chat: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
+    compile: bool = False,
 ) -> list[dict]:
     """Generates completions with the base (and the plug-in, when given).
 
@@ -74,6 +75,7 @@ def generate(
         chat: wrap each prompt in the tokenizer's chat template.
         dtype: torch dtype name for the base.
         device: "cpu", "cuda", ...
+        compile: compile the plug-in's hook computation with torch.compile (see ``ToEPlugin.compile``).
 
     Returns:
         One {"prompt", "completion"} dict per prompt.
@@ -84,5 +86,7 @@ def generate(
     model = load_causal_lm(base, dtype=dtype, device=device)
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
+        if compile:
+            model.plugin.compile()
     texts = generate_texts(model, load_tokenizer(base), prompts, max_new_tokens, batch_size, chat)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]

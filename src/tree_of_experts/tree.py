@@ -18,6 +18,7 @@ This module imports only torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -122,11 +123,14 @@ def path_labels(shape: str, num_leaves: int, leaf_ids: torch.Tensor) -> torch.Te
     return labels.to(leaf_ids.device)[leaf_ids]
 
 
-def leaf_log_probs(shape: str, node_logits: torch.Tensor) -> torch.Tensor:
+def leaf_log_probs(shape: str, node_logits: torch.Tensor,
+                   paths: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Log-probability of every leaf from node logits, vectorised over tokens.
 
     Args:
         node_logits: (..., M) float32.
+        paths: balanced only: the (node ids, ±1 signs) table of :func:`path_gather_table`, if the caller holds
+            it (TreeGate keeps it as buffers on its device); computed and cached otherwise.
 
     Returns:
         (..., N) float32 (N = M + 1 for trees, N = M for flat); ``exp`` sums to 1 over the last axis.
@@ -139,13 +143,23 @@ def leaf_log_probs(shape: str, node_logits: torch.Tensor) -> torch.Tensor:
         cont = torch.cumsum(go0, dim=-1)  # (..., M)
         before = F.pad(cont[..., :-1], (1, 0))  # (..., M) log-prob of reaching node j
         return torch.cat([before + go1, cont[..., -1:]], dim=-1)
-    # Balanced: extend all paths one level at a time. The loop runs over log2 N levels, never over tokens, and
-    # builds 2N numbers per token instead of the N x M product of a dense path-sign matrix.
-    logp = torch.zeros_like(node_logits[..., :1])
-    for level in range(tree_depth("balanced", node_logits.shape[-1] + 1)):
-        sl = slice(2**level - 1, 2 ** (level + 1) - 1)  # the 2^level nodes of this level, in heap order
-        logp = torch.stack([logp + go0[..., sl], logp + go1[..., sl]], dim=-1).flatten(-2)  # (..., 2^(level+1))
-    return logp
+    # Balanced: every leaf sums log sigmoid(±s) over the log2 N nodes on its path, read through a cached (N, depth)
+    # table in one gather; log sigmoid(-s) for branch 0. A few ops whatever the depth (decode-time dispatch cost),
+    # N log2 N numbers per token (small next to the base's vocabulary logits when training).
+    nodes, signs = paths if paths is not None else _cached_table(node_logits.shape[-1] + 1, node_logits.device)
+    return F.logsigmoid(node_logits[..., nodes] * signs).sum(-1)
+
+
+def path_gather_table(num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, depth) node ids and ±1 branch signs (+1 = branch 1) along each leaf's path in a balanced tree."""
+    nodes, branches = path_table("balanced", num_leaves)
+    return nodes, 2.0 * branches - 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(num_leaves: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    nodes, signs = path_gather_table(num_leaves)
+    return nodes.to(device), signs.to(device)
 
 
 class RMSNorm(nn.Module):
@@ -157,8 +171,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps)
 
 
 class TreeGate(nn.Module):
@@ -198,6 +211,10 @@ class TreeGate(nn.Module):
         self.trunk = nn.Linear(hidden_size, rank)
         self.nodes = nn.Linear(rank, num_nodes(shape, num_leaves))
         self.intensity = nn.Linear(rank, 1) if intensity else None
+        if shape == "balanced":  # leaf paths for leaf_log_probs, moved with the module; not saved
+            nodes, signs = path_gather_table(num_leaves)
+            self.register_buffer("path_nodes", nodes, persistent=False)
+            self.register_buffer("path_signs", signs, persistent=False)
         nn.init.normal_(self.nodes.weight, std=rank**-0.5)
         nn.init.zeros_(self.nodes.bias)
         if self.intensity is not None:
@@ -222,7 +239,8 @@ class TreeGate(nn.Module):
                 indices, logp = self.beam(z)
                 return RouteOutput(indices, torch.softmax(logp, -1), None, None, a, _count(indices))
             logits = self.nodes(z)  # (B, T, M)
-            leaf_logp = leaf_log_probs(self.shape, logits)  # (B, T, N)
+            paths = (self.path_nodes, self.path_signs) if self.shape == "balanced" else None
+            leaf_logp = leaf_log_probs(self.shape, logits, paths)  # (B, T, N)
             indices, weights = select(leaf_logp, mode, self.top_k, self.top_p)
             return RouteOutput(indices, weights, leaf_logp, logits, a, (weights > 0).sum(-1))
 
