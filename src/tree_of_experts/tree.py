@@ -137,8 +137,8 @@ def leaf_log_probs(shape: str, node_logits: torch.Tensor,
     """
     if shape == "flat":
         return torch.log_softmax(node_logits, dim=-1)
-    go1, go0 = F.logsigmoid(node_logits), F.logsigmoid(-node_logits)
     if shape == "deep":
+        go1, go0 = F.logsigmoid(node_logits), F.logsigmoid(-node_logits)
         # Stick breaking: leaf j = (continue at 0..j-1) then take at j; the last leaf continues everywhere.
         cont = torch.cumsum(go0, dim=-1)  # (..., M)
         before = F.pad(cont[..., :-1], (1, 0))  # (..., M) log-prob of reaching node j
