@@ -17,6 +17,7 @@ extraction's shards and trained fusion map (sweeps over N and shape without runn
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -376,6 +377,7 @@ def extract(
     if not state.is_main_process:
         return None
     del teacher_model
+    gc.collect()  # the teacher's memory back before the fusion map trains (it can be most of the RSS)
     return build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
                  max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection,
                  seed, kd, teacher, dev)
