@@ -167,3 +167,18 @@ def test_data_from_a_datasets_split(tmp_path):
         read_jsonl("hf:only-a-name")
     with pytest.raises(ToEError, match="could not load"):
         read_jsonl(f"hf:{folder}:nosuchsplit")
+
+
+def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
+    from tree_of_experts.report import sweep_plot, sweep_points
+
+    def row(system, ce):
+        return {"target": "t", "system": system, "ce": ce, "ce_ci95": [ce - 0.1, ce + 0.1], "accuracy": None,
+                "accuracy_ci95": None}
+
+    rows = [row("base", 2.0), row("teacher", 1.0), row("ToE-B (N=32, K=4)", 1.5), row("N=8", 1.8),
+            row("N=128", 1.4), row("K=1", 1.9), row("layer 2", 1.6)]
+    assert [v for v, _ in sweep_points(rows, "N")] == [8, 32, 128]
+    assert [r["system"] for _, r in sweep_points(rows, "K")] == ["K=1", "ToE-B (N=32, K=4)"]
+    assert sweep_plot(rows, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
+    assert not sweep_plot(rows[:3], str(tmp_path / "none.png"))  # fewer than 3 values of any knob: no plot

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .config import ToEError
 from .evaluate import summarize
@@ -161,9 +162,57 @@ def plot(rows: list[dict], png: str) -> None:
     plt.close(fig)
 
 
+def sweep_points(rows: list[dict], knob: str) -> list[tuple[int, dict]]:
+    """(value, row) for systems whose label names ``knob`` ("N" or "K") as ``N=64``, sorted by value; one target."""
+    pattern = re.compile(rf"(?<![A-Za-z]){knob}=(\d+)")
+    points = [(int(m.group(1)), r) for r in rows if r["system"] not in ANCHORS
+              for m in [pattern.search(r["system"])] if m]
+    return sorted(points, key=lambda p: p[0])
+
+
+def sweep_plot(rows: list[dict], png: str) -> bool:
+    """CE and accuracy vs N and vs K, read from labels such as "N=128" or "ToE-B (N=32, K=4)" (the first target's
+    rows), with the base and teacher as horizontal lines. Returns False (no file) when no knob has 3 values."""
+    target = rows[0]["target"] if rows else None
+    block = [r for r in rows if r["target"] == target]
+    knobs = {k: sweep_points(block, k) for k in ("N", "K")}
+    knobs = {k: pts for k, pts in knobs.items() if len({v for v, _ in pts}) >= 3}
+    metrics = [m for m in ("accuracy", "ce") if any(r[m] is not None for r in block)]
+    if not knobs or not metrics:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    anchors = {r["system"]: r for r in block if r["system"] in ANCHORS}
+    fig, axes = plt.subplots(len(metrics), len(knobs), figsize=(4.5 * len(knobs), 3.2 * len(metrics)), squeeze=False)
+    for col, (knob, pts) in enumerate(knobs.items()):
+        for row_i, metric in enumerate(metrics):
+            ax = axes[row_i][col]
+            xs = [v for v, r in pts if r[metric] is not None]
+            ys = [r[metric] for _, r in pts if r[metric] is not None]
+            ci = [r[f"{metric}_ci95"] for _, r in pts if r[metric] is not None]
+            err = [[max(y - c[0], 0.0) for y, c in zip(ys, ci)], [max(c[1] - y, 0.0) for y, c in zip(ys, ci)]]
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3)
+            for name, style in (("base", ":"), ("teacher", "--")):
+                if name in anchors and anchors[name][metric] is not None:
+                    ax.axhline(anchors[name][metric], ls=style, color="gray", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set(xlabel=f"{knob} ({'leaves' if knob == 'N' else 'selected leaves'})",
+                   ylabel="CE, nats" if metric == "ce" else "accuracy")
+            ax.legend(fontsize=7)
+    fig.suptitle(target, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
            labels: dict[str, str] | None = None) -> dict:
-    """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders.
+    """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders, and
+    ``out/sweep.png`` (CE and accuracy vs N and K) when the labels name at least three values of N or K.
 
     Args:
         run_dirs: folders written by `toe eval` (each has metrics.json and one JSONL per system).
@@ -176,4 +225,7 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
     atomic_write_json(os.path.join(out, "report.json"), rows)
     atomic_write_text(os.path.join(out, "report.md"), markdown(rows))
     plot(rows, os.path.join(out, "report.png"))
-    return {"rows": len(rows), "markdown": os.path.join(out, "report.md"), "plot": os.path.join(out, "report.png")}
+    result = {"rows": len(rows), "markdown": os.path.join(out, "report.md"), "plot": os.path.join(out, "report.png")}
+    if sweep_plot(rows, os.path.join(out, "sweep.png")):
+        result["sweep_plot"] = os.path.join(out, "sweep.png")
+    return result
