@@ -74,5 +74,6 @@ for sys in $systems; do
         --out "$res/ce-trace/oracle" ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
   esac
-  toe report "$res"/ce-gold/* "$res"/ce-trace/* --reference toe-b --out "$res/report"
+  done_dirs=$(dirname $(ls "$res"/ce-gold/*/metrics.json "$res"/ce-trace/*/metrics.json))  # finished evals only
+  toe report $done_dirs --reference toe-b --out "$res/report"
 done
