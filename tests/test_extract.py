@@ -266,3 +266,18 @@ def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):
     b = load_file(tmp_path / "two" / "toe_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path):
+    """Only the maps learn: no base weight gradient is built, and the base's requires_grad flags come back."""
+    from tree_of_experts.extract import train_fusion_maps
+    from tree_of_experts.hf import load_causal_lm
+    from tree_of_experts.projector import FusionMap
+
+    run(pair, tmp_path / "ex")
+    data = list(iter_examples(str(tmp_path / "ex"), set(range(8))))
+    base = load_causal_lm(str(pair / "base"))
+    maps = torch.nn.ModuleList([FusionMap(torch.randn(49, 32) * 0.01)])
+    losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)
+    assert len(losses) == 2 and all(p.grad is None for p in base.parameters())
+    assert all(p.requires_grad for p in base.parameters()) and maps[0].proj.weight.grad is not None

@@ -218,6 +218,10 @@ def train_fusion_maps(
     """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
     dev = next(base.parameters()).device
     maps.to(dev).train()
+    # Only the maps learn: without this the backward also builds weight gradients for every base matrix (the LM
+    # head's alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
+    trainable = [p.requires_grad for p in base.parameters()]
+    base.requires_grad_(False)
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -242,6 +246,8 @@ def train_fusion_maps(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    for p, flag in zip(base.parameters(), trainable):
+        p.requires_grad_(flag)
     maps.eval()
     return losses
 
