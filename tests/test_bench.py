@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tree_of_experts import ToEModel
+from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.bench import bench
 from conftest import save_tiny_pair
 
@@ -32,3 +32,13 @@ def test_bench_runs_and_reports_ratios(tmp_path):
     assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
     assert r["training"]["ratio"]["median"] > 0 and r["extraction"]["ratio"]["median"] > 0
     assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains
+
+
+def test_bench_runs_only_the_parts_asked_for(tmp_path):
+    save_tiny_pair(tmp_path)
+    r = bench(base=str(tmp_path / "base"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "b"),
+              parts=["extraction"], reps=2, extract_batch=2, extract_length=16)
+    assert "extraction" in r and not {"generation", "routing", "training"} & set(r)
+    assert r["summary"].startswith("extraction capture") and (tmp_path / "b" / "bench.md").exists()
+    with pytest.raises(ToEError, match="--parts"):
+        bench(base=str(tmp_path / "base"), out=str(tmp_path / "c"), parts=["decode"])

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .config import ToEError
 from .extract import Example, capture_shard, default_layer, teacher_layer_for
 from .hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
 from .io import atomic_write_json, atomic_write_text
@@ -19,6 +20,9 @@ from .losses import token_nll
 from .model import ToEModel
 from .plugin import injection_mask
 from .tree import TreeGate
+
+
+PARTS = ("generation", "routing", "training", "extraction")
 
 
 def _timer(device: torch.device):
@@ -273,6 +277,7 @@ def bench(
     device: str | None = None,
     threads: int | None = None,
     compile: bool = False,
+    parts: list[str] | None = None,
 ) -> dict:
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
 
@@ -289,12 +294,18 @@ def bench(
             of extract_length tokens).
         train_batch, train_length: the `toe train` step timed against a frozen-base forward + backward.
         dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
+        parts: which measurements to run, any of "generation", "routing", "training", "extraction" (default: all;
+            "extraction" needs ``teacher``).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
             timed repetitions.
 
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``.
     """
+    parts = list(parts or PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ToEError(f"--parts {unknown}: use any of {list(PARTS)}")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -309,12 +320,29 @@ def bench(
                 block.scale.fill_(0.1)
     if compile:
         model.plugin.compile()
-    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(), "dtype": dtype, "base": base,
-                    "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}", "generation": {}}
-    for b in batches or [1, 8]:
-        result["generation"][f"batch_{b}"] = bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
-    result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev)
-    if teacher:
+    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(),
+                    "dtype": dtype, "base": base, "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}",
+                    "parts": parts}
+    summary = []
+    if "generation" in parts:
+        result["generation"] = {f"batch_{b}": bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
+                                for b in batches or [1, 8]}
+        gen = result["generation"].values()
+        summary.append("decode speed ToE/base: " + ", ".join(
+            f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
+            + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
+    if "routing" in parts:
+        exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
+        result["routing"] = bench_routing(base_model.config.hidden_size, model.config.gate_rank, top_k, exps,
+                                          routing_tokens, routing_reps, dev)
+        if "tree_2^20_over_2^10" in result["routing"]:
+            summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
+                           f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
+    if "training" in parts:
+        result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev)
+        summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
+    if "extraction" in parts and teacher:
+        model.detach()
         teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev))
         layers = [int(k) for k in model.plugin.blocks]
         n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
@@ -322,23 +350,13 @@ def bench(
                                                 [teacher_layer_for(x, n_b, n_t) for x in layers], extract_batch,
                                                 extract_length, reps, dev)
         del teacher_model
-    exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
-    result["routing"] = bench_routing(base_model.config.hidden_size, model.config.gate_rank, top_k, exps,
-                                      routing_tokens, routing_reps, dev)
-    decode = {k: v["decode_ratio"]["median"] for k, v in result["generation"].items()}
-    implied = {k: v["step"]["implied_ratio"] for k, v in result["generation"].items()}
-    scaling = result["routing"].get("tree_2^20_over_2^10")
-    result["summary"] = ("decode speed ToE/base: " + ", ".join(f"{k} {v:.3f}x" for k, v in decode.items())
-                         + " (per step, best of loops: " + ", ".join(f"{v:.3f}x" for v in implied.values()) + ")"
-                         + (f"; tree routing time 2^20/2^10: {scaling:.2f}x (flat: "
-                            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)" if scaling else "")
-                         + f"; train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x"
-                         + (f"; extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x"
-                            if "extraction" in result else ""))
+        summary.append(f"extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x")
+    result["summary"] = "; ".join(summary)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "bench.json"), result)
     atomic_write_text(os.path.join(out, "bench.md"), markdown(result))
-    _plot(result, os.path.join(out, "bench.png"))
+    if "routing" in result:
+        _plot(result, os.path.join(out, "bench.png"))
     return result
 
 
@@ -352,7 +370,7 @@ def markdown(result: dict) -> str:
     lines = [f"`{result['base']}` on {result['device']}, {result['torch_threads']} torch thread(s), {result['dtype']}; "
              f"plug-in: {result['plugin']}{compiled}. Ratios: median [min, max] over interleaved repetitions.", "",
              "| measure | ToE / reference |", "|---|---|"]
-    for name, g in result["generation"].items():
+    for name, g in result.get("generation", {}).items():
         b = name.replace("batch_", "batch ")
         lines.append(f"| decode tokens/s, {b} (reference: bare base) | {ratio(g['decode_ratio'])} |")
         lines.append(f"| decode tokens/s, {b}, fastest repetition of each side | {g['decode_ratio_best']:.2f}× |")
@@ -376,6 +394,8 @@ def markdown(result: dict) -> str:
         if peak["reference"]:
             lines.append(f"Peak GPU memory: train step {peak['toe_step'] / 2**20:.0f} MiB vs reference "
                          f"{peak['reference'] / 2**20:.0f} MiB.")
+    if "routing" not in result:
+        return "\n".join(lines) + "\n"
     rows = result["routing"]["rows"]
     lines += ["", "| N | tree gate, beam K: µs/token, best (median) | flat softmax router: µs/token, best (median) |",
               "|---|---|---|"]
