@@ -86,15 +86,16 @@ def bench_generation(base_model, model: ToEModel, batch: int, prompt_len: int, n
     return out
 
 
-def _best_loop(timer, fn, reps: int = 7, min_s: float = 0.02) -> float:
-    """Seconds per call of ``fn``: the fastest of ``reps`` loops, each lasting at least ``min_s``."""
-    inner = max(1, int(min_s / max(timer(fn), 1e-7)))
+def _loop_times(timer, fn, reps: int = 7, min_s: float = 0.02) -> list[float]:
+    """Seconds per call of ``fn`` in each of ``reps`` loops of calls lasting at least ``min_s`` (one warm-up call
+    sizes the loop). The fastest loop is the timeit-style figure: load from other work only ever adds time."""
+    inner = max(1, int(min_s / max(timer(fn), 1e-6)))
 
     def loop() -> None:
         for _ in range(inner):
             fn()
 
-    return min(timer(loop) for _ in range(reps)) / inner
+    return [timer(loop) / inner for _ in range(reps)]
 
 
 @torch.no_grad()
@@ -125,7 +126,7 @@ def bench_decode_step(base_model, model: ToEModel, ids: torch.Tensor, am: torch.
             delta, _ = block(h, mask)
             _ = h + delta.to(h.dtype)
 
-    base_s, plugin_s = _best_loop(timer, base_step), _best_loop(timer, plugin_step)
+    base_s, plugin_s = min(_loop_times(timer, base_step)), min(_loop_times(timer, plugin_step))
     model.attach()
     return {"base_step_us": 1e6 * base_s, "plugin_us": 1e6 * plugin_s, "implied_ratio": base_s / (base_s + plugin_s)}
 
@@ -146,14 +147,7 @@ def bench_routing(hidden: int, rank: int, k: int, exponents: list[int], tokens: 
         row = {"num_leaves": n}
         for name, shape, mode in (("tree_beam", "balanced", "beam"), ("flat", "flat", "topk")):
             gate = TreeGate(hidden, n, shape, rank=rank, selection=mode, top_k=k).to(device).eval()
-            once = timer(lambda: gate(h))  # warm-up, and the size of the inner loop
-            inner = max(1, int(0.02 / max(once, 1e-6)))
-
-            def loop(gate=gate, inner=inner) -> None:
-                for _ in range(inner):
-                    gate(h)
-
-            times = [timer(loop) / inner / tokens for _ in range(reps)]
+            times = [t / tokens for t in _loop_times(timer, lambda: gate(h), reps)]
             row[f"{name}_us_per_token"] = 1e6 * min(times)
             row[f"{name}_us_per_token_median"] = 1e6 * statistics.median(times)
             del gate
