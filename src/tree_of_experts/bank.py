@@ -37,11 +37,14 @@ class ExpertBank(nn.Module):
         """(N, D) float32 expert vectors. Without autograd (generation, eval) they are computed once and reused
         until a parameter changes in place (an optimizer step or a load bumps its version)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return F.normalize(self.direction, dim=-1) * self.norm[:, None]
+            return self._vectors()
         key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr())
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, F.normalize(self.direction, dim=-1) * self.norm[:, None])
+            self._cached = (key, self._vectors())
         return self._cached[1]
+
+    def _vectors(self) -> torch.Tensor:
+        return F.normalize(self.direction, dim=-1) * self.norm[:, None]
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""

@@ -42,6 +42,24 @@ def gold_answer(task: str, record: dict, response_field: str) -> str:
     return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
 
 
+CE_TARGETS = ("gold_clean", "gold", "trace")
+
+
+def ce_target_spec(task: str, template: str, ce_target: str) -> DataSpec:
+    """The DataSpec whose response is the CE target: the gold solution without <<...>> notes ("gold_clean"), as
+    written ("gold"), or the teacher's completion in the ``trace`` field written by `toe traces` ("trace")."""
+    if ce_target not in CE_TARGETS:
+        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
+    qf, rf = TASK_FIELDS[task]
+    return DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
+
+
+def check_ce_rows(rows: list[dict], ce_target: str, data: str) -> None:
+    """Raises the one-line fix when the trace target is asked of rows that `toe traces` did not write."""
+    if ce_target == "trace" and any("trace" not in r for r in rows):
+        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
+
+
 def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], ce_spec: DataSpec) -> list[Item]:
     prefix = "".join(spec.prompt(s) + spec.response(s) + "\n\n" for s in shots)
     return [Item(prefix + spec.prompt(r), ce_spec.prompt(r), ce_spec.response(r),
@@ -158,15 +176,13 @@ def evaluate(
         raise ToEError(f"task={task!r}: use one of {sorted(TASK_FIELDS)}")
     if data is None:
         raise ToEError("--data is required: a local JSONL file of the task's items")
-    if ce_target not in ("gold_clean", "gold", "trace"):
-        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
-    ce_spec = DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
+    ce_spec = ce_target_spec(task, template, ce_target)
     rows = read_jsonl(data, spec)[skip:]
     rows = rows[:limit] if limit is not None else rows
-    if ce and ce_target == "trace" and any("trace" not in r for r in rows):
-        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
+    if ce:
+        check_ce_rows(rows, ce_target, data)
     shots = []
     if few_shot:
         if not few_shot_data:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .config import ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
-from .evaluate import TASK_FIELDS, gold_answer
+from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
 from .extract import capture_shard, example_ce, prepare, same_vocab
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, states_until
@@ -100,8 +100,6 @@ def live_greedy(model, tok, prompt: str, max_new_tokens: int, teacher=None, laye
 def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[str], golds: list[str],
                        args: dict) -> None:
     """The CE rows in `toe eval`'s layout (one JSONL per system, metrics.json), for `toe report` to pool."""
-    from .evaluate import summarize
-
     summaries = {}
     for name, values in per_item.items():
         rows = [{"system": _slug(name), "prompt": p, "gold": g, "ce": ce, "ce_tokens": n}
@@ -148,14 +146,12 @@ def oracle(
         generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
         max_new_tokens: generation budget.
     """
-    if ce_target not in ("gold_clean", "gold", "trace"):
-        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
     qf, rf = TASK_FIELDS[task]
-    spec = DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
+    spec = ce_target_spec(task, template, ce_target)
     rows = read_jsonl(data, DataSpec(qf, rf, template))[skip:]
     rows = rows[:limit] if limit is not None else rows
-    if ce_target == "trace" and any("trace" not in r for r in rows):
-        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
+    check_ce_rows(rows, ce_target, data)
+    golds = [gold_answer(task, r, rf) for r in rows]  # always from the gold solution
     cfg = ToEConfig.load(experts)
     base_tok, teacher_tok = load_tokenizer(base), load_tokenizer(teacher)
     if not same_vocab(base_tok, teacher_tok):
@@ -232,7 +228,6 @@ def oracle(
         result["systems"][name] = entry
     os.makedirs(out, exist_ok=True)
     if completions:
-        golds = [gold_answer(task, r, rf) for r in rows]  # always from the gold solution
         graded = {name: [grade(task, c, g) for c, g in zip(texts, golds)] for name, texts in completions.items()}
         correct = {name: [float(ok) for _, ok in g] for name, g in graded.items()}
         result["generation"] = {}
@@ -249,7 +244,7 @@ def oracle(
                         "gold": golds[i], "correct": graded[name][i][1]}) + "\n"
             for name, texts in completions.items() for i, c in enumerate(texts)))
     atomic_write_json(os.path.join(out, "oracle.json"), result)
-    _write_eval_folder(out, per_item, systems, [spec.prompt(r) for r in rows], [gold_answer(task, r, rf) for r in rows],
+    _write_eval_folder(out, per_item, systems, [spec.prompt(r) for r in rows], golds,
                        dict(base=base, teacher=teacher, task=task, data=data, plugin=plugin, limit=limit, skip=skip,
                             few_shot=0, template=template, ce_target=ce_target, experts=experts))
     lines = ["| system | CE nats [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
