@@ -6,12 +6,12 @@
 # One pooled report at the end. Steps whose outputs exist are skipped, so the script resumes after an interruption.
 #
 # Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 (default: all, in that order).
+#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft (default: all, in that order).
 #   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
 #   extraction, ~4 min per system for the two CE evaluations.
 set -euo pipefail
 pair=$1; work=$2; shift 2
-systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64}
+systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft}
 dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
@@ -60,11 +60,15 @@ for sys in $systems; do
       keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
       evals "$sys" --plugin "$work/$sys" --with-base false ;;
     lora|lora-r64)
-      rank=(); [ "$sys" = lora-r64 ] && rank=(--lora-rank 64)
+      rank=(--experts "$work/extract"); [ "$sys" = lora-r64 ] && rank=(--lora-rank 64)  # matched rank or r=64
       [ -f "$work/$sys/baseline_summary.json" ] || toe baseline --kind lora "${rank[@]}" --base "$base" \
-        --experts "$work/extract" --out "$work/$sys" "${budget[@]}"
+        --out "$work/$sys" "${budget[@]}"
       keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
       evals "$sys" --lora "$work/$sys" --with-base false ;;
+    sft)  # full fine-tuning: a reference that breaks the frozen-base rule
+      [ -f "$work/sft/baseline_summary.json" ] || toe baseline --kind sft --base "$base" --out "$work/sft" "${budget[@]}"
+      keep sft "$work/sft"/{metrics.jsonl,baseline_summary.json}
+      evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
       [ -f "$res/ce-gold/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" \
         --experts "$work/extract" --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean \

@@ -139,6 +139,28 @@ def test_baselines_train_and_load(experts, tmp_path, kind):
         assert model.config.shape == "flat" and model.plugin.blocks["0"].gate.num_nodes == 8
 
 
+def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_path):
+    from tree_of_experts.baseline import baseline
+    from tree_of_experts.config import ToEError
+    from tree_of_experts.evaluate import evaluate
+
+    base = str(experts / "base")
+    with pytest.raises(ToEError, match="--lora_rank"):
+        baseline(kind="lora", base=base, data=FIXTURE, out=str(tmp_path / "x"), max_steps=1)
+    lora = baseline(kind="lora", base=base, lora_rank=2, data=FIXTURE, out=str(tmp_path / "lora"), max_steps=3,
+                    batch_size=4, lr=1e-2)
+    assert lora["rank"] == 2 and lora["plugin_params"] is None
+    baseline(kind="sft", base=base, data=FIXTURE, out=str(tmp_path / "sft"), max_steps=3, batch_size=4, lr=1e-3)
+    m = evaluate(base=base, lora=str(tmp_path / "lora"), sft=str(tmp_path / "sft"), task="gsm8k", data=FIXTURE,
+                 out=str(tmp_path / "ev"), limit=4, accuracy=False)
+    assert set(m["systems"]) == {"base", "lora", "sft"}
+    # Both trained on this very data: each lowers its CE, so neither is silently the bare base.
+    assert m["systems"]["sft"]["ce"] < m["systems"]["base"]["ce"]
+    assert m["systems"]["lora"]["ce"] < m["systems"]["base"]["ce"]
+    with pytest.raises(ToEError, match="nothing to evaluate"):
+        evaluate(base=base, with_base=False, task="gsm8k", data=FIXTURE, out=str(tmp_path / "none"))
+
+
 def test_topk_losses_match_the_full_softmax_formulas():
     import torch.nn.functional as F
 

@@ -128,7 +128,8 @@ def baseline(
         base: base model id or folder.
         data: training JSONL (the same file ToE was trained on).
         out: output folder: a plug-in folder (control/static/random/flat), a peft adapter (lora) or a model (sft).
-        experts: the `toe extract` folder ToE was built from (needed by every kind but sft; sets LoRA's matched rank).
+        experts: the `toe extract` folder ToE was built from (needed by every kind but sft, and by lora only for its
+            parameter-matched rank).
         max_steps, stage_a_steps, batch_size: the budget (match `toe train`'s).
         lr: learning rate (defaults: ToE's for plug-in kinds, 2e-4 for lora, 1e-5 for sft).
         bank_lr: the bank's learning rate for plug-in kinds (default: ToE's).
@@ -138,8 +139,9 @@ def baseline(
     """
     if kind not in KINDS:
         raise ToEError(f"kind={kind!r}: use one of {KINDS}")
-    if kind != "sft" and experts is None:
-        raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from)")
+    if experts is None and not (kind == "sft" or (kind == "lora" and lora_rank)):
+        fix = " or an explicit --lora_rank" if kind == "lora" else ""
+        raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from){fix}")
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,
                    strip_calc=strip_calc, max_length=max_length)
@@ -175,7 +177,7 @@ def baseline(
 
             linear = [m for m in base_model.modules() if isinstance(m, torch.nn.Linear)]
             per_rank = sum(m.in_features + m.out_features for m in linear if m is not base_model.get_output_embeddings())
-            target = _plugin_params(experts)
+            target = _plugin_params(experts) if experts else None
             rank = lora_rank or max(1, round(target / per_rank))
             model = get_peft_model(base_model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                           lora_dropout=0.0, task_type="CAUSAL_LM"))

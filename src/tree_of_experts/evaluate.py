@@ -1,6 +1,6 @@
 """`toe eval` and `toe traces`: accuracy (greedy generation + grading) and response cross-entropy, per system.
 
-Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter. Every system sees the same items,
+Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter, a fully fine-tuned base (SFT). Every system sees the same items,
 prompt and token budget; per-example rows go to ``DIR/<system>.jsonl`` and the aggregate to ``DIR/metrics.json``
 with 95 % intervals, gap closed against the teacher and paired comparisons against the base.
 """
@@ -130,6 +130,7 @@ def evaluate(
     plugin: str | None = None,
     teacher: str | None = None,
     lora: str | None = None,
+    sft: str | None = None,
     limit: int | None = None,
     skip: int = 0,
     few_shot: int = 0,
@@ -153,7 +154,8 @@ def evaluate(
         task: "gsm8k" or "math".
         data: JSONL items (GSM8K: question/answer; MATH: problem/solution/answer).
         out: output folder (metrics.json, <system>.jsonl).
-        plugin: ToE plug-in folder; teacher: teacher model; lora: peft adapter folder.
+        plugin: ToE plug-in folder; teacher: teacher model; lora: peft adapter folder; sft: a fully fine-tuned copy
+            of the base (`toe baseline --kind sft`), scored as system "sft".
         limit, skip: evaluate rows [skip, skip + limit) (keep a tuning slice out of reported numbers with skip).
         few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
         template: prompt template with {prompt}.
@@ -176,6 +178,8 @@ def evaluate(
         raise ToEError(f"task={task!r}: use one of {sorted(TASK_FIELDS)}")
     if data is None:
         raise ToEError("--data is required: a local JSONL file of the task's items")
+    if not (with_base or plugin or lora or sft or teacher):
+        raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
@@ -192,8 +196,8 @@ def evaluate(
     stop = ["\n\nQuestion:", "Question:"]
     tok = load_tokenizer(base)
     os.makedirs(out, exist_ok=True)
-    args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, limit=limit, skip=skip,
-                few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
+    args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
+                skip=skip, few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
                 dtype=dtype, decoding="greedy", stop=stop)
     per_system: dict[str, list[dict]] = {}
 
@@ -203,24 +207,25 @@ def evaluate(
         text = "".join(json.dumps(r) + "\n" for r in per_system[name])
         atomic_write_text(os.path.join(out, f"{name}.jsonl"), text)
 
-    base_model = load_causal_lm(base, dtype=dtype, device=device)
-    if with_base:
-        run("base", base_model)
-    if plugin:
-        toe = ToEModel.from_pretrained(base_model, plugin)
-        if plugin_selection:
-            toe.plugin.selection = plugin_selection
-        run("toe", toe)
-        toe.detach()
-    if lora:
-        from peft import PeftModel
+    if with_base or plugin or lora:  # the systems that run on the base's own weights
+        base_model = load_causal_lm(base, dtype=dtype, device=device)
+        if with_base:
+            run("base", base_model)
+        if plugin:
+            toe = ToEModel.from_pretrained(base_model, plugin)
+            if plugin_selection:
+                toe.plugin.selection = plugin_selection
+            run("toe", toe)
+            toe.detach()
+        if lora:
+            from peft import PeftModel
 
-        run("lora", PeftModel.from_pretrained(base_model, lora).eval())
-    del base_model
+            run("lora", PeftModel.from_pretrained(base_model, lora).eval())
+        del base_model
+    if sft:
+        run("sft", load_causal_lm(sft, dtype=dtype, device=device))
     if teacher:
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
-    if not per_system:
-        raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora or --teacher")
     metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
     metrics["comparisons"] = compare(per_system)
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
