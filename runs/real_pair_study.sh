@@ -36,7 +36,8 @@ keep() {  # keep NAME FILES...: copy a run's small files into the repo
 # 0. The teacher's own completions on the dev items (second CE target), then base and teacher on both targets.
 if [ ! -f "$traces" ]; then
   toe traces --teacher "$teacher" --data "$dev" --limit "$dev_limit" --keep-incorrect true --max-new-tokens 256 \
-    --batch-size 8 --out "$traces" > "$res/traces_summary.json"
+    --batch-size 8 --out "$traces" > "$res/traces_summary.json.tmp"
+  mv "$res/traces_summary.json.tmp" "$res/traces_summary.json"  # a failed run leaves the committed file whole
 fi
 evals anchors --teacher "$teacher"
 
