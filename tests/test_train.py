@@ -11,6 +11,7 @@ from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 import tree_of_experts.train as train_mod
+from tree_of_experts.config import ToEError
 from tree_of_experts.extract import extract
 from tree_of_experts.toy import tiny_qwen2
 from tree_of_experts.train import train
@@ -95,6 +96,14 @@ def test_ablation_flags_change_the_computation(experts, tmp_path):
     assert all(r["stage"] != "A" for r in rows)
     train(**args(experts, tmp_path / "nokd", no_kd=True))
     assert all(r["kd"] == 0 for r in map(json.loads, open(tmp_path / "nokd" / "metrics.jsonl")) if r["stage"] != "A")
+    # KD alone (no CE on the data): the plug-in moves towards the teacher's distribution.
+    train(**args(experts, tmp_path / "kdonly", ce_weight=0.0, skip_stage_a=True, route_weight=0.0, usage_weight=0.0,
+                 max_steps=20, log_every=1, lr=1e-2, scale_lr=5e-2, bank_lr=1e-2))
+    rows = [json.loads(r) for r in open(tmp_path / "kdonly" / "metrics.jsonl")]
+    assert all(r["loss"] == pytest.approx(r["kd"]) and r["ce"] > 0 for r in rows)  # CE is logged, not trained on
+    assert sum(r["kd"] for r in rows[-3:]) < sum(r["kd"] for r in rows[:3])
+    with pytest.raises(ToEError, match="ce_weight=0"):
+        train(**args(experts, tmp_path / "nothing", ce_weight=0.0, no_kd=True))
 
 
 def test_two_processes_equal_one(experts, tmp_path):

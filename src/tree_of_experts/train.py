@@ -143,6 +143,7 @@ def train(
     bank_lr: float = 1e-4,
     stage_a_lr: float = 1e-2,
     kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
     route_weight: float = 0.1,
     usage_weight: float = 0.01,
     no_kd: bool = False,
@@ -184,6 +185,8 @@ def train(
             from the no-op, which needs many steps before the plug-in has any effect. Scales that are not all
             zero (a trained or baseline plug-in) are kept.
         kd_weight: weight of top-k KL to the teacher (when cached).
+        ce_weight: weight of the next-token CE on the data. 0 trains on the teacher's distribution alone (top-k KL):
+            the plug-in then learns what the teacher predicts, not the data's house style.
         route_weight: initial weight of the route loss in Stage B, decaying linearly to 0.
         usage_weight: weight of the usage regulariser (log N - entropy of leaf usage).
         no_kd: turn distillation off. freeze_bank: keep the bank at its extracted vectors.
@@ -224,6 +227,11 @@ def train(
     cfg = model.config
     examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
     use_kd = has_kd and not no_kd and kd_weight > 0
+    if ce_weight < 0 or kd_weight < 0:
+        raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
+    if ce_weight == 0 and not use_kd:
+        raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
+                       "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
     route_path = os.path.join(experts, "route_data.safetensors")
     route_data = load_file(route_path) if os.path.isfile(route_path) else {}
     if not route_data:
@@ -306,7 +314,7 @@ def train(
             with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
                 logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device)).logits
                 ce = token_nll(logits, b["input_ids"].to(acc.device), b["loss_mask"].to(acc.device)).sum() / n_tok
-                loss = ce
+                loss = ce_weight * ce
                 kd = torch.zeros((), device=acc.device)
                 if use_kd and "topk_ids" in b:
                     kd = topk_kl(logits, b["topk_ids"].to(acc.device), b["topk_logp"].to(acc.device),
