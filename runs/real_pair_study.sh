@@ -6,12 +6,13 @@
 # One pooled report at the end. Steps whose outputs exist are skipped, so the script resumes after an interruption.
 #
 # Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft (default: all, in that order).
+#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd (default: all, in that order);
+#   toe-b-kd is ToE-B trained on the teacher's top-k distribution alone (--ce-weight 0), not the gold text's CE.
 #   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
 #   extraction, ~4 min per system for the two CE evaluations.
 set -euo pipefail
 pair=$1; work=$2; shift 2
-systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft}
+systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd}
 dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
@@ -43,8 +44,9 @@ evals anchors --teacher "$teacher"
 
 for sys in $systems; do
   case $sys in
-    toe-b|toe-d)
-      experts="$work/extract"
+    toe-b|toe-d|toe-b-kd)
+      experts="$work/extract"; extra=()
+      [ "$sys" = toe-b-kd ] && extra=(--ce-weight 0)
       if [ "$sys" = toe-d ]; then
         experts="$work/extract-d"
         [ -f "$experts/summary.json" ] || toe rebuild --source "$work/extract" --out "$experts" --shape deep \
@@ -52,7 +54,7 @@ for sys in $systems; do
         mkdir -p "$res/extract-d"; cp "$experts/summary.json" "$experts/summary.md" "$res/extract-d/"
       fi
       [ -f "$work/$sys/train_summary.json" ] || toe train --base "$base" --experts "$experts" --out "$work/$sys" \
-        "${budget[@]}" --log-every 5 --save-every 10 --resume true
+        "${budget[@]}" "${extra[@]}" --log-every 5 --save-every 10 --resume true
       keep "$sys" "$work/$sys"/{metrics.jsonl,curves.png,train_summary.json,toe_config.json}
       evals "$sys" --plugin "$work/$sys" --with-base false ;;
     control|flat|static|random)
