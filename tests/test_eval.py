@@ -133,6 +133,12 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert ctl["reference"] == "toe-b" and toe["reference"] is None
     assert abs(ctl["ce_vs_reference"]["mean_diff"] - (ctl["ce"] - toe["ce"])) < 1e-9
     assert "CE minus toe-b" in open(tmp_path / "rep" / "report.md").read()
+    usage = {u["system"]: u for u in json.load(open(tmp_path / "rep" / "leaf_usage.json"))}
+    assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
+    for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0
+        assert u["layer"] == 0 and len(u["usage"]) == 4 and abs(sum(u["usage"]) - 1) < 1e-5
+        assert 1.0 <= u["effective_leaves"] <= 4.0 + 1e-5
+    assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
     with pytest.raises(ToEError, match="system label"):
         report([str(tmp_path / "control"), str(tmp_path / "control")], out=str(tmp_path / "rep2"))
 

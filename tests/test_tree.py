@@ -14,6 +14,7 @@ from tree_of_experts.tree import (
     path_table,
     route_loss,
     select,
+    selection_mass,
     usage,
 )
 
@@ -145,6 +146,19 @@ def test_route_loss_and_usage():
     assert 1.0 <= effective_leaves(u).item() <= 4.0 + 1e-5
     for shape, n in itertools.product(["balanced"], [4]):
         assert path_labels(shape, n, torch.tensor([0])).tolist() == [[0.0, 0.0, -1.0]]
+
+
+@pytest.mark.parametrize("selection", ["topk", "topp", "beam"])
+def test_selection_mass_counts_each_selected_leaf_weight(selection):
+    gate = TreeGate(8, 16, "balanced", rank=4, selection=selection, top_k=3)
+    route = gate(torch.randn(2, 5, 8))
+    mask = torch.rand(2, 5) > 0.3
+    expected = torch.zeros(16)
+    for b, t in itertools.product(range(2), range(5)):
+        for leaf, w in zip(route.indices[b, t].tolist(), route.weights[b, t].tolist()):
+            expected[leaf] += w * mask[b, t].item()
+    torch.testing.assert_close(selection_mass(route, 16, mask), expected)
+    torch.testing.assert_close(selection_mass(route, 16, mask).sum(), mask.sum().float())  # one unit per token
 
 
 def test_bank_vectors_reused_without_autograd_until_a_parameter_changes():

@@ -24,6 +24,7 @@ from .inference import generate_texts
 from .io import atomic_write_json, atomic_write_text
 from .losses import token_nll
 from .stats import bootstrap_mean, gap_closed_ci, paired_bootstrap, wilson
+from .tree import effective_leaves
 
 TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 
@@ -105,6 +106,12 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         for row in rows:
             row["gen_seconds_total"] = elapsed
     return rows
+
+
+def usage_summary(mass: dict[int, torch.Tensor]) -> dict[str, dict]:
+    """{layer: share of the selection mass per leaf, and effective leaves = exp(entropy of that share)}."""
+    return {str(layer): {"usage": (m / m.sum().clamp_min(1e-12)).tolist(),
+                         "effective_leaves": effective_leaves(m).item()} for layer, m in mass.items()}
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -200,6 +207,7 @@ def evaluate(
                 skip=skip, few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
                 dtype=dtype, decoding="greedy", stop=stop)
     per_system: dict[str, list[dict]] = {}
+    leaf_usage: dict[str, dict] = {}
 
     def run(name: str, model) -> None:
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
@@ -215,7 +223,9 @@ def evaluate(
             toe = ToEModel.from_pretrained(base_model, plugin)
             if plugin_selection:
                 toe.plugin.selection = plugin_selection
-            run("toe", toe)
+            with toe.plugin.counting() as mass:
+                run("toe", toe)
+            leaf_usage["toe"] = usage_summary(mass)
             toe.detach()
         if lora:
             from peft import PeftModel
@@ -228,6 +238,8 @@ def evaluate(
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
     metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
     metrics["comparisons"] = compare(per_system)
+    if leaf_usage:  # over every scored and generated token
+        metrics["leaf_usage"] = leaf_usage
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
 

@@ -21,7 +21,7 @@ from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
 from .hf import decoder_layers, edit_output
 from .io import atomic_save_tensors
-from .tree import RouteOutput, TreeGate
+from .tree import RouteOutput, TreeGate, selection_mass
 
 
 class Record(NamedTuple):
@@ -117,6 +117,7 @@ class ToEPlugin(nn.Module):
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the model pre-hook
         self._routes: dict[int, Record] | None = None
+        self._mass: dict[int, torch.Tensor] | None = None  # per-layer selection mass while counting()
         self.selection: str | None = None  # per-call override of the configured selection mode
 
     # -- hooks -------------------------------------------------------------------------------------------------
@@ -169,6 +170,9 @@ class ToEPlugin(nn.Module):
             if self._routes is not None:
                 ratio = (delta.norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-6) * mask).sum() / mask.sum().clamp_min(1)
                 self._routes[layer] = Record(route, mask, ratio)
+            if self._mass is not None:
+                mass = selection_mass(route, self.config.num_leaves, mask).detach()
+                self._mass[layer] = self._mass[layer] + mass if layer in self._mass else mass
             return h + delta.to(h.dtype)
 
         return lambda module, args, output: edit_output(output, add_delta)
@@ -190,6 +194,16 @@ class ToEPlugin(nn.Module):
             yield self._routes
         finally:
             self._routes = None
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Sums, over every forward run inside the block, the mixing weight each leaf received on injected tokens:
+        {layer: (N,)}, the leaf usage at inference (prefill and each decode step alike)."""
+        self._mass = {}
+        try:
+            yield self._mass
+        finally:
+            self._mass = None
 
     @property
     def last_mask(self) -> torch.Tensor | None:

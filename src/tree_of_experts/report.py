@@ -209,10 +209,52 @@ def sweep_plot(rows: list[dict], png: str) -> bool:
     return True
 
 
+def leaf_usage(run_dirs: list[str], labels: dict[str, str] | None = None) -> list[dict]:
+    """[{system, layer, usage (N,), effective_leaves}] from the eval folders whose metrics record a plug-in's leaf
+    usage (`toe eval --plugin`), labelled as in :func:`pool`."""
+    labels = labels or {}
+    out = []
+    for d in run_dirs:
+        with open(os.path.join(d, "metrics.json")) as f:
+            usage = json.load(f).get("leaf_usage", {})
+        run = os.path.basename(os.path.normpath(d))
+        for system, layers in usage.items():
+            label = labels.get(d, labels.get(run, run))
+            label = label if len(usage) == 1 else f"{label}:{system}"
+            out += [{"system": label, "layer": int(layer), **u} for layer, u in layers.items()]
+    return out
+
+
+def usage_plot(usage: list[dict], png: str) -> None:
+    """One panel per (system, layer): each leaf's share of the selection mass, leaves sorted by share, against
+    the uniform share 1/N; the title gives the effective number of leaves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(usage))
+    rows = -(-len(usage) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax, u in zip(axes.flat, usage):
+        share = sorted(u["usage"], reverse=True)
+        ax.bar(range(len(share)), share, width=1.0, color="#4c72b0")
+        ax.axhline(1 / len(share), ls="--", color="gray", lw=1)
+        ax.set_title(f"{u['system']} · layer {u['layer']}\n{u['effective_leaves']:.1f} of {len(share)} leaves "
+                     "effective", fontsize=8)
+        ax.set(xlabel="leaf (by share)", ylabel="share of selection mass")
+    for ax in list(axes.flat)[len(usage):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
            labels: dict[str, str] | None = None) -> dict:
-    """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders, and
-    ``out/sweep.png`` (CE and accuracy vs N and K) when the labels name at least three values of N or K.
+    """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders,
+    ``out/sweep.png`` (CE and accuracy vs N and K) when the labels name at least three values of N or K, and
+    ``out/usage.png`` + ``out/leaf_usage.json`` (each plug-in's leaf usage) when the folders recorded it.
 
     Args:
         run_dirs: folders written by `toe eval` (each has metrics.json and one JSONL per system).
@@ -221,11 +263,23 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
         labels: {folder or folder name: label} for the non-anchor system of a folder (default: the folder name).
     """
     rows = table_rows(pool(run_dirs, labels), reference)
+    usage = leaf_usage(run_dirs, labels)
+    text = markdown(rows)
+    if usage:
+        text += ("\n**Leaf usage at inference** (share of the selection mass over every scored token; effective "
+                 "leaves = exp(entropy))\n\n| system | layer | effective leaves | most used leaf's share |\n"
+                 "|---|---|---|---|\n")
+        text += "".join(f"| {u['system']} | {u['layer']} | {u['effective_leaves']:.1f} of {len(u['usage'])} | "
+                        f"{100 * max(u['usage']):.1f} % |\n" for u in usage)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "report.json"), rows)
-    atomic_write_text(os.path.join(out, "report.md"), markdown(rows))
+    atomic_write_text(os.path.join(out, "report.md"), text)
     plot(rows, os.path.join(out, "report.png"))
     result = {"rows": len(rows), "markdown": os.path.join(out, "report.md"), "plot": os.path.join(out, "report.png")}
+    if usage:
+        atomic_write_json(os.path.join(out, "leaf_usage.json"), usage)
+        usage_plot(usage, os.path.join(out, "usage.png"))
+        result["usage_plot"] = os.path.join(out, "usage.png")
     if sweep_plot(rows, os.path.join(out, "sweep.png")):
         result["sweep_plot"] = os.path.join(out, "sweep.png")
     return result

@@ -310,6 +310,15 @@ def usage(route: RouteOutput, mask: torch.Tensor | None = None) -> torch.Tensor:
     return (p * m).flatten(0, -2).sum(0) / m.sum().clamp_min(1.0)
 
 
+def selection_mass(route: RouteOutput, num_leaves: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mixing weight each leaf received, summed over the (masked) tokens, (N,): the leaf usage of the *selected*
+    experts, for every selection mode (beam included, which has no dense leaf_logp)."""
+    w = route.weights.float()  # (B, T, K)
+    if mask is not None:
+        w = w * mask.to(w.dtype)[..., None]
+    return torch.zeros(num_leaves, device=w.device).index_add_(0, route.indices.flatten(), w.flatten())
+
+
 def effective_leaves(leaf_usage: torch.Tensor) -> torch.Tensor:
     """exp(entropy of usage): N when leaves are used evenly, 1 when all tokens go to one leaf."""
     p = leaf_usage / leaf_usage.sum()
