@@ -23,6 +23,12 @@ def batch(tok):
     return tok(["Question: 3 plus 4?", "Question: what is 12 times 7 then?"], return_tensors="pt", padding=True)
 
 
+@pytest.fixture
+def single(tok):
+    """One unpadded prompt: `generate` then passes no attention mask, only the cache."""
+    return tok(["Question: what is 12 times 7 then?"], return_tensors="pt")
+
+
 def save_tiny_pair(directory) -> None:
     """A base (32 wide, 2 layers) and a teacher of another size (48 wide, 3 layers) sharing one tokenizer, saved as
     Hugging Face folders ``directory/base`` and ``directory/teacher``."""

@@ -14,3 +14,4 @@ def test_short_demo_closes_a_clear_share_of_the_toy_gap(tmp_path):
     assert rows["teacher"]["ce"] < rows["base"]["ce"] - 0.1  # the toy world has a real gap
     assert rows["ToE"]["ce_gap_closed"]["gap_closed"] > 0.10
     assert (tmp_path / "demo" / "report.md").exists() and (tmp_path / "demo" / "report.png").exists()
+    assert (tmp_path / "demo" / "usage.png").exists()

@@ -49,8 +49,10 @@ def test_trained_plugin_changes_output_and_detach_restores_exactly(base, batch, 
     assert torch.equal(logits(model, batch), ref)
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("fields", CASES)
-def test_cached_decode_equals_full_forward(base, batch, fields):
+def test_cached_decode_equals_full_forward(base, batch, single, fields, padded):
+    batch = batch if padded else single
     model = randomize(ToEModel.fresh(base, **fields))
     out = greedy(model, batch, n=5)
     mask = torch.cat([batch["attention_mask"], torch.ones(out.shape[0], 5, dtype=torch.long)], 1)

@@ -17,7 +17,7 @@ from .config import ToEError
 from .evaluate import evaluate
 from .extract import extract
 from .io import atomic_write_json, atomic_write_text
-from .report import markdown, plot, pool, table_rows
+from .report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def demo(
                  out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32)
         runs.append(os.path.join(out, "eval-control"))
     log.info("[4/4] report")
-    rows = table_rows(pool(runs, {runs[0]: "ToE", **({runs[1]: "no-teacher control"} if control else {})}), "ToE")
+    labels = {runs[0]: "ToE", **({runs[1]: "no-teacher control"} if control else {})}
+    rows = table_rows(pool(runs, labels), "ToE")
     table = markdown(rows)
     margin = control_margin(rows) if control else None
     if margin:
@@ -121,6 +122,7 @@ def demo(
     atomic_write_text(os.path.join(out, "report.md"), table)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     plot(rows, os.path.join(out, "report.png"))
+    usage_plot(leaf_usage(runs, labels), os.path.join(out, "usage.png"))
     log.info("\n%s", table)
     return {"out": out, "rows": rows, "control_margin": margin}
 

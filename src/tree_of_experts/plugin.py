@@ -152,7 +152,9 @@ class ToEPlugin(nn.Module):
             self._mask = None
             return
         batch, length = ref.shape[0], ref.shape[1]
-        past = kwargs.get("past_key_values")
+        # The KV cache is `past_key_values` up to transformers 5.x's `cache`; generate passes no attention mask
+        # when nothing is padded, so the cache length is then all that tells a decode step from a prompt.
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
         past_len = _past_length(past)
         cache_position = kwargs.get("cache_position")
         if kwargs.get("attention_mask") is None and cache_position is not None:
