@@ -95,8 +95,18 @@ def test_tiny_end_to_end_eval(tmp_path):
 
     toy = toy_pair_dir()  # trained toy models: they write real text
     t = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces.jsonl"), limit=4,
-               max_new_tokens=12, keep_incorrect=True)
+               max_new_tokens=12, keep_incorrect=True, eval_out=str(tmp_path / "acc-teacher"))
     assert t["kept"] == 4
+    # The traces' graded generations are an accuracy-only eval folder: the report pools them with `toe eval --ce
+    # false` on the same rows, under an accuracy target.
+    from tree_of_experts.report import report
+
+    evaluate(base=f"{toy}/base", task="gsm8k", data=fixture, limit=4, max_new_tokens=12, ce=False,
+             out=str(tmp_path / "acc-base"))
+    report([str(tmp_path / "acc-base"), str(tmp_path / "acc-teacher")], out=str(tmp_path / "acc-rep"))
+    rows = {r["system"]: r for r in json.load(open(tmp_path / "acc-rep" / "report.json"))}
+    assert rows["teacher"]["accuracy"] == t["accuracy"] and rows["base"]["ce"] is None
+    assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–4")
     m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k",
                  data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "ev-trace"), ce_target="trace",
                  accuracy=False)

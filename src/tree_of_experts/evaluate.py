@@ -44,6 +44,7 @@ def gold_answer(task: str, record: dict, response_field: str) -> str:
 
 
 CE_TARGETS = ("gold_clean", "gold", "trace")
+STOP = ["\n\nQuestion:", "Question:"]  # generation ends where the model starts a new problem
 
 
 def ce_target_spec(task: str, template: str, ce_target: str) -> DataSpec:
@@ -200,20 +201,19 @@ def evaluate(
             raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
         shots = read_jsonl(few_shot_data, spec, limit=few_shot)
     items = build_items(task, rows, spec, shots, ce_spec)
-    stop = ["\n\nQuestion:", "Question:"]
+    stop = STOP
     tok = load_tokenizer(base)
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
-                dtype=dtype, decoding="greedy", stop=stop)
+                dtype=dtype, decoding="greedy", stop=stop, ce=ce, accuracy=accuracy)
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
     def run(name: str, model) -> None:
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
                                         max_length, stop)
-        text = "".join(json.dumps(r) + "\n" for r in per_system[name])
-        atomic_write_text(os.path.join(out, f"{name}.jsonl"), text)
+        write_rows(out, name, per_system[name])
 
     if with_base or plugin or lora:  # the systems that run on the base's own weights
         base_model = load_causal_lm(base, dtype=dtype, device=device)
@@ -236,9 +236,19 @@ def evaluate(
         run("sft", load_causal_lm(sft, dtype=dtype, device=device))
     if teacher:
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+    return write_metrics(out, args, per_system, leaf_usage)
+
+
+def write_rows(out: str, system: str, rows: list[dict]) -> None:
+    atomic_write_text(os.path.join(out, f"{system}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_metrics(out: str, args: dict, per_system: dict[str, list[dict]], leaf_usage: dict | None = None) -> dict:
+    """``out/metrics.json``: the run's arguments, each system's summary, comparisons and (for a plug-in) leaf usage
+    over every scored and generated token."""
     metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
     metrics["comparisons"] = compare(per_system)
-    if leaf_usage:  # over every scored and generated token
+    if leaf_usage:
         metrics["leaf_usage"] = leaf_usage
     atomic_write_json(os.path.join(out, "metrics.json"), metrics)
     return metrics
@@ -279,11 +289,14 @@ def traces(
     dtype: str = "float32",
     device: str = "cpu",
     keep_incorrect: bool = False,
+    eval_out: str | None = None,
 ) -> dict:
     """Samples the teacher (greedy) on the data's prompts and keeps its correct traces as training/CE data.
 
     Writes JSONL rows with the original fields plus ``trace`` (the teacher's completion) and ``correct``; use
-    ``--response_field trace`` downstream. Rows are sorted shortest trace first.
+    ``--response_field trace`` downstream. Rows are sorted shortest trace first. ``eval_out``: also write the
+    graded generations as a `toe eval` folder (accuracy only, same prompt, budget and stop strings as `toe eval`),
+    so `toe report` pools the teacher's accuracy with other systems' without generating again.
     """
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
@@ -293,11 +306,17 @@ def traces(
     items = build_items(task, rows, spec, shots, spec)
     tok = load_tokenizer(teacher)
     model = load_causal_lm(teacher, dtype=dtype, device=device)
-    scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
-                          ["\n\nQuestion:", "Question:"])
+    scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096, STOP)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"]} for r, s in zip(rows, scored)
             if (s["correct"] or keep_incorrect) and s["completion"].strip()]
     kept.sort(key=lambda r: len(r["trace"]))
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
+    if eval_out:
+        os.makedirs(eval_out, exist_ok=True)
+        write_rows(eval_out, "teacher", scored)
+        write_metrics(eval_out, dict(base=None, task=task, data=data, plugin=None, teacher=teacher, lora=None, sft=None,
+                                     limit=limit, skip=skip, few_shot=few_shot, template=template, ce_target=None,
+                                     max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP,
+                                     ce=False, accuracy=True), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "out": out, "settings": asdict(spec)}

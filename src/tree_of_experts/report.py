@@ -33,7 +33,8 @@ def _target(args: dict) -> str:
     data = os.path.basename(args.get("data") or "?")
     skip, limit = args.get("skip") or 0, args.get("limit")
     items = f"rows {skip}–{skip + limit}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
-    return f"{args.get('ce_target', 'gold_clean')} CE · {data} {items} · {args.get('few_shot', 0)}-shot"
+    what = "accuracy" if args.get("ce") is False else f"{args.get('ce_target', 'gold_clean')} CE"
+    return f"{what} · {data} {items} · {args.get('few_shot', 0)}-shot"
 
 
 def pool(run_dirs: list[str], labels: dict[str, str] | None = None) -> dict[str, dict[str, list[dict]]]:
