@@ -107,6 +107,18 @@ def test_tiny_end_to_end_eval(tmp_path):
     rows = {r["system"]: r for r in json.load(open(tmp_path / "acc-rep" / "report.json"))}
     assert rows["teacher"]["accuracy"] == t["accuracy"] and rows["base"]["ce"] is None
     assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–4")
+    # The same folder rebuilt from the traces file alone (re-graded, back in the data's order).
+    from tree_of_experts.evaluate import eval_from_traces
+
+    m = eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "acc-t2"), limit=4,
+                         max_new_tokens=12)
+    again = [json.loads(r) for r in open(tmp_path / "acc-t2" / "teacher.jsonl")]
+    first = [json.loads(r) for r in open(tmp_path / "acc-teacher" / "teacher.jsonl")]
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in first]
+    assert [r["correct"] for r in again] == [r["correct"] for r in first]
+    assert m["systems"]["teacher"]["accuracy"] == t["accuracy"]
+    with pytest.raises(ToEError, match="keep_incorrect"):
+        eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "x"), limit=6)
     m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k",
                  data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "ev-trace"), ce_target="trace",
                  accuracy=False)

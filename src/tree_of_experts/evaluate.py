@@ -320,3 +320,34 @@ def traces(
                                      ce=False, accuracy=True), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "out": out, "settings": asdict(spec)}
+
+
+def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: str = "gsm8k",
+                     limit: int | None = None, skip: int = 0, template: str = "Question: {prompt}\nAnswer: ",
+                     max_new_tokens: int = 256) -> dict:
+    """The teacher's accuracy from an existing `toe traces --keep_incorrect true` file, as an accuracy-only eval
+    folder (what `toe traces --eval_out` writes at generation time): each of the data's rows [skip, skip + limit)
+    is matched to its trace by the question, re-graded, and written in the data's order. ``max_new_tokens`` is
+    recorded: pass the budget the traces were generated with; ``teacher`` gives the tokenizer that counts tokens."""
+    qf, rf = TASK_FIELDS[task]
+    spec = DataSpec(qf, rf, template)
+    rows = read_jsonl(data, spec)[skip:]
+    rows = rows[:limit] if limit is not None else rows
+    by_question = {str(r[qf]): r["trace"] for r in read_jsonl(traces_file, spec)}
+    missing = [i + skip for i, r in enumerate(rows) if str(r[qf]) not in by_question]
+    if missing:
+        raise ToEError(f"{traces_file} has no trace for data rows {missing[:5]}: write it with `toe traces "
+                       "--keep_incorrect true` on the same rows")
+    tok = load_tokenizer(teacher)
+    scored = []
+    for r in rows:
+        item = build_items(task, [r], spec, [], spec)[0]
+        text = by_question[str(r[qf])]
+        pred, ok = grade(task, text, item.gold)
+        scored.append({"system": "teacher", "prompt": item.prompt, "gold": item.gold, "completion": text,
+                       "extracted": pred, "correct": ok, "tokens": len(tok(text)["input_ids"])})
+    os.makedirs(out, exist_ok=True)
+    write_rows(out, "teacher", scored)
+    return write_metrics(out, dict(base=None, task=task, data=data, teacher=teacher, traces=traces_file, limit=limit,
+                                   skip=skip, few_shot=0, template=template, max_new_tokens=max_new_tokens,
+                                   decoding="greedy", stop=STOP, ce=False, accuracy=True), {"teacher": scored})
