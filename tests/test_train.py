@@ -159,6 +159,11 @@ def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_pa
     lora = baseline(kind="lora", base=base, lora_rank=2, data=FIXTURE, out=str(tmp_path / "lora"), max_steps=3,
                     batch_size=4, lr=1e-2)
     assert lora["rank"] == 2 and lora["plugin_params"] is None
+    ckpt = baseline(kind="lora", base=base, lora_rank=2, data=FIXTURE, out=str(tmp_path / "lora-ckpt"), max_steps=3,
+                    batch_size=4, lr=1e-2, gradient_checkpointing=True)  # recomputed activations, same gradients
+    assert ckpt["metrics"]["loss"] == pytest.approx(lora["metrics"]["loss"], rel=1e-5)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("lora", "lora-ckpt"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     baseline(kind="sft", base=base, data=FIXTURE, out=str(tmp_path / "sft"), max_steps=3, batch_size=4, lr=1e-3)
     m = evaluate(base=base, lora=str(tmp_path / "lora"), sft=str(tmp_path / "sft"), task="gsm8k", data=FIXTURE,
                  out=str(tmp_path / "ev"), limit=4, accuracy=False)

@@ -69,9 +69,11 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
 
 
 def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_steps: int, batch_size: int, lr: float,
-                   limit: int | None, max_length: int, seed: int) -> list[dict]:
+                   limit: int | None, max_length: int, seed: int, gradient_checkpointing: bool) -> list[dict]:
     """Plain CE training of whatever requires grad in ``base_model`` (LoRA or all weights), same data order as
     `toe train`'s Stage B."""
+    if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = read_jsonl(data, spec, limit)
     examples = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
     params = [p for p in base_model.parameters() if p.requires_grad]
@@ -120,6 +122,7 @@ def baseline(
     max_length: int = 512,
     dtype: str = "float32",
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -135,7 +138,8 @@ def baseline(
         bank_lr: the bank's learning rate for plug-in kinds (default: ToE's).
         lora_rank: LoRA rank (default: matched to the plug-in's parameter count).
         limit, prompt_field, response_field, template, strip_calc, max_length: the data, as for `toe train`.
-        dtype, seed: as for `toe train`.
+        dtype, seed, gradient_checkpointing: as for `toe train` (checkpointing recomputes activations in backward:
+            the same gradients in much less memory, which LoRA and SFT need on long sequences).
     """
     if kind not in KINDS:
         raise ToEError(f"kind={kind!r}: use one of {KINDS}")
@@ -145,7 +149,8 @@ def baseline(
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,
                    strip_calc=strip_calc, max_length=max_length)
-    train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype, **data_kw)
+    train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype,
+                    gradient_checkpointing=gradient_checkpointing, **data_kw)
     if lr is not None:
         train_kw["lr"] = lr
     if bank_lr is not None and kind not in ("lora", "sft"):
@@ -179,17 +184,18 @@ def baseline(
             per_rank = sum(m.in_features + m.out_features for m in linear if m is not base_model.get_output_embeddings())
             target = _plugin_params(experts) if experts else None
             rank = lora_rank or max(1, round(target / per_rank))
+            torch.manual_seed(seed)  # peft draws LoRA's A matrices from the global generator
             model = get_peft_model(base_model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
                                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
             summary.update(rank=rank, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                            plugin_params=target)
             summary["metrics"] = _train_adapter(model, tok, data, spec, out, max_steps, batch_size, lr or 2e-4, limit,
-                                                max_length, seed)[-1]
+                                                max_length, seed, gradient_checkpointing)[-1]
             model.save_pretrained(out)
         else:
             base_model.requires_grad_(True)
             summary["metrics"] = _train_adapter(base_model, tok, data, spec, out, max_steps, batch_size, lr or 1e-5,
-                                                limit, max_length, seed)[-1]
+                                                limit, max_length, seed, gradient_checkpointing)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)
