@@ -9,7 +9,8 @@
 #   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd (default: all, in that order);
 #   toe-b-kd is ToE-B trained on the teacher's top-k distribution alone (--ce-weight 0), not the gold text's CE.
 #   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
-#   extraction, ~4 min per system for the two CE evaluations.
+#   extraction, ~4 min per system for the two CE evaluations. LoRA and SFT backpropagate through the whole base:
+#   they run with gradient checkpointing (same gradients) to fit next to another job in 24 GiB.
 set -euo pipefail
 pair=$1; work=$2; shift 2
 systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd}
@@ -65,11 +66,12 @@ for sys in $systems; do
     lora|lora-r64)
       rank=(--experts "$work/extract"); [ "$sys" = lora-r64 ] && rank=(--lora-rank 64)  # matched rank or r=64
       [ -f "$work/$sys/baseline_summary.json" ] || toe baseline --kind lora "${rank[@]}" --base "$base" \
-        --out "$work/$sys" "${budget[@]}"
+        --out "$work/$sys" "${budget[@]}" --gradient-checkpointing true
       keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
       evals "$sys" --lora "$work/$sys" --with-base false ;;
     sft)  # full fine-tuning: a reference that breaks the frozen-base rule
-      [ -f "$work/sft/baseline_summary.json" ] || toe baseline --kind sft --base "$base" --out "$work/sft" "${budget[@]}"
+      [ -f "$work/sft/baseline_summary.json" ] || toe baseline --kind sft --base "$base" --out "$work/sft" \
+        "${budget[@]}" --gradient-checkpointing true
       keep sft "$work/sft"/{metrics.jsonl,baseline_summary.json}
       evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
