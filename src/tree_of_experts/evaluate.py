@@ -1,8 +1,9 @@
 """`toe eval` and `toe traces`: accuracy (greedy generation + grading) and response cross-entropy, per system.
 
-Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter, a fully fine-tuned base (SFT). Every system sees the same items,
-prompt and token budget; per-example rows go to ``DIR/<system>.jsonl`` and the aggregate to ``DIR/metrics.json``
-with 95 % intervals, gap closed against the teacher and paired comparisons against the base.
+Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter, a fully fine-tuned base (SFT).
+Every system sees the same items, prompt and token budget; per-example rows go to ``DIR/<system>.jsonl`` and the
+aggregate to ``DIR/metrics.json`` with 95 % intervals, gap closed against the teacher and paired comparisons against
+the base.
 """
 
 from __future__ import annotations
@@ -201,18 +202,17 @@ def evaluate(
             raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
         shots = read_jsonl(few_shot_data, spec, limit=few_shot)
     items = build_items(task, rows, spec, shots, ce_spec)
-    stop = STOP
     tok = load_tokenizer(base)
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
-                dtype=dtype, decoding="greedy", stop=stop, ce=ce, accuracy=accuracy)
+                dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy)
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
     def run(name: str, model) -> None:
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
-                                        max_length, stop)
+                                        max_length, STOP)
         write_rows(out, name, per_system[name])
 
     if with_base or plugin or lora:  # the systems that run on the base's own weights
@@ -314,10 +314,8 @@ def traces(
     if eval_out:
         os.makedirs(eval_out, exist_ok=True)
         write_rows(eval_out, "teacher", scored)
-        write_metrics(eval_out, dict(base=None, task=task, data=data, plugin=None, teacher=teacher, lora=None, sft=None,
-                                     limit=limit, skip=skip, few_shot=few_shot, template=template, ce_target=None,
-                                     max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP,
-                                     ce=False, accuracy=True), {"teacher": scored})
+        write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, template,
+                                                       max_new_tokens), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "out": out, "settings": asdict(spec)}
 
@@ -348,6 +346,13 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
                        "extracted": pred, "correct": ok, "tokens": len(tok(text)["input_ids"])})
     os.makedirs(out, exist_ok=True)
     write_rows(out, "teacher", scored)
-    return write_metrics(out, dict(base=None, task=task, data=data, teacher=teacher, traces=traces_file, limit=limit,
-                                   skip=skip, few_shot=0, template=template, max_new_tokens=max_new_tokens,
-                                   decoding="greedy", stop=STOP, ce=False, accuracy=True), {"teacher": scored})
+    args = _teacher_accuracy_args(task, data, teacher, limit, skip, 0, template, max_new_tokens)
+    return write_metrics(out, {**args, "traces": traces_file}, {"teacher": scored})
+
+
+def _teacher_accuracy_args(task: str, data: str, teacher: str, limit: int | None, skip: int, few_shot: int,
+                           template: str, max_new_tokens: int) -> dict:
+    """The ``args`` of an accuracy-only eval folder holding the teacher's greedy answers."""
+    return dict(base=None, task=task, data=data, teacher=teacher, limit=limit, skip=skip, few_shot=few_shot,
+                template=template, max_new_tokens=max_new_tokens, decoding="greedy", stop=STOP, ce=False,
+                accuracy=True)
