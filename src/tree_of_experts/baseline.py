@@ -24,7 +24,7 @@ from .cluster import init_gate_from_geometry
 from .config import WEIGHTS_NAME, ToEConfig, ToEError
 from .data import DataSpec, batch_indices, encode, pad_left, read_jsonl
 from .extract import extract
-from .hf import load_causal_lm, load_tokenizer, padded_inputs
+from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_write_json
 from .losses import token_nll
 from .model import ToEModel
@@ -73,7 +73,7 @@ def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_ste
     """Plain CE training of whatever requires grad in ``base_model`` (LoRA or all weights), same data order as
     `toe train`'s Stage B."""
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base_model)
     rows = read_jsonl(data, spec, limit)
     examples = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
     params = [p for p in base_model.parameters() if p.requires_grad]

@@ -113,6 +113,17 @@ def is_local(name_or_path: str) -> bool:
     return os.path.isdir(name_or_path)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing (recompute in backward, non-reentrant): transformers 5.x names it
+    ``activation_checkpointing_enable`` and deprecates ``gradient_checkpointing_enable``; older versions have only
+    the latter. A peft model forwards either to its base."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def edit_output(output: Any, fn) -> Any:
     """Applies ``fn`` to a decoder layer's hidden states, whichever output convention the layer uses.
 

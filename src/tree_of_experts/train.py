@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import ToEError
 from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jsonl
 from .extract import iter_examples
-from .hf import load_causal_lm, load_tokenizer, padded_inputs
+from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
 from .losses import token_nll, topk_kl
 from .model import ToEModel
@@ -223,7 +223,7 @@ def train(
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts)
     if gradient_checkpointing:
-        model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.base)
     cfg = model.config
     examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
     use_kd = has_kd and not no_kd and kd_weight > 0
