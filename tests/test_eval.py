@@ -163,6 +163,12 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
     with pytest.raises(ToEError, match="system label"):
         report([str(tmp_path / "control"), str(tmp_path / "control")], out=str(tmp_path / "rep2"))
+    rows_path = tmp_path / "control" / "toe.jsonl"  # same prompts, another target text: refused, not pooled
+    rows = [json.loads(line) for line in open(rows_path)]
+    rows[0]["ce_tokens"] += 1
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ToEError, match="different target texts"):
+        report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep3"))
 
 
 def test_cli_accepts_dashes_and_positional_report_dirs():

@@ -72,6 +72,16 @@ def pool(run_dirs: list[str], labels: dict[str, str] | None = None) -> dict[str,
             if p != prompts[first]:
                 raise ToEError(f"{lab!r} and {first!r} were evaluated on different items under one target "
                                "(same data, skip, limit, CE target): evaluate them on the same rows")
+        # Same prompts but a different target text (a regenerated traces file, say) shows in the scored token
+        # counts; the teacher is left out, its tokenizer may differ from the base's.
+        counts = {lab: [r.get("ce_tokens") for r in rows] for lab, rows in group.items() if lab != "teacher"}
+        counts = {lab: c for lab, c in counts.items() if None not in c}
+        if counts:
+            first = next(iter(counts))
+            for lab, c in counts.items():
+                if c != counts[first]:
+                    raise ToEError(f"{lab!r} and {first!r} scored different target texts for the same prompts (a "
+                                   "regenerated traces file?): evaluate both on the same file")
     return groups
 
 
