@@ -31,7 +31,6 @@ def main(work: str) -> None:
     teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
     data, dev = write_toy_data(os.path.join(work, "data"), 384, 128)
     res = os.path.join(os.path.dirname(HERE), "results", "toy_ablations")
-    shutil.rmtree(res, ignore_errors=True)
     ev = os.path.join(work, "eval")
 
     def ex(name: str, **kw) -> str:
@@ -81,7 +80,11 @@ def main(work: str) -> None:
     tr("no-teacher control", control_x, no_kd=True)
     names = ["anchors", "ToE-B (N=32, K=4, layer 1)", "N=8", "N=128", "K=1", "K=8", "ToE-D (deep, top-p)",
              "no route warm-up", "no KD", "layer 0", "layer 2", "flat router (MoE)", "no-teacher control"]
-    report([os.path.join(ev, n) for n in names], out=res, reference="ToE-B (N=32, K=4, layer 1)")
+    tmp = res + ".tmp"  # the committed results are replaced only by a finished report
+    shutil.rmtree(tmp, ignore_errors=True)
+    report([os.path.join(ev, n) for n in names], out=tmp, reference="ToE-B (N=32, K=4, layer 1)")
+    shutil.rmtree(res, ignore_errors=True)
+    os.replace(tmp, res)
     print(open(os.path.join(res, "report.md")).read())
 
 
