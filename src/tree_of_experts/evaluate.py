@@ -100,11 +100,16 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
             texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size,
                                     stop_strings=stop or None)
         elapsed = time.perf_counter() - t0
-        for row, text in zip(rows, texts):
+        for row, raw in zip(rows, texts):
+            text = raw
             for s in stop:  # cut at the first stop string (generation stops after it)
                 text = text.split(s)[0]
             pred, ok = grade(task, text, row["gold"])
-            row.update(completion=text, extracted=pred, correct=ok, tokens=len(tok(text)["input_ids"]))
+            # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last
+            # number of a cut-off completion is often an intermediate one, so such rows are counted, not hidden.
+            truncated = text == raw and len(tok(raw)["input_ids"]) >= max_new_tokens
+            row.update(completion=text, extracted=pred, correct=ok, tokens=len(tok(text)["input_ids"]),
+                       truncated=truncated)
         for row in rows:
             row["gen_seconds_total"] = elapsed
     return rows
@@ -123,6 +128,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         out["accuracy"] = k / len(rows)
         out["accuracy_ci95"] = list(wilson(k, len(rows)))
         out["mean_completion_tokens"] = sum(r["tokens"] for r in rows) / len(rows)
+        if "truncated" in rows[0]:  # rows written before the flag existed have none
+            out["truncated_share"] = sum(r["truncated"] for r in rows) / len(rows)
     if rows and "ce" in rows[0]:
         mean, lo, hi = bootstrap_mean([r["ce"] for r in rows])
         out["ce"], out["ce_ci95"] = mean, [lo, hi]
@@ -307,7 +314,8 @@ def traces(
     tok = load_tokenizer(teacher)
     model = load_causal_lm(teacher, dtype=dtype, device=device)
     scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096, STOP)
-    kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"]} for r, s in zip(rows, scored)
+    kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}
+            for r, s in zip(rows, scored)
             if (s["correct"] or keep_incorrect) and s["completion"].strip()]
     kept.sort(key=lambda r: len(r["trace"]))
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
@@ -317,7 +325,7 @@ def traces(
         write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, template,
                                                        max_new_tokens), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
-            "out": out, "settings": asdict(spec)}
+            "truncated_share": sum(s["truncated"] for s in scored) / len(rows), "out": out, "settings": asdict(spec)}
 
 
 def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: str = "gsm8k",
@@ -331,7 +339,7 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]
     rows = rows[:limit] if limit is not None else rows
-    by_question = {str(r[qf]): r["trace"] for r in read_jsonl(traces_file, spec)}
+    by_question = {str(r[qf]): r for r in read_jsonl(traces_file, spec)}
     missing = [i + skip for i, r in enumerate(rows) if str(r[qf]) not in by_question]
     if missing:
         raise ToEError(f"{traces_file} has no trace for data rows {missing[:5]}: write it with `toe traces "
@@ -340,10 +348,13 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
     scored = []
     for r in rows:
         item = build_items(task, [r], spec, [], spec)[0]
-        text = by_question[str(r[qf])]
+        trace = by_question[str(r[qf])]
+        text, n = trace["trace"], len(tok(trace["trace"])["input_ids"])
         pred, ok = grade(task, text, item.gold)
+        # files from before the flag: a (stripped) trace within one token of the budget ran out of it
+        truncated = trace.get("truncated", n >= max_new_tokens - 1)
         scored.append({"system": "teacher", "prompt": item.prompt, "gold": item.gold, "completion": text,
-                       "extracted": pred, "correct": ok, "tokens": len(tok(text)["input_ids"])})
+                       "extracted": pred, "correct": ok, "tokens": n, "truncated": truncated})
     os.makedirs(out, exist_ok=True)
     write_rows(out, "teacher", scored)
     args = _teacher_accuracy_args(task, data, teacher, limit, skip, 0, template, max_new_tokens)
