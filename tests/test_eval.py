@@ -70,6 +70,28 @@ def test_paired_bootstrap():
         paired_bootstrap([1.0], [1.0, 2.0])
 
 
+def test_chat_template_prompts(tmp_path):
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    tok = tiny_tokenizer()
+    tiny_qwen2(seed=0).save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ToEError, match="has no chat template"):
+        evaluate(base=str(tmp_path / "plain"), data=fixture, limit=2, template="chat", out=str(tmp_path / "x"))
+    tok.chat_template = ("{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}Bot: {% endif %}")
+    tiny_qwen2(seed=0).save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    m = evaluate(base=str(tmp_path / "chat"), data=fixture, limit=2, template="chat", max_new_tokens=3,
+                 out=str(tmp_path / "ev"))
+    assert m["args"]["template"] == "User: {prompt}\nBot: "  # recorded as rendered, so the run is reproducible
+    question = json.loads(open(fixture).readline())["question"]
+    row = json.loads(open(tmp_path / "ev" / "base.jsonl").readline())
+    assert row["prompt"] == f"User: {question}\nBot: "
+
+
 def test_tiny_end_to_end_eval(tmp_path):
     from tree_of_experts import ToEModel
     from tree_of_experts.evaluate import evaluate

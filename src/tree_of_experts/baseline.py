@@ -75,6 +75,7 @@ def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_ste
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
         enable_checkpointing(base_model)
     rows = read_jsonl(data, spec, limit)
+    spec = spec.for_tokenizer(tok)
     examples = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
     params = [p for p in base_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ import torch
 from .config import ToEError
 
 CALC_NOTE = re.compile(r"<<[^>]*>>")
+CHAT = "chat"  # template value: the tokenizer's own chat template around the question
 
 
 @dataclass
@@ -23,7 +24,8 @@ class DataSpec:
     Attributes:
         prompt_field: record field holding the question (GSM8K: "question", MATH: "problem").
         response_field: record field holding the reasoning trace (GSM8K: "answer", MATH: "solution").
-        template: prompt template; ``{prompt}`` is replaced by the question.
+        template: prompt template; ``{prompt}`` is replaced by the question. ``"chat"``: the tokenizer's chat
+            template around one user turn holding the question (resolved by `for_tokenizer`).
         strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
     """
 
@@ -33,10 +35,28 @@ class DataSpec:
     strip_calc: bool = False
 
     def __post_init__(self) -> None:
-        if "{prompt}" not in self.template:
-            raise ToEError(f"template {self.template!r} has no {{prompt}} placeholder: add one where the question goes")
+        if self.template != CHAT and "{prompt}" not in self.template:
+            raise ToEError(f"template {self.template!r} has no {{prompt}} placeholder: add one where the question "
+                           "goes, or pass 'chat' for the tokenizer's chat template")
+
+    def for_tokenizer(self, tokenizer) -> DataSpec:
+        """This spec with a ``"chat"`` template rendered by ``tokenizer``'s chat template into a plain ``{prompt}``
+        template (system turn, user turn, assistant header); any other template is returned as is."""
+        if self.template != CHAT:
+            return self
+        if not getattr(tokenizer, "chat_template", None):
+            raise ToEError(f"template 'chat': the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+                           "pass a --template with {prompt} instead")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                             add_generation_prompt=True)
+        if text.count("{prompt}") != 1:
+            raise ToEError(f"the chat template of {tokenizer.name_or_path!r} does not keep the user turn verbatim; "
+                           "pass a --template with {prompt} instead")
+        return replace(self, template=text)
 
     def prompt(self, record: dict[str, Any]) -> str:
+        if self.template == CHAT:
+            raise ToEError("template 'chat' is resolved with the tokenizer first (DataSpec.for_tokenizer)")
         return self.template.replace("{prompt}", str(record[self.prompt_field]))
 
     def response(self, record: dict[str, Any]) -> str:

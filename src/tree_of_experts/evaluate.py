@@ -174,7 +174,8 @@ def evaluate(
             of the base (`toe baseline --kind sft`), scored as system "sft".
         limit, skip: evaluate rows [skip, skip + limit) (keep a tuning slice out of reported numbers with skip).
         few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
-        template: prompt template with {prompt}.
+        template: prompt template with {prompt}, or "chat" for the base tokenizer's chat template (recorded
+            rendered).
         ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the ``trace``
             field written by `toe traces`: the teacher's own completions, where its CE is the natural floor).
         with_base: also score the bare base (off: a folder holding only the plug-in/LoRA/teacher rows, to be pooled
@@ -208,11 +209,12 @@ def evaluate(
         if not few_shot_data:
             raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
         shots = read_jsonl(few_shot_data, spec, limit=few_shot)
-    items = build_items(task, rows, spec, shots, ce_spec)
     tok = load_tokenizer(base)
+    spec, ce_spec = spec.for_tokenizer(tok), ce_spec.for_tokenizer(tok)
+    items = build_items(task, rows, spec, shots, ce_spec)
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
-                skip=skip, few_shot=few_shot, template=template, ce_target=ce_target, max_new_tokens=max_new_tokens,
+                skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target, max_new_tokens=max_new_tokens,
                 dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy)
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
@@ -310,8 +312,9 @@ def traces(
     rows = read_jsonl(data, spec)[skip:]
     rows = rows[:limit] if limit is not None else rows
     shots = read_jsonl(few_shot_data, spec, limit=few_shot) if few_shot and few_shot_data else []
-    items = build_items(task, rows, spec, shots, spec)
     tok = load_tokenizer(teacher)
+    spec = spec.for_tokenizer(tok)
+    items = build_items(task, rows, spec, shots, spec)
     model = load_causal_lm(teacher, dtype=dtype, device=device)
     scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096, STOP)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}
@@ -322,7 +325,7 @@ def traces(
     if eval_out:
         os.makedirs(eval_out, exist_ok=True)
         write_rows(eval_out, "teacher", scored)
-        write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, template,
+        write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, spec.template,
                                                        max_new_tokens), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "truncated_share": sum(s["truncated"] for s in scored) / len(rows), "out": out, "settings": asdict(spec)}
@@ -345,6 +348,7 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
         raise ToEError(f"{traces_file} has no trace for data rows {missing[:5]}: write it with `toe traces "
                        "--keep_incorrect true` on the same rows")
     tok = load_tokenizer(teacher)
+    spec = spec.for_tokenizer(tok)
     scored = []
     for r in rows:
         item = build_items(task, [r], spec, [], spec)[0]
@@ -357,7 +361,7 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
                        "extracted": pred, "correct": ok, "tokens": n, "truncated": truncated})
     os.makedirs(out, exist_ok=True)
     write_rows(out, "teacher", scored)
-    args = _teacher_accuracy_args(task, data, teacher, limit, skip, 0, template, max_new_tokens)
+    args = _teacher_accuracy_args(task, data, teacher, limit, skip, 0, spec.template, max_new_tokens)
     return write_metrics(out, {**args, "traces": traces_file}, {"teacher": scored})
 
 

@@ -333,6 +333,7 @@ def extract(
     t_kw = {"gguf_file": teacher_gguf_file} if teacher_gguf_file else {}
     b_kw = {"gguf_file": base_gguf_file} if base_gguf_file else {}
     base_tok, teacher_tok = load_tokenizer(base, **b_kw), load_tokenizer(teacher, **t_kw)
+    spec = spec.for_tokenizer(base_tok)  # one prompt text for both models, in the base's format
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
     teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
     n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))

@@ -139,7 +139,7 @@ def oracle(
         plugin: a trained plug-in to add as the "ToE (learned)" row.
         task: "gsm8k" or "math" (which fields hold question and solution).
         limit, skip: the rows [skip, skip + limit).
-        template: prompt template.
+        template: prompt template with {prompt}, or "chat" (the base tokenizer's chat template).
         ce_target: what CE is scored on, as in `toe eval`: "gold_clean" (gold solutions without <<...>> notes),
             "gold" (as written) or "trace" (the ``trace`` field written by `toe traces`).
         lambdas: λ values of the ridge O1.
@@ -154,6 +154,7 @@ def oracle(
     golds = [gold_answer(task, r, rf) for r in rows]  # always from the gold solution
     cfg = ToEConfig.load(experts)
     base_tok, teacher_tok = load_tokenizer(base), load_tokenizer(teacher)
+    spec = spec.for_tokenizer(base_tok)
     if not same_vocab(base_tok, teacher_tok):
         raise ToEError("toe oracle compares CE token by token and needs teacher and base to share a tokenizer")
     base_model = load_causal_lm(base, dtype=dtype, device=device)

@@ -219,6 +219,7 @@ def train(
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     tok = load_tokenizer(tokenizer or base)
+    spec = spec.for_tokenizer(tok)
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts)
