@@ -1,7 +1,7 @@
 """Ablations on the shipped toy pair: N, K, tree shape, flat router, route warm-up, KD, injection layer, and the
 no-teacher control, each against the demo's default ToE-B on the same 128 held-out problems (one pooled table).
 
-Usage: python runs/toy_ablations.py [WORK_DIR]   (~8 min on one CPU core; results in results/toy_ablations/)
+Usage: python runs/toy_ablations.py [WORK_DIR]   (~4 min on one CPU core; results in results/toy_ablations/)
 """
 
 from __future__ import annotations
