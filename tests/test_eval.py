@@ -129,6 +129,9 @@ def test_tiny_end_to_end_eval(tmp_path):
     rows = {r["system"]: r for r in json.load(open(tmp_path / "acc-rep" / "report.json"))}
     assert rows["teacher"]["accuracy"] == t["accuracy"] and rows["base"]["ce"] is None
     assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–4")
+    base_acc = [json.loads(r) for r in open(tmp_path / "acc-base" / "base.jsonl")]
+    assert rows["base"]["truncated_share"] == sum(r["truncated"] for r in base_acc) / 4
+    assert "out of tokens)" in open(tmp_path / "acc-rep" / "report.md").read()
     # The same folder rebuilt from the traces file alone (re-graded, back in the data's order).
     from tree_of_experts.evaluate import eval_from_traces
 

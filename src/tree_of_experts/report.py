@@ -100,7 +100,8 @@ def table_rows(groups: dict[str, dict[str, list[dict]]], reference: str | None =
             rows = systems[name]
             s = summarize(rows)
             row = {"target": target, "system": name, "n": s["n"], "accuracy": s.get("accuracy"),
-                   "accuracy_ci95": s.get("accuracy_ci95"), "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"),
+                   "accuracy_ci95": s.get("accuracy_ci95"), "truncated_share": s.get("truncated_share"),
+                   "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"),
                    "reference": ref if ref in systems and name != ref else None}
             for metric, key in (("ce", "ce"), ("accuracy", "correct")):
                 if key not in rows[0]:
@@ -133,6 +134,8 @@ def markdown(rows: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in block:
             acc = _interval(r["accuracy"], r["accuracy_ci95"], _pct)
+            if r.get("truncated_share"):  # answers cut off by the token budget: their last number is often not one
+                acc += f" ({_pct(r['truncated_share'])} out of tokens)"
             ce = _interval(r["ce"], r["ce_ci95"], _fmt)
             g = r.get("ce_gap_closed")
             gap = "–" if not g else _interval(g["gap_closed"], g["ci95"], _pct)
