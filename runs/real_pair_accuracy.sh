@@ -5,21 +5,25 @@
 # eval_from_traces), so the 1.5B model does not generate again. Steps whose outputs exist are skipped.
 #
 # Usage: runs/real_pair_accuracy.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: any system the study trained (default: toe-b control lora toe-b-kd). Env: DEV_LIMIT (40).
-#   CPU cost: ~5-10 min per system on one core.
+#   SYSTEM: any system the study trained (default: toe-b control lora toe-b-kd). Env: DEV_LIMIT (40), TEMPLATE and
+#   RES as for the study (use the study's), GEN_TOKENS (256; the teacher's comes from its traces, TRACE_TOKENS).
+#   CPU cost: ~5-10 min per system on one core. Each row says which share of answers ran out of tokens.
 set -euo pipefail
 pair=$1; work=$2; shift 2
 systems=${*:-toe-b control lora toe-b-kd}
 dev_limit=${DEV_LIMIT:-40}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
-dev="$here/../shared/data/gsm8k/dev.jsonl"; acc="$here/results/real_pair/acc"
-gen=(--task gsm8k --data "$dev" --limit "$dev_limit" --ce false --max-new-tokens 256 --batch-size 8)
+dev="$here/../shared/data/gsm8k/dev.jsonl"; res=${RES:-$here/results/real_pair}; acc="$res/acc"
+fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
+gen=(--task gsm8k --data "$dev" --limit "$dev_limit" --ce false --max-new-tokens "${GEN_TOKENS:-256}"
+     --batch-size 8 "${fmt[@]}")
 mkdir -p "$acc"
 
 [ -f "$acc/teacher/metrics.json" ] || python3 -c "import sys; from tree_of_experts.evaluate import eval_from_traces
-eval_from_traces(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], limit=int(sys.argv[5]), max_new_tokens=256)" \
-  "$work/dev-traces.jsonl" "$teacher" "$dev" "$acc/teacher" "$dev_limit"
+kw = {'template': sys.argv[7]} if sys.argv[7] else {}
+eval_from_traces(*sys.argv[1:5], limit=int(sys.argv[5]), max_new_tokens=int(sys.argv[6]), **kw)" \
+  "$work/dev-traces.jsonl" "$teacher" "$dev" "$acc/teacher" "$dev_limit" "${TRACE_TOKENS:-256}" "${TEMPLATE:-}"
 [ -f "$acc/base/metrics.json" ] || toe eval --base "$base" "${gen[@]}" --out "$acc/base"
 
 for sys in $systems; do
@@ -28,7 +32,8 @@ for sys in $systems; do
     sft) model=(--sft "$work/sft") ;;
     *) model=(--plugin "$work/$sys") ;;
   esac
-  [ -f "$acc/$sys/metrics.json" ] || toe eval --base "$base" "${model[@]}" --with-base false "${gen[@]}" --out "$acc/$sys"
+  [ -f "$acc/$sys/metrics.json" ] || toe eval --base "$base" "${model[@]}" --with-base false "${gen[@]}" \
+    --out "$acc/$sys"
   done_dirs=$(dirname $(ls "$acc"/*/metrics.json))  # finished evals only
-  toe report $done_dirs --reference toe-b --out "$here/results/real_pair/acc-report"
+  toe report $done_dirs --reference toe-b --out "$res/acc-report"
 done

@@ -2,13 +2,16 @@
 # Extraction on the real pair (Qwen2.5-Coder-1.5B-Instruct -> 0.5B-Instruct) over a GSM8K-train subset, on CPU.
 # Usage: runs/real_pair_extract.sh PAIR_DIR WORK_DIR [LIMIT]
 #   PAIR_DIR: folder made by shared/tools/real-pair.sh; WORK_DIR: where shards go (GB-scale, not committed).
-# Copies the small summary files into results/real_pair/extract/.
+#   Env: TEMPLATE (prompt template, e.g. chat; default `Question: {prompt}\nAnswer: `), RES (results folder).
+# Copies the small summary files into RES/extract/ (default results/real_pair/extract/).
 set -euo pipefail
 pair=$1; work=$2; limit=${3:-160}
 here=$(cd "$(dirname "$0")/.." && pwd)
-toe extract \
+res=${RES:-$here/results/real_pair}
+fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
+toe extract "${fmt[@]}" \
   --teacher "$pair/qwen2.5-coder-1.5b-instruct" --base "$pair/qwen2.5-coder-0.5b-instruct" \
   --data "$here/../shared/data/gsm8k/train.jsonl" --limit "$limit" --heldout-frac 0.125 \
   --num-leaves 64 --shape balanced --batch-size 4 --shard-size 32 --out "$work/extract"
-mkdir -p "$here/results/real_pair/extract"
-cp "$work/extract/summary.json" "$work/extract/summary.md" "$work/extract/manifest.json" "$here/results/real_pair/extract/"
+mkdir -p "$res/extract"
+cp "$work/extract/summary.json" "$work/extract/summary.md" "$work/extract/manifest.json" "$res/extract/"

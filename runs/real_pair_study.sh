@@ -8,9 +8,14 @@
 # Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
 #   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd (default: all, in that order);
 #   toe-b-kd is ToE-B trained on the teacher's top-k distribution alone (--ce-weight 0), not the gold text's CE.
-#   Env: DEV_LIMIT (40), STEPS (30). CPU cost on 2 cores: ~10 min per trained system, ~25 min for the control's
-#   extraction, ~4 min per system for the two CE evaluations. LoRA and SFT backpropagate through the whole base:
-#   they run with gradient checkpointing (same gradients) to fit next to another job in 24 GiB.
+#   Env: DEV_LIMIT (40), STEPS (30), TRACE_TOKENS (256: the teacher's budget for the trace target), TEMPLATE (the
+#   prompt template of every step, e.g. TEMPLATE=chat; default `Question: {prompt}\nAnswer: `), RES (results
+#   folder, default results/real_pair). Another TEMPLATE needs its own WORK_DIR and RES, and the extraction run with
+#   the same TEMPLATE (runs/real_pair_extract.sh reads it too).
+#   CPU cost, one torch thread per job on 2 cores: ~10 min per trained system (LoRA r=64 ~19 min), ~25 min for the
+#   control's extraction, ~4 min per system for the two CE evaluations, ~16 min for the teacher's 40 traces. LoRA
+#   and SFT backpropagate through the whole base: they run with gradient checkpointing (same gradients) to fit next
+#   to another job in 24 GiB.
 set -euo pipefail
 pair=$1; work=$2; shift 2
 systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd}
@@ -18,16 +23,19 @@ dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
 train_data="$here/../shared/data/gsm8k/train.jsonl"; dev="$here/../shared/data/gsm8k/dev.jsonl"
-res="$here/results/real_pair"; traces="$work/dev-traces.jsonl"
-budget=(--data "$train_data" --limit 160 --max-steps "$steps" --stage-a-steps 50 --batch-size 4 --max-length 384)
+res=${RES:-$here/results/real_pair}; traces="$work/dev-traces.jsonl"
+fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
+budget=(--data "$train_data" --limit 160 --max-steps "$steps" --stage-a-steps 50 --batch-size 4 --max-length 384
+        "${fmt[@]}")
 mkdir -p "$res/ce-gold" "$res/ce-trace" "$res/train"
 
 evals() {  # evals NAME EVAL_ARGS...: CE on both targets, without re-scoring the base (the anchors folder has it)
   local name=$1; shift
-  [ -f "$res/ce-gold/$name/metrics.json" ] || toe eval --base "$base" "$@" --task gsm8k --data "$dev" \
-    --limit "$dev_limit" --accuracy false --ce-target gold_clean --batch-size 4 --out "$res/ce-gold/$name"
-  [ -f "$res/ce-trace/$name/metrics.json" ] || toe eval --base "$base" "$@" --task gsm8k --data "$traces" \
-    --accuracy false --ce-target trace --batch-size 4 --out "$res/ce-trace/$name"
+  [ -f "$res/ce-gold/$name/metrics.json" ] || toe eval --base "$base" "$@" "${fmt[@]}" --task gsm8k \
+    --data "$dev" --limit "$dev_limit" --accuracy false --ce-target gold_clean --batch-size 4 \
+    --out "$res/ce-gold/$name"
+  [ -f "$res/ce-trace/$name/metrics.json" ] || toe eval --base "$base" "$@" "${fmt[@]}" --task gsm8k \
+    --data "$traces" --accuracy false --ce-target trace --batch-size 4 --out "$res/ce-trace/$name"
 }
 
 keep() {  # keep NAME FILES...: copy a run's small files into the repo
@@ -37,8 +45,8 @@ keep() {  # keep NAME FILES...: copy a run's small files into the repo
 
 # 0. The teacher's own completions on the dev items (second CE target), then base and teacher on both targets.
 if [ ! -f "$traces" ]; then
-  toe traces --teacher "$teacher" --data "$dev" --limit "$dev_limit" --keep-incorrect true --max-new-tokens 256 \
-    --batch-size 8 --out "$traces" > "$res/traces_summary.json.tmp"
+  toe traces --teacher "$teacher" --data "$dev" --limit "$dev_limit" --keep-incorrect true "${fmt[@]}" \
+    --max-new-tokens "${TRACE_TOKENS:-256}" --batch-size 8 --out "$traces" > "$res/traces_summary.json.tmp"
   mv "$res/traces_summary.json.tmp" "$res/traces_summary.json"  # a failed run leaves the committed file whole
 fi
 evals anchors --teacher "$teacher"
@@ -75,10 +83,10 @@ for sys in $systems; do
       keep sft "$work/sft"/{metrics.jsonl,baseline_summary.json}
       evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
-      [ -f "$res/ce-gold/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" \
+      [ -f "$res/ce-gold/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" \
         --experts "$work/extract" --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean \
         --out "$res/ce-gold/oracle"
-      [ -f "$res/ce-trace/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" \
+      [ -f "$res/ce-trace/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" \
         --experts "$work/extract" --plugin "$work/toe-b" --data "$traces" --ce-target trace \
         --out "$res/ce-trace/oracle" ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
