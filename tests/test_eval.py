@@ -188,6 +188,7 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
     for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0
         assert u["layer"] == 0 and len(u["usage"]) == 4 and abs(sum(u["usage"]) - 1) < 1e-5
+        assert u["target"] == rows["toe-b"]["target"]  # which items the usage was counted on
         assert 1.0 <= u["effective_leaves"] <= 4.0 + 1e-5
     assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
     with pytest.raises(ToEError, match="system label"):

@@ -224,18 +224,19 @@ def sweep_plot(rows: list[dict], png: str) -> bool:
 
 
 def leaf_usage(run_dirs: list[str], labels: dict[str, str] | None = None) -> list[dict]:
-    """[{system, layer, usage (N,), effective_leaves}] from the eval folders whose metrics record a plug-in's leaf
-    usage (`toe eval --plugin`), labelled as in :func:`pool`."""
+    """[{system, target, layer, usage (N,), effective_leaves}] from the eval folders whose metrics record a plug-in's
+    leaf usage (`toe eval --plugin`), labelled as in :func:`pool`; ``target`` names the items it was counted on."""
     labels = labels or {}
     out = []
     for d in run_dirs:
         with open(os.path.join(d, "metrics.json")) as f:
-            usage = json.load(f).get("leaf_usage", {})
+            metrics = json.load(f)
+        usage, target = metrics.get("leaf_usage", {}), _target(metrics["args"])
         run = os.path.basename(os.path.normpath(d))
         for system, layers in usage.items():
             label = labels.get(d, labels.get(run, run))
             label = label if len(usage) == 1 else f"{label}:{system}"
-            out += [{"system": label, "layer": int(layer), **u} for layer, u in layers.items()]
+            out += [{"system": label, "target": target, "layer": int(layer), **u} for layer, u in layers.items()]
     return out
 
 
@@ -254,8 +255,8 @@ def usage_plot(usage: list[dict], png: str) -> None:
         share = sorted(u["usage"], reverse=True)
         ax.bar(range(len(share)), share, width=1.0, color="#4c72b0")
         ax.axhline(1 / len(share), ls="--", color="gray", lw=1)
-        ax.set_title(f"{u['system']} · layer {u['layer']}\n{u['effective_leaves']:.1f} of {len(share)} leaves "
-                     "effective", fontsize=8)
+        ax.set_title(f"{u['system']} · layer {u['layer']} · {u['target'].split(' · ')[0]}\n"
+                     f"{u['effective_leaves']:.1f} of {len(share)} leaves effective", fontsize=8)
         ax.set(xlabel="leaf (by share)", ylabel="share of selection mass")
     for ax in list(axes.flat)[len(usage):]:
         ax.axis("off")
@@ -281,10 +282,10 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
     text = markdown(rows)
     if usage:
         text += ("\n**Leaf usage at inference** (share of the selection mass over every scored token; effective "
-                 "leaves = exp(entropy))\n\n| system | layer | effective leaves | most used leaf's share |\n"
-                 "|---|---|---|---|\n")
-        text += "".join(f"| {u['system']} | {u['layer']} | {u['effective_leaves']:.1f} of {len(u['usage'])} | "
-                        f"{100 * max(u['usage']):.1f} % |\n" for u in usage)
+                 "leaves = exp(entropy))\n\n| system | scored on | layer | effective leaves | most used leaf's share |"
+                 "\n|---|---|---|---|---|\n")
+        text += "".join(f"| {u['system']} | {u['target']} | {u['layer']} | {u['effective_leaves']:.1f} of "
+                        f"{len(u['usage'])} | {100 * max(u['usage']):.1f} % |\n" for u in usage)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     atomic_write_text(os.path.join(out, "report.md"), text)
