@@ -91,6 +91,11 @@ for sys in $systems; do
         --out "$res/ce-trace/oracle" ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
   esac
-  done_dirs=$(dirname $(ls "$res"/ce-gold/*/metrics.json "$res"/ce-trace/*/metrics.json))  # finished evals only
-  toe report $done_dirs --reference toe-b --out "$res/report"
+  done_dirs=()  # finished evals only (another run may be writing one), in the study's row order
+  for name in anchors anchors-teacher toe-b toe-d toe-b-kd control lora lora-r64 sft flat static random oracle; do
+    for target in ce-gold ce-trace; do
+      [ -f "$res/$target/$name/metrics.json" ] && done_dirs+=("$res/$target/$name")
+    done
+  done
+  toe report "${done_dirs[@]}" --reference toe-b --out "$res/report"
 done
