@@ -107,9 +107,9 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
             pred, ok = grade(task, text, row["gold"])
             # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last
             # number of a cut-off completion is often an intermediate one, so such rows are counted, not hidden.
-            truncated = text == raw and len(tok(raw)["input_ids"]) >= max_new_tokens
-            row.update(completion=text, extracted=pred, correct=ok, tokens=len(tok(text)["input_ids"]),
-                       truncated=truncated)
+            n = len(tok(text)["input_ids"])
+            row.update(completion=text, extracted=pred, correct=ok, tokens=n,
+                       truncated=text == raw and n >= max_new_tokens)
         for row in rows:
             row["gen_seconds_total"] = elapsed
     return rows
@@ -214,8 +214,8 @@ def evaluate(
     items = build_items(task, rows, spec, shots, ce_spec)
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
-                skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target, max_new_tokens=max_new_tokens,
-                dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy)
+                skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
+                max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy)
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
