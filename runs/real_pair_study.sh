@@ -11,7 +11,10 @@
 #   Env: DEV_LIMIT (40), STEPS (30), TRACE_TOKENS (256: the teacher's budget for the trace target), TEMPLATE (the
 #   prompt template of every step, e.g. TEMPLATE=chat; default `Question: {prompt}\nAnswer: `), RES (results
 #   folder, default results/real_pair). Another TEMPLATE needs its own WORK_DIR and RES, and the extraction run with
-#   the same TEMPLATE (runs/real_pair_extract.sh reads it too).
+#   the same TEMPLATE (runs/real_pair_extract.sh reads it too). Training on the teacher's traces instead of gold:
+#   TRAIN_DATA=WORK_DIR/train-traces.jsonl FIELD=trace (runs/real_pair_traces.sh), as for the extraction; MAX_LENGTH
+#   (384) caps prompt + response tokens in training. DEV_TRACES_FROM: a `toe eval --teacher` folder that already
+#   generated the teacher's answers on the dev items (same template and TRACE_TOKENS), used instead of generating.
 #   CPU cost, one torch thread per job on 2 cores: ~10 min per trained system (LoRA r=64 ~19 min), ~25 min for the
 #   control's extraction, ~4 min per system for the two CE evaluations, ~16 min for the teacher's 40 traces. LoRA
 #   and SFT backpropagate through the whole base: they run with gradient checkpointing (same gradients) to fit next
@@ -22,11 +25,12 @@ systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe
 dev_limit=${DEV_LIMIT:-40}; steps=${STEPS:-30}
 here=$(cd "$(dirname "$0")/.." && pwd)
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
-train_data="$here/../shared/data/gsm8k/train.jsonl"; dev="$here/../shared/data/gsm8k/dev.jsonl"
+train_data=${TRAIN_DATA:-$here/../shared/data/gsm8k/train.jsonl}; dev="$here/../shared/data/gsm8k/dev.jsonl"
 res=${RES:-$here/results/real_pair}; traces="$work/dev-traces.jsonl"
 fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
-budget=(--data "$train_data" --limit 160 --max-steps "$steps" --stage-a-steps 50 --batch-size 4 --max-length 384
-        "${fmt[@]}")
+field=(); [ -n "${FIELD:-}" ] && field=(--response-field "$FIELD")
+budget=(--data "$train_data" --limit 160 --max-steps "$steps" --stage-a-steps 50 --batch-size 4
+        --max-length "${MAX_LENGTH:-384}" "${fmt[@]}" "${field[@]}")
 mkdir -p "$res/ce-gold" "$res/ce-trace" "$res/train"
 
 evals() {  # evals NAME EVAL_ARGS...: CE on both targets, without re-scoring the base (the anchors folder has it)
@@ -45,8 +49,10 @@ keep() {  # keep NAME FILES...: copy a run's small files into the repo
 
 # 0. The teacher's own completions on the dev items (second CE target), then base and teacher on both targets.
 if [ ! -f "$traces" ]; then
+  from=(); [ -n "${DEV_TRACES_FROM:-}" ] && from=(--from-eval "$DEV_TRACES_FROM")
   toe traces --teacher "$teacher" --data "$dev" --limit "$dev_limit" --keep-incorrect true "${fmt[@]}" \
-    --max-new-tokens "${TRACE_TOKENS:-256}" --batch-size 8 --out "$traces" > "$res/traces_summary.json.tmp"
+    --max-new-tokens "${TRACE_TOKENS:-256}" --batch-size 8 "${from[@]}" --out "$traces" \
+    > "$res/traces_summary.json.tmp"
   mv "$res/traces_summary.json.tmp" "$res/traces_summary.json"  # a failed run leaves the committed file whole
 fi
 evals anchors --teacher "$teacher"

@@ -145,6 +145,21 @@ def test_tiny_end_to_end_eval(tmp_path):
     assert all(r["truncated"] == (r["tokens"] >= 12) for r in base_acc)  # ended early or ran out
     assert m["systems"]["teacher"]["truncated_share"] == sum(r["truncated"] for r in first) / 4
     assert m["systems"]["teacher"]["accuracy"] == t["accuracy"]
+    # The inverse: traces from the eval folder's answers, without running the teacher (same file as generating).
+    t2 = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces2.jsonl"), limit=4,
+                max_new_tokens=12, keep_incorrect=True, from_eval=str(tmp_path / "acc-teacher"))
+    assert open(tmp_path / "traces2.jsonl").read() == open(tmp_path / "traces.jsonl").read() and t2 == {
+        **t, "out": str(tmp_path / "traces2.jsonl")}
+    with pytest.raises(ToEError, match="max_new_tokens 12"):
+        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), limit=4, max_new_tokens=16,
+               from_eval=str(tmp_path / "acc-teacher"))
+    with pytest.raises(ToEError, match="skip/--limit"):
+        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), skip=4, limit=2,
+               max_new_tokens=12, from_eval=str(tmp_path / "acc-teacher"))
+    with pytest.raises(ToEError, match="no teacher answers"):
+        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), limit=4, max_new_tokens=12,
+               from_eval=str(tmp_path / "acc-base"))
+    assert not os.path.exists(tmp_path / "x.jsonl")
     with pytest.raises(ToEError, match="keep_incorrect"):
         eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "x"), limit=6)
     m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k",

@@ -299,13 +299,16 @@ def traces(
     device: str = "cpu",
     keep_incorrect: bool = False,
     eval_out: str | None = None,
+    from_eval: str | None = None,
 ) -> dict:
     """Samples the teacher (greedy) on the data's prompts and keeps its correct traces as training/CE data.
 
     Writes JSONL rows with the original fields plus ``trace`` (the teacher's completion) and ``correct``; use
     ``--response_field trace`` downstream. Rows are sorted shortest trace first. ``eval_out``: also write the
     graded generations as a `toe eval` folder (accuracy only, same prompt, budget and stop strings as `toe eval`),
-    so `toe report` pools the teacher's accuracy with other systems' without generating again.
+    so `toe report` pools the teacher's accuracy with other systems' without generating again. ``from_eval``: the
+    inverse, take the teacher's answers from a `toe eval` folder that generated them on the same rows with the same
+    template and budget (its ``teacher.jsonl``) instead of running the teacher again.
     """
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
@@ -315,8 +318,12 @@ def traces(
     tok = load_tokenizer(teacher)
     spec = spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, spec)
-    model = load_causal_lm(teacher, dtype=dtype, device=device)
-    scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096, STOP)
+    if from_eval:
+        scored = _teacher_answers(from_eval, items, max_new_tokens)
+    else:
+        model = load_causal_lm(teacher, dtype=dtype, device=device)
+        scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
+                              STOP)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}
             for r, s in zip(rows, scored)
             if (s["correct"] or keep_incorrect) and s["completion"].strip()]
@@ -329,6 +336,28 @@ def traces(
                                                        max_new_tokens), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "truncated_share": sum(s["truncated"] for s in scored) / len(rows), "out": out, "settings": asdict(spec)}
+
+
+def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict]:
+    """The teacher's graded answers from an eval folder, checked to be for these prompts and this budget."""
+    rows_file, metrics_file = os.path.join(folder, "teacher.jsonl"), os.path.join(folder, "metrics.json")
+    if not (os.path.isfile(rows_file) and os.path.isfile(metrics_file)):
+        raise ToEError(f"{folder} holds no teacher answers: pass a `toe eval --teacher ... --accuracy true` folder")
+    with open(metrics_file) as f:
+        budget = json.load(f)["args"].get("max_new_tokens")
+    if budget != max_new_tokens:
+        raise ToEError(f"{folder} generated with --max_new_tokens {budget}: pass --max_new_tokens {budget}")
+    by_prompt = {}
+    with open(rows_file) as f:
+        for line in f:
+            row = json.loads(line)
+            if "completion" in row:
+                by_prompt[row["prompt"]] = row
+    missing = [i for i, it in enumerate(items) if it.prompt not in by_prompt]
+    if missing:
+        raise ToEError(f"{folder} has no teacher answer for {len(missing)} of these prompts (first: row "
+                       f"{missing[0]}): use the data, --skip/--limit and --template it was generated with")
+    return [by_prompt[it.prompt] for it in items]
 
 
 def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: str = "gsm8k",
