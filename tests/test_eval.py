@@ -90,6 +90,13 @@ def test_chat_template_prompts(tmp_path):
     question = json.loads(open(fixture).readline())["question"]
     row = json.loads(open(tmp_path / "ev" / "base.jsonl").readline())
     assert row["prompt"] == f"User: {question}\nBot: "
+    # `toe generate --chat` wraps each free-form prompt the same way, and refuses a tokenizer without a template.
+    from tree_of_experts.inference import generate
+
+    with pytest.raises(ToEError, match="--chat: the tokenizer"):
+        generate(base=str(tmp_path / "plain"), prompt="hi", chat=True)
+    gen = generate(base=str(tmp_path / "chat"), prompt=question, chat=True, max_new_tokens=3)
+    assert gen[0]["completion"] == row["completion"]  # same prompt text, same greedy tokens
 
 
 def test_tiny_end_to_end_eval(tmp_path):

@@ -83,10 +83,14 @@ def generate(
     from .model import ToEModel
 
     prompts = read_prompts(prompt, prompts_file)
+    tokenizer = load_tokenizer(base)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ToEError(f"--chat: the tokenizer of {base!r} has no chat template; drop --chat and write the prompt "
+                       "format into the prompts")
     model = load_causal_lm(base, dtype=dtype, device=device)
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
         if compile:
             model.plugin.compile()
-    texts = generate_texts(model, load_tokenizer(base), prompts, max_new_tokens, batch_size, chat)
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, chat)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
