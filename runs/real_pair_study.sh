@@ -6,7 +6,8 @@
 # One pooled report at the end. Steps whose outputs exist are skipped, so the script resumes after an interruption.
 #
 # Usage: runs/real_pair_study.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd (default: all, in that order);
+#   SYSTEM: toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd (default: all, in that order),
+#   or anchors (the base and teacher rows alone, which every run scores first);
 #   toe-b-kd is ToE-B trained on the teacher's top-k distribution alone (--ce-weight 0), not the gold text's CE.
 #   Env: DEV_LIMIT (40), STEPS (30), TRACE_TOKENS (256: the teacher's budget for the trace target), TEMPLATE (the
 #   prompt template of every step, e.g. TEMPLATE=chat; default `Question: {prompt}\nAnswer: `), RES (results
@@ -59,6 +60,7 @@ evals anchors --teacher "$teacher"
 
 for sys in $systems; do
   case $sys in
+    anchors) ;;  # scored above
     toe-b|toe-d|toe-b-kd)
       experts="$work/extract"; extra=()
       [ "$sys" = toe-b-kd ] && extra=(--ce-weight 0)
