@@ -5,8 +5,9 @@
 # eval_from_traces), so the 1.5B model does not generate again. Steps whose outputs exist are skipped.
 #
 # Usage: runs/real_pair_accuracy.sh PAIR_DIR WORK_DIR [SYSTEM ...]
-#   SYSTEM: any system the study trained (default: toe-b control lora toe-b-kd), or anchors (teacher and base only). Env: DEV_LIMIT (40), TEMPLATE and
-#   RES as for the study (use the study's), GEN_TOKENS (256; the teacher's comes from its traces, TRACE_TOKENS).
+#   SYSTEM: any system the study trained (default: toe-b control lora toe-b-kd), or anchors (teacher and base
+#   only). Env: DEV_LIMIT (40), TEMPLATE and RES as for the study (use the study's), GEN_TOKENS (256; the teacher's
+#   comes from its traces, TRACE_TOKENS).
 #   CPU cost: ~5-10 min per system on one core. Each row says which share of answers ran out of tokens.
 set -euo pipefail
 pair=$1; work=$2; shift 2
@@ -27,8 +28,8 @@ eval_from_traces(*sys.argv[1:5], limit=int(sys.argv[5]), max_new_tokens=int(sys.
 [ -f "$acc/base/metrics.json" ] || toe eval --base "$base" "${gen[@]}" --out "$acc/base"
 
 for sys in $systems; do
-  [ "$sys" = anchors ] && continue  # teacher and base only: scored above
   case $sys in
+    anchors) continue ;;  # teacher and base only: scored above
     lora|lora-r64) model=(--lora "$work/$sys") ;;
     sft) model=(--sft "$work/sft") ;;
     *) model=(--plugin "$work/$sys") ;;

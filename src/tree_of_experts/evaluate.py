@@ -344,15 +344,14 @@ def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict
     if not (os.path.isfile(rows_file) and os.path.isfile(metrics_file)):
         raise ToEError(f"{folder} holds no teacher answers: pass a `toe eval --teacher ... --accuracy true` folder")
     with open(metrics_file) as f:
-        budget = json.load(f)["args"].get("max_new_tokens")
-    if budget != max_new_tokens:
-        raise ToEError(f"{folder} generated with --max_new_tokens {budget}: pass --max_new_tokens {budget}")
-    by_prompt = {}
-    with open(rows_file) as f:
-        for line in f:
-            row = json.loads(line)
-            if "completion" in row:
-                by_prompt[row["prompt"]] = row
+        args = json.load(f)["args"]
+    if not args.get("accuracy", True):
+        raise ToEError(f"{folder} scored CE only, no teacher answers: pass a `toe eval --teacher ... --accuracy true` "
+                       "folder")
+    if args.get("max_new_tokens") != max_new_tokens:
+        raise ToEError(f"{folder} generated with --max_new_tokens {args.get('max_new_tokens')}: pass "
+                       f"--max_new_tokens {args.get('max_new_tokens')}")
+    by_prompt = {row["prompt"]: row for row in read_jsonl(rows_file)}
     missing = [i for i, it in enumerate(items) if it.prompt not in by_prompt]
     if missing:
         raise ToEError(f"{folder} has no teacher answer for {len(missing)} of these prompts (first: row "
