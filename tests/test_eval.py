@@ -212,6 +212,9 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
         assert u["target"] == rows["toe-b"]["target"]  # which items the usage was counted on
         assert 1.0 <= u["effective_leaves"] <= 4.0 + 1e-5
     assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
+    k1 = evaluate(plugin=str(tmp_path / "toe"), with_base=False, plugin_top_k=1, out=str(tmp_path / "k1"), **common)
+    assert k1["args"]["routing"] == {"selection": None, "top_k": 1, "top_p": None}  # K=1 of the plug-in's 4
+    assert abs(k1["systems"]["toe"]["ce"] - rows["toe-b"]["ce"]) > 1e-4
     with pytest.raises(ToEError, match="system label"):
         report([str(tmp_path / "control"), str(tmp_path / "control")], out=str(tmp_path / "rep2"))
     rows_path = tmp_path / "control" / "toe.jsonl"  # same prompts, another target text: refused, not pooled

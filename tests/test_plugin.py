@@ -194,3 +194,20 @@ def test_compiled_plugin_generates_what_the_eager_one_does(backend):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, eager_logits, rtol=1e-4, atol=1e-4)
     compiled = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(compiled, eager)
+
+
+def test_routing_override_sweeps_k_at_inference_and_restores_the_config(base, batch):
+    """selection(top_k=N) mixes every leaf with its tree probability, which is dense routing; K=1 differs; the
+    configured K comes back on exit, and bad values are one-line errors."""
+    model = randomize(ToEModel.fresh(base, layers=[0], num_leaves=8, selection="topk", top_k=2))
+    configured = logits(model, batch)
+    with model.selection("dense"):
+        dense = logits(model, batch)
+    with model.selection(top_k=8):
+        torch.testing.assert_close(logits(model, batch), dense, rtol=1e-5, atol=1e-5)
+    with model.selection(top_k=1):
+        assert not torch.allclose(logits(model, batch), configured)
+    assert torch.equal(logits(model, batch), configured)
+    for bad in (dict(top_k=0), dict(top_p=1.5), dict(mode="sparse")):
+        with pytest.raises(ToEError, match="must be|unknown"), model.selection(**bad):
+            pass

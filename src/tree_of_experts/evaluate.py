@@ -162,6 +162,8 @@ def evaluate(
     dtype: str = "float32",
     device: str = "cpu",
     plugin_selection: str | None = None,
+    plugin_top_k: int | None = None,
+    plugin_top_p: float | None = None,
 ) -> dict:
     """Evaluates base, base + plug-in, teacher and LoRA on the same items.
 
@@ -185,6 +187,9 @@ def evaluate(
         batch_size, max_length: batching and truncation.
         dtype, device: where models run.
         plugin_selection: route the plug-in with this mode instead of its configured one.
+        plugin_top_k: route the plug-in with this K (an inference-time sweep: nothing is retrained; recorded in
+            the metrics' args as ``routing``).
+        plugin_top_p: route the plug-in with this top-p mass.
 
     Returns:
         The metrics dict written to ``out/metrics.json``.
@@ -215,7 +220,8 @@ def evaluate(
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
-                max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy)
+                max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy,
+                routing={"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p})
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
@@ -230,9 +236,7 @@ def evaluate(
             run("base", base_model)
         if plugin:
             toe = ToEModel.from_pretrained(base_model, plugin)
-            if plugin_selection:
-                toe.plugin.selection = plugin_selection
-            with toe.plugin.counting() as mass:
+            with toe.selection(plugin_selection, plugin_top_k, plugin_top_p), toe.plugin.counting() as mass:
                 run("toe", toe)
             leaf_usage["toe"] = usage_summary(mass)
             toe.detach()

@@ -14,6 +14,7 @@ from .config import ToEConfig, ToEError
 from .hf import arch_fingerprint, load_causal_lm, model_id, versions
 from .io import atomic_write_text
 from .plugin import ToEPlugin
+from .tree import SELECTIONS
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -123,13 +124,30 @@ class ToEModel(nn.Module):
                 self.plugin.attach(self.base)
 
     @contextlib.contextmanager
-    def selection(self, mode: str) -> Iterator[None]:
-        """Routes with ``mode`` ("dense", "topk", "topp", "beam") inside the block."""
-        previous, self.plugin.selection = self.plugin.selection, mode
+    def selection(self, mode: str | None = None, top_k: int | None = None, top_p: float | None = None
+                  ) -> Iterator[None]:
+        """Routes with ``mode`` ("dense", "topk", "topp", "beam"), K and p inside the block; None keeps the configured
+        value. Nothing is retrained: an inference-time sweep of K or p on a plug-in trained with another one."""
+        if mode is not None and mode not in SELECTIONS:
+            raise ToEError(f"selection={mode!r} is unknown: use one of {SELECTIONS}")
+        if top_k is not None and top_k < 1:
+            raise ToEError(f"top_k={top_k}: must be >= 1")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ToEError(f"top_p={top_p}: must be in (0, 1]")
+        gates = [block.gate for block in self.plugin.blocks.values()]
+        if (mode or self.plugin.config.selection) == "beam" and self.plugin.config.shape != "balanced":
+            raise ToEError("selection='beam' needs a balanced tree; use selection='topp' for a deep one")
+        previous = self.plugin.selection, [(g.top_k, g.top_p) for g in gates]
+        self.plugin.selection = mode or self.plugin.selection
+        for g in gates:
+            g.top_k = min(top_k, g.num_leaves) if top_k is not None else g.top_k
+            g.top_p = top_p if top_p is not None else g.top_p
         try:
             yield
         finally:
-            self.plugin.selection = previous
+            self.plugin.selection = previous[0]
+            for g, (k, p) in zip(gates, previous[1]):
+                g.top_k, g.top_p = k, p
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.plugin.parameters() if p.requires_grad]
