@@ -44,15 +44,7 @@ class DataSpec:
         template (system turn, user turn, assistant header); any other template is returned as is."""
         if self.template != CHAT:
             return self
-        if not getattr(tokenizer, "chat_template", None):
-            raise ToEError(f"template 'chat': the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
-                           "pass a --template with {prompt} instead")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
-                                             add_generation_prompt=True)
-        if text.count("{prompt}") != 1:
-            raise ToEError(f"the chat template of {tokenizer.name_or_path!r} does not keep the user turn verbatim; "
-                           "pass a --template with {prompt} instead")
-        return replace(self, template=text)
+        return replace(self, template=chat_template(tokenizer, "pass a --template with {prompt} instead"))
 
     def prompt(self, record: dict[str, Any]) -> str:
         if self.template == CHAT:
@@ -66,6 +58,18 @@ class DataSpec:
 
 HUB = "hf:"
 
+
+def chat_template(tokenizer, fix: str) -> str:
+    """``tokenizer``'s chat template around one user turn, rendered as a plain ``{prompt}`` template (system turn,
+    user turn, assistant header). Raises a one-line ToEError ending with ``fix`` when the tokenizer has none or its
+    template rewrites the user's text."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ToEError(f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; {fix}")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "{prompt}"}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count("{prompt}") != 1:
+        raise ToEError(f"the chat template of {tokenizer.name_or_path!r} does not keep the user turn verbatim; {fix}")
+    return text
 
 def _hub_rows(ref: str, limit: int | None) -> tuple[list[dict], str]:
     """Rows and fingerprint of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` via `datasets.load_dataset` (a hub id,

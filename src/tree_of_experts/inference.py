@@ -8,6 +8,7 @@ import os
 import torch
 
 from .config import ToEError
+from .data import chat_template
 from .hf import load_causal_lm, load_tokenizer
 
 
@@ -31,7 +32,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
 
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8, chat: bool = False, **gen
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8, **gen
 ) -> list[str]:
     """Greedy (or ``gen``-configured) completions for ``prompts``, batched with left padding."""
     tokenizer.padding_side = "left"
@@ -39,9 +40,6 @@ def generate_texts(
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        if chat:
-            chunk = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in chunk]
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
         gen.setdefault("do_sample", False)
         if gen.get("stop_strings"):
@@ -84,13 +82,14 @@ def generate(
 
     prompts = read_prompts(prompt, prompts_file)
     tokenizer = load_tokenizer(base)
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise ToEError(f"--chat: the tokenizer of {base!r} has no chat template; drop --chat and write the prompt "
-                       "format into the prompts")
+    rendered = prompts
+    if chat:
+        template = chat_template(tokenizer, "drop --chat and write the prompt format into the prompts")
+        rendered = [template.replace("{prompt}", p) for p in prompts]
     model = load_causal_lm(base, dtype=dtype, device=device)
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
         if compile:
             model.plugin.compile()
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, chat)
+    texts = generate_texts(model, tokenizer, rendered, max_new_tokens, batch_size)
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
