@@ -19,7 +19,8 @@
 #   CPU cost, one torch thread per job on 2 cores: ~10 min per trained system (LoRA r=64 ~19 min), ~25 min for the
 #   control's extraction, ~4 min per system for the two CE evaluations, ~16 min for the teacher's 40 traces. LoRA
 #   and SFT backpropagate through the whole base: they run with gradient checkpointing (same gradients) to fit next
-#   to another job in 24 GiB.
+#   to another job in 24 GiB. The oracles cost ~40 min per target (the teacher's capture plus eight base passes):
+#   ORACLE_TARGETS (default "gold trace") picks targets, ORACLE_LAMBDAS (e.g. 0.25) the ridge λ values.
 set -euo pipefail
 pair=$1; work=$2; shift 2
 systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd}
@@ -91,12 +92,15 @@ for sys in $systems; do
       keep sft "$work/sft"/{metrics.jsonl,baseline_summary.json}
       evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
-      [ -f "$res/ce-gold/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" \
-        --experts "$work/extract" --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean \
-        --out "$res/ce-gold/oracle"
-      [ -f "$res/ce-trace/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" \
-        --experts "$work/extract" --plugin "$work/toe-b" --data "$traces" --ce-target trace \
-        --out "$res/ce-trace/oracle" ;;
+      lam=(); [ -n "${ORACLE_LAMBDAS:-}" ] && lam=(--lambdas "[$ORACLE_LAMBDAS]")
+      if [[ " ${ORACLE_TARGETS:-gold trace} " == *" gold "* ]] && [ ! -f "$res/ce-gold/oracle/metrics.json" ]; then
+        toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" "${lam[@]}" --experts "$work/extract" \
+          --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean --out "$res/ce-gold/oracle"
+      fi
+      if [[ " ${ORACLE_TARGETS:-gold trace} " == *" trace "* ]] && [ ! -f "$res/ce-trace/oracle/metrics.json" ]; then
+        toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" "${lam[@]}" --experts "$work/extract" \
+          --plugin "$work/toe-b" --data "$traces" --ce-target trace --out "$res/ce-trace/oracle"
+      fi ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
   esac
   done_dirs=()  # finished evals only (another run may be writing one), in the study's row order
