@@ -13,7 +13,8 @@
 #   Env: as for the study (TEMPLATE, RES, TRAIN_DATA, FIELD, MAX_LENGTH, STEPS, TRACE_TOKENS); SWEEP_FROM: the
 #   `toe eval --teacher` folder holding the teacher's answers to rows 40-55 (default RES/prompt-sweep/chat, written
 #   by runs/real_pair_prompt_sweep.sh with the same template and 400 tokens).
-#   CPU cost, one torch thread: ~3 min for base and teacher, ~1.5 min per K, ~20 min per trained point.
+#   CPU cost, one torch thread: ~3 min for base and teacher, ~1.5 min per K, ~25 min per trained point (with
+#   gradient checkpointing: the same gradients, in less memory than ToE-B's run, to fit next to the oracle).
 set -euo pipefail
 pair=$1; work=$2; shift 2
 points=${*:-k n16 n256 no-warmup}
@@ -24,7 +25,7 @@ res=${RES:-$here/results/real_pair}; sweep="$res/sweep"; traces="$work/sweep-tra
 fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
 field=(); [ -n "${FIELD:-}" ] && field=(--response-field "$FIELD")
 budget=(--data "$train_data" --limit 160 --max-steps "${STEPS:-30}" --batch-size 4 --max-length "${MAX_LENGTH:-384}"
-        "${fmt[@]}" "${field[@]}" --log-every 5 --save-every 10 --resume true)
+        "${fmt[@]}" "${field[@]}" --log-every 5 --save-every 10 --resume true --gradient-checkpointing true)
 ce=(--base "$base" "${fmt[@]}" --task gsm8k --data "$traces" --accuracy false --ce-target trace --batch-size 4)
 [ -f "$work/toe-b/train_summary.json" ] || { echo "train ToE-B first: runs/real_pair_study.sh $pair $work toe-b" >&2; exit 2; }
 mkdir -p "$sweep"
