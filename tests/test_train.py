@@ -86,6 +86,31 @@ def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     assert rows(tmp_path / "resumed") == rows(tmp_path / "full")
 
 
+def test_plugin_baseline_resumes_and_adapter_baselines_refuse_to(experts, tmp_path, monkeypatch):
+    """`toe baseline --resume` continues a killed flat run to the uninterrupted result; lora cannot resume."""
+    from tree_of_experts.baseline import baseline
+
+    kw = dict(kind="flat", base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, max_steps=4,
+              stage_a_steps=2, batch_size=4, save_every=1)
+    baseline(out=str(tmp_path / "full"), **kw)
+    real_save = train_mod.save_checkpoint
+
+    def crash_after_step_3(out, model, opt, step, stage):
+        real_save(out, model, opt, step, stage)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        baseline(out=str(tmp_path / "resumed"), **kw)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    baseline(out=str(tmp_path / "resumed"), resume=True, **kw)
+    a, b = plugin_tensors(tmp_path / "full"), plugin_tensors(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ToEError, match="drop --resume"):
+        baseline(**{**kw, "kind": "lora"}, out=str(tmp_path / "lora"), resume=True)
+
+
 def test_ablation_flags_change_the_computation(experts, tmp_path):
     train(**args(experts, tmp_path / "frozen", freeze_bank=True, skip_stage_a=True))
     start = load_file(str(experts / "ex" / "toe_model.safetensors"))

@@ -124,6 +124,8 @@ def baseline(
     dtype: str = "float32",
     seed: int = 0,
     gradient_checkpointing: bool = False,
+    save_every: int = 50,
+    resume: bool = False,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -141,17 +143,24 @@ def baseline(
         limit, prompt_field, response_field, template, strip_calc, max_length: the data, as for `toe train`.
         dtype, seed, gradient_checkpointing: as for `toe train` (checkpointing recomputes activations in backward:
             the same gradients in much less memory, which LoRA and SFT need on long sequences).
+        save_every, resume: checkpoints of the plug-in kinds (control, static, random, flat), as for `toe train`:
+            ``resume`` continues an interrupted run from ``out/checkpoint`` (the control's extraction resumes from
+            its last complete shard on its own).
     """
     if kind not in KINDS:
         raise ToEError(f"kind={kind!r}: use one of {KINDS}")
     if experts is None and not (kind == "sft" or (kind == "lora" and lora_rank)):
         fix = " or an explicit --lora_rank" if kind == "lora" else ""
         raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from){fix}")
+    if resume and kind in ("lora", "sft"):
+        raise ToEError(f"--resume continues the plug-in baselines (control, static, random, flat); a {kind} run "
+                       "restarts: drop --resume")
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,
                    strip_calc=strip_calc, max_length=max_length)
     train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype,
                     gradient_checkpointing=gradient_checkpointing, **data_kw)
+    plugin_kw = dict(save_every=save_every, resume=resume)  # checkpointing: `toe train` does it for plug-in kinds
     if lr is not None:
         train_kw["lr"] = lr
     if bank_lr is not None and kind not in ("lora", "sft"):
@@ -167,14 +176,13 @@ def baseline(
                     k: v for k, v in data_kw.items() if k != "limit"}, gate_rank=cfg.gate_rank, top_k=cfg.top_k,
                 selection=cfg.selection, dtype=dtype, seed=seed)
         summary["train"] = train(base=base, experts=control_dir, out=out, no_kd=True, stage_a_steps=stage_a_steps,
-                                 **train_kw)
+                                 **train_kw, **plugin_kw)
     elif kind in ("static", "random", "flat"):
-        base_model = load_causal_lm(base, dtype=dtype)
-        init = _modified_plugin(base_model, experts, kind, out, seed)
+        init = _modified_plugin(load_causal_lm(base, dtype=dtype), experts, kind, out, seed)  # train loads its own
         flags = {"static": dict(freeze_bank=True, skip_stage_a=True), "random": dict(skip_stage_a=True),
                  "flat": {}}[kind]
         summary["train"] = train(base=base, experts=experts, init_plugin=init, out=out,
-                                 stage_a_steps=stage_a_steps, **flags, **train_kw)
+                                 stage_a_steps=stage_a_steps, **flags, **train_kw, **plugin_kw)
     else:
         tok = load_tokenizer(base)
         base_model = load_causal_lm(base, dtype=dtype)
