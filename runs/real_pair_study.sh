@@ -77,7 +77,7 @@ for sys in $systems; do
       evals "$sys" --plugin "$work/$sys" --with-base false ;;
     control|flat|static|random)
       [ -f "$work/$sys/baseline_summary.json" ] || toe baseline --kind "$sys" --base "$base" \
-        --experts "$work/extract" --out "$work/$sys" "${budget[@]}"
+        --experts "$work/extract" --out "$work/$sys" "${budget[@]}" --save-every 10 --resume true
       keep "$sys" "$work/$sys"/{metrics.jsonl,baseline_summary.json}
       evals "$sys" --plugin "$work/$sys" --with-base false ;;
     lora|lora-r64)
