@@ -5,16 +5,19 @@
 #   Env: TEMPLATE (prompt template, e.g. chat; default `Question: {prompt}\nAnswer: `), RES (results folder),
 #   TRAIN_DATA (default GSM8K train) and FIELD (its response field, default the gold `answer`): for the teacher's
 #   traces, TRAIN_DATA=WORK_DIR/train-traces.jsonl FIELD=trace (runs/real_pair_traces.sh writes it).
-# Copies the small summary files into RES/extract/ (default results/real_pair/extract/).
+#   LAYER: another base injection layer (the teacher's at the same relative depth) instead of the default middle
+#   layer 11 <- 13, written to WORK_DIR/extract-lLAYER (runs/real_pair_sweep.sh uses it for the layer sweep).
+# Copies the small summary files into RES/extract/ (default results/real_pair/extract/; RES/extract-lLAYER).
 set -euo pipefail
 pair=$1; work=$2; limit=${3:-160}
 here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair}
 fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
 [ -n "${FIELD:-}" ] && fmt+=(--response-field "$FIELD")
+name=extract; [ -n "${LAYER:-}" ] && { name=extract-l$LAYER; fmt+=(--layers "[$LAYER]"); }
 toe extract "${fmt[@]}" \
   --teacher "$pair/qwen2.5-coder-1.5b-instruct" --base "$pair/qwen2.5-coder-0.5b-instruct" \
   --data "${TRAIN_DATA:-$here/../shared/data/gsm8k/train.jsonl}" --limit "$limit" --heldout-frac 0.125 \
-  --num-leaves 64 --shape balanced --batch-size 4 --shard-size 32 --out "$work/extract"
-mkdir -p "$res/extract"
-cp "$work/extract/summary.json" "$work/extract/summary.md" "$work/extract/manifest.json" "$res/extract/"
+  --num-leaves 64 --shape balanced --batch-size 4 --shard-size 32 --out "$work/$name"
+mkdir -p "$res/$name"
+cp "$work/$name/summary.json" "$work/$name/summary.md" "$work/$name/manifest.json" "$res/$name/"

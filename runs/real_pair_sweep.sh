@@ -7,13 +7,18 @@
 #   n16 n256   N = 16 and 256: a new tree and bank from the same extraction (`toe rebuild`), trained with ToE-B's
 #              budget (N = 64 is ToE-B itself).
 #   no-warmup  ToE-B trained without the route warm-up (Stage A), same Stage-B budget.
+#   l5 l17     injection at base layer 5 or 17 (teacher layer at the same relative depth, 6 or 20) instead of
+#              11 <- 13: a new extraction on the same text (runs/real_pair_extract.sh with LAYER), then ToE-B's
+#              training.
 # Steps whose outputs exist are skipped; two runs may take different points at once.
 #
 # Usage: runs/real_pair_sweep.sh PAIR_DIR WORK_DIR [POINT ...]   (default: k n16 n256 no-warmup)
-#   Env: as for the study (TEMPLATE, RES, TRAIN_DATA, FIELD, MAX_LENGTH, STEPS, TRACE_TOKENS); SWEEP_FROM: the
+#   Env: as for the study (TEMPLATE, RES, TRAIN_DATA, FIELD, MAX_LENGTH, STEPS, TRACE_TOKENS, and EXTRACT_LIMIT:
+#   the extraction's problem count, default 160, for the layer points); SWEEP_FROM: the
 #   `toe eval --teacher` folder holding the teacher's answers to rows 40-55 (default RES/prompt-sweep/chat, written
 #   by runs/real_pair_prompt_sweep.sh with the same template and 400 tokens).
-#   CPU cost, one torch thread: ~3 min for base and teacher, ~1.5 min per K, ~25 min per trained point (with
+#   CPU cost, one torch thread: ~3 min for base and teacher, ~1.5 min per K, ~25 min per trained point (a layer
+#   point adds ~20 min of extraction on the 53 chat traces; with
 #   gradient checkpointing: the same gradients, in less memory than ToE-B's run, to fit next to the oracle).
 set -euo pipefail
 pair=$1; work=$2; shift 2
@@ -58,17 +63,22 @@ for point in $points; do
         --num-leaves "$n"
       train_point "$point" "$work/extract-n$n" --stage-a-steps 50 ;;
     no-warmup) train_point no-warmup "$work/extract" --stage-a-steps 0 ;;
-    *) echo "unknown point $point (use k n16 n256 no-warmup)" >&2; exit 2 ;;
+    l[0-9]*)
+      [ -f "$work/extract-$point/summary.json" ] || LAYER=${point#l} "$here/runs/real_pair_extract.sh" "$pair" "$work" \
+        "${EXTRACT_LIMIT:-160}"
+      train_point "$point" "$work/extract-$point" --stage-a-steps 50 ;;
+    *) echo "unknown point $point (use k n16 n256 no-warmup lL)" >&2; exit 2 ;;
   esac
   dirs=(); labels=()  # finished points only (another run may be writing one)
-  for name in anchors k1 k2 k4 k8 k16 n16 n256 no-warmup; do
+  for name in anchors k1 k2 k4 k8 k16 n16 n256 no-warmup l5 l17; do
     [ -f "$sweep/$name/metrics.json" ] || continue
     dirs+=("$sweep/$name")
     case $name in
       k4) labels+=("\"k4\": \"ToE-B (N=64, K=4)\"") ;;
       k*) labels+=("\"$name\": \"K=${name#k}\"") ;;
-      n*) labels+=("\"$name\": \"N=${name#n}\"") ;;
       no-warmup) labels+=("\"$name\": \"no route warm-up\"") ;;
+      n*) labels+=("\"$name\": \"N=${name#n}\"") ;;
+      l*) labels+=("\"$name\": \"layer ${name#l}\"") ;;
     esac
   done
   toe report "${dirs[@]}" --reference "ToE-B (N=64, K=4)" --labels "{$(IFS=,; echo "${labels[*]}")}" \
