@@ -7,7 +7,6 @@ The teacher learns key-value arithmetic with the true values; the base learns th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch

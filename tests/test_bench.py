@@ -2,11 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_tiny_pair
 
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.bench import bench
-from conftest import save_tiny_pair
-
 from tree_of_experts.toy import tiny_qwen2
 
 

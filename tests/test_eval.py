@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tree_of_experts import ToEError
-
 from tree_of_experts.grading import grade, gsm8k_gold, last_boxed, normalize_number
 from tree_of_experts.stats import gap_closed, gap_closed_ci, paired_bootstrap, wilson
 

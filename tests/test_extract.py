@@ -76,7 +76,7 @@ def test_resume_after_interruption_equals_one_run(pair, tmp_path):
 
 def test_rebuild_reuses_the_capture_and_fusion_map(pair, tmp_path):
     run(pair, tmp_path / "ex")
-    same = rebuild(str(tmp_path / "ex"), str(tmp_path / "same"), num_leaves=8, gate_rank=8)
+    rebuild(str(tmp_path / "ex"), str(tmp_path / "same"), num_leaves=8, gate_rank=8)
     a, b = load_file(tmp_path / "ex" / "toe_model.safetensors"), load_file(tmp_path / "same" / "toe_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same settings: the same plug-in
     deep = rebuild(str(tmp_path / "ex"), str(tmp_path / "deep"), num_leaves=4, shape="deep", gate_rank=8)

@@ -21,7 +21,6 @@ from .model import ToEModel
 from .plugin import injection_mask
 from .tree import TreeGate
 
-
 PARTS = ("generation", "routing", "training", "extraction")
 
 
@@ -147,7 +146,7 @@ def bench_routing(hidden: int, rank: int, k: int, exponents: list[int], tokens: 
         row = {"num_leaves": n}
         for name, shape, mode in (("tree_beam", "balanced", "beam"), ("flat", "flat", "topk")):
             gate = TreeGate(hidden, n, shape, rank=rank, selection=mode, top_k=k).to(device).eval()
-            times = [t / tokens for t in _loop_times(timer, lambda: gate(h), reps)]
+            times = [t / tokens for t in _loop_times(timer, lambda gate=gate: gate(h), reps)]
             row[f"{name}_us_per_token"] = 1e6 * min(times)
             row[f"{name}_us_per_token_median"] = 1e6 * statistics.median(times)
             del gate

@@ -14,10 +14,10 @@ def _commands() -> dict:
     from .bench import bench
     from .demo import demo
     from .evaluate import evaluate, traces
-    from .report import report
     from .extract import extract, rebuild
     from .inference import generate
     from .oracle import oracle
+    from .report import report
     from .train import train
 
     return {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate, "traces": traces,

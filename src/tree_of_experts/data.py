@@ -71,6 +71,7 @@ def chat_template(tokenizer, fix: str) -> str:
         raise ToEError(f"the chat template of {tokenizer.name_or_path!r} does not keep the user turn verbatim; {fix}")
     return text
 
+
 def _hub_rows(ref: str, limit: int | None) -> tuple[list[dict], str]:
     """Rows and fingerprint of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` via `datasets.load_dataset` (a hub id,
     or a local folder of data files)."""
