@@ -20,7 +20,9 @@
 #   control's extraction, ~4 min per system for the two CE evaluations, ~16 min for the teacher's 40 traces. LoRA
 #   and SFT backpropagate through the whole base: they run with gradient checkpointing (same gradients) to fit next
 #   to another job in 24 GiB. The oracles cost ~40 min per target (the teacher's capture plus eight base passes):
-#   ORACLE_TARGETS (default "gold trace") picks targets, ORACLE_LAMBDAS (e.g. 0.25) the ridge λ values.
+#   ORACLE_TARGETS (default "gold trace") picks targets, ORACLE_LAMBDAS (e.g. 0.25) the ridge λ values. Memory:
+#   the oracle holds teacher and base (fp32, 1.5B + 0.5B) and peaked at 13 GB on the chat traces at batch 4 —
+#   twice it was killed for memory next to a training; ORACLE_BATCH=1 lowers the peak (the CE is per item).
 set -euo pipefail
 pair=$1; work=$2; shift 2
 systems=${*:-toe-b control lora oracle flat toe-d static random lora-r64 sft toe-b-kd}
@@ -92,7 +94,7 @@ for sys in $systems; do
       keep sft "$work/sft"/{metrics.jsonl,baseline_summary.json}
       evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
-      lam=(); [ -n "${ORACLE_LAMBDAS:-}" ] && lam=(--lambdas "[$ORACLE_LAMBDAS]")
+      lam=(--batch-size "${ORACLE_BATCH:-4}"); [ -n "${ORACLE_LAMBDAS:-}" ] && lam+=(--lambdas "[$ORACLE_LAMBDAS]")
       if [[ " ${ORACLE_TARGETS:-gold trace} " == *" gold "* ]] && [ ! -f "$res/ce-gold/oracle/metrics.json" ]; then
         toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" "${lam[@]}" --experts "$work/extract" \
           --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean --out "$res/ce-gold/oracle"
