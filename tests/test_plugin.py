@@ -211,3 +211,25 @@ def test_routing_override_sweeps_k_at_inference_and_restores_the_config(base, ba
     for bad in (dict(top_k=0), dict(top_p=1.5), dict(mode="sparse")):
         with pytest.raises(ToEError, match="must be|unknown"), model.selection(**bad):
             pass
+
+
+def test_inspect_reports_how_much_of_the_bank_is_one_shared_vector(tmp_path, capsys):
+    """`toe inspect`: a bank of one repeated vector has common_share 1 (routing cannot matter), random leaves ~1/N;
+    the injected geometry is zero at the no-op init; a missing folder is a one-line error."""
+    from tree_of_experts.bank import geometry
+    from tree_of_experts.cli import main
+
+    torch.manual_seed(0)
+    same = geometry(torch.ones(8, 64))
+    assert same["common_share"] == pytest.approx(1.0) and same["spread"] == pytest.approx(0.0, abs=1e-6)
+    assert geometry(torch.randn(256, 64))["common_share"] < 0.05
+    assert geometry(torch.zeros(4, 8))["common_share"] is None
+    model = ToEModel.fresh(tiny_qwen2(), layers=[1], num_leaves=8)
+    model.save_pretrained(tmp_path / "p")
+    assert main(["inspect", "--plugin", str(tmp_path / "p")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_leaves"] == 8 and out["parameters"] == sum(p.numel() for p in model.plugin.parameters())
+    assert out["banks"]["1"]["injected"]["common_share"] is None  # zero scale: nothing is injected yet
+    assert 0 < out["banks"]["1"]["bank"]["common_share"] < 1
+    assert main(["inspect", "--plugin", str(tmp_path / "nothing")]) == 2
+    assert "not found" in capsys.readouterr().err

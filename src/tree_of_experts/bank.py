@@ -54,3 +54,23 @@ class ExpertBank(nn.Module):
     def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:
         """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather."""
         return probs @ self.vectors()
+
+
+def geometry(vectors: torch.Tensor) -> dict[str, float | None]:
+    """How much of a bank is one shared vector, for (N, D) leaves v_i with mean m.
+
+    ``common_share`` = ‖m‖² / mean ‖v_i‖²: 1 when every leaf is the same vector (routing then cannot matter: the
+    plug-in is a static vector), about 1/N for unrelated leaves; ``cos_to_common_median``: median cos(v_i, m);
+    ``spread``: mean ‖v_i − m‖. None where the bank is all zeros.
+    """
+    v = vectors.detach().float()
+    mean = v.mean(0)
+    energy = float(v.pow(2).sum(-1).mean())
+    cos = F.cosine_similarity(v, mean.expand_as(v), dim=-1) if energy > 0 else None
+    return {
+        "leaf_norm_mean": float(v.norm(dim=-1).mean()),
+        "common_norm": float(mean.norm()),
+        "spread": float((v - mean).norm(dim=-1).mean()),
+        "common_share": float(mean.pow(2).sum()) / energy if energy > 0 else None,
+        "cos_to_common_median": float(cos.median()) if cos is not None else None,
+    }

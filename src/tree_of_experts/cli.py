@@ -16,13 +16,14 @@ def _commands() -> dict:
     from .evaluate import evaluate, traces
     from .extract import extract, rebuild
     from .inference import generate
+    from .model import inspect
     from .oracle import oracle
     from .report import report
     from .train import train
 
     return {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate, "traces": traces,
             "report": report, "demo": demo, "baseline": baseline,
-            "oracle": oracle, "bench": bench}
+            "oracle": oracle, "bench": bench, "inspect": inspect}
 
 
 def _report_positionals(argv: list[str]) -> list[str]:

@@ -153,6 +153,31 @@ class ToEModel(nn.Module):
         return [p for p in self.plugin.parameters() if p.requires_grad]
 
 
+def inspect(plugin: str) -> dict:
+    """What a plug-in folder holds, without loading the base: config, parameter count and, per injection layer, the
+    learned scale and the geometry of the bank as stored (e_i) and as injected for a one-leaf route (s ⊙ e_i) —
+    ``common_share`` near 1 means the leaves are one shared vector and routing cannot matter
+    (:func:`tree_of_experts.bank.geometry`).
+
+    Args:
+        plugin: a plug-in folder (`toe extract`, `toe train` or `toe baseline` output).
+    """
+    from .bank import geometry
+
+    module = ToEPlugin.load(plugin)
+    config = module.config
+    layers = {}
+    for layer, block in module.blocks.items():
+        bank = block.bank.vectors().detach()
+        scale = block.scale.detach()
+        layers[layer] = {"scale_abs_mean": float(scale.abs().mean()), "bank": geometry(bank),
+                         "injected": geometry(scale * bank)}
+    return {"plugin": str(plugin), "base": config.base_model, "teacher": config.teacher_model,
+            "layers": config.layers, "teacher_layers": config.teacher_layers, "shape": config.shape,
+            "num_leaves": config.num_leaves, "selection": config.selection, "top_k": config.top_k,
+            "parameters": sum(p.numel() for p in module.parameters()), "banks": layers}
+
+
 def model_card(config: ToEConfig, plugin: ToEPlugin) -> str:
     n_params = sum(p.numel() for p in plugin.parameters())
     lines = [
