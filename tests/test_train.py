@@ -220,3 +220,30 @@ def test_topk_losses_match_the_full_softmax_formulas():
     t = logp_t - logp_t.logsumexp(-1, keepdim=True)
     expected = (t.exp() * (t - s)).sum(-1) * mask
     assert torch.allclose(topk_kl(logits, ids_t, logp_t, mask), expected, atol=1e-5)
+
+
+def test_losses_on_the_kept_tail_equal_the_full_batch():
+    """`toe train` asks the model for logits at the tail that holds every target (logits_to_keep): CE and top-k KL
+    of a left-padded batch are the full-sequence values."""
+    from tree_of_experts.hf import padded_inputs
+    from tree_of_experts.losses import tail_length, token_nll, topk_kl
+
+    model = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (3, 12), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :4] = 0  # left padding
+    am[1, :2] = 0
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    mask[0, 9:], mask[1, 6:], mask[2, 8:] = True, True, True  # responses of different lengths
+    topk_ids, topk_logp = torch.randint(0, 64, (3, 12, 4), generator=g), torch.randn(3, 12, 4, generator=g)
+    keep = tail_length(mask)
+    assert keep == 12 - 6 + 1 and tail_length(torch.zeros(2, 5, dtype=torch.bool)) == 1
+    with torch.no_grad():
+        full = model(**padded_inputs(ids, am, "cpu")).logits
+        tail = model(**padded_inputs(ids, am, "cpu"), logits_to_keep=keep).logits
+    assert tail.shape[1] == keep
+    t = slice(-keep, None)
+    torch.testing.assert_close(token_nll(tail, ids[:, t], mask[:, t]).sum(), token_nll(full, ids, mask).sum())
+    torch.testing.assert_close(topk_kl(tail, topk_ids[:, t], topk_logp[:, t], mask[:, t]).sum(),
+                               topk_kl(full, topk_ids, topk_logp, mask).sum())
