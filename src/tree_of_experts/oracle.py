@@ -126,7 +126,7 @@ def oracle(
     generate: bool = False,
     max_new_tokens: int = 256,
     batch_size: int = 4,
-    max_length: int = 512,
+    max_length: int = 1024,
     dtype: str = "float32",
     device: str = "cpu",
 ) -> dict:
@@ -145,6 +145,8 @@ def oracle(
         lambdas: λ values of the ridge O1.
         generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
         max_new_tokens: generation budget.
+        max_length: prompt + target tokens kept per item; the default is `toe eval`'s, so that their rows pool in
+            `toe report` (a shorter cut scores fewer target tokens on long traces, and the report refuses to pool).
     """
     qf, rf = TASK_FIELDS[task]
     spec = ce_target_spec(task, template, ce_target)

@@ -81,7 +81,8 @@ def pool(run_dirs: list[str], labels: dict[str, str] | None = None) -> dict[str,
             for lab, c in counts.items():
                 if c != counts[first]:
                     raise ToEError(f"{lab!r} and {first!r} scored different target texts for the same prompts (a "
-                                   "regenerated traces file?): evaluate both on the same file")
+                                   "regenerated traces file, or a --max_length that cut long targets?): evaluate "
+                                   "both on the same file with the same --max_length")
     return groups
 
 
