@@ -1,11 +1,12 @@
 """Training-step cost of projecting every position onto the vocabulary vs only the tail that holds the targets.
 
-`toe train` (and the LoRA/SFT baselines) pass ``logits_to_keep = tail_length(loss_mask)`` to the model: with left
+`toe train` (and the LoRA/SFT baselines) pass ``logits_to_keep = tail_positions(loss_mask)`` to the model: with left
 padding every response sits at the end of its row, so prompt and padding positions need no vocabulary projection.
 This script times one Stage-B-like step of a ToE plug-in (forward, CE, backward, Adam) both ways, interleaved on the
 same batch, and prints the ratio and the logits tensor's size. The losses are checked equal.
 
 Usage: python runs/bench_tail_logits.py [--base FOLDER] [--batch 4] [--prompt 100] [--response 300] [--reps 5]
+                                        [--dtype float32] [--out FILE.json]
   Without --base: a 2-layer model with Qwen2.5's vocabulary (151,936) and hidden size 896, which overstates the
   vocabulary's share of a 24-layer model's step; with --base the real model.
 """
@@ -21,7 +22,7 @@ import torch
 from tree_of_experts import ToEModel
 from tree_of_experts.hf import load_causal_lm, padded_inputs
 from tree_of_experts.io import atomic_write_json
-from tree_of_experts.losses import tail_length, token_nll
+from tree_of_experts.losses import tail_length, tail_positions, token_nll
 from tree_of_experts.toy import tiny_qwen2
 
 
@@ -32,10 +33,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=100, help="prompt tokens of the longest row")
     ap.add_argument("--response", type=int, default=300, help="response tokens of the longest row")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", help="the base's dtype (toe train's default: float32)")
     ap.add_argument("--out", help="also write the result as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
-    base = load_causal_lm(args.base) if args.base else tiny_qwen2(hidden_size=896, num_layers=2, vocab_size=151936)
+    base = (load_causal_lm(args.base, dtype=args.dtype) if args.base
+            else tiny_qwen2(hidden_size=896, num_layers=2, vocab_size=151936).to(getattr(torch, args.dtype)))
     layer = base.config.num_hidden_layers // 2
     model = ToEModel.fresh(base, layers=[layer], num_leaves=64)
     with torch.no_grad():
@@ -55,7 +58,8 @@ def main() -> None:
 
     def step(tail: bool) -> float:
         n = keep if tail else t
-        logits = model(**padded_inputs(ids, am, "cpu"), **({"logits_to_keep": n} if tail else {})).logits
+        kw = {"logits_to_keep": tail_positions(mask, "cpu")} if tail else {}
+        logits = model(**padded_inputs(ids, am, "cpu"), **kw).logits
         loss = token_nll(logits, ids[:, -n:], mask[:, -n:]).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,7 +80,7 @@ def main() -> None:
         "speedup_median": ratios[len(ratios) // 2],
         "logits_mb": {"full": args.batch * t * base.config.vocab_size * 4 / 2**20,
                       "tail": args.batch * keep * base.config.vocab_size * 4 / 2**20},
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "dtype": args.dtype,
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -226,7 +226,7 @@ def test_losses_on_the_kept_tail_equal_the_full_batch():
     """`toe train` asks the model for logits at the tail that holds every target (logits_to_keep): CE and top-k KL
     of a left-padded batch are the full-sequence values."""
     from tree_of_experts.hf import padded_inputs
-    from tree_of_experts.losses import tail_length, token_nll, topk_kl
+    from tree_of_experts.losses import tail_length, tail_positions, token_nll, topk_kl
 
     model = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
     g = torch.Generator().manual_seed(0)
@@ -241,7 +241,7 @@ def test_losses_on_the_kept_tail_equal_the_full_batch():
     assert keep == 12 - 6 + 1 and tail_length(torch.zeros(2, 5, dtype=torch.bool)) == 1
     with torch.no_grad():
         full = model(**padded_inputs(ids, am, "cpu")).logits
-        tail = model(**padded_inputs(ids, am, "cpu"), logits_to_keep=keep).logits
+        tail = model(**padded_inputs(ids, am, "cpu"), logits_to_keep=tail_positions(mask, "cpu")).logits
     assert tail.shape[1] == keep
     t = slice(-keep, None)
     torch.testing.assert_close(token_nll(tail, ids[:, t], mask[:, t]).sum(), token_nll(full, ids, mask).sum())

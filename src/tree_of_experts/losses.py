@@ -8,10 +8,17 @@ import torch.nn.functional as F
 
 def tail_length(loss_mask: torch.Tensor) -> int:
     """How many trailing positions of a left-padded batch need logits: every target and the position before the
-    first one (position t predicts t + 1). Pass it as ``logits_to_keep`` and score the same tail of the batch:
-    prompt and padding positions then cost no vocabulary projection (152k columns for Qwen2.5)."""
+    first one (position t predicts t + 1). Pass :func:`tail_positions` as ``logits_to_keep`` and score the same tail
+    of the batch: prompt and padding positions then cost no vocabulary projection (152k columns for Qwen2.5)."""
     cols = loss_mask.any(0).nonzero()
     return min(int(loss_mask.shape[1] - cols[0]) + 1, loss_mask.shape[1]) if len(cols) else 1
+
+
+def tail_positions(loss_mask: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The last :func:`tail_length` positions as an index tensor: transformers gathers them into a contiguous copy
+    (an int ``logits_to_keep`` slices a strided view, which CPU bf16 matmuls run ~4x slower than the whole batch)."""
+    t = loss_mask.shape[1]
+    return torch.arange(t - tail_length(loss_mask), t, device=device)
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
