@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import ToEError
 from .data import DataSpec, encode, pad_left, read_jsonl
 from .grading import grade, gsm8k_gold, last_boxed
-from .hf import load_causal_lm, load_tokenizer, padded_inputs
+from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
 from .inference import generate_texts
 from .io import atomic_write_json, atomic_write_text
 from .losses import token_nll
@@ -160,7 +160,7 @@ def evaluate(
     batch_size: int = 8,
     max_length: int = 1024,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | None = None,
     plugin_selection: str | None = None,
     plugin_top_k: int | None = None,
     plugin_top_p: float | None = None,
@@ -185,7 +185,7 @@ def evaluate(
         ce, accuracy: which metrics to compute.
         max_new_tokens: generation budget (greedy).
         batch_size, max_length: batching and truncation.
-        dtype, device: where models run.
+        dtype, device: where models run (device default: the GPU when one is visible, else the CPU).
         plugin_selection: route the plug-in with this mode instead of its configured one.
         plugin_top_k: route the plug-in with this K (an inference-time sweep: nothing is retrained; recorded in
             the metrics' args as ``routing``).
@@ -231,7 +231,7 @@ def evaluate(
         write_rows(out, name, per_system[name])
 
     if with_base or plugin or lora:  # the systems that run on the base's own weights
-        base_model = load_causal_lm(base, dtype=dtype, device=device)
+        base_model = load_causal_lm(base, dtype=dtype, device=pick_device(device))
         if with_base:
             run("base", base_model)
         if plugin:
@@ -246,9 +246,9 @@ def evaluate(
             run("lora", PeftModel.from_pretrained(base_model, lora).eval())
         del base_model
     if sft:
-        run("sft", load_causal_lm(sft, dtype=dtype, device=device))
+        run("sft", load_causal_lm(sft, dtype=dtype, device=pick_device(device)))
     if teacher:
-        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+        run("teacher", load_causal_lm(teacher, dtype=dtype, device=pick_device(device)))
     return write_metrics(out, args, per_system, leaf_usage)
 
 
@@ -300,7 +300,7 @@ def traces(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | None = None,
     keep_incorrect: bool = False,
     eval_out: str | None = None,
     from_eval: str | None = None,
@@ -325,7 +325,7 @@ def traces(
     if from_eval:
         scored = _teacher_answers(from_eval, items, max_new_tokens)
     else:
-        model = load_causal_lm(teacher, dtype=dtype, device=device)
+        model = load_causal_lm(teacher, dtype=dtype, device=pick_device(device))
         scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
                               STOP)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}

@@ -68,6 +68,11 @@ def model_id(model: nn.Module) -> str:
     return getattr(model.config, "_name_or_path", "") or type(model).__name__
 
 
+def pick_device(device: str | None) -> str:
+    """``device``, or the GPU when one is visible (as `toe extract` and `toe train` pick through accelerate)."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_causal_lm(
     name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | None = None, **kwargs: Any
 ) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 from .config import ToEError
 from .data import chat_template
-from .hf import load_causal_lm, load_tokenizer
+from .hf import load_causal_lm, load_tokenizer, pick_device
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
@@ -58,7 +58,7 @@ def generate(
     batch_size: int = 8,
     chat: bool = False,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | None = None,
     compile: bool = False,
 ) -> list[dict]:
     """Generates completions with the base (and the plug-in, when given).
@@ -72,7 +72,7 @@ def generate(
         batch_size: prompts per batch (left-padded).
         chat: wrap each prompt in the tokenizer's chat template.
         dtype: torch dtype name for the base.
-        device: "cpu", "cuda", ...
+        device: "cpu", "cuda", ... (default: the GPU when one is visible).
         compile: compile the plug-in's hook computation with torch.compile (see ``ToEPlugin.compile``).
 
     Returns:
@@ -86,7 +86,7 @@ def generate(
     if chat:
         template = chat_template(tokenizer, "drop --chat and write the prompt format into the prompts")
         rendered = [template.replace("{prompt}", p) for p in prompts]
-    model = load_causal_lm(base, dtype=dtype, device=device)
+    model = load_causal_lm(base, dtype=dtype, device=pick_device(device))
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
         if compile:

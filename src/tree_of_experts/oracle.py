@@ -31,7 +31,7 @@ from .data import DataSpec, read_jsonl
 from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
 from .extract import capture_shard, example_ce, prepare, same_vocab
 from .grading import grade
-from .hf import add_to_layers, load_causal_lm, load_tokenizer, states_until
+from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
 from .io import atomic_write_json, atomic_write_text
 from .model import ToEModel
 from .plugin import ToEPlugin
@@ -128,7 +128,7 @@ def oracle(
     batch_size: int = 4,
     max_length: int = 1024,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | None = None,
 ) -> dict:
     """Teacher-forced response CE of base, teacher, O1, O2, static vector and ToE on the same items.
 
@@ -159,6 +159,7 @@ def oracle(
     spec = spec.for_tokenizer(base_tok)
     if not same_vocab(base_tok, teacher_tok):
         raise ToEError("toe oracle compares CE token by token and needs teacher and base to share a tokenizer")
+    device = pick_device(device)
     base_model = load_causal_lm(base, dtype=dtype, device=device)
     teacher_model = load_causal_lm(teacher, dtype=dtype, device=device)
     examples = prepare(rows, spec, base_tok, teacher_tok, max_length)
