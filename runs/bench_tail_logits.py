@@ -22,7 +22,7 @@ import torch
 from tree_of_experts import ToEModel
 from tree_of_experts.hf import load_causal_lm, padded_inputs
 from tree_of_experts.io import atomic_write_json
-from tree_of_experts.losses import tail_length, tail_positions, token_nll
+from tree_of_experts.losses import tail_positions, token_nll
 from tree_of_experts.toy import tiny_qwen2
 
 
@@ -54,11 +54,11 @@ def main() -> None:
         mask[i, max(pad + 1, t - args.response + 11 * i) :] = True
     params = [p for p in model.plugin.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-5)
-    keep = tail_length(mask)
+    keep = tail_positions(mask, "cpu")
 
     def step(tail: bool) -> float:
-        n = keep if tail else t
-        kw = {"logits_to_keep": tail_positions(mask, "cpu")} if tail else {}
+        n = len(keep) if tail else t
+        kw = {"logits_to_keep": keep} if tail else {}
         logits = model(**padded_inputs(ids, am, "cpu"), **kw).logits
         loss = token_nll(logits, ids[:, -n:], mask[:, -n:]).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -75,11 +75,11 @@ def main() -> None:
     ratios = sorted(f / k for f, k in zip(times["full"], times["tail"]))
     result = {
         "model": args.base or "2-layer Qwen2, hidden 896, vocab 151936",
-        "batch": args.batch, "positions": t, "kept": keep, "targets": int(mask.sum()),
+        "batch": args.batch, "positions": t, "kept": len(keep), "targets": int(mask.sum()),
         "full_s_best": min(times["full"]), "tail_s_best": min(times["tail"]),
         "speedup_median": ratios[len(ratios) // 2],
         "logits_mb": {"full": args.batch * t * base.config.vocab_size * 4 / 2**20,
-                      "tail": args.batch * keep * base.config.vocab_size * 4 / 2**20},
+                      "tail": args.batch * len(keep) * base.config.vocab_size * 4 / 2**20},
         "threads": torch.get_num_threads(), "dtype": args.dtype,
     }
     print(json.dumps(result, indent=2))

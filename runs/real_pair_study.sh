@@ -95,14 +95,15 @@ for sys in $systems; do
       evals sft --sft "$work/sft" --with-base false ;;
     oracle)  # O1/O2 on both targets, written as eval folders so the report pools them with the systems above
       lam=(--batch-size "${ORACLE_BATCH:-4}"); [ -n "${ORACLE_LAMBDAS:-}" ] && lam+=(--lambdas "[$ORACLE_LAMBDAS]")
-      if [[ " ${ORACLE_TARGETS:-gold trace} " == *" gold "* ]] && [ ! -f "$res/ce-gold/oracle/metrics.json" ]; then
-        toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" "${lam[@]}" --experts "$work/extract" \
-          --plugin "$work/toe-b" --data "$dev" --limit "$dev_limit" --ce-target gold_clean --out "$res/ce-gold/oracle"
-      fi
-      if [[ " ${ORACLE_TARGETS:-gold trace} " == *" trace "* ]] && [ ! -f "$res/ce-trace/oracle/metrics.json" ]; then
-        toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" "${lam[@]}" --experts "$work/extract" \
-          --plugin "$work/toe-b" --data "$traces" --ce-target trace --out "$res/ce-trace/oracle"
-      fi ;;
+      for target in ${ORACLE_TARGETS:-gold trace}; do
+        case $target in
+          gold) items=(--data "$dev" --limit "$dev_limit" --ce-target gold_clean) ;;
+          trace) items=(--data "$traces" --ce-target trace) ;;
+          *) echo "unknown oracle target $target (use gold trace)" >&2; exit 2 ;;
+        esac
+        [ -f "$res/ce-$target/oracle/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${fmt[@]}" \
+          "${lam[@]}" --experts "$work/extract" --plugin "$work/toe-b" "${items[@]}" --out "$res/ce-$target/oracle"
+      done ;;
     *) echo "unknown system $sys" >&2; exit 2 ;;
   esac
   done_dirs=()  # finished evals only (another run may be writing one), in the study's row order

@@ -66,16 +66,21 @@ def test_stage_a_learns_the_route_labels(experts, tmp_path):
     assert loss(tmp_path / "p") < loss(experts / "ex") - 0.02
 
 
+def crash_after(step_to_crash: int, real_save):
+    """A save_checkpoint that saves, then kills the run (KeyboardInterrupt) right after ``step_to_crash``."""
+
+    def save(out, model, opt, step, stage):
+        real_save(out, model, opt, step, stage)
+        if step == step_to_crash:
+            raise KeyboardInterrupt
+
+    return save
+
+
 def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     train(**args(experts, tmp_path / "full"))
     real_save = train_mod.save_checkpoint
-
-    def crash_after_step_8(out, model, opt, step, stage):
-        real_save(out, model, opt, step, stage)
-        if step == 8:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_8)
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after(8, real_save))
     with pytest.raises(KeyboardInterrupt):
         train(**args(experts, tmp_path / "resumed"))
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
@@ -94,13 +99,7 @@ def test_plugin_baseline_resumes_and_adapter_baselines_refuse_to(experts, tmp_pa
               stage_a_steps=2, batch_size=4, save_every=1)
     baseline(out=str(tmp_path / "full"), **kw)
     real_save = train_mod.save_checkpoint
-
-    def crash_after_step_3(out, model, opt, step, stage):
-        real_save(out, model, opt, step, stage)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_3)
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after(3, real_save))
     with pytest.raises(KeyboardInterrupt):
         baseline(out=str(tmp_path / "resumed"), **kw)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)

@@ -26,7 +26,7 @@ from .data import DataSpec, batch_indices, encode, pad_left, read_jsonl
 from .extract import extract
 from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_write_json
-from .losses import tail_length, tail_positions, token_nll
+from .losses import tail_positions, token_nll
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .train import train
@@ -90,10 +90,11 @@ def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_ste
     for step in range(max_steps):
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         ids, am = pad_left([e.input_ids for e in batch], tok.pad_token_id)
-        mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool().to(dev)
-        keep = tail_length(mask)  # logits only where a target is scored, as in `toe train`
-        logits = base_model(**padded_inputs(ids, am, dev), logits_to_keep=tail_positions(mask, dev)).logits
-        loss = token_nll(logits, ids[:, -keep:].to(dev), mask[:, -keep:]).sum() / mask.sum().clamp_min(1)
+        mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool()
+        keep = tail_positions(mask, dev)  # logits only where a target is scored, as in `toe train`
+        logits = base_model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits
+        tail = slice(-len(keep), None)
+        loss = token_nll(logits, ids[:, tail].to(dev), mask[:, tail].to(dev)).sum() / mask.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -230,8 +230,9 @@ def evaluate(
                                         max_length, STOP)
         write_rows(out, name, per_system[name])
 
+    device = pick_device(device)
     if with_base or plugin or lora:  # the systems that run on the base's own weights
-        base_model = load_causal_lm(base, dtype=dtype, device=pick_device(device))
+        base_model = load_causal_lm(base, dtype=dtype, device=device)
         if with_base:
             run("base", base_model)
         if plugin:
@@ -246,9 +247,9 @@ def evaluate(
             run("lora", PeftModel.from_pretrained(base_model, lora).eval())
         del base_model
     if sft:
-        run("sft", load_causal_lm(sft, dtype=dtype, device=pick_device(device)))
+        run("sft", load_causal_lm(sft, dtype=dtype, device=device))
     if teacher:
-        run("teacher", load_causal_lm(teacher, dtype=dtype, device=pick_device(device)))
+        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
     return write_metrics(out, args, per_system, leaf_usage)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,6 @@ from .config import ToEConfig, ToEError
 from .hf import arch_fingerprint, load_causal_lm, model_id, versions
 from .io import atomic_write_text
 from .plugin import ToEPlugin
-from .tree import SELECTIONS
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -128,15 +128,9 @@ class ToEModel(nn.Module):
                   ) -> Iterator[None]:
         """Routes with ``mode`` ("dense", "topk", "topp", "beam"), K and p inside the block; None keeps the configured
         value. Nothing is retrained: an inference-time sweep of K or p on a plug-in trained with another one."""
-        if mode is not None and mode not in SELECTIONS:
-            raise ToEError(f"selection={mode!r} is unknown: use one of {SELECTIONS}")
-        if top_k is not None and top_k < 1:
-            raise ToEError(f"top_k={top_k}: must be >= 1")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ToEError(f"top_p={top_p}: must be in (0, 1]")
+        overrides = {k: v for k, v in (("selection", mode), ("top_k", top_k), ("top_p", top_p)) if v is not None}
+        dataclasses.replace(self.plugin.config, **overrides)  # the config's own checks (one-line ToEErrors)
         gates = [block.gate for block in self.plugin.blocks.values()]
-        if (mode or self.plugin.config.selection) == "beam" and self.plugin.config.shape != "balanced":
-            raise ToEError("selection='beam' needs a balanced tree; use selection='topp' for a deep one")
         previous = self.plugin.selection, [(g.top_k, g.top_p) for g in gates]
         self.plugin.selection = mode or self.plugin.selection
         for g in gates:

@@ -22,7 +22,7 @@ from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jso
 from .extract import iter_examples
 from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
-from .losses import tail_length, tail_positions, token_nll, topk_kl
+from .losses import tail_positions, token_nll, topk_kl
 from .model import ToEModel
 from .tree import effective_leaves, num_nodes, path_labels, route_loss, usage, usage_loss
 
@@ -312,13 +312,12 @@ def train(
             stage = "C" if selection != train_selection else "B"
             # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
             n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
-            keep = tail_length(b["loss_mask"])  # logits only where a target is scored (left padding: the tail)
-            tail = {k: v[:, -keep:].to(acc.device) for k, v in b.items() if k not in ("input_ids", "attention_mask")}
+            keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
+            tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k != "attention_mask"}
             with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
                 logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
-                                 logits_to_keep=tail_positions(b["loss_mask"], acc.device)).logits  # (B, keep, V)
-                ids = b["input_ids"][:, -keep:].to(acc.device)
-                ce = token_nll(logits, ids, tail["loss_mask"]).sum() / n_tok
+                                 logits_to_keep=keep).logits  # (B, len(keep), V)
+                ce = token_nll(logits, tail["input_ids"], tail["loss_mask"]).sum() / n_tok
                 loss = ce_weight * ce
                 kd = torch.zeros((), device=acc.device)
                 if use_kd and "topk_ids" in b:
