@@ -1,4 +1,4 @@
-"""Answer extraction and grading: GSM8K (numbers) and MATH (\\boxed{} + math-verify)."""
+"""Answer extraction and grading: GSM8K (the last number) and MATH (math-verify on the whole completion)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def gsm8k_prediction(completion: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (balanced braces), or None."""
+    """Content of the last \\boxed{...} (balanced braces), or None: the gold answer of a MATH solution (completions
+    are read by math-verify, `math_prediction`)."""
     start = text.rfind("\\boxed")
     if start < 0:
         return None
@@ -52,20 +53,25 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def math_equal(prediction: str | None, gold: str) -> bool:
-    """Equivalence of two MATH answers via math-verify (falls back to string match if it cannot parse)."""
-    if prediction is None:
+def math_prediction(completion: str) -> list:
+    """math-verify's parse of a whole completion: the \\boxed answers first (``\\boxed{5}``, ``\\boxed 5``), else the
+    last LaTeX or plain expression. ``[]`` when nothing parses; else ``[sympy value, answer text]``."""
+    from math_verify import parse
+
+    return parse(completion)
+
+
+def math_equal(prediction: list, gold: str) -> bool:
+    """Equivalence of a parsed prediction and a MATH gold answer via math-verify (string match when the gold does
+    not parse)."""
+    if not prediction:
         return False
     from math_verify import parse, verify
 
-    try:
-        g = parse("$" + gold + "$")
-        p = parse("$" + prediction + "$")
-        if g and p:
-            return bool(verify(g, p))
-    except Exception:  # math-verify raises on malformed LaTeX; a malformed answer is simply wrong
-        pass
-    return prediction.strip() == gold.strip()
+    g = parse("$" + gold + "$")
+    if not g:
+        return str(prediction[-1]).strip() == gold.strip()
+    return bool(verify(g, prediction))
 
 
 def grade(task: str, completion: str, gold: str) -> tuple[str | None, bool]:
@@ -74,6 +80,6 @@ def grade(task: str, completion: str, gold: str) -> tuple[str | None, bool]:
         pred = gsm8k_prediction(completion)
         return pred, pred is not None and pred == normalize_number(gold)
     if task == "math":
-        pred = last_boxed(completion)
-        return pred, math_equal(pred, gold)
+        parsed = math_prediction(completion)
+        return (str(parsed[-1]) if parsed else None), math_equal(parsed, gold)
     raise ValueError(f"task {task!r} is unknown: use 'gsm8k' or 'math'")
