@@ -1,32 +1,44 @@
 #!/usr/bin/env bash
-# The teacher's greedy traces on the first N GSM8K-train problems, as training data for the real-pair study
-# (`--response-field trace`): JOBS parallel `toe traces` runs over consecutive slices (greedy decoding, so the
-# rows are the ones one run would write), merged shortest trace first into WORK_DIR/train-traces.jsonl. Only the
-# correct traces are kept. A slice whose file exists is not generated again, so the script resumes.
+# The teacher's greedy traces on N consecutive problems of a data file, as training data for the real-pair study
+# (`--response-field trace`). The rows [SKIP, SKIP + N) are cut into chunks of CHUNK rows; JOBS chunks run at once
+# (one torch thread each). Each chunk writes its file only when it is done (greedy decoding, so the rows are the ones
+# one run would write), so a killed run loses at most the chunks in flight and a rerun resumes: a chunk whose file
+# exists is not generated again. The chunks are merged shortest trace first into WORK_DIR/OUT_NAME (correct traces
+# only) and RES/OUT_NAME.summary.json (how many generated, kept, the teacher's accuracy).
 #
-# Usage: runs/real_pair_traces.sh PAIR_DIR WORK_DIR [N]   (N: 96)
-#   Env: TEMPLATE (e.g. chat), TRACE_TOKENS (400), JOBS (2; one torch thread each), RES (results folder: the
-#   per-slice summaries, with the teacher's accuracy and out-of-tokens share, go to RES/train-traces/).
+# Usage: runs/real_pair_traces.sh PAIR_DIR WORK_DIR [N] [SKIP]   (N: 96, SKIP: 0)
+#   Env: TEMPLATE (e.g. chat), TRACE_TOKENS (400), JOBS (2), CHUNK (32), DATA (GSM8K train),
+#   OUT_NAME (train-traces.jsonl), RES (results folder; per-chunk summaries go to RES/OUT_NAME.chunks/).
 #   CPU cost: ~5.3 min per batch of 8 at 400 tokens in the chat format, one thread, two jobs on 2 cores.
 set -euo pipefail
-pair=$1; work=$2; n=${3:-96}; jobs=${JOBS:-2}
+pair=$1; work=$2; n=${3:-96}; skip=${4:-0}
 here=$(cd "$(dirname "$0")/.." && pwd)
-res=${RES:-$here/results/real_pair}; per=$(( (n + jobs - 1) / jobs ))
-fmt=(); [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
-mkdir -p "$work" "$res/train-traces"
-for i in $(seq 0 $((jobs - 1))); do
-  part="$work/train-traces-$i.jsonl"
-  [ -f "$part" ] || OMP_NUM_THREADS=1 toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" "${fmt[@]}" \
-    --data "$here/../shared/data/gsm8k/train.jsonl" --skip $((i * per)) --limit "$per" \
-    --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size 8 --out "$part" > "$res/train-traces/slice-$i.json" &
-done
-wait
-python3 - "$work" "$jobs" <<'PY'
-import json, os, sys
+data=${DATA:-$here/../shared/data/gsm8k/train.jsonl}; chunk=${CHUNK:-32}; name=${OUT_NAME:-train-traces.jsonl}
+res=${RES:-$here/results/real_pair}; parts="$work/${name%.jsonl}.chunks"
+mkdir -p "$work" "$parts" "$res/${name%.jsonl}.chunks"
+export pair data parts res name here TEMPLATE TRACE_TOKENS
+one() {  # one chunk: rows [$1, $1 + $2)
+  local out="$parts/$(printf '%06d' "$1").jsonl" fmt=()
+  [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
+  [ -f "$out" ] && return 0
+  OMP_NUM_THREADS=1 toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" "${fmt[@]}" --data "$data" \
+    --skip "$1" --limit "$2" --keep_incorrect true --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size 8 \
+    --out "$out" > "$res/${name%.jsonl}.chunks/$(printf '%06d' "$1").json"
+}
+export -f one
+for s in $(seq "$skip" "$chunk" $((skip + n - 1))); do
+  echo "$s $(( skip + n - s < chunk ? skip + n - s : chunk ))"
+done | xargs -P "${JOBS:-2}" -L 1 bash -c 'one "$0" "$1"'
+python3 - "$parts" "$work/$name" "$res/$name.summary.json" <<'PY'
+import glob, json, sys
 from tree_of_experts.io import atomic_write_text
-work, jobs = sys.argv[1], int(sys.argv[2])
-rows = [json.loads(l) for i in range(jobs) for l in open(os.path.join(work, f"train-traces-{i}.jsonl"))]
-rows.sort(key=lambda r: len(r["trace"]))
-atomic_write_text(os.path.join(work, "train-traces.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-print(f"{len(rows)} correct traces -> {work}/train-traces.jsonl")
+parts, out, summary = sys.argv[1:]
+rows = [json.loads(l) for p in sorted(glob.glob(f"{parts}/*.jsonl")) for l in open(p)]
+kept = sorted((r for r in rows if r["correct"]), key=lambda r: len(r["trace"]))
+atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
+atomic_write_text(summary, json.dumps({"generated": len(rows), "kept": len(kept),
+                                       "accuracy": len(kept) / max(len(rows), 1),
+                                       "truncated_share": sum(r["truncated"] for r in rows) / max(len(rows), 1),
+                                       "chunks": len(glob.glob(f"{parts}/*.jsonl"))}, indent=1) + "\n")
+print(f"{len(kept)} correct traces of {len(rows)} -> {out}")
 PY

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +75,29 @@ def topk_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     nll = F.pad(lse - target, (1, 0)) * loss_mask
     top = logits[:, :-1].topk(k, dim=-1)
     return nll, top.indices, top.values.float() - lse[..., None]
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence between next-token distributions, per position (GKD, Agarwal et al.
+    2024; the same convention as trl's ``GKDTrainer``).
+
+    ``JSD_β(T ‖ S) = β KL(T ‖ M) + (1 − β) KL(S ‖ M)`` with the mixture ``M = β T + (1 − β) S``. The mixture form
+    vanishes at the ends, so ``beta=0`` is taken as the forward ``KL(T ‖ S)`` and ``beta=1`` as the reverse
+    ``KL(S ‖ T)``, as trl does.
+
+    Args:
+        student_logits, teacher_logits: (N, V) logits at the same N positions (the teacher's vocabulary cut to the
+            student's if it is padded larger).
+        beta: interpolation in [0, 1].
+
+    Returns:
+        (N,) float32 divergence per position.
+    """
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    if beta == 0.0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1.0:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)

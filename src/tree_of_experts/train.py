@@ -19,12 +19,24 @@ from tqdm.auto import tqdm
 
 from .config import ToEError
 from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jsonl
+from .distill import (
+    OnPolicy,
+    eos_ids,
+    is_on_policy,
+    load_teacher,
+    onpolicy_divergence,
+    prompt_ids,
+    sample,
+    teacher_logits,
+)
 from .extract import iter_examples
 from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
 from .losses import tail_positions, token_nll, topk_kl
 from .model import ToEModel
 from .tree import effective_leaves, num_nodes, path_labels, route_loss, usage, usage_loss
+
+OBJECTIVES = ("off_policy", "on_policy")
 
 
 @dataclass
@@ -166,6 +178,13 @@ def train(
     gradient_checkpointing: bool = False,
     tokenizer: str | None = None,
     init_plugin: str | None = None,
+    objective: str = "off_policy",
+    teacher: str | None = None,
+    on_policy_ratio: float = 1.0,
+    beta: float = 0.5,
+    sample_max_new_tokens: int = 256,
+    sample_temperature: float = 1.0,
+    sample_top_p: float = 1.0,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
 
@@ -203,6 +222,13 @@ def train(
         tokenizer: tokenizer id or folder (default: the base's).
         init_plugin: start from this plug-in folder instead of the extraction's (baselines: static vector, random
             bank, flat router); route labels and the teacher's cached top-k still come from ``experts``.
+        objective: "off_policy" trains on the data's traces (CE + the teacher's cached top-k KL); "on_policy" makes
+            ``on_policy_ratio`` of the Stage-B steps on-policy (GKD): the plug-in-equipped base samples continuations
+            of the batch's prompts and the loss is the generalized JSD (``beta``) between its next-token
+            distributions and the live teacher's on those samples; the other steps stay off-policy.
+        teacher: the teacher for on-policy steps (default: the one the extraction read, from its manifest).
+        on_policy_ratio, beta: GKD's λ and β (0 forward KL, 1 reverse KL, 0.5 the symmetric JSD).
+        sample_max_new_tokens, sample_temperature, sample_top_p: how on-policy steps sample the student.
 
     Returns:
         A summary: final metrics, steps, the plug-in folder.
@@ -210,6 +236,10 @@ def train(
     from accelerate import Accelerator
 
     args = dict(locals())
+    if objective not in OBJECTIVES:
+        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
+    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
+                         sample_temperature, sample_top_p)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     if max_steps < 1:
@@ -223,6 +253,7 @@ def train(
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts)
+    teacher_model = load_teacher(teacher, experts, tok, dtype, acc.device) if on_policy.ratio > 0 else None
     if gradient_checkpointing:
         enable_checkpointing(model.base)
     cfg = model.config
@@ -282,6 +313,8 @@ def train(
     per_proc = batch_size // acc.num_processes
     n_examples = len(examples)
     t_last, tokens_since = time.perf_counter(), 0
+    samples_seen = batch_size * sum(is_on_policy(on_policy.ratio, seed, s) for s in range(max(0, step - stage_a)))
+    stop_ids = eos_ids(model.base, tok)
     while step < total:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         row: dict = {"step": step + 1}
@@ -307,22 +340,35 @@ def train(
             b_step = step - stage_a
             global_batch = [examples[i] for i in batch_indices(n_examples, batch_size, b_step, seed)]
             mine = global_batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
-            b = collate(mine, tok.pad_token_id)
+            on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, b_step)
+            if on:  # the student samples as it runs at inference (its own selection), seeded by (seed, step, rank)
+                with model.selection(cfg.selection):
+                    b = sample(model, [prompt_ids(e.ids, e.loss_mask) for e in mine], tok.pad_token_id, stop_ids,
+                               on_policy, seed * 1_000_003 + b_step * acc.num_processes + acc.process_index,
+                               acc.device)
+            else:
+                b = collate(mine, tok.pad_token_id)
             selection = cfg.selection if (anneal_steps and b_step >= max_steps - anneal_steps) else train_selection
             stage = "C" if selection != train_selection else "B"
             # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
             n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
             keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
             tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k != "attention_mask"}
+            t_logits = teacher_logits(teacher_model, b, keep) if on else None  # (B, len(keep), V_T)
+            zero = torch.zeros((), device=acc.device)
             with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
                 logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
-                ce = token_nll(logits, tail["input_ids"], tail["loss_mask"]).sum() / n_tok
-                loss = ce_weight * ce
-                kd = torch.zeros((), device=acc.device)
-                if use_kd and "topk_ids" in b:
-                    kd = topk_kl(logits, tail["topk_ids"], tail["topk_logp"], tail["kd_mask"]).sum() / n_tok
-                    loss = loss + kd_weight * kd
+                ce, kd, jsd = zero, zero, zero
+                if on:
+                    jsd = onpolicy_divergence(logits, t_logits, tail["loss_mask"], on_policy.beta).sum() / n_tok
+                    loss = jsd
+                else:
+                    ce = token_nll(logits, tail["input_ids"], tail["loss_mask"]).sum() / n_tok
+                    loss = ce_weight * ce
+                    if use_kd and "topk_ids" in b:
+                        kd = topk_kl(logits, tail["topk_ids"], tail["topk_logp"], tail["kd_mask"]).sum() / n_tok
+                        loss = loss + kd_weight * kd
                 aux_route = torch.zeros((), device=acc.device)
                 aux_usage = torch.zeros((), device=acc.device)
                 eff, ratio = [], []
@@ -341,11 +387,17 @@ def train(
             acc.backward(loss)
             opt.step()
             tokens_since += int(b["attention_mask"].sum()) * acc.num_processes
-            row.update(stage=stage, loss=loss.item(), ce=ce.item(), kd=kd.item(), route=aux_route.item(),
-                       usage=aux_usage.item(), effective_leaves=eff, delta_ratio=ratio)
+            row.update(stage=stage, objective="on_policy" if on else "off_policy", loss=loss.item(),
+                       ce=ce.item() if not on else None, kd=kd.item() if not on else None,
+                       jsd=jsd.item() if on else None, route=aux_route.item(), usage=aux_usage.item(),
+                       effective_leaves=eff, delta_ratio=ratio)
+            if teacher_model is not None:  # samples drawn so far, and this step's sampled tokens (this process)
+                samples_seen += len(mine) * acc.num_processes if on else 0
+                row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
         step += 1
         bar.update(1)
-        bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}")
+        bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}",
+                        **({"samples": row["samples"]} if "samples" in row else {}))
         if acc.is_main_process and (step % log_every == 0 or step == total or step == stage_a):
             now = time.perf_counter()
             row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9) if tokens_since else None
@@ -389,8 +441,10 @@ def plot_curves(metrics_path: str, png: str) -> str | None:
         axes[0].plot([r["step"] for r in a], [r["loss"] for r in a])
     axes[0].set(title="Stage A: route BCE", xlabel="step")
     if b:
-        for key in ("ce", "kd"):
-            axes[1].plot([r["step"] for r in b], [r[key] for r in b], label=key)
+        for key in ("ce", "kd", "jsd"):
+            pts = [(r["step"], r[key]) for r in b if r.get(key) is not None]
+            if pts:
+                axes[1].plot(*zip(*pts), label=key)
         axes[1].legend()
     axes[1].set(title="Stage B/C: distillation", xlabel="step")
     fig.tight_layout()

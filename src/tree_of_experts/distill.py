@@ -1,0 +1,154 @@
+"""On-policy distillation (GKD, Agarwal et al. 2024): the student samples continuations of the training prompts,
+the teacher scores every sampled token, and the loss is a generalized JSD between their next-token distributions on
+the student's own text. It fixes the train/inference mismatch of training on teacher text only.
+
+One implementation for every student: `toe train` (only the plug-in trains) and `toe baseline lora` (only the LoRA
+weights train) both call :func:`sample` and :func:`onpolicy_divergence`, so a ToE-vs-LoRA comparison under this
+objective is fair by construction. The teacher runs at training time only; inference stays at the base's cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import ToEError
+from .data import pad_left
+from .hf import padded_inputs
+from .losses import generalized_jsd
+
+
+@dataclass
+class OnPolicy:
+    """How on-policy steps sample and score (recorded with the run).
+
+    Attributes:
+        ratio: share of steps that are on-policy (GKD's λ); the others train on the data's traces (CE + cached
+            top-k KD). The choice per step is a function of (seed, step), so resume is exact.
+        beta: generalized JSD interpolation: 0 = forward KL(teacher ‖ student), 1 = reverse KL(student ‖ teacher).
+        max_new_tokens: sample length cap.
+        temperature, top_p: the student's sampling (temperature 1, top_p 1 = its own distribution).
+    """
+
+    ratio: float = 1.0
+    beta: float = 0.5
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ToEError(f"on_policy_ratio={self.ratio}: give the share of on-policy steps in [0, 1]")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ToEError(f"beta={self.beta}: the generalized JSD's beta lies in [0, 1] (0 forward KL, 1 reverse)")
+        if self.max_new_tokens < 1:
+            raise ToEError(f"sample_max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature <= 0:
+            raise ToEError(f"sample_temperature={self.temperature}: must be > 0 (sampling, not greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ToEError(f"sample_top_p={self.top_p}: must be in (0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_on_policy(ratio: float, seed: int, step: int) -> bool:
+    """Whether step ``step`` samples from the student: a draw seeded by (seed, step), so resume repeats it."""
+    if ratio >= 1.0 or ratio <= 0.0:
+        return ratio >= 1.0
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)
+    return bool(torch.rand((), generator=g) < ratio)
+
+
+def prompt_ids(ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt part of an encoded example (everything before its first target token)."""
+    first = int(loss_mask.nonzero()[0]) if loss_mask.any() else len(ids)
+    return ids[:first]
+
+
+@torch.no_grad()
+def sample(student: torch.nn.Module, prompts: list[torch.Tensor], pad_id: int, eos_ids: list[int],
+           settings: OnPolicy, seed: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The student's seeded continuations of ``prompts``.
+
+    Returns a left-padded batch ``input_ids``/``attention_mask`` (B, T) of prompt + sample, where each sample ends
+    at its first EOS (kept: the student learns when to stop) and ``loss_mask`` (B, T) is True on the sampled tokens.
+    """
+    ids, am = pad_left(prompts, pad_id)
+    was_training = student.training
+    student.eval()  # gradient checkpointing turns the KV cache off in train mode: sampling would be quadratic
+    torch.manual_seed(seed)  # generate draws from the global generator
+    out = student.generate(input_ids=ids.to(device), attention_mask=am.to(device), do_sample=True,
+                           temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+                           repetition_penalty=1.0,  # the model's own distribution, not its generation_config's
+                           max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
+    student.train(was_training)
+    gen = out[:, ids.shape[1] :].cpu()  # (B, G)
+    is_eos = torch.isin(gen, torch.tensor(eos_ids))
+    keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+    gen = torch.where(keep, gen, torch.full_like(gen, pad_id))
+    return {"input_ids": torch.cat([ids, gen], 1), "attention_mask": torch.cat([am, keep.long()], 1),
+            "loss_mask": torch.cat([torch.zeros_like(am, dtype=torch.bool), keep], 1)}
+
+
+def onpolicy_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
+                        beta: float) -> torch.Tensor:
+    """Per-token generalized JSD between student and teacher on the targets of ``loss_mask``.
+
+    Args:
+        student_logits, teacher_logits: (B, T, V) logits over the same T positions (position t predicts t + 1); a
+            teacher vocabulary padded larger than the student's is cut to the student's.
+        loss_mask: (B, T) bool, True on the target tokens (the sampled ones).
+        beta: see :func:`tree_of_experts.losses.generalized_jsd`.
+
+    Returns:
+        (B, T) divergence placed at the target positions, 0 elsewhere (the convention of ``token_nll``).
+    """
+    v = student_logits.shape[-1]
+    target = loss_mask[:, 1:]  # (B, T-1): position t scores target t + 1
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32, device=student_logits.device)
+    div = generalized_jsd(student_logits[:, :-1][target], teacher_logits[:, :-1, :v][target].to(student_logits.device),
+                          beta)  # (N,)
+    out[:, 1:][target] = div
+    return out
+
+
+@torch.no_grad()
+def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at the positions ``keep`` of a sampled batch, on the teacher's device."""
+    dev = next(teacher.parameters()).device
+    return teacher(**padded_inputs(batch["input_ids"], batch["attention_mask"], dev),
+                   logits_to_keep=keep.to(dev)).logits
+
+
+def eos_ids(model: torch.nn.Module, tok) -> list[int]:
+    """Every token that ends a sample: the tokenizer's EOS and the model's generation-config EOS ids (chat models
+    end a turn with their own, e.g. Qwen's ``<|im_end|>``)."""
+    gen = getattr(model, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted({*ids, tok.eos_token_id} - {None})
+
+
+def load_teacher(teacher: str | None, experts: str, tok, dtype: str, device) -> torch.nn.Module:
+    """The frozen teacher of on-policy steps: ``teacher`` or the one the extraction in ``experts`` read; its
+    vocabulary must be the student's (the divergence compares distributions over the same token ids)."""
+    import json
+    import os
+
+    from .hf import load_causal_lm, load_tokenizer
+
+    if teacher is None:
+        path = os.path.join(experts, "manifest.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                teacher = json.load(f).get("teacher")
+    if not teacher:
+        raise ToEError("on-policy training needs the teacher: pass --teacher (the extraction's manifest names none)")
+    t_tok = load_tokenizer(teacher)
+    if t_tok.get_vocab() != tok.get_vocab():
+        raise ToEError(f"teacher {teacher} has another vocabulary than the student: on-policy distillation compares "
+                       "next-token distributions over shared ids; use a teacher with the student's tokenizer")
+    model = load_causal_lm(teacher, dtype=dtype, device=str(device))
+    return model.requires_grad_(False).eval()

@@ -1,0 +1,139 @@
+"""On-policy distillation: the divergence against hand-computed values, sampling, and `toe train --objective
+on_policy` end to end (trains, resumes bit-exactly, mixes with off-policy steps by its ratio)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import save_tiny_pair
+from safetensors.torch import load_file
+
+import tree_of_experts.train as train_mod
+from tree_of_experts.config import ToEError
+from tree_of_experts.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
+from tree_of_experts.extract import extract
+from tree_of_experts.losses import generalized_jsd
+from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+from tree_of_experts.train import train
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_generalized_jsd_matches_the_formula_by_hand(beta):
+    s_logits, t_logits = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.5]])
+    s = torch.softmax(s_logits, -1)[0].tolist()
+    t = torch.softmax(t_logits, -1)[0].tolist()
+    if beta == 0.0:
+        want = kl(t, s)
+    elif beta == 1.0:
+        want = kl(s, t)
+    else:
+        m = [beta * a + (1 - beta) * b for a, b in zip(t, s)]
+        want = beta * kl(t, m) + (1 - beta) * kl(s, m)
+    got = generalized_jsd(s_logits, t_logits, beta)
+    assert got.shape == (1,) and got.item() == pytest.approx(want, rel=1e-5)
+    assert generalized_jsd(t_logits, t_logits, beta).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_divergence_sits_at_the_targets_and_ignores_a_padded_teacher_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 9, generator=g)  # teacher vocabulary padded to 9
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    out = onpolicy_divergence(s, t, mask, 0.5)
+    assert out.shape == (2, 5) and torch.all(out[~mask] == 0) and torch.all(out[mask] > 0)
+    # target (0, 2) is predicted at position (0, 1)
+    assert out[0, 2].item() == pytest.approx(generalized_jsd(s[0, 1:2], t[0, 1:2, :7], 0.5).item(), rel=1e-6)
+
+
+def test_sample_is_seeded_and_masks_what_follows_the_first_eos():
+    tok = tiny_tokenizer()
+    model = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    prompts = [torch.tensor(tok("Question: 3 plus 4?")["input_ids"]), torch.tensor(tok("Question: 12?")["input_ids"])]
+    settings = OnPolicy(max_new_tokens=12)
+    a = sample(model, prompts, tok.pad_token_id, [tok.eos_token_id], settings, 7, "cpu")
+    b = sample(model, prompts, tok.pad_token_id, [tok.eos_token_id], settings, 7, "cpu")
+    c = sample(model, prompts, tok.pad_token_id, [tok.eos_token_id], settings, 8, "cpu")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
+    plen = max(len(p) for p in prompts)
+    assert not a["loss_mask"][:, :plen].any() and a["loss_mask"][:, plen].all()  # the first sampled token counts
+    for row, am, lm in zip(a["input_ids"], a["attention_mask"], a["loss_mask"]):
+        gen, keep = row[plen:], lm[plen:]
+        eos = (gen == tok.eos_token_id).nonzero()
+        n_keep = int(eos[0]) + 1 if len(eos) else len(gen)
+        assert keep.tolist() == [True] * n_keep + [False] * (len(gen) - n_keep)
+        assert torch.equal(am[plen:].bool(), keep)
+
+
+def test_prompt_ids_and_the_per_step_draw():
+    ids, mask = torch.arange(6), torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.bool)
+    assert prompt_ids(ids, mask).tolist() == [0, 1, 2]
+    draws = [is_on_policy(0.5, 3, s) for s in range(200)]
+    assert draws == [is_on_policy(0.5, 3, s) for s in range(200)] and 60 < sum(draws) < 140
+    assert all(is_on_policy(1.0, 0, s) for s in range(5)) and not any(is_on_policy(0.0, 0, s) for s in range(5))
+    with pytest.raises(ToEError, match="beta"):
+        OnPolicy(beta=1.5)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    save_tiny_pair(d)
+    extract(teacher=str(d / "teacher"), base=str(d / "base"), data=FIXTURE, out=str(d / "ex"), num_leaves=8,
+            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    return d
+
+
+def args(experts, out, **kw):
+    return {"base": str(experts / "base"), "experts": str(experts / "ex"), "data": FIXTURE, "out": str(out),
+            "max_steps": 6, "stage_a_steps": 2, "batch_size": 4, "log_every": 1, "save_every": 2,
+            "objective": "on_policy", "sample_max_new_tokens": 8, **kw}
+
+
+def test_on_policy_training_moves_the_plugin_and_logs_samples(experts, tmp_path):
+    summary = train(**args(experts, tmp_path / "p", on_policy_ratio=0.5, lr=1e-2, bank_lr=1e-2))
+    rows = [json.loads(r) for r in open(tmp_path / "p" / "metrics.jsonl")]
+    b = [r for r in rows if r["stage"] != "A"]
+    want = ["on_policy" if is_on_policy(0.5, 0, s) else "off_policy" for s in range(6)]
+    assert [r["objective"] for r in b] == want and len(set(want)) == 2
+    for r in b:
+        assert (r["jsd"] is None) == (r["objective"] == "off_policy") and math.isfinite(r["loss"])
+    assert b[-1]["samples"] == 4 * want.count("on_policy")
+    after, before = load_file(tmp_path / "p" / "toe_model.safetensors"), load_file(experts / "ex" / "toe_model.safetensors")
+    assert any(not torch.equal(after[k], before[k]) for k in after if "gate" in k)
+    assert summary["steps"] == 8
+
+
+def test_on_policy_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
+    from test_train import crash_after
+
+    train(**args(experts, tmp_path / "full"))
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after(6, real_save))
+    with pytest.raises(KeyboardInterrupt):
+        train(**args(experts, tmp_path / "resumed"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train(**args(experts, tmp_path / "resumed", resume=True))
+    a, b = load_file(tmp_path / "full" / "toe_model.safetensors"), load_file(tmp_path / "resumed" / "toe_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_policy_refuses_a_teacher_with_another_vocabulary(experts, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = tmp_path / "other"
+    tiny_qwen2(hidden_size=32, num_layers=2, seed=3).save_pretrained(other)
+    inner = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<unk>").save_pretrained(other)
+    with pytest.raises(ToEError, match="vocabulary"):
+        train(**args(experts, tmp_path / "p", teacher=str(other)))
