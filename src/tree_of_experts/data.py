@@ -1,11 +1,15 @@
-"""Reasoning data: JSONL records -> prompt/response text -> token ids with a response (loss) mask."""
+"""Reasoning data: rows of a data file (JSONL, JSON, CSV, parquet, a `datasets` split) -> prompt/response text ->
+token ids with a response (loss) mask."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,6 +17,7 @@ import torch
 
 from .config import ToEError
 
+logger = logging.getLogger(__name__)
 CALC_NOTE = re.compile(r"<<[^>]*>>")
 CHAT = "chat"  # template value: the tokenizer's own chat template around the question
 
@@ -57,6 +62,8 @@ class DataSpec:
 
 
 HUB = "hf:"
+FORMATS = {".jsonl": None, ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # extension -> datasets builder
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no UTF-8 encoding, tokenizers refuse it
 
 
 def chat_template(tokenizer, fix: str) -> str:
@@ -72,58 +79,149 @@ def chat_template(tokenizer, fix: str) -> str:
     return text
 
 
-def _hub_rows(ref: str, limit: int | None) -> tuple[list[dict], str]:
-    """Rows and fingerprint of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT`` via `datasets.load_dataset` (a hub id,
-    or a local folder of data files)."""
+def _load_split(ref: str, limit: int | None):
+    """The `datasets.Dataset` of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``: a hub id, a local folder of data
+    files, or a folder written by ``save_to_disk``."""
     parts = ref[len(HUB):].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise ToEError(f"{ref!r}: write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (e.g. hf:openai/gsm8k:main:test)")
     name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
-    if limit is not None:
-        split = f"{split}[:{limit}]"
     try:
-        from datasets import load_dataset
+        import datasets
 
-        ds = load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many types (network, missing config, bad split)
+        if os.path.isfile(os.path.join(name, "dataset_dict.json")):  # DatasetDict.save_to_disk
+            ds = datasets.load_from_disk(name)[split]
+            return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+        return datasets.load_dataset(name, config, split=split if limit is None else f"{split}[:{limit}]")
+    except Exception as e:  # noqa: BLE001 (datasets raises many types: network, missing config, bad split)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToEError(f"could not load {ref!r} with datasets ({reason}): check name, config and split, or pass a "
-                       "local JSONL file") from None
-    return [dict(r) for r in ds], ds._fingerprint
+                       "local data file") from None
 
 
-def read_jsonl(path: str | os.PathLike, spec: DataSpec | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file, or of a `datasets` split written ``hf:NAME[:CONFIG]:SPLIT``; with ``spec``, checks
-    that every row has its fields (one-line error naming them)."""
-    path = os.fspath(path)
-    if path.startswith(HUB):
-        rows = _hub_rows(path, limit)[0]
-    elif not os.path.isfile(path):
-        raise ToEError(f"data file {path!r} not found: pass a local JSONL file or hf:NAME[:CONFIG]:SPLIT")
-    else:
-        rows = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+def _load_file(path: str, builder: str, limit: int | None):
+    """A local JSON, CSV or parquet file as a `datasets.Dataset`. CSV cells stay text (no number or NA guessing: an
+    empty cell is "", which the row checks then name)."""
+    try:
+        from datasets import Features, Value, load_dataset
+
+        kwargs = {}
+        if builder == "csv":
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f), [])
+            kwargs = {"features": Features({c: Value("string") for c in header}), "keep_default_na": False}
+        ds = load_dataset(builder, data_files=os.path.abspath(path), split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 (pyarrow/pandas parse errors come in many types)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"could not read {path} as {builder} ({reason}): fix the file, or convert it to JSONL") from None
+    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any, str | None]]:
+    """(``path:line``, row, why it is unreadable or None) for each non-blank line. Decoding is done here, not by
+    `open`, so that a bad byte is named by its line instead of a traceback; a leading byte-order mark is how some
+    editors mark UTF-8 and is dropped."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            if SURROGATE.search(line):  # undecodable bytes, escaped by surrogateescape
+                yield where, None, f"{where} is not valid UTF-8: re-save the file as UTF-8 or remove that line"
+            elif line.startswith("\ufeff"):
+                yield where, None, f"{where} starts with a UTF-8 byte-order mark (files joined?): remove it"
+            else:
                 try:
-                    rows.append(json.loads(line))
+                    yield where, json.loads(line), None
                 except json.JSONDecodeError as e:
-                    raise ToEError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from None
-                if limit is not None and len(rows) >= limit:
-                    break
+                    yield where, None, f"{where} is not valid JSON ({e.msg}): fix or remove that line"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def row_problem(row: Any, where: str, spec: DataSpec | None) -> str | None:
+    """Why ``row`` cannot be used, as one line naming ``where`` and the fix; None when it is fine.
+
+    Refused: a row that is not an object; with ``spec``, a missing prompt/response field, one that is not text
+    (``str(None)`` would be scored as the text "None") or an empty response (scored as CE 0, it pulls the mean
+    down); any text holding a lone surrogate (the tokenizer cannot encode it)."""
+    if not isinstance(row, dict):
+        return f"{where} is {_describe(row)}, not an object: write one {{\"field\": value, ...}} object per row"
+    for field in (spec.prompt_field, spec.response_field) if spec is not None else ():
+        if field not in row:
+            return (f"{where} has no field {field!r} (it has {sorted(row)}): pass --prompt_field/--response_field "
+                    "to name the right ones")
+        if not isinstance(row[field], str):
+            return f"{where}: field {field!r} is {_describe(row[field])}, not text: write it as a string or drop the row"
+    if spec is not None and not row[spec.response_field].strip():
+        return f"{where}: field {spec.response_field!r} is empty: write the response or drop the row"
+    for field, value in row.items():
+        if isinstance(value, str) and SURROGATE.search(value):
+            return (f"{where}: field {field!r} holds a lone surrogate (half of a UTF-16 pair, e.g. \\ud800): fix "
+                    "that escape or drop the row")
+    return None
+
+
+def scan_rows(path: str | os.PathLike, spec: DataSpec | None = None, limit: int | None = None,
+              skip_bad: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows of a data file and, with ``skip_bad``, one line per row left out (`row_problem`'s reason).
+
+    The format comes from the name: ``.jsonl`` (read line by line here), ``.json``, ``.csv`` or ``.parquet``
+    (through `datasets`), or ``hf:NAME[:CONFIG]:SPLIT`` (a hub dataset, a local folder of data files or a
+    ``save_to_disk`` folder). Without ``skip_bad`` the first bad row raises its line as a ToEError. ``limit``: the
+    first ``limit`` usable rows.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if path.startswith(HUB):
+        ds = _load_split(path, None if skip_bad else limit)
+        records = ((f"{path} row {i + 1}", dict(r), None) for i, r in enumerate(ds))
+    elif ext not in FORMATS:
+        raise ToEError(f"data file {path!r} has an unknown format: pass a .jsonl, .json, .csv or .parquet file, or "
+                       "hf:NAME[:CONFIG]:SPLIT for a hub dataset or a local dataset folder")
+    elif not os.path.isfile(path):
+        raise ToEError(f"data file {path!r} not found: pass a local data file or hf:NAME[:CONFIG]:SPLIT")
+    elif FORMATS[ext] is None:
+        records = _jsonl_records(path)
+    else:
+        ds = _load_file(path, FORMATS[ext], None if skip_bad else limit)
+        records = ((f"{path} row {i + 1}", dict(r), None) for i, r in enumerate(ds))
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for where, row, unreadable in records:
+        problem = unreadable or row_problem(row, where, spec)
+        if problem is None:
+            rows.append(row)
+        elif skip_bad:
+            skipped.append(problem)
+        else:
+            raise ToEError(problem)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
-        raise ToEError(f"{path} has no rows")
-    if spec is not None:
-        for field in (spec.prompt_field, spec.response_field):
-            missing = [i for i, r in enumerate(rows) if field not in r]
-            if missing:
-                have = sorted(rows[missing[0]].keys())
-                raise ToEError(
-                    f"{path}: row {missing[0] + 1} has no field {field!r} (it has {have}): "
-                    f"pass --prompt_field/--response_field to name the right ones"
-                )
+        first = f" ({len(skipped)} skipped, the first: {skipped[0]})" if skipped else ""
+        raise ToEError(f"{path} has no rows{first}")
+    return rows, skipped
+
+
+def read_rows(path: str | os.PathLike, spec: DataSpec | None = None, limit: int | None = None,
+              skip_bad: bool = False) -> list[dict]:
+    """`scan_rows`' rows; skipped rows are logged as a count and the first reason."""
+    rows, skipped = scan_rows(path, spec, limit, skip_bad)
+    if skipped:
+        logger.warning("%s: skipped %d bad rows (the first: %s)", os.fspath(path), len(skipped), skipped[0])
     return rows
+
+
+read_jsonl = read_rows  # the name train, extract, baseline and oracle import (it reads every format)
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -131,7 +229,7 @@ def file_hash(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     path = os.fspath(path)
     if path.startswith(HUB):
-        h.update(_hub_rows(path, None)[1].encode())
+        h.update(_load_split(path, None)._fingerprint.encode())
         return h.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -147,10 +245,12 @@ class Encoded:
     loss_mask: torch.Tensor  # (T,) bool, True on response tokens (the ones CE is measured on)
     offsets: torch.Tensor  # (T, 2) int64
     text: str
+    cut: bool = False  # tokens beyond max_length were dropped
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Encoded:
-    """Tokenizes ``prompt + response`` in one pass (so ids match how the model sees the text) plus EOS."""
+    """Tokenizes ``prompt + response`` in one pass (so ids match how the model sees the text) plus EOS, keeping at
+    most ``max_length`` tokens."""
     text = prompt + response
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True,
                     max_length=max_length - 1)
@@ -158,7 +258,9 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Enc
     offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))]
     offsets_t = torch.tensor(offsets, dtype=torch.long)
     loss_mask = offsets_t[:, 1] > len(prompt)  # tokens that end inside the response (incl. EOS)
-    return Encoded(torch.tensor(ids, dtype=torch.long), loss_mask, offsets_t, text)
+    # Only a text that fills the budget can have been cut: tokenize those once more, in full, to know.
+    cut = len(ids) == max_length and len(tokenizer(text, add_special_tokens=True)["input_ids"]) > max_length - 1
+    return Encoded(torch.tensor(ids, dtype=torch.long), loss_mask, offsets_t, text, cut)
 
 
 def pad_left(seqs: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
