@@ -269,3 +269,102 @@ def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
     assert [r["system"] for _, r in sweep_points(rows, "K")] == ["K=1", "ToE-B (N=32, K=4)"]
     assert sweep_plot(rows, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
     assert not sweep_plot(rows[:3], str(tmp_path / "none.png"))  # fewer than 3 values of any knob: no plot
+
+
+def test_vote_majority_and_pass():
+    from tree_of_experts.evaluate import vote
+
+    def s(answer, ok):
+        return {"extracted": answer, "correct": ok}
+
+    assert vote([s("3", False), s("4", True), s("4", True)]) == {"majority": "4", "maj_correct": True, "pass": True}
+    assert vote([s("3", False), s("4", True)])["majority"] == "3"  # a tie goes to the answer that came first
+    assert vote([s(None, False), s(None, False), s("5", True)])["majority"] == "5"  # no answer abstains
+    assert vote([s(None, False)]) == {"majority": None, "maj_correct": False, "pass": False}
+    assert vote([s("3", False), s("3", False), s("4", True)]) == {"majority": "3", "maj_correct": False, "pass": True}
+
+
+def test_sampling_options_are_checked_before_any_model_loads(tmp_path):
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.inference import generate
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    for kwargs, says in (({"num_samples": 4}, "pass --temperature > 0"), ({"temperature": -1.0}, "temperature=-1"),
+                         ({"temperature": 0.7, "top_p": 0.0}, "top_p=0.0"),
+                         ({"temperature": 0.7, "num_samples": 0}, "num_samples=0")):
+        with pytest.raises(ToEError, match=says):
+            evaluate(base=str(tmp_path / "no-base"), data=fixture, out=str(tmp_path / "ev"), **kwargs)
+        with pytest.raises(ToEError, match=says):
+            generate(base=str(tmp_path / "no-base"), prompt="x", **kwargs)
+
+
+def test_sampled_eval_reports_maj_and_pass_at_k(tmp_path):
+    from tree_of_experts.demo import toy_pair_dir
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.inference import generate
+
+    toy = toy_pair_dir()  # trained toy base: it writes real answers
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    common = {"base": f"{toy}/base", "task": "gsm8k", "data": fixture, "limit": 6, "max_new_tokens": 12, "ce": False}
+
+    def rows(folder):
+        return [json.loads(line) for line in open(tmp_path / folder / "base.jsonl")]
+
+    greedy = evaluate(out=str(tmp_path / "greedy"), **common)
+    assert greedy["args"]["decoding"] == "greedy" and "sampling" not in greedy["args"]
+    assert "samples" not in rows("greedy")[0] and "maj@1" not in greedy["systems"]["base"]
+    m = evaluate(out=str(tmp_path / "s0"), temperature=1.5, num_samples=4, seed=0, **common)
+    assert m["args"]["decoding"] == "sample"
+    assert m["args"]["sampling"] == {"temperature": 1.5, "top_p": 1.0, "num_samples": 4, "seed": 0}
+    s = m["systems"]["base"]
+    assert s["num_samples"] == 4 and {"maj@4", "maj@4_ci95", "pass@4", "pass@4_ci95", "pass@1"} <= set(s)
+    sampled = rows("s0")
+    assert all(len(r["samples"]) == 4 for r in sampled)
+    assert all({"completion", "extracted", "correct", "tokens", "truncated"} <= set(x) for x in sampled[0]["samples"])
+    assert all(r["completion"] == r["samples"][0]["completion"] for r in sampled)  # the row's answer: sample 0
+    # The metrics are the rows' own counts.
+    assert s["pass@4"] == sum(any(x["correct"] for x in r["samples"]) for r in sampled) / 6
+    assert s["pass@1"] == sum(x["correct"] for r in sampled for x in r["samples"]) / 24
+    assert s["maj@4"] == sum(r["maj_correct"] for r in sampled) / 6
+    assert s["pass@4"] >= max(s["maj@4"], s["pass@1"])
+    assert len({x["completion"] for r in sampled for x in r["samples"]}) > 6  # hot sampling really varies
+    # Seeded: the same seed gives the same samples, another seed others.
+    evaluate(out=str(tmp_path / "s0-again"), temperature=1.5, num_samples=4, seed=0, **common)
+    assert rows("s0-again") == [{**r, "gen_seconds_total": rows("s0-again")[0]["gen_seconds_total"]}
+                                for r in sampled]
+    evaluate(out=str(tmp_path / "s1"), temperature=1.5, num_samples=4, seed=1, **common)
+    assert [r["samples"] for r in rows("s1")] != [r["samples"] for r in sampled]
+    # Sampling at a temperature near 0 is greedy decoding: every sample is the greedy completion.
+    cold = evaluate(out=str(tmp_path / "cold"), temperature=1e-4, num_samples=2, **common)
+    assert all(x["completion"] == g["completion"] for r, g in zip(rows("cold"), rows("greedy")) for x in r["samples"])
+    assert cold["systems"]["base"]["maj@2"] == greedy["systems"]["base"]["accuracy"]
+    # `toe generate` samples the same way: one row per sample, seeded.
+    prompt = rows("greedy")[0]["prompt"]
+    out = generate(base=f"{toy}/base", prompt=prompt, max_new_tokens=12, temperature=1.5, num_samples=3, seed=0)
+    assert [r["sample"] for r in out] == [0, 1, 2] and out == generate(
+        base=f"{toy}/base", prompt=prompt, max_new_tokens=12, temperature=1.5, num_samples=3, seed=0)
+    assert generate(base=f"{toy}/base", prompt=prompt, max_new_tokens=12) == [
+        {"prompt": prompt, "completion": rows("greedy")[0]["completion"]}]
+
+
+def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tiny_qwen2(seed=0).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    lines = open(fixture).readlines()[:4]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(lines[0] + '{"question": "q", "answer": null}\n' + "".join(lines[1:]))
+    common = {"base": str(tmp_path / "base"), "data": str(data), "accuracy": False}
+    with pytest.raises(ToEError, match=f"{data}:2: field 'answer' is null"):
+        evaluate(out=str(tmp_path / "x"), **common)
+    m = evaluate(out=str(tmp_path / "ev"), skip_bad_rows=True, **common)
+    assert m["args"]["skipped_rows"] == 1 and m["systems"]["base"]["n"] == 4
+    assert m["systems"]["base"]["ce_cut_by_max_length"] == 0
+    cut = evaluate(out=str(tmp_path / "cut"), skip_bad_rows=True, max_length=24, **common)
+    assert cut["systems"]["base"]["ce_cut_by_max_length"] == 4  # prompts are 19 tokens, with their answers 30
+    assert all(json.loads(r)["cut_by_max_length"] for r in open(tmp_path / "cut" / "base.jsonl"))
+    with pytest.raises(ToEError, match="item 0: its prompt fills max_length=12 tokens"):
+        evaluate(out=str(tmp_path / "x"), skip_bad_rows=True, max_length=12, **common)

@@ -1,4 +1,4 @@
-"""`toe eval` and `toe traces`: accuracy (greedy generation + grading) and response cross-entropy, per system.
+"""`toe eval` and `toe traces`: accuracy (generation + grading) and response cross-entropy, per system.
 
 Systems: the bare base, base + ToE plug-in, the teacher, base + a LoRA adapter, a fully fine-tuned base (SFT).
 Every system sees the same items, prompt and token budget; per-example rows go to ``DIR/<system>.jsonl`` and the
@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ToEError
-from .data import DataSpec, encode, pad_left, read_jsonl
+from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
 from .grading import grade, gsm8k_gold, last_boxed
 from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
-from .inference import generate_texts
+from .inference import GREEDY, Sampling, generate_texts, seeded
 from .io import atomic_write_json, atomic_write_text
 from .losses import token_nll
 from .stats import bootstrap_mean, gap_closed_ci, paired_bootstrap, wilson
@@ -70,8 +70,8 @@ def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], 
 
 
 @torch.no_grad()
-def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int]]:
-    """(mean NLL, token count) of each item's CE target after its CE prompt."""
+def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int, bool]]:
+    """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt."""
     dev = next(model.parameters()).device
     out = []
     for start in range(0, len(items), batch_size):
@@ -82,34 +82,63 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int)
         nll = token_nll(logits, ids.to(dev), mask.to(dev))
         for i in range(len(chunk)):
             n = int(mask[i].sum())
-            out.append((float(nll[i].sum()) / max(n, 1), n))
+            if chunk[i].cut and n <= 1:  # only the appended EOS, scored after a cut-off prompt: not the target
+                raise ToEError(f"item {start + i}: its prompt fills max_length={max_length} tokens, so none of its "
+                               "target is scored: raise --max_length")
+            out.append((float(nll[i].sum()) / max(n, 1), n, chunk[i].cut))
     return out
 
 
+def grade_completion(task: str, raw: str, gold: str, tok, max_new_tokens: int, stop: list[str]) -> dict:
+    """One generated completion cut at the first stop string, graded: completion, extracted, correct, tokens,
+    truncated."""
+    text = raw
+    for s in stop:  # cut at the first stop string (generation stops after it)
+        text = text.split(s)[0]
+    pred, ok = grade(task, text, gold)
+    # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last number of a
+    # cut-off completion is often an intermediate one, so such rows are counted, not hidden.
+    n = len(tok(text)["input_ids"])
+    return {"completion": text, "extracted": pred, "correct": ok, "tokens": n,
+            "truncated": text == raw and n >= max_new_tokens}
+
+
+def vote(samples: list[dict]) -> dict:
+    """Majority vote over the samples' extracted answers (unanswered samples abstain; a tie goes to the answer
+    that came first) and whether any sample is correct."""
+    answers = [s["extracted"] for s in samples if s["extracted"] is not None]
+    if not answers:
+        return {"majority": None, "maj_correct": False, "pass": any(s["correct"] for s in samples)}
+    majority = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
+    maj_correct = next(s["correct"] for s in samples if s["extracted"] == majority)
+    return {"majority": majority, "maj_correct": maj_correct, "pass": any(s["correct"] for s in samples)}
+
+
 def score_system(name: str, model, tok, items: list[Item], task: str, do_generate: bool, do_ce: bool,
-                 max_new_tokens: int, batch_size: int, max_length: int, stop: list[str]) -> list[dict]:
+                 max_new_tokens: int, batch_size: int, max_length: int, stop: list[str],
+                 sampling: Sampling = GREEDY) -> list[dict]:
+    """Per-item rows of one system. With ``sampling.num_samples`` = k > 1 a row's completion, extracted, correct,
+    tokens and truncated are its first sample's; ``samples`` holds all k, with the majority vote and pass."""
     rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
     if do_ce:
-        for row, (ce, n) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
-            row.update(ce=ce, ce_tokens=n)
+        for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
+            row.update(ce=ce, ce_tokens=n, cut_by_max_length=cut)
     if do_generate:
+        k = sampling.num_samples
         t0 = time.perf_counter()
         texts = []
-        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False):
-            chunk = [it.prompt for it in items[start : start + batch_size]]
-            texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size,
-                                    stop_strings=stop or None)
+        with seeded(sampling.seed, next(model.parameters()).device):  # every system draws from the same seed
+            for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False):
+                chunk = [it.prompt for it in items[start : start + batch_size]]
+                texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
+                                        stop_strings=stop or None)
         elapsed = time.perf_counter() - t0
-        for row, raw in zip(rows, texts):
-            text = raw
-            for s in stop:  # cut at the first stop string (generation stops after it)
-                text = text.split(s)[0]
-            pred, ok = grade(task, text, row["gold"])
-            # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last
-            # number of a cut-off completion is often an intermediate one, so such rows are counted, not hidden.
-            n = len(tok(text)["input_ids"])
-            row.update(completion=text, extracted=pred, correct=ok, tokens=n,
-                       truncated=text == raw and n >= max_new_tokens)
+        for i, row in enumerate(rows):
+            samples = [grade_completion(task, raw, row["gold"], tok, max_new_tokens, stop)
+                       for raw in texts[i * k : (i + 1) * k]]
+            row.update(samples[0])
+            if k > 1:
+                row.update(samples=samples, **vote(samples))
         for row in rows:
             row["gen_seconds_total"] = elapsed
     return rows
@@ -130,11 +159,20 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         out["mean_completion_tokens"] = sum(r["tokens"] for r in rows) / len(rows)
         if "truncated" in rows[0]:  # rows written before the flag existed have none
             out["truncated_share"] = sum(r["truncated"] for r in rows) / len(rows)
+    if rows and "samples" in rows[0]:  # k sampled completions per item
+        k = len(rows[0]["samples"])
+        out["num_samples"] = k
+        out["pass@1"] = sum(s["correct"] for r in rows for s in r["samples"]) / (k * len(rows))
+        for key, field in ((f"maj@{k}", "maj_correct"), (f"pass@{k}", "pass")):
+            hits = sum(r[field] for r in rows)
+            out[key], out[f"{key}_ci95"] = hits / len(rows), list(wilson(hits, len(rows)))
     if rows and "ce" in rows[0]:
         mean, lo, hi = bootstrap_mean([r["ce"] for r in rows])
         out["ce"], out["ce_ci95"] = mean, [lo, hi]
         tokens = sum(r["ce_tokens"] for r in rows)
         out["ce_token_weighted"] = sum(r["ce"] * r["ce_tokens"] for r in rows) / max(tokens, 1)
+        if "cut_by_max_length" in rows[0]:  # rows written before the flag existed have none
+            out["ce_cut_by_max_length"] = sum(r["cut_by_max_length"] for r in rows)
     return out
 
 
@@ -164,13 +202,19 @@ def evaluate(
     plugin_selection: str | None = None,
     plugin_top_k: int | None = None,
     plugin_top_p: float | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    skip_bad_rows: bool = False,
 ) -> dict:
     """Evaluates base, base + plug-in, teacher and LoRA on the same items.
 
     Args:
         base: base model id or folder.
         task: "gsm8k" or "math".
-        data: JSONL items (GSM8K: question/answer; MATH: problem/solution/answer).
+        data: the task's items: a .jsonl/.json/.csv/.parquet file or hf:NAME[:CONFIG]:SPLIT (GSM8K:
+            question/answer; MATH: problem/solution/answer).
         out: output folder (metrics.json, <system>.jsonl).
         plugin: ToE plug-in folder; teacher: teacher model; lora: peft adapter folder; sft: a fully fine-tuned copy
             of the base (`toe baseline --kind sft`), scored as system "sft".
@@ -183,13 +227,21 @@ def evaluate(
         with_base: also score the bare base (off: a folder holding only the plug-in/LoRA/teacher rows, to be pooled
             by `toe report` with a folder that has the base on the same items).
         ce, accuracy: which metrics to compute.
-        max_new_tokens: generation budget (greedy).
-        batch_size, max_length: batching and truncation.
+        max_new_tokens: generation budget.
+        batch_size, max_length: batching and truncation (CE targets cut by ``max_length`` are counted per system
+            as ``ce_cut_by_max_length``).
         dtype, device: where models run (device default: the GPU when one is visible, else the CPU).
         plugin_selection: route the plug-in with this mode instead of its configured one.
         plugin_top_k: route the plug-in with this K (an inference-time sweep: nothing is retrained; recorded in
             the metrics' args as ``routing``).
         plugin_top_p: route the plug-in with this top-p mass.
+        temperature, top_p: decoding; temperature 0 (default) is greedy, a positive one samples with nucleus
+            ``top_p`` (not to be confused with ``plugin_top_p``, which routes the plug-in).
+        num_samples: sampled completions per item (k): metrics gain maj@k, pass@k and pass@1 (mean over all
+            samples); every sample is in the per-example JSONL. The row's own answer is its first sample's.
+        seed: seed of the sampling draws (each system starts from it).
+        skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
+            ...) and record how many as ``skipped_rows``, instead of stopping at the first with its file:line.
 
     Returns:
         The metrics dict written to ``out/metrics.json``.
@@ -202,10 +254,12 @@ def evaluate(
         raise ToEError("--data is required: a local JSONL file of the task's items")
     if not (with_base or plugin or lora or sft or teacher):
         raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
+    sampling = Sampling(temperature, top_p, num_samples, seed)
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
-    rows = read_jsonl(data, spec)[skip:]
+    rows, bad_rows = scan_rows(data, spec, skip_bad=skip_bad_rows)
+    rows = rows[skip:]
     rows = rows[:limit] if limit is not None else rows
     if ce:
         check_ce_rows(rows, ce_target, data)
@@ -220,14 +274,16 @@ def evaluate(
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
-                max_new_tokens=max_new_tokens, dtype=dtype, decoding="greedy", stop=STOP, ce=ce, accuracy=accuracy,
-                routing={"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p})
+                max_new_tokens=max_new_tokens, dtype=dtype, **sampling.record(), stop=STOP, ce=ce,
+                accuracy=accuracy, routing={"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p})
+    if skip_bad_rows:
+        args["skipped_rows"] = len(bad_rows)
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
     def run(name: str, model) -> None:
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
-                                        max_length, STOP)
+                                        max_length, STOP, sampling)
         write_rows(out, name, per_system[name])
 
     device = pick_device(device)

@@ -2,48 +2,111 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .config import ToEError
-from .data import chat_template
+from .data import FORMATS, chat_template, read_rows
 from .hf import load_causal_lm, load_tokenizer, pick_device
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are decoded: greedy (``temperature`` 0, the default) or sampled.
+
+    Attributes:
+        temperature: softmax temperature; 0 is greedy decoding.
+        top_p: nucleus mass kept when sampling (1: all tokens). The model's own ``generation_config.top_k`` is
+            switched off so that these two numbers are the whole sampling rule.
+        num_samples: completions per prompt (sampling only).
+        seed: seed of the sampling draws (recorded; the same seed and batch size give the same samples).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ToEError(f"temperature={self.temperature}: use 0 for greedy decoding or a positive value to sample")
+        if not 0 < self.top_p <= 1:
+            raise ToEError(f"top_p={self.top_p}: use a nucleus mass in (0, 1]")
+        if self.num_samples < 1:
+            raise ToEError(f"num_samples={self.num_samples}: use 1 or more")
+        if self.greedy and (self.num_samples > 1 or self.top_p < 1):
+            raise ToEError(f"num_samples={self.num_samples}, top_p={self.top_p} with greedy decoding would repeat one "
+                           "completion: pass --temperature > 0 (e.g. 0.7) to sample")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``model.generate``."""
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
+                "num_return_sequences": self.num_samples}
+
+    def record(self) -> dict:
+        """What a results file records about decoding."""
+        return {"decoding": "greedy"} if self.greedy else {"decoding": "sample", "sampling": asdict(self)}
+
+
+GREEDY = Sampling()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str) -> Iterator[None]:
+    """The global torch RNG (which ``generate`` samples from) seeded for the block and restored after it."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
-    """One prompt, or one per line of a text file (or the ``prompt`` field of each row of a JSONL file)."""
+    """One prompt, or one per line of a text file (or the ``prompt`` field of each row of a data file: JSONL,
+    JSON, CSV, parquet)."""
     if (prompt is None) == (prompts_file is None):
         raise ToEError("give exactly one of --prompt TEXT or --prompts_file FILE")
     if prompt is not None:
         return [prompt]
     if not os.path.isfile(prompts_file):
         raise ToEError(f"prompts file {prompts_file!r} not found")
-    with open(prompts_file) as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    if prompts_file.endswith(".jsonl"):
-        rows = [json.loads(line) for line in lines]
-        if not all("prompt" in r for r in rows):
-            raise ToEError(f"{prompts_file}: every JSONL row needs a 'prompt' field (or pass a plain text file)")
+    if os.path.splitext(prompts_file)[1].lower() in FORMATS:
+        rows = read_rows(prompts_file)
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)), None)
+        if bad is not None:
+            raise ToEError(f"{prompts_file}: row {bad + 1} has no text 'prompt' field: give every row one (or pass a "
+                           "plain text file, one prompt a line)")
         return [r["prompt"] for r in rows]
-    return lines
+    with open(prompts_file) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8, **gen
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8,
+    sampling: Sampling = GREEDY, **gen
 ) -> list[str]:
-    """Greedy (or ``gen``-configured) completions for ``prompts``, batched with left padding."""
+    """Completions for ``prompts``, batched with left padding: greedy, or ``sampling.num_samples`` sampled ones per
+    prompt, consecutive (``[p0 s0, p0 s1, ..., p1 s0, ...]``). Sampling draws from the global RNG: seed it around
+    the call (`seeded`). ``gen``: more ``generate`` arguments (``stop_strings``, ...)."""
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    gen = {**sampling.generate_kwargs(), **gen}
+    if gen.get("stop_strings"):
+        gen["tokenizer"] = tokenizer  # transformers needs it to match stop strings
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-        gen.setdefault("do_sample", False)
-        if gen.get("stop_strings"):
-            gen["tokenizer"] = tokenizer  # transformers needs it to match stop strings
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **gen)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
@@ -60,6 +123,10 @@ def generate(
     dtype: str = "float32",
     device: str | None = None,
     compile: bool = False,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
 ) -> list[dict]:
     """Generates completions with the base (and the plug-in, when given).
 
@@ -67,29 +134,40 @@ def generate(
         base: hub id or local folder of the base model.
         plugin: plug-in folder (from `toe extract` / `toe train`); omit to run the bare base.
         prompt: one prompt.
-        prompts_file: a text file with one prompt per line, or JSONL with a "prompt" field.
-        max_new_tokens: generation budget per prompt (greedy decoding).
+        prompts_file: a text file with one prompt per line, or a data file (.jsonl, .json, .csv, .parquet) with a
+            "prompt" field.
+        max_new_tokens: generation budget per prompt.
         batch_size: prompts per batch (left-padded).
         chat: wrap each prompt in the tokenizer's chat template.
         dtype: torch dtype name for the base.
         device: "cpu", "cuda", ... (default: the GPU when one is visible).
         compile: compile the plug-in's hook computation with torch.compile (see ``ToEPlugin.compile``).
+        temperature, top_p: 0 (default) is greedy decoding; a positive temperature samples (see `Sampling`).
+        num_samples: sampled completions per prompt.
+        seed: seed of the sampling draws.
 
     Returns:
-        One {"prompt", "completion"} dict per prompt.
+        One {"prompt", "completion"} dict per prompt; with ``num_samples`` > 1, one per sample, numbered by
+        ``"sample"``.
     """
     from .model import ToEModel
 
+    sampling = Sampling(temperature, top_p, num_samples, seed)
     prompts = read_prompts(prompt, prompts_file)
     tokenizer = load_tokenizer(base)
     rendered = prompts
     if chat:
         template = chat_template(tokenizer, "drop --chat and write the prompt format into the prompts")
         rendered = [template.replace("{prompt}", p) for p in prompts]
-    model = load_causal_lm(base, dtype=dtype, device=pick_device(device))
+    device = pick_device(device)
+    model = load_causal_lm(base, dtype=dtype, device=device)
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
         if compile:
             model.plugin.compile()
-    texts = generate_texts(model, tokenizer, rendered, max_new_tokens, batch_size)
-    return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+    with seeded(sampling.seed, device):
+        texts = generate_texts(model, tokenizer, rendered, max_new_tokens, batch_size, sampling)
+    if num_samples == 1:
+        return [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)]
+    return [{"prompt": prompts[i // num_samples], "sample": i % num_samples, "completion": c}
+            for i, c in enumerate(texts)]
