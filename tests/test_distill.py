@@ -137,3 +137,21 @@ def test_on_policy_refuses_a_teacher_with_another_vocabulary(experts, tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<unk>").save_pretrained(other)
     with pytest.raises(ToEError, match="vocabulary"):
         train(**args(experts, tmp_path / "p", teacher=str(other)))
+
+
+def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
+    """`toe baseline lora --objective on_policy`: same sampling schedule and divergence as `toe train`."""
+    from tree_of_experts.baseline import baseline
+
+    summary = baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"),
+                       experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, objective="on_policy",
+                       on_policy_ratio=0.5, sample_max_new_tokens=6, kd_weight=1.0)
+    rows = [json.loads(r) for r in open(tmp_path / "lora" / "metrics.jsonl")]
+    want = ["on_policy" if is_on_policy(0.5, 0, s) else "off_policy" for s in range(3)]
+    assert [r["objective"] for r in rows] == want and summary["objective"] == "on_policy"
+    for r in rows:
+        assert (r["jsd"] is None) == (r["objective"] == "off_policy")
+        assert (r["kd"] is None) == (r["objective"] == "on_policy")  # off-policy steps distil the cached top-k
+    with pytest.raises(ToEError, match="control"):
+        baseline(kind="control", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "c"),
+                 experts=str(experts / "ex"), objective="on_policy")

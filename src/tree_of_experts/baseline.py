@@ -12,6 +12,7 @@ Kinds:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -21,17 +22,19 @@ from safetensors.torch import load_file
 
 from .bank import ExpertBank
 from .cluster import init_gate_from_geometry
-from .config import WEIGHTS_NAME, ToEConfig, ToEError
-from .data import DataSpec, batch_indices, encode, pad_left, read_jsonl
+from .config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
+from .data import DataSpec, batch_indices
+from .distill import OnPolicy, eos_ids, is_on_policy, load_teacher, objective_loss, prompt_ids, sample, teacher_logits
 from .extract import extract
 from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
-from .io import append_jsonl, atomic_write_json
-from .losses import tail_positions, token_nll
+from .io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
+from .losses import tail_positions
 from .model import ToEModel
 from .plugin import ToEPlugin
-from .train import train
+from .train import OBJECTIVES, collate, load_examples, train
 
 KINDS = ("control", "static", "random", "flat", "lora", "sft")
+ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
 
 
 def _plugin_params(experts: str) -> int:
@@ -54,8 +57,8 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
             rand = rand / rand.norm(dim=-1, keepdim=True) * vectors.norm(dim=-1, keepdim=True)
             block.bank = ExpertBank(rand, {**block.bank.info, "baseline": "random directions"})
     if kind == "flat":
-        cfg = ToEConfig(**{**model.config.to_dict(), "shape": "flat",
-                           "selection": "topk" if model.config.selection == "beam" else model.config.selection})
+        cfg = ToEConfig(**{**model.toe_config.to_dict(), "shape": "flat",
+                           "selection": "topk" if model.toe_config.selection == "beam" else model.toe_config.selection})
         banks = {int(k): b.bank for k, b in model.plugin.blocks.items()}
         plugin = ToEPlugin(cfg, banks)
         for layer, block in plugin.blocks.items():
@@ -68,37 +71,49 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
     return path
 
 
-def _train_adapter(base_model, tok, data: str, spec: DataSpec, out: str, max_steps: int, batch_size: int, lr: float,
-                   limit: int | None, max_length: int, seed: int, gradient_checkpointing: bool) -> list[dict]:
-    """Plain CE training of whatever requires grad in ``base_model`` (LoRA or all weights), same data order as
-    `toe train`'s Stage B."""
+def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, batch_size: int, lr: float,
+                   seed: int, gradient_checkpointing: bool, teacher_model=None, on_policy: OnPolicy | None = None,
+                   ce_weight: float = 1.0, kd_weight: float = 0.0) -> list[dict]:
+    """Trains whatever requires grad in ``base_model`` (LoRA or all weights) with `toe train`'s Stage-B objective
+    (:func:`tree_of_experts.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
+    ``examples`` carry the teacher's cached top-k), and on-policy steps (the adapted model samples, ``teacher_model``
+    scores) on the same (seed, step) schedule."""
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
         enable_checkpointing(base_model)
-    rows = read_jsonl(data, spec, limit)
-    spec = spec.for_tokenizer(tok)
-    examples = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
     params = [p for p in base_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     dev = next(base_model.parameters()).device
     base_model.train()
     metrics, n = [], len(examples)
+    stop_ids = eos_ids(base_model, tok)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "metrics.jsonl")
     if os.path.exists(path):
         os.remove(path)
-    t0 = time.perf_counter()
+    t0, samples_seen = time.perf_counter(), 0
     for step in range(max_steps):
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
-        ids, am = pad_left([e.input_ids for e in batch], tok.pad_token_id)
-        mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool()
-        keep = tail_positions(mask, dev)  # logits only where a target is scored, as in `toe train`
-        logits = base_model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits
-        tail = slice(-len(keep), None)
-        loss = token_nll(logits, ids[:, tail].to(dev), mask[:, tail].to(dev)).sum() / mask.sum().clamp_min(1)
+        on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, step)
+        if on:  # the same seeds as `toe train` (one process)
+            b = sample(base_model, [prompt_ids(e.ids, e.loss_mask) for e in batch], tok.pad_token_id, stop_ids,
+                       on_policy, seed * 1_000_003 + step, dev)
+            samples_seen += len(batch)
+        else:
+            b = collate(batch, tok.pad_token_id)
+        keep = tail_positions(b["loss_mask"], dev)  # logits only where a target is scored, as in `toe train`
+        tail = {k: v[:, -len(keep) :].to(dev) for k, v in b.items() if k != "attention_mask"}
+        t_logits = teacher_logits(teacher_model, b, keep) if on else None
+        logits = base_model(**padded_inputs(b["input_ids"], b["attention_mask"], dev), logits_to_keep=keep).logits
+        n_tok = b["loss_mask"].sum().clamp_min(1).to(dev).float()
+        loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta if on_policy else 0.5,
+                                     ce_weight, kd_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        row = {"step": step + 1, "loss": loss.item(), "ce": loss.item(), "elapsed_s": time.perf_counter() - t0}
+        row = {"step": step + 1, "objective": "on_policy" if on else "off_policy", "loss": loss.item(), **parts,
+               "elapsed_s": time.perf_counter() - t0}
+        if teacher_model is not None:
+            row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
         append_jsonl(path, row)
         metrics.append(row)
     base_model.eval()
@@ -128,6 +143,15 @@ def baseline(
     gradient_checkpointing: bool = False,
     save_every: int = 50,
     resume: bool = False,
+    objective: str = "off_policy",
+    teacher: str | None = None,
+    on_policy_ratio: float = 1.0,
+    beta: float = 0.5,
+    sample_max_new_tokens: int = 256,
+    sample_temperature: float = 1.0,
+    sample_top_p: float = 1.0,
+    kd_weight: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -148,15 +172,30 @@ def baseline(
         save_every, resume: checkpoints of the plug-in kinds (control, static, random, flat), as for `toe train`:
             ``resume`` continues an interrupted run from ``out/checkpoint`` (the control's extraction resumes from
             its last complete shard on its own).
+        objective, teacher, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p: the
+            training objective, as for `toe train` (static, random, flat, lora and sft; the control stays off-policy
+            without the teacher, by definition). LoRA and SFT run the same objective code as `toe train`.
+        kd_weight: weight of the teacher's cached top-k KL in off-policy steps (the extraction in ``experts`` must
+            have cached it for ``data``). Default: `toe train`'s 1.0 for plug-in kinds, 0 for lora/sft (the CE-only
+            adapters of the earlier studies); pass 1.0 to give LoRA ToE's off-policy objective.
+        overwrite: replace what another run left in ``out`` (refused otherwise; ``resume`` continues this one).
     """
-    if kind not in KINDS:
-        raise ToEError(f"kind={kind!r}: use one of {KINDS}")
+    args = dict(locals())
+    BaselineConfig.from_args(args)
     if experts is None and not (kind == "sft" or (kind == "lora" and lora_rank)):
         fix = " or an explicit --lora_rank" if kind == "lora" else ""
         raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from){fix}")
     if resume and kind in ("lora", "sft"):
         raise ToEError(f"--resume continues the plug-in baselines (control, static, random, flat); a {kind} run "
                        "restarts: drop --resume")
+    if experts is not None:
+        check_extraction(experts)
+    claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
+              inputs={"base": base, "experts": experts, "teacher": teacher})
+    args_path = os.path.join(out, ARGS_NAME)
+    if resume:
+        check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()})
+    atomic_write_json(args_path, args)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,
                    strip_calc=strip_calc, max_length=max_length)
@@ -167,7 +206,18 @@ def baseline(
         train_kw["lr"] = lr
     if bank_lr is not None and kind not in ("lora", "sft"):
         train_kw["bank_lr"] = bank_lr
-    summary: dict = {"kind": kind, "out": out}
+    objective_kw = dict(objective=objective, teacher=teacher, on_policy_ratio=on_policy_ratio, beta=beta,
+                        sample_max_new_tokens=sample_max_new_tokens, sample_temperature=sample_temperature,
+                        sample_top_p=sample_top_p)
+    if objective not in OBJECTIVES:
+        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
+    if kind == "control" and objective != "off_policy":
+        raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
+    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
+                         sample_temperature, sample_top_p)
+    if kd_weight is not None and kind not in ("lora", "sft"):
+        train_kw["kd_weight"] = kd_weight
+    summary: dict = {"kind": kind, "out": out, "objective": objective}
     if kind == "control":
         with open(os.path.join(experts, "run.json")) as f:
             run = json.load(f)
@@ -184,10 +234,18 @@ def baseline(
         flags = {"static": dict(freeze_bank=True, skip_stage_a=True), "random": dict(skip_stage_a=True),
                  "flat": {}}[kind]
         summary["train"] = train(base=base, experts=experts, init_plugin=init, out=out,
-                                 stage_a_steps=stage_a_steps, **flags, **train_kw, **plugin_kw)
+                                 stage_a_steps=stage_a_steps, **flags, **train_kw, **plugin_kw, **objective_kw)
     else:
         tok = load_tokenizer(base)
         base_model = load_causal_lm(base, dtype=dtype)
+        kd = kd_weight or 0.0
+        examples, has_kd = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "", kd > 0)
+        if kd > 0 and not has_kd:
+            raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
+                           "--topk_logprobs > 0 on this data, or drop --kd_weight")
+        dev = next(base_model.parameters()).device
+        teacher_model = load_teacher(teacher, experts or "", tok, dtype, dev) if on_policy.ratio > 0 else None
+        fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd)
         if kind == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -200,13 +258,13 @@ def baseline(
                                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
             summary.update(rank=rank, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                            plugin_params=target)
-            summary["metrics"] = _train_adapter(model, tok, data, spec, out, max_steps, batch_size, lr or 2e-4, limit,
-                                                max_length, seed, gradient_checkpointing)[-1]
+            summary["metrics"] = _train_adapter(model, tok, examples, out, max_steps, batch_size, lr or 2e-4, seed,
+                                                gradient_checkpointing, **fit)[-1]
             model.save_pretrained(out)
         else:
             base_model.requires_grad_(True)
-            summary["metrics"] = _train_adapter(base_model, tok, data, spec, out, max_steps, batch_size, lr or 1e-5,
-                                                limit, max_length, seed, gradient_checkpointing)[-1]
+            summary["metrics"] = _train_adapter(base_model, tok, examples, out, max_steps, batch_size, lr or 1e-5,
+                                                seed, gradient_checkpointing, **fit)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)

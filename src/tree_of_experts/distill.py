@@ -16,7 +16,7 @@ import torch
 from .config import ToEError
 from .data import pad_left
 from .hf import padded_inputs
-from .losses import generalized_jsd
+from .losses import generalized_jsd, token_nll, topk_kl
 
 
 @dataclass
@@ -152,3 +152,31 @@ def load_teacher(teacher: str | None, experts: str, tok, dtype: str, device) -> 
                        "next-token distributions over shared ids; use a teacher with the student's tokenizer")
     model = load_causal_lm(teacher, dtype=dtype, device=str(device))
     return model.requires_grad_(False).eval()
+
+
+def objective_loss(logits: torch.Tensor, tail: dict[str, torch.Tensor], n_tok: torch.Tensor,
+                   t_logits: torch.Tensor | None, beta: float, ce_weight: float, kd_weight: float
+                   ) -> tuple[torch.Tensor, dict[str, float | None]]:
+    """The training objective of one batch, shared by `toe train` and the LoRA baseline.
+
+    On-policy (``t_logits`` given: the teacher's logits on the student's samples): the generalized JSD on the
+    sampled tokens. Off-policy: ``ce_weight`` · CE on the data's tokens + ``kd_weight`` · top-k KL to the teacher's
+    cached log-probs where the batch carries them.
+
+    Args:
+        logits: (B, T, V) student logits over the batch's tail ``tail`` (``input_ids``, ``loss_mask`` and, when
+            cached, ``topk_ids``/``topk_logp``/``kd_mask``, each (B, T, ...)).
+        n_tok: the token count to normalise by (global across processes).
+
+    Returns:
+        (loss, parts): parts holds ``ce``, ``kd`` and ``jsd`` as floats (None where the step has no such term).
+    """
+    if t_logits is not None:
+        jsd = onpolicy_divergence(logits, t_logits, tail["loss_mask"], beta).sum() / n_tok
+        return jsd, {"ce": None, "kd": None, "jsd": jsd.item()}
+    ce = token_nll(logits, tail["input_ids"], tail["loss_mask"]).sum() / n_tok
+    loss, kd = ce_weight * ce, None
+    if kd_weight > 0 and "topk_ids" in tail:
+        kd_t = topk_kl(logits, tail["topk_ids"], tail["topk_logp"], tail["kd_mask"]).sum() / n_tok
+        loss, kd = loss + kd_weight * kd_t, kd_t.item()
+    return loss, {"ce": ce.item(), "kd": kd, "jsd": None}

@@ -7,34 +7,46 @@ bit-identical to an uninterrupted run. Runs unchanged on CPU, one GPU or many (`
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .config import ToEError
+from .config import ToEError, TrainConfig
 from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jsonl
 from .distill import (
     OnPolicy,
     eos_ids,
     is_on_policy,
     load_teacher,
-    onpolicy_divergence,
+    objective_loss,
     prompt_ids,
     sample,
     teacher_logits,
 )
-from .extract import iter_examples
+from .extract import CORRUPT_EXTRACTION, iter_examples
 from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
-from .io import append_jsonl, atomic_save_tensors, atomic_torch_save, atomic_write_json
-from .losses import tail_positions, token_nll, topk_kl
+from .io import (
+    append_jsonl,
+    atomic_save_tensors,
+    atomic_torch_save,
+    atomic_write_json,
+    check_extraction,
+    check_resume_args,
+    claim_out,
+    load_tensors,
+    load_torch,
+    read_json,
+)
+from .losses import tail_positions
 from .model import ToEModel
-from .tree import effective_leaves, num_nodes, path_labels, route_loss, usage, usage_loss
+from .tree import RouteOutput, effective_leaves, num_nodes, path_labels, route_loss, usage
 
 OBJECTIVES = ("off_policy", "on_policy")
 
@@ -120,12 +132,62 @@ def sampled_route_loss(gate, route_data: dict[str, torch.Tensor], layer: int, n:
     return route_loss(gate(states[pick].to(device).float()[None], "dense"), labels[None])
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def checkpoint_dir(out: str) -> str:
     return os.path.join(out, "checkpoint")
 
 
+RESTART = "the checkpoint is damaged: start the run again without --resume (with --overwrite)"
+
+
+def global_usage(route: RouteOutput, mask: torch.Tensor, acc) -> torch.Tensor:
+    """Leaf usage (N,) over the injected tokens of *every* process, so the usage regulariser of P processes is the
+    one process's. The value is the all-reduced mean; the gradient flows through this process's tokens, scaled by P
+    because DDP averages gradients over processes. One process: exactly :func:`tree_of_experts.tree.usage`."""
+    if acc.num_processes == 1:
+        return usage(route, mask)
+    m = mask.to(route.leaf_logp.dtype)[..., None]  # (B, T, 1)
+    mass = (route.leaf_logp.exp() * m).flatten(0, -2).sum(0)  # (N,) this process's routing mass
+    total = acc.reduce(torch.cat([mass.detach(), m.sum()[None].detach()]), reduction="sum")  # (N + 1,)
+    p = acc.num_processes
+    mass = p * mass - (p - 1) * mass.detach() + (total[:-1] - mass.detach())  # value: every process's mass
+    return mass / total[-1].clamp_min(1.0)
+
+
+def global_mean(acc, values: dict[str, float | None]) -> dict[str, float | None]:
+    """Per-process values normalised by the global token count, averaged over processes: the global values (what
+    rank 0 logs). None stays None; one all-reduce, none on one process."""
+    keys = [k for k, v in values.items() if v is not None]
+    if acc.num_processes == 1 or not keys:
+        return values
+    mean = acc.reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
+    return {**values, **dict(zip(keys, mean.tolist()))}
+
+
+def finite_loss(acc, loss: torch.Tensor, step: int, stage: str) -> float:
+    """The step's global loss; a NaN or inf one stops training before the optimizer applies it (every process sees
+    the same global value and stops together), so no checkpoint or plug-in is written from that state."""
+    value = global_mean(acc, {"loss": loss.item()})["loss"]
+    if not math.isfinite(value):
+        raise ToEError(f"training stopped at step {step} (stage {stage}): the loss is {value}; nothing was saved from "
+                       "this state (earlier checkpoints are intact): lower the learning rates (--lr, --scale_lr, "
+                       "--bank_lr, --stage_a_lr) and start again with --overwrite")
+    return value
+
+
 def save_checkpoint(out: str, model: ToEModel, opt: torch.optim.Optimizer, step: int, stage: str) -> None:
     """Writes a checkpoint next to the old one, then swaps: a crash leaves the previous checkpoint whole."""
+    bad = [n for n, t in model.plugin.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ToEError(f"training stopped at step {step}: the plug-in's {bad[0]} holds NaN or inf values after the "
+                       "update (the loss was finite); nothing was saved from this state: lower the learning rates "
+                       "and start again with --overwrite")
     tmp = checkpoint_dir(out) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -172,6 +234,7 @@ def train(
     log_every: int = 10,
     save_every: int = 50,
     resume: bool = False,
+    overwrite: bool = False,
     seed: int = 0,
     dtype: str = "float32",
     mixed_precision: str = "no",
@@ -215,7 +278,8 @@ def train(
         limit: use the first ``limit`` rows of ``data``.
         prompt_field, response_field, template, strip_calc, max_length: how rows become tokens (as in extract).
         log_every: steps between metrics rows; save_every: steps between checkpoints.
-        resume: continue from ``out/checkpoint``.
+        resume: continue from ``out/checkpoint`` (with the arguments the run was started with).
+        overwrite: replace what another run left in ``out`` (refused otherwise).
         seed: seed of every random choice.
         dtype: dtype of the frozen base; mixed_precision: accelerate's "no", "fp16" or "bf16".
         gradient_checkpointing: recompute the frozen layers' activations in backward (saves memory).
@@ -236,18 +300,26 @@ def train(
     from accelerate import Accelerator
 
     args = dict(locals())
+    TrainConfig.from_args(args)
     if objective not in OBJECTIVES:
         raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
     on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
                          sample_temperature, sample_top_p)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
-    if max_steps < 1:
-        raise ToEError(f"max_steps={max_steps}: must be >= 1")
     if batch_size % acc.num_processes:
         raise ToEError(f"batch_size={batch_size} must divide evenly over {acc.num_processes} processes")
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
+    check_extraction(experts)
+    if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
+        claim_out(out, "train", overwrite=overwrite, resume=resume, inputs={
+            "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
+            "base": base if isinstance(base, str) else None})
+        if resume:
+            defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
+            check_resume_args(os.path.join(out, "train_args.json"), args, defaults)
+    acc.wait_for_everyone()
     tok = load_tokenizer(tokenizer or base)
     spec = spec.for_tokenizer(tok)
     if isinstance(base, str):
@@ -256,7 +328,7 @@ def train(
     teacher_model = load_teacher(teacher, experts, tok, dtype, acc.device) if on_policy.ratio > 0 else None
     if gradient_checkpointing:
         enable_checkpointing(model.base)
-    cfg = model.config
+    cfg = model.toe_config
     examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
     use_kd = has_kd and not no_kd and kd_weight > 0
     if ce_weight < 0 or kd_weight < 0:
@@ -265,7 +337,7 @@ def train(
         raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
                        "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
     route_path = os.path.join(experts, "route_data.safetensors")
-    route_data = load_file(route_path) if os.path.isfile(route_path) else {}
+    route_data = load_tensors(route_path, CORRUPT_EXTRACTION) if os.path.isfile(route_path) else {}
     if not route_data:
         skip_stage_a, route_weight = True, 0.0
     stage_a = 0 if skip_stage_a else stage_a_steps
@@ -293,14 +365,13 @@ def train(
     step = 0
     if resume and os.path.isdir(checkpoint_dir(out)):
         ck = checkpoint_dir(out)
-        model.plugin.load_state_dict(load_file(os.path.join(ck, "plugin.safetensors")))
-        with open(os.path.join(ck, "state.json")) as f:
-            state = json.load(f)
+        model.plugin.load_state_dict(load_tensors(os.path.join(ck, "plugin.safetensors"), RESTART))
+        state = read_json(os.path.join(ck, "state.json"), RESTART)
         step = state["step"]
-        (opt_a if state["stage"] == "A" else opt).load_state_dict(torch.load(os.path.join(ck, "optimizer.pt")))
+        (opt_a if state["stage"] == "A" else opt).load_state_dict(load_torch(os.path.join(ck, "optimizer.pt"), RESTART))
         if acc.is_main_process and os.path.isfile(metrics_path):  # drop rows logged after the checkpoint
             with open(metrics_path) as f:
-                rows = [r for r in f if json.loads(r)["step"] <= step]
+                rows = [r for r in f if _logged_step(r) <= step]  # a row cut by a kill is dropped too
             with open(metrics_path, "w") as f:
                 f.writelines(rows)
     elif acc.is_main_process and os.path.isfile(metrics_path):
@@ -329,11 +400,12 @@ def train(
                                                        levels >= open_levels)
                 loss = loss + l_route
                 accs.append(level_accuracy(node_acc.cpu(), levels))
+            loss_value = finite_loss(acc, loss, step + 1, "A")
             opt_a.zero_grad(set_to_none=True)
             with acc.no_sync(wrapped):  # identical picks on every process: nothing to all-reduce
                 acc.backward(loss)
             opt_a.step()
-            row.update(stage="A", loss=loss.item(), route_acc_per_level=accs[0], open_levels=open_levels)
+            row.update(stage="A", loss=loss_value, route_acc_per_level=accs[0], open_levels=open_levels)
         else:
             # Stage B: CE (+ KD) through the fused model; decaying route loss; usage regulariser. Stage C: top-K.
             stage = "B"
@@ -355,27 +427,19 @@ def train(
             keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
             tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k != "attention_mask"}
             t_logits = teacher_logits(teacher_model, b, keep) if on else None  # (B, len(keep), V_T)
-            zero = torch.zeros((), device=acc.device)
             with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
                 logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
-                ce, kd, jsd = zero, zero, zero
-                if on:
-                    jsd = onpolicy_divergence(logits, t_logits, tail["loss_mask"], on_policy.beta).sum() / n_tok
-                    loss = jsd
-                else:
-                    ce = token_nll(logits, tail["input_ids"], tail["loss_mask"]).sum() / n_tok
-                    loss = ce_weight * ce
-                    if use_kd and "topk_ids" in b:
-                        kd = topk_kl(logits, tail["topk_ids"], tail["topk_logp"], tail["kd_mask"]).sum() / n_tok
-                        loss = loss + kd_weight * kd
+                loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta, ce_weight,
+                                             kd_weight if use_kd else 0.0)
                 aux_route = torch.zeros((), device=acc.device)
                 aux_usage = torch.zeros((), device=acc.device)
                 eff, ratio = [], []
                 for layer, rec in records.items():
-                    if rec.route.leaf_logp is not None:
-                        aux_usage = aux_usage + usage_loss(rec.route, rec.mask)
-                        eff.append(effective_leaves(usage(rec.route, rec.mask)).item())
+                    if rec.route.leaf_logp is not None:  # log N - entropy of the usage over every process's tokens
+                        u = global_usage(rec.route, rec.mask, acc)  # (N,)
+                        aux_usage = aux_usage + (math.log(u.numel()) - torch.log(effective_leaves(u)))
+                        eff.append(effective_leaves(u).item())
                     ratio.append(rec.delta_ratio.item())
                 w_route = route_weight * max(0.0, 1.0 - b_step / max_steps)
                 if w_route > 0:
@@ -383,14 +447,14 @@ def train(
                         aux_route = aux_route + sampled_route_loss(gate, route_data, layer, route_batch_size, g,
                                                                    acc.device)[0]
                 loss = loss + w_route * aux_route + usage_weight * aux_usage
+            loss_value = finite_loss(acc, loss, step + 1, stage)
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
             tokens_since += int(b["attention_mask"].sum()) * acc.num_processes
-            row.update(stage=stage, objective="on_policy" if on else "off_policy", loss=loss.item(),
-                       ce=ce.item() if not on else None, kd=kd.item() if not on else None,
-                       jsd=jsd.item() if on else None, route=aux_route.item(), usage=aux_usage.item(),
-                       effective_leaves=eff, delta_ratio=ratio)
+            row.update(stage=stage, objective="on_policy" if on else "off_policy", loss=loss_value,
+                       **global_mean(acc, parts),
+                       route=aux_route.item(), usage=aux_usage.item(), effective_leaves=eff, delta_ratio=ratio)
             if teacher_model is not None:  # samples drawn so far, and this step's sampled tokens (this process)
                 samples_seen += len(mine) * acc.num_processes if on else 0
                 row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
