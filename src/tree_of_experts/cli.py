@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 from .config import ToEError
@@ -14,16 +15,17 @@ def _commands() -> dict:
     from .bench import bench
     from .demo import demo
     from .evaluate import evaluate, traces
+    from .export import export
     from .extract import extract, rebuild
     from .inference import generate
-    from .model import inspect
+    from .model import inspect, push
     from .oracle import oracle
     from .report import report
     from .train import train
 
     return {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate, "traces": traces,
             "report": report, "demo": demo, "baseline": baseline,
-            "oracle": oracle, "bench": bench, "inspect": inspect}
+            "oracle": oracle, "bench": bench, "inspect": inspect, "export": export, "push": push}
 
 
 def _report_positionals(argv: list[str]) -> list[str]:
@@ -42,15 +44,27 @@ def _report_positionals(argv: list[str]) -> list[str]:
     return ["report", "--run_dirs", json.dumps(dirs), *rest] if dirs else argv
 
 
+LIST_OPTIONS = ("--layers", "--teacher_layers")  # integer lists that also take `9` or `5,11,17`
+
+
+def _int_list(value: str) -> str:
+    """`9` or `5,11,17` -> `[9]` / `[5,11,17]`; anything else (already a list, a typo) goes to the parser as is."""
+    return f"[{value}]" if re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", value) else value
+
+
 def _normalise(argv: list[str]) -> list[str]:
-    """Accepts --num-leaves as well as --num_leaves, and `toe report DIR DIR ...` (positional run folders)."""
+    """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, and
+    `toe report DIR DIR ...` (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
-    out = []
+    out: list[str] = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
+            name = "--" + name.replace("-", "_")
+            arg = name + eq + (_int_list(value) if eq and name in LIST_OPTIONS else value)
+        elif out and out[-1] in LIST_OPTIONS:
+            arg = _int_list(arg)
         out.append(arg)
     return out
 
@@ -71,13 +85,28 @@ def _show(result) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def _lm_eval(argv: list[str]) -> None:
+    """`toe lm-eval ARGS`: lm-eval's own CLI with model type ``toe`` registered, ARGS passed as given (lm-eval has no
+    discovery of models outside its source tree)."""
+    try:
+        from .lm_eval import cli
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ToEError("toe lm-eval needs lm-eval: pip install 'tree-of-experts[lmeval]'") from None
+    cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = _normalise(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        result = CLI(_commands(), args=argv, as_positional=False)
+        if argv[:1] == ["lm-eval"]:
+            _lm_eval(argv[1:])
+            return 0
+        result = CLI(_commands(), args=_normalise(argv), as_positional=False)
     except ToEError as e:
         print(f"toe: error: {e}", file=sys.stderr)
         return 2

@@ -21,26 +21,44 @@ up to the layer it is read at), so the injected update at each new token comes f
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
-from safetensors.torch import load_file
 
-from .config import ToEConfig, ToEError
+from .config import OracleConfig, ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
 from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
-from .extract import capture_shard, example_ce, prepare, same_vocab
+from .extract import CORRUPT_EXTRACTION, capture_shard, example_ce, prepare, same_vocab
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, load_tensors
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
-from .stats import bootstrap_mean, gap_closed_ci, wilson
+from .stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 
 STOP = ("Question:",)
 SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",
          "static vector": "static-mean", "ToE (learned)": "toe"}  # file names of the eval-format rows
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def _nats(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _interval(point: float | None, ci: list | None, fmt) -> str:
+    """``point [lo, hi]``; non-finite or interval-less values are said so, never printed as "nan [nan, nan]"."""
+    if point is None or not math.isfinite(point):
+        return "non-finite"
+    lo, hi = ci or (None, None)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{fmt(point)} (no interval below {MIN_INTERVAL_N} items)"
+    return f"{fmt(point)} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def _slug(name: str) -> str:
@@ -129,6 +147,7 @@ def oracle(
     max_length: int = 1024,
     dtype: str = "float32",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Teacher-forced response CE of base, teacher, O1, O2, static vector and ToE on the same items.
 
@@ -147,7 +166,12 @@ def oracle(
         max_new_tokens: generation budget.
         max_length: prompt + target tokens kept per item; the default is `toe eval`'s, so that their rows pool in
             `toe report` (a shorter cut scores fewer target tokens on long traces, and the report refuses to pool).
+        overwrite: replace what another run left in ``out`` (refused otherwise).
     """
+    OracleConfig.from_args(locals())
+    check_extraction(experts)
+    claim_out(out, "oracle", overwrite=overwrite, inputs={"experts": experts, "plugin": plugin, "base": base,
+                                                           "teacher": teacher})
     qf, rf = TASK_FIELDS[task]
     spec = ce_target_spec(task, template, ce_target)
     rows = read_jsonl(data, DataSpec(qf, rf, template))[skip:]
@@ -171,7 +195,7 @@ def oracle(
     offsets = shard["offsets"]
     items = [{k: v[int(offsets[i]) : int(offsets[i + 1])] for k, v in shard.items() if k != "offsets"}
              for i in range(len(examples))]
-    proj = load_file(os.path.join(experts, "projector.safetensors"))
+    proj = load_tensors(os.path.join(experts, "projector.safetensors"), CORRUPT_EXTRACTION)
     maps, ridge = [], []
     for layer in cfg.layers:
         w = proj[f"ridge.{layer}"]
@@ -181,7 +205,7 @@ def oracle(
         ridge.append(w.to(device))
     extracted = ToEPlugin.load(experts)
     banks = [extracted.blocks[str(layer)].bank.vectors().detach().to(device) for layer in cfg.layers]
-    route = load_file(os.path.join(experts, "route_data.safetensors"))
+    route = load_tensors(os.path.join(experts, "route_data.safetensors"), CORRUPT_EXTRACTION)
     static = []
     for layer, bank in zip(cfg.layers, banks):
         sizes = torch.bincount(route[f"leaf.{layer}"], minlength=len(bank)).float().to(device)
@@ -205,6 +229,12 @@ def oracle(
         systems["O2 oracle routing"] = example_ce(base_model, cfg.layers, items, pad, o2, batch_size)
         systems["static vector"] = example_ce(base_model, cfg.layers, items, pad,
                                               lambda j, u, h: static[j].expand_as(h), batch_size)
+        if len(cfg.layers) > 1:  # each layer of the set alone: where the set's ceiling comes from
+            for k, layer in enumerate(cfg.layers):
+                for name, fn in (("O1 trained map", lambda j, u, h: maps[j](u, h)), ("O2 oracle routing", o2)):
+                    only = lambda j, u, h, k=k, fn=fn: fn(j, u, h) if j == k else torch.zeros_like(h)  # noqa: E731
+                    systems[f"{name} @ layer {layer} alone"] = example_ce(base_model, cfg.layers, items, pad, only,
+                                                                          batch_size)
     completions: dict[str, list[str]] = {}
     if plugin:
         toe = ToEModel.from_pretrained(base_model, plugin)
@@ -254,16 +284,13 @@ def oracle(
     lines = ["| system | CE nats [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
     for name, e in result["systems"].items():
         g = e.get("gap_closed")
-        gap = "–" if not g or g["gap_closed"] is None else (
-            f"{100 * g['gap_closed']:.0f} % [{100 * g['ci95'][0]:.0f} %, {100 * g['ci95'][1]:.0f} %]")
-        lines.append(f"| {name} | {e['ce']:.4f} [{e['ce_ci95'][0]:.4f}, {e['ce_ci95'][1]:.4f}] | {gap} |")
+        gap = "–" if not g or g["gap_closed"] is None else _interval(g["gap_closed"], g["ci95"], _pct)
+        lines.append(f"| {name} | {_interval(e['ce'], e['ce_ci95'], _nats)} | {gap} |")
     if "generation" in result:
         lines += ["", "| greedy generation | accuracy [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
         for name, e in result["generation"].items():
             g = e.get("gap_closed")
-            gap = "–" if not g or g["gap_closed"] is None or g["ci95"][0] is None else (
-                f"{100 * g['gap_closed']:.0f} % [{100 * g['ci95'][0]:.0f} %, {100 * g['ci95'][1]:.0f} %]")
-            lo, hi = e["accuracy_ci95"]
-            lines.append(f"| {name} | {100 * e['accuracy']:.0f} % [{100 * lo:.0f} %, {100 * hi:.0f} %] | {gap} |")
+            gap = "–" if not g or g["gap_closed"] is None else _interval(g["gap_closed"], g["ci95"], _pct)
+            lines.append(f"| {name} | {_interval(e['accuracy'], e['accuracy_ci95'], _pct)} | {gap} |")
     atomic_write_text(os.path.join(out, "oracle.md"), "\n".join(lines) + "\n")
     return result
