@@ -66,3 +66,24 @@ def test_layer_sets_end_to_end(pair, tmp_path, capsys):
 def test_one_integer_is_a_layer_set_of_one(pair, tmp_path):
     assert main(extract_args(pair, tmp_path / "ex", "1")) == 0
     assert json.load(open(tmp_path / "ex" / "manifest.json"))["layers"] == [1]
+
+
+def test_query_norm_is_recorded_and_changes_routing(pair, tmp_path):
+    import torch
+
+    from tree_of_experts import ToEModel
+    from tree_of_experts.toy import tiny_qwen2
+    from tree_of_experts.train import train
+
+    ex = tmp_path / "ex"
+    assert main(extract_args(pair, ex, "1")) == 0
+    for flag in (True, False):
+        train(base=str(pair / "base"), experts=str(ex), data=FIXTURE, out=str(tmp_path / f"q{flag}"), max_steps=1,
+              stage_a_steps=1, batch_size=4, query_norm=flag, lr=0.0, stage_a_lr=0.0, scale_lr=0.0, bank_lr=0.0)
+    gates = [ToEModel.from_pretrained(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), tmp_path / f"q{f}")
+             .plugin.blocks["1"].gate for f in (True, False)]
+    assert gates[0].query_norm and not gates[1].query_norm
+    h = torch.randn(1, 5, 32)
+    z = gates[0].features(h)
+    assert torch.allclose(z.mean(-1), torch.zeros(1, 5), atol=1e-5)  # normalised query
+    assert not torch.allclose(gates[0](h, "dense").leaf_logp, gates[1](h, "dense").leaf_logp)

@@ -248,6 +248,7 @@ def train(
     sample_max_new_tokens: int = 256,
     sample_temperature: float = 1.0,
     sample_top_p: float = 1.0,
+    query_norm: bool | None = None,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
 
@@ -293,6 +294,8 @@ def train(
         teacher: the teacher for on-policy steps (default: the one the extraction read, from its manifest).
         on_policy_ratio, beta: GKD's λ and β (0 forward KL, 1 reverse KL, 0.5 the symmetric JSD).
         sample_max_new_tokens, sample_temperature, sample_top_p: how on-policy steps sample the student.
+        query_norm: switch the gates' query normalisation on or off (None keeps the plug-in's; see
+            :class:`tree_of_experts.config.ToEConfig`). It adds no parameters; the trained plug-in records it.
 
     Returns:
         A summary: final metrics, steps, the plug-in folder.
@@ -325,6 +328,10 @@ def train(
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts)
+    if query_norm is not None:
+        model.plugin.config.query_norm = query_norm
+        for block in model.plugin.blocks.values():
+            block.gate.query_norm = query_norm
     teacher_model = load_teacher(teacher, experts, tok, dtype, acc.device) if on_policy.ratio > 0 else None
     if gradient_checkpointing:
         enable_checkpointing(model.base)

@@ -186,6 +186,8 @@ class TreeGate(nn.Module):
         top_k: K for "topk" and the beam width for "beam"; the cap on K for "topp".
         top_p: probability mass kept by "topp".
         intensity: also learn a null/intensity gate a_t = sigmoid(w z + c) (initialised open, c = 4).
+        query_norm: z = LayerNorm(act(W_trunk RMSNorm(h))) without affine: the query the node hyperplanes read has a
+            fixed scale whatever the trunk learns (memory layers normalise their queries for the same reason).
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class TreeGate(nn.Module):
         top_k: int = 4,
         top_p: float = 0.9,
         intensity: bool = False,
+        query_norm: bool = False,
     ):
         super().__init__()
         check_tree(shape, num_leaves)
@@ -207,6 +210,7 @@ class TreeGate(nn.Module):
             raise ValueError("selection='beam' descends level by level and needs shape='balanced'; use 'topp' for deep")
         self.shape, self.num_leaves, self.selection = shape, num_leaves, selection
         self.top_k, self.top_p = min(top_k, num_leaves), top_p
+        self.query_norm = query_norm
         self.norm = RMSNorm(hidden_size)
         self.trunk = nn.Linear(hidden_size, rank)
         self.nodes = nn.Linear(rank, num_nodes(shape, num_leaves))
@@ -227,7 +231,8 @@ class TreeGate(nn.Module):
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) any dtype -> (B, T, r) float32 trunk features."""
-        return F.silu(self.trunk(self.norm(h)))
+        z = F.silu(self.trunk(self.norm(h)))
+        return F.layer_norm(z, z.shape[-1:]) if self.query_norm else z
 
     def forward(self, h: torch.Tensor, selection: str | None = None) -> RouteOutput:
         """Routes every token of ``h`` (B, T, D). ``selection`` overrides the configured mode for this call."""
