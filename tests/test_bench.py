@@ -30,7 +30,9 @@ def test_bench_runs_and_reports_ratios(tmp_path):
     assert all((tmp_path / "b" / f).exists() for f in ("bench.json", "bench.png", "bench.md"))
     assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
     assert r["training"]["ratio"]["median"] > 0 and r["extraction"]["ratio"]["median"] > 0
-    assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains
+    assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains (the LoRA step runs on a copy)
+    assert r["training"]["toe_over_lora"]["n"] == 2 and r["training"]["lora_rank"] == 8
+    assert "LoRA r8 step" in r["summary"]
 
 
 def test_bench_runs_only_the_parts_asked_for(tmp_path):

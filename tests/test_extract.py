@@ -83,7 +83,7 @@ def test_rebuild_reuses_the_capture_and_fusion_map(pair, tmp_path):
     assert deep["shape"] == "deep" and len(deep["clusters"]["0"]["sizes"]) == 4
     assert deep["o1_heldout_ce"] == json.loads((tmp_path / "ex" / "summary.json").read_text())["o1_heldout_ce"]
     assert len(list(iter_examples(str(tmp_path / "deep")))) == len(list(iter_examples(str(tmp_path / "ex"))))
-    assert ToEModel.from_pretrained(str(pair / "base"), str(tmp_path / "deep")).config.shape == "deep"
+    assert ToEModel.from_pretrained(str(pair / "base"), str(tmp_path / "deep")).toe_config.shape == "deep"
     with pytest.raises(ToEError, match="not a finished"):
         rebuild(str(tmp_path / "nothing"), str(tmp_path / "x"))
 

@@ -169,7 +169,7 @@ def test_baselines_train_and_load(experts, tmp_path, kind):
     if kind == "static":  # one vector for every leaf, kept frozen
         assert torch.allclose(bank, bank[0].expand_as(bank), atol=1e-6)
     if kind == "flat":
-        assert model.config.shape == "flat" and model.plugin.blocks["0"].gate.num_nodes == 8
+        assert model.toe_config.shape == "flat" and model.plugin.blocks["0"].gate.num_nodes == 8
 
 
 def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_path):

@@ -193,9 +193,13 @@ def bench_extraction(teacher_model, base_model, layers: list[int], teacher_layer
     return out
 
 
-def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: int, device: torch.device) -> dict:
+def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: int, device: torch.device,
+                   lora_rank: int = 8) -> dict:
     """Time and memory of one `toe train` step (dense routing, CE, backward, Adam on the plug-in) vs the least any
-    residual injection at the same layers costs: a forward + backward of the frozen base down to those layers."""
+    residual injection at the same layers costs (a forward + backward of the frozen base down to those layers), and
+    vs one step of the LoRA baseline on the same tokens (rank ``lora_rank`` on every linear layer, as
+    `toe baseline lora`; 0 skips it): LoRA backpropagates through every layer, the plug-in only down to its lowest
+    injection layer."""
     timer = _timer(device)
     ids = _random_ids(base_model.config.vocab_size, batch, length, seed=1).to(device)
     am = torch.ones_like(ids)
@@ -229,23 +233,54 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
         fn()
         return torch.cuda.max_memory_allocated(device)
 
+    lora_step = _lora_step(base_model, ids, am, mask, lora_rank) if lora_rank else None
     base_model.train()
     reference(), step()  # warm-up (allocates Adam state)
     res: dict[str, list[float]] = {"reference_s": [], "toe_step_s": []}
+    if lora_step is not None:
+        lora_step()
+        res["lora_step_s"] = []
     for _ in range(reps):
         res["reference_s"].append(timer(reference))
         res["toe_step_s"].append(timer(step))
+        if lora_step is not None:
+            res["lora_step_s"].append(timer(lora_step))
     base_model.eval()
     model.attach()
     trainable = sum(p.numel() * p.element_size() for p in params)
     out = {k: _stats(v) for k, v in res.items()}
     out["ratio"] = _stats([t / r for t, r in zip(res["toe_step_s"], res["reference_s"])])
+    if lora_step is not None:
+        out["toe_over_lora"] = _stats([t / r for t, r in zip(res["toe_step_s"], res["lora_step_s"])])
+        out["lora_rank"] = lora_rank
     out["base_params_with_grad"] = sum(p.grad is not None for p in base_model.parameters())
     out["plugin_state_bytes"] = {"params": trainable, "grads": trainable, "adam": 2 * trainable}
     out["peak_bytes"] = {"reference": peak(reference), "toe_step": peak(step)}
     for p in params:
         p.requires_grad_(False)
     return out
+
+
+def _lora_step(base_model, ids: torch.Tensor, am: torch.Tensor, mask: torch.Tensor, rank: int):
+    """One `toe baseline lora` step (CE, backward through every layer, AdamW on the LoRA weights) on a copy of the
+    base, so the plug-in's base stays untouched."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    lora.train()
+
+    def run() -> None:
+        logits = lora(input_ids=ids, attention_mask=am).logits
+        token_nll(logits, ids, mask).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
 
 
 def bench(
@@ -266,6 +301,7 @@ def bench(
     extract_length: int = 128,
     train_batch: int = 4,
     train_length: int = 128,
+    lora_rank: int = 8,
     dtype: str = "float32",
     device: str | None = None,
     threads: int | None = None,
@@ -286,6 +322,7 @@ def bench(
         teacher: also time `toe extract`'s capture against a bare forward of this teacher (extract_batch sequences
             of extract_length tokens).
         train_batch, train_length: the `toe train` step timed against a frozen-base forward + backward.
+        lora_rank: also time a `toe baseline lora` step of this rank on the same tokens (0: don't).
         dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
         parts: which measurements to run, any of "generation", "routing", "training", "extraction" (default: all;
             "extraction" needs ``teacher``).
@@ -326,14 +363,17 @@ def bench(
             + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
     if "routing" in parts:
         exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
-        result["routing"] = bench_routing(base_model.config.hidden_size, model.config.gate_rank, top_k, exps,
+        result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
                                           routing_tokens, routing_reps, dev)
         if "tree_2^20_over_2^10" in result["routing"]:
             summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
                            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
     if "training" in parts:
-        result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev)
+        result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev, lora_rank)
         summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
+        if "toe_over_lora" in result["training"]:
+            summary.append(f"train step / LoRA r{lora_rank} step: "
+                           f"{result['training']['toe_over_lora']['median']:.2f}x")
     if "extraction" in parts and teacher:
         model.detach()
         teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev))
@@ -375,6 +415,9 @@ def markdown(result: dict) -> str:
     if t:
         lines.append(f"| train step time (reference: frozen-base forward + backward to the injection layer) | "
                      f"{ratio(t['ratio'])} |")
+        if "toe_over_lora" in t:
+            lines.append(f"| train step time (reference: a LoRA r{t['lora_rank']} step on the same tokens) | "
+                         f"{ratio(t['toe_over_lora'])} |")
     e = result.get("extraction")
     if e:
         lines.append(f"| extraction capture tokens/s (reference: bare teacher forward) | {ratio(e['ratio'])} |")

@@ -81,6 +81,8 @@ def load_causal_lm(
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    if not os.path.isdir(name_or_path) and hub_local_only(name_or_path, "model", **kwargs):
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
@@ -103,6 +105,8 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
         # tokenizer class (e.g. Qwen2Tokenizer) and silently drop its pre-tokenizer.
         if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             cls = PreTrainedTokenizerFast
+    elif hub_local_only(name_or_path, "tokenizer", **kwargs):
+        kwargs["local_files_only"] = True
     try:
         tok = cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
@@ -210,3 +214,121 @@ def padded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device:
     """
     am = attention_mask.to(device)
     return {"input_ids": input_ids.to(device), "attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp_min(0)}
+
+
+# -- the Hub -------------------------------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import time."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def is_hub_id(name: str) -> bool:
+    """``name`` reads as a hub repo id ("org/name" or "name") and is not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_id_of(path: str) -> tuple[str | None, str | None]:
+    """(repo id, commit) of a folder inside the Hugging Face cache (``.../models--org--name/snapshots/<sha>``), else
+    (None, None): a base loaded from the cache by path still records where it came from."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            return parts[i][len("models--"):].replace("--", "/"), parts[i + 2]
+    return None, None
+
+
+def base_hub_id(model: nn.Module) -> str:
+    """The base's hub id when it is known (loaded by id, or by a path inside the hub cache), else its path or name."""
+    name = model_id(model)
+    if os.path.isdir(name):
+        return hub_id_of(name)[0] or name
+    return name
+
+
+def hub_local_only(name: str, what: str, revision: str | None = None, token: str | bool | None = None,
+                   gguf_file: str | None = None, local_files_only: bool = False, **_: Any) -> bool:
+    """Whether transformers should load hub repo ``name`` from the local cache only: when offline, or when the Hub
+    cannot be reached but the repo is cached. Raises a one-line ToEError when it is neither reachable nor cached (and
+    for an unknown or gated repo) instead of letting transformers retry every file for a minute."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if local_files_only or not is_hub_id(name):
+        return local_files_only  # not a hub id: transformers says what is wrong with the path
+    cached = isinstance(try_to_load_from_cache(name, gguf_file or "config.json", revision=revision), str)
+    if hub_offline():
+        if cached:
+            return True
+        raise ToEError(f"{what} {name!r} is no local folder, and as a hub id it is not in the local cache and "
+                       f"HF_HUB_OFFLINE is set: download it once online (hf download {name}) or pass a local folder")
+    try:
+        HfApi(token=token).model_info(name, revision=revision)  # one request, no retries
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ToEError(f"{what} {name!r} cannot be read from the Hub ({first}): check the id, revision and token") from None
+    except HfHubHTTPError:
+        return False  # the Hub answered (a server error): transformers' own retries are worth it
+    except Exception:  # noqa: BLE001 (no connection: DNS, refused, timeout, as the HTTP client's own types)
+        if cached:
+            return True
+        raise ToEError(f"{what} {name!r} is no local folder, and as a hub id it is not in the local cache and the Hub "
+                       f"cannot be reached: download it once online (hf download {name}) or pass a local folder") from None
+    return False
+
+
+def resolve_folder(name_or_path: str | os.PathLike, what: str = "plug-in", revision: str | None = None,
+                   token: str | bool | None = None, allow_patterns: list[str] | None = None) -> str:
+    """A local folder for ``name_or_path``: the folder itself, or a hub repo's snapshot (downloaded, or read from the
+    cache when offline). Fails with one line instead of retrying when the Hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if not is_hub_id(name):
+        raise ToEError(f"{what} {name!r} not found: it is neither a local folder nor a hub repo id (org/name)")
+    offline = hub_offline()
+    try:
+        return snapshot_download(name, revision=revision, token=token, allow_patterns=allow_patterns,
+                                 local_files_only=offline)
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise ToEError(f"{what} {name!r} is no local folder, and as a hub id it is not in the local cache and {why}: "
+                       f"download it once online (hf download {name}) or pass a local folder") from None
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, HFValidationError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ToEError(f"{what} {name!r} cannot be read from the Hub ({first}): check the id, revision and token") from None
+
+
+def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None) -> str:
+    """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    if not is_hub_id(repo_id) or "/" not in repo_id:
+        raise ToEError(f"repo_id={repo_id!r}: give a hub repo id of the form user/name")
+    if hub_offline():
+        raise ToEError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                             create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
+    return str(getattr(info, "commit_url", info))

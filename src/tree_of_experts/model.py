@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import ToEConfig, ToEError
-from .hf import arch_fingerprint, load_causal_lm, model_id, versions
+from .hf import (
+    arch_fingerprint,
+    base_hub_id,
+    hub_id_of,
+    is_hub_id,
+    load_causal_lm,
+    model_id,
+    push_folder,
+    resolve_folder,
+    versions,
+)
 from .io import atomic_write_text
 from .plugin import ToEPlugin
 
@@ -43,8 +56,8 @@ def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
     arch, digest = arch_fingerprint(base.config)
     fields.setdefault("hidden_size", base.config.hidden_size)
     return ToEConfig(
-        base_model=model_id(base),
-        base_revision=getattr(base.config, "_commit_hash", None),
+        base_model=base_hub_id(base),
+        base_revision=getattr(base.config, "_commit_hash", None) or hub_id_of(model_id(base))[1],
         base_arch=arch,
         base_config_hash=digest,
         versions=versions(),
@@ -52,8 +65,12 @@ def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
     )
 
 
-class ToEModel(nn.Module):
+class ToEModel(PreTrainedModel):
     """A frozen base with a plug-in attached. Calling it returns the base's output (``.logits`` etc.).
+
+    It is a ``PreTrainedModel`` so that transformers takes it where it takes a model (``pipeline``, ``Trainer``, and
+    what builds on them): ``config``, ``generation_config``, ``device`` and ``dtype`` are the base's, the plug-in's
+    own config is ``toe_config``, and ``save_pretrained`` / ``push_to_hub`` write the plug-in alone.
 
     Args:
         base: a transformers causal LM; it is frozen here.
@@ -61,27 +78,102 @@ class ToEModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module, plugin: ToEPlugin):
-        super().__init__()
+        # nn.Module's init, not PreTrainedModel's: that one builds a generation config and re-checks (rewrites) the
+        # attention settings of `config`, and here the config is the base's, shared, not owned.
+        nn.Module.__init__(self)
         check_base(plugin.config, base)
         self.base = freeze(base)
         self.plugin = plugin.to(next(base.parameters()).device)
         self.plugin.attach(self.base)
+        self.name_or_path = model_id(base)
+
+    # -- what transformers reads -------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The base's transformers config (what pipelines and trainers read); the plug-in's is ``toe_config``."""
+        return self.base.config
 
     @property
-    def config(self) -> ToEConfig:
+    def toe_config(self) -> ToEConfig:
         return self.plugin.config
 
+    @property
+    def generation_config(self) -> Any:
+        return self.base.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base.generation_config = value
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
+    def train(self, mode: bool = True) -> ToEModel:
+        """Sets the plug-in's mode; the base stays in eval mode (frozen, no dropout) whatever a trainer asks."""
+        nn.Module.train(self, mode)
+        self.base.eval()
+        return self
+
+    # -- loading and saving ------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, base: str | nn.Module, plugin_dir: str | os.PathLike, **load_kwargs: Any
+        cls,
+        base_or_plugin: str | os.PathLike | nn.Module,
+        plugin: str | os.PathLike | None = None,
+        *,
+        plugin_revision: str | None = None,
+        token: str | bool | None = None,
+        **load_kwargs: Any,
     ) -> ToEModel:
-        """Loads ``base`` (hub id, local folder, or a loaded model) and the plug-in folder ``plugin_dir``.
+        """Loads a base and a plug-in: ``from_pretrained(base, plugin)``, or ``from_pretrained(plugin)`` with the base
+        the plug-in records (``base_model`` in its config, as ``AutoPeftModelForCausalLM`` does).
 
-        ``load_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
+        Args:
+            base_or_plugin: the base (hub id, local folder or a loaded model), or the plug-in when ``plugin`` is None.
+            plugin: a plug-in folder or hub repo id.
+            plugin_revision: the plug-in's hub revision (branch, tag or commit).
+            token: hub token, for the plug-in and the base.
+            load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
         """
+        paths = (str, os.PathLike)
+        if isinstance(base_or_plugin, nn.Module) and not hasattr(base_or_plugin, "config"):
+            raise TypeError(f"ToEModel.from_pretrained: a loaded base must be a transformers causal LM, not "
+                            f"{type(base_or_plugin).__name__} (it has no .config)")
+        if not isinstance(base_or_plugin, (*paths, nn.Module)):
+            raise TypeError(f"ToEModel.from_pretrained: the base is a hub id, a local folder or a loaded causal LM, not "
+                            f"{type(base_or_plugin).__name__}")
+        if plugin is None and not isinstance(base_or_plugin, paths):
+            raise TypeError("ToEModel.from_pretrained(base, plugin): with a loaded base, pass the plug-in (a folder or "
+                            "hub repo id) as well")
+        if plugin is not None and not isinstance(plugin, paths):
+            raise TypeError(f"ToEModel.from_pretrained: the plug-in is a folder or hub repo id (str or os.PathLike), "
+                            f"not {type(plugin).__name__}")
+        plugin_dir = resolve_folder(base_or_plugin if plugin is None else plugin, "plug-in", plugin_revision, token)
         config = ToEConfig.load(plugin_dir)
+        base = base_or_plugin
+        if plugin is None:
+            base = config.base_model
+            if not base:
+                raise ToEError(f"{plugin_dir} records no base model: load it with ToEModel.from_pretrained(base, plugin)")
+            if config.base_revision and is_hub_id(base):
+                load_kwargs.setdefault("revision", config.base_revision)
         if isinstance(base, (str, os.PathLike)):
-            base = load_causal_lm(os.fspath(base), **load_kwargs)
+            if token is not None:
+                load_kwargs.setdefault("token", token)
+            try:
+                base = load_causal_lm(os.fspath(base), **load_kwargs)
+            except ToEError as e:
+                if plugin is not None:
+                    raise
+                raise ToEError(f"{e}; the base comes from the plug-in's config, so pass it explicitly: "
+                               "ToEModel.from_pretrained(base, plugin)") from None
         check_base(config, base)  # before reading the weights: the cheap, likely error first
         return cls(base, ToEPlugin.load(plugin_dir, config))
 
@@ -90,14 +182,71 @@ class ToEModel(nn.Module):
         """A new plug-in with a random bank on ``base`` (``fields``: ToEConfig fields such as layers, num_leaves)."""
         return cls(base, ToEPlugin(new_config(base, **fields)))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes ``toe_config.json``, ``toe_model.safetensors`` (plug-in tensors only) and a ``README.md`` card."""
-        self.plugin.save(directory)
-        atomic_write_text(os.path.join(directory, "README.md"), model_card(self.config, self.plugin))
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        base_id: str | None = None,
+        eval_dir: str | None = None,
+        license: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Writes the plug-in alone, never the base's weights: ``toe_config.json``, ``toe_model.safetensors`` and a
+        ``README.md`` card.
+
+        Args:
+            state_dict: a state dict of this model to write instead of the live tensors (its ``plugin.*`` entries), as
+                transformers' Trainer passes one.
+            is_main_process: only the main process writes (distributed training).
+            base_id: the base's hub id, recorded instead of a local path (``base_model`` in the config and card).
+            eval_dir: a `toe eval` output folder whose ``metrics.json`` goes into the card.
+            license: the card's license (usually the base's, e.g. "apache-2.0").
+            kwargs: transformers' other ``save_pretrained`` options (``safe_serialization``, ``max_shard_size``...),
+                accepted for its callers and ignored: a plug-in is always one safetensors file.
+        """
+        if not is_main_process:
+            return
+        save_plugin(save_directory, self.plugin, state=state_dict, base_id=base_id, eval_dir=eval_dir,
+                    license=license)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_id: str | None = None,
+        eval_dir: str | None = None,
+        license: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ) -> str:
+        """Uploads the plug-in (what ``save_pretrained`` writes) to the hub model repo ``repo_id``; returns the commit
+        URL. Load it back with ``ToEModel.from_pretrained(repo_id)`` or ``from_pretrained(base, repo_id)``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save_plugin(tmp, self.plugin, base_id=base_id, eval_dir=eval_dir, license=license, repo_id=repo_id)
+            return push_folder(tmp, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                               commit_message=commit_message)
 
     # -- running ------------------------------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base(*args, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base's forward with the plug-in injecting: input_ids (B, T) -> the base's output (``.logits`` (B, T, V),
+        ``.loss`` with ``labels``). The inputs are named so that Trainer keeps those dataset columns; ``kwargs`` (the
+        cache, ``logits_to_keep``...) go to the base as they are."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds, labels=labels)
+        return self.base(**{k: v for k, v in named.items() if v is not None}, **kwargs)
 
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -160,27 +309,147 @@ def inspect(plugin: str) -> dict:
 
     module = ToEPlugin.load(plugin)
     config = module.config
+    start = _training_start(plugin)  # the plug-in training started from, for a before/after view of the bank
     layers = {}
     for layer, block in module.blocks.items():
         bank = block.bank.vectors().detach()
         scale = block.scale.detach()
         layers[layer] = {"scale_abs_mean": float(scale.abs().mean()), "bank": geometry(bank),
                          "injected": geometry(scale * bank)}
+        if start is not None and layer in start.blocks:
+            before = start.blocks[layer].bank.vectors().detach()
+            layers[layer]["bank_before_training"] = geometry(before)
+            layers[layer]["leaf_movement"] = float((bank - before).norm(dim=-1).mean() / before.norm(dim=-1).mean())
     return {"plugin": str(plugin), "base": config.base_model, "teacher": config.teacher_model,
             "layers": config.layers, "teacher_layers": config.teacher_layers, "shape": config.shape,
             "num_leaves": config.num_leaves, "selection": config.selection, "top_k": config.top_k,
             "parameters": sum(p.numel() for p in module.parameters()), "banks": layers}
 
 
-def model_card(config: ToEConfig, plugin: ToEPlugin) -> str:
+def _training_start(plugin: str | os.PathLike) -> ToEPlugin | None:
+    """The plug-in a `toe train` output started from (its ``init_plugin`` or ``experts`` in train_args.json), if
+    that folder is still there."""
+    import json
+
+    path = os.path.join(plugin, "train_args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        args = json.load(f)
+    start = args.get("init_plugin") or args.get("experts")
+    if not start or not os.path.isfile(os.path.join(start, "toe_model.safetensors")):
+        return None
+    return ToEPlugin.load(start)
+
+
+CARD_NAME = "README.md"
+
+
+def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[str, torch.Tensor] | None = None,
+                base_id: str | None = None, eval_dir: str | None = None, license: str | None = None,
+                repo_id: str | None = None, datasets: list[str] | None = None) -> None:
+    """Writes a plug-in folder: ``toe_config.json``, ``toe_model.safetensors`` and a ``README.md`` card.
+
+    Args:
+        state: a ToEModel state dict whose ``plugin.*`` tensors are written instead of the live ones.
+        base_id: the base's hub id, recorded as ``base_model`` (config and card) instead of a local path.
+        eval_dir: a `toe eval` output folder; its metrics go into the card.
+        license: the card's license.
+        repo_id: where the folder is published, for the card's loading snippet.
+        datasets: hub data set ids for the card; by default read from ``train_args.json`` in ``directory``.
+    """
+    if base_id is not None and not is_hub_id(base_id):
+        raise ToEError(f"base_id={base_id!r} is not a hub repo id: give the id the base is published under (org/name)")
+    if state is not None:
+        state = {k[len("plugin."):]: v for k, v in state.items() if k.startswith("plugin.")}
+        if state.keys() != plugin.state_dict().keys():
+            raise ToEError("state_dict does not hold this model's plugin.* tensors: pass ToEModel.state_dict()")
+    plugin.save(directory, state=state, base_model=base_id)
+    config = ToEConfig.load(directory)  # as written: base_model may be base_id
     n_params = sum(p.numel() for p in plugin.parameters())
+    datasets = training_datasets(directory) if datasets is None else datasets
+    card = model_card(config, n_params, datasets=datasets,
+                      evals=read_eval(eval_dir) if eval_dir else None, license=license, repo_id=repo_id)
+    atomic_write_text(os.path.join(directory, CARD_NAME), card)
+
+
+def push(plugin: str, repo_id: str, base_id: str | None = None, eval_dir: str | None = None,
+         license: str | None = None, private: bool = False, revision: str | None = None,
+         create_pr: bool = False) -> str:
+    """Uploads a plug-in folder to the Hugging Face Hub (``toe_config.json``, ``toe_model.safetensors`` and a card
+    rebuilt with the hub metadata); the token comes from ``huggingface-cli login`` or ``HF_TOKEN``.
+
+    Args:
+        plugin: a plug-in folder (`toe extract`, `toe train` or `toe baseline` output).
+        repo_id: the model repo to create or update (user/name).
+        base_id: the base's hub id when the plug-in was built on a local folder, so that
+            ``ToEModel.from_pretrained(repo_id)`` finds the base and the card links to it.
+        eval_dir: a `toe eval` output folder whose metrics go into the card.
+        license: the card's license (usually the base's, e.g. apache-2.0).
+        private: create the repo as private.
+        revision: the branch to push to.
+        create_pr: open a pull request instead of committing to the branch.
+
+    Returns:
+        The commit URL.
+    """
+    module = ToEPlugin.load(resolve_folder(plugin, "plug-in"))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_plugin(tmp, module, base_id=base_id, eval_dir=eval_dir, license=license, repo_id=repo_id,
+                    datasets=training_datasets(plugin))
+        return push_folder(tmp, repo_id, private=private, revision=revision, create_pr=create_pr)
+
+
+def training_datasets(folder: str | os.PathLike) -> list[str]:
+    """Hub data set ids a plug-in was trained on, from ``train_args.json`` next to it (``hf:org/name:split`` data)."""
+    path = os.path.join(folder, "train_args.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        data = json.load(f).get("data")
+    if isinstance(data, str) and data.startswith("hf:"):
+        name = data[3:].split(":")[0]
+        return [name] if is_hub_id(name) else []
+    return []
+
+
+def read_eval(eval_dir: str) -> dict:
+    """``metrics.json`` of a `toe eval` folder: {"task", "data", "systems": {name: summary}}."""
+    path = os.path.join(eval_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise ToEError(f"{path} not found: eval_dir must be a `toe eval` output folder")
+    with open(path) as f:
+        metrics = json.load(f)
+    args = metrics.get("args", {})
+    return {"task": args.get("task") or "eval", "data": args.get("data"), "systems": metrics.get("systems", {})}
+
+
+def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None = None, evals: dict | None = None,
+               license: str | None = None, repo_id: str | None = None) -> str:
+    """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    on_hub = is_hub_id(config.base_model) and "/" in config.base_model  # a local path is no hub metadata
+    results, metric_names = [], []
+    for name, value in (evals or {}).get("systems", {}).get("toe", {}).items():
+        if name in ("accuracy", "ce") and isinstance(value, (int, float)):
+            metric = "accuracy" if name == "accuracy" else "cross_entropy"
+            metric_names.append(metric)
+            results.append(EvalResult(task_type="text-generation", dataset_type=evals["task"],
+                                      dataset_name=evals["task"], metric_type=metric, metric_value=value))
+    data = ModelCardData(
+        base_model=config.base_model if on_hub else None,
+        library_name="tree-of-experts",
+        license=license,
+        tags=["tree-of-experts", "toe", "plug-in"],
+        datasets=datasets or None,
+        metrics=metric_names or None,
+        model_name=repo_id or f"ToE plug-in for {config.base_model}",
+        eval_results=results or None,
+    )
+    where = repo_id or "path/to/this/folder"
+    load = f'ToEModel.from_pretrained("{where}")' if on_hub else f'ToEModel.from_pretrained("{config.base_model}", "{where}")'
     lines = [
-        "---",
-        "library_name: tree-of-experts",
-        f"base_model: {config.base_model}",
-        "tags: [tree-of-experts, toe, plug-in]",
-        "---",
-        "",
         f"# ToE plug-in for `{config.base_model}`",
         "",
         "A Tree-of-Experts plug-in: a tree gate and an expert bank added to the residual stream of a frozen base. "
@@ -188,7 +457,8 @@ def model_card(config: ToEConfig, plugin: ToEPlugin) -> str:
         "",
         "| field | value |",
         "|---|---|",
-        f"| base | `{config.base_model}` (config sha256 `{config.base_config_hash[:12]}`) |",
+        f"| base | `{config.base_model}` (revision `{config.base_revision or '-'}`, config sha256 "
+        f"`{config.base_config_hash[:12]}`) |",
         f"| teacher | `{config.teacher_model or '-'}` (layers {config.teacher_layers or '-'}) |",
         f"| injection layers | {config.layers} |",
         f"| tree | {config.shape}, N = {config.num_leaves}, depth {config.depth} |",
@@ -198,11 +468,21 @@ def model_card(config: ToEConfig, plugin: ToEPlugin) -> str:
         "",
         "```python",
         "from tree_of_experts import ToEModel",
-        f'model = ToEModel.from_pretrained("{config.base_model}", "path/to/this/folder")',
+        f"model = {load}",
         "```",
         "",
     ]
+    if not on_hub:
+        lines += ["The base is recorded as a local path: `toe push --base_id org/name` records its hub id.", ""]
+    if evals:
+        lines += [f"Evaluation (`toe eval`, task {evals['task']}, data `{evals['data']}`):", "",
+                  "| system | n | accuracy | CE |", "|---|---|---|---|"]
+        for name, m in evals["systems"].items():
+            acc, ce = m.get("accuracy"), m.get("ce")
+            lines.append(f"| {name} | {m.get('n', '-')} | {'-' if acc is None else f'{acc:.4f}'} | "
+                         f"{'-' if ce is None else f'{ce:.4f}'} |")
+        lines.append("")
     for layer, info in config.bank_info.items():
         if info:
             lines.append(f"Bank at layer {layer}: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    return "\n".join(lines) + "\n"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

@@ -8,6 +8,7 @@ is an exact no-op: logits are bit-identical to the bare base.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -213,15 +214,29 @@ class ToEPlugin(nn.Module):
         return self._mask
 
     # -- persistence --------------------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
+             base_model: str | None = None) -> None:
+        """Writes ``toe_config.json`` and ``toe_model.safetensors`` (float32).
+
+        Args:
+            state: the plug-in's tensors to write instead of the live ones (a trainer's gathered state dict).
+            base_model: records this base id (e.g. the base's hub id) instead of the one in the config.
+        """
         os.makedirs(directory, exist_ok=True)
         self.config.bank_info = {k: b.bank.info for k, b in self.blocks.items()}
+        state = self.state_dict() if state is None else state
+        assert state.keys() == self.state_dict().keys(), sorted(set(state) ^ set(self.state_dict()))[:3]
         atomic_save_tensors(
             os.path.join(directory, WEIGHTS_NAME),
-            {k: v.float() for k, v in self.state_dict().items()},
+            {k: v.float() for k, v in state.items()},
             metadata={"format": "pt", "toe_format_version": str(self.config.format_version)},
         )
-        self.config.save(directory)
+        config = self.config
+        if base_model is not None:
+            names = {f.name for f in dataclasses.fields(config)}
+            config = dataclasses.replace(config, base_model=base_model,
+                                         **({"base_name": base_model} if "base_name" in names else {}))
+        config.save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None) -> ToEPlugin:

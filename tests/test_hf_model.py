@@ -1,0 +1,204 @@
+"""ToEModel where transformers expects a model (pipeline, Trainer) and the Hub round trip, on the tiny pair."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from conftest import randomize
+from huggingface_hub import ModelCard
+
+from tree_of_experts import ToEError, ToEModel
+from tree_of_experts.hf import hub_id_of, load_causal_lm
+from tree_of_experts.model import push
+from tree_of_experts.toy import tiny_qwen2
+
+PROMPTS = ["Question: 3 plus 4?", "Question: what is 12 times 7 then?"]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def toe(base):
+    return randomize(ToEModel.fresh(base, layers=[0, 1], num_leaves=8, selection="topk", top_k=2))
+
+
+def test_reads_like_a_transformers_model(toe, base):
+    from transformers import PreTrainedModel
+
+    assert isinstance(toe, PreTrainedModel) and toe.can_generate()
+    assert toe.config is base.config and toe.generation_config is base.generation_config
+    assert toe.toe_config is toe.plugin.config and toe.toe_config.num_leaves == 8
+    assert toe.device == torch.device("cpu") and toe.dtype == torch.float32
+    assert toe.get_input_embeddings() is base.get_input_embeddings()
+    toe.train()
+    assert toe.plugin.training and not toe.base.training  # the base stays frozen in eval mode under a trainer
+
+
+def test_pipeline_generates_what_generate_does(toe, tok):
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=toe, tokenizer=tok)
+    with toe.plugin.counting() as mass:
+        texts = [out[0]["generated_text"] for out in pipe(PROMPTS, max_new_tokens=8, do_sample=False,
+                                                              return_full_text=False)]
+    assert sum(float(m.sum()) for m in mass.values()) > 0  # the pipeline ran through the plug-in's hooks
+    for prompt, text in zip(PROMPTS, texts):
+        enc = tok([prompt], return_tensors="pt")
+        ids = toe.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_trainer_trains_saves_and_reloads_the_plugin_alone(toe, tok, batch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from transformers import Trainer, TrainingArguments
+
+    texts = ["Question: 3 plus 4? Answer: 7", "Question: 12 times 7? Answer: 84"] * 4
+    enc = tok(texts, padding=True)
+    data = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                       "labels": enc["input_ids"], "text": texts})  # "text": dropped by Trainer
+    before = {k: v.clone() for k, v in toe.plugin.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, save_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, seed=0)
+    Trainer(model=toe, args=args, train_dataset=data).train()
+    assert any(not torch.equal(before[k], v) for k, v in toe.plugin.state_dict().items())
+    bare = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(toe.base.parameters(), bare.parameters()))  # the base never moved
+
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    files = set(os.listdir(checkpoint))
+    assert {"toe_config.json", "toe_model.safetensors", "README.md"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}  # no base weights, no base config
+    plugin_bytes = sum(p.numel() for p in toe.plugin.parameters()) * 4
+    assert os.path.getsize(checkpoint / "toe_model.safetensors") < plugin_bytes + 16_384
+    reloaded = ToEModel.from_pretrained(bare, checkpoint)
+    assert torch.equal(logits(reloaded, batch), logits(toe, batch))
+
+
+def test_save_pretrained_takes_a_trainers_state_dict(toe, batch, tmp_path):
+    state = {k: v.clone() for k, v in toe.state_dict().items()}
+    randomize(toe, seed=1)  # the live tensors now differ from the state dict
+    toe.save_pretrained(tmp_path, state_dict=state, safe_serialization=True)
+    reloaded = ToEModel.from_pretrained(tiny_qwen2(seed=0), tmp_path)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    toe.save_pretrained(tmp_path / "other", is_main_process=False)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ToEError, match="plugin"):
+        toe.save_pretrained(tmp_path / "bad", state_dict={"base.x": torch.zeros(1)})
+
+
+@pytest.fixture
+def base_dir(tmp_path, tok):
+    path = tmp_path / "base"
+    tiny_qwen2(hidden_size=32, num_layers=2, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+class FakeHub:
+    """HfApi and snapshot_download over a local folder: ``root/<repo id>`` is the repo's content."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, []
+
+    def api(self, token=None):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, **kwargs):
+                hub.calls.append(("create_repo", repo_id, kwargs))
+
+            def upload_folder(self, repo_id, folder_path, **kwargs):
+                hub.calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+                shutil.copytree(folder_path, hub.root / repo_id, dirs_exist_ok=True)
+                return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+        return Api()
+
+    def snapshot_download(self, repo_id, **kwargs):
+        self.calls.append(("snapshot_download", repo_id, kwargs.get("local_files_only")))
+        return str(self.root / repo_id)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return fake
+
+
+def test_hub_round_trip_and_loading_from_the_plugin_alone(hub, base_dir, batch, tmp_path):
+    model = randomize(ToEModel.fresh(load_causal_lm(base_dir), layers=[1], num_leaves=4, selection="dense"))
+    assert model.toe_config.base_model == base_dir  # a local base is recorded by its path ...
+    url = model.push_to_hub("user/plugin", private=True)
+    assert url == "https://hub/user/plugin/commit/1"
+    assert hub.calls[0] == ("create_repo", "user/plugin", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert hub.calls[1][2] == ["README.md", "toe_config.json", "toe_model.safetensors"]
+
+    ref = logits(model, batch)
+    assert torch.equal(logits(ToEModel.from_pretrained(tiny_qwen2(seed=0), "user/plugin"), batch), ref)
+    alone = ToEModel.from_pretrained("user/plugin")  # ... so the plug-in alone finds it again
+    assert torch.equal(logits(alone, batch), ref)
+    model.save_pretrained(tmp_path / "local")
+    assert torch.equal(logits(ToEModel.from_pretrained(str(tmp_path / "local")), batch), ref)
+
+    model.detach()
+    with pytest.raises(ToEError, match="pass it explicitly"):  # a plug-in whose recorded base is gone
+        shutil.rmtree(base_dir)
+        ToEModel.from_pretrained(str(tmp_path / "local"))
+
+
+def test_card_metadata_from_huggingface_hub(hub, base_dir, tmp_path):
+    model = ToEModel.fresh(load_causal_lm(base_dir), layers=[0], num_leaves=4)
+    model.save_pretrained(tmp_path / "local")
+    card = ModelCard.load(tmp_path / "local" / "README.md")
+    assert card.data.library_name == "tree-of-experts" and "tree-of-experts" in card.data.tags
+    assert card.data.base_model is None  # a local path is not hub metadata
+    assert "toe push --base_id" in card.text
+
+    (tmp_path / "local" / "train_args.json").write_text(json.dumps({"data": "hf:openai/gsm8k:train"}))
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "metrics.json").write_text(json.dumps({"args": {"task": "gsm8k", "data": "test.jsonl"}, "systems": {
+        "base": {"n": 40, "accuracy": 0.25, "ce": 1.5}, "toe": {"n": 40, "accuracy": 0.3, "ce": 1.4}}}))
+    push(str(tmp_path / "local"), "user/plugin", base_id="org/tiny-base", eval_dir=str(evals), license="apache-2.0")
+    card = ModelCard.load(hub.root / "user/plugin" / "README.md")
+    assert card.data.base_model == "org/tiny-base" and card.data.license == "apache-2.0"
+    assert card.data.datasets == ["openai/gsm8k"]
+    assert {(r.metric_type, r.metric_value) for r in card.data.eval_results} == {("accuracy", 0.3),
+                                                                                ("cross_entropy", 1.4)}
+    assert 'ToEModel.from_pretrained("user/plugin")' in card.text and "| base | 40 | 0.2500 |" in card.text
+    pushed = json.loads((hub.root / "user/plugin" / "toe_config.json").read_text())
+    assert pushed["base_model"] == "org/tiny-base"
+    assert json.loads((tmp_path / "local" / "toe_config.json").read_text())["base_model"] == base_dir  # untouched
+    with pytest.raises(ToEError, match="base_id"):
+        push(str(tmp_path / "local"), "user/plugin", base_id="/not/a/hub/id")
+
+
+def test_offline_hub_id_fails_fast_with_one_line(base, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ToEError, match="HF_HUB_OFFLINE") as e:
+        ToEModel.from_pretrained(base, "nobody-toe-test/not-a-cached-plugin")
+    assert time.perf_counter() - t0 < 5 and "\n" not in str(e.value) and "pass a local folder" in str(e.value)
+    with pytest.raises(ToEError, match="HF_HUB_OFFLINE"):
+        ToEModel.fresh(base, layers=[0], num_leaves=4).push_to_hub("user/plugin")
+
+
+def test_a_base_loaded_from_the_hub_cache_records_its_hub_id(tmp_path, tok):
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    tiny_qwen2(seed=0).save_pretrained(snapshot)
+    assert hub_id_of(str(snapshot)) == ("org/tiny", "abc123") and hub_id_of(str(tmp_path)) == (None, None)
+    config = ToEModel.fresh(load_causal_lm(str(snapshot)), layers=[0], num_leaves=4).toe_config
+    assert (config.base_model, config.base_revision) == ("org/tiny", "abc123")
