@@ -13,6 +13,7 @@ from conftest import randomize
 from huggingface_hub import ModelCard
 
 from tree_of_experts import ToEError, ToEModel
+from tree_of_experts.cli import main
 from tree_of_experts.hf import hub_id_of, load_causal_lm
 from tree_of_experts.model import push
 from tree_of_experts.toy import tiny_qwen2
@@ -184,6 +185,8 @@ def test_card_metadata_from_huggingface_hub(hub, base_dir, tmp_path):
     assert json.loads((tmp_path / "local" / "toe_config.json").read_text())["base_model"] == base_dir  # untouched
     with pytest.raises(ToEError, match="base_id"):
         push(str(tmp_path / "local"), "user/plugin", base_id="/not/a/hub/id")
+    assert main(["push", "--plugin", str(tmp_path / "local"), "--repo_id", "user/other", "--base_id", "org/b"]) == 0
+    assert ModelCard.load(hub.root / "user/other" / "README.md").data.base_model == "org/b"
 
 
 def test_offline_hub_id_fails_fast_with_one_line(base, monkeypatch):
