@@ -313,8 +313,16 @@ def test_sampled_eval_reports_maj_and_pass_at_k(tmp_path):
     greedy = evaluate(out=str(tmp_path / "greedy"), **common)
     assert greedy["args"]["decoding"] == "greedy" and "sampling" not in greedy["args"]
     assert "samples" not in rows("greedy")[0] and "maj@1" not in greedy["systems"]["base"]
-    m = evaluate(out=str(tmp_path / "s0"), temperature=1.5, num_samples=4, seed=0, **common)
+    from tree_of_experts import ToEModel
+    from tree_of_experts.hf import load_causal_lm
+
+    ToEModel.fresh(load_causal_lm(f"{toy}/base"), layers=[1], num_leaves=4).save_pretrained(tmp_path / "plug")
+    m = evaluate(out=str(tmp_path / "s0"), temperature=1.5, num_samples=4, seed=0, plugin=str(tmp_path / "plug"),
+                 **common)
     assert m["args"]["decoding"] == "sample"
+    toe = [json.loads(line) for line in open(tmp_path / "s0" / "toe.jsonl")]
+    # Every system draws from the same seed: an untrained (identity) plug-in samples exactly what the base does.
+    assert [r["samples"] for r in toe] == [r["samples"] for r in rows("s0")]
     assert m["args"]["sampling"] == {"temperature": 1.5, "top_p": 1.0, "num_samples": 4, "seed": 0}
     s = m["systems"]["base"]
     assert s["num_samples"] == 4 and {"maj@4", "maj@4_ci95", "pass@4", "pass@4_ci95", "pass@1"} <= set(s)
