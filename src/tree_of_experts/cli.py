@@ -97,6 +97,13 @@ def _lm_eval(argv: list[str]) -> None:
     cli(argv)
 
 
+def _close_progress_bars() -> None:
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = CLI(_commands(), args=_normalise(argv), as_positional=False)
     except ToEError as e:
+        _close_progress_bars()  # a bar left open would redraw after the error and hide it
         print(f"toe: error: {e}", file=sys.stderr)
         return 2
     _show(result)

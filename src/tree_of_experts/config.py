@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .tree import SELECTIONS, check_tree, num_nodes, tree_depth
 
@@ -25,6 +28,10 @@ class ToEConfig:
 
     Attributes:
         base_model: hub id or path of the base the plug-in was built for (informational; matching uses the hash).
+        base_name: the base's hub id, or the name of its folder: a record that survives moving the files.
+        base_weight_sample: a few of the base's weight values (:func:`tree_of_experts.hf.weight_sample`), recorded
+            the first time the plug-in is attached; a base with the same architecture but other weights is warned
+            about at load.
         base_arch: the base config fields that must match (see :func:`tree_of_experts.hf.arch_fingerprint`).
         base_config_hash: sha256 of ``base_arch``.
         hidden_size: D of the base.
@@ -37,6 +44,9 @@ class ToEConfig:
         gate_rank: r, the gate trunk's width.
         intensity: learn the null/intensity gate a_t.
         clip: κ in ||Δ|| <= κ ||h||.
+        query_norm: normalise the gate's query (its trunk features, LayerNorm without affine) before the node
+            logits, as memory layers do (PKM, PEER, Memory Layers at Scale) so routing stays sharp while the trunk
+            trains.
     """
 
     hidden_size: int
@@ -49,10 +59,13 @@ class ToEConfig:
     gate_rank: int = 64
     intensity: bool = False
     clip: float = 0.5
+    query_norm: bool = False
     base_model: str = ""
+    base_name: str = ""
     base_revision: str | None = None
     base_arch: dict[str, Any] = field(default_factory=dict)
     base_config_hash: str = ""
+    base_weight_sample: list[float] | None = None
     teacher_model: str | None = None
     teacher_layers: list[int] | None = None
     bank_info: dict[str, Any] = field(default_factory=dict)
@@ -60,14 +73,9 @@ class ToEConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        try:
-            check_tree(self.shape, self.num_leaves)
-        except ValueError as e:
-            raise ToEError(str(e)) from None
-        if self.selection not in SELECTIONS:
-            raise ToEError(f"selection={self.selection!r} is unknown: use one of {SELECTIONS}")
-        if self.selection == "beam" and self.shape != "balanced":
-            raise ToEError("selection='beam' needs shape='balanced'; use selection='topp' for a deep tree")
+        check_routing(self.shape, self.num_leaves, self.selection, self.top_k)
+        if not self.base_name and self.base_model:
+            self.base_name = portable_name(self.base_model)
         if not self.layers:
             raise ToEError("layers is empty: give at least one decoder layer index to inject into")
         if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
@@ -77,14 +85,15 @@ class ToEConfig:
                 f"teacher_layers={self.teacher_layers} has {len(self.teacher_layers)} entries but layers={self.layers} "
                 f"has {len(self.layers)}: give one teacher layer per injection layer"
             )
-        if not 1 <= self.top_k:
-            raise ToEError(f"top_k={self.top_k}: must be >= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise ToEError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.clip <= 0:
             raise ToEError(f"clip={self.clip}: the norm clip κ must be > 0")
         if self.gate_rank < 1:
             raise ToEError(f"gate_rank={self.gate_rank}: must be >= 1")
+        if self.format_version < 1:
+            raise ToEError(f"format_version={self.format_version} is not a plug-in format (the first is 1): the "
+                           "config was edited or written by a pre-release; rebuild the plug-in with `toe extract`")
         if self.format_version > FORMAT_VERSION:
             raise ToEError(
                 f"format_version={self.format_version} is newer than this library's {FORMAT_VERSION}: "
@@ -117,6 +126,11 @@ class ToEConfig:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ToEError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): re-save the plug-in") from None
+        if not isinstance(data, dict):
+            raise ToEError(f"{path} holds a JSON {type(data).__name__}, not a plug-in config: re-save the plug-in")
+        if "format_version" not in data:
+            raise ToEError(f"{path} has no format_version: it was not written by tree-of-experts' save_pretrained; "
+                           "rebuild the plug-in with `toe extract`")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -125,3 +139,321 @@ class ToEConfig:
             return cls(**data)
         except TypeError as e:
             raise ToEError(f"{path}: {e}; re-save the plug-in") from None
+        except ToEError as e:
+            raise ToEError(f"{path}: {e}") from None
+
+
+def check_routing(shape: str, num_leaves: int, selection: str, top_k: int) -> None:
+    """The tree and its selection: one line naming the fix for each way they can be wrong."""
+    if isinstance(num_leaves, bool) or not isinstance(num_leaves, int):
+        raise ToEError(f"num_leaves={num_leaves!r}: give a whole number of leaves (a power of two if balanced)")
+    try:
+        check_tree(shape, num_leaves)
+    except ValueError as e:
+        raise ToEError(str(e)) from None
+    if selection not in SELECTIONS:
+        raise ToEError(f"selection={selection!r} is unknown: use one of {SELECTIONS}")
+    if selection == "beam" and shape != "balanced":
+        raise ToEError("selection='beam' needs shape='balanced'; use selection='topp' for a deep tree")
+    if not 1 <= top_k <= num_leaves:
+        raise ToEError(f"top_k={top_k} with num_leaves={num_leaves}: K must be in [1, N] (K of the N leaves are mixed)")
+
+
+def portable_name(name_or_path: str) -> str:
+    """A hub id as it is; a local folder by its own name (an absolute path means nothing on another machine)."""
+    if os.path.isabs(name_or_path) or os.path.isdir(name_or_path):
+        return os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path
+
+
+# -- run configurations ---------------------------------------------------------------------------------------------
+# One frozen dataclass per command holds the arguments that can be wrong before anything is loaded; each command
+# builds its own from its arguments first thing (``TrainConfig.from_args(locals())``), so a bad value costs one
+# line, not a model load. Fields have no defaults: the command's signature is the one place that holds them.
+Shape = Literal["balanced", "deep", "flat"]
+ExtractShape = Literal["balanced", "deep"]
+Selection = Literal["dense", "topk", "topp", "beam"]
+DType = Literal["float32", "float16", "bfloat16", "auto"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Task = Literal["gsm8k", "math", "code"]
+CETarget = Literal["gold_clean", "gold", "trace"]
+BaselineKind = Literal["control", "static", "random", "flat", "lora", "sft"]
+MAX_LR = 1.0  # Adam moves each weight by about lr per step: above 1 nothing sensible is trained
+
+
+class _RunConfig:
+    @classmethod
+    def from_args(cls, args: dict[str, Any]):
+        """The config from a command's ``locals()`` (only its own fields are read)."""
+        return cls(**{f.name: args[f.name] for f in dataclasses.fields(cls)})
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = _literal_values(hints[f.name])
+            value = getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                choices = ", ".join(repr(v) for v in allowed if v is not None)
+                raise ToEError(f"{f.name}={value!r} is unknown: use one of {choices}")
+        self.check()
+
+    def check(self) -> None:
+        """Value checks beyond the Literal choices (ToEError with the fix)."""
+
+
+def _literal_values(hint: Any) -> tuple | None:
+    """The allowed values of a Literal (or Literal | None) annotation, else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_literal_values(a) for a in typing.get_args(hint) if a is not type(None)]
+        if parts and all(p is not None for p in parts):
+            return tuple(v for p in parts for v in p) + (None,)
+    return None
+
+
+def _at_least(name: str, value: Any, low: int, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ToEError(f"{name}={value!r}: must be a whole number >= {low}{what}")
+
+
+def _optional_at_least(name: str, value: Any, low: int, what: str = "") -> None:
+    if value is not None:
+        _at_least(name, value, low, what)
+
+
+def _finite(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        span = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}" if high is not None else "finite")
+        raise ToEError(f"{name}={value!r}: must be a finite number {span}{what}")
+
+
+def _lr(name: str, value: Any) -> None:
+    _finite(name, value, 0.0, MAX_LR, " (a learning rate; this project trains with 1e-4 to 1e-2)")
+
+
+@dataclass(frozen=True)
+class TreeConfig(_RunConfig):
+    """The tree and bank an extraction (or a rebuild) builds."""
+
+    num_leaves: int
+    shape: ExtractShape
+    selection: Selection
+    top_k: int
+    gate_rank: int
+    sample_rate: float
+    max_rows: int
+
+    def check(self) -> None:
+        check_routing(self.shape, self.num_leaves, self.selection, self.top_k)
+        _at_least("gate_rank", self.gate_rank, 1)
+        _finite("sample_rate", self.sample_rate, 0.0, 1.0, " (the share of training tokens clustered)")
+        if self.sample_rate == 0:
+            raise ToEError("sample_rate=0 clusters no tokens: must be in (0, 1]")
+        _at_least("max_rows", self.max_rows, 1, " (tokens clustered at most)")
+
+
+@dataclass(frozen=True)
+class ExtractConfig(TreeConfig):
+    """`toe extract`: the tree (see :class:`TreeConfig`) and how the teacher's states are captured."""
+
+    limit: int | None
+    heldout_frac: float
+    max_length: int
+    batch_size: int
+    shard_size: int
+    topk_logprobs: int
+    projector_epochs: int
+    projector_lr: float
+    dtype: DType
+
+    def check(self) -> None:
+        super().check()
+        _optional_at_least("limit", self.limit, 1, " (rows of --data)")
+        _finite("heldout_frac", self.heldout_frac, 0.0, None)
+        if self.heldout_frac >= 1:
+            raise ToEError(f"heldout_frac={self.heldout_frac}: must be in [0, 1)")
+        _at_least("max_length", self.max_length, 2, " (tokens per example)")
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("shard_size", self.shard_size, 1, " (examples per shard)")
+        _at_least("topk_logprobs", self.topk_logprobs, 0)
+        _at_least("projector_epochs", self.projector_epochs, 0)
+        _lr("projector_lr", self.projector_lr)
+
+
+@dataclass(frozen=True)
+class RebuildConfig(TreeConfig):
+    """`toe rebuild`: a new tree (see :class:`TreeConfig`) from an extraction's shards."""
+
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class TrainConfig(_RunConfig):
+    """`toe train`: the budget, learning rates and loss weights."""
+
+    max_steps: int
+    stage_a_steps: int
+    batch_size: int
+    route_batch_size: int
+    lr: float
+    scale_lr: float
+    bank_lr: float
+    stage_a_lr: float
+    scale_init: float
+    kd_weight: float
+    ce_weight: float
+    route_weight: float
+    usage_weight: float
+    train_selection: Selection
+    anneal_steps: int
+    limit: int | None
+    max_length: int
+    log_every: int
+    save_every: int
+    dtype: DType
+    mixed_precision: MixedPrecision
+
+    def check(self) -> None:
+        _at_least("max_steps", self.max_steps, 1)
+        _at_least("stage_a_steps", self.stage_a_steps, 0)
+        _at_least("batch_size", self.batch_size, 1, " (sequences per step)")
+        _at_least("route_batch_size", self.route_batch_size, 1)
+        for name in ("lr", "scale_lr", "bank_lr", "stage_a_lr"):
+            _lr(name, getattr(self, name))
+        _finite("scale_init", self.scale_init)
+        for name in ("kd_weight", "ce_weight", "route_weight", "usage_weight"):
+            _finite(name, getattr(self, name), 0.0, None, " (a loss weight)")
+        _at_least("anneal_steps", self.anneal_steps, 0)
+        if self.anneal_steps > self.max_steps:
+            raise ToEError(f"anneal_steps={self.anneal_steps} > max_steps={self.max_steps}: anneal at most the "
+                           "Stage-B steps")
+        _optional_at_least("limit", self.limit, 1, " (rows of --data)")
+        _at_least("max_length", self.max_length, 2, " (tokens per example)")
+        _at_least("log_every", self.log_every, 1)
+        _at_least("save_every", self.save_every, 1)
+
+
+@dataclass(frozen=True)
+class BaselineConfig(_RunConfig):
+    """`toe baseline`: which baseline, and the budget it shares with `toe train`."""
+
+    kind: BaselineKind
+    max_steps: int
+    stage_a_steps: int
+    batch_size: int
+    lr: float | None
+    bank_lr: float | None
+    lora_rank: int | None
+    limit: int | None
+    max_length: int
+    dtype: DType
+    save_every: int
+
+    def check(self) -> None:
+        _at_least("max_steps", self.max_steps, 1)
+        _at_least("stage_a_steps", self.stage_a_steps, 0)
+        _at_least("batch_size", self.batch_size, 1, " (sequences per step)")
+        for name in ("lr", "bank_lr"):
+            if getattr(self, name) is not None:
+                _lr(name, getattr(self, name))
+        _optional_at_least("lora_rank", self.lora_rank, 1)
+        _optional_at_least("limit", self.limit, 1, " (rows of --data)")
+        _at_least("max_length", self.max_length, 2, " (tokens per example)")
+        _at_least("save_every", self.save_every, 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig(_RunConfig):
+    """`toe eval`: which items, metrics and decoding."""
+
+    task: Task
+    limit: int | None
+    skip: int
+    few_shot: int
+    ce_target: CETarget
+    max_new_tokens: int
+    batch_size: int
+    max_length: int
+    dtype: DType
+    plugin_selection: Selection | None
+    plugin_top_k: int | None
+    plugin_top_p: float | None
+
+    def check(self) -> None:
+        _optional_at_least("limit", self.limit, 1, " (items)")
+        _at_least("skip", self.skip, 0)
+        _at_least("few_shot", self.few_shot, 0)
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("max_length", self.max_length, 2, " (tokens per item)")
+        _optional_at_least("plugin_top_k", self.plugin_top_k, 1)
+        if self.plugin_top_p is not None:
+            _finite("plugin_top_p", self.plugin_top_p, 0.0, 1.0)
+            if self.plugin_top_p == 0:
+                raise ToEError("plugin_top_p=0 keeps no leaf: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class OracleConfig(_RunConfig):
+    """`toe oracle`: which items, and the ridge interpolations to score."""
+
+    task: Task
+    limit: int | None
+    skip: int
+    ce_target: CETarget
+    lambdas: tuple[float, ...]
+    max_new_tokens: int
+    batch_size: int
+    max_length: int
+    dtype: DType
+
+    def check(self) -> None:
+        _optional_at_least("limit", self.limit, 1, " (items)")
+        _at_least("skip", self.skip, 0)
+        for lam in self.lambdas:
+            _finite("lambdas", lam)
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("max_length", self.max_length, 2, " (tokens per item)")
+
+
+def tree_build_bytes(num_leaves: int, shape: str, rows: int) -> int:
+    """Bytes the largest tensors of building an N-leaf tree from ``rows`` clustered tokens take: the (rows, M) path
+    labels of the gate's initialisation, the (N, M) label table and (N, depth) path tables, and for a deep tree
+    k-means' (chunk, N) distances. The bank and gate (N x D, N x r) are small next to these."""
+    n, m = num_leaves, num_nodes(shape, num_leaves)
+    depth = tree_depth(shape, num_leaves)
+    total = 4 * rows * m + 4 * n * m + 2 * 8 * n * depth
+    if shape == "deep":
+        total += 4 * min(rows, 65536) * n
+    return total
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_leaves_fit(num_leaves: int, shape: str, rows: int, memory: int | None = None) -> None:
+    """Refuses N leaves that the clustered tokens cannot fill, or that do not fit in memory, with the numbers.
+
+    Args:
+        rows: tokens that will be clustered (after --sample_rate and --max_rows).
+        memory: bytes available (default: the machine's RAM).
+    """
+    if rows < num_leaves:
+        raise ToEError(f"num_leaves={num_leaves} but only about {rows} tokens are available to cluster: use more "
+                       "data (--limit), a higher --sample_rate or --max_rows, or fewer --num_leaves")
+    memory = physical_memory() if memory is None else memory
+    need = tree_build_bytes(num_leaves, shape, rows)
+    if memory and need > memory // 2:
+        raise ToEError(f"num_leaves={num_leaves} on {rows} tokens needs about {need / 2**30:.1f} GiB to build the "
+                       f"tree, more than half of this machine's {memory / 2**30:.1f} GiB: use fewer --num_leaves or a "
+                       "lower --max_rows")

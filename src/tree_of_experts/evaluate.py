@@ -17,17 +17,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import ToEError
+from .config import EvalConfig, ToEError
 from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
 from .grading import grade, gsm8k_gold, last_boxed
 from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
 from .inference import GREEDY, Sampling, generate_texts, seeded
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, claim_out, dumps
 from .losses import token_nll
-from .stats import bootstrap_mean, gap_closed_ci, paired_bootstrap, wilson
+from .stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
 from .tree import effective_leaves
 
-TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+# code: CE-only text (held-out source files: what a plug-in or adapter costs outside its domain)
+TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "code": ("prompt", "text")}
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Item:
 
 
 def gold_answer(task: str, record: dict, response_field: str) -> str:
+    if task == "code":
+        return ""
     if task == "gsm8k":
         return gsm8k_gold(str(record[response_field])) or ""
     return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
@@ -167,7 +170,12 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             hits = sum(r[field] for r in rows)
             out[key], out[f"{key}_ci95"] = hits / len(rows), list(wilson(hits, len(rows)))
     if rows and "ce" in rows[0]:
-        mean, lo, hi = bootstrap_mean([r["ce"] for r in rows])
+        values = finite_values(rows, "ce")
+        if values is None:  # NaN/inf on some item (a diverged plug-in, fp16 overflow): flagged, never averaged
+            out["ce"], out["ce_ci95"], out["ce_token_weighted"] = None, [None, None], None
+            out["ce_nonfinite"] = nonfinite_count(rows, "ce")
+            return out
+        mean, lo, hi = bootstrap_mean(values)
         out["ce"], out["ce_ci95"] = mean, [lo, hi]
         tokens = sum(r["ce_tokens"] for r in rows)
         out["ce_token_weighted"] = sum(r["ce"] * r["ce_tokens"] for r in rows) / max(tokens, 1)
@@ -207,12 +215,13 @@ def evaluate(
     num_samples: int = 1,
     seed: int = 0,
     skip_bad_rows: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluates base, base + plug-in, teacher and LoRA on the same items.
 
     Args:
         base: base model id or folder.
-        task: "gsm8k" or "math".
+        task: "gsm8k", "math" or "code" (CE only: ``prompt``/``text`` rows, e.g. held-out source files).
         data: the task's items: a .jsonl/.json/.csv/.parquet file or hf:NAME[:CONFIG]:SPLIT (GSM8K:
             question/answer; MATH: problem/solution/answer).
         out: output folder (metrics.json, <system>.jsonl).
@@ -242,19 +251,23 @@ def evaluate(
         seed: seed of the sampling draws (each system starts from it).
         skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
             ...) and record how many as ``skipped_rows``, instead of stopping at the first with its file:line.
+        overwrite: replace what another run left in ``out`` (refused otherwise).
 
     Returns:
         The metrics dict written to ``out/metrics.json``.
     """
     from .model import ToEModel
 
-    if task not in TASK_FIELDS:
-        raise ToEError(f"task={task!r}: use one of {sorted(TASK_FIELDS)}")
+    EvalConfig.from_args(locals())
     if data is None:
         raise ToEError("--data is required: a local JSONL file of the task's items")
+    if task == "code" and (accuracy or ce_target != "gold"):
+        raise ToEError("--task code scores CE on the text alone: pass --accuracy false --ce_target gold")
     if not (with_base or plugin or lora or sft or teacher):
         raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
     sampling = Sampling(temperature, top_p, num_samples, seed)
+    claim_out(out, "eval", overwrite=overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher,
+                                                         "lora": lora, "sft": sft})
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
@@ -310,7 +323,7 @@ def evaluate(
 
 
 def write_rows(out: str, system: str, rows: list[dict]) -> None:
-    atomic_write_text(os.path.join(out, f"{system}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(os.path.join(out, f"{system}.jsonl"), "".join(dumps(r) + "\n" for r in rows))
 
 
 def write_metrics(out: str, args: dict, per_system: dict[str, list[dict]], leaf_usage: dict | None = None) -> dict:
@@ -336,10 +349,13 @@ def compare(per_system: dict[str, list[dict]]) -> dict:
         for metric, key in (("ce", "ce"), ("accuracy", "correct")):
             if key not in rows[0]:
                 continue
-            s, b = [float(r[key]) for r in rows], [float(r[key]) for r in base]
+            s, b = finite_values(rows, key), finite_values(base, key)
+            t = finite_values(teacher, key) if teacher is not None else None
+            if s is None or b is None:  # a non-finite value: no comparison (summarize flags it)
+                continue
             c[f"{metric}_vs_base"] = paired_bootstrap(s, b)
-            if teacher is not None:
-                c[f"{metric}_gap_closed"] = gap_closed_ci(s, b, [float(r[key]) for r in teacher])
+            if t is not None:
+                c[f"{metric}_gap_closed"] = gap_closed_ci(s, b, t)
         out[name] = c
     return out
 
@@ -361,6 +377,7 @@ def traces(
     keep_incorrect: bool = False,
     eval_out: str | None = None,
     from_eval: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Samples the teacher (greedy) on the data's prompts and keeps its correct traces as training/CE data.
 
@@ -369,8 +386,17 @@ def traces(
     graded generations as a `toe eval` folder (accuracy only, same prompt, budget and stop strings as `toe eval`),
     so `toe report` pools the teacher's accuracy with other systems' without generating again. ``from_eval``: the
     inverse, take the teacher's answers from a `toe eval` folder that generated them on the same rows with the same
-    template and budget (its ``teacher.jsonl``) instead of running the teacher again.
+    template and budget (its ``teacher.jsonl``) instead of running the teacher again. ``overwrite``: replace an
+    existing ``out`` file and what another run left in ``eval_out`` (refused otherwise).
     """
+    if os.path.isdir(out):
+        raise ToEError(f"--out {out} is a folder: `toe traces` writes one JSONL file, pass its path")
+    if os.path.exists(out) and _same_file(out, data):
+        raise ToEError(f"--out {out} is the --data file: write the traces to a new file")
+    if os.path.exists(out) and not overwrite:
+        raise ToEError(f"{out} exists: pass --overwrite to replace it, or a new --out")
+    if eval_out:
+        claim_out(eval_out, "eval", overwrite=overwrite, inputs={"from_eval": from_eval})
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]
@@ -397,6 +423,13 @@ def traces(
                                                        max_new_tokens), {"teacher": scored})
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "truncated_share": sum(s["truncated"] for s in scored) / len(rows), "out": out, "settings": asdict(spec)}
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict]:

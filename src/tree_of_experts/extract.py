@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .bank import ExpertBank
 from .cluster import balanced_tree, init_gate_from_geometry, leaf_means, mass_ordered_clusters
-from .config import ToEError
+from .config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
 from .data import DataSpec, align_offsets, encode, file_hash, pad_left, read_jsonl
 from .hf import (
     add_to_layers,
@@ -45,7 +44,15 @@ from .hf import (
     padded_inputs,
     states_until,
 )
-from .io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from .io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+    check_extraction,
+    claim_out,
+    load_tensors,
+    read_json,
+)
 from .losses import token_nll, topk_logprobs
 from .model import ToEModel, new_config
 from .plugin import ToEPlugin
@@ -150,7 +157,8 @@ def shard_paths(out: str) -> list[str]:
 
 def iter_shards(out: str) -> Iterator[dict[str, torch.Tensor]]:
     for path in shard_paths(out):
-        yield load_file(path)
+        yield load_tensors(path, "delete that shard and rerun `toe extract` with the same settings (it captures the "
+                                 "missing shards again)")
 
 
 def iter_examples(out: str, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -253,6 +261,29 @@ def train_fusion_maps(
 
 
 # -- the command --------------------------------------------------------------------------------------------------
+CORRUPT_EXTRACTION = "the extraction is damaged: extract again into a new --out (or with --overwrite)"
+
+
+def check_same_extraction(out: str, settings: dict) -> None:
+    """Refuses to continue the extraction in ``out`` with other ``settings`` (those given), naming them."""
+    run_path = os.path.join(out, "run.json")
+    if not os.path.isfile(run_path):
+        return
+    previous = read_json(run_path, "delete the folder (or pass --overwrite) and extract again")
+    changed = sorted(k for k in settings if previous.get(k) != settings[k])
+    if changed:
+        raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite to "
+                       "replace it, or a new --out")
+
+
+def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int) -> int:
+    """About how many tokens step 4 clusters: the training examples' usable positions (aligned, not the first),
+    times ``sample_rate``, at most ``max_rows``; known once the data is tokenized, before any model loads."""
+    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
+    usable = sum(int((e.align[1:] >= 0).sum()) for e in examples if not (every and e.index % every == every - 1))
+    return min(max_rows, int(usable * sample_rate))
+
+
 def extract(
     teacher: str,
     base: str,
@@ -285,6 +316,7 @@ def extract(
     seed: int = 0,
     teacher_gguf_file: str | None = None,
     base_gguf_file: str | None = None,
+    overwrite: bool = False,
 ) -> dict | None:
     """Builds an expert bank and tree from a teacher, a base and reasoning text.
 
@@ -316,24 +348,34 @@ def extract(
         device: device (default: the accelerate process's device).
         seed: seed for sampling, clustering and the projector's data order.
         teacher_gguf_file, base_gguf_file: load from a GGUF file inside the given folder.
+        overwrite: replace what another run (or an extraction with other settings) left in ``out``.
 
     Returns:
         The summary dict (on the main process; None on the others under ``accelerate launch``).
     """
     from accelerate import PartialState
 
+    ExtractConfig.from_args(locals())
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
+    if state.is_main_process:
+        claim_out(out, "extract", overwrite=overwrite, inputs={"teacher": teacher, "base": base})
+    state.wait_for_everyone()
     dev = torch.device(device) if device else state.device
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
-    if not 0 < sample_rate <= 1:
-        raise ToEError(f"sample_rate={sample_rate}: must be in (0, 1]")
-    if not 0 <= heldout_frac < 1:
-        raise ToEError(f"heldout_frac={heldout_frac}: must be in [0, 1)")
     records = read_jsonl(data, spec, limit)
     t_kw = {"gguf_file": teacher_gguf_file} if teacher_gguf_file else {}
     b_kw = {"gguf_file": base_gguf_file} if base_gguf_file else {}
     base_tok, teacher_tok = load_tokenizer(base, **b_kw), load_tokenizer(teacher, **t_kw)
     spec = spec.for_tokenizer(base_tok)  # one prompt text for both models, in the base's format
+    kd = same_vocab(base_tok, teacher_tok) and topk_logprobs > 0
+    early = {"teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
+             "spec": dataclasses.asdict(spec), "max_length": max_length, "shard_size": shard_size,
+             "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
+             **({"layers": list(layers)} if layers else {}),
+             **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
+    check_same_extraction(out, early)  # what can be compared before the models load
+    examples = prepare(records, spec, base_tok, teacher_tok, max_length)
+    check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
     teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
     n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
@@ -344,7 +386,6 @@ def extract(
     for name, ls, n in (("layers", layers, n_b), ("teacher_layers", teacher_layers, n_t)):
         if any(not 0 <= x < n for x in ls):
             raise ToEError(f"{name}={ls} out of range: that model has {n} decoder layers (0..{n - 1})")
-    kd = same_vocab(base_tok, teacher_tok) and topk_logprobs > 0
     settings = {
         "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit, "spec": dataclasses.asdict(spec),
         "layers": layers, "teacher_layers": teacher_layers, "max_length": max_length, "shard_size": shard_size,
@@ -355,17 +396,12 @@ def extract(
     run_path = os.path.join(out, "run.json")
     if state.is_main_process:
         if os.path.isfile(run_path):
-            with open(run_path) as f:
-                previous = json.load(f)
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            if changed:
-                raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): use a new --out")
+            check_same_extraction(out, settings)
         else:
             atomic_write_json(run_path, settings)
     state.wait_for_everyone()
 
     # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume.
-    examples = prepare(records, spec, base_tok, teacher_tok, max_length)
     n_shards = math.ceil(len(examples) / shard_size)
     mine = [s for s in range(n_shards) if s % state.num_processes == state.process_index]
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
@@ -402,7 +438,7 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
 
     # 2. Ridge map per layer from streamed Gram matrices.
     t0 = time.perf_counter()
-    d_t = load_file(shard_paths(out)[0])["teacher.0"].shape[1]
+    d_t = next(iter_shards(out))["teacher.0"].shape[1]
     d_b = base_model.config.hidden_size
     grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
     for shard in tqdm(list(iter_shards(out)), desc="ridge", leave=False):
@@ -557,6 +593,7 @@ def rebuild(
     selection: str = "topk",
     dtype: str = "float32",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """A new tree and bank (N, shape, gate) from an existing extraction, without running the teacher again.
 
@@ -569,7 +606,9 @@ def rebuild(
         out: the new extraction folder (usable wherever an extraction is: `toe train --experts OUT`).
         num_leaves, shape, sample_rate, max_rows, gate_rank, top_k, selection, seed: as for `toe extract`.
         dtype: dtype of the base while building.
+        overwrite: replace what another run left in ``out``.
     """
+    RebuildConfig.from_args(locals())
     needed = ("run.json", "manifest.json", "summary.json", "projector.safetensors")
     missing = [f for f in needed if not os.path.isfile(os.path.join(source, f))]
     if missing:
@@ -577,12 +616,14 @@ def rebuild(
                        "`toe extract` to the end first")
     if os.path.abspath(source) == os.path.abspath(out):
         raise ToEError("rebuild --out must be a new folder, not the source extraction")
-    with open(os.path.join(source, "run.json")) as f:
-        settings = json.load(f)
-    with open(os.path.join(source, "manifest.json")) as f:
-        manifest = json.load(f)
-    with open(os.path.join(source, "summary.json")) as f:
-        prior = json.load(f)
+    check_extraction(source, "source")
+    settings = read_json(os.path.join(source, "run.json"), CORRUPT_EXTRACTION)
+    manifest = read_json(os.path.join(source, "manifest.json"), CORRUPT_EXTRACTION)
+    prior = read_json(os.path.join(source, "summary.json"), CORRUPT_EXTRACTION)
+    counts = manifest["counts"]
+    train_share = 1 - len(counts["heldout"]) / max(counts["examples"], 1)
+    check_leaves_fit(num_leaves, shape, min(max_rows, int(prior["tokens"] * train_share * sample_rate)))
+    claim_out(out, "rebuild", overwrite=overwrite, inputs={"source": source})
     os.makedirs(out, exist_ok=True)
     link = os.path.join(out, "shards")
     if os.path.islink(link) and os.path.realpath(link) != os.path.realpath(os.path.join(source, "shards")):
@@ -591,7 +632,7 @@ def rebuild(
         os.symlink(os.path.abspath(os.path.join(source, "shards")), link)
     atomic_write_json(os.path.join(out, "run.json"), settings)
     base_model = load_causal_lm(settings["base"], dtype=dtype)
-    proj = load_file(os.path.join(source, "projector.safetensors"))
+    proj = load_tensors(os.path.join(source, "projector.safetensors"), CORRUPT_EXTRACTION)
     layers = prior["layers"]
     maps = torch.nn.ModuleList()
     for layer in layers:

@@ -43,6 +43,30 @@ def arch_fingerprint(config: Any) -> tuple[dict[str, Any], str]:
     return arch, digest
 
 
+def weight_sample(model: nn.Module, count: int = 8) -> list[float] | None:
+    """``count`` evenly spaced values of the input embedding and of the last decoder layer's first weight: a cheap
+    fingerprint of the weights (two bases with the same architecture, other training, differ here). None when the
+    weights are not plain floating-point tensors in memory (meta device, quantized)."""
+    try:
+        tensors = [model.get_input_embeddings().weight, next(decoder_layers(model)[-1].parameters())]
+    except (AttributeError, NotImplementedError, StopIteration, ToEError):
+        return None
+    out = []
+    for w in tensors:
+        if not w.is_floating_point() or w.is_meta or not w.is_contiguous() or w.numel() == 0:
+            return None
+        flat = w.detach().view(-1)
+        idx = torch.linspace(0, flat.numel() - 1, count).long().to(flat.device)
+        out += flat[idx].float().cpu().tolist()
+    return out
+
+
+def same_weights(recorded: list[float], sample: list[float], rtol: float = 2e-2) -> bool:
+    """Whether two :func:`weight_sample` lists come from the same weights, up to a cast (bf16 keeps ~3 digits)."""
+    return len(recorded) == len(sample) and all(abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-8
+                                                for a, b in zip(recorded, sample))
+
+
 def versions() -> dict[str, str]:
     import transformers
 

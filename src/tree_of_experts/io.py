@@ -1,14 +1,49 @@
-"""Atomic file writes: nothing already on disk is left half-written if a run dies mid-way."""
+"""Files on disk: atomic writes (nothing is left half-written if a run dies mid-way, modes follow the umask, data is
+fsynced before the rename) and the output-folder guard every command calls before it loads a model."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
+import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from .config import ToEError
+
+log = logging.getLogger(__name__)
+
+
+# -- atomic writes -------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask alone must set it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and directories on some platforms) refuse fsync: best effort
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic(path: str | os.PathLike, write) -> None:
@@ -19,11 +54,32 @@ def _atomic(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a plain open() would follow the umask
+        _fsync(tmp)  # the data is on disk before the rename makes it visible: a crash leaves old or new, not empty
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync(directory)  # the rename itself
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and ±inf floats (Python or 0-d tensors) replaced by None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return json_safe(obj.item())
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """json.dumps that writes non-finite numbers as null (strict JSON) and anything else unknown with str()."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -35,7 +91,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -49,4 +105,207 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
+        f.write(dumps(row) + "\n")
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """A JSON file another run wrote; a truncated or corrupt one is a one-line ToEError naming it and ``fix``."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ToEError(f"{path} is corrupt ({reason}): {fix}") from None
+
+
+def load_tensors(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file another run wrote; a truncated or corrupt one is a one-line ToEError naming it and ``fix``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"{path} is unreadable ({reason}): {fix}") from None
+
+
+def load_torch(path: str | os.PathLike, fix: str) -> Any:
+    """A ``torch.save`` file another run wrote; a truncated or corrupt one is a one-line ToEError naming it."""
+    import pickle
+
+    path = os.fspath(path)
+    try:
+        return torch.load(path)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"{path} is unreadable ({reason}): {fix}") from None
+
+
+# -- output folders ------------------------------------------------------------------------------------------------
+# What ToE commands write at the top of an output folder. A folder holding any of these holds a run; a command
+# replaces it only when told (--overwrite), continues it only when it is its own run (--resume, or an extraction
+# rerun with the same settings). Other files (a README, the user's notes, a data file) neither block nor get removed.
+RUN_FILES = {
+    "extract": ("run.json", "manifest.json", "shards", "projector.safetensors", "route_data.safetensors",
+                "summary.json", "summary.md", "toe_config.json", "toe_model.safetensors", "timings-*.json"),
+    "train": ("train_args.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old",
+              "train_summary.json", "curves.png", "toe_config.json", "toe_model.safetensors"),
+    "baseline": ("baseline_summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+                 "model-*-of-*.safetensors", "model.safetensors.index.json", "train_args.json", "metrics.jsonl",
+                 "checkpoint", "checkpoint.tmp", "checkpoint.old", "train_summary.json", "curves.png",
+                 "toe_config.json", "toe_model.safetensors"),
+    "eval": ("metrics.json", "base.jsonl", "toe.jsonl", "teacher.jsonl", "lora.jsonl", "sft.jsonl"),
+    "oracle": ("oracle.json", "oracle.md", "generation.jsonl", "metrics.json", "base.jsonl", "teacher.jsonl",
+               "toe.jsonl", "O1-map.jsonl", "O2-routing.jsonl", "static-mean.jsonl", "O1-ridge-*.jsonl"),
+    "report": ("report.json", "report.md", "report.png", "leaf_usage.json", "usage.png", "sweep.png"),
+}
+RUN_FILES["rebuild"] = RUN_FILES["extract"]
+# The file that says a folder holds a run of that command which --resume (or a rerun) may continue.
+RESUME_MARKER = {"train": ("train_args.json",), "baseline": ("baseline_args.json", "train_args.json"),
+                 "extract": ("run.json",)}
+RESUMES_BY_RERUN = ("extract",)  # an extraction continues whenever it is rerun with the same settings
+REPLACES_ITSELF = ("report",)  # a report is a view of eval folders: regenerating it loses nothing
+
+
+def run_files(out: str | os.PathLike, command: str | None = None) -> list[str]:
+    """Names at the top of ``out`` that a ToE command writes (``command``'s only, or any command's)."""
+    out = os.fspath(out)
+    if not os.path.isdir(out):
+        return []
+    patterns = set(RUN_FILES[command]) if command else {p for ps in RUN_FILES.values() for p in ps}
+    return sorted(name for name in os.listdir(out) if any(fnmatch.fnmatchcase(name, p) for p in patterns))
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, resume: bool = False,
+              inputs: Mapping[str, Any] | None = None, extra: Iterable[str] = ()) -> None:
+    """Checks that ``command`` may write into the folder ``out``; call it before any model is loaded.
+
+    Refuses, with one line naming the folder and the options: ``out`` being one of the command's ``inputs``
+    ({option: path}), an existing file, or a folder holding another run's files (see ``RUN_FILES``) unless
+    ``overwrite`` (those files and ``extra`` names are then removed) or the folder holds this command's own run and
+    it may continue it (``resume``; an extraction rerun; a report regenerated).
+    """
+    out = os.fspath(out)
+    for option, path in (inputs or {}).items():
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and os.path.exists(out) and _same(out, path):
+            raise ToEError(f"--out {out} is the --{option} folder: write to a new folder (the command would replace "
+                           f"files it reads)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ToEError(f"--out {out} is a file: pass a folder")
+    found = run_files(out)
+    if not found:
+        return
+    if overwrite:
+        doomed = found + [n for n in extra if os.path.lexists(os.path.join(out, n))]
+        log.info("--overwrite: removing %s from %s", ", ".join(doomed), out)
+        for name in doomed:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        return
+    own = set(run_files(out, command))
+    foreign = [n for n in found if n not in own]
+    markers = RESUME_MARKER.get(command, ())
+    has_run = any(os.path.isfile(os.path.join(out, m)) for m in markers)
+    if not foreign and has_run and (resume or command in RESUMES_BY_RERUN):
+        return
+    if not foreign and command in REPLACES_ITSELF:
+        return
+    shown = ", ".join((foreign or found)[:4]) + (", ..." if len(foreign or found) > 4 else "")
+    if command in ("train", "baseline"):
+        if resume and not foreign and not has_run:
+            raise ToEError(f"--resume: {out} holds {shown} but no {command} run to continue: pass --overwrite to "
+                           "replace them, or a new --out")
+        how = "--resume to continue it (same arguments)" if not foreign else "--resume only continues a run of the " \
+              f"same command ({', '.join(foreign[:3])} are not)"
+        raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite to replace them, {how}, or a "
+                       "new --out")
+    if command in RESUMES_BY_RERUN:
+        raise ToEError(f"{out} holds files of a run that is not a `toe {command}` ({shown}): pass --overwrite to "
+                       "replace them, or a new --out (an extraction resumes when rerun with the same settings)")
+    raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite to replace them, or a new --out")
+
+
+TRAINED = ("train_args.json", "train_summary.json", "baseline_summary.json")
+
+
+def check_extraction(experts: str | os.PathLike, option: str = "experts") -> None:
+    """Refuses an ``--experts`` folder that is not a `toe extract` (or `toe rebuild`) output, naming what it is: a
+    trained plug-in in its place would silently run without route labels or the teacher's cache."""
+    experts = os.fspath(experts)
+    if not os.path.isdir(experts):
+        raise ToEError(f"--{option} {experts} is not a folder: pass a `toe extract` output folder")
+    names = set(os.listdir(experts))
+    trained = sorted(names & set(TRAINED))
+    if trained:
+        what = "holds a trained plug-in" if "run.json" not in names else "had a training run written into it"
+        raise ToEError(f"--{option} {experts} {what} ({trained[0]}), not an extraction's untrained one: pass the "
+                       "`toe extract` folder it was trained from (train_args.json names it)")
+    if "run.json" not in names:
+        raise ToEError(f"--{option} {experts} is not a `toe extract` output (no run.json): run `toe extract` first "
+                       "and pass its --out")
+    read_json(os.path.join(experts, "run.json"), "the extraction is damaged: extract again into a new --out")
+
+
+# Arguments that may change when a run is continued: how often it logs and saves, the flags that say how to treat
+# the folder, and the folder's own path (a run moved elsewhere is the same run).
+RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "out")
+
+
+def check_resume_args(path: str | os.PathLike, args: Mapping[str, Any], defaults: Mapping[str, Any],
+                      ignore: Iterable[str] = RESUMABLE_CHANGES) -> None:
+    """Refuses to continue the run whose arguments are saved in ``path`` with other ``args``, naming the ones that
+    differ. ``defaults`` ({name: default}) stands in for an argument the saved file predates; arguments that are
+    not plain JSON values (a loaded model passed from Python) are not compared."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return
+    saved = read_json(path, "the run's arguments are lost: start it again without --resume (and with --overwrite)")
+    skip = set(ignore)
+    differ = []
+    for name, value in args.items():
+        if name in skip or name not in defaults or not _plain(value):
+            continue
+        before = saved.get(name, defaults[name])
+        if not _equal(before, value):
+            differ.append(f"--{name} {_show(before)} -> {_show(value)}")
+    if differ:
+        raise ToEError(f"--resume with other arguments than {os.path.dirname(path) or '.'} was started with "
+                       f"({'; '.join(differ)}): rerun with the original arguments, or drop --resume and pass "
+                       "--overwrite to start again")
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_plain(v) for v in value.values())
+    return False
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(b, tuple):
+        b = list(b)
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.exists(b):  # the same file by another spelling
+        return os.path.exists(a) and _same(a, b)
+    return False
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value

@@ -32,7 +32,7 @@ from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, s
 from .extract import CORRUPT_EXTRACTION, capture_shard, example_ce, prepare, same_vocab
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, load_tensors
+from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps, load_tensors
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
@@ -122,7 +122,7 @@ def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[st
     for name, values in per_item.items():
         rows = [{"system": _slug(name), "prompt": p, "gold": g, "ce": ce, "ce_tokens": n}
                 for p, g, ce, (_, n) in zip(prompts, golds, values, systems[name])]
-        atomic_write_text(os.path.join(out, f"{_slug(name)}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(os.path.join(out, f"{_slug(name)}.jsonl"), "".join(dumps(r) + "\n" for r in rows))
         summaries[_slug(name)] = summarize(rows)
     atomic_write_json(os.path.join(out, "metrics.json"), {"args": {**args, "source": "toe oracle"},
                                                           "systems": summaries})

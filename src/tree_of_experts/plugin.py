@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -20,9 +21,11 @@ from torch import nn
 
 from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
-from .hf import decoder_layers, edit_output
+from .hf import decoder_layers, edit_output, model_id, same_weights, weight_sample
 from .io import atomic_save_tensors
 from .tree import RouteOutput, TreeGate, selection_mass
+
+log = logging.getLogger(__name__)
 
 
 class Record(NamedTuple):
@@ -52,6 +55,7 @@ class InjectionLayer(nn.Module):
             config.top_k,
             config.top_p,
             config.intensity,
+            config.query_norm,
         )
         self.bank = bank
         self.scale = nn.Parameter(torch.zeros(config.hidden_size))  # zero-init: exact no-op until trained
@@ -134,10 +138,25 @@ class ToEPlugin(nn.Module):
         bad = [layer for layer in self.config.layers if layer >= len(layers)]
         if bad:
             raise ToEError(f"layers {bad} out of range: the base has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        self._check_weights(model)
         self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for layer in self.config.layers:
             self._handles.append(layers[layer].register_forward_hook(self._layer_hook(layer)))
         return self
+
+    def _check_weights(self, model: nn.Module) -> None:
+        """Records a sample of the base's weights the first time the plug-in meets a base (it is saved with the
+        config); warns, once, when a later base has the same architecture (checked by the caller) but other weights:
+        the bank and gate were fitted to the recorded base's hidden states."""
+        sample = weight_sample(model)
+        recorded = self.config.base_weight_sample
+        if recorded is None:
+            self.config.base_weight_sample = sample
+        elif sample is not None and not same_weights(recorded, sample) and not getattr(self, "_warned", False):
+            self._warned = True
+            log.warning("warning: the plug-in was built on %s, and %s has the same architecture but other weights: "
+                        "its bank and gate were fitted to the other base's hidden states; load the base it was built "
+                        "for", self.config.base_name or self.config.base_model or "another base", model_id(model))
 
     def detach(self) -> None:
         """Removes every hook; the base then computes exactly what it computed before ``attach``."""
@@ -249,6 +268,10 @@ class ToEPlugin(nn.Module):
             state = load_file(path)
         except (SafetensorError, OSError) as e:
             raise ToEError(f"{path} is unreadable ({e}): the file is corrupted, re-save or re-download it") from None
+        bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        if bad:
+            raise ToEError(f"{path} holds NaN or inf values ({', '.join(bad[:3])}): the plug-in is broken (a diverged "
+                           "training run?); retrain it or restore an earlier copy")
         plugin = cls(config)
         expected = plugin.state_dict()
         missing = sorted(set(expected) - set(state))

@@ -15,8 +15,8 @@ import re
 
 from .config import ToEError
 from .evaluate import summarize
-from .io import atomic_write_json, atomic_write_text
-from .stats import gap_closed_ci, paired_bootstrap
+from .io import atomic_write_json, atomic_write_text, claim_out
+from .stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
 
 ANCHORS = ("base", "teacher")
 
@@ -102,17 +102,18 @@ def table_rows(groups: dict[str, dict[str, list[dict]]], reference: str | None =
             s = summarize(rows)
             row = {"target": target, "system": name, "n": s["n"], "accuracy": s.get("accuracy"),
                    "accuracy_ci95": s.get("accuracy_ci95"), "truncated_share": s.get("truncated_share"),
-                   "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"),
+                   "ce": s.get("ce"), "ce_ci95": s.get("ce_ci95"), "ce_nonfinite": s.get("ce_nonfinite"),
                    "reference": ref if ref in systems and name != ref else None}
             for metric, key in (("ce", "ce"), ("accuracy", "correct")):
                 if key not in rows[0]:
                     continue
-                values = [float(r[key]) for r in rows]
-                if base is not None and teacher is not None and name not in ANCHORS:
-                    row[f"{metric}_gap_closed"] = gap_closed_ci(values, [float(r[key]) for r in base],
-                                                                [float(r[key]) for r in teacher])
-                if row["reference"]:
-                    row[f"{metric}_vs_reference"] = paired_bootstrap(values, [float(r[key]) for r in systems[ref]])
+                values = finite_values(rows, key)  # None: a NaN/inf item, flagged in the table, never compared
+                b, t = (finite_values(x, key) if x is not None else None for x in (base, teacher))
+                if values is not None and b is not None and t is not None and name not in ANCHORS:
+                    row[f"{metric}_gap_closed"] = gap_closed_ci(values, b, t)
+                other = finite_values(systems[ref], key) if row["reference"] else None
+                if values is not None and other is not None:
+                    row[f"{metric}_vs_reference"] = paired_bootstrap(values, other)
             out.append(row)
     return out
 
@@ -121,6 +122,8 @@ def _interval(point, ci, fmt) -> str:
     if point is None:
         return "–"
     lo, hi = ci or (None, None)
+    if lo is None or hi is None:
+        return f"{fmt(point)} (no interval below {MIN_INTERVAL_N} items)"
     return f"{fmt(point)} [{fmt(lo)}, {fmt(hi)}]"
 
 
@@ -138,6 +141,8 @@ def markdown(rows: list[dict]) -> str:
             if r.get("truncated_share"):  # answers cut off by the token budget: their last number is often not one
                 acc += f" ({_pct(r['truncated_share'])} out of tokens)"
             ce = _interval(r["ce"], r["ce_ci95"], _fmt)
+            if r.get("ce_nonfinite"):  # NaN/inf CE on some items: no mean, no interval, said so
+                ce = f"non-finite on {r['ce_nonfinite']} of {r['n']} items"
             g = r.get("ce_gap_closed")
             gap = "–" if not g else _interval(g["gap_closed"], g["ci95"], _pct)
             if g and g["format_adaptation_flag"]:
@@ -166,7 +171,7 @@ def plot(rows: list[dict], png: str) -> None:
     for ax, (target, key) in zip(axes[0], panels):
         shown = [r for r in rows if r["target"] == target and r[key] is not None]
         values = [r[key] for r in shown]
-        ci = [r[f"{key}_ci95"] for r in shown]
+        ci = [r[f"{key}_ci95"] if None not in (r[f"{key}_ci95"] or [None]) else [v, v] for r, v in zip(shown, values)]
         err = [[max(v - c[0], 0.0) for v, c in zip(values, ci)], [max(c[1] - v, 0.0) for v, c in zip(values, ci)]]
         colors = ["#999999" if r["system"] in ANCHORS else "#4c72b0" for r in shown]
         ax.bar(range(len(values)), values, yerr=err, capsize=4, color=colors)
@@ -207,7 +212,8 @@ def sweep_plot(rows: list[dict], png: str) -> bool:
             ax = axes[row_i][col]
             xs = [v for v, r in pts if r[metric] is not None]
             ys = [r[metric] for _, r in pts if r[metric] is not None]
-            ci = [r[f"{metric}_ci95"] for _, r in pts if r[metric] is not None]
+            ci = [r[f"{metric}_ci95"] if None not in (r[f"{metric}_ci95"] or [None]) else [r[metric]] * 2
+                  for _, r in pts if r[metric] is not None]
             err = [[max(y - c[0], 0.0) for y, c in zip(ys, ci)], [max(c[1] - y, 0.0) for y, c in zip(ys, ci)]]
             ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3)
             for name, style in (("base", ":"), ("teacher", "--")):
@@ -267,7 +273,7 @@ def usage_plot(usage: list[dict], png: str) -> None:
 
 
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
-           labels: dict[str, str] | None = None) -> dict:
+           labels: dict[str, str] | None = None, overwrite: bool = False) -> dict:
     """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders,
     ``out/sweep.png`` (CE and accuracy vs N and K) when the labels name at least three values of N or K, and
     ``out/usage.png`` + ``out/leaf_usage.json`` (each plug-in's leaf usage) when the folders recorded it.
@@ -277,7 +283,11 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
         out: output folder.
         reference: system label the paired-difference columns compare against (default: the ToE row).
         labels: {folder or folder name: label} for the non-anchor system of a folder (default: the folder name).
+        overwrite: replace another command's files in ``out`` (a previous report there is always replaced).
     """
+    if not run_dirs:
+        raise ToEError("no eval folders given: pass the `toe eval` folders to pool (toe report DIR [DIR ...])")
+    claim_out(out, "report", overwrite=overwrite, inputs={f"run_dirs[{i}]": d for i, d in enumerate(run_dirs)})
     rows = table_rows(pool(run_dirs, labels), reference)
     usage = leaf_usage(run_dirs, labels)
     text = markdown(rows)

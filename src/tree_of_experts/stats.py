@@ -1,10 +1,35 @@
-"""Small-sample statistics: Wilson and bootstrap intervals, paired comparisons, gap closed."""
+"""Small-sample statistics: Wilson and bootstrap intervals, paired comparisons, gap closed.
+
+Bootstrap intervals need a few items: below ``MIN_INTERVAL_N`` the resampled means take at most 3 distinct values
+(1 for one item, a zero-width "interval"), so the interval is reported as undefined (None bounds), never as a
+number. Wilson's score interval is defined for any n >= 1 and stays.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+MIN_INTERVAL_N = 3
+
+
+def finite_values(rows: list[dict[str, Any]], key: str) -> list[float] | None:
+    """[float(row[key])] when every row has a finite value there, else None (a NaN/inf/missing value must be
+    flagged, not averaged into a number)."""
+    out = []
+    for r in rows:
+        v = r.get(key)
+        if v is None or isinstance(v, str) or not math.isfinite(float(v)):
+            return None
+        out.append(float(v))
+    return out
+
+
+def nonfinite_count(rows: list[dict[str, Any]], key: str) -> int:
+    """Rows whose ``key`` is missing, null, NaN or infinite."""
+    return sum(1 for r in rows if r.get(key) is None or not math.isfinite(float(r[key])))
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -19,10 +44,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def bootstrap_mean(values: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile-bootstrap interval over items."""
+    """Mean and 95 % percentile-bootstrap interval over items (bounds None below ``MIN_INTERVAL_N`` items)."""
     v = torch.tensor(values, dtype=torch.float64)
     if len(v) == 0:
         return (float("nan"),) * 3
+    if len(v) < MIN_INTERVAL_N:
+        return float(v.mean()), None, None
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(v), (iters, len(v)), generator=g)
     means = v[idx].mean(1)
@@ -30,10 +57,14 @@ def bootstrap_mean(values: list[float], iters: int = 2000, seed: int = 0) -> tup
 
 
 def paired_bootstrap(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> dict:
-    """Mean of a - b on the same items with a 95 % interval and the share of resamples where a - b > 0."""
+    """Mean of a - b on the same items with a 95 % interval and the share of resamples where a - b > 0 (both None
+    below ``MIN_INTERVAL_N`` items)."""
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same items: {len(a)} vs {len(b)}")
     d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    if len(d) < MIN_INTERVAL_N:
+        return {"mean_diff": float(d.mean()) if len(d) else None, "ci95": [None, None], "p_positive": None,
+                "n": len(d)}
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(d), (iters, len(d)), generator=g)
     means = d[idx].mean(1)
@@ -54,6 +85,9 @@ def gap_closed_ci(system: list[float], base: list[float], teacher: list[float], 
     """Gap closed on per-item values with a paired bootstrap interval (items resampled jointly)."""
     s, b, t = (torch.tensor(x, dtype=torch.float64) for x in (system, base, teacher))
     point = gap_closed(float(s.mean()), float(b.mean()), float(t.mean()))
+    if len(s) < MIN_INTERVAL_N:
+        return {"gap_closed": point, "ci95": [None, None], "teacher_minus_base_ci95": [None, None],
+                "defined": False, "format_adaptation_flag": point is not None and point > 1.0}
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(s), (iters, len(s)), generator=g)
     gaps = (t[idx].mean(1) - b[idx].mean(1))

@@ -1,0 +1,354 @@
+"""Hostile inputs through the CLI (issue #17): every case exits non-zero with one sentence on the last stderr line,
+no traceback, and leaves any folder that existed before byte-identical. Cases marked ``no_model`` must fail before
+a model is loaded (loading one fails the test)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_pair
+from safetensors.torch import load_file, save_file
+
+from tree_of_experts.cli import main
+from tree_of_experts.config import ToEError
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+TRAIN = ["--max_steps", "2", "--stage_a_steps", "1", "--batch_size", "4", "--save_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The tiny pair, an extraction (N = 8), a trained plug-in with a checkpoint, an eval folder and a traces file."""
+    from tree_of_experts.extract import extract
+    from tree_of_experts.train import train
+
+    w = tmp_path_factory.mktemp("world")
+    save_tiny_pair(w)
+    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=FIXTURE, out=str(w / "ex"), num_leaves=8,
+            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    train(base=str(w / "base"), experts=str(w / "ex"), data=FIXTURE, out=str(w / "trained"), max_steps=2,
+          stage_a_steps=1, batch_size=4, save_every=1)
+    (w / "eval").mkdir()
+    (w / "eval" / "metrics.json").write_text('{"args": {}, "systems": {}}\n')
+    (w / "eval" / "base.jsonl").write_text('{"prompt": "p", "ce": 1.0, "ce_tokens": 3}\n')
+    (w / "traces.jsonl").write_text('{"question": "q", "answer": "a", "trace": "t"}\n')
+    return w
+
+
+def copy(w: Path, name: str, tmp: Path) -> str:
+    """A private copy of ``w/name`` in ``tmp`` (a case may damage or must not touch it)."""
+    src, dst = w / name, tmp / name
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    return str(dst)
+
+
+def edit_json(path: str, **changes) -> None:
+    data = json.loads(Path(path).read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key)
+        else:
+            data[key] = value
+    Path(path).write_text(json.dumps(data))
+
+
+def truncate(path: str) -> None:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+
+
+def poison(folder: str) -> None:
+    """Writes a NaN into the plug-in's scale and an inf into its bank."""
+    path = os.path.join(folder, "toe_model.safetensors")
+    state = load_file(path)
+    state["blocks.0.scale"][0] = float("nan")
+    state["blocks.0.bank.norm"][1] = float("inf")
+    save_file(state, path)
+
+
+def snapshot(path: str) -> dict[str, tuple[bytes, int]] | None:
+    """{relative path: (bytes, mode)} of every file under ``path`` (or of the file itself)."""
+    if not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return {"": (Path(path).read_bytes(), os.stat(path).st_mode)}
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            out[rel] = (Path(full).read_bytes() if os.path.isfile(full) else b"<dir>", os.lstat(full).st_mode)
+    return out
+
+
+@dataclass
+class Case:
+    """argv, the existing files or folders that must come out byte-identical, a regex the error must match, and
+    whether the command must fail before loading any model."""
+
+    argv: list[str]
+    keep: list[str]
+    match: str
+    no_model: bool = True
+
+
+def train_args(w: Path, out: str, *extra: str, experts: str | None = None) -> list[str]:
+    return ["train", "--base", str(w / "base"), "--experts", experts or str(w / "ex"), "--data", FIXTURE, *TRAIN,
+            "--out", out, *extra]
+
+
+def extract_args(w: Path, out: str, *extra: str) -> list[str]:
+    return ["extract", "--teacher", str(w / "teacher"), "--base", str(w / "base"), "--data", FIXTURE,
+            "--num_leaves", "8", "--shard_size", "8", "--heldout_frac", "0.25", "--batch_size", "4",
+            "--gate_rank", "8", "--out", out, *extra]
+
+
+def eval_args(w: Path, out: str, *extra: str) -> list[str]:
+    return ["eval", "--base", str(w / "base"), "--data", FIXTURE, "--limit", "2", "--out", out, *extra]
+
+
+def _trained(w, t):  # a trained plug-in folder, copied
+    return copy(w, "trained", t)
+
+
+CASES = {
+    # -- data is lost ------------------------------------------------------------------------------------------------
+    "train over a trained plug-in": lambda w, t: Case(
+        train_args(w, o := _trained(w, t)), [o], r"holds another run's files.*--overwrite.*--resume"),
+    "train --out equal to --experts": lambda w, t: Case(
+        train_args(w, x := copy(w, "ex", t), experts=x), [x], r"is the --experts folder"),
+    "extract over a trained plug-in": lambda w, t: Case(
+        extract_args(w, o := _trained(w, t)), [o], r"not a `toe extract`.*--overwrite"),
+    "extract over an extraction with other settings": lambda w, t: Case(
+        extract_args(w, o := copy(w, "ex", t), "--max_length", "64"), [o], r"other settings \(max_length\).*--overwrite"),
+    "rebuild over a trained plug-in": lambda w, t: Case(
+        ["rebuild", "--source", str(w / "ex"), "--out", o := _trained(w, t), "--num_leaves", "4", "--gate_rank", "8"],
+        [o, str(w / "ex")], r"holds another run's files.*--overwrite"),
+    "baseline over a trained plug-in": lambda w, t: Case(
+        ["baseline", "--kind", "static", "--base", str(w / "base"), "--experts", str(w / "ex"), "--data", FIXTURE,
+         "--out", o := _trained(w, t), *TRAIN], [o], r"holds another run's files.*--overwrite.*--resume"),
+    "eval over a trained plug-in": lambda w, t: Case(eval_args(w, o := _trained(w, t)), [o], r"--overwrite"),
+    "eval over an eval folder": lambda w, t: Case(eval_args(w, o := copy(w, "eval", t)), [o], r"metrics\.json"),
+    "oracle over an eval folder": lambda w, t: Case(
+        ["oracle", "--teacher", str(w / "teacher"), "--base", str(w / "base"), "--experts", str(w / "ex"),
+         "--data", FIXTURE, "--out", o := copy(w, "eval", t)], [o], r"holds another run's files.*--overwrite"),
+    "report over a trained plug-in": lambda w, t: Case(
+        ["report", str(w / "eval"), "--out", o := _trained(w, t)], [o, str(w / "eval")], r"--overwrite"),
+    "traces over an existing file": lambda w, t: Case(
+        ["traces", "--teacher", str(w / "teacher"), "--data", FIXTURE, "--out", o := copy(w, "traces.jsonl", t)],
+        [o], r"exists: pass --overwrite"),
+    "resume with another --lr": lambda w, t: Case(
+        train_args(w, o := _trained(w, t), "--resume", "true", "--lr", "0.5"), [o], r"--lr 0\.001 -> 0\.5"),
+    "resume with another --limit and --experts": lambda w, t: Case(
+        train_args(w, o := _trained(w, t), "--resume", "true", "--limit", "8", experts=copy(w, "ex", t)), [o],
+        r"other arguments.*--experts .*--limit null -> 8"),
+    # -- work is wasted: refused before any model loads ------------------------------------------------------------
+    "num_leaves 0": lambda w, t: Case(extract_args(w, str(t / "x"), "--num_leaves", "0"), [], r"num_leaves=0"),
+    "num_leaves -4": lambda w, t: Case(extract_args(w, str(t / "x"), "--num_leaves", "-4"), [], r"num_leaves=-4"),
+    "num_leaves 3 balanced": lambda w, t: Case(
+        extract_args(w, str(t / "x"), "--num_leaves", "3"), [], r"power of two \(use 2 or 4"),
+    "unknown shape": lambda w, t: Case(extract_args(w, str(t / "x"), "--shape", "ball"), [], r"shape='ball'"),
+    "unknown selection": lambda w, t: Case(
+        extract_args(w, str(t / "x"), "--selection", "top"), [], r"selection='top' is unknown"),
+    "top_k above N": lambda w, t: Case(extract_args(w, str(t / "x"), "--top_k", "16"), [], r"top_k=16 .*\[1, N\]"),
+    "num_leaves above the tokens": lambda w, t: Case(
+        extract_args(w, str(t / "x"), "--num_leaves", "4194304"), [], r"4194304 but only about \d+ tokens"),
+    "rebuild num_leaves above the tokens": lambda w, t: Case(
+        ["rebuild", "--source", str(w / "ex"), "--out", str(t / "x"), "--num_leaves", "65536"], [str(w / "ex")],
+        r"65536 but only about \d+ tokens"),
+    "negative lr": lambda w, t: Case(train_args(w, str(t / "x"), "--lr=-0.001"), [], r"lr=-0\.001"),
+    "absurd lr": lambda w, t: Case(train_args(w, str(t / "x"), "--lr", "1e6"), [], r"lr=1000000\.0"),
+    "batch_size 0": lambda w, t: Case(train_args(w, str(t / "x"), "--batch_size", "0"), [], r"batch_size=0"),
+    "unknown train_selection": lambda w, t: Case(
+        train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"train_selection='sparse'"),
+    "eval plugin_top_k 0": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--plugin_top_k", "0"), [], r"plugin_top_k=0"),
+    "--experts is a trained plug-in": lambda w, t: Case(
+        train_args(w, str(t / "x"), experts=(e := _trained(w, t))), [e], r"holds a trained plug-in"),
+    # -- bad input ---------------------------------------------------------------------------------------------------
+    "NaN in a plug-in (inspect)": lambda w, t: Case(
+        ["inspect", "--plugin", p := copy(w, "ex", t)], [p], r"NaN or inf values"),
+    "NaN in a plug-in (generate)": lambda w, t: Case(
+        ["generate", "--base", str(w / "base"), "--plugin", p := copy(w, "ex", t), "--prompt", "what is"], [p],
+        r"NaN or inf values", no_model=False),
+    "format_version 0": lambda w, t: Case(["inspect", "--plugin", p := copy(w, "ex", t)], [p], r"format_version=0"),
+    "format_version missing": lambda w, t: Case(
+        ["inspect", "--plugin", p := copy(w, "ex", t)], [p], r"has no format_version"),
+    "corrupt extraction shard": lambda w, t: Case(
+        train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x],
+        r"shard-00001\.safetensors is unreadable.*delete that shard", no_model=False),
+    "corrupt extraction settings": lambda w, t: Case(
+        train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x], r"run\.json is corrupt"),
+    "corrupt checkpoint weights": lambda w, t: Case(
+        train_args(w, o := _trained(w, t), "--resume", "true"), [o], r"plugin\.safetensors is unreadable.*without "
+        r"--resume", no_model=False),
+    "corrupt checkpoint state": lambda w, t: Case(
+        train_args(w, o := _trained(w, t), "--resume", "true"), [o], r"state\.json is corrupt.*without --resume",
+        no_model=False),
+    "corrupt optimizer state": lambda w, t: Case(
+        train_args(w, o := _trained(w, t), "--resume", "true"), [o], r"optimizer\.pt is unreadable", no_model=False),
+}
+
+# What each case breaks in its copies before the command runs.
+DAMAGE = {
+    "NaN in a plug-in (inspect)": lambda c: poison(c.keep[0]),
+    "NaN in a plug-in (generate)": lambda c: poison(c.keep[0]),
+    "format_version 0": lambda c: edit_json(os.path.join(c.keep[0], "toe_config.json"), format_version=0),
+    "format_version missing": lambda c: edit_json(os.path.join(c.keep[0], "toe_config.json"), format_version=...),
+    "corrupt extraction shard": lambda c: truncate(os.path.join(c.keep[0], "shards", "shard-00001.safetensors")),
+    "corrupt extraction settings": lambda c: truncate(os.path.join(c.keep[0], "run.json")),
+    "corrupt checkpoint weights": lambda c: truncate(os.path.join(c.keep[0], "checkpoint", "plugin.safetensors")),
+    "corrupt checkpoint state": lambda c: Path(c.keep[0], "checkpoint", "state.json").write_text('{"step": '),
+    "corrupt optimizer state": lambda c: truncate(os.path.join(c.keep[0], "checkpoint", "optimizer.pt")),
+}
+
+
+def no_model_loads(*args, **kwargs):
+    raise AssertionError("a model was loaded before the command refused its arguments")
+
+
+def check_refused(argv: list[str], capsys) -> str:
+    """Runs the CLI; asserts a non-zero exit and one sentence on the last stderr line, no traceback; returns it."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code != 0, f"accepted: {argv}"
+    assert "Traceback" not in err
+    last = lines[-1]
+    assert last.startswith("toe: error: "), last
+    message = last[len("toe: error: "):]
+    assert not re.search(r"[.!?]\s+[A-Z]", message), f"more than one sentence: {message}"
+    return message
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, tmp_path, capsys, monkeypatch):
+    case = CASES[name](world, tmp_path)
+    if name in DAMAGE:
+        DAMAGE[name](case)
+    before = {path: snapshot(path) for path in case.keep}
+    if case.no_model:
+        import transformers
+
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_loads)
+    message = check_refused(case.argv, capsys)
+    assert re.search(case.match, message), message
+    for path, files in before.items():
+        assert snapshot(path) == files, f"{path} changed"
+
+
+def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):
+    import tree_of_experts.train as train_mod
+
+    real, calls = train_mod.objective_loss, []
+
+    def diverging(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) >= 2 else (loss, parts)
+
+    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    out = tmp_path / "run"
+    message = check_refused(train_args(world, str(out), "--max_steps", "4"), capsys)
+    assert re.search(r"training stopped at step 3 \(stage B\): the loss is nan", message), message
+    assert not (out / "toe_model.safetensors").exists() and not (out / "train_summary.json").exists()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # the last finite step
+    ckpt = load_file(str(out / "checkpoint" / "plugin.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+def test_overwrite_replaces_the_old_run_and_resume_continues_it(world, tmp_path, capsys):
+    """The refusals are not a blanket "no": --overwrite replaces the old run's files (no mixing), --resume with the
+    same arguments continues, and files that are not a run's stay."""
+    out = copy(world, "trained", tmp_path)
+    Path(out, "notes.txt").write_text("mine")
+    assert main(extract_args(world, out, "--overwrite", "true")) == 0
+    names = set(os.listdir(out))
+    assert "run.json" in names and not names & {"train_args.json", "checkpoint", "metrics.jsonl", "curves.png"}
+    assert Path(out, "notes.txt").read_text() == "mine"
+    (tmp_path / "again").mkdir()
+    trained = copy(world, "trained", tmp_path / "again")
+    assert main(train_args(world, trained, "--resume", "true", "--log_every", "5")) == 0  # log_every may change
+
+
+def test_python_api_type_errors_say_what_is_accepted(world):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.toy import tiny_qwen2
+
+    plugin = str(world / "ex")
+    for bad in (None, 123, {"a": 1}, torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="from_pretrained"):
+            ToEModel.from_pretrained(bad, plugin)
+    with pytest.raises(TypeError, match="pass the plug-in"):
+        ToEModel.from_pretrained(tiny_qwen2(), None)
+    with pytest.raises(TypeError, match="folder or hub repo id"):
+        ToEModel.from_pretrained(tiny_qwen2(), 123)
+
+
+def test_base_is_recorded_portably_and_other_weights_warn(world, caplog):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.toy import tiny_qwen2
+
+    config = json.loads((world / "ex" / "toe_config.json").read_text())
+    assert config["base_name"] == "base" and len(config["base_weight_sample"]) == 16
+    with caplog.at_level(logging.WARNING):
+        ToEModel.from_pretrained(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), str(world / "ex"))
+    assert not [r for r in caplog.records if "other weights" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # same architecture, other training: loads, with a warning
+        ToEModel.from_pretrained(tiny_qwen2(hidden_size=32, num_layers=2, seed=7), str(world / "ex"))
+    assert [r for r in caplog.records if "other weights" in r.getMessage()]
+
+
+def test_atomic_writes_follow_the_umask_fsync_and_write_strict_json(tmp_path, monkeypatch):
+    from tree_of_experts import io
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    old = os.umask(0o022)
+    try:
+        io.atomic_write_json(tmp_path / "m.json", {"ce": float("nan"), "x": [1.0, float("inf")]})
+        assert stat.S_IMODE(os.stat(tmp_path / "m.json").st_mode) == 0o644
+        os.umask(0o077)
+        io.atomic_write_text(tmp_path / "r.md", "x")
+        assert stat.S_IMODE(os.stat(tmp_path / "r.md").st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert len(synced) >= 4  # each file and its folder
+    assert json.loads((tmp_path / "m.json").read_text()) == {"ce": None, "x": [1.0, None]}
+    io.append_jsonl(tmp_path / "metrics.jsonl", {"loss": float("nan"), "step": 1})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"loss": null, "step": 1}\n'
+
+
+def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):
+    from tree_of_experts.evaluate import summarize
+    from tree_of_experts.report import markdown, table_rows
+    from tree_of_experts.stats import MIN_INTERVAL_N, bootstrap_mean, paired_bootstrap
+
+    assert bootstrap_mean([0.5])[1:] == (None, None) and MIN_INTERVAL_N == 3
+    assert paired_bootstrap([1.0, 2.0], [0.0, 0.0])["ci95"] == [None, None]
+    one = [{"prompt": "p", "ce": 0.4, "ce_tokens": 3}]
+    assert summarize(one)["ce_ci95"] == [None, None]
+    rows = [{"prompt": f"p{i}", "ce": v, "ce_tokens": 3} for i, v in enumerate([0.4, None, 0.5])]  # NaN -> null
+    s = summarize(rows)
+    assert s["ce"] is None and s["ce_nonfinite"] == 1
+    table = markdown(table_rows({"t": {"base": one, "toe": one}}) + table_rows({"u": {"base": rows, "toe": rows}}))
+    assert "nan" not in table.lower() and "no interval below 3 items" in table and "non-finite on 1 of 3 items" in table
+
+
+def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
+    from tree_of_experts.config import check_leaves_fit
+
+    check_leaves_fit(64, "balanced", 200_000, memory=2**30)
+    with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):
+        check_leaves_fit(4096, "balanced", 200_000, memory=4 * 2**30)
