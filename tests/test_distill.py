@@ -155,3 +155,28 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     with pytest.raises(ToEError, match="control"):
         baseline(kind="control", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "c"),
                  experts=str(experts / "ex"), objective="on_policy")
+
+
+def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
+    """`toe train --base_adapter LORA`: the plug-in trains on the LoRA-adapted base, keeps a copy of the adapter and
+    merges it whenever it is loaded, so evaluating the folder scores base + LoRA + ToE."""
+    from tree_of_experts import ToEModel
+    from tree_of_experts.baseline import baseline
+
+    baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"), lora_rank=2,
+             max_steps=2, batch_size=4, lr=5e-2)
+    out = tmp_path / "both"
+    train(**{**args(experts, out), "objective": "off_policy", "base_adapter": str(tmp_path / "lora")})
+    assert (out / "base_adapter" / "adapter_config.json").exists()
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    both = ToEModel.from_pretrained(str(experts / "base"), out)
+    assert both.toe_config.base_adapter == "base_adapter"
+    with torch.no_grad():
+        logits = both(input_ids=ids).logits
+        with both.disabled():
+            adapted = both.base(input_ids=ids).logits  # base + LoRA, plug-in off
+    bare = ToEModel.from_pretrained(str(experts / "base"), experts / "ex").base
+    with torch.no_grad():
+        plain = bare(input_ids=ids).logits
+    assert not torch.allclose(adapted, plain)  # the adapter is merged
+    assert not torch.allclose(logits, adapted)  # and the plug-in adds to it

@@ -376,3 +376,20 @@ def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
     assert all(json.loads(r)["cut_by_max_length"] for r in open(tmp_path / "cut" / "base.jsonl"))
     with pytest.raises(ToEError, match="item 0: its prompt fills max_length=12 tokens"):
         evaluate(out=str(tmp_path / "x"), skip_bad_rows=True, max_length=12, **common)
+
+
+def test_code_task_scores_ce_on_plain_text_only(tmp_path):
+    """`--task code`: CE of held-out text (what a plug-in costs outside its domain); accuracy is refused."""
+    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tiny_qwen2(seed=0).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "# f.py\n", "text": t}) + "\n"
+                            for t in ("x = 3 plus 4", "y = 12 times 7 then")))
+    m = evaluate(base=str(tmp_path / "base"), task="code", data=str(data), out=str(tmp_path / "ev"),
+                 accuracy=False, ce_target="gold")
+    assert m["systems"]["base"]["n"] == 2 and m["systems"]["base"]["ce"] > 0
+    with pytest.raises(ToEError, match="--accuracy false"):
+        evaluate(base=str(tmp_path / "base"), task="code", data=str(data), out=str(tmp_path / "ev2"))

@@ -44,6 +44,8 @@ class ToEConfig:
         gate_rank: r, the gate trunk's width.
         intensity: learn the null/intensity gate a_t.
         clip: κ in ||Δ|| <= κ ||h||.
+        base_adapter: a peft adapter (a folder inside the plug-in folder, e.g. "base_adapter") merged into the base
+            before the plug-in attaches: ToE trained on top of a LoRA-adapted base, a system of its own.
         query_norm: normalise the gate's query (its trunk features, LayerNorm without affine) before the node
             logits, as memory layers do (PKM, PEER, Memory Layers at Scale) so routing stays sharp while the trunk
             trains.
@@ -60,6 +62,7 @@ class ToEConfig:
     intensity: bool = False
     clip: float = 0.5
     query_norm: bool = False
+    base_adapter: str | None = None
     base_model: str = ""
     base_name: str = ""
     base_revision: str | None = None

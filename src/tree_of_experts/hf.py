@@ -356,3 +356,14 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token
     info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
                              create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
     return str(getattr(info, "commit_url", info))
+
+
+def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """``model`` with the peft adapter in folder ``adapter`` merged into its weights (in place; returns the plain
+    transformers model): the base a ToE plug-in trained on top of LoRA runs on."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise ToEError(f"{adapter} is not a peft adapter folder (no adapter_config.json): pass the folder "
+                       "`toe baseline --kind lora` wrote")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from .hf import (
     hub_id_of,
     is_hub_id,
     load_causal_lm,
+    merge_adapter,
     model_id,
     push_folder,
     resolve_folder,
@@ -130,6 +132,7 @@ class ToEModel(PreTrainedModel):
         *,
         plugin_revision: str | None = None,
         token: str | bool | None = None,
+        base_adapter: str | os.PathLike | None = None,
         **load_kwargs: Any,
     ) -> ToEModel:
         """Loads a base and a plug-in: ``from_pretrained(base, plugin)``, or ``from_pretrained(plugin)`` with the base
@@ -140,6 +143,9 @@ class ToEModel(PreTrainedModel):
             plugin: a plug-in folder or hub repo id.
             plugin_revision: the plug-in's hub revision (branch, tag or commit).
             token: hub token, for the plug-in and the base.
+            base_adapter: a peft (LoRA) adapter folder to merge into the base first, so the plug-in runs (and trains)
+                on top of it; the plug-in then records it and ``save_pretrained`` copies it into the plug-in folder.
+                A plug-in saved that way merges its own copy when loaded. Merging edits a loaded base in place.
             load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
         """
         paths = (str, os.PathLike)
@@ -175,7 +181,14 @@ class ToEModel(PreTrainedModel):
                 raise ToEError(f"{e}; the base comes from the plug-in's config, so pass it explicitly: "
                                "ToEModel.from_pretrained(base, plugin)") from None
         check_base(config, base)  # before reading the weights: the cheap, likely error first
-        return cls(base, ToEPlugin.load(plugin_dir, config))
+        adapter = base_adapter or (os.path.join(plugin_dir, config.base_adapter) if config.base_adapter else None)
+        if adapter is not None:
+            base = merge_adapter(base, os.fspath(adapter))
+            if base_adapter is not None:  # a new system: its base is the adapted one, fingerprinted as such
+                config.base_adapter, config.base_weight_sample = ADAPTER_DIR, None
+        plugin = ToEPlugin.load(plugin_dir, config)
+        plugin.adapter_source = os.fspath(adapter) if adapter is not None else None
+        return cls(base, plugin)
 
     @classmethod
     def fresh(cls, base: nn.Module, **fields: Any) -> ToEModel:
@@ -343,6 +356,7 @@ def _training_start(plugin: str | os.PathLike) -> ToEPlugin | None:
 
 
 CARD_NAME = "README.md"
+ADAPTER_DIR = "base_adapter"  # where a plug-in folder keeps the LoRA adapter its base runs with
 
 
 def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[str, torch.Tensor] | None = None,
@@ -365,6 +379,15 @@ def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[
         if state.keys() != plugin.state_dict().keys():
             raise ToEError("state_dict does not hold this model's plugin.* tensors: pass ToEModel.state_dict()")
     plugin.save(directory, state=state, base_model=base_id)
+    source = getattr(plugin, "adapter_source", None)
+    if plugin.config.base_adapter and source:  # ToE on a LoRA-adapted base: the adapter travels with the plug-in
+        dest = os.path.join(directory, plugin.config.base_adapter)
+        if os.path.realpath(source) != os.path.realpath(dest):
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
     config = ToEConfig.load(directory)  # as written: base_model may be base_id
     n_params = sum(p.numel() for p in plugin.parameters())
     datasets = training_datasets(directory) if datasets is None else datasets

@@ -124,6 +124,7 @@ class ToEPlugin(nn.Module):
         self._routes: dict[int, Record] | None = None
         self._mass: dict[int, torch.Tensor] | None = None  # per-layer selection mass while counting()
         self.selection: str | None = None  # per-call override of the configured selection mode
+        self.adapter_source: str | None = None  # the LoRA adapter folder merged into the base (config.base_adapter)
 
     # -- hooks -------------------------------------------------------------------------------------------------
     @property

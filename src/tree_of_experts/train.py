@@ -249,6 +249,7 @@ def train(
     sample_temperature: float = 1.0,
     sample_top_p: float = 1.0,
     query_norm: bool | None = None,
+    base_adapter: str | None = None,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
 
@@ -296,6 +297,8 @@ def train(
         sample_max_new_tokens, sample_temperature, sample_top_p: how on-policy steps sample the student.
         query_norm: switch the gates' query normalisation on or off (None keeps the plug-in's; see
             :class:`tree_of_experts.config.ToEConfig`). It adds no parameters; the trained plug-in records it.
+        base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
+            training: ToE on top of LoRA. The plug-in folder keeps a copy and merges it whenever it is loaded.
 
     Returns:
         A summary: final metrics, steps, the plug-in folder.
@@ -327,7 +330,7 @@ def train(
     spec = spec.for_tokenizer(tok)
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
-    model = ToEModel.from_pretrained(base, init_plugin or experts)
+    model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter)
     if query_norm is not None:
         model.plugin.config.query_norm = query_norm
         for block in model.plugin.blocks.values():
