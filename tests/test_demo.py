@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import pytest
+
+from tree_of_experts import ToEError
 from tree_of_experts.demo import demo
 
 
@@ -15,3 +18,8 @@ def test_short_demo_closes_a_clear_share_of_the_toy_gap(tmp_path):
     assert rows["ToE"]["ce_gap_closed"]["gap_closed"] > 0.10
     assert (tmp_path / "demo" / "report.md").exists() and (tmp_path / "demo" / "report.png").exists()
     assert (tmp_path / "demo" / "usage.png").exists()
+    assert result["summary"].startswith("**") and "| ToE |" in result["summary"]  # the table `toe demo` prints
+    before = (tmp_path / "demo" / "report.md").read_bytes()
+    with pytest.raises(ToEError, match="--overwrite true"):  # a rerun never replaces an earlier demo silently
+        demo(out=str(tmp_path / "demo"))
+    assert (tmp_path / "demo" / "report.md").read_bytes() == before

@@ -64,6 +64,7 @@ def demo(
     max_new_tokens: int = 64,
     control: bool = True,
     task: str = "gsm8k",
+    overwrite: bool = False,
 ) -> dict:
     """Runs the whole pipeline and returns the gap-closed table.
 
@@ -77,7 +78,12 @@ def demo(
         max_new_tokens: generation budget of the evaluation.
         control: also run the no-teacher control.
         task: grading of the evaluation ("gsm8k": last number).
+        overwrite: rerun into an ``out`` that holds an earlier demo, replacing it.
     """
+    earlier = [d for d in ("extract", "plugin", "eval", "report.md") if os.path.exists(os.path.join(out, d))]
+    if earlier and not overwrite:
+        raise ToEError(f"{out} holds an earlier demo ({', '.join(earlier)}): pass --overwrite true to replace it, "
+                       "or another --out")
     if (teacher is None) != (base is None):
         raise ToEError("give both --teacher and --base, or neither for the toy pair")
     if teacher is None:
@@ -93,21 +99,24 @@ def demo(
     train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size, lr=lr,
                     bank_lr=bank_lr, log_every=20, save_every=max(train_steps, 1))
     log.info("[1/4] extract: teacher states -> projector -> tree + bank")
-    extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), **common)
+    extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), overwrite=overwrite, **common)
     log.info("[2/4] train the plug-in (route warm-up, then distillation)")
-    train(base=base, experts=os.path.join(out, "extract"), out=os.path.join(out, "plugin"), **train_kw)
+    train(base=base, experts=os.path.join(out, "extract"), out=os.path.join(out, "plugin"), overwrite=overwrite,
+          **train_kw)
     if control:
         log.info("[2b] no-teacher control: same pipeline, the base's own states, no distillation")
-        extract(teacher=base, base=base, data=data, out=os.path.join(out, "control-extract"), **common)
+        extract(teacher=base, base=base, data=data, out=os.path.join(out, "control-extract"), overwrite=overwrite,
+                **common)
         train(base=base, experts=os.path.join(out, "control-extract"), out=os.path.join(out, "control"), no_kd=True,
-              **train_kw)
+              overwrite=overwrite, **train_kw)
     log.info("[3/4] evaluate base, ToE and teacher on held-out problems")
     evaluate(base=base, plugin=os.path.join(out, "plugin"), teacher=teacher, task=task, data=dev_data,
-             out=os.path.join(out, "eval"), max_new_tokens=max_new_tokens, batch_size=32)
+             out=os.path.join(out, "eval"), max_new_tokens=max_new_tokens, batch_size=32, overwrite=overwrite)
     runs = [os.path.join(out, "eval")]
     if control:
         evaluate(base=base, plugin=os.path.join(out, "control"), task=task, data=dev_data,
-                 out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32)
+                 out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32,
+                 overwrite=overwrite)
         runs.append(os.path.join(out, "eval-control"))
     log.info("[4/4] report")
     labels = {runs[0]: "ToE", **({runs[1]: "no-teacher control"} if control else {})}
@@ -123,8 +132,7 @@ def demo(
     atomic_write_json(os.path.join(out, "report.json"), rows)
     plot(rows, os.path.join(out, "report.png"))
     usage_plot(leaf_usage(runs, labels), os.path.join(out, "usage.png"))
-    log.info("\n%s", table)
-    return {"out": out, "rows": rows, "control_margin": margin}
+    return {"out": out, "rows": rows, "control_margin": margin, "summary": table}
 
 
 def control_margin(rows: list[dict]) -> dict:
