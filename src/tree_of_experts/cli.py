@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import re
 import sys
+import typing
 
 from .config import ToEError
 
@@ -23,9 +26,36 @@ def _commands() -> dict:
     from .report import report
     from .train import train
 
-    return {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate, "traces": traces,
-            "report": report, "demo": demo, "baseline": baseline,
-            "oracle": oracle, "bench": bench, "inspect": inspect, "export": export, "push": push}
+    commands = {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate,
+                "traces": traces, "report": report, "demo": demo, "baseline": baseline, "oracle": oracle,
+                "bench": bench, "inspect": inspect, "export": export, "push": push}
+    return {name: _as_command(fn) for name, fn in commands.items()}
+
+
+def _as_command(fn):
+    """``fn`` as the command line shows it: a parameter that also takes a loaded model from Python (``str |
+    nn.Module``) takes a hub id or folder there, so `--help` does not list every torch Module class."""
+    import torch
+
+    sig, hints = inspect.signature(fn), typing.get_type_hints(fn)
+
+    def plain(t):
+        args = typing.get_args(t)
+        if torch.nn.Module not in args:
+            return t
+        return str | None if type(None) in args else str
+
+    params = [p.replace(annotation=plain(hints.get(p.name, p.annotation))) for p in sig.parameters.values()]
+    if all(p.annotation is hints.get(p.name, p.annotation) for p in params):
+        return fn
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    command.__signature__ = sig.replace(parameters=params)
+    command.__annotations__ = {**{p.name: p.annotation for p in params}, "return": hints.get("return")}
+    return command
 
 
 def _report_positionals(argv: list[str]) -> list[str]:
@@ -109,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"toe {__version__}")
+        return 0
     try:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])
