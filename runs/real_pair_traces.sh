@@ -7,22 +7,26 @@
 # only) and RES/OUT_NAME.summary.json (how many generated, kept, the teacher's accuracy).
 #
 # Usage: runs/real_pair_traces.sh PAIR_DIR WORK_DIR [N] [SKIP]   (N: 96, SKIP: 0)
-#   Env: TEMPLATE (e.g. chat), TRACE_TOKENS (400), JOBS (2), CHUNK (32), DATA (GSM8K train),
-#   OUT_NAME (train-traces.jsonl), RES (results folder; per-chunk summaries go to RES/OUT_NAME.chunks/).
-#   CPU cost: ~5.3 min per batch of 8 at 400 tokens in the chat format, one thread, two jobs on 2 cores.
+#   Env: TEMPLATE (e.g. chat), TRACE_TOKENS (400), JOBS (2), THREADS (torch threads per job, 1), BATCH (8), CHUNK
+#   (32), DATA (GSM8K train), OUT_NAME (train-traces.jsonl), RES (results folder; per-chunk summaries go to
+#   RES/OUT_NAME.chunks/).
+#   CPU cost: ~5.3 min per batch of 8 at 400 tokens in the chat format, one thread, two jobs on 2 idle cores; decoding
+#   the 1.5B teacher in fp32 is memory-bound, so next to other jobs it slowed to ~45 min per batch (2026-11-30).
+#   One job with 2 threads and a larger batch reads the weights once per step for more sequences:
+#   JOBS=1 THREADS=2 BATCH=32 CHUNK=64.
 set -euo pipefail
 pair=$1; work=$2; n=${3:-96}; skip=${4:-0}
 here=$(cd "$(dirname "$0")/.." && pwd)
 data=${DATA:-$here/../shared/data/gsm8k/train.jsonl}; chunk=${CHUNK:-32}; name=${OUT_NAME:-train-traces.jsonl}
 res=${RES:-$here/results/real_pair}; parts="$work/${name%.jsonl}.chunks"
 mkdir -p "$work" "$parts" "$res/${name%.jsonl}.chunks"
-export pair data parts res name here TEMPLATE TRACE_TOKENS
+export pair data parts res name here TEMPLATE TRACE_TOKENS THREADS BATCH
 one() {  # one chunk: rows [$1, $1 + $2)
   local out="$parts/$(printf '%06d' "$1").jsonl" fmt=()
   [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
   [ -f "$out" ] && return 0
-  OMP_NUM_THREADS=1 toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" "${fmt[@]}" --data "$data" \
-    --skip "$1" --limit "$2" --keep_incorrect true --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size 8 \
+  OMP_NUM_THREADS=${THREADS:-1} toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" "${fmt[@]}" --data "$data" \
+    --skip "$1" --limit "$2" --keep_incorrect true --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size "${BATCH:-8}" \
     --out "$out" > "$res/${name%.jsonl}.chunks/$(printf '%06d' "$1").json"
 }
 export -f one
