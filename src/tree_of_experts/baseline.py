@@ -33,7 +33,6 @@ from .model import ToEModel
 from .plugin import ToEPlugin
 from .train import OBJECTIVES, collate, load_examples, train
 
-KINDS = ("control", "static", "random", "flat", "lora", "sft")
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
 
 
@@ -162,19 +161,33 @@ def baseline(
         out: output folder: a plug-in folder (control/static/random/flat), a peft adapter (lora) or a model (sft).
         experts: the `toe extract` folder ToE was built from (needed by every kind but sft, and by lora only for its
             parameter-matched rank).
-        max_steps, stage_a_steps, batch_size: the budget (match `toe train`'s).
+        max_steps: optimisation steps (match `toe train`'s).
+        stage_a_steps: route warm-up steps of the plug-in kinds (match `toe train`'s; unused by lora and sft).
+        batch_size: sequences per step (match `toe train`'s).
         lr: learning rate (defaults: ToE's for plug-in kinds, 2e-4 for lora, 1e-5 for sft).
         bank_lr: the bank's learning rate for plug-in kinds (default: ToE's).
         lora_rank: LoRA rank (default: matched to the plug-in's parameter count).
-        limit, prompt_field, response_field, template, strip_calc, max_length: the data, as for `toe train`.
-        dtype, seed, gradient_checkpointing: as for `toe train` (checkpointing recomputes activations in backward:
-            the same gradients in much less memory, which LoRA and SFT need on long sequences).
-        save_every, resume: checkpoints of the plug-in kinds (control, static, random, flat), as for `toe train`:
-            ``resume`` continues an interrupted run from ``out/checkpoint`` (the control's extraction resumes from
-            its last complete shard on its own).
-        objective, teacher, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p: the
-            training objective, as for `toe train` (static, random, flat, lora and sft; the control stays off-policy
-            without the teacher, by definition). LoRA and SFT run the same objective code as `toe train`.
+        limit: use the first ``limit`` rows of ``data``.
+        prompt_field: record field holding the question, as for `toe train`.
+        response_field: record field holding the response trained on, as for `toe train`.
+        template: prompt template with ``{prompt}``, or "chat", as for `toe train`.
+        strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
+        max_length: tokens kept per example (prompt + response + EOS), as for `toe train`.
+        dtype: dtype of the base: "float32", "float16", "bfloat16" or "auto" (as stored).
+        seed: seed of every random choice, as for `toe train`.
+        gradient_checkpointing: recompute activations in backward: the same gradients in much less memory, which
+            LoRA and SFT need on long sequences.
+        save_every: steps between checkpoints of the plug-in kinds (control, static, random, flat).
+        resume: continue an interrupted plug-in-kind run from ``out/checkpoint`` (the control's extraction resumes
+            from its last complete shard on its own).
+        objective: "off_policy" or "on_policy", as for `toe train` (static, random, flat, lora and sft; the control
+            stays off-policy without the teacher, by definition). LoRA and SFT run the same objective code.
+        teacher: the teacher for on-policy steps (default: the one the extraction read).
+        on_policy_ratio: share of the steps that are on-policy with ``objective="on_policy"`` (GKD's λ).
+        beta: GKD's β, the generalized JSD of on-policy steps: 0 forward KL, 1 reverse KL, 0.5 the symmetric JSD.
+        sample_max_new_tokens: length cap, in tokens, of each continuation the student samples on-policy.
+        sample_temperature: temperature of the student's on-policy sampling (1: its own distribution).
+        sample_top_p: nucleus mass of the student's on-policy sampling (1: no truncation).
         kd_weight: weight of the teacher's cached top-k KL in off-policy steps (the extraction in ``experts`` must
             have cached it for ``data``). Default: `toe train`'s 1.0 for plug-in kinds, 0 for lora/sft (the CE-only
             adapters of the earlier studies); pass 1.0 to give LoRA ToE's off-policy objective.

@@ -315,15 +315,24 @@ def bench(
         out: output folder (bench.json, bench.png).
         plugin: a plug-in folder; default: one built in-process (N = num_leaves, top-K, random bank and gate, a
             non-zero scale so every part of the plug-in computes).
+        num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
+        top_k: K of the in-process plug-in and of the routing timings.
         batches: batch sizes to time (default 1 and 8).
-        prompt_len, new_tokens, reps: the generation workload and interleaved repetitions.
+        prompt_len: prompt tokens of the generation workload.
+        new_tokens: tokens decoded per generation run.
+        reps: interleaved repetitions of each generation, training and extraction timing.
         routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
-        routing_tokens, routing_reps: tokens per routing call and repetitions.
-        teacher: also time `toe extract`'s capture against a bare forward of this teacher (extract_batch sequences
-            of extract_length tokens).
-        train_batch, train_length: the `toe train` step timed against a frozen-base forward + backward.
+        routing_tokens: tokens per routing call.
+        routing_reps: repetitions of each routing timing.
+        teacher: also time `toe extract`'s capture against a bare forward of this teacher.
+        extract_batch: sequences per timed extraction forward (with ``teacher``).
+        extract_length: tokens per sequence of the timed extraction forward.
+        train_batch: sequences per timed `toe train` step (timed against a frozen-base forward + backward).
+        train_length: tokens per sequence of the timed train step.
         lora_rank: also time a `toe baseline lora` step of this rank on the same tokens (0: don't).
-        dtype, device: where the base runs; threads: torch CPU threads (default: torch's choice).
+        dtype: dtype the base runs in: "float32", "float16", "bfloat16" or "auto" (as stored).
+        device: where the base runs (default: the GPU when one is visible, else the CPU).
+        threads: torch CPU threads (default: torch's choice).
         parts: which measurements to run, any of "generation", "routing", "training", "extraction" (default: all;
             "extraction" needs ``teacher``).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the

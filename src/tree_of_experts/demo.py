@@ -69,12 +69,21 @@ def demo(
     """Runs the whole pipeline and returns the gap-closed table.
 
     Args:
-        teacher, base: model ids or folders (default: the shipped toy pair).
-        data, dev_data: training and evaluation JSONL (default: generated toy problems).
+        teacher: teacher model id or folder (default: the shipped toy pair's; give ``base`` with it).
+        base: base model id or folder (default: the shipped toy pair's; give ``teacher`` with it).
+        data: training JSONL (default: generated toy problems; required with your own pair).
+        dev_data: evaluation JSONL (default: generated toy problems; required with your own pair).
         out: output folder (extract/, plugin/, control/, eval/, report.md, report.png).
-        num_leaves, shape, layers: the tree.
-        n_train, n_dev: sizes of the generated toy data.
-        train_steps, stage_a_steps, batch_size, lr, bank_lr: `toe train` budget (the same for the control).
+        num_leaves: N leaves of the tree.
+        shape: "balanced" (ToE-B) or "deep" (ToE-D).
+        layers: base injection layers (default: the middle layer).
+        n_train: rows of generated toy training data.
+        n_dev: rows of generated toy evaluation data.
+        train_steps: `toe train` Stage B steps (the same for the control).
+        stage_a_steps: `toe train` route warm-up steps.
+        batch_size: `toe train` sequences per step.
+        lr: `toe train` learning rate of the gate.
+        bank_lr: `toe train` learning rate of the bank.
         max_new_tokens: generation budget of the evaluation.
         control: also run the no-teacher control.
         task: grading of the evaluation ("gsm8k": last number).

@@ -131,7 +131,7 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         t0 = time.perf_counter()
         texts = []
         with seeded(sampling.seed, next(model.parameters()).device):  # every system draws from the same seed
-            for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False):
+            for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
                 chunk = [it.prompt for it in items[start : start + batch_size]]
                 texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
                                         stop_strings=stop or None)
@@ -225,27 +225,34 @@ def evaluate(
         data: the task's items: a .jsonl/.json/.csv/.parquet file or hf:NAME[:CONFIG]:SPLIT (GSM8K:
             question/answer; MATH: problem/solution/answer).
         out: output folder (metrics.json, <system>.jsonl).
-        plugin: ToE plug-in folder; teacher: teacher model; lora: peft adapter folder; sft: a fully fine-tuned copy
-            of the base (`toe baseline --kind sft`), scored as system "sft".
-        limit, skip: evaluate rows [skip, skip + limit) (keep a tuning slice out of reported numbers with skip).
+        plugin: ToE plug-in folder on the base, scored as system "toe".
+        teacher: teacher model id or folder, scored as system "teacher".
+        lora: peft adapter folder on the base (`toe baseline --kind lora`), scored as system "lora".
+        sft: a fully fine-tuned copy of the base (`toe baseline --kind sft`), scored as system "sft".
+        limit: evaluate at most this many rows, from row ``skip`` on (default: all).
+        skip: rows of ``data`` left out first (keeps a tuning slice out of reported numbers).
         few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
+        few_shot_data: data file of solved examples for ``few_shot`` (e.g. the train file; its first rows are used).
         template: prompt template with {prompt}, or "chat" for the base tokenizer's chat template (recorded
             rendered).
         ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the ``trace``
             field written by `toe traces`: the teacher's own completions, where its CE is the natural floor).
         with_base: also score the bare base (off: a folder holding only the plug-in/LoRA/teacher rows, to be pooled
             by `toe report` with a folder that has the base on the same items).
-        ce, accuracy: which metrics to compute.
+        ce: score the teacher-forced CE of each system on the ``ce_target`` text.
+        accuracy: generate each system's answers and grade them.
         max_new_tokens: generation budget.
-        batch_size, max_length: batching and truncation (CE targets cut by ``max_length`` are counted per system
-            as ``ce_cut_by_max_length``).
-        dtype, device: where models run (device default: the GPU when one is visible, else the CPU).
+        batch_size: items per forward or generate call.
+        max_length: prompt + target tokens kept per item for CE (targets cut by it are counted per system as
+            ``ce_cut_by_max_length``).
+        dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
+        device: where the models run (default: the GPU when one is visible, else the CPU).
         plugin_selection: route the plug-in with this mode instead of its configured one.
         plugin_top_k: route the plug-in with this K (an inference-time sweep: nothing is retrained; recorded in
             the metrics' args as ``routing``).
         plugin_top_p: route the plug-in with this top-p mass.
-        temperature, top_p: decoding; temperature 0 (default) is greedy, a positive one samples with nucleus
-            ``top_p`` (not to be confused with ``plugin_top_p``, which routes the plug-in).
+        temperature: decoding temperature; 0 (default) is greedy, a positive one samples.
+        top_p: nucleus mass when sampling (not to be confused with ``plugin_top_p``, which routes the plug-in).
         num_samples: sampled completions per item (k): metrics gain maj@k, pass@k and pass@1 (mean over all
             samples); every sample is in the per-example JSONL. The row's own answer is its first sample's.
         seed: seed of the sampling draws (each system starts from it).
@@ -379,15 +386,31 @@ def traces(
     from_eval: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Samples the teacher (greedy) on the data's prompts and keeps its correct traces as training/CE data.
+    """Samples the teacher greedily and keeps its correct traces as training or CE data.
 
     Writes JSONL rows with the original fields plus ``trace`` (the teacher's completion) and ``correct``; use
-    ``--response_field trace`` downstream. Rows are sorted shortest trace first. ``eval_out``: also write the
-    graded generations as a `toe eval` folder (accuracy only, same prompt, budget and stop strings as `toe eval`),
-    so `toe report` pools the teacher's accuracy with other systems' without generating again. ``from_eval``: the
-    inverse, take the teacher's answers from a `toe eval` folder that generated them on the same rows with the same
-    template and budget (its ``teacher.jsonl``) instead of running the teacher again. ``overwrite``: replace an
-    existing ``out`` file and what another run left in ``eval_out`` (refused otherwise).
+    ``--response_field trace`` downstream. Rows are sorted shortest trace first.
+
+    Args:
+        teacher: teacher model id or folder.
+        data: the task's items, as for `toe eval` (GSM8K: question/answer; MATH: problem/solution/answer).
+        out: the JSONL file to write (a file, not a folder).
+        task: "gsm8k" or "math": which fields hold question and solution, and how answers are graded.
+        limit: generate for at most this many rows, from row ``skip`` on (default: all).
+        skip: rows of ``data`` left out first.
+        few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
+        few_shot_data: data file of solved examples for ``few_shot`` (without it, no examples are prepended).
+        template: prompt template with {prompt}, or "chat" for the teacher tokenizer's chat template.
+        max_new_tokens: generation budget per item.
+        batch_size: prompts per generate call.
+        dtype: dtype the teacher runs in: "float32", "float16", "bfloat16" or "auto" (as stored).
+        device: where the teacher runs (default: the GPU when one is visible, else the CPU).
+        keep_incorrect: also keep the traces whose answer is wrong (``correct`` false).
+        eval_out: also write the graded generations as a `toe eval` folder (accuracy only, same prompt, budget and
+            stop strings as `toe eval`), so `toe report` pools the teacher's accuracy without generating again.
+        from_eval: take the teacher's answers from a `toe eval` folder that generated them on the same rows with the
+            same template and budget (its ``teacher.jsonl``) instead of running the teacher again.
+        overwrite: replace an existing ``out`` file and what another run left in ``eval_out`` (refused otherwise).
     """
     if os.path.isdir(out):
         raise ToEError(f"--out {out} is a folder: `toe traces` writes one JSONL file, pass its path")

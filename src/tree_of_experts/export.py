@@ -26,8 +26,9 @@ LIBRARY_CODE = {"toe_tree.py": "tree.py", "toe_bank.py": "bank.py"}  # exported 
 
 def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: str = "auto",
            overwrite: bool = False, verify: bool = True) -> dict:
-    """Writes ``out``: a transformers model folder of ``base`` with ``plugin`` attached, loaded with
-    ``trust_remote_code=True``; logits and greedy tokens equal ToEModel's.
+    """Writes a transformers model folder: the base with the plug-in attached.
+
+    The folder in ``out`` loads with ``trust_remote_code=True``; its logits and greedy tokens equal ToEModel's.
 
     Args:
         base: the base model (hub id or local folder); its tokenizer is copied too when it has one.

@@ -234,7 +234,7 @@ def train_fusion_maps(
     g = torch.Generator().manual_seed(seed)
     losses = []
     steps = epochs * math.ceil(len(data) / batch_size)
-    bar = tqdm(total=steps, desc="train fusion map", leave=False)
+    bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=g).tolist()
         for chunk in batches([data[i] for i in order], batch_size):
@@ -333,21 +333,26 @@ def extract(
         max_rows: cap on the tokens clustered (memory bound).
         limit: use only the first ``limit`` rows of ``data``.
         heldout_frac: fraction of examples held out for λ selection and the O1 CE table.
-        prompt_field, response_field, template, strip_calc: how a row becomes text (see DataSpec).
+        prompt_field: record field holding the question (GSM8K: "question", MATH: "problem").
+        response_field: record field holding the reasoning trace (GSM8K: "answer"; `toe traces` output: "trace").
+        template: prompt template with ``{prompt}`` where the question goes, or "chat" for the base tokenizer's chat
+            template.
+        strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
         max_length: truncate examples to this many tokens.
         batch_size: sequences per forward.
         shard_size: examples per shard file.
         topk_logprobs: teacher top-k log-probs cached per token for distillation (0: none).
         projector_epochs: epochs of the trained fusion map.
-        projector_lr: its learning rate.
+        projector_lr: learning rate of the trained fusion map.
         ridge_lambdas: interpolation weights λ of the untrained O1 injection λ (P(u) - h) to report.
         gate_rank: r of the gate trunk.
-        top_k: K of the plug-in.
-        selection: routing mode of the plug-in.
-        dtype: dtype to run both models in.
+        top_k: K of the plug-in (leaves selected per token).
+        selection: routing mode of the plug-in: "dense", "topk", "topp" or "beam".
+        dtype: dtype to run both models in: "float32", "float16", "bfloat16" or "auto" (as stored).
         device: device (default: the accelerate process's device).
         seed: seed for sampling, clustering and the projector's data order.
-        teacher_gguf_file, base_gguf_file: load from a GGUF file inside the given folder.
+        teacher_gguf_file: load the teacher from this GGUF file inside the ``teacher`` folder.
+        base_gguf_file: load the base from this GGUF file inside the ``base`` folder.
         overwrite: replace what another run (or an extraction with other settings) left in ``out``.
 
     Returns:
@@ -407,7 +412,7 @@ def extract(
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
     pad = base_tok.pad_token_id
     t_start = time.perf_counter()
-    for s in tqdm(mine, desc="extract shards", disable=not state.is_local_main_process):
+    for s in tqdm(mine, desc="extract shards", disable=None if state.is_local_main_process else True):
         path = os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
         if os.path.exists(path):
             continue
@@ -441,7 +446,7 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
     d_t = next(iter_shards(out))["teacher.0"].shape[1]
     d_b = base_model.config.hidden_size
     grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
-    for shard in tqdm(list(iter_shards(out)), desc="ridge", leave=False):
+    for shard in tqdm(list(iter_shards(out)), desc="ridge", leave=False, disable=None):
         rows = shard["valid"].bool()
         held = torch.tensor([int(x) in heldout for x in shard["example"]]) & rows
         for j, (tr, ho) in enumerate(grams):
@@ -511,7 +516,7 @@ def build_tree(out, source, base_model, layers, teacher_layers, settings, counts
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
     plugin = ToEPlugin(config)
     route_tensors, clusters = {}, {}
-    nodes_table, branch_table = path_table(shape, num_leaves)
+    _, branch_table = path_table(shape, num_leaves)
     for j, layer in enumerate(layers):
         delta, x = torch.cat(deltas[j]), torch.cat(states[j])
         if len(delta) > max_rows:
@@ -595,7 +600,7 @@ def rebuild(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """A new tree and bank (N, shape, gate) from an existing extraction, without running the teacher again.
+    """Builds a new tree and bank from an extraction, without running the teacher again.
 
     Reuses ``source``'s captured shards (linked, not copied), ridge map, trained fusion map and O1 table; only the
     clustering and the gate's initialisation are redone. This is how sweeps over N, ToE-B vs ToE-D or K cost
@@ -604,8 +609,15 @@ def rebuild(
     Args:
         source: a finished `toe extract` folder.
         out: the new extraction folder (usable wherever an extraction is: `toe train --experts OUT`).
-        num_leaves, shape, sample_rate, max_rows, gate_rank, top_k, selection, seed: as for `toe extract`.
-        dtype: dtype of the base while building.
+        num_leaves: N leaves of the new tree.
+        shape: "balanced" (ToE-B) or "deep" (ToE-D).
+        sample_rate: fraction of the source's training tokens used for clustering.
+        max_rows: cap on the tokens clustered (memory bound).
+        gate_rank: r of the gate trunk.
+        top_k: K of the plug-in (leaves selected per token).
+        selection: routing mode of the plug-in: "dense", "topk", "topp" or "beam".
+        dtype: dtype of the base while building: "float32", "float16", "bfloat16" or "auto" (as stored).
+        seed: seed for sampling and clustering.
         overwrite: replace what another run left in ``out``.
     """
     RebuildConfig.from_args(locals())

@@ -142,10 +142,6 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
     return tok
 
 
-def is_local(name_or_path: str) -> bool:
-    return os.path.isdir(name_or_path)
-
-
 def enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing (recompute in backward, non-reentrant): transformers 5.x names it
     ``activation_checkpointing_enable`` and deprecates ``gradient_checkpointing_enable``; older versions have only

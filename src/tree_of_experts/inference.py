@@ -142,7 +142,8 @@ def generate(
         dtype: torch dtype name for the base.
         device: "cpu", "cuda", ... (default: the GPU when one is visible).
         compile: compile the plug-in's hook computation with torch.compile (see ``ToEPlugin.compile``).
-        temperature, top_p: 0 (default) is greedy decoding; a positive temperature samples (see `Sampling`).
+        temperature: decoding temperature; 0 (default) is greedy, a positive one samples (see `Sampling`).
+        top_p: nucleus mass when sampling (1: the whole distribution).
         num_samples: sampled completions per prompt.
         seed: seed of the sampling draws.
 

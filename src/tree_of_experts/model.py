@@ -310,10 +310,11 @@ class ToEModel(PreTrainedModel):
 
 
 def inspect(plugin: str) -> dict:
-    """What a plug-in folder holds, without loading the base: config, parameter count and, per injection layer, the
-    learned scale and the geometry of the bank as stored (e_i) and as injected for a one-leaf route (s ⊙ e_i) —
-    ``common_share`` near 1 means the leaves are one shared vector and routing cannot matter
-    (:func:`tree_of_experts.bank.geometry`).
+    """Describes a plug-in folder's config, size, scales and bank geometry, without the base.
+
+    Gives the config, the parameter count and, per injection layer, the learned scale and the geometry of the bank
+    as stored (e_i) and as injected for a one-leaf route (s ⊙ e_i) — ``common_share`` near 1 means the leaves are
+    one shared vector and routing cannot matter (:func:`tree_of_experts.bank.geometry`).
 
     Args:
         plugin: a plug-in folder (`toe extract`, `toe train` or `toe baseline` output).
@@ -399,8 +400,10 @@ def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[
 def push(plugin: str, repo_id: str, base_id: str | None = None, eval_dir: str | None = None,
          license: str | None = None, private: bool = False, revision: str | None = None,
          create_pr: bool = False) -> str:
-    """Uploads a plug-in folder to the Hugging Face Hub (``toe_config.json``, ``toe_model.safetensors`` and a card
-    rebuilt with the hub metadata); the token comes from ``huggingface-cli login`` or ``HF_TOKEN``.
+    """Uploads a plug-in folder to the Hugging Face Hub.
+
+    Pushes ``toe_config.json``, ``toe_model.safetensors`` and a card rebuilt with the hub metadata; the token comes
+    from ``huggingface-cli login`` or ``HF_TOKEN``.
 
     Args:
         plugin: a plug-in folder (`toe extract`, `toe train` or `toe baseline` output).

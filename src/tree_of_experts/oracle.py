@@ -149,23 +149,31 @@ def oracle(
     device: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Teacher-forced response CE of base, teacher, O1, O2, static vector and ToE on the same items.
+    """Compares base, teacher, O1/O2 oracles, static vector and ToE by teacher-forced CE.
+
+    Every system is scored on the same items; with ``generate``, their greedy answers are graded too.
 
     Args:
-        teacher, base: the models the extraction used.
+        teacher: the teacher the extraction used (hub id or folder).
+        base: the base the extraction used (hub id or folder).
         experts: the `toe extract` folder (projector, extracted bank).
-        data: JSONL items (task fields); out: output folder (oracle.json, oracle.md).
+        data: JSONL items (task fields).
+        out: output folder (oracle.json, oracle.md).
         plugin: a trained plug-in to add as the "ToE (learned)" row.
         task: "gsm8k" or "math" (which fields hold question and solution).
-        limit, skip: the rows [skip, skip + limit).
+        limit: score at most this many rows, from row ``skip`` on (default: all).
+        skip: rows of ``data`` left out first.
         template: prompt template with {prompt}, or "chat" (the base tokenizer's chat template).
         ce_target: what CE is scored on, as in `toe eval`: "gold_clean" (gold solutions without <<...>> notes),
             "gold" (as written) or "trace" (the ``trace`` field written by `toe traces`).
         lambdas: λ values of the ridge O1.
         generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
         max_new_tokens: generation budget.
+        batch_size: items per forward.
         max_length: prompt + target tokens kept per item; the default is `toe eval`'s, so that their rows pool in
             `toe report` (a shorter cut scores fewer target tokens on long traces, and the report refuses to pool).
+        dtype: dtype both models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
+        device: where the models run (default: the GPU when one is visible, else the CPU).
         overwrite: replace what another run left in ``out`` (refused otherwise).
     """
     OracleConfig.from_args(locals())

@@ -228,11 +228,6 @@ class ToEPlugin(nn.Module):
         finally:
             self._mass = None
 
-    @property
-    def last_mask(self) -> torch.Tensor | None:
-        """(B, T) injection mask of the most recent forward."""
-        return self._mask
-
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
              base_model: str | None = None) -> None:

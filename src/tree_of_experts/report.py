@@ -274,9 +274,11 @@ def usage_plot(usage: list[dict], png: str) -> None:
 
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
            labels: dict[str, str] | None = None, overwrite: bool = False) -> dict:
-    """Builds ``out/report.md``, ``out/report.json`` and ``out/report.png`` from `toe eval` folders,
-    ``out/sweep.png`` (CE and accuracy vs N and K) when the labels name at least three values of N or K, and
-    ``out/usage.png`` + ``out/leaf_usage.json`` (each plug-in's leaf usage) when the folders recorded it.
+    """Pools `toe eval` folders into one table of CE and accuracy, with paired differences.
+
+    Writes ``out/report.md``, ``out/report.json`` and ``out/report.png``; ``out/sweep.png`` (CE and accuracy vs N
+    and K) when the labels name at least three values of N or K, and ``out/usage.png`` + ``out/leaf_usage.json``
+    (each plug-in's leaf usage) when the folders recorded it.
 
     Args:
         run_dirs: folders written by `toe eval` (each has metrics.json and one JSONL per system).

@@ -262,8 +262,10 @@ def train(
         stage_a_steps: route warm-up steps on cached base states (0 or skip_stage_a to skip).
         batch_size: global batch of sequences (split across processes).
         route_batch_size: cached states per Stage A step.
-        lr: learning rate of the gate; scale_lr: of the scales s; bank_lr: of the bank; stage_a_lr: of the gate in
-            Stage A.
+        lr: learning rate of the gate in Stages B and C.
+        scale_lr: learning rate of the per-channel scales s.
+        bank_lr: learning rate of the expert bank (unused with ``freeze_bank``).
+        stage_a_lr: learning rate of the gate in Stage A (the route warm-up).
         scale_init: where the scales of a fresh plug-in (all zero: an exact no-op, as `toe extract` saves it) start
             in Stage B. 1.0 injects the bank at its extracted size, the trained fusion map's own size; 0 starts
             from the no-op, which needs many steps before the plug-in has any effect. Scales that are not all
@@ -273,17 +275,26 @@ def train(
             the plug-in then learns what the teacher predicts, not the data's house style.
         route_weight: initial weight of the route loss in Stage B, decaying linearly to 0.
         usage_weight: weight of the usage regulariser (log N - entropy of leaf usage).
-        no_kd: turn distillation off. freeze_bank: keep the bank at its extracted vectors.
+        no_kd: turn distillation off (no top-k KL to the teacher's cached log-probs).
+        freeze_bank: keep the bank at its extracted vectors (only the gate and the scales train).
         skip_stage_a: no route warm-up.
-        train_selection: routing in Stage B ("dense" by default: every leaf gets gradient).
+        train_selection: routing in Stage B: "dense" (the default: every leaf gets gradient), "topk", "topp" or
+            "beam".
         anneal_steps: Stage C, the last ``anneal_steps`` steps route with the plug-in's own selection (top-K).
         limit: use the first ``limit`` rows of ``data``.
-        prompt_field, response_field, template, strip_calc, max_length: how rows become tokens (as in extract).
-        log_every: steps between metrics rows; save_every: steps between checkpoints.
+        prompt_field: record field holding the question (GSM8K: "question", MATH: "problem").
+        response_field: record field holding the response trained on (GSM8K: "answer"; `toe traces` output: "trace").
+        template: prompt template with ``{prompt}`` where the question goes, or "chat" for the tokenizer's chat
+            template.
+        strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
+        max_length: tokens kept per example (prompt + response + EOS); longer examples are cut.
+        log_every: steps between rows of ``out/metrics.jsonl``.
+        save_every: steps between checkpoints in ``out/checkpoint`` (one is also saved at the end of each stage).
         resume: continue from ``out/checkpoint`` (with the arguments the run was started with).
         overwrite: replace what another run left in ``out`` (refused otherwise).
         seed: seed of every random choice.
-        dtype: dtype of the frozen base; mixed_precision: accelerate's "no", "fp16" or "bf16".
+        dtype: dtype of the frozen base: "float32", "float16", "bfloat16" or "auto" (as stored).
+        mixed_precision: accelerate's autocast in training steps: "no", "fp16" or "bf16".
         gradient_checkpointing: recompute the frozen layers' activations in backward (saves memory).
         tokenizer: tokenizer id or folder (default: the base's).
         init_plugin: start from this plug-in folder instead of the extraction's (baselines: static vector, random
@@ -293,8 +304,12 @@ def train(
             of the batch's prompts and the loss is the generalized JSD (``beta``) between its next-token
             distributions and the live teacher's on those samples; the other steps stay off-policy.
         teacher: the teacher for on-policy steps (default: the one the extraction read, from its manifest).
-        on_policy_ratio, beta: GKD's λ and β (0 forward KL, 1 reverse KL, 0.5 the symmetric JSD).
-        sample_max_new_tokens, sample_temperature, sample_top_p: how on-policy steps sample the student.
+        on_policy_ratio: share of the Stage-B steps that are on-policy with ``objective="on_policy"`` (GKD's λ,
+            in [0, 1]).
+        beta: GKD's β, the generalized JSD of on-policy steps: 0 forward KL, 1 reverse KL, 0.5 the symmetric JSD.
+        sample_max_new_tokens: length cap, in tokens, of each continuation the student samples on-policy.
+        sample_temperature: temperature of the student's on-policy sampling (1: its own distribution).
+        sample_top_p: nucleus mass of the student's on-policy sampling (1: no truncation).
         query_norm: switch the gates' query normalisation on or off (None keeps the plug-in's; see
             :class:`tree_of_experts.config.ToEConfig`). It adds no parameters; the trained plug-in records it.
         base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
@@ -390,7 +405,7 @@ def train(
         atomic_write_json(os.path.join(out, "train_args.json"), args)
 
     total = stage_a + max_steps
-    bar = tqdm(total=total, initial=step, desc="toe train", disable=not acc.is_local_main_process)
+    bar = tqdm(total=total, initial=step, desc="toe train", disable=None if acc.is_local_main_process else True)
     per_proc = batch_size // acc.num_processes
     n_examples = len(examples)
     t_last, tokens_since = time.perf_counter(), 0
