@@ -14,8 +14,8 @@ import torch
 from conftest import randomize, save_tiny_pair
 
 from tree_of_experts import ToEConfig, ToEError, ToEModel
-from tree_of_experts.cli import main
 from tree_of_experts import export as export_module
+from tree_of_experts.cli import main
 from tree_of_experts.export import export
 from tree_of_experts.hf import load_causal_lm, load_tokenizer
 from tree_of_experts.toy import tiny_qwen2

@@ -65,8 +65,8 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
         model.detach()
         model = ToEModel(base_model, plugin)
     path = os.path.join(out, "init")
-    model.save_pretrained(path)
-    model.detach()
+    with model:
+        model.save_pretrained(path)
     return path
 
 

@@ -205,9 +205,7 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
     am = torch.ones_like(ids)
     mask = torch.ones_like(ids, dtype=torch.bool)
     layers = [int(k) for k in model.plugin.blocks]
-    params = [p for p in model.plugin.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = model.trainable_parameters()
     opt = torch.optim.Adam(params, lr=1e-4)
     hidden = base_model.config.hidden_size
 
@@ -256,8 +254,6 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
     out["base_params_with_grad"] = sum(p.grad is not None for p in base_model.parameters())
     out["plugin_state_bytes"] = {"params": trainable, "grads": trainable, "adam": 2 * trainable}
     out["peak_bytes"] = {"reference": peak(reference), "toe_step": peak(step)}
-    for p in params:
-        p.requires_grad_(False)
     return out
 
 

@@ -312,11 +312,10 @@ def evaluate(
         if with_base:
             run("base", base_model)
         if plugin:
-            toe = ToEModel.from_pretrained(base_model, plugin)
-            with toe.selection(plugin_selection, plugin_top_k, plugin_top_p), toe.plugin.counting() as mass:
+            with ToEModel.from_pretrained(base_model, plugin) as toe, \
+                    toe.selection(plugin_selection, plugin_top_k, plugin_top_p), toe.plugin.counting() as mass:
                 run("toe", toe)
             leaf_usage["toe"] = usage_summary(mass)
-            toe.detach()
         if lora:
             from peft import PeftModel
 

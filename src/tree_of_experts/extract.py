@@ -54,7 +54,7 @@ from .io import (
     read_json,
 )
 from .losses import token_nll, topk_logprobs
-from .model import ToEModel, new_config
+from .model import ToEModel, frozen, new_config
 from .plugin import ToEPlugin
 from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
 from .tree import effective_leaves, path_table
@@ -226,36 +226,33 @@ def train_fusion_maps(
     """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
     dev = next(base.parameters()).device
     maps.to(dev).train()
-    # Only the maps learn: without this the backward also builds weight gradients for every base matrix (the LM
-    # head's alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
-    trainable = [p.requires_grad for p in base.parameters()]
-    base.requires_grad_(False)
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
     steps = epochs * math.ceil(len(data) / batch_size)
     bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=g).tolist()
-        for chunk in batches([data[i] for i in order], batch_size):
-            b = collate(chunk, len(layers), pad_id)
-            fns = {}
-            for j, layer in enumerate(layers):
-                u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
-                fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
-            with add_to_layers(base, fns):
-                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
-            mask = b["loss_mask"].to(dev)
-            loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
+    # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
+    with frozen(base):
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=g).tolist()
+            for chunk in batches([data[i] for i in order], batch_size):
+                b = collate(chunk, len(layers), pad_id)
+                fns = {}
+                for j, layer in enumerate(layers):
+                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
+                    fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
+                with add_to_layers(base, fns):
+                    logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
+                mask = b["loss_mask"].to(dev)
+                loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    for p, flag in zip(base.parameters(), trainable):
-        p.requires_grad_(flag)
     maps.eval()
     return losses
 
@@ -554,9 +551,8 @@ def build_tree(out, source, base_model, layers, teacher_layers, settings, counts
 
     # 5. Write everything.
     atomic_save_tensors(os.path.join(out, "route_data.safetensors"), route_tensors)
-    model = ToEModel(base_model, plugin)
-    model.save_pretrained(out)
-    model.detach()
+    with ToEModel(base_model, plugin) as model:
+        model.save_pretrained(out)
     timing_files = sorted(glob.glob(os.path.join(source, "timings-*.json")))
     capture = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
     for path in timing_files:

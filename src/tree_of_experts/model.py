@@ -38,6 +38,19 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` frozen (as :func:`freeze`) inside the block, its ``requires_grad`` flags restored after it: for
+    library code that trains something next to a model it does not own (the extraction's fusion maps)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def check_base(config: ToEConfig, base: nn.Module) -> None:
     """Refuses a base whose architecture differs from the one the plug-in was built for, naming the field."""
     arch, digest = arch_fingerprint(base.config)
@@ -269,6 +282,14 @@ class ToEModel(PreTrainedModel):
         self.plugin.attach(self.base)
         return self
 
+    def __enter__(self) -> ToEModel:
+        """``with ToEModel.from_pretrained(base, plugin) as model:`` the plug-in is attached inside the block and its
+        hooks are removed from the base after it (the base is then the bare base again)."""
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.plugin.detach()
+
     def detach(self) -> nn.Module:
         """Removes the hooks and returns the bare base."""
         self.plugin.detach()
@@ -277,7 +298,7 @@ class ToEModel(PreTrainedModel):
     @contextlib.contextmanager
     def disabled(self) -> Iterator[nn.Module]:
         """Runs the bare base inside the block, re-attaching afterwards if the plug-in was attached."""
-        was = self.plugin.attached
+        was = self.plugin.is_attached
         self.plugin.detach()
         try:
             yield self.base

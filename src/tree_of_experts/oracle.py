@@ -245,12 +245,11 @@ def oracle(
                                                                           batch_size)
     completions: dict[str, list[str]] = {}
     if plugin:
-        toe = ToEModel.from_pretrained(base_model, plugin)
-        systems["ToE (learned)"] = example_ce(base_model, cfg.layers, items, pad, None, batch_size)
-        if generate:
-            completions["ToE (learned)"] = [live_generate(base_model, base_tok, spec.prompt(r), max_new_tokens)
-                                            for r in rows]
-        toe.detach()
+        with ToEModel.from_pretrained(base_model, plugin):  # its hooks on base_model inside the block only
+            systems["ToE (learned)"] = example_ce(base_model, cfg.layers, items, pad, None, batch_size)
+            if generate:
+                completions["ToE (learned)"] = [live_generate(base_model, base_tok, spec.prompt(r), max_new_tokens)
+                                                for r in rows]
     if generate:
         prompts = [spec.prompt(r) for r in rows]
         completions["base"] = [live_generate(base_model, base_tok, p, max_new_tokens) for p in prompts]

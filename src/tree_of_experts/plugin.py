@@ -128,8 +128,20 @@ class ToEPlugin(nn.Module):
 
     # -- hooks -------------------------------------------------------------------------------------------------
     @property
-    def attached(self) -> bool:
+    def is_attached(self) -> bool:
         return bool(self._handles)
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[ToEPlugin]:
+        """``with plugin.attached(model):`` the plug-in's hooks are on ``model`` inside the block and gone after it
+        (if it was already attached there, it stays attached)."""
+        was = self.is_attached
+        self.attach(model)
+        try:
+            yield self
+        finally:
+            if not was:
+                self.detach()
 
     def attach(self, model: nn.Module) -> ToEPlugin:
         """Registers the hooks on ``model`` (a causal LM); returns self. Idempotent."""
@@ -227,6 +239,17 @@ class ToEPlugin(nn.Module):
             yield self._mass
         finally:
             self._mass = None
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The plug-in's parameters by role, the one place they are named: ``gate`` (trunk, node logits, intensity),
+        ``scale`` (the per-channel scales s) and ``bank`` (leaf directions and norms) — each its own optimizer
+        group in `toe train`."""
+        groups: dict[str, list[nn.Parameter]] = {"gate": [], "scale": [], "bank": []}
+        for block in self.blocks.values():
+            groups["gate"] += list(block.gate.parameters())
+            groups["scale"].append(block.scale)
+            groups["bank"] += list(block.bank.parameters())
+        return groups
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,

@@ -373,14 +373,13 @@ def train(
         for block in model.plugin.blocks.values():
             if not block.scale.any():
                 block.scale.fill_(scale_init)
-    for name, p in model.plugin.named_parameters():
-        p.requires_grad_(not (freeze_bank and ".bank." in name))
-    named = list(model.plugin.named_parameters())
-    bank = [p for n, p in named if ".bank." in n and p.requires_grad]
-    scales = [p for n, p in named if n.endswith(".scale")]
-    gate = [p for n, p in named if ".bank." not in n and not n.endswith(".scale")]
-    opt = torch.optim.Adam([{"params": gate, "lr": lr}, {"params": scales, "lr": scale_lr},
-                            {"params": bank, "lr": bank_lr}])
+    groups = model.plugin.parameter_groups()
+    for p in groups["bank"]:
+        p.requires_grad_(not freeze_bank)
+    # The bank is a memory with its own learning rate (memory layers train their values faster than the router);
+    # Adam without weight decay, so nothing pulls unused leaves towards zero.
+    opt = torch.optim.Adam([{"params": groups["gate"], "lr": lr}, {"params": groups["scale"], "lr": scale_lr},
+                            {"params": [p for p in groups["bank"] if p.requires_grad], "lr": bank_lr}])
     gates = [b.gate for b in model.plugin.blocks.values()]
     opt_a = torch.optim.Adam([p for g in gates for p in g.parameters()], lr=stage_a_lr)
     wrapped = acc.prepare(model)  # DDP syncs only parameters that require grad: the plug-in's
