@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The teacher's greedy traces on N consecutive problems of a data file, as training data for the real-pair study
-# (`--response-field trace`). The rows [SKIP, SKIP + N) are cut into chunks of CHUNK rows; JOBS chunks run at once
-# (one torch thread each). Each chunk writes its file only when it is done (greedy decoding, so the rows are the ones
-# one run would write), so a killed run loses at most the chunks in flight and a rerun resumes: a chunk whose file
-# exists is not generated again. The chunks are merged shortest trace first into WORK_DIR/OUT_NAME (correct traces
-# only) and RES/OUT_NAME.summary.json (how many generated, kept, the teacher's accuracy).
+# (`--response-field trace`). The rows [SKIP, SKIP + N) are cut into chunks of CHUNK rows; JOBS chunks run at once.
+# Each chunk writes its file (every generated row, graded) only when it is done (greedy decoding, so the rows are
+# the ones one run would write) into WORK_DIR, then a copy without the data's gold solution (its final number kept
+# as `gold`: the data files stay out of the repo) into RES/OUT_NAME.chunks/ — small, committed, so a later session
+# or machine resumes from them: a chunk whose file exists there is not generated again. The chunks are merged shortest trace first into
+# WORK_DIR/OUT_NAME and RES/OUT_NAME (correct traces only: the training text) and RES/OUT_NAME.summary.json (how many
+# generated, kept, the teacher's accuracy).
 #
 # Usage: runs/real_pair_traces.sh PAIR_DIR WORK_DIR [N] [SKIP]   (N: 96, SKIP: 0)
 #   Env: TEMPLATE (e.g. chat), TRACE_TOKENS (400), JOBS (2), THREADS (torch threads per job, 1), BATCH (8), CHUNK
@@ -18,28 +20,40 @@ set -euo pipefail
 pair=$1; work=$2; n=${3:-96}; skip=${4:-0}
 here=$(cd "$(dirname "$0")/.." && pwd)
 data=${DATA:-$here/../shared/data/gsm8k/train.jsonl}; chunk=${CHUNK:-32}; name=${OUT_NAME:-train-traces.jsonl}
-res=${RES:-$here/results/real_pair}; parts="$work/${name%.jsonl}.chunks"
-mkdir -p "$work" "$parts" "$res/${name%.jsonl}.chunks"
-export pair data parts res name here TEMPLATE TRACE_TOKENS THREADS BATCH
+res=${RES:-$here/results/real_pair}; parts="$res/${name%.jsonl}.chunks"
+raw="$work/${name%.jsonl}.chunks"
+mkdir -p "$work" "$parts" "$raw"
+export pair data parts raw res name here TEMPLATE TRACE_TOKENS THREADS BATCH
 one() {  # one chunk: rows [$1, $1 + $2)
-  local out="$parts/$(printf '%06d' "$1").jsonl" fmt=()
+  local id; id=$(printf '%06d' "$1"); local fmt=()
   [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
-  [ -f "$out" ] && return 0
-  OMP_NUM_THREADS=${THREADS:-1} toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" "${fmt[@]}" --data "$data" \
-    --skip "$1" --limit "$2" --keep_incorrect true --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size "${BATCH:-8}" \
-    --out "$out" > "$res/${name%.jsonl}.chunks/$(printf '%06d' "$1").json"
+  [ -f "$parts/$id.jsonl" ] && return 0
+  [ -f "$raw/$id.jsonl" ] || OMP_NUM_THREADS=${THREADS:-1} toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" \
+    "${fmt[@]}" --data "$data" --skip "$1" --limit "$2" --keep_incorrect true \
+    --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size "${BATCH:-8}" --out "$raw/$id.jsonl" > "$parts/$id.json"
+  python3 - "$raw/$id.jsonl" "$parts/$id.jsonl" <<'PY'
+import json, sys
+from tree_of_experts.grading import gsm8k_gold
+from tree_of_experts.io import atomic_write_text
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    r["gold"] = gsm8k_gold(str(r.pop("answer", ""))) or ""
+atomic_write_text(sys.argv[2], "".join(json.dumps(r) + "\n" for r in rows))
+PY
 }
 export -f one
 for s in $(seq "$skip" "$chunk" $((skip + n - 1))); do
   echo "$s $(( skip + n - s < chunk ? skip + n - s : chunk ))"
 done | xargs -P "${JOBS:-2}" -L 1 bash -c 'one "$0" "$1"'
-python3 - "$parts" "$work/$name" "$res/$name.summary.json" <<'PY'
+python3 - "$parts" "$work/$name" "$res/$name.summary.json" "$res/$name" <<'PY'
 import glob, json, sys
 from tree_of_experts.io import atomic_write_text
-parts, out, summary = sys.argv[1:]
+parts, out, summary, committed = sys.argv[1:]
 rows = [json.loads(l) for p in sorted(glob.glob(f"{parts}/*.jsonl")) for l in open(p)]
 kept = sorted((r for r in rows if r["correct"]), key=lambda r: len(r["trace"]))
-atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
+text = "".join(json.dumps(r) + "\n" for r in kept)
+atomic_write_text(out, text)
+atomic_write_text(committed, text)
 atomic_write_text(summary, json.dumps({"generated": len(rows), "kept": len(kept),
                                        "accuracy": len(kept) / max(len(rows), 1),
                                        "truncated_share": sum(r["truncated"] for r in rows) / max(len(rows), 1),
