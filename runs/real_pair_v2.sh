@@ -16,7 +16,8 @@
 #        lora1-off (default: all, in that order); each trains (if needed) and scores its row.
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), RES (results/real_pair_v2), SCORE
-#        ("ce acc code": which evaluations each row gets).
+#        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
+#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -27,7 +28,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair_v2}
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
 dev="$here/../shared/data/gsm8k/dev.jsonl"; train_data="$res/train-traces.jsonl"
-skip=${SKIP:-56}; n=${N:-100}; score=${SCORE:-ce acc code}
+skip=${SKIP:-56}; n=${N:-100}; score=${SCORE:-ce acc code}; sfx=${NAME_SUFFIX:-}; exdir=${EXTRACT_DIR:-$work}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 chat=(--template chat)
 budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}" --max-steps "${STEPS:-40}"
@@ -48,7 +49,7 @@ fi
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
-  local out="$work/$1"
+  local out="$exdir/$1"
   [ -f "$out/summary.json" ] || toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
     --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
     --batch-size 4 --shard-size 32 --out "$out"
@@ -79,16 +80,16 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
 }
 
 toe_row() {  # toe_row NAME EXTRACTION ARGS...
-  local name=$1 ex=$2; shift 2
-  [ -f "$work/$name/train_summary.json" ] || toe train --base "$base" --experts "$work/$ex" --out "$work/$name" \
+  local name=$1$sfx ex=$2; shift 2
+  [ -f "$work/$name/train_summary.json" ] || toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
     "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
   keep "$name" "$work/$name"; scores "$name" --plugin "$work/$name" --with-base false
 }
 
 lora_row() {  # lora_row NAME RANK ARGS...
-  local name=$1 rank=$2; shift 2
+  local name=$1$sfx rank=$2; shift 2
   [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
-    --experts "$work/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true "$@"
+    --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true "$@"
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 
@@ -102,10 +103,10 @@ for row in $rows; do
       layers=${LAYERS3:-5,11,17}; [ "$row" = ctl1 ] && layers=${LAYER1:-11}
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
       extraction "$ex" "$layers"
-      [ -f "$work/$row/baseline_summary.json" ] || toe baseline --kind control --base "$base" \
-        --experts "$work/$ex" --out "$work/$row" "${budget[@]}" --bank-lr "${BANK_LR:-1e-3}" --save-every 2 \
+      [ -f "$work/$row$sfx/baseline_summary.json" ] || toe baseline --kind control --base "$base" \
+        --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" --bank-lr "${BANK_LR:-1e-3}" --save-every 2 \
         --resume true
-      keep "$row" "$work/$row"; scores "$row" --plugin "$work/$row" --with-base false ;;
+      keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
     toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" ;;
     toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 ;;
     toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" ;;
@@ -120,14 +121,14 @@ for row in $rows; do
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
       extraction extract-l3 "${LAYERS3:-5,11,17}"
       [ -f "$res/ce/oracle3/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
-        --experts "$work/extract-l3" --plugin "$work/toe3-on" --data "$traces" --ce-target trace --batch-size 1 \
+        --experts "$exdir/extract-l3" --plugin "$work/toe3-on" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --out "$res/ce/oracle3" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   for target in ce acc code; do  # one pooled report per target over the finished rows
     dirs=()
     for d in "$res/$target"/*/; do [ -f "$d/metrics.json" ] && dirs+=("${d%/}"); done
-    [ ${#dirs[@]} -gt 1 ] && toe report "${dirs[@]}" --reference toe3-on --out "$res/report-$target" --overwrite true \
+    [ ${#dirs[@]} -gt 1 ] && toe report "${dirs[@]}" --reference "${REFERENCE:-toe3-on}" --out "$res/report-$target" --overwrite true \
       || true
   done
 done

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The choices of the v2 study, made on GSM8K dev rows 0-55 (never reported by runs/real_pair_v2.sh, which scores rows
+# 56-155): each point trains the 3-layer on-policy ToE row (toe3-on) with one knob changed from the study's defaults
+# and scores CE on the teacher's chat answers to rows 0-55. Points whose metrics exist are skipped (resumable).
+#
+# Usage: runs/real_pair_v2_sweep.sh PAIR_DIR WORK_DIR [POINT ...]
+#   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
+#          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set) —
+#          default: all, in that order. Env as for runs/real_pair_v2.sh (STEPS, BATCH, ...).
+#   Results: results/real_pair_v2/sweep/ (one pooled CE report after each point).
+set -euo pipefail
+pair=$1; work=$2; shift 2
+here=$(cd "$(dirname "$0")/.." && pwd)
+points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20}
+export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
+for p in $points; do
+  env=(NAME_SUFFIX="-$p"); row=toe3-on
+  case $p in
+    default) ;;
+    ratio0.5) env+=(RATIO=0.5) ;;
+    beta1) env+=(BETA=1.0) ;;
+    beta0) env+=(BETA=0.0) ;;
+    banklr1e-4) env+=(BANK_LR=1e-4) ;;
+    noqnorm) env+=(QUERY_NORM=false) ;;
+    l1) row=toe1-on ;;
+    l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20") ;;
+    *) echo "unknown point $p" >&2; exit 2 ;;
+  esac
+  env "${env[@]}" "$here/runs/real_pair_v2.sh" "$pair" "$work/sweep" anchors "$row"
+done
