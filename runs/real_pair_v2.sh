@@ -17,7 +17,8 @@
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
-#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them).
+#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
+#        TEMPLATE (chat).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -27,10 +28,10 @@ rows=${*:-anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe
 here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair_v2}
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
-dev="$here/../shared/data/gsm8k/dev.jsonl"; train_data="$res/train-traces.jsonl"
+dev=${DEV:-$here/../shared/data/gsm8k/dev.jsonl}; train_data="$res/train-traces.jsonl"
 skip=${SKIP:-56}; n=${N:-100}; score=${SCORE:-ce acc code}; sfx=${NAME_SUFFIX:-}; exdir=${EXTRACT_DIR:-$work}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-chat=(--template chat)
+chat=(--template "${TEMPLATE:-chat}")
 budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}" --max-steps "${STEPS:-40}"
         --batch-size "${BATCH:-4}")
 objective_on=(--objective on_policy --on-policy-ratio "${RATIO:-1.0}" --beta "${BETA:-0.5}"

@@ -233,3 +233,20 @@ def test_inspect_reports_how_much_of_the_bank_is_one_shared_vector(tmp_path, cap
     assert 0 < out["banks"]["1"]["bank"]["common_share"] < 1
     assert main(["inspect", "--plugin", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_counting_reports_the_mean_push_of_each_layer(base, batch):
+    """`counting()` leaves each layer's mean ||Δ||/||h|| over the injected tokens in `delta_ratio`: 0 for a fresh
+    (zero-scale) plug-in, and the recorded per-forward ratio for one forward of a trained one."""
+    model = ToEModel.fresh(base, layers=[0, 1], num_leaves=4)
+    with torch.no_grad(), model.plugin.counting():
+        model(**batch)
+    assert model.plugin.delta_ratio == {0: 0.0, 1: 0.0}
+    with torch.no_grad():
+        for block in model.plugin.blocks.values():
+            block.scale.fill_(3.0)
+        with model.plugin.counting(), model.plugin.recording() as records:
+            model(**batch)
+    for layer in (0, 1):
+        assert model.plugin.delta_ratio[layer] == pytest.approx(records[layer].delta_ratio.item(), rel=1e-5)
+        assert 0 < model.plugin.delta_ratio[layer] <= model.toe_config.clip + 1e-5  # the norm clip bounds it

@@ -147,10 +147,13 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
     return rows
 
 
-def usage_summary(mass: dict[int, torch.Tensor]) -> dict[str, dict]:
-    """{layer: share of the selection mass per leaf, and effective leaves = exp(entropy of that share)}."""
+def usage_summary(mass: dict[int, torch.Tensor], delta_ratio: dict[int, float] | None = None) -> dict[str, dict]:
+    """{layer: share of the selection mass per leaf, effective leaves = exp(entropy of that share) and, when given,
+    the mean ||Δ|| / ||h|| over the scored tokens}."""
     return {str(layer): {"usage": (m / m.sum().clamp_min(1e-12)).tolist(),
-                         "effective_leaves": effective_leaves(m).item()} for layer, m in mass.items()}
+                         "effective_leaves": effective_leaves(m).item(),
+                         **({"delta_ratio": delta_ratio[layer]} if delta_ratio and layer in delta_ratio else {})}
+            for layer, m in mass.items()}
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -315,7 +318,7 @@ def evaluate(
             with ToEModel.from_pretrained(base_model, plugin) as toe, \
                     toe.selection(plugin_selection, plugin_top_k, plugin_top_p), toe.plugin.counting() as mass:
                 run("toe", toe)
-            leaf_usage["toe"] = usage_summary(mass)
+            leaf_usage["toe"] = usage_summary(mass, toe.plugin.delta_ratio)
         if lora:
             from peft import PeftModel
 

@@ -123,6 +123,8 @@ class ToEPlugin(nn.Module):
         self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the model pre-hook
         self._routes: dict[int, Record] | None = None
         self._mass: dict[int, torch.Tensor] | None = None  # per-layer selection mass while counting()
+        self._delta: dict[int, torch.Tensor] | None = None  # per-layer (Σ ||Δ||/||h||, tokens) while counting()
+        self.delta_ratio: dict[int, float] = {}  # mean ||Δ||/||h|| per layer over the last counting() block
         self.selection: str | None = None  # per-call override of the configured selection mode
         self.adapter_source: str | None = None  # the LoRA adapter folder merged into the base (config.base_adapter)
 
@@ -208,6 +210,9 @@ class ToEPlugin(nn.Module):
             if self._mass is not None:
                 mass = selection_mass(route, self.config.num_leaves, mask).detach()
                 self._mass[layer] = self._mass[layer] + mass if layer in self._mass else mass
+                r = delta.detach().norm(dim=-1) / h.detach().float().norm(dim=-1).clamp_min(1e-6)
+                tot = torch.stack([(r * mask).sum(), mask.sum()])
+                self._delta[layer] = self._delta[layer] + tot if layer in self._delta else tot
             return h + delta.to(h.dtype)
 
         return lambda module, args, output: edit_output(output, add_delta)
@@ -233,12 +238,14 @@ class ToEPlugin(nn.Module):
     @contextlib.contextmanager
     def counting(self) -> Iterator[dict[int, torch.Tensor]]:
         """Sums, over every forward run inside the block, the mixing weight each leaf received on injected tokens:
-        {layer: (N,)}, the leaf usage at inference (prefill and each decode step alike)."""
-        self._mass = {}
+        {layer: (N,)}, the leaf usage at inference (prefill and each decode step alike). After the block,
+        ``delta_ratio`` holds each layer's mean ||Δ|| / ||h|| over the same tokens: how hard the plug-in pushed."""
+        self._mass, self._delta = {}, {}
         try:
             yield self._mass
         finally:
-            self._mass = None
+            self.delta_ratio = {layer: float(t[0] / t[1].clamp_min(1)) for layer, t in self._delta.items()}
+            self._mass, self._delta = None, None
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The plug-in's parameters by role, the one place they are named: ``gate`` (trunk, node logits, intensity),

@@ -295,10 +295,12 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
     text = markdown(rows)
     if usage:
         text += ("\n**Leaf usage at inference** (share of the selection mass over every scored token; effective "
-                 "leaves = exp(entropy))\n\n| system | scored on | layer | effective leaves | most used leaf's share |"
-                 "\n|---|---|---|---|---|\n")
+                 "leaves = exp(entropy); mean ‖Δ‖/‖h‖: how hard the plug-in pushes the residual stream there)\n\n"
+                 "| system | scored on | layer | effective leaves | most used leaf's share | mean ‖Δ‖/‖h‖ |"
+                 "\n|---|---|---|---|---|---|\n")
         text += "".join(f"| {u['system']} | {u['target']} | {u['layer']} | {u['effective_leaves']:.1f} of "
-                        f"{len(u['usage'])} | {100 * max(u['usage']):.1f} % |\n" for u in usage)
+                        f"{len(u['usage'])} | {100 * max(u['usage']):.1f} % | "
+                        f"{format(u['delta_ratio'], '.4f') if 'delta_ratio' in u else '–'} |\n" for u in usage)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     atomic_write_text(os.path.join(out, "report.md"), text)
