@@ -251,3 +251,19 @@ def test_losses_on_the_kept_tail_equal_the_full_batch():
     torch.testing.assert_close(token_nll(tail, ids[:, t], mask[:, t]).sum(), token_nll(full, ids, mask).sum())
     torch.testing.assert_close(topk_kl(tail, topk_ids[:, t], topk_logp[:, t], mask[:, t]).sum(),
                                topk_kl(full, topk_ids, topk_logp, mask).sum())
+
+
+def test_report_to_logs_the_metrics_rows_to_tensorboard(experts, tmp_path):
+    """`--report_to tensorboard`: accelerate's tracker gets every logged row (its event file holds the CE scalar)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(**args(experts, tmp_path / "p", max_steps=4, stage_a_steps=2, report_to="tensorboard"))
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "p" / "trackers") for f in fs if "tfevents" in f]
+    assert events
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    rows = [json.loads(r) for r in open(tmp_path / "p" / "metrics.jsonl")]
+    ce = [r["ce"] for r in rows if r["stage"] == "B"]
+    logged = [e.value for e in acc.Scalars("ce")]
+    assert logged == pytest.approx(ce, rel=1e-6) and (tmp_path / "p" / "curves.png").exists()

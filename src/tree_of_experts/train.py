@@ -250,6 +250,7 @@ def train(
     sample_top_p: float = 1.0,
     query_norm: bool | None = None,
     base_adapter: str | None = None,
+    report_to: str | None = None,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
 
@@ -312,6 +313,8 @@ def train(
         sample_top_p: nucleus mass of the student's on-policy sampling (1: no truncation).
         query_norm: switch the gates' query normalisation on or off (None keeps the plug-in's; see
             :class:`tree_of_experts.config.ToEConfig`). It adds no parameters; the trained plug-in records it.
+        report_to: log every metrics row to accelerate's trackers as well ("tensorboard", "wandb", "mlflow", "all"...;
+            default None: metrics.jsonl and curves.png only). Files of local trackers go to ``out/trackers``.
         base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
             training: ToE on top of LoRA. The plug-in folder keeps a copy and merges it whenever it is loaded.
 
@@ -326,7 +329,8 @@ def train(
         raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
     on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
                          sample_temperature, sample_top_p)
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=report_to,
+                      project_dir=os.path.join(out, "trackers") if report_to else None)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     if batch_size % acc.num_processes:
         raise ToEError(f"batch_size={batch_size} must divide evenly over {acc.num_processes} processes")
@@ -402,6 +406,8 @@ def train(
         os.remove(metrics_path)
     if acc.is_main_process:
         atomic_write_json(os.path.join(out, "train_args.json"), args)
+    if report_to:
+        acc.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
 
     total = stage_a + max_steps
     bar = tqdm(total=total, initial=step, desc="toe train", disable=None if acc.is_local_main_process else True)
@@ -491,12 +497,17 @@ def train(
             row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9) if tokens_since else None
             t_last, tokens_since = now, 0
             append_jsonl(metrics_path, row)
+            if report_to:
+                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
         if step % save_every == 0 or step == total or step == stage_a:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(out, model, opt_a if step <= stage_a and stage_a else opt, step,
                                 "A" if step <= stage_a and stage_a else "B")
+                plot_curves(metrics_path, os.path.join(out, "curves.png"))  # refreshed with every checkpoint
     bar.close()
+    if report_to:
+        acc.end_training()
     acc.wait_for_everyone()
     summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd, "examples": n_examples,
                "processes": acc.num_processes}
