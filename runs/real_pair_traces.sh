@@ -15,7 +15,9 @@
 #   CPU cost: ~5.3 min per batch of 8 at 400 tokens in the chat format, one thread, two jobs on 2 idle cores; decoding
 #   the 1.5B teacher in fp32 is memory-bound, so next to other jobs it slowed to ~45 min per batch (2026-11-30).
 #   One job with 2 threads and a larger batch reads the weights once per step for more sequences:
-#   JOBS=1 THREADS=2 BATCH=32 CHUNK=64.
+#   JOBS=1 THREADS=2 BATCH=64 CHUNK=64 (used for results/real_pair_v2: ~2.5x the throughput of two 1-thread jobs).
+#   Chunks are named by their first row: keep CHUNK the same when resuming (another CHUNK would leave gaps or overlaps;
+#   the merge refuses duplicated rows).
 set -euo pipefail
 pair=$1; work=$2; n=${3:-96}; skip=${4:-0}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,6 +52,9 @@ import glob, json, sys
 from tree_of_experts.io import atomic_write_text
 parts, out, summary, committed = sys.argv[1:]
 rows = [json.loads(l) for p in sorted(glob.glob(f"{parts}/*.jsonl")) for l in open(p)]
+questions = [r["question"] for r in rows]
+if len(set(questions)) != len(questions):
+    sys.exit(f"{parts} holds overlapping chunks (a rerun with another CHUNK?): keep one CHUNK per output")
 kept = sorted((r for r in rows if r["correct"]), key=lambda r: len(r["trace"]))
 text = "".join(json.dumps(r) + "\n" for r in kept)
 atomic_write_text(out, text)

@@ -18,7 +18,7 @@
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
-#        TEMPLATE (chat).
+#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -28,7 +28,7 @@ rows=${*:-anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe
 here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair_v2}
 base="$pair/qwen2.5-coder-0.5b-instruct"; teacher="$pair/qwen2.5-coder-1.5b-instruct"
-dev=${DEV:-$here/../shared/data/gsm8k/dev.jsonl}; train_data="$res/train-traces.jsonl"
+dev=${DEV:-$here/../shared/data/gsm8k/dev.jsonl}; train_data=${TRAIN_DATA:-$res/train-traces.jsonl}
 skip=${SKIP:-56}; n=${N:-100}; score=${SCORE:-ce acc code}; sfx=${NAME_SUFFIX:-}; exdir=${EXTRACT_DIR:-$work}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 chat=(--template "${TEMPLATE:-chat}")
@@ -44,7 +44,8 @@ mkdir -p "$res"/{ce,acc,code,train} "$work"
 traces="$work/dev-traces.jsonl"
 if [ ! -f "$traces" ]; then
   toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
-    --max-new-tokens 400 --batch-size 8 --eval-out "$res/acc/teacher" --out "$traces.tmp" > "$res/dev_traces.json"
+    --max-new-tokens 400 --batch-size 8 --eval-out "$res/acc/teacher" --overwrite true --out "$traces.tmp" \
+    > "$res/dev_traces.json"
   mv "$traces.tmp" "$traces"
 fi
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
@@ -90,7 +91,8 @@ toe_row() {  # toe_row NAME EXTRACTION ARGS...
 lora_row() {  # lora_row NAME RANK ARGS...
   local name=$1$sfx rank=$2; shift 2
   [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
-    --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true "$@"
+    --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
+    --overwrite true "$@"  # a LoRA row restarts after an interruption (no --resume for adapters)
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 
@@ -98,32 +100,32 @@ for row in $rows; do
   case $row in
     anchors)  # base on every target; the teacher's CE (its accuracy came with its dev answers above)
       [ -f "$res/ce/anchors/metrics.json" ] || toe eval --base "$base" --teacher "$teacher" "${chat[@]}" \
-        --data "$traces" --ce-target trace --accuracy false --batch-size 4 --out "$res/ce/anchors"
+        --data "$traces" --ce-target trace --accuracy false --batch-size 4 --overwrite true --out "$res/ce/anchors"
       scores anchors ;;
     ctl3|ctl1)
       layers=${LAYERS3:-5,11,17}; [ "$row" = ctl1 ] && layers=${LAYER1:-11}
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
       extraction "$ex" "$layers"
       [ -f "$work/$row$sfx/baseline_summary.json" ] || toe baseline --kind control --base "$base" \
-        --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" --bank-lr "${BANK_LR:-1e-3}" --save-every 2 \
-        --resume true
+        --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" --save-every 2 \
+        --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
       keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
     toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" ;;
     toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 ;;
     toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" ;;
     toe1-off) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 ;;
-    lora8-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 "${objective_on[@]}" ;;
+    lora8-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 "${objective_on[@]}" --kd-weight 1 ;;
     lora8-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 --kd-weight 1 ;;
-    lora1-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 "${objective_on[@]}" ;;
+    lora1-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 "${objective_on[@]}" --kd-weight 1 ;;
     lora1-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 --kd-weight 1 ;;
     toe3+lora)  # LoRA first (the on-policy r8 adapter), then the 3-layer plug-in trained on the adapted base
-      [ -f "$work/lora8-on/adapter_config.json" ] || { echo "toe3+lora needs the lora8-on row first" >&2; exit 2; }
-      toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on" ;;
+      [ -f "$work/lora8-on$sfx/adapter_config.json" ] || { echo "toe3+lora needs the lora8-on row first" >&2; exit 2; }
+      toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
       extraction extract-l3 "${LAYERS3:-5,11,17}"
-      [ -f "$res/ce/oracle3/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
-        --experts "$exdir/extract-l3" --plugin "$work/toe3-on" --data "$traces" --ce-target trace --batch-size 1 \
-        --lambdas "[0.25]" --out "$res/ce/oracle3" ;;
+      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
+        --experts "$exdir/extract-l3" --plugin "$work/toe3-on$sfx" --data "$traces" --ce-target trace --batch-size 1 \
+        --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
   for target in ce acc code; do  # one pooled report per target over the finished rows

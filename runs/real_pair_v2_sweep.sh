@@ -13,6 +13,7 @@ pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
+export TRAIN_DATA=${TRAIN_DATA:-$here/results/real_pair_v2/train-traces.jsonl}
 for p in $points; do
   env=(NAME_SUFFIX="-$p"); row=toe3-on
   case $p in

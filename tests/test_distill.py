@@ -65,12 +65,18 @@ def test_sample_is_seeded_and_masks_what_follows_the_first_eos():
     assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
     plen = max(len(p) for p in prompts)
     assert not a["loss_mask"][:, :plen].any() and a["loss_mask"][:, plen].all()  # the first sampled token counts
-    for row, am, lm in zip(a["input_ids"], a["attention_mask"], a["loss_mask"]):
+    # Declare the third token row 0 sampled an EOS (also the pad id, as Qwen's tokenizer has it): the same seed
+    # draws the same tokens up to it, row 0 keeps it and masks the rest, row 1 runs on unless it meets that token.
+    stop = int(a["input_ids"][0, plen + 2])
+    c = sample(model, prompts, stop, [stop], settings, 7, "cpu")
+    for row, am, lm, old in zip(c["input_ids"], c["attention_mask"], c["loss_mask"], a["input_ids"]):
         gen, keep = row[plen:], lm[plen:]
-        eos = (gen == tok.eos_token_id).nonzero()
+        eos = (old[plen:] == stop).nonzero()
         n_keep = int(eos[0]) + 1 if len(eos) else len(gen)
         assert keep.tolist() == [True] * n_keep + [False] * (len(gen) - n_keep)
-        assert torch.equal(am[plen:].bool(), keep)
+        assert torch.equal(am[plen:].bool(), keep) and torch.equal(gen[:n_keep], old[plen : plen + n_keep])
+        assert torch.all(gen[n_keep:] == stop)  # padded after the end
+    assert c["loss_mask"][0, plen:].sum() == 3
 
 
 def test_prompt_ids_and_the_per_step_draw():
@@ -98,7 +104,17 @@ def args(experts, out, **kw):
             "objective": "on_policy", "sample_max_new_tokens": 8, **kw}
 
 
-def test_on_policy_training_moves_the_plugin_and_logs_samples(experts, tmp_path):
+def test_on_policy_gradient_alone_moves_the_plugin(experts, tmp_path):
+    """No warm-up, no route or usage terms, every step on-policy: whatever moves the plug-in is the JSD's gradient."""
+    kw = dict(on_policy_ratio=1.0, skip_stage_a=True, route_weight=0.0, usage_weight=0.0, max_steps=3)
+    train(**args(experts, tmp_path / "moved", lr=1e-2, bank_lr=1e-2, scale_lr=1e-2, **kw))
+    train(**args(experts, tmp_path / "still", lr=0.0, bank_lr=0.0, scale_lr=0.0, **kw))
+    moved, still = (load_file(tmp_path / d / "toe_model.safetensors") for d in ("moved", "still"))
+    for group in ("gate.", "bank.", "scale"):
+        assert any(not torch.equal(moved[k], still[k]) for k in moved if group in k), group
+
+
+def test_on_policy_training_logs_samples(experts, tmp_path):
     summary = train(**args(experts, tmp_path / "p", on_policy_ratio=0.5, lr=1e-2, bank_lr=1e-2))
     rows = [json.loads(r) for r in open(tmp_path / "p" / "metrics.jsonl")]
     b = [r for r in rows if r["stage"] != "A"]
@@ -152,6 +168,18 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     for r in rows:
         assert (r["jsd"] is None) == (r["objective"] == "off_policy")
         assert (r["kd"] is None) == (r["objective"] == "on_policy")  # off-policy steps distil the cached top-k
+    adapter = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
+    # Both students start as the bare base (LoRA's B = 0, the plug-in's scale 0) and draw with the same seeds: the
+    # first step samples the same tokens and scores them with the same divergence, so its loss is the same.
+    baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora1"),
+             experts=str(experts / "ex"), lora_rank=2, max_steps=1, batch_size=4, objective="on_policy",
+             sample_max_new_tokens=6)
+    train(**args(experts, tmp_path / "toe", scale_init=0.0, skip_stage_a=True, route_weight=0.0, usage_weight=0.0,
+                 sample_max_new_tokens=6, max_steps=1))
+    lora_row, toe_row = (json.loads(open(tmp_path / d / "metrics.jsonl").readline()) for d in ("lora1", "toe"))
+    assert toe_row["sample_tokens"] == lora_row["sample_tokens"] > 0
+    assert toe_row["jsd"] == pytest.approx(lora_row["jsd"], rel=1e-5) and toe_row["jsd"] > 0
     with pytest.raises(ToEError, match="control"):
         baseline(kind="control", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "c"),
                  experts=str(experts / "ex"), objective="on_policy")
@@ -180,3 +208,36 @@ def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
         plain = bare(input_ids=ids).logits
     assert not torch.allclose(adapted, plain)  # the adapter is merged
     assert not torch.allclose(logits, adapted)  # and the plug-in adds to it
+    with ToEModel.from_pretrained(bare, out) as on_loaded:  # a caller's loaded base: merged into a copy
+        with torch.no_grad():
+            assert torch.allclose(on_loaded(input_ids=ids).logits, logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(bare(input_ids=ids).logits, plain)  # the caller's base is still the bare base
+
+
+def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
+    """`toe train --gradient_checkpointing true`: the frozen base stays in eval mode, yet its decoder layers are
+    recomputed in backward (each runs twice per step) with the same gradients; an on-policy sample in between
+    leaves that set-up as it found it."""
+    from tree_of_experts import ToEModel
+    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+
+    tok = tiny_tokenizer()
+    ids = torch.tensor([tok("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
+
+    def grads(checkpoint: bool) -> tuple[list[torch.Tensor], int]:
+        model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0], num_leaves=4)
+        with torch.no_grad():
+            model.plugin.blocks["0"].scale.fill_(1.0)
+        if checkpoint:
+            checkpoint_frozen_layers(model.base)
+            sample(model, [ids[0, :4]], tok.pad_token_id, [tok.eos_token_id], OnPolicy(max_new_tokens=3), 0, "cpu")
+        calls = []
+        # a hook inside the layer (a layer's own hooks stay outside transformers' checkpoint by design)
+        decoder_layers(model.base)[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        return [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None], len(calls)
+
+    (plain, n_plain), (ckpt, n_ckpt) = grads(False), grads(True)
+    assert n_plain == 1 and n_ckpt == 2  # recomputed in backward
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt)) and len(plain) == len(ckpt) > 0

@@ -151,6 +151,7 @@ def baseline(
     sample_top_p: float = 1.0,
     kd_weight: float | None = None,
     overwrite: bool = False,
+    query_norm: bool | None = None,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -192,6 +193,8 @@ def baseline(
             have cached it for ``data``). Default: `toe train`'s 1.0 for plug-in kinds, 0 for lora/sft (the CE-only
             adapters of the earlier studies); pass 1.0 to give LoRA ToE's off-policy objective.
         overwrite: replace what another run left in ``out`` (refused otherwise; ``resume`` continues this one).
+        query_norm: the gates' query normalisation for plug-in kinds, as `toe train --query_norm` (None: the
+            plug-in's own setting), so a control is trained like the ToE row it is compared with.
     """
     args = dict(locals())
     BaselineConfig.from_args(args)
@@ -230,6 +233,8 @@ def baseline(
                          sample_temperature, sample_top_p)
     if kd_weight is not None and kind not in ("lora", "sft"):
         train_kw["kd_weight"] = kd_weight
+    if query_norm is not None and kind not in ("lora", "sft"):
+        train_kw["query_norm"] = query_norm
     summary: dict = {"kind": kind, "out": out, "objective": objective}
     if kind == "control":
         with open(os.path.join(experts, "run.json")) as f:

@@ -231,7 +231,8 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
         fn()
         return torch.cuda.max_memory_allocated(device)
 
-    lora_step = _lora_step(base_model, ids, am, mask, lora_rank) if lora_rank else None
+    with model.disabled():  # the copy must not carry the plug-in's hooks
+        lora_step = _lora_step(base_model, ids, am, mask, lora_rank) if lora_rank else None
     base_model.train()
     reference(), step()  # warm-up (allocates Adam state)
     res: dict[str, list[float]] = {"reference_s": [], "toe_step_s": []}

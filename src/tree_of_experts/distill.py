@@ -76,14 +76,15 @@ def sample(student: torch.nn.Module, prompts: list[torch.Tensor], pad_id: int, e
     at its first EOS (kept: the student learns when to stop) and ``loss_mask`` (B, T) is True on the sampled tokens.
     """
     ids, am = pad_left(prompts, pad_id)
-    was_training = student.training
+    modes = [(m, m.training) for m in student.modules()]  # restored one by one (checkpointed layers included)
     student.eval()  # gradient checkpointing turns the KV cache off in train mode: sampling would be quadratic
     torch.manual_seed(seed)  # generate draws from the global generator
     out = student.generate(input_ids=ids.to(device), attention_mask=am.to(device), do_sample=True,
                            temperature=settings.temperature, top_p=settings.top_p, top_k=0,
                            repetition_penalty=1.0,  # the model's own distribution, not its generation_config's
                            max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids)
-    student.train(was_training)
+    for m, mode in modes:
+        m.training = mode
     gen = out[:, ids.shape[1] :].cpu()  # (B, G)
     is_eos = torch.isin(gen, torch.tensor(eos_ids))
     keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS

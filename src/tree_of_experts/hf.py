@@ -153,6 +153,15 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def checkpoint_frozen_layers(model: nn.Module) -> None:
+    """Activation checkpointing for a frozen base kept in eval mode (the plug-in trains, the base must not drop
+    out): transformers recomputes a decoder layer only while that layer is in training mode, so the decoder layers
+    alone are flagged as training (not their submodules: dropout stays off)."""
+    enable_checkpointing(model)
+    for layer in decoder_layers(model):
+        layer.training = True
+
+
 def edit_output(output: Any, fn) -> Any:
     """Applies ``fn`` to a decoder layer's hidden states, whichever output convention the layer uses.
 

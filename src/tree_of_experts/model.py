@@ -158,7 +158,8 @@ class ToEModel(PreTrainedModel):
             token: hub token, for the plug-in and the base.
             base_adapter: a peft (LoRA) adapter folder to merge into the base first, so the plug-in runs (and trains)
                 on top of it; the plug-in then records it and ``save_pretrained`` copies it into the plug-in folder.
-                A plug-in saved that way merges its own copy when loaded. Merging edits a loaded base in place.
+                A plug-in saved that way merges its own copy when loaded. A loaded base passed in is copied before
+                the merge (it stays the bare base for its other users), at the cost of a second copy in memory.
             load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
         """
         paths = (str, os.PathLike)
@@ -196,11 +197,16 @@ class ToEModel(PreTrainedModel):
         check_base(config, base)  # before reading the weights: the cheap, likely error first
         adapter = base_adapter or (os.path.join(plugin_dir, config.base_adapter) if config.base_adapter else None)
         if adapter is not None:
+            if base is base_or_plugin:  # the caller's model (others may score it bare): merge into a copy of it
+                import copy
+
+                base = copy.deepcopy(base)
             base = merge_adapter(base, os.fspath(adapter))
             if base_adapter is not None:  # a new system: its base is the adapted one, fingerprinted as such
                 config.base_adapter, config.base_weight_sample = ADAPTER_DIR, None
         plugin = ToEPlugin.load(plugin_dir, config)
-        plugin.adapter_source = os.fspath(adapter) if adapter is not None else None
+        if adapter is not None:
+            plugin.adapter_source = os.fspath(adapter)
         return cls(base, plugin)
 
     @classmethod

@@ -314,4 +314,6 @@ class ToEPlugin(nn.Module):
                     f"{tuple(expected[key].shape)}; the weights and config come from different plug-ins"
                 )
         plugin.load_state_dict(state)
+        if config.base_adapter:  # ToE on a LoRA-adapted base: the adapter copy in the folder travels with it
+            plugin.adapter_source = os.path.join(os.fspath(directory), config.base_adapter)
         return plugin

@@ -31,7 +31,7 @@ from .distill import (
     teacher_logits,
 )
 from .extract import CORRUPT_EXTRACTION, iter_examples
-from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
+from .hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs
 from .io import (
     append_jsonl,
     atomic_save_tensors,
@@ -356,7 +356,7 @@ def train(
             block.gate.query_norm = query_norm
     teacher_model = load_teacher(teacher, experts, tok, dtype, acc.device) if on_policy.ratio > 0 else None
     if gradient_checkpointing:
-        enable_checkpointing(model.base)
+        checkpoint_frozen_layers(model.base)
     cfg = model.toe_config
     examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
     use_kd = has_kd and not no_kd and kd_weight > 0
