@@ -50,3 +50,19 @@ def randomize(model: ToEModel, seed: int = 0, scale: float = 1.0) -> ToEModel:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """The tiny pair saved as folders plus an extraction of the arithmetic fixture (N = 8): `d/base`, `d/teacher`,
+    `d/ex` (one per test module)."""
+    import os
+
+    from tree_of_experts.extract import extract
+
+    d = tmp_path_factory.mktemp("pair")
+    save_tiny_pair(d)
+    data = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    extract(teacher=str(d / "teacher"), base=str(d / "base"), data=data, out=str(d / "ex"), num_leaves=8,
+            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    return d

@@ -9,13 +9,11 @@ import os
 
 import pytest
 import torch
-from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 import tree_of_experts.train as train_mod
 from tree_of_experts.config import ToEError
 from tree_of_experts.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
-from tree_of_experts.extract import extract
 from tree_of_experts.losses import generalized_jsd
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 from tree_of_experts.train import train
@@ -87,15 +85,6 @@ def test_prompt_ids_and_the_per_step_draw():
     assert all(is_on_policy(1.0, 0, s) for s in range(5)) and not any(is_on_policy(0.0, 0, s) for s in range(5))
     with pytest.raises(ToEError, match="beta"):
         OnPolicy(beta=1.5)
-
-
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    save_tiny_pair(d)
-    extract(teacher=str(d / "teacher"), base=str(d / "base"), data=FIXTURE, out=str(d / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
-    return d
 
 
 def args(experts, out, **kw):

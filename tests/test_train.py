@@ -7,25 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 import tree_of_experts.train as train_mod
 from tree_of_experts.config import ToEError
-from tree_of_experts.extract import extract
 from tree_of_experts.toy import tiny_qwen2
 from tree_of_experts.train import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
-
-
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    save_tiny_pair(d)
-    extract(teacher=str(d / "teacher"), base=str(d / "base"), data=FIXTURE, out=str(d / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
-    return d
 
 
 def args(experts, out, **kw):
