@@ -256,3 +256,9 @@ def test_report_to_logs_the_metrics_rows_to_tensorboard(experts, tmp_path):
     ce = [r["ce"] for r in rows if r["stage"] == "B"]
     logged = [e.value for e in acc.Scalars("ce")]
     assert logged == pytest.approx(ce, rel=1e-6) and (tmp_path / "p" / "curves.png").exists()
+
+
+def test_a_checkpoint_before_the_first_logged_row_is_fine(experts, tmp_path):
+    """save_every < log_every: the curves refreshed at a checkpoint wait for the first metrics row."""
+    train(**args(experts, tmp_path / "p", max_steps=3, stage_a_steps=1, log_every=10, save_every=1))
+    assert (tmp_path / "p" / "curves.png").exists()

@@ -529,6 +529,8 @@ def plot_curves(metrics_path: str, png: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not os.path.isfile(metrics_path):  # a checkpoint before the first logged row
+        return None
     with open(metrics_path) as f:
         rows = [json.loads(r) for r in f]
     if not rows:
