@@ -13,7 +13,6 @@ Kinds:
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 
@@ -31,6 +30,7 @@ from .io import append_jsonl, atomic_write_json, check_extraction, check_resume_
 from .losses import tail_positions
 from .model import ToEModel
 from .plugin import ToEPlugin
+from .store import Extraction, route_key
 from .train import OBJECTIVES, collate, load_examples, train
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -44,11 +44,11 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
     """Writes the starting plug-in of a bank/gate baseline into ``out/init`` and returns that folder."""
     model = ToEModel.from_pretrained(base_model, experts)
     g = torch.Generator().manual_seed(seed)
-    route = load_file(os.path.join(experts, "route_data.safetensors"))
+    route = Extraction(experts).route_data()
     for layer, block in model.plugin.blocks.items():
         vectors = block.bank.vectors().detach()
         if kind == "static":
-            sizes = torch.bincount(route[f"leaf.{layer}"], minlength=len(vectors)).float()
+            sizes = torch.bincount(route[route_key("leaf", layer)], minlength=len(vectors)).float()
             mean = (vectors * sizes[:, None]).sum(0) / sizes.sum()
             block.bank = ExpertBank(mean.expand_as(vectors).clone(), {**block.bank.info, "baseline": "static mean"})
         elif kind == "random":
@@ -61,7 +61,7 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
         banks = {int(k): b.bank for k, b in model.plugin.blocks.items()}
         plugin = ToEPlugin(cfg, banks)
         for layer, block in plugin.blocks.items():
-            init_gate_from_geometry(block.gate, route[f"states.{layer}"].float(), route[f"leaf.{layer}"])
+            init_gate_from_geometry(block.gate, route[route_key("states", layer)].float(), route[route_key("leaf", layer)])
         model.detach()
         model = ToEModel(base_model, plugin)
     path = os.path.join(out, "init")
@@ -237,8 +237,7 @@ def baseline(
         train_kw["query_norm"] = query_norm
     summary: dict = {"kind": kind, "out": out, "objective": objective}
     if kind == "control":
-        with open(os.path.join(experts, "run.json")) as f:
-            run = json.load(f)
+        run = Extraction(experts).run()
         cfg = ToEConfig.load(experts)
         control_dir = os.path.join(out, "extract")
         extract(teacher=base, base=base, data=data, out=control_dir, num_leaves=cfg.num_leaves, shape=cfg.shape,

@@ -17,6 +17,7 @@ from .config import ToEError
 from .data import pad_left
 from .hf import padded_inputs
 from .losses import generalized_jsd, token_nll, topk_kl
+from .store import Extraction
 
 
 @dataclass
@@ -135,16 +136,11 @@ def eos_ids(model: torch.nn.Module, tok) -> list[int]:
 def load_teacher(teacher: str | None, experts: str, tok, dtype: str, device) -> torch.nn.Module:
     """The frozen teacher of on-policy steps: ``teacher`` or the one the extraction in ``experts`` read; its
     vocabulary must be the student's (the divergence compares distributions over the same token ids)."""
-    import json
-    import os
 
     from .hf import load_causal_lm, load_tokenizer
 
     if teacher is None:
-        path = os.path.join(experts, "manifest.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                teacher = json.load(f).get("teacher")
+        teacher = Extraction(experts).teacher()
     if not teacher:
         raise ToEError("on-policy training needs the teacher: pass --teacher (the extraction's manifest names none)")
     t_tok = load_tokenizer(teacher)

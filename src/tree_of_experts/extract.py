@@ -57,6 +57,7 @@ from .losses import token_nll, topk_logprobs
 from .model import ToEModel, frozen, new_config
 from .plugin import ToEPlugin
 from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
+from .store import CORRUPT, Extraction
 from .tree import effective_leaves, path_table
 
 
@@ -152,24 +153,16 @@ def capture_shard(
 
 
 def shard_paths(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "shards", "shard-*.safetensors")))
+    return Extraction(out).shard_paths()
 
 
 def iter_shards(out: str) -> Iterator[dict[str, torch.Tensor]]:
-    for path in shard_paths(out):
-        yield load_tensors(path, "delete that shard and rerun `toe extract` with the same settings (it captures the "
-                                 "missing shards again)")
+    return Extraction(out).iter_shards()
 
 
 def iter_examples(out: str, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Per-example slices of the shards (only examples in ``which`` when given)."""
-    for shard in iter_shards(out):
-        offsets = shard["offsets"]
-        for k in range(len(offsets) - 1):
-            a, b = int(offsets[k]), int(offsets[k + 1])
-            if which is not None and int(shard["example"][a]) not in which:
-                continue
-            yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+    """Per-example slices of the shards (only examples in ``which`` when given); see :class:`store.Extraction`."""
+    return Extraction(out).iter_examples(which)
 
 
 # -- the trained fusion map ---------------------------------------------------------------------------------------
@@ -258,7 +251,7 @@ def train_fusion_maps(
 
 
 # -- the command --------------------------------------------------------------------------------------------------
-CORRUPT_EXTRACTION = "the extraction is damaged: extract again into a new --out (or with --overwrite)"
+CORRUPT_EXTRACTION = CORRUPT  # kept for callers of the old name
 
 
 def check_same_extraction(out: str, settings: dict) -> None:

@@ -29,14 +29,15 @@ import torch
 from .config import OracleConfig, ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
 from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
-from .extract import CORRUPT_EXTRACTION, capture_shard, example_ce, prepare, same_vocab
+from .extract import capture_shard, example_ce, prepare, same_vocab
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps, load_tensors
+from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
 from .stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
+from .store import Extraction, route_key
 
 STOP = ("Question:",)
 SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",
@@ -203,7 +204,8 @@ def oracle(
     offsets = shard["offsets"]
     items = [{k: v[int(offsets[i]) : int(offsets[i + 1])] for k, v in shard.items() if k != "offsets"}
              for i in range(len(examples))]
-    proj = load_tensors(os.path.join(experts, "projector.safetensors"), CORRUPT_EXTRACTION)
+    extraction = Extraction(experts)
+    proj = extraction.projector()
     maps, ridge = [], []
     for layer in cfg.layers:
         w = proj[f"ridge.{layer}"]
@@ -213,10 +215,10 @@ def oracle(
         ridge.append(w.to(device))
     extracted = ToEPlugin.load(experts)
     banks = [extracted.blocks[str(layer)].bank.vectors().detach().to(device) for layer in cfg.layers]
-    route = load_tensors(os.path.join(experts, "route_data.safetensors"), CORRUPT_EXTRACTION)
+    route = extraction.route_data()
     static = []
     for layer, bank in zip(cfg.layers, banks):
-        sizes = torch.bincount(route[f"leaf.{layer}"], minlength=len(bank)).float().to(device)
+        sizes = torch.bincount(route[route_key("leaf", layer)], minlength=len(bank)).float().to(device)
         static.append((bank * sizes[:, None]).sum(0) / sizes.sum())
 
     def o2(j, u, h):

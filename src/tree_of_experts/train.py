@@ -30,7 +30,6 @@ from .distill import (
     sample,
     teacher_logits,
 )
-from .extract import CORRUPT_EXTRACTION, iter_examples
 from .hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs
 from .io import (
     append_jsonl,
@@ -46,6 +45,7 @@ from .io import (
 )
 from .losses import tail_positions
 from .model import ToEModel
+from .store import RUN, Extraction, route_key
 from .tree import RouteOutput, effective_leaves, num_nodes, path_labels, route_loss, usage
 
 OBJECTIVES = ("off_policy", "on_policy")
@@ -65,12 +65,11 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
     rows = read_jsonl(data, spec, limit)
     encoded = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
     kd_rows: dict[int, dict] = {}
-    run_path = os.path.join(experts, "run.json")
-    if use_kd and os.path.isfile(run_path):
-        with open(run_path) as f:
-            run = json.load(f)
+    extraction = Extraction(experts)
+    if use_kd and extraction.has(RUN):
+        run = extraction.run()
         if run.get("topk_logprobs") and run.get("data_sha256") == file_hash(data):
-            for ex in iter_examples(experts):
+            for ex in extraction.iter_examples():
                 kd_rows[int(ex["example"][0])] = ex
     out = []
     for i, e in enumerate(encoded):
@@ -124,7 +123,7 @@ def sampled_route_loss(gate, route_data: dict[str, torch.Tensor], layer: int, n:
                        device: torch.device, closed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Route BCE of ``gate`` on ``n`` cached base states drawn with ``g``; nodes where ``closed`` (M,) is True are
     left out (Stage A opens levels top-down). Returns (loss, per-node accuracy)."""
-    states, leaf = route_data[f"states.{layer}"], route_data[f"leaf.{layer}"]
+    states, leaf = route_data[route_key("states", layer)], route_data[route_key("leaf", layer)]
     pick = torch.randint(len(leaf), (n,), generator=g)
     labels = path_labels(gate.shape, gate.num_leaves, leaf[pick]).to(device)
     if closed is not None:
@@ -365,8 +364,7 @@ def train(
     if ce_weight == 0 and not use_kd:
         raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
                        "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
-    route_path = os.path.join(experts, "route_data.safetensors")
-    route_data = load_tensors(route_path, CORRUPT_EXTRACTION) if os.path.isfile(route_path) else {}
+    route_data = Extraction(experts).route_data()
     if not route_data:
         skip_stage_a, route_weight = True, 0.0
     stage_a = 0 if skip_stage_a else stage_a_steps

@@ -1,0 +1,91 @@
+"""The extraction folder's one owner: its file names, tensor keys and readers.
+
+`toe extract` writes the folder; `toe train`, `toe oracle`, `toe baseline`, `toe rebuild` and on-policy training read
+it, all through :class:`Extraction`, so a file name or tensor key is spelled in one place. Layout:
+
+    run.json                 settings of the extraction (a rerun with other settings is refused)
+    manifest.json            models, layers, data hash, counts, timings, shard list
+    summary.json / .md       projector fit, O1 table, cluster sizes, throughput
+    shards/shard-*.safetensors   per-example slices (``offsets``): ids, masks, base/teacher states, teacher top-k
+    projector.safetensors    ``ridge.{layer}`` and ``trained.{layer}.*`` (the fusion maps)
+    route_data.safetensors   ``states.{layer}``, ``leaf.{layer}``, ``branches.{layer}`` (route labels, Stage A)
+    toe_config.json + toe_model.safetensors   the untrained plug-in (loadable as is)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .io import load_tensors, read_json
+
+RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
+    "route_data.safetensors"
+CORRUPT = "the extraction is damaged: extract again into a new --out (or with --overwrite)"
+CORRUPT_SHARD = ("delete that shard and rerun `toe extract` with the same settings (it captures the missing shards "
+                 "again)")
+
+
+class Extraction:
+    """A `toe extract` output folder, read lazily; damaged files are one-line ToEErrors naming the file and the fix.
+
+    Args:
+        folder: the extraction folder (`toe extract --out`).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = os.fspath(folder)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self.path(name))
+
+    # -- JSON records ---------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        return read_json(self.path(RUN), CORRUPT)
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.path(MANIFEST), CORRUPT)
+
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.path(SUMMARY), CORRUPT)
+
+    def teacher(self) -> str | None:
+        """The teacher the extraction read (None when the manifest is missing or names none)."""
+        return self.manifest().get("teacher") if self.has(MANIFEST) else None
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+    def projector(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path(PROJECTOR), CORRUPT)
+
+    def route_data(self) -> dict[str, torch.Tensor]:
+        """Cached base states and their leaf/path labels per layer ({} when the folder has none)."""
+        return load_tensors(self.path(ROUTE), CORRUPT) if self.has(ROUTE) else {}
+
+    def shard_paths(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.folder, "shards", "shard-*.safetensors")))
+
+    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+        for path in self.shard_paths():
+            yield load_tensors(path, CORRUPT_SHARD)
+
+    def iter_examples(self, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Per-example slices of the shards (only examples in ``which`` when given)."""
+        for shard in self.iter_shards():
+            offsets = shard["offsets"]
+            for k in range(len(offsets) - 1):
+                a, b = int(offsets[k]), int(offsets[k + 1])
+                if which is not None and int(shard["example"][a]) not in which:
+                    continue
+                yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+
+
+def route_key(kind: str, layer: int | str) -> str:
+    """``states``, ``leaf`` or ``branches`` of injection layer ``layer`` in ``route_data.safetensors``."""
+    return f"{kind}.{layer}"
