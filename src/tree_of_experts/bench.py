@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from .capture import Example, capture_shard, default_layer, teacher_layer_for
 from .config import ToEError
-from .extract import Example, capture_shard, default_layer, teacher_layer_for
 from .hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
 from .io import atomic_write_json, atomic_write_text
 from .losses import token_nll

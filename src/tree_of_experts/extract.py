@@ -24,25 +24,22 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .bank import ExpertBank
+from .capture import Example, capture_shard, default_layer, prepare, same_vocab, teacher_layer_for  # noqa: F401
 from .cluster import balanced_tree, init_gate_from_geometry, leaf_means, mass_ordered_clusters
 from .config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
-from .data import DataSpec, align_offsets, encode, file_hash, pad_left, read_jsonl
+from .data import DataSpec, file_hash, read_jsonl
+from .fusion import batches, collate, example_ce, mean_ce, train_fusion_maps  # noqa: F401
 from .hf import (
-    add_to_layers,
     arch_fingerprint,
-    capture_layers,
     decoder_layers,
     load_causal_lm,
     load_tokenizer,
     model_id,
-    padded_inputs,
-    states_until,
 )
 from .io import (
     atomic_save_tensors,
@@ -53,103 +50,11 @@ from .io import (
     load_tensors,
     read_json,
 )
-from .losses import token_nll, topk_logprobs
-from .model import ToEModel, frozen, new_config
+from .model import ToEModel, new_config
 from .plugin import ToEPlugin
 from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
 from .store import CORRUPT, Extraction
 from .tree import effective_leaves, path_table
-
-
-def default_layer(num_layers: int) -> int:
-    """The middle of the base: injection there measured best in the first real-pair probe (layer 11 of 24)."""
-    return num_layers // 2 - 1
-
-
-def teacher_layer_for(base_layer: int, base_layers: int, teacher_layers: int) -> int:
-    """Teacher layer at the same relative depth (layer outputs, 0-based): 11 of 24 -> 13 of 28."""
-    return max(0, round((base_layer + 1) * teacher_layers / base_layers) - 1)
-
-
-def same_vocab(tok_a, tok_b) -> bool:
-    return tok_a.get_vocab() == tok_b.get_vocab()
-
-
-@dataclass
-class Example:
-    index: int
-    ids: torch.Tensor  # (T,) base token ids
-    loss_mask: torch.Tensor  # (T,) bool
-    teacher_ids: torch.Tensor  # (T',) teacher token ids (== ids when the tokenizers agree)
-    align: torch.Tensor  # (T,) teacher index for each base token (-1: none)
-
-
-def prepare(records: list[dict], spec: DataSpec, base_tok, teacher_tok, max_length: int) -> list[Example]:
-    shared = same_vocab(base_tok, teacher_tok)
-    out = []
-    for i, r in enumerate(records):
-        prompt, response = spec.prompt(r), spec.response(r)
-        b = encode(base_tok, prompt, response, max_length)
-        if shared:
-            out.append(Example(i, b.input_ids, b.loss_mask, b.input_ids, torch.arange(len(b.input_ids))))
-            continue
-        t = encode(teacher_tok, prompt, response, max_length)
-        out.append(Example(i, b.input_ids, b.loss_mask, t.input_ids, align_offsets(b.offsets, t.offsets)))
-    return out
-
-
-# -- capture -----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def capture_shard(
-    examples: list[Example],
-    teacher, base, layers: list[int], teacher_layers: list[int], batch_size: int, topk: int, pad_id: int,
-    kd: bool, timings: dict,
-) -> dict[str, torch.Tensor]:
-    """Teacher-forced forward of both models; returns the shard's tensors (rows = kept tokens of each example)."""
-    dev = next(base.parameters()).device
-    cols: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        ids_t, am_t = pad_left([e.teacher_ids for e in chunk], pad_id)
-        ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
-        t0 = time.perf_counter()
-        if kd:  # the teacher's log-probs are cached too: a full forward
-            with capture_layers(teacher, teacher_layers) as t_states:
-                t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
-        else:
-            t_states = states_until(teacher, teacher_layers, padded_inputs(ids_t, am_t, dev))
-        t1 = time.perf_counter()
-        b_states = states_until(base, layers, padded_inputs(ids_b, am_b, dev))
-        t2 = time.perf_counter()
-        timings["teacher_s"] += t1 - t0
-        timings["base_s"] += t2 - t1
-        timings["tokens"] += int(am_b.sum())
-        if kd:
-            t_nll, top_ids, top_logp = topk_logprobs(t_logits, ids_t.to(dev), am_t.to(dev).bool(), topk)
-        for row, e in enumerate(chunk):
-            tb, tt = ids_b.shape[1] - len(e.ids), ids_t.shape[1] - len(e.teacher_ids)  # left-pad offsets
-            align = e.align
-            valid = align >= 0
-            valid[0] = False  # position 0 is the attention sink: never a training or injection row
-            tix = tt + align.clamp_min(0)
-            add = cols.setdefault
-            add("input_ids", []).append(e.ids)
-            add("loss_mask", []).append(e.loss_mask.to(torch.uint8))
-            add("valid", []).append(valid.to(torch.uint8))
-            add("example", []).append(torch.full((len(e.ids),), e.index, dtype=torch.long))
-            for j, (lb, lt) in enumerate(zip(layers, teacher_layers)):
-                add(f"base.{j}", []).append(b_states[lb][row, tb:].half().cpu())
-                add(f"teacher.{j}", []).append(t_states[lt][row, tix].half().cpu())
-            if kd:
-                # Targets: base token t is predicted at teacher position (aligned t) - 1 (only used when ids match).
-                src = (tix - 1).clamp_min(0)
-                add("teacher_nll", []).append(t_nll[row, tix].float().cpu())
-                last = top_ids.shape[1] - 1
-                add("topk_ids", []).append(top_ids[row, src.clamp_max(last)].int().cpu())
-                add("topk_logp", []).append(top_logp[row, src.clamp_max(last)].half().cpu())
-    tensors = {k: torch.cat(v) for k, v in cols.items()}
-    tensors["offsets"] = torch.tensor([0] + [len(e.ids) for e in examples]).cumsum(0)
-    return tensors
 
 
 def shard_paths(out: str) -> list[str]:
@@ -163,91 +68,6 @@ def iter_shards(out: str) -> Iterator[dict[str, torch.Tensor]]:
 def iter_examples(out: str, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Per-example slices of the shards (only examples in ``which`` when given); see :class:`store.Extraction`."""
     return Extraction(out).iter_examples(which)
-
-
-# -- the trained fusion map ---------------------------------------------------------------------------------------
-def batches(examples: list[dict], size: int) -> Iterator[list[dict]]:
-    for i in range(0, len(examples), size):
-        yield examples[i : i + size]
-
-
-def collate(chunk: list[dict], num_layers: int, pad_id: int) -> dict[str, torch.Tensor]:
-    ids, am = pad_left([c["input_ids"] for c in chunk], pad_id)
-    out = {"input_ids": ids, "attention_mask": am}
-    for key in ("loss_mask", "valid"):
-        out[key] = pad_left([c[key].bool().long() for c in chunk], 0)[0].bool()
-    for j in range(num_layers):
-        t = max(len(c["input_ids"]) for c in chunk)
-        u = torch.zeros(len(chunk), t, chunk[0][f"teacher.{j}"].shape[1])
-        for i, c in enumerate(chunk):
-            u[i, t - len(c["input_ids"]) :] = c[f"teacher.{j}"].float()
-        out[f"teacher.{j}"] = u
-    return out
-
-
-def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None,
-               batch_size: int = 4) -> list[tuple[float, int]]:
-    """(NLL sum, token count) over each example's response tokens, optionally with ``delta_fn(j, u, h) -> Δ``
-    injected at injection layer j (u: the example's cached teacher states)."""
-    out = []
-    dev = next(base.parameters()).device
-    with torch.no_grad():
-        for chunk in batches(data, batch_size):
-            b = collate(chunk, len(layers), pad_id)
-            fns = {}
-            if delta_fn is not None:
-                for j, layer in enumerate(layers):
-                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
-                    fns[layer] = lambda h, j=j, u=u, m=m: delta_fn(j, u, h) * m[..., None]
-            with add_to_layers(base, fns):
-                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
-            nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
-            out += [(float(nll[i].sum()), int(b["loss_mask"][i].sum())) for i in range(len(chunk))]
-    return out
-
-
-def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
-    """Token-weighted mean response CE (see :func:`example_ce`)."""
-    per = example_ce(base, layers, data, pad_id, delta_fn, batch_size)
-    return sum(s for s, _ in per) / max(sum(n for _, n in per), 1)
-
-
-def train_fusion_maps(
-    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, epochs: int, lr: float,
-    batch_size: int, seed: int,
-) -> list[float]:
-    """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
-    dev = next(base.parameters()).device
-    maps.to(dev).train()
-    opt = torch.optim.Adam(maps.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    steps = epochs * math.ceil(len(data) / batch_size)
-    bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
-    # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
-    # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
-    with frozen(base):
-        for _ in range(epochs):
-            order = torch.randperm(len(data), generator=g).tolist()
-            for chunk in batches([data[i] for i in order], batch_size):
-                b = collate(chunk, len(layers), pad_id)
-                fns = {}
-                for j, layer in enumerate(layers):
-                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
-                    fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
-                with add_to_layers(base, fns):
-                    logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
-                mask = b["loss_mask"].to(dev)
-                loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    maps.eval()
-    return losses
 
 
 # -- the command --------------------------------------------------------------------------------------------------

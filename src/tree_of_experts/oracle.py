@@ -26,10 +26,11 @@ import os
 
 import torch
 
+from .capture import capture_shard, prepare, same_vocab
 from .config import OracleConfig, ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
 from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
-from .extract import capture_shard, example_ce, prepare, same_vocab
+from .fusion import example_ce
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
 from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps

@@ -1,0 +1,104 @@
+"""Paired teacher/base states on identical text: which layers, token alignment across tokenizers, and the capture
+of one shard (states, ids, masks, the teacher's top-k next-token log-probs)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .data import DataSpec, align_offsets, encode, pad_left
+from .hf import capture_layers, padded_inputs, states_until
+from .losses import topk_logprobs
+
+
+def default_layer(num_layers: int) -> int:
+    """The middle of the base: injection there measured best in the first real-pair probe (layer 11 of 24)."""
+    return num_layers // 2 - 1
+
+
+def teacher_layer_for(base_layer: int, base_layers: int, teacher_layers: int) -> int:
+    """Teacher layer at the same relative depth (layer outputs, 0-based): 11 of 24 -> 13 of 28."""
+    return max(0, round((base_layer + 1) * teacher_layers / base_layers) - 1)
+
+
+def same_vocab(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+@dataclass
+class Example:
+    index: int
+    ids: torch.Tensor  # (T,) base token ids
+    loss_mask: torch.Tensor  # (T,) bool
+    teacher_ids: torch.Tensor  # (T',) teacher token ids (== ids when the tokenizers agree)
+    align: torch.Tensor  # (T,) teacher index for each base token (-1: none)
+
+
+def prepare(records: list[dict], spec: DataSpec, base_tok, teacher_tok, max_length: int) -> list[Example]:
+    shared = same_vocab(base_tok, teacher_tok)
+    out = []
+    for i, r in enumerate(records):
+        prompt, response = spec.prompt(r), spec.response(r)
+        b = encode(base_tok, prompt, response, max_length)
+        if shared:
+            out.append(Example(i, b.input_ids, b.loss_mask, b.input_ids, torch.arange(len(b.input_ids))))
+            continue
+        t = encode(teacher_tok, prompt, response, max_length)
+        out.append(Example(i, b.input_ids, b.loss_mask, t.input_ids, align_offsets(b.offsets, t.offsets)))
+    return out
+
+
+# -- capture -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def capture_shard(
+    examples: list[Example],
+    teacher, base, layers: list[int], teacher_layers: list[int], batch_size: int, topk: int, pad_id: int,
+    kd: bool, timings: dict,
+) -> dict[str, torch.Tensor]:
+    """Teacher-forced forward of both models; returns the shard's tensors (rows = kept tokens of each example)."""
+    dev = next(base.parameters()).device
+    cols: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids_t, am_t = pad_left([e.teacher_ids for e in chunk], pad_id)
+        ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
+        t0 = time.perf_counter()
+        if kd:  # the teacher's log-probs are cached too: a full forward
+            with capture_layers(teacher, teacher_layers) as t_states:
+                t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
+        else:
+            t_states = states_until(teacher, teacher_layers, padded_inputs(ids_t, am_t, dev))
+        t1 = time.perf_counter()
+        b_states = states_until(base, layers, padded_inputs(ids_b, am_b, dev))
+        t2 = time.perf_counter()
+        timings["teacher_s"] += t1 - t0
+        timings["base_s"] += t2 - t1
+        timings["tokens"] += int(am_b.sum())
+        if kd:
+            t_nll, top_ids, top_logp = topk_logprobs(t_logits, ids_t.to(dev), am_t.to(dev).bool(), topk)
+        for row, e in enumerate(chunk):
+            tb, tt = ids_b.shape[1] - len(e.ids), ids_t.shape[1] - len(e.teacher_ids)  # left-pad offsets
+            align = e.align
+            valid = align >= 0
+            valid[0] = False  # position 0 is the attention sink: never a training or injection row
+            tix = tt + align.clamp_min(0)
+            add = cols.setdefault
+            add("input_ids", []).append(e.ids)
+            add("loss_mask", []).append(e.loss_mask.to(torch.uint8))
+            add("valid", []).append(valid.to(torch.uint8))
+            add("example", []).append(torch.full((len(e.ids),), e.index, dtype=torch.long))
+            for j, (lb, lt) in enumerate(zip(layers, teacher_layers)):
+                add(f"base.{j}", []).append(b_states[lb][row, tb:].half().cpu())
+                add(f"teacher.{j}", []).append(t_states[lt][row, tix].half().cpu())
+            if kd:
+                # Targets: base token t is predicted at teacher position (aligned t) - 1 (only used when ids match).
+                src = (tix - 1).clamp_min(0)
+                add("teacher_nll", []).append(t_nll[row, tix].float().cpu())
+                last = top_ids.shape[1] - 1
+                add("topk_ids", []).append(top_ids[row, src.clamp_max(last)].int().cpu())
+                add("topk_logp", []).append(top_logp[row, src.clamp_max(last)].half().cpu())
+    tensors = {k: torch.cat(v) for k, v in cols.items()}
+    tensors["offsets"] = torch.tensor([0] + [len(e.ids) for e in examples]).cumsum(0)
+    return tensors
