@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,57 +19,23 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig, ToEError
 from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
-from .grading import grade, gsm8k_gold, last_boxed
+from .grading import grade
 from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
 from .inference import GREEDY, Sampling, generate_texts, seeded
 from .io import atomic_write_json, atomic_write_text, claim_out, dumps
 from .losses import token_nll
 from .stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
+from .tasks import (  # noqa: F401 (re-exported: the old import path)
+    CE_TARGETS,
+    STOP,
+    TASK_FIELDS,
+    Item,
+    build_items,
+    ce_target_spec,
+    check_ce_rows,
+    gold_answer,
+)
 from .tree import effective_leaves
-
-# code: CE-only text (held-out source files: what a plug-in or adapter costs outside its domain)
-TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "code": ("prompt", "text")}
-
-
-@dataclass
-class Item:
-    prompt: str  # the generation prompt (few-shot prefix included)
-    ce_prompt: str  # the prompt the CE target is scored after (no few-shot prefix)
-    ce_target: str  # the response whose tokens are scored
-    gold: str  # reference answer
-
-
-def gold_answer(task: str, record: dict, response_field: str) -> str:
-    if task == "code":
-        return ""
-    if task == "gsm8k":
-        return gsm8k_gold(str(record[response_field])) or ""
-    return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
-
-
-CE_TARGETS = ("gold_clean", "gold", "trace")
-STOP = ["\n\nQuestion:", "Question:"]  # generation ends where the model starts a new problem
-
-
-def ce_target_spec(task: str, template: str, ce_target: str) -> DataSpec:
-    """The DataSpec whose response is the CE target: the gold solution without <<...>> notes ("gold_clean"), as
-    written ("gold"), or the teacher's completion in the ``trace`` field written by `toe traces` ("trace")."""
-    if ce_target not in CE_TARGETS:
-        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
-    qf, rf = TASK_FIELDS[task]
-    return DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
-
-
-def check_ce_rows(rows: list[dict], ce_target: str, data: str) -> None:
-    """Raises the one-line fix when the trace target is asked of rows that `toe traces` did not write."""
-    if ce_target == "trace" and any("trace" not in r for r in rows):
-        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
-
-
-def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], ce_spec: DataSpec) -> list[Item]:
-    prefix = "".join(spec.prompt(s) + spec.response(s) + "\n\n" for s in shots)
-    return [Item(prefix + spec.prompt(r), ce_spec.prompt(r), ce_spec.response(r),
-                 gold_answer(task, r, spec.response_field)) for r in rows]
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ import torch
 from .capture import capture_shard, prepare, same_vocab
 from .config import OracleConfig, ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
-from .evaluate import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer, summarize
+from .evaluate import summarize
 from .fusion import example_ce
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
@@ -39,6 +39,7 @@ from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
 from .stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 from .store import Extraction, route_key
+from .tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 
 STOP = ("Question:",)
 SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",

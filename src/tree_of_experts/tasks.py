@@ -1,0 +1,54 @@
+"""Task definitions: which fields hold a task's question and solution, the CE targets, the reference answer, the
+stop strings, and the items an evaluation scores. `toe eval`, `toe traces` and `toe oracle` share them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ToEError
+from .data import DataSpec
+from .grading import gsm8k_gold, last_boxed
+
+# code: CE-only text (held-out source files: what a plug-in or adapter costs outside its domain)
+TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "code": ("prompt", "text")}
+
+
+@dataclass
+class Item:
+    prompt: str  # the generation prompt (few-shot prefix included)
+    ce_prompt: str  # the prompt the CE target is scored after (no few-shot prefix)
+    ce_target: str  # the response whose tokens are scored
+    gold: str  # reference answer
+
+
+def gold_answer(task: str, record: dict, response_field: str) -> str:
+    if task == "code":
+        return ""
+    if task == "gsm8k":
+        return gsm8k_gold(str(record[response_field])) or ""
+    return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
+
+
+CE_TARGETS = ("gold_clean", "gold", "trace")
+STOP = ["\n\nQuestion:", "Question:"]  # generation ends where the model starts a new problem
+
+
+def ce_target_spec(task: str, template: str, ce_target: str) -> DataSpec:
+    """The DataSpec whose response is the CE target: the gold solution without <<...>> notes ("gold_clean"), as
+    written ("gold"), or the teacher's completion in the ``trace`` field written by `toe traces` ("trace")."""
+    if ce_target not in CE_TARGETS:
+        raise ToEError(f"ce_target={ce_target!r}: use gold_clean, gold or trace")
+    qf, rf = TASK_FIELDS[task]
+    return DataSpec(qf, "trace" if ce_target == "trace" else rf, template, strip_calc=ce_target == "gold_clean")
+
+
+def check_ce_rows(rows: list[dict], ce_target: str, data: str) -> None:
+    """Raises the one-line fix when the trace target is asked of rows that `toe traces` did not write."""
+    if ce_target == "trace" and any("trace" not in r for r in rows):
+        raise ToEError(f"--ce_target trace needs rows with a 'trace' field: make {data} with `toe traces` first")
+
+
+def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], ce_spec: DataSpec) -> list[Item]:
+    prefix = "".join(spec.prompt(s) + spec.response(s) + "\n\n" for s in shots)
+    return [Item(prefix + spec.prompt(r), ce_spec.prompt(r), ce_spec.response(r),
+                 gold_answer(task, r, spec.response_field)) for r in rows]
