@@ -12,7 +12,6 @@ import json
 import os
 import time
 from dataclasses import asdict
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +21,9 @@ from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
 from .grading import grade
 from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
 from .inference import GREEDY, Sampling, generate_texts, seeded
-from .io import atomic_write_json, atomic_write_text, claim_out, dumps
+from .io import atomic_write_text, claim_out
 from .losses import token_nll
-from .stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
+from .results import compare, summarize, usage_summary, write_metrics, write_rows  # noqa: F401
 from .tasks import (  # noqa: F401 (re-exported: the old import path)
     CE_TARGETS,
     STOP,
@@ -35,7 +34,6 @@ from .tasks import (  # noqa: F401 (re-exported: the old import path)
     check_ce_rows,
     gold_answer,
 )
-from .tree import effective_leaves
 
 
 @torch.no_grad()
@@ -111,46 +109,6 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         for row in rows:
             row["gen_seconds_total"] = elapsed
     return rows
-
-
-def usage_summary(mass: dict[int, torch.Tensor], delta_ratio: dict[int, float] | None = None) -> dict[str, dict]:
-    """{layer: share of the selection mass per leaf, effective leaves = exp(entropy of that share) and, when given,
-    the mean ||Δ|| / ||h|| over the scored tokens}."""
-    return {str(layer): {"usage": (m / m.sum().clamp_min(1e-12)).tolist(),
-                         "effective_leaves": effective_leaves(m).item(),
-                         **({"delta_ratio": delta_ratio[layer]} if delta_ratio and layer in delta_ratio else {})}
-            for layer, m in mass.items()}
-
-
-def summarize(rows: list[dict]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n": len(rows)}
-    if rows and "correct" in rows[0]:
-        k = sum(r["correct"] for r in rows)
-        out["accuracy"] = k / len(rows)
-        out["accuracy_ci95"] = list(wilson(k, len(rows)))
-        out["mean_completion_tokens"] = sum(r["tokens"] for r in rows) / len(rows)
-        if "truncated" in rows[0]:  # rows written before the flag existed have none
-            out["truncated_share"] = sum(r["truncated"] for r in rows) / len(rows)
-    if rows and "samples" in rows[0]:  # k sampled completions per item
-        k = len(rows[0]["samples"])
-        out["num_samples"] = k
-        out["pass@1"] = sum(s["correct"] for r in rows for s in r["samples"]) / (k * len(rows))
-        for key, field in ((f"maj@{k}", "maj_correct"), (f"pass@{k}", "pass")):
-            hits = sum(r[field] for r in rows)
-            out[key], out[f"{key}_ci95"] = hits / len(rows), list(wilson(hits, len(rows)))
-    if rows and "ce" in rows[0]:
-        values = finite_values(rows, "ce")
-        if values is None:  # NaN/inf on some item (a diverged plug-in, fp16 overflow): flagged, never averaged
-            out["ce"], out["ce_ci95"], out["ce_token_weighted"] = None, [None, None], None
-            out["ce_nonfinite"] = nonfinite_count(rows, "ce")
-            return out
-        mean, lo, hi = bootstrap_mean(values)
-        out["ce"], out["ce_ci95"] = mean, [lo, hi]
-        tokens = sum(r["ce_tokens"] for r in rows)
-        out["ce_token_weighted"] = sum(r["ce"] * r["ce_tokens"] for r in rows) / max(tokens, 1)
-        if "cut_by_max_length" in rows[0]:  # rows written before the flag existed have none
-            out["ce_cut_by_max_length"] = sum(r["cut_by_max_length"] for r in rows)
-    return out
 
 
 def evaluate(
@@ -295,44 +253,6 @@ def evaluate(
     if teacher:
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
     return write_metrics(out, args, per_system, leaf_usage)
-
-
-def write_rows(out: str, system: str, rows: list[dict]) -> None:
-    atomic_write_text(os.path.join(out, f"{system}.jsonl"), "".join(dumps(r) + "\n" for r in rows))
-
-
-def write_metrics(out: str, args: dict, per_system: dict[str, list[dict]], leaf_usage: dict | None = None) -> dict:
-    """``out/metrics.json``: the run's arguments, each system's summary, comparisons and (for a plug-in) leaf usage
-    over every scored and generated token."""
-    metrics = {"args": args, "systems": {k: summarize(v) for k, v in per_system.items()}}
-    metrics["comparisons"] = compare(per_system)
-    if leaf_usage:
-        metrics["leaf_usage"] = leaf_usage
-    atomic_write_json(os.path.join(out, "metrics.json"), metrics)
-    return metrics
-
-
-def compare(per_system: dict[str, list[dict]]) -> dict:
-    """Paired differences vs the base and gap closed vs the teacher, on the same items."""
-    out: dict[str, Any] = {}
-    base = per_system.get("base")
-    teacher = per_system.get("teacher")
-    for name, rows in per_system.items():
-        if name in ("base", "teacher") or base is None:
-            continue
-        c: dict[str, Any] = {}
-        for metric, key in (("ce", "ce"), ("accuracy", "correct")):
-            if key not in rows[0]:
-                continue
-            s, b = finite_values(rows, key), finite_values(base, key)
-            t = finite_values(teacher, key) if teacher is not None else None
-            if s is None or b is None:  # a non-finite value: no comparison (summarize flags it)
-                continue
-            c[f"{metric}_vs_base"] = paired_bootstrap(s, b)
-            if t is not None:
-                c[f"{metric}_gap_closed"] = gap_closed_ci(s, b, t)
-        out[name] = c
-    return out
 
 
 def traces(

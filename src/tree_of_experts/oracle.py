@@ -29,7 +29,6 @@ import torch
 from .capture import capture_shard, prepare, same_vocab
 from .config import OracleConfig, ToEConfig, ToEError
 from .data import DataSpec, read_jsonl
-from .evaluate import summarize
 from .fusion import example_ce
 from .grading import grade
 from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
@@ -37,6 +36,7 @@ from .io import atomic_write_json, atomic_write_text, check_extraction, claim_ou
 from .model import ToEModel
 from .plugin import ToEPlugin
 from .projector import FusionMap, ridge_delta
+from .results import summarize
 from .stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 from .store import Extraction, route_key
 from .tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer

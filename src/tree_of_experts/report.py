@@ -14,8 +14,8 @@ import os
 import re
 
 from .config import ToEError
-from .evaluate import summarize
 from .io import atomic_write_json, atomic_write_text, claim_out
+from .results import summarize
 from .stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
 
 ANCHORS = ("base", "teacher")
