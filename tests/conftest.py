@@ -6,6 +6,16 @@ import torch
 from tree_of_experts import ToEModel
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
+# Plug-in configurations the plug-in and export tests run through (shapes, selections, layer sets, gates).
+PLUGIN_CASES = [
+    dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2),
+    dict(layers=[0, 1], num_leaves=5, shape="deep", selection="topp", top_k=5, intensity=True),
+    dict(layers=[1], num_leaves=16, shape="balanced", selection="beam", top_k=3),
+    dict(layers=[1], num_leaves=4, shape="balanced", selection="dense"),
+    dict(layers=[0], num_leaves=6, shape="flat", selection="topk", top_k=2),
+    dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2, query_norm=True),
+]
+
 
 @pytest.fixture(scope="session")
 def tok():
@@ -65,4 +75,12 @@ def experts(tmp_path_factory):
     data = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
     extract(teacher=str(d / "teacher"), base=str(d / "base"), data=data, out=str(d / "ex"), num_leaves=8,
             shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The tiny pair saved as Hugging Face folders `pair/base` and `pair/teacher` (one per test module)."""
+    d = tmp_path_factory.mktemp("pair")
+    save_tiny_pair(d)
     return d

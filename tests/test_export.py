@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,31 +10,16 @@ import sys
 
 import pytest
 import torch
-from conftest import randomize, save_tiny_pair
+from conftest import PLUGIN_CASES, randomize
 
-from tree_of_experts import ToEConfig, ToEError, ToEModel
+from tree_of_experts import ToEError, ToEModel
 from tree_of_experts import export as export_module
 from tree_of_experts.cli import main
 from tree_of_experts.export import export
 from tree_of_experts.hf import load_causal_lm, load_tokenizer
 from tree_of_experts.toy import tiny_qwen2
 
-CASES = [
-    dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2),
-    dict(layers=[0, 1], num_leaves=5, shape="deep", selection="topp", top_k=5, intensity=True),
-    dict(layers=[1], num_leaves=16, shape="balanced", selection="beam", top_k=3),
-    dict(layers=[1], num_leaves=4, shape="balanced", selection="dense"),
-    dict(layers=[0], num_leaves=6, shape="flat", selection="topk", top_k=2),
-]
-if "query_norm" in {f.name for f in dataclasses.fields(ToEConfig)}:
-    CASES.append(dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2, query_norm=True))
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    save_tiny_pair(root)
-    return root
+CASES = PLUGIN_CASES
 
 
 def build(pair, tmp_path, fields, name="plugin"):

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 from tree_of_experts import ToEError, ToEModel
@@ -18,13 +17,6 @@ from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 from tree_of_experts.tree import TreeGate, path_labels
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    save_tiny_pair(d)
-    return d
 
 
 def run(pair, out, **kw):

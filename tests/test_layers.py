@@ -7,20 +7,11 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-from conftest import save_tiny_pair
 from safetensors.torch import load_file
 
 from tree_of_experts.cli import main
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pair")
-    save_tiny_pair(d)
-    return d
 
 
 def extract_args(pair, out, layers):

@@ -5,19 +5,13 @@ import os
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import PLUGIN_CASES, randomize
 
 from tree_of_experts import ToEConfig, ToEError, ToEModel
 from tree_of_experts.plugin import injection_mask
 from tree_of_experts.toy import tiny_qwen2
 
-CASES = [
-    dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2),
-    dict(layers=[0, 1], num_leaves=5, shape="deep", selection="topp", top_k=5, intensity=True),
-    dict(layers=[1], num_leaves=16, shape="balanced", selection="beam", top_k=3),
-    dict(layers=[1], num_leaves=4, shape="balanced", selection="dense"),
-    dict(layers=[0], num_leaves=6, shape="flat", selection="topk", top_k=2),
-]
+CASES = PLUGIN_CASES
 
 
 def logits(model, batch):
