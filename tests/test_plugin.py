@@ -244,3 +244,13 @@ def test_counting_reports_the_mean_push_of_each_layer(base, batch):
     for layer in (0, 1):
         assert model.plugin.delta_ratio[layer] == pytest.approx(records[layer].delta_ratio.item(), rel=1e-5)
         assert 0 < model.plugin.delta_ratio[layer] <= model.toe_config.clip + 1e-5  # the norm clip bounds it
+
+
+def test_weight_fingerprint_indices_stay_inside_large_tensors():
+    """A real base's embedding has 136M values: evenly spaced sample indices must stay below that (a float32
+    linspace rounded the last one up to the size itself and broke attaching to Qwen2.5-0.5B)."""
+    from tree_of_experts.hf import sample_indices
+
+    for n in (1, 7, 2**24 + 1, 136134656, 151936 * 1536):
+        idx = sample_indices(n, 8)
+        assert idx.min() == 0 and idx.max() == n - 1 and len(idx) == 8

@@ -43,6 +43,12 @@ def arch_fingerprint(config: Any) -> tuple[dict[str, Any], str]:
     return arch, digest
 
 
+def sample_indices(n: int, count: int) -> torch.Tensor:
+    """``count`` evenly spaced indices in [0, n), in integer arithmetic (a float32 linspace rounds the last index of
+    a 136M-element embedding up to n itself)."""
+    return torch.tensor([i * (n - 1) // max(count - 1, 1) for i in range(count)], dtype=torch.long)
+
+
 def weight_sample(model: nn.Module, count: int = 8) -> list[float] | None:
     """``count`` evenly spaced values of the input embedding and of the last decoder layer's first weight: a cheap
     fingerprint of the weights (two bases with the same architecture, other training, differ here). None when the
@@ -56,8 +62,7 @@ def weight_sample(model: nn.Module, count: int = 8) -> list[float] | None:
         if not w.is_floating_point() or w.is_meta or not w.is_contiguous() or w.numel() == 0:
             return None
         flat = w.detach().view(-1)
-        idx = torch.linspace(0, flat.numel() - 1, count).long().to(flat.device)
-        out += flat[idx].float().cpu().tolist()
+        out += flat[sample_indices(flat.numel(), count).to(flat.device)].float().cpu().tolist()
     return out
 
 
