@@ -31,8 +31,11 @@ one() {  # one chunk: rows [$1, $1 + $2)
   [ -n "${TEMPLATE:-}" ] && fmt=(--template "$TEMPLATE")
   [ -f "$parts/$id.jsonl" ] && return 0
   [ -f "$raw/$id.jsonl" ] || OMP_NUM_THREADS=${THREADS:-1} toe traces --teacher "$pair/qwen2.5-coder-1.5b-instruct" \
-    "${fmt[@]}" --data "$data" --skip "$1" --limit "$2" --keep_incorrect true \
-    --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size "${BATCH:-8}" --out "$raw/$id.jsonl" > "$parts/$id.json"
+    "${fmt[@]}" --data "$data" --skip "$1" --limit "$2" --keep_incorrect true --resume true \
+    --max-new-tokens "${TRACE_TOKENS:-400}" --batch-size "${BATCH:-8}" --out "$raw/$id.jsonl" > "$parts/$id.json.part" \
+    || { rm -f "$parts/$id.json.part"; echo "chunk $id failed: stopping (rerun resumes from the finished chunks)" >&2
+         exit 255; }  # 255 makes xargs stop starting chunks
+  [ -f "$parts/$id.json.part" ] && mv "$parts/$id.json.part" "$parts/$id.json"
   python3 - "$raw/$id.jsonl" "$parts/$id.jsonl" <<'PY'
 import json, sys
 from tree_of_experts.grading import gsm8k_gold

@@ -37,38 +37,48 @@ budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}
 objective_on=(--objective on_policy --on-policy-ratio "${RATIO:-1.0}" --beta "${BETA:-0.5}"
               --sample-max-new-tokens "${SAMPLE_TOKENS:-256}" --teacher "$teacher")
 toe_knobs=(--bank-lr "${BANK_LR:-1e-3}" --query-norm "${QUERY_NORM:-true}" --stage-a-steps 50)
-[ -f "$train_data" ] || { echo "$train_data missing: run runs/real_pair_traces.sh and copy its output there" >&2; exit 2; }
+need_traces() {  # the rows that train need the teacher's training traces
+  [ -f "$train_data" ] || { echo "$train_data missing: run runs/real_pair_traces.sh and copy its output there" >&2
+                            exit 2; }
+}
 mkdir -p "$res"/{ce,acc,code,train} "$work"
 
 # The reported items: the teacher's greedy chat answers (CE target, all kept) and its graded accuracy.
 traces="$work/dev-traces.jsonl"
 if [ ! -f "$traces" ]; then
   toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
-    --max-new-tokens 400 --batch-size 8 --eval-out "$res/acc/teacher" --overwrite true --out "$traces.tmp" \
+    --max-new-tokens 400 --batch-size 8 --eval-out "$res/acc/teacher" --overwrite true --resume true \
+    --out "$traces.tmp" \
     > "$res/dev_traces.json"
   mv "$traces.tmp" "$traces"
 fi
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
-  local out="$exdir/$1"
+  local out="$exdir/$1"; need_traces
   [ -f "$out/summary.json" ] || toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
     --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
     --batch-size 4 --shard-size 32 --out "$out"
   mkdir -p "$res/$1"; cp "$out"/{summary.json,summary.md,manifest.json} "$res/$1/"
 }
 
+again() {  # again DIR: continue an interrupted eval in DIR (its finished generation batches), else start it anew
+  if [ -f "$1/generations.partial.jsonl" ]; then echo --resume true; else echo --overwrite true; fi
+}
+
 scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped when its metrics exist)
   local name=$1; shift
   case " $score " in *" ce "*)
     [ -f "$res/ce/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$traces" \
-      --ce-target trace --accuracy false --batch-size 4 --overwrite true --out "$res/ce/$name" ;; esac
+      --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
   case " $score " in *" acc "*)
     [ -f "$res/acc/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$dev" --skip "$skip" \
-      --limit "$n" --ce false --max-new-tokens 400 --batch-size 8 --overwrite true --out "$res/acc/$name" ;; esac
+      --limit "$n" --ce false --max-new-tokens 400 --batch-size 8 $(again "$res/acc/$name") --out "$res/acc/$name" ;;
+  esac
   case " $score " in *" code "*)
     [ -f "$res/code/$name/metrics.json" ] || toe eval --base "$base" "$@" --task code --data "$code" \
-      --template "{prompt}" --accuracy false --ce-target gold --batch-size 4 --overwrite true --out "$res/code/$name" ;; esac
+      --template "{prompt}" --accuracy false --ce-target gold --batch-size 4 $(again "$res/code/$name") \
+      --out "$res/code/$name" ;; esac
 }
 
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter
@@ -82,14 +92,14 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
 }
 
 toe_row() {  # toe_row NAME EXTRACTION ARGS...
-  local name=$1$sfx ex=$2; shift 2
+  local name=$1$sfx ex=$2; shift 2; need_traces
   [ -f "$work/$name/train_summary.json" ] || toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
     "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
   keep "$name" "$work/$name"; scores "$name" --plugin "$work/$name" --with-base false
 }
 
 lora_row() {  # lora_row NAME RANK ARGS...
-  local name=$1$sfx rank=$2; shift 2
+  local name=$1$sfx rank=$2; shift 2; need_traces
   [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
     --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
     --overwrite true "$@"  # a LoRA row restarts after an interruption (no --resume for adapters)

@@ -410,3 +410,91 @@ def test_code_task_scores_ce_on_plain_text_only(tmp_path):
     assert m["systems"]["base"]["n"] == 2 and m["systems"]["base"]["ce"] > 0
     with pytest.raises(ToEError, match="--accuracy false"):
         evaluate(base=str(tmp_path / "base"), task="code", data=str(data), out=str(tmp_path / "ev2"))
+
+
+def test_generation_log_keeps_whole_batches_of_the_same_settings(tmp_path):
+    from tree_of_experts.inference import GenerationLog
+
+    path = str(tmp_path / "gen.partial")
+    log = GenerationLog(path, {"system": "base", "max_new_tokens": 8})
+    log.put(0, ["a", "b"], ["1", "2"])
+    log.put(2, ["c", "d"], ["3", "4"])
+    with open(path, "a") as f:
+        f.write('{"key": "cut off by the interrupt')  # a half-written line
+    again = GenerationLog(path, {"system": "base", "max_new_tokens": 8})
+    assert again.get(0, ["a", "b"]) == ["1", "2"] and again.get(2, ["c", "d"]) == ["3", "4"]
+    assert again.get(2, ["c", "x"]) is None  # other prompts at the same place
+    assert again.reused == 2
+    assert open(path).read().count("\n") == 2 and open(path).read().endswith("\n")  # the cut line is gone
+    assert GenerationLog(path, {"system": "base", "max_new_tokens": 9}).get(0, ["a", "b"]) is None  # other settings
+    again.close()
+    assert not os.path.exists(path)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, batches: int) -> list:
+    """generate_texts (as `toe eval`/`toe traces` call it) raises after ``batches`` calls; returns the call log."""
+    import tree_of_experts.evaluate as ev
+
+    real, calls = ev.generate_texts, []
+
+    def flaky(model, tok, prompts, *a, **kw):
+        if len(calls) >= batches:
+            raise _Interrupt
+        calls.append(list(prompts))
+        return real(model, tok, prompts, *a, **kw)
+
+    monkeypatch.setattr(ev, "generate_texts", flaky)
+    return calls
+
+
+def test_traces_resume_after_an_interruption(tmp_path, monkeypatch):
+    from tree_of_experts.demo import toy_pair_dir
+    from tree_of_experts.evaluate import traces
+
+    toy, fixture = toy_pair_dir(), os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    kw = dict(teacher=f"{toy}/teacher", data=fixture, limit=6, batch_size=2, max_new_tokens=12, keep_incorrect=True)
+    traces(out=str(tmp_path / "whole.jsonl"), **kw)
+    out = str(tmp_path / "t.jsonl")
+    calls = _interrupt_after(monkeypatch, 2)
+    with pytest.raises(_Interrupt):
+        traces(out=out, **kw)
+    assert not os.path.exists(out) and os.path.exists(out + ".partial")
+    with pytest.raises(ToEError, match="--resume true"):
+        traces(out=out, **kw)  # the interrupted run is not replaced without being asked
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 99)
+    traces(out=out, resume=True, **kw)
+    assert len(calls) == 1  # only the third batch was generated again
+    assert open(out).read() == open(tmp_path / "whole.jsonl").read()
+    assert not os.path.exists(out + ".partial")
+
+
+def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
+    from tree_of_experts.demo import toy_pair_dir
+    from tree_of_experts.evaluate import evaluate
+
+    toy, fixture = toy_pair_dir(), os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    kw = dict(base=f"{toy}/base", teacher=f"{toy}/teacher", data=fixture, limit=4, batch_size=2, max_new_tokens=12,
+              ce=False)
+    whole = evaluate(out=str(tmp_path / "whole"), **kw)
+    out = str(tmp_path / "ev")
+    _interrupt_after(monkeypatch, 3)  # the base's two batches and the teacher's first
+    with pytest.raises(_Interrupt):
+        evaluate(out=out, **kw)
+    with pytest.raises(ToEError, match="--resume"):
+        evaluate(out=out, **kw)
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 99)
+    m = evaluate(out=out, resume=True, **kw)
+    assert len(calls) == 1
+    for system in ("base", "teacher"):
+        assert m["systems"][system]["accuracy"] == whole["systems"][system]["accuracy"]
+        assert [r["completion"] for r in map(json.loads, open(os.path.join(out, f"{system}.jsonl")))] == \
+            [r["completion"] for r in map(json.loads, open(tmp_path / "whole" / f"{system}.jsonl"))]
+    assert not os.path.exists(os.path.join(out, "generations.partial.jsonl"))
+    with pytest.raises(ToEError, match="no eval run to continue"):
+        evaluate(out=out, resume=True, **kw)  # a finished eval is not "continued"

@@ -9,6 +9,7 @@ the base.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from .config import EvalConfig, ToEError
 from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
 from .grading import grade
 from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
-from .inference import GREEDY, Sampling, generate_texts, seeded
+from .inference import GREEDY, GenerationLog, Sampling, folder_fingerprint, generate_texts, seeded
 from .io import atomic_write_text, claim_out
 from .losses import token_nll
 from .results import compare, summarize, usage_summary, write_metrics, write_rows  # noqa: F401
@@ -34,6 +35,9 @@ from .tasks import (  # noqa: F401 (re-exported: the old import path)
     check_ce_rows,
     gold_answer,
 )
+
+logger = logging.getLogger(__name__)
+PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)
 
 
 @torch.no_grad()
@@ -83,9 +87,10 @@ def vote(samples: list[dict]) -> dict:
 
 def score_system(name: str, model, tok, items: list[Item], task: str, do_generate: bool, do_ce: bool,
                  max_new_tokens: int, batch_size: int, max_length: int, stop: list[str],
-                 sampling: Sampling = GREEDY) -> list[dict]:
+                 sampling: Sampling = GREEDY, log: GenerationLog | None = None) -> list[dict]:
     """Per-item rows of one system. With ``sampling.num_samples`` = k > 1 a row's completion, extracted, correct,
-    tokens and truncated are its first sample's; ``samples`` holds all k, with the majority vote and pass."""
+    tokens and truncated are its first sample's; ``samples`` holds all k, with the majority vote and pass. ``log``
+    keeps each generated batch as it finishes and hands back the batches an interrupted run already generated."""
     rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
     if do_ce:
         for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
@@ -94,12 +99,21 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         k = sampling.num_samples
         t0 = time.perf_counter()
         texts = []
-        with seeded(sampling.seed, next(model.parameters()).device):  # every system draws from the same seed
-            for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
-                chunk = [it.prompt for it in items[start : start + batch_size]]
-                texts += generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
-                                        stop_strings=stop or None)
+        log = log or GenerationLog(None, {})
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
+            chunk = [it.prompt for it in items[start : start + batch_size]]
+            done = log.get(start, chunk)
+            if done is None:
+                with seeded(sampling.seed + start, device):  # every system draws from the same seeds
+                    done = generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
+                                          stop_strings=stop or None)
+                log.put(start, chunk, done)
+            texts += done
         elapsed = time.perf_counter() - t0
+        if log.reused:
+            logger.info("%s: %d of %d batches taken from the interrupted run in %s", name, log.reused,
+                      -(-len(items) // batch_size), log.path)
         for i, row in enumerate(rows):
             samples = [grade_completion(task, raw, row["gold"], tok, max_new_tokens, stop)
                        for raw in texts[i * k : (i + 1) * k]]
@@ -142,6 +156,7 @@ def evaluate(
     num_samples: int = 1,
     seed: int = 0,
     skip_bad_rows: bool = False,
+    resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Evaluates base, base + plug-in, teacher and LoRA on the same items.
@@ -185,6 +200,8 @@ def evaluate(
         seed: seed of the sampling draws (each system starts from it).
         skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
             ...) and record how many as ``skipped_rows``, instead of stopping at the first with its file:line.
+        resume: continue an interrupted run in ``out`` (same arguments): every generated batch is kept in
+            ``out/generations.partial.jsonl`` as it finishes and is not generated again (CE is recomputed).
         overwrite: replace what another run left in ``out`` (refused otherwise).
 
     Returns:
@@ -200,8 +217,8 @@ def evaluate(
     if not (with_base or plugin or lora or sft or teacher):
         raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
     sampling = Sampling(temperature, top_p, num_samples, seed)
-    claim_out(out, "eval", overwrite=overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher,
-                                                         "lora": lora, "sft": sft})
+    claim_out(out, "eval", overwrite=overwrite, resume=resume, inputs={"base": base, "plugin": plugin,
+                                                                        "teacher": teacher, "lora": lora, "sft": sft})
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
@@ -228,9 +245,15 @@ def evaluate(
     per_system: dict[str, list[dict]] = {}
     leaf_usage: dict[str, dict] = {}
 
+    weights = {k: folder_fingerprint(v) for k, v in dict(base=base, plugin=plugin, teacher=teacher, lora=lora,
+                                                         sft=sft).items()}
+    logs = []
+
     def run(name: str, model) -> None:
+        logs.append(GenerationLog(os.path.join(out, PARTIAL), {"system": name, "args": args, "weights": weights,
+                                                               "batch_size": batch_size}))
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
-                                        max_length, STOP, sampling)
+                                        max_length, STOP, sampling, logs[-1])
         write_rows(out, name, per_system[name])
 
     device = pick_device(device)
@@ -252,7 +275,9 @@ def evaluate(
         run("sft", load_causal_lm(sft, dtype=dtype, device=device))
     if teacher:
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
-    return write_metrics(out, args, per_system, leaf_usage)
+    metrics = write_metrics(out, args, per_system, leaf_usage)
+    logs[0].close()  # one file for all systems
+    return metrics
 
 
 def traces(
@@ -272,6 +297,7 @@ def traces(
     keep_incorrect: bool = False,
     eval_out: str | None = None,
     from_eval: str | None = None,
+    resume: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Samples the teacher greedily and keeps its correct traces as training or CE data.
@@ -298,7 +324,10 @@ def traces(
             stop strings as `toe eval`), so `toe report` pools the teacher's accuracy without generating again.
         from_eval: take the teacher's answers from a `toe eval` folder that generated them on the same rows with the
             same template and budget (its ``teacher.jsonl``) instead of running the teacher again.
-        overwrite: replace an existing ``out`` file and what another run left in ``eval_out`` (refused otherwise).
+        resume: continue an interrupted run (same arguments): each generated batch is kept in ``OUT.partial`` as it
+            finishes and is not generated again.
+        overwrite: replace an existing ``out`` file (and an interrupted run's ``OUT.partial``) and what another run
+            left in ``eval_out`` (refused otherwise).
     """
     if os.path.isdir(out):
         raise ToEError(f"--out {out} is a folder: `toe traces` writes one JSONL file, pass its path")
@@ -306,6 +335,12 @@ def traces(
         raise ToEError(f"--out {out} is the --data file: write the traces to a new file")
     if os.path.exists(out) and not overwrite:
         raise ToEError(f"{out} exists: pass --overwrite to replace it, or a new --out")
+    partial = out + ".partial"
+    if os.path.exists(partial) and not resume:
+        if not overwrite:
+            raise ToEError(f"{partial} holds the batches of an interrupted `toe traces` run: pass --resume true to "
+                           "continue it (same arguments), or --overwrite true to start over")
+        os.remove(partial)
     if eval_out:
         claim_out(eval_out, "eval", overwrite=overwrite, inputs={"from_eval": from_eval})
     qf, rf = TASK_FIELDS[task]
@@ -320,8 +355,11 @@ def traces(
         scored = _teacher_answers(from_eval, items, max_new_tokens)
     else:
         model = load_causal_lm(teacher, dtype=dtype, device=pick_device(device))
+        log = GenerationLog(partial, {"teacher": folder_fingerprint(teacher), "task": task, "data": data,
+                                      "template": spec.template, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+                                      "batch_size": batch_size, "dtype": dtype})
         scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
-                              STOP)
+                              STOP, log=log)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}
             for r, s in zip(rows, scored)
             if (s["correct"] or keep_incorrect) and s["completion"].strip()]
@@ -332,6 +370,8 @@ def traces(
         write_rows(eval_out, "teacher", scored)
         write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, spec.template,
                                                        max_new_tokens), {"teacher": scored})
+    if not from_eval:
+        log.close()
     return {"generated": len(rows), "kept": len(kept), "accuracy": sum(s["correct"] for s in scored) / len(rows),
             "truncated_share": sum(s["truncated"] for s in scored) / len(rows), "out": out, "settings": asdict(spec)}
 

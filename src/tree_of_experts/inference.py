@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -12,6 +14,7 @@ import torch
 from .config import ToEError
 from .data import FORMATS, chat_template, read_rows
 from .hf import load_causal_lm, load_tokenizer, pick_device
+from .io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class Sampling:
         top_p: nucleus mass kept when sampling (1: all tokens). The model's own ``generation_config.top_k`` is
             switched off so that these two numbers are the whole sampling rule.
         num_samples: completions per prompt (sampling only).
-        seed: seed of the sampling draws (recorded; the same seed and batch size give the same samples).
+        seed: seed of the sampling draws (recorded; each batch draws from ``seed`` + its first item's index, so the
+            same seed and batch size give the same samples, also when a run resumes).
     """
 
     temperature: float = 0.0
@@ -110,6 +114,71 @@ def generate_texts(
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **gen)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
+
+
+class GenerationLog:
+    """Finished batches of a long generation run, appended to a JSONL file as they finish, so that a rerun with the
+    same settings (``--resume``) generates only the batches it has not got.
+
+    Each line is ``{"key": ..., "start": ..., "prompts": ..., "texts": [...]}``: ``key`` fingerprints the settings
+    (the system, its weights, decoding), ``prompts`` hashes the batch's prompts, so a batch is reused only for the
+    same prompts at the same place under the same settings. A line cut off by the interruption is dropped on open.
+    ``path`` None keeps nothing (the run is not resumable).
+    """
+
+    def __init__(self, path: str | None, settings: dict) -> None:
+        self.path, self.key = path, _digest(settings)
+        self.done: dict[tuple[int, str], list[str]] = {}
+        self.reused = 0
+        if not (path and os.path.exists(path)):
+            return
+        with open(path) as f:
+            lines = f.read().split("\n")
+        good = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the empty tail, or a line the interruption cut off
+            good.append(line)
+            if row.get("key") == self.key:
+                self.done[(row["start"], row["prompts"])] = row["texts"]
+        if len(good) != sum(1 for line in lines if line):
+            atomic_write_text(path, "".join(line + "\n" for line in good))  # appends must follow a whole line
+
+    def get(self, start: int, prompts: list[str]) -> list[str] | None:
+        texts = self.done.get((start, _digest(prompts)))
+        self.reused += texts is not None
+        return texts
+
+    def put(self, start: int, prompts: list[str], texts: list[str]) -> None:
+        if not self.path:
+            return
+        line = json.dumps({"key": self.key, "start": start, "prompts": _digest(prompts), "texts": texts})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """The run finished and wrote its results: the log goes."""
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def folder_fingerprint(path: str | None) -> dict | None:
+    """Size and modification time of each file in a model/plug-in folder: a log made with other weights is not
+    reused."""
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        return {"name": path}
+    return {name: [os.path.getsize(os.path.join(path, name)), os.path.getmtime(os.path.join(path, name))]
+            for name in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, name))}
 
 
 def generate(

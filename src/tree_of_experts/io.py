@@ -157,7 +157,8 @@ RUN_FILES = {
                  "model-*-of-*.safetensors", "model.safetensors.index.json", "train_args.json", "metrics.jsonl",
                  "checkpoint", "checkpoint.tmp", "checkpoint.old", "train_summary.json", "curves.png",
                  "toe_config.json", "toe_model.safetensors"),
-    "eval": ("metrics.json", "base.jsonl", "toe.jsonl", "teacher.jsonl", "lora.jsonl", "sft.jsonl"),
+    "eval": ("metrics.json", "base.jsonl", "toe.jsonl", "teacher.jsonl", "lora.jsonl", "sft.jsonl",
+             "generations.partial.jsonl"),
     "oracle": ("oracle.json", "oracle.md", "generation.jsonl", "metrics.json", "base.jsonl", "teacher.jsonl",
                "toe.jsonl", "O1-map.jsonl", "O2-routing.jsonl", "static-mean.jsonl", "O1-ridge-*.jsonl"),
     "report": ("report.json", "report.md", "report.png", "leaf_usage.json", "usage.png", "sweep.png"),
@@ -165,7 +166,7 @@ RUN_FILES = {
 RUN_FILES["rebuild"] = RUN_FILES["extract"]
 # The file that says a folder holds a run of that command which --resume (or a rerun) may continue.
 RESUME_MARKER = {"train": ("train_args.json",), "baseline": ("baseline_args.json", "train_args.json"),
-                 "extract": ("run.json",)}
+                 "extract": ("run.json",), "eval": ("generations.partial.jsonl",)}
 RESUMES_BY_RERUN = ("extract",)  # an extraction continues whenever it is rerun with the same settings
 REPLACES_ITSELF = ("report",)  # a report is a view of eval folders: regenerating it loses nothing
 
@@ -224,7 +225,7 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     if not foreign and command in REPLACES_ITSELF:
         return
     shown = ", ".join((foreign or found)[:4]) + (", ..." if len(foreign or found) > 4 else "")
-    if command in ("train", "baseline"):
+    if command in ("train", "baseline", "eval"):
         if resume and not foreign and not has_run:
             raise ToEError(f"--resume: {out} holds {shown} but no {command} run to continue: pass --overwrite to "
                            "replace them, or a new --out")
