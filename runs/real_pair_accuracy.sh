@@ -2,7 +2,7 @@
 # GSM8K answer accuracy on the real pair, after runs/real_pair_study.sh trained the systems: greedy generation
 # (256 new tokens, the prompt and stop strings of `toe eval`) on the same first 40 dev items, graded, one pooled
 # report. The teacher's answers are the greedy completions `toe traces` already wrote for the study (re-graded by
-# eval_from_traces), so the 1.5B model does not generate again. Steps whose outputs exist are skipped.
+# `toe eval-traces`), so the 1.5B model does not generate again. Steps whose outputs exist are skipped.
 #
 # Usage: runs/real_pair_accuracy.sh PAIR_DIR WORK_DIR [SYSTEM ...]
 #   SYSTEM: any system the study trained (default: toe-b control lora toe-b-kd), or anchors (teacher and base
@@ -21,10 +21,9 @@ gen=(--task gsm8k --data "$dev" --limit "$dev_limit" --ce false --max-new-tokens
      --batch-size 8 "${fmt[@]}")
 mkdir -p "$acc"
 
-[ -f "$acc/teacher/metrics.json" ] || python3 -c "import sys; from tree_of_experts.evaluate import eval_from_traces
-kw = {'template': sys.argv[7]} if sys.argv[7] else {}
-eval_from_traces(*sys.argv[1:5], limit=int(sys.argv[5]), max_new_tokens=int(sys.argv[6]), **kw)" \
-  "$work/dev-traces.jsonl" "$teacher" "$dev" "$acc/teacher" "$dev_limit" "${TRACE_TOKENS:-256}" "${TEMPLATE:-}"
+[ -f "$acc/teacher/metrics.json" ] || toe eval-traces --traces-file "$work/dev-traces.jsonl" --teacher "$teacher" \
+  --data "$dev" --limit "$dev_limit" --max-new-tokens "${TRACE_TOKENS:-256}" "${fmt[@]}" --overwrite true \
+  --out "$acc/teacher"
 [ -f "$acc/base/metrics.json" ] || toe eval --base "$base" "${gen[@]}" --out "$acc/base"
 
 for sys in $systems; do

@@ -12,12 +12,12 @@ import sys
 
 import torch
 
-from tree_of_experts.baseline import baseline
-from tree_of_experts.demo import toy_pair_dir, write_toy_data
-from tree_of_experts.evaluate import evaluate
-from tree_of_experts.extract import extract, rebuild
-from tree_of_experts.report import report
-from tree_of_experts.train import train
+from tree_of_experts.commands.evaluate import evaluate
+from tree_of_experts.commands.extract import extract, rebuild
+from tree_of_experts.commands.report import report
+from tree_of_experts.commands.train import train
+from tree_of_experts.recipes.baseline import baseline
+from tree_of_experts.recipes.demo import toy_pair_dir, write_toy_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The demo's settings: N = 32, layer 1, 384 training problems, 1000 steps of 16, lr 3e-3 for gate and bank.

@@ -68,7 +68,7 @@ def experts(tmp_path_factory):
     `d/ex` (one per test module)."""
     import os
 
-    from tree_of_experts.extract import extract
+    from tree_of_experts.commands.extract import extract
 
     d = tmp_path_factory.mktemp("pair")
     save_tiny_pair(d)

@@ -5,7 +5,7 @@ import torch
 from conftest import save_tiny_pair
 
 from tree_of_experts import ToEError, ToEModel
-from tree_of_experts.bench import bench
+from tree_of_experts.commands.bench import bench
 from tree_of_experts.toy import tiny_qwen2
 
 

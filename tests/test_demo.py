@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from tree_of_experts import ToEError
-from tree_of_experts.demo import demo
+from tree_of_experts.recipes.demo import demo
 
 
 def test_short_demo_closes_a_clear_share_of_the_toy_gap(tmp_path):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tree_of_experts.train as train_mod
+import tree_of_experts.commands.train as train_mod
+from tree_of_experts.commands.train import train
 from tree_of_experts.config import ToEError
-from tree_of_experts.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
 from tree_of_experts.losses import generalized_jsd
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
-from tree_of_experts.train import train
+from tree_of_experts.training.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
 
@@ -146,7 +146,7 @@ def test_on_policy_refuses_a_teacher_with_another_vocabulary(experts, tmp_path):
 
 def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     """`toe baseline lora --objective on_policy`: same sampling schedule and divergence as `toe train`."""
-    from tree_of_experts.baseline import baseline
+    from tree_of_experts.recipes.baseline import baseline
 
     summary = baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"),
                        experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, objective="on_policy",
@@ -178,7 +178,7 @@ def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
     """`toe train --base_adapter LORA`: the plug-in trains on the LoRA-adapted base, keeps a copy of the adapter and
     merges it whenever it is loaded, so evaluating the folder scores base + LoRA + ToE."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.baseline import baseline
+    from tree_of_experts.recipes.baseline import baseline
 
     baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"), lora_rank=2,
              max_steps=2, batch_size=4, lr=5e-2)

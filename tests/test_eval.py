@@ -70,7 +70,7 @@ def test_paired_bootstrap():
 
 
 def test_chat_template_prompts(tmp_path):
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
@@ -90,7 +90,7 @@ def test_chat_template_prompts(tmp_path):
     row = json.loads(open(tmp_path / "ev" / "base.jsonl").readline())
     assert row["prompt"] == f"User: {question}\nBot: "
     # `toe generate --chat` wraps each free-form prompt the same way, and refuses a tokenizer without a template.
-    from tree_of_experts.inference import generate
+    from tree_of_experts.commands.generate import generate
 
     with pytest.raises(ToEError, match="has no chat template; drop --chat"):
         generate(base=str(tmp_path / "plain"), prompt="hi", chat=True)
@@ -100,7 +100,7 @@ def test_chat_template_prompts(tmp_path):
 
 def test_tiny_end_to_end_eval(tmp_path):
     from tree_of_experts import ToEModel
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -118,8 +118,8 @@ def test_tiny_end_to_end_eval(tmp_path):
     assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["comparisons"]["toe"]["ce_gap_closed"]
     # CE on the teacher's own traces: its greedy completions are the target, so the teacher scores lowest there.
-    from tree_of_experts.demo import toy_pair_dir
-    from tree_of_experts.evaluate import traces
+    from tree_of_experts.commands.evaluate import traces
+    from tree_of_experts.recipes.demo import toy_pair_dir
 
     toy = toy_pair_dir()  # trained toy models: they write real text
     t = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces.jsonl"), limit=4,
@@ -127,7 +127,7 @@ def test_tiny_end_to_end_eval(tmp_path):
     assert t["kept"] == 4
     # The traces' graded generations are an accuracy-only eval folder: the report pools them with `toe eval --ce
     # false` on the same rows, under an accuracy target.
-    from tree_of_experts.report import report
+    from tree_of_experts.commands.report import report
 
     evaluate(base=f"{toy}/base", task="gsm8k", data=fixture, limit=4, max_new_tokens=12, ce=False,
              out=str(tmp_path / "acc-base"))
@@ -139,10 +139,17 @@ def test_tiny_end_to_end_eval(tmp_path):
     assert rows["base"]["truncated_share"] == sum(r["truncated"] for r in base_acc) / 4
     assert "out of tokens)" in open(tmp_path / "acc-rep" / "report.md").read()
     # The same folder rebuilt from the traces file alone (re-graded, back in the data's order).
-    from tree_of_experts.evaluate import eval_from_traces
+    from tree_of_experts.commands.evaluate import eval_from_traces
 
     m = eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "acc-t2"), limit=4,
                          max_new_tokens=12)
+    from tree_of_experts.cli import main
+
+    cli = ["eval-traces", "--traces-file", str(tmp_path / "traces.jsonl"), "--teacher", f"{toy}/teacher", "--data",
+           fixture, "--limit", "4", "--max-new-tokens", "12", "--out", str(tmp_path / "acc-t3")]
+    assert main(cli) == 0
+    assert open(tmp_path / "acc-t3" / "teacher.jsonl").read() == open(tmp_path / "acc-t2" / "teacher.jsonl").read()
+    assert main(cli) == 2  # the finished folder is not replaced without --overwrite
     again = [json.loads(r) for r in open(tmp_path / "acc-t2" / "teacher.jsonl")]
     first = [json.loads(r) for r in open(tmp_path / "acc-teacher" / "teacher.jsonl")]
     assert [r["prompt"] for r in again] == [r["prompt"] for r in first]
@@ -178,8 +185,8 @@ def test_tiny_end_to_end_eval(tmp_path):
 
 def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     from tree_of_experts import ToEModel
-    from tree_of_experts.evaluate import evaluate
-    from tree_of_experts.report import report
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.commands.report import report
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -274,7 +281,7 @@ def test_data_from_a_datasets_split(tmp_path):
 
 
 def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
-    from tree_of_experts.report import sweep_plot, sweep_points
+    from tree_of_experts.commands.report import sweep_plot, sweep_points
 
     def row(system, ce):
         return {"target": "t", "system": system, "ce": ce, "ce_ci95": [ce - 0.1, ce + 0.1], "accuracy": None,
@@ -289,7 +296,7 @@ def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
 
 
 def test_vote_majority_and_pass():
-    from tree_of_experts.evaluate import vote
+    from tree_of_experts.evaluation.scoring import vote
 
     def s(answer, ok):
         return {"extracted": answer, "correct": ok}
@@ -302,8 +309,8 @@ def test_vote_majority_and_pass():
 
 
 def test_sampling_options_are_checked_before_any_model_loads(tmp_path):
-    from tree_of_experts.evaluate import evaluate
-    from tree_of_experts.inference import generate
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.commands.generate import generate
 
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
     for kwargs, says in (({"num_samples": 4}, "pass --temperature > 0"), ({"temperature": -1.0}, "temperature=-1"),
@@ -316,9 +323,9 @@ def test_sampling_options_are_checked_before_any_model_loads(tmp_path):
 
 
 def test_sampled_eval_reports_maj_and_pass_at_k(tmp_path):
-    from tree_of_experts.demo import toy_pair_dir
-    from tree_of_experts.evaluate import evaluate
-    from tree_of_experts.inference import generate
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.commands.generate import generate
+    from tree_of_experts.recipes.demo import toy_pair_dir
 
     toy = toy_pair_dir()  # trained toy base: it writes real answers
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
@@ -373,7 +380,7 @@ def test_sampled_eval_reports_maj_and_pass_at_k(tmp_path):
 
 
 def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
     tiny_qwen2(seed=0).save_pretrained(tmp_path / "base")
@@ -397,7 +404,7 @@ def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
 
 def test_code_task_scores_ce_on_plain_text_only(tmp_path):
     """`--task code`: CE of held-out text (what a plug-in costs outside its domain); accuracy is refused."""
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
     tiny_qwen2(seed=0).save_pretrained(tmp_path / "base")
@@ -437,7 +444,7 @@ class _Interrupt(Exception):
 
 def _interrupt_after(monkeypatch, batches: int) -> list:
     """generate_texts (as `toe eval`/`toe traces` call it) raises after ``batches`` calls; returns the call log."""
-    import tree_of_experts.evaluate as ev
+    import tree_of_experts.evaluation.scoring as ev
 
     real, calls = ev.generate_texts, []
 
@@ -452,8 +459,8 @@ def _interrupt_after(monkeypatch, batches: int) -> list:
 
 
 def test_traces_resume_after_an_interruption(tmp_path, monkeypatch):
-    from tree_of_experts.demo import toy_pair_dir
-    from tree_of_experts.evaluate import traces
+    from tree_of_experts.commands.evaluate import traces
+    from tree_of_experts.recipes.demo import toy_pair_dir
 
     toy, fixture = toy_pair_dir(), os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
     kw = dict(teacher=f"{toy}/teacher", data=fixture, limit=6, batch_size=2, max_new_tokens=12, keep_incorrect=True)
@@ -474,8 +481,8 @@ def test_traces_resume_after_an_interruption(tmp_path, monkeypatch):
 
 
 def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
-    from tree_of_experts.demo import toy_pair_dir
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.recipes.demo import toy_pair_dir
 
     toy, fixture = toy_pair_dir(), os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
     kw = dict(base=f"{toy}/base", teacher=f"{toy}/teacher", data=fixture, limit=4, batch_size=2, max_new_tokens=12,

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from tree_of_experts import ToEError, ToEModel
-from tree_of_experts.cluster import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
+from tree_of_experts.commands.extract import extract, rebuild
 from tree_of_experts.data import align_offsets
-from tree_of_experts.extract import extract, iter_examples, rebuild, shard_paths
-from tree_of_experts.projector import GramAccumulator, fit_ridge
+from tree_of_experts.extraction.build import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
+from tree_of_experts.extraction.fusion import GramAccumulator, fit_ridge
+from tree_of_experts.extraction.store import Extraction
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 from tree_of_experts.tree import TreeGate, path_labels
 
@@ -33,11 +34,11 @@ def test_extract_writes_shards_manifest_and_a_loadable_identity_plugin(pair, tmp
         assert (out / name).exists(), name
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) == 3 and manifest["layers"] == [0] and manifest["teacher_layers"] == [1]
-    shard = load_file(shard_paths(str(out))[0])
+    shard = load_file(Extraction(str(out)).shard_paths()[0])
     assert shard["teacher.0"].dtype == torch.float16 and shard["teacher.0"].shape[1] == 48
     assert shard["base.0"].shape[1] == 32 and shard["topk_ids"].shape[1] == 32
     assert not shard["valid"][shard["offsets"][:-1]].any()  # position 0 of every example is skipped
-    rows = sum(len(e["input_ids"]) for e in iter_examples(str(out)))
+    rows = sum(len(e["input_ids"]) for e in Extraction(str(out)).iter_examples())
     assert rows == summary["tokens"]
     # The plug-in loads onto the base and is an exact no-op until trained.
     base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
@@ -55,13 +56,13 @@ def test_resume_after_interruption_equals_one_run(pair, tmp_path):
     run(pair, tmp_path / "one")
     run(pair, tmp_path / "two")
     # Interrupt: drop the last shard and everything after capture, then rerun.
-    os.remove(shard_paths(str(tmp_path / "two"))[-1])
+    os.remove(Extraction(str(tmp_path / "two")).shard_paths()[-1])
     for name in ("toe_model.safetensors", "summary.json"):
         os.remove(tmp_path / "two" / name)
     run(pair, tmp_path / "two")
     a, b = load_file(tmp_path / "one" / "toe_model.safetensors"), load_file(tmp_path / "two" / "toe_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for pa, pb in zip(shard_paths(str(tmp_path / "one")), shard_paths(str(tmp_path / "two"))):
+    for pa, pb in zip(Extraction(str(tmp_path / "one")).shard_paths(), Extraction(str(tmp_path / "two")).shard_paths()):
         sa, sb = load_file(pa), load_file(pb)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -74,7 +75,7 @@ def test_rebuild_reuses_the_capture_and_fusion_map(pair, tmp_path):
     deep = rebuild(str(tmp_path / "ex"), str(tmp_path / "deep"), num_leaves=4, shape="deep", gate_rank=8)
     assert deep["shape"] == "deep" and len(deep["clusters"]["0"]["sizes"]) == 4
     assert deep["o1_heldout_ce"] == json.loads((tmp_path / "ex" / "summary.json").read_text())["o1_heldout_ce"]
-    assert len(list(iter_examples(str(tmp_path / "deep")))) == len(list(iter_examples(str(tmp_path / "ex"))))
+    assert len(list(Extraction(str(tmp_path / "deep")).iter_examples())) == len(list(Extraction(str(tmp_path / "ex")).iter_examples()))
     assert ToEModel.from_pretrained(str(pair / "base"), str(tmp_path / "deep")).toe_config.shape == "deep"
     with pytest.raises(ToEError, match="not a finished"):
         rebuild(str(tmp_path / "nothing"), str(tmp_path / "x"))
@@ -174,7 +175,7 @@ def test_mismatched_tokenizers_are_aligned(pair, tmp_path):
 
 
 def test_oracle_table_has_every_row(pair, tmp_path):
-    from tree_of_experts.oracle import oracle
+    from tree_of_experts.commands.oracle import oracle
 
     run(pair, tmp_path / "ex")
     r = oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
@@ -191,9 +192,9 @@ def test_oracle_table_has_every_row(pair, tmp_path):
 def test_oracle_rows_pool_with_toe_eval(pair, tmp_path):
     """The oracle folder is also an eval folder: `toe report` pools O1/O2 with `toe eval` runs on the same items,
     and the oracle's base CE is the one `toe eval` measures."""
-    from tree_of_experts.evaluate import evaluate
-    from tree_of_experts.oracle import oracle
-    from tree_of_experts.report import pool, table_rows
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.commands.oracle import oracle
+    from tree_of_experts.commands.report import pool, table_rows
 
     run(pair, tmp_path / "ex")
     oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "ex"), data=FIXTURE,
@@ -215,8 +216,8 @@ def test_oracle_rows_pool_with_toe_eval(pair, tmp_path):
 
 def test_live_o1_generation_matches_a_teacher_forced_recompute(pair):
     """The cached loop (teacher fed each generated token) injects exactly what a full teacher-forced pass would."""
+    from tree_of_experts.commands.oracle import live_greedy
     from tree_of_experts.hf import add_to_layers, capture_layers, load_causal_lm, load_tokenizer
-    from tree_of_experts.oracle import live_greedy
 
     tok = load_tokenizer(str(pair / "base"))
     base, teacher = load_causal_lm(str(pair / "base")), load_causal_lm(str(pair / "teacher"))
@@ -262,12 +263,11 @@ def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):
 
 def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path):
     """Only the maps learn: no base weight gradient is built, and the base's requires_grad flags come back."""
-    from tree_of_experts.extract import train_fusion_maps
+    from tree_of_experts.extraction.fusion import FusionMap, train_fusion_maps
     from tree_of_experts.hf import load_causal_lm
-    from tree_of_experts.projector import FusionMap
 
     run(pair, tmp_path / "ex")
-    data = list(iter_examples(str(tmp_path / "ex"), set(range(8))))
+    data = list(Extraction(str(tmp_path / "ex")).iter_examples(set(range(8))))
     base = load_causal_lm(str(pair / "base"))
     maps = torch.nn.ModuleList([FusionMap(torch.randn(49, 32) * 0.01)])
     losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)

@@ -63,8 +63,8 @@ def test_query_norm_is_recorded_and_changes_routing(pair, tmp_path):
     import torch
 
     from tree_of_experts import ToEModel
+    from tree_of_experts.commands.train import train
     from tree_of_experts.toy import tiny_qwen2
-    from tree_of_experts.train import train
 
     ex = tmp_path / "ex"
     assert main(extract_args(pair, ex, "1")) == 0

@@ -28,8 +28,8 @@ TRAIN = ["--max_steps", "2", "--stage_a_steps", "1", "--batch_size", "4", "--sav
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The tiny pair, an extraction (N = 8), a trained plug-in with a checkpoint, an eval folder and a traces file."""
-    from tree_of_experts.extract import extract
-    from tree_of_experts.train import train
+    from tree_of_experts.commands.extract import extract
+    from tree_of_experts.commands.train import train
 
     w = tmp_path_factory.mktemp("world")
     save_tiny_pair(w)
@@ -248,7 +248,7 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):
-    import tree_of_experts.train as train_mod
+    import tree_of_experts.commands.train as train_mod
 
     real, calls = train_mod.objective_loss, []
 
@@ -331,8 +331,8 @@ def test_atomic_writes_follow_the_umask_fsync_and_write_strict_json(tmp_path, mo
 
 
 def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):
-    from tree_of_experts.evaluate import summarize
-    from tree_of_experts.report import markdown, table_rows
+    from tree_of_experts.commands.report import markdown, table_rows
+    from tree_of_experts.evaluation.results import summarize
     from tree_of_experts.stats import MIN_INTERVAL_N, bootstrap_mean, paired_bootstrap
 
     assert bootstrap_mean([0.5])[1:] == (None, None) and MIN_INTERVAL_N == 3

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tree_of_experts.train as train_mod
+import tree_of_experts.commands.train as train_mod
+from tree_of_experts.commands.train import train
 from tree_of_experts.config import ToEError
 from tree_of_experts.toy import tiny_qwen2
-from tree_of_experts.train import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
 
@@ -82,7 +82,7 @@ def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
 
 def test_plugin_baseline_resumes_and_adapter_baselines_refuse_to(experts, tmp_path, monkeypatch):
     """`toe baseline --resume` continues a killed flat run to the uninterrupted result; lora cannot resume."""
-    from tree_of_experts.baseline import baseline
+    from tree_of_experts.recipes.baseline import baseline
 
     kw = dict(kind="flat", base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, max_steps=4,
               stage_a_steps=2, batch_size=4, save_every=1)
@@ -146,7 +146,7 @@ def test_two_processes_equal_one(experts, tmp_path):
 @pytest.mark.parametrize("kind", ["static", "random", "flat", "lora"])
 def test_baselines_train_and_load(experts, tmp_path, kind):
     from tree_of_experts import ToEModel
-    from tree_of_experts.baseline import baseline
+    from tree_of_experts.recipes.baseline import baseline
 
     summary = baseline(kind=kind, base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE,
                        out=str(tmp_path / kind), max_steps=3, stage_a_steps=2, batch_size=4)
@@ -167,9 +167,9 @@ def test_baselines_train_and_load(experts, tmp_path, kind):
 
 
 def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_path):
-    from tree_of_experts.baseline import baseline
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.config import ToEError
-    from tree_of_experts.evaluate import evaluate
+    from tree_of_experts.recipes.baseline import baseline
 
     base = str(experts / "base")
     with pytest.raises(ToEError, match="--lora_rank"):

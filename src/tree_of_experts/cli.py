@@ -14,21 +14,22 @@ from .config import ToEError
 
 
 def _commands() -> dict:
-    from .baseline import baseline
-    from .bench import bench
-    from .demo import demo
-    from .evaluate import evaluate, traces
-    from .export import export
-    from .extract import extract, rebuild
-    from .inference import generate
-    from .model import inspect, push
-    from .oracle import oracle
-    from .report import report
-    from .train import train
+    from .commands.bench import bench
+    from .commands.evaluate import eval_from_traces, evaluate, traces
+    from .commands.export import export
+    from .commands.extract import extract, rebuild
+    from .commands.generate import generate
+    from .commands.hub import inspect, push
+    from .commands.oracle import oracle
+    from .commands.report import report
+    from .commands.train import train
+    from .recipes.baseline import baseline
+    from .recipes.demo import demo
 
     commands = {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate,
-                "traces": traces, "report": report, "demo": demo, "baseline": baseline, "oracle": oracle,
-                "bench": bench, "inspect": inspect, "export": export, "push": push}
+                "traces": traces, "eval-traces": eval_from_traces, "report": report, "demo": demo,
+                "baseline": baseline, "oracle": oracle, "bench": bench, "inspect": inspect, "export": export,
+                "push": push}
     return {name: _as_command(fn) for name, fn in commands.items()}
 
 

@@ -18,60 +18,30 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import glob
-import json
 import math
 import os
 import time
-from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from .bank import ExpertBank
-from .capture import Example, capture_shard, default_layer, prepare, same_vocab, teacher_layer_for  # noqa: F401
-from .cluster import balanced_tree, init_gate_from_geometry, leaf_means, mass_ordered_clusters
-from .config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
-from .data import DataSpec, file_hash, read_jsonl
-from .fusion import batches, collate, example_ce, mean_ce, train_fusion_maps  # noqa: F401
-from .hf import (
-    arch_fingerprint,
-    decoder_layers,
-    load_causal_lm,
-    load_tokenizer,
-    model_id,
+from ..config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
+from ..data import DataSpec, file_hash, read_jsonl
+from ..extraction.build import build, build_tree, clustered_rows
+from ..extraction.capture import capture_shard, default_layer, prepare, same_vocab, teacher_layer_for
+from ..extraction.fusion import (
+    FusionMap,
 )
-from .io import (
+from ..extraction.store import CORRUPT
+from ..hf import arch_fingerprint, decoder_layers, load_causal_lm, load_tokenizer
+from ..io import (
     atomic_save_tensors,
     atomic_write_json,
-    atomic_write_text,
     check_extraction,
     claim_out,
     load_tensors,
     read_json,
 )
-from .model import ToEModel, new_config
-from .plugin import ToEPlugin
-from .projector import FusionMap, GramAccumulator, fit_ridge, ridge_delta
-from .store import CORRUPT, Extraction
-from .tree import effective_leaves, path_table
-
-
-def shard_paths(out: str) -> list[str]:
-    return Extraction(out).shard_paths()
-
-
-def iter_shards(out: str) -> Iterator[dict[str, torch.Tensor]]:
-    return Extraction(out).iter_shards()
-
-
-def iter_examples(out: str, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Per-example slices of the shards (only examples in ``which`` when given); see :class:`store.Extraction`."""
-    return Extraction(out).iter_examples(which)
-
-
-# -- the command --------------------------------------------------------------------------------------------------
-CORRUPT_EXTRACTION = CORRUPT  # kept for callers of the old name
 
 
 def check_same_extraction(out: str, settings: dict) -> None:
@@ -84,14 +54,6 @@ def check_same_extraction(out: str, settings: dict) -> None:
     if changed:
         raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite to "
                        "replace it, or a new --out")
-
-
-def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int) -> int:
-    """About how many tokens step 4 clusters: the training examples' usable positions (aligned, not the first),
-    times ``sample_rate``, at most ``max_rows``; known once the data is tokenized, before any model loads."""
-    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
-    usable = sum(int((e.align[1:] >= 0).sum()) for e in examples if not (every and e.index % every == every - 1))
-    return min(max_rows, int(usable * sample_rate))
 
 
 def extract(
@@ -241,160 +203,6 @@ def extract(
                  seed, kd, teacher, dev)
 
 
-def build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
-          max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection, seed, kd,
-          teacher, dev) -> dict:
-    """Steps 2-4 on the main process, from the shards alone."""
-    pad = base_tok.pad_token_id
-    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
-    heldout = {e.index for e in examples if every and e.index % every == every - 1}
-    train_ids = {e.index for e in examples} - heldout
-    times: dict[str, float] = {}
-
-    # 2. Ridge map per layer from streamed Gram matrices.
-    t0 = time.perf_counter()
-    d_t = next(iter_shards(out))["teacher.0"].shape[1]
-    d_b = base_model.config.hidden_size
-    grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
-    for shard in tqdm(list(iter_shards(out)), desc="ridge", leave=False, disable=None):
-        rows = shard["valid"].bool()
-        held = torch.tensor([int(x) in heldout for x in shard["example"]]) & rows
-        for j, (tr, ho) in enumerate(grams):
-            u, v = shard[f"teacher.{j}"].float(), shard[f"base.{j}"].float()
-            tr.add(u[rows & ~held], v[rows & ~held])
-            if held.any():
-                ho.add(u[held], v[held])
-    ridge = [fit_ridge(tr, ho) for tr, ho in grams]
-    times["ridge_s"] = time.perf_counter() - t0
-
-    # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
-    t0 = time.perf_counter()
-    train_data = list(iter_examples(out, train_ids))
-    dev_data = list(iter_examples(out, heldout)) if heldout else []
-    maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
-    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, projector_epochs, projector_lr, 4, seed)
-    times["fusion_map_s"] = time.perf_counter() - t0
-    o1 = {}
-    if dev_data:
-        o1["base"] = mean_ce(base_model, layers, dev_data, pad)
-        if kd:
-            nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()] for d in dev_data])
-            o1["teacher"] = float(nll.mean())
-        for lam in ridge_lambdas:
-            o1[f"ridge_lambda_{lam}"] = mean_ce(
-                base_model, layers, dev_data, pad,
-                lambda j, u, h, lam=lam: ridge_delta(ridge[j][0].to(dev), u, h, lam))
-        o1["trained_map"] = mean_ce(base_model, layers, dev_data, pad, lambda j, u, h: maps[j](u, h))
-        if "teacher" in o1:
-            gap = o1["teacher"] - o1["base"]
-            o1["gap_closed"] = {k: (o1["base"] - v) / -gap if abs(gap) > 1e-9 else None
-                                for k, v in o1.items() if k not in ("base", "teacher")}
-    proj = {}
-    for j, layer in enumerate(layers):
-        proj[f"ridge.{layer}"] = ridge[j][0]
-        for k, v in maps[j].state_dict().items():
-            proj[f"trained.{layer}.{k}"] = v
-    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
-    fit = {"projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
-           "o1_heldout_ce": o1}
-    counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
-    return build_tree(out, out, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves,
-                      shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher)
-
-
-def build_tree(out, source, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves, shape,
-               sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher) -> dict:
-    """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
-    with the summary and manifest."""
-    # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
-    t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
-    deltas: list[list[torch.Tensor]] = [[] for _ in layers]
-    states: list[list[torch.Tensor]] = [[] for _ in layers]
-    maps.cpu()  # shard rows live on the CPU
-    heldout = set(counts["heldout"])
-    with torch.no_grad():
-        for ex in iter_examples(source):
-            if int(ex["example"][0]) in heldout:
-                continue
-            keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
-            for j in range(len(layers)):
-                h = ex[f"base.{j}"][keep].float()
-                deltas[j].append(maps[j](ex[f"teacher.{j}"][keep].float(), h))
-                states[j].append(ex[f"base.{j}"][keep])
-    config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
-                        top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
-    plugin = ToEPlugin(config)
-    route_tensors, clusters = {}, {}
-    _, branch_table = path_table(shape, num_leaves)
-    for j, layer in enumerate(layers):
-        delta, x = torch.cat(deltas[j]), torch.cat(states[j])
-        if len(delta) > max_rows:
-            pick = torch.randperm(len(delta), generator=g)[:max_rows]
-            delta, x = delta[pick], x[pick]
-        if len(delta) < num_leaves:
-            raise ToEError(f"only {len(delta)} tokens sampled for {num_leaves} leaves: use more data, a higher "
-                           "--sample_rate, or fewer --num_leaves")
-        if shape == "balanced":
-            leaf = balanced_tree(delta, config.depth, seed=seed)
-        else:
-            leaf = mass_ordered_clusters(delta, num_leaves, seed=seed)
-        vectors = leaf_means(delta, leaf, num_leaves)
-        sizes = torch.bincount(leaf, minlength=num_leaves)
-        block = plugin.blocks[str(layer)]
-        block.bank = ExpertBank(vectors, {
-            "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
-            "clustering": "balanced 2-means" if shape == "balanced" else "k-means, ordered by mass",
-            "rows": len(delta), "ridge_heldout_r2": round(fit["projector"][j]["heldout_r2"], 4),
-        })
-        init_gate_from_geometry(block.gate, x.float(), leaf)
-        with torch.no_grad():
-            routed = block.gate(x.float(), "dense").leaf_logp.argmax(-1)
-        clusters[str(layer)] = {
-            "sizes": sizes.tolist(),
-            "effective_leaves": float(effective_leaves(sizes.float())),
-            "mean_delta_norm": float(delta.norm(dim=-1).mean()),
-            "mean_state_norm": float(x.float().norm(dim=-1).mean()),
-            "gate_init_routing_accuracy": float((routed == leaf).float().mean()),
-        }
-        route_tensors[f"states.{layer}"] = x.half()
-        route_tensors[f"leaf.{layer}"] = leaf
-        route_tensors[f"branches.{layer}"] = branch_table[leaf].to(torch.int8)
-    times["tree_s"] = time.perf_counter() - t0
-
-    # 5. Write everything.
-    atomic_save_tensors(os.path.join(out, "route_data.safetensors"), route_tensors)
-    with ToEModel(base_model, plugin) as model:
-        model.save_pretrained(out)
-    timing_files = sorted(glob.glob(os.path.join(source, "timings-*.json")))
-    capture = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
-    for path in timing_files:
-        with open(path) as f:
-            t = json.load(f)
-        for k in capture:
-            capture[k] += t[k] if k != "wall_s" else 0
-        capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
-    if capture["tokens"]:
-        capture["tokens_per_s"] = capture["tokens"] / max(capture["wall_s"], 1e-9)
-        capture["teacher_forward_tokens_per_s"] = capture["tokens"] / max(capture["teacher_s"], 1e-9)
-        capture["ratio_vs_teacher_forward"] = capture["tokens_per_s"] / capture["teacher_forward_tokens_per_s"]
-    summary = {
-        "teacher": teacher, "base": model_id(base_model), "layers": layers, "teacher_layers": teacher_layers,
-        "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
-        "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
-        **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
-    }
-    if source != out:
-        summary["rebuilt_from"] = source
-    manifest = {**settings, "shards": [os.path.relpath(p, out) for p in shard_paths(out)],
-                "base_revision": getattr(base_model.config, "_commit_hash", None),
-                "counts": counts, "timings": {**times, **capture}}
-    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
-    atomic_write_json(os.path.join(out, "summary.json"), summary)
-    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(summary))
-    return summary
-
-
 def rebuild(
     source: str,
     out: str,
@@ -438,9 +246,9 @@ def rebuild(
     if os.path.abspath(source) == os.path.abspath(out):
         raise ToEError("rebuild --out must be a new folder, not the source extraction")
     check_extraction(source, "source")
-    settings = read_json(os.path.join(source, "run.json"), CORRUPT_EXTRACTION)
-    manifest = read_json(os.path.join(source, "manifest.json"), CORRUPT_EXTRACTION)
-    prior = read_json(os.path.join(source, "summary.json"), CORRUPT_EXTRACTION)
+    settings = read_json(os.path.join(source, "run.json"), CORRUPT)
+    manifest = read_json(os.path.join(source, "manifest.json"), CORRUPT)
+    prior = read_json(os.path.join(source, "summary.json"), CORRUPT)
     counts = manifest["counts"]
     train_share = 1 - len(counts["heldout"]) / max(counts["examples"], 1)
     check_leaves_fit(num_leaves, shape, min(max_rows, int(prior["tokens"] * train_share * sample_rate)))
@@ -453,7 +261,7 @@ def rebuild(
         os.symlink(os.path.abspath(os.path.join(source, "shards")), link)
     atomic_write_json(os.path.join(out, "run.json"), settings)
     base_model = load_causal_lm(settings["base"], dtype=dtype)
-    proj = load_tensors(os.path.join(source, "projector.safetensors"), CORRUPT_EXTRACTION)
+    proj = load_tensors(os.path.join(source, "projector.safetensors"), CORRUPT)
     layers = prior["layers"]
     maps = torch.nn.ModuleList()
     for layer in layers:
@@ -468,22 +276,3 @@ def rebuild(
                       prior["teacher"])
 
 
-def summary_markdown(s: dict) -> str:
-    lines = [f"# Extraction: {s['teacher']} -> {s['base']}", "",
-             f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
-             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}.", ""]
-    for p, layer in zip(s["projector"], s["layers"]):
-        lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
-    if s["o1_heldout_ce"]:
-        lines += ["", "| held-out CE (response tokens) | nats |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in s["o1_heldout_ce"].items() if isinstance(v, float)]
-    for layer, c in s["clusters"].items():
-        lines += ["", f"Layer {layer}: effective leaves {c['effective_leaves']:.1f} of {len(c['sizes'])}; "
-                      f"cluster sizes min {min(c['sizes'])} / max {max(c['sizes'])}; "
-                      f"geometry-initialised gate routes {100 * c['gate_init_routing_accuracy']:.1f} % of tokens "
-                      f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
-    cap = s["capture"]
-    if cap.get("tokens"):
-        lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
-                      f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
-    return "\n".join(lines) + "\n"

@@ -12,14 +12,14 @@ import time
 
 import torch
 
-from .capture import Example, capture_shard, default_layer, teacher_layer_for
-from .config import ToEError
-from .hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
-from .io import atomic_write_json, atomic_write_text
-from .losses import token_nll
-from .model import ToEModel
-from .plugin import injection_mask
-from .tree import TreeGate
+from ..config import ToEError
+from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
+from ..hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
+from ..io import atomic_write_json, atomic_write_text
+from ..losses import token_nll
+from ..model import ToEModel
+from ..plugin import injection_mask
+from ..tree import TreeGate
 
 PARTS = ("generation", "routing", "training", "extraction")
 

@@ -13,10 +13,10 @@ import json
 import os
 import re
 
-from .config import ToEError
-from .io import atomic_write_json, atomic_write_text, claim_out
-from .results import summarize
-from .stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
+from ..config import ToEError
+from ..evaluation.results import summarize
+from ..io import atomic_write_json, atomic_write_text, claim_out
+from ..stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
 
 ANCHORS = ("base", "teacher")
 

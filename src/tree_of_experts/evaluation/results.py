@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write_json, atomic_write_text, dumps
-from .stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
-from .tree import effective_leaves
+from ..io import atomic_write_json, atomic_write_text, dumps
+from ..stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
+from ..tree import effective_leaves
 
 
 def usage_summary(mass: dict[int, torch.Tensor], delta_ratio: dict[int, float] | None = None) -> dict[str, dict]:

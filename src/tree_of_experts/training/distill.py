@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import ToEError
-from .data import pad_left
-from .hf import padded_inputs
-from .losses import generalized_jsd, token_nll, topk_kl
-from .store import Extraction
+from ..config import ToEError
+from ..data import pad_left
+from ..extraction.store import Extraction
+from ..hf import padded_inputs
+from ..losses import generalized_jsd, token_nll, topk_kl
+
+OBJECTIVES = ("off_policy", "on_policy")
 
 
 @dataclass
@@ -137,7 +139,7 @@ def load_teacher(teacher: str | None, experts: str, tok, dtype: str, device) -> 
     """The frozen teacher of on-policy steps: ``teacher`` or the one the extraction in ``experts`` read; its
     vocabulary must be the student's (the divergence compares distributions over the same token ids)."""
 
-    from .hf import load_causal_lm, load_tokenizer
+    from ..hf import load_causal_lm, load_tokenizer
 
     if teacher is None:
         teacher = Extraction(experts).teacher()

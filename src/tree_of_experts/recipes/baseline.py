@@ -19,19 +19,30 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from .bank import ExpertBank
-from .cluster import init_gate_from_geometry
-from .config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
-from .data import DataSpec, batch_indices
-from .distill import OnPolicy, eos_ids, is_on_policy, load_teacher, objective_loss, prompt_ids, sample, teacher_logits
-from .extract import extract
-from .hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
-from .io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
-from .losses import tail_positions
-from .model import ToEModel
-from .plugin import ToEPlugin
-from .store import Extraction, route_key
-from .train import OBJECTIVES, collate, load_examples, train
+from ..bank import ExpertBank
+from ..commands.extract import extract
+from ..commands.train import train
+from ..config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
+from ..data import DataSpec, batch_indices
+from ..extraction.build import init_gate_from_geometry
+from ..extraction.store import Extraction, route_key
+from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
+from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
+from ..losses import tail_positions
+from ..model import ToEModel
+from ..plugin import ToEPlugin
+from ..training.distill import (
+    OBJECTIVES,
+    OnPolicy,
+    eos_ids,
+    is_on_policy,
+    load_teacher,
+    objective_loss,
+    prompt_ids,
+    sample,
+    teacher_logits,
+)
+from ..training.examples import collate, load_examples
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
 
@@ -74,7 +85,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
                    seed: int, gradient_checkpointing: bool, teacher_model=None, on_policy: OnPolicy | None = None,
                    ce_weight: float = 1.0, kd_weight: float = 0.0) -> list[dict]:
     """Trains whatever requires grad in ``base_model`` (LoRA or all weights) with `toe train`'s Stage-B objective
-    (:func:`tree_of_experts.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
+    (:func:`tree_of_experts.training.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
     ``examples`` carry the teacher's cached top-k), and on-policy steps (the adapted model samples, ``teacher_model``
     scores) on the same (seed, step) schedule."""
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory

@@ -15,9 +15,9 @@ import shutil
 import tempfile
 from importlib import resources
 
-from .config import ToEError
-from .hf import is_hub_id, load_tokenizer
-from .model import ToEModel
+from ..config import ToEError
+from ..hf import is_hub_id, load_tokenizer
+from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder
 CODE = ("configuration_toe.py", "modeling_toe.py")

@@ -26,20 +26,19 @@ import os
 
 import torch
 
-from .capture import capture_shard, prepare, same_vocab
-from .config import OracleConfig, ToEConfig, ToEError
-from .data import DataSpec, read_jsonl
-from .fusion import example_ce
-from .grading import grade
-from .hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from .io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps
-from .model import ToEModel
-from .plugin import ToEPlugin
-from .projector import FusionMap, ridge_delta
-from .results import summarize
-from .stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
-from .store import Extraction, route_key
-from .tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
+from ..config import OracleConfig, ToEConfig, ToEError
+from ..data import DataSpec, read_jsonl
+from ..evaluation.results import summarize
+from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
+from ..extraction.capture import capture_shard, prepare, same_vocab
+from ..extraction.fusion import FusionMap, example_ce, ridge_delta
+from ..extraction.store import Extraction, route_key
+from ..grading import grade
+from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
+from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps
+from ..model import ToEModel
+from ..plugin import ToEPlugin
+from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 
 STOP = ("Question:",)
 SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",

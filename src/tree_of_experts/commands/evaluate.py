@@ -11,118 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import asdict
 
-import torch
-from tqdm.auto import tqdm
-
-from .config import EvalConfig, ToEError
-from .data import DataSpec, encode, pad_left, read_jsonl, scan_rows
-from .grading import grade
-from .hf import load_causal_lm, load_tokenizer, padded_inputs, pick_device
-from .inference import GREEDY, GenerationLog, Sampling, folder_fingerprint, generate_texts, seeded
-from .io import atomic_write_text, claim_out
-from .losses import token_nll
-from .results import compare, summarize, usage_summary, write_metrics, write_rows  # noqa: F401
-from .tasks import (  # noqa: F401 (re-exported: the old import path)
-    CE_TARGETS,
+from ..config import EvalConfig, ToEError
+from ..data import DataSpec, read_jsonl, scan_rows
+from ..evaluation.results import usage_summary, write_metrics, write_rows
+from ..evaluation.scoring import score_system
+from ..evaluation.tasks import (
     STOP,
     TASK_FIELDS,
-    Item,
     build_items,
     ce_target_spec,
     check_ce_rows,
-    gold_answer,
 )
+from ..grading import grade
+from ..hf import load_causal_lm, load_tokenizer, pick_device
+from ..inference import GenerationLog, Sampling, folder_fingerprint
+from ..io import atomic_write_text, claim_out
 
 logger = logging.getLogger(__name__)
 PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)
-
-
-@torch.no_grad()
-def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int, bool]]:
-    """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt."""
-    dev = next(model.parameters()).device
-    out = []
-    for start in range(0, len(items), batch_size):
-        chunk = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items[start : start + batch_size]]
-        ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
-        mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
-        logits = model(**padded_inputs(ids, am, dev)).logits
-        nll = token_nll(logits, ids.to(dev), mask.to(dev))
-        for i in range(len(chunk)):
-            n = int(mask[i].sum())
-            if chunk[i].cut and n <= 1:  # only the appended EOS, scored after a cut-off prompt: not the target
-                raise ToEError(f"item {start + i}: its prompt fills max_length={max_length} tokens, so none of its "
-                               "target is scored: raise --max_length")
-            out.append((float(nll[i].sum()) / max(n, 1), n, chunk[i].cut))
-    return out
-
-
-def grade_completion(task: str, raw: str, gold: str, tok, max_new_tokens: int, stop: list[str]) -> dict:
-    """One generated completion cut at the first stop string, graded: completion, extracted, correct, tokens,
-    truncated."""
-    text = raw
-    for s in stop:  # cut at the first stop string (generation stops after it)
-        text = text.split(s)[0]
-    pred, ok = grade(task, text, gold)
-    # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last number of a
-    # cut-off completion is often an intermediate one, so such rows are counted, not hidden.
-    n = len(tok(text)["input_ids"])
-    return {"completion": text, "extracted": pred, "correct": ok, "tokens": n,
-            "truncated": text == raw and n >= max_new_tokens}
-
-
-def vote(samples: list[dict]) -> dict:
-    """Majority vote over the samples' extracted answers (unanswered samples abstain; a tie goes to the answer
-    that came first) and whether any sample is correct."""
-    answers = [s["extracted"] for s in samples if s["extracted"] is not None]
-    if not answers:
-        return {"majority": None, "maj_correct": False, "pass": any(s["correct"] for s in samples)}
-    majority = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
-    maj_correct = next(s["correct"] for s in samples if s["extracted"] == majority)
-    return {"majority": majority, "maj_correct": maj_correct, "pass": any(s["correct"] for s in samples)}
-
-
-def score_system(name: str, model, tok, items: list[Item], task: str, do_generate: bool, do_ce: bool,
-                 max_new_tokens: int, batch_size: int, max_length: int, stop: list[str],
-                 sampling: Sampling = GREEDY, log: GenerationLog | None = None) -> list[dict]:
-    """Per-item rows of one system. With ``sampling.num_samples`` = k > 1 a row's completion, extracted, correct,
-    tokens and truncated are its first sample's; ``samples`` holds all k, with the majority vote and pass. ``log``
-    keeps each generated batch as it finishes and hands back the batches an interrupted run already generated."""
-    rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
-    if do_ce:
-        for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
-            row.update(ce=ce, ce_tokens=n, cut_by_max_length=cut)
-    if do_generate:
-        k = sampling.num_samples
-        t0 = time.perf_counter()
-        texts = []
-        log = log or GenerationLog(None, {})
-        device = next(model.parameters()).device
-        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
-            chunk = [it.prompt for it in items[start : start + batch_size]]
-            done = log.get(start, chunk)
-            if done is None:
-                with seeded(sampling.seed + start, device):  # every system draws from the same seeds
-                    done = generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
-                                          stop_strings=stop or None)
-                log.put(start, chunk, done)
-            texts += done
-        elapsed = time.perf_counter() - t0
-        if log.reused:
-            logger.info("%s: %d of %d batches taken from the interrupted run in %s", name, log.reused,
-                      -(-len(items) // batch_size), log.path)
-        for i, row in enumerate(rows):
-            samples = [grade_completion(task, raw, row["gold"], tok, max_new_tokens, stop)
-                       for raw in texts[i * k : (i + 1) * k]]
-            row.update(samples[0])
-            if k > 1:
-                row.update(samples=samples, **vote(samples))
-        for row in rows:
-            row["gen_seconds_total"] = elapsed
-    return rows
 
 
 def evaluate(
@@ -207,7 +115,7 @@ def evaluate(
     Returns:
         The metrics dict written to ``out/metrics.json``.
     """
-    from .model import ToEModel
+    from ..model import ToEModel
 
     EvalConfig.from_args(locals())
     if data is None:
@@ -406,11 +314,29 @@ def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict
 
 def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: str = "gsm8k",
                      limit: int | None = None, skip: int = 0, template: str = "Question: {prompt}\nAnswer: ",
-                     max_new_tokens: int = 256) -> dict:
-    """The teacher's accuracy from an existing `toe traces --keep_incorrect true` file, as an accuracy-only eval
-    folder (what `toe traces --eval_out` writes at generation time): each of the data's rows [skip, skip + limit)
-    is matched to its trace by the question, re-graded, and written in the data's order. ``max_new_tokens`` is
-    recorded: pass the budget the traces were generated with; ``teacher`` gives the tokenizer that counts tokens."""
+                     max_new_tokens: int = 256, overwrite: bool = False) -> dict:
+    """The teacher's accuracy from an existing traces file, as an eval folder (no teacher run).
+
+    What `toe traces --eval_out` writes at generation time, from a `toe traces --keep_incorrect true` file. Each of
+    the data's rows [skip, skip + limit) is matched to its trace by the question, re-graded, and written in the
+    data's order, so `toe report` pools the teacher's accuracy with `toe eval` folders on the same rows.
+
+    Args:
+        traces_file: a `toe traces --keep_incorrect true` file covering the rows.
+        teacher: the teacher's id or folder (its tokenizer counts the traces' tokens).
+        data: the task's items the traces were generated for.
+        out: the eval folder to write (metrics.json, teacher.jsonl).
+        task: "gsm8k" or "math": fields and grading.
+        limit: rows of ``data`` scored, from row ``skip`` on (default: all).
+        skip: rows of ``data`` left out first.
+        template: the prompt template the traces were generated with (recorded).
+        max_new_tokens: the budget the traces were generated with (recorded; older files without the ``truncated``
+            flag: a trace within one token of it counts as cut off).
+        overwrite: replace what another run left in ``out`` (refused otherwise).
+    """
+    claim_out(out, "eval", overwrite=overwrite, inputs={"traces_file": traces_file, "data": data})
+    if not os.path.isfile(traces_file):
+        raise ToEError(f"--traces_file {traces_file} does not exist: write it with `toe traces --keep_incorrect true`")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]

@@ -11,16 +11,30 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import ToEError, TrainConfig
-from .data import DataSpec, batch_indices, encode, file_hash, pad_left, read_jsonl
-from .distill import (
+from ..config import ToEError, TrainConfig
+from ..data import DataSpec, batch_indices
+from ..extraction.store import Extraction
+from ..hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs
+from ..io import (
+    append_jsonl,
+    atomic_write_json,
+    check_extraction,
+    check_resume_args,
+    claim_out,
+    load_tensors,
+    load_torch,
+    read_json,
+)
+from ..losses import tail_positions
+from ..model import ToEModel
+from ..training.checkpoint import RESTART, checkpoint_dir, logged_step, plot_curves, save_checkpoint
+from ..training.distill import (
+    OBJECTIVES,
     OnPolicy,
     eos_ids,
     is_on_policy,
@@ -30,175 +44,9 @@ from .distill import (
     sample,
     teacher_logits,
 )
-from .hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs
-from .io import (
-    append_jsonl,
-    atomic_save_tensors,
-    atomic_torch_save,
-    atomic_write_json,
-    check_extraction,
-    check_resume_args,
-    claim_out,
-    load_tensors,
-    load_torch,
-    read_json,
-)
-from .losses import tail_positions
-from .model import ToEModel
-from .store import RUN, Extraction, route_key
-from .tree import RouteOutput, effective_leaves, num_nodes, path_labels, route_loss, usage
-
-OBJECTIVES = ("off_policy", "on_policy")
-
-
-@dataclass
-class Example:
-    ids: torch.Tensor  # (T,)
-    loss_mask: torch.Tensor  # (T,) bool
-    topk_ids: torch.Tensor | None  # (T, k) teacher top-k at target positions, or None
-    topk_logp: torch.Tensor | None
-
-
-def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
-                  use_kd: bool) -> tuple[list[Example], bool]:
-    """Tokenizes the training rows; attaches the teacher's cached top-k when the extraction saw the same rows."""
-    rows = read_jsonl(data, spec, limit)
-    encoded = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
-    kd_rows: dict[int, dict] = {}
-    extraction = Extraction(experts)
-    if use_kd and extraction.has(RUN):
-        run = extraction.run()
-        if run.get("topk_logprobs") and run.get("data_sha256") == file_hash(data):
-            for ex in extraction.iter_examples():
-                kd_rows[int(ex["example"][0])] = ex
-    out = []
-    for i, e in enumerate(encoded):
-        cached = kd_rows.get(i)
-        if cached is not None and torch.equal(cached["input_ids"], e.input_ids):
-            out.append(Example(e.input_ids, e.loss_mask, cached["topk_ids"], cached["topk_logp"]))
-        else:
-            out.append(Example(e.input_ids, e.loss_mask, None, None))
-    has_kd = any(e.topk_ids is not None for e in out)
-    return out, has_kd
-
-
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    ids, am = pad_left([e.ids for e in batch], pad_id)
-    loss_mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool()
-    out = {"input_ids": ids, "attention_mask": am, "loss_mask": loss_mask}
-    k = next((e.topk_ids.shape[1] for e in batch if e.topk_ids is not None), None)
-    if k is not None:
-        t = ids.shape[1]
-        tid = torch.zeros(len(batch), t, k, dtype=torch.long)
-        tlp = torch.zeros(len(batch), t, k)
-        kd_mask = torch.zeros(len(batch), t, dtype=torch.bool)
-        for i, e in enumerate(batch):
-            if e.topk_ids is not None:
-                n = len(e.ids)
-                tid[i, t - n :], tlp[i, t - n :] = e.topk_ids.long(), e.topk_logp.float()
-                kd_mask[i, t - n :] = e.loss_mask
-        out.update(topk_ids=tid, topk_logp=tlp, kd_mask=kd_mask)
-    return out
-
-
-def node_levels(shape: str, num_leaves: int) -> torch.Tensor:
-    """(M,) depth of each internal node: heap level for balanced trees, the node index for deep ones, 0 for flat."""
-    m = torch.arange(num_nodes(shape, num_leaves))
-    if shape == "flat":
-        return torch.zeros_like(m)
-    return torch.log2(m.float() + 1).floor().long() if shape == "balanced" else m
-
-
-def level_accuracy(acc: torch.Tensor, levels: torch.Tensor) -> list[float]:
-    """Mean per-node routing accuracy at each level (NaN-free: nodes no token visits are skipped)."""
-    out = []
-    for lv in range(int(levels.max()) + 1):
-        a = acc[levels == lv]
-        a = a[~torch.isnan(a)]
-        out.append(round(float(a.mean()), 4) if len(a) else float("nan"))
-    return out
-
-
-def sampled_route_loss(gate, route_data: dict[str, torch.Tensor], layer: int, n: int, g: torch.Generator,
-                       device: torch.device, closed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route BCE of ``gate`` on ``n`` cached base states drawn with ``g``; nodes where ``closed`` (M,) is True are
-    left out (Stage A opens levels top-down). Returns (loss, per-node accuracy)."""
-    states, leaf = route_data[route_key("states", layer)], route_data[route_key("leaf", layer)]
-    pick = torch.randint(len(leaf), (n,), generator=g)
-    labels = path_labels(gate.shape, gate.num_leaves, leaf[pick]).to(device)
-    if closed is not None:
-        labels[:, closed] = -1
-    return route_loss(gate(states[pick].to(device).float()[None], "dense"), labels[None])
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def checkpoint_dir(out: str) -> str:
-    return os.path.join(out, "checkpoint")
-
-
-RESTART = "the checkpoint is damaged: start the run again without --resume (with --overwrite)"
-
-
-def global_usage(route: RouteOutput, mask: torch.Tensor, acc) -> torch.Tensor:
-    """Leaf usage (N,) over the injected tokens of *every* process, so the usage regulariser of P processes is the
-    one process's. The value is the all-reduced mean; the gradient flows through this process's tokens, scaled by P
-    because DDP averages gradients over processes. One process: exactly :func:`tree_of_experts.tree.usage`."""
-    if acc.num_processes == 1:
-        return usage(route, mask)
-    m = mask.to(route.leaf_logp.dtype)[..., None]  # (B, T, 1)
-    mass = (route.leaf_logp.exp() * m).flatten(0, -2).sum(0)  # (N,) this process's routing mass
-    total = acc.reduce(torch.cat([mass.detach(), m.sum()[None].detach()]), reduction="sum")  # (N + 1,)
-    p = acc.num_processes
-    mass = p * mass - (p - 1) * mass.detach() + (total[:-1] - mass.detach())  # value: every process's mass
-    return mass / total[-1].clamp_min(1.0)
-
-
-def global_mean(acc, values: dict[str, float | None]) -> dict[str, float | None]:
-    """Per-process values normalised by the global token count, averaged over processes: the global values (what
-    rank 0 logs). None stays None; one all-reduce, none on one process."""
-    keys = [k for k, v in values.items() if v is not None]
-    if acc.num_processes == 1 or not keys:
-        return values
-    mean = acc.reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
-    return {**values, **dict(zip(keys, mean.tolist()))}
-
-
-def finite_loss(acc, loss: torch.Tensor, step: int, stage: str) -> float:
-    """The step's global loss; a NaN or inf one stops training before the optimizer applies it (every process sees
-    the same global value and stops together), so no checkpoint or plug-in is written from that state."""
-    value = global_mean(acc, {"loss": loss.item()})["loss"]
-    if not math.isfinite(value):
-        raise ToEError(f"training stopped at step {step} (stage {stage}): the loss is {value}; nothing was saved from "
-                       "this state (earlier checkpoints are intact): lower the learning rates (--lr, --scale_lr, "
-                       "--bank_lr, --stage_a_lr) and start again with --overwrite")
-    return value
-
-
-def save_checkpoint(out: str, model: ToEModel, opt: torch.optim.Optimizer, step: int, stage: str) -> None:
-    """Writes a checkpoint next to the old one, then swaps: a crash leaves the previous checkpoint whole."""
-    bad = [n for n, t in model.plugin.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ToEError(f"training stopped at step {step}: the plug-in's {bad[0]} holds NaN or inf values after the "
-                       "update (the loss was finite); nothing was saved from this state: lower the learning rates "
-                       "and start again with --overwrite")
-    tmp = checkpoint_dir(out) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    atomic_save_tensors(os.path.join(tmp, "plugin.safetensors"), model.plugin.state_dict())
-    atomic_torch_save(os.path.join(tmp, "optimizer.pt"), opt.state_dict())
-    atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, "stage": stage})
-    old = checkpoint_dir(out) + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(checkpoint_dir(out)):
-        os.replace(checkpoint_dir(out), old)
-    os.replace(tmp, checkpoint_dir(out))
-    shutil.rmtree(old, ignore_errors=True)
+from ..training.examples import collate, load_examples
+from ..training.steps import finite_loss, global_mean, global_usage, level_accuracy, node_levels, sampled_route_loss
+from ..tree import effective_leaves
 
 
 def train(
@@ -397,7 +245,7 @@ def train(
         (opt_a if state["stage"] == "A" else opt).load_state_dict(load_torch(os.path.join(ck, "optimizer.pt"), RESTART))
         if acc.is_main_process and os.path.isfile(metrics_path):  # drop rows logged after the checkpoint
             with open(metrics_path) as f:
-                rows = [r for r in f if _logged_step(r) <= step]  # a row cut by a kill is dropped too
+                rows = [r for r in f if logged_step(r) <= step]  # a row cut by a kill is dropped too
             with open(metrics_path, "w") as f:
                 f.writelines(rows)
     elif acc.is_main_process and os.path.isfile(metrics_path):
@@ -518,37 +366,5 @@ def train(
         summary["final"] = last_b[-1] if last_b else rows[-1]
         atomic_write_json(os.path.join(out, "train_summary.json"), summary)
     return summary
-
-
-def plot_curves(metrics_path: str, png: str) -> str | None:
-    """Loss curves per stage from metrics.jsonl -> PNG; returns the path (None without matplotlib rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not os.path.isfile(metrics_path):  # a checkpoint before the first logged row
-        return None
-    with open(metrics_path) as f:
-        rows = [json.loads(r) for r in f]
-    if not rows:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    a = [r for r in rows if r["stage"] == "A"]
-    b = [r for r in rows if r["stage"] != "A"]
-    if a:
-        axes[0].plot([r["step"] for r in a], [r["loss"] for r in a])
-    axes[0].set(title="Stage A: route BCE", xlabel="step")
-    if b:
-        for key in ("ce", "kd", "jsd"):
-            pts = [(r["step"], r[key]) for r in b if r.get(key) is not None]
-            if pts:
-                axes[1].plot(*zip(*pts), label=key)
-        axes[1].legend()
-    axes[1].set(title="Stage B/C: distillation", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ToEError
-from .data import DataSpec
-from .grading import gsm8k_gold, last_boxed
+from ..config import ToEError
+from ..data import DataSpec
+from ..grading import gsm8k_gold, last_boxed
 
 # code: CE-only text (held-out source files: what a plug-in or adapter costs outside its domain)
 TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "code": ("prompt", "text")}

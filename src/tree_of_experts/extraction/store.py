@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .io import load_tensors, read_json
+from ..io import load_tensors, read_json
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
     "route_data.safetensors"

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import DataSpec, align_offsets, encode, pad_left
-from .hf import capture_layers, padded_inputs, states_until
-from .losses import topk_logprobs
+from ..data import DataSpec, align_offsets, encode, pad_left
+from ..hf import capture_layers, padded_inputs, states_until
+from ..losses import topk_logprobs
 
 
 def default_layer(num_layers: int) -> int:

@@ -13,12 +13,12 @@ import logging
 import os
 from importlib import resources
 
-from .config import ToEError
-from .evaluate import evaluate
-from .extract import extract
-from .io import atomic_write_json, atomic_write_text
-from .report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
-from .train import train
+from ..commands.evaluate import evaluate
+from ..commands.extract import extract
+from ..commands.report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
+from ..commands.train import train
+from ..config import ToEError
+from ..io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def toy_pair_dir() -> str:
 
 
 def write_toy_data(out: str, n_train: int, n_dev: int) -> tuple[str, str]:
-    from .toy import toy_rows, toy_values
+    from ..toy import toy_rows, toy_values
 
     with open(os.path.join(toy_pair_dir(), "world.json")) as f:
         world = json.load(f)

@@ -1,0 +1,105 @@
+"""One system scored on a list of items: teacher-forced CE of the targets and graded generations
+(greedy or sampled, with majority vote), resumable batch by batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ToEError
+from ..data import encode, pad_left
+from ..grading import grade
+from ..hf import padded_inputs
+from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
+from ..losses import token_nll
+from .tasks import Item
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int, bool]]:
+    """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt."""
+    dev = next(model.parameters()).device
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items[start : start + batch_size]]
+        ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
+        mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
+        logits = model(**padded_inputs(ids, am, dev)).logits
+        nll = token_nll(logits, ids.to(dev), mask.to(dev))
+        for i in range(len(chunk)):
+            n = int(mask[i].sum())
+            if chunk[i].cut and n <= 1:  # only the appended EOS, scored after a cut-off prompt: not the target
+                raise ToEError(f"item {start + i}: its prompt fills max_length={max_length} tokens, so none of its "
+                               "target is scored: raise --max_length")
+            out.append((float(nll[i].sum()) / max(n, 1), n, chunk[i].cut))
+    return out
+
+
+def grade_completion(task: str, raw: str, gold: str, tok, max_new_tokens: int, stop: list[str]) -> dict:
+    """One generated completion cut at the first stop string, graded: completion, extracted, correct, tokens,
+    truncated."""
+    text = raw
+    for s in stop:  # cut at the first stop string (generation stops after it)
+        text = text.split(s)[0]
+    pred, ok = grade(task, text, gold)
+    # Ran out of budget: no stop string and no EOS (decoding drops it) before max_new_tokens. The last number of a
+    # cut-off completion is often an intermediate one, so such rows are counted, not hidden.
+    n = len(tok(text)["input_ids"])
+    return {"completion": text, "extracted": pred, "correct": ok, "tokens": n,
+            "truncated": text == raw and n >= max_new_tokens}
+
+
+def vote(samples: list[dict]) -> dict:
+    """Majority vote over the samples' extracted answers (unanswered samples abstain; a tie goes to the answer
+    that came first) and whether any sample is correct."""
+    answers = [s["extracted"] for s in samples if s["extracted"] is not None]
+    if not answers:
+        return {"majority": None, "maj_correct": False, "pass": any(s["correct"] for s in samples)}
+    majority = max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
+    maj_correct = next(s["correct"] for s in samples if s["extracted"] == majority)
+    return {"majority": majority, "maj_correct": maj_correct, "pass": any(s["correct"] for s in samples)}
+
+
+def score_system(name: str, model, tok, items: list[Item], task: str, do_generate: bool, do_ce: bool,
+                 max_new_tokens: int, batch_size: int, max_length: int, stop: list[str],
+                 sampling: Sampling = GREEDY, log: GenerationLog | None = None) -> list[dict]:
+    """Per-item rows of one system. With ``sampling.num_samples`` = k > 1 a row's completion, extracted, correct,
+    tokens and truncated are its first sample's; ``samples`` holds all k, with the majority vote and pass. ``log``
+    keeps each generated batch as it finishes and hands back the batches an interrupted run already generated."""
+    rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
+    if do_ce:
+        for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
+            row.update(ce=ce, ce_tokens=n, cut_by_max_length=cut)
+    if do_generate:
+        k = sampling.num_samples
+        t0 = time.perf_counter()
+        texts = []
+        log = log or GenerationLog(None, {})
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
+            chunk = [it.prompt for it in items[start : start + batch_size]]
+            done = log.get(start, chunk)
+            if done is None:
+                with seeded(sampling.seed + start, device):  # every system draws from the same seeds
+                    done = generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
+                                          stop_strings=stop or None)
+                log.put(start, chunk, done)
+            texts += done
+        elapsed = time.perf_counter() - t0
+        if log.reused:
+            logger.info("%s: %d of %d batches taken from the interrupted run in %s", name, log.reused,
+                      -(-len(items) // batch_size), log.path)
+        for i, row in enumerate(rows):
+            samples = [grade_completion(task, raw, row["gold"], tok, max_new_tokens, stop)
+                       for raw in texts[i * k : (i + 1) * k]]
+            row.update(samples[0])
+            if k > 1:
+                row.update(samples=samples, **vote(samples))
+        for row in rows:
+            row["gen_seconds_total"] = elapsed
+    return rows

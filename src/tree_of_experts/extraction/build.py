@@ -1,0 +1,341 @@
+"""Building the tree: clustering expert signals into leaves, and a gate initialised from the geometry.
+
+Also the build steps of `toe extract` / `toe rebuild` (fusion maps, tree, bank, plug-in, summary)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bank import ExpertBank
+from ..config import ToEError
+from ..hf import model_id
+from ..io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+)
+from ..model import ToEModel, new_config
+from ..plugin import ToEPlugin
+from ..tree import TreeGate, effective_leaves, path_labels, path_table
+from .capture import Example
+from .fusion import (
+    FusionMap,
+    GramAccumulator,
+    fit_ridge,
+    mean_ce,
+    ridge_delta,
+    train_fusion_maps,
+)
+from .store import Extraction
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, n_init: int = 3, chunk: int = 65536) -> torch.Tensor:
+    """Lloyd's k-means, best of ``n_init`` k-means++ seedings; distances in chunks (memory O(chunk · k)).
+
+    Returns:
+        (R,) cluster ids.
+    """
+    best, best_inertia = None, float("inf")
+    for trial in range(n_init):
+        labels, inertia = _lloyd(x.float(), k, iters, seed * 1000 + trial, chunk)
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def _lloyd(x: torch.Tensor, k: int, iters: int, seed: int, chunk: int) -> tuple[torch.Tensor, float]:
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, k):  # k-means++ on a subsample keeps seeding cheap for millions of rows
+        sub = x[torch.randint(len(x), (min(len(x), 20000),), generator=g)]
+        d = torch.cdist(sub, centers).min(1).values ** 2
+        centers = torch.cat([centers, sub[torch.multinomial(d + 1e-12, 1, generator=g)]])
+    labels = assign(x, centers, chunk)
+    for _ in range(iters):
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).float()
+        empty = counts == 0
+        centers = torch.where(empty[:, None], centers, sums / counts.clamp_min(1)[:, None])
+        new = assign(x, centers, chunk)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    inertia = sum(float(((x[i : i + chunk] - centers[labels[i : i + chunk]]) ** 2).sum()) for i in range(0, len(x), chunk))
+    return labels, inertia
+
+
+def assign(x: torch.Tensor, centers: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    return torch.cat([torch.cdist(x[i : i + chunk], centers).argmin(1) for i in range(0, len(x), chunk)])
+
+
+def balanced_tree(x: torch.Tensor, depth: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """ToE-B leaves by recursive balanced 2-means: each node splits its rows in two equal halves.
+
+    At each node, 2-means finds the split direction (difference of the two centroids); the rows are then cut at
+    the median of their projection on it, so every leaf gets R / 2^depth rows (±1).
+
+    Returns:
+        (R,) leaf ids in [0, 2^depth), bit l (from the top) = branch taken at level l.
+    """
+    leaf = torch.zeros(len(x), dtype=torch.long)
+    for level in range(depth):
+        parent = leaf.clone()  # node ids at this level; `leaf` becomes the next level's ids
+        for node in range(2**level):
+            rows = (parent == node).nonzero().squeeze(1)
+            if len(rows) < 2:
+                leaf[rows] = 2 * node
+                continue
+            xs = x[rows].float()
+            two = kmeans(xs, 2, iters=iters, seed=seed + level * 7919 + node, n_init=1)
+            c0 = xs[two == 0].mean(0) if (two == 0).any() else xs.mean(0)
+            c1 = xs[two == 1].mean(0) if (two == 1).any() else xs.mean(0)
+            direction = c1 - c0
+            if direction.norm() < 1e-12:  # identical points: any equal split will do
+                direction = torch.randn(x.shape[1], generator=torch.Generator().manual_seed(seed))
+            order = (xs @ direction).argsort()
+            right = torch.zeros(len(rows), dtype=torch.long)
+            right[order[len(rows) // 2 :]] = 1
+            leaf[rows] = 2 * node + right
+    return leaf
+
+
+def mass_ordered_clusters(x: torch.Tensor, num_leaves: int, seed: int = 0) -> torch.Tensor:
+    """ToE-D leaves: k-means clusters renumbered so leaf 0 has the most rows (taken first by the caterpillar)."""
+    labels = kmeans(x, num_leaves, seed=seed)
+    counts = torch.bincount(labels, minlength=num_leaves)
+    rank = torch.empty_like(counts)
+    rank[counts.argsort(descending=True, stable=True)] = torch.arange(num_leaves)
+    return rank[labels]
+
+
+def leaf_means(x: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> torch.Tensor:
+    """(N, D) mean of each leaf's rows (zero for an empty leaf)."""
+    sums = torch.zeros(num_leaves, x.shape[1]).index_add_(0, leaf, x.float())
+    return sums / torch.bincount(leaf, minlength=num_leaves).clamp_min(1).float()[:, None]
+
+
+@torch.no_grad()
+def init_gate_from_geometry(gate: TreeGate, states: torch.Tensor, leaf: torch.Tensor, sharpness: float = 4.0) -> None:
+    """Sets the gate so it routes base states roughly like the clustering did.
+
+    The trunk becomes ±(top r/2 principal directions) of the normalised states, so SiLU(z) keeps the sign
+    information of both halves; each node's hyperplane is the perpendicular bisector, in trunk space, of the mean
+    features of the tokens in its "1" and "0" subtrees, scaled so the logits have standard deviation ``sharpness``.
+
+    Args:
+        states: (R, D) base states at the injection layer.
+        leaf: (R,) leaf id of each row.
+    """
+    x = gate.norm(states.float())
+    mean = x.mean(0)
+    half = max(1, gate.trunk.out_features // 2)
+    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
+    k = min(half, v.shape[0])
+    p = v[:k] / (s[:k, None] / (len(x) ** 0.5)).clamp_min(1e-6)  # (k, D) whitened principal directions
+    w = torch.zeros_like(gate.trunk.weight)
+    w[:k], w[half : half + k] = p, -p
+    gate.trunk.weight.copy_(w)
+    gate.trunk.bias.copy_(-(w @ mean))
+    z = gate.features(states)  # (R, r)
+    labels = path_labels(gate.shape, gate.num_leaves, leaf)  # (R, M)
+    for m in range(gate.num_nodes):
+        ones, zeros = labels[:, m] == 1, labels[:, m] == 0
+        if not ones.any() or not zeros.any():
+            gate.nodes.weight[m].zero_()
+            gate.nodes.bias[m] = 4.0 if ones.any() else -4.0
+            continue
+        mu1, mu0 = z[ones].mean(0), z[zeros].mean(0)
+        direction = mu1 - mu0
+        logit = (z[ones | zeros] - (mu1 + mu0) / 2) @ direction
+        scale = sharpness / logit.std().clamp_min(1e-6)
+        gate.nodes.weight[m] = direction * scale
+        gate.nodes.bias[m] = -((mu1 + mu0) / 2 @ direction) * scale
+
+
+def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int) -> int:
+    """About how many tokens step 4 clusters: the training examples' usable positions (aligned, not the first),
+    times ``sample_rate``, at most ``max_rows``; known once the data is tokenized, before any model loads."""
+    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
+    usable = sum(int((e.align[1:] >= 0).sum()) for e in examples if not (every and e.index % every == every - 1))
+    return min(max_rows, int(usable * sample_rate))
+
+
+def build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
+          max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection, seed, kd,
+          teacher, dev) -> dict:
+    """Steps 2-4 on the main process, from the shards alone."""
+    pad = base_tok.pad_token_id
+    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
+    heldout = {e.index for e in examples if every and e.index % every == every - 1}
+    train_ids = {e.index for e in examples} - heldout
+    times: dict[str, float] = {}
+
+    # 2. Ridge map per layer from streamed Gram matrices.
+    t0 = time.perf_counter()
+    d_t = next(Extraction(out).iter_shards())["teacher.0"].shape[1]
+    d_b = base_model.config.hidden_size
+    grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
+    for shard in tqdm(list(Extraction(out).iter_shards()), desc="ridge", leave=False, disable=None):
+        rows = shard["valid"].bool()
+        held = torch.tensor([int(x) in heldout for x in shard["example"]]) & rows
+        for j, (tr, ho) in enumerate(grams):
+            u, v = shard[f"teacher.{j}"].float(), shard[f"base.{j}"].float()
+            tr.add(u[rows & ~held], v[rows & ~held])
+            if held.any():
+                ho.add(u[held], v[held])
+    ridge = [fit_ridge(tr, ho) for tr, ho in grams]
+    times["ridge_s"] = time.perf_counter() - t0
+
+    # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
+    t0 = time.perf_counter()
+    train_data = list(Extraction(out).iter_examples(train_ids))
+    dev_data = list(Extraction(out).iter_examples(heldout)) if heldout else []
+    maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
+    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, projector_epochs, projector_lr, 4, seed)
+    times["fusion_map_s"] = time.perf_counter() - t0
+    o1 = {}
+    if dev_data:
+        o1["base"] = mean_ce(base_model, layers, dev_data, pad)
+        if kd:
+            nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()] for d in dev_data])
+            o1["teacher"] = float(nll.mean())
+        for lam in ridge_lambdas:
+            o1[f"ridge_lambda_{lam}"] = mean_ce(
+                base_model, layers, dev_data, pad,
+                lambda j, u, h, lam=lam: ridge_delta(ridge[j][0].to(dev), u, h, lam))
+        o1["trained_map"] = mean_ce(base_model, layers, dev_data, pad, lambda j, u, h: maps[j](u, h))
+        if "teacher" in o1:
+            gap = o1["teacher"] - o1["base"]
+            o1["gap_closed"] = {k: (o1["base"] - v) / -gap if abs(gap) > 1e-9 else None
+                                for k, v in o1.items() if k not in ("base", "teacher")}
+    proj = {}
+    for j, layer in enumerate(layers):
+        proj[f"ridge.{layer}"] = ridge[j][0]
+        for k, v in maps[j].state_dict().items():
+            proj[f"trained.{layer}.{k}"] = v
+    atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
+    fit = {"projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
+           "o1_heldout_ce": o1}
+    counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
+    return build_tree(out, out, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves,
+                      shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher)
+
+
+def build_tree(out, source, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves, shape,
+               sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher) -> dict:
+    """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
+    with the summary and manifest."""
+    # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    deltas: list[list[torch.Tensor]] = [[] for _ in layers]
+    states: list[list[torch.Tensor]] = [[] for _ in layers]
+    maps.cpu()  # shard rows live on the CPU
+    heldout = set(counts["heldout"])
+    with torch.no_grad():
+        for ex in Extraction(source).iter_examples():
+            if int(ex["example"][0]) in heldout:
+                continue
+            keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
+            for j in range(len(layers)):
+                h = ex[f"base.{j}"][keep].float()
+                deltas[j].append(maps[j](ex[f"teacher.{j}"][keep].float(), h))
+                states[j].append(ex[f"base.{j}"][keep])
+    config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
+                        top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
+    plugin = ToEPlugin(config)
+    route_tensors, clusters = {}, {}
+    _, branch_table = path_table(shape, num_leaves)
+    for j, layer in enumerate(layers):
+        delta, x = torch.cat(deltas[j]), torch.cat(states[j])
+        if len(delta) > max_rows:
+            pick = torch.randperm(len(delta), generator=g)[:max_rows]
+            delta, x = delta[pick], x[pick]
+        if len(delta) < num_leaves:
+            raise ToEError(f"only {len(delta)} tokens sampled for {num_leaves} leaves: use more data, a higher "
+                           "--sample_rate, or fewer --num_leaves")
+        if shape == "balanced":
+            leaf = balanced_tree(delta, config.depth, seed=seed)
+        else:
+            leaf = mass_ordered_clusters(delta, num_leaves, seed=seed)
+        vectors = leaf_means(delta, leaf, num_leaves)
+        sizes = torch.bincount(leaf, minlength=num_leaves)
+        block = plugin.blocks[str(layer)]
+        block.bank = ExpertBank(vectors, {
+            "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
+            "clustering": "balanced 2-means" if shape == "balanced" else "k-means, ordered by mass",
+            "rows": len(delta), "ridge_heldout_r2": round(fit["projector"][j]["heldout_r2"], 4),
+        })
+        init_gate_from_geometry(block.gate, x.float(), leaf)
+        with torch.no_grad():
+            routed = block.gate(x.float(), "dense").leaf_logp.argmax(-1)
+        clusters[str(layer)] = {
+            "sizes": sizes.tolist(),
+            "effective_leaves": float(effective_leaves(sizes.float())),
+            "mean_delta_norm": float(delta.norm(dim=-1).mean()),
+            "mean_state_norm": float(x.float().norm(dim=-1).mean()),
+            "gate_init_routing_accuracy": float((routed == leaf).float().mean()),
+        }
+        route_tensors[f"states.{layer}"] = x.half()
+        route_tensors[f"leaf.{layer}"] = leaf
+        route_tensors[f"branches.{layer}"] = branch_table[leaf].to(torch.int8)
+    times["tree_s"] = time.perf_counter() - t0
+
+    # 5. Write everything.
+    atomic_save_tensors(os.path.join(out, "route_data.safetensors"), route_tensors)
+    with ToEModel(base_model, plugin) as model:
+        model.save_pretrained(out)
+    timing_files = sorted(glob.glob(os.path.join(source, "timings-*.json")))
+    capture = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
+    for path in timing_files:
+        with open(path) as f:
+            t = json.load(f)
+        for k in capture:
+            capture[k] += t[k] if k != "wall_s" else 0
+        capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
+    if capture["tokens"]:
+        capture["tokens_per_s"] = capture["tokens"] / max(capture["wall_s"], 1e-9)
+        capture["teacher_forward_tokens_per_s"] = capture["tokens"] / max(capture["teacher_s"], 1e-9)
+        capture["ratio_vs_teacher_forward"] = capture["tokens_per_s"] / capture["teacher_forward_tokens_per_s"]
+    summary = {
+        "teacher": teacher, "base": model_id(base_model), "layers": layers, "teacher_layers": teacher_layers,
+        "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
+        "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
+        **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
+    }
+    if source != out:
+        summary["rebuilt_from"] = source
+    manifest = {**settings, "shards": [os.path.relpath(p, out) for p in Extraction(out).shard_paths()],
+                "base_revision": getattr(base_model.config, "_commit_hash", None),
+                "counts": counts, "timings": {**times, **capture}}
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    atomic_write_json(os.path.join(out, "summary.json"), summary)
+    atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(summary))
+    return summary
+
+
+def summary_markdown(s: dict) -> str:
+    lines = [f"# Extraction: {s['teacher']} -> {s['base']}", "",
+             f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
+             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}.", ""]
+    for p, layer in zip(s["projector"], s["layers"]):
+        lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
+    if s["o1_heldout_ce"]:
+        lines += ["", "| held-out CE (response tokens) | nats |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in s["o1_heldout_ce"].items() if isinstance(v, float)]
+    for layer, c in s["clusters"].items():
+        lines += ["", f"Layer {layer}: effective leaves {c['effective_leaves']:.1f} of {len(c['sizes'])}; "
+                      f"cluster sizes min {min(c['sizes'])} / max {max(c['sizes'])}; "
+                      f"geometry-initialised gate routes {100 * c['gate_init_routing_accuracy']:.1f} % of tokens "
+                      f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
+    cap = s["capture"]
+    if cap.get("tokens"):
+        lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
+                      f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
+    return "\n".join(lines) + "\n"

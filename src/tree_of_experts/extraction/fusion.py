@@ -1,0 +1,187 @@
+"""Teacher -> base maps: a closed-form ridge map from streamed Gram matrices and the trained fusion map, with the
+fusion map's training loop and the CE of a base with an injection (shared by the extraction, O1 on held-out traces,
+and `toe oracle`, O1/O2 on evaluation items).
+
+The ridge map regresses the base's own state from the teacher's, so its residual ``P(u) - v`` is zero-mean noise
+around the base's state (measured on the real pair: 64 oracle-routed leaves of it moved dev CE by 0 %). The
+useful expert signal is what a *trained* map injects: ``A(u, h) = s ⊙ (W u + b - h)``, initialised from the ridge
+map with ``s = 0`` and trained to lower the base's loss with the teacher's cached states."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import pad_left
+from ..hf import add_to_layers, padded_inputs
+from ..losses import token_nll
+from ..model import frozen
+
+
+# -- the maps -----------------------------------------------------------------
+class GramAccumulator:
+    """Exact streaming sufficient statistics for ridge regression y ≈ [x, 1] W, in float64."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.xx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
+        self.xy = torch.zeros(d_in + 1, d_out, dtype=torch.float64)
+        self.yy = 0.0
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x (R, d_in), y (R, d_out) rows."""
+        x1 = torch.cat([x.double(), x.new_ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        y = y.double()
+        self.xx += x1.T @ x1
+        self.xy += x1.T @ y
+        self.yy += float((y * y).sum())
+        self.y_sum += y.sum(0)
+        self.n += x.shape[0]
+
+    def sse(self, w: torch.Tensor) -> float:
+        """Sum of squared errors of ``y ≈ [x, 1] w`` over the accumulated rows, without revisiting them."""
+        return float((w * (self.xx @ w)).sum() - 2 * (w * self.xy).sum() + self.yy)
+
+    def sst(self) -> float:
+        return self.yy - float((self.y_sum**2).sum()) / max(self.n, 1)
+
+
+def fit_ridge(train: GramAccumulator, heldout: GramAccumulator, alphas: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3,
+              1e-2, 1e-1, 1.0)) -> tuple[torch.Tensor, dict]:
+    """Solves the ridge map for a grid of λ = α · mean eigenvalue; picks λ by held-out squared error.
+
+    Returns:
+        w: (d_in + 1, d_out) float32 with the bias in the last row.
+        report: λ grid, held-out R² for each, the chosen λ.
+    """
+    evals, evecs = torch.linalg.eigh(train.xx)
+    proj = evecs.T @ train.xy
+    scale = float(evals.clamp_min(0).mean())
+    best, grid = None, []
+    for alpha in alphas:
+        lam = alpha * scale
+        w = evecs @ (proj / (evals.clamp_min(0) + lam)[:, None])
+        r2 = 1.0 - heldout.sse(w) / max(heldout.sst(), 1e-12) if heldout.n else float("nan")
+        grid.append({"alpha": alpha, "lambda": lam, "heldout_r2": r2})
+        if best is None or (r2 > best[0]) or heldout.n == 0:
+            best = (r2, lam, w)
+            if heldout.n == 0:
+                break
+    r2, lam, w = best
+    return w.float(), {"lambda": lam, "heldout_r2": r2, "grid": grid, "train_rows": train.n,
+                       "heldout_rows": heldout.n}
+
+
+class FusionMap(nn.Module):
+    """A(u, h) = s ⊙ (W u + b - h): moves the base's state towards the projected teacher state, per channel.
+
+    Args:
+        w: (d_T + 1, d_B) ridge solution (bias in the last row) used to initialise W and b.
+    """
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(w.shape[0] - 1, w.shape[1])
+        with torch.no_grad():
+            self.proj.weight.copy_(w[:-1].T)
+            self.proj.bias.copy_(w[-1])
+        self.scale = nn.Parameter(torch.zeros(w.shape[1]))
+
+    def forward(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """u (..., d_T) teacher states, h (..., d_B) base states -> (..., d_B) float32 update δ."""
+        return self.scale * (self.proj(u.float()) - h.float())
+
+
+def ridge_delta(w: torch.Tensor, u: torch.Tensor, h: torch.Tensor, lam: float) -> torch.Tensor:
+    """λ (P(u) - h): the untrained interpolation towards the ridge-projected teacher state."""
+    return lam * (u.float() @ w[:-1] + w[-1] - h.float())
+
+
+# -- training and scoring them ------------------------------------------------
+def batches(examples: list[dict], size: int) -> Iterator[list[dict]]:
+    for i in range(0, len(examples), size):
+        yield examples[i : i + size]
+
+
+def collate(chunk: list[dict], num_layers: int, pad_id: int) -> dict[str, torch.Tensor]:
+    ids, am = pad_left([c["input_ids"] for c in chunk], pad_id)
+    out = {"input_ids": ids, "attention_mask": am}
+    for key in ("loss_mask", "valid"):
+        out[key] = pad_left([c[key].bool().long() for c in chunk], 0)[0].bool()
+    for j in range(num_layers):
+        t = max(len(c["input_ids"]) for c in chunk)
+        u = torch.zeros(len(chunk), t, chunk[0][f"teacher.{j}"].shape[1])
+        for i, c in enumerate(chunk):
+            u[i, t - len(c["input_ids"]) :] = c[f"teacher.{j}"].float()
+        out[f"teacher.{j}"] = u
+    return out
+
+
+def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None,
+               batch_size: int = 4) -> list[tuple[float, int]]:
+    """(NLL sum, token count) over each example's response tokens, optionally with ``delta_fn(j, u, h) -> Δ``
+    injected at injection layer j (u: the example's cached teacher states)."""
+    out = []
+    dev = next(base.parameters()).device
+    with torch.no_grad():
+        for chunk in batches(data, batch_size):
+            b = collate(chunk, len(layers), pad_id)
+            fns = {}
+            if delta_fn is not None:
+                for j, layer in enumerate(layers):
+                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
+                    fns[layer] = lambda h, j=j, u=u, m=m: delta_fn(j, u, h) * m[..., None]
+            with add_to_layers(base, fns):
+                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
+            nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
+            out += [(float(nll[i].sum()), int(b["loss_mask"][i].sum())) for i in range(len(chunk))]
+    return out
+
+
+def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
+    """Token-weighted mean response CE (see :func:`example_ce`)."""
+    per = example_ce(base, layers, data, pad_id, delta_fn, batch_size)
+    return sum(s for s, _ in per) / max(sum(n for _, n in per), 1)
+
+
+def train_fusion_maps(
+    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, epochs: int, lr: float,
+    batch_size: int, seed: int,
+) -> list[float]:
+    """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
+    dev = next(base.parameters()).device
+    maps.to(dev).train()
+    opt = torch.optim.Adam(maps.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    steps = epochs * math.ceil(len(data) / batch_size)
+    bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
+    # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
+    # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
+    with frozen(base):
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=g).tolist()
+            for chunk in batches([data[i] for i in order], batch_size):
+                b = collate(chunk, len(layers), pad_id)
+                fns = {}
+                for j, layer in enumerate(layers):
+                    u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
+                    fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
+                with add_to_layers(base, fns):
+                    logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
+                mask = b["loss_mask"].to(dev)
+                loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    maps.eval()
+    return losses

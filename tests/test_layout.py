@@ -1,0 +1,57 @@
+"""The package's layers: core and library below, then commands, then recipes and the CLI on top. A command never
+imports another command (shared pieces live in the library layers), and nothing below the commands imports them."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import tree_of_experts
+
+ROOT = pathlib.Path(tree_of_experts.__file__).parent
+TOP = {"commands", "recipes", "cli"}  # what the library layers must not import
+
+
+def imported(path: pathlib.Path) -> set[str]:
+    """The package modules ``path`` imports, as dotted names below tree_of_experts (relative imports resolved)."""
+    package = list(path.relative_to(ROOT).parent.parts)
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                parts = base + (node.module.split(".") if node.module else [])
+                names.update(".".join(parts + [a.name]) if not node.module else ".".join(parts)
+                             for a in node.names)
+            elif node.module and node.module.startswith("tree_of_experts."):
+                names.add(node.module.split(".", 1)[1])
+    return names
+
+
+def test_commands_do_not_import_commands():
+    for path in (ROOT / "commands").glob("*.py"):
+        others = {n for n in imported(path) if n.split(".")[0] in {"commands", "recipes", "cli"}}
+        assert not others, f"{path.name} imports {sorted(others)}: move the shared piece into a library module"
+
+
+def test_library_layers_do_not_import_commands():
+    for path in ROOT.rglob("*.py"):
+        layer = path.relative_to(ROOT).parts[0].removesuffix(".py")
+        if layer in TOP:
+            continue
+        up = {n for n in imported(path) if n.split(".")[0] in TOP}
+        assert not up, f"{path.relative_to(ROOT)} imports {sorted(up)}"
+
+
+def test_every_cli_command_lives_in_commands_or_recipes():
+    from tree_of_experts.cli import _commands
+
+    for name, fn in _commands().items():
+        module = getattr(fn, "__wrapped__", fn).__module__
+        assert module.split(".")[1] in ("commands", "recipes"), f"toe {name} is defined in {module}"
+
+
+def test_the_import_check_sees_relative_imports():
+    # the guard itself: a relative import from a subpackage resolves to the module it names
+    path = ROOT / "commands" / "train.py"
+    assert "training.distill" in imported(path) and "config" in imported(path)
