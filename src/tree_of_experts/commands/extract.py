@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
 from ..data import DataSpec, file_hash, read_jsonl
-from ..extraction.build import build, build_tree, clustered_rows
+from ..extraction.build import Pairing, build, build_tree, clustered_rows
 from ..extraction.capture import capture_shard, default_layer, prepare, same_vocab, teacher_layer_for
 from ..extraction.fusion import (
     FusionMap,
@@ -132,7 +132,7 @@ def extract(
     """
     from accelerate import PartialState
 
-    ExtractConfig.from_args(locals())
+    cfg = ExtractConfig.from_args(locals())
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
     if state.is_main_process:
         claim_out(out, "extract", overwrite=overwrite, inputs={"teacher": teacher, "base": base})
@@ -164,8 +164,8 @@ def extract(
         if any(not 0 <= x < n for x in ls):
             raise ToEError(f"{name}={ls} out of range: that model has {n} decoder layers (0..{n - 1})")
     settings = {
-        "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit, "spec": dataclasses.asdict(spec),
-        "layers": layers, "teacher_layers": teacher_layers, "max_length": max_length, "shard_size": shard_size,
+        "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
+        "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers, "max_length": max_length, "shard_size": shard_size,
         "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
         "teacher_arch": arch_fingerprint(teacher_model.config)[1], "base_arch": arch_fingerprint(base_model.config)[1],
     }
@@ -198,9 +198,8 @@ def extract(
         return None
     del teacher_model
     gc.collect()  # the teacher's memory back before the fusion map trains (it can be most of the RSS)
-    return build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
-                 max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection,
-                 seed, kd, teacher, dev)
+    return build(out, base_model, base_tok, cfg, Pairing(layers, teacher_layers, teacher, kd, settings), examples,
+                 ridge_lambdas, seed, dev)
 
 
 def rebuild(
@@ -237,7 +236,7 @@ def rebuild(
         seed: seed for sampling and clustering.
         overwrite: replace what another run left in ``out``.
     """
-    RebuildConfig.from_args(locals())
+    cfg = RebuildConfig.from_args(locals())
     needed = ("run.json", "manifest.json", "summary.json", "projector.safetensors")
     missing = [f for f in needed if not os.path.isfile(os.path.join(source, f))]
     if missing:
@@ -271,8 +270,7 @@ def rebuild(
     atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
     fit = {k: prior[k] for k in ("projector", "fusion_map_loss_first_last", "o1_heldout_ce")}
     counts = {"tokens": prior["tokens"], **manifest["counts"]}
-    return build_tree(out, source, base_model, layers, prior["teacher_layers"], settings, counts, maps, fit, {},
-                      num_leaves, shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, prior["kd_cached"],
-                      prior["teacher"])
+    pairing = Pairing(layers, prior["teacher_layers"], prior["teacher"], prior["kd_cached"], settings)
+    return build_tree(out, source, base_model, cfg, pairing, counts, maps, fit, {}, seed)
 
 

@@ -8,12 +8,13 @@ import glob
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..bank import ExpertBank
-from ..config import ToEError
+from ..config import ExtractConfig, ToEError, TreeConfig
 from ..hf import model_id
 from ..io import (
     atomic_save_tensors,
@@ -35,7 +36,8 @@ from .fusion import (
 from .store import Extraction
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, n_init: int = 3, chunk: int = 65536) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, n_init: int = 3,
+           chunk: int = 65536) -> torch.Tensor:
     """Lloyd's k-means, best of ``n_init`` k-means++ seedings; distances in chunks (memory O(chunk · k)).
 
     Returns:
@@ -66,7 +68,8 @@ def _lloyd(x: torch.Tensor, k: int, iters: int, seed: int, chunk: int) -> tuple[
         if torch.equal(new, labels):
             break
         labels = new
-    inertia = sum(float(((x[i : i + chunk] - centers[labels[i : i + chunk]]) ** 2).sum()) for i in range(0, len(x), chunk))
+    inertia = sum(float(((x[i : i + chunk] - centers[labels[i : i + chunk]]) ** 2).sum())
+                  for i in range(0, len(x), chunk))
     return labels, inertia
 
 
@@ -166,12 +169,25 @@ def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: fl
     return min(max_rows, int(usable * sample_rate))
 
 
-def build(out, base_model, base_tok, layers, teacher_layers, settings, examples, num_leaves, shape, sample_rate,
-          max_rows, heldout_frac, projector_epochs, projector_lr, ridge_lambdas, gate_rank, top_k, selection, seed, kd,
-          teacher, dev) -> dict:
-    """Steps 2-4 on the main process, from the shards alone."""
+@dataclass(frozen=True)
+class Pairing:
+    """What an extraction paired: the injection layers, the teacher layer read for each, the teacher (recorded in
+    the plug-in), whether the teacher's top-k was cached (same vocabulary), and the run's recorded settings."""
+
+    layers: list[int]
+    teacher_layers: list[int]
+    teacher: str
+    kd: bool
+    settings: dict
+
+
+def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, examples: list[Example],
+          ridge_lambdas: list[float], seed: int, dev: torch.device) -> dict:
+    """Steps 2-4 on the main process, from the shards alone: ridge map, trained fusion map with the O1 CE table on
+    held-out examples, then the tree (`build_tree`)."""
+    layers, kd = pairing.layers, pairing.kd
     pad = base_tok.pad_token_id
-    every = round(1 / heldout_frac) if heldout_frac > 0 else 0
+    every = round(1 / cfg.heldout_frac) if cfg.heldout_frac > 0 else 0
     heldout = {e.index for e in examples if every and e.index % every == every - 1}
     train_ids = {e.index for e in examples} - heldout
     times: dict[str, float] = {}
@@ -197,7 +213,8 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
     train_data = list(Extraction(out).iter_examples(train_ids))
     dev_data = list(Extraction(out).iter_examples(heldout)) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
-    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, projector_epochs, projector_lr, 4, seed)
+    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, cfg.projector_epochs, cfg.projector_lr, 4,
+                               seed)
     times["fusion_map_s"] = time.perf_counter() - t0
     o1 = {}
     if dev_data:
@@ -220,17 +237,20 @@ def build(out, base_model, base_tok, layers, teacher_layers, settings, examples,
         for k, v in maps[j].state_dict().items():
             proj[f"trained.{layer}.{k}"] = v
     atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
-    fit = {"projector": [r for _, r in ridge], "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None,
-           "o1_heldout_ce": o1}
+    fit = {"projector": [r for _, r in ridge],
+           "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None, "o1_heldout_ce": o1}
     counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
-    return build_tree(out, out, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves,
-                      shape, sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher)
+    return build_tree(out, out, base_model, cfg, pairing, counts, maps, fit, times, seed)
 
 
-def build_tree(out, source, base_model, layers, teacher_layers, settings, counts, maps, fit, times, num_leaves, shape,
-               sample_rate, max_rows, gate_rank, top_k, selection, seed, kd, teacher) -> dict:
+def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pairing, counts: dict,
+               maps: torch.nn.ModuleList, fit: dict, times: dict, seed: int) -> dict:
     """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
     with the summary and manifest."""
+    layers, teacher_layers, settings = pairing.layers, pairing.teacher_layers, pairing.settings
+    kd, teacher = pairing.kd, pairing.teacher
+    num_leaves, shape, sample_rate, max_rows = tree.num_leaves, tree.shape, tree.sample_rate, tree.max_rows
+    gate_rank, top_k, selection = tree.gate_rank, tree.top_k, tree.selection
     # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
