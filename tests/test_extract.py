@@ -163,6 +163,22 @@ def test_character_offset_alignment_never_looks_ahead():
     assert align_offsets(base, teacher).tolist() == [-1, 0, 1]
 
 
+def test_alignment_across_tokenizers_picks_the_teacher_rows_that_saw_no_more_text():
+    from tree_of_experts.data import DataSpec
+    from tree_of_experts.extraction.capture import prepare
+
+    base_tok, teacher_tok = tiny_tokenizer(), tiny_tokenizer(extra_words=["plus", "what is"])  # "what is": 1 token
+    ex = prepare([{"question": "what is 2 plus 3", "answer": "5"}], DataSpec("question", "answer", "Q: {prompt}\nA: "),
+                 base_tok, teacher_tok, 64)[0]
+    assert [base_tok.decode([i]) for i in ex.ids][3:6] == ["what", " ", "is"]
+    assert [teacher_tok.decode([i]) for i in ex.teacher_ids][2:5] == [" ", "what is", " "]
+    # base:    Q : ␣ what ␣ is ␣ 2 ␣ plus ␣ 3 \n A : ␣ 5 EOS
+    # teacher: Q : ␣ [what is] ␣ 2 ␣ plus ␣ 3 \n A : ␣ 5 EOS
+    # "what" and the space after it read the teacher's state before "what is"; "is" reads "what is"; the last text
+    # token reads the teacher's "5", not its EOS (which has seen that the text ends).
+    assert ex.align.tolist() == [0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+
+
 def test_mismatched_tokenizers_are_aligned(pair, tmp_path):
     other = tmp_path / "teacher2"
     shutil.copytree(pair / "teacher", other)

@@ -239,7 +239,7 @@ def file_hash(path: str | os.PathLike) -> str:
 
 @dataclass
 class Encoded:
-    """One tokenized example. ``offsets`` are character spans in ``text`` (the appended EOS spans the end)."""
+    """One tokenized example. ``offsets`` are character spans in ``text`` (the appended EOS: one past its end)."""
 
     input_ids: torch.Tensor  # (T,) int64
     loss_mask: torch.Tensor  # (T,) bool, True on response tokens (the ones CE is measured on)
@@ -255,7 +255,8 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Enc
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True,
                     max_length=max_length - 1)
     ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
-    offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text))]
+    # EOS comes after every character: it ends one past the text, so no text token aligns to a state that saw it
+    offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text) + 1)]
     offsets_t = torch.tensor(offsets, dtype=torch.long)
     loss_mask = offsets_t[:, 1] > len(prompt)  # tokens that end inside the response (incl. EOS)
     # Only a text that fills the budget can have been cut: tokenize those once more, in full, to know.
