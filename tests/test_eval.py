@@ -98,6 +98,9 @@ def test_chat_template_prompts(tmp_path):
     assert gen[0]["completion"] == row["completion"]  # same prompt text, same greedy tokens
 
 
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+
+
 def test_tiny_end_to_end_eval(tmp_path):
     from tree_of_experts import ToEModel
     from tree_of_experts.commands.evaluate import evaluate
@@ -108,79 +111,103 @@ def test_tiny_end_to_end_eval(tmp_path):
         tiny_qwen2(seed=seed).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     ToEModel.fresh(tiny_qwen2(seed=0), layers=[0], num_leaves=4).save_pretrained(tmp_path / "plug")
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
     m = evaluate(base=str(tmp_path / "base"), plugin=str(tmp_path / "plug"), teacher=str(tmp_path / "teacher"),
-                 task="gsm8k", data=fixture, out=str(tmp_path / "ev"), limit=4, max_new_tokens=4)
+                 task="gsm8k", data=FIXTURE, out=str(tmp_path / "ev"), limit=4, max_new_tokens=4)
     assert set(m["systems"]) == {"base", "toe", "teacher"}
     # An untrained plug-in is the base exactly, item by item.
     assert m["systems"]["toe"]["ce"] == m["systems"]["base"]["ce"]
     rows = [json.loads(r) for r in open(tmp_path / "ev" / "toe.jsonl")]
     assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
-    assert json.load(open(tmp_path / "ev" / "metrics.json"))["comparisons"]["toe"]["ce_gap_closed"]
-    # CE on the teacher's own traces: its greedy completions are the target, so the teacher scores lowest there.
+    gap = m["comparisons"]["toe"]["ce_gap_closed"]  # the base's own CE: nothing of the gap closed, on every item
+    assert gap["gap_closed"] == 0.0 and gap["ci95"] == [0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def toy_traces(tmp_path_factory):
+    """The trained toy teacher's traces of 4 fixture rows (12 tokens, incorrect kept) and its graded answers as an
+    accuracy-only eval folder: (folder, toy pair dir, the traces summary)."""
     from tree_of_experts.commands.evaluate import traces
     from tree_of_experts.recipes.demo import toy_pair_dir
 
-    toy = toy_pair_dir()  # trained toy models: they write real text
-    t = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces.jsonl"), limit=4,
-               max_new_tokens=12, keep_incorrect=True, eval_out=str(tmp_path / "acc-teacher"))
-    assert t["kept"] == 4
+    d, toy = tmp_path_factory.mktemp("traces"), toy_pair_dir()  # trained toy models: they write real text
+    t = traces(teacher=f"{toy}/teacher", data=FIXTURE, out=str(d / "traces.jsonl"), limit=4, max_new_tokens=12,
+               keep_incorrect=True, eval_out=str(d / "acc-teacher"))
+    return d, toy, t
+
+
+def test_traces_eval_folder_pools_with_toe_eval(toy_traces, tmp_path):
     # The traces' graded generations are an accuracy-only eval folder: the report pools them with `toe eval --ce
     # false` on the same rows, under an accuracy target.
+    from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.commands.report import report
 
-    evaluate(base=f"{toy}/base", task="gsm8k", data=fixture, limit=4, max_new_tokens=12, ce=False,
+    d, toy, t = toy_traces
+    assert t["kept"] == 4
+    evaluate(base=f"{toy}/base", task="gsm8k", data=FIXTURE, limit=4, max_new_tokens=12, ce=False,
              out=str(tmp_path / "acc-base"))
-    report([str(tmp_path / "acc-base"), str(tmp_path / "acc-teacher")], out=str(tmp_path / "acc-rep"))
+    report([str(tmp_path / "acc-base"), str(d / "acc-teacher")], out=str(tmp_path / "acc-rep"))
     rows = {r["system"]: r for r in json.load(open(tmp_path / "acc-rep" / "report.json"))}
     assert rows["teacher"]["accuracy"] == t["accuracy"] and rows["base"]["ce"] is None
     assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–4")
     base_acc = [json.loads(r) for r in open(tmp_path / "acc-base" / "base.jsonl")]
     assert rows["base"]["truncated_share"] == sum(r["truncated"] for r in base_acc) / 4
+    assert all(r["truncated"] == (r["tokens"] >= 12) for r in base_acc)  # ended early or ran out
     assert "out of tokens)" in open(tmp_path / "acc-rep" / "report.md").read()
-    # The same folder rebuilt from the traces file alone (re-graded, back in the data's order).
+
+
+def test_eval_folder_rebuilt_from_the_traces_file(toy_traces, tmp_path):
+    # The same folder rebuilt from the traces file alone (re-graded, back in the data's order), in Python and as
+    # `toe eval-traces`.
+    from tree_of_experts.cli import main
     from tree_of_experts.commands.evaluate import eval_from_traces
 
-    m = eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "acc-t2"), limit=4,
+    d, toy, t = toy_traces
+    m = eval_from_traces(str(d / "traces.jsonl"), f"{toy}/teacher", FIXTURE, str(tmp_path / "acc-t2"), limit=4,
                          max_new_tokens=12)
-    from tree_of_experts.cli import main
-
-    cli = ["eval-traces", "--traces-file", str(tmp_path / "traces.jsonl"), "--teacher", f"{toy}/teacher", "--data",
-           fixture, "--limit", "4", "--max-new-tokens", "12", "--out", str(tmp_path / "acc-t3")]
-    assert main(cli) == 0
-    assert open(tmp_path / "acc-t3" / "teacher.jsonl").read() == open(tmp_path / "acc-t2" / "teacher.jsonl").read()
-    assert main(cli) == 2  # the finished folder is not replaced without --overwrite
     again = [json.loads(r) for r in open(tmp_path / "acc-t2" / "teacher.jsonl")]
-    first = [json.loads(r) for r in open(tmp_path / "acc-teacher" / "teacher.jsonl")]
+    first = [json.loads(r) for r in open(d / "acc-teacher" / "teacher.jsonl")]
     assert [r["prompt"] for r in again] == [r["prompt"] for r in first]
     assert [r["correct"] for r in again] == [r["correct"] for r in first]
     assert [r["truncated"] for r in again] == [r["truncated"] for r in first]  # the flag travels in the traces file
-    assert all(r["truncated"] == (r["tokens"] >= 12) for r in base_acc)  # ended early or ran out
     assert m["systems"]["teacher"]["truncated_share"] == sum(r["truncated"] for r in first) / 4
     assert m["systems"]["teacher"]["accuracy"] == t["accuracy"]
-    # The inverse: traces from the eval folder's answers, without running the teacher (same file as generating).
-    t2 = traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "traces2.jsonl"), limit=4,
-                max_new_tokens=12, keep_incorrect=True, from_eval=str(tmp_path / "acc-teacher"))
-    assert open(tmp_path / "traces2.jsonl").read() == open(tmp_path / "traces.jsonl").read() and t2 == {
-        **t, "out": str(tmp_path / "traces2.jsonl")}
-    with pytest.raises(ToEError, match="max_new_tokens 12"):
-        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), limit=4, max_new_tokens=16,
-               from_eval=str(tmp_path / "acc-teacher"))
-    with pytest.raises(ToEError, match="skip/--limit"):
-        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), skip=4, limit=2,
-               max_new_tokens=12, from_eval=str(tmp_path / "acc-teacher"))
-    with pytest.raises(ToEError, match="no teacher answers"):
-        traces(teacher=f"{toy}/teacher", data=fixture, out=str(tmp_path / "x.jsonl"), limit=4, max_new_tokens=12,
-               from_eval=str(tmp_path / "acc-base"))
-    assert not os.path.exists(tmp_path / "x.jsonl")
+    cli = ["eval-traces", "--traces-file", str(d / "traces.jsonl"), "--teacher", f"{toy}/teacher", "--data", FIXTURE,
+           "--limit", "4", "--max-new-tokens", "12", "--out", str(tmp_path / "acc-t3")]
+    assert main(cli) == 0
+    assert open(tmp_path / "acc-t3" / "teacher.jsonl").read() == open(tmp_path / "acc-t2" / "teacher.jsonl").read()
+    assert main(cli) == 2  # the finished folder is not replaced without --overwrite
     with pytest.raises(ToEError, match="keep_incorrect"):
-        eval_from_traces(str(tmp_path / "traces.jsonl"), f"{toy}/teacher", fixture, str(tmp_path / "x"), limit=6)
-    m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k",
-                 data=str(tmp_path / "traces.jsonl"), out=str(tmp_path / "ev-trace"), ce_target="trace",
-                 accuracy=False)
+        eval_from_traces(str(d / "traces.jsonl"), f"{toy}/teacher", FIXTURE, str(tmp_path / "x"), limit=6)
+
+
+def test_traces_from_an_eval_folder_without_the_teacher(toy_traces, tmp_path):
+    # The inverse: traces from the eval folder's answers, without running the teacher (same file as generating).
+    from tree_of_experts.commands.evaluate import traces
+
+    d, toy, t = toy_traces
+    out = str(tmp_path / "traces2.jsonl")
+    t2 = traces(teacher=f"{toy}/teacher", data=FIXTURE, out=out, limit=4, max_new_tokens=12, keep_incorrect=True,
+                from_eval=str(d / "acc-teacher"))
+    assert open(out).read() == open(d / "traces.jsonl").read() and t2 == {**t, "out": out}
+    bad = [(dict(limit=4, max_new_tokens=16, from_eval=str(d / "acc-teacher")), "max_new_tokens 12"),
+           (dict(skip=4, limit=2, max_new_tokens=12, from_eval=str(d / "acc-teacher")), "skip/--limit"),
+           (dict(limit=4, max_new_tokens=12, from_eval=str(tmp_path)), "no teacher answers")]
+    for kw, message in bad:
+        with pytest.raises(ToEError, match=message):
+            traces(teacher=f"{toy}/teacher", data=FIXTURE, out=str(tmp_path / "x.jsonl"), **kw)
+    assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_ce_on_the_teachers_own_traces(toy_traces, tmp_path):
+    # CE on the teacher's own traces: its greedy completions are the target, so the teacher scores lowest there.
+    from tree_of_experts.commands.evaluate import evaluate
+
+    d, toy, _ = toy_traces
+    m = evaluate(base=f"{toy}/base", teacher=f"{toy}/teacher", task="gsm8k", data=str(d / "traces.jsonl"),
+                 out=str(tmp_path / "ev-trace"), ce_target="trace", accuracy=False)
     assert m["systems"]["teacher"]["ce"] < m["systems"]["base"]["ce"]
     with pytest.raises(ToEError, match="toe traces"):
-        evaluate(base=str(tmp_path / "base"), task="gsm8k", data=fixture, out=str(tmp_path / "x"), ce_target="trace")
+        evaluate(base=f"{toy}/base", task="gsm8k", data=FIXTURE, out=str(tmp_path / "x"), ce_target="trace")
 
 
 def test_report_pools_eval_folders_on_the_same_items(tmp_path):
