@@ -15,7 +15,8 @@
 #   ROW: anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe1-on ctl1 toe1-off lora1-on
 #        lora1-off (default: all, in that order); each trains (if needed) and scores its row.
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
-#        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), RES (results/real_pair_v2), SCORE
+#        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), CACHED_STATES (true: off-policy steps
+#        of plug-in rows start from the extraction's cached states), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl).
@@ -37,6 +38,9 @@ budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}
 objective_on=(--objective on_policy --on-policy-ratio "${RATIO:-1.0}" --beta "${BETA:-0.5}"
               --sample-max-new-tokens "${SAMPLE_TOKENS:-256}" --teacher "$teacher")
 toe_knobs=(--bank-lr "${BANK_LR:-1e-3}" --query-norm "${QUERY_NORM:-true}" --stage-a-steps 50)
+# Off-policy steps of plug-in rows start from the extraction's cached base states at the lowest injection layer
+# (`--cached-states`: the same loss up to the cache's fp16 rounding; not for ToE on LoRA, whose base differs).
+cached=(--cached-states "${CACHED_STATES:-true}")
 need_traces() {  # the rows that train need the teacher's training traces
   [ -f "$train_data" ] || { echo "$train_data missing: run runs/real_pair_traces.sh and copy its output there" >&2
                             exit 2; }
@@ -117,13 +121,13 @@ for row in $rows; do
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
       extraction "$ex" "$layers"
       [ -f "$work/$row$sfx/baseline_summary.json" ] || toe baseline --kind control --base "$base" \
-        --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" --save-every 2 \
+        --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" "${cached[@]}" --save-every 2 \
         --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
       keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
-    toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" ;;
-    toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 ;;
-    toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" ;;
-    toe1-off) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 ;;
+    toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" "${cached[@]}" ;;
+    toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${cached[@]}" ;;
+    toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" "${cached[@]}" ;;
+    toe1-off) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${cached[@]}" ;;
     lora8-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 "${objective_on[@]}" --kd-weight 1 ;;
     lora8-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 --kd-weight 1 ;;
     lora1-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 "${objective_on[@]}" --kd-weight 1 ;;

@@ -33,6 +33,9 @@ def test_bench_runs_and_reports_ratios(tmp_path):
     assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains (the LoRA step runs on a copy)
     assert r["training"]["toe_over_lora"]["n"] == 2 and r["training"]["lora_rank"] == 8
     assert "LoRA r8 step" in r["summary"]
+    low = r["training"]["cached_layer"]
+    assert r["training"]["cached_over_full"]["n"] == 2 and f"from cached states at layer {low}" in r["summary"]
+    assert f"from cached states at layer {low}" in (tmp_path / "b" / "bench.md").read_text()
 
 
 def test_bench_runs_only_the_parts_asked_for(tmp_path):

@@ -262,3 +262,75 @@ def test_a_checkpoint_before_the_first_logged_row_is_fine(experts, tmp_path):
     """save_every < log_every: the curves refreshed at a checkpoint wait for the first metrics row."""
     train(**args(experts, tmp_path / "p", max_steps=3, stage_a_steps=1, log_every=10, save_every=1))
     assert (tmp_path / "p" / "curves.png").exists()
+
+
+def test_a_forward_started_from_cached_states_equals_the_full_forward():
+    from tree_of_experts import ToEModel
+    from tree_of_experts.hf import capture_layers, decoder_layers, padded_inputs, starting_at
+
+    base = tiny_qwen2(hidden_size=32, num_layers=3, seed=0)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    inputs = padded_inputs(ids, am, "cpu")
+    with torch.no_grad(), capture_layers(base, [1]) as seen:
+        full = base(**inputs).logits
+    calls = []
+    decoder_layers(base)[0].mlp.register_forward_hook(lambda *a: calls.append(0))
+    with torch.no_grad(), starting_at(base, 1, seen[1]):
+        cached = base(**inputs).logits
+    assert not calls and torch.allclose(cached, full, atol=1e-6)  # layer 0 did not run, the logits are the same
+    with torch.no_grad():
+        again = base(**inputs).logits
+    assert calls and torch.equal(again, full)  # the layers are themselves again after the block
+    # A plug-in at the starting layer adds its Δ to the cached states, as it does to the computed ones.
+    model = ToEModel.fresh(base, layers=[1, 2], num_leaves=4)
+    with torch.no_grad():
+        for block in model.plugin.blocks.values():
+            block.scale.fill_(1.0)
+        full = model(**inputs).logits
+        with starting_at(base, 1, seen[1]):
+            cached = model(**inputs).logits
+    assert torch.allclose(cached, full, atol=1e-6) and not torch.allclose(full, again, atol=1e-3)
+
+
+def test_training_from_cached_states_gives_the_same_losses(experts, tmp_path):
+    from tree_of_experts.hf import decoder_layers
+
+    def rounded_base():  # the full forward with the cache's fp16 rounding at the injection layer (layer 1)
+        base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+        decoder_layers(base)[1].register_forward_hook(lambda m, a, o: o.half().float())
+        return base
+
+    runs = {}
+    for cached in (False, True):
+        out = tmp_path / f"cached-{cached}"
+        train(**args(experts, out, base=rounded_base(), tokenizer=str(experts / "base"), max_steps=4, stage_a_steps=2,
+                     log_every=1, cached_states=cached))
+        runs[cached] = [json.loads(r) for r in open(out / "metrics.jsonl")]
+    for full, cached in zip(runs[False], runs[True]):
+        assert cached["loss"] == pytest.approx(full["loss"], rel=1e-4, abs=1e-6)
+    assert [r["stage"] for r in runs[True]].count("B") == 4
+
+
+def test_cached_states_are_refused_where_they_do_not_apply(experts, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(FIXTURE).read() + open(FIXTURE).readline())  # another file: other rows
+    with pytest.raises(ToEError, match="extraction's own data"):
+        train(**args(experts, tmp_path / "a", data=str(other), cached_states=True))
+    with pytest.raises(ToEError, match="base_adapter"):
+        train(**args(experts, tmp_path / "b", cached_states=True, base_adapter=str(tmp_path)))
+    with pytest.raises(ToEError, match="tokenized otherwise"):
+        train(**args(experts, tmp_path / "c", cached_states=True, max_length=24))
+    assert not any((tmp_path / d).exists() for d in ("a", "b"))
+
+
+def test_the_control_trains_from_its_own_cached_states_and_lora_refuses_them(experts, tmp_path):
+    from tree_of_experts.recipes.baseline import baseline
+
+    kw = dict(base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, max_steps=2, stage_a_steps=1,
+              batch_size=4, cached_states=True)
+    summary = baseline(kind="control", out=str(tmp_path / "ctl"), **kw)
+    assert summary["train"]["steps"] == 3 and json.load(open(tmp_path / "ctl" / "train_args.json"))["cached_states"]
+    with pytest.raises(ToEError, match="every layer"):
+        baseline(kind="lora", out=str(tmp_path / "lora"), **kw)
+    assert not (tmp_path / "lora").exists()

@@ -194,6 +194,37 @@ def capture_layers(model: nn.Module, layers: list[int]) -> Iterator[dict[int, to
             handle.remove()
 
 
+@contextlib.contextmanager
+def starting_at(model: nn.Module, layer: int, states: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward of ``model`` starts from ``states`` (B, T, D) as the output of decoder layer
+    ``layer``: the layers below it pass their input through and that layer returns ``states`` without computing.
+
+    Forward hooks still run on every layer, so a plug-in injecting at ``layer`` adds its Δ to ``states``. This is
+    how training starts from an extraction's cached base states instead of running the frozen layers below the
+    lowest injection layer; the batch must be the one the states were computed for (same tokens, same padding).
+    """
+    import transformers
+
+    as_output = (lambda h: (h,)) if int(transformers.__version__.split(".")[0]) < 5 else (lambda h: h)
+
+    def through(*args, **kwargs):
+        return as_output(args[0] if args else kwargs["hidden_states"])
+
+    def cached(*args, **kwargs):
+        return as_output(states)
+
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise ToEError(f"layer {layer} out of range: the model has {len(blocks)} decoder layers")
+    for i in range(layer + 1):
+        blocks[i].forward = through if i < layer else cached  # an instance attribute: Module.__call__ runs it
+    try:
+        yield
+    finally:
+        for i in range(layer + 1):
+            del blocks[i].forward
+
+
 class _StopForward(Exception):
     """Raised by a hook once the last needed layer has run."""
 

@@ -14,7 +14,7 @@ import torch
 
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
-from ..hf import add_to_layers, decoder_layers, load_causal_lm, padded_inputs
+from ..hf import add_to_layers, capture_layers, decoder_layers, load_causal_lm, padded_inputs, starting_at
 from ..io import atomic_write_json, atomic_write_text
 from ..losses import token_nll
 from ..model import ToEModel
@@ -199,7 +199,8 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
     residual injection at the same layers costs (a forward + backward of the frozen base down to those layers), and
     vs one step of the LoRA baseline on the same tokens (rank ``lora_rank`` on every linear layer, as
     `toe baseline lora`; 0 skips it): LoRA backpropagates through every layer, the plug-in only down to its lowest
-    injection layer."""
+    injection layer. ``cached_step`` is the same step started from cached base states at the lowest injection layer
+    (`toe train --cached_states`): the frozen layers below it do not run."""
     timer = _timer(device)
     ids = _random_ids(base_model.config.vocab_size, batch, length, seed=1).to(device)
     am = torch.ones_like(ids)
@@ -224,6 +225,19 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    low = min(layers)
+    with torch.no_grad(), model.disabled(), capture_layers(base_model, [low]) as seen:
+        base_model(input_ids=ids, attention_mask=am)
+    cache = seen[low].half().to(base_model.dtype)  # what an extraction stores
+
+    def cached_step() -> None:
+        model.attach()
+        with starting_at(base_model, low, cache), model.selection("dense"):
+            logits = model(input_ids=ids, attention_mask=am).logits
+        token_nll(logits, ids, mask).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def peak(fn) -> int | None:
         if device.type != "cuda":
             return None
@@ -234,14 +248,15 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
     with model.disabled():  # the copy must not carry the plug-in's hooks
         lora_step = _lora_step(base_model, ids, am, mask, lora_rank) if lora_rank else None
     base_model.train()
-    reference(), step()  # warm-up (allocates Adam state)
-    res: dict[str, list[float]] = {"reference_s": [], "toe_step_s": []}
+    reference(), step(), cached_step()  # warm-up (allocates Adam state)
+    res: dict[str, list[float]] = {"reference_s": [], "toe_step_s": [], "cached_step_s": []}
     if lora_step is not None:
         lora_step()
         res["lora_step_s"] = []
     for _ in range(reps):
         res["reference_s"].append(timer(reference))
         res["toe_step_s"].append(timer(step))
+        res["cached_step_s"].append(timer(cached_step))
         if lora_step is not None:
             res["lora_step_s"].append(timer(lora_step))
     base_model.eval()
@@ -249,6 +264,8 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
     trainable = sum(p.numel() * p.element_size() for p in params)
     out = {k: _stats(v) for k, v in res.items()}
     out["ratio"] = _stats([t / r for t, r in zip(res["toe_step_s"], res["reference_s"])])
+    out["cached_over_full"] = _stats([c / t for c, t in zip(res["cached_step_s"], res["toe_step_s"])])
+    out["cached_layer"] = low
     if lora_step is not None:
         out["toe_over_lora"] = _stats([t / r for t, r in zip(res["toe_step_s"], res["lora_step_s"])])
         out["lora_rank"] = lora_rank
@@ -377,6 +394,8 @@ def bench(
     if "training" in parts:
         result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev, lora_rank)
         summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
+        summary.append(f"train step from cached states at layer {result['training']['cached_layer']} / full step: "
+                       f"{result['training']['cached_over_full']['median']:.2f}x")
         if "toe_over_lora" in result["training"]:
             summary.append(f"train step / LoRA r{lora_rank} step: "
                            f"{result['training']['toe_over_lora']['median']:.2f}x")
@@ -424,6 +443,9 @@ def markdown(result: dict) -> str:
         if "toe_over_lora" in t:
             lines.append(f"| train step time (reference: a LoRA r{t['lora_rank']} step on the same tokens) | "
                          f"{ratio(t['toe_over_lora'])} |")
+        if "cached_over_full" in t:
+            lines.append(f"| train step from cached states at layer {t['cached_layer']} (`--cached_states`; "
+                         f"reference: the full step) | {ratio(t['cached_over_full'])} |")
     e = result.get("extraction")
     if e:
         lines.append(f"| extraction capture tokens/s (reference: bare teacher forward) | {ratio(e['ratio'])} |")

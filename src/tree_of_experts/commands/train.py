@@ -7,6 +7,7 @@ bit-identical to an uninterrupted run. Runs unchanged on CPU, one GPU or many (`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -17,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ToEError, TrainConfig
-from ..data import DataSpec, batch_indices
+from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
-from ..hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs
+from ..hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs, starting_at
 from ..io import (
     append_jsonl,
     atomic_write_json,
@@ -86,6 +87,7 @@ def train(
     dtype: str = "float32",
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
+    cached_states: bool = False,
     tokenizer: str | None = None,
     init_plugin: str | None = None,
     objective: str = "off_policy",
@@ -160,6 +162,9 @@ def train(
         sample_top_p: nucleus mass of the student's on-policy sampling (1: no truncation).
         query_norm: switch the gates' query normalisation on or off (None keeps the plug-in's; see
             :class:`tree_of_experts.config.ToEConfig`). It adds no parameters; the trained plug-in records it.
+        cached_states: off-policy steps start from the extraction's cached base states at the lowest injection
+            layer instead of running the frozen layers below it (the same loss up to the cache's fp16 rounding;
+            needs ``data`` to be the extraction's own file; on-policy samples are new text and run in full).
         report_to: log every metrics row to accelerate's trackers as well ("tensorboard", "wandb", "mlflow", "all"...;
             default None: metrics.jsonl and curves.png only). Files of local trackers go to ``out/trackers``.
         base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
@@ -184,6 +189,13 @@ def train(
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
+    if cached_states:
+        if base_adapter:
+            raise ToEError("--cached_states reads the bare base's states, which a --base_adapter (merged LoRA) "
+                           "changes: drop one of them")
+        if Extraction(experts).run().get("data_sha256") != file_hash(data):
+            raise ToEError(f"--cached_states needs the extraction's own data: {experts} was extracted from another "
+                           f"file than {data} (pass that file, or drop --cached_states)")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
         claim_out(out, "train", overwrite=overwrite, resume=resume, inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
@@ -205,7 +217,17 @@ def train(
     if gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     cfg = model.toe_config
-    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd)
+    cached_layer = min(cfg.layers) if cached_states else None
+    base_dtype = next(model.base.parameters()).dtype
+    if cached_states and cached_layer not in Extraction(experts).run()["layers"]:
+        raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
+                       "lowest injection layer): drop --cached_states")
+    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer)
+    if cached_states and any(e.state is None for e in examples):
+        n = sum(e.state is None for e in examples)
+        raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
+                       "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
+                       "--cached_states")
     use_kd = has_kd and not no_kd and kd_weight > 0
     if ce_weight < 0 or kd_weight < 0:
         raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
@@ -301,9 +323,12 @@ def train(
             # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
             n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
             keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
-            tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k != "attention_mask"}
+            tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k not in ("attention_mask", "states")}
             t_logits = teacher_logits(teacher_model, b, keep) if on else None  # (B, len(keep), V_T)
-            with acc.autocast(), model.plugin.recording() as records, model.selection(selection):
+            start = contextlib.nullcontext()
+            if "states" in b:  # an off-policy batch of cached states: the layers below them do not run
+                start = starting_at(model.base, cached_layer, b["states"].to(acc.device, base_dtype))
+            with start, acc.autocast(), model.plugin.recording() as records, model.selection(selection):
                 logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
                 loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta, ce_weight,

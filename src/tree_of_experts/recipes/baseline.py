@@ -163,6 +163,7 @@ def baseline(
     kd_weight: float | None = None,
     overwrite: bool = False,
     query_norm: bool | None = None,
+    cached_states: bool = False,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -206,12 +207,18 @@ def baseline(
         overwrite: replace what another run left in ``out`` (refused otherwise; ``resume`` continues this one).
         query_norm: the gates' query normalisation for plug-in kinds, as `toe train --query_norm` (None: the
             plug-in's own setting), so a control is trained like the ToE row it is compared with.
+        cached_states: plug-in kinds train from cached base states at the lowest injection layer, as `toe train
+            --cached_states` (the control from its own no-teacher extraction of ``data``); refused for lora and sft,
+            which change every layer.
     """
     args = dict(locals())
     BaselineConfig.from_args(args)
     if experts is None and not (kind == "sft" or (kind == "lora" and lora_rank)):
         fix = " or an explicit --lora_rank" if kind == "lora" else ""
         raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from){fix}")
+    if cached_states and kind in ("lora", "sft"):
+        raise ToEError(f"--cached_states: a {kind} run changes every layer of the base, so no layer's states can be "
+                       "cached: drop it")
     if resume and kind in ("lora", "sft"):
         raise ToEError(f"--resume continues the plug-in baselines (control, static, random, flat); a {kind} run "
                        "restarts: drop --resume")
@@ -246,6 +253,8 @@ def baseline(
         train_kw["kd_weight"] = kd_weight
     if query_norm is not None and kind not in ("lora", "sft"):
         train_kw["query_norm"] = query_norm
+    if cached_states:
+        train_kw["cached_states"] = True
     summary: dict = {"kind": kind, "out": out, "objective": objective}
     if kind == "control":
         run = Extraction(experts).run()

@@ -17,27 +17,31 @@ class Example:
     loss_mask: torch.Tensor  # (T,) bool
     topk_ids: torch.Tensor | None  # (T, k) teacher top-k at target positions, or None
     topk_logp: torch.Tensor | None
+    state: torch.Tensor | None = None  # (T, D) fp16 base state at the lowest injection layer (cached_state_layer)
 
 
 def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
-                  use_kd: bool) -> tuple[list[Example], bool]:
-    """Tokenizes the training rows; attaches the teacher's cached top-k when the extraction saw the same rows."""
+                  use_kd: bool, cached_state_layer: int | None = None) -> tuple[list[Example], bool]:
+    """Tokenizes the training rows; attaches what the extraction cached for the same rows (same data file, same
+    tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
+    extraction) the base's state there."""
     rows = read_jsonl(data, spec, limit)
     encoded = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
-    kd_rows: dict[int, dict] = {}
+    cached_rows: dict[int, dict] = {}
     extraction = Extraction(experts)
-    if use_kd and extraction.has(RUN):
-        run = extraction.run()
-        if run.get("topk_logprobs") and run.get("data_sha256") == file_hash(data):
-            for ex in extraction.iter_examples():
-                kd_rows[int(ex["example"][0])] = ex
+    run = extraction.run() if extraction.has(RUN) else {}
+    use_kd = use_kd and bool(run.get("topk_logprobs"))
+    state_key = f"base.{run['layers'].index(cached_state_layer)}" if cached_state_layer is not None else None
+    if (use_kd or state_key) and run.get("data_sha256") == file_hash(data):
+        for ex in extraction.iter_examples():
+            cached_rows[int(ex["example"][0])] = ex
     out = []
     for i, e in enumerate(encoded):
-        cached = kd_rows.get(i)
-        if cached is not None and torch.equal(cached["input_ids"], e.input_ids):
-            out.append(Example(e.input_ids, e.loss_mask, cached["topk_ids"], cached["topk_logp"]))
-        else:
-            out.append(Example(e.input_ids, e.loss_mask, None, None))
+        cached = cached_rows.get(i)
+        if cached is None or not torch.equal(cached["input_ids"], e.input_ids):
+            cached = {}
+        out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
+                           cached.get("topk_logp") if use_kd else None, cached.get(state_key)))
     has_kd = any(e.topk_ids is not None for e in out)
     return out, has_kd
 
@@ -58,4 +62,10 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
                 tid[i, t - n :], tlp[i, t - n :] = e.topk_ids.long(), e.topk_logp.float()
                 kd_mask[i, t - n :] = e.loss_mask
         out.update(topk_ids=tid, topk_logp=tlp, kd_mask=kd_mask)
+    if batch and all(e.state is not None for e in batch):  # left-padded like the ids (padding rows: zeros)
+        t = ids.shape[1]
+        states = torch.zeros(len(batch), t, batch[0].state.shape[1], dtype=batch[0].state.dtype)
+        for i, e in enumerate(batch):
+            states[i, t - len(e.ids) :] = e.state
+        out["states"] = states
     return out
