@@ -19,7 +19,7 @@
 #        of plug-in rows start from the extraction's cached states), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
-#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl).
+#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -110,6 +110,15 @@ lora_row() {  # lora_row NAME RANK ARGS...
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 
+# The headline's paired comparisons (A minus B on the same items): the teacher's margin (ToE vs the control at its
+# layer set), ToE vs LoRA trained with the same objective, ToE on LoRA vs LoRA alone, and each row vs the bare base
+# (on held-out code: what the row costs outside math).
+PAIRS=${PAIRS:-"toe3-on:ctl3 toe3-off:ctl3 toe1-on:ctl1 toe1-off:ctl1 toe3-on:lora8-on toe3-off:lora8-off
+  toe1-on:lora1-on toe1-off:lora1-off toe3+lora:lora8-on toe3-on:base toe3-off:base toe1-on:base toe1-off:base
+  ctl3:base ctl1:base lora8-on:base lora8-off:base lora1-on:base lora1-off:base toe3+lora:base"}
+label() { if [ "$1" = base ]; then echo base; else echo "$1$sfx"; fi; }
+scored() { [ "$2" = base ] || [ -f "$res/$1/$2/metrics.json" ]; }  # scored TARGET LABEL
+
 for row in $rows; do
   case $row in
     anchors)  # base on every target; the teacher's CE (its accuracy came with its dev answers above)
@@ -142,10 +151,17 @@ for row in $rows; do
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
-  for target in ce acc code; do  # one pooled report per target over the finished rows
-    dirs=()
+  for target in ce acc code; do  # one pooled report per target over the finished rows, with the headline pairs
+    dirs=(); pairs=()
     for d in "$res/$target"/*/; do [ -f "$d/metrics.json" ] && dirs+=("${d%/}"); done
-    [ ${#dirs[@]} -gt 1 ] && toe report "${dirs[@]}" --reference "${REFERENCE:-toe3-on}" --out "$res/report-$target" --overwrite true \
-      || true
+    for p in $PAIRS; do  # A:B where both rows are scored on this target
+      a=$(label "${p%%:*}"); b=$(label "${p#*:}")
+      scored "$target" "$a" && scored "$target" "$b" && pairs+=("\"$a:$b\"")
+    done
+    pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
+    if [ ${#dirs[@]} -gt 1 ]; then
+      toe report "${dirs[@]}" --reference "${REFERENCE:-toe3-on}" "${pair_args[@]}" --out "$res/report-$target" \
+        --overwrite true || echo "the $target report failed (above); the rows' own folders are complete" >&2
+    fi
   done
 done

@@ -6,13 +6,17 @@
 # Usage: runs/real_pair_v2_sweep.sh PAIR_DIR WORK_DIR [POINT ...]
 #   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
 #          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set) —
-#          default: all, in that order. Env as for runs/real_pair_v2.sh (STEPS, BATCH, ...).
+#          default: all, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): the sweep
+#          trains each point for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so
+#          eight points at the full budget would be ~14 CPU-hours): it ranks the choices, the study then trains the
+#          chosen one at the full budget.
 #   Results: results/real_pair_v2/sweep/ (one pooled CE report after each point).
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
+export STEPS=${SWEEP_STEPS:-10}
 export TRAIN_DATA=${TRAIN_DATA:-$here/results/real_pair_v2/train-traces.jsonl}
 for p in $points; do
   env=(NAME_SUFFIX="-$p"); row=toe3-on

@@ -238,6 +238,17 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert ctl["reference"] == "toe-b" and toe["reference"] is None
     assert abs(ctl["ce_vs_reference"]["mean_diff"] - (ctl["ce"] - toe["ce"])) < 1e-9
     assert "CE minus toe-b" in open(tmp_path / "rep" / "report.md").read()
+    # Named paired comparisons beyond the one reference: A minus B item by item.
+    report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"),
+           pairs=["toe-b:control", "control:base"])
+    pairs = {(r["a"], r["b"]): r for r in json.load(open(tmp_path / "rep" / "pairs.json"))}
+    assert set(pairs) == {("toe-b", "control"), ("control", "base")}
+    assert pairs[("toe-b", "control")]["ce"]["mean_diff"] == pytest.approx(toe["ce"] - ctl["ce"], abs=1e-9)
+    assert pairs[("control", "base")]["ce"]["mean_diff"] == pytest.approx(ctl["ce"] - rows["base"]["ce"], abs=1e-9)
+    assert pairs[("toe-b", "control")]["accuracy"] is None  # CE-only folders
+    assert "| toe-b − control | 6 |" in open(tmp_path / "rep" / "report.md").read()
+    with pytest.raises(ToEError, match="known: base, control, teacher, toe-b"):
+        report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"), pairs=["toe:ctl"])
     usage = {u["system"]: u for u in json.load(open(tmp_path / "rep" / "leaf_usage.json"))}
     assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
     for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0

@@ -118,6 +118,51 @@ def table_rows(groups: dict[str, dict[str, list[dict]]], reference: str | None =
     return out
 
 
+def resolve_pairs(pairs: list[str], groups: dict[str, dict[str, list[dict]]]) -> list[tuple[str, str]]:
+    """``["A:B", ...]`` -> [(A, B), ...] over the pooled system labels (a label may itself hold a colon: the split
+    is the one that names two known systems); an unknown label is refused with the known ones."""
+    known = {label for systems in groups.values() for label in systems}
+    out = []
+    for pair in pairs:
+        cuts = [(pair[:i], pair[i + 1 :]) for i, c in enumerate(pair) if c == ":"]
+        match = [(a, b) for a, b in cuts if a in known and b in known]
+        if not match:
+            raise ToEError(f"--pairs {pair!r}: give two pooled systems as A:B (known: {', '.join(sorted(known))})")
+        out.append(match[0])
+    return out
+
+
+def paired_rows(groups: dict[str, dict[str, list[dict]]], pairs: list[tuple[str, str]]) -> list[dict]:
+    """For each target where both systems were scored: A minus B item by item, CE and accuracy, with a 95 %
+    bootstrap interval and the share of resamples where A - B > 0."""
+    out = []
+    for target, systems in groups.items():
+        for a, b in pairs:
+            if a not in systems or b not in systems:
+                continue
+            row = {"target": target, "a": a, "b": b, "n": len(systems[a]), "ce": None, "accuracy": None}
+            for metric, key in (("ce", "ce"), ("accuracy", "correct")):
+                if key in systems[a][0] and key in systems[b][0]:
+                    va, vb = finite_values(systems[a], key), finite_values(systems[b], key)
+                    row[metric] = paired_bootstrap(va, vb) if va is not None and vb is not None else None
+            out.append(row)
+    return out
+
+
+def pairs_markdown(rows: list[dict]) -> str:
+    lines = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        lines += [f"**{target}: paired differences** (A minus B on the same items, 95 % bootstrap interval)", "",
+                  "| A minus B | n | CE nats [95 % CI] | accuracy [95 % CI] |", "|---|---|---|---|"]
+        for r in (r for r in rows if r["target"] == target):
+            ce, acc = r.get("ce"), r.get("accuracy")
+            ce_s = "–" if not ce else _interval(ce["mean_diff"], ce["ci95"], lambda x: f"{x:+.4f}")
+            acc_s = "–" if not acc else _interval(acc["mean_diff"], acc["ci95"], lambda x: f"{100 * x:+.1f} pts")
+            lines.append(f"| {r['a']} − {r['b']} | {r['n']} | {ce_s} | {acc_s} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _interval(point, ci, fmt) -> str:
     if point is None:
         return "–"
@@ -273,7 +318,7 @@ def usage_plot(usage: list[dict], png: str) -> None:
 
 
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
-           labels: dict[str, str] | None = None, overwrite: bool = False) -> dict:
+           labels: dict[str, str] | None = None, pairs: list[str] | None = None, overwrite: bool = False) -> dict:
     """Pools `toe eval` folders into one table of CE and accuracy, with paired differences.
 
     Writes ``out/report.md``, ``out/report.json`` and ``out/report.png``; ``out/sweep.png`` (CE and accuracy vs N
@@ -285,14 +330,22 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
         out: output folder.
         reference: system label the paired-difference columns compare against (default: the ToE row).
         labels: {folder or folder name: label} for the non-anchor system of a folder (default: the folder name).
+        pairs: more paired comparisons, each "A:B" (two system labels): A minus B item by item on every target
+            where both were scored, in report.md and pairs.json (e.g. a ToE row against the control at its layer
+            set, or against LoRA trained with the same objective; "X:base" on held-out code is what X costs there).
         overwrite: replace another command's files in ``out`` (a previous report there is always replaced).
     """
     if not run_dirs:
         raise ToEError("no eval folders given: pass the `toe eval` folders to pool (toe report DIR [DIR ...])")
     claim_out(out, "report", overwrite=overwrite, inputs={f"run_dirs[{i}]": d for i, d in enumerate(run_dirs)})
-    rows = table_rows(pool(run_dirs, labels), reference)
+    groups = pool(run_dirs, labels)
+    pair_list = resolve_pairs(pairs or [], groups)
+    rows = table_rows(groups, reference)
+    paired = paired_rows(groups, pair_list)
     usage = leaf_usage(run_dirs, labels)
     text = markdown(rows)
+    if paired:
+        text += "\n" + pairs_markdown(paired)
     if usage:
         text += ("\n**Leaf usage at inference** (share of the selection mass over every scored token; effective "
                  "leaves = exp(entropy); mean ‖Δ‖/‖h‖: how hard the plug-in pushes the residual stream there)\n\n"
@@ -303,6 +356,8 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
                         f"{format(u['delta_ratio'], '.4f') if 'delta_ratio' in u else '–'} |\n" for u in usage)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "report.json"), rows)
+    if paired:
+        atomic_write_json(os.path.join(out, "pairs.json"), paired)
     atomic_write_text(os.path.join(out, "report.md"), text)
     plot(rows, os.path.join(out, "report.png"))
     result = {"rows": len(rows), "markdown": os.path.join(out, "report.md"), "plot": os.path.join(out, "report.png")}
