@@ -28,14 +28,14 @@ import torch
 
 from ..config import OracleConfig, ToEConfig, ToEError
 from ..data import DataSpec, read_jsonl
-from ..evaluation.results import summarize
+from ..evaluation.results import write_metrics, write_rows
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 from ..extraction.capture import capture_shard, prepare, same_vocab
 from ..extraction.fusion import FusionMap, example_ce, ridge_delta
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
 from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out, dumps
+from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
@@ -120,14 +120,12 @@ def live_greedy(model, tok, prompt: str, max_new_tokens: int, teacher=None, laye
 def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[str], golds: list[str],
                        args: dict) -> None:
     """The CE rows in `toe eval`'s layout (one JSONL per system, metrics.json), for `toe report` to pool."""
-    summaries = {}
+    per_system = {}
     for name, values in per_item.items():
-        rows = [{"system": _slug(name), "prompt": p, "gold": g, "ce": ce, "ce_tokens": n}
-                for p, g, ce, (_, n) in zip(prompts, golds, values, systems[name])]
-        atomic_write_text(os.path.join(out, f"{_slug(name)}.jsonl"), "".join(dumps(r) + "\n" for r in rows))
-        summaries[_slug(name)] = summarize(rows)
-    atomic_write_json(os.path.join(out, "metrics.json"), {"args": {**args, "source": "toe oracle"},
-                                                          "systems": summaries})
+        per_system[_slug(name)] = [{"system": _slug(name), "prompt": p, "gold": g, "ce": ce, "ce_tokens": n}
+                                   for p, g, ce, (_, n) in zip(prompts, golds, values, systems[name])]
+        write_rows(out, _slug(name), per_system[_slug(name)])
+    write_metrics(out, {**args, "source": "toe oracle"}, per_system)
 
 
 def oracle(
