@@ -1,0 +1,35 @@
+"""The `toe` command line: option spelling, help for every option, one-line errors."""
+
+from __future__ import annotations
+
+
+def test_cli_accepts_dashes_and_positional_report_dirs():
+    from tree_of_experts.cli import _normalise
+
+    assert _normalise(["extract", "--num-leaves", "8", "--out=x"]) == ["extract", "--num_leaves", "8", "--out=x"]
+    assert _normalise(["report", "a", "b", "--out", "r"]) == ["report", "--run_dirs", '["a", "b"]', "--out", "r"]
+
+
+def test_cli_every_option_has_its_own_help():
+    """`toe --help` shows each docstring's first line, `toe CMD --help` each `Args:` entry: the first line must be
+    one whole sentence, and every parameter needs an entry of its own (one shared by several shows on none)."""
+    import inspect
+
+    from docstring_parser import parse
+
+    from tree_of_experts.cli import _commands
+
+    for name, fn in _commands().items():
+        lines = inspect.cleandoc(fn.__doc__).splitlines()
+        assert lines[0].endswith(".") and len(lines[0]) <= 90 and (len(lines) == 1 or not lines[1].strip()), name
+        described = {p.arg_name: p.description for p in parse(fn.__doc__).params}
+        assert set(described) == set(inspect.signature(fn).parameters), (name, set(described))
+        assert all(d and d.strip() for d in described.values()), name
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    from tree_of_experts.cli import main
+
+    assert main(["generate", "--base", str(tmp_path), "--plugin", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("toe: error:")

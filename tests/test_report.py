@@ -1,0 +1,85 @@
+"""`toe report`: pooling eval folders, paired comparisons, sweep plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tree_of_experts import ToEError
+
+
+def test_report_pools_eval_folders_on_the_same_items(tmp_path):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.commands.evaluate import evaluate
+    from tree_of_experts.commands.report import report
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("teacher", 1)):
+        tiny_qwen2(seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    for name, scale in (("toe", 0.5), ("ctl", 2.0)):
+        m = ToEModel.fresh(tiny_qwen2(seed=0), layers=[0], num_leaves=4)
+        with torch.no_grad():
+            m.plugin.blocks["0"].scale.fill_(scale)
+            m.plugin.blocks["0"].bank.norm.fill_(3.0)
+        m.save_pretrained(tmp_path / name)
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    common = dict(base=str(tmp_path / "base"), task="gsm8k", data=fixture, limit=6, accuracy=False)
+    evaluate(plugin=str(tmp_path / "toe"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "toe-b"), **common)
+    evaluate(plugin=str(tmp_path / "ctl"), with_base=False, out=str(tmp_path / "control"), **common)
+    report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"))
+    rows = {r["system"]: r for r in json.load(open(tmp_path / "rep" / "report.json"))}
+    assert list(rows) == ["base", "teacher", "toe-b", "control"]
+    ctl, toe = rows["control"], rows["toe-b"]
+    assert ctl["ce_gap_closed"]["gap_closed"] is not None  # the teacher came from the other folder
+    assert ctl["reference"] == "toe-b" and toe["reference"] is None
+    assert abs(ctl["ce_vs_reference"]["mean_diff"] - (ctl["ce"] - toe["ce"])) < 1e-9
+    assert "CE minus toe-b" in open(tmp_path / "rep" / "report.md").read()
+    # Named paired comparisons beyond the one reference: A minus B item by item.
+    report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"),
+           pairs=["toe-b:control", "control:base"])
+    pairs = {(r["a"], r["b"]): r for r in json.load(open(tmp_path / "rep" / "pairs.json"))}
+    assert set(pairs) == {("toe-b", "control"), ("control", "base")}
+    assert pairs[("toe-b", "control")]["ce"]["mean_diff"] == pytest.approx(toe["ce"] - ctl["ce"], abs=1e-9)
+    assert pairs[("control", "base")]["ce"]["mean_diff"] == pytest.approx(ctl["ce"] - rows["base"]["ce"], abs=1e-9)
+    assert pairs[("toe-b", "control")]["accuracy"] is None  # CE-only folders
+    assert "| toe-b − control | 6 |" in open(tmp_path / "rep" / "report.md").read()
+    with pytest.raises(ToEError, match="known: base, control, teacher, toe-b"):
+        report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"), pairs=["toe:ctl"])
+    usage = {u["system"]: u for u in json.load(open(tmp_path / "rep" / "leaf_usage.json"))}
+    assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
+    for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0
+        assert u["layer"] == 0 and len(u["usage"]) == 4 and abs(sum(u["usage"]) - 1) < 1e-5
+        assert u["target"] == rows["toe-b"]["target"]  # which items the usage was counted on
+        assert 1.0 <= u["effective_leaves"] <= 4.0 + 1e-5
+    assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
+    k1 = evaluate(plugin=str(tmp_path / "toe"), with_base=False, plugin_top_k=1, out=str(tmp_path / "k1"), **common)
+    assert k1["args"]["routing"] == {"selection": None, "top_k": 1, "top_p": None}  # K=1 of the plug-in's 4
+    assert abs(k1["systems"]["toe"]["ce"] - rows["toe-b"]["ce"]) > 1e-4
+    with pytest.raises(ToEError, match="system label"):
+        report([str(tmp_path / "control"), str(tmp_path / "control")], out=str(tmp_path / "rep2"))
+    rows_path = tmp_path / "control" / "toe.jsonl"  # same prompts, another target text: refused, not pooled
+    rows = [json.loads(line) for line in open(rows_path)]
+    rows[0]["ce_tokens"] += 1
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ToEError, match="different target texts"):
+        report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep3"))
+
+
+def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
+    from tree_of_experts.commands.report import sweep_plot, sweep_points
+
+    def row(system, ce):
+        return {"target": "t", "system": system, "ce": ce, "ce_ci95": [ce - 0.1, ce + 0.1], "accuracy": None,
+                "accuracy_ci95": None}
+
+    rows = [row("base", 2.0), row("teacher", 1.0), row("ToE-B (N=32, K=4)", 1.5), row("N=8", 1.8),
+            row("N=128", 1.4), row("K=1", 1.9), row("layer 2", 1.6)]
+    assert [v for v, _ in sweep_points(rows, "N")] == [8, 32, 128]
+    assert [r["system"] for _, r in sweep_points(rows, "K")] == ["K=1", "ToE-B (N=32, K=4)"]
+    assert sweep_plot(rows, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
+    assert not sweep_plot(rows[:3], str(tmp_path / "none.png"))  # fewer than 3 values of any knob: no plot
