@@ -19,7 +19,9 @@
 #        of plug-in rows start from the extraction's cached states), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
-#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons).
+#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
+#        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
+#        larger batches, and each finished batch is kept for --resume).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -51,7 +53,7 @@ mkdir -p "$res"/{ce,acc,code,train} "$work"
 traces="$work/dev-traces.jsonl"
 if [ ! -f "$traces" ]; then
   toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
-    --max-new-tokens 400 --batch-size 8 --eval-out "$res/acc/teacher" --overwrite true --resume true \
+    --max-new-tokens 400 --batch-size "${DEV_BATCH:-25}" --eval-out "$res/acc/teacher" --overwrite true --resume true \
     --out "$traces.tmp" \
     > "$res/dev_traces.json"
   mv "$traces.tmp" "$traces"
