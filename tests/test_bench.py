@@ -24,12 +24,12 @@ def test_bench_runs_and_reports_ratios(tmp_path):
               reps=2, new_tokens=4, prompt_len=8, routing_exponents=[4, 6], routing_tokens=8, routing_reps=1,
               extract_batch=2, extract_length=16, train_batch=2, train_length=16)
     g = r["generation"]["batch_2"]
-    assert g["decode_ratio"]["median"] > 0 and g["decode_ratio_best"] > 0
+    for stats in (g["decode_ratio"], r["training"]["ratio"], r["extraction"]["ratio"]):  # 2 interleaved repetitions
+        assert stats["n"] == 2 and stats["min"] <= stats["median"] <= stats["max"]
     assert g["step"]["base_step_us"] > 0 and g["step"]["plugin_us"] > 0 and 0 < g["step"]["implied_ratio"] < 1
     assert [row["num_leaves"] for row in r["routing"]["rows"]] == [16, 64]
     assert all((tmp_path / "b" / f).exists() for f in ("bench.json", "bench.png", "bench.md"))
     assert "decode speed ToE/base" in r["summary"] and "extraction capture" in r["summary"]
-    assert r["training"]["ratio"]["median"] > 0 and r["extraction"]["ratio"]["median"] > 0
     assert r["training"]["base_params_with_grad"] == 0  # only the plug-in trains (the LoRA step runs on a copy)
     assert r["training"]["toe_over_lora"]["n"] == 2 and r["training"]["lora_rank"] == 8
     assert "LoRA r8 step" in r["summary"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -55,7 +56,8 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0
         assert u["layer"] == 0 and len(u["usage"]) == 4 and abs(sum(u["usage"]) - 1) < 1e-5
         assert u["target"] == rows["toe-b"]["target"]  # which items the usage was counted on
-        assert 1.0 <= u["effective_leaves"] <= 4.0 + 1e-5
+        entropy = -sum(p * math.log(p) for p in u["usage"] if p > 0)
+        assert u["effective_leaves"] == pytest.approx(math.exp(entropy), rel=1e-4)  # exp(entropy) of the shares
     assert "Leaf usage at inference" in open(tmp_path / "rep" / "report.md").read()
     k1 = evaluate(plugin=str(tmp_path / "toe"), with_base=False, plugin_top_k=1, out=str(tmp_path / "k1"), **common)
     assert k1["args"]["routing"] == {"selection": None, "top_k": 1, "top_p": None}  # K=1 of the plug-in's 4

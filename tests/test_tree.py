@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -140,10 +141,27 @@ def test_route_loss_and_usage():
     route = gate(torch.randn(2, 5, 8))
     labels = path_labels("balanced", 4, torch.randint(0, 4, (2, 5)))
     loss, acc = route_loss(route, labels)
-    assert loss.item() > 0 and acc.shape == (3,)
+    # By hand: each token's path visits the root and one child; the loss is the mean BCE of the visited nodes'
+    # decisions, a node's accuracy the share of its visiting tokens whose decision has the label's sign.
+    terms, right = [], {m: [] for m in range(3)}
+    for b in range(2):
+        for t in range(5):
+            for m in range(3):
+                y, z = float(labels[b, t, m]), float(route.node_logits[b, t, m])
+                if y < 0:
+                    continue
+                p = 1 / (1 + math.exp(-z))
+                terms.append(-(y * math.log(p) + (1 - y) * math.log(1 - p)))
+                right[m].append((z > 0) == (y == 1))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    for m in range(3):
+        expected = sum(right[m]) / len(right[m]) if right[m] else float("nan")
+        assert acc[m].item() == pytest.approx(expected, nan_ok=True)
     u = usage(route)
     torch.testing.assert_close(u.sum(), torch.tensor(1.0))
-    assert 1.0 <= effective_leaves(u).item() <= 4.0 + 1e-5
+    assert effective_leaves(u).item() == pytest.approx(math.exp(-sum(p * math.log(p) for p in u.tolist())), rel=1e-5)
+    assert effective_leaves(torch.full((4,), 0.25)).item() == pytest.approx(4.0)
+    assert effective_leaves(torch.tensor([1.0, 0.0, 0.0, 0.0])).item() == pytest.approx(1.0)
     for shape, n in itertools.product(["balanced"], [4]):
         assert path_labels(shape, n, torch.tensor([0])).tolist() == [[0.0, 0.0, -1.0]]
 
