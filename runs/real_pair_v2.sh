@@ -166,4 +166,5 @@ for row in $rows; do
         --overwrite true || echo "the $target report failed (above); the rows' own folders are complete" >&2
     fi
   done
+  python3 "$here/runs/real_pair_v2_table.py" "$res" > /dev/null  # the headline table (RES/table.md) so far
 done

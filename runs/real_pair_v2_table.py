@@ -1,0 +1,126 @@
+"""The v2 study's headline table (the README's real-pair section) from the reports runs/real_pair_v2.sh writes.
+
+Reads RES/report-{ce,acc,code}/{report.json,pairs.json,leaf_usage.json} and writes RES/table.md and RES/table.json:
+one line per study row, in the issue's priority order, with
+
+- CE gap closed on the teacher's answers to the reported items, and graded accuracy, with 95 % intervals;
+- the teacher's margin: the row minus the no-teacher control at its own layer set (CE and accuracy, paired);
+- the row minus LoRA trained with the same objective (paired);
+- what the row costs elsewhere: its CE on held-out code minus the bare base's (paired);
+- a plug-in's mean ||Δ||/||h|| on the math items and on the code (mean over its injection layers).
+
+Rows not scored yet are listed as missing, so a partial table says what it lacks.
+
+Usage: python runs/real_pair_v2_table.py [RES]   (default: results/real_pair_v2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROWS = ["ctl3", "toe3-on", "lora8-on", "toe3-off", "lora8-off", "toe3+lora", "oracle3", "toe1-on", "ctl1", "toe1-off",
+        "lora1-on", "lora1-off"]
+CONTROL = {"toe3-on": "ctl3", "toe3-off": "ctl3", "toe1-on": "ctl1", "toe1-off": "ctl1"}
+LORA = {"toe3-on": "lora8-on", "toe3-off": "lora8-off", "toe1-on": "lora1-on", "toe1-off": "lora1-off",
+        "toe3+lora": "lora8-on"}
+
+
+def read(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def interval(point, ci, fmt) -> str:
+    if point is None:
+        return "–"
+    lo, hi = ci or (None, None)
+    return fmt(point) if lo is None or hi is None else f"{fmt(point)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f} pts"
+
+
+def nats(x: float) -> str:
+    return f"{x:+.4f}"
+
+
+def paired(pairs: list, a: str, b: str, metric: str) -> str:
+    row = next((p for p in pairs if p["a"] == a and p["b"] == b), None)
+    d = row and row.get(metric)
+    if not d:
+        return "–"
+    return interval(d["mean_diff"], d["ci95"], nats if metric == "ce" else pts)
+
+
+def delta_ratio(usage: list, system: str) -> float | None:
+    values = [u["delta_ratio"] for u in usage if u["system"] == system and "delta_ratio" in u]
+    return sum(values) / len(values) if values else None
+
+
+def main(res: str) -> dict:
+    reports = {t: read(os.path.join(res, f"report-{t}", "report.json")) or [] for t in ("ce", "acc", "code")}
+    pairs = {t: read(os.path.join(res, f"report-{t}", "pairs.json")) or [] for t in ("ce", "acc", "code")}
+    usage = {t: read(os.path.join(res, f"report-{t}", "leaf_usage.json")) or [] for t in ("ce", "code")}
+    by = {t: {r["system"]: r for r in rows} for t, rows in reports.items()}
+    lines = ["| row | CE gap closed | accuracy | minus control: CE / accuracy | minus LoRA, same objective: CE / "
+             "accuracy | code CE minus bare base | ‖Δ‖/‖h‖ math / code |", "|---|---|---|---|---|---|---|"]
+    anchors = []
+    for name in ("base", "teacher"):
+        ce, acc = by["ce"].get(name), by["acc"].get(name)
+        if ce or acc:
+            anchors.append(f"| {name} | – | {interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} "
+                           "| – | – | – | – |")
+    table, missing = [], []
+    for row in ROWS:
+        ce, acc = by["ce"].get(row), by["acc"].get(row)
+        oracle = {k: v for k, v in by["ce"].items() if k.startswith(f"{row}:")}
+        if not (ce or acc or oracle):
+            missing.append(row)
+            continue
+        if oracle:  # the oracle folder: one line per O1/O2 system, CE only
+            for label, r in oracle.items():
+                g = r.get("ce_gap_closed")
+                lines.append(f"| {label} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | – | – | – | – "
+                             "| – |")
+                table.append({"row": label, "ce_gap_closed": g})
+            continue
+        g = ce.get("ce_gap_closed") if ce else None
+        ctl, lora = CONTROL.get(row), LORA.get(row)
+        margin = f"{paired(pairs['ce'], row, ctl, 'ce')} / {paired(pairs['acc'], row, ctl, 'accuracy')}" if ctl else "–"
+        vs_lora = f"{paired(pairs['ce'], row, lora, 'ce')} / {paired(pairs['acc'], row, lora, 'accuracy')}" \
+            if lora else "–"
+        math_dr, code_dr = delta_ratio(usage["ce"], row), delta_ratio(usage["code"], row)
+        dr = "–" if math_dr is None else f"{math_dr:.4f} / {'–' if code_dr is None else f'{code_dr:.4f}'}"
+        lines.append(f"| {row} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | "
+                     f"{interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} | {margin} | {vs_lora} | "
+                     f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} |")
+        table.append({"row": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
+                      "accuracy_ci95": acc and acc["accuracy_ci95"], "control": ctl, "lora": lora,
+                      "delta_ratio_math": math_dr, "delta_ratio_code": code_dr})
+    n = {t: next((r["n"] for r in rows), None) for t, rows in reports.items()}
+    text = ("\n".join(lines[:2] + anchors + lines[2:]) + "\n\n"
+            f"Items: CE on the teacher's answers to {n['ce']} GSM8K dev rows, accuracy on {n['acc']}, held-out code "
+            f"{n['code']} chunks; differences are paired on items (95 % bootstrap intervals).\n")
+    if missing:
+        text += f"\nNot scored yet: {', '.join(missing)}.\n"
+    out = {"rows": table, "missing": missing, "items": n}
+    with open(os.path.join(res, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(res, "table.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "results",
+                                                                  "real_pair_v2"))
