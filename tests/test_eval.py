@@ -305,6 +305,15 @@ def test_generation_log_keeps_whole_batches_of_the_same_settings(tmp_path):
     assert again.reused == 2
     assert open(path).read().count("\n") == 2 and open(path).read().endswith("\n")  # the cut line is gone
     assert GenerationLog(path, {"system": "base", "max_new_tokens": 9}).get(0, ["a", "b"]) is None  # other settings
+    with open(path) as f:
+        whole = f.read()
+    with open(path, "w") as f:
+        f.write(whole[:-1])  # the last line is whole but its newline was cut: the next line must not join it
+    third = GenerationLog(path, {"system": "base", "max_new_tokens": 8})
+    third.put(4, ["e"], ["5"])
+    fourth = GenerationLog(path, {"system": "base", "max_new_tokens": 8})
+    got = [fourth.get(0, ["a", "b"]), fourth.get(2, ["c", "d"]), fourth.get(4, ["e"])]
+    assert got == [["1", "2"], ["3", "4"], ["5"]]
     again.close()
     assert not os.path.exists(path)
 
@@ -367,7 +376,7 @@ def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
         evaluate(out=out, **kw)
     monkeypatch.undo()
     calls = _interrupt_after(monkeypatch, 99)
-    m = evaluate(out=out, resume=True, **kw)
+    m = evaluate(out=out, resume=True, overwrite=True, **kw)  # --overwrite replaces the rest, the batches stay
     assert len(calls) == 1
     for system in ("base", "teacher"):
         assert m["systems"][system]["accuracy"] == whole["systems"][system]["accuracy"]

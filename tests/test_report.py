@@ -51,6 +51,13 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert "| toe-b − control | 6 |" in open(tmp_path / "rep" / "report.md").read()
     with pytest.raises(ToEError, match="known: base, control, teacher, toe-b"):
         report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep"), pairs=["toe:ctl"])
+    from tree_of_experts.cli import main
+
+    assert main(["report", str(tmp_path / "toe-b"), str(tmp_path / "control"), "--out", str(tmp_path / "rep3"),
+                 "--pairs", "toe-b:control,control:base"]) == 0  # the command line takes a comma list
+    assert len(json.load(open(tmp_path / "rep3" / "pairs.json"))) == 2
+    report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep3"))
+    assert not (tmp_path / "rep3" / "pairs.json").exists()  # a report without pairs leaves no stale pairs file
     usage = {u["system"]: u for u in json.load(open(tmp_path / "rep" / "leaf_usage.json"))}
     assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
     for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0

@@ -274,8 +274,8 @@ def test_a_forward_started_from_cached_states_equals_the_full_forward():
     inputs = padded_inputs(ids, am, "cpu")
     with torch.no_grad(), capture_layers(base, [1]) as seen:
         full = base(**inputs).logits
-    calls = []
-    decoder_layers(base)[0].mlp.register_forward_hook(lambda *a: calls.append(0))
+    calls = []  # layer 0 on the batch (the one-token probe of the layers' output convention aside)
+    decoder_layers(base)[0].mlp.register_forward_hook(lambda m, a, o: calls.append(0) if a[0].shape[1] > 1 else None)
     with torch.no_grad(), starting_at(base, 1, seen[1]):
         cached = base(**inputs).logits
     assert not calls and torch.allclose(cached, full, atol=1e-6)  # layer 0 did not run, the logits are the same
@@ -301,15 +301,18 @@ def test_training_from_cached_states_gives_the_same_losses(experts, tmp_path):
         decoder_layers(base)[1].register_forward_hook(lambda m, a, o: o.half().float())
         return base
 
-    runs = {}
+    runs, layer0_calls = {}, {}
     for cached in (False, True):
-        out = tmp_path / f"cached-{cached}"
-        train(**args(experts, out, base=rounded_base(), tokenizer=str(experts / "base"), max_steps=4, stage_a_steps=2,
-                     log_every=1, cached_states=cached))
-        runs[cached] = [json.loads(r) for r in open(out / "metrics.jsonl")]
+        out, base, calls = tmp_path / f"cached-{cached}", rounded_base(), []
+        decoder_layers(base)[0].mlp.register_forward_hook(  # on batches, not the one-token convention probe
+            lambda m, a, o, calls=calls: calls.append(1) if a[0].shape[1] > 1 else None)
+        train(**args(experts, out, base=base, tokenizer=str(experts / "base"), max_steps=4, stage_a_steps=2,
+                     log_every=1, cached_states=cached, gradient_checkpointing=True))
+        runs[cached], layer0_calls[cached] = [json.loads(r) for r in open(out / "metrics.jsonl")], len(calls)
     for full, cached in zip(runs[False], runs[True]):
         assert cached["loss"] == pytest.approx(full["loss"], rel=1e-4, abs=1e-6)
     assert [r["stage"] for r in runs[True]].count("B") == 4
+    assert layer0_calls[True] == 0 < layer0_calls[False]  # the cached run never computed the layer below
 
 
 def test_cached_states_are_refused_where_they_do_not_apply(experts, tmp_path):
@@ -334,3 +337,45 @@ def test_the_control_trains_from_its_own_cached_states_and_lora_refuses_them(exp
     with pytest.raises(ToEError, match="every layer"):
         baseline(kind="lora", out=str(tmp_path / "lora"), **kw)
     assert not (tmp_path / "lora").exists()
+
+
+class _TupleLayer(torch.nn.Module):
+    """A decoder layer with the transformers 4.x convention: it returns ``(hidden, attn_weights)``."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states + torch.tanh(self.lin(hidden_states)), None
+
+
+class _TupleLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList([_TupleLayer(i) for i in range(3)])
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, attention_mask=attention_mask)[0]
+        return h
+
+
+def test_starting_at_follows_the_layers_output_convention():
+    from tree_of_experts.hf import capture_layers, layers_return_tuples, starting_at
+
+    lm, ids = _TupleLM(), torch.tensor([[1, 2, 3, 4]])
+    assert layers_return_tuples(lm) is True
+    assert layers_return_tuples(tiny_qwen2(hidden_size=32, num_layers=2, seed=0)) is False  # transformers 5.x
+    with torch.no_grad(), capture_layers(lm, [1]) as seen:
+        full = lm(ids)
+    with torch.no_grad(), starting_at(lm, 1, seen[1]):
+        cached = lm(ids)
+    assert torch.equal(cached, full)
+    own = lm.layers[0].forward = lambda *a, **k: (a[0], None)  # an instance forward (accelerate's wrappers) returns
+    with starting_at(lm, 1, seen[1]):
+        pass
+    assert lm.layers[0].forward is own and "forward" not in lm.layers[1].__dict__

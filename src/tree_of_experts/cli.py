@@ -83,9 +83,17 @@ def _int_list(value: str) -> str:
     return f"[{value}]" if re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", value) else value
 
 
+STR_LIST_OPTIONS = ("--pairs",)  # string lists that also take `a:b,c:d`
+
+
+def _str_list(value: str) -> str:
+    """`a:b,c:d` -> `["a:b", "c:d"]`; a JSON list goes to the parser as is."""
+    return value if value.lstrip().startswith("[") else json.dumps([v.strip() for v in value.split(",") if v.strip()])
+
+
 def _normalise(argv: list[str]) -> list[str]:
-    """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, and
-    `toe report DIR DIR ...` (positional run folders)."""
+    """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, `--pairs
+    a:b,c:d`, and `toe report DIR DIR ...` (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
     out: list[str] = []
@@ -93,9 +101,15 @@ def _normalise(argv: list[str]) -> list[str]:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = "--" + name.replace("-", "_")
-            arg = name + eq + (_int_list(value) if eq and name in LIST_OPTIONS else value)
+            if eq and name in LIST_OPTIONS:
+                value = _int_list(value)
+            elif eq and name in STR_LIST_OPTIONS:
+                value = _str_list(value)
+            arg = name + eq + value
         elif out and out[-1] in LIST_OPTIONS:
             arg = _int_list(arg)
+        elif out and out[-1] in STR_LIST_OPTIONS:
+            arg = _str_list(arg)
         out.append(arg)
     return out
 

@@ -203,9 +203,7 @@ def starting_at(model: nn.Module, layer: int, states: torch.Tensor) -> Iterator[
     how training starts from an extraction's cached base states instead of running the frozen layers below the
     lowest injection layer; the batch must be the one the states were computed for (same tokens, same padding).
     """
-    import transformers
-
-    as_output = (lambda h: (h,)) if int(transformers.__version__.split(".")[0]) < 5 else (lambda h: h)
+    as_output = (lambda h: (h,)) if layers_return_tuples(model) else (lambda h: h)
 
     def through(*args, **kwargs):
         return as_output(args[0] if args else kwargs["hidden_states"])
@@ -216,13 +214,42 @@ def starting_at(model: nn.Module, layer: int, states: torch.Tensor) -> Iterator[
     blocks = decoder_layers(model)
     if not 0 <= layer < len(blocks):
         raise ToEError(f"layer {layer} out of range: the model has {len(blocks)} decoder layers")
+    saved = [blocks[i].__dict__.get("forward") for i in range(layer + 1)]  # e.g. accelerate's own wrappers
     for i in range(layer + 1):
         blocks[i].forward = through if i < layer else cached  # an instance attribute: Module.__call__ runs it
     try:
         yield
     finally:
-        for i in range(layer + 1):
-            del blocks[i].forward
+        for i, forward in enumerate(saved):
+            if forward is None:
+                del blocks[i].forward
+            else:
+                blocks[i].forward = forward
+
+
+def layers_return_tuples(model: nn.Module) -> bool:
+    """Whether ``model``'s decoder layers return ``(hidden, ...)`` (many transformers 4.x models) or the tensor
+    itself (5.x, and some late 4.x models): found once by a one-token forward stopped after the first layer, then
+    remembered on the model."""
+    known = getattr(model, "_toe_layers_return_tuples", None)
+    if known is not None:
+        return known
+    seen: dict[str, bool] = {}
+
+    def hook(m, a, output):
+        seen["tuple"] = isinstance(output, tuple)
+        raise _StopForward
+
+    handle = decoder_layers(model)[0].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    model._toe_layers_return_tuples = seen["tuple"]
+    return seen["tuple"]
 
 
 class _StopForward(Exception):

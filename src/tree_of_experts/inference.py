@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -14,6 +15,8 @@ import torch
 from .config import ToEError
 from .data import FORMATS, read_rows
 from .io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,9 @@ class Sampling:
         top_p: nucleus mass kept when sampling (1: all tokens). The model's own ``generation_config.top_k`` is
             switched off so that these two numbers are the whole sampling rule.
         num_samples: completions per prompt (sampling only).
-        seed: seed of the sampling draws (recorded; each batch draws from ``seed`` + its first item's index, so the
-            same seed and batch size give the same samples, also when a run resumes).
+        seed: seed of the sampling draws (recorded; in `toe eval` and `toe traces` each batch draws from its own
+            stream, a function of ``seed`` and its first item's index, so the same seed and batch size give the same
+            samples, also when a run resumes).
     """
 
     temperature: float = 0.0
@@ -132,7 +136,8 @@ class GenerationLog:
         if not (path and os.path.exists(path)):
             return
         with open(path) as f:
-            lines = f.read().split("\n")
+            text = f.read()
+        lines = text.split("\n")
         good = []
         for line in lines:
             try:
@@ -142,8 +147,11 @@ class GenerationLog:
             good.append(line)
             if row.get("key") == self.key:
                 self.done[(row["start"], row["prompts"])] = row["texts"]
-        if len(good) != sum(1 for line in lines if line):
+        if len(good) != sum(1 for line in lines if line) or (text and not text.endswith("\n")):
             atomic_write_text(path, "".join(line + "\n" for line in good))  # appends must follow a whole line
+        if good and not self.done:
+            log.warning("%s holds %d finished batches of a run with other settings (model, data, decoding or batch "
+                        "size): none is reused, every batch is generated again", path, len(good))
 
     def get(self, start: int, prompts: list[str]) -> list[str] | None:
         texts = self.done.get((start, _digest(prompts)))

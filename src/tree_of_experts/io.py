@@ -188,13 +188,14 @@ def _same(a: str, b: str) -> bool:
 
 
 def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, resume: bool = False,
-              inputs: Mapping[str, Any] | None = None, extra: Iterable[str] = ()) -> None:
+              inputs: Mapping[str, Any] | None = None, extra: Iterable[str] = (), keep: Iterable[str] = ()) -> None:
     """Checks that ``command`` may write into the folder ``out``; call it before any model is loaded.
 
     Refuses, with one line naming the folder and the options: ``out`` being one of the command's ``inputs``
     ({option: path}), an existing file, or a folder holding another run's files (see ``RUN_FILES``) unless
     ``overwrite`` (those files and ``extra`` names are then removed) or the folder holds this command's own run and
-    it may continue it (``resume``; an extraction rerun; a report regenerated).
+    it may continue it (``resume``; an extraction rerun; a report regenerated). ``keep``: names ``overwrite``
+    leaves in place (what a resumed run reuses).
     """
     out = os.fspath(out)
     for option, path in (inputs or {}).items():
@@ -207,7 +208,7 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     if not found:
         return
     if overwrite:
-        doomed = found + [n for n in extra if os.path.lexists(os.path.join(out, n))]
+        doomed = [n for n in found if n not in keep] + [n for n in extra if os.path.lexists(os.path.join(out, n))]
         log.info("--overwrite: removing %s from %s", ", ".join(doomed), out)
         for name in doomed:
             path = os.path.join(out, name)

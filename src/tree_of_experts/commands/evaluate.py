@@ -109,7 +109,8 @@ def evaluate(
         skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
             ...) and record how many as ``skipped_rows``, instead of stopping at the first with its file:line.
         resume: continue an interrupted run in ``out`` (same arguments): every generated batch is kept in
-            ``out/generations.partial.jsonl`` as it finishes and is not generated again (CE is recomputed).
+            ``out/generations.partial.jsonl`` as it finishes and is not generated again (CE is recomputed). With
+            ``overwrite`` too, the other files go and the finished batches stay.
         overwrite: replace what another run left in ``out`` (refused otherwise).
 
     Returns:
@@ -125,8 +126,8 @@ def evaluate(
     if not (with_base or plugin or lora or sft or teacher):
         raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
     sampling = Sampling(temperature, top_p, num_samples, seed)
-    claim_out(out, "eval", overwrite=overwrite, resume=resume, inputs={"base": base, "plugin": plugin,
-                                                                        "teacher": teacher, "lora": lora, "sft": sft})
+    claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
+              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
@@ -158,8 +159,9 @@ def evaluate(
     logs = []
 
     def run(name: str, model) -> None:
-        logs.append(GenerationLog(os.path.join(out, PARTIAL), {"system": name, "args": args, "weights": weights,
-                                                               "batch_size": batch_size}))
+        logs.append(GenerationLog(os.path.join(out, PARTIAL), {
+            "system": name, "args": {k: v for k, v in args.items() if k not in ("ce", "accuracy", "ce_target")},
+            "weights": weights, "batch_size": batch_size, "device": str(next(model.parameters()).device)}))
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
                                         max_length, STOP, sampling, logs[-1])
         write_rows(out, name, per_system[name])
@@ -265,7 +267,8 @@ def traces(
         model = load_causal_lm(teacher, dtype=dtype, device=pick_device(device))
         log = GenerationLog(partial, {"teacher": folder_fingerprint(teacher), "task": task, "data": data,
                                       "template": spec.template, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
-                                      "batch_size": batch_size, "dtype": dtype})
+                                      "batch_size": batch_size, "dtype": dtype,
+                                      "device": str(next(model.parameters()).device)})
         scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
                               STOP, log=log)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}

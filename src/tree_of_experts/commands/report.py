@@ -342,6 +342,14 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
     pair_list = resolve_pairs(pairs or [], groups)
     rows = table_rows(groups, reference)
     paired = paired_rows(groups, pair_list)
+    for a, b in pair_list:
+        if not any(r["a"] == a and r["b"] == b for r in paired):
+            where = {x: [t for t, systems in groups.items() if x in systems] for x in (a, b)}
+            raise ToEError(f"--pairs {a}:{b}: the two were never scored on the same items ({a}: {where[a]}; {b}: "
+                           f"{where[b]}): pair systems of one target")
+    for name in ("pairs.json", "leaf_usage.json", "usage.png", "sweep.png"):  # a previous report's, not this one's
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     usage = leaf_usage(run_dirs, labels)
     text = markdown(rows)
     if paired:

@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from ..config import ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
-from ..hf import checkpoint_frozen_layers, load_causal_lm, load_tokenizer, padded_inputs, starting_at
+from ..hf import (
+    checkpoint_frozen_layers,
+    layers_return_tuples,
+    load_causal_lm,
+    load_tokenizer,
+    padded_inputs,
+    starting_at,
+)
 from ..io import (
     append_jsonl,
     atomic_write_json,
@@ -223,11 +230,21 @@ def train(
         raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
                        "lowest injection layer): drop --cached_states")
     examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer)
-    if cached_states and any(e.state is None for e in examples):
+    if cached_states:
+        run = Extraction(experts).run()
+        if run.get("dtype") != dtype:
+            raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
+                           f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
+        cut = run.get("limit")
+        if cut is not None and len(examples) > cut:
+            raise ToEError(f"--cached_states: {experts} cached only the first {cut} rows of {data}: pass --limit "
+                           f"{cut}, or drop --cached_states")
         n = sum(e.state is None for e in examples)
-        raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
-                       "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
-                       "--cached_states")
+        if n:
+            raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
+                           "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
+                           "--cached_states")
+        layers_return_tuples(model.base)  # found now, outside any recording of routes
     use_kd = has_kd and not no_kd and kd_weight > 0
     if ce_weight < 0 or kd_weight < 0:
         raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
@@ -325,32 +342,36 @@ def train(
             keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
             tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k not in ("attention_mask", "states")}
             t_logits = teacher_logits(teacher_model, b, keep) if on else None  # (B, len(keep), V_T)
-            start = contextlib.nullcontext()
+            # What the forward runs with stays in place through the backward, which recomputes checkpointed layers
+            # (with --gradient_checkpointing): the same routing mode, the same cached starting states.
+            forward = contextlib.ExitStack()
             if "states" in b:  # an off-policy batch of cached states: the layers below them do not run
-                start = starting_at(model.base, cached_layer, b["states"].to(acc.device, base_dtype))
-            with start, acc.autocast(), model.plugin.recording() as records, model.selection(selection):
-                logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
-                                 logits_to_keep=keep).logits  # (B, len(keep), V)
-                loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta, ce_weight,
-                                             kd_weight if use_kd else 0.0)
-                aux_route = torch.zeros((), device=acc.device)
-                aux_usage = torch.zeros((), device=acc.device)
-                eff, ratio = [], []
-                for layer, rec in records.items():
-                    if rec.route.leaf_logp is not None:  # log N - entropy of the usage over every process's tokens
-                        u = global_usage(rec.route, rec.mask, acc)  # (N,)
-                        aux_usage = aux_usage + (math.log(u.numel()) - torch.log(effective_leaves(u)))
-                        eff.append(effective_leaves(u).item())
-                    ratio.append(rec.delta_ratio.item())
-                w_route = route_weight * max(0.0, 1.0 - b_step / max_steps)
-                if w_route > 0:
-                    for layer, gate in zip(cfg.layers, gates):
-                        aux_route = aux_route + sampled_route_loss(gate, route_data, layer, route_batch_size, g,
-                                                                   acc.device)[0]
-                loss = loss + w_route * aux_route + usage_weight * aux_usage
-            loss_value = finite_loss(acc, loss, step + 1, stage)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
+                forward.enter_context(starting_at(model.base, cached_layer, b["states"].to(acc.device, base_dtype)))
+            forward.enter_context(model.selection(selection))
+            with forward:
+                with acc.autocast(), model.plugin.recording() as records:
+                    logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
+                                     logits_to_keep=keep).logits  # (B, len(keep), V)
+                    loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta, ce_weight,
+                                                 kd_weight if use_kd else 0.0)
+                    aux_route = torch.zeros((), device=acc.device)
+                    aux_usage = torch.zeros((), device=acc.device)
+                    eff, ratio = [], []
+                    for layer, rec in records.items():
+                        if rec.route.leaf_logp is not None:  # log N - entropy of the usage over every process's tokens
+                            u = global_usage(rec.route, rec.mask, acc)  # (N,)
+                            aux_usage = aux_usage + (math.log(u.numel()) - torch.log(effective_leaves(u)))
+                            eff.append(effective_leaves(u).item())
+                        ratio.append(rec.delta_ratio.item())
+                    w_route = route_weight * max(0.0, 1.0 - b_step / max_steps)
+                    if w_route > 0:
+                        for layer, gate in zip(cfg.layers, gates):
+                            aux_route = aux_route + sampled_route_loss(gate, route_data, layer, route_batch_size, g,
+                                                                       acc.device)[0]
+                    loss = loss + w_route * aux_route + usage_weight * aux_usage
+                loss_value = finite_loss(acc, loss, step + 1, stage)
+                opt.zero_grad(set_to_none=True)
+                acc.backward(loss)
             opt.step()
             tokens_since += int(b["attention_mask"].sum()) * acc.num_processes
             row.update(stage=stage, objective="on_policy" if on else "off_policy", loss=loss_value,

@@ -85,7 +85,7 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
             chunk = [it.prompt for it in items[start : start + batch_size]]
             done = log.get(start, chunk)
             if done is None:
-                with seeded(sampling.seed + start, device):  # every system draws from the same seeds
+                with seeded(sampling.seed * 1_000_003 + start, device):  # every system draws the same streams
                     done = generate_texts(model, tok, chunk, max_new_tokens, batch_size, sampling,
                                           stop_strings=stop or None)
                 log.put(start, chunk, done)
