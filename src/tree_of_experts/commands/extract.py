@@ -165,7 +165,8 @@ def extract(
             raise ToEError(f"{name}={ls} out of range: that model has {n} decoder layers (0..{n - 1})")
     settings = {
         "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
-        "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers, "max_length": max_length, "shard_size": shard_size,
+        "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers,
+        "max_length": max_length, "shard_size": shard_size,
         "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
         "teacher_arch": arch_fingerprint(teacher_model.config)[1], "base_arch": arch_fingerprint(base_model.config)[1],
     }
