@@ -119,7 +119,9 @@ PAIRS=${PAIRS:-"toe3-on:ctl3 toe3-off:ctl3 toe1-on:ctl1 toe1-off:ctl1 toe3-on:lo
   toe1-on:lora1-on toe1-off:lora1-off toe3+lora:lora8-on toe3-on:base toe3-off:base toe1-on:base toe1-off:base
   ctl3:base ctl1:base lora8-on:base lora8-off:base lora1-on:base lora1-off:base toe3+lora:base"}
 label() { if [ "$1" = base ]; then echo base; else echo "$1$sfx"; fi; }
-scored() { [ "$2" = base ] || [ -f "$res/$1/$2/metrics.json" ]; }  # scored TARGET LABEL
+scored() {  # scored TARGET LABEL (the base: by the anchors row)
+  if [ "$2" = base ]; then [ -f "$res/$1/anchors/metrics.json" ]; else [ -f "$res/$1/$2/metrics.json" ]; fi
+}
 
 for row in $rows; do
   case $row in
