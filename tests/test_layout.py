@@ -55,3 +55,17 @@ def test_the_import_check_sees_relative_imports():
     # the guard itself: a relative import from a subpackage resolves to the module it names
     path = ROOT / "commands" / "train.py"
     assert "training.distill" in imported(path) and "config" in imported(path)
+
+
+def test_the_commands_are_functions_of_the_package():
+    import subprocess
+    import sys
+
+    import tree_of_experts
+    from tree_of_experts.commands.train import train
+
+    assert tree_of_experts.train is train and tree_of_experts.evaluate.__module__ == "tree_of_experts.commands.evaluate"
+    light = subprocess.run([sys.executable, "-c", "import sys, tree_of_experts; "
+                            "print(any(m.startswith('tree_of_experts.commands') for m in sys.modules))"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"  # importing the package does not import the commands

@@ -10,6 +10,23 @@ from .model import ToEModel, freeze, new_config
 from .plugin import InjectionLayer, ToEPlugin
 from .tree import RouteOutput, TreeGate
 
+# The commands as Python functions (`tree_of_experts.train(...)` is `toe train ...`), imported on first use so that
+# `import tree_of_experts` stays light.
+_COMMANDS = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
+             "evaluate": "commands.evaluate", "traces": "commands.evaluate", "eval_from_traces": "commands.evaluate",
+             "report": "commands.report", "oracle": "commands.oracle", "bench": "commands.bench",
+             "export": "commands.export", "generate": "commands.generate", "inspect": "commands.hub",
+             "push": "commands.hub", "baseline": "recipes.baseline", "demo": "recipes.demo"}
+
+
+def __getattr__(name: str):
+    if name in _COMMANDS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_COMMANDS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ExpertBank",
     "InjectionLayer",
