@@ -50,12 +50,26 @@ need_traces() {  # the rows that train need the teacher's training traces
 mkdir -p "$res"/{ce,acc,code,train} "$work"
 
 # The reported items: the teacher's greedy chat answers (CE target, all kept) and its graded accuracy.
+# The teacher's answers are every CE row's target: they are generated once and committed (RES/dev-traces.jsonl,
+# without the data's gold solutions), so a later machine scores against the very same text instead of regenerating
+# it (another machine's float order could change a token, and `toe report` refuses targets that differ).
 traces="$work/dev-traces.jsonl"
+if [ ! -f "$traces" ] && [ -f "$res/dev-traces.jsonl" ]; then cp "$res/dev-traces.jsonl" "$traces"; fi
 if [ ! -f "$traces" ]; then
   toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
     --max-new-tokens 400 --batch-size "${DEV_BATCH:-25}" --eval-out "$res/acc/teacher" --overwrite true --resume true \
-    --out "$traces.tmp" \
-    > "$res/dev_traces.json"
+    --out "$traces.tmp" > "$res/dev_traces.json.tmp"
+  mv "$res/dev_traces.json.tmp" "$res/dev_traces.json"
+  python3 - "$traces.tmp" "$res/dev-traces.jsonl" <<'PY'
+import json, sys
+from tree_of_experts.grading import gsm8k_gold
+from tree_of_experts.io import atomic_write_text
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:  # the gold solution goes, its final number stays (all that grading reads)
+    r["answer"] = "#### " + (gsm8k_gold(str(r.get("answer", ""))) or "")
+atomic_write_text(sys.argv[2], "".join(json.dumps(r) + "\n" for r in rows))
+PY
+  cp "$res/dev-traces.jsonl" "$traces.tmp"  # the CE rows read the committed copy's exact text
   mv "$traces.tmp" "$traces"
 fi
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
