@@ -304,7 +304,9 @@ def test_generation_log_keeps_whole_batches_of_the_same_settings(tmp_path):
     assert again.get(2, ["c", "x"]) is None  # other prompts at the same place
     assert again.reused == 2
     assert open(path).read().count("\n") == 2 and open(path).read().endswith("\n")  # the cut line is gone
-    assert GenerationLog(path, {"system": "base", "max_new_tokens": 9}).get(0, ["a", "b"]) is None  # other settings
+    with pytest.raises(ToEError, match=r"other settings \(max_new_tokens\)"):  # resuming another run is refused
+        GenerationLog(path, {"system": "base", "max_new_tokens": 9})
+    assert GenerationLog(path, {"system": "toe"}, tag="toe").get(0, ["a", "b"]) is None  # another system's file lines
     with open(path) as f:
         whole = f.read()
     with open(path, "w") as f:
@@ -383,5 +385,5 @@ def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
         assert [r["completion"] for r in map(json.loads, open(os.path.join(out, f"{system}.jsonl")))] == \
             [r["completion"] for r in map(json.loads, open(tmp_path / "whole" / f"{system}.jsonl"))]
     assert not os.path.exists(os.path.join(out, "generations.partial.jsonl"))
-    with pytest.raises(ToEError, match="no eval run to continue"):
+    with pytest.raises(ToEError, match=r"a finished eval run \(metrics.json\): nothing to resume"):
         evaluate(out=out, resume=True, **kw)  # a finished eval is not "continued"

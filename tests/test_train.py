@@ -324,7 +324,16 @@ def test_cached_states_are_refused_where_they_do_not_apply(experts, tmp_path):
         train(**args(experts, tmp_path / "b", cached_states=True, base_adapter=str(tmp_path)))
     with pytest.raises(ToEError, match="tokenized otherwise"):
         train(**args(experts, tmp_path / "c", cached_states=True, max_length=24))
-    assert not any((tmp_path / d).exists() for d in ("a", "b"))
+    with pytest.raises(ToEError, match="--dtype float32"):
+        train(**args(experts, tmp_path / "d", cached_states=True, dtype="bfloat16"))
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c", "d"))
+    # An earlier run in the folder survives a refused --overwrite: every check comes before anything is removed.
+    train(**args(experts, tmp_path / "kept", max_steps=1, stage_a_steps=1))
+    before = sorted(os.listdir(tmp_path / "kept"))
+    for bad in (dict(max_length=24), dict(dtype="bfloat16")):
+        with pytest.raises(ToEError, match="--cached_states"):
+            train(**args(experts, tmp_path / "kept", cached_states=True, overwrite=True, **bad))
+    assert sorted(os.listdir(tmp_path / "kept")) == before
 
 
 def test_the_control_trains_from_its_own_cached_states_and_lora_refuses_them(experts, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -15,8 +14,6 @@ import torch
 from .config import ToEError
 from .data import FORMATS, read_rows
 from .io import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,8 +126,9 @@ class GenerationLog:
     ``path`` None keeps nothing (the run is not resumable).
     """
 
-    def __init__(self, path: str | None, settings: dict) -> None:
-        self.path, self.key = path, _digest(settings)
+    def __init__(self, path: str | None, settings: dict, tag: str = "") -> None:
+        self.path, self.key, self.tag = path, _digest(settings), tag
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
         self.done: dict[tuple[int, str], list[str]] = {}
         self.reused = 0
         if not (path and os.path.exists(path)):
@@ -138,20 +136,25 @@ class GenerationLog:
         with open(path) as f:
             text = f.read()
         lines = text.split("\n")
-        good = []
+        good, other = [], None
         for line in lines:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the empty tail, or a line the interruption cut off
             good.append(line)
+            if row.get("tag", "") != tag:
+                continue  # another system's batches in the same file
             if row.get("key") == self.key:
                 self.done[(row["start"], row["prompts"])] = row["texts"]
+            else:
+                other = row.get("settings") or {}
         if len(good) != sum(1 for line in lines if line) or (text and not text.endswith("\n")):
             atomic_write_text(path, "".join(line + "\n" for line in good))  # appends must follow a whole line
-        if good and not self.done:
-            log.warning("%s holds %d finished batches of a run with other settings (model, data, decoding or batch "
-                        "size): none is reused, every batch is generated again", path, len(good))
+        if other is not None and not self.done:
+            changed = sorted(k for k, v in _flat(self.settings).items() if _flat(other).get(k) != v) or ["unknown"]
+            raise ToEError(f"--resume: {path} holds finished batches of this run made with other settings "
+                           f"({', '.join(changed)}): rerun with those, or delete {path} to start over")
 
     def get(self, start: int, prompts: list[str]) -> list[str] | None:
         texts = self.done.get((start, _digest(prompts)))
@@ -161,7 +164,8 @@ class GenerationLog:
     def put(self, start: int, prompts: list[str], texts: list[str]) -> None:
         if not self.path:
             return
-        line = json.dumps({"key": self.key, "start": start, "prompts": _digest(prompts), "texts": texts})
+        line = json.dumps({"key": self.key, "tag": self.tag, "start": start, "prompts": _digest(prompts),
+                           "texts": texts, "settings": self.settings})
         with open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -171,6 +175,17 @@ class GenerationLog:
         """The run finished and wrote its results: the log goes."""
         if self.path and os.path.exists(self.path):
             os.remove(self.path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"args": {"limit": 4}} -> {"args.limit": 4}: names what differs between two runs' settings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and prefix.count(".") < 1:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _digest(obj) -> str:

@@ -167,6 +167,7 @@ RUN_FILES["rebuild"] = RUN_FILES["extract"]
 # The file that says a folder holds a run of that command which --resume (or a rerun) may continue.
 RESUME_MARKER = {"train": ("train_args.json",), "baseline": ("baseline_args.json", "train_args.json"),
                  "extract": ("run.json",), "eval": ("generations.partial.jsonl",)}
+FINISHED = {"train": "train_summary.json", "baseline": "baseline_summary.json", "eval": "metrics.json"}
 RESUMES_BY_RERUN = ("extract",)  # an extraction continues whenever it is rerun with the same settings
 REPLACES_ITSELF = ("report",)  # a report is a view of eval folders: regenerating it loses nothing
 
@@ -227,17 +228,21 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
         return
     shown = ", ".join((foreign or found)[:4]) + (", ..." if len(foreign or found) > 4 else "")
     if command in ("train", "baseline", "eval"):
+        finished = FINISHED.get(command)
         if resume and not foreign and not has_run:
-            raise ToEError(f"--resume: {out} holds {shown} but no {command} run to continue: pass --overwrite to "
-                           "replace them, or a new --out")
-        how = "--resume to continue it (same arguments)" if not foreign else "--resume only continues a run of the " \
-              f"same command ({', '.join(foreign[:3])} are not)"
-        raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite to replace them, {how}, or a "
+            what = (f"a finished {command} run ({finished}): nothing to resume" if finished and
+                    os.path.isfile(os.path.join(out, finished)) else f"{shown} but no {command} run to continue")
+            raise ToEError(f"--resume: {out} holds {what}; pass --overwrite true to redo it, or a new --out")
+        if foreign:
+            how = f", --resume only continues a run of the same command ({', '.join(foreign[:3])} are not)"
+        else:
+            how = ", --resume true to continue it (same arguments)" if has_run else ""
+        raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite true to replace them{how}, or a "
                        "new --out")
     if command in RESUMES_BY_RERUN:
-        raise ToEError(f"{out} holds files of a run that is not a `toe {command}` ({shown}): pass --overwrite to "
+        raise ToEError(f"{out} holds files of a run that is not a `toe {command}` ({shown}): pass --overwrite true to "
                        "replace them, or a new --out (an extraction resumes when rerun with the same settings)")
-    raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite to replace them, or a new --out")
+    raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite true to replace them, or a new --out")
 
 
 TRAINED = ("train_args.json", "train_summary.json", "baseline_summary.json")
@@ -286,7 +291,7 @@ def check_resume_args(path: str | os.PathLike, args: Mapping[str, Any], defaults
     if differ:
         raise ToEError(f"--resume with other arguments than {os.path.dirname(path) or '.'} was started with "
                        f"({'; '.join(differ)}): rerun with the original arguments, or drop --resume and pass "
-                       "--overwrite to start again")
+                       "--overwrite true to start again")
 
 
 def _plain(value: Any) -> bool:

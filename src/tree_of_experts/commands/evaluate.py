@@ -161,7 +161,7 @@ def evaluate(
     def run(name: str, model) -> None:
         logs.append(GenerationLog(os.path.join(out, PARTIAL), {
             "system": name, "args": {k: v for k, v in args.items() if k not in ("ce", "accuracy", "ce_target")},
-            "weights": weights, "batch_size": batch_size, "device": str(next(model.parameters()).device)}))
+            "weights": weights, "batch_size": batch_size, "device": str(next(model.parameters()).device)}, tag=name))
         per_system[name] = score_system(name, model, tok, items, task, accuracy, ce, max_new_tokens, batch_size,
                                         max_length, STOP, sampling, logs[-1])
         write_rows(out, name, per_system[name])
@@ -244,7 +244,8 @@ def traces(
     if os.path.exists(out) and _same_file(out, data):
         raise ToEError(f"--out {out} is the --data file: write the traces to a new file")
     if os.path.exists(out) and not overwrite:
-        raise ToEError(f"{out} exists: pass --overwrite to replace it, or a new --out")
+        done = "the run finished, nothing to resume: " if resume else ""
+        raise ToEError(f"{out} exists: {done}pass --overwrite true to replace it, or a new --out")
     partial = out + ".partial"
     if os.path.exists(partial) and not resume:
         if not overwrite:
@@ -268,7 +269,7 @@ def traces(
         log = GenerationLog(partial, {"teacher": folder_fingerprint(teacher), "task": task, "data": data,
                                       "template": spec.template, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
                                       "batch_size": batch_size, "dtype": dtype,
-                                      "device": str(next(model.parameters()).device)})
+                                      "device": str(next(model.parameters()).device)}, tag="teacher")
         scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
                               STOP, log=log)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}

@@ -47,7 +47,7 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
 
     out = os.path.abspath(out)
     if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
-        raise ToEError(f"out={out} exists and is not an empty folder: choose another --out or pass --overwrite")
+        raise ToEError(f"out={out} exists and is not an empty folder: choose another --out or pass --overwrite true")
     if base_id is not None and not is_hub_id(base_id):
         raise ToEError(f"base_id={base_id!r} is not a hub repo id: give the id the base is published under (org/name)")
     model = ToEModel.from_pretrained(base, plugin, dtype=dtype)

@@ -49,10 +49,10 @@ def check_same_extraction(out: str, settings: dict) -> None:
     run_path = os.path.join(out, "run.json")
     if not os.path.isfile(run_path):
         return
-    previous = read_json(run_path, "delete the folder (or pass --overwrite) and extract again")
+    previous = read_json(run_path, "delete the folder (or pass --overwrite true) and extract again")
     changed = sorted(k for k in settings if previous.get(k) != settings[k])
     if changed:
-        raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite to "
+        raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite true to "
                        "replace it, or a new --out")
 
 

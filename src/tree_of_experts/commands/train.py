@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ToEError, TrainConfig
+from ..config import ToEConfig, ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
 from ..hf import (
@@ -203,6 +203,27 @@ def train(
         if Extraction(experts).run().get("data_sha256") != file_hash(data):
             raise ToEError(f"--cached_states needs the extraction's own data: {experts} was extracted from another "
                            f"file than {data} (pass that file, or drop --cached_states)")
+    run = Extraction(experts).run()
+    if cached_states:
+        if run.get("dtype") != dtype:
+            raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
+                           f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
+    # The data is read and checked before the output folder is claimed: a bad argument loses nothing.
+    tok = load_tokenizer(tokenizer or base)
+    spec = spec.for_tokenizer(tok)
+    cached_layer = min(ToEConfig.load(init_plugin or experts).layers) if cached_states else None
+    if cached_states and cached_layer not in run["layers"]:
+        raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
+                       "lowest injection layer): drop --cached_states")
+    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer)
+    if cached_states and run.get("limit") is not None and len(examples) > run["limit"]:
+        raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
+                       f"--limit {run['limit']}, or drop --cached_states")
+    if cached_states and any(e.state is None for e in examples):
+        n = sum(e.state is None for e in examples)
+        raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
+                       "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
+                       "--cached_states")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
         claim_out(out, "train", overwrite=overwrite, resume=resume, inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
@@ -211,8 +232,6 @@ def train(
             defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
             check_resume_args(os.path.join(out, "train_args.json"), args, defaults)
     acc.wait_for_everyone()
-    tok = load_tokenizer(tokenizer or base)
-    spec = spec.for_tokenizer(tok)
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter)
@@ -224,26 +243,8 @@ def train(
     if gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     cfg = model.toe_config
-    cached_layer = min(cfg.layers) if cached_states else None
     base_dtype = next(model.base.parameters()).dtype
-    if cached_states and cached_layer not in Extraction(experts).run()["layers"]:
-        raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
-                       "lowest injection layer): drop --cached_states")
-    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer)
     if cached_states:
-        run = Extraction(experts).run()
-        if run.get("dtype") != dtype:
-            raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
-                           f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
-        cut = run.get("limit")
-        if cut is not None and len(examples) > cut:
-            raise ToEError(f"--cached_states: {experts} cached only the first {cut} rows of {data}: pass --limit "
-                           f"{cut}, or drop --cached_states")
-        n = sum(e.state is None for e in examples)
-        if n:
-            raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
-                           "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
-                           "--cached_states")
         layers_return_tuples(model.base)  # found now, outside any recording of routes
     use_kd = has_kd and not no_kd and kd_weight > 0
     if ce_weight < 0 or kd_weight < 0:
