@@ -33,3 +33,12 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["generate", "--base", str(tmp_path), "--plugin", str(tmp_path / "none"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("toe: error:")
+
+
+def test_a_typed_backslash_n_in_a_template_is_a_newline():
+    from tree_of_experts.cli import _normalise
+
+    typed = "Question: {prompt}" + "\\" + "nAnswer: "  # what a shell passes for "Question: {prompt}\nAnswer: "
+    assert _normalise(["eval", "--template", typed]) == ["eval", "--template", "Question: {prompt}\nAnswer: "]
+    assert _normalise(["eval", f"--template={typed}"]) == ["eval", "--template=Question: {prompt}\nAnswer: "]
+    assert _normalise(["eval", "--template", "chat"]) == ["eval", "--template", "chat"]

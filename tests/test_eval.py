@@ -379,7 +379,7 @@ def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.undo()
     calls = _interrupt_after(monkeypatch, 99)
     m = evaluate(out=out, resume=True, overwrite=True, **kw)  # --overwrite replaces the rest, the batches stay
-    assert len(calls) == 1
+    assert len(calls) == 1 and m["args"]["resumed_batches"] == {"base": 2, "teacher": 1}
     for system in ("base", "teacher"):
         assert m["systems"][system]["accuracy"] == whole["systems"][system]["accuracy"]
         assert [r["completion"] for r in map(json.loads, open(os.path.join(out, f"{system}.jsonl")))] == \

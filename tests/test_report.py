@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -58,6 +59,14 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
     assert len(json.load(open(tmp_path / "rep3" / "pairs.json"))) == 2
     report([str(tmp_path / "toe-b"), str(tmp_path / "control")], out=str(tmp_path / "rep3"))
     assert not (tmp_path / "rep3" / "pairs.json").exists()  # a report without pairs leaves no stale pairs file
+    with pytest.raises(ToEError, match="--reference 'nosuch' is none of the pooled systems: use one of base"):
+        report([str(tmp_path / "toe-b")], out=str(tmp_path / "rep4"), reference="nosuch")
+    with pytest.raises(ToEError, match="two different pooled systems"):
+        report([str(tmp_path / "toe-b")], out=str(tmp_path / "rep4"), pairs=["toe-b:toe-b"])
+    shutil.copytree(tmp_path / "toe-b", tmp_path / "eval")  # the plug-in's folder under another name
+    report([str(tmp_path / "eval"), str(tmp_path / "control")], out=str(tmp_path / "rep5"))
+    rows5 = {r["system"]: r for r in json.load(open(tmp_path / "rep5" / "report.json"))}
+    assert rows5["control"]["reference"] == "eval"  # the default reference is the folder whose system is the plug-in
     usage = {u["system"]: u for u in json.load(open(tmp_path / "rep" / "leaf_usage.json"))}
     assert set(usage) == {"toe-b", "control"} and (tmp_path / "rep" / "usage.png").exists()
     for u in usage.values():  # shares of the selection mass of the 4-leaf plug-in at layer 0

@@ -19,6 +19,10 @@ _COMMANDS = {"extract": "commands.extract", "rebuild": "commands.extract", "trai
              "push": "commands.hub", "baseline": "recipes.baseline", "demo": "recipes.demo"}
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_COMMANDS))
+
+
 def __getattr__(name: str):
     if name in _COMMANDS:
         import importlib

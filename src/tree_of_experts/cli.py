@@ -84,6 +84,11 @@ def _int_list(value: str) -> str:
 
 
 STR_LIST_OPTIONS = ("--pairs",)  # string lists that also take `a:b,c:d`
+TEXT_OPTIONS = ("--template",)  # a typed `\n` (shells pass it as two characters) is a newline there
+
+
+def _unescape(value: str) -> str:
+    return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _str_list(value: str) -> str:
@@ -93,7 +98,8 @@ def _str_list(value: str) -> str:
 
 def _normalise(argv: list[str]) -> list[str]:
     """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, `--pairs
-    a:b,c:d`, and `toe report DIR DIR ...` (positional run folders)."""
+    a:b,c:d`, `--template "Q: {prompt}\nA: "` (a typed backslash-n is a newline), and `toe report DIR DIR ...`
+    (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
     out: list[str] = []
@@ -105,11 +111,15 @@ def _normalise(argv: list[str]) -> list[str]:
                 value = _int_list(value)
             elif eq and name in STR_LIST_OPTIONS:
                 value = _str_list(value)
+            elif eq and name in TEXT_OPTIONS:
+                value = _unescape(value)
             arg = name + eq + value
         elif out and out[-1] in LIST_OPTIONS:
             arg = _int_list(arg)
         elif out and out[-1] in STR_LIST_OPTIONS:
             arg = _str_list(arg)
+        elif out and out[-1] in TEXT_OPTIONS:
+            arg = _unescape(arg)
         out.append(arg)
     return out
 

@@ -93,8 +93,10 @@ def table_rows(groups: dict[str, dict[str, list[dict]]], reference: str | None =
     out = []
     for target, systems in groups.items():
         ref = reference
-        if ref is None:
-            ref = next((s for s in systems if s.lower().startswith("toe")), None)
+        if ref is None:  # the plug-in's row: a label starting with "toe", or a folder whose system is "toe"
+            ref = next((s for s in systems if s.lower().startswith("toe")), None) or next(
+                (s for s, rows in systems.items() if s not in ANCHORS and rows and rows[0].get("system") == "toe"),
+                None)
         base, teacher = systems.get("base"), systems.get("teacher")
         order = [s for s in ANCHORS if s in systems] + [s for s in systems if s not in ANCHORS]
         for name in order:
@@ -125,9 +127,10 @@ def resolve_pairs(pairs: list[str], groups: dict[str, dict[str, list[dict]]]) ->
     out = []
     for pair in pairs:
         cuts = [(pair[:i], pair[i + 1 :]) for i, c in enumerate(pair) if c == ":"]
-        match = [(a, b) for a, b in cuts if a in known and b in known]
+        match = [(a, b) for a, b in cuts if a in known and b in known and a != b]
         if not match:
-            raise ToEError(f"--pairs {pair!r}: give two pooled systems as A:B (known: {', '.join(sorted(known))})")
+            raise ToEError(f"--pairs {pair!r}: give two different pooled systems as A:B (known: "
+                           f"{', '.join(sorted(known))})")
         out.append(match[0])
     return out
 
@@ -333,12 +336,17 @@ def report(run_dirs: list[str], out: str = "report", reference: str | None = Non
         pairs: more paired comparisons, each "A:B" (two system labels): A minus B item by item on every target
             where both were scored, in report.md and pairs.json (e.g. a ToE row against the control at its layer
             set, or against LoRA trained with the same objective; "X:base" on held-out code is what X costs there).
-        overwrite: replace another command's files in ``out`` (a previous report there is always replaced).
+        overwrite: replace another command's files in ``out``; a previous report there is replaced without it.
     """
+    run_dirs = [run_dirs] if isinstance(run_dirs, str) else run_dirs  # one folder given as a string (Python)
+    pairs = pairs.split(",") if isinstance(pairs, str) else pairs
     if not run_dirs:
         raise ToEError("no eval folders given: pass the `toe eval` folders to pool (toe report DIR [DIR ...])")
     claim_out(out, "report", overwrite=overwrite, inputs={f"run_dirs[{i}]": d for i, d in enumerate(run_dirs)})
     groups = pool(run_dirs, labels)
+    known = sorted({label for systems in groups.values() for label in systems})
+    if reference is not None and reference not in known:
+        raise ToEError(f"--reference {reference!r} is none of the pooled systems: use one of {', '.join(known)}")
     pair_list = resolve_pairs(pairs or [], groups)
     rows = table_rows(groups, reference)
     paired = paired_rows(groups, pair_list)
