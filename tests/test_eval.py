@@ -87,7 +87,7 @@ def test_traces_eval_folder_pools_with_toe_eval(toy_traces, tmp_path):
     report([str(tmp_path / "acc-base"), str(d / "acc-teacher")], out=str(tmp_path / "acc-rep"))
     rows = {r["system"]: r for r in json.load(open(tmp_path / "acc-rep" / "report.json"))}
     assert rows["teacher"]["accuracy"] == t["accuracy"] and rows["base"]["ce"] is None
-    assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–4")
+    assert rows["teacher"]["target"].startswith("accuracy · arith.jsonl rows 0–3")
     base_acc = [json.loads(r) for r in open(tmp_path / "acc-base" / "base.jsonl")]
     assert rows["base"]["truncated_share"] == sum(r["truncated"] for r in base_acc) / 4
     assert all(r["truncated"] == (r["tokens"] >= 12) for r in base_acc)  # ended early or ran out

@@ -32,7 +32,8 @@ def _pct(x) -> str:
 def _target(args: dict) -> str:
     data = os.path.basename(args.get("data") or "?")
     skip, limit = args.get("skip") or 0, args.get("limit")
-    items = f"rows {skip}–{skip + limit}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
+    # rows first–last, both included (a report of dev rows 56-155 reads "rows 56–155")
+    items = f"rows {skip}–{skip + limit - 1}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
     what = "accuracy" if args.get("ce") is False else f"{args.get('ce_target', 'gold_clean')} CE"
     return f"{what} · {data} {items} · {args.get('few_shot', 0)}-shot"
 
