@@ -11,7 +11,8 @@
 # costs outside math). Outputs whose metrics exist are skipped, so the script resumes; it runs ROWS in the given
 # order (default: the priority order).
 #
-# Usage: runs/real_pair_v2.sh PAIR_DIR WORK_DIR [ROW ...]
+# Usage: runs/real_pair_v2.sh PAIR_DIR WORK_DIR [ROW ...]   (two invocations may run at once on different rows:
+#   they share the extractions, built once under a lock; give each its own rows)
 #   ROW: anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe1-on ctl1 toe1-off lora1-on
 #        lora1-off (default: all, in that order); each trains (if needed) and scores its row.
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
@@ -75,10 +76,13 @@ fi
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
-  local out="$exdir/$1"; need_traces
-  [ -f "$out/summary.json" ] || toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
-    --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
-    --batch-size 4 --shard-size 32 --out "$out"
+  local out="$exdir/$1"; need_traces; mkdir -p "$exdir"
+  (  # two invocations of this script (two rows at once) build an extraction once: the second waits for the first
+    flock 9
+    [ -f "$out/summary.json" ] || toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
+      --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
+      --batch-size 4 --shard-size 32 --out "$out"
+  ) 9> "$out.lock"
   mkdir -p "$res/$1"; cp "$out"/{summary.json,summary.md,manifest.json} "$res/$1/"
 }
 
