@@ -55,13 +55,16 @@ mkdir -p "$res"/{ce,acc,code,train} "$work"
 # without the data's gold solutions), so a later machine scores against the very same text instead of regenerating
 # it (another machine's float order could change a token, and `toe report` refuses targets that differ).
 traces="$work/dev-traces.jsonl"
-if [ ! -f "$traces" ] && [ -f "$res/dev-traces.jsonl" ]; then cp "$res/dev-traces.jsonl" "$traces"; fi
-if [ ! -f "$traces" ]; then
-  toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
-    --max-new-tokens 400 --batch-size "${DEV_BATCH:-25}" --eval-out "$res/acc/teacher" --overwrite true --resume true \
-    --out "$traces.tmp" > "$res/dev_traces.json.tmp"
-  mv "$res/dev_traces.json.tmp" "$res/dev_traces.json"
-  python3 - "$traces.tmp" "$res/dev-traces.jsonl" <<'PY'
+dev_traces() {  # the teacher's dev answers, once (the first caller generates them; a second invocation waits)
+  (
+    flock 9
+    if [ ! -f "$traces" ] && [ -f "$res/dev-traces.jsonl" ]; then cp "$res/dev-traces.jsonl" "$traces"; fi
+    if [ ! -f "$traces" ]; then
+      toe traces --teacher "$teacher" --data "$dev" --skip "$skip" --limit "$n" --keep-incorrect true "${chat[@]}" \
+        --max-new-tokens 400 --batch-size "${DEV_BATCH:-25}" --eval-out "$res/acc/teacher" --overwrite true --resume true \
+        --out "$traces.tmp" > "$res/dev_traces.json.tmp"
+      mv "$res/dev_traces.json.tmp" "$res/dev_traces.json"
+      python3 - "$traces.tmp" "$res/dev-traces.jsonl" <<'PY'
 import json, sys
 from tree_of_experts.grading import gsm8k_gold
 from tree_of_experts.io import atomic_write_text
@@ -70,9 +73,11 @@ for r in rows:  # the gold solution goes, its final number stays (all that gradi
     r["answer"] = "#### " + (gsm8k_gold(str(r.get("answer", ""))) or "")
 atomic_write_text(sys.argv[2], "".join(json.dumps(r) + "\n" for r in rows))
 PY
-  cp "$res/dev-traces.jsonl" "$traces.tmp"  # the CE rows read the committed copy's exact text
-  mv "$traces.tmp" "$traces"
-fi
+      cp "$res/dev-traces.jsonl" "$traces.tmp"  # the CE rows read the committed copy's exact text
+      mv "$traces.tmp" "$traces"
+    fi
+  ) 9> "$traces.lock"
+}
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
@@ -91,7 +96,7 @@ again() {  # again DIR: continue an interrupted eval in DIR (its finished genera
 }
 
 scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped when its metrics exist)
-  local name=$1; shift
+  local name=$1; shift; dev_traces
   case " $score " in *" ce "*)
     [ -f "$res/ce/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$traces" \
       --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
@@ -143,7 +148,8 @@ scored() {  # scored TARGET LABEL (the base: by the anchors row)
 
 for row in $rows; do
   case $row in
-    anchors)  # base on every target; the teacher's CE (its accuracy came with its dev answers above)
+    anchors)  # base on every target; the teacher's CE (its accuracy came with its dev answers)
+      dev_traces
       [ -f "$res/ce/anchors/metrics.json" ] || toe eval --base "$base" --teacher "$teacher" "${chat[@]}" \
         --data "$traces" --ce-target trace --accuracy false --batch-size 4 --overwrite true --out "$res/ce/anchors"
       scores anchors ;;
@@ -167,7 +173,7 @@ for row in $rows; do
       [ -f "$work/lora8-on$sfx/adapter_config.json" ] || { echo "toe3+lora needs the lora8-on row first" >&2; exit 2; }
       toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
-      extraction extract-l3 "${LAYERS3:-5,11,17}"
+      extraction extract-l3 "${LAYERS3:-5,11,17}"; dev_traces
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
         --experts "$exdir/extract-l3" --plugin "$work/toe3-on$sfx" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
@@ -181,8 +187,9 @@ for row in $rows; do
       scored "$target" "$a" && scored "$target" "$b" && pairs+=("\"$a:$b\"")
     done
     pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
+    ref=${REFERENCE:-toe3-on}; ref_args=(); scored "$target" "$ref" && ref_args=(--reference "$ref")
     if [ ${#dirs[@]} -gt 1 ]; then
-      toe report "${dirs[@]}" --reference "${REFERENCE:-toe3-on}" "${pair_args[@]}" --out "$res/report-$target" \
+      toe report "${dirs[@]}" "${ref_args[@]}" "${pair_args[@]}" --out "$res/report-$target" \
         --overwrite true || echo "the $target report failed (above); the rows' own folders are complete" >&2
     fi
   done
