@@ -193,13 +193,26 @@ def _digest(obj) -> str:
 
 
 def folder_fingerprint(path: str | None) -> dict | None:
-    """Size and modification time of each file in a model/plug-in folder: a log made with other weights is not
-    reused."""
+    """What a model/plug-in folder holds, so that a log made with other weights is not reused: each file's size and
+    a hash of its content (of its first and last MiB for files over 8 MiB: a base's shards). It reads the same on
+    another machine that holds the same files."""
     if not path:
         return None
     if not os.path.isdir(path):
         return {"name": path}
-    return {name: [os.path.getsize(os.path.join(path, name)), os.path.getmtime(os.path.join(path, name))]
+    return {name: _file_digest(os.path.join(path, name))
             for name in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, name))}
+
+
+def _file_digest(path: str, whole: int = 8 << 20, part: int = 1 << 20) -> list:
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= whole:
+            h.update(f.read())
+        else:
+            h.update(f.read(part))
+            f.seek(size - part)
+            h.update(f.read(part))
+    return [size, h.hexdigest()[:16]]
 
 
