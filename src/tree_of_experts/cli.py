@@ -75,25 +75,24 @@ def _report_positionals(argv: list[str]) -> list[str]:
     return ["report", "--run_dirs", json.dumps(dirs), *rest] if dirs else argv
 
 
-LIST_OPTIONS = ("--layers", "--teacher_layers")  # integer lists that also take `9` or `5,11,17`
-
-
 def _int_list(value: str) -> str:
     """`9` or `5,11,17` -> `[9]` / `[5,11,17]`; anything else (already a list, a typo) goes to the parser as is."""
     return f"[{value}]" if re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", value) else value
 
 
-STR_LIST_OPTIONS = ("--pairs",)  # string lists that also take `a:b,c:d`
-TEXT_OPTIONS = ("--template",)  # a typed `\n` (shells pass it as two characters) is a newline there
-
-
-def _unescape(value: str) -> str:
-    return value.replace("\\n", "\n").replace("\\t", "\t")
-
-
 def _str_list(value: str) -> str:
     """`a:b,c:d` -> `["a:b", "c:d"]`; a JSON list goes to the parser as is."""
     return value if value.lstrip().startswith("[") else json.dumps([v.strip() for v in value.split(",") if v.strip()])
+
+
+def _unescape(value: str) -> str:
+    """A typed `\\n` (shells pass it as two characters) is a newline."""
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+# Options whose value is rewritten before parsing: integer lists that also take `9` or `5,11,17`, string lists that
+# also take `a:b,c:d`, and prompt templates.
+CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": _unescape}
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -107,19 +106,9 @@ def _normalise(argv: list[str]) -> list[str]:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = "--" + name.replace("-", "_")
-            if eq and name in LIST_OPTIONS:
-                value = _int_list(value)
-            elif eq and name in STR_LIST_OPTIONS:
-                value = _str_list(value)
-            elif eq and name in TEXT_OPTIONS:
-                value = _unescape(value)
-            arg = name + eq + value
-        elif out and out[-1] in LIST_OPTIONS:
-            arg = _int_list(arg)
-        elif out and out[-1] in STR_LIST_OPTIONS:
-            arg = _str_list(arg)
-        elif out and out[-1] in TEXT_OPTIONS:
-            arg = _unescape(arg)
+            arg = name + eq + (CONVERT[name](value) if eq and name in CONVERT else value)
+        elif out and out[-1] in CONVERT:
+            arg = CONVERT[out[-1]](arg)
         out.append(arg)
     return out
 

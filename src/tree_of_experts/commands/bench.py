@@ -6,6 +6,7 @@ load hit both sides alike. Timings use ``time.perf_counter`` on CPU and CUDA eve
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -217,26 +218,22 @@ def bench_training(base_model, model: ToEModel, batch: int, length: int, reps: i
             logits = base_model(input_ids=ids, attention_mask=am).logits
         token_nll(logits, ids, mask).mean().backward()
 
-    def step() -> None:
-        model.attach()
-        with model.selection("dense"):
-            logits = model(input_ids=ids, attention_mask=am).logits
-        token_nll(logits, ids, mask).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     low = min(layers)
     with torch.no_grad(), model.disabled(), capture_layers(base_model, [low]) as seen:
         base_model(input_ids=ids, attention_mask=am)
     cache = seen[low].half().to(base_model.dtype)  # what an extraction stores
 
-    def cached_step() -> None:
+    def step(cached: bool = False) -> None:  # cached: from the states at the lowest layer (--cached_states)
         model.attach()
-        with starting_at(base_model, low, cache), model.selection("dense"):
+        start = starting_at(base_model, low, cache) if cached else contextlib.nullcontext()
+        with start, model.selection("dense"):
             logits = model(input_ids=ids, attention_mask=am).logits
         token_nll(logits, ids, mask).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def cached_step() -> None:
+        step(cached=True)
 
     def peak(fn) -> int | None:
         if device.type != "cuda":

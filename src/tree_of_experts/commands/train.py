@@ -197,14 +197,13 @@ def train(
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
     if cached_states:
+        run = Extraction(experts).run()
         if base_adapter:
             raise ToEError("--cached_states reads the bare base's states, which a --base_adapter (merged LoRA) "
                            "changes: drop one of them")
-        if Extraction(experts).run().get("data_sha256") != file_hash(data):
+        if run.get("data_sha256") != file_hash(data):
             raise ToEError(f"--cached_states needs the extraction's own data: {experts} was extracted from another "
                            f"file than {data} (pass that file, or drop --cached_states)")
-    run = Extraction(experts).run()
-    if cached_states:
         if run.get("dtype") != dtype:
             raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
                            f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
@@ -219,9 +218,9 @@ def train(
     if cached_states and run.get("limit") is not None and len(examples) > run["limit"]:
         raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
                        f"--limit {run['limit']}, or drop --cached_states")
-    if cached_states and any(e.state is None for e in examples):
-        n = sum(e.state is None for e in examples)
-        raise ToEError(f"--cached_states: {n} of {len(examples)} rows were tokenized otherwise than in {experts}: "
+    missing = sum(e.state is None for e in examples) if cached_states else 0
+    if missing:
+        raise ToEError(f"--cached_states: {missing} of {len(examples)} rows were tokenized otherwise than in {experts}: "
                        "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
                        "--cached_states")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
