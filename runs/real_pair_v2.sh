@@ -131,7 +131,7 @@ lora_row() {  # lora_row NAME RANK ARGS...
   local name=$1$sfx rank=$2; shift 2; need_traces
   [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
     --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
-    --overwrite true "$@"  # a LoRA row restarts after an interruption (no --resume for adapters)
+    --save-every 2 --resume true "$@"  # an interrupted row continues from its last checkpoint
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 

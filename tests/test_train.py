@@ -58,9 +58,9 @@ def test_stage_a_learns_the_route_labels(experts, tmp_path):
 def crash_after(step_to_crash: int, real_save):
     """A save_checkpoint that saves, then kills the run (KeyboardInterrupt) right after ``step_to_crash``."""
 
-    def save(out, model, opt, step, stage):
-        real_save(out, model, opt, step, stage)
-        if step == step_to_crash:
+    def save(out, weights, opt, state, *a, **kw):
+        real_save(out, weights, opt, state, *a, **kw)
+        if state["step"] == step_to_crash:
             raise KeyboardInterrupt
 
     return save
@@ -80,8 +80,8 @@ def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     assert rows(tmp_path / "resumed") == rows(tmp_path / "full")
 
 
-def test_plugin_baseline_resumes_and_adapter_baselines_refuse_to(experts, tmp_path, monkeypatch):
-    """`toe baseline --resume` continues a killed flat run to the uninterrupted result; lora cannot resume."""
+def test_plugin_baseline_resumes(experts, tmp_path, monkeypatch):
+    """`toe baseline --resume` continues a killed flat run to the uninterrupted result."""
     from tree_of_experts.recipes.baseline import baseline
 
     kw = dict(kind="flat", base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, max_steps=4,
@@ -95,8 +95,37 @@ def test_plugin_baseline_resumes_and_adapter_baselines_refuse_to(experts, tmp_pa
     baseline(out=str(tmp_path / "resumed"), resume=True, **kw)
     a, b = plugin_tensors(tmp_path / "full"), plugin_tensors(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ToEError, match="drop --resume"):
-        baseline(**{**kw, "kind": "lora"}, out=str(tmp_path / "lora"), resume=True)
+
+
+def test_lora_baseline_resumes_on_policy_bit_exactly(experts, tmp_path, monkeypatch):
+    """A killed on-policy LoRA run continues from its checkpoint (adapter tensors + optimizer) to the uninterrupted
+    run's adapter, logs each step once, and removes the checkpoint once the adapter is saved."""
+    import tree_of_experts.recipes.baseline as baseline_mod
+
+    kw = dict(kind="lora", base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, lora_rank=2,
+              max_steps=5, batch_size=4, save_every=2, lr=5e-2, objective="on_policy", on_policy_ratio=0.5,
+              sample_max_new_tokens=6, kd_weight=1.0)
+    baseline_mod.baseline(out=str(tmp_path / "full"), **kw)
+    real_save = baseline_mod.save_checkpoint
+    monkeypatch.setattr(baseline_mod, "save_checkpoint", crash_after(4, real_save))
+    with pytest.raises(KeyboardInterrupt):
+        baseline_mod.baseline(out=str(tmp_path / "resumed"), **kw)
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.0')  # a row cut by the kill, after the checkpoint
+    monkeypatch.setattr(baseline_mod, "save_checkpoint", real_save)
+    with pytest.raises(ToEError, match="--resume"):  # the folder holds a run: continuing it is asked for
+        baseline_mod.baseline(out=str(tmp_path / "resumed"), **kw)
+    with pytest.raises(ToEError, match="lora_rank"):  # a resume repeats the run's arguments
+        baseline_mod.baseline(out=str(tmp_path / "resumed"), resume=True, **{**kw, "lora_rank": 3})
+    baseline_mod.baseline(out=str(tmp_path / "resumed"), resume=True, **kw)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [json.loads(r) for r in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731
+    assert [r["step"] for r in rows("resumed")] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows("resumed")] == [r["loss"] for r in rows("full")]
+    assert rows("resumed")[-1]["samples"] == rows("full")[-1]["samples"] > 0
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
 
 
 def test_ablation_flags_change_the_computation(experts, tmp_path):

@@ -34,13 +34,10 @@ from ..io import (
     check_extraction,
     check_resume_args,
     claim_out,
-    load_tensors,
-    load_torch,
-    read_json,
 )
 from ..losses import tail_positions
 from ..model import ToEModel
-from ..training.checkpoint import RESTART, checkpoint_dir, logged_step, plot_curves, save_checkpoint
+from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, plot_curves, save_checkpoint
 from ..training.distill import (
     OBJECTIVES,
     OnPolicy,
@@ -277,16 +274,12 @@ def train(
     metrics_path = os.path.join(out, "metrics.jsonl")
     step = 0
     if resume and os.path.isdir(checkpoint_dir(out)):
-        ck = checkpoint_dir(out)
-        model.plugin.load_state_dict(load_tensors(os.path.join(ck, "plugin.safetensors"), RESTART))
-        state = read_json(os.path.join(ck, "state.json"), RESTART)
+        weights, opt_state, state = load_checkpoint(out)
+        model.plugin.load_state_dict(weights)
         step = state["step"]
-        (opt_a if state["stage"] == "A" else opt).load_state_dict(load_torch(os.path.join(ck, "optimizer.pt"), RESTART))
-        if acc.is_main_process and os.path.isfile(metrics_path):  # drop rows logged after the checkpoint
-            with open(metrics_path) as f:
-                rows = [r for r in f if logged_step(r) <= step]  # a row cut by a kill is dropped too
-            with open(metrics_path, "w") as f:
-                f.writelines(rows)
+        (opt_a if state["stage"] == "A" else opt).load_state_dict(opt_state)
+        if acc.is_main_process:
+            keep_logged_rows(metrics_path, step)
     elif acc.is_main_process and os.path.isfile(metrics_path):
         os.remove(metrics_path)
     if acc.is_main_process:
@@ -394,8 +387,9 @@ def train(
         if step % save_every == 0 or step == total or step == stage_a:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(out, model, opt_a if step <= stage_a and stage_a else opt, step,
-                                "A" if step <= stage_a and stage_a else "B")
+                in_a = step <= stage_a and stage_a
+                save_checkpoint(out, model.plugin.state_dict(), opt_a if in_a else opt,
+                                {"step": step, "stage": "A" if in_a else "B"})
                 plot_curves(metrics_path, os.path.join(out, "curves.png"))  # refreshed with every checkpoint
     bar.close()
     if report_to:

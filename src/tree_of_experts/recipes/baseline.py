@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import time
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from ..bank import ExpertBank
 from ..commands.extract import extract
@@ -31,6 +33,7 @@ from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume
 from ..losses import tail_positions
 from ..model import ToEModel
 from ..plugin import ToEPlugin
+from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, save_checkpoint
 from ..training.distill import (
     OBJECTIVES,
     OnPolicy,
@@ -83,25 +86,40 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
 
 def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, batch_size: int, lr: float,
                    seed: int, gradient_checkpointing: bool, teacher_model=None, on_policy: OnPolicy | None = None,
-                   ce_weight: float = 1.0, kd_weight: float = 0.0) -> list[dict]:
+                   ce_weight: float = 1.0, kd_weight: float = 0.0, save_every: int = 50,
+                   resume: bool = False) -> list[dict]:
     """Trains whatever requires grad in ``base_model`` (LoRA or all weights) with `toe train`'s Stage-B objective
     (:func:`tree_of_experts.training.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
     ``examples`` carry the teacher's cached top-k), and on-policy steps (the adapted model samples, ``teacher_model``
-    scores) on the same (seed, step) schedule."""
+    scores) on the same (seed, step) schedule. Every ``save_every`` steps the trainable tensors and the optimizer go
+    to ``out/checkpoint``; ``resume`` continues from there to the uninterrupted run's weights (every random choice
+    is a function of (seed, step))."""
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
         enable_checkpointing(base_model)
-    params = [p for p in base_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    trained = {n: p for n, p in base_model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(trained.values()), lr=lr, weight_decay=0.0)
     dev = next(base_model.parameters()).device
     base_model.train()
     metrics, n = [], len(examples)
     stop_ids = eos_ids(base_model, tok)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "metrics.jsonl")
-    if os.path.exists(path):
+    start, samples_seen, elapsed = 0, 0, 0.0
+    if resume and os.path.isdir(checkpoint_dir(out)):
+        weights, opt_state, state = load_checkpoint(out, "adapter")
+        if set(weights) != set(trained):
+            raise ToEError(f"--resume: {out}/checkpoint holds other trainable tensors than this run's (another "
+                           "--kind or --lora_rank?): start again with --overwrite true")
+        with torch.no_grad():
+            for name, p in trained.items():
+                p.copy_(weights[name])
+        opt.load_state_dict(opt_state)
+        start, samples_seen, elapsed = state["step"], state["samples"], state["elapsed_s"]
+        keep_logged_rows(path, start)
+    elif os.path.exists(path):
         os.remove(path)
-    t0, samples_seen = time.perf_counter(), 0
-    for step in range(max_steps):
+    t0 = time.perf_counter() - elapsed
+    for step in tqdm(range(start, max_steps), initial=start, total=max_steps, desc="toe baseline", disable=None):
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, step)
         if on:  # the same seeds as `toe train` (one process)
@@ -126,6 +144,9 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
             row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
         append_jsonl(path, row)
         metrics.append(row)
+        if (step + 1) % save_every == 0 and step + 1 < max_steps:
+            save_checkpoint(out, trained, opt, {"step": step + 1, "samples": samples_seen,
+                                                "elapsed_s": row["elapsed_s"]}, what="adapter")
     base_model.eval()
     return metrics
 
@@ -190,9 +211,10 @@ def baseline(
         seed: seed of every random choice, as for `toe train`.
         gradient_checkpointing: recompute activations in backward: the same gradients in much less memory, which
             LoRA and SFT need on long sequences.
-        save_every: steps between checkpoints of the plug-in kinds (control, static, random, flat).
-        resume: continue an interrupted plug-in-kind run from ``out/checkpoint`` (the control's extraction resumes
-            from its last complete shard on its own).
+        save_every: steps between checkpoints in ``out/checkpoint`` (plug-in kinds: the plug-in; lora and sft: the
+            trainable tensors, removed once the run has saved its weights).
+        resume: continue an interrupted run from ``out/checkpoint`` to the uninterrupted run's result (the
+            control's extraction resumes from its last complete shard on its own).
         objective: "off_policy" or "on_policy", as for `toe train` (static, random, flat, lora and sft; the control
             stays off-policy without the teacher, by definition). LoRA and SFT run the same objective code.
         teacher: the teacher for on-policy steps (default: the one the extraction read).
@@ -219,9 +241,6 @@ def baseline(
     if cached_states and kind in ("lora", "sft"):
         raise ToEError(f"--cached_states: a {kind} run changes every layer of the base, so no layer's states can be "
                        "cached: drop it")
-    if resume and kind in ("lora", "sft"):
-        raise ToEError(f"--resume continues the plug-in baselines (control, static, random, flat); a {kind} run "
-                       "restarts: drop --resume")
     if experts is not None:
         check_extraction(experts)
     claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
@@ -282,7 +301,8 @@ def baseline(
                            "--topk_logprobs > 0 on this data, or drop --kd_weight")
         dev = next(base_model.parameters()).device
         teacher_model = load_teacher(teacher, experts or "", tok, dtype, dev) if on_policy.ratio > 0 else None
-        fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd)
+        fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd, save_every=save_every,
+                   resume=resume)
         if kind == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -304,5 +324,6 @@ def baseline(
                                                 seed, gradient_checkpointing, **fit)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the saved weights supersede it (SFT's is GBs)
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)
     return summary

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
 
 import torch
 
@@ -14,8 +15,11 @@ from ..io import (
     atomic_save_tensors,
     atomic_torch_save,
     atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    load_torch,
+    read_json,
 )
-from ..model import ToEModel
 
 
 def logged_step(line: str) -> float:
@@ -32,25 +36,48 @@ def checkpoint_dir(out: str) -> str:
 RESTART = "the checkpoint is damaged: start the run again without --resume (with --overwrite)"
 
 
-def save_checkpoint(out: str, model: ToEModel, opt: torch.optim.Optimizer, step: int, stage: str) -> None:
-    """Writes a checkpoint next to the old one, then swaps: a crash leaves the previous checkpoint whole."""
-    bad = [n for n, t in model.plugin.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+def save_checkpoint(out: str, weights: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, state: dict,
+                    what: str = "plug-in") -> None:
+    """Writes a checkpoint (the trained ``weights``, the optimizer and ``state``, which holds the step) next to the
+    old one, then swaps: a crash leaves the previous checkpoint whole. ``what`` names the weights in errors and
+    picks their file (the plug-in's, or an adapter's trainable tensors)."""
+    step = state["step"]
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise ToEError(f"training stopped at step {step}: the plug-in's {bad[0]} holds NaN or inf values after the "
+        raise ToEError(f"training stopped at step {step}: the {what}'s {bad[0]} holds NaN or inf values after the "
                        "update (the loss was finite); nothing was saved from this state: lower the learning rates "
                        "and start again with --overwrite")
     tmp = checkpoint_dir(out) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    atomic_save_tensors(os.path.join(tmp, "plugin.safetensors"), model.plugin.state_dict())
+    atomic_save_tensors(os.path.join(tmp, _weights_file(what)), {n: t.detach() for n, t in weights.items()})
     atomic_torch_save(os.path.join(tmp, "optimizer.pt"), opt.state_dict())
-    atomic_write_json(os.path.join(tmp, "state.json"), {"step": step, "stage": stage})
+    atomic_write_json(os.path.join(tmp, "state.json"), state)
     old = checkpoint_dir(out) + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(checkpoint_dir(out)):
         os.replace(checkpoint_dir(out), old)
     os.replace(tmp, checkpoint_dir(out))
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _weights_file(what: str) -> str:
+    return "plugin.safetensors" if what == "plug-in" else "trainable.safetensors"
+
+
+def load_checkpoint(out: str, what: str = "plug-in") -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, optimizer state, state) of ``out``'s checkpoint; a damaged one is a one-line error."""
+    ck = checkpoint_dir(out)
+    return (load_tensors(os.path.join(ck, _weights_file(what)), RESTART),
+            load_torch(os.path.join(ck, "optimizer.pt"), RESTART), read_json(os.path.join(ck, "state.json"), RESTART))
+
+
+def keep_logged_rows(metrics_path: str, step: int) -> None:
+    """Drops the metrics rows logged after the checkpoint at ``step`` (a row cut by a kill goes too)."""
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            rows = [r for r in f if logged_step(r) <= step]
+        atomic_write_text(metrics_path, "".join(rows))
 
 
 def plot_curves(metrics_path: str, png: str) -> str | None:
