@@ -42,3 +42,15 @@ def test_a_typed_backslash_n_in_a_template_is_a_newline():
     assert _normalise(["eval", "--template", typed]) == ["eval", "--template", "Question: {prompt}\nAnswer: "]
     assert _normalise(["eval", f"--template={typed}"]) == ["eval", "--template=Question: {prompt}\nAnswer: "]
     assert _normalise(["eval", "--template", "chat"]) == ["eval", "--template", "chat"]
+
+
+def test_help_shows_a_default_template_as_it_is_typed(capsys):
+    """`toe train --help` shows the default template's newline as `\\n` (what the option takes), not as a space."""
+    import pytest
+
+    from tree_of_experts.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "default: Question: {prompt}" + "\\" + "nAnswer: )" in out

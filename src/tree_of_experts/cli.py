@@ -113,6 +113,22 @@ def _normalise(argv: list[str]) -> list[str]:
     return out
 
 
+def _help_formatter():
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        """Shows a default holding a newline or tab as typed on the command line (``\\n``), not as a space."""
+
+        def _get_help_string(self, action) -> str:
+            text = super()._get_help_string(action)
+            if isinstance(action.default, str) and ("\n" in action.default or "\t" in action.default):
+                typed = action.default.replace("\n", "\\n").replace("\t", "\\t").replace("%", "%%")
+                text = text.replace("%(default)s", typed)
+            return text
+
+    return HelpFormatter
+
+
 def _show(result) -> None:
     if result is None:
         return
@@ -162,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])
             return 0
-        result = CLI(_commands(), args=_normalise(argv), as_positional=False)
+        result = CLI(_commands(), args=_normalise(argv), as_positional=False, formatter_class=_help_formatter())
     except ToEError as e:
         _close_progress_bars()  # a bar left open would redraw after the error and hide it
         print(f"toe: error: {e}", file=sys.stderr)
