@@ -95,11 +95,9 @@ again() {  # again DIR: continue an interrupted eval in DIR (its finished genera
   if [ -f "$1/generations.partial.jsonl" ]; then echo --resume true; else echo --overwrite true; fi
 }
 
-scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped when its metrics exist)
-  local name=$1; shift; dev_traces
-  case " $score " in *" ce "*)
-    [ -f "$res/ce/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$traces" \
-      --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
+scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped when its metrics exist); CE last, as
+  # it reads the teacher's dev answers, which another invocation may still be generating: the core works meanwhile
+  local name=$1; shift
   case " $score " in *" acc "*)
     [ -f "$res/acc/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$dev" --skip "$skip" \
       --limit "$n" --ce false --max-new-tokens 400 --batch-size 8 $(again "$res/acc/$name") --out "$res/acc/$name" ;;
@@ -108,6 +106,10 @@ scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped wh
     [ -f "$res/code/$name/metrics.json" ] || toe eval --base "$base" "$@" --task code --data "$code" \
       --template "{prompt}" --accuracy false --ce-target gold --batch-size 4 $(again "$res/code/$name") \
       --out "$res/code/$name" ;; esac
+  case " $score " in *" ce "*)
+    dev_traces
+    [ -f "$res/ce/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$traces" \
+      --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
 }
 
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter
