@@ -16,8 +16,9 @@
 #   ROW: anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe1-on ctl1 toe1-off lora1-on
 #        lora1-off (default: all, in that order); each trains (if needed) and scores its row.
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
-#        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), QUERY_NORM (true), CACHED_STATES (true: off-policy steps
-#        of plug-in rows start from the extraction's cached states), RES (results/real_pair_v2), SCORE
+#        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), LORA_LR (2e-4: the LoRA rows' learning rate), QUERY_NORM
+#        (true), CACHED_STATES (true: off-policy steps of plug-in rows start from the extraction's cached states),
+#        RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
@@ -133,7 +134,7 @@ lora_row() {  # lora_row NAME RANK ARGS...
   local name=$1$sfx rank=$2; shift 2; need_traces
   [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
     --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
-    --save-every 2 --resume true "$@"  # an interrupted row continues from its last checkpoint
+    --lr "${LORA_LR:-2e-4}" --save-every 2 --resume true "$@"  # an interrupted row continues from its checkpoint
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 

@@ -5,8 +5,9 @@
 #
 # Usage: runs/real_pair_v2_sweep.sh PAIR_DIR WORK_DIR [POINT ...]
 #   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
-#          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set) —
-#          default: all, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): the sweep
+#          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set), and
+#          for LoRA, whose learning rate is the one knob it brings: lora (the on-policy r8 row at LORA_LR 2e-4) and
+#          lora-lr1e-3 — default: all, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): the sweep
 #          trains each point for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so
 #          eight points at the full budget would be ~14 CPU-hours): it ranks the choices, the study then trains the
 #          chosen one at the full budget.
@@ -14,7 +15,7 @@
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
-points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20}
+points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20 lora lora-lr1e-3}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
 export STEPS=${SWEEP_STEPS:-10}
 export TRAIN_DATA=${TRAIN_DATA:-$here/results/real_pair_v2/train-traces.jsonl}
@@ -29,6 +30,8 @@ for p in $points; do
     noqnorm) env+=(QUERY_NORM=false) ;;
     l1) row=toe1-on ;;
     l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20") ;;
+    lora) row=lora8-on ;;
+    lora-lr1e-3) row=lora8-on; env+=(LORA_LR=1e-3) ;;
     *) echo "unknown point $p" >&2; exit 2 ;;
   esac
   env "${env[@]}" "$here/runs/real_pair_v2.sh" "$pair" "$work/sweep" anchors "$row"
