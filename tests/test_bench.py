@@ -46,3 +46,14 @@ def test_bench_runs_only_the_parts_asked_for(tmp_path):
     assert r["summary"].startswith("extraction capture") and (tmp_path / "b" / "bench.md").exists()
     with pytest.raises(ToEError, match="--parts"):
         bench(base=str(tmp_path / "base"), out=str(tmp_path / "c"), parts=["decode"])
+    with pytest.raises(ToEError, match="--teacher"):  # asked for by name, the extraction timing needs the teacher
+        bench(base=str(tmp_path / "base"), out=str(tmp_path / "c"), parts=["extraction"])
+    before = (tmp_path / "b" / "bench.json").read_text()
+    with pytest.raises(ToEError, match="--overwrite true"):  # an earlier run's numbers are not replaced silently
+        bench(base=str(tmp_path / "base"), out=str(tmp_path / "b"), parts=["routing"], routing_exponents=[4])
+    assert (tmp_path / "b" / "bench.json").read_text() == before
+    r = bench(base=str(tmp_path / "base"), out=str(tmp_path / "b"), parts=["routing"], routing_exponents=[4],
+              routing_tokens=8, routing_reps=1, overwrite=True)
+    import json
+
+    assert "routing" in r and json.loads((tmp_path / "b" / "bench.json").read_text())["parts"] == ["routing"]

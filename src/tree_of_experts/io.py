@@ -162,6 +162,7 @@ RUN_FILES = {
     "oracle": ("oracle.json", "oracle.md", "generation.jsonl", "metrics.json", "base.jsonl", "teacher.jsonl",
                "toe.jsonl", "O1-map.jsonl", "O2-routing.jsonl", "static-mean.jsonl", "O1-ridge-*.jsonl"),
     "report": ("report.json", "report.md", "report.png", "leaf_usage.json", "usage.png", "sweep.png", "pairs.json"),
+    "bench": ("bench.json", "bench.md", "bench.png"),
 }
 RUN_FILES["rebuild"] = RUN_FILES["extract"]
 # The file that says a folder holds a run of that command which --resume (or a rerun) may continue.

@@ -16,7 +16,7 @@ import torch
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
 from ..hf import add_to_layers, capture_layers, decoder_layers, load_causal_lm, padded_inputs, starting_at
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, claim_out
 from ..losses import token_nll
 from ..model import ToEModel
 from ..plugin import injection_mask
@@ -318,6 +318,7 @@ def bench(
     threads: int | None = None,
     compile: bool = False,
     parts: list[str] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
 
@@ -345,17 +346,23 @@ def bench(
         device: where the base runs (default: the GPU when one is visible, else the CPU).
         threads: torch CPU threads (default: torch's choice).
         parts: which measurements to run, any of "generation", "routing", "training", "extraction" (default: all;
-            "extraction" needs ``teacher``).
+            "extraction" needs ``teacher`` and is left out without one).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
             timed repetitions.
+        overwrite: replace an earlier bench run in ``out`` (refused otherwise: its numbers are not lost silently).
 
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``.
     """
-    parts = list(parts or PARTS)
+    parts_given, parts = bool(parts), list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ToEError(f"--parts {unknown}: use any of {list(PARTS)}")
+    if "extraction" in parts and not teacher:
+        if parts_given:
+            raise ToEError("--parts extraction times `toe extract`'s capture against the teacher: pass --teacher")
+        parts.remove("extraction")
+    claim_out(out, "bench", overwrite=overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher})
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -396,7 +403,7 @@ def bench(
         if "toe_over_lora" in result["training"]:
             summary.append(f"train step / LoRA r{lora_rank} step: "
                            f"{result['training']['toe_over_lora']['median']:.2f}x")
-    if "extraction" in parts and teacher:
+    if "extraction" in parts:
         model.detach()
         teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev))
         layers = [int(k) for k in model.plugin.blocks]
