@@ -101,3 +101,18 @@ def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
     assert [r["system"] for _, r in sweep_points(rows, "K")] == ["K=1", "ToE-B (N=32, K=4)"]
     assert sweep_plot(rows, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
     assert not sweep_plot(rows[:3], str(tmp_path / "none.png"))  # fewer than 3 values of any knob: no plot
+
+
+def test_sampled_and_greedy_answers_are_never_pooled():
+    """Accuracy from sampled answers is another measurement than greedy accuracy: its folders form a target of their
+    own (named with the sampling settings); CE, which does not depend on decoding, still pools."""
+    from tree_of_experts.commands.report import _target
+    from tree_of_experts.inference import Sampling
+
+    common = dict(data="dev.jsonl", skip=56, limit=100, few_shot=0, ce_target="trace")
+    greedy = _target({**common, "ce": True, "accuracy": True, **Sampling().record()})
+    sampled = _target({**common, "ce": True, "accuracy": True, **Sampling(0.7, 0.95, 4, 0).record()})
+    ce_only = _target({**common, "ce": True, "accuracy": False, **Sampling(0.7, 0.95, 4, 0).record()})
+    assert greedy == ce_only == "trace CE · dev.jsonl rows 56–155 · 0-shot"
+    assert sampled == greedy + " · sampled T=0.7, top-p 0.95, k=4"
+    assert _target({**common, "ce": True, "accuracy": True}) == greedy  # folders from before decoding was recorded

@@ -35,7 +35,12 @@ def _target(args: dict) -> str:
     # rows first–last, both included (a report of dev rows 56-155 reads "rows 56–155")
     items = f"rows {skip}–{skip + limit - 1}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
     what = "accuracy" if args.get("ce") is False else f"{args.get('ce_target', 'gold_clean')} CE"
-    return f"{what} · {data} {items} · {args.get('few_shot', 0)}-shot"
+    # Sampled answers are another measurement than greedy ones: they never pool (CE does not depend on decoding)
+    s = args.get("sampling") or {}
+    sampled = args.get("accuracy") is not False and args.get("decoding") == "sample"
+    decoding = (f" · sampled T={s.get('temperature', 1.0):g}, top-p {s.get('top_p', 1.0):g}, "
+                f"k={s.get('num_samples', 1)}" if sampled else "")
+    return f"{what} · {data} {items} · {args.get('few_shot', 0)}-shot{decoding}"
 
 
 def pool(run_dirs: list[str], labels: dict[str, str] | None = None) -> dict[str, dict[str, list[dict]]]:
