@@ -7,7 +7,10 @@ one line per study row, in the issue's priority order, with
 - the teacher's margin: the row minus the no-teacher control at its own layer set (CE and accuracy, paired);
 - the row minus LoRA trained with the same objective (paired);
 - what the row costs elsewhere: its CE on held-out code minus the bare base's (paired);
-- a plug-in's mean ||Δ||/||h|| on the math items and on the code (mean over its injection layers).
+- a plug-in's mean ||Δ||/||h|| on the math items and on the code (mean over its injection layers);
+- a plug-in's bank geometry before -> after training (RES/train/ROW/inspect.json: median cosine of the leaves to their
+  mean, mean over layers; near 1 the bank is one vector and routing cannot matter);
+- the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy).
 
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
@@ -66,19 +69,58 @@ def delta_ratio(usage: list, system: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def bank_geometry(res: str, row: str) -> tuple[float, float] | None:
+    """(before, after) median leaf cosine to the bank's mean, averaged over the injection layers."""
+    info = read(os.path.join(res, "train", row, "inspect.json"))
+    banks = [b for b in (info or {}).get("banks", {}).values() if "bank_before_training" in b]
+    pairs = [(b["bank_before_training"]["cos_to_common_median"], b["bank"]["cos_to_common_median"]) for b in banks]
+    pairs = [p for p in pairs if None not in p]
+    if not pairs:
+        return None
+    return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
+
+
+def budget(res: str, row: str) -> dict | None:
+    """Stage-B steps trained, how many were on-policy and the tokens sampled in them (from the logged rows)."""
+    path = os.path.join(res, "train", row, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    a = max((r["step"] for r in rows if r.get("stage") == "A"), default=0)
+    b = [r for r in rows if r.get("stage") != "A"]
+    if not b:
+        return None
+    on = [r for r in b if r.get("objective") == "on_policy"]
+    return {"steps": max(r["step"] for r in b) - a, "logged": len(b), "on_policy": len(on),
+            "sampled_tokens": sum(r.get("sample_tokens") or 0 for r in on)}
+
+
+def budget_cell(d: dict | None) -> str:
+    if not d:
+        return "–"
+    text = f"{d['steps']} steps"
+    if d["on_policy"]:
+        text += f", {d['on_policy']} on-policy, {d['sampled_tokens'] / 1000:.1f}k sampled tokens"
+        if d["logged"] < d["steps"]:
+            text += " (logged steps)"
+    return text
+
+
 def main(res: str) -> dict:
     reports = {t: read(os.path.join(res, f"report-{t}", "report.json")) or [] for t in ("ce", "acc", "code")}
     pairs = {t: read(os.path.join(res, f"report-{t}", "pairs.json")) or [] for t in ("ce", "acc", "code")}
     usage = {t: read(os.path.join(res, f"report-{t}", "leaf_usage.json")) or [] for t in ("ce", "code")}
     by = {t: {r["system"]: r for r in rows} for t, rows in reports.items()}
     lines = ["| row | CE gap closed | accuracy | minus control: CE / accuracy | minus LoRA, same objective: CE / "
-             "accuracy | code CE minus bare base | ‖Δ‖/‖h‖ math / code |", "|---|---|---|---|---|---|---|"]
+             "accuracy | code CE minus bare base | ‖Δ‖/‖h‖ math / code | bank: leaf cos to mean, before → after | "
+             "budget |", "|---|---|---|---|---|---|---|---|---|"]
     anchors = []
     for name in ("base", "teacher"):
         ce, acc = by["ce"].get(name), by["acc"].get(name)
         if ce or acc:
             anchors.append(f"| {name} | – | {interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} "
-                           "| – | – | – | – |")
+                           "| – | – | – | – | – | – |")
     table, missing = [], []
     for row in ROWS:
         ce, acc = by["ce"].get(row), by["acc"].get(row)
@@ -90,7 +132,7 @@ def main(res: str) -> dict:
             for label, r in oracle.items():
                 g = r.get("ce_gap_closed")
                 lines.append(f"| {label} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | – | – | – | – "
-                             "| – |")
+                             "| – | – | – |")
                 table.append({"row": label, "ce_gap_closed": g})
             continue
         g = ce.get("ce_gap_closed") if ce else None
@@ -100,16 +142,22 @@ def main(res: str) -> dict:
             if lora else "–"
         math_dr, code_dr = delta_ratio(usage["ce"], row), delta_ratio(usage["code"], row)
         dr = "–" if math_dr is None else f"{math_dr:.4f} / {'–' if code_dr is None else f'{code_dr:.4f}'}"
+        geo, spent = bank_geometry(res, row), budget(res, row)
+        geo_cell = "–" if geo is None else f"{geo[0]:.2f} → {geo[1]:.2f}"
         lines.append(f"| {row} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | "
                      f"{interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} | {margin} | {vs_lora} | "
-                     f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} |")
+                     f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} | {geo_cell} | {budget_cell(spent)} |")
         table.append({"row": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
                       "accuracy_ci95": acc and acc["accuracy_ci95"], "control": ctl, "lora": lora,
-                      "delta_ratio_math": math_dr, "delta_ratio_code": code_dr})
+                      "delta_ratio_math": math_dr, "delta_ratio_code": code_dr, "leaf_cos_to_mean": geo,
+                      "budget": spent})
     n = {t: next((r["n"] for r in rows), None) for t, rows in reports.items()}
+    items = [what for what, k in ((f"CE on the teacher's answers to {n['ce']} GSM8K dev rows", "ce"),
+                                  (f"accuracy on {n['acc']} of them", "acc"), (f"held-out code: {n['code']} chunks", "code"))
+             if n[k] is not None]
     text = ("\n".join(lines[:2] + anchors + lines[2:]) + "\n\n"
-            f"Items: CE on the teacher's answers to {n['ce']} GSM8K dev rows, accuracy on {n['acc']}, held-out code "
-            f"{n['code']} chunks; differences are paired on items (95 % bootstrap intervals).\n")
+            f"Items: {'; '.join(items) or 'none scored yet'}; differences are paired on items (95 % bootstrap "
+            "intervals).\n")
     if missing:
         text += f"\nNot scored yet: {', '.join(missing)}.\n"
     out = {"rows": table, "missing": missing, "items": n}
