@@ -83,6 +83,40 @@ def test_trainer_trains_saves_and_reloads_the_plugin_alone(toe, tok, batch, tmp_
     assert torch.equal(logits(reloaded, batch), logits(toe, batch))
 
 
+def test_toe_trainer_resumes_from_a_plugin_checkpoint(tok, tmp_path):
+    """Plain Trainer cannot read a plug-in-only checkpoint back; ToETrainer resumes from one to the uninterrupted
+    run's plug-in, and refuses a checkpoint of another plug-in in one line."""
+    datasets = pytest.importorskip("datasets")
+    from transformers import TrainingArguments
+
+    from tree_of_experts.trainer import ToETrainer
+
+    texts = ["Question: 3 plus 4? Answer: 7", "Question: 12 times 7? Answer: 84", "Question: 9 minus 2? Answer: 7",
+             "Question: 5 times 5? Answer: 25"] * 2
+    enc = tok(texts, padding=True)
+    data = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                       "labels": enc["input_ids"]})
+
+    def run(out, plugin_seed=0, **kw):
+        torch.manual_seed(plugin_seed)
+        model = randomize(ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0, 1],
+                                         num_leaves=8, selection="topk", top_k=2), seed=plugin_seed)
+        args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, data_seed=0)
+        ToETrainer(model=model, args=args, train_dataset=data).train(**kw)
+        return model.plugin.state_dict()
+
+    full = run(tmp_path / "full")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = run(resumed_dir, plugin_seed=5, resume_from_checkpoint=str(resumed_dir / "checkpoint-2"))
+    assert all(torch.allclose(full[k], resumed[k], rtol=0, atol=1e-6) for k in full)  # not the seed-5 start
+    other = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[1], num_leaves=4)
+    other.save_pretrained(tmp_path / "other" / "checkpoint-2")
+    with pytest.raises(ToEError, match="another plug-in"):
+        run(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-2"))
+
+
 def test_save_pretrained_takes_a_trainers_state_dict(toe, batch, tmp_path):
     state = {k: v.clone() for k, v in toe.state_dict().items()}
     randomize(toe, seed=1)  # the live tensors now differ from the state dict
