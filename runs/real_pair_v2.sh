@@ -121,7 +121,7 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
   done
   [ -d "$2/base_adapter" ] && cp -r "$2/base_adapter" "$res/train/$1/"
   # a plug-in's bank geometry after training next to the bank it started from (did the leaves specialise?)
-  if [ -f "$2/toe_model.safetensors" ] && [ ! -f "$res/train/$1/inspect.json" ]; then
+  if [ -f "$2/toe_model.safetensors" ] && [ "$2/toe_model.safetensors" -nt "$res/train/$1/inspect.json" ]; then
     toe inspect --plugin "$2" > "$res/train/$1/inspect.json.tmp" && mv "$res/train/$1/inspect.json.tmp" \
       "$res/train/$1/inspect.json"
   fi

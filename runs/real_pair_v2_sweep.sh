@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The choices of the v2 study, made on GSM8K dev rows 0-55 (never reported by runs/real_pair_v2.sh, which scores rows
-# 56-155): each point trains the 3-layer on-policy ToE row (toe3-on) with one knob changed from the study's defaults
-# and scores CE on the teacher's chat answers to rows 0-55. Points whose metrics exist are skipped (resumable).
+# 56-155): each ToE point trains the 3-layer on-policy ToE row (toe3-on) with one knob changed from the study's
+# defaults, each LoRA point the on-policy r8 row (lora8-on), and every point scores CE on the teacher's chat answers
+# to rows 0-55. Points whose metrics exist are skipped (resumable).
 #
 # Usage: runs/real_pair_v2_sweep.sh PAIR_DIR WORK_DIR [POINT ...]
 #   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
 #          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set), and
-#          for LoRA, whose learning rate is the one knob it brings: lora (the on-policy r8 row at LORA_LR 2e-4) and
-#          lora-lr1e-3 — default: all, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): the sweep
-#          trains each point for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so
-#          eight points at the full budget would be ~14 CPU-hours): it ranks the choices, the study then trains the
-#          chosen one at the full budget.
+#          for LoRA, whose learning rate is the one knob it brings: lora (LORA_LR 2e-4) and lora-lr1e-3 — default:
+#          all ten, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
+#          for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so ten points at the
+#          full budget would be ~17 CPU-hours): it ranks the choices, the study trains the chosen ones in full.
 #   Results: results/real_pair_v2/sweep/ (one pooled CE report after each point).
 set -euo pipefail
 pair=$1; work=$2; shift 2

@@ -104,8 +104,9 @@ def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
 
 
 def test_sampled_and_greedy_answers_are_never_pooled():
-    """Accuracy from sampled answers is another measurement than greedy accuracy: its folders form a target of their
-    own (named with the sampling settings); CE, which does not depend on decoding, still pools."""
+    """Accuracy from sampled answers is another measurement than greedy accuracy: folders that sampled answers form
+    a target of their own (named with the sampling settings); a CE-only folder, whose scores do not depend on
+    decoding, pools with greedy ones."""
     from tree_of_experts.commands.report import _target
     from tree_of_experts.inference import Sampling
 

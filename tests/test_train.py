@@ -417,3 +417,17 @@ def test_starting_at_follows_the_layers_output_convention():
     with starting_at(lm, 1, seen[1]):
         pass
     assert lm.layers[0].forward is own and "forward" not in lm.layers[1].__dict__
+
+
+def test_a_finished_adapter_run_is_not_resumed(experts, tmp_path):
+    """`--resume` on a finished lora run refuses (its checkpoint is gone: resuming would retrain from step 0 and
+    replace the adapter) and leaves the adapter as it was."""
+    from tree_of_experts.recipes.baseline import baseline
+
+    kw = dict(kind="lora", base=str(experts / "base"), data=FIXTURE, lora_rank=2, max_steps=2, batch_size=4,
+              save_every=1, out=str(tmp_path / "lora"))
+    baseline(**kw)
+    before = (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ToEError, match="finished baseline run"):
+        baseline(**kw, resume=True)
+    assert (tmp_path / "lora" / "adapter_model.safetensors").read_bytes() == before

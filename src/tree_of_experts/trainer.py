@@ -33,8 +33,11 @@ class PluginCheckpoints:
     Put it first in the bases (``class T(PluginCheckpoints, Trainer)``) so its loaders run before Trainer's."""
 
     def _toe_model(self, model=None) -> ToEModel | None:
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return None  # sharded parameters: their own checkpoint formats, Trainer's loaders (untested with ToE)
         model = model if model is not None else self.model
-        unwrapped = self.accelerator.unwrap_model(model) if getattr(self, "accelerator", None) else model
+        accelerator = getattr(self, "accelerator", None)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator else model
         return unwrapped if isinstance(unwrapped, ToEModel) else None
 
     def _load_plugin(self, folder: str, model=None) -> bool:
@@ -47,8 +50,8 @@ class PluginCheckpoints:
         try:
             toe.plugin.load_state_dict(state)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip()
-            raise ToEError(f"{folder} holds another plug-in than the one being trained ({first}): {fix}") from None
+            why = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
+            raise ToEError(f"{folder} holds another plug-in than the one being trained ({why}): {fix}") from None
         return True
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -354,7 +354,9 @@ def bench(
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``.
     """
-    parts_given, parts = bool(parts), list(parts or PARTS)
+    if parts is not None and not parts:
+        raise ToEError(f"--parts is empty: name any of {list(PARTS)}, or leave it out for all")
+    parts_given, parts = parts is not None, list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ToEError(f"--parts {unknown}: use any of {list(PARTS)}")

@@ -35,7 +35,8 @@ def _target(args: dict) -> str:
     # rows first–last, both included (a report of dev rows 56-155 reads "rows 56–155")
     items = f"rows {skip}–{skip + limit - 1}" if limit is not None else (f"rows {skip}–" if skip else "all rows")
     what = "accuracy" if args.get("ce") is False else f"{args.get('ce_target', 'gold_clean')} CE"
-    # Sampled answers are another measurement than greedy ones: they never pool (CE does not depend on decoding)
+    # Sampled answers are another measurement than greedy ones: a folder that sampled them never pools with greedy
+    # ones (a folder is one group, so its CE goes with it; a CE-only folder pools whatever its decoding settings)
     s = args.get("sampling") or {}
     sampled = args.get("accuracy") is not False and args.get("decoding") == "sample"
     decoding = (f" · sampled T={s.get('temperature', 1.0):g}, top-p {s.get('top_p', 1.0):g}, "

@@ -387,7 +387,7 @@ def train(
         if step % save_every == 0 or step == total or step == stage_a:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                in_a = step <= stage_a and stage_a
+                in_a = bool(stage_a) and step <= stage_a
                 save_checkpoint(out, model.plugin.state_dict(), opt_a if in_a else opt,
                                 {"step": step, "stage": "A" if in_a else "B"})
                 plot_curves(metrics_path, os.path.join(out, "curves.png"))  # refreshed with every checkpoint

@@ -107,9 +107,9 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
     start, samples_seen, elapsed = 0, 0, 0.0
     if resume and os.path.isdir(checkpoint_dir(out)):
         weights, opt_state, state = load_checkpoint(out, "adapter")
-        if set(weights) != set(trained):
+        if {n: t.shape for n, t in weights.items()} != {n: p.shape for n, p in trained.items()}:
             raise ToEError(f"--resume: {out}/checkpoint holds other trainable tensors than this run's (another "
-                           "--kind or --lora_rank?): start again with --overwrite true")
+                           "--kind, rank or base?): start again with --overwrite true")
         with torch.no_grad():
             for name, p in trained.items():
                 p.copy_(weights[name])
@@ -120,6 +120,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         os.remove(path)
     t0 = time.perf_counter() - elapsed
     for step in tqdm(range(start, max_steps), initial=start, total=max_steps, desc="toe baseline", disable=None):
+        torch.manual_seed(seed * 1_000_003 + step)  # any dropout draws the same after a resume
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, step)
         if on:  # the same seeds as `toe train` (one process)
@@ -212,7 +213,8 @@ def baseline(
         gradient_checkpointing: recompute activations in backward: the same gradients in much less memory, which
             LoRA and SFT need on long sequences.
         save_every: steps between checkpoints in ``out/checkpoint`` (plug-in kinds: the plug-in; lora and sft: the
-            trainable tensors, removed once the run has saved its weights).
+            trainable tensors and the optimizer — for sft the whole model and its Adam state, about 3x the model on
+            disk — removed once the run has saved its weights).
         resume: continue an interrupted run from ``out/checkpoint`` to the uninterrupted run's result (the
             control's extraction resumes from its last complete shard on its own).
         objective: "off_policy" or "on_policy", as for `toe train` (static, random, flat, lora and sft; the control
@@ -243,6 +245,9 @@ def baseline(
                        "cached: drop it")
     if experts is not None:
         check_extraction(experts)
+    if resume and not overwrite and os.path.isfile(os.path.join(out, "baseline_summary.json")):
+        raise ToEError(f"--resume: {out} holds a finished baseline run (baseline_summary.json): nothing to resume; "
+                       "pass --overwrite true to redo it, or a new --out")
     claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
               inputs={"base": base, "experts": experts, "teacher": teacher})
     args_path = os.path.join(out, ARGS_NAME)
@@ -324,6 +329,7 @@ def baseline(
                                                 seed, gradient_checkpointing, **fit)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
-        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the saved weights supersede it (SFT's is GBs)
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)
+    if kind in ("lora", "sft"):  # the saved weights supersede the checkpoint (SFT's is the model + Adam: GBs)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return summary
