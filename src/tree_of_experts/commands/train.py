@@ -35,7 +35,6 @@ from ..io import (
     check_resume_args,
     claim_out,
 )
-from ..losses import tail_positions
 from ..model import ToEModel
 from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, plot_curves, save_checkpoint
 from ..training.distill import (
@@ -45,11 +44,11 @@ from ..training.distill import (
     is_on_policy,
     load_teacher,
     objective_loss,
-    prompt_ids,
-    sample,
+    scored_tail,
+    step_batch,
     teacher_logits,
 )
-from ..training.examples import collate, load_examples
+from ..training.examples import load_examples
 from ..training.steps import finite_loss, global_mean, global_usage, level_accuracy, node_levels, sampled_route_loss
 from ..tree import effective_leaves
 
@@ -321,19 +320,14 @@ def train(
             global_batch = [examples[i] for i in batch_indices(n_examples, batch_size, b_step, seed)]
             mine = global_batch[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
             on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, b_step)
-            if on:  # the student samples as it runs at inference (its own selection), seeded by (seed, step, rank)
-                with model.selection(cfg.selection):
-                    b = sample(model, [prompt_ids(e.ids, e.loss_mask) for e in mine], tok.pad_token_id, stop_ids,
-                               on_policy, seed * 1_000_003 + b_step * acc.num_processes + acc.process_index,
-                               acc.device)
-            else:
-                b = collate(mine, tok.pad_token_id)
+            with model.selection(cfg.selection):  # on-policy, the student samples as it runs at inference
+                b = step_batch(model, mine, tok.pad_token_id, stop_ids, on_policy, on,
+                               seed * 1_000_003 + b_step * acc.num_processes + acc.process_index, acc.device)
             selection = cfg.selection if (anneal_steps and b_step >= max_steps - anneal_steps) else train_selection
             stage = "C" if selection != train_selection else "B"
             # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
             n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
-            keep = tail_positions(b["loss_mask"], acc.device)  # logits only where a target is scored (the tail)
-            tail = {k: v[:, -len(keep) :].to(acc.device) for k, v in b.items() if k not in ("attention_mask", "states")}
+            keep, tail = scored_tail(b, acc.device)  # logits only where a target is scored (the tail)
             t_logits = teacher_logits(teacher_model, b, keep) if on else None  # (B, len(keep), V_T)
             # What the forward runs with stays in place through the backward, which recomputes checkpointed layers
             # (with --gradient_checkpointing): the same routing mode, the same cached starting states.

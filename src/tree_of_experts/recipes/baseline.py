@@ -30,7 +30,6 @@ from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import Extraction, route_key
 from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
-from ..losses import tail_positions
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, save_checkpoint
@@ -41,11 +40,11 @@ from ..training.distill import (
     is_on_policy,
     load_teacher,
     objective_loss,
-    prompt_ids,
-    sample,
+    scored_tail,
+    step_batch,
     teacher_logits,
 )
-from ..training.examples import collate, load_examples
+from ..training.examples import load_examples
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
 
@@ -123,14 +122,10 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         torch.manual_seed(seed * 1_000_003 + step)  # any dropout draws the same after a resume
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, step)
-        if on:  # the same seeds as `toe train` (one process)
-            b = sample(base_model, [prompt_ids(e.ids, e.loss_mask) for e in batch], tok.pad_token_id, stop_ids,
-                       on_policy, seed * 1_000_003 + step, dev)
-            samples_seen += len(batch)
-        else:
-            b = collate(batch, tok.pad_token_id)
-        keep = tail_positions(b["loss_mask"], dev)  # logits only where a target is scored, as in `toe train`
-        tail = {k: v[:, -len(keep) :].to(dev) for k, v in b.items() if k != "attention_mask"}
+        # the same seeds as `toe train` (one process); logits only where a target is scored
+        b = step_batch(base_model, batch, tok.pad_token_id, stop_ids, on_policy, on, seed * 1_000_003 + step, dev)
+        samples_seen += len(batch) if on else 0
+        keep, tail = scored_tail(b, dev)
         t_logits = teacher_logits(teacher_model, b, keep) if on else None
         logits = base_model(**padded_inputs(b["input_ids"], b["attention_mask"], dev), logits_to_keep=keep).logits
         n_tok = b["loss_mask"].sum().clamp_min(1).to(dev).float()

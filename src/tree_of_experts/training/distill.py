@@ -3,7 +3,8 @@ the teacher scores every sampled token, and the loss is a generalized JSD betwee
 the student's own text. It fixes the train/inference mismatch of training on teacher text only.
 
 One implementation for every student: `toe train` (only the plug-in trains) and `toe baseline lora` (only the LoRA
-weights train) both call :func:`sample` and :func:`onpolicy_divergence`, so a ToE-vs-LoRA comparison under this
+weights train) both build their steps with :func:`step_batch`, :func:`scored_tail`, :func:`teacher_logits` and
+:func:`objective_loss`, so a ToE-vs-LoRA comparison under this
 objective is fair by construction. The teacher runs at training time only; inference stays at the base's cost.
 """
 
@@ -17,7 +18,8 @@ from ..config import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
 from ..hf import padded_inputs
-from ..losses import generalized_jsd, token_nll, topk_kl
+from ..losses import generalized_jsd, tail_positions, token_nll, topk_kl
+from .examples import collate
 
 OBJECTIVES = ("off_policy", "on_policy")
 
@@ -116,6 +118,25 @@ def onpolicy_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
                           beta)  # (N,)
     out[:, 1:][target] = div
     return out
+
+
+def step_batch(student: torch.nn.Module, examples: list, pad_id: int, stop_ids: list[int], settings: OnPolicy,
+               on: bool, sample_seed: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """One step's batch: on-policy, the student's samples (seeded by ``sample_seed``) of the examples' prompts;
+    off-policy, the examples' own text (and cached targets)."""
+    if on:
+        return sample(student, [prompt_ids(e.ids, e.loss_mask) for e in examples], pad_id, stop_ids, settings,
+                      sample_seed, device)
+    return collate(examples, pad_id)
+
+
+def scored_tail(batch: dict[str, torch.Tensor], device: torch.device | str
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(keep, tail): the positions where a target is scored (the batch's tail, the only logits computed) and the
+    batch's per-token fields over them, on ``device``."""
+    keep = tail_positions(batch["loss_mask"], device)
+    tail = {k: v[:, -len(keep) :].to(device) for k, v in batch.items() if k not in ("attention_mask", "states")}
+    return keep, tail
 
 
 @torch.no_grad()
