@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.commands.extract import extract, rebuild
-from tree_of_experts.data import align_offsets
+from tree_of_experts.data import DataSpec, align_offsets, read_jsonl
 from tree_of_experts.extraction.build import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
 from tree_of_experts.extraction.fusion import GramAccumulator, fit_ridge
 from tree_of_experts.extraction.store import Extraction
@@ -223,3 +223,24 @@ def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path):
     losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)
     assert len(losses) == 2 and all(p.grad is None for p in base.parameters())
     assert all(p.requires_grad for p in base.parameters()) and maps[0].proj.weight.grad is not None
+
+
+def test_the_base_read_as_its_own_teacher_runs_once_with_the_same_shards(pair, tmp_path):
+    """The no-teacher control extracts the base against itself: one model load and one forward per batch give the
+    shards two separate copies of the base give."""
+    import copy
+
+    from tree_of_experts.extraction.capture import capture_shard, prepare
+    from tree_of_experts.hf import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(pair / "base"))
+    examples = prepare(read_jsonl(FIXTURE, DataSpec(), limit=6), DataSpec(), tok, tok, 64)
+    base = load_causal_lm(str(pair / "base"))
+    args = ([0, 1], [1, 0], 2, 0, tok.pad_token_id, False)
+    once, twice = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}, {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}
+    a = capture_shard(examples, base, base, *args, once)
+    b = capture_shard(examples, copy.deepcopy(base), base, *args, twice)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert once["base_s"] < twice["base_s"] / 10  # the base pass is the teacher pass
+    run(pair, tmp_path / "ctl", teacher=str(pair / "base"), topk_logprobs=0)
+    assert json.load(open(tmp_path / "ctl" / "run.json"))["topk_logprobs"] == 0

@@ -154,7 +154,9 @@ def extract(
     examples = prepare(records, spec, base_tok, teacher_tok, max_length)
     check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
-    teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+    # the same model read twice (the no-teacher control): loaded once, and one forward serves both without top-k
+    same_model = teacher == base and t_kw == b_kw
+    teacher_model = base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
     n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
     layers = list(layers) if layers else [default_layer(n_b)]
     teacher_layers = list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]

@@ -282,7 +282,7 @@ def baseline(
         extract(teacher=base, base=base, data=data, out=control_dir, num_leaves=cfg.num_leaves, shape=cfg.shape,
                 layers=cfg.layers, teacher_layers=cfg.layers, limit=run.get("limit"), **{
                     k: v for k, v in data_kw.items() if k != "limit"}, gate_rank=cfg.gate_rank, top_k=cfg.top_k,
-                selection=cfg.selection, dtype=dtype, seed=seed)
+                selection=cfg.selection, dtype=dtype, seed=seed, topk_logprobs=0)  # it trains without KD
         summary["train"] = train(base=base, experts=control_dir, out=out, no_kd=True, stage_a_steps=stage_a_steps,
                                  **train_kw, **plugin_kw)
     elif kind in ("static", "random", "flat"):
