@@ -11,8 +11,9 @@
 # costs outside math). Outputs whose metrics exist are skipped, so the script resumes; it runs ROWS in the given
 # order (default: the issue's priority order).
 #
-# Usage: runs/real_pair_v2.sh PAIR_DIR WORK_DIR [ROW ...]   (two invocations may run at once on different rows:
-#   they share the extractions, built once under a lock; give each its own rows)
+# Usage: runs/real_pair_v2.sh PAIR_DIR WORK_DIR [ROW ...]   (two invocations may run at once: they share the
+#   extractions and the teacher's dev answers, built once under a lock, and each row runs in one invocation only —
+#   a row another invocation holds is passed over, so both may be given the same list)
 #   ROW: anchors ctl3 toe3-on lora8-on toe3-off lora8-off toe3+lora oracle3 toe1-on ctl1 toe1-off lora1-on
 #        lora1-off (default: all, in that order); each trains (if needed) and scores its row.
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
@@ -154,7 +155,12 @@ scored() {  # scored TARGET LABEL (the base: by the anchors row)
   if [ "$2" = base ]; then [ -f "$res/$1/anchors/metrics.json" ]; else [ -f "$res/$1/$2/metrics.json" ]; fi
 }
 
+mkdir -p "$work/locks"
 for row in $rows; do
+  # One invocation per row at a time: a row another invocation holds is passed over (it does that one), so two
+  # invocations may share a row list and split it between them.
+  exec 8> "$work/locks/$row$sfx.lock"
+  if ! flock -n 8; then echo "row $row$sfx: another invocation is running it; next row" >&2; continue; fi
   case $row in
     anchors)  # base on every target; the teacher's CE (its accuracy came with its dev answers)
       dev_traces
@@ -178,7 +184,9 @@ for row in $rows; do
     lora1-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 "${objective_on[@]}" --kd-weight 1 ;;
     lora1-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 --kd-weight 1 ;;
     toe3+lora)  # LoRA first (the on-policy r8 adapter), then the 3-layer plug-in trained on the adapted base
-      [ -f "$work/lora8-on$sfx/adapter_config.json" ] || { echo "toe3+lora needs the lora8-on row first" >&2; exit 2; }
+      if [ ! -f "$work/lora8-on$sfx/baseline_summary.json" ]; then
+        echo "toe3+lora needs the finished lora8-on row first; passed over" >&2; exec 8>&-; continue
+      fi
       toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
       extraction extract-l3 "${LAYERS3:-5,11,17}"; dev_traces
@@ -202,4 +210,5 @@ for row in $rows; do
     fi
   done
   python3 "$here/runs/real_pair_v2_table.py" "$res" > /dev/null  # the headline table (RES/table.md) so far
+  exec 8>&-  # the row is done: its lock goes
 done
