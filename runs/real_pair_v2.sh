@@ -114,9 +114,16 @@ scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped wh
       --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
 }
 
+logged() {  # logged NAME CMD...: runs CMD, its exact command line kept first as RES/train/NAME/command.sh
+  mkdir -p "$res/train/$1"; local f="$res/train/$1/command.sh"
+  { printf '%q ' "${@:2}"; echo; } > "$f.tmp" && mv "$f.tmp" "$f"
+  "${@:2}"
+}
+
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter
   mkdir -p "$res/train/$1"
-  for f in metrics.jsonl curves.png train_summary.json baseline_summary.json train_args.json toe_config.json \
+  for f in metrics.jsonl curves.png train_summary.json baseline_summary.json train_args.json baseline_args.json \
+           toe_config.json \
            toe_model.safetensors adapter_config.json adapter_model.safetensors README.md; do
     [ -f "$2/$f" ] && cp "$2/$f" "$res/train/$1/"
   done
@@ -131,14 +138,14 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
 
 toe_row() {  # toe_row NAME EXTRACTION ARGS...
   local name=$1$sfx ex=$2; shift 2; need_traces
-  [ -f "$work/$name/train_summary.json" ] || toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
+  [ -f "$work/$name/train_summary.json" ] || logged "$name" toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
     "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
   keep "$name" "$work/$name"; scores "$name" --plugin "$work/$name" --with-base false
 }
 
 lora_row() {  # lora_row NAME RANK ARGS...
   local name=$1$sfx rank=$2; shift 2; need_traces
-  [ -f "$work/$name/baseline_summary.json" ] || toe baseline --kind lora --lora-rank "$rank" --base "$base" \
+  [ -f "$work/$name/baseline_summary.json" ] || logged "$name" toe baseline --kind lora --lora-rank "$rank" --base "$base" \
     --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
     --lr "${LORA_LR:-2e-4}" --save-every 2 --resume true "$@"  # an interrupted row continues from its checkpoint
   keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
@@ -171,7 +178,7 @@ for row in $rows; do
       layers=${LAYERS3:-5,11,17}; [ "$row" = ctl1 ] && layers=${LAYER1:-11}
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
       extraction "$ex" "$layers"
-      [ -f "$work/$row$sfx/baseline_summary.json" ] || toe baseline --kind control --base "$base" \
+      [ -f "$work/$row$sfx/baseline_summary.json" ] || logged "$row$sfx" toe baseline --kind control --base "$base" \
         --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" "${cached[@]}" --save-every 2 \
         --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
       keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
