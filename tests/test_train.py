@@ -431,3 +431,19 @@ def test_a_finished_adapter_run_is_not_resumed(experts, tmp_path):
     with pytest.raises(ToEError, match="finished baseline run"):
         baseline(**kw, resume=True)
     assert (tmp_path / "lora" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_runs_without_a_terminal_log_one_line_per_logged_step(experts, tmp_path, caplog):
+    """Under nohup or a batch scheduler the progress bar is off: each logged step is one log line instead."""
+    import logging
+
+    from tree_of_experts.recipes.baseline import baseline
+
+    with caplog.at_level(logging.INFO, logger="tree_of_experts"):
+        train(**args(experts, tmp_path / "p", max_steps=2, stage_a_steps=2, log_every=1))
+        baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, lora_rank=2, max_steps=2, batch_size=4,
+                 out=str(tmp_path / "lora"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tree_of_experts.training.checkpoint"]
+    assert [m.split(",")[0] for m in lines] == [f"toe train: step {s}/4" for s in (1, 2, 3, 4)] + [
+        f"toe baseline: step {s}/2" for s in (1, 2)]
+    assert "stage A" in lines[0] and "stage B" in lines[3] and " ce " in lines[3] and " ce " in lines[-1]

@@ -36,7 +36,14 @@ from ..io import (
     claim_out,
 )
 from ..model import ToEModel
-from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, plot_curves, save_checkpoint
+from ..training.checkpoint import (
+    checkpoint_dir,
+    keep_logged_rows,
+    load_checkpoint,
+    log_progress,
+    plot_curves,
+    save_checkpoint,
+)
 from ..training.distill import (
     OBJECTIVES,
     OnPolicy,
@@ -376,6 +383,8 @@ def train(
             row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9) if tokens_since else None
             t_last, tokens_since = now, 0
             append_jsonl(metrics_path, row)
+            if bar.disable:
+                log_progress("toe train", row, total)
             if report_to:
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
         if step % save_every == 0 or step == total or step == stage_a:

@@ -32,7 +32,7 @@ from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_in
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
 from ..model import ToEModel
 from ..plugin import ToEPlugin
-from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, save_checkpoint
+from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, log_progress, save_checkpoint
 from ..training.distill import (
     OBJECTIVES,
     OnPolicy,
@@ -118,7 +118,8 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
     elif os.path.exists(path):
         os.remove(path)
     t0 = time.perf_counter() - elapsed
-    for step in tqdm(range(start, max_steps), initial=start, total=max_steps, desc="toe baseline", disable=None):
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="toe baseline", disable=None)
+    for step in bar:
         torch.manual_seed(seed * 1_000_003 + step)  # any dropout draws the same after a resume
         batch = [examples[i] for i in batch_indices(n, batch_size, step, seed)]
         on = teacher_model is not None and is_on_policy(on_policy.ratio, seed, step)
@@ -139,6 +140,8 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         if teacher_model is not None:
             row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
         append_jsonl(path, row)
+        if bar.disable:
+            log_progress("toe baseline", row, max_steps)
         metrics.append(row)
         if (step + 1) % save_every == 0 and step + 1 < max_steps:
             save_checkpoint(out, trained, opt, {"step": step + 1, "samples": samples_seen,

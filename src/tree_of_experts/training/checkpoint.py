@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,6 +21,18 @@ from ..io import (
     load_torch,
     read_json,
 )
+
+log = logging.getLogger(__name__)
+
+
+def log_progress(command: str, row: dict, total: int) -> None:
+    """One line per logged step for runs without a terminal (nohup, batch jobs), where the progress bar is off."""
+    parts = [f"{command}: step {row['step']}/{total}"] + ([f"stage {row['stage']}"] if "stage" in row else [])
+    parts += [f"{k} {row[k]:.4f}" for k in ("loss", "ce", "kd", "jsd") if isinstance(row.get(k), float)]
+    parts += [f"{k} {row[k]}" for k in ("samples",) if k in row]
+    if isinstance(row.get("elapsed_s"), float):
+        parts.append(f"{row['elapsed_s']:.0f} s")
+    log.info(", ".join(parts))
 
 
 def logged_step(line: str) -> float:
