@@ -111,6 +111,18 @@ def test_toe_trainer_resumes_from_a_plugin_checkpoint(tok, tmp_path):
     shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
     resumed = run(resumed_dir, plugin_seed=5, resume_from_checkpoint=str(resumed_dir / "checkpoint-2"))
     assert all(torch.allclose(full[k], resumed[k], rtol=0, atol=1e-6) for k in full)  # not the seed-5 start
+    # load_best_model_at_end: the best checkpoint's plug-in comes back into the model (plain Trainer refuses it)
+    model = randomize(ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0, 1], num_leaves=8,
+                                     selection="topk", top_k=2))
+    best_args = TrainingArguments(output_dir=str(tmp_path / "best"), max_steps=4, save_steps=2, eval_steps=2,
+                                  eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="loss",
+                                  greater_is_better=True,  # the worse (earlier) checkpoint: not the final state
+                                  per_device_train_batch_size=2, learning_rate=1e-2, report_to=[], use_cpu=True)
+    trainer = ToETrainer(model=model, args=best_args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    saved = ToEModel.from_pretrained(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), best).plugin.state_dict()
+    assert best.endswith("checkpoint-2") and all(torch.equal(saved[k], v) for k, v in model.plugin.state_dict().items())
     other = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[1], num_leaves=4)
     other.save_pretrained(tmp_path / "other" / "checkpoint-2")
     with pytest.raises(ToEError, match="another plug-in"):
