@@ -65,7 +65,8 @@ def capture_shard(
         ids_t, am_t = pad_left([e.teacher_ids for e in chunk], pad_id)
         ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
         t0 = time.perf_counter()
-        if teacher is base and not kd:  # the no-teacher control reads the base twice: one forward serves both
+        one_pass = teacher is base and not kd  # the no-teacher control reads the base twice: one forward serves both
+        if one_pass:
             t_states = states_until(base, sorted({*layers, *teacher_layers}), padded_inputs(ids_t, am_t, dev))
         elif kd:  # the teacher's log-probs are cached too: a full forward
             with capture_layers(teacher, teacher_layers) as t_states:
@@ -73,8 +74,7 @@ def capture_shard(
         else:
             t_states = states_until(teacher, teacher_layers, padded_inputs(ids_t, am_t, dev))
         t1 = time.perf_counter()
-        b_states = t_states if teacher is base and not kd else states_until(base, layers,
-                                                                            padded_inputs(ids_b, am_b, dev))
+        b_states = t_states if one_pass else states_until(base, layers, padded_inputs(ids_b, am_b, dev))
         t2 = time.perf_counter()
         timings["teacher_s"] += t1 - t0
         timings["base_s"] += t2 - t1
