@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import tree_of_experts.commands.train as train_mod
 from tree_of_experts.commands.train import train
 from tree_of_experts.config import ToEError
-from tree_of_experts.losses import generalized_jsd
+from tree_of_experts.losses import gathered_generalized_jsd, generalized_jsd
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 from tree_of_experts.training.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
 
@@ -50,6 +50,25 @@ def test_divergence_sits_at_the_targets_and_ignores_a_padded_teacher_vocabulary(
     assert out.shape == (2, 5) and torch.all(out[~mask] == 0) and torch.all(out[mask] > 0)
     # target (0, 2) is predicted at position (0, 1)
     assert out[0, 2].item() == pytest.approx(generalized_jsd(s[0, 1:2], t[0, 1:2, :7], 0.5).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_divergence_gives_the_plain_values_and_gradient(beta):
+    # bounded memory (a few positions at a time, the backward recomputing each chunk) must not change the loss
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 6, 11, generator=g), torch.randn(3, 6, 13, generator=g)
+    rows, cols = torch.tensor([0, 0, 1, 2, 2, 2, 1]), torch.tensor([1, 2, 0, 3, 4, 5, 5])
+    w = torch.rand(len(rows), generator=g)  # a non-uniform upstream gradient
+    plain = s.clone().requires_grad_()
+    want = generalized_jsd(plain[rows, cols], t[rows, cols, :11], beta)
+    (want * w).sum().backward()
+    for chunk in (1, 3, 100):
+        got_s = s.clone().requires_grad_()
+        got = gathered_generalized_jsd(got_s, t, rows, cols, beta, chunk=chunk)
+        (got * w).sum().backward()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got_s.grad, plain.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(plain.grad[2, 0] == 0)  # positions not scored get no gradient
 
 
 def test_sample_is_seeded_and_masks_what_follows_the_first_eos():

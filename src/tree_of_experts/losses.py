@@ -101,3 +101,61 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         return (s.exp() * (s - t)).sum(-1)
     m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
     return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+class _GatheredJSD(torch.autograd.Function):
+    """:func:`generalized_jsd` at gathered positions of (B, T, V) logits, ``chunk`` positions at a time.
+
+    The divergence's (N, V) intermediates (two log-softmaxes, the mixture, their products) are what an on-policy
+    step over a 152k vocabulary runs out of memory on: several GB each at a few hundred sampled tokens, all kept for
+    the backward. Here the forward keeps nothing but its inputs, and the backward recomputes one chunk at a time
+    and writes its gradient into the student's rows: peak memory is the student's logits, their gradient, the
+    teacher's logits and one chunk."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, cols, beta, chunk):
+        v = student.shape[-1]
+        out = torch.empty(len(rows), dtype=torch.float32, device=student.device)
+        for i in range(0, len(rows), chunk):
+            r, c = rows[i : i + chunk], cols[i : i + chunk]
+            out[i : i + chunk] = generalized_jsd(student[r, c], _rows(teacher, r, c, v, student.device), beta)
+        ctx.save_for_backward(student, teacher, rows, cols)
+        ctx.beta, ctx.chunk = beta, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, rows, cols = ctx.saved_tensors
+        v = student.shape[-1]
+        g = torch.zeros_like(student)
+        for i in range(0, len(rows), ctx.chunk):
+            r, c = rows[i : i + ctx.chunk], cols[i : i + ctx.chunk]
+            with torch.enable_grad():
+                z = student[r, c].detach().requires_grad_()
+                d = generalized_jsd(z, _rows(teacher, r, c, v, student.device), ctx.beta)
+                (gz,) = torch.autograd.grad(d, z, grad[i : i + ctx.chunk])
+            g[r, c] = gz.to(g.dtype)
+        return g, None, None, None, None, None
+
+
+def _rows(teacher: torch.Tensor, r: torch.Tensor, c: torch.Tensor, v: int, device) -> torch.Tensor:
+    """The teacher's logits at positions (r, c), cut to the student's vocabulary, on ``device``."""
+    return teacher[r.to(teacher.device), c.to(teacher.device), :v].to(device)
+
+
+def gathered_generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor,
+                             cols: torch.Tensor, beta: float, chunk: int = 128) -> torch.Tensor:
+    """:func:`generalized_jsd` between ``student_logits[rows, cols]`` and ``teacher_logits[rows, cols]`` in bounded
+    memory: the same values and gradient, computed ``chunk`` positions at a time.
+
+    Args:
+        student_logits: (B, T, V) logits with grad.
+        teacher_logits: (B, T, V_T) with V_T >= V (cut to the student's vocabulary), on any device.
+        rows, cols: (N,) positions to score.
+        beta: see :func:`generalized_jsd`.
+        chunk: positions per chunk (each chunk holds a few (chunk, V) float32 tensors).
+
+    Returns:
+        (N,) float32 divergence per position.
+    """
+    return _GatheredJSD.apply(student_logits, teacher_logits, rows, cols, beta, chunk)

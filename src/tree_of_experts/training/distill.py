@@ -18,7 +18,7 @@ from ..config import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
 from ..hf import padded_inputs
-from ..losses import generalized_jsd, tail_positions, token_nll, topk_kl
+from ..losses import gathered_generalized_jsd, tail_positions, token_nll, topk_kl
 from .examples import collate
 
 OBJECTIVES = ("off_policy", "on_policy")
@@ -111,12 +111,9 @@ def onpolicy_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
     Returns:
         (B, T) divergence placed at the target positions, 0 elsewhere (the convention of ``token_nll``).
     """
-    v = student_logits.shape[-1]
-    target = loss_mask[:, 1:]  # (B, T-1): position t scores target t + 1
+    rows, cols = loss_mask[:, 1:].to(student_logits.device).nonzero(as_tuple=True)  # position t scores target t+1
     out = torch.zeros(loss_mask.shape, dtype=torch.float32, device=student_logits.device)
-    div = generalized_jsd(student_logits[:, :-1][target], teacher_logits[:, :-1, :v][target].to(student_logits.device),
-                          beta)  # (N,)
-    out[:, 1:][target] = div
+    out[rows, cols + 1] = gathered_generalized_jsd(student_logits, teacher_logits, rows, cols, beta)  # (N,)
     return out
 
 
