@@ -42,6 +42,9 @@ budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}
         --batch-size "${BATCH:-4}")
 objective_on=(--objective on_policy --on-policy-ratio "${RATIO:-1.0}" --beta "${BETA:-0.5}"
               --sample-max-new-tokens "${SAMPLE_TOKENS:-256}" --teacher "$teacher")
+# On-policy steps hold the fp32 teacher (6 GB) next to the student's activations over ~4 x 650 tokens: the plug-in
+# rows recompute the frozen layers' activations in the backward (as the LoRA rows do), same gradients, ~15 -> ~10 GB.
+low_memory=(--gradient-checkpointing true)
 toe_knobs=(--bank-lr "${BANK_LR:-1e-3}" --query-norm "${QUERY_NORM:-true}" --stage-a-steps 50)
 # Off-policy steps of plug-in rows start from the extraction's cached base states at the lowest injection layer
 # (`--cached-states`: the same loss up to the cache's fp16 rounding; not for ToE on LoRA, whose base differs).
@@ -182,9 +185,11 @@ for row in $rows; do
         --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" "${cached[@]}" --save-every 2 \
         --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
       keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
-    toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" "${cached[@]}" ;;
+    toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" "${cached[@]}" \
+      "${low_memory[@]}" ;;
     toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${cached[@]}" ;;
-    toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" "${cached[@]}" ;;
+    toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" "${cached[@]}" \
+      "${low_memory[@]}" ;;
     toe1-off) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${cached[@]}" ;;
     lora8-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 "${objective_on[@]}" --kd-weight 1 ;;
     lora8-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 --kd-weight 1 ;;
@@ -194,7 +199,7 @@ for row in $rows; do
       if [ ! -f "$work/lora8-on$sfx/baseline_summary.json" ]; then
         echo "toe3+lora needs the finished lora8-on row first; passed over" >&2; exec 8>&-; continue
       fi
-      toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" ;;
+      toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" "${low_memory[@]}" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
       extraction extract-l3 "${LAYERS3:-5,11,17}"; dev_traces
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
