@@ -53,7 +53,7 @@ need_traces() {  # the rows that train need the teacher's training traces
   [ -f "$train_data" ] || { echo "$train_data missing: run runs/real_pair_traces.sh and copy its output there" >&2
                             exit 2; }
 }
-mkdir -p "$res"/{ce,acc,code,train} "$work"
+mkdir -p "$res"/{ce,acc,code,train} "$work/locks"
 
 # The reported items: the teacher's greedy chat answers (CE target, all kept) and its graded accuracy.
 # The teacher's answers are every CE row's target: they are generated once and committed (RES/dev-traces.jsonl,
@@ -85,11 +85,17 @@ PY
 }
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
 
+heavy() {  # heavy CMD...: one training or extraction at a time across invocations. Trainings peak at 12-14 GB
+  # (an on-policy step holds the fp32 teacher, 6 GB): two at once ran out of the machine's 24 GB, while a training
+  # next to an evaluation (4-7 GB) fits. The other invocation meanwhile scores its finished rows, or waits here.
+  ( flock 7; "$@" ) 7> "$work/locks/heavy.lock"
+}
+
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
   local out="$exdir/$1"; need_traces; mkdir -p "$exdir"
   (  # two invocations of this script (two rows at once) build an extraction once: the second waits for the first
     flock 9
-    [ -f "$out/summary.json" ] || toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
+    [ -f "$out/summary.json" ] || heavy toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
       --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
       --batch-size 4 --shard-size 32 --out "$out"
   ) 9> "$out.lock"
@@ -117,10 +123,11 @@ scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped wh
       --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
 }
 
-logged() {  # logged NAME CMD...: runs CMD, its exact command line kept first as RES/train/NAME/command.sh
+logged() {  # logged NAME CMD...: runs CMD (a training: see heavy), its exact command line kept first as
+  # RES/train/NAME/command.sh
   mkdir -p "$res/train/$1"; local f="$res/train/$1/command.sh"
   { printf '%q ' "${@:2}"; echo; } > "$f.tmp" && mv "$f.tmp" "$f"
-  "${@:2}"
+  heavy "${@:2}"
 }
 
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter

@@ -139,6 +139,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
                "elapsed_s": time.perf_counter() - t0}
         if teacher_model is not None:
             row.update(samples=samples_seen, sample_tokens=int(b["loss_mask"].sum()) if on else 0)
+        del logits, t_logits, loss  # vocabulary-wide: not alive during the next step's forward
         append_jsonl(path, row)
         if bar.disable:
             log_progress("toe baseline", row, max_steps)
