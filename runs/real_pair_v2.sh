@@ -88,7 +88,7 @@ code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" 
 heavy() {  # heavy CMD...: one training or extraction at a time across invocations. Trainings peak at 12-14 GB
   # (an on-policy step holds the fp32 teacher, 6 GB): two at once ran out of the machine's 24 GB, while a training
   # next to an evaluation (4-7 GB) fits. The other invocation meanwhile scores its finished rows, or waits here.
-  ( flock 7; "$@" ) 7> "$work/locks/heavy.lock"
+  ( flock 7; "$@" ) 7> "${HEAVY_LOCK:-$work/locks/heavy.lock}"  # the sweep shares the study's lock
 }
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
@@ -209,7 +209,7 @@ for row in $rows; do
       toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" "${low_memory[@]}" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
       extraction extract-l3 "${LAYERS3:-5,11,17}"; dev_traces
-      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
+      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || heavy toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
         --experts "$exdir/extract-l3" --plugin "$work/toe3-on$sfx" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;

@@ -18,6 +18,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20 lora lora-lr1e-3}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
 export STEPS=${SWEEP_STEPS:-10}
+# one training at a time with a study running on the same machine (two trainings at once run out of 24 GB)
+export HEAVY_LOCK=${HEAVY_LOCK:-$work/locks/heavy.lock}; mkdir -p "$work/locks"
 export TRAIN_DATA=${TRAIN_DATA:-$here/results/real_pair_v2/train-traces.jsonl}
 for p in $points; do
   env=(NAME_SUFFIX="-$p"); row=toe3-on

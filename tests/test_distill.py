@@ -69,6 +69,11 @@ def test_chunked_divergence_gives_the_plain_values_and_gradient(beta):
         torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(got_s.grad, plain.grad, rtol=1e-5, atol=1e-7)
     assert torch.all(plain.grad[2, 0] == 0)  # positions not scored get no gradient
+    twice = s.clone().requires_grad_()  # a position listed twice counts twice, as in the plain gather
+    gathered_generalized_jsd(twice, t, torch.tensor([0, 0]), torch.tensor([1, 1]), beta, chunk=1).sum().backward()
+    once = s.clone().requires_grad_()
+    generalized_jsd(once[0, 1:2], t[0, 1:2, :11], beta).sum().backward()
+    torch.testing.assert_close(twice.grad, 2 * once.grad)
 
 
 def test_sample_is_seeded_and_masks_what_follows_the_first_eos():

@@ -124,6 +124,7 @@ class _GatheredJSD(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the recomputed chunks keep no graph: no second derivative
     def backward(ctx, grad):
         student, teacher, rows, cols = ctx.saved_tensors
         v = student.shape[-1]
@@ -134,7 +135,7 @@ class _GatheredJSD(torch.autograd.Function):
                 z = student[r, c].detach().requires_grad_()
                 d = generalized_jsd(z, _rows(teacher, r, c, v, student.device), ctx.beta)
                 (gz,) = torch.autograd.grad(d, z, grad[i : i + ctx.chunk])
-            g[r, c] = gz.to(g.dtype)
+            g.index_put_((r, c), gz.to(g.dtype), accumulate=True)  # a position listed twice counts twice
         return g, None, None, None, None, None
 
 
