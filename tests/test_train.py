@@ -36,6 +36,7 @@ def test_loss_decreases_and_base_is_untouched(experts, tmp_path):
     assert sum(b[-3:]) / 3 < b[0] - 0.05  # the plug-in lowers CE (the fixture's digits are learnable)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert summary["kd"] and os.path.exists(tmp_path / "p" / "curves.png")
+    assert summary["peak_rss_gib"] > 0  # what the run needed, for sizing the next one
     assert "route_acc_per_level" in rows[0] and len(rows[0]["route_acc_per_level"]) == 3
 
 

@@ -41,6 +41,7 @@ from ..training.checkpoint import (
     keep_logged_rows,
     load_checkpoint,
     log_progress,
+    peak_memory,
     plot_curves,
     save_checkpoint,
 )
@@ -410,6 +411,7 @@ def train(
             rows = [json.loads(r) for r in f]
         last_b = [r for r in rows if r["stage"] != "A"]
         summary["final"] = last_b[-1] if last_b else rows[-1]
+        summary.update(peak_memory())
         atomic_write_json(os.path.join(out, "train_summary.json"), summary)
     return summary
 

@@ -32,7 +32,14 @@ from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_in
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
 from ..model import ToEModel
 from ..plugin import ToEPlugin
-from ..training.checkpoint import checkpoint_dir, keep_logged_rows, load_checkpoint, log_progress, save_checkpoint
+from ..training.checkpoint import (
+    checkpoint_dir,
+    keep_logged_rows,
+    load_checkpoint,
+    log_progress,
+    peak_memory,
+    save_checkpoint,
+)
 from ..training.distill import (
     OBJECTIVES,
     OnPolicy,
@@ -328,6 +335,7 @@ def baseline(
                                                 seed, gradient_checkpointing, **fit)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
+    summary.update(peak_memory())
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)
     if kind in ("lora", "sft"):  # the saved weights supersede the checkpoint (SFT's is the model + Adam: GBs)
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -33,6 +34,22 @@ def log_progress(command: str, row: dict, total: int) -> None:
     if isinstance(row.get("elapsed_s"), float):
         parts.append(f"{row['elapsed_s']:.0f} s")
     log.info(", ".join(parts))
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, for a run's summary: resident set (GiB, Linux and macOS) and, where CUDA
+    was used, the allocator's peak per process (GiB). A resumed run reports its own process only."""
+    out = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_gib"] = round(rss / (2**30 if sys.platform == "darwin" else 2**20), 2)
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def logged_step(line: str) -> float:
