@@ -24,7 +24,10 @@
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
 #        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
-#        larger batches, and each finished batch is kept for --resume).
+#        larger batches, and each finished batch is kept for --resume), ACC_BATCH (25: the same for every row's
+#        graded answers; one CPU thread decodes a batch of 25 in about the time of a batch of 8 — a decode step
+#        reads all the weights whatever the batch — and every row must use the same batches, as a batch's padding
+#        can move a near-tie of greedy decoding).
 #   CPU, one torch thread per job, two jobs on 2 cores: extraction ~1 min per trace per layer set, an off-policy
 #   ToE row ~1 min per step, an on-policy step ~2-3 min (sampling + teacher), CE ~10 min per 100 items, accuracy
 #   ~30 min per 100 items.
@@ -111,7 +114,8 @@ scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped wh
   local name=$1; shift
   case " $score " in *" acc "*)
     [ -f "$res/acc/$name/metrics.json" ] || toe eval --base "$base" "$@" "${chat[@]}" --data "$dev" --skip "$skip" \
-      --limit "$n" --ce false --max-new-tokens 400 --batch-size 8 $(again "$res/acc/$name") --out "$res/acc/$name" ;;
+      --limit "$n" --ce false --max-new-tokens 400 --batch-size "${ACC_BATCH:-25}" $(again "$res/acc/$name") \
+      --out "$res/acc/$name" ;;
   esac
   case " $score " in *" code "*)
     [ -f "$res/code/$name/metrics.json" ] || toe eval --base "$base" "$@" --task code --data "$code" \
