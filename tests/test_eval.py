@@ -387,3 +387,28 @@ def test_eval_resume_after_an_interruption(tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "generations.partial.jsonl"))
     with pytest.raises(ToEError, match=r"a finished eval run \(metrics.json\): nothing to resume"):
         evaluate(out=out, resume=True, **kw)  # a finished eval is not "continued"
+
+
+def test_response_ce_from_the_scored_tail_equals_the_whole_sequence():
+    # logits only from the position before the first target on: the same CE as every position's logits
+    import torch
+
+    from tree_of_experts.data import encode, pad_left
+    from tree_of_experts.evaluation.scoring import response_ce
+    from tree_of_experts.evaluation.tasks import Item
+    from tree_of_experts.hf import padded_inputs
+    from tree_of_experts.losses import token_nll
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    items = [Item("", "Question: 3 plus 4, and then 12 more?\nAnswer: ", "19", "19"),
+             Item("", "Q: 2?\nA: ", "two and then some", ""), Item("", "Question: 5?\nAnswer: ", "5", "5")]
+    got = response_ce(model, tok, items, batch_size=3, max_length=64)
+    chunk = [encode(tok, it.ce_prompt, it.ce_target, 64) for it in items]
+    ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
+    mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
+    with torch.no_grad():
+        nll = token_nll(model(**padded_inputs(ids, am, "cpu")).logits, ids, mask)
+    want = [float(nll[i].sum()) / int(mask[i].sum()) for i in range(3)]
+    assert [n for _, n, _ in got] == [int(m.sum()) for m in mask]
+    assert [ce for ce, _, _ in got] == pytest.approx(want, rel=1e-5)

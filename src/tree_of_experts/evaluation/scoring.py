@@ -14,7 +14,7 @@ from ..data import encode, pad_left
 from ..grading import grade
 from ..hf import padded_inputs
 from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
-from ..losses import token_nll
+from ..losses import tail_positions, token_nll
 from .tasks import Item
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int)
         chunk = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items[start : start + batch_size]]
         ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
         mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
-        logits = model(**padded_inputs(ids, am, dev)).logits
-        nll = token_nll(logits, ids.to(dev), mask.to(dev))
+        keep = tail_positions(mask, dev)  # vocabulary logits only from the position before the first target on
+        logits = model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits  # (B, len(keep), V)
+        nll = token_nll(logits, ids[:, -len(keep) :].to(dev), mask[:, -len(keep) :].to(dev))
         for i in range(len(chunk)):
             n = int(mask[i].sum())
             if chunk[i].cut and n <= 1:  # only the appended EOS, scored after a cut-off prompt: not the target
