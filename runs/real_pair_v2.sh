@@ -91,7 +91,8 @@ code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" 
 heavy() {  # heavy CMD...: one training or extraction at a time across invocations. Trainings peak at 12-14 GB
   # (an on-policy step holds the fp32 teacher, 6 GB): two at once ran out of the machine's 24 GB, while a training
   # next to an evaluation (4-7 GB) fits. The other invocation meanwhile scores its finished rows, or waits here.
-  # Off-policy LoRA rows (no teacher; activations recomputed; ~6 GB) run without the lock, next to anything.
+  # Off-policy rows too: a LoRA step without the teacher (activations recomputed) still peaks at ~11 GiB, its
+  # vocabulary-wide CE tensors over ~4 x 400 positions (results/real_pair_v2/memory).
   ( flock 7; "$@" ) 7> "${HEAVY_LOCK:-$work/locks/heavy.lock}"  # the sweep shares the study's lock
 }
 
@@ -128,14 +129,11 @@ scores() {  # scores NAME SYSTEM_ARGS...: the row's evaluations (each skipped wh
       --ce-target trace --accuracy false --batch-size 4 $(again "$res/ce/$name") --out "$res/ce/$name" ;; esac
 }
 
-logged() {  # logged NAME CMD...: runs the training CMD (under heavy's lock, except an off-policy LoRA row: see
-  # heavy), its exact command line kept first as RES/train/NAME/command.sh
+logged() {  # logged NAME CMD...: runs the training CMD under heavy's lock, its exact command line kept first as
+  # RES/train/NAME/command.sh
   mkdir -p "$res/train/$1"; local f="$res/train/$1/command.sh"
   { printf '%q ' "${@:2}"; echo; } > "$f.tmp" && mv "$f.tmp" "$f"
-  case "$1 ${*:2}" in
-    lora*" toe baseline "*) case " ${*:2} " in *" on_policy "*) heavy "${@:2}" ;; *) "${@:2}" ;; esac ;;
-    *) heavy "${@:2}" ;;
-  esac
+  heavy "${@:2}"
 }
 
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter
