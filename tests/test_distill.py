@@ -212,6 +212,10 @@ def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
     ids = torch.tensor([[3, 5, 7, 9, 11]])
     both = ToEModel.from_pretrained(str(experts / "base"), out)
     assert both.toe_config.base_adapter == "base_adapter"
+    from tree_of_experts.commands.hub import inspect
+
+    assert inspect(str(out))["base_adapter"] == os.path.join(str(out), "base_adapter")  # shown, not hidden
+    assert inspect(str(experts / "ex"))["base_adapter"] is None
     with torch.no_grad():
         logits = both(input_ids=ids).logits
         with both.disabled():
@@ -254,3 +258,16 @@ def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
     (plain, n_plain), (ckpt, n_ckpt) = grads(False), grads(True)
     assert n_plain == 1 and n_ckpt == 2  # recomputed in backward
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt)) and len(plain) == len(ckpt) > 0
+
+
+def test_on_policy_teacher_is_resolved_before_anything_is_written(experts, tmp_path):
+    from tree_of_experts.recipes.baseline import baseline
+
+    # the teacher is the base itself (what a no-teacher control's extraction records): refused, not a silent no-op
+    with pytest.raises(ToEError, match="is the base itself"):
+        train(**args(experts, tmp_path / "self", teacher=str(experts / "base")))
+    # no extraction to name one and no --teacher: the message says so
+    with pytest.raises(ToEError, match="no --experts extraction names one"):
+        baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"), lora_rank=2,
+                 objective="on_policy")
+    assert not (tmp_path / "self").exists() and not (tmp_path / "lora").exists()

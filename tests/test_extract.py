@@ -88,6 +88,25 @@ def test_rerun_with_other_settings_is_refused(pair, tmp_path):
         run(pair, tmp_path / "ex", layers=[1])
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"layers": [1, 1]}, "each injection layer once"),
+    ({"layers": [1, 9]}, r"out of range: that model has \d+ decoder layers"),
+    ({"layers": [-1]}, "count from 0"),
+    ({"layers": [1, 2], "teacher_layers": [1]}, "one entry per injection layer"),
+    ({"layers": [1], "teacher_layers": [99]}, r"teacher_layers=\[99\] out of range"),
+])
+def test_bad_layer_lists_are_refused_before_any_model_loads(pair, tmp_path, monkeypatch, kw, message):
+    import tree_of_experts.commands.extract as extract_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the layer lists were checked")
+
+    monkeypatch.setattr(extract_mod, "load_causal_lm", no_load)
+    with pytest.raises(ToEError, match=message):
+        run(pair, tmp_path / "ex", **kw)
+    assert not (tmp_path / "ex").exists()  # nothing written
+
+
 def test_bad_dataset_fields_give_a_clear_error(pair, tmp_path):
     with pytest.raises(ToEError, match="no field 'problem'.*--prompt_field"):
         run(pair, tmp_path / "ex", prompt_field="problem")

@@ -122,6 +122,22 @@ def load_causal_lm(
     return model.eval()
 
 
+def decoder_layer_count(name_or_path: str, **kwargs: Any) -> int | None:
+    """The model's decoder layer count read from its config alone (cheap: no weights), or None where the config
+    does not say (then check after loading, with :func:`decoder_layers`)."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(name_or_path) and hub_local_only(name_or_path, "model", **kwargs):
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError):
+        return None  # the load reports it, with its own message
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -303,7 +303,9 @@ class ToEModel(PreTrainedModel):
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[nn.Module]:
-        """Runs the bare base inside the block, re-attaching afterwards if the plug-in was attached."""
+        """Runs the base without the plug-in inside the block, re-attaching afterwards if the plug-in was attached.
+        A plug-in trained on a LoRA-adapted base (``--base_adapter``) keeps that adapter merged: the block runs base
+        + LoRA, the system the plug-in was added to."""
         was = self.plugin.is_attached
         self.plugin.detach()
         try:

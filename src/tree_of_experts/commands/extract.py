@@ -33,7 +33,7 @@ from ..extraction.fusion import (
     FusionMap,
 )
 from ..extraction.store import CORRUPT
-from ..hf import arch_fingerprint, decoder_layers, load_causal_lm, load_tokenizer
+from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_tokenizer
 from ..io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -54,6 +54,21 @@ def check_same_extraction(out: str, settings: dict) -> None:
     if changed:
         raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite true to "
                        "replace it, or a new --out")
+
+
+def check_layers(layers, teacher_layers, n_base: int | None, n_teacher: int | None) -> None:
+    """Refuses injection layers that repeat or fall outside the base, teacher layers outside the teacher, and
+    teacher layers that do not pair one to one with the injection layers (a count of None is not checked)."""
+    if layers and len(set(layers)) != len(layers):
+        raise ToEError(f"layers={list(layers)}: each injection layer once (give distinct decoder layer indices)")
+    if layers and teacher_layers and len(teacher_layers) != len(layers):
+        raise ToEError(f"teacher_layers={list(teacher_layers)} needs one entry per injection layer in "
+                       f"layers={list(layers)}")
+    for name, ls, n in (("layers", layers, n_base), ("teacher_layers", teacher_layers, n_teacher)):
+        if ls and any(x < 0 for x in ls):
+            raise ToEError(f"{name}={list(ls)}: decoder layer indices count from 0")
+        if ls and n is not None and any(x >= n for x in ls):
+            raise ToEError(f"{name}={list(ls)} out of range: that model has {n} decoder layers (0..{n - 1})")
 
 
 def extract(
@@ -151,6 +166,9 @@ def extract(
              **({"layers": list(layers)} if layers else {}),
              **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
     check_same_extraction(out, early)  # what can be compared before the models load
+    # the layer lists against the configs' layer counts, before any weights load (again after, where a config
+    # does not say)
+    check_layers(layers, teacher_layers, decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw))
     examples = prepare(records, spec, base_tok, teacher_tok, max_length)
     check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
@@ -160,11 +178,7 @@ def extract(
     n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
     layers = list(layers) if layers else [default_layer(n_b)]
     teacher_layers = list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
-    if len(teacher_layers) != len(layers):
-        raise ToEError(f"teacher_layers={teacher_layers} needs one entry per injection layer in layers={layers}")
-    for name, ls, n in (("layers", layers, n_b), ("teacher_layers", teacher_layers, n_t)):
-        if any(not 0 <= x < n for x in ls):
-            raise ToEError(f"{name}={ls} out of range: that model has {n} decoder layers (0..{n - 1})")
+    check_layers(layers, teacher_layers, n_b, n_t)
     settings = {
         "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
         "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers,

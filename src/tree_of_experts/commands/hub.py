@@ -39,7 +39,9 @@ def inspect(plugin: str) -> dict:
             before = start.blocks[layer].bank.vectors().detach()
             layers[layer]["bank_before_training"] = geometry(before)
             layers[layer]["leaf_movement"] = float((bank - before).norm(dim=-1).mean() / before.norm(dim=-1).mean())
-    return {"plugin": str(plugin), "base": config.base_model, "teacher": config.teacher_model,
+    # a plug-in trained on a LoRA-adapted base runs on base + that adapter (kept in the folder, merged on load)
+    adapter = os.path.join(plugin, config.base_adapter) if config.base_adapter else None
+    return {"plugin": str(plugin), "base": config.base_model, "base_adapter": adapter, "teacher": config.teacher_model,
             "layers": config.layers, "teacher_layers": config.teacher_layers, "shape": config.shape,
             "num_leaves": config.num_leaves, "selection": config.selection, "top_k": config.top_k,
             "parameters": sum(p.numel() for p in module.parameters()), "banks": layers}

@@ -52,6 +52,7 @@ from ..training.distill import (
     is_on_policy,
     load_teacher,
     objective_loss,
+    resolve_teacher,
     scored_tail,
     step_batch,
     teacher_logits,
@@ -200,6 +201,8 @@ def train(
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
+    if on_policy.ratio > 0:
+        teacher = resolve_teacher(teacher, experts, base)
     if cached_states:
         run = Extraction(experts).run()
         if base_adapter:
@@ -242,7 +245,7 @@ def train(
         model.plugin.config.query_norm = query_norm
         for block in model.plugin.blocks.values():
             block.gate.query_norm = query_norm
-    teacher_model = load_teacher(teacher, experts, tok, dtype, acc.device) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(teacher, tok, dtype, acc.device) if on_policy.ratio > 0 else None
     if gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     cfg = model.toe_config
@@ -402,7 +405,8 @@ def train(
     if report_to:
         acc.end_training()
     acc.wait_for_everyone()
-    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd, "examples": n_examples,
+    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,  # KD on
+               "examples": n_examples,  # off-policy steps only
                "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)

@@ -47,6 +47,7 @@ from ..training.distill import (
     is_on_policy,
     load_teacher,
     objective_loss,
+    resolve_teacher,
     scored_tail,
     step_batch,
     teacher_logits,
@@ -251,6 +252,14 @@ def baseline(
                        "cached: drop it")
     if experts is not None:
         check_extraction(experts)
+    if objective not in OBJECTIVES:
+        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
+    if kind == "control" and objective != "off_policy":
+        raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
+    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
+                         sample_temperature, sample_top_p)
+    if on_policy.ratio > 0:  # before anything is written to out
+        teacher = resolve_teacher(teacher, experts, base)
     if resume and not overwrite and os.path.isfile(os.path.join(out, "baseline_summary.json")):
         raise ToEError(f"--resume: {out} holds a finished baseline run (baseline_summary.json): nothing to resume; "
                        "pass --overwrite true to redo it, or a new --out")
@@ -273,12 +282,6 @@ def baseline(
     objective_kw = dict(objective=objective, teacher=teacher, on_policy_ratio=on_policy_ratio, beta=beta,
                         sample_max_new_tokens=sample_max_new_tokens, sample_temperature=sample_temperature,
                         sample_top_p=sample_top_p)
-    if objective not in OBJECTIVES:
-        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
-    if kind == "control" and objective != "off_policy":
-        raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
-    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
-                         sample_temperature, sample_top_p)
     if kd_weight is not None and kind not in ("lora", "sft"):
         train_kw["kd_weight"] = kd_weight
     if query_norm is not None and kind not in ("lora", "sft"):
@@ -311,7 +314,7 @@ def baseline(
             raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                            "--topk_logprobs > 0 on this data, or drop --kd_weight")
         dev = next(base_model.parameters()).device
-        teacher_model = load_teacher(teacher, experts or "", tok, dtype, dev) if on_policy.ratio > 0 else None
+        teacher_model = load_teacher(teacher, tok, dtype, dev) if on_policy.ratio > 0 else None
         fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd, save_every=save_every,
                    resume=resume)
         if kind == "lora":

@@ -10,6 +10,7 @@ objective is fair by construction. The teacher runs at training time only; infer
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -153,16 +154,28 @@ def eos_ids(model: torch.nn.Module, tok) -> list[int]:
     return sorted({*ids, tok.eos_token_id} - {None})
 
 
-def load_teacher(teacher: str | None, experts: str, tok, dtype: str, device) -> torch.nn.Module:
-    """The frozen teacher of on-policy steps: ``teacher`` or the one the extraction in ``experts`` read; its
-    vocabulary must be the student's (the divergence compares distributions over the same token ids)."""
+def resolve_teacher(teacher: str | None, experts: str | None, base) -> str:
+    """The frozen teacher of on-policy steps, checked before any model loads: ``teacher``, else the one the
+    extraction in ``experts`` read. Refused when none is known, or when it is the base itself (a no-teacher
+    control's extraction reads the base twice: a divergence to itself teaches nothing)."""
+    if teacher is None and experts:
+        teacher = Extraction(experts).teacher()
+    if not teacher:
+        where = f"the extraction {experts} names none" if experts else "no --experts extraction names one"
+        raise ToEError(f"on-policy training needs the teacher: pass --teacher ({where})")
+    if isinstance(base, str) and (teacher == base or (os.path.exists(teacher) and os.path.exists(base)
+                                                      and os.path.samefile(teacher, base))):
+        raise ToEError(f"the on-policy teacher {teacher} is the base itself (a no-teacher control's extraction names "
+                       "the base as its teacher): pass --teacher with the large model")
+    return teacher
+
+
+def load_teacher(teacher: str, tok, dtype: str, device) -> torch.nn.Module:
+    """The frozen teacher of on-policy steps (see :func:`resolve_teacher`); its vocabulary must be the student's
+    (the divergence compares distributions over the same token ids)."""
 
     from ..hf import load_causal_lm, load_tokenizer
 
-    if teacher is None:
-        teacher = Extraction(experts).teacher()
-    if not teacher:
-        raise ToEError("on-policy training needs the teacher: pass --teacher (the extraction's manifest names none)")
     t_tok = load_tokenizer(teacher)
     if t_tok.get_vocab() != tok.get_vocab():
         raise ToEError(f"teacher {teacher} has another vocabulary than the student: on-policy distillation compares "
