@@ -405,8 +405,9 @@ def train(
     if report_to:
         acc.end_training()
     acc.wait_for_everyone()
-    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,  # KD on
-               "examples": n_examples,  # off-policy steps only
+    # kd: whether steps distilled the cached top-k log-probs (off-policy steps only)
+    summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,
+               "examples": n_examples,
                "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)
