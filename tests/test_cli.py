@@ -54,3 +54,20 @@ def test_help_shows_a_default_template_as_it_is_typed(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "default: Question: {prompt}" + "\\" + "nAnswer: )" in out
+
+
+def test_bad_options_give_one_line_naming_the_fix(capsys):
+    """A typo'd option, an abbreviation, a value of the wrong type, an unknown command: one line each, exit code 2,
+    never jsonargparse's usage dump or a guessed option."""
+    from tree_of_experts.cli import main
+
+    cases = {("train", "--objetive", "on_policy"): "unrecognized arguments: --objetive on_policy (see `toe train --help`)",
+             ("train", "--max_step", "3"): "unrecognized arguments: --max_step 3",
+             ("train", "--max_steps", "x"): "--max_steps x: expected int (see `toe train --help`)",
+             ("extract", "--layers", "a,b"): "--layers a,b: expected list[int], None",
+             ("trian",): "invalid choice: 'trian'"}
+    for argv, want in cases.items():
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert want in err and len(err.splitlines()) == 1, err
+    assert "(see `toe --help`)" in (main(["trian"]), capsys.readouterr().err)[1]

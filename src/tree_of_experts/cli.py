@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 import typing
+from argparse import ArgumentError
 
 from .config import ToEError
 
@@ -164,6 +165,18 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _argument_error(e: Exception) -> str:
+    """jsonargparse's multi-line type error in one line: ``--KEY VALUE: expected TYPES``."""
+    text = str(e)
+    key = re.match(r'Parser key "([^"]+)":', text)
+    if not key:
+        return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    value = re.search(r"(?:Given value|Got value): (.*)", text)
+    types = re.search(r"Subtypes: \[(.*)\]", text) or re.search(r"Expected a (<class '[^']+'>|\S+)", text)
+    wanted = re.sub(r"<class '([^']+)'>", r"\1", types.group(1)).replace("NoneType", "None") if types else "another type"
+    return f"--{key.group(1)} {value.group(1).strip() if value else ''}: expected {wanted}".replace(" :", ":")
+
+
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
@@ -178,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])
             return 0
-        result = CLI(_commands(), args=_normalise(argv), as_positional=False, formatter_class=_help_formatter())
+        result = CLI(_commands(), args=_normalise(argv), as_positional=False, formatter_class=_help_formatter(),
+                     exit_on_error=False, allow_abbrev=False)  # a typo'd option is an error, never a guess
+    except ArgumentError as e:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        where = f"toe {command} --help" if command and "invalid choice" not in str(e) else "toe --help"
+        print(f"toe: error: {_argument_error(e)} (see `{where}`)", file=sys.stderr)
+        return 2
     except ToEError as e:
         _close_progress_bars()  # a bar left open would redraw after the error and hide it
         print(f"toe: error: {e}", file=sys.stderr)
