@@ -181,6 +181,8 @@ def train(
             default None: metrics.jsonl and curves.png only). Files of local trackers go to ``out/trackers``.
         base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
             training: ToE on top of LoRA. The plug-in folder keeps a copy and merges it whenever it is loaded.
+            Stage A's route warm-up still reads the extraction's cached states of the bare base (the labels are
+            the extraction's), and ``cached_states`` is refused (the adapted base's states differ).
 
     Returns:
         A summary: final metrics, steps, the plug-in folder.
