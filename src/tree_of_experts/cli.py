@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"toe {__version__}")
         return 0
+
+    from .training.steps import flush_denormals
+
+    flush_denormals()  # every command: subnormal floats slow CPU matmuls many-fold
     try:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])

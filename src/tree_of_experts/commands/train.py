@@ -58,7 +58,15 @@ from ..training.distill import (
     teacher_logits,
 )
 from ..training.examples import load_examples
-from ..training.steps import finite_loss, global_mean, global_usage, level_accuracy, node_levels, sampled_route_loss
+from ..training.steps import (
+    finite_loss,
+    flush_denormals,
+    global_mean,
+    global_usage,
+    level_accuracy,
+    node_levels,
+    sampled_route_loss,
+)
 from ..tree import effective_leaves
 
 
@@ -190,6 +198,7 @@ def train(
     from accelerate import Accelerator
 
     args = dict(locals())
+    flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
     TrainConfig.from_args(args)
     if objective not in OBJECTIVES:
         raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")

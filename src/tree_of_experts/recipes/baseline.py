@@ -53,6 +53,7 @@ from ..training.distill import (
     teacher_logits,
 )
 from ..training.examples import load_examples
+from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
 
@@ -243,6 +244,7 @@ def baseline(
             which change every layer.
     """
     args = dict(locals())
+    flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
     BaselineConfig.from_args(args)
     if experts is None and not (kind == "sft" or (kind == "lora" and lora_rank)):
         fix = " or an explicit --lora_rank" if kind == "lora" else ""
