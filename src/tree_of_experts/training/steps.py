@@ -13,11 +13,10 @@ from ..tree import RouteOutput, num_nodes, path_labels, route_loss, usage
 
 
 def flush_denormals() -> None:
-    """Treats subnormal floats as zero on this CPU thread (FTZ/DAZ). A trained model's softmax puts ~1e-39
+    """Treats subnormal floats as zero on this CPU thread (FTZ/DAZ). A trained model's softmax can put ~1e-39
     probabilities on much of a 152k vocabulary; the gradient through the output projection then multiplies
-    subnormal numbers, which x86 CPUs run up to ~80x slower (a study LoRA step grew from 50 s to 300 s as training
-    sharpened the distribution). Values below 1.2e-38 change no fp32 sum they enter. Called by `toe` and the
-    training loops; a no-op where unsupported."""
+    subnormal numbers, which this x86 CPU runs ~100x slower (`runs/denormal_check.py`). Values below 1.2e-38
+    change no fp32 sum they enter. Called by `toe` and the training loops; a no-op where unsupported."""
     torch.set_flush_denormal(True)
 
 
