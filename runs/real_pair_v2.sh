@@ -152,19 +152,48 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
   return 0
 }
 
-toe_row() {  # toe_row NAME EXTRACTION ARGS...
-  local name=$1$sfx ex=$2; shift 2; need_traces
-  [ -f "$work/$name/train_summary.json" ] || logged "$name" toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
-    "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
-  keep "$name" "$work/$name"; scores "$name" --plugin "$work/$name" --with-base false
+restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run folders. A finished row comes back
+  # from its kept files (RES/train/NAME: weights, config, summary — what the evaluations read), so it is scored,
+  # not trained again; an unfinished one from the checkpoint runs/real_pair_v2_stash.sh kept (RES/resume/NAME), so
+  # it continues where it stopped.
+  local run="$work/$1" kept="$res/train/$1" stash="$res/resume/$1"
+  [ -f "$run/$2" ] && return 0
+  if [ -f "$kept/$2" ] && { [ -f "$kept/toe_model.safetensors" ] || [ -f "$kept/adapter_model.safetensors" ]; }; then
+    mkdir -p "$run"; cp -r "$kept"/. "$run"/; echo "row $1: finished earlier; restored from $kept" >&2
+  elif [ -d "$stash/checkpoint" ] && [ ! -d "$run/checkpoint" ]; then
+    mkdir -p "$run"; cp -r "$stash"/. "$run"/; echo "row $1: continuing from the checkpoint kept in $stash" >&2
+  fi
 }
 
-lora_row() {  # lora_row NAME RANK ARGS...
-  local name=$1$sfx rank=$2; shift 2; need_traces
-  [ -f "$work/$name/baseline_summary.json" ] || logged "$name" toe baseline --kind lora --lora-rank "$rank" --base "$base" \
-    --experts "$exdir/extract-l3" --out "$work/$name" "${budget[@]}" --gradient-checkpointing true \
-    --lr "${LORA_LR:-2e-4}" --save-every 2 --resume true "$@"  # an interrupted row continues from its checkpoint
-  keep "$name" "$work/$name"; scores "$name" --lora "$work/$name" --with-base false
+finished() {  # finished NAME: a finished row's stashed checkpoint (RES/resume/NAME) has served its purpose
+  [ -d "$res/resume/$1" ] && rm -rf "$res/resume/$1"
+  return 0
+}
+
+toe_row() {  # toe_row NAME EXTRACTION ARGS... (EXTRACTION: extract-l3 or extract-l1, built when the row trains)
+  local name=$1$sfx ex=$2; shift 2; need_traces; restore "$name" train_summary.json
+  if [ ! -f "$work/$name/train_summary.json" ]; then
+    if [ "$ex" = extract-l1 ]; then extraction "$ex" "${LAYER1:-11}"; else extraction "$ex" "${LAYERS3:-5,11,17}"; fi
+  fi
+  [ -f "$work/$name/train_summary.json" ] || logged "$name" toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
+    "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
+  keep "$name" "$work/$name"; finished "$name"; scores "$name" --plugin "$work/$name" --with-base false
+}
+
+lora_row() {  # lora_row NAME RANK on|off
+  local name=$1$sfx rank=$2 args; need_traces; restore "$name" baseline_summary.json
+  # Off-policy steps distil the extraction's cached teacher top-k (as the plug-in rows do), so those rows read the
+  # 3-layer extraction; an all-on-policy row (RATIO 1) reads nothing of it and starts without it.
+  kd=(--kd-weight 1 --experts "$exdir/extract-l3")
+  if [ "$3" = off ]; then args=("${kd[@]}")
+  elif awk "BEGIN { exit !(${RATIO:-1.0} < 1) }"; then args=("${objective_on[@]}" "${kd[@]}")
+  else args=("${objective_on[@]}"); fi
+  if [ ! -f "$work/$name/baseline_summary.json" ]; then
+    case " ${args[*]} " in *" --experts "*) extraction extract-l3 "${LAYERS3:-5,11,17}" ;; esac
+    logged "$name" toe baseline --kind lora --lora-rank "$rank" --base "$base" --out "$work/$name" "${budget[@]}" \
+      --gradient-checkpointing true --lr "${LORA_LR:-2e-4}" --save-every 2 --resume true "${args[@]}"
+  fi  # an interrupted row continues from its checkpoint
+  keep "$name" "$work/$name"; finished "$name"; scores "$name" --lora "$work/$name" --with-base false
 }
 
 # The headline's paired comparisons (A minus B on the same items): the teacher's margin (ToE vs the control at its
@@ -193,28 +222,31 @@ for row in $rows; do
     ctl3|ctl1)
       layers=${LAYERS3:-5,11,17}; [ "$row" = ctl1 ] && layers=${LAYER1:-11}
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
-      extraction "$ex" "$layers"
+      restore "$row$sfx" baseline_summary.json
+      [ -f "$work/$row$sfx/baseline_summary.json" ] || extraction "$ex" "$layers"
       [ -f "$work/$row$sfx/baseline_summary.json" ] || logged "$row$sfx" toe baseline --kind control --base "$base" \
         --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" "${cached[@]}" --save-every 2 \
         --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
-      keep "$row$sfx" "$work/$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
-    toe3-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${objective_on[@]}" "${cached[@]}" \
+      keep "$row$sfx" "$work/$row$sfx"; finished "$row$sfx"; scores "$row$sfx" --plugin "$work/$row$sfx" --with-base false ;;
+    toe3-on) toe_row "$row" extract-l3 "${objective_on[@]}" "${cached[@]}" \
       "${low_memory[@]}" ;;
-    toe3-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; toe_row "$row" extract-l3 "${cached[@]}" ;;
-    toe1-on) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${objective_on[@]}" "${cached[@]}" \
+    toe3-off) toe_row "$row" extract-l3 "${cached[@]}" ;;
+    toe1-on) toe_row "$row" extract-l1 "${objective_on[@]}" "${cached[@]}" \
       "${low_memory[@]}" ;;
-    toe1-off) extraction extract-l1 "${LAYER1:-11}"; toe_row "$row" extract-l1 "${cached[@]}" ;;
-    lora8-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 "${objective_on[@]}" --kd-weight 1 ;;
-    lora8-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 8 --kd-weight 1 ;;
-    lora1-on) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 "${objective_on[@]}" --kd-weight 1 ;;
-    lora1-off) extraction extract-l3 "${LAYERS3:-5,11,17}"; lora_row "$row" 1 --kd-weight 1 ;;
+    toe1-off) toe_row "$row" extract-l1 "${cached[@]}" ;;
+    lora8-on) lora_row "$row" 8 on ;;
+    lora8-off) lora_row "$row" 8 off ;;
+    lora1-on) lora_row "$row" 1 on ;;
+    lora1-off) lora_row "$row" 1 off ;;
     toe3+lora)  # LoRA first (the on-policy r8 adapter), then the 3-layer plug-in trained on the adapted base
+      restore "lora8-on$sfx" baseline_summary.json
       if [ ! -f "$work/lora8-on$sfx/baseline_summary.json" ]; then
         echo "toe3+lora needs the finished lora8-on row first; passed over" >&2; exec 8>&-; continue
       fi
       toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" "${low_memory[@]}" ;;
     oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
-      extraction extract-l3 "${LAYERS3:-5,11,17}"; dev_traces
+      dev_traces; restore "toe3-on$sfx" train_summary.json
+      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || extraction extract-l3 "${LAYERS3:-5,11,17}"
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || heavy toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
         --experts "$exdir/extract-l3" --plugin "$work/toe3-on$sfx" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Keeps the v2 study's unfinished trainings in the repo, so a later session on a fresh machine continues them
+# (runs/real_pair_v2.sh restores RES/resume/NAME into WORK_DIR/NAME and resumes from its checkpoint; a row that
+# finishes deletes its stash). A run folder's small files and its last checkpoint are copied, not the caches a
+# control builds (extract/). Run it before a session stops, then commit RES/resume.
+#
+# Usage: runs/real_pair_v2_stash.sh WORK_DIR [ROW ...]   (default: every unfinished run in WORK_DIR)
+#   Env: RES (results/real_pair_v2)
+set -euo pipefail
+work=$1; shift
+here=$(cd "$(dirname "$0")/.." && pwd)
+res=${RES:-$here/results/real_pair_v2}
+rows=${*:-$(for d in "$work"/*/; do [ -d "$d/checkpoint" ] && basename "$d"; done)}
+for row in $rows; do
+  run="$work/$row"
+  if [ -f "$run/train_summary.json" ] || [ -f "$run/baseline_summary.json" ]; then
+    echo "$row: finished (its kept files are in $res/train/$row); nothing to stash"; continue
+  fi
+  [ -d "$run/checkpoint" ] || { echo "$row: no checkpoint in $run yet; nothing to stash"; continue; }
+  tmp="$res/resume/.$row.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+  # the checkpoint and what --resume checks next to it (the run's arguments, its logged rows)
+  for f in "$run"/*; do case $(basename "$f") in extract|checkpoint.tmp|checkpoint.old) ;; *) cp -r "$f" "$tmp"/ ;; esac; done
+  rm -rf "$res/resume/$row"; mv "$tmp" "$res/resume/$row"
+  step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$res/resume/$row/checkpoint/state.json")
+  echo "$row: step $step kept in $res/resume/$row ($(du -sh "$res/resume/$row" | cut -f1))"
+done
