@@ -185,8 +185,9 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
     # Both students start as the bare base (LoRA's B = 0, the plug-in's scale 0) and draw with the same seeds: the
     # first step samples the same tokens and scores them with the same divergence, so its loss is the same.
+    # An all-on-policy LoRA run reads nothing of an extraction: the teacher is named, no --experts.
     baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora1"),
-             experts=str(experts / "ex"), lora_rank=2, max_steps=1, batch_size=4, objective="on_policy",
+             teacher=str(experts / "teacher"), lora_rank=2, max_steps=1, batch_size=4, objective="on_policy",
              sample_max_new_tokens=6)
     train(**args(experts, tmp_path / "toe", scale_init=0.0, skip_stage_a=True, route_weight=0.0, usage_weight=0.0,
                  sample_max_new_tokens=6, max_steps=1))
