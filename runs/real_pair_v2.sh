@@ -137,6 +137,8 @@ logged() {  # logged NAME CMD...: runs the training CMD under heavy's lock, its 
 }
 
 keep() {  # keep NAME DIR: the run's small files, and the trained weights of a plug-in or adapter
+  [ -f "$2/.restored" ] && return 0  # DIR came from RES/train/NAME (its inspect.json needs the extraction it
+  # started from, which a fresh machine may not have yet)
   mkdir -p "$res/train/$1"
   for f in metrics.jsonl curves.png train_summary.json baseline_summary.json train_args.json baseline_args.json \
            toe_config.json \
@@ -159,7 +161,8 @@ restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run fo
   local run="$work/$1" kept="$res/train/$1" stash="$res/resume/$1"
   [ -f "$run/$2" ] && return 0
   if [ -f "$kept/$2" ] && { [ -f "$kept/toe_model.safetensors" ] || [ -f "$kept/adapter_model.safetensors" ]; }; then
-    mkdir -p "$run"; cp -r "$kept"/. "$run"/; echo "row $1: finished earlier; restored from $kept" >&2
+    mkdir -p "$run"; cp -r "$kept"/. "$run"/; touch "$run/.restored"  # keep leaves its kept files as they are
+    echo "row $1: finished earlier; restored from $kept" >&2
   elif [ -d "$stash/checkpoint" ] && [ ! -d "$run/checkpoint" ]; then
     mkdir -p "$run"; cp -r "$stash"/. "$run"/; echo "row $1: continuing from the checkpoint kept in $stash" >&2
   fi
