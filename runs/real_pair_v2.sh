@@ -247,11 +247,13 @@ for row in $rows; do
         echo "toe3+lora needs the finished lora8-on row first; passed over" >&2; exec 8>&-; continue
       fi
       toe_row "$row" extract-l3 "${objective_on[@]}" --base-adapter "$work/lora8-on$sfx" "${low_memory[@]}" ;;
-    oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers)
-      dev_traces; restore "toe3-on$sfx" train_summary.json
+    oracle3)  # O1/O2 for the 3-layer set, set-wide and per layer (CE on the reported items' teacher answers), next
+      # to the off-policy 3-layer plug-in trained from the same extraction (its "learned" row: the ToE rows' own CE
+      # is in their rows; toe3-off is the one finished first, so the oracle need not wait for the on-policy row)
+      dev_traces; restore "toe3-off$sfx" train_summary.json
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || extraction extract-l3 "${LAYERS3:-5,11,17}"
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || heavy toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
-        --experts "$exdir/extract-l3" --plugin "$work/toe3-on$sfx" --data "$traces" --ce-target trace --batch-size 1 \
+        --experts "$exdir/extract-l3" --plugin "$work/toe3-off$sfx" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
