@@ -412,3 +412,26 @@ def test_response_ce_from_the_scored_tail_equals_the_whole_sequence():
     want = [float(nll[i].sum()) / int(mask[i].sum()) for i in range(3)]
     assert [n for _, n, _ in got] == [int(m.sum()) for m in mask]
     assert [ce for ce, _, _ in got] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_kept_copy_of_a_run_folder_is_the_same_model(tmp_path):
+    # an eval cut on the training's own folder resumes on its kept or restored copy (other run records), not on
+    # other weights
+    from tree_of_experts.inference import folder_fingerprint
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "base_adapter").mkdir()
+    for name, text in [("toe_model.safetensors", "w"), ("toe_config.json", "{}"), ("metrics.jsonl", "{}\n"),
+                       ("checkpoint/state.json", "{}"), ("base_adapter/adapter_model.safetensors", "a")]:
+        (run / name).write_text(text)
+    kept = tmp_path / "kept"
+    (kept / "base_adapter").mkdir(parents=True)
+    for name in ("toe_model.safetensors", "toe_config.json", "base_adapter/adapter_model.safetensors"):
+        (kept / name).write_text((run / name).read_text())
+    (kept / "command.sh").write_text("toe train ...\n")
+    (kept / "inspect.json").write_text("{}")
+    (kept / ".restored").write_text("")
+    assert folder_fingerprint(str(kept)) == folder_fingerprint(str(run))
+    (kept / "base_adapter" / "adapter_model.safetensors").write_text("b")  # other adapter weights: another model
+    assert folder_fingerprint(str(kept)) != folder_fingerprint(str(run))

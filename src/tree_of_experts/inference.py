@@ -14,6 +14,7 @@ import torch
 from .config import ToEError
 from .data import FORMATS, read_rows
 from .io import atomic_write_text
+from .model import ADAPTER_DIR
 
 
 @dataclass(frozen=True)
@@ -192,16 +193,31 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# What a run folder records about how it was made, beside the model it holds: not part of the model, so a copy of
+# the folder with more or fewer of these (a kept or restored run) is the same model.
+RUN_RECORDS = ("README.md", "metrics.jsonl", "curves.png", "command.sh", "inspect.json", "train_summary.json",
+               "baseline_summary.json", "train_args.json", "baseline_args.json")
+
+
 def folder_fingerprint(path: str | None) -> dict | None:
     """What a model/plug-in folder holds, so that a log made with other weights is not reused: each file's size and
-    a hash of its content (of its first and last MiB for files over 8 MiB: a base's shards). It reads the same on
-    another machine that holds the same files."""
+    a hash of its content (of its first and last MiB for files over 8 MiB: a base's shards), and so for a plug-in's
+    ``base_adapter`` folder; run records (:data:`RUN_RECORDS`, hidden files) and other folders (checkpoints, a
+    control's extraction) are left out. It reads the same on another machine that holds the same files."""
     if not path:
         return None
     if not os.path.isdir(path):
         return {"name": path}
-    return {name: _file_digest(os.path.join(path, name))
-            for name in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, name))}
+    out = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith(".") or name in RUN_RECORDS:
+            continue
+        if os.path.isfile(full):
+            out[name] = _file_digest(full)
+        elif name == ADAPTER_DIR and os.path.isdir(full):
+            out[name] = folder_fingerprint(full)
+    return out
 
 
 def _file_digest(path: str, whole: int = 8 << 20, part: int = 1 << 20) -> list:
