@@ -84,6 +84,16 @@ PY
       cp "$res/dev-traces.jsonl" "$traces.tmp"  # the CE rows read the committed copy's exact text
       mv "$traces.tmp" "$traces"
     fi
+    # the CE target must be the teacher's answers to the very items the accuracy rows grade (DEV rows SKIP..SKIP+N)
+    python3 - "$traces" "$dev" "$skip" "$n" <<'PY' || exit 2
+import json, sys
+traces, dev, skip, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+got = [json.loads(line).get("question") for line in open(traces)]
+want = [json.loads(line).get("question") for line in open(dev)][skip:skip + n]
+if sorted(map(str, got)) != sorted(map(str, want)):  # the same items (the traces are in the order they were decoded)
+    sys.exit(f"{traces} answers other items than {dev} rows {skip}-{skip + n - 1} (SKIP/N/DEV changed?): use another "
+             "RES and WORK_DIR for other items")
+PY
   ) 9> "$traces.lock"
 }
 code="$work/code.jsonl"; [ -f "$code" ] || python3 "$here/runs/code_heldout.py" "$code" "$res/code/manifest.json"
@@ -251,6 +261,9 @@ for row in $rows; do
       # to the off-policy 3-layer plug-in trained from the same extraction (its "learned" row: the ToE rows' own CE
       # is in their rows; toe3-off is the one finished first, so the oracle need not wait for the on-policy row)
       dev_traces; restore "toe3-off$sfx" train_summary.json
+      if [ ! -f "$res/ce/oracle3$sfx/metrics.json" ] && [ ! -f "$work/toe3-off$sfx/train_summary.json" ]; then
+        echo "oracle3 needs the finished toe3-off row first; passed over" >&2; exec 8>&-; continue
+      fi
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || extraction extract-l3 "${LAYERS3:-5,11,17}"
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || heavy toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
         --experts "$exdir/extract-l3" --plugin "$work/toe3-off$sfx" --data "$traces" --ce-target trace --batch-size 1 \
@@ -271,6 +284,7 @@ for row in $rows; do
         --overwrite true || echo "the $target report failed (above); the rows' own folders are complete" >&2
     fi
   done
-  python3 "$here/runs/real_pair_v2_table.py" "$res" > /dev/null  # the headline table (RES/table.md) so far
+  python3 "$here/runs/real_pair_v2_table.py" "$res" > /dev/null \
+    || echo "the table failed (above); the reports are complete" >&2  # the headline table (RES/table.md) so far
   exec 8>&-  # the row is done: its lock goes
 done

@@ -4,22 +4,36 @@
 # finishes deletes its stash). A run folder's small files and its last checkpoint are copied, not the caches a
 # control builds (extract/). Run it before a session stops, then commit RES/resume.
 #
+# A training writes a new checkpoint every 2 steps (a swap of folders): the copy is checked to hold one step
+# throughout, and taken again if a save came in between.
+#
 # Usage: runs/real_pair_v2_stash.sh WORK_DIR [ROW ...]   (default: every unfinished run in WORK_DIR)
 #   Env: RES (results/real_pair_v2)
 set -euo pipefail
 work=$1; shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair_v2}
-rows=${*:-$(for d in "$work"/*/; do [ -d "$d/checkpoint" ] && basename "$d"; done)}
+rows=${*:-$(for d in "$work"/*/; do if [ -d "$d/checkpoint" ]; then basename "$d"; fi; done)}
 for row in $rows; do
   run="$work/$row"
   if [ -f "$run/train_summary.json" ] || [ -f "$run/baseline_summary.json" ]; then
     echo "$row: finished (its kept files are in $res/train/$row); nothing to stash"; continue
   fi
   [ -d "$run/checkpoint" ] || { echo "$row: no checkpoint in $run yet; nothing to stash"; continue; }
-  tmp="$res/resume/.$row.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
-  # the checkpoint and what --resume checks next to it (the run's arguments, its logged rows)
-  for f in "$run"/*; do case $(basename "$f") in extract|checkpoint.tmp|checkpoint.old) ;; *) cp -r "$f" "$tmp"/ ;; esac; done
+  tmp="$res/resume/.$row.tmp"
+  step_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo none; }
+  for try in 1 2 3 4 5; do
+    rm -rf "$tmp"; mkdir -p "$tmp"; before=$(step_of "$run/checkpoint/state.json")
+    # the checkpoint and what --resume checks next to it (the run's arguments, its logged rows)
+    ok=true
+    for f in "$run"/*; do case $(basename "$f") in extract|checkpoint.tmp|checkpoint.old) ;;
+      *) cp -r "$f" "$tmp"/ 2>/dev/null || ok=false ;; esac; done
+    [ $ok = true ] && [ "$before" != none ] && [ "$(step_of "$tmp/checkpoint/state.json")" = "$before" ] &&
+      [ "$(step_of "$run/checkpoint/state.json")" = "$before" ] && break
+    ok=false; sleep 5  # a checkpoint was being written: copy again
+  done
+  [ $ok = true ] || { echo "$row: its checkpoint kept changing while copied; nothing stashed (stop the row first)" >&2
+                      rm -rf "$tmp"; continue; }
   rm -rf "$res/resume/$row"; mv "$tmp" "$res/resume/$row"
   step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$res/resume/$row/checkpoint/state.json")
   echo "$row: step $step kept in $res/resume/$row ($(du -sh "$res/resume/$row" | cut -f1))"
