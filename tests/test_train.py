@@ -73,8 +73,14 @@ def test_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "save_checkpoint", crash_after(8, real_save))
     with pytest.raises(KeyboardInterrupt):
         train(**args(experts, tmp_path / "resumed"))
+    # as if killed between save_checkpoint's renames: the new checkpoint whole in checkpoint.tmp, none in place
+    ck = tmp_path / "resumed" / "checkpoint"
+    os.replace(ck, str(ck) + ".tmp")
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    train(**args(experts, tmp_path / "resumed", resume=True))
+    before = [r for r in open(tmp_path / "resumed" / "metrics.jsonl") if json.loads(r)["step"] <= 8]
+    # --overwrite next to --resume replaces the rest of the folder, not the checkpoint: the run continues
+    train(**args(experts, tmp_path / "resumed", resume=True, overwrite=True))
+    assert open(tmp_path / "resumed" / "metrics.jsonl").readlines()[:len(before)] == before  # not run again
     a, b = plugin_tensors(tmp_path / "full"), plugin_tensors(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda p: [json.loads(r)["step"] for r in open(p / "metrics.jsonl")]  # noqa: E731

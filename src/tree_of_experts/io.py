@@ -210,7 +210,8 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     if not found:
         return
     if overwrite:
-        doomed = [n for n in found if n not in keep] + [n for n in extra if os.path.lexists(os.path.join(out, n))]
+        doomed = [n for n in found if n not in keep] + [n for n in extra if n not in keep and n not in found
+                                                        and os.path.lexists(os.path.join(out, n))]
         log.info("--overwrite: removing %s from %s", ", ".join(doomed), out)
         for name in doomed:
             path = os.path.join(out, name)

@@ -37,7 +37,8 @@ from ..io import (
 )
 from ..model import ToEModel
 from ..training.checkpoint import (
-    checkpoint_dir,
+    RESUMED,
+    has_checkpoint,
     keep_logged_rows,
     load_checkpoint,
     log_progress,
@@ -242,7 +243,8 @@ def train(
                        "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
                        "--cached_states")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
-        claim_out(out, "train", overwrite=overwrite, resume=resume, inputs={
+        # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
+        claim_out(out, "train", overwrite=overwrite, resume=resume, keep=RESUMED if resume else (), inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
             "base": base if isinstance(base, str) else None})
         if resume:
@@ -294,11 +296,15 @@ def train(
     os.makedirs(out, exist_ok=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
     step = 0
-    if resume and os.path.isdir(checkpoint_dir(out)):
+    if resume and has_checkpoint(out):
         weights, opt_state, state = load_checkpoint(out)
-        model.plugin.load_state_dict(weights)
+        try:
+            model.plugin.load_state_dict(weights)
+            (opt_a if state["stage"] == "A" else opt).load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as e:  # another plug-in shape, optimizer groups or stage
+            raise ToEError(f"--resume: {out}/checkpoint does not fit this run ({str(e).splitlines()[0][:120]}): "
+                           "start again with --overwrite true, or a new --out") from None
         step = state["step"]
-        (opt_a if state["stage"] == "A" else opt).load_state_dict(opt_state)
         if acc.is_main_process:
             keep_logged_rows(metrics_path, step)
     elif acc.is_main_process and os.path.isfile(metrics_path):

@@ -13,6 +13,7 @@ Kinds:
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import shutil
 import time
@@ -33,7 +34,9 @@ from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..training.checkpoint import (
+    RESUMED,
     checkpoint_dir,
+    has_checkpoint,
     keep_logged_rows,
     load_checkpoint,
     log_progress,
@@ -113,7 +116,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "metrics.jsonl")
     start, samples_seen, elapsed = 0, 0, 0.0
-    if resume and os.path.isdir(checkpoint_dir(out)):
+    if resume and has_checkpoint(out):
         weights, opt_state, state = load_checkpoint(out, "adapter")
         if {n: t.shape for n, t in weights.items()} != {n: p.shape for n, p in trained.items()}:
             raise ToEError(f"--resume: {out}/checkpoint holds other trainable tensors than this run's (another "
@@ -141,6 +144,9 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         n_tok = b["loss_mask"].sum().clamp_min(1).to(dev).float()
         loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta if on_policy else 0.5,
                                      ce_weight, kd_weight)
+        if not math.isfinite(loss.item()):  # stop before the update, as `toe train` does: nothing saved from it
+            raise ToEError(f"training stopped at step {step + 1}: the loss is {loss.item()}; nothing was saved from "
+                           "this state (earlier checkpoints are intact): lower --lr and start again with --overwrite")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -266,6 +272,7 @@ def baseline(
         raise ToEError(f"--resume: {out} holds a finished baseline run (baseline_summary.json): nothing to resume; "
                        "pass --overwrite true to redo it, or a new --out")
     claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
+              keep=RESUMED + (ARGS_NAME,) if resume else (),  # --resume --overwrite: continue, replace the rest
               inputs={"base": base, "experts": experts, "teacher": teacher})
     args_path = os.path.join(out, ARGS_NAME)
     if resume:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,6 +65,24 @@ def checkpoint_dir(out: str) -> str:
 
 
 RESTART = "the checkpoint is damaged: start the run again without --resume (with --overwrite)"
+
+
+# What a resumed run reads back from its folder: ``--resume --overwrite`` keeps these and replaces the rest.
+RESUMED = ("checkpoint", "checkpoint.tmp", "checkpoint.old", "train_args.json", "metrics.jsonl")
+
+
+def has_checkpoint(out: str) -> bool:
+    """Whether ``out`` holds a checkpoint to resume from. A kill between :func:`save_checkpoint`'s two renames
+    leaves no ``checkpoint`` but the new one whole in ``checkpoint.tmp`` (its state.json is written last) and the
+    one before in ``checkpoint.old``: the newest whole one is put back in place, so the run does not restart."""
+    ck = checkpoint_dir(out)
+    if not os.path.isdir(ck):
+        for found in (ck + ".tmp", ck + ".old"):
+            if os.path.isfile(os.path.join(found, "state.json")):
+                with contextlib.suppress(FileNotFoundError):  # another process of the run may have done it
+                    os.replace(found, ck)
+                break
+    return os.path.isdir(ck)
 
 
 def save_checkpoint(out: str, weights: Mapping[str, torch.Tensor], opt: torch.optim.Optimizer, state: dict,
