@@ -19,6 +19,7 @@
 #   Env: STEPS (40), BATCH (4), SKIP (56), N (100), LAYERS3 (5,11,17), LAYER1 (11), RATIO (on-policy share, 1.0),
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), LORA_LR (2e-4: the LoRA rows' learning rate), QUERY_NORM
 #        (true), CACHED_STATES (true: off-policy steps of plug-in rows start from the extraction's cached states),
+#        TRAIN_SELECTION (the ToE rows' routing in training: unset = `toe train`'s default, dense),
 #        RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
@@ -188,8 +189,10 @@ toe_row() {  # toe_row NAME EXTRACTION ARGS... (EXTRACTION: extract-l3 or extrac
   if [ ! -f "$work/$name/train_summary.json" ]; then
     if [ "$ex" = extract-l1 ]; then extraction "$ex" "${LAYER1:-11}"; else extraction "$ex" "${LAYERS3:-5,11,17}"; fi
   fi
+  local sel=()  # the routing the plug-in trains with (default dense: every leaf mixed; it runs top-k at inference)
+  [ -n "${TRAIN_SELECTION:-}" ] && sel=(--train-selection "$TRAIN_SELECTION")
   [ -f "$work/$name/train_summary.json" ] || logged "$name" toe train --base "$base" --experts "$exdir/$ex" --out "$work/$name" \
-    "${budget[@]}" "${toe_knobs[@]}" "$@" --log-every 1 --save-every 2 --resume true
+    "${budget[@]}" "${toe_knobs[@]}" "${sel[@]}" "$@" --log-every 1 --save-every 2 --resume true
   keep "$name" "$work/$name"; finished "$name"; scores "$name" --plugin "$work/$name" --with-base false
 }
 

@@ -6,16 +6,18 @@
 #
 # Usage: runs/real_pair_v2_sweep.sh PAIR_DIR WORK_DIR [POINT ...]
 #   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
-#          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, l1 (one layer, 11), l3-4-12-20 (another set), and
+#          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, topk (trained with the top-k routing it samples
+#          and runs with, instead of dense: on-policy, the network scored is then the one that sampled), l1 (one
+#          layer, 11), l3-4-12-20 (another set), and
 #          for LoRA, whose learning rate is the one knob it brings: lora (LORA_LR 2e-4) and lora-lr1e-3 — default:
-#          all ten, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
+#          all eleven, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
 #          for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so ten points at the
 #          full budget would be ~17 CPU-hours): it ranks the choices, the study trains the chosen ones in full.
 #   Results: results/real_pair_v2/sweep/ (one pooled CE report after each point).
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
-points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm l1 l3-4-12-20 lora lora-lr1e-3}
+points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 lora lora-lr1e-3}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
 export STEPS=${SWEEP_STEPS:-10}
 # one training at a time with a study running on the same machine (two trainings at once run out of 24 GB)
@@ -30,6 +32,7 @@ for p in $points; do
     beta0) env+=(BETA=0.0) ;;
     banklr1e-4) env+=(BANK_LR=1e-4) ;;
     noqnorm) env+=(QUERY_NORM=false) ;;
+    topk) env+=(TRAIN_SELECTION=topk) ;;
     l1) row=toe1-on ;;
     l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20") ;;
     lora) row=lora8-on ;;
