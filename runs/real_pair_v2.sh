@@ -175,6 +175,16 @@ restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run fo
     mkdir -p "$run"; cp -r "$kept"/. "$run"/; touch "$run/.restored"  # keep leaves its kept files as they are
     echo "row $1: finished earlier; restored from $kept" >&2
   elif [ -d "$stash/checkpoint" ] && [ ! -d "$run/checkpoint" ]; then
+    # --resume compares the run's arguments, paths included: the stash continues only with the same folders
+    python3 - "$stash" "$run" "$base" <<'PY' || exit 2
+import glob, json, sys
+stash, run, base = sys.argv[1:]
+for f in glob.glob(f"{stash}/*_args.json"):
+    args = json.load(open(f))
+    if (args.get("out"), args.get("base")) != (run, base):
+        sys.exit(f"{stash} was made with --out {args.get('out')} --base {args.get('base')}: run the study with those "
+                 f"folders (PAIR_DIR, WORK_DIR) to continue it, or delete {stash} to start the row over")
+PY
     mkdir -p "$run"; cp -r "$stash"/. "$run"/; echo "row $1: continuing from the checkpoint kept in $stash" >&2
   fi
 }
