@@ -153,6 +153,7 @@ def test_ablation_flags_change_the_computation(experts, tmp_path):
     assert sum(r["kd"] for r in rows[-3:]) < sum(r["kd"] for r in rows[:3])
     with pytest.raises(ToEError, match="ce_weight=0"):
         train(**args(experts, tmp_path / "nothing", ce_weight=0.0, no_kd=True))
+    assert not (tmp_path / "nothing").exists()  # refused before anything was written
 
 
 def test_two_processes_equal_one(experts, tmp_path):
@@ -210,6 +211,14 @@ def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_pa
     base = str(experts / "base")
     with pytest.raises(ToEError, match="--lora_rank"):
         baseline(kind="lora", base=base, data=FIXTURE, out=str(tmp_path / "x"), max_steps=1)
+    # distilling the cached top-k needs an extraction of this very data: refused before anything is written
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(FIXTURE).read() + open(FIXTURE).readline())
+    for kw in (dict(), dict(experts=str(experts / "ex"), data=str(other))):
+        with pytest.raises(ToEError, match="no cached teacher top-k"):
+            baseline(**{"kind": "lora", "base": base, "lora_rank": 2, "data": FIXTURE, "out": str(tmp_path / "kd"),
+                        "max_steps": 1, "kd_weight": 1.0, **kw})
+        assert not (tmp_path / "kd").exists()
     lora = baseline(kind="lora", base=base, lora_rank=2, data=FIXTURE, out=str(tmp_path / "lora"), max_steps=3,
                     batch_size=4, lr=1e-2)
     assert lora["rank"] == 2 and lora["plugin_params"] is None

@@ -242,6 +242,12 @@ def train(
         raise ToEError(f"--cached_states: {missing} of {len(examples)} rows were tokenized otherwise than in {experts}: "
                        "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "
                        "--cached_states")
+    use_kd = has_kd and not no_kd and kd_weight > 0
+    if ce_weight < 0 or kd_weight < 0:
+        raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
+    if ce_weight == 0 and not use_kd:
+        raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
+                       "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
         # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
         claim_out(out, "train", overwrite=overwrite, resume=resume, keep=RESUMED if resume else (), inputs={
@@ -265,12 +271,6 @@ def train(
     base_dtype = next(model.base.parameters()).dtype
     if cached_states:
         layers_return_tuples(model.base)  # found now, outside any recording of routes
-    use_kd = has_kd and not no_kd and kd_weight > 0
-    if ce_weight < 0 or kd_weight < 0:
-        raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
-    if ce_weight == 0 and not use_kd:
-        raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
-                       "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
     route_data = Extraction(experts).route_data()
     if not route_data:
         skip_stage_a, route_weight = True, 0.0

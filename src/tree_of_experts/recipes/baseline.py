@@ -26,9 +26,9 @@ from ..bank import ExpertBank
 from ..commands.extract import extract
 from ..commands.train import train
 from ..config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
-from ..data import DataSpec, batch_indices
+from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.build import init_gate_from_geometry
-from ..extraction.store import Extraction, route_key
+from ..extraction.store import RUN, Extraction, route_key
 from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
 from ..model import ToEModel
@@ -266,6 +266,13 @@ def baseline(
         raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
     on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
                          sample_temperature, sample_top_p)
+    if kind in ("lora", "sft") and (kd_weight or 0) > 0:  # the cached top-k is read later: checked now, from the
+        # extraction's record of the data it cached (a row tokenized otherwise is caught when the examples load)
+        ex = Extraction(experts) if experts else None
+        run = ex.run() if ex is not None and ex.has(RUN) else {}
+        if not run.get("topk_logprobs") or run.get("data_sha256") != file_hash(data):
+            raise ToEError(f"kd_weight={kd_weight} but {experts or 'no --experts'} holds no cached teacher top-k for "
+                           f"{data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
     if on_policy.ratio > 0:  # before anything is written to out
         teacher = resolve_teacher(teacher, experts, base)
     if resume and not overwrite and os.path.isfile(os.path.join(out, "baseline_summary.json")):
