@@ -172,6 +172,16 @@ restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run fo
   local run="$work/$1" kept="$res/train/$1" stash="$res/resume/$1"
   [ -f "$run/$2" ] && return 0
   if [ -f "$kept/$2" ] && { [ -f "$kept/toe_model.safetensors" ] || [ -f "$kept/adapter_model.safetensors" ]; }; then
+    # a kept row trained with another budget is not this run's row: variants take a NAME_SUFFIX
+    python3 - "$kept" "${STEPS:-40}" "${BATCH:-4}" <<'PY' || exit 2
+import glob, json, sys
+kept, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for f in glob.glob(f"{kept}/*_args.json"):
+    args = json.load(open(f))
+    if (args.get("max_steps"), args.get("batch_size")) != (steps, batch):
+        sys.exit(f"{kept} was trained for {args.get('max_steps')} steps of {args.get('batch_size')}, this run asks "
+                 f"STEPS={steps} BATCH={batch}: set NAME_SUFFIX for a variant, or another RES")
+PY
     mkdir -p "$run"; cp -r "$kept"/. "$run"/; touch "$run/.restored"  # keep leaves its kept files as they are
     echo "row $1: finished earlier; restored from $kept" >&2
   elif [ -d "$stash/checkpoint" ] && [ ! -d "$run/checkpoint" ]; then
