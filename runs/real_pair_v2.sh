@@ -165,6 +165,23 @@ keep() {  # keep NAME DIR: the run's small files, and the trained weights of a p
   return 0
 }
 
+same_args() {  # same_args DIR FIX KEY=VALUE...: the runs kept in DIR (its *_args.json) were made with these
+  # values; else one line naming what differs and FIX, and the study stops
+  python3 - "$@" <<'PY' || exit 2
+import glob, json, sys
+folder, fix, pairs = sys.argv[1], sys.argv[2], [p.split("=", 1) for p in sys.argv[3:]]
+for f in glob.glob(f"{folder}/*_args.json"):
+    args = json.load(open(f))
+    differ = [f"{k}={args.get(k)}" for k, v in pairs if str(args.get(k)) != v]
+    if differ:
+        sys.exit(f"{folder} was made with {', '.join(differ)}: {fix}")
+PY
+}
+
+layers_of() {  # layers_of EXTRACTION: the injection layers of extract-l3 / extract-l1
+  if [ "$1" = extract-l1 ]; then echo "${LAYER1:-11}"; else echo "${LAYERS3:-5,11,17}"; fi
+}
+
 restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run folders. A finished row comes back
   # from its kept files (RES/train/NAME: weights, config, summary — what the evaluations read), so it is scored,
   # not trained again; an unfinished one from the checkpoint runs/real_pair_v2_stash.sh kept (RES/resume/NAME), so
@@ -173,28 +190,14 @@ restore() {  # restore NAME SUMMARY: a fresh machine's WORK_DIR lacks the run fo
   [ -f "$run/$2" ] && return 0
   if [ -f "$kept/$2" ] && { [ -f "$kept/toe_model.safetensors" ] || [ -f "$kept/adapter_model.safetensors" ]; }; then
     # a kept row trained with another budget is not this run's row: variants take a NAME_SUFFIX
-    python3 - "$kept" "${STEPS:-40}" "${BATCH:-4}" <<'PY' || exit 2
-import glob, json, sys
-kept, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for f in glob.glob(f"{kept}/*_args.json"):
-    args = json.load(open(f))
-    if (args.get("max_steps"), args.get("batch_size")) != (steps, batch):
-        sys.exit(f"{kept} was trained for {args.get('max_steps')} steps of {args.get('batch_size')}, this run asks "
-                 f"STEPS={steps} BATCH={batch}: set NAME_SUFFIX for a variant, or another RES")
-PY
+    same_args "$kept" "this run asks STEPS=${STEPS:-40} BATCH=${BATCH:-4}: set NAME_SUFFIX for a variant, or another RES" \
+      max_steps="${STEPS:-40}" batch_size="${BATCH:-4}"
     mkdir -p "$run"; cp -r "$kept"/. "$run"/; touch "$run/.restored"  # keep leaves its kept files as they are
     echo "row $1: finished earlier; restored from $kept" >&2
   elif [ -d "$stash/checkpoint" ] && [ ! -d "$run/checkpoint" ]; then
     # --resume compares the run's arguments, paths included: the stash continues only with the same folders
-    python3 - "$stash" "$run" "$base" <<'PY' || exit 2
-import glob, json, sys
-stash, run, base = sys.argv[1:]
-for f in glob.glob(f"{stash}/*_args.json"):
-    args = json.load(open(f))
-    if (args.get("out"), args.get("base")) != (run, base):
-        sys.exit(f"{stash} was made with --out {args.get('out')} --base {args.get('base')}: run the study with those "
-                 f"folders (PAIR_DIR, WORK_DIR) to continue it, or delete {stash} to start the row over")
-PY
+    same_args "$stash" "run the study with those folders (PAIR_DIR, WORK_DIR) to continue it, or delete $stash to \
+start the row over" out="$run" base="$base"
     mkdir -p "$run"; cp -r "$stash"/. "$run"/; echo "row $1: continuing from the checkpoint kept in $stash" >&2
   fi
 }
@@ -207,7 +210,7 @@ finished() {  # finished NAME: a finished row's stashed checkpoint (RES/resume/N
 toe_row() {  # toe_row NAME EXTRACTION ARGS... (EXTRACTION: extract-l3 or extract-l1, built when the row trains)
   local name=$1$sfx ex=$2; shift 2; need_traces; restore "$name" train_summary.json
   if [ ! -f "$work/$name/train_summary.json" ]; then
-    if [ "$ex" = extract-l1 ]; then extraction "$ex" "${LAYER1:-11}"; else extraction "$ex" "${LAYERS3:-5,11,17}"; fi
+    extraction "$ex" "$(layers_of "$ex")"
   fi
   local sel=()  # the routing the plug-in trains with (default dense: every leaf mixed; it runs top-k at inference)
   [ -n "${TRAIN_SELECTION:-}" ] && sel=(--train-selection "$TRAIN_SELECTION")
@@ -225,7 +228,7 @@ lora_row() {  # lora_row NAME RANK on|off
   elif awk "BEGIN { exit !(${RATIO:-1.0} < 1) }"; then args=("${objective_on[@]}" "${kd[@]}")
   else args=("${objective_on[@]}"); fi
   if [ ! -f "$work/$name/baseline_summary.json" ]; then
-    case " ${args[*]} " in *" --experts "*) extraction extract-l3 "${LAYERS3:-5,11,17}" ;; esac
+    case " ${args[*]} " in *" --experts "*) extraction extract-l3 "$(layers_of extract-l3)" ;; esac
     logged "$name" toe baseline --kind lora --lora-rank "$rank" --base "$base" --out "$work/$name" "${budget[@]}" \
       --gradient-checkpointing true --lr "${LORA_LR:-2e-4}" --save-every 2 --resume true "${args[@]}"
   fi  # an interrupted row continues from its checkpoint
@@ -256,10 +259,9 @@ for row in $rows; do
         --data "$traces" --ce-target trace --accuracy false --batch-size 4 --overwrite true --out "$res/ce/anchors"
       scores anchors ;;
     ctl3|ctl1)
-      layers=${LAYERS3:-5,11,17}; [ "$row" = ctl1 ] && layers=${LAYER1:-11}
       ex=extract-l3; [ "$row" = ctl1 ] && ex=extract-l1
       restore "$row$sfx" baseline_summary.json
-      [ -f "$work/$row$sfx/baseline_summary.json" ] || extraction "$ex" "$layers"
+      [ -f "$work/$row$sfx/baseline_summary.json" ] || extraction "$ex" "$(layers_of "$ex")"
       [ -f "$work/$row$sfx/baseline_summary.json" ] || logged "$row$sfx" toe baseline --kind control --base "$base" \
         --experts "$exdir/$ex" --out "$work/$row$sfx" "${budget[@]}" "${toe_knobs[@]}" "${cached[@]}" --save-every 2 \
         --resume true  # trained like the ToE rows (bank lr, query norm, warm-up), without the teacher
@@ -287,7 +289,7 @@ for row in $rows; do
       if [ ! -f "$res/ce/oracle3$sfx/metrics.json" ] && [ ! -f "$work/toe3-off$sfx/train_summary.json" ]; then
         echo "oracle3 needs the finished toe3-off row first; passed over" >&2; exec 8>&-; continue
       fi
-      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || extraction extract-l3 "${LAYERS3:-5,11,17}"
+      [ -f "$res/ce/oracle3$sfx/metrics.json" ] || extraction extract-l3 "$(layers_of extract-l3)"
       [ -f "$res/ce/oracle3$sfx/metrics.json" ] || heavy toe oracle --teacher "$teacher" --base "$base" "${chat[@]}" \
         --experts "$exdir/extract-l3" --plugin "$work/toe3-off$sfx" --data "$traces" --ce-target trace --batch-size 1 \
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;

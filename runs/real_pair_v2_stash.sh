@@ -13,6 +13,7 @@ set -euo pipefail
 work=$1; shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 res=${RES:-$here/results/real_pair_v2}
+step_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo none; }
 rows=${*:-$(for d in "$work"/*/; do if [ -d "$d/checkpoint" ]; then basename "$d"; fi; done)}
 for row in $rows; do
   run="$work/$row"
@@ -21,8 +22,7 @@ for row in $rows; do
   fi
   [ -d "$run/checkpoint" ] || { echo "$row: no checkpoint in $run yet; nothing to stash"; continue; }
   tmp="$res/resume/.$row.tmp"
-  step_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$1" 2>/dev/null || echo none; }
-  for try in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     rm -rf "$tmp"; mkdir -p "$tmp"; before=$(step_of "$run/checkpoint/state.json")
     # the checkpoint and what --resume checks next to it (the run's arguments, its logged rows)
     ok=true
@@ -35,6 +35,5 @@ for row in $rows; do
   [ $ok = true ] || { echo "$row: its checkpoint kept changing while copied; nothing stashed (stop the row first)" >&2
                       rm -rf "$tmp"; continue; }
   rm -rf "$res/resume/$row"; mv "$tmp" "$res/resume/$row"
-  step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$res/resume/$row/checkpoint/state.json")
-  echo "$row: step $step kept in $res/resume/$row ($(du -sh "$res/resume/$row" | cut -f1))"
+  echo "$row: step $before kept in $res/resume/$row ($(du -sh "$res/resume/$row" | cut -f1))"
 done
