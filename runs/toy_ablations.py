@@ -1,11 +1,14 @@
-"""Ablations on the shipped toy pair: N, K, tree shape, flat router, route warm-up, KD, injection layer, and the
-no-teacher control, each against the demo's default ToE-B on the same 128 held-out problems (one pooled table).
+"""Ablations on the shipped toy pair: N, K, tree shape, flat router, route warm-up, KD, injection layer, routing
+in training (dense, the default, vs the top-k it runs with), and the no-teacher control, each against the demo's
+default ToE-B on the same 128 held-out problems (one pooled table), with each trained bank's geometry before and after
+training (banks.md: does the bank stay one vector?).
 
-Usage: python runs/toy_ablations.py [WORK_DIR]   (~4 min on one CPU core; results in results/toy_ablations/)
+Usage: python runs/toy_ablations.py [WORK_DIR]   (~5 min on one CPU core; results in results/toy_ablations/)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,6 +17,7 @@ import torch
 
 from tree_of_experts.commands.evaluate import evaluate
 from tree_of_experts.commands.extract import extract, rebuild
+from tree_of_experts.commands.hub import inspect
 from tree_of_experts.commands.report import report
 from tree_of_experts.commands.train import train
 from tree_of_experts.recipes.baseline import baseline
@@ -67,6 +71,7 @@ def main(work: str) -> None:
     tr("ToE-D (deep, top-p)", rb("extract-deep", shape="deep", selection="topp"))
     tr("no route warm-up", main_x, skip_stage_a=True)
     tr("no KD", main_x, no_kd=True)
+    tr("trained top-k", main_x, train_selection="topk")
     tr("layer 0", ex("extract-l0", layers=[0]))
     tr("layer 2", ex("extract-l2", layers=[2]))
     flat = os.path.join(work, "flat")
@@ -79,13 +84,42 @@ def main(work: str) -> None:
         extract(teacher=base, base=base, data=data, out=control_x, layers=[1], **EXTRACT)
     tr("no-teacher control", control_x, no_kd=True)
     names = ["anchors", "ToE-B (N=32, K=4, layer 1)", "N=8", "N=128", "K=1", "K=8", "ToE-D (deep, top-p)",
-             "no route warm-up", "no KD", "layer 0", "layer 2", "flat router (MoE)", "no-teacher control"]
+             "no route warm-up", "no KD", "trained top-k", "layer 0", "layer 2", "flat router (MoE)",
+             "no-teacher control"]
     tmp = res + ".tmp"  # the committed results are replaced only by a finished report
     shutil.rmtree(tmp, ignore_errors=True)
     report([os.path.join(ev, n) for n in names], out=tmp, reference="ToE-B (N=32, K=4, layer 1)")
+    banks(work, names[1:], tmp)
     shutil.rmtree(res, ignore_errors=True)
     os.replace(tmp, res)
     print(open(os.path.join(res, "report.md")).read())
+
+
+def banks(work: str, names: list[str], out: str) -> None:
+    """Each trained plug-in's bank before and after training (`toe inspect`): the median leaf cosine to the leaves'
+    mean (near 1: one shared vector, routing cannot matter) and how far training moved the leaves."""
+    rows = {}
+    for name in names:
+        folder = os.path.join(work, "flat" if name == "flat router (MoE)" else name)
+        (layer, geo), = inspect(folder)["banks"].items()
+        before = geo.get("bank_before_training", {})  # a baseline folder does not name the bank it started from
+        rows[name] = {"layer": layer, "cos_to_common_before": before.get("cos_to_common_median"),
+                      "cos_to_common_after": geo["bank"]["cos_to_common_median"],
+                      "common_share_before": before.get("common_share"),
+                      "common_share_after": geo["bank"]["common_share"], "leaf_movement": geo.get("leaf_movement")}
+    with open(os.path.join(out, "banks.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+
+    def num(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
+    lines = ["| system | median leaf cos to the mean, before → after | common share, before → after | leaf movement |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {num(r['cos_to_common_before'])} → {num(r['cos_to_common_after'])} | "
+              f"{num(r['common_share_before'])} → {num(r['common_share_after'])} | {num(r['leaf_movement'])} |"
+              for n, r in rows.items()]
+    with open(os.path.join(out, "banks.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
