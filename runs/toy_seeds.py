@@ -1,13 +1,15 @@
 """The toy teacher's margin over several training seeds: the demo's ToE-B and its no-teacher control, each trained
-with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems.
+with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems. Another
+pair of toy systems compares the same way (`toe-topk`: ToE-B trained with the top-k routing it runs with, instead
+of dense).
 
 One seed on one machine cannot carry the toy margin (docs/toy.md: float order alone moved it from +2 to +19 points
 between machines). Here every seed gives a paired ToE-minus-control difference on the same items, and two summaries
 pool them: the mean over seeds with a t interval over the seeds (how much the training run moves it), and the
 seed-averaged per-item difference with a paired bootstrap over items (how much the items move it).
 
-Usage: python runs/toy_seeds.py [WORK_DIR] [SEEDS]   (default 5 seeds, ~2 min per seed on one CPU core; results in
-results/toy_seeds/)
+Usage: python runs/toy_seeds.py [WORK_DIR] [SEEDS] [A:B]   (default 5 seeds and toe:control, ~1.5 min per seed on
+one CPU core; results in results/toy_seeds/, another pair in results/toy_seeds/A-vs-B/)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from tree_of_experts.stats import paired_bootstrap
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTRACT = dict(num_leaves=32, shard_size=64, heldout_frac=0.1, gate_rank=32)  # `toe demo`'s settings
 TRAIN = dict(max_steps=1000, stage_a_steps=100, batch_size=16, lr=3e-3, bank_lr=3e-3, log_every=100, save_every=1000)
+SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_selection="topk"),
+           "control": dict(experts="control", no_kd=True)}  # the control: the base's own states, no distillation
+LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control"}
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 0.975
 
 
@@ -48,7 +53,7 @@ def seed_interval(values: list[float]) -> list[float | None]:
     return [mean - half, mean + half]
 
 
-def main(work: str, seeds: int) -> None:
+def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> None:
     torch.set_num_threads(1)
     pair = toy_pair_dir()
     teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
@@ -57,21 +62,22 @@ def main(work: str, seeds: int) -> None:
     for name, source in (("toe", teacher), ("control", base)):  # the control: the base's own states
         if not os.path.isfile(os.path.join(experts[name], "summary.json")):
             extract(teacher=source, base=base, data=data, out=experts[name], layers=None, **EXTRACT)
+    a, b = pair
     per_seed, diffs = [], {"ce": [], "accuracy": []}
     for seed in range(seeds):
         rows = {}
-        for name in ("toe", "control"):
+        for name in pair:
             run, ev = os.path.join(work, f"{name}-seed{seed}"), os.path.join(work, f"eval-{name}-seed{seed}")
             if not os.path.isfile(os.path.join(run, "train_summary.json")):
-                train(base=base, experts=experts[name], data=data, out=run, seed=seed, no_kd=name == "control",
-                      **TRAIN)
+                kw = {**SYSTEMS[name], "experts": experts[SYSTEMS[name]["experts"]]}
+                train(base=base, data=data, out=run, seed=seed, **kw, **TRAIN)
             if not os.path.isfile(os.path.join(ev, "metrics.json")):
                 evaluate(base=base, plugin=run, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False)
             rows[name] = items(ev)
-        assert [r["prompt"] for r in rows["toe"]] == [r["prompt"] for r in rows["control"]]
-        ce = [-r["ce"] for r in rows["toe"]], [-r["ce"] for r in rows["control"]]  # higher is better for both keys
-        acc = [float(r["correct"]) for r in rows["toe"]], [float(r["correct"]) for r in rows["control"]]
-        row = {"seed": seed, "toe_accuracy": sum(acc[0]) / len(acc[0]), "control_accuracy": sum(acc[1]) / len(acc[1]),
+        assert [r["prompt"] for r in rows[a]] == [r["prompt"] for r in rows[b]]
+        ce = [-r["ce"] for r in rows[a]], [-r["ce"] for r in rows[b]]  # higher is better for both keys
+        acc = [float(r["correct"]) for r in rows[a]], [float(r["correct"]) for r in rows[b]]
+        row = {"seed": seed, f"{a}_accuracy": sum(acc[0]) / len(acc[0]), f"{b}_accuracy": sum(acc[1]) / len(acc[1]),
                "ce_margin": paired_bootstrap(*ce), "accuracy_margin": paired_bootstrap(*acc)}
         per_seed.append(row)
         diffs["ce"].append([a - b for a, b in zip(*ce)])
@@ -83,30 +89,37 @@ def main(work: str, seeds: int) -> None:
         pooled[key] = {"mean": sum(means) / len(means), "per_seed": means, "ci95_over_seeds": seed_interval(means),
                        "ci95_over_items": paired_bootstrap(averaged, [0.0] * len(averaged))["ci95"]}
     res = os.path.join(os.path.dirname(HERE), "results", "toy_seeds")
+    if pair != ("toe", "control"):
+        res = os.path.join(res, f"{a}-vs-{b}")
     os.makedirs(res, exist_ok=True)
-    atomic_write_json(os.path.join(res, "seeds.json"), {"seeds": per_seed, "pooled": pooled, "train": TRAIN,
+    atomic_write_json(os.path.join(res, "seeds.json"), {"pair": [a, b], "systems": {n: SYSTEMS[n] for n in pair},
+                                                        "seeds": per_seed, "pooled": pooled, "train": TRAIN,
                                                         "extract": EXTRACT, "items": len(diffs["ce"][0])})
 
     def ci(lo_hi: list, scale: float, fmt: str) -> str:
         return "–" if lo_hi[0] is None else f"[{scale * lo_hi[0]:{fmt}}, {scale * lo_hi[1]:{fmt}}]"
 
-    lines = ["ToE-B minus the no-teacher control (the teacher's margin), toy pair, 128 held-out problems; CE margin in "
-             "nats (positive: ToE's CE is lower), accuracy in points.", "",
-             "| seed | ToE accuracy | control accuracy | CE margin [95 % CI] | accuracy margin [95 % CI] |",
+    what = " (the teacher's margin)" if pair == ("toe", "control") else ""
+    lines = [f"{LABELS[a]} minus {LABELS[b]}{what}, toy pair, 128 held-out problems; CE margin in nats (positive: "
+             f"{LABELS[a]}'s CE is lower), accuracy in points.", "",
+             f"| seed | {a} accuracy | {b} accuracy | CE margin [95 % CI] | accuracy margin [95 % CI] |",
              "|---|---|---|---|---|"]
     for r in per_seed:
-        c, a = r["ce_margin"], r["accuracy_margin"]
-        lines.append(f"| {r['seed']} | {100 * r['toe_accuracy']:.0f} % | {100 * r['control_accuracy']:.0f} % | "
+        c, m = r["ce_margin"], r["accuracy_margin"]
+        lines.append(f"| {r['seed']} | {100 * r[f'{a}_accuracy']:.0f} % | {100 * r[f'{b}_accuracy']:.0f} % | "
                      f"{c['mean_diff']:+.4f} {ci(c['ci95'], 1, '+.4f')} | "
-                     f"{100 * a['mean_diff']:+.1f} {ci(a['ci95'], 100, '+.1f')} |")
-    c, a = pooled["ce"], pooled["accuracy"]
+                     f"{100 * m['mean_diff']:+.1f} {ci(m['ci95'], 100, '+.1f')} |")
+    c, m = pooled["ce"], pooled["accuracy"]
     lines += [f"| mean of {seeds} seeds, t interval over seeds | | | {c['mean']:+.4f} "
-              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * a['mean']:+.1f} {ci(a['ci95_over_seeds'], 100, '+.1f')} |",
+              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} |",
               f"| seed-averaged, bootstrap over items | | | {c['mean']:+.4f} {ci(c['ci95_over_items'], 1, '+.4f')} | "
-              f"{100 * a['mean']:+.1f} {ci(a['ci95_over_items'], 100, '+.1f')} |"]
+              f"{100 * m['mean']:+.1f} {ci(m['ci95_over_items'], 100, '+.1f')} |"]
     atomic_write_text(os.path.join(res, "report.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/toe-toy-seeds", int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    pair = tuple(sys.argv[3].split(":")) if len(sys.argv) > 3 else ("toe", "control")
+    if len(pair) != 2 or not set(pair) <= set(SYSTEMS):
+        sys.exit(f"A:B with A and B among {', '.join(SYSTEMS)}, e.g. toe-topk:toe")
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/toe-toy-seeds", int(sys.argv[2]) if len(sys.argv) > 2 else 5, pair)
