@@ -55,8 +55,8 @@ def seed_interval(values: list[float]) -> list[float | None]:
 
 def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> None:
     torch.set_num_threads(1)
-    pair = toy_pair_dir()
-    teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
+    models = toy_pair_dir()
+    teacher, base = os.path.join(models, "teacher"), os.path.join(models, "base")
     data, dev = write_toy_data(os.path.join(work, "data"), 384, 128)
     experts = {"toe": os.path.join(work, "extract"), "control": os.path.join(work, "control-extract")}
     for name, source in (("toe", teacher), ("control", base)):  # the control: the base's own states
