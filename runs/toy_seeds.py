@@ -23,6 +23,7 @@ import torch
 
 from tree_of_experts.commands.evaluate import evaluate
 from tree_of_experts.commands.extract import extract
+from tree_of_experts.commands.hub import inspect
 from tree_of_experts.commands.train import train
 from tree_of_experts.io import atomic_write_json, atomic_write_text
 from tree_of_experts.recipes.demo import toy_pair_dir, write_toy_data
@@ -65,7 +66,7 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
     a, b = pair
     per_seed, diffs = [], {"ce": [], "accuracy": []}
     for seed in range(seeds):
-        rows = {}
+        rows, cos = {}, {}
         for name in pair:
             run, ev = os.path.join(work, f"{name}-seed{seed}"), os.path.join(work, f"eval-{name}-seed{seed}")
             if not os.path.isfile(os.path.join(run, "train_summary.json")):
@@ -74,11 +75,14 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
             if not os.path.isfile(os.path.join(ev, "metrics.json")):
                 evaluate(base=base, plugin=run, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False)
             rows[name] = items(ev)
+            (geo,) = inspect(run)["banks"].values()  # the trained bank: median leaf cosine to the leaves' mean
+            cos[name] = geo["bank"]["cos_to_common_median"]
         assert [r["prompt"] for r in rows[a]] == [r["prompt"] for r in rows[b]]
         ce = [-r["ce"] for r in rows[a]], [-r["ce"] for r in rows[b]]  # higher is better for both keys
         acc = [float(r["correct"]) for r in rows[a]], [float(r["correct"]) for r in rows[b]]
         row = {"seed": seed, f"{a}_accuracy": sum(acc[0]) / len(acc[0]), f"{b}_accuracy": sum(acc[1]) / len(acc[1]),
-               "ce_margin": paired_bootstrap(*ce), "accuracy_margin": paired_bootstrap(*acc)}
+               "ce_margin": paired_bootstrap(*ce), "accuracy_margin": paired_bootstrap(*acc),
+               "leaf_cos_to_mean": cos}
         per_seed.append(row)
         diffs["ce"].append([a - b for a, b in zip(*ce)])
         diffs["accuracy"].append([a - b for a, b in zip(*acc)])
@@ -102,18 +106,19 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
     what = " (the teacher's margin)" if pair == ("toe", "control") else ""
     lines = [f"{LABELS[a]} minus {LABELS[b]}{what}, toy pair, 128 held-out problems; CE margin in nats (positive: "
              f"{LABELS[a]}'s CE is lower), accuracy in points.", "",
-             f"| seed | {a} accuracy | {b} accuracy | CE margin [95 % CI] | accuracy margin [95 % CI] |",
-             "|---|---|---|---|---|"]
+             f"| seed | {a} accuracy | {b} accuracy | CE margin [95 % CI] | accuracy margin [95 % CI] | bank: leaf cos "
+             f"to mean, {a} / {b} |", "|---|---|---|---|---|---|"]
     for r in per_seed:
         c, m = r["ce_margin"], r["accuracy_margin"]
         lines.append(f"| {r['seed']} | {100 * r[f'{a}_accuracy']:.0f} % | {100 * r[f'{b}_accuracy']:.0f} % | "
                      f"{c['mean_diff']:+.4f} {ci(c['ci95'], 1, '+.4f')} | "
-                     f"{100 * m['mean_diff']:+.1f} {ci(m['ci95'], 100, '+.1f')} |")
+                     f"{100 * m['mean_diff']:+.1f} {ci(m['ci95'], 100, '+.1f')} | "
+                     f"{r['leaf_cos_to_mean'][a]:.2f} / {r['leaf_cos_to_mean'][b]:.2f} |")
     c, m = pooled["ce"], pooled["accuracy"]
     lines += [f"| mean of {seeds} seeds, t interval over seeds | | | {c['mean']:+.4f} "
-              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} |",
+              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} | |",
               f"| seed-averaged, bootstrap over items | | | {c['mean']:+.4f} {ci(c['ci95_over_items'], 1, '+.4f')} | "
-              f"{100 * m['mean']:+.1f} {ci(m['ci95_over_items'], 100, '+.1f')} |"]
+              f"{100 * m['mean']:+.1f} {ci(m['ci95_over_items'], 100, '+.1f')} | |"]
     atomic_write_text(os.path.join(res, "report.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
