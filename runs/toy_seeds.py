@@ -84,8 +84,8 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
                "ce_margin": paired_bootstrap(*ce), "accuracy_margin": paired_bootstrap(*acc),
                "leaf_cos_to_mean": cos}
         per_seed.append(row)
-        diffs["ce"].append([a - b for a, b in zip(*ce)])
-        diffs["accuracy"].append([a - b for a, b in zip(*acc)])
+        diffs["ce"].append([x - y for x, y in zip(*ce)])
+        diffs["accuracy"].append([x - y for x, y in zip(*acc)])
     pooled = {}
     for key, per_item in diffs.items():
         means = [sum(d) / len(d) for d in per_item]
