@@ -1,7 +1,9 @@
 """The toy teacher's margin over several training seeds: the demo's ToE-B and its no-teacher control, each trained
 with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems. Another
-pair of toy systems compares the same way (`toe-topk`: ToE-B trained with the top-k routing it runs with, instead
-of dense).
+pair of toy systems compares the same way: `toe-topk` (ToE-B trained with the top-k routing it runs with, instead
+of dense), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
+`lora-matched` (the same with the rank that matches the plug-in's parameter count), `toe-on` and
+`lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5).
 
 One seed on one machine cannot carry the toy margin (docs/toy.md: float order alone moved it from +2 to +19 points
 between machines). Here every seed gives a paired ToE-minus-control difference on the same items, and two summaries
@@ -26,20 +28,29 @@ from tree_of_experts.commands.extract import extract
 from tree_of_experts.commands.hub import inspect
 from tree_of_experts.commands.train import train
 from tree_of_experts.io import atomic_write_json, atomic_write_text
+from tree_of_experts.recipes.baseline import baseline
 from tree_of_experts.recipes.demo import toy_pair_dir, write_toy_data
 from tree_of_experts.stats import paired_bootstrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTRACT = dict(num_leaves=32, shard_size=64, heldout_frac=0.1, gate_rank=32)  # `toe demo`'s settings
 TRAIN = dict(max_steps=1000, stage_a_steps=100, batch_size=16, lr=3e-3, bank_lr=3e-3, log_every=100, save_every=1000)
+ON_POLICY = dict(objective="on_policy", sample_max_new_tokens=64)  # the toy's answers fit in 64 tokens
 SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_selection="topk"),
-           "control": dict(experts="control", no_kd=True)}  # the control: the base's own states, no distillation
-LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control"}
+           "control": dict(experts="control", no_kd=True),  # the control: the base's own states, no distillation
+           "lora": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0),
+           "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),  # rank from the plug-in's size
+           "toe-on": dict(experts="toe", **ON_POLICY), "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY)}
+LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control", "lora": "LoRA r8",
+          "lora-matched": "LoRA with the plug-in's parameter count",
+          "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy"}
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 0.975
 
 
 def items(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "toe.jsonl")) as f:
+    """The scored system's per-item rows of an eval folder (toe.jsonl or lora.jsonl)."""
+    name = "lora.jsonl" if os.path.isfile(os.path.join(folder, "lora.jsonl")) else "toe.jsonl"
+    with open(os.path.join(folder, name)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -69,14 +80,19 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
         rows, cos = {}, {}
         for name in pair:
             run, ev = os.path.join(work, f"{name}-seed{seed}"), os.path.join(work, f"eval-{name}-seed{seed}")
-            if not os.path.isfile(os.path.join(run, "train_summary.json")):
-                kw = {**SYSTEMS[name], "experts": experts[SYSTEMS[name]["experts"]]}
+            kw = {**SYSTEMS[name], "experts": experts[SYSTEMS[name]["experts"]]}
+            lora = kw.pop("kind", None) == "lora"
+            if lora and not os.path.isfile(os.path.join(run, "baseline_summary.json")):
+                baseline(kind="lora", base=base, data=data, out=run, seed=seed, gradient_checkpointing=False, **kw,
+                         **{k: TRAIN[k] for k in ("max_steps", "batch_size", "save_every")})
+            elif not lora and not os.path.isfile(os.path.join(run, "train_summary.json")):
                 train(base=base, data=data, out=run, seed=seed, **kw, **TRAIN)
             if not os.path.isfile(os.path.join(ev, "metrics.json")):
-                evaluate(base=base, plugin=run, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False)
+                evaluate(base=base, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False,
+                         **({"lora": run} if lora else {"plugin": run}))
             rows[name] = items(ev)
-            (geo,) = inspect(run)["banks"].values()  # the trained bank: median leaf cosine to the leaves' mean
-            cos[name] = geo["bank"]["cos_to_common_median"]
+            # a plug-in's trained bank: median leaf cosine to the leaves' mean (LoRA has none)
+            cos[name] = None if lora else next(iter(inspect(run)["banks"].values()))["bank"]["cos_to_common_median"]
         assert [r["prompt"] for r in rows[a]] == [r["prompt"] for r in rows[b]]
         ce = [-r["ce"] for r in rows[a]], [-r["ce"] for r in rows[b]]  # higher is better for both keys
         acc = [float(r["correct"]) for r in rows[a]], [float(r["correct"]) for r in rows[b]]
@@ -100,6 +116,9 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
                                                         "seeds": per_seed, "pooled": pooled, "train": TRAIN,
                                                         "extract": EXTRACT, "items": len(diffs["ce"][0])})
 
+    def num(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
     def ci(lo_hi: list, scale: float, fmt: str) -> str:
         return "–" if lo_hi[0] is None else f"[{scale * lo_hi[0]:{fmt}}, {scale * lo_hi[1]:{fmt}}]"
 
@@ -113,7 +132,7 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
         lines.append(f"| {r['seed']} | {100 * r[f'{a}_accuracy']:.0f} % | {100 * r[f'{b}_accuracy']:.0f} % | "
                      f"{c['mean_diff']:+.4f} {ci(c['ci95'], 1, '+.4f')} | "
                      f"{100 * m['mean_diff']:+.1f} {ci(m['ci95'], 100, '+.1f')} | "
-                     f"{r['leaf_cos_to_mean'][a]:.2f} / {r['leaf_cos_to_mean'][b]:.2f} |")
+                     f"{num(r['leaf_cos_to_mean'][a])} / {num(r['leaf_cos_to_mean'][b])} |")
     c, m = pooled["ce"], pooled["accuracy"]
     lines += [f"| mean of {seeds} seeds, t interval over seeds | | | {c['mean']:+.4f} "
               f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} | |",
