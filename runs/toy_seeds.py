@@ -3,7 +3,8 @@ with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo'
 pair of toy systems compares the same way: `toe-topk` (ToE-B trained with the top-k routing it runs with, instead
 of dense), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
 `lora-matched` (the same with the rank that matches the plug-in's parameter count), `toe-on` and
-`lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5).
+`lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5), and
+`toe-mix` and `lora-mix` (half the steps on-policy, half off-policy).
 
 One seed on one machine cannot carry the toy margin (docs/toy.md: float order alone moved it from +2 to +19 points
 between machines). Here every seed gives a paired ToE-minus-control difference on the same items, and two summaries
@@ -40,10 +41,14 @@ SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_sel
            "control": dict(experts="control", no_kd=True),  # the control: the base's own states, no distillation
            "lora": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0),
            "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),  # rank from the plug-in's size
-           "toe-on": dict(experts="toe", **ON_POLICY), "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY)}
+           "toe-on": dict(experts="toe", **ON_POLICY), "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY),
+           # half the steps on-policy, half off-policy on the training text (GKD's λ = 0.5)
+           "toe-mix": dict(experts="toe", on_policy_ratio=0.5, **ON_POLICY),
+           "lora-mix": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0, on_policy_ratio=0.5, **ON_POLICY)}
 LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control", "lora": "LoRA r8",
           "lora-matched": "LoRA with the plug-in's parameter count",
-          "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy"}
+          "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy", "toe-mix": "ToE-B half on-policy",
+          "lora-mix": "LoRA r8 half on-policy"}
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 0.975
 
 
