@@ -2,17 +2,21 @@
 with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems. Another
 pair of toy systems compares the same way: `toe-topk` (ToE-B trained with the top-k routing it runs with, instead
 of dense), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
-`lora-matched` (the same with the rank that matches the plug-in's parameter count), `toe-on` and
+`lora-matched` (the same with the rank that matches the plug-in's parameter count; `lora-matched-lr3e-3` at ToE's
+learning rate instead of LoRA's default 2e-4), `toe-on` and
 `lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5), and
 `toe-mix` and `lora-mix` (half the steps on-policy, half off-policy).
 
 One seed on one machine cannot carry the toy margin (docs/toy.md: float order alone moved it from +2 to +19 points
-between machines). Here every seed gives a paired ToE-minus-control difference on the same items, and two summaries
-pool them: the mean over seeds with a t interval over the seeds (how much the training run moves it), and the
+between machines). Here every seed gives a paired A-minus-B difference on the same items, and two summaries pool
+them: the mean over seeds with a t interval over the seeds (how much the training run moves it), and the
 seed-averaged per-item difference with a paired bootstrap over items (how much the items move it).
 
-Usage: python runs/toy_seeds.py [WORK_DIR] [SEEDS] [A:B]   (default 5 seeds and toe:control, ~1.5 min per seed on
-one CPU core; results in results/toy_seeds/, another pair in results/toy_seeds/A-vs-B/)
+Usage: python runs/toy_seeds.py [WORK_DIR] [SEEDS] [A:B]   (default 5 seeds and toe:control; ~1.5 min per seed and
+system off-policy on one CPU core, ~3 min on-policy; results in results/toy_seeds/, another pair in
+results/toy_seeds/A-vs-B/). Runs are shared between pairs through WORK_DIR: run pairs one after another, not at once.
+LoRA systems train with `toe baseline`'s LoRA defaults (learning rate 2e-4, no route warm-up) unless they say
+otherwise; ToE systems with the demo's (3e-3, 100 warm-up steps). seeds.json records each run's own settings.
 """
 
 from __future__ import annotations
@@ -41,15 +45,18 @@ SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_sel
            "control": dict(experts="control", no_kd=True),  # the control: the base's own states, no distillation
            "lora": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0),
            "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),  # rank from the plug-in's size
+           "lora-matched-lr3e-3": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0, lr=3e-3),
            "toe-on": dict(experts="toe", **ON_POLICY), "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY),
            # half the steps on-policy, half off-policy on the training text (GKD's λ = 0.5)
            "toe-mix": dict(experts="toe", on_policy_ratio=0.5, **ON_POLICY),
            "lora-mix": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0, on_policy_ratio=0.5, **ON_POLICY)}
 LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control", "lora": "LoRA r8",
           "lora-matched": "LoRA with the plug-in's parameter count",
+          "lora-matched-lr3e-3": "LoRA with the plug-in's parameter count at lr 3e-3",
           "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy", "toe-mix": "ToE-B half on-policy",
           "lora-mix": "LoRA r8 half on-policy"}
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 0.975
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09}  # Student t, 0.975, by df
 
 
 def items(folder: str) -> list[dict]:
@@ -59,6 +66,30 @@ def items(folder: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def settings(run: str, lora: bool) -> dict:
+    """What a finished run was trained with (its args and sizes, as it recorded them)."""
+    with open(os.path.join(run, "baseline_args.json" if lora else "train_args.json")) as f:
+        args = json.load(f)
+    with open(os.path.join(run, "baseline_summary.json" if lora else "train_summary.json")) as f:
+        summary = json.load(f)
+    keys = ("seed", "max_steps", "batch_size", "lr", "bank_lr", "stage_a_steps", "objective", "on_policy_ratio",
+            "lora_rank", "kd_weight", "no_kd", "train_selection")
+    out = {k: args[k] for k in keys if k in args}
+    if lora:
+        out.update(rank=summary.get("rank"), trainable_params=summary.get("trainable_params"),
+                   plugin_params=summary.get("plugin_params"))
+        out["stage_a_steps"] = None  # LoRA has no route warm-up
+    return out
+
+
+def check_reuse(run: str, lora: bool, wanted: dict) -> None:
+    """A finished run in WORK_DIR is reused only if it was trained with this script's settings for it."""
+    got = settings(run, lora)
+    differ = [f"{k}={got.get(k)!r} (wanted {v!r})" for k, v in wanted.items() if k in got and got[k] != v]
+    if differ:
+        sys.exit(f"{run} was trained with {', '.join(differ)}: delete it or use another WORK_DIR")
+
+
 def seed_interval(values: list[float]) -> list[float | None]:
     """95 % t interval of the mean over seeds."""
     n = len(values)
@@ -66,7 +97,7 @@ def seed_interval(values: list[float]) -> list[float | None]:
         return [None, None]
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    half = T975.get(n - 1, 2.05) * sd / math.sqrt(n)  # df >= 20: 2.09 .. 1.96
     return [mean - half, mean + half]
 
 
@@ -80,28 +111,42 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
         if not os.path.isfile(os.path.join(experts[name], "summary.json")):
             extract(teacher=source, base=base, data=data, out=experts[name], layers=None, **EXTRACT)
     a, b = pair
+    res = os.path.join(os.path.dirname(HERE), "results", "toy_seeds")
+    if pair != ("toe", "control"):
+        res = os.path.join(res, f"{a}-vs-{b}")
+    if os.path.isfile(os.path.join(res, "seeds.json")):
+        with open(os.path.join(res, "seeds.json")) as f:
+            done = len(json.load(f)["seeds"])
+        if done > seeds:
+            sys.exit(f"{res} holds a {done}-seed report: ask for at least {done} seeds (or delete it)")
     per_seed, diffs = [], {"ce": [], "accuracy": []}
     for seed in range(seeds):
-        rows, cos = {}, {}
+        rows, cos, used = {}, {}, {}
         for name in pair:
             run, ev = os.path.join(work, f"{name}-seed{seed}"), os.path.join(work, f"eval-{name}-seed{seed}")
             kw = {**SYSTEMS[name], "experts": experts[SYSTEMS[name]["experts"]]}
             lora = kw.pop("kind", None) == "lora"
-            if lora and not os.path.isfile(os.path.join(run, "baseline_summary.json")):
-                baseline(kind="lora", base=base, data=data, out=run, seed=seed, gradient_checkpointing=False, **kw,
-                         **{k: TRAIN[k] for k in ("max_steps", "batch_size", "save_every")})
-            elif not lora and not os.path.isfile(os.path.join(run, "train_summary.json")):
-                train(base=base, data=data, out=run, seed=seed, **kw, **TRAIN)
-            if not os.path.isfile(os.path.join(ev, "metrics.json")):
+            run_kw = {**({k: TRAIN[k] for k in ("max_steps", "batch_size", "save_every")} if lora else TRAIN), **kw}
+            finished = os.path.isfile(os.path.join(run, "baseline_summary.json" if lora else "train_summary.json"))
+            if finished:
+                check_reuse(run, lora, {"seed": seed, **{k: v for k, v in run_kw.items() if k != "experts"}})
+            elif lora:  # an unfinished run (no checkpoint at this budget) starts over
+                baseline(kind="lora", base=base, data=data, out=run, seed=seed, gradient_checkpointing=False,
+                         overwrite=True, **run_kw)
+            else:
+                train(base=base, data=data, out=run, seed=seed, overwrite=True, **run_kw)
+            if not os.path.isfile(os.path.join(ev, "metrics.json")) or not finished:
                 evaluate(base=base, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False,
-                         **({"lora": run} if lora else {"plugin": run}))
+                         overwrite=True, **({"lora": run} if lora else {"plugin": run}))
             rows[name] = items(ev)
+            used[name] = settings(run, lora)
             # a plug-in's trained bank: median leaf cosine to the leaves' mean (LoRA has none)
             cos[name] = None if lora else next(iter(inspect(run)["banks"].values()))["bank"]["cos_to_common_median"]
         assert [r["prompt"] for r in rows[a]] == [r["prompt"] for r in rows[b]]
         ce = [-r["ce"] for r in rows[a]], [-r["ce"] for r in rows[b]]  # higher is better for both keys
         acc = [float(r["correct"]) for r in rows[a]], [float(r["correct"]) for r in rows[b]]
         row = {"seed": seed, f"{a}_accuracy": sum(acc[0]) / len(acc[0]), f"{b}_accuracy": sum(acc[1]) / len(acc[1]),
+               f"{a}_ce": -sum(ce[0]) / len(ce[0]), f"{b}_ce": -sum(ce[1]) / len(ce[1]), "runs": used,
                "ce_margin": paired_bootstrap(*ce), "accuracy_margin": paired_bootstrap(*acc),
                "leaf_cos_to_mean": cos}
         per_seed.append(row)
@@ -113,12 +158,9 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
         averaged = [sum(col) / len(col) for col in zip(*per_item)]  # each item's difference, averaged over seeds
         pooled[key] = {"mean": sum(means) / len(means), "per_seed": means, "ci95_over_seeds": seed_interval(means),
                        "ci95_over_items": paired_bootstrap(averaged, [0.0] * len(averaged))["ci95"]}
-    res = os.path.join(os.path.dirname(HERE), "results", "toy_seeds")
-    if pair != ("toe", "control"):
-        res = os.path.join(res, f"{a}-vs-{b}")
     os.makedirs(res, exist_ok=True)
     atomic_write_json(os.path.join(res, "seeds.json"), {"pair": [a, b], "systems": {n: SYSTEMS[n] for n in pair},
-                                                        "seeds": per_seed, "pooled": pooled, "train": TRAIN,
+                                                        "seeds": per_seed, "pooled": pooled, "plugin_train": TRAIN,
                                                         "extract": EXTRACT, "items": len(diffs["ce"][0])})
 
     def num(x: float | None) -> str:
