@@ -1,7 +1,7 @@
 """The toy teacher's margin over several training seeds: the demo's ToE-B and its no-teacher control, each trained
 with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems. Another
 pair of toy systems compares the same way: `toe-topk` (ToE-B trained with the top-k routing it runs with, instead
-of dense), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
+of dense), `toe-lr1e-2` (gate and bank at 1e-2 instead of the demo's 3e-3), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
 `lora-matched` (the same with the rank that matches the plug-in's parameter count; `lora-matched-lr3e-3` at ToE's
 learning rate instead of LoRA's default 2e-4), `toe-on` and
 `lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5), and
@@ -43,6 +43,7 @@ EXTRACT = dict(num_leaves=32, shard_size=64, heldout_frac=0.1, gate_rank=32)  # 
 TRAIN = dict(max_steps=1000, stage_a_steps=100, batch_size=16, lr=3e-3, bank_lr=3e-3, log_every=100, save_every=1000)
 ON_POLICY = dict(objective="on_policy", sample_max_new_tokens=64)  # the toy's answers fit in 64 tokens
 SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_selection="topk"),
+           "toe-lr1e-2": dict(experts="toe", lr=1e-2, bank_lr=1e-2),  # gate and bank at 1e-2 instead of 3e-3
            "control": dict(experts="control", no_kd=True),  # the control: the base's own states, no distillation
            "lora": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0),
            "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),  # rank from the plug-in's size
@@ -51,7 +52,7 @@ SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_sel
            # half the steps on-policy, half off-policy on the training text (GKD's λ = 0.5)
            "toe-mix": dict(experts="toe", on_policy_ratio=0.5, **ON_POLICY),
            "lora-mix": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0, on_policy_ratio=0.5, **ON_POLICY)}
-LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "control": "the no-teacher control", "lora": "LoRA r8",
+LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "toe-lr1e-2": "ToE-B at lr 1e-2", "control": "the no-teacher control", "lora": "LoRA r8",
           "lora-matched": "LoRA with the plug-in's parameter count",
           "lora-matched-lr3e-3": "LoRA with the plug-in's parameter count at lr 3e-3",
           "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy", "toe-mix": "ToE-B half on-policy",
