@@ -113,8 +113,8 @@ def banks(work: str, names: list[str], out: str) -> None:
     def num(x: float | None) -> str:
         return "–" if x is None else f"{x:.2f}"
 
-    lines = ["| system | median leaf cos to the mean, before → after | common share, before → after | leaf movement |",
-             "|---|---|---|---|"]
+    lines = ["| system | median leaf cos to the mean, before → after | common share, before → after | "
+             "leaf movement |", "|---|---|---|---|"]
     lines += [f"| {n} | {num(r['cos_to_common_before'])} → {num(r['cos_to_common_after'])} | "
               f"{num(r['common_share_before'])} → {num(r['common_share_after'])} | {num(r['leaf_movement'])} |"
               for n, r in rows.items()]

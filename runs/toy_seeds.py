@@ -1,11 +1,11 @@
 """The toy teacher's margin over several training seeds: the demo's ToE-B and its no-teacher control, each trained
 with seeds 0..S-1 (same extraction, same data, same budget), scored on the demo's 128 held-out problems. Another
 pair of toy systems compares the same way: `toe-topk` (ToE-B trained with the top-k routing it runs with, instead
-of dense), `toe-lr1e-2` (gate and bank at 1e-2 instead of the demo's 3e-3), `lora` (rank-8 LoRA with ToE's objective: CE + top-k KL to the teacher's cached log-probs),
-`lora-matched` (the same with the rank that matches the plug-in's parameter count; `lora-matched-lr3e-3` at ToE's
-learning rate instead of LoRA's default 2e-4), `toe-on` and
-`lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD β 0.5), and
-`toe-mix` and `lora-mix` (half the steps on-policy, half off-policy).
+of dense), `toe-lr1e-2` (gate and bank at 1e-2 instead of the demo's 3e-3), `lora` (rank-8 LoRA with ToE's
+objective: CE + top-k KL to the teacher's cached log-probs), `lora-matched` (the same with the rank that matches
+the plug-in's parameter count; `lora-matched-lr3e-3` at ToE's learning rate instead of LoRA's default 2e-4),
+`toe-on` and `lora-on` (the same two trained on-policy: the student samples, the teacher scores, generalized JSD
+β 0.5), and `toe-mix` and `lora-mix` (half the steps on-policy, half off-policy).
 
 One seed on one machine cannot carry the toy margin (docs/toy.md: float order alone moved it from +2 to +19 points
 between machines). Here every seed gives a paired A-minus-B difference on the same items, and two summaries pool
@@ -28,10 +28,13 @@ import os
 import sys
 
 import torch
+from toy_ablations import EXTRACT
+from toy_ablations import TRAIN as ABLATION_TRAIN
 
 from tree_of_experts.commands.evaluate import evaluate
 from tree_of_experts.commands.extract import extract
 from tree_of_experts.commands.hub import inspect
+from tree_of_experts.commands.report import pool
 from tree_of_experts.commands.train import train
 from tree_of_experts.io import atomic_write_json, atomic_write_text
 from tree_of_experts.recipes.baseline import baseline
@@ -39,33 +42,29 @@ from tree_of_experts.recipes.demo import toy_pair_dir, write_toy_data
 from tree_of_experts.stats import paired_bootstrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXTRACT = dict(num_leaves=32, shard_size=64, heldout_frac=0.1, gate_rank=32)  # `toe demo`'s settings
-TRAIN = dict(max_steps=1000, stage_a_steps=100, batch_size=16, lr=3e-3, bank_lr=3e-3, log_every=100, save_every=1000)
+# the demo's settings, as the ablations train them (the runs behind results/toy_seeds logged every 100 steps)
+TRAIN = {**ABLATION_TRAIN, "log_every": 100}
 ON_POLICY = dict(objective="on_policy", sample_max_new_tokens=64)  # the toy's answers fit in 64 tokens
 SYSTEMS = {"toe": dict(experts="toe"), "toe-topk": dict(experts="toe", train_selection="topk"),
            "toe-lr1e-2": dict(experts="toe", lr=1e-2, bank_lr=1e-2),  # gate and bank at 1e-2 instead of 3e-3
            "control": dict(experts="control", no_kd=True),  # the control: the base's own states, no distillation
            "lora": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0),
-           "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),  # rank from the plug-in's size
+           # rank from the plug-in's parameter count
+           "lora-matched": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0),
            "lora-matched-lr3e-3": dict(experts="toe", kind="lora", lora_rank=None, kd_weight=1.0, lr=3e-3),
-           "toe-on": dict(experts="toe", **ON_POLICY), "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY),
+           "toe-on": dict(experts="toe", **ON_POLICY),
+           "lora-on": dict(experts="toe", kind="lora", lora_rank=8, **ON_POLICY),
            # half the steps on-policy, half off-policy on the training text (GKD's λ = 0.5)
            "toe-mix": dict(experts="toe", on_policy_ratio=0.5, **ON_POLICY),
            "lora-mix": dict(experts="toe", kind="lora", lora_rank=8, kd_weight=1.0, on_policy_ratio=0.5, **ON_POLICY)}
-LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "toe-lr1e-2": "ToE-B at lr 1e-2", "control": "the no-teacher control", "lora": "LoRA r8",
+LABELS = {"toe": "ToE-B", "toe-topk": "ToE-B trained top-k", "toe-lr1e-2": "ToE-B at lr 1e-2",
+          "control": "the no-teacher control", "lora": "LoRA r8",
           "lora-matched": "LoRA with the plug-in's parameter count",
           "lora-matched-lr3e-3": "LoRA with the plug-in's parameter count at lr 3e-3",
           "toe-on": "ToE-B on-policy", "lora-on": "LoRA r8 on-policy", "toe-mix": "ToE-B half on-policy",
           "lora-mix": "LoRA r8 half on-policy"}
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
         12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09}  # Student t, 0.975, by df
-
-
-def items(folder: str) -> list[dict]:
-    """The scored system's per-item rows of an eval folder (toe.jsonl or lora.jsonl)."""
-    name = "lora.jsonl" if os.path.isfile(os.path.join(folder, "lora.jsonl")) else "toe.jsonl"
-    with open(os.path.join(folder, name)) as f:
-        return [json.loads(line) for line in f]
 
 
 def settings(run: str, lora: bool) -> dict:
@@ -133,7 +132,7 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
             sys.exit(f"{res} holds a {done}-seed report: ask for at least {done} seeds (or delete it)")
     per_seed, diffs = [], {"ce": [], "accuracy": []}
     for seed in range(seeds):
-        rows, cos, used = {}, {}, {}
+        evals, cos, used = {}, {}, {}
         for name in pair:
             run, ev = os.path.join(work, f"{name}-seed{seed}"), os.path.join(work, f"eval-{name}-seed{seed}")
             kw = {**SYSTEMS[name], "experts": experts[SYSTEMS[name]["experts"]]}
@@ -150,11 +149,11 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
             if not os.path.isfile(os.path.join(ev, "metrics.json")) or not finished:
                 evaluate(base=base, data=dev, out=ev, max_new_tokens=64, batch_size=32, with_base=False,
                          overwrite=True, **({"lora": run} if lora else {"plugin": run}))
-            rows[name] = items(ev)
+            evals[ev] = name
             used[name] = settings(run, lora)
             # a plug-in's trained bank: median leaf cosine to the leaves' mean (LoRA has none)
             cos[name] = None if lora else next(iter(inspect(run)["banks"].values()))["bank"]["cos_to_common_median"]
-        assert [r["prompt"] for r in rows[a]] == [r["prompt"] for r in rows[b]]
+        (rows,) = pool(list(evals), labels=evals).values()  # per-item rows; refuses systems scored on other items
         ce = [-r["ce"] for r in rows[a]], [-r["ce"] for r in rows[b]]  # higher is better for both keys
         acc = [float(r["correct"]) for r in rows[a]], [float(r["correct"]) for r in rows[b]]
         row = {"seed": seed, f"{a}_accuracy": sum(acc[0]) / len(acc[0]), f"{b}_accuracy": sum(acc[1]) / len(acc[1]),
@@ -195,7 +194,8 @@ def main(work: str, seeds: int, pair: tuple[str, str] = ("toe", "control")) -> N
                      f"{num(r['leaf_cos_to_mean'][a])} / {num(r['leaf_cos_to_mean'][b])} |")
     c, m = pooled["ce"], pooled["accuracy"]
     lines += [f"| mean of {seeds} seeds, t interval over seeds | | | {c['mean']:+.4f} "
-              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | {100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} | |",
+              f"{ci(c['ci95_over_seeds'], 1, '+.4f')} | "
+              f"{100 * m['mean']:+.1f} {ci(m['ci95_over_seeds'], 100, '+.1f')} | |",
               f"| seed-averaged, bootstrap over items | | | {c['mean']:+.4f} {ci(c['ci95_over_items'], 1, '+.4f')} | "
               f"{100 * m['mean']:+.1f} {ci(m['ci95_over_items'], 100, '+.1f')} | |",
               f"| bootstrap over seeds, then items | | | {c['mean']:+.4f} {ci(c['ci95_seeds_and_items'], 1, '+.4f')} | "
@@ -208,4 +208,5 @@ if __name__ == "__main__":
     pair = tuple(sys.argv[3].split(":")) if len(sys.argv) > 3 else ("toe", "control")
     if len(pair) != 2 or not set(pair) <= set(SYSTEMS):
         sys.exit(f"A:B with A and B among {', '.join(SYSTEMS)}, e.g. toe-topk:toe")
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/toe-toy-seeds", int(sys.argv[2]) if len(sys.argv) > 2 else 5, pair)
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/toe-toy-seeds", int(sys.argv[2]) if len(sys.argv) > 2 else 5,
+         pair)
