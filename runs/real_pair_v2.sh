@@ -20,7 +20,8 @@
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), LORA_LR (2e-4: the LoRA rows' learning rate), QUERY_NORM
 #        (true), CACHED_STATES (true: off-policy steps of plug-in rows start from the extraction's cached states),
 #        TRAIN_SELECTION (the ToE rows' routing in training: unset = `toe train`'s default, dense),
-#        RES (results/real_pair_v2), SCORE
+#        HEAVY_THREADS (torch threads of trainings and extractions; default OMP_NUM_THREADS), RES
+#        (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
@@ -104,7 +105,9 @@ heavy() {  # heavy CMD...: one training or extraction at a time across invocatio
   # next to an evaluation (4-7 GB) fits. The other invocation meanwhile scores its finished rows, or waits here.
   # Off-policy rows too: a LoRA step without the teacher (activations recomputed) still peaks at ~11 GiB, its
   # vocabulary-wide CE tensors over ~4 x 400 positions (results/real_pair_v2/memory).
-  ( flock 7; "$@" ) 7> "${HEAVY_LOCK:-$work/locks/heavy.lock}"  # the sweep shares the study's lock
+  # HEAVY_THREADS: torch threads of those jobs alone (e.g. 2 while no other invocation scores beside them)
+  ( flock 7; OMP_NUM_THREADS=${HEAVY_THREADS:-$OMP_NUM_THREADS} "$@" ) 7> "${HEAVY_LOCK:-$work/locks/heavy.lock}"
+  # the sweep shares the study's lock
 }
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
