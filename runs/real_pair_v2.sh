@@ -20,8 +20,8 @@
 #        BETA (0.5), SAMPLE_TOKENS (256), BANK_LR (1e-3), LORA_LR (2e-4: the LoRA rows' learning rate), QUERY_NORM
 #        (true), CACHED_STATES (true: off-policy steps of plug-in rows start from the extraction's cached states),
 #        TRAIN_SELECTION (the ToE rows' routing in training: unset = `toe train`'s default, dense),
-#        HEAVY_THREADS (torch threads of trainings and extractions; default OMP_NUM_THREADS), RES
-#        (results/real_pair_v2), SCORE
+#        SEED (the training seed, default `toe train`'s 0; give repeats a NAME_SUFFIX), HEAVY_THREADS (torch
+#        threads of trainings and extractions; default OMP_NUM_THREADS), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
@@ -45,6 +45,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 chat=(--template "${TEMPLATE:-chat}")
 budget=(--data "$train_data" --response-field trace --max-length 512 "${chat[@]}" --max-steps "${STEPS:-40}"
         --batch-size "${BATCH:-4}")
+[ -n "${SEED:-}" ] && budget+=(--seed "$SEED")  # a repeat of a row with another training seed (with a NAME_SUFFIX)
 objective_on=(--objective on_policy --on-policy-ratio "${RATIO:-1.0}" --beta "${BETA:-0.5}"
               --sample-max-new-tokens "${SAMPLE_TOKENS:-256}" --teacher "$teacher")
 # On-policy steps hold the fp32 teacher (6 GB) next to the student's activations over ~4 x 650 tokens: the plug-in
