@@ -307,6 +307,10 @@ for row in $rows; do
       a=$(label "${p%%:*}"); b=$(label "${p#*:}")
       scored "$target" "$a" && scored "$target" "$b" && pairs+=("\"$a:$b\"")
     done
+    for d in "$res/$target"/*-seed*/; do  # a repeat with another training seed (SEED) minus the row it repeats
+      a=$(basename "$d"); b=${a%-seed*}
+      scored "$target" "$a" && scored "$target" "$b" && pairs+=("\"$a:$b\"")
+    done
     pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
     ref=${REFERENCE:-toe3-on}; ref_args=(); scored "$target" "$ref" && ref_args=(--reference "$ref")
     if [ ${#dirs[@]} -gt 1 ]; then

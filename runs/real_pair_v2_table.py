@@ -10,7 +10,9 @@ one line per study row, in the issue's priority order, with
 - a plug-in's mean ||Δ||/||h|| on the math items and on the code (mean over its injection layers);
 - a plug-in's bank geometry before -> after training (RES/train/ROW/inspect.json: median cosine of the leaves to their
   mean, mean over layers; near 1 the bank is one vector and routing cannot matter);
-- the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy).
+- the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy);
+- below the rows, each repeat with another training seed (ROW-seedK) next to ROW, paired on the same items: how far
+  the training seed alone moves a row, to read the differences above against.
 
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from tree_of_experts.io import atomic_write_json, atomic_write_text
 
 ROWS = ["ctl3", "toe3-on", "lora8-on", "toe3-off", "lora8-off", "toe3+lora", "oracle3", "toe1-on", "ctl1", "toe1-off",
         "lora1-on", "lora1-off"]
@@ -107,6 +111,21 @@ def budget_cell(d: dict | None) -> str:
     return text
 
 
+def seed_repeats(by: dict, pairs: dict) -> list[dict]:
+    """Rows named ROW-seedK (runs/real_pair_v2.sh with SEED and that NAME_SUFFIX) next to ROW."""
+    out = []
+    for name in sorted({k for t in ("ce", "acc") for k in by[t] if "-seed" in k}):
+        row = name.rsplit("-seed", 1)[0]
+        ce, acc = by["ce"].get(name), by["acc"].get(name)
+        g = ce.get("ce_gap_closed") if ce else None
+        line = (f"| {name} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | "
+                f"{interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} | "
+                f"{paired(pairs['ce'], name, row, 'ce')} / {paired(pairs['acc'], name, row, 'accuracy')} |\n")
+        out.append({"row": name, "repeats": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
+                    "line": line})
+    return out
+
+
 def main(res: str) -> dict:
     reports = {t: read(os.path.join(res, f"report-{t}", "report.json")) or [] for t in ("ce", "acc", "code")}
     pairs = {t: read(os.path.join(res, f"report-{t}", "pairs.json")) or [] for t in ("ce", "acc", "code")}
@@ -160,11 +179,14 @@ def main(res: str) -> dict:
             "intervals).\n")
     if missing:
         text += f"\nNot scored yet: {', '.join(missing)}.\n"
-    out = {"rows": table, "missing": missing, "items": n}
-    with open(os.path.join(res, "table.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(res, "table.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    repeats = seed_repeats(by, pairs)
+    if repeats:
+        text += ("\nThe same row trained with another seed (same data, budget and items; the repeat minus the row, "
+                 "paired on items):\n\n| repeat | CE gap closed | accuracy | minus the seed-0 row: CE / accuracy |\n"
+                 "|---|---|---|---|\n" + "".join(r.pop("line") for r in repeats))
+    out = {"rows": table, "missing": missing, "items": n, "seed_repeats": repeats}
+    atomic_write_text(os.path.join(res, "table.md"), text)
+    atomic_write_json(os.path.join(res, "table.json"), out)
     print(text)
     return out
 
