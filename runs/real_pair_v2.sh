@@ -318,7 +318,8 @@ for row in $rows; do
         --overwrite true || echo "the $target report failed (above); the rows' own folders are complete" >&2
     fi
   done
-  python3 "$here/runs/real_pair_v2_table.py" "$res" > /dev/null \
+  readme=(); [ "$res" -ef "$here/results/real_pair_v2" ] && readme=(--readme "$here/README.md")  # the study's own
+  python3 "$here/runs/real_pair_v2_table.py" "$res" "${readme[@]}" > /dev/null \
     || echo "the table failed (above); the reports are complete" >&2  # the headline table (RES/table.md) so far
   exec 8>&-  # the row is done: its lock goes
 done

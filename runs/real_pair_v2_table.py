@@ -16,11 +16,14 @@ one line per study row, in the issue's priority order, with
 
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
-Usage: python runs/real_pair_v2_table.py [RES]   (default: results/real_pair_v2)
+Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md]   (default RES: results/real_pair_v2)
+  --readme: also put the table into that file, between its lines `<!-- v2-table -->` and `<!-- /v2-table -->`
+  (the README's real-pair section shows the committed table, never a copy typed by hand).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -126,7 +129,7 @@ def seed_repeats(by: dict, pairs: dict) -> list[dict]:
     return out
 
 
-def main(res: str) -> dict:
+def main(res: str, readme: str | None = None) -> dict:
     reports = {t: read(os.path.join(res, f"report-{t}", "report.json")) or [] for t in ("ce", "acc", "code")}
     pairs = {t: read(os.path.join(res, f"report-{t}", "pairs.json")) or [] for t in ("ce", "acc", "code")}
     usage = {t: read(os.path.join(res, f"report-{t}", "leaf_usage.json")) or [] for t in ("ce", "code")}
@@ -187,10 +190,27 @@ def main(res: str) -> dict:
     out = {"rows": table, "missing": missing, "items": n, "seed_repeats": repeats}
     atomic_write_text(os.path.join(res, "table.md"), text)
     atomic_write_json(os.path.join(res, "table.json"), out)
+    if readme:
+        into_readme(readme, text)
     print(text)
     return out
 
 
+def into_readme(path: str, text: str) -> None:
+    """Replace what stands between the README's `<!-- v2-table -->` and `<!-- /v2-table -->` lines with TEXT."""
+    with open(path) as f:
+        doc = f.read()
+    start, end = "<!-- v2-table -->\n", "<!-- /v2-table -->"
+    if start not in doc or end not in doc:
+        sys.exit(f"{path} has no `<!-- v2-table -->` ... `<!-- /v2-table -->` lines: add them where the table goes")
+    head, rest = doc.split(start, 1)
+    atomic_write_text(path, head + start + text + "\n" + end + rest.split(end, 1)[1])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "results",
-                                                                  "real_pair_v2"))
+    parser = argparse.ArgumentParser(description="The v2 study's headline table from its reports.")
+    parser.add_argument("res", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "results",
+                                                               "real_pair_v2"))
+    parser.add_argument("--readme", help="also write the table between this file's v2-table marker lines")
+    args = parser.parse_args()
+    main(args.res, args.readme)
