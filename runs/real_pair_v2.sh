@@ -106,9 +106,9 @@ heavy() {  # heavy CMD...: one training or extraction at a time across invocatio
   # next to an evaluation (4-7 GB) fits. The other invocation meanwhile scores its finished rows, or waits here.
   # Off-policy rows too: a LoRA step without the teacher (activations recomputed) still peaks at ~11 GiB, its
   # vocabulary-wide CE tensors over ~4 x 400 positions (results/real_pair_v2/memory).
-  # HEAVY_THREADS: torch threads of those jobs alone (e.g. 2 while no other invocation scores beside them)
+  # HEAVY_THREADS: torch threads of those jobs alone (e.g. 2 while no other invocation scores beside them); the
+  # sweep shares the study's lock
   ( flock 7; OMP_NUM_THREADS=${HEAVY_THREADS:-$OMP_NUM_THREADS} "$@" ) 7> "${HEAVY_LOCK:-$work/locks/heavy.lock}"
-  # the sweep shares the study's lock
 }
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass

@@ -63,6 +63,16 @@ def nats(x: float) -> str:
     return f"{x:+.4f}"
 
 
+def gap_cell(ce: dict | None) -> str:
+    """CE gap closed with its interval, from a report row (or an oracle system's)."""
+    g = ce.get("ce_gap_closed") if ce else None
+    return interval(g["gap_closed"], g["ci95"], pct) if g else "–"
+
+
+def acc_cell(acc: dict | None) -> str:
+    return interval(acc["accuracy"], acc["accuracy_ci95"], pct) if acc else "–"
+
+
 def paired(pairs: list, a: str, b: str, metric: str) -> str:
     row = next((p for p in pairs if p["a"] == a and p["b"] == b), None)
     d = row and row.get(metric)
@@ -114,19 +124,10 @@ def budget_cell(d: dict | None) -> str:
     return text
 
 
-def seed_repeats(by: dict, pairs: dict) -> list[dict]:
-    """Rows named ROW-seedK (runs/real_pair_v2.sh with SEED and that NAME_SUFFIX) next to ROW."""
-    out = []
-    for name in sorted({k for t in ("ce", "acc") for k in by[t] if "-seed" in k}):
-        row = name.rsplit("-seed", 1)[0]
-        ce, acc = by["ce"].get(name), by["acc"].get(name)
-        g = ce.get("ce_gap_closed") if ce else None
-        line = (f"| {name} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | "
-                f"{interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} | "
-                f"{paired(pairs['ce'], name, row, 'ce')} / {paired(pairs['acc'], name, row, 'accuracy')} |\n")
-        out.append({"row": name, "repeats": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
-                    "line": line})
-    return out
+def seed_repeats(by: dict) -> list[dict]:
+    """Rows named ROW-seedK (runs/real_pair_v2.sh with SEED and that NAME_SUFFIX), each with the ROW it repeats."""
+    names = sorted({k for t in ("ce", "acc") for k in by[t] if "-seed" in k})
+    return [{"row": name, "repeats": name.rsplit("-seed", 1)[0]} for name in names]
 
 
 def main(res: str, readme: str | None = None) -> dict:
@@ -141,8 +142,7 @@ def main(res: str, readme: str | None = None) -> dict:
     for name in ("base", "teacher"):
         ce, acc = by["ce"].get(name), by["acc"].get(name)
         if ce or acc:
-            anchors.append(f"| {name} | – | {interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} "
-                           "| – | – | – | – | – | – |")
+            anchors.append(f"| {name} | – | {acc_cell(acc)} | – | – | – | – | – | – |")
     table, missing = [], []
     for row in ROWS:
         ce, acc = by["ce"].get(row), by["acc"].get(row)
@@ -152,10 +152,8 @@ def main(res: str, readme: str | None = None) -> dict:
             continue
         if oracle:  # the oracle folder: one line per O1/O2 system, CE only
             for label, r in oracle.items():
-                g = r.get("ce_gap_closed")
-                lines.append(f"| {label} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | – | – | – | – "
-                             "| – | – | – |")
-                table.append({"row": label, "ce_gap_closed": g})
+                lines.append(f"| {label} | {gap_cell(r)} | – | – | – | – | – | – | – |")
+                table.append({"row": label, "ce_gap_closed": r.get("ce_gap_closed")})
             continue
         g = ce.get("ce_gap_closed") if ce else None
         ctl, lora = CONTROL.get(row), LORA.get(row)
@@ -166,8 +164,7 @@ def main(res: str, readme: str | None = None) -> dict:
         dr = "–" if math_dr is None else f"{math_dr:.4f} / {'–' if code_dr is None else f'{code_dr:.4f}'}"
         geo, spent = bank_geometry(res, row), budget(res, row)
         geo_cell = "–" if geo is None else f"{geo[0]:.2f} → {geo[1]:.2f}"
-        lines.append(f"| {row} | {interval(g['gap_closed'], g['ci95'], pct) if g else '–'} | "
-                     f"{interval(acc['accuracy'], acc['accuracy_ci95'], pct) if acc else '–'} | {margin} | {vs_lora} | "
+        lines.append(f"| {row} | {gap_cell(ce)} | {acc_cell(acc)} | {margin} | {vs_lora} | "
                      f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} | {geo_cell} | {budget_cell(spent)} |")
         table.append({"row": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
                       "accuracy_ci95": acc and acc["accuracy_ci95"], "control": ctl, "lora": lora,
@@ -182,11 +179,17 @@ def main(res: str, readme: str | None = None) -> dict:
             "intervals).\n")
     if missing:
         text += f"\nNot scored yet: {', '.join(missing)}.\n"
-    repeats = seed_repeats(by, pairs)
+    repeats = seed_repeats(by)
     if repeats:
         text += ("\nThe same row trained with another seed (same data, budget and items; the repeat minus the row, "
                  "paired on items):\n\n| repeat | CE gap closed | accuracy | minus the seed-0 row: CE / accuracy |\n"
-                 "|---|---|---|---|\n" + "".join(r.pop("line") for r in repeats))
+                 "|---|---|---|---|\n")
+    for r in repeats:
+        ce, acc = by["ce"].get(r["row"]), by["acc"].get(r["row"])
+        margin = f"{paired(pairs['ce'], r['row'], r['repeats'], 'ce')} / " \
+                 f"{paired(pairs['acc'], r['row'], r['repeats'], 'accuracy')}"
+        text += f"| {r['row']} | {gap_cell(ce)} | {acc_cell(acc)} | {margin} |\n"
+        r.update(ce_gap_closed=ce and ce.get("ce_gap_closed"), accuracy=acc and acc["accuracy"])
     out = {"rows": table, "missing": missing, "items": n, "seed_repeats": repeats}
     atomic_write_text(os.path.join(res, "table.md"), text)
     atomic_write_json(os.path.join(res, "table.json"), out)
