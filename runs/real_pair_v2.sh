@@ -24,7 +24,8 @@
 #        threads of trainings and extractions; default OMP_NUM_THREADS), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
-#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), DEV_BATCH
+#        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), REPORTS
+#        (1; 0: no pooled reports or table after each row, the caller writes its own), DEV_BATCH
 #        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
 #        larger batches, and each finished batch is kept for --resume), ACC_BATCH (25: the same for every row's
 #        graded answers; one CPU thread decodes a batch of 25 in about the time of a batch of 8 — a decode step
@@ -300,6 +301,7 @@ for row in $rows; do
         --lambdas "[0.25]" --overwrite true --out "$res/ce/oracle3$sfx" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
+  if [ "${REPORTS:-1}" = 0 ]; then exec 8>&-; continue; fi  # the caller pools the reports (the sweep)
   for target in ce acc code; do  # one pooled report per target over the finished rows, with the headline pairs
     dirs=(); pairs=()
     for d in "$res/$target"/*/; do [ -f "$d/metrics.json" ] && dirs+=("${d%/}"); done

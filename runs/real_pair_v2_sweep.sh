@@ -13,12 +13,13 @@
 #          all eleven, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
 #          for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so ten points at the
 #          full budget would be ~17 CPU-hours): it ranks the choices, the study trains the chosen ones in full.
-#   Results: results/real_pair_v2/sweep/ (one pooled CE report after each point).
+#   Results: results/real_pair_v2/sweep/: after each point one pooled CE report with every point minus its reference
+#   (the ToE points minus `default`, the LoRA point minus `lora`), and the sweep's table (table.md).
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 lora lora-lr1e-3}
-export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REFERENCE=toe3-on-default
+export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REPORTS=0
 export STEPS=${SWEEP_STEPS:-10}
 # one training at a time with a study running on the same machine (two trainings at once run out of 24 GB)
 export HEAVY_LOCK=${HEAVY_LOCK:-$work/locks/heavy.lock}; mkdir -p "$work/locks"
@@ -40,4 +41,14 @@ for p in $points; do
     *) echo "unknown point $p" >&2; exit 2 ;;
   esac
   env "${env[@]}" "$here/runs/real_pair_v2.sh" "$pair" "$work/sweep" anchors "$row"
+  dirs=(); pairs=()  # the pooled report: each scored point minus its reference point, paired on the tuning rows
+  for d in "$RES"/ce/*/; do
+    [ -f "$d/metrics.json" ] || continue
+    dirs+=("${d%/}"); name=$(basename "$d"); ref=toe3-on-default; [ "${name#lora}" != "$name" ] && ref=lora8-on-lora
+    case $name in anchors|"$ref") ;; *) [ -f "$RES/ce/$ref/metrics.json" ] && pairs+=("\"$name:$ref\"") ;; esac
+  done
+  pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
+  [ ${#dirs[@]} -gt 1 ] && { toe report "${dirs[@]}" "${pair_args[@]}" --out "$RES/report-ce" --overwrite true \
+    || echo "the sweep report failed (above); the points' own folders are complete" >&2; }
+  python3 "$here/runs/real_pair_v2_table.py" "$RES" --sweep > /dev/null
 done

@@ -16,7 +16,13 @@ one line per study row, in the issue's priority order, with
 
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
-Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md]   (default RES: results/real_pair_v2)
+With --sweep, RES is the sweep's (runs/real_pair_v2_sweep.sh: results/real_pair_v2/sweep) and the table has one
+line per sweep point instead: what it changes against its reference point (read from the two runs' kept arguments,
+so the column cannot drift from what was trained), its CE gap closed on the tuning rows' teacher answers, the paired
+difference from the reference (RES/report-ce/pairs.json), its divergence on its own samples over the second half of
+its steps, and its bank geometry.
+
+Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md] [--sweep]   (default RES: results/real_pair_v2)
   --readme: also put the table into that file, between its lines `<!-- v2-table -->` and `<!-- /v2-table -->`
   (the README's real-pair section shows the committed table, never a copy typed by hand).
 """
@@ -199,6 +205,73 @@ def main(res: str, readme: str | None = None) -> dict:
     return out
 
 
+# the sweep's reference points: every ToE point changes one knob of the first, every LoRA point of the second
+SWEEP_REFERENCES = ("toe3-on-default", "lora8-on-lora")
+# arguments that name where a run lived, not what it trained
+WHERE = {"out", "resume", "overwrite", "save_every", "base", "teacher", "data"}
+
+
+def sweep_reference(point: str) -> str:
+    return SWEEP_REFERENCES[1] if point.startswith("lora") else SWEEP_REFERENCES[0]
+
+
+def run_args(res: str, point: str) -> dict | None:
+    folder = os.path.join(res, "train", point)
+    return read(os.path.join(folder, "train_args.json")) or read(os.path.join(folder, "baseline_args.json"))
+
+
+def changed(res: str, point: str, ref: str) -> str:
+    """The arguments POINT trained with that REF did not (both from their kept argument files)."""
+    if point == ref:
+        return "the reference"
+    a, b = run_args(res, point), run_args(res, ref)
+    if a is None or b is None:
+        return "?"
+    keys = sorted(k for k in set(a) | set(b) if k not in WHERE and a.get(k) != b.get(k))
+    return ", ".join(f"{k} {a.get(k)} (not {b.get(k)})" for k in keys) or "nothing"
+
+
+def late_divergence(res: str, point: str) -> float | None:
+    """Mean generalized JSD on the point's own samples over the second half of its on-policy steps."""
+    path = os.path.join(res, "train", point, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        on = [r for r in map(json.loads, filter(str.strip, f)) if r.get("objective") == "on_policy"
+              and r.get("jsd") is not None]
+    late = on[len(on) // 2:]
+    return sum(r["jsd"] for r in late) / len(late) if late else None
+
+
+def sweep(res: str) -> dict:
+    """One line per sweep point scored on CE (see the module's docstring)."""
+    report = read(os.path.join(res, "report-ce", "report.json")) or []
+    pairs = read(os.path.join(res, "report-ce", "pairs.json")) or []
+    points = [r for r in report if r["system"] not in ("base", "teacher")]
+    points.sort(key=lambda r: (sweep_reference(r["system"]), r["system"] not in SWEEP_REFERENCES, r["system"]))
+    lines = ["| point | changes against its reference | CE gap closed | minus the reference: CE | JSD on own "
+             "samples, late steps | bank: leaf cos to mean, before → after | budget |", "|---|---|---|---|---|---|---|"]
+    table = []
+    for r in points:
+        name, ref = r["system"], sweep_reference(r["system"])
+        jsd, geo, spent = late_divergence(res, name), bank_geometry(res, name), budget(res, name)
+        lines.append(f"| {name} | {changed(res, name, ref)} | {gap_cell(r)} | "
+                     f"{'–' if name == ref else paired(pairs, name, ref, 'ce')} | "
+                     f"{'–' if jsd is None else f'{jsd:.4f}'} | "
+                     f"{'–' if geo is None else f'{geo[0]:.2f} → {geo[1]:.2f}'} | {budget_cell(spent)} |")
+        table.append({"point": name, "reference": ref, "ce_gap_closed": r.get("ce_gap_closed"),
+                      "late_jsd": jsd, "leaf_cos_to_mean": geo, "budget": spent})
+    n = next((r["n"] for r in report), None)
+    text = "\n".join(lines) + (f"\n\nItems: CE on the teacher's answers to {n} GSM8K dev rows (the tuning rows, never "
+                               "reported in the study); differences are paired on items (95 % bootstrap intervals).\n"
+                               if n else "\n\nNo point scored yet.\n")
+    out = {"points": table, "items": n}
+    atomic_write_text(os.path.join(res, "table.md"), text)
+    atomic_write_json(os.path.join(res, "table.json"), out)
+    print(text)
+    return out
+
+
 def into_readme(path: str, text: str) -> None:
     """Replace what stands between the README's `<!-- v2-table -->` and `<!-- /v2-table -->` lines with TEXT."""
     with open(path) as f:
@@ -215,5 +288,11 @@ if __name__ == "__main__":
     parser.add_argument("res", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "results",
                                                                "real_pair_v2"))
     parser.add_argument("--readme", help="also write the table between this file's v2-table marker lines")
+    parser.add_argument("--sweep", action="store_true", help="RES is the sweep's: one line per sweep point")
     args = parser.parse_args()
-    main(args.res, args.readme)
+    if args.sweep and args.readme:
+        parser.error("--readme takes the study's table, not the sweep's: drop one of them")
+    if args.sweep:
+        sweep(args.res)
+    else:
+        main(args.res, args.readme)
