@@ -113,12 +113,17 @@ heavy() {  # heavy CMD...: one training or extraction at a time across invocatio
 }
 
 extraction() {  # extraction NAME LAYERS: one tree + bank per layer, one teacher pass
-  local out="$exdir/$1"; need_traces; mkdir -p "$exdir"
+  local out="$exdir/$1" reuse=(); need_traces; mkdir -p "$exdir"
+  # a layer set inside the finished 3-layer extraction's takes its states from those shards (`--reuse-capture`: the
+  # same extraction as a new capture, without the teacher's ~50 CPU-minutes); its fusion maps and tree are built anew
+  if [ "$1" != extract-l3 ] && [ -f "$exdir/extract-l3/summary.json" ] && python3 -c "import json, sys
+sys.exit(not set(map(int, sys.argv[2].split(','))) <= set(json.load(open(sys.argv[1]))['layers']))" \
+      "$exdir/extract-l3/summary.json" "$2"; then reuse=(--reuse-capture "$exdir/extract-l3"); fi
   (  # two invocations of this script (two rows at once) build an extraction once: the second waits for the first
     flock 9
     [ -f "$out/summary.json" ] || heavy toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
       --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
-      --batch-size 4 --shard-size 32 --out "$out"
+      --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
   ) 9> "$out.lock"
   mkdir -p "$res/$1"; cp "$out"/{summary.json,summary.md,manifest.json} "$res/$1/"
 }

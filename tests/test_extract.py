@@ -82,6 +82,34 @@ def test_rebuild_reuses_the_capture_and_fusion_map(pair, tmp_path):
         rebuild(str(tmp_path / "nothing"), str(tmp_path / "x"))
 
 
+def test_a_layer_subset_reuses_the_capture_without_loading_the_teacher(pair, tmp_path, monkeypatch):
+    import tree_of_experts.commands.extract as extract_mod
+
+    run(pair, tmp_path / "both", layers=[0, 1])
+    run(pair, tmp_path / "fresh", layers=[1])
+    real, loaded = extract_mod.load_causal_lm, []
+    monkeypatch.setattr(extract_mod, "load_causal_lm", lambda path, **kw: loaded.append(path) or real(path, **kw))
+    summary = run(pair, tmp_path / "reused", layers=[1], reuse_capture=str(tmp_path / "both"))
+    assert loaded == [str(pair / "base")]  # the teacher is never loaded
+    assert summary["capture"]["reused_from"] == str(tmp_path / "both")
+    # the extraction a fresh capture of that layer gives: shards, fusion map, plug-in, run settings
+    fresh, reused = Extraction(str(tmp_path / "fresh")), Extraction(str(tmp_path / "reused"))
+    for pa, pb in zip(fresh.shard_paths(), reused.shard_paths(), strict=True):
+        sa, sb = load_file(pa), load_file(pb)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for name in ("projector.safetensors", "toe_model.safetensors"):
+        a, b = load_file(tmp_path / "fresh" / name), load_file(tmp_path / "reused" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert fresh.run() == reused.run()
+    # a pair the source never captured, or other capture settings: refused before anything is written
+    with pytest.raises(ToEError, match="holds the .layer, teacher layer. pairs"):
+        run(pair, tmp_path / "bad", layers=[1], teacher_layers=[0], reuse_capture=str(tmp_path / "both"))
+    with pytest.raises(ToEError, match="other settings .max_length"):
+        run(pair, tmp_path / "bad2", layers=[1], max_length=64, reuse_capture=str(tmp_path / "both"))
+    with pytest.raises(ToEError, match="not a `toe extract` folder"):
+        run(pair, tmp_path / "bad3", layers=[1], reuse_capture=str(tmp_path / "nothing"))
+
+
 def test_rerun_with_other_settings_is_refused(pair, tmp_path):
     run(pair, tmp_path / "ex")
     with pytest.raises(ToEError, match="other settings.*layers"):

@@ -12,6 +12,9 @@ Output folder layout::
 
 `toe rebuild --source EXTRACTION --out NEW --num_leaves N --shape deep` redoes only the tree and bank from an
 extraction's shards and trained fusion map (sweeps over N and shape without running the teacher again).
+`toe extract --layers 11 --reuse_capture EXTRACTION ...` takes a subset of an extraction's layers from its shards
+instead of running the models again (layer-set sweeps: the fusion maps, trained jointly over the layer set, and the
+tree are built anew; the result is the extraction a fresh capture of those layers gives).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ..extraction.capture import capture_shard, default_layer, prepare, same_voc
 from ..extraction.fusion import (
     FusionMap,
 )
-from ..extraction.store import CORRUPT
+from ..extraction.store import CORRUPT, CORRUPT_SHARD
 from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_tokenizer
 from ..io import (
     atomic_save_tensors,
@@ -71,6 +74,35 @@ def check_layers(layers, teacher_layers, n_base: int | None, n_teacher: int | No
             raise ToEError(f"{name}={list(ls)} out of range: that model has {n} decoder layers (0..{n - 1})")
 
 
+def reusable_capture(source: str, early: dict) -> dict:
+    """The settings of SOURCE, an extraction whose shards may serve this one: every capture setting but the layers
+    must match ``early`` (this extraction's); its shards are checked as they are read."""
+    if not os.path.isfile(os.path.join(source, "run.json")):
+        raise ToEError(f"--reuse_capture {source} is not a `toe extract` folder (no run.json): give the folder of an "
+                       "extraction of the same models and data")
+    run = read_json(os.path.join(source, "run.json"), CORRUPT)
+    changed = sorted(k for k in early if k not in ("layers", "teacher_layers") and run.get(k) != early[k])
+    if changed:
+        raise ToEError(f"--reuse_capture {source} was captured with other settings ({', '.join(changed)}): give the "
+                       "same models, data and capture settings, or extract without --reuse_capture")
+    return run
+
+
+def layer_subset(source: str, shard: str, which: list[int]) -> dict[str, torch.Tensor]:
+    """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..), everything else as captured."""
+    path = os.path.join(source, "shards", shard)
+    if not os.path.isfile(path):
+        raise ToEError(f"--reuse_capture {source} lacks shards/{shard}: finish that extraction first (rerun its "
+                       "`toe extract` command), or extract without --reuse_capture")
+    tensors = load_tensors(path, CORRUPT_SHARD)
+    out = {k: v for k, v in tensors.items() if not k.startswith(("base.", "teacher."))}
+    for j, i in enumerate(which):
+        out[f"base.{j}"] = tensors[f"base.{i}"]
+        if f"teacher.{i}" in tensors:
+            out[f"teacher.{j}"] = tensors[f"teacher.{i}"]
+    return out
+
+
 def extract(
     teacher: str,
     base: str,
@@ -103,6 +135,7 @@ def extract(
     seed: int = 0,
     teacher_gguf_file: str | None = None,
     base_gguf_file: str | None = None,
+    reuse_capture: str | None = None,
     overwrite: bool = False,
 ) -> dict | None:
     """Builds an expert bank and tree from a teacher, a base and reasoning text.
@@ -140,6 +173,9 @@ def extract(
         seed: seed for sampling, clustering and the projector's data order.
         teacher_gguf_file: load the teacher from this GGUF file inside the ``teacher`` folder.
         base_gguf_file: load the base from this GGUF file inside the ``base`` folder.
+        reuse_capture: an extraction of the same models, data and capture settings at a layer set that includes
+            every (layer, teacher layer) pair asked for: its shards give this one's states and the teacher is never
+            loaded (the fusion maps and the tree are still built, for this layer set).
         overwrite: replace what another run (or an extraction with other settings) left in ``out``.
 
     Returns:
@@ -166,25 +202,44 @@ def extract(
              **({"layers": list(layers)} if layers else {}),
              **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
     check_same_extraction(out, early)  # what can be compared before the models load
+    source = reusable_capture(reuse_capture, early) if reuse_capture else None
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
-    check_layers(layers, teacher_layers, decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw))
+    n_t_config = decoder_layer_count(teacher, **t_kw)
+    check_layers(layers, teacher_layers, decoder_layer_count(base, **b_kw), n_t_config)
     examples = prepare(records, spec, base_tok, teacher_tok, max_length)
     check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
     # the same model read twice (the no-teacher control): loaded once, and one forward serves both without top-k
     same_model = teacher == base and t_kw == b_kw
-    teacher_model = base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
-    n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
+    if source is not None:  # the states come from the source's shards: the teacher is never loaded
+        teacher_model = None
+        if n_t_config is None and not teacher_layers:
+            raise ToEError(f"{teacher}'s config does not give its layer count: pass --teacher_layers with "
+                           "--reuse_capture")
+    else:
+        teacher_model = base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+    n_b = len(decoder_layers(base_model))
+    n_t = n_t_config if teacher_model is None else len(decoder_layers(teacher_model))
     layers = list(layers) if layers else [default_layer(n_b)]
     teacher_layers = list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
     check_layers(layers, teacher_layers, n_b, n_t)
+    which = None
+    if source is not None:
+        captured = list(zip(source["layers"], source["teacher_layers"]))
+        asked = list(zip(layers, teacher_layers))
+        missing = [p for p in asked if p not in captured]
+        if missing:
+            raise ToEError(f"--reuse_capture {reuse_capture} holds the (layer, teacher layer) pairs {captured}, not "
+                           f"{missing}: ask for layers among those, or extract without --reuse_capture")
+        which = [captured.index(p) for p in asked]
     settings = {
         "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
         "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers,
         "max_length": max_length, "shard_size": shard_size,
         "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
-        "teacher_arch": arch_fingerprint(teacher_model.config)[1], "base_arch": arch_fingerprint(base_model.config)[1],
+        "teacher_arch": source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
+        "base_arch": arch_fingerprint(base_model.config)[1],
     }
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     run_path = os.path.join(out, "run.json")
@@ -205,10 +260,15 @@ def extract(
         path = os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
         if os.path.exists(path):
             continue
-        tensors = capture_shard(examples[s * shard_size : (s + 1) * shard_size], teacher_model, base_model, layers,
-                                teacher_layers, batch_size, topk_logprobs, pad, kd, timings)
+        if which is not None:
+            tensors = layer_subset(reuse_capture, os.path.basename(path), which)
+        else:
+            tensors = capture_shard(examples[s * shard_size : (s + 1) * shard_size], teacher_model, base_model,
+                                    layers, teacher_layers, batch_size, topk_logprobs, pad, kd, timings)
         atomic_save_tensors(path, tensors)
     timings["wall_s"] = time.perf_counter() - t_start
+    if reuse_capture:
+        timings["reused_capture"] = os.path.abspath(reuse_capture)
     atomic_write_json(os.path.join(out, f"timings-{state.process_index}.json"), timings)
     state.wait_for_everyone()
     if not state.is_main_process:

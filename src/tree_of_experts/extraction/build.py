@@ -319,6 +319,8 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
         for k in capture:
             capture[k] += t[k] if k != "wall_s" else 0
         capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
+        if "reused_capture" in t:  # `toe extract --reuse_capture`: the states came from that extraction's shards
+            capture["reused_from"] = t["reused_capture"]
     if capture["tokens"]:
         capture["tokens_per_s"] = capture["tokens"] / max(capture["wall_s"], 1e-9)
         capture["teacher_forward_tokens_per_s"] = capture["tokens"] / max(capture["teacher_s"], 1e-9)
@@ -355,6 +357,8 @@ def summary_markdown(s: dict) -> str:
                       f"geometry-initialised gate routes {100 * c['gate_init_routing_accuracy']:.1f} % of tokens "
                       f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
     cap = s["capture"]
+    if cap.get("reused_from"):
+        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`), not captured again."]
     if cap.get("tokens"):
         lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
                       f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
