@@ -110,6 +110,34 @@ def test_a_layer_subset_reuses_the_capture_without_loading_the_teacher(pair, tmp
         run(pair, tmp_path / "bad3", layers=[1], reuse_capture=str(tmp_path / "nothing"))
 
 
+def test_a_bank_from_the_ridge_step(pair, tmp_path):
+    """--signal ridge clusters λ (P(u) - h) instead of the trained map's δ: the tree is the same at every λ (k-means
+    is scale-free) and the bank scales with λ; the summary and the oracle's O2 say which signal it was."""
+    from tree_of_experts.commands.oracle import oracle
+    from tree_of_experts.extraction.fusion import expert_signal, ridge_delta
+
+    run(pair, tmp_path / "ex")
+    a = rebuild(str(tmp_path / "ex"), str(tmp_path / "r1"), num_leaves=8, gate_rank=8, signal="ridge",
+                signal_lambda=0.25)
+    rebuild(str(tmp_path / "ex"), str(tmp_path / "r2"), num_leaves=8, gate_rank=8, signal="ridge", signal_lambda=0.5)
+    assert a["signal"] == {"kind": "ridge", "lambda": 0.25}
+    assert "ridge step" in (tmp_path / "r1" / "summary.md").read_text()
+    assert json.loads((tmp_path / "ex" / "summary.json").read_text())["signal"] == {"kind": "fusion_map"}
+    banks = [ToEModel.from_pretrained(str(pair / "base"), str(tmp_path / d)).plugin.blocks["0"].bank.vectors()
+             for d in ("ex", "r1", "r2")]
+    assert torch.allclose(banks[2], 2 * banks[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(banks[0], banks[1])
+    w, u, h = torch.randn(5, 3), torch.randn(2, 4), torch.randn(2, 3)
+    assert torch.equal(expert_signal("ridge", None, [w], 0.5)(0, u, h), ridge_delta(w, u, h, 0.5))
+    r = oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "r1"), data=FIXTURE,
+               out=str(tmp_path / "or"), limit=3, lambdas=(0.25,))
+    assert r["o2_signal"] == {"kind": "ridge", "lambda": 0.25} and "O2 oracle routing" in r["systems"]
+    with pytest.raises(ToEError, match="signal_lambda=0 gives an all-zero bank"):
+        rebuild(str(tmp_path / "ex"), str(tmp_path / "r0"), num_leaves=8, signal="ridge", signal_lambda=0)
+    with pytest.raises(ToEError, match="signal='pca' is unknown"):
+        rebuild(str(tmp_path / "ex"), str(tmp_path / "r0"), num_leaves=8, signal="pca")
+
+
 def test_rerun_with_other_settings_is_refused(pair, tmp_path):
     run(pair, tmp_path / "ex")
     with pytest.raises(ToEError, match="other settings.*layers"):

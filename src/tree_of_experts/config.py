@@ -175,6 +175,7 @@ def portable_name(name_or_path: str) -> str:
 # line, not a model load. Fields have no defaults: the command's signature is the one place that holds them.
 Shape = Literal["balanced", "deep", "flat"]
 ExtractShape = Literal["balanced", "deep"]
+Signal = Literal["fusion_map", "ridge"]
 Selection = Literal["dense", "topk", "topp", "beam"]
 DType = Literal["float32", "float16", "bfloat16", "auto"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -249,9 +250,14 @@ class TreeConfig(_RunConfig):
     gate_rank: int
     sample_rate: float
     max_rows: int
+    signal: Signal
+    signal_lambda: float
 
     def check(self) -> None:
         check_routing(self.shape, self.num_leaves, self.selection, self.top_k)
+        _finite("signal_lambda", self.signal_lambda, 0.0, 1.0, " (the ridge step's share of P(u) - h)")
+        if self.signal_lambda == 0:
+            raise ToEError("signal_lambda=0 gives an all-zero bank: must be in (0, 1]")
         _at_least("gate_rank", self.gate_rank, 1)
         _finite("sample_rate", self.sample_rate, 0.0, 1.0, " (the share of training tokens clustered)")
         if self.sample_rate == 0:

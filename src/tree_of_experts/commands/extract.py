@@ -114,6 +114,8 @@ def extract(
     teacher_layers: list[int] | None = None,
     sample_rate: float = 1.0,
     max_rows: int = 200_000,
+    signal: str = "fusion_map",
+    signal_lambda: float = 0.25,
     limit: int | None = None,
     heldout_frac: float = 0.1,
     prompt_field: str = "question",
@@ -151,6 +153,9 @@ def extract(
         teacher_layers: teacher layers read for each injection layer (default: same relative depth).
         sample_rate: fraction of training tokens used for clustering.
         max_rows: cap on the tokens clustered (memory bound).
+        signal: the expert signal the bank is built from: "fusion_map" (the trained map A(u, h)) or "ridge" (the
+            untrained ridge step λ (P(u) - h), the O1 ridge oracle's edit).
+        signal_lambda: λ of the ridge step (with ``signal="ridge"``).
         limit: use only the first ``limit`` rows of ``data``.
         heldout_frac: fraction of examples held out for λ selection and the O1 CE table.
         prompt_field: record field holding the question (GSM8K: "question", MATH: "problem").
@@ -286,6 +291,8 @@ def rebuild(
     shape: str = "balanced",
     sample_rate: float = 1.0,
     max_rows: int = 200_000,
+    signal: str = "fusion_map",
+    signal_lambda: float = 0.25,
     gate_rank: int = 64,
     top_k: int = 4,
     selection: str = "topk",
@@ -306,6 +313,9 @@ def rebuild(
         shape: "balanced" (ToE-B) or "deep" (ToE-D).
         sample_rate: fraction of the source's training tokens used for clustering.
         max_rows: cap on the tokens clustered (memory bound).
+        signal: the expert signal the new bank is built from: "fusion_map" (the source's trained map) or "ridge"
+            (the untrained ridge step λ (P(u) - h) with the source's ridge map).
+        signal_lambda: λ of the ridge step (with ``signal="ridge"``).
         gate_rank: r of the gate trunk.
         top_k: K of the plug-in (leaves selected per token).
         selection: routing mode of the plug-in: "dense", "topk", "topp" or "beam".
@@ -348,6 +358,7 @@ def rebuild(
     fit = {k: prior[k] for k in ("projector", "fusion_map_loss_first_last", "o1_heldout_ce")}
     counts = {"tokens": prior["tokens"], **manifest["counts"]}
     pairing = Pairing(layers, prior["teacher_layers"], prior["teacher"], prior["kd_cached"], settings)
-    return build_tree(out, source, base_model, cfg, pairing, counts, maps, fit, {}, seed)
+    ridge = [proj[f"ridge.{layer}"] for layer in layers]
+    return build_tree(out, source, base_model, cfg, pairing, counts, maps, ridge, fit, {}, seed)
 
 

@@ -4,7 +4,8 @@ On the same held-out items, response CE of:
     base, teacher                   the two ends of the gap
     O1 ridge λ                      λ (P(u_t) - h_t) from the live teacher, untrained ridge map, λ swept
     O1 trained map                  A(u_t, h_t) from the live teacher: the best one-layer latent fusion found
-    O2 oracle routing               the extracted bank's leaf nearest to the live δ_t = A(u_t, h_t)
+    O2 oracle routing               the extracted bank's leaf nearest to the live δ_t = A(u_t, h_t) (or to the ridge
+                                    step, for a bank built from it: `toe extract --signal ridge`)
     static vector                   the mean δ added to every token
     ToE (learned)                   the trained plug-in, no teacher (when --plugin is given)
 O1 - O2 is what clustering into N leaves loses; O2 - ToE is what learned routing (and training) loses or adds.
@@ -31,7 +32,7 @@ from ..data import DataSpec, read_jsonl
 from ..evaluation.results import write_metrics, write_rows
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 from ..extraction.capture import capture_shard, prepare, same_vocab
-from ..extraction.fusion import FusionMap, example_ce, ridge_delta
+from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delta, signal_of
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
 from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
@@ -220,8 +221,11 @@ def oracle(
         sizes = torch.bincount(route[route_key("leaf", layer)], minlength=len(bank)).float().to(device)
         static.append((bank * sizes[:, None]).sum(0) / sizes.sum())
 
+    kind, lam = signal_of(extraction.summary())
+    signal = expert_signal(kind, maps, ridge, lam)  # what the bank was built from
+
     def o2(j, u, h):
-        delta = maps[j](u, h)  # (B, T, D) the live expert signal
+        delta = signal(j, u, h)  # (B, T, D) the live expert signal
         leaf = torch.cdist(delta.flatten(0, 1), banks[j]).argmin(-1).view(delta.shape[:2])
         return banks[j][leaf]
 
@@ -261,7 +265,7 @@ def oracle(
         del teacher_model
     per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
     result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "ce_target": ce_target,
-              "systems": {}}
+              "o2_signal": {"kind": kind, **({"lambda": lam} if kind == "ridge" else {})}, "systems": {}}
     for name, values in per_item.items():
         mean, lo, hi = bootstrap_mean(values)
         entry = {"ce": mean, "ce_ci95": [lo, hi]}

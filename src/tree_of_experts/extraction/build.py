@@ -28,6 +28,7 @@ from .capture import Example
 from .fusion import (
     FusionMap,
     GramAccumulator,
+    expert_signal,
     fit_ridge,
     mean_ce,
     ridge_delta,
@@ -240,13 +241,14 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
     fit = {"projector": [r for _, r in ridge],
            "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None, "o1_heldout_ce": o1}
     counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
-    return build_tree(out, out, base_model, cfg, pairing, counts, maps, fit, times, seed)
+    return build_tree(out, out, base_model, cfg, pairing, counts, maps, [w for w, _ in ridge], fit, times, seed)
 
 
 def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pairing, counts: dict,
-               maps: torch.nn.ModuleList, fit: dict, times: dict, seed: int) -> dict:
+               maps: torch.nn.ModuleList, ridge: list[torch.Tensor], fit: dict, times: dict, seed: int) -> dict:
     """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
-    with the summary and manifest."""
+    with the summary and manifest. The signal is ``tree.signal``: the trained fusion maps ``maps`` or the ridge step
+    λ (P(u) - h) with the ridge weights ``ridge``."""
     layers, teacher_layers, settings = pairing.layers, pairing.teacher_layers, pairing.settings
     kd, teacher = pairing.kd, pairing.teacher
     num_leaves, shape, sample_rate, max_rows = tree.num_leaves, tree.shape, tree.sample_rate, tree.max_rows
@@ -257,6 +259,8 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
     deltas: list[list[torch.Tensor]] = [[] for _ in layers]
     states: list[list[torch.Tensor]] = [[] for _ in layers]
     maps.cpu()  # shard rows live on the CPU
+    signal = expert_signal(tree.signal, maps, [w.cpu() for w in ridge], tree.signal_lambda)
+    signal_name = "trained fusion map delta" if tree.signal == "fusion_map" else f"ridge step, λ = {tree.signal_lambda}"
     heldout = set(counts["heldout"])
     with torch.no_grad():
         for ex in Extraction(source).iter_examples():
@@ -265,7 +269,7 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
             keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
             for j in range(len(layers)):
                 h = ex[f"base.{j}"][keep].float()
-                deltas[j].append(maps[j](ex[f"teacher.{j}"][keep].float(), h))
+                deltas[j].append(signal(j, ex[f"teacher.{j}"][keep].float(), h))
                 states[j].append(ex[f"base.{j}"][keep])
     config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
@@ -288,7 +292,7 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
         sizes = torch.bincount(leaf, minlength=num_leaves)
         block = plugin.blocks[str(layer)]
         block.bank = ExpertBank(vectors, {
-            "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": "trained fusion map delta",
+            "teacher": teacher, "teacher_layer": teacher_layers[j], "signal": signal_name,
             "clustering": "balanced 2-means" if shape == "balanced" else "k-means, ordered by mass",
             "rows": len(delta), "ridge_heldout_r2": round(fit["projector"][j]["heldout_r2"], 4),
         })
@@ -330,6 +334,7 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
         "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
         "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
         **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
+        "signal": {"kind": tree.signal, **({"lambda": tree.signal_lambda} if tree.signal == "ridge" else {})},
     }
     if source != out:
         summary["rebuilt_from"] = source
@@ -342,10 +347,17 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
     return summary
 
 
+def signal_words(signal: dict | None) -> str:
+    if signal and signal.get("kind") == "ridge":
+        return f"the ridge step λ (P(u) - h), λ = {signal['lambda']}"
+    return "the trained fusion map A(u, h)"
+
+
 def summary_markdown(s: dict) -> str:
     lines = [f"# Extraction: {s['teacher']} -> {s['base']}", "",
              f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
-             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}.", ""]
+             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}; "
+             f"bank from {signal_words(s.get('signal'))}.", ""]
     for p, layer in zip(s["projector"], s["layers"]):
         lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
     if s["o1_heldout_ce"]:

@@ -102,6 +102,20 @@ def ridge_delta(w: torch.Tensor, u: torch.Tensor, h: torch.Tensor, lam: float) -
     return lam * (u.float() @ w[:-1] + w[-1] - h.float())
 
 
+def expert_signal(kind: str, maps, ridge: list[torch.Tensor], lam: float):
+    """The expert signal δ_j(u, h) a bank is built from (and O2 routes by): the trained fusion map A_j(u, h)
+    ("fusion_map") or the untrained ridge step λ (P_j(u) - h) ("ridge")."""
+    if kind == "ridge":
+        return lambda j, u, h: ridge_delta(ridge[j], u, h, lam)
+    return lambda j, u, h: maps[j](u, h)
+
+
+def signal_of(summary: dict) -> tuple[str, float]:
+    """An extraction's expert signal and its λ (extractions made before the choice existed used the fusion map)."""
+    sig = summary.get("signal") or {}
+    return sig.get("kind", "fusion_map"), sig.get("lambda", 0.25)
+
+
 # -- training and scoring them ------------------------------------------------
 def batches(examples: list[dict], size: int) -> Iterator[list[dict]]:
     for i in range(0, len(examples), size):
