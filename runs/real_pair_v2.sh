@@ -23,7 +23,8 @@
 #        SEED (the training seed, default `toe train`'s 0; give repeats a NAME_SUFFIX), HEAVY_THREADS (torch
 #        threads of trainings and extractions; default OMP_NUM_THREADS), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
-#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), DEV (the evaluation data),
+#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), EXTRACT_LABEL (the folder
+#        under RES its summaries are kept in, default the extraction's name), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), REPORTS
 #        (1; 0: no pooled reports or table after each row, the caller writes its own), DEV_BATCH
 #        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
@@ -125,7 +126,8 @@ sys.exit(not set(map(int, sys.argv[2].split(','))) <= set(json.load(open(sys.arg
       --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
       --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
   ) 9> "$out.lock"
-  mkdir -p "$res/$1"; cp "$out"/{summary.json,summary.md,manifest.json} "$res/$1/"
+  local kept="$res/${EXTRACT_LABEL:-$1}"  # the extraction's summaries, kept with the results
+  mkdir -p "$kept"; cp "$out"/{summary.json,summary.md,manifest.json} "$kept/"
 }
 
 again() {  # again DIR: continue an interrupted eval in DIR (its finished generation batches), else start it anew

@@ -8,9 +8,11 @@
 #   POINT: default (RATIO 1, BETA 0.5, BANK_LR 1e-3, QUERY_NORM true), ratio0.5, beta1 (reverse KL), beta0 (forward
 #          KL), banklr1e-4 (the v1 bank learning rate), noqnorm, topk (trained with the top-k routing it samples
 #          and runs with, instead of dense: on-policy, the network scored is then the one that sampled), l1 (one
-#          layer, 11), l3-4-12-20 (another set), and
+#          layer, 11), l3-4-12-20 (another set), ridge (the bank built from the untrained ridge step λ 0.25 (P(u) - h),
+#          the O1 ridge oracle's edit, instead of the trained fusion map: `toe rebuild --signal ridge` of the 3-layer
+#          extraction), and
 #          for LoRA, whose learning rate is the one knob it brings: lora (LORA_LR 2e-4) and lora-lr1e-3 — default:
-#          all eleven, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
+#          all twelve, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
 #          for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so ten points at the
 #          full budget would be ~17 CPU-hours): it ranks the choices, the study trains the chosen ones in full.
 #   Results: results/real_pair_v2/sweep/: after each point one pooled CE report with every point minus its reference
@@ -18,7 +20,7 @@
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
-points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 lora lora-lr1e-3}
+points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 ridge lora lora-lr1e-3}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REPORTS=0
 export STEPS=${SWEEP_STEPS:-10}
 # one training at a time with a study running on the same machine (two trainings at once run out of 24 GB)
@@ -35,7 +37,16 @@ for p in $points; do
     noqnorm) env+=(QUERY_NORM=false) ;;
     topk) env+=(TRAIN_SELECTION=topk) ;;
     l1) row=toe1-on ;;
-    l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20") ;;
+    l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20" EXTRACT_LABEL=extract-l4-12-20) ;;
+    ridge) env+=(EXTRACT_DIR="$work/sweep-ridge" EXTRACT_LABEL=extract-l3-ridge)
+      if [ ! -f "$work/sweep-ridge/extract-l3/summary.json" ]; then
+        [ -f "$work/extract-l3/summary.json" ] || { echo "ridge rebuilds $work/extract-l3: run a 3-layer point first" >&2
+                                                    exit 2; }
+        mkdir -p "$work/sweep-ridge"
+        ( flock 7; OMP_NUM_THREADS=${HEAVY_THREADS:-${OMP_NUM_THREADS:-1}} toe rebuild --source "$work/extract-l3" \
+            --out "$work/sweep-ridge/extract-l3" --num-leaves 64 --signal ridge --signal-lambda 0.25 --overwrite true
+        ) 7> "$HEAVY_LOCK"
+      fi ;;
     lora) row=lora8-on ;;
     lora-lr1e-3) row=lora8-on; env+=(LORA_LR=1e-3) ;;
     *) echo "unknown point $p" >&2; exit 2 ;;
