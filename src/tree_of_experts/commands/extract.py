@@ -246,6 +246,9 @@ def extract(
         "teacher_arch": source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
         "base_arch": arch_fingerprint(base_model.config)[1],
     }
+    if source is not None and source.get("base_arch") != settings["base_arch"]:
+        raise ToEError(f"--reuse_capture {reuse_capture} was captured from a base of another architecture: give an "
+                       "extraction of this base, or extract without --reuse_capture")
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     run_path = os.path.join(out, "run.json")
     if state.is_main_process:
