@@ -24,7 +24,7 @@
 #        threads of trainings and extractions; default OMP_NUM_THREADS), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), EXTRACT_LABEL (the folder
-#        under RES its summaries are kept in, default the extraction's name), DEV (the evaluation data),
+#        under RES the 3-layer extraction's summaries are kept in, default extract-l3), DEV (the evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), REPORTS
 #        (1; 0: no pooled reports or table after each row, the caller writes its own), DEV_BATCH
 #        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
@@ -126,7 +126,7 @@ sys.exit(not set(map(int, sys.argv[2].split(','))) <= set(json.load(open(sys.arg
       --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
       --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
   ) 9> "$out.lock"
-  local kept="$res/${EXTRACT_LABEL:-$1}"  # the extraction's summaries, kept with the results
+  local kept="$res/$1"; [ "$1" = extract-l3 ] && kept="$res/${EXTRACT_LABEL:-$1}"  # its summaries, kept
   mkdir -p "$kept"; cp "$out"/{summary.json,summary.md,manifest.json} "$kept/"
 }
 

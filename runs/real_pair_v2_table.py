@@ -17,8 +17,8 @@ one line per study row, in the issue's priority order, with
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
 With --sweep, RES is the sweep's (runs/real_pair_v2_sweep.sh: results/real_pair_v2/sweep) and the table has one
-line per sweep point instead: what it changes against its reference point (read from the two runs' kept arguments,
-so the column cannot drift from what was trained), its CE gap closed on the tuning rows' teacher answers, the paired
+line per sweep point instead: what it changes against its reference point (read from the two runs' kept arguments
+and plug-in configs — layer set, the bank's signal —, so the column cannot drift from what was trained), its CE gap closed on the tuning rows' teacher answers, the paired
 difference from the reference (RES/report-ce/pairs.json), its divergence on its own samples over the second half of
 its steps, and its bank geometry.
 
@@ -207,8 +207,8 @@ def main(res: str, readme: str | None = None) -> dict:
 
 # the sweep's reference points: every ToE point changes one knob of the first, every LoRA point of the second
 SWEEP_REFERENCES = ("toe3-on-default", "lora8-on-lora")
-# arguments that name where a run lived, not what it trained
-WHERE = {"out", "resume", "overwrite", "save_every", "base", "teacher", "data"}
+# arguments that name where a run lived, not what it trained (what an extraction differs in is read from the plug-in)
+WHERE = {"out", "resume", "overwrite", "save_every", "base", "teacher", "data", "experts"}
 
 
 def sweep_reference(point: str) -> str:
@@ -216,8 +216,14 @@ def sweep_reference(point: str) -> str:
 
 
 def run_args(res: str, point: str) -> dict | None:
+    """The run's arguments, and for a plug-in what its extraction gave it: the layer set and the bank's signal."""
     folder = os.path.join(res, "train", point)
-    return read(os.path.join(folder, "train_args.json")) or read(os.path.join(folder, "baseline_args.json"))
+    args = read(os.path.join(folder, "train_args.json")) or read(os.path.join(folder, "baseline_args.json"))
+    config = read(os.path.join(folder, "toe_config.json"))
+    if args is not None and config is not None:
+        signals = sorted({b.get("signal") for b in (config.get("bank_info") or {}).values()})
+        args = {**args, "layers": config.get("layers"), "bank signal": "; ".join(map(str, signals))}
+    return args
 
 
 def changed(res: str, point: str, ref: str) -> str:

@@ -108,6 +108,9 @@ def test_a_layer_subset_reuses_the_capture_without_loading_the_teacher(pair, tmp
         run(pair, tmp_path / "bad2", layers=[1], max_length=64, reuse_capture=str(tmp_path / "both"))
     with pytest.raises(ToEError, match="not a `toe extract` folder"):
         run(pair, tmp_path / "bad3", layers=[1], reuse_capture=str(tmp_path / "nothing"))
+    with pytest.raises(ToEError, match="is the --reuse_capture folder"):  # it would delete what it reads
+        run(pair, tmp_path / "both", layers=[1], reuse_capture=str(tmp_path / "both"), overwrite=True)
+    assert Extraction(str(tmp_path / "both")).shard_paths()
 
 
 def test_a_bank_from_the_ridge_step(pair, tmp_path):
@@ -127,6 +130,15 @@ def test_a_bank_from_the_ridge_step(pair, tmp_path):
              for d in ("ex", "r1", "r2")]
     assert torch.allclose(banks[2], 2 * banks[1], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(banks[0], banks[1])
+    # each leaf is the mean ridge step of the training tokens clustered into it
+    ex = Extraction(str(tmp_path / "r1"))
+    heldout, w = set(ex.manifest()["counts"]["heldout"]), ex.projector()["ridge.0"]
+    delta = torch.cat([ridge_delta(w, e["teacher.0"][e["valid"].bool()].float(), e["base.0"][e["valid"].bool()].float(),
+                                   0.25) for e in ex.iter_examples() if int(e["example"][0]) not in heldout])
+    leaf = ex.route_data()["leaf.0"]
+    assert len(leaf) == len(delta)
+    means = torch.stack([delta[leaf == j].mean(0) for j in range(8)])
+    torch.testing.assert_close(banks[1], means, rtol=1e-4, atol=1e-5)
     w, u, h = torch.randn(5, 3), torch.randn(2, 4), torch.randn(2, 3)
     assert torch.equal(expert_signal("ridge", None, [w], 0.5)(0, u, h), ridge_delta(w, u, h, 0.5))
     r = oracle(teacher=str(pair / "teacher"), base=str(pair / "base"), experts=str(tmp_path / "r1"), data=FIXTURE,
@@ -280,10 +292,15 @@ def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):
                     "-m", "tree_of_experts.cli", *args, "--out", str(tmp_path / "two")],
                    check=True, env=env, capture_output=True)
     assert len(list((tmp_path / "two").glob("timings-*.json"))) == 2  # both processes captured shards
+    # two processes taking their shards from a capture (--reuse_capture) instead of the models
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                    "-m", "tree_of_experts.cli", *args, "--reuse_capture", str(tmp_path / "one"), "--out",
+                    str(tmp_path / "three")], check=True, env=env, capture_output=True)
     a = load_file(tmp_path / "one" / "toe_model.safetensors")
-    b = load_file(tmp_path / "two" / "toe_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for other in ("two", "three"):
+        b = load_file(tmp_path / other / "toe_model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path):

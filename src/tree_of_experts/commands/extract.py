@@ -88,6 +88,24 @@ def reusable_capture(source: str, early: dict) -> dict:
     return run
 
 
+def resolve_layers(layers, teacher_layers, n_b: int | None, n_t: int | None) -> tuple[list[int], list[int]]:
+    """The injection layers (default: the base's middle layer) and the teacher layer read for each (default: the
+    same relative depth)."""
+    layers = list(layers) if layers else [default_layer(n_b)]
+    return layers, list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
+
+
+def reused_pairs(path: str, source: dict, layers: list[int], teacher_layers: list[int]) -> list[int]:
+    """Where each asked (layer, teacher layer) pair sits among the ones the source at PATH captured."""
+    captured = list(zip(source["layers"], source["teacher_layers"]))
+    asked = list(zip(layers, teacher_layers))
+    missing = [p for p in asked if p not in captured]
+    if missing:
+        raise ToEError(f"--reuse_capture {path} holds the (layer, teacher layer) pairs {captured}, not {missing}: ask "
+                       "for layers among those, or extract without --reuse_capture")
+    return [captured.index(p) for p in asked]
+
+
 def layer_subset(source: str, shard: str, which: list[int]) -> dict[str, torch.Tensor]:
     """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..), everything else as captured."""
     path = os.path.join(source, "shards", shard)
@@ -97,9 +115,10 @@ def layer_subset(source: str, shard: str, which: list[int]) -> dict[str, torch.T
     tensors = load_tensors(path, CORRUPT_SHARD)
     out = {k: v for k, v in tensors.items() if not k.startswith(("base.", "teacher."))}
     for j, i in enumerate(which):
-        out[f"base.{j}"] = tensors[f"base.{i}"]
-        if f"teacher.{i}" in tensors:
-            out[f"teacher.{j}"] = tensors[f"teacher.{i}"]
+        for side in ("base", "teacher"):
+            if f"{side}.{i}" not in tensors:
+                raise ToEError(f"{path} lacks {side}.{i}: {CORRUPT_SHARD}")
+            out[f"{side}.{j}"] = tensors[f"{side}.{i}"]
     return out
 
 
@@ -191,7 +210,8 @@ def extract(
     cfg = ExtractConfig.from_args(locals())
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
     if state.is_main_process:
-        claim_out(out, "extract", overwrite=overwrite, inputs={"teacher": teacher, "base": base})
+        claim_out(out, "extract", overwrite=overwrite,
+                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture})
     state.wait_for_everyone()
     dev = torch.device(device) if device else state.device
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
@@ -210,8 +230,13 @@ def extract(
     source = reusable_capture(reuse_capture, early) if reuse_capture else None
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
-    n_t_config = decoder_layer_count(teacher, **t_kw)
-    check_layers(layers, teacher_layers, decoder_layer_count(base, **b_kw), n_t_config)
+    n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
+    check_layers(layers, teacher_layers, n_b_config, n_t_config)
+    if source is not None:  # the pairs asked for against the source's, before any weights load
+        if (not layers and n_b_config is None) or (not teacher_layers and None in (n_b_config, n_t_config)):
+            raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
+                           "with --reuse_capture")
+        reused_pairs(reuse_capture, source, *resolve_layers(layers, teacher_layers, n_b_config, n_t_config))
     examples = prepare(records, spec, base_tok, teacher_tok, max_length)
     check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
@@ -219,25 +244,13 @@ def extract(
     same_model = teacher == base and t_kw == b_kw
     if source is not None:  # the states come from the source's shards: the teacher is never loaded
         teacher_model = None
-        if n_t_config is None and not teacher_layers:
-            raise ToEError(f"{teacher}'s config does not give its layer count: pass --teacher_layers with "
-                           "--reuse_capture")
     else:
         teacher_model = base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
     n_b = len(decoder_layers(base_model))
     n_t = n_t_config if teacher_model is None else len(decoder_layers(teacher_model))
-    layers = list(layers) if layers else [default_layer(n_b)]
-    teacher_layers = list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
+    layers, teacher_layers = resolve_layers(layers, teacher_layers, n_b, n_t)
     check_layers(layers, teacher_layers, n_b, n_t)
-    which = None
-    if source is not None:
-        captured = list(zip(source["layers"], source["teacher_layers"]))
-        asked = list(zip(layers, teacher_layers))
-        missing = [p for p in asked if p not in captured]
-        if missing:
-            raise ToEError(f"--reuse_capture {reuse_capture} holds the (layer, teacher layer) pairs {captured}, not "
-                           f"{missing}: ask for layers among those, or extract without --reuse_capture")
-        which = [captured.index(p) for p in asked]
+    which = reused_pairs(reuse_capture, source, layers, teacher_layers) if source is not None else None
     settings = {
         "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": limit,
         "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers,

@@ -320,8 +320,8 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
     for path in timing_files:
         with open(path) as f:
             t = json.load(f)
-        for k in capture:
-            capture[k] += t[k] if k != "wall_s" else 0
+        for k in ("teacher_s", "base_s", "tokens"):
+            capture[k] += t[k]
         capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
         if "reused_capture" in t:  # `toe extract --reuse_capture`: the states came from that extraction's shards
             capture["reused_from"] = t["reused_capture"]
@@ -370,7 +370,7 @@ def summary_markdown(s: dict) -> str:
                       f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
     cap = s["capture"]
     if cap.get("reused_from"):
-        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`), not captured again."]
+        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`): the teacher did not run."]
     if cap.get("tokens"):
         lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
                       f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import ToEError
 from ..data import pad_left
 from ..hf import add_to_layers, padded_inputs
 from ..losses import token_nll
@@ -107,7 +108,10 @@ def expert_signal(kind: str, maps, ridge: list[torch.Tensor], lam: float):
     ("fusion_map") or the untrained ridge step λ (P_j(u) - h) ("ridge")."""
     if kind == "ridge":
         return lambda j, u, h: ridge_delta(ridge[j], u, h, lam)
-    return lambda j, u, h: maps[j](u, h)
+    if kind == "fusion_map":
+        return lambda j, u, h: maps[j](u, h)
+    raise ToEError(f"expert signal {kind!r} is unknown (this version knows fusion_map and ridge): upgrade "
+                   "tree-of-experts, or rebuild the extraction with --signal fusion_map")
 
 
 def signal_of(summary: dict) -> tuple[str, float]:
