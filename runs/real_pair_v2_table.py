@@ -10,7 +10,8 @@ one line per study row, in the issue's priority order, with
 - a plug-in's mean ||Δ||/||h|| on the math items and on the code (mean over its injection layers);
 - a plug-in's bank geometry before -> after training (RES/train/ROW/inspect.json: median cosine of the leaves to their
   mean, mean over layers; near 1 the bank is one vector and routing cannot matter);
-- the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy);
+- the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy;
+  for ToE on LoRA also the adapter's own steps, RES/train/ROW/base_adapter/metrics.jsonl);
 - below the rows, each repeat with another training seed (ROW-seedK) next to ROW, paired on the same items: how far
   the training seed alone moves a row, to read the differences above against.
 
@@ -115,8 +116,13 @@ def budget(res: str, row: str) -> dict | None:
     if not b:
         return None
     on = [r for r in b if r.get("objective") == "on_policy"]
-    return {"steps": max(r["step"] for r in b) - a, "logged": len(b), "on_policy": len(on),
-            "sampled_tokens": sum(r.get("sample_tokens") or 0 for r in on)}
+    spent = {"steps": max(r["step"] for r in b) - a, "logged": len(b), "on_policy": len(on),
+             "sampled_tokens": sum(r.get("sample_tokens") or 0 for r in on)}
+    adapter = os.path.join(res, "train", row, "base_adapter", "metrics.jsonl")  # ToE on LoRA: the adapter's own steps
+    if os.path.isfile(adapter):
+        with open(adapter) as f:
+            spent["adapter_steps"] = max((json.loads(line)["step"] for line in f if line.strip()), default=0)
+    return spent
 
 
 def budget_cell(d: dict | None) -> str:
@@ -127,6 +133,8 @@ def budget_cell(d: dict | None) -> str:
         text += f", {d['on_policy']} on-policy, {d['sampled_tokens'] / 1000:.1f}k sampled tokens"
         if d["logged"] < d["steps"]:
             text += " (logged steps)"
+    if d.get("adapter_steps"):
+        text += f", on top of its LoRA adapter's {d['adapter_steps']} steps"
     return text
 
 
