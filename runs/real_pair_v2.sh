@@ -219,8 +219,13 @@ finished() {  # finished NAME: a finished row's stashed checkpoint (RES/resume/N
   return 0
 }
 
+all_scored() {  # all_scored NAME: the row has metrics on every target asked for (SCORE): nothing left to do
+  local t; for t in $score; do [ -f "$res/$t/$1/metrics.json" ] || return 1; done
+  echo "row $1: scored on every target ($score); not restored or trained again" >&2
+}
+
 toe_row() {  # toe_row NAME EXTRACTION ARGS... (EXTRACTION: extract-l3 or extract-l1, built when the row trains)
-  local name=$1$sfx ex=$2; shift 2; need_traces; restore "$name" train_summary.json
+  local name=$1$sfx ex=$2; shift 2; all_scored "$name" && return 0; need_traces; restore "$name" train_summary.json
   if [ ! -f "$work/$name/train_summary.json" ]; then
     extraction "$ex" "$(layers_of "$ex")"
   fi
@@ -232,7 +237,7 @@ toe_row() {  # toe_row NAME EXTRACTION ARGS... (EXTRACTION: extract-l3 or extrac
 }
 
 lora_row() {  # lora_row NAME RANK on|off
-  local name=$1$sfx rank=$2 args; need_traces; restore "$name" baseline_summary.json
+  local name=$1$sfx rank=$2 args; all_scored "$name" && return 0; need_traces; restore "$name" baseline_summary.json
   # Off-policy steps distil the extraction's cached teacher top-k (as the plug-in rows do), so those rows read the
   # 3-layer extraction; an all-on-policy row (RATIO 1) reads nothing of it and starts without it.
   kd=(--kd-weight 1 --experts "$exdir/extract-l3")
