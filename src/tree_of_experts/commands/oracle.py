@@ -32,7 +32,7 @@ from ..data import DataSpec, read_jsonl
 from ..evaluation.results import write_metrics, write_rows
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 from ..extraction.capture import capture_shard, prepare, same_vocab
-from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delta, signal_of
+from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delta, signal_of, signal_record
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
 from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
@@ -265,7 +265,7 @@ def oracle(
         del teacher_model
     per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
     result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "ce_target": ce_target,
-              "o2_signal": {"kind": kind, **({"lambda": lam} if kind == "ridge" else {})}, "systems": {}}
+              "o2_signal": signal_record(kind, lam), "systems": {}}
     for name, values in per_item.items():
         mean, lo, hi = bootstrap_mean(values)
         entry = {"ce": mean, "ce_ci95": [lo, hi]}

@@ -32,6 +32,7 @@ from .fusion import (
     fit_ridge,
     mean_ce,
     ridge_delta,
+    signal_record,
     train_fusion_maps,
 )
 from .store import Extraction
@@ -334,7 +335,7 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
         "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
         "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
         **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
-        "signal": {"kind": tree.signal, **({"lambda": tree.signal_lambda} if tree.signal == "ridge" else {})},
+        "signal": signal_record(tree.signal, tree.signal_lambda),
     }
     if source != out:
         summary["rebuilt_from"] = source

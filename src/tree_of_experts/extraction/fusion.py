@@ -114,6 +114,11 @@ def expert_signal(kind: str, maps, ridge: list[torch.Tensor], lam: float):
                    "tree-of-experts, or rebuild the extraction with --signal fusion_map")
 
 
+def signal_record(kind: str, lam: float) -> dict:
+    """How an extraction's summary (and `toe oracle`'s result) records its expert signal; read back by `signal_of`."""
+    return {"kind": kind, **({"lambda": lam} if kind == "ridge" else {})}
+
+
 def signal_of(summary: dict) -> tuple[str, float]:
     """An extraction's expert signal and its λ (extractions made before the choice existed used the fusion map)."""
     sig = summary.get("signal") or {}
