@@ -19,9 +19,9 @@ Rows not scored yet are listed as missing, so a partial table says what it lacks
 
 With --sweep, RES is the sweep's (runs/real_pair_v2_sweep.sh: results/real_pair_v2/sweep) and the table has one
 line per sweep point instead: what it changes against its reference point (read from the two runs' kept arguments
-and plug-in configs — layer set, the bank's signal —, so the column cannot drift from what was trained), its CE gap closed on the tuning rows' teacher answers, the paired
-difference from the reference (RES/report-ce/pairs.json), its divergence on its own samples over the second half of
-its steps, and its bank geometry.
+and plug-in configs — layer set, the bank's signal —, so the column cannot drift from what was trained), its CE gap
+closed on the tuning rows' teacher answers, the paired difference from the reference (RES/report-ce/pairs.json),
+its divergence on its own samples over the second half of its steps, and its bank geometry.
 
 Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md] [--sweep]   (default RES: results/real_pair_v2)
   --readme: also put the table into that file, between its lines `<!-- v2-table -->` and `<!-- /v2-table -->`
@@ -104,13 +104,23 @@ def bank_geometry(res: str, row: str) -> tuple[float, float] | None:
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
-def budget(res: str, row: str) -> dict | None:
-    """Stage-B steps trained, how many were on-policy and the tokens sampled in them (from the logged rows)."""
-    path = os.path.join(res, "train", row, "metrics.jsonl")
+def logged(path: str) -> list[dict] | None:
+    """The rows of a training's metrics.jsonl (None where there is none)."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def geometry_cell(geo: tuple[float, float] | None) -> str:
+    return "–" if geo is None else f"{geo[0]:.2f} → {geo[1]:.2f}"
+
+
+def budget(res: str, row: str) -> dict | None:
+    """Stage-B steps trained, how many were on-policy and the tokens sampled in them (from the logged rows)."""
+    rows = logged(os.path.join(res, "train", row, "metrics.jsonl"))
+    if rows is None:
+        return None
     a = max((r["step"] for r in rows if r.get("stage") == "A"), default=0)
     b = [r for r in rows if r.get("stage") != "A"]
     if not b:
@@ -118,10 +128,9 @@ def budget(res: str, row: str) -> dict | None:
     on = [r for r in b if r.get("objective") == "on_policy"]
     spent = {"steps": max(r["step"] for r in b) - a, "logged": len(b), "on_policy": len(on),
              "sampled_tokens": sum(r.get("sample_tokens") or 0 for r in on)}
-    adapter = os.path.join(res, "train", row, "base_adapter", "metrics.jsonl")  # ToE on LoRA: the adapter's own steps
-    if os.path.isfile(adapter):
-        with open(adapter) as f:
-            spent["adapter_steps"] = max((json.loads(line)["step"] for line in f if line.strip()), default=0)
+    adapter = logged(os.path.join(res, "train", row, "base_adapter", "metrics.jsonl"))  # ToE on LoRA: its own steps
+    if adapter is not None:
+        spent["adapter_steps"] = max((r["step"] for r in adapter), default=0)
     return spent
 
 
@@ -177,9 +186,9 @@ def main(res: str, readme: str | None = None) -> dict:
         math_dr, code_dr = delta_ratio(usage["ce"], row), delta_ratio(usage["code"], row)
         dr = "–" if math_dr is None else f"{math_dr:.4f} / {'–' if code_dr is None else f'{code_dr:.4f}'}"
         geo, spent = bank_geometry(res, row), budget(res, row)
-        geo_cell = "–" if geo is None else f"{geo[0]:.2f} → {geo[1]:.2f}"
         lines.append(f"| {row} | {gap_cell(ce)} | {acc_cell(acc)} | {margin} | {vs_lora} | "
-                     f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} | {geo_cell} | {budget_cell(spent)} |")
+                     f"{paired(pairs['code'], row, 'base', 'ce')} | {dr} | {geometry_cell(geo)} | "
+                     f"{budget_cell(spent)} |")
         table.append({"row": row, "ce_gap_closed": g, "accuracy": acc and acc["accuracy"],
                       "accuracy_ci95": acc and acc["accuracy_ci95"], "control": ctl, "lora": lora,
                       "delta_ratio_math": math_dr, "delta_ratio_code": code_dr, "leaf_cos_to_mean": geo,
@@ -247,12 +256,8 @@ def changed(res: str, point: str, ref: str) -> str:
 
 def late_divergence(res: str, point: str) -> float | None:
     """Mean generalized JSD on the point's own samples over the second half of its on-policy steps."""
-    path = os.path.join(res, "train", point, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        on = [r for r in map(json.loads, filter(str.strip, f)) if r.get("objective") == "on_policy"
-              and r.get("jsd") is not None]
+    rows = logged(os.path.join(res, "train", point, "metrics.jsonl")) or []
+    on = [r for r in rows if r.get("objective") == "on_policy" and r.get("jsd") is not None]
     late = on[len(on) // 2:]
     return sum(r["jsd"] for r in late) / len(late) if late else None
 
@@ -272,7 +277,7 @@ def sweep(res: str) -> dict:
         lines.append(f"| {name} | {changed(res, name, ref)} | {gap_cell(r)} | "
                      f"{'–' if name == ref else paired(pairs, name, ref, 'ce')} | "
                      f"{'–' if jsd is None else f'{jsd:.4f}'} | "
-                     f"{'–' if geo is None else f'{geo[0]:.2f} → {geo[1]:.2f}'} | {budget_cell(spent)} |")
+                     f"{geometry_cell(geo)} | {budget_cell(spent)} |")
         table.append({"point": name, "reference": ref, "ce_gap_closed": r.get("ce_gap_closed"),
                       "late_jsd": jsd, "leaf_cos_to_mean": geo, "budget": spent})
     n = next((r["n"] for r in report), None)
