@@ -23,8 +23,11 @@
 #        SEED (the training seed, default `toe train`'s 0; give repeats a NAME_SUFFIX), HEAVY_THREADS (torch
 #        threads of trainings and extractions; default OMP_NUM_THREADS), RES (results/real_pair_v2), SCORE
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
-#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), EXTRACT_LABEL (the folder
-#        under RES the 3-layer extraction's summaries are kept in, default extract-l3), DEV (the evaluation data),
+#        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), SIGNAL_FROM (a WORK_DIR
+#        whose finished extraction an extraction missing from EXTRACT_DIR is rebuilt from — the same states, its
+#        bank from the expert signal SIGNAL, default ridge, step SIGNAL_LAMBDA 0.25: `toe rebuild`), EXTRACT_LABEL
+#        (the folder under RES the 3-layer extraction's summaries are kept in, default extract-l3), DEV (the
+#        evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), REPORTS
 #        (1; 0: no pooled reports or table after each row, the caller writes its own), DEV_BATCH
 #        (25: the teacher's dev answers per generate call; decoding the 1.5B teacher on CPU is cheaper per row in
@@ -122,9 +125,17 @@ sys.exit(not set(map(int, sys.argv[2].split(','))) <= set(json.load(open(sys.arg
       "$exdir/extract-l3/summary.json" "$2"; then reuse=(--reuse-capture "$exdir/extract-l3"); fi
   (  # two invocations of this script (two rows at once) build an extraction once: the second waits for the first
     flock 9
-    [ -f "$out/summary.json" ] || heavy toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
-      --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
-      --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
+    if [ -f "$out/summary.json" ]; then :
+    elif [ -n "${SIGNAL_FROM:-}" ]; then  # the states of SIGNAL_FROM/NAME, the bank built from another expert signal
+      [ -f "$SIGNAL_FROM/$1/summary.json" ] || { echo "SIGNAL_FROM: $SIGNAL_FROM/$1 is not a finished extraction:" \
+        "run a row that builds it first (without SIGNAL_FROM)" >&2; exit 2; }
+      heavy toe rebuild --source "$SIGNAL_FROM/$1" --out "$out" --num-leaves 64 --signal "${SIGNAL:-ridge}" \
+        --signal-lambda "${SIGNAL_LAMBDA:-0.25}" --overwrite true
+    else
+      heavy toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
+        --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
+        --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
+    fi
   ) 9> "$out.lock"
   local kept="$res/$1"; [ "$1" = extract-l3 ] && kept="$res/${EXTRACT_LABEL:-$1}"  # its summaries, kept
   mkdir -p "$kept"; cp "$out"/{summary.json,summary.md,manifest.json} "$kept/"

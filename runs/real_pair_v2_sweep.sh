@@ -38,26 +38,17 @@ for p in $points; do
     topk) env+=(TRAIN_SELECTION=topk) ;;
     l1) row=toe1-on ;;
     l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20" EXTRACT_LABEL=extract-l4-12-20) ;;
-    ridge) env+=(EXTRACT_DIR="$work/sweep-ridge" EXTRACT_LABEL=extract-l3-ridge)
-      if [ ! -f "$work/sweep-ridge/extract-l3/summary.json" ]; then
-        [ -f "$work/extract-l3/summary.json" ] || { echo "ridge rebuilds $work/extract-l3: run a 3-layer point first" >&2
-                                                    exit 2; }
-        mkdir -p "$work/sweep-ridge"
-        ( flock 7; OMP_NUM_THREADS=${HEAVY_THREADS:-${OMP_NUM_THREADS:-1}} toe rebuild --source "$work/extract-l3" \
-            --out "$work/sweep-ridge/extract-l3" --num-leaves 64 --signal ridge --signal-lambda 0.25 --overwrite true
-        ) 7> "$HEAVY_LOCK"
-      fi ;;
+    ridge) env+=(EXTRACT_DIR="$work/sweep-ridge" EXTRACT_LABEL=extract-l3-ridge SIGNAL_FROM="$work" SIGNAL=ridge
+                 SIGNAL_LAMBDA=0.25) ;;  # the 3-layer extraction's states, its bank rebuilt from the ridge step
     lora) row=lora8-on ;;
     lora-lr1e-3) row=lora8-on; env+=(LORA_LR=1e-3) ;;
     *) echo "unknown point $p" >&2; exit 2 ;;
   esac
   env "${env[@]}" "$here/runs/real_pair_v2.sh" "$pair" "$work/sweep" anchors "$row"
   dirs=(); pairs=()  # the pooled report: each scored point minus its reference point, paired on the tuning rows
-  for d in "$RES"/ce/*/; do
-    [ -f "$d/metrics.json" ] || continue
-    dirs+=("${d%/}"); name=$(basename "$d"); ref=toe3-on-default; [ "${name#lora}" != "$name" ] && ref=lora8-on-lora
-    case $name in anchors|"$ref") ;; *) [ -f "$RES/ce/$ref/metrics.json" ] && pairs+=("\"$name:$ref\"") ;; esac
-  done
+  for d in "$RES"/ce/*/; do [ -f "$d/metrics.json" ] && dirs+=("${d%/}"); done
+  while read -r p; do [ -n "$p" ] && pairs+=("\"$p\""); done < <(python3 "$here/runs/real_pair_v2_table.py" "$RES" \
+    --sweep-pairs)  # the reference rule lives in the table script, next to the table that reads these pairs
   pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
   [ ${#dirs[@]} -gt 1 ] && { toe report "${dirs[@]}" "${pair_args[@]}" --out "$RES/report-ce" --overwrite true \
     || echo "the sweep report failed (above); the points' own folders are complete" >&2; }

@@ -23,7 +23,10 @@ and plug-in configs — layer set, the bank's signal —, so the column cannot d
 closed on the tuning rows' teacher answers, the paired difference from the reference (RES/report-ce/pairs.json),
 its divergence on its own samples over the second half of its steps, and its bank geometry.
 
-Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md] [--sweep]   (default RES: results/real_pair_v2)
+Usage: python runs/real_pair_v2_table.py [RES] [--readme README.md] [--sweep] [--sweep-pairs]
+  (default RES: results/real_pair_v2)
+  --sweep-pairs: print the sweep report's comparisons, each scored point minus its reference (the sweep script's
+  pooled report reads them from here, so the reference rule has one home)
   --readme: also put the table into that file, between its lines `<!-- v2-table -->` and `<!-- /v2-table -->`
   (the README's real-pair section shows the committed table, never a copy typed by hand).
 """
@@ -232,6 +235,15 @@ def sweep_reference(point: str) -> str:
     return SWEEP_REFERENCES[1] if point.startswith("lora") else SWEEP_REFERENCES[0]
 
 
+def sweep_pairs(res: str) -> list[str]:
+    """The sweep report's comparisons: each point scored on CE (RES/ce/POINT) minus its reference, once scored."""
+    ce = os.path.join(res, "ce")
+    scored = sorted(p for p in (os.listdir(ce) if os.path.isdir(ce) else [])
+                    if os.path.isfile(os.path.join(ce, p, "metrics.json")))
+    return [f"{p}:{sweep_reference(p)}" for p in scored
+            if p not in ("anchors", sweep_reference(p)) and sweep_reference(p) in scored]
+
+
 def run_args(res: str, point: str) -> dict | None:
     """The run's arguments, and for a plug-in what its extraction gave it: the layer set and the bank's signal."""
     folder = os.path.join(res, "train", point)
@@ -308,7 +320,12 @@ if __name__ == "__main__":
                                                                "real_pair_v2"))
     parser.add_argument("--readme", help="also write the table between this file's v2-table marker lines")
     parser.add_argument("--sweep", action="store_true", help="RES is the sweep's: one line per sweep point")
+    parser.add_argument("--sweep-pairs", action="store_true",
+                        help="print the sweep report's comparisons (POINT:REFERENCE, one per line) and stop")
     args = parser.parse_args()
+    if args.sweep_pairs:
+        print("\n".join(sweep_pairs(args.res)))
+        sys.exit(0)
     if args.sweep and args.readme:
         parser.error("--readme takes the study's table, not the sweep's: drop one of them")
     if args.sweep:
