@@ -265,10 +265,11 @@ lora_row() {  # lora_row NAME RANK on|off
 
 # The headline's paired comparisons (A minus B on the same items): the teacher's margin (ToE vs the control at its
 # layer set), ToE vs LoRA trained with the same objective, ToE on LoRA vs LoRA alone, each system on-policy vs
-# off-policy, and each row vs the bare base (on held-out code: what the row costs outside math).
+# off-policy, three injection layers vs one (same objective), and each row vs the bare base (on held-out code: what
+# the row costs outside math).
 PAIRS=${PAIRS:-"toe3-on:ctl3 toe3-off:ctl3 toe1-on:ctl1 toe1-off:ctl1 toe3-on:lora8-on toe3-off:lora8-off
   toe1-on:lora1-on toe1-off:lora1-off toe3+lora:lora8-on toe3-on:toe3-off lora8-on:lora8-off toe1-on:toe1-off
-  lora1-on:lora1-off toe3-on:base toe3-off:base toe1-on:base toe1-off:base
+  lora1-on:lora1-off toe3-on:toe1-on toe3-off:toe1-off ctl3:ctl1 toe3-on:base toe3-off:base toe1-on:base toe1-off:base
   ctl3:base ctl1:base lora8-on:base lora8-off:base lora1-on:base lora1-off:base toe3+lora:base"}
 label() { if [ "$1" = base ]; then echo base; else echo "$1$sfx"; fi; }
 scored() {  # scored TARGET LABEL (the base: by the anchors row)
