@@ -13,7 +13,8 @@ one line per study row, in the issue's priority order, with
 - the training budget each row used (RES/train/ROW/metrics.jsonl: Stage-B steps, and the tokens sampled on-policy;
   for ToE on LoRA also the adapter's own steps, RES/train/ROW/base_adapter/metrics.jsonl);
 - below the rows, each repeat with another training seed (ROW-seedK) next to ROW, paired on the same items: how far
-  the training seed alone moves a row, to read the differences above against.
+  the training seed alone moves a row, to read the differences above against;
+- and each 3-layer row minus the same system at one layer (toe3-on - toe1-on, toe3-off - toe1-off, ctl3 - ctl1).
 
 Rows not scored yet are listed as missing, so a partial table says what it lacks.
 
@@ -45,6 +46,8 @@ ROWS = ["ctl3", "toe3-on", "lora8-on", "toe3-off", "lora8-off", "toe3+lora", "or
 CONTROL = {"toe3-on": "ctl3", "toe3-off": "ctl3", "toe1-on": "ctl1", "toe1-off": "ctl1"}
 LORA = {"toe3-on": "lora8-on", "toe3-off": "lora8-off", "toe1-on": "lora1-on", "toe1-off": "lora1-off",
         "toe3+lora": "lora8-on"}
+# three injection layers against one, the same system and objective (runs/real_pair_v2.sh pairs them)
+LAYER_SETS = [("toe3-on", "toe1-on"), ("toe3-off", "toe1-off"), ("ctl3", "ctl1")]
 
 
 def read(path: str):
@@ -216,7 +219,15 @@ def main(res: str, readme: str | None = None) -> dict:
                  f"{paired(pairs['acc'], r['row'], r['repeats'], 'accuracy')}"
         text += f"| {r['row']} | {gap_cell(ce)} | {acc_cell(acc)} | {margin} |\n"
         r.update(ce_gap_closed=ce and ce.get("ce_gap_closed"), accuracy=acc and acc["accuracy"])
-    out = {"rows": table, "missing": missing, "items": n, "seed_repeats": repeats}
+    layer_sets = [{"row": a, "minus": b} for a, b in LAYER_SETS if by["ce"].get(a) and by["ce"].get(b)]
+    if layer_sets:
+        text += ("\nThree injection layers against one (5, 11, 17 vs 11; the same system and objective, paired on "
+                 "items):\n\n| rows | CE on the teacher's answers | accuracy | code CE |\n|---|---|---|---|\n")
+    for r in layer_sets:
+        a, b = r["row"], r["minus"]
+        text += (f"| {a} minus {b} | {paired(pairs['ce'], a, b, 'ce')} | {paired(pairs['acc'], a, b, 'accuracy')} | "
+                 f"{paired(pairs['code'], a, b, 'ce')} |\n")
+    out = {"rows": table, "missing": missing, "items": n, "seed_repeats": repeats, "layer_sets": layer_sets}
     atomic_write_text(os.path.join(res, "table.md"), text)
     atomic_write_json(os.path.join(res, "table.json"), out)
     if readme:
