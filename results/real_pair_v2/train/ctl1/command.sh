@@ -1,0 +1,1 @@
+toe baseline --kind control --base /work/pair/qwen2.5-coder-0.5b-instruct --experts /work/rpc/extract-l1 --out /work/rpc/ctl1 --data /work/main/results/real_pair_v2/train-traces.jsonl --response-field trace --max-length 512 --template chat --max-steps 40 --batch-size 4 --bank-lr 1e-3 --query-norm true --stage-a-steps 50 --cached-states true --save-every 2 --resume true 
