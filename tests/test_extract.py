@@ -303,17 +303,26 @@ def test_two_processes_give_the_same_bank_as_one(pair, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path):
-    """Only the maps learn: no base weight gradient is built, and the base's requires_grad flags come back."""
+def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path, caplog, monkeypatch):
+    """Only the maps learn: no base weight gradient is built, and the base's requires_grad flags come back. Without a
+    terminal (the bar off) its progress goes to the log, ending on the last step."""
+    import logging
+
+    import tree_of_experts.extraction.fusion as fusion
     from tree_of_experts.extraction.fusion import FusionMap, train_fusion_maps
+
+    bar = fusion.tqdm  # off, as under nohup, even when pytest -s runs in a terminal
+    monkeypatch.setattr(fusion, "tqdm", lambda *a, **k: bar(*a, **{**k, "disable": True}))
     from tree_of_experts.hf import load_causal_lm
 
     run(pair, tmp_path / "ex")
     data = list(Extraction(str(tmp_path / "ex")).iter_examples(set(range(8))))
     base = load_causal_lm(str(pair / "base"))
     maps = torch.nn.ModuleList([FusionMap(torch.randn(49, 32) * 0.01)])
-    losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)
+    with caplog.at_level(logging.INFO, logger="tree_of_experts.extraction.fusion"):
+        losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)
     assert len(losses) == 2 and all(p.grad is None for p in base.parameters())
+    assert "train fusion map: step 2/2" in caplog.messages[-1]
     assert all(p.requires_grad for p in base.parameters()) and maps[0].proj.weight.grad is not None
 
 

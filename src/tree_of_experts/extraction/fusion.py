@@ -9,7 +9,9 @@ map with ``s = 0`` and trained to lower the base's loss with the teacher's cache
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +24,7 @@ from ..hf import add_to_layers, padded_inputs
 from ..losses import token_nll
 from ..model import frozen
 
+log = logging.getLogger(__name__)
 
 # -- the maps -----------------------------------------------------------------
 class GramAccumulator:
@@ -184,6 +187,7 @@ def train_fusion_maps(
     losses = []
     steps = epochs * math.ceil(len(data) / batch_size)
     bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
+    every, start = max(1, steps // 20), time.perf_counter()  # without a terminal: a line per 5 % of the steps
     # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
     # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
     with frozen(base):
@@ -205,6 +209,10 @@ def train_fusion_maps(
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+                if bar.disable and (len(losses) % every == 0 or len(losses) == steps):
+                    recent = losses[-every:]
+                    log.info("train fusion map: step %d/%d, loss %.4f (mean of the last %d), %.0f s", len(losses),
+                             steps, sum(recent) / len(recent), len(recent), time.perf_counter() - start)
     bar.close()
     maps.eval()
     return losses
