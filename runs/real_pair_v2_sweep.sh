@@ -47,8 +47,10 @@ for p in $points; do
   env "${env[@]}" "$here/runs/real_pair_v2.sh" "$pair" "$work/sweep" anchors "$row"
   dirs=(); pairs=()  # the pooled report: each scored point minus its reference point, paired on the tuning rows
   for d in "$RES"/ce/*/; do [ -f "$d/metrics.json" ] && dirs+=("${d%/}"); done
-  while read -r p; do [ -n "$p" ] && pairs+=("\"$p\""); done < <(python3 "$here/runs/real_pair_v2_table.py" "$RES" \
-    --sweep-pairs)  # the reference rule lives in the table script, next to the table that reads these pairs
+  # the reference rule lives in the table script, next to the table that reads these pairs
+  listed=$(python3 "$here/runs/real_pair_v2_table.py" "$RES" --sweep-pairs) \
+    || { echo "the sweep's pairs could not be listed (above): fix that, then run the sweep again" >&2; exit 2; }
+  for pr in $listed; do pairs+=("\"$pr\""); done
   pair_args=(); [ ${#pairs[@]} -gt 0 ] && pair_args=(--pairs "[$(IFS=,; echo "${pairs[*]}")]")
   [ ${#dirs[@]} -gt 1 ] && { toe report "${dirs[@]}" "${pair_args[@]}" --out "$RES/report-ce" --overwrite true \
     || echo "the sweep report failed (above); the points' own folders are complete" >&2; }

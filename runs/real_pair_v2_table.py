@@ -221,7 +221,10 @@ def main(res: str, readme: str | None = None) -> dict:
         r.update(ce_gap_closed=ce and ce.get("ce_gap_closed"), accuracy=acc and acc["accuracy"])
     layer_sets = [{"row": a, "minus": b} for a, b in LAYER_SETS if by["ce"].get(a) and by["ce"].get(b)]
     if layer_sets:
-        text += ("\nThree injection layers against one (5, 11, 17 vs 11; the same system and objective, paired on "
+        layers = [(read(os.path.join(res, ex, "summary.json")) or {}).get("layers")
+                  for ex in ("extract-l3", "extract-l1")]  # the layer sets the rows were trained at
+        which = " vs ".join(", ".join(map(str, x)) if x else "?" for x in layers)
+        text += (f"\nThree injection layers against one ({which}; the same system and objective, paired on "
                  "items):\n\n| rows | CE on the teacher's answers | accuracy | code CE |\n|---|---|---|---|\n")
     for r in layer_sets:
         a, b = r["row"], r["minus"]

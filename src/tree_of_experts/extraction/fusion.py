@@ -187,7 +187,8 @@ def train_fusion_maps(
     losses = []
     steps = epochs * math.ceil(len(data) / batch_size)
     bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
-    every, start = max(1, steps // 20), time.perf_counter()  # without a terminal: a line per 5 % of the steps
+    # without a terminal: a progress line per 5 % of the steps (each step when there are fewer than 40)
+    every, start = max(1, steps // 20), time.perf_counter()
     # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
     # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
     with frozen(base):
