@@ -254,8 +254,8 @@ def sweep_pairs(res: str) -> list[str]:
     ce = os.path.join(res, "ce")
     scored = sorted(p for p in (os.listdir(ce) if os.path.isdir(ce) else [])
                     if os.path.isfile(os.path.join(ce, p, "metrics.json")))
-    return [f"{p}:{sweep_reference(p)}" for p in scored
-            if p not in ("anchors", sweep_reference(p)) and sweep_reference(p) in scored]
+    refs = {p: sweep_reference(p) for p in scored}
+    return [f"{p}:{ref}" for p, ref in refs.items() if p not in ("anchors", ref) and ref in scored]
 
 
 def run_args(res: str, point: str) -> dict | None:

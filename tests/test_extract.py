@@ -310,16 +310,15 @@ def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path, c
 
     import tree_of_experts.extraction.fusion as fusion
     from tree_of_experts.extraction.fusion import FusionMap, train_fusion_maps
+    from tree_of_experts.hf import load_causal_lm
 
     bar = fusion.tqdm  # off, as under nohup, even when pytest -s runs in a terminal
     monkeypatch.setattr(fusion, "tqdm", lambda *a, **k: bar(*a, **{**k, "disable": True}))
-    from tree_of_experts.hf import load_causal_lm
-
     run(pair, tmp_path / "ex")
     data = list(Extraction(str(tmp_path / "ex")).iter_examples(set(range(8))))
     base = load_causal_lm(str(pair / "base"))
     maps = torch.nn.ModuleList([FusionMap(torch.randn(49, 32) * 0.01)])
-    with caplog.at_level(logging.INFO, logger="tree_of_experts.extraction.fusion"):
+    with caplog.at_level(logging.INFO, logger="tree_of_experts.training.checkpoint"):  # log_progress's logger
         losses = train_fusion_maps(base, [1], maps, data, 0, 1, 1e-3, 4, 0)
     assert len(losses) == 2 and all(p.grad is None for p in base.parameters())
     assert "train fusion map: step 2/2" in caplog.messages[-1]

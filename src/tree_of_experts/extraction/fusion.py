@@ -9,7 +9,6 @@ map with ``s = 0`` and trained to lower the base's loss with the teacher's cache
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Iterator
@@ -23,8 +22,8 @@ from ..data import pad_left
 from ..hf import add_to_layers, padded_inputs
 from ..losses import token_nll
 from ..model import frozen
+from ..training.checkpoint import log_progress
 
-log = logging.getLogger(__name__)
 
 # -- the maps -----------------------------------------------------------------
 class GramAccumulator:
@@ -210,10 +209,9 @@ def train_fusion_maps(
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                if bar.disable and (len(losses) % every == 0 or len(losses) == steps):
-                    recent = losses[-every:]
-                    log.info("train fusion map: step %d/%d, loss %.4f (mean of the last %d), %.0f s", len(losses),
-                             steps, sum(recent) / len(recent), len(recent), time.perf_counter() - start)
+                if bar.disable and (len(losses) % every == 0 or len(losses) == steps):  # loss: the interval's mean
+                    log_progress("train fusion map", {"step": len(losses), "loss": sum(losses[-every:]) / every,
+                                                      "elapsed_s": time.perf_counter() - start}, steps)
     bar.close()
     maps.eval()
     return losses
