@@ -150,6 +150,24 @@ def test_a_bank_from_the_ridge_step(pair, tmp_path):
         rebuild(str(tmp_path / "ex"), str(tmp_path / "r0"), num_leaves=8, signal="pca")
 
 
+def test_rerun_of_a_finished_extraction_returns_it_without_loading_a_model(pair, tmp_path, monkeypatch):
+    import tree_of_experts.commands.extract as extract_mod
+
+    summary = run(pair, tmp_path / "ex")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ex").iterdir()}
+
+    def no_load(*a, **k):
+        raise AssertionError("a finished extraction was built again")
+
+    monkeypatch.setattr(extract_mod, "load_causal_lm", no_load)
+    assert run(pair, tmp_path / "ex") == json.loads(json.dumps(summary))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ex").iterdir()} == before  # nothing rewritten
+    # other tree settings on the finished folder: refused with the command that builds them, nothing touched
+    with pytest.raises(ToEError, match=r"built with other settings \(num_leaves\).*toe rebuild"):
+        run(pair, tmp_path / "ex", num_leaves=4)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ex").iterdir()} == before
+
+
 def test_rerun_with_other_settings_is_refused(pair, tmp_path):
     run(pair, tmp_path / "ex")
     with pytest.raises(ToEError, match="other settings.*layers"):

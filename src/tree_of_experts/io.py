@@ -150,7 +150,8 @@ def load_torch(path: str | os.PathLike, fix: str) -> Any:
 # rerun with the same settings). Other files (a README, the user's notes, a data file) neither block nor get removed.
 RUN_FILES = {
     "extract": ("run.json", "manifest.json", "shards", "projector.safetensors", "route_data.safetensors",
-                "summary.json", "summary.md", "toe_config.json", "toe_model.safetensors", "timings-*.json"),
+                "summary.json", "summary.md", "toe_config.json", "toe_model.safetensors", "timings-*.json",
+                "build.json"),
     "train": ("train_args.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old",
               "train_summary.json", "curves.png", "toe_config.json", "toe_model.safetensors"),
     "baseline": ("baseline_summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",

@@ -9,6 +9,8 @@ Output folder layout::
     route_data.safetensors   sampled base states, their leaf ids and path branches (Stage A supervision)
     toe_config.json, toe_model.safetensors, README.md   the plug-in (gate initialised from the geometry, s = 0)
     summary.json, summary.md projector fit, O1 dev CE table, cluster sizes, effective leaves, throughput
+    build.json               the settings the tree and bank were built with: a rerun with them returns the finished
+                             extraction without loading a model; a rerun with others is refused (`toe rebuild`)
 
 `toe rebuild --source EXTRACTION --out NEW --num_leaves N --shape deep` redoes only the tree and bank from an
 extraction's shards and trained fusion map (sweeps over N and shape without running the teacher again).
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import logging
 import math
 import os
 import time
@@ -45,6 +49,26 @@ from ..io import (
     load_tensors,
     read_json,
 )
+
+log = logging.getLogger(__name__)
+
+BUILD_NAME = "build.json"
+
+
+def finished_extraction(out: str, build_settings: dict) -> dict | None:
+    """The summary of the finished extraction in ``out`` when it was built with ``build_settings`` (its capture
+    settings are checked by :func:`check_same_extraction`); None when it is unfinished or predates build.json (then
+    the rerun builds it again). Refuses a finished one built with other settings, naming them and the fix."""
+    summary_path, build_path = os.path.join(out, "summary.json"), os.path.join(out, BUILD_NAME)
+    if not (os.path.isfile(summary_path) and os.path.isfile(build_path)):
+        return None
+    previous = read_json(build_path, "delete the folder (or pass --overwrite true) and extract again")
+    changed = sorted(k for k in set(previous) | set(build_settings) if previous.get(k) != build_settings.get(k))
+    if changed:
+        raise ToEError(f"{out} holds a finished extraction built with other settings ({', '.join(changed)}): "
+                       f"`toe rebuild --source {out} --out NEW` builds a tree with these from its shards without the "
+                       "models; --overwrite true extracts again")
+    return read_json(summary_path, "delete the folder (or pass --overwrite true) and extract again")
 
 
 def check_same_extraction(out: str, settings: dict) -> None:
@@ -227,6 +251,14 @@ def extract(
              **({"layers": list(layers)} if layers else {}),
              **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
     check_same_extraction(out, early)  # what can be compared before the models load
+    build_settings = json.loads(json.dumps({  # as build.json reads back
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"},
+        "ridge_lambdas": [float(x) for x in ridge_lambdas], "seed": seed}))
+    finished = finished_extraction(out, build_settings)
+    if finished is not None:  # nothing to capture or build: no model is loaded
+        log.info("%s: a finished extraction with these settings; reused as it is (--overwrite true extracts again)",
+                 out)
+        return finished if state.is_main_process else None
     source = reusable_capture(reuse_capture, early) if reuse_capture else None
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
@@ -296,8 +328,13 @@ def extract(
         return None
     del teacher_model
     gc.collect()  # the teacher's memory back before the fusion map trains (it can be most of the RSS)
-    return build(out, base_model, base_tok, cfg, Pairing(layers, teacher_layers, teacher, kd, settings), examples,
-                 ridge_lambdas, seed, dev)
+    build_path = os.path.join(out, BUILD_NAME)
+    if os.path.exists(build_path):  # a build interrupted half way is not a finished one
+        os.remove(build_path)
+    summary = build(out, base_model, base_tok, cfg, Pairing(layers, teacher_layers, teacher, kd, settings), examples,
+                    ridge_lambdas, seed, dev)
+    atomic_write_json(build_path, build_settings)  # last: it marks the folder finished
+    return summary
 
 
 def rebuild(
