@@ -261,6 +261,54 @@ def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt)) and len(plain) == len(ckpt) > 0
 
 
+def test_checkpointing_runs_no_backward_below_the_first_injection_layer():
+    """transformers 5.x makes the input embeddings' output require a gradient when checkpointing is enabled (for
+    reentrant checkpoints of adapters); with the plug-in at layer 1 alone (it edits that layer's output) that would
+    recompute and backpropagate the frozen layers 0 and 1 for nothing. Non-reentrant, only layer 2 runs again;
+    reentrant (asked for) keeps the hook, without which it would drop the plug-in's gradients."""
+    from tree_of_experts import ToEModel
+    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+
+    ids = torch.tensor([tiny_tokenizer()("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
+
+    def calls_per_layer(kwargs: dict | None) -> tuple[list[int], torch.Tensor]:
+        model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=3, seed=0), layers=[1], num_leaves=4)
+        with torch.no_grad():
+            model.plugin.blocks["1"].scale.fill_(1.0)
+        checkpoint_frozen_layers(model.base, kwargs)
+        calls = [0, 0, 0]
+        for i, layer in enumerate(decoder_layers(model.base)):
+            layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        return calls, model.plugin.blocks["1"].scale.grad
+
+    calls, grad = calls_per_layer(None)
+    assert calls == [1, 1, 2] and grad is not None and grad.abs().sum() > 0  # no backward through layers 0 and 1
+    calls, grad_reentrant = calls_per_layer({"use_reentrant": True})
+    assert calls == [2, 2, 2] and torch.allclose(grad, grad_reentrant, atol=1e-6)
+
+
+def test_toe_model_takes_transformers_checkpointing_calls_and_keeps_the_base_in_eval_mode():
+    """Trainer and trl call `activation_checkpointing_enable` (5.x) or `gradient_checkpointing_enable` (4.x) on the
+    model they train: the base's decoder layers recompute while the model trains, never drop out, and stop
+    recomputing when it is turned off."""
+    from tree_of_experts import ToEModel
+    from tree_of_experts.hf import decoder_layers, is_checkpointing
+
+    model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[1], num_leaves=4)
+    assert model.supports_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    model.train()
+    layers = decoder_layers(model.base)
+    assert is_checkpointing(model.base) and all(layer.training for layer in layers)
+    assert not any(m.training for layer in layers for m in layer.modules() if m is not layer)  # no dropout
+    model.eval()
+    assert not any(layer.training for layer in layers)
+    model.train()
+    model.activation_checkpointing_disable()
+    assert not is_checkpointing(model.base) and not any(layer.training for layer in layers) and model.training
+
+
 def test_on_policy_teacher_is_resolved_before_anything_is_written(experts, tmp_path):
     from tree_of_experts.recipes.baseline import baseline
 

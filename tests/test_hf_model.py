@@ -129,6 +129,48 @@ def test_toe_trainer_resumes_from_a_plugin_checkpoint(tok, tmp_path):
         run(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-2"))
 
 
+def test_trl_sft_trainer_trains_and_resumes_the_plugin(tok, tmp_path):
+    """trl's SFTTrainer with the PluginCheckpoints mixin: it tokenizes plain text, runs the base's decoder stack
+    (``base_model``, where the plug-in's hooks sit) under its default activation checkpointing and applies the LM head
+    itself; only the plug-in trains, the same as without checkpointing, and a resume reaches the uninterrupted run."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+
+    from tree_of_experts.trainer import PluginCheckpoints
+
+    class ToESFTTrainer(PluginCheckpoints, trl.SFTTrainer):
+        pass
+
+    texts = ["Question: 3 plus 4? Answer: 7", "Question: 12 times 7? Answer: 84", "Question: 9 minus 2? Answer: 7",
+             "Question: 5 times 5? Answer: 25"] * 2
+    data = datasets.Dataset.from_dict({"text": texts})
+
+    def run(out, plugin_seed=0, checkpointing=True, **kw):
+        model = randomize(ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0, 1],
+                                         num_leaves=8, selection="topk", top_k=2), seed=plugin_seed)
+        args = trl.SFTConfig(output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, data_seed=0, max_length=32,
+                             gradient_checkpointing=checkpointing, bf16=False)  # trl's default is bf16
+        ToESFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok).train(**kw)
+        return model
+
+    model = run(tmp_path / "full")
+    full = model.plugin.state_dict()
+    start = randomize(ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0, 1], num_leaves=8,
+                                     selection="topk", top_k=2)).plugin.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in full.items())  # the plug-in trained
+    bare = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(model.base.parameters(), bare.parameters()))  # the base did not
+    plain = run(tmp_path / "plain", checkpointing=False).plugin.state_dict()
+    assert all(torch.allclose(full[k], plain[k], rtol=0, atol=1e-6) for k in full)  # same gradients, recomputed
+    files = set(os.listdir(tmp_path / "full" / "checkpoint-2"))
+    assert "toe_model.safetensors" in files and not files & {"model.safetensors", "config.json"}
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = run(resumed_dir, plugin_seed=5, resume_from_checkpoint=str(resumed_dir / "checkpoint-2"))
+    assert all(torch.allclose(full[k], resumed.plugin.state_dict()[k], rtol=0, atol=1e-6) for k in full)
+
+
 def test_save_pretrained_takes_a_trainers_state_dict(toe, batch, tmp_path):
     state = {k: v.clone() for k, v in toe.state_dict().items()}
     randomize(toe, seed=1)  # the live tensors now differ from the state dict

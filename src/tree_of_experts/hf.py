@@ -163,22 +163,45 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
     return tok
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing (recompute in backward, non-reentrant): transformers 5.x names it
+def enable_checkpointing(model: nn.Module, kwargs: dict | None = None, **options: Any) -> None:
+    """Activation checkpointing (recompute in backward): transformers 5.x names it
     ``activation_checkpointing_enable`` and deprecates ``gradient_checkpointing_enable``; older versions have only
-    the latter. A peft model forwards either to its base."""
-    kwargs = {"use_reentrant": False}
+    the latter. A peft model forwards either to its base. ``options``: transformers 5.x's ``every_n_layers`` and
+    ``offload``.
+
+    Non-reentrant by default, which needs no gradient at the inputs: the hook transformers 5.x puts on the input
+    embeddings to make their output require one is removed, else the backward runs through every frozen layer below
+    the first trained one for nothing. ``use_reentrant=True`` keeps that hook (a reentrant checkpoint drops the
+    gradients of a layer whose inputs need none)."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+    if kwargs["use_reentrant"]:
+        model.enable_input_require_grads()
+    elif hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
-def checkpoint_frozen_layers(model: nn.Module) -> None:
+def disable_checkpointing(model: nn.Module) -> None:
+    """Turns activation checkpointing off again (either transformers name)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether any module of ``model`` recomputes its activations in the backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def checkpoint_frozen_layers(model: nn.Module, kwargs: dict | None = None, **options: Any) -> None:
     """Activation checkpointing for a frozen base kept in eval mode (the plug-in trains, the base must not drop
     out): transformers recomputes a decoder layer only while that layer is in training mode, so the decoder layers
     alone are flagged as training (not their submodules: dropout stays off)."""
-    enable_checkpointing(model)
+    enable_checkpointing(model, kwargs, **options)
     for layer in decoder_layers(model):
         layer.training = True
 

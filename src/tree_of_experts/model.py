@@ -19,7 +19,11 @@ from .config import ToEConfig, ToEError
 from .hf import (
     arch_fingerprint,
     base_hub_id,
+    checkpoint_frozen_layers,
+    decoder_layers,
+    disable_checkpointing,
     hub_id_of,
+    is_checkpointing,
     is_hub_id,
     load_causal_lm,
     merge_adapter,
@@ -124,6 +128,12 @@ class ToEModel(PreTrainedModel):
     def can_generate(cls) -> bool:
         return True
 
+    @property
+    def base_model(self) -> nn.Module:
+        """transformers' "main body of the model": the base's decoder stack (its ``last_hidden_state``), where the
+        plug-in's hooks sit. trl's SFTTrainer runs it and applies the LM head itself (its fused, chunked head)."""
+        return self.base.base_model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()
 
@@ -131,10 +141,36 @@ class ToEModel(PreTrainedModel):
         return self.base.get_output_embeddings()
 
     def train(self, mode: bool = True) -> ToEModel:
-        """Sets the plug-in's mode; the base stays in eval mode (frozen, no dropout) whatever a trainer asks."""
+        """Sets the plug-in's mode; the base stays in eval mode (frozen, no dropout) whatever a trainer asks, but
+        with activation checkpointing on its decoder layers train along (they recompute only in training mode)."""
         nn.Module.train(self, mode)
         self.base.eval()
+        if mode and is_checkpointing(self.base):
+            for layer in decoder_layers(self.base):
+                layer.training = True
         return self
+
+    # transformers' Trainer and trl's trainers call these for `gradient_checkpointing=True` (trl's default): the
+    # frozen base's decoder layers recompute their activations in the backward, the plug-in's gradients unchanged
+    supports_gradient_checkpointing = True
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **options: Any) -> None:
+        """Activation checkpointing of the frozen base (non-reentrant unless ``use_reentrant=True`` is given)."""
+        checkpoint_frozen_layers(self.base, activation_checkpointing_kwargs, **options)
+        self.train(self.training)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """transformers < 5's name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable_checkpointing(self.base)
+        self.train(self.training)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """transformers < 5's name of :meth:`activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
 
     # -- loading and saving ------------------------------------------------------------------------------------
     @classmethod
