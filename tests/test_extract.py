@@ -154,6 +154,7 @@ def test_rerun_of_a_finished_extraction_returns_it_without_loading_a_model(pair,
     import tree_of_experts.commands.extract as extract_mod
 
     summary = run(pair, tmp_path / "ex")
+    run(pair, tmp_path / "l1", layers=[1], teacher_layers=[1])  # the default is layer 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ex").iterdir()}
 
     def no_load(*a, **k):
@@ -165,7 +166,12 @@ def test_rerun_of_a_finished_extraction_returns_it_without_loading_a_model(pair,
     # other tree settings on the finished folder: refused with the command that builds them, nothing touched
     with pytest.raises(ToEError, match=r"built with other settings \(num_leaves\).*toe rebuild"):
         run(pair, tmp_path / "ex", num_leaves=4)
+    with pytest.raises(ToEError, match=r"built with other settings \(projector_epochs\).*--reuse_capture"):
+        run(pair, tmp_path / "ex", projector_epochs=2)  # the fusion maps: `toe rebuild` reuses them, cannot redo them
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ex").iterdir()} == before
+    # the default layer is resolved from the config before the finished folder is returned: another layer refuses
+    with pytest.raises(ToEError, match="other settings.*layers"):
+        run(pair, tmp_path / "l1")
 
 
 def test_rerun_with_other_settings_is_refused(pair, tmp_path):

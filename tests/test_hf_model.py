@@ -129,6 +129,21 @@ def test_toe_trainer_resumes_from_a_plugin_checkpoint(tok, tmp_path):
         run(tmp_path / "other", resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-2"))
 
 
+def test_base_model_edits_the_positions_the_lm_edits(toe, tok, batch):
+    """trl's fused LM head runs ``base_model`` (the decoder stack) and the head itself: the plug-in edits the same
+    positions as in a full forward — left padding included, and after a forward of another batch of the same shape
+    (whose mask must not be reused)."""
+    other = tok(list(reversed(PROMPTS)), return_tensors="pt", padding=True)  # the padding on the other row
+    assert other["input_ids"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        ref = toe(**batch).logits
+        toe(**other)
+        hidden = toe.base_model(**batch).last_hidden_state  # (B, T, D)
+        assert torch.allclose(toe.get_output_embeddings()(hidden), ref, atol=1e-5)
+        bare = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)(**batch).logits
+    assert not torch.allclose(ref, bare, atol=1e-3)  # the plug-in does edit
+
+
 def test_trl_sft_trainer_trains_and_resumes_the_plugin(tok, tmp_path):
     """trl's SFTTrainer with the PluginCheckpoints mixin: it tokenizes plain text, runs the base's decoder stack
     (``base_model``, where the plug-in's hooks sit) under its default activation checkpointing and applies the LM head

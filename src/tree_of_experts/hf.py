@@ -93,6 +93,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ToEError(f"cannot find the decoder layers of {type(model).__name__}: ToE supports decoder-only causal LMs")
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module of a causal LM that runs its decoder layers (``base_model``: Qwen2Model, GPT2Model, ...), called by
+    the LM with the same input ids, attention mask and cache, and called alone by trainers that apply the LM head
+    themselves (trl's fused head)."""
+    stack = getattr(model, "base_model", None)
+    return stack if isinstance(stack, nn.Module) else model
+
+
 def model_id(model: nn.Module) -> str:
     return getattr(model.config, "_name_or_path", "") or type(model).__name__
 
@@ -178,9 +186,11 @@ def enable_checkpointing(model: nn.Module, kwargs: dict | None = None, **options
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
-    if kwargs["use_reentrant"]:
+    # the hook's handle: a list in transformers 5.x, one handle in 4.x (which adds it for peft models only)
+    hooked = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+    if kwargs["use_reentrant"] and not hooked:
         model.enable_input_require_grads()
-    elif hasattr(model, "disable_input_require_grads"):
+    elif not kwargs["use_reentrant"] and hooked:
         model.disable_input_require_grads()
 
 

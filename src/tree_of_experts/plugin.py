@@ -21,7 +21,7 @@ from torch import nn
 
 from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
-from .hf import decoder_layers, edit_output, model_id, same_weights, weight_sample
+from .hf import decoder_layers, decoder_stack, edit_output, model_id, same_weights, weight_sample
 from .io import atomic_save_tensors
 from .tree import RouteOutput, TreeGate, selection_mass
 
@@ -120,7 +120,7 @@ class ToEPlugin(nn.Module):
                 bank = ExpertBank(torch.randn(config.num_leaves, config.hidden_size) * 0.02, info or {"init": "random"})
             self.blocks[str(layer)] = InjectionLayer(config, bank)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the model pre-hook
+        self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the stack's pre-hook
         self._routes: dict[int, Record] | None = None
         self._mass: dict[int, torch.Tensor] | None = None  # per-layer selection mass while counting()
         self._delta: dict[int, torch.Tensor] | None = None  # per-layer (Σ ||Δ||/||h||, tokens) while counting()
@@ -154,7 +154,9 @@ class ToEPlugin(nn.Module):
         if bad:
             raise ToEError(f"layers {bad} out of range: the base has {len(layers)} decoder layers (0..{len(layers) - 1})")
         self._check_weights(model)
-        self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        # the positions to edit come from the decoder stack's own inputs: the LM calls it with them, and trainers
+        # that apply the LM head themselves (trl's fused head) call the stack alone
+        self._handles.append(decoder_stack(model).register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for layer in self.config.layers:
             self._handles.append(layers[layer].register_forward_hook(self._layer_hook(layer)))
         return self

@@ -65,9 +65,12 @@ def finished_extraction(out: str, build_settings: dict) -> dict | None:
     previous = read_json(build_path, "delete the folder (or pass --overwrite true) and extract again")
     changed = sorted(k for k in set(previous) | set(build_settings) if previous.get(k) != build_settings.get(k))
     if changed:
-        raise ToEError(f"{out} holds a finished extraction built with other settings ({', '.join(changed)}): "
-                       f"`toe rebuild --source {out} --out NEW` builds a tree with these from its shards without the "
-                       "models; --overwrite true extracts again")
+        rebuilt = {f.name for f in dataclasses.fields(RebuildConfig)} | {"seed"}  # what `toe rebuild` can change
+        how = (f"`toe rebuild --source {out} --out NEW` builds a tree with these from its shards and fusion maps"
+               if set(changed) <= rebuilt else
+               f"`toe extract ... --reuse_capture {out} --out NEW` builds one with these from its shards")
+        raise ToEError(f"{out} holds a finished extraction built with other settings ({', '.join(changed)}): {how}, "
+                       "without running the models; --overwrite true extracts again")
     return read_json(summary_path, "delete the folder (or pass --overwrite true) and extract again")
 
 
@@ -251,19 +254,24 @@ def extract(
              **({"layers": list(layers)} if layers else {}),
              **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
     check_same_extraction(out, early)  # what can be compared before the models load
-    build_settings = json.loads(json.dumps({  # as build.json reads back
-        **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"},
-        "ridge_lambdas": [float(x) for x in ridge_lambdas], "seed": seed}))
-    finished = finished_extraction(out, build_settings)
-    if finished is not None:  # nothing to capture or build: no model is loaded
-        log.info("%s: a finished extraction with these settings; reused as it is (--overwrite true extracts again)",
-                 out)
-        return finished if state.is_main_process else None
     source = reusable_capture(reuse_capture, early) if reuse_capture else None
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
     n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
     check_layers(layers, teacher_layers, n_b_config, n_t_config)
+    known = bool(layers or n_b_config is not None) and bool(teacher_layers or None not in (n_b_config, n_t_config))
+    if known:  # a finished extraction with these settings (its default layers resolved) is returned as it is
+        check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
+                                            resolve_layers(layers, teacher_layers, n_b_config, n_t_config))))
+        build_settings = json.loads(json.dumps({  # as build.json reads back
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"},
+            "topk_logprobs": topk_logprobs if kd else 0, "ridge_lambdas": [float(x) for x in ridge_lambdas],
+            "seed": seed}))
+        finished = finished_extraction(out, build_settings)
+        if finished is not None:  # nothing to capture or build: no model is loaded
+            log.info("%s: a finished extraction with these settings; reused as it is (--overwrite true extracts "
+                     "again)", out)
+            return finished if state.is_main_process else None
     if source is not None:  # the pairs asked for against the source's, before any weights load
         if (not layers and n_b_config is None) or (not teacher_layers and None in (n_b_config, n_t_config)):
             raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
@@ -333,7 +341,8 @@ def extract(
         os.remove(build_path)
     summary = build(out, base_model, base_tok, cfg, Pairing(layers, teacher_layers, teacher, kd, settings), examples,
                     ridge_lambdas, seed, dev)
-    atomic_write_json(build_path, build_settings)  # last: it marks the folder finished
+    if known:  # last: it marks the folder finished (a rerun whose layers cannot be resolved early builds again)
+        atomic_write_json(build_path, build_settings)
     return summary
 
 

@@ -93,7 +93,8 @@ class ToEPlugin(nn.Module):
         self._mask: torch.Tensor | None = None  # (B, T) of the forward in progress
 
     def attach(self, model: nn.Module) -> None:
-        model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        stack = getattr(model, "base_model", None)  # the decoder stack: the LM calls it with the mask and cache
+        (stack if isinstance(stack, nn.Module) else model).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         blocks = decoder_layers(model)
         for layer in self.layers:
             blocks[layer].register_forward_hook(self._layer_hook(layer))
