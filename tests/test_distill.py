@@ -42,6 +42,26 @@ def test_generalized_jsd_matches_the_formula_by_hand(beta):
     assert generalized_jsd(t_logits, t_logits, beta).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_generalized_jsd_and_its_gradient_match_trls_gkd_trainer(beta, monkeypatch):
+    """The reference implementation of the same objective (trl's GKDTrainer.generalized_jsd_loss), per position and
+    in the student's gradient, on random logits over a wide vocabulary."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")  # the GKD trainer sits in trl.experimental since 1.0
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        from trl import GKDTrainer  # trl < 1.0
+    g = torch.Generator().manual_seed(2)
+    s, t = (torch.randn(6, 257, generator=g) * 3).requires_grad_(), torch.randn(6, 257, generator=g) * 3
+    ours = generalized_jsd(s, t, beta)
+    theirs = GKDTrainer.generalized_jsd_loss(s[None], t[None], beta=beta, reduction="none").sum(-1)[0]  # (N,)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), s)
+    (grad_theirs,) = torch.autograd.grad(theirs.sum(), s)
+    assert torch.allclose(grad_ours, grad_theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_divergence_sits_at_the_targets_and_ignores_a_padded_teacher_vocabulary():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 9, generator=g)  # teacher vocabulary padded to 9
