@@ -111,6 +111,10 @@ def test_a_layer_subset_reuses_the_capture_without_loading_the_teacher(pair, tmp
     with pytest.raises(ToEError, match="is the --reuse_capture folder"):  # it would delete what it reads
         run(pair, tmp_path / "both", layers=[1], reuse_capture=str(tmp_path / "both"), overwrite=True)
     assert Extraction(str(tmp_path / "both")).shard_paths()
+    # finished, the extraction no longer needs its source: a rerun returns it with the source gone
+    shutil.move(tmp_path / "both", tmp_path / "moved")
+    assert run(pair, tmp_path / "reused", layers=[1], reuse_capture=str(tmp_path / "both")) == \
+        json.loads((tmp_path / "reused" / "summary.json").read_text())
 
 
 def test_a_bank_from_the_ridge_step(pair, tmp_path):

@@ -144,6 +144,22 @@ def test_base_model_edits_the_positions_the_lm_edits(toe, tok, batch):
     assert not torch.allclose(ref, bare, atol=1e-3)  # the plug-in does edit
 
 
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_a_peft_wrapped_base_gets_the_plugins_mask(tok, batch, task_type):
+    """The plug-in reads its mask at the module that runs the decoder layers (``get_decoder()``), which a PeftModel
+    reaches whatever its wrapper: with a no-op LoRA, the same plug-in gives the plain base's logits with left padding,
+    and the same greedy continuation through the KV cache."""
+    from peft import LoraConfig, get_peft_model
+
+    plain = randomize(ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0, 1], num_leaves=8))
+    wrapped = get_peft_model(tiny_qwen2(hidden_size=32, num_layers=2, seed=0),
+                             LoraConfig(r=2, target_modules=["q_proj"], task_type=task_type))  # B = 0: a no-op
+    toe = randomize(ToEModel.fresh(wrapped, layers=[0, 1], num_leaves=8))
+    assert torch.equal(logits(toe, batch), logits(plain, batch))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(toe.generate(**batch, **kw), plain.generate(**batch, **kw))
+
+
 def test_trl_sft_trainer_trains_and_resumes_the_plugin(tok, tmp_path):
     """trl's SFTTrainer with the PluginCheckpoints mixin: it tokenizes plain text, runs the base's decoder stack
     (``base_model``, where the plug-in's hooks sit) under its default activation checkpointing and applies the LM head

@@ -94,10 +94,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:
-    """The module of a causal LM that runs its decoder layers (``base_model``: Qwen2Model, GPT2Model, ...), called by
+    """The module of a causal LM that runs its decoder layers (Qwen2Model, GPT2Model, ...: ``get_decoder()``), called by
     the LM with the same input ids, attention mask and cache, and called alone by trainers that apply the LM head
     themselves (trl's fused head)."""
-    stack = getattr(model, "base_model", None)
+    # get_decoder first: a peft model's base_model is its LoRA wrapper, which generation and a plain PeftModel skip
+    stack = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(stack, nn.Module) or stack is model:
+        stack = getattr(model, "base_model", None)
     return stack if isinstance(stack, nn.Module) else model
 
 

@@ -21,6 +21,7 @@ from .hf import (
     base_hub_id,
     checkpoint_frozen_layers,
     decoder_layers,
+    decoder_stack,
     disable_checkpointing,
     hub_id_of,
     is_checkpointing,
@@ -132,7 +133,7 @@ class ToEModel(PreTrainedModel):
     def base_model(self) -> nn.Module:
         """transformers' "main body of the model": the base's decoder stack (its ``last_hidden_state``), where the
         plug-in's hooks sit. trl's SFTTrainer runs it and applies the LM head itself (its fused, chunked head)."""
-        return self.base.base_model
+        return decoder_stack(self.base)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()

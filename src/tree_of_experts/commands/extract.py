@@ -254,7 +254,6 @@ def extract(
              **({"layers": list(layers)} if layers else {}),
              **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
     check_same_extraction(out, early)  # what can be compared before the models load
-    source = reusable_capture(reuse_capture, early) if reuse_capture else None
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
     n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
@@ -263,15 +262,15 @@ def extract(
     if known:  # a finished extraction with these settings (its default layers resolved) is returned as it is
         check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
                                             resolve_layers(layers, teacher_layers, n_b_config, n_t_config))))
-        build_settings = json.loads(json.dumps({  # as build.json reads back
-            **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "batch_size"},
-            "topk_logprobs": topk_logprobs if kd else 0, "ridge_lambdas": [float(x) for x in ridge_lambdas],
-            "seed": seed}))
+        build_settings = json.loads(json.dumps({  # as build.json reads back; the capture's are run.json's
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("batch_size", "topk_logprobs")},
+            "ridge_lambdas": [float(x) for x in ridge_lambdas], "seed": seed}))
         finished = finished_extraction(out, build_settings)
         if finished is not None:  # nothing to capture or build: no model is loaded
             log.info("%s: a finished extraction with these settings; reused as it is (--overwrite true extracts "
                      "again)", out)
             return finished if state.is_main_process else None
+    source = reusable_capture(reuse_capture, early) if reuse_capture else None  # (a finished one needs it no more)
     if source is not None:  # the pairs asked for against the source's, before any weights load
         if (not layers and n_b_config is None) or (not teacher_layers and None in (n_b_config, n_t_config)):
             raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "

@@ -93,7 +93,10 @@ class ToEPlugin(nn.Module):
         self._mask: torch.Tensor | None = None  # (B, T) of the forward in progress
 
     def attach(self, model: nn.Module) -> None:
-        stack = getattr(model, "base_model", None)  # the decoder stack: the LM calls it with the mask and cache
+        # the decoder stack: the LM calls it with the mask and cache
+        stack = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if not isinstance(stack, nn.Module) or stack is model:
+            stack = getattr(model, "base_model", None)
         (stack if isinstance(stack, nn.Module) else model).register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         blocks = decoder_layers(model)
         for layer in self.layers:
