@@ -1,0 +1,1 @@
+toe baseline --kind lora --lora-rank 1 --base /work/pair/qwen2.5-coder-0.5b-instruct --out /work/rpc/lora1-off --data /work/main/results/real_pair_v2/train-traces.jsonl --response-field trace --max-length 512 --template chat --max-steps 40 --batch-size 4 --gradient-checkpointing true --lr 2e-4 --save-every 2 --resume true --kd-weight 1 --experts /work/rpc/extract-l3 
