@@ -210,13 +210,20 @@ def is_checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
+def recompute_frozen_layers(model: nn.Module) -> None:
+    """For a frozen base kept in eval mode with checkpointing on: transformers recomputes a decoder layer only while
+    that layer is in training mode, so the decoder layers alone are flagged as training (not their submodules:
+    dropout stays off). Without checkpointing, nothing changes."""
+    if is_checkpointing(model):
+        for layer in decoder_layers(model):
+            layer.training = True
+
+
 def checkpoint_frozen_layers(model: nn.Module, kwargs: dict | None = None, **options: Any) -> None:
     """Activation checkpointing for a frozen base kept in eval mode (the plug-in trains, the base must not drop
-    out): transformers recomputes a decoder layer only while that layer is in training mode, so the decoder layers
-    alone are flagged as training (not their submodules: dropout stays off)."""
+    out; see :func:`recompute_frozen_layers`)."""
     enable_checkpointing(model, kwargs, **options)
-    for layer in decoder_layers(model):
-        layer.training = True
+    recompute_frozen_layers(model)
 
 
 def edit_output(output: Any, fn) -> Any:

@@ -19,17 +19,16 @@ from .config import ToEConfig, ToEError
 from .hf import (
     arch_fingerprint,
     base_hub_id,
-    checkpoint_frozen_layers,
-    decoder_layers,
     decoder_stack,
     disable_checkpointing,
+    enable_checkpointing,
     hub_id_of,
-    is_checkpointing,
     is_hub_id,
     load_causal_lm,
     merge_adapter,
     model_id,
     push_folder,
+    recompute_frozen_layers,
     resolve_folder,
     versions,
 )
@@ -146,9 +145,8 @@ class ToEModel(PreTrainedModel):
         with activation checkpointing on its decoder layers train along (they recompute only in training mode)."""
         nn.Module.train(self, mode)
         self.base.eval()
-        if mode and is_checkpointing(self.base):
-            for layer in decoder_layers(self.base):
-                layer.training = True
+        if mode:
+            recompute_frozen_layers(self.base)
         return self
 
     # transformers' Trainer and trl's trainers call these for `gradient_checkpointing=True` (trl's default): the
@@ -158,8 +156,8 @@ class ToEModel(PreTrainedModel):
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         **options: Any) -> None:
         """Activation checkpointing of the frozen base (non-reentrant unless ``use_reentrant=True`` is given)."""
-        checkpoint_frozen_layers(self.base, activation_checkpointing_kwargs, **options)
-        self.train(self.training)
+        enable_checkpointing(self.base, activation_checkpointing_kwargs, **options)
+        self.train(self.training)  # flags the decoder layers to recompute while the model trains
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
         """transformers < 5's name of :meth:`activation_checkpointing_enable`."""

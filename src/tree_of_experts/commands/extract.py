@@ -272,7 +272,7 @@ def extract(
             return finished if state.is_main_process else None
     source = reusable_capture(reuse_capture, early) if reuse_capture else None  # (a finished one needs it no more)
     if source is not None:  # the pairs asked for against the source's, before any weights load
-        if (not layers and n_b_config is None) or (not teacher_layers and None in (n_b_config, n_t_config)):
+        if not known:
             raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
                            "with --reuse_capture")
         reused_pairs(reuse_capture, source, *resolve_layers(layers, teacher_layers, n_b_config, n_t_config))
