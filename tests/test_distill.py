@@ -203,6 +203,9 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
         assert (r["kd"] is None) == (r["objective"] == "on_policy")  # off-policy steps distil the cached top-k
     adapter = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it trained
+    card = (tmp_path / "lora" / "README.md").read_text()  # ours, not peft's empty template
+    assert "More Information Needed" not in card and "| rank / alpha / dropout | 2 / 4 / 0.0" in card
+    assert "generalized JSD beta 0.5" in card and "PeftModel.from_pretrained" in card
     # Both students start as the bare base (LoRA's B = 0, the plug-in's scale 0) and draw with the same seeds: the
     # first step samples the same tokens and scores them with the same divergence, so its loss is the same.
     # An all-on-policy LoRA run reads nothing of an extraction: the teacher is named, no --experts.

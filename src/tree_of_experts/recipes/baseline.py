@@ -29,7 +29,7 @@ from ..config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
-from ..hf import enable_checkpointing, load_causal_lm, load_tokenizer, padded_inputs
+from ..hf import enable_checkpointing, is_hub_id, load_causal_lm, load_tokenizer, padded_inputs
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
 from ..model import ToEModel
 from ..plugin import ToEPlugin
@@ -347,7 +347,7 @@ def baseline(
                            plugin_params=target)
             summary["metrics"] = _train_adapter(model, tok, examples, out, max_steps, batch_size, lr or 2e-4, seed,
                                                 gradient_checkpointing, **fit)[-1]
-            model.save_pretrained(out)
+            model.save_pretrained(out)  # peft writes an empty template card; adapter_card replaces it below
         else:
             base_model.requires_grad_(True)
             summary["metrics"] = _train_adapter(base_model, tok, examples, out, max_steps, batch_size, lr or 1e-5,
@@ -355,7 +355,63 @@ def baseline(
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
     summary.update(peak_memory())
+    if kind == "lora":
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(adapter_card(args, summary))
     atomic_write_json(os.path.join(out, "baseline_summary.json"), summary)
     if kind in ("lora", "sft"):  # the saved weights supersede the checkpoint (SFT's is the model + Adam: GBs)
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return summary
+
+
+def adapter_card(args: dict, summary: dict) -> str:
+    """The README.md of a LoRA baseline's adapter folder: hub metadata, what was trained how, and how to load it
+    (replacing peft's empty template)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args["base"]
+    on_hub = is_hub_id(base) and "/" in base and not os.path.isdir(base)
+    data = ModelCardData(base_model=base if on_hub else None, library_name="peft", pipeline_tag="text-generation",
+                         tags=["lora", "tree-of-experts", "baseline"])
+    objective = args["objective"]
+    if objective == "on_policy":
+        how = (f"on-policy (share {args['on_policy_ratio']}): the adapted model samples up to "
+               f"{args['sample_max_new_tokens']} tokens per prompt (temperature {args['sample_temperature']}, "
+               f"top-p {args['sample_top_p']}), the teacher `{args['teacher'] or 'of the extraction'}` scores every "
+               f"token, generalized JSD beta {args['beta']}")
+    else:
+        how = "off-policy: CE on the training text" + (
+            f" + {args['kd_weight']} x top-k KL to the teacher's cached log-probs" if args.get("kd_weight") else "")
+    metrics = summary.get("metrics") or {}
+    final = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "elapsed_s")
+    load = (f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")')
+    body = "\n".join([
+        f"# LoRA baseline for `{base}`",
+        "",
+        "Trained by `toe baseline --kind lora`, the comparison a Tree-of-Experts plug-in is measured against: the same "
+        "data, step budget and objective code as `toe train`.",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| rank / alpha / dropout | {summary.get('rank')} / {2 * summary.get('rank', 0)} / 0.0, every linear layer "
+        "but the LM head |",
+        f"| trainable parameters | {summary.get('trainable_params', 0):,} |",
+        f"| objective | {how} |",
+        f"| data | `{args['data']}` (template `{args['template']}`, response field `{args['response_field']}`, "
+        f"max length {args['max_length']}) |",
+        f"| budget | {args['max_steps']} steps x {args['batch_size']} sequences, lr {args['lr'] or 2e-4}, "
+        f"seed {args['seed']} |",
+        f"| last step | {final or '-'} |",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        load,
+        "```",
+        "",
+        "or `toe eval --base BASE --lora path/to/this/folder ...`; the run's arguments are in `baseline_args.json`, "
+        "its per-step metrics in `metrics.jsonl`.",
+        "",
+    ])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
