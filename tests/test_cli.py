@@ -44,6 +44,24 @@ def test_a_typed_backslash_n_in_a_template_is_a_newline():
     assert _normalise(["eval", "--template", "chat"]) == ["eval", "--template", "chat"]
 
 
+def test_generate_reads_typed_newlines_and_labels_several_completions(tmp_path, capsys):
+    """`--prompt "Question: x\\nAnswer: "` as a shell passes it is the two-line prompt; several prompts or samples
+    print under a header each; a zero token budget is one line, not transformers' traceback."""
+    from tree_of_experts.cli import _normalise, _show, main
+    from tree_of_experts.inference import read_prompts
+
+    typed = "Question: x" + "\\" + "nAnswer: "
+    assert _normalise(["generate", "--prompt", typed]) == ["generate", "--prompt", "Question: x\nAnswer: "]
+    (tmp_path / "p.txt").write_text(typed + "\n\nsecond\n")
+    assert read_prompts(None, str(tmp_path / "p.txt")) == ["Question: x\nAnswer: ", "second"]
+    _show([{"prompt": "a\nb", "sample": 0, "completion": "one"}, {"prompt": "a\nb", "sample": 1, "completion": "two"}])
+    assert capsys.readouterr().out == "=== 'a b', sample 0 ===\none\n\n=== 'a b', sample 1 ===\ntwo\n"
+    _show([{"prompt": "a", "completion": "only"}])
+    assert capsys.readouterr().out == "only\n"
+    assert main(["generate", "--base", str(tmp_path), "--prompt", "x", "--max_new_tokens", "0"]) == 2
+    assert "max_new_tokens=0" in capsys.readouterr().err
+
+
 def test_help_shows_a_default_template_as_it_is_typed(capsys):
     """`toe train --help` shows the default template's newline as `\\n` (what the option takes), not as a space."""
     import pytest

@@ -63,6 +63,7 @@ BAD_LINES = {  # line 2 of a three-line JSONL file -> what the one-line error sa
     "number": (b'{"question": 7, "answer": "a"}', "field 'question' is a number (7), not text"),
     "list": (b'{"question": "q", "answer": ["a"]}', "field 'answer' is a list, not text"),
     "empty": (b'{"question": "q", "answer": "  "}', "field 'answer' is empty"),
+    "empty question": (b'{"question": " ", "answer": "a"}', "field 'question' is empty: write the prompt"),
     "missing": (b'{"question": "q", "solution": "a"}', "has no field 'answer'"),
     "surrogate": (b'{"question": "q", "answer": "a \\ud800 b"}', "field 'answer' holds a lone surrogate"),
     "bytes": (b'{"question": "q \xff", "answer": "a"}', "is not valid UTF-8"),

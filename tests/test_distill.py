@@ -231,7 +231,8 @@ def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
     baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"), lora_rank=2,
              max_steps=2, batch_size=4, lr=5e-2)
     out = tmp_path / "both"
-    train(**{**args(experts, out), "objective": "off_policy", "base_adapter": str(tmp_path / "lora")})
+    off_policy = {k: v for k, v in args(experts, out).items() if k != "sample_max_new_tokens"}
+    train(**{**off_policy, "objective": "off_policy", "base_adapter": str(tmp_path / "lora")})
     assert (out / "base_adapter" / "adapter_config.json").exists()
     ids = torch.tensor([[3, 5, 7, 9, 11]])
     both = ToEModel.from_pretrained(str(experts / "base"), out)

@@ -271,6 +271,14 @@ def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
     assert all(json.loads(r)["cut_by_max_length"] for r in open(tmp_path / "cut" / "base.jsonl"))
     with pytest.raises(ToEError, match="item 0: its prompt fills max_length=12 tokens"):
         evaluate(out=str(tmp_path / "x"), skip_bad_rows=True, max_length=12, **common)
+    # Graded accuracy needs a gold answer per item: a GSM8K solution without '#### N' would be graded wrong whatever
+    # the system answers, so it is refused up front (or left out and counted with --skip_bad_rows).
+    data.write_text("".join(lines[:2]) + '{"question": "q", "answer": "no final number"}\n' + lines[2])
+    graded = {**common, "accuracy": True, "ce": False, "max_new_tokens": 2}
+    with pytest.raises(ToEError, match=r"1 of 4 items have no gold answer to grade \(the first is item 3; GSM8K "):
+        evaluate(out=str(tmp_path / "x"), **graded)
+    m = evaluate(out=str(tmp_path / "graded"), skip_bad_rows=True, **graded)
+    assert m["args"]["skipped_rows"] == 1 and m["systems"]["base"]["n"] == 3
 
 
 def test_code_task_scores_ce_on_plain_text_only(tmp_path):

@@ -172,6 +172,32 @@ CASES = {
         train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"train_selection='sparse'"),
     "eval plugin_top_k 0": lambda w, t: Case(
         eval_args(w, str(t / "x"), "--plugin_top_k", "0"), [], r"plugin_top_k=0"),
+    # `toe eval` checks every input before the base's pass (a wrong path found after it costs hours)
+    "eval --plugin missing": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--plugin", str(t / "nope")), [], r"plug-in .*nope' not found"),
+    "eval --plugin for another base": lambda w, t: Case(
+        ["eval", "--base", str(w / "teacher"), "--data", FIXTURE, "--limit", "2", "--out", str(t / "x"), "--plugin",
+         str(w / "trained")], [str(w / "trained")], r"does not fit .*load the base it was built for"),
+    "eval --plugin_top_k above N": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--plugin", str(w / "trained"), "--plugin_top_k", "100"), [], r"top_k=100"),
+    "eval --plugin_top_k without --plugin": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--plugin_top_k", "2"), [], r"route a plug-in: pass --plugin"),
+    "eval --lora missing": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--lora", str(t / "nope")), [], r"LoRA adapter .* not found"),
+    "eval --lora not an adapter": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--lora", str(w / "trained")), [], r"no adapter_config\.json"),
+    "eval --teacher missing": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--teacher", str(t / "nope")), [], r"teacher .*nope' not found"),
+    "eval scoring nothing": lambda w, t: Case(
+        eval_args(w, str(t / "x"), "--ce", "false", "--accuracy", "false"), [], r"nothing to score"),
+    "train off-policy with on-policy options": lambda w, t: Case(
+        train_args(w, str(t / "x"), "--beta", "0.3", "--sample_max_new_tokens", "8"), [],
+        r"--beta, --sample_max_new_tokens set on-policy training, but --objective is off_policy"),
+    "train --base_adapter missing": lambda w, t: Case(
+        train_args(w, str(t / "x"), "--base_adapter", str(t / "nope")), [], r"LoRA adapter .* not found"),
+    "extract --base missing": lambda w, t: Case(
+        ["extract", "--teacher", str(w / "teacher"), "--base", str(t / "nope"), "--data", FIXTURE, "--out",
+         str(t / "x")], [], r"nope' not found: it is neither a local folder nor a hub repo id"),
     "--experts is a trained plug-in": lambda w, t: Case(
         train_args(w, str(t / "x"), experts=(e := _trained(w, t))), [e], r"holds a trained plug-in"),
     # -- bad input ---------------------------------------------------------------------------------------------------
@@ -186,6 +212,9 @@ CASES = {
     "corrupt extraction shard": lambda w, t: Case(
         train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x],
         r"shard-00001\.safetensors is unreadable.*delete that shard", no_model=False),
+    "another plug-in saved into an extraction": lambda w, t: Case(
+        train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x],
+        r"injects at layers \[0, 1\] but its route data was built for \[\d\].*extract again"),
     "corrupt extraction settings": lambda w, t: Case(
         train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x], r"run\.json is corrupt"),
     "corrupt checkpoint weights": lambda w, t: Case(
@@ -206,6 +235,8 @@ DAMAGE = {
     "format_version missing": lambda c: edit_json(os.path.join(c.keep[0], "toe_config.json"), format_version=...),
     "corrupt extraction shard": lambda c: truncate(os.path.join(c.keep[0], "shards", "shard-00001.safetensors")),
     "corrupt extraction settings": lambda c: truncate(os.path.join(c.keep[0], "run.json")),
+    "another plug-in saved into an extraction": lambda c: edit_json(os.path.join(c.keep[0], "toe_config.json"),
+                                                                   layers=[0, 1]),
     "corrupt checkpoint weights": lambda c: truncate(os.path.join(c.keep[0], "checkpoint", "plugin.safetensors")),
     "corrupt checkpoint state": lambda c: Path(c.keep[0], "checkpoint", "state.json").write_text('{"step": '),
     "corrupt optimizer state": lambda c: truncate(os.path.join(c.keep[0], "checkpoint", "optimizer.pt")),

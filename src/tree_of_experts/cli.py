@@ -12,6 +12,7 @@ import typing
 from argparse import ArgumentError
 
 from .config import ToEError
+from .data import unescape
 
 
 def _commands() -> dict:
@@ -86,20 +87,16 @@ def _str_list(value: str) -> str:
     return value if value.lstrip().startswith("[") else json.dumps([v.strip() for v in value.split(",") if v.strip()])
 
 
-def _unescape(value: str) -> str:
-    """A typed `\\n` (shells pass it as two characters) is a newline."""
-    return value.replace("\\n", "\n").replace("\\t", "\t")
-
-
 # Options whose value is rewritten before parsing: integer lists that also take `9` or `5,11,17`, string lists that
 # also take `a:b,c:d`, and prompt templates.
-CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": _unescape}
+CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": unescape,
+           "--prompt": unescape}
 
 
 def _normalise(argv: list[str]) -> list[str]:
     """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, `--pairs
-    a:b,c:d`, `--template "Q: {prompt}\nA: "` (a typed backslash-n is a newline), and `toe report DIR DIR ...`
-    (positional run folders)."""
+    a:b,c:d`, `--template "Q: {prompt}\nA: "` and `--prompt` (a typed backslash-n is a newline), and `toe report
+    DIR DIR ...` (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
     out: list[str] = []
@@ -140,7 +137,14 @@ def _show(result) -> None:
         print(f"results in {result.get('out') or result.get('markdown')}")
         return
     if isinstance(result, list) and result and isinstance(result[0], dict) and "completion" in result[0]:
-        for row in result:
+        if len(result) == 1:
+            print(result[0]["completion"])
+            return
+        for i, row in enumerate(result):  # several prompts or samples: each under a header saying which
+            prompt = " ".join(row["prompt"].split())
+            prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            sample = f", sample {row['sample']}" if "sample" in row else ""
+            print(f"{'' if i == 0 else chr(10)}=== {prompt!r}{sample} ===")
             print(row["completion"])
         return
     print(json.dumps(result, indent=2, default=str))
@@ -168,6 +172,10 @@ def _close_progress_bars() -> None:
 def _argument_error(e: Exception) -> str:
     """jsonargparse's multi-line type error in one line: ``--KEY VALUE: expected TYPES``."""
     text = str(e)
+    required = re.match(r"the following arguments are required: (.*)", text.strip())
+    if required:  # `train.experts, train.out` -> `--experts, --out`
+        names = [f"--{name.strip().split('.')[-1]}" for name in required.group(1).split(",")]
+        return f"missing {', '.join(names)}"
     key = re.match(r'Parser key "([^"]+)":', text)
     if not key:
         return text.strip().splitlines()[0] if text.strip() else type(e).__name__
@@ -195,11 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])
             return 0
+        if argv[:1] and argv[0].startswith("--config"):
+            raise ToEError("--config goes after the command: toe CMD --config FILE (`toe CMD --print_config` writes one)")
         result = CLI(_commands(), args=_normalise(argv), as_positional=False, formatter_class=_help_formatter(),
-                     exit_on_error=False, allow_abbrev=False)  # a typo'd option is an error, never a guess
+                     exit_on_error=False, allow_abbrev=False,  # a typo'd option is an error, never a guess
+                     epilog="toe lm-eval ARGS: lm-eval's own command line with the model type `toe` registered "
+                            "(e.g. --model toe --model_args base=B,plugin=P --tasks gsm8k)")
     except ArgumentError as e:
         command = next((a for a in argv if not a.startswith("-")), None)
-        where = f"toe {command} --help" if command and "invalid choice" not in str(e) else "toe --help"
+        known = command in _commands() if command else False
+        where = f"toe {command} --help" if known and "invalid choice" not in str(e) else "toe --help"
         print(f"toe: error: {_argument_error(e)} (see `{where}`)", file=sys.stderr)
         return 2
     except ToEError as e:

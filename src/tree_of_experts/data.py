@@ -22,6 +22,12 @@ CALC_NOTE = re.compile(r"<<[^>]*>>")
 CHAT = "chat"  # template value: the tokenizer's own chat template around the question
 
 
+
+def unescape(text: str) -> str:
+    """A typed ``\\n`` or ``\\t`` (shells pass them as two characters) is a newline or a tab: templates and prompts
+    given on a command line or as lines of a text file."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
 @dataclass
 class DataSpec:
     """How a record becomes text.
@@ -151,8 +157,8 @@ def row_problem(row: Any, where: str, spec: DataSpec | None) -> str | None:
     """Why ``row`` cannot be used, as one line naming ``where`` and the fix; None when it is fine.
 
     Refused: a row that is not an object; with ``spec``, a missing prompt/response field, one that is not text
-    (``str(None)`` would be scored as the text "None") or an empty response (scored as CE 0, it pulls the mean
-    down); any text holding a lone surrogate (the tokenizer cannot encode it)."""
+    (``str(None)`` would be scored as the text "None"), an empty prompt or an empty response (scored as CE 0, it
+    pulls the mean down); any text holding a lone surrogate (the tokenizer cannot encode it)."""
     if not isinstance(row, dict):
         return f"{where} is {_describe(row)}, not an object: write one {{\"field\": value, ...}} object per row"
     for field in (spec.prompt_field, spec.response_field) if spec is not None else ():
@@ -161,8 +167,9 @@ def row_problem(row: Any, where: str, spec: DataSpec | None) -> str | None:
                     "to name the right ones")
         if not isinstance(row[field], str):
             return f"{where}: field {field!r} is {_describe(row[field])}, not text: write it as a string or drop the row"
-    if spec is not None and not row[spec.response_field].strip():
-        return f"{where}: field {spec.response_field!r} is empty: write the response or drop the row"
+    for field, what in ((spec.prompt_field, "prompt"), (spec.response_field, "response")) if spec is not None else ():
+        if not row[field].strip():
+            return f"{where}: field {field!r} is empty: write the {what} or drop the row"
     for field, value in row.items():
         if isinstance(value, str) and SURROGATE.search(value):
             return (f"{where}: field {field!r} holds a lone surrogate (half of a UTF-16 pair, e.g. \\ud800): fix "

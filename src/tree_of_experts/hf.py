@@ -121,7 +121,7 @@ def load_causal_lm(
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    if not os.path.isdir(name_or_path) and hub_local_only(name_or_path, "model", **kwargs):
+    if model_source(name_or_path, "model", **kwargs):
         kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
@@ -133,16 +133,36 @@ def load_causal_lm(
     return model.eval()
 
 
+def model_source(name: str, what: str = "model", **kwargs: Any) -> bool:
+    """Checks that ``name`` can be loaded from, before anything loads: a local folder, or a hub id that is reachable
+    or cached (see :func:`hub_local_only`, whose answer it returns: load from the cache only). One line otherwise."""
+    if os.path.isdir(name):
+        return bool(kwargs.get("local_files_only"))
+    if not is_hub_id(name):
+        raise ToEError(f"{what} {name!r} not found: it is neither a local folder nor a hub repo id (org/name)")
+    return hub_local_only(name, what, **kwargs)
+
+
+def load_config(name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
+    """The model's transformers config alone (no weights): for checks before a model loads."""
+    from transformers import AutoConfig
+
+    if model_source(name_or_path, what, **kwargs):
+        kwargs["local_files_only"] = True
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"cannot load the config of {what} {name_or_path!r} ({first}): pass a model folder or "
+                       "hub id") from None
+
+
 def decoder_layer_count(name_or_path: str, **kwargs: Any) -> int | None:
     """The model's decoder layer count read from its config alone (cheap: no weights), or None where the config
     does not say (then check after loading, with :func:`decoder_layers`)."""
-    from transformers import AutoConfig
-
-    if not os.path.isdir(name_or_path) and hub_local_only(name_or_path, "model", **kwargs):
-        kwargs["local_files_only"] = True
     try:
-        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError):
+        config = load_config(name_or_path, **kwargs)
+    except ToEError:
         return None  # the load reports it, with its own message
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(text, "num_hidden_layers", None)
@@ -161,7 +181,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
         # tokenizer class (e.g. Qwen2Tokenizer) and silently drop its pre-tokenizer.
         if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             cls = PreTrainedTokenizerFast
-    elif hub_local_only(name_or_path, "tokenizer", **kwargs):
+    elif model_source(name_or_path, "tokenizer", **kwargs):
         kwargs["local_files_only"] = True
     try:
         tok = cls.from_pretrained(name_or_path, **kwargs)
@@ -490,7 +510,13 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
     transformers model): the base a ToE plug-in trained on top of LoRA runs on."""
     from peft import PeftModel
 
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise ToEError(f"{adapter} is not a peft adapter folder (no adapter_config.json): pass the folder "
-                       "`toe baseline --kind lora` wrote")
+    check_adapter(adapter)
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def check_adapter(adapter: str) -> None:
+    """Refuses, with one line, an ``adapter`` that is no peft adapter folder (or hub id), before any model loads."""
+    if os.path.isdir(adapter) or not is_hub_id(adapter):
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            what = "is not a peft adapter folder (no adapter_config.json)" if os.path.isdir(adapter) else "not found"
+            raise ToEError(f"LoRA adapter {adapter!r} {what}: pass the folder `toe baseline --kind lora` wrote")

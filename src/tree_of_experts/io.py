@@ -267,6 +267,20 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
         raise ToEError(f"--{option} {experts} is not a `toe extract` output (no run.json): run `toe extract` first "
                        "and pass its --out")
     read_json(os.path.join(experts, "run.json"), "the extraction is damaged: extract again into a new --out")
+    route, config = os.path.join(experts, "route_data.safetensors"), os.path.join(experts, "toe_config.json")
+    if os.path.isfile(route) and os.path.isfile(config):  # its plug-in must be the one its route data was built for
+        from safetensors import safe_open
+
+        layers = read_json(config, "the extraction's plug-in is damaged: extract again into a new --out").get("layers")
+        try:
+            with safe_open(route, "pt") as f:
+                routed = sorted(int(k.split(".")[1]) for k in f.keys() if k.startswith("states."))
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a damaged file)
+            raise ToEError(f"{route} is unreadable ({e}): extract again into a new --out") from None
+        if sorted(layers or []) != routed:
+            raise ToEError(f"--{option} {experts}: its plug-in (toe_config.json) injects at layers {layers} but its "
+                           f"route data was built for {routed}: another plug-in was saved into this folder: extract "
+                           "again into a new --out")
 
 
 # Arguments that may change when a run is continued: how often it logs and saves, the flags that say how to treat

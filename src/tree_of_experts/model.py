@@ -25,6 +25,7 @@ from .hf import (
     hub_id_of,
     is_hub_id,
     load_causal_lm,
+    load_config,
     merge_adapter,
     model_id,
     push_folder,
@@ -57,17 +58,33 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 def check_base(config: ToEConfig, base: nn.Module) -> None:
     """Refuses a base whose architecture differs from the one the plug-in was built for, naming the field."""
-    arch, digest = arch_fingerprint(base.config)
+    check_base_config(config, base.config, model_id(base))
+
+
+def check_base_config(config: ToEConfig, base_config: Any, name: str) -> None:
+    """:func:`check_base` on the base's transformers config alone (a command's check before any model loads)."""
+    arch, digest = arch_fingerprint(base_config)
     if config.base_config_hash and digest != config.base_config_hash:
         diffs = [f"{k}: plug-in {config.base_arch.get(k)!r} vs base {arch.get(k)!r}"
                  for k in sorted(set(arch) | set(config.base_arch)) if arch.get(k) != config.base_arch.get(k)]
         detail = "; ".join(diffs) or "config hash differs"
         raise ToEError(
             f"this plug-in was built for {config.base_model or 'another base'} and does not fit "
-            f"{model_id(base)} ({detail}): load the base it was built for"
+            f"{name} ({detail}): load the base it was built for"
         )
-    if base.config.hidden_size != config.hidden_size:
-        raise ToEError(f"plug-in hidden_size={config.hidden_size} but the base has {base.config.hidden_size}")
+    if base_config.hidden_size != config.hidden_size:
+        raise ToEError(f"plug-in hidden_size={config.hidden_size} but the base has {base_config.hidden_size}")
+
+
+def check_plugin_fits(plugin: str | os.PathLike, base: str, selection: str | None = None, top_k: int | None = None,
+                      top_p: float | None = None) -> ToEConfig:
+    """Reads the plug-in's config and the base's (no weights) and refuses, with one line, a plug-in that is missing,
+    does not fit ``base``, or cannot route with the given overrides (as :meth:`ToEModel.selection` would): what a
+    command checks before it loads any model."""
+    config = ToEConfig.load(resolve_folder(plugin, "plug-in"))
+    check_base_config(config, load_config(base, "base"), base)
+    overrides = {k: v for k, v in (("selection", selection), ("top_k", top_k), ("top_p", top_p)) if v is not None}
+    return dataclasses.replace(config, **overrides)  # the config's own checks
 
 
 def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
@@ -188,6 +205,8 @@ class ToEModel(PreTrainedModel):
 
         Args:
             base_or_plugin: the base (hub id, local folder or a loaded model), or the plug-in when ``plugin`` is None.
+                A loaded model is not copied: the plug-in's hooks go onto it, so it runs the plug-in too until
+                :meth:`detach` (or inside :meth:`disabled`, or after the ``with`` block the ToEModel opened).
             plugin: a plug-in folder or hub repo id.
             plugin_revision: the plug-in's hub revision (branch, tag or commit).
             token: hub token, for the plug-in and the base.

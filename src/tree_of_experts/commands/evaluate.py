@@ -18,6 +18,7 @@ from ..data import DataSpec, read_jsonl, scan_rows
 from ..evaluation.results import usage_summary, write_metrics, write_rows
 from ..evaluation.scoring import score_system
 from ..evaluation.tasks import (
+    GOLD_FORMAT,
     STOP,
     TASK_FIELDS,
     build_items,
@@ -25,7 +26,7 @@ from ..evaluation.tasks import (
     check_ce_rows,
 )
 from ..grading import grade
-from ..hf import load_causal_lm, load_tokenizer, pick_device
+from ..hf import check_adapter, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, Sampling, folder_fingerprint
 from ..io import atomic_write_text, claim_out
 
@@ -107,7 +108,8 @@ def evaluate(
             samples); every sample is in the per-example JSONL. The row's own answer is its first sample's.
         seed: seed of the sampling draws (each system starts from it).
         skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
-            ...) and record how many as ``skipped_rows``, instead of stopping at the first with its file:line.
+            no gold answer to grade, ...) and record how many as ``skipped_rows``, instead of stopping at the first
+            with its file:line.
         resume: continue an interrupted run in ``out`` (same arguments): every generated batch is kept in
             ``out/generations.partial.jsonl`` as it finishes and is not generated again (CE is recomputed). With
             ``overwrite`` too, the other files go and the finished batches stay.
@@ -116,18 +118,22 @@ def evaluate(
     Returns:
         The metrics dict written to ``out/metrics.json``.
     """
-    from ..model import ToEModel
+    from ..model import ToEModel, check_plugin_fits
 
     EvalConfig.from_args(locals())
     if data is None:
-        raise ToEError("--data is required: a local JSONL file of the task's items")
+        raise ToEError("--data is required: the task's items (a .jsonl/.json/.csv/.parquet file or "
+                       "hf:NAME[:CONFIG]:SPLIT)")
     if task == "code" and (accuracy or ce_target != "gold"):
         raise ToEError("--task code scores CE on the text alone: pass --accuracy false --ce_target gold")
     if not (with_base or plugin or lora or sft or teacher):
         raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
+    if not (ce or accuracy):
+        raise ToEError("nothing to score: --ce false and --accuracy false; keep one of them")
     sampling = Sampling(temperature, top_p, num_samples, seed)
-    claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
-              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
+    routing = {"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p}
+    if not plugin and any(v is not None for v in routing.values()):
+        raise ToEError("--plugin_selection/--plugin_top_k/--plugin_top_p route a plug-in: pass --plugin, or drop them")
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     ce_spec = ce_target_spec(task, template, ce_target)
@@ -141,14 +147,34 @@ def evaluate(
         if not few_shot_data:
             raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
         shots = read_jsonl(few_shot_data, spec, limit=few_shot)
+    # Every input is checked before the first model loads: a wrong path found after the base's pass costs hours.
+    load_config(base, "base")
+    for option, name in (("teacher", teacher), ("sft", sft)):
+        if name:
+            load_config(name, option)
+    if plugin:
+        check_plugin_fits(plugin, base, plugin_selection, plugin_top_k, plugin_top_p)
+    if lora:
+        check_adapter(lora)
     tok = load_tokenizer(base)
     spec, ce_spec = spec.for_tokenizer(tok), ce_spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, ce_spec)
+    if accuracy:  # an item without a gold answer would be graded wrong whatever the system says
+        ungraded = [i for i, item in enumerate(items) if not item.gold]
+        if ungraded and not skip_bad_rows:
+            where = f"{data} (after --skip {skip})" if skip else data
+            raise ToEError(f"{where}: {len(ungraded)} of {len(items)} items have no gold answer to grade (the first is "
+                           f"item {ungraded[0] + 1}; {GOLD_FORMAT[task]}): fix them, pass --skip_bad_rows to leave "
+                           "them out, or --accuracy false")
+        items = [item for item in items if item.gold]
+        bad_rows += [f"item {i + 1}: no gold answer" for i in ungraded]
+    claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
+              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
                 max_new_tokens=max_new_tokens, dtype=dtype, **sampling.record(), stop=STOP, ce=ce,
-                accuracy=accuracy, routing={"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p})
+                accuracy=accuracy, routing=routing)
     if skip_bad_rows:
         args["skipped_rows"] = len(bad_rows)
     per_system: dict[str, list[dict]] = {}

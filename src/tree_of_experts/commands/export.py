@@ -158,6 +158,8 @@ def _card(base_name: str, model: ToEModel) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)',
+        f'tok = AutoTokenizer.from_pretrained("path/to/this/folder")  # the base\'s tokenizer ({base_name})',
+        'ids = model.generate(**tok("Question: ...", return_tensors="pt"), max_new_tokens=256)',
         "```",
         "",
         "Runtimes that do not run the folder's code (model type `toe`) refuse it rather than serve the bare base.",

@@ -191,7 +191,8 @@ def extract(
     Args:
         teacher: hub id or local folder of the teacher.
         base: hub id or local folder of the base.
-        data: JSONL with one reasoning example per row (GSM8K's question/answer by default).
+        data: the reasoning examples, one per row: a .jsonl/.json/.csv/.parquet file or hf:NAME[:CONFIG]:SPLIT
+            (GSM8K's question/answer by default).
         out: output folder; rerunning with the same settings resumes from the last complete shard.
         num_leaves: N leaves of the tree.
         shape: "balanced" (ToE-B) or "deep" (ToE-D).

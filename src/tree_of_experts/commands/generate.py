@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import ToEError
 from ..data import chat_template
 from ..hf import load_causal_lm, load_tokenizer, pick_device
 from ..inference import Sampling, generate_texts, read_prompts, seeded
@@ -28,9 +29,9 @@ def generate(
     Args:
         base: hub id or local folder of the base model.
         plugin: plug-in folder (from `toe extract` / `toe train`); omit to run the bare base.
-        prompt: one prompt.
-        prompts_file: a text file with one prompt per line, or a data file (.jsonl, .json, .csv, .parquet) with a
-            "prompt" field.
+        prompt: one prompt (on the command line a typed ``\\n`` is a newline, as in ``--template``).
+        prompts_file: a text file with one prompt per line (a typed ``\\n`` is a newline), or a data file (.jsonl,
+            .json, .csv, .parquet) with a "prompt" field.
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per batch (left-padded).
         chat: wrap each prompt in the tokenizer's chat template.
@@ -48,6 +49,8 @@ def generate(
     """
     from ..model import ToEModel
 
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ToEError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}: both must be >= 1")
     sampling = Sampling(temperature, top_p, num_samples, seed)
     prompts = read_prompts(prompt, prompts_file)
     tokenizer = load_tokenizer(base)

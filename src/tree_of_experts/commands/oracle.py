@@ -158,7 +158,7 @@ def oracle(
         teacher: the teacher the extraction used (hub id or folder).
         base: the base the extraction used (hub id or folder).
         experts: the `toe extract` folder (projector, extracted bank).
-        data: JSONL items (task fields).
+        data: the items (task fields), in any format `toe eval --data` reads.
         out: output folder (oracle.json, oracle.md).
         plugin: a trained plug-in to add as the "ToE (learned)" row.
         task: "gsm8k" or "math" (which fields hold question and solution).

@@ -21,6 +21,7 @@ from ..config import ToEConfig, ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
 from ..hf import (
+    check_adapter,
     checkpoint_frozen_layers,
     layers_return_tuples,
     load_causal_lm,
@@ -47,7 +48,6 @@ from ..training.checkpoint import (
     save_checkpoint,
 )
 from ..training.distill import (
-    OBJECTIVES,
     OnPolicy,
     eos_ids,
     is_on_policy,
@@ -127,7 +127,8 @@ def train(
     Args:
         base: hub id or folder of the base model, or a loaded model (with ``tokenizer`` then required).
         experts: a `toe extract` output folder (bank, tree, initial gate, route labels, cached teacher top-k).
-        data: JSONL training data (the same file as the extraction enables KD from its cache).
+        data: training data, in any format `toe extract --data` reads (the extraction's own file enables KD from
+            its cache).
         out: plug-in folder to write (metrics.jsonl, curves.png and checkpoint/ go there too).
         max_steps: Stage B (+C) optimisation steps.
         stage_a_steps: route warm-up steps on cached base states (0 or skip_stage_a to skip).
@@ -201,10 +202,7 @@ def train(
     args = dict(locals())
     flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
     TrainConfig.from_args(args)
-    if objective not in OBJECTIVES:
-        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
-    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
-                         sample_temperature, sample_top_p)
+    on_policy = OnPolicy.of(objective, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p)
     acc = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), log_with=report_to,
                       project_dir=os.path.join(out, "trackers") if report_to else None)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
@@ -226,6 +224,8 @@ def train(
         if run.get("dtype") != dtype:
             raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
                            f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
+    if base_adapter:
+        check_adapter(base_adapter)
     # The data is read and checked before the output folder is claimed: a bad argument loses nothing.
     tok = load_tokenizer(tokenizer or base)
     spec = spec.for_tokenizer(tok)

@@ -21,6 +21,10 @@ class Item:
     gold: str  # reference answer
 
 
+GOLD_FORMAT = {"gsm8k": "GSM8K solutions end in '#### <number>'",
+               "math": "MATH rows need an 'answer' field or a \\boxed{} answer in the solution", "code": ""}
+
+
 def gold_answer(task: str, record: dict, response_field: str) -> str:
     if task == "code":
         return ""

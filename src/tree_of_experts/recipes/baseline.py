@@ -44,7 +44,6 @@ from ..training.checkpoint import (
     save_checkpoint,
 )
 from ..training.distill import (
-    OBJECTIVES,
     OnPolicy,
     eos_ids,
     is_on_policy,
@@ -206,7 +205,7 @@ def baseline(
     Args:
         kind: one of control, static, random, flat, lora, sft (see the module docstring).
         base: base model id or folder.
-        data: training JSONL (the same file ToE was trained on).
+        data: training data (the same file ToE was trained on).
         out: output folder: a plug-in folder (control/static/random/flat), a peft adapter (lora) or a model (sft).
         experts: the `toe extract` folder ToE was built from (needed by every kind but sft, and by lora only for its
             parameter-matched rank).
@@ -260,12 +259,9 @@ def baseline(
                        "cached: drop it")
     if experts is not None:
         check_extraction(experts)
-    if objective not in OBJECTIVES:
-        raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
     if kind == "control" and objective != "off_policy":
         raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
-    on_policy = OnPolicy(on_policy_ratio if objective == "on_policy" else 0.0, beta, sample_max_new_tokens,
-                         sample_temperature, sample_top_p)
+    on_policy = OnPolicy.of(objective, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p)
     if kind in ("lora", "sft") and (kd_weight or 0) > 0:  # the cached top-k is read later: checked now, from the
         # extraction's record of the data it cached (a row tokenized otherwise is caught when the examples load)
         ex = Extraction(experts) if experts else None

@@ -95,7 +95,8 @@ def demo(
                        "or another --out")
     if (teacher is None) != (base is None):
         raise ToEError("give both --teacher and --base, or neither for the toy pair")
-    if teacher is None:
+    toy = teacher is None
+    if toy:
         import torch
 
         torch.set_num_threads(1)  # the toy models are tiny: one thread beats two that contend
@@ -137,11 +138,16 @@ def demo(
                   f"CE {margin['ce']['mean_diff']:+.4f} nats [{margin['ce']['ci95'][0]:+.4f}, "
                   f"{margin['ce']['ci95'][1]:+.4f}]; accuracy {100 * margin['accuracy']['mean_diff']:+.1f} pts "
                   f"[{100 * margin['accuracy']['ci95'][0]:+.1f}, {100 * margin['accuracy']['ci95'][1]:+.1f}].\n")
+    if margin and toy:
+        table += ("One training run: over ten training seeds the teacher's margin on the toy pair is not significant "
+                  "(docs/toy.md, runs/toy_seeds.py) — this run checks the pipeline, it does not measure the teacher.\n")
     atomic_write_text(os.path.join(out, "report.md"), table)
     atomic_write_json(os.path.join(out, "report.json"), rows)
     plot(rows, os.path.join(out, "report.png"))
     usage_plot(leaf_usage(runs, labels), os.path.join(out, "usage.png"))
-    return {"out": out, "rows": rows, "control_margin": margin, "summary": table}
+    where = f"\nFiles in {out}/: report.md/.json/.png, usage.png, the plug-in (plugin/), its extraction (extract/), " \
+            "the evaluations (eval*/)" + (", the generated toy data (data/)" if toy else "") + "."
+    return {"out": out, "rows": rows, "control_margin": margin, "summary": table + where}
 
 
 def control_margin(rows: list[dict]) -> dict:

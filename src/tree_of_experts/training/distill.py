@@ -11,7 +11,7 @@ objective is fair by construction. The teacher runs at training time only; infer
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -57,6 +57,28 @@ class OnPolicy:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, objective: str, ratio: float, beta: float, max_new_tokens: int, temperature: float,
+           top_p: float) -> OnPolicy:
+        """The on-policy settings of a run with ``objective`` (ratio 0 off-policy); refuses sampling options an
+        off-policy run would ignore, naming them."""
+        if objective not in OBJECTIVES:
+            raise ToEError(f"objective={objective!r}: use one of {OBJECTIVES}")
+        given = cls(ratio, beta, max_new_tokens, temperature, top_p)
+        if objective == "on_policy":
+            return given
+        ignored = [f"--{OPTION_NAMES[f.name]}" for f in fields(cls) if getattr(given, f.name) != f.default]
+        if ignored:
+            raise ToEError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} on-policy training, but "
+                           "--objective is off_policy: pass --objective on_policy, or drop "
+                           f"{'it' if len(ignored) == 1 else 'them'}")
+        return replace(given, ratio=0.0)
+
+
+# The command-line options of OnPolicy's fields (`toe train`, `toe baseline`).
+OPTION_NAMES = {"ratio": "on_policy_ratio", "beta": "beta", "max_new_tokens": "sample_max_new_tokens",
+                "temperature": "sample_temperature", "top_p": "sample_top_p"}
 
 
 def is_on_policy(ratio: float, seed: int, step: int) -> bool:
