@@ -188,7 +188,9 @@ def _argument_error(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # toe's own progress at INFO; other libraries' INFO chatter (e.g. a temp folder's "weights saved to") stays quiet
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tree_of_experts").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["--version"], ["-V"]):
         from . import __version__
