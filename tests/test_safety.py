@@ -195,6 +195,9 @@ CASES = {
         r"--beta, --sample_max_new_tokens set on-policy training, but --objective is off_policy"),
     "train --base_adapter missing": lambda w, t: Case(
         train_args(w, str(t / "x"), "--base_adapter", str(t / "nope")), [], r"LoRA adapter .* not found"),
+    "baseline off-policy with on-policy options": lambda w, t: Case(
+        ["baseline", "--kind", "lora", "--lora_rank", "1", "--base", str(w / "base"), "--data", FIXTURE, "--out",
+         str(t / "x"), "--on_policy_ratio", "0.5"], [], r"--on_policy_ratio sets on-policy training"),
     "extract --base missing": lambda w, t: Case(
         ["extract", "--teacher", str(w / "teacher"), "--base", str(t / "nope"), "--data", FIXTURE, "--out",
          str(t / "x")], [], r"nope' not found: it is neither a local folder nor a hub repo id"),
@@ -268,6 +271,8 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
     if name in DAMAGE:
         DAMAGE[name](case)
     before = {path: snapshot(path) for path in case.keep}
+    out = case.argv[case.argv.index("--out") + 1] if "--out" in case.argv else None
+    new_out = out is not None and not os.path.exists(out)
     if case.no_model:
         import transformers
 
@@ -276,6 +281,7 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
     assert re.search(case.match, message), message
     for path, files in before.items():
         assert snapshot(path) == files, f"{path} changed"
+    assert not (new_out and os.path.exists(out)), f"--out {out} was created by a refused command"
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):

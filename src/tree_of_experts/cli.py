@@ -12,7 +12,6 @@ import typing
 from argparse import ArgumentError
 
 from .config import ToEError
-from .data import unescape
 
 
 def _commands() -> dict:
@@ -74,7 +73,9 @@ def _report_positionals(argv: list[str]) -> list[str]:
         else:
             dirs.append(arg)
         i += 1
-    return ["report", "--run_dirs", json.dumps(dirs), *rest] if dirs else argv
+    if not dirs and any(a.split("=")[0] in ("--run_dirs", "--run-dirs") for a in rest):
+        return argv
+    return ["report", "--run_dirs", json.dumps(dirs), *rest]  # none: report() says how to pass them
 
 
 def _int_list(value: str) -> str:
@@ -87,16 +88,20 @@ def _str_list(value: str) -> str:
     return value if value.lstrip().startswith("[") else json.dumps([v.strip() for v in value.split(",") if v.strip()])
 
 
+def _unescape(value: str) -> str:
+    """A typed `\\n` (shells pass it as two characters) is a newline."""
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
 # Options whose value is rewritten before parsing: integer lists that also take `9` or `5,11,17`, string lists that
 # also take `a:b,c:d`, and prompt templates.
-CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": unescape,
-           "--prompt": unescape}
+CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": _unescape}
 
 
 def _normalise(argv: list[str]) -> list[str]:
     """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, `--pairs
-    a:b,c:d`, `--template "Q: {prompt}\nA: "` and `--prompt` (a typed backslash-n is a newline), and `toe report
-    DIR DIR ...` (positional run folders)."""
+    a:b,c:d`, `--template "Q: {prompt}\nA: "` (a typed backslash-n is a newline), and `toe report DIR DIR ...`
+    (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
     out: list[str] = []
@@ -205,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])
             return 0
-        if argv[:1] and argv[0].startswith("--config"):
-            raise ToEError("--config goes after the command: toe CMD --config FILE (`toe CMD --print_config` writes one)")
         result = CLI(_commands(), args=_normalise(argv), as_positional=False, formatter_class=_help_formatter(),
                      exit_on_error=False, allow_abbrev=False,  # a typo'd option is an error, never a guess
                      epilog="toe lm-eval ARGS: lm-eval's own command line with the model type `toe` registered "
@@ -215,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         command = next((a for a in argv if not a.startswith("-")), None)
         known = command in _commands() if command else False
         where = f"toe {command} --help" if known and "invalid choice" not in str(e) else "toe --help"
-        print(f"toe: error: {_argument_error(e)} (see `{where}`)", file=sys.stderr)
+        hint = ""
+        if argv[:1] and argv[0].startswith("--config"):  # a config that names no subcommand
+            hint = "; a config goes after its command: toe CMD --config FILE (`toe CMD --print_config` writes one)"
+        print(f"toe: error: {_argument_error(e).rstrip('.')}{hint} (see `{where}`)", file=sys.stderr)
         return 2
     except ToEError as e:
         _close_progress_bars()  # a bar left open would redraw after the error and hide it

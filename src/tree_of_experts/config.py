@@ -111,6 +111,13 @@ class ToEConfig:
     def num_nodes(self) -> int:
         return num_nodes(self.shape, self.num_leaves)
 
+    def with_routing(self, selection: str | None = None, top_k: int | None = None,
+                     top_p: float | None = None) -> ToEConfig:
+        """This config routing with another selection, K or p (None keeps the value); the config's own checks give a
+        one-line ToEError for a value that does not fit."""
+        overrides = {k: v for k, v in (("selection", selection), ("top_k", top_k), ("top_p", top_p)) if v is not None}
+        return dataclasses.replace(self, **overrides)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

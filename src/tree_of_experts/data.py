@@ -22,12 +22,6 @@ CALC_NOTE = re.compile(r"<<[^>]*>>")
 CHAT = "chat"  # template value: the tokenizer's own chat template around the question
 
 
-
-def unescape(text: str) -> str:
-    """A typed ``\\n`` or ``\\t`` (shells pass them as two characters) is a newline or a tab: templates and prompts
-    given on a command line or as lines of a text file."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
 @dataclass
 class DataSpec:
     """How a record becomes text.

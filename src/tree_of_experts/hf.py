@@ -510,13 +510,14 @@ def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
     transformers model): the base a ToE plug-in trained on top of LoRA runs on."""
     from peft import PeftModel
 
-    check_adapter(adapter)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return PeftModel.from_pretrained(model, adapter_folder(adapter)).merge_and_unload()
 
 
-def check_adapter(adapter: str) -> None:
-    """Refuses, with one line, an ``adapter`` that is no peft adapter folder (or hub id), before any model loads."""
-    if os.path.isdir(adapter) or not is_hub_id(adapter):
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            what = "is not a peft adapter folder (no adapter_config.json)" if os.path.isdir(adapter) else "not found"
-            raise ToEError(f"LoRA adapter {adapter!r} {what}: pass the folder `toe baseline --kind lora` wrote")
+def adapter_folder(adapter: str | os.PathLike) -> str:
+    """The local folder of a peft adapter: ``adapter`` itself, or a hub repo's snapshot. One line, before any model
+    loads, when it is neither (a missing relative path reads as a hub id: the Hub is asked, and says no)."""
+    folder = resolve_folder(adapter, "LoRA adapter")
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise ToEError(f"LoRA adapter {os.fspath(adapter)!r} is not a peft adapter folder (no adapter_config.json): "
+                       "pass the folder `toe baseline --kind lora` wrote")
+    return folder

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import ToEError
-from .data import FORMATS, read_rows, unescape
+from .data import FORMATS, read_rows
 from .io import atomic_write_text
 from .model import ADAPTER_DIR
 
@@ -92,7 +92,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
                            "plain text file, one prompt a line)")
         return [r["prompt"] for r in rows]
     with open(prompts_file) as f:
-        return [unescape(line.rstrip("\n")) for line in f if line.strip()]  # `\n` typed in a line: a newline
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 @torch.no_grad()

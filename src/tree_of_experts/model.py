@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from transformers import PreTrainedModel
 
 from .config import ToEConfig, ToEError
 from .hf import (
+    adapter_folder,
     arch_fingerprint,
     base_hub_id,
     decoder_stack,
@@ -25,7 +25,6 @@ from .hf import (
     hub_id_of,
     is_hub_id,
     load_causal_lm,
-    load_config,
     merge_adapter,
     model_id,
     push_folder,
@@ -76,15 +75,14 @@ def check_base_config(config: ToEConfig, base_config: Any, name: str) -> None:
         raise ToEError(f"plug-in hidden_size={config.hidden_size} but the base has {base_config.hidden_size}")
 
 
-def check_plugin_fits(plugin: str | os.PathLike, base: str, selection: str | None = None, top_k: int | None = None,
-                      top_p: float | None = None) -> ToEConfig:
-    """Reads the plug-in's config and the base's (no weights) and refuses, with one line, a plug-in that is missing,
-    does not fit ``base``, or cannot route with the given overrides (as :meth:`ToEModel.selection` would): what a
-    command checks before it loads any model."""
+def check_plugin_fits(plugin: str | os.PathLike, base_config: Any, base: str, selection: str | None = None,
+                      top_k: int | None = None, top_p: float | None = None) -> ToEConfig:
+    """Refuses, with one line, a plug-in that is missing, does not fit the base (``base_config``, its transformers
+    config, read without weights) or cannot route with the given overrides (as :meth:`ToEModel.selection` would):
+    what a command checks before it loads any model."""
     config = ToEConfig.load(resolve_folder(plugin, "plug-in"))
-    check_base_config(config, load_config(base, "base"), base)
-    overrides = {k: v for k, v in (("selection", selection), ("top_k", top_k), ("top_p", top_p)) if v is not None}
-    return dataclasses.replace(config, **overrides)  # the config's own checks
+    check_base_config(config, base_config, base)
+    return config.with_routing(selection, top_k, top_p)
 
 
 def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
@@ -205,8 +203,9 @@ class ToEModel(PreTrainedModel):
 
         Args:
             base_or_plugin: the base (hub id, local folder or a loaded model), or the plug-in when ``plugin`` is None.
-                A loaded model is not copied: the plug-in's hooks go onto it, so it runs the plug-in too until
-                :meth:`detach` (or inside :meth:`disabled`, or after the ``with`` block the ToEModel opened).
+                A loaded model is not copied (unless ``base_adapter`` is merged, below): the plug-in's hooks go onto
+                it, so it runs the plug-in too until :meth:`detach` (or inside :meth:`disabled`, or after the ``with``
+                block the ToEModel opened).
             plugin: a plug-in folder or hub repo id.
             plugin_revision: the plug-in's hub revision (branch, tag or commit).
             token: hub token, for the plug-in and the base.
@@ -251,16 +250,17 @@ class ToEModel(PreTrainedModel):
         check_base(config, base)  # before reading the weights: the cheap, likely error first
         adapter = base_adapter or (os.path.join(plugin_dir, config.base_adapter) if config.base_adapter else None)
         if adapter is not None:
+            adapter = adapter_folder(adapter)  # a hub id: its snapshot, which save_pretrained copies
             if base is base_or_plugin:  # the caller's model (others may score it bare): merge into a copy of it
                 import copy
 
                 base = copy.deepcopy(base)
-            base = merge_adapter(base, os.fspath(adapter))
+            base = merge_adapter(base, adapter)
             if base_adapter is not None:  # a new system: its base is the adapted one, fingerprinted as such
                 config.base_adapter, config.base_weight_sample = ADAPTER_DIR, None
         plugin = ToEPlugin.load(plugin_dir, config)
         if adapter is not None:
-            plugin.adapter_source = os.fspath(adapter)
+            plugin.adapter_source = adapter
         return cls(base, plugin)
 
     @classmethod
@@ -373,8 +373,7 @@ class ToEModel(PreTrainedModel):
                   ) -> Iterator[None]:
         """Routes with ``mode`` ("dense", "topk", "topp", "beam"), K and p inside the block; None keeps the configured
         value. Nothing is retrained: an inference-time sweep of K or p on a plug-in trained with another one."""
-        overrides = {k: v for k, v in (("selection", mode), ("top_k", top_k), ("top_p", top_p)) if v is not None}
-        dataclasses.replace(self.plugin.config, **overrides)  # the config's own checks (one-line ToEErrors)
+        self.plugin.config.with_routing(mode, top_k, top_p)  # the config's own checks (one-line ToEErrors)
         gates = [block.gate for block in self.plugin.blocks.values()]
         previous = self.plugin.selection, [(g.top_k, g.top_p) for g in gates]
         self.plugin.selection = mode or self.plugin.selection

@@ -18,15 +18,15 @@ from ..data import DataSpec, read_jsonl, scan_rows
 from ..evaluation.results import usage_summary, write_metrics, write_rows
 from ..evaluation.scoring import score_system
 from ..evaluation.tasks import (
-    GOLD_FORMAT,
     STOP,
     TASK_FIELDS,
     build_items,
     ce_target_spec,
     check_ce_rows,
+    gradable_rows,
 )
 from ..grading import grade
-from ..hf import check_adapter, load_causal_lm, load_config, load_tokenizer, pick_device
+from ..hf import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, Sampling, folder_fingerprint
 from ..io import atomic_write_text, claim_out
 
@@ -140,6 +140,12 @@ def evaluate(
     rows, bad_rows = scan_rows(data, spec, skip_bad=skip_bad_rows)
     rows = rows[skip:]
     rows = rows[:limit] if limit is not None else rows
+    if accuracy:
+        graded = gradable_rows(task, rows, rf, f"{data} (after --skip {skip})" if skip else data, skip_bad_rows)
+        bad_rows += [f"item {i + 1}: no gold answer" for i in range(len(rows) - len(graded))]
+        rows = graded
+    if not rows:
+        raise ToEError(f"{data}: no items left to evaluate (--skip {skip}, --limit {limit})")
     if ce:
         check_ce_rows(rows, ce_target, data)
     shots = []
@@ -148,26 +154,16 @@ def evaluate(
             raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
         shots = read_jsonl(few_shot_data, spec, limit=few_shot)
     # Every input is checked before the first model loads: a wrong path found after the base's pass costs hours.
-    load_config(base, "base")
+    base_config = load_config(base, "base")
     for option, name in (("teacher", teacher), ("sft", sft)):
         if name:
             load_config(name, option)
     if plugin:
-        check_plugin_fits(plugin, base, plugin_selection, plugin_top_k, plugin_top_p)
-    if lora:
-        check_adapter(lora)
+        check_plugin_fits(plugin, base_config, base, plugin_selection, plugin_top_k, plugin_top_p)
+    lora_dir = adapter_folder(lora) if lora else None
     tok = load_tokenizer(base)
     spec, ce_spec = spec.for_tokenizer(tok), ce_spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, ce_spec)
-    if accuracy:  # an item without a gold answer would be graded wrong whatever the system says
-        ungraded = [i for i, item in enumerate(items) if not item.gold]
-        if ungraded and not skip_bad_rows:
-            where = f"{data} (after --skip {skip})" if skip else data
-            raise ToEError(f"{where}: {len(ungraded)} of {len(items)} items have no gold answer to grade (the first is "
-                           f"item {ungraded[0] + 1}; {GOLD_FORMAT[task]}): fix them, pass --skip_bad_rows to leave "
-                           "them out, or --accuracy false")
-        items = [item for item in items if item.gold]
-        bad_rows += [f"item {i + 1}: no gold answer" for i in ungraded]
     claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
               inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
     os.makedirs(out, exist_ok=True)
@@ -207,7 +203,7 @@ def evaluate(
         if lora:
             from peft import PeftModel
 
-            run("lora", PeftModel.from_pretrained(base_model, lora).eval())
+            run("lora", PeftModel.from_pretrained(base_model, lora_dir).eval())
         del base_model
     if sft:
         run("sft", load_causal_lm(sft, dtype=dtype, device=device))
@@ -285,7 +281,7 @@ def traces(
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]
-    rows = rows[:limit] if limit is not None else rows
+    rows = gradable_rows(task, rows[:limit] if limit is not None else rows, rf, data)  # traces are kept if correct
     shots = read_jsonl(few_shot_data, spec, limit=few_shot) if few_shot and few_shot_data else []
     tok = load_tokenizer(teacher)
     spec = spec.for_tokenizer(tok)
@@ -372,7 +368,7 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]
-    rows = rows[:limit] if limit is not None else rows
+    rows = gradable_rows(task, rows[:limit] if limit is not None else rows, rf, data)
     by_question = {str(r[qf]): r for r in read_jsonl(traces_file, spec)}
     missing = [i + skip for i, r in enumerate(rows) if str(r[qf]) not in by_question]
     if missing:

@@ -96,7 +96,7 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
         if tok is not None:
             tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_card(base_name, model))
+            f.write(_card(base_name, model, tokenizer=tok is not None))
         if verify:
             _verify(tmp, model)
         _replace(tmp, out)
@@ -142,7 +142,7 @@ def _replace(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _card(base_name: str, model: ToEModel) -> str:
+def _card(base_name: str, model: ToEModel, tokenizer: bool = True) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = model.toe_config
@@ -158,7 +158,7 @@ def _card(base_name: str, model: ToEModel) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", trust_remote_code=True)',
-        f'tok = AutoTokenizer.from_pretrained("path/to/this/folder")  # the base\'s tokenizer ({base_name})',
+        f'tok = AutoTokenizer.from_pretrained("{"path/to/this/folder" if tokenizer else base_name}")  # the base\'s',
         'ids = model.generate(**tok("Question: ...", return_tensors="pt"), max_new_tokens=256)',
         "```",
         "",

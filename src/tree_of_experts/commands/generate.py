@@ -29,9 +29,9 @@ def generate(
     Args:
         base: hub id or local folder of the base model.
         plugin: plug-in folder (from `toe extract` / `toe train`); omit to run the bare base.
-        prompt: one prompt (on the command line a typed ``\\n`` is a newline, as in ``--template``).
-        prompts_file: a text file with one prompt per line (a typed ``\\n`` is a newline), or a data file (.jsonl,
-            .json, .csv, .parquet) with a "prompt" field.
+        prompt: one prompt, as given (a shell passes "\\n" as two characters: write $'...\\n...' for a newline).
+        prompts_file: a text file with one prompt per line (as written: a multi-line prompt goes in a data file), or
+            a data file (.jsonl, .json, .csv, .parquet) with a "prompt" field.
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per batch (left-padded).
         chat: wrap each prompt in the tokenizer's chat template.

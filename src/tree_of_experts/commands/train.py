@@ -21,7 +21,7 @@ from ..config import ToEConfig, ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
 from ..hf import (
-    check_adapter,
+    adapter_folder,
     checkpoint_frozen_layers,
     layers_return_tuples,
     load_causal_lm,
@@ -225,7 +225,7 @@ def train(
             raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
                            f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
     if base_adapter:
-        check_adapter(base_adapter)
+        adapter_folder(base_adapter)
     # The data is read and checked before the output folder is claimed: a bad argument loses nothing.
     tok = load_tokenizer(tokenizer or base)
     spec = spec.for_tokenizer(tok)

@@ -33,6 +33,21 @@ def gold_answer(task: str, record: dict, response_field: str) -> str:
     return str(record.get("answer") or last_boxed(str(record[response_field])) or "")
 
 
+def gradable_rows(task: str, rows: list[dict], response_field: str, where: str, skip_bad: bool = False) -> list[dict]:
+    """The rows that carry a gold answer to grade (one without would be graded wrong whatever the system says):
+    refuses the first that does not, naming the format, unless ``skip_bad`` (then they are left out); refuses an
+    empty result."""
+    ungraded = [i for i, r in enumerate(rows) if not gold_answer(task, r, response_field)]
+    if ungraded and not skip_bad:
+        raise ToEError(f"{where}: {len(ungraded)} of {len(rows)} items have no gold answer to grade (the first is "
+                       f"item {ungraded[0] + 1}; {GOLD_FORMAT[task]}): fix them, pass --skip_bad_rows to leave them "
+                       "out (`toe eval`), or --accuracy false")
+    kept = [r for r in rows if gold_answer(task, r, response_field)]
+    if not kept:
+        raise ToEError(f"{where}: no item has a gold answer to grade ({GOLD_FORMAT[task]})")
+    return kept
+
+
 CE_TARGETS = ("gold_clean", "gold", "trace")
 STOP = ["\n\nQuestion:", "Question:"]  # generation ends where the model starts a new problem
 

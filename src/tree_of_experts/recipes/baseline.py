@@ -13,6 +13,7 @@ Kinds:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import shutil
@@ -259,9 +260,9 @@ def baseline(
                        "cached: drop it")
     if experts is not None:
         check_extraction(experts)
+    on_policy = OnPolicy.of(objective, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p)
     if kind == "control" and objective != "off_policy":
         raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
-    on_policy = OnPolicy.of(objective, on_policy_ratio, beta, sample_max_new_tokens, sample_temperature, sample_top_p)
     if kind in ("lora", "sft") and (kd_weight or 0) > 0:  # the cached top-k is read later: checked now, from the
         # extraction's record of the data it cached (a row tokenized otherwise is caught when the examples load)
         ex = Extraction(experts) if experts else None
@@ -337,9 +338,11 @@ def baseline(
             target = _plugin_params(experts) if experts else None
             rank = lora_rank or max(1, round(target / per_rank))
             torch.manual_seed(seed)  # peft draws LoRA's A matrices from the global generator
-            model = get_peft_model(base_model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
-                                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
-            summary.update(rank=rank, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0,
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(base_model, lora)
+            summary.update(rank=rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                           trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                            plugin_params=target)
             summary["metrics"] = _train_adapter(model, tok, examples, out, max_steps, batch_size, lr or 2e-4, seed,
                                                 gradient_checkpointing, **fit)[-1]
@@ -369,17 +372,21 @@ def adapter_card(args: dict, summary: dict) -> str:
     on_hub = is_hub_id(base) and "/" in base and not os.path.isdir(base)
     data = ModelCardData(base_model=base if on_hub else None, library_name="peft", pipeline_tag="text-generation",
                          tags=["lora", "tree-of-experts", "baseline"])
-    objective = args["objective"]
-    if objective == "on_policy":
-        how = (f"on-policy (share {args['on_policy_ratio']}): the adapted model samples up to "
-               f"{args['sample_max_new_tokens']} tokens per prompt (temperature {args['sample_temperature']}, "
-               f"top-p {args['sample_top_p']}), the teacher `{args['teacher'] or 'of the extraction'}` scores every "
+    off = "CE on the training text" + (
+        f" + {args['kd_weight']} x top-k KL to the teacher's cached log-probs" if args.get("kd_weight") else "")
+    how = f"off-policy: {off}"
+    if args["objective"] == "on_policy":
+        teacher = f"the teacher `{args['teacher']}`" if args.get("teacher") else "the extraction's teacher"
+        how = (f"on-policy: the adapted model samples up to {args['sample_max_new_tokens']} tokens per prompt "
+               f"(temperature {args['sample_temperature']}, top-p {args['sample_top_p']}), {teacher} scores every "
                f"token, generalized JSD beta {args['beta']}")
-    else:
-        how = "off-policy: CE on the training text" + (
-            f" + {args['kd_weight']} x top-k KL to the teacher's cached log-probs" if args.get("kd_weight") else "")
+        if args["on_policy_ratio"] < 1:
+            how += f", on {args['on_policy_ratio']:.0%} of the steps; the others {off}"
     metrics = summary.get("metrics") or {}
-    final = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "elapsed_s")
+    final = ", ".join([f"step {metrics['step']}"] * ("step" in metrics) + [
+        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "elapsed_s"])
+    rank = summary.get("rank")
+    template = json.dumps(args["template"])  # a newline in it would break the table row
     load = (f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
             'model = PeftModel.from_pretrained(base, "path/to/this/folder")')
     body = "\n".join([
@@ -390,11 +397,11 @@ def adapter_card(args: dict, summary: dict) -> str:
         "",
         "| field | value |",
         "|---|---|",
-        f"| rank / alpha / dropout | {summary.get('rank')} / {2 * summary.get('rank', 0)} / 0.0, every linear layer "
-        "but the LM head |",
+        f"| rank / alpha / dropout | {rank} / {summary.get('lora_alpha', 2 * rank)} / "
+        f"{summary.get('lora_dropout', 0.0)}, every linear layer but the LM head |",
         f"| trainable parameters | {summary.get('trainable_params', 0):,} |",
         f"| objective | {how} |",
-        f"| data | `{args['data']}` (template `{args['template']}`, response field `{args['response_field']}`, "
+        f"| data | `{args['data']}` (template `{template}`, response field `{args['response_field']}`, "
         f"max length {args['max_length']}) |",
         f"| budget | {args['max_steps']} steps x {args['batch_size']} sequences, lr {args['lr'] or 2e-4}, "
         f"seed {args['seed']} |",

@@ -18,6 +18,8 @@ from ..commands.extract import extract
 from ..commands.report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
 from ..commands.train import train
 from ..config import ToEError
+from ..data import DataSpec, read_jsonl
+from ..evaluation.tasks import TASK_FIELDS, gradable_rows
 from ..io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,9 @@ def demo(
         data, dev_data = write_toy_data(os.path.join(out, "data"), n_train, n_dev)
     elif data is None or dev_data is None:
         raise ToEError("with your own pair, pass --data (training JSONL) and --dev_data (evaluation JSONL)")
+    else:  # the evaluation would refuse ungradable items only after both extractions and trainings
+        qf, rf = TASK_FIELDS[task]
+        gradable_rows(task, read_jsonl(dev_data, DataSpec(qf, rf)), rf, dev_data)
     common = dict(num_leaves=num_leaves, shape=shape, layers=layers, shard_size=64, heldout_frac=0.1, gate_rank=32)
     train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size, lr=lr,
                     bank_lr=bank_lr, log_every=20, save_every=max(train_steps, 1))
@@ -145,8 +150,9 @@ def demo(
     atomic_write_json(os.path.join(out, "report.json"), rows)
     plot(rows, os.path.join(out, "report.png"))
     usage_plot(leaf_usage(runs, labels), os.path.join(out, "usage.png"))
-    where = f"\nFiles in {out}/: report.md/.json/.png, usage.png, the plug-in (plugin/), its extraction (extract/), " \
-            "the evaluations (eval*/)" + (", the generated toy data (data/)" if toy else "") + "."
+    where = f"\nFiles in {out}/: report.md/.json/.png, usage.png, the plug-in (plugin/) and its extraction (extract/)" \
+            + (", the control (control/, control-extract/)" if control else "") + ", the evaluations (eval*/)" \
+            + (", the generated toy data (data/)" if toy else "") + "."
     return {"out": out, "rows": rows, "control_margin": margin, "summary": table + where}
 
 
