@@ -8,6 +8,11 @@ def test_cli_accepts_dashes_and_positional_report_dirs():
 
     assert _normalise(["extract", "--num-leaves", "8", "--out=x"]) == ["extract", "--num_leaves", "8", "--out=x"]
     assert _normalise(["report", "a", "b", "--out", "r"]) == ["report", "--run_dirs", '["a", "b"]', "--out", "r"]
+    # a list the shell split at its spaces, as an option value or after `=`; a comma elsewhere stays where it is
+    assert _normalise(["extract", "--layers", "5,", "11,", "17", "--out", "x"]) == ["extract", "--layers", "[5,11,17]",
+                                                                                    "--out", "x"]
+    assert _normalise(["extract", "--teacher-layers=5,", "11"]) == ["extract", "--teacher_layers=[5,11]"]
+    assert _normalise(["eval", "--template", "Q,", "x"]) == ["eval", "--template", "Q,", "x"]
 
 
 def test_cli_every_option_has_its_own_help():

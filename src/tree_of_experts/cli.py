@@ -98,14 +98,30 @@ def _unescape(value: str) -> str:
 CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": _unescape}
 
 
+LISTS = ("--layers", "--teacher_layers", "--pairs")  # options whose value is a comma list
+
+
+def _join_split_lists(argv: list[str]) -> list[str]:
+    """`--layers 5, 11, 17` (the shell split the list at its spaces) -> `--layers 5,11,17`."""
+    out: list[str] = []
+    for arg in argv:
+        owner = out[-1] if out and "=" in out[-1] else (out[-2] if len(out) > 1 else "")
+        if out[-1:] and out[-1].endswith(",") and not arg.startswith("-") and \
+                "--" + owner[2:].partition("=")[0].replace("-", "_") in LISTS:
+            out[-1] += arg
+        else:
+            out.append(arg)
+    return out
+
+
 def _normalise(argv: list[str]) -> list[str]:
-    """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`) for a list of layers, `--pairs
-    a:b,c:d`, `--template "Q: {prompt}\nA: "` (a typed backslash-n is a newline), and `toe report DIR DIR ...`
-    (positional run folders)."""
+    """Accepts --num-leaves as well as --num_leaves, `--layers 5,11,17` (or `9`, or `5, 11, 17`) for a list of
+    layers, `--pairs a:b,c:d`, `--template "Q: {prompt}\nA: "` (a typed backslash-n is a newline), and `toe report
+    DIR DIR ...` (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
     out: list[str] = []
-    for arg in argv:
+    for arg in _join_split_lists(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = "--" + name.replace("-", "_")
