@@ -506,11 +506,11 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token
 
 
 def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
-    """``model`` with the peft adapter in folder ``adapter`` merged into its weights (in place; returns the plain
-    transformers model): the base a ToE plug-in trained on top of LoRA runs on."""
+    """``model`` with the peft adapter in the local folder ``adapter`` (see :func:`adapter_folder`) merged into its
+    weights (in place; returns the plain transformers model): the base a ToE plug-in trained on top of LoRA runs on."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_folder(adapter)).merge_and_unload()
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def adapter_folder(adapter: str | os.PathLike) -> str:
