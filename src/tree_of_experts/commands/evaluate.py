@@ -142,7 +142,7 @@ def evaluate(
     rows = rows[:limit] if limit is not None else rows
     if accuracy:
         graded = gradable_rows(task, rows, rf, f"{data} (after --skip {skip})" if skip else data, skip_bad_rows)
-        bad_rows += [f"item {i + 1}: no gold answer" for i in range(len(rows) - len(graded))]
+        bad_rows += ["no gold answer"] * (len(rows) - len(graded))  # counted as skipped_rows
         rows = graded
     if not rows:
         raise ToEError(f"{data}: no items left to evaluate (--skip {skip}, --limit {limit})")

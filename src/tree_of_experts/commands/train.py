@@ -224,8 +224,8 @@ def train(
         if run.get("dtype") != dtype:
             raise ToEError(f"--cached_states: {experts} cached the base's states in dtype {run.get('dtype')}, this "
                            f"run is --dtype {dtype}: pass --dtype {run.get('dtype')}, or drop --cached_states")
-    if base_adapter:
-        adapter_folder(base_adapter)
+    if base_adapter:  # checked (a hub id fetched) before anything loads; the run's args keep what was given
+        base_adapter = adapter_folder(base_adapter)
     # The data is read and checked before the output folder is claimed: a bad argument loses nothing.
     tok = load_tokenizer(tokenizer or base)
     spec = spec.for_tokenizer(tok)

@@ -37,12 +37,13 @@ def gradable_rows(task: str, rows: list[dict], response_field: str, where: str, 
     """The rows that carry a gold answer to grade (one without would be graded wrong whatever the system says):
     refuses the first that does not, naming the format, unless ``skip_bad`` (then they are left out); refuses an
     empty result."""
-    ungraded = [i for i, r in enumerate(rows) if not gold_answer(task, r, response_field)]
+    golds = [gold_answer(task, r, response_field) for r in rows]
+    ungraded = [i for i, gold in enumerate(golds) if not gold]
     if ungraded and not skip_bad:
         raise ToEError(f"{where}: {len(ungraded)} of {len(rows)} items have no gold answer to grade (the first is "
                        f"item {ungraded[0] + 1}; {GOLD_FORMAT[task]}): fix them, pass --skip_bad_rows to leave them "
                        "out (`toe eval`), or --accuracy false")
-    kept = [r for r in rows if gold_answer(task, r, response_field)]
+    kept = [r for r, gold in zip(rows, golds) if gold]
     if not kept:
         raise ToEError(f"{where}: no item has a gold answer to grade ({GOLD_FORMAT[task]})")
     return kept

@@ -369,7 +369,7 @@ def adapter_card(args: dict, summary: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = args["base"]
-    on_hub = is_hub_id(base) and "/" in base and not os.path.isdir(base)
+    on_hub = is_hub_id(base) and "/" in base  # as the plug-in's card decides
     data = ModelCardData(base_model=base if on_hub else None, library_name="peft", pipeline_tag="text-generation",
                          tags=["lora", "tree-of-experts", "baseline"])
     off = "CE on the training text" + (
