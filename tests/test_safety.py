@@ -316,6 +316,11 @@ def test_overwrite_replaces_the_old_run_and_resume_continues_it(world, tmp_path,
     (tmp_path / "again").mkdir()
     trained = copy(world, "trained", tmp_path / "again")
     assert main(train_args(world, trained, "--resume", "true", "--log_every", "5")) == 0  # log_every may change
+    # an off-policy run saved before on-policy options were refused for it: they never took effect, so --resume
+    # need not repeat them (and cannot: they are refused now)
+    saved = Path(trained, "train_args.json")
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "beta": 0.9, "sample_max_new_tokens": 32}))
+    assert main(train_args(world, trained, "--resume", "true")) == 0
 
 
 def test_python_api_type_errors_say_what_is_accepted(world):

@@ -54,6 +54,7 @@ from ..training.distill import (
     load_teacher,
     objective_loss,
     resolve_teacher,
+    resume_ignores,
     scored_tail,
     step_batch,
     teacher_logits,
@@ -255,7 +256,7 @@ def train(
             "base": base if isinstance(base, str) else None})
         if resume:
             defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
-            check_resume_args(os.path.join(out, "train_args.json"), args, defaults)
+            check_resume_args(os.path.join(out, "train_args.json"), args, defaults, resume_ignores(objective))
     acc.wait_for_everyone()
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))

@@ -51,6 +51,7 @@ from ..training.distill import (
     load_teacher,
     objective_loss,
     resolve_teacher,
+    resume_ignores,
     scored_tail,
     step_batch,
     teacher_logits,
@@ -280,7 +281,8 @@ def baseline(
               inputs={"base": base, "experts": experts, "teacher": teacher})
     args_path = os.path.join(out, ARGS_NAME)
     if resume:
-        check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()})
+        check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()},
+                          resume_ignores(objective))
     atomic_write_json(args_path, args)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,

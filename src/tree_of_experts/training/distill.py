@@ -19,6 +19,7 @@ from ..config import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
 from ..hf import padded_inputs
+from ..io import RESUMABLE_CHANGES
 from ..losses import gathered_generalized_jsd, tail_positions, token_nll, topk_kl
 from .examples import collate
 
@@ -79,6 +80,12 @@ class OnPolicy:
 # The command-line options of OnPolicy's fields (`toe train`, `toe baseline`).
 OPTION_NAMES = {"ratio": "on_policy_ratio", "beta": "beta", "max_new_tokens": "sample_max_new_tokens",
                 "temperature": "sample_temperature", "top_p": "sample_top_p"}
+
+
+def resume_ignores(objective: str) -> tuple[str, ...]:
+    """The arguments ``--resume`` need not repeat besides io.RESUMABLE_CHANGES: an off-policy run's on-policy options
+    never took effect (a run started before OnPolicy.of refused them may have saved some)."""
+    return RESUMABLE_CHANGES + (tuple(OPTION_NAMES.values()) if objective != "on_policy" else ())
 
 
 def is_on_policy(ratio: float, seed: int, step: int) -> bool:
