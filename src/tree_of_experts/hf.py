@@ -409,6 +409,11 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
+def is_full_hub_id(name: str) -> bool:
+    """``name`` is a hub repo id with its owner ("org/name"): what an upload and a card's ``base_model`` take."""
+    return is_hub_id(name) and "/" in name
+
+
 def hub_id_of(path: str) -> tuple[str | None, str | None]:
     """(repo id, commit) of a folder inside the Hugging Face cache (``.../models--org--name/snapshots/<sha>``), else
     (None, None): a base loaded from the cache by path still records where it came from."""
@@ -494,7 +499,7 @@ def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token
     """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    if not is_hub_id(repo_id) or "/" not in repo_id:
+    if not is_full_hub_id(repo_id):
         raise ToEError(f"repo_id={repo_id!r}: give a hub repo id of the form user/name")
     if hub_offline():
         raise ToEError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload")

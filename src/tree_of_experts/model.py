@@ -23,6 +23,7 @@ from .hf import (
     disable_checkpointing,
     enable_checkpointing,
     hub_id_of,
+    is_full_hub_id,
     is_hub_id,
     load_causal_lm,
     merge_adapter,
@@ -461,7 +462,7 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
     """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    on_hub = is_hub_id(config.base_model) and "/" in config.base_model  # a local path is no hub metadata
+    on_hub = is_full_hub_id(config.base_model)  # a local path is no hub metadata
     results, metric_names = [], []
     for name, value in (evals or {}).get("systems", {}).get("toe", {}).items():
         if name in ("accuracy", "ce") and isinstance(value, (int, float)):

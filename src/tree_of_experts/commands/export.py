@@ -16,7 +16,7 @@ import tempfile
 from importlib import resources
 
 from ..config import ToEError
-from ..hf import is_hub_id, load_tokenizer
+from ..hf import is_full_hub_id, is_hub_id, load_tokenizer
 from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder
@@ -146,7 +146,7 @@ def _card(base_name: str, model: ToEModel, tokenizer: bool = True) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = model.toe_config
-    data = ModelCardData(base_model=base_name if is_hub_id(base_name) and "/" in base_name else None,
+    data = ModelCardData(base_model=base_name if is_full_hub_id(base_name) else None,
                          library_name="transformers", pipeline_tag="text-generation",
                          tags=["tree-of-experts", "toe", "custom_code"])
     body = "\n".join([

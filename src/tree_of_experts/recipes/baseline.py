@@ -30,7 +30,7 @@ from ..config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
-from ..hf import enable_checkpointing, is_hub_id, load_causal_lm, load_tokenizer, padded_inputs
+from ..hf import enable_checkpointing, is_full_hub_id, load_causal_lm, load_tokenizer, padded_inputs
 from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
 from ..model import ToEModel
 from ..plugin import ToEPlugin
@@ -371,7 +371,7 @@ def adapter_card(args: dict, summary: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = args["base"]
-    on_hub = is_hub_id(base) and "/" in base  # as the plug-in's card decides
+    on_hub = is_full_hub_id(base)
     data = ModelCardData(base_model=base if on_hub else None, library_name="peft", pipeline_tag="text-generation",
                          tags=["lora", "tree-of-experts", "baseline"])
     off = "CE on the training text" + (
