@@ -10,9 +10,10 @@
 #          and runs with, instead of dense: on-policy, the network scored is then the one that sampled), l1 (one
 #          layer, 11), l3-4-12-20 (another set), ridge (the bank built from the untrained ridge step λ 0.25 (P(u) - h),
 #          the O1 ridge oracle's edit, instead of the trained fusion map: `toe rebuild --signal ridge` of the 3-layer
-#          extraction), and
+#          extraction), n16 and n256 (N leaves per layer instead of 64: the 3-layer extraction's bank rebuilt with
+#          `toe rebuild --num_leaves`, the same states and fusion maps), and
 #          for LoRA, whose learning rate is the one knob it brings: lora (LORA_LR 2e-4) and lora-lr1e-3 — default:
-#          all twelve, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
+#          all fourteen, in that order. Env as for runs/real_pair_v2.sh (BATCH, ...); SWEEP_STEPS (10): each point trains
 #          for a quarter of the study's 40 steps (an on-policy step is ~2-3 CPU-minutes here, so ten points at the
 #          full budget would be ~17 CPU-hours): it ranks the choices, the study trains the chosen ones in full.
 #   Results: results/real_pair_v2/sweep/: after each point one pooled CE report with every point minus its reference
@@ -20,7 +21,7 @@
 set -euo pipefail
 pair=$1; work=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
-points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 ridge lora lora-lr1e-3}
+points=${*:-default ratio0.5 beta1 beta0 banklr1e-4 noqnorm topk l1 l3-4-12-20 ridge n16 n256 lora lora-lr1e-3}
 export RES=${SWEEP_RES:-$here/results/real_pair_v2/sweep} SKIP=0 N=56 SCORE=ce EXTRACT_DIR=$work REPORTS=0
 export STEPS=${SWEEP_STEPS:-10}
 # one training at a time with a study running on the same machine (two trainings at once run out of 24 GB)
@@ -40,6 +41,8 @@ for p in $points; do
     l3-4-12-20) env+=(LAYERS3=4,12,20 EXTRACT_DIR="$work/sweep-l4-12-20" EXTRACT_LABEL=extract-l4-12-20) ;;
     ridge) env+=(EXTRACT_DIR="$work/sweep-ridge" EXTRACT_LABEL=extract-l3-ridge SIGNAL_FROM="$work" SIGNAL=ridge
                  SIGNAL_LAMBDA=0.25) ;;  # the 3-layer extraction's states, its bank rebuilt from the ridge step
+    n16|n256) env+=(EXTRACT_DIR="$work/sweep-$p" EXTRACT_LABEL="extract-l3-$p" SIGNAL_FROM="$work" SIGNAL=fusion_map
+                    NUM_LEAVES="${p#n}") ;;
     lora) row=lora8-on ;;
     lora-lr1e-3) row=lora8-on; env+=(LORA_LR=1e-3) ;;
     *) echo "unknown point $p" >&2; exit 2 ;;

@@ -20,7 +20,7 @@ Rows not scored yet are listed as missing, so a partial table says what it lacks
 
 With --sweep, RES is the sweep's (runs/real_pair_v2_sweep.sh: results/real_pair_v2/sweep) and the table has one
 line per sweep point instead: what it changes against its reference point (read from the two runs' kept arguments
-and plug-in configs — layer set, the bank's signal —, so the column cannot drift from what was trained), its CE gap
+and plug-in configs — layer set, N, the bank's signal —, so the column cannot drift from what was trained), its CE gap
 closed on the tuning rows' teacher answers, the paired difference from the reference (RES/report-ce/pairs.json),
 its divergence on its own samples over the second half of its steps, and its bank geometry.
 
@@ -259,13 +259,14 @@ def sweep_pairs(res: str) -> list[str]:
 
 
 def run_args(res: str, point: str) -> dict | None:
-    """The run's arguments, and for a plug-in what its extraction gave it: the layer set and the bank's signal."""
+    """The run's arguments, and for a plug-in what its extraction gave it: the layer set, N and the bank's signal."""
     folder = os.path.join(res, "train", point)
     args = read(os.path.join(folder, "train_args.json")) or read(os.path.join(folder, "baseline_args.json"))
     config = read(os.path.join(folder, "toe_config.json"))
     if args is not None and config is not None:
         signals = sorted({b.get("signal") for b in (config.get("bank_info") or {}).values()})
-        args = {**args, "layers": config.get("layers"), "bank signal": "; ".join(map(str, signals))}
+        args = {**args, "layers": config.get("layers"), "N": config.get("num_leaves"),
+                "bank signal": "; ".join(map(str, signals))}
     return args
 
 
