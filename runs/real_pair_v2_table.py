@@ -282,7 +282,7 @@ def changed(res: str, point: str, ref: str) -> str:
 
 
 def late_divergence(res: str, point: str) -> float | None:
-    """Mean generalized JSD on the point's own samples over the second half of its on-policy steps."""
+    """Mean generalized JSD (at the point's β) on its own samples over the second half of its on-policy steps."""
     rows = logged(os.path.join(res, "train", point, "metrics.jsonl")) or []
     on = [r for r in rows if r.get("objective") == "on_policy" and r.get("jsd") is not None]
     late = on[len(on) // 2:]
@@ -295,8 +295,9 @@ def sweep(res: str) -> dict:
     pairs = read(os.path.join(res, "report-ce", "pairs.json")) or []
     points = [r for r in report if r["system"] not in ("base", "teacher")]
     points.sort(key=lambda r: (sweep_reference(r["system"]), r["system"] not in SWEEP_REFERENCES, r["system"]))
-    lines = ["| point | changes against its reference | CE gap closed | minus the reference: CE | JSD on own "
-             "samples, late steps | bank: leaf cos to mean, before → after | budget |", "|---|---|---|---|---|---|---|"]
+    lines = ["| point | changes against its reference | CE gap closed | minus the reference: CE | divergence "
+             "(at the point's β) on own samples, late steps | bank: leaf cos to mean, before → after | budget |",
+             "|---|---|---|---|---|---|---|"]
     table = []
     for r in points:
         name, ref = r["system"], sweep_reference(r["system"])
@@ -309,7 +310,10 @@ def sweep(res: str) -> dict:
                       "late_jsd": jsd, "leaf_cos_to_mean": geo, "budget": spent})
     n = next((r["n"] for r in report), None)
     text = "\n".join(lines) + (f"\n\nItems: CE on the teacher's answers to {n} GSM8K dev rows (the tuning rows, never "
-                               "reported in the study); differences are paired on items (95 % bootstrap intervals).\n"
+                               "reported in the study); differences are paired on items (95 % bootstrap intervals). "
+                               "The divergence column is each point's training loss on its own samples — the "
+                               "generalized JSD at its β (β 1: reverse KL, β 0: forward KL) —, comparable only "
+                               "between points with the same β.\n"
                                if n else "\n\nNo point scored yet.\n")
     out = {"points": table, "items": n}
     atomic_write_text(os.path.join(res, "table.md"), text)
