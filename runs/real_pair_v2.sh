@@ -25,8 +25,8 @@
 #        ("ce acc code": which evaluations each row gets), NAME_SUFFIX (appended to each row's name: sweep points),
 #        EXTRACT_DIR (where the extractions live, default WORK_DIR: sweeps share them), SIGNAL_FROM (a WORK_DIR
 #        whose finished extraction an extraction missing from EXTRACT_DIR is rebuilt from — the same states, its
-#        bank from the expert signal SIGNAL, default ridge, step SIGNAL_LAMBDA 0.25, with NUM_LEAVES leaves, default
-#        64: `toe rebuild`), EXTRACT_LABEL
+#        bank from the expert signal SIGNAL, default ridge, step SIGNAL_LAMBDA 0.25: `toe rebuild`), NUM_LEAVES (N of
+#        each extraction's bank, built or rebuilt; default 64), EXTRACT_LABEL
 #        (the folder under RES the 3-layer extraction's summaries are kept in, default extract-l3), DEV (the
 #        evaluation data),
 #        TEMPLATE (chat), TRAIN_DATA (default RES/train-traces.jsonl), PAIRS (the reports' A:B comparisons), REPORTS
@@ -130,11 +130,11 @@ sys.exit(not set(map(int, sys.argv[2].split(','))) <= set(json.load(open(sys.arg
     elif [ -n "${SIGNAL_FROM:-}" ]; then  # the states of SIGNAL_FROM/NAME, the bank built from another expert signal
       [ -f "$SIGNAL_FROM/$1/summary.json" ] || { echo "SIGNAL_FROM: $SIGNAL_FROM/$1 is not a finished extraction:" \
         "run a row that builds it first (without SIGNAL_FROM)" >&2; exit 2; }
-      heavy toe rebuild --source "$SIGNAL_FROM/$1" --out "$out" --num-leaves "${NUM_LEAVES:-64}" --signal "${SIGNAL:-ridge}" \
-        --signal-lambda "${SIGNAL_LAMBDA:-0.25}" --overwrite true
+      heavy toe rebuild --source "$SIGNAL_FROM/$1" --out "$out" --num-leaves "${NUM_LEAVES:-64}" \
+        --signal "${SIGNAL:-ridge}" --signal-lambda "${SIGNAL_LAMBDA:-0.25}" --overwrite true
     else
       heavy toe extract --teacher "$teacher" --base "$base" --data "$train_data" \
-        --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves 64 --heldout-frac 0.1 \
+        --response-field trace --max-length 512 "${chat[@]}" --layers "$2" --num-leaves "${NUM_LEAVES:-64}" --heldout-frac 0.1 \
         --batch-size 4 --shard-size 32 "${reuse[@]}" --out "$out"
     fi
   ) 9> "$out.lock"

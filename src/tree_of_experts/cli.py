@@ -98,7 +98,7 @@ def _unescape(value: str) -> str:
 CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--pairs": _str_list, "--template": _unescape}
 
 
-LISTS = ("--layers", "--teacher_layers", "--pairs")  # options whose value is a comma list
+LISTS = tuple(k for k, f in CONVERT.items() if f in (_int_list, _str_list))  # options whose value is a comma list
 
 
 def _join_split_lists(argv: list[str]) -> list[str]:
