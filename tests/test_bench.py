@@ -57,3 +57,31 @@ def test_bench_runs_only_the_parts_asked_for(tmp_path):
     import json
 
     assert "routing" in r and json.loads((tmp_path / "b" / "bench.json").read_text())["parts"] == ["routing"]
+
+
+def test_the_shape_bench_builds_real_configs_at_a_cut_depth_and_measures_what_the_formula_says(tmp_path):
+    from tree_of_experts.shapes import capture_bytes_per_token, injection_layers, shape_config, shipped_shapes
+
+    assert {"qwen2.5-1.5b", "deepseek-r1-distill-qwen-7b"} <= set(shipped_shapes())
+    assert shape_config("deepseek-r1-distill-qwen-7b").hidden_size == 3584
+    tiny_qwen2(hidden_size=32, num_layers=4, seed=0).config.save_pretrained(tmp_path / "b")
+    tiny_qwen2(hidden_size=48, num_layers=6, seed=1).config.save_pretrained(tmp_path / "t")
+    r = bench(shapes=f"{tmp_path / 'b'}:{tmp_path / 't' / 'config.json'}", shape_layers=3, out=str(tmp_path / "o"),
+              batches=[2], reps=1, new_tokens=3, prompt_len=6, routing_exponents=[4], routing_tokens=8,
+              routing_reps=1, extract_batch=2, extract_length=12, train_batch=2, train_length=12, lora_rank=0)
+    assert r["shapes"]["base_layers"] == [3, 4] and r["shapes"]["teacher_layers"] == [3, 6]
+    assert r["shapes"]["injection_layers"] == injection_layers(3) == [0, 1]
+    e = r["extraction"]
+    assert e["bytes_per_token"] == e["bytes_per_token_formula"] == capture_bytes_per_token([32] * 2, [48] * 2, 32)
+    o = r["on_policy"]
+    assert o["sampled_tokens"] == 6 and o["step_s"]["median"] >= o["update_s"]["median"] > 0
+    assert set(r["peak_memory"]) == set(r["parts"]) and "on-policy step" in r["summary"]
+    assert "3 of 4 layers" in (tmp_path / "o" / "bench.md").read_text()
+
+
+def test_the_shape_bench_refuses_bad_shapes_before_building_anything(tmp_path):
+    for kw, match in ((dict(shapes="qwen2.5-1.5b"), "BASE:TEACHER"), (dict(shapes="nope:qwen2.5-1.5b"), "shipped"),
+                      (dict(shapes="qwen2.5-1.5b:qwen2.5-3b", base="x"), "drop --base"), ({}, "--shapes")):
+        with pytest.raises(ToEError, match=match):
+            bench(out=str(tmp_path / "o"), **kw)
+    assert not (tmp_path / "o").exists()

@@ -22,7 +22,8 @@ from ..model import ToEModel
 from ..plugin import injection_mask
 from ..tree import TreeGate
 
-PARTS = ("generation", "routing", "training", "extraction")
+PARTS = ("generation", "routing", "training", "extraction", "on_policy")
+TEACHER_PARTS = ("extraction", "on_policy")  # the parts that need a teacher (--teacher or --shapes)
 
 
 def _timer(device: torch.device):
@@ -180,9 +181,11 @@ def bench_extraction(teacher_model, base_model, layers: list[int], teacher_layer
         with torch.no_grad():
             teacher_model(**padded_inputs(ids, am, device))
 
+    shard: dict[str, torch.Tensor] = {}
+
     def capture() -> None:
-        capture_shard(examples, teacher_model, base_model, layers, teacher_layers, batch, 32, 0, True,
-                      {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0})
+        shard.update(capture_shard(examples, teacher_model, base_model, layers, teacher_layers, batch, 32, 0, True,
+                                   {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}))
 
     bare(), capture()  # warm-up
     res: dict[str, list[float]] = {"teacher_forward": [], "capture": []}
@@ -191,6 +194,57 @@ def bench_extraction(teacher_model, base_model, layers: list[int], teacher_layer
         res["capture"].append(batch * length / timer(capture))
     out = {f"{k}_tokens_per_s": _stats(v) for k, v in res.items()}
     out["ratio"] = _stats([c / t for c, t in zip(res["capture"], res["teacher_forward"])])
+    # what a shard holds per token, measured on the captured tensors (`offsets` is per example, not per token)
+    out["bytes_per_token"] = sum(t.numel() * t.element_size() for k, t in shard.items() if k != "offsets") / (
+        batch * length)
+    return out
+
+
+def bench_on_policy(base_model, model: ToEModel, teacher_model, batch: int, prompt_len: int, new_tokens: int,
+                    reps: int, device: torch.device) -> dict:
+    """Seconds of one on-policy `toe train` step, split into its parts: the student samples ``new_tokens`` after
+    random prompts (with the plug-in, KV cache), the teacher scores the sampled tokens, and the plug-in's forward,
+    generalized JSD and backward + Adam step. Built from the training code's own functions (``sample``,
+    ``teacher_logits``, ``objective_loss``)."""
+    from ..training.distill import OnPolicy, objective_loss, sample, scored_tail, teacher_logits
+
+    timer = _timer(device)
+    vocab = min(base_model.config.vocab_size, teacher_model.config.vocab_size)
+    prompts = list(_random_ids(vocab, batch, prompt_len, seed=2))
+    settings = OnPolicy(max_new_tokens=new_tokens)
+    stop = [vocab - 1]  # a random model's samples run to the cap: every step samples new_tokens tokens
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
+    parts: dict[str, list[float]] = {"sample_s": [], "teacher_s": [], "update_s": []}
+    model.attach()
+
+    def once(record: bool) -> None:
+        batch_: dict = {}
+        t_sample = timer(lambda: batch_.update(sample(model, prompts, 0, stop, settings, 0, device)))
+        keep, tail = scored_tail(batch_, device)
+        t_out: dict = {}
+        t_teacher = timer(lambda: t_out.update(logits=teacher_logits(teacher_model, batch_, keep)))
+        n_tok = batch_["loss_mask"].sum().to(device).float()
+
+        def update() -> None:
+            with model.selection("dense"):
+                logits = model(**padded_inputs(batch_["input_ids"], batch_["attention_mask"], device),
+                               logits_to_keep=keep).logits
+                loss, _ = objective_loss(logits, tail, n_tok, t_out["logits"], settings.beta, 1.0, 0.0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_update = timer(update)
+        if record:
+            for k, v in zip(parts, (t_sample, t_teacher, t_update)):
+                parts[k].append(v)
+
+    once(record=False)  # warm-up (Adam state, allocator)
+    for _ in range(reps):
+        once(record=True)
+    out = {k: _stats(v) for k, v in parts.items()}
+    out["step_s"] = _stats([sum(x) for x in zip(*parts.values())])
+    out["sampled_tokens"] = batch * new_tokens
     return out
 
 
@@ -295,7 +349,7 @@ def _lora_step(base_model, ids: torch.Tensor, am: torch.Tensor, mask: torch.Tens
 
 
 def bench(
-    base: str,
+    base: str | None = None,
     out: str = "bench",
     plugin: str | None = None,
     num_leaves: int = 64,
@@ -308,6 +362,8 @@ def bench(
     routing_tokens: int = 64,
     routing_reps: int = 5,
     teacher: str | None = None,
+    shapes: str | None = None,
+    shape_layers: int | None = None,
     extract_batch: int = 4,
     extract_length: int = 128,
     train_batch: int = 4,
@@ -323,98 +379,151 @@ def bench(
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
 
     Args:
-        base: base model id or folder.
+        base: base model id or folder (or leave it out and give ``shapes``).
         out: output folder (bench.json, bench.png).
         plugin: a plug-in folder; default: one built in-process (N = num_leaves, top-K, random bank and gate, a
             non-zero scale so every part of the plug-in computes).
         num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
         top_k: K of the in-process plug-in and of the routing timings.
         batches: batch sizes to time (default 1 and 8).
-        prompt_len: prompt tokens of the generation workload.
-        new_tokens: tokens decoded per generation run.
+        prompt_len: prompt tokens of the generation and on-policy workloads.
+        new_tokens: tokens decoded per generation run and sampled per on-policy step.
         reps: interleaved repetitions of each generation, training and extraction timing.
         routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
         routing_tokens: tokens per routing call.
         routing_reps: repetitions of each routing timing.
-        teacher: also time `toe extract`'s capture against a bare forward of this teacher.
-        extract_batch: sequences per timed extraction forward (with ``teacher``).
+        teacher: also time `toe extract`'s capture against a bare forward of this teacher, and an on-policy step.
+        shapes: ``BASE:TEACHER`` shapes instead of ``base``/``teacher``: randomly initialised models of real
+            configurations (shipped names such as ``qwen2.5-1.5b:deepseek-r1-distill-qwen-7b``, or config.json
+            paths; see :mod:`tree_of_experts.shapes`), with a 3-layer plug-in at a quarter, half and three quarters
+            of the depth.
+        shape_layers: decoder layers of both shape models (same widths); default: the real depth on a GPU, 2 on
+            the CPU (minutes, not hours). Every per-layer cost scales with depth; the result records both depths.
+        extract_batch: sequences per timed extraction forward (with a teacher).
         extract_length: tokens per sequence of the timed extraction forward.
-        train_batch: sequences per timed `toe train` step (timed against a frozen-base forward + backward).
+        train_batch: sequences per timed `toe train` step (timed against a frozen-base forward + backward) and per
+            on-policy step.
         train_length: tokens per sequence of the timed train step.
         lora_rank: also time a `toe baseline lora` step of this rank on the same tokens (0: don't).
-        dtype: dtype the base runs in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the base runs (default: the GPU when one is visible, else the CPU).
+        dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
+        device: where the models run (default: the GPU when one is visible, else the CPU).
         threads: torch CPU threads (default: torch's choice).
-        parts: which measurements to run, any of "generation", "routing", "training", "extraction" (default: all;
-            "extraction" needs ``teacher`` and is left out without one).
+        parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy"
+            (default: all; the last two need a teacher and are left out without one).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
             timed repetitions.
         overwrite: replace an earlier bench run in ``out`` (refused otherwise: its numbers are not lost silently).
 
     Returns:
-        The results (also in ``out/bench.json``) with a one-line ``summary``.
+        The results (also in ``out/bench.json``) with a one-line ``summary``; ``peak_memory`` holds each part's
+        peak (GPU: bytes allocated; CPU: the process's resident high-water mark so far).
     """
+    from .. import shapes as shp
+
     if parts is not None and not parts:
         raise ToEError(f"--parts is empty: name any of {list(PARTS)}, or leave it out for all")
     parts_given, parts = parts is not None, list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ToEError(f"--parts {unknown}: use any of {list(PARTS)}")
-    if "extraction" in parts and not teacher:
-        if parts_given:
-            raise ToEError("--parts extraction times `toe extract`'s capture against the teacher: pass --teacher")
-        parts.remove("extraction")
+    if shapes and (base or teacher or plugin):
+        raise ToEError("--shapes builds both models from their configurations: drop --base/--teacher/--plugin, or "
+                       "drop --shapes")
+    if not shapes and not base:
+        raise ToEError("pass --base (a model folder or hub id), or --shapes BASE:TEACHER (real sizes, random weights)")
+    shape_cfgs = shp.parse_shapes(shapes) if shapes else None
+    missing = [p for p in parts if p in TEACHER_PARTS] if not (teacher or shapes) else []
+    if missing and parts_given:
+        raise ToEError(f"--parts {' '.join(missing)} runs the teacher: pass --teacher (or --shapes)")
+    parts = [p for p in parts if p not in missing]
     claim_out(out, "bench", overwrite=overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher})
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base_model = load_causal_lm(base, dtype=dtype, device=str(dev))
-    if plugin:
-        model = ToEModel.from_pretrained(base_model, plugin)
+    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(),
+                    "dtype": dtype, "parts": parts, "peak_memory": {}}
+    if shape_cfgs:
+        depth = shape_layers if shape_layers is not None else (None if dev.type == "cuda" else 2)
+        base_cfg, teacher_cfg = (shp.cut_depth(c, depth) for c in shape_cfgs)
+        torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+        base_model = shp.random_model(base_cfg, torch_dtype, dev, seed=0)
+        layers = shp.injection_layers(base_cfg.num_hidden_layers)
+        model = ToEModel.fresh(base_model, layers=layers, num_leaves=num_leaves, top_k=top_k)
+        result["shapes"] = {
+            "spec": shapes, "base_layers": [base_cfg.num_hidden_layers, shape_cfgs[0].num_hidden_layers],
+            "teacher_layers": [teacher_cfg.num_hidden_layers, shape_cfgs[1].num_hidden_layers],
+            "base_hidden": base_cfg.hidden_size, "teacher_hidden": teacher_cfg.hidden_size,
+            "base_parameter_bytes": shp.parameter_bytes(base_model), "injection_layers": layers}
+        result["base"] = f"{shapes.partition(':')[0]} shape ({base_cfg.num_hidden_layers} of " \
+                         f"{shape_cfgs[0].num_hidden_layers} layers, random weights)"
     else:
-        layer = default_layer(len(decoder_layers(base_model)))
-        model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
+        base_model = load_causal_lm(base, dtype=dtype, device=str(dev))
+        if plugin:
+            model = ToEModel.from_pretrained(base_model, plugin)
+        else:
+            layer = default_layer(len(decoder_layers(base_model)))
+            model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
+        result["base"] = base
+    if not plugin:
         with torch.no_grad():
             for block in model.plugin.blocks.values():
-                block.scale.fill_(0.1)
+                block.scale.fill_(0.1)  # a non-zero scale: every part of the plug-in computes
     if compile:
         model.plugin.compile()
-    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(),
-                    "dtype": dtype, "base": base, "plugin": plugin or f"in-process, N={num_leaves}, K={top_k}",
-                    "parts": parts}
+    result["plugin"] = plugin or f"in-process, N={num_leaves}, K={top_k}, layers {[int(k) for k in model.plugin.blocks]}"
     summary = []
-    if "generation" in parts:
-        result["generation"] = {f"batch_{b}": bench_generation(base_model, model, b, prompt_len, new_tokens, reps, dev)
-                                for b in batches or [1, 8]}
-        gen = result["generation"].values()
-        summary.append("decode speed ToE/base: " + ", ".join(
-            f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
-            + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
-    if "routing" in parts:
-        exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
-        result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
-                                          routing_tokens, routing_reps, dev)
-        if "tree_2^20_over_2^10" in result["routing"]:
-            summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
-                           f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
-    if "training" in parts:
-        result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev, lora_rank)
-        summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
-        summary.append(f"train step from cached states at layer {result['training']['cached_layer']} / full step: "
-                       f"{result['training']['cached_over_full']['median']:.2f}x")
-        if "toe_over_lora" in result["training"]:
-            summary.append(f"train step / LoRA r{lora_rank} step: "
-                           f"{result['training']['toe_over_lora']['median']:.2f}x")
-    if "extraction" in parts:
-        model.detach()
-        teacher_model = load_causal_lm(teacher, dtype=dtype, device=str(dev))
-        layers = [int(k) for k in model.plugin.blocks]
-        n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
-        result["extraction"] = bench_extraction(teacher_model, base_model, layers,
-                                                [teacher_layer_for(x, n_b, n_t) for x in layers], extract_batch,
-                                                extract_length, reps, dev)
-        del teacher_model
-        summary.append(f"extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x")
+    teacher_model = None
+
+    def load_teacher():
+        if shape_cfgs:
+            return shp.random_model(teacher_cfg, torch_dtype, dev, seed=1)
+        return load_causal_lm(teacher, dtype=dtype, device=str(dev))
+
+    for part in [p for p in PARTS if p in parts]:
+        _reset_peak(dev)
+        if part == "generation":
+            result["generation"] = {f"batch_{b}": bench_generation(base_model, model, b, prompt_len, new_tokens,
+                                                                   reps, dev) for b in batches or [1, 8]}
+            gen = result["generation"].values()
+            summary.append("decode speed ToE/base: " + ", ".join(
+                f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
+                + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
+        elif part == "routing":
+            exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
+            result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
+                                              routing_tokens, routing_reps, dev)
+            if "tree_2^20_over_2^10" in result["routing"]:
+                summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
+                               f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
+        elif part == "training":
+            result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev, lora_rank)
+            summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
+            summary.append(f"train step from cached states at layer {result['training']['cached_layer']} / full "
+                           f"step: {result['training']['cached_over_full']['median']:.2f}x")
+            if "toe_over_lora" in result["training"]:
+                summary.append(f"train step / LoRA r{lora_rank} step: "
+                               f"{result['training']['toe_over_lora']['median']:.2f}x")
+        elif part == "extraction":
+            model.detach()
+            teacher_model = teacher_model or load_teacher()
+            layers = [int(k) for k in model.plugin.blocks]
+            n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
+            t_layers = [teacher_layer_for(x, n_b, n_t) for x in layers]
+            result["extraction"] = bench_extraction(teacher_model, base_model, layers, t_layers, extract_batch,
+                                                    extract_length, reps, dev)
+            result["extraction"]["bytes_per_token_formula"] = shp.capture_bytes_per_token(
+                [base_model.config.hidden_size] * len(layers), [teacher_model.config.hidden_size] * len(layers), 32)
+            model.attach()
+            summary.append(f"extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x, "
+                           f"{result['extraction']['bytes_per_token'] / 1024:.1f} KiB/token")
+        elif part == "on_policy":
+            teacher_model = teacher_model or load_teacher()
+            result["on_policy"] = bench_on_policy(base_model, model, teacher_model, train_batch, prompt_len,
+                                                  new_tokens, reps, dev)
+            summary.append(f"on-policy step: {result['on_policy']['step_s']['median']:.2f} s "
+                           f"({train_batch} x {new_tokens} sampled tokens)")
+        result["peak_memory"][part] = _peak(dev)
+    del teacher_model
     result["summary"] = "; ".join(summary)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, "bench.json"), result)
@@ -422,6 +531,20 @@ def bench(
     if "routing" in result:
         _plot(result, os.path.join(out, "bench.png"))
     return result
+
+
+def _reset_peak(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev: torch.device) -> dict:
+    """This part's peak GPU memory allocated (bytes), or on the CPU the process's resident high-water mark so far."""
+    if dev.type == "cuda":
+        return {"gpu_bytes": torch.cuda.max_memory_allocated(dev)}
+    import resource
+
+    return {"rss_high_water_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def markdown(result: dict) -> str:
@@ -455,6 +578,25 @@ def markdown(result: dict) -> str:
     e = result.get("extraction")
     if e:
         lines.append(f"| extraction capture tokens/s (reference: bare teacher forward) | {ratio(e['ratio'])} |")
+    o = result.get("on_policy")
+    if o:
+        lines.append(f"| on-policy step ({o['sampled_tokens']} sampled tokens): sample {o['sample_s']['median']:.3f} s "
+                     f"+ teacher {o['teacher_s']['median']:.3f} s + update {o['update_s']['median']:.3f} s "
+                     f"(reference: the whole step, {o['step_s']['median']:.3f} s) | "
+                     f"{o['update_s']['median'] / o['step_s']['median']:.2f}× (update share) |")
+    sh = result.get("shapes")
+    if sh:
+        lines += ["", f"Shapes `{sh['spec']}`: base {sh['base_layers'][0]} of {sh['base_layers'][1]} layers (hidden "
+                      f"{sh['base_hidden']}), teacher {sh['teacher_layers'][0]} of {sh['teacher_layers'][1]} (hidden "
+                      f"{sh['teacher_hidden']}), random weights; plug-in at layers {sh['injection_layers']}."]
+    if e:
+        lines.append(f"Extraction shard: {e['bytes_per_token']:.0f} bytes/token measured "
+                     f"({e.get('bytes_per_token_formula', 0)} by the formula in docs/scale.md).")
+    peaks = result.get("peak_memory") or {}
+    if peaks:
+        unit = "GPU memory allocated" if any("gpu_bytes" in v for v in peaks.values()) else "resident memory so far"
+        lines.append(f"Peak {unit} per part: " + ", ".join(
+            f"{k} {next(iter(v.values())) / 2**30:.2f} GiB" for k, v in peaks.items()) + ".")
     if t:
         st = t["plugin_state_bytes"]
         lines += ["", f"Training state: plug-in parameters {st['params'] / 2**20:.2f} MiB + gradients "
