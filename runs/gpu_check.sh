@@ -13,7 +13,7 @@ mkdir -p "$out"
 print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
       'accelerate', accelerate.__version__)"; } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-timeout 120 python3 -m pytest tests/test_cuda.py tests/test_plugin.py tests/test_hf_model.py -q -p no:cacheprovider \
+timeout 120 python3 -m pytest tests/test_cuda.py tests/test_bench.py -q -p no:cacheprovider \
   -o addopts="" -m "not slow" 2>&1 | tail -40 > "$out/cuda_tests.log"
 tail -5 "$out/cuda_tests.log"
 bench() {  # bench NAME SHAPES [bench() keyword arguments]
