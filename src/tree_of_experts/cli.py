@@ -26,11 +26,12 @@ def _commands() -> dict:
     from .commands.train import train
     from .recipes.baseline import baseline
     from .recipes.demo import demo
+    from .recipes.study import study
 
     commands = {"generate": generate, "extract": extract, "rebuild": rebuild, "train": train, "eval": evaluate,
                 "traces": traces, "eval-traces": eval_from_traces, "report": report, "demo": demo,
                 "baseline": baseline, "oracle": oracle, "bench": bench, "inspect": inspect, "export": export,
-                "push": push}
+                "push": push, "study": study}
     return {name: _as_command(fn) for name, fn in commands.items()}
 
 
@@ -120,6 +121,8 @@ def _normalise(argv: list[str]) -> list[str]:
     DIR DIR ...` (positional run folders)."""
     if argv[:1] == ["report"]:
         argv = _report_positionals(argv)
+    if argv[:1] == ["study"] and len(argv) > 1 and not argv[1].startswith("-"):  # `toe study CONFIG --out DIR`
+        argv = ["study", "--file", argv[1], *argv[2:]]
     out: list[str] = []
     for arg in _join_split_lists(argv):
         if arg.startswith("--") and len(arg) > 2:

@@ -1,0 +1,327 @@
+"""A study's table, paired comparisons, plots and verdict, computed from its per-item scores (never typed by hand).
+
+Intervals include both sources of variation: a two-level bootstrap resamples the training seeds of each row, then
+the items (Davison & Hinkley 1997, §3.8). Rows with the same number of seeds share the seed draw, so seed k of one
+row meets seed k of another (the same data order): comparisons are paired on seeds as well as items. The base and
+the teacher have one "seed" each (they are not trained). Below three items an interval is undefined (None).
+
+The verdict reads each named comparison by one fixed rule: a difference whose 95 % interval excludes zero is a
+difference (with its direction); one whose interval includes zero is "level". Its words come from here alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+
+from ..io import atomic_write_json, atomic_write_text
+from ..stats import MIN_INTERVAL_N
+
+log = logging.getLogger(__name__)
+ITERS = 2000
+METRIC = {"acc": "correct"}  # the per-item field each target folder is read by (default: ce)
+LOWER_IS_BETTER = {"acc": False}  # CE targets: lower is better
+
+
+# -- per-item scores -----------------------------------------------------------------------------------------------
+def _items(path: str, field: str) -> dict[str, float]:
+    """{item key: value} of one system's per-item JSONL (key: the prompt, numbered when it repeats)."""
+    out: dict[str, float] = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            v = r.get(field)
+            if v is None:
+                continue
+            key, k = str(r.get("prompt")), 1
+            while key in out:
+                key, k = f"{r.get('prompt')}#{k}", k + 1
+            out[key] = float(v)
+    return out
+
+
+def load_target(study, target: str) -> dict[str, list[dict[str, float]]]:
+    """{row: [per-seed {item: value}]} of one target: ``base`` and ``teacher`` from the anchors, every scored seed
+    of every row, and each oracle system as a row ``ORACLE:SYSTEM``."""
+    root, field = os.path.join(study.out, target), METRIC.get(target, "ce")
+    out: dict[str, list[dict[str, float]]] = {}
+
+    def read(folder: str, system: str) -> dict[str, float] | None:
+        path = os.path.join(root, folder, f"{system}.jsonl")
+        done = os.path.isfile(os.path.join(root, folder, "metrics.json"))
+        return _items(path, field) if done and os.path.isfile(path) else None
+
+    for name, folder in (("base", "anchors"), ("teacher", "anchors" if target != "acc" else "teacher")):
+        got = read(folder, name)
+        if got:
+            out[name] = [got]
+    for row in study.cfg.rows:
+        if row.kind == "oracle":
+            folder = os.path.join(root, row.labels()[0])
+            for f in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, "metrics.json")) else []:
+                system = f[: -len(".jsonl")]
+                if f.endswith(".jsonl") and system not in ("base", "teacher", "generation"):
+                    out[f"{row.name}:{system}"] = [read(row.labels()[0], system)]
+            continue
+        system = "lora" if row.kind == "lora" else "toe"
+        seeds = [read(label, system) for label in row.labels()]
+        seeds = [s for s in seeds if s]
+        if seeds:
+            out[row.name] = seeds
+    return out
+
+
+def aligned(scores: dict[str, list[dict[str, float]]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The items every scored row has, and each row's (S, I) values on them."""
+    keys = None
+    for seeds in scores.values():
+        for s in seeds:
+            keys = set(s) if keys is None else keys & set(s)
+    keys = sorted(keys or ())
+    return keys, {row: torch.tensor([[s[k] for k in keys] for s in seeds], dtype=torch.float64)
+                  for row, seeds in scores.items()}
+
+
+# -- the two-level bootstrap ---------------------------------------------------------------------------------------
+class Draws:
+    """Bootstrap draws shared by every row of a target: items (B, I), and seeds (B, S) per seed count S."""
+
+    def __init__(self, n_items: int, seed: int = 0, iters: int = ITERS):
+        self.g = torch.Generator().manual_seed(seed)
+        self.iters = iters
+        self.items = torch.randint(n_items, (iters, n_items), generator=self.g) if n_items else None
+        self.seeds: dict[int, torch.Tensor] = {}
+
+    def means(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) resampled means of ``x`` (S, I): seeds, then items."""
+        s = x.shape[0]
+        if s not in self.seeds:
+            self.seeds[s] = torch.randint(s, (self.iters, s), generator=self.g) if s > 1 else \
+                torch.zeros(self.iters, 1, dtype=torch.long)
+        v = x[self.seeds[s]]  # (B, S, I)
+        return v.gather(2, self.items[:, None, :].expand(-1, s, -1)).mean((1, 2))
+
+
+def interval(draws: torch.Tensor, point: float, n_items: int) -> dict:
+    ok = draws[torch.isfinite(draws)]
+    if n_items < MIN_INTERVAL_N or len(ok) < 0.9 * len(draws):
+        return {"point": point, "ci95": [None, None]}
+    return {"point": point, "ci95": [float(ok.quantile(0.025)), float(ok.quantile(0.975))]}
+
+
+def gap(x: torch.Tensor, base: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (x - base) / (teacher - base)
+
+
+def target_table(study, target: str) -> dict:
+    """Every row's statistic on ``target`` with seed + item intervals and its per-seed values, and the named
+    comparisons. CE on the teacher's answers (``ce``): the gap closed (row - base) / (teacher - base); accuracy:
+    the share correct; other CE targets: the row minus the base."""
+    keys, x = aligned(load_target(study, target))
+    n = len(keys)
+    d = Draws(n)
+    means = {row: d.means(v) for row, v in x.items()}
+    point = {row: float(v.mean()) for row, v in x.items()}
+    per_seed = {row: v.mean(1).tolist() for row, v in x.items()}
+    rows: dict[str, dict] = {}
+    for row, v in x.items():
+        entry = {"seeds": v.shape[0], "items": n, "mean": interval(means[row], point[row], n),
+                 "per_seed": per_seed[row]}
+        if target == "ce" and "base" in x and "teacher" in x and row not in ("base", "teacher"):
+            b, t = point["base"], point["teacher"]
+            entry["gap_closed"] = interval(gap(means[row], means["base"], means["teacher"]), (point[row] - b) / (t - b), n)
+            entry["gap_closed"]["per_seed"] = [(s - b) / (t - b) for s in per_seed[row]]
+        elif target not in ("ce", "acc") and "base" in x and row != "base":
+            entry["minus_base"] = interval(means[row] - means["base"], point[row] - point["base"], n)
+        rows[row] = entry
+    comparisons = []
+    for text in study.cfg.compare:
+        a, b = (s.strip() for s in text.split(" - "))
+        if a in x and b in x:
+            diff = interval(means[a] - means[b], point[a] - point[b], n)
+            comparisons.append({"a": a, "b": b, "seeds": [x[a].shape[0], x[b].shape[0]], "items": n, **diff,
+                                "reading": reading(diff, target, a, b)})
+    return {"target": target, "items": n, "rows": rows, "comparisons": comparisons}
+
+
+def reading(diff: dict, target: str, a: str, b: str) -> str:
+    """The fixed rule: an interval that excludes zero is a difference, one that includes it is level."""
+    lo, hi = diff["ci95"]
+    if lo is None:
+        return "undefined (too few items for an interval)"
+    if lo <= 0 <= hi:
+        return f"{a} and {b} are level (the interval includes zero)"
+    better = (diff["point"] < 0) == LOWER_IS_BETTER.get(target, True)
+    return f"{a} is {'better' if better else 'worse'} than {b} (the interval excludes zero)"
+
+
+# -- rendering -----------------------------------------------------------------------------------------------------
+def _fmt(entry: dict | None, f) -> str:
+    if not entry or entry.get("point") is None:
+        return "–"
+    lo, hi = entry["ci95"]
+    return f(entry["point"]) if lo is None else f"{f(entry['point'])} [{f(lo)}, {f(hi)}]"
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def nats(v: float) -> str:
+    return f"{v:+.4f}"
+
+
+def pts(v: float) -> str:
+    return f"{100 * v:+.1f} pts"
+
+
+def markdown(study, tables: dict[str, dict], verdict: str) -> str:
+    ce, acc = tables.get("ce"), tables.get("acc")
+    extra = [t for t in tables if t not in ("ce", "acc")]
+    names = ["base", "teacher"] + [r for t in tables.values() for r in t["rows"] if r not in ("base", "teacher")]
+    names = list(dict.fromkeys(names))
+    planned = {r.name: r.seeds for r in study.cfg.rows}
+    head = ["row", "seeds"] + (["CE gap closed", "per seed"] if ce else []) + (["accuracy"] if acc else []) + \
+        [f"{t} CE minus base" for t in extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        seeds = max((t["rows"][name]["seeds"] for t in tables.values() if name in t["rows"]), default=0)
+        plan = planned.get(name.split(":")[0], 1)
+        cells = [name, f"{seeds}" + (f" of {plan}" if seeds < plan else "")]
+        if ce:
+            r = ce["rows"].get(name, {})
+            cells.append(_fmt(r.get("gap_closed"), pct))
+            cells.append(", ".join(pct(v) for v in r.get("gap_closed", {}).get("per_seed", [])) or "–")
+        if acc:
+            cells.append(_fmt(acc["rows"].get(name, {}).get("mean"), pct))
+        cells += [_fmt(tables[t]["rows"].get(name, {}).get("minus_base"), nats) for t in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    comp = [c for t in tables.values() for c in t["comparisons"]]
+    if comp:
+        lines += ["", "| comparison | target | difference [95 % interval] | seeds × items | reading |",
+                  "|---|---|---|---|---|"]
+        for t, table in tables.items():
+            f = pts if t == "acc" else nats
+            for c in table["comparisons"]:
+                lines.append(f"| {c['a']} − {c['b']} | {t} | {_fmt(c, f)} | {c['seeds'][0]}/{c['seeds'][1]} × "
+                             f"{c['items']} | {c['reading']} |")
+    n = {t: v["items"] for t, v in tables.items()}
+    lines += ["", "Items: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Intervals: 95 %, two-level bootstrap "
+              "(seeds, then items; rows paired on seeds and items). CE in nats, lower is better.", "", verdict]
+    return "\n".join(lines) + "\n"
+
+
+def verdict_text(study, tables: dict[str, dict]) -> str:
+    """The verdict paragraph: each comparison read by the fixed rule, and the range of gap closed."""
+    parts = []
+    ce = tables.get("ce")
+    if ce:
+        trained = {r: v["gap_closed"] for r, v in ce["rows"].items() if "gap_closed" in v and ":" not in r}
+        if trained:
+            lo, hi = min(trained, key=lambda r: trained[r]["point"]), max(trained, key=lambda r: trained[r]["point"])
+            parts.append(f"Trained rows close between {pct(trained[lo]['point'])} ({lo}) and "
+                         f"{pct(trained[hi]['point'])} ({hi}) of the CE gap between the base and the teacher.")
+    for t, table in tables.items():
+        f = pts if t == "acc" else nats
+        for c in table["comparisons"]:
+            parts.append(f"On {t}, {c['reading']}: {c['a']} − {c['b']} = {_fmt(c, f)}.")
+    missing = [r.name for r in study.cfg.rows if not any(r.name in t["rows"] for t in tables.values())]
+    if missing:
+        parts.append(f"Not scored yet: {', '.join(missing)}.")
+    return "**Verdict (computed from the intervals):** " + " ".join(parts) if parts else ""
+
+
+def render(study) -> dict:
+    """Writes OUT/table.md, OUT/table.json, OUT/study.png and OUT/curves.png (and the README section when the config
+    names one) from what is scored so far; returns a short summary."""
+    targets = [t for t in ["ce", "acc", *study.cfg.scoring.ce_files] if os.path.isdir(os.path.join(study.out, t))]
+    tables = {t: target_table(study, t) for t in targets}
+    tables = {t: v for t, v in tables.items() if v["rows"]}
+    verdict = verdict_text(study, tables)
+    md = f"## Study `{study.cfg.name}`\n\n" + markdown(study, tables, verdict)
+    rows = {}
+    for t, table in tables.items():
+        for name, entry in table["rows"].items():
+            rows.setdefault(name, {"name": name})[t] = entry
+    atomic_write_json(os.path.join(study.out, "table.json"), {
+        "name": study.cfg.name, "rows": list(rows.values()),
+        "comparisons": [c | {"target": t} for t, v in tables.items() for c in v["comparisons"]],
+        "verdict": verdict})
+    atomic_write_text(os.path.join(study.out, "table.md"), md)
+    if "ce" in tables:
+        plot_gap(tables["ce"], os.path.join(study.out, "study.png"), study.cfg.name)
+    plot_curves(study, os.path.join(study.out, "curves.png"))
+    if study.cfg.readme:
+        put_in_readme(study.cfg.readme, study.cfg.name, md)
+    return {"summary": f"study {study.cfg.name}: table in {os.path.join(study.out, 'table.md')}", "verdict": verdict}
+
+
+def put_in_readme(path: str, name: str, md: str) -> None:
+    """Replaces the text between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in ``path``."""
+    start, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+    text = open(path).read() if os.path.isfile(path) else ""
+    if start not in text or end not in text:
+        log.warning("%s has no %s ... %s section: the study's table was not put there", path, start, end)
+        return
+    new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{md}{end}", text, flags=re.S)
+    if new != text:
+        atomic_write_text(path, new)
+
+
+def plot_gap(table: dict, png: str, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r, v["gap_closed"]) for r, v in table["rows"].items() if "gap_closed" in v]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2))
+    for i, (r, g) in enumerate(rows):
+        lo, hi = g["ci95"]
+        if lo is not None:
+            ax.plot([100 * lo, 100 * hi], [i, i], color="C0")
+        ax.plot([100 * g["point"]], [i], "o", color="C0")
+        for s in g.get("per_seed", []):
+            ax.plot([100 * s], [i], "x", color="C1", ms=4)
+    ax.set_yticks(range(len(rows)), [r for r, _ in rows])
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel="CE gap closed, % (o: mean, x: seeds, line: 95 % interval)", title=f"study {name}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(study, png: str) -> None:
+    """Training curves (Stage-B loss per step) of every trained row and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for i, row in enumerate(study.cfg.rows):
+        for label in row.labels():
+            path = os.path.join(study.out, "train", label, "metrics.jsonl")
+            if os.path.isfile(path):
+                pts_ = [json.loads(x) for x in open(path)]
+                pts_ = [(p["step"], p["loss"]) for p in pts_ if p.get("stage", "B") != "A" and "loss" in p]
+                if pts_:
+                    curves.append((row.name, label, i, pts_))
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seen = set()
+    for name, label, i, p in curves:
+        ax.plot(*zip(*p), color=f"C{i % 10}", lw=1, label=name if name not in seen else None)
+        seen.add(name)
+    ax.set(xlabel="step", ylabel="training loss", title=f"study {study.cfg.name}: training curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,360 @@
+"""`toe study CONFIG --out DIR`: a declarative study, planned, run, resumed and rendered.
+
+The config (:mod:`.study_config`) names the pair, the data, the budget, the rows and the comparisons. This module
+turns it into steps — the teacher's answers to the reported items, one extraction per layer set, one training per
+row and seed, one scoring per row, seed and target — each with the file that says it is done. Running a study runs
+the steps not done yet, in the rows' order, so a killed study continues where it stopped when rerun (each library
+command resumes its own work: extraction shards, training checkpoints, generation batches). Two processes may share
+one study folder: each step is taken under a file lock, a step another process holds is passed over, and a step
+whose inputs another process is still making waits for them. After every finished scoring the table, the paired
+comparisons, the plots and the verdict are rendered anew from the per-item scores
+(:mod:`..evaluation.study_table`).
+
+Folder layout (OUT): ``dev-traces.jsonl`` (the teacher's answers, the CE target), ``TARGET/ROW[-seedK]/`` (each
+scoring's per-item JSONL and metrics.json: ``ce``, ``acc`` and one folder per ``scoring.ce_files`` name),
+``train/ROW[-seedK]/`` (the trained plug-in or adapter with its metrics; the small files only), ``table.md``,
+``table.json``, ``study.png``, ``curves.png``; WORK (default OUT/work): extractions and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import ToEError
+from ..io import atomic_write_json
+from .study_config import TOY, Row, StudyConfig, load_study
+
+log = logging.getLogger(__name__)
+TARGET_DIRS = {"ce": "ce", "accuracy": "acc"}
+KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
+        "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
+        "adapter_model.safetensors", "README.md")
+
+
+@dataclass
+class Step:
+    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds)."""
+
+    id: str
+    deps: list[str]
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    work: dict = field(default_factory=dict)  # what the estimate needs: tokens, model, kind
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, out: str):
+        self.cfg, self.out = cfg, os.path.abspath(out)
+        self.work = os.path.abspath(cfg.work or os.path.join(self.out, "work"))
+        self.base, self.teacher = self.resolve(cfg.pair.base), self.resolve(cfg.pair.teacher)
+        self.train_data, self.items = self.resolve(cfg.data.train), self.resolve(cfg.data.items)
+        self.answers = os.path.join(self.out, "dev-traces.jsonl")
+        self.skip, self.n = cfg.data.reported[0], cfg.data.reported[1] - cfg.data.reported[0]
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def resolve(self, path: str) -> str:
+        """A config path: ``toy:base``/``toy:teacher`` (the shipped toy pair), ``toy:train``/``toy:dev`` (the toy
+        data, written into OUT/data once), a hub id, or a file/folder."""
+        if not path.startswith(TOY):
+            return path
+        from .demo import toy_pair_dir, write_toy_data
+
+        what = path[len(TOY):]
+        if what in ("base", "teacher"):
+            return os.path.join(toy_pair_dir(), what)
+        if what not in ("train", "dev"):
+            raise ToEError(f"{path}: use toy:base, toy:teacher, toy:train or toy:dev")
+        data = os.path.join(self.out, "data")
+        if not os.path.isfile(os.path.join(data, f"{what}.jsonl")):
+            write_toy_data(data, 384, 128)
+        return os.path.join(data, f"{what}.jsonl")
+
+    def check_inputs(self) -> None:
+        """Files the study reads exist and hold enough rows, before any model loads."""
+        from ..data import read_rows
+
+        for name, path in (("data.train", self.train_data), ("data.items", self.items),
+                           *((f"scoring.ce_files.{k}", v) for k, v in self.cfg.scoring.ce_files.items())):
+            if not path.startswith("hf:") and not os.path.exists(path):
+                raise ToEError(f"{name}: {path} not found: fix the path in the study config")
+        n_items = len(read_rows(self.items))
+        if self.cfg.data.reported[1] > n_items:
+            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {n_items} rows")
+        for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
+            from ..hf import load_config
+
+            cfg = load_config(path, who)
+            for r in self.cfg.rows:
+                bad = [x for x in r.layers or [] if who == "pair.base" and not 0 <= x < cfg.num_hidden_layers]
+                if bad:
+                    raise ToEError(f"rows.{r.name}.layers {bad}: the base has {cfg.num_hidden_layers} layers "
+                                   f"(0-{cfg.num_hidden_layers - 1})")
+
+    def n_train(self) -> int:
+        from ..data import read_rows
+
+        return len(read_rows(self.train_data))
+
+    # -- the plan ----------------------------------------------------------------------------------------------
+    def extraction(self, layers: list[int]) -> str:
+        return os.path.join(self.work, "extract-l" + "-".join(map(str, layers)))
+
+    def steps(self) -> list[Step]:
+        cfg, steps = self.cfg, []
+        targets = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
+        steps.append(Step("answers", [], lambda: os.path.isfile(self.answers), self.run_answers,
+                          {"kind": "answers"}))
+        for t in targets:
+            steps.append(self.score_step(t, "anchors", None))
+        extractions = set()
+        steps_n = cfg.budget.steps_for(self.n_train())
+        for row in cfg.rows:
+            for k, label in enumerate(row.labels()):
+                deps = []
+                if row.layers and row.kind != "oracle" and tuple(row.layers) not in extractions:
+                    extractions.add(tuple(row.layers))
+                    steps.append(Step(f"extract/{os.path.basename(self.extraction(row.layers))}", [],
+                                      self.extraction_done(row.layers), self.run_extract(row.layers),
+                                      {"kind": "extract", "layers": row.layers}))
+                if row.layers and row.kind != "oracle":
+                    deps.append(f"extract/{os.path.basename(self.extraction(row.layers))}")
+                if row.kind == "oracle":
+                    plugin = cfg.row(row.plugin_of).labels()[0]
+                    steps.append(Step(f"score/ce/{label}", ["answers", f"train/{plugin}"],
+                                      lambda label=label: self.scored("ce", label),
+                                      self.run_oracle(row, plugin), {"kind": "oracle", "layers": row.layers}))
+                    continue
+                if row.kind == "toe_on_lora":
+                    deps.append(f"train/{cfg.row(row.adapter_of).labels()[k]}")
+                steps.append(Step(f"train/{label}", deps, lambda label=label: self.trained(label),
+                                  self.run_train(row, k, label, steps_n),
+                                  {"kind": "train", "row": row, "steps": steps_n}))
+                for t in targets:
+                    steps.append(self.score_step(t, label, row))
+        return steps
+
+    def score_step(self, target: str, label: str, row: Row | None) -> Step:
+        deps = (["answers"] if target in ("ce", "acc") else []) + ([f"train/{label}"] if row else [])
+        return Step(f"score/{target}/{label}", deps, lambda: self.scored(target, label),
+                    lambda: self.run_score(target, label, row), {"kind": "score", "target": target, "row": row})
+
+    # -- done markers ------------------------------------------------------------------------------------------
+    def scored(self, target: str, label: str) -> bool:
+        return os.path.isfile(os.path.join(self.out, target, label, "metrics.json"))
+
+    def run_dir(self, label: str) -> str:
+        return os.path.join(self.work, "train", label)
+
+    def trained(self, label: str) -> bool:
+        kept = os.path.join(self.out, "train", label)
+        return any(os.path.isfile(os.path.join(kept, f)) for f in ("train_summary.json", "baseline_summary.json"))
+
+    def extraction_done(self, layers: list[int]) -> Callable[[], bool]:
+        path = self.extraction(layers)
+
+        def done() -> bool:
+            # trained rows whose kept results exist need no extraction: a fresh machine skips it
+            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle" for lab in r.labels()]
+            return os.path.isfile(os.path.join(path, "summary.json")) or all(self.trained(u) for u in users)
+
+        return done
+
+    # -- running the steps -------------------------------------------------------------------------------------
+    def common(self) -> dict:
+        d = self.cfg.data
+        fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.response_field)) if v}
+        return dict(template=self.cfg.pair.template, max_length=d.max_length, **fields)
+
+    def run_answers(self) -> None:
+        from ..commands.evaluate import traces
+
+        tmp = self.answers + ".partial"
+        traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=self.skip, limit=self.n,
+               template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
+               batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
+               eval_out=os.path.join(self.out, "acc", "teacher"), resume=True, overwrite=True)
+        os.replace(tmp, self.answers)
+
+    def run_extract(self, layers: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            from ..commands.extract import extract
+
+            extract(teacher=self.teacher, base=self.base, data=self.train_data, out=self.extraction(layers),
+                    layers=layers, dtype=self.cfg.pair.dtype, **self.common(), **self.cfg.extract)
+        return run
+
+    def run_train(self, row: Row, seed: int, label: str, steps_n: int) -> Callable[[], None]:
+        def run() -> None:
+            from ..commands.train import train
+            from ..recipes.baseline import baseline
+
+            out = self.run_dir(label)
+            kept = os.path.join(self.out, "train", label)
+            if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
+                marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
+                kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
+                          batch_size=self.cfg.budget.batch_size, dtype=self.cfg.pair.dtype, resume=marker,
+                          overwrite=not marker and os.path.isdir(out), **self.common())
+                if row.objective == "on_policy":
+                    kw.update(objective="on_policy", teacher=self.teacher)
+                experts = self.extraction(row.layers) if row.layers else None
+                if row.kind == "lora":
+                    baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **self.cfg.lora, **row.options)
+                elif row.kind == "control":
+                    baseline(kind="control", experts=experts, **kw, **_only(self.cfg.train, "baseline"),
+                             **row.options)
+                else:
+                    adapter = self.run_dir(self.cfg.row(row.adapter_of).labels()[seed]) if row.adapter_of else None
+                    if adapter and not os.path.isdir(adapter):  # a fresh machine: the adapter from its kept copy
+                        adapter = os.path.join(self.out, "train", self.cfg.row(row.adapter_of).labels()[seed])
+                    train(experts=experts, base_adapter=adapter, **kw, **self.cfg.train, **row.options)
+            os.makedirs(kept, exist_ok=True)
+            for f in KEPT:  # the small files and the trained weights, kept with the study's results
+                if os.path.isfile(os.path.join(out, f)):
+                    shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
+        return run
+
+    def system_dir(self, label: str) -> str:
+        """A trained row's weights: the run folder, else (a fresh machine) the kept copy."""
+        run = self.run_dir(label)
+        return run if os.path.isdir(run) and any(
+            os.path.isfile(os.path.join(run, f)) for f in ("train_summary.json", "baseline_summary.json")) else \
+            os.path.join(self.out, "train", label)
+
+    def run_score(self, target: str, label: str, row: Row | None) -> None:
+        from ..commands.evaluate import evaluate
+
+        out = os.path.join(self.out, target, label)
+        again = os.path.isfile(os.path.join(out, "generations.partial.jsonl"))
+        kw: dict = dict(base=self.base, out=out, batch_size=self.cfg.scoring.batch_size, dtype=self.cfg.pair.dtype,
+                        resume=again, overwrite=not again)
+        if row is None:
+            kw.update(with_base=True, teacher=self.teacher if target == "ce" else None)
+        else:
+            kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
+            kw["with_base"] = False
+        if target == "ce":
+            kw.update(data=self.answers, template=self.cfg.pair.template, ce_target="trace", accuracy=False,
+                      task=self.cfg.data.task)
+        elif target == "acc":
+            kw.update(data=self.items, skip=self.skip, limit=self.n, template=self.cfg.pair.template, ce=False,
+                      max_new_tokens=self.cfg.scoring.max_new_tokens, task=self.cfg.data.task)
+        else:
+            kw.update(data=self.resolve(self.cfg.scoring.ce_files[target]), task="code", template="{prompt}",
+                      accuracy=False, ce_target="gold")
+        evaluate(**kw)
+
+    def run_oracle(self, row: Row, plugin: str) -> Callable[[], None]:
+        def run() -> None:
+            from ..commands.oracle import oracle
+
+            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers), data=self.answers,
+                   plugin=self.system_dir(plugin), template=self.cfg.pair.template, ce_target="trace",
+                   dtype=self.cfg.pair.dtype, out=os.path.join(self.out, "ce", row.labels()[0]), overwrite=True,
+                   **{"batch_size": 1, "lambdas": [0.25], **row.options})
+        return run
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, step: Step):
+        """The step's advisory lock (released by the kernel if the process dies): yields False when another
+        process holds it."""
+        os.makedirs(os.path.join(self.out, "locks"), exist_ok=True)
+        path = os.path.join(self.out, "locks", step.id.replace("/", "__") + ".lock")
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                f.seek(0), f.truncate(), f.write(f"pid {os.getpid()}\n"), f.flush()
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def run(self, render: Callable[[], None], poll_s: float = 10.0) -> dict:
+        steps = self.steps()
+        by_id = {s.id: s for s in steps}
+        ran, waited = [], False
+        while True:
+            pending = [s for s in steps if not s.done()]
+            if not pending:
+                break
+            progressed = held = False
+            for s in pending:
+                if s.done() or not all(by_id[d].done() for d in s.deps if d in by_id):
+                    held = held or any(not by_id[d].done() for d in s.deps if d in by_id)
+                    continue
+                with self.lock(s) as mine:
+                    if not mine:
+                        held = True
+                        log.info("study: %s is running in another process; next step", s.id)
+                        continue
+                    if s.done():
+                        continue
+                    log.info("study: %s", s.id)
+                    s.run()
+                    ran.append(s.id)
+                    progressed = True
+                    if s.id.startswith("score/"):
+                        render()
+                    break  # back to the first pending step: the rows' order is the priority order
+            if not progressed:
+                if not held:
+                    raise ToEError("study: steps left that cannot start: " + ", ".join(s.id for s in pending[:5]))
+                waited = True
+                time.sleep(poll_s)  # another process holds a step this one needs
+        render()
+        return {"ran": ran, "waited": waited}
+
+
+def _only(options: dict, command: str) -> dict:
+    """The options of ``options`` that ``command``'s function takes (the study's `train` group also serves the
+    control's `toe baseline`, which lacks some plug-in-only options)."""
+    import inspect
+    from importlib import import_module
+
+    fn = getattr(import_module("..recipes.baseline", __package__), "baseline") if command == "baseline" else None
+    params = set(inspect.signature(fn).parameters)
+    return {k: v for k, v in options.items() if k in params}
+
+
+def study(file: str, out: str, dry_run: bool = False, poll_s: float = 10.0) -> dict:
+    """Plans, runs (resuming) and renders a study.
+
+    Args:
+        file: the study's YAML config (see ``studies/toy.yaml``; :mod:`tree_of_experts.recipes.study_config` documents
+            every key).
+        out: the study folder (results, small files; committed) — rerunning into it continues the study.
+        dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
+        poll_s: seconds between looks while another process holds a step this one needs.
+
+    Returns:
+        The plan (``dry_run``) or the rendered table's summary.
+    """
+    from ..evaluation.study_table import render
+    from .study_plan import plan
+
+    cfg = load_study(file)
+    s = Study(cfg, out)
+    os.makedirs(s.out, exist_ok=True)
+    s.check_inputs()
+    if dry_run:
+        return plan(s)
+    atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
+    result = s.run(lambda: render(s), poll_s)
+    summary = render(s)
+    return {**summary, "ran": result["ran"]}
+
+
+def load(file: str, out: str) -> Study:
+    """The study of ``file`` in the folder ``out`` (for rendering or inspection without running)."""
+    return Study(load_study(file), out)

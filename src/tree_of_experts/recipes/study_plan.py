@@ -1,0 +1,140 @@
+"""`toe study --dry_run`: every step with its status, estimated time and disk, before anything loads.
+
+How the estimate is made (printed with the plan): the models' sizes come from their configs (no weights load); the
+training data's token counts from the base's tokenizer over the first 200 rows; this machine's speed from a short
+probe (an fp32 matrix product for FLOP/s, a tensor copy for memory bandwidth). A forward costs 2·P FLOPs per token
+(P: the weights' multiply-adds, embeddings' output projection included), a training step that backpropagates
+through the frozen base ~3× a forward (4× with activation checkpointing), and a decode step the larger of reading
+every weight once and 2·P·batch FLOPs; every forward call adds a fixed overhead (10 ms + 2 ms per layer: Python and
+kernel launches, what dominates tiny models). Real runs add what the probe cannot see (Python overhead, attention over long
+contexts, other jobs on the machine): on the CPU they have run 1-3× these estimates. Disk: an extraction's bytes
+per token by the formula of :func:`tree_of_experts.shapes.capture_bytes_per_token`; checkpoints by the trained
+parameters × 3 (weights and Adam's two moments).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..shapes import capture_bytes_per_token
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
+
+
+def probe(seconds: float = 0.3) -> dict:
+    """This machine's fp32 matmul FLOP/s and memory bandwidth (bytes/s), measured now."""
+    a = torch.randn(512, 512)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        n += 1
+    flops = n * 2 * 512**3 / (time.perf_counter() - t0)
+    x = torch.empty(16 * 2**20)  # 64 MB
+    y = torch.empty_like(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:
+        y.copy_(x)
+        n += 1
+    bandwidth = n * 2 * x.numel() * 4 / (time.perf_counter() - t0)
+    return {"flops": flops, "bandwidth": bandwidth, "threads": torch.get_num_threads()}
+
+
+def flops_per_token(cfg) -> float:
+    d, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = d * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads) // cfg.num_attention_heads
+    return 2.0 * (L * (2 * d * d + 2 * d * kv + 3 * d * i) + v * d)
+
+
+def _tokens(study, tok) -> tuple[int, float]:
+    """(rows, mean tokens per row) of the training data (first 200 rows, capped at max_length)."""
+    from ..data import DataSpec, read_rows
+
+    rows = read_rows(study.train_data)
+    d = study.cfg.data
+    spec = DataSpec(**{k: v for k, v in dict(prompt_field=d.prompt_field, response_field=d.response_field,
+                                              template=study.cfg.pair.template).items() if v is not None})
+    spec = spec.for_tokenizer(tok)
+    lengths = [min(d.max_length, len(tok(spec.prompt(r) + spec.response(r))["input_ids"])) for r in rows[:200]]
+    return len(rows), sum(lengths) / max(1, len(lengths))
+
+
+def plan(study) -> dict:
+    """The plan of ``study``: one line per step (done / to run), its estimate, and the totals."""
+    from ..hf import load_config, load_tokenizer
+
+    cfg = study.cfg
+    speed = probe()
+    base_cfg, teacher_cfg = load_config(study.base, "pair.base"), load_config(study.teacher, "pair.teacher")
+    fb, ft = flops_per_token(base_cfg), flops_per_token(teacher_cfg)
+    wbytes = DTYPE_BYTES[cfg.pair.dtype]
+    n_rows, mean_len = _tokens(study, load_tokenizer(study.base))
+    F, BW = speed["flops"], speed["bandwidth"]
+    new, n = cfg.scoring.max_new_tokens, study.n
+
+    def call_s(c) -> float:  # the fixed cost of one forward call
+        return 0.010 + 0.002 * c.num_hidden_layers
+
+    def decode_s(fpt: float, steps: int, batch: int, c=base_cfg) -> float:
+        return steps * (max(fpt / 2 * wbytes / BW, batch * fpt / F) + call_s(c))
+
+    lines, total_s, total_b = [], 0.0, 0
+    for s in study.steps():
+        w, sec, disk = s.work, 0.0, 0
+        kind = w.get("kind")
+        if kind == "answers":
+            sec = decode_s(ft, -(-n // cfg.scoring.answer_batch_size) * new, cfg.scoring.answer_batch_size,
+                           teacher_cfg)
+        elif kind == "extract":
+            batches = -(-n_rows // cfg.extract.get("batch_size", 4))
+            sec = n_rows * mean_len * (fb + ft) / F + batches * (call_s(base_cfg) + call_s(teacher_cfg))
+            k = len(w["layers"])
+            disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
+                                                                   [teacher_cfg.hidden_size] * k, 32))
+        elif kind == "train":
+            row, tokens = w["row"], w["steps"] * cfg.budget.batch_size * mean_len
+            factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
+            sec = tokens * fb * factor / F + w["steps"] * factor * call_s(base_cfg)
+            if row.objective == "on_policy":
+                sample = cfg.train.get("sample_max_new_tokens", 256)
+                sec += w["steps"] * (decode_s(fb, sample, cfg.budget.batch_size) / max(1, sample) * sample) \
+                    + tokens * ft / F
+            d = base_cfg.hidden_size
+            params = (len(row.layers or []) * 64 * d * 3) if row.kind != "lora" else \
+                row.rank * 2 * d * 7 * base_cfg.num_hidden_layers
+            disk = params * 4 * 3
+        elif kind == "score":
+            t = w["target"]
+            sec = decode_s(fb, -(-n // cfg.scoring.batch_size) * new, cfg.scoring.batch_size) if t == "acc" else \
+                (n * new / 2 * fb / F + -(-n // cfg.scoring.batch_size) * call_s(base_cfg)) * (
+                    2 if w["row"] is None else 1)
+            disk = 4096 * n
+        elif kind == "oracle":
+            sec = n * new / 2 * (ft + 8 * fb) / F
+        status = "done" if s.done() else "to run"
+        if status != "done":
+            total_s, total_b = total_s + sec, total_b + disk
+        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk})
+    text = [f"plan of study {cfg.name} ({study.out}): {sum(x['status'] == 'done' for x in lines)} of {len(lines)} "
+            f"steps done; to run: ~{_dur(total_s)}, ~{_size(total_b)} of disk",
+            f"machine probe: {F / 1e9:.0f} GFLOP/s fp32 matmul on {speed['threads']} thread(s), {BW / 1e9:.1f} GB/s "
+            f"copy; training data: {n_rows} rows, ~{mean_len:.0f} tokens each; reported items: {n}",
+            "", f"{'step':<40} {'status':<8} {'time':>9} {'disk':>10}"]
+    text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_size(x['disk_bytes']):>10}" for x in lines]
+    text += ["", "estimates: " + " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1]
+                                         .split())]
+    return {"summary": "\n".join(text), "steps": lines, "probe": speed, "total_seconds": total_s,
+            "total_disk_bytes": total_b, "out": os.path.abspath(study.out)}
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _size(b: float) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if b >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{b:.0f} B"
