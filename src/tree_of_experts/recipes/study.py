@@ -55,7 +55,7 @@ class Study:
         self.work = os.path.abspath(cfg.work or os.path.join(self.out, "work"))
         self.base, self.teacher = self.resolve(cfg.pair.base), self.resolve(cfg.pair.teacher)
         self.train_data, self.items = self.resolve(cfg.data.train), self.resolve(cfg.data.items)
-        self.answers = os.path.join(self.out, "dev-traces.jsonl")
+        self.answers = self.resolve(cfg.data.answers) if cfg.data.answers else os.path.join(self.out, "dev-traces.jsonl")
         self.skip, self.n = cfg.data.reported[0], cfg.data.reported[1] - cfg.data.reported[0]
 
     # -- inputs ------------------------------------------------------------------------------------------------
@@ -84,9 +84,18 @@ class Study:
                            *((f"scoring.ce_files.{k}", v) for k, v in self.cfg.scoring.ce_files.items())):
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
-        n_items = len(read_rows(self.items))
-        if self.cfg.data.reported[1] > n_items:
-            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {n_items} rows")
+        items = read_rows(self.items)
+        if self.cfg.data.reported[1] > len(items):
+            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
+        if self.cfg.data.answers:
+            if not os.path.isfile(self.answers):
+                raise ToEError(f"data.answers: {self.answers} not found: fix the path, or leave it out to generate them")
+            field = self.cfg.data.prompt_field or "question"
+            want = sorted(str(r.get(field)) for r in items[self.skip:self.skip + self.n])
+            got = sorted(str(r.get(field)) for r in read_rows(self.answers))
+            if got != want:
+                raise ToEError(f"data.answers {self.answers} answers other items than data.items rows "
+                               f"{self.cfg.data.reported}: give the teacher's answers to exactly those rows")
         for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
             from ..hf import load_config
 
@@ -113,6 +122,10 @@ class Study:
                           {"kind": "answers"}))
         for t in targets:
             steps.append(self.score_step(t, "anchors", None))
+        if "acc" in targets:  # the teacher's graded answers (made with its answers when the study generates them)
+            steps.append(Step("score/acc/teacher", ["answers"], lambda: self.scored("acc", "teacher"),
+                              lambda: self.run_score("acc", "teacher", None), {"kind": "score", "target": "acc",
+                                                                               "row": None}))
         extractions = set()
         steps_n = cfg.budget.steps_for(self.n_train())
         for row in cfg.rows:
@@ -176,10 +189,14 @@ class Study:
         from ..commands.evaluate import traces
 
         tmp = self.answers + ".partial"
-        traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=self.skip, limit=self.n,
+        got = traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=self.skip, limit=self.n,
                template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
                batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
                eval_out=os.path.join(self.out, "acc", "teacher"), resume=True, overwrite=True)
+        if got["kept"] < got["generated"]:
+            raise ToEError(f"the teacher answered {got['kept']} of {got['generated']} reported items (the others were "
+                           f"empty; {100 * got['truncated_share']:.0f} % cut at scoring.max_new_tokens "
+                           f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers")
         os.replace(tmp, self.answers)
 
     def run_extract(self, layers: list[int]) -> Callable[[], None]:
@@ -235,7 +252,9 @@ class Study:
         again = os.path.isfile(os.path.join(out, "generations.partial.jsonl"))
         kw: dict = dict(base=self.base, out=out, batch_size=self.cfg.scoring.batch_size, dtype=self.cfg.pair.dtype,
                         resume=again, overwrite=not again)
-        if row is None:
+        if label == "teacher":
+            kw.update(with_base=False, teacher=self.teacher)
+        elif row is None:
             kw.update(with_base=True, teacher=self.teacher if target == "ce" else None)
         else:
             kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
@@ -352,7 +371,7 @@ def study(file: str, out: str, dry_run: bool = False, poll_s: float = 10.0) -> d
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
     result = s.run(lambda: render(s), poll_s)
     summary = render(s)
-    return {**summary, "ran": result["ran"]}
+    return {**summary, **result}
 
 
 def load(file: str, out: str) -> Study:

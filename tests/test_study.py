@@ -1,0 +1,204 @@
+"""`toe study`: the plan, the run, kill and resume, two processes, the statistics, and bad configs."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tree_of_experts.cli import main
+from tree_of_experts.config import ToEError
+from tree_of_experts.evaluation.study_table import Draws, reading
+from tree_of_experts.recipes.study import study
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+
+
+def answers(tmp_path) -> str:
+    """The CE target: "the teacher's answers" to the reported rows 8-19 (the fixture's own: the tiny random teacher
+    would ramble to the token cap)."""
+    rows = [json.loads(x) for x in open(FIXTURE)][8:20]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({**r, "trace": r["answer"].split("####")[0].strip()}) + "\n" for r in rows))
+    return str(path)
+
+
+def config(pair, tmp_path, **changes) -> str:
+    """A small study of the tiny pair: ToE at layer 1 (2 seeds), its control, LoRA r2 (KD from the extraction)."""
+    cfg = {
+        "name": "tiny",
+        "pair": {"base": str(pair / "base"), "teacher": str(pair / "teacher")},
+        "data": {"train": FIXTURE, "items": FIXTURE, "tuning": [0, 8], "reported": [8, 20], "max_length": 64,
+                 "answers": answers(tmp_path)},
+        "budget": {"steps": 4, "batch_size": 4},
+        "rows": [{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2},
+                 {"name": "ctl", "kind": "control", "layers": [1]},
+                 {"name": "lora", "kind": "lora", "rank": 2, "layers": [1]}],
+        "compare": ["toe - ctl", "toe - lora"],
+        "scoring": {"targets": ["ce"], "max_new_tokens": 8, "batch_size": 4, "answer_batch_size": 6},
+        "extract": {"num_leaves": 4, "heldout_frac": 0.25, "batch_size": 4, "shard_size": 8, "gate_rank": 4},
+        "train": {"stage_a_steps": 2, "save_every": 1, "log_every": 1},
+        "lora": {"save_every": 1, "kd_weight": 1.0},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section][field] = value
+        else:
+            cfg[section] = value
+    path = tmp_path / f"study-{len(os.listdir(tmp_path))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def table(out) -> dict:
+    t = json.load(open(os.path.join(out, "table.json")))
+    return {"rows": t["rows"], "comparisons": t["comparisons"], "verdict": t["verdict"]}
+
+
+def test_a_study_runs_end_to_end_and_its_table_carries_seeds_and_a_computed_verdict(pair, tmp_path):
+    cfg = config(pair, tmp_path, scoring__targets=["ce", "accuracy"])
+    result = study(cfg, str(tmp_path / "s"))
+    t = table(tmp_path / "s")
+    rows = {r["name"]: r for r in t["rows"]}
+    assert set(rows) == {"base", "teacher", "toe", "ctl", "lora"}
+    toe = rows["toe"]["ce"]
+    assert toe["seeds"] == 2 and len(toe["per_seed"]) == 2 and len(toe["gap_closed"]["per_seed"]) == 2
+    assert toe["gap_closed"]["ci95"][0] <= toe["gap_closed"]["point"] <= toe["gap_closed"]["ci95"][1]
+    assert rows["ctl"]["ce"]["seeds"] == 1 and "acc" in rows["toe"]
+    assert {(c["a"], c["b"], c["target"]) for c in t["comparisons"]} == {
+        ("toe", "ctl", "ce"), ("toe", "lora", "ce"), ("toe", "ctl", "acc"), ("toe", "lora", "acc")}
+    for c in t["comparisons"]:  # every reading in the verdict comes from its interval by the fixed rule
+        assert c["reading"] == reading(c, c["target"], c["a"], c["b"]) and c["reading"] in t["verdict"]
+    assert all((tmp_path / "s" / f).exists() for f in ("table.md", "study.png", "curves.png"))
+    assert (tmp_path / "s" / "train" / "toe-seed1" / "toe_model.safetensors").exists()
+    assert "score/ce/lora" in result["ran"]
+    again = study(cfg, str(tmp_path / "s"))  # everything is done: nothing runs again, the same table
+    assert again["ran"] == [] and table(tmp_path / "s") == t
+
+
+def test_a_killed_study_resumes_to_the_same_table(pair, tmp_path):
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2}],
+                 compare=[], train={"stage_a_steps": 2, "save_every": 1, "log_every": 1}, budget={"steps": 6,
+                                                                                                  "batch_size": 4})
+    study(cfg, str(tmp_path / "whole"))
+    code = "import sys; from tree_of_experts.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "study", cfg, "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "work" / "train" / "toe-seed1" / "checkpoint"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through the second seed's training
+    proc.wait()
+    assert checkpoint.exists(), "the study finished before it could be killed mid-training"
+    assert not (tmp_path / "killed" / "ce" / "toe-seed1" / "metrics.json").exists()
+    result = study(cfg, str(tmp_path / "killed"))
+    assert "train/toe" not in result["ran"] and "train/toe-seed1" in result["ran"]
+    assert table(tmp_path / "killed") == table(tmp_path / "whole")
+
+
+def test_a_step_another_process_holds_is_waited_for(pair, tmp_path):
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    out = tmp_path / "s"
+    (out / "locks").mkdir(parents=True)
+    lock = out / "locks" / "extract__extract-l1.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(lock)!r}, 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    result = study(cfg, str(out), poll_s=0.2)
+    holder.wait()
+    assert result["waited"] and "extract/extract-l1" in result["ran"]  # it ran the step itself once the holder let go
+    with open(lock) as f:  # and let go of its own locks
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path, monkeypatch, capsys):
+    import tree_of_experts.hf as hf
+
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded in a dry run"))
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
+    text = capsys.readouterr().out
+    assert "plan of study tiny" in text and "GFLOP/s" in text and "train/toe-seed1" in text
+    assert "extract/extract-l1" in text and "estimates:" in text
+    assert not (tmp_path / "s" / "work").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rows=[{"name": "x", "kind": "tree"}]), "rows.x.kind: 'tree': use one of toe, control"),
+    (dict(data__tuning=[10, 20]), "overlaps data.reported"),
+    (dict(data__train="missing.jsonl"), "data.train: missing.jsonl not found"),
+    (dict(compare=["toe - nope"]), "'nope' is not a row"),
+    (dict(compare=["toe-ctl"]), "write `A - B`"),
+    (dict(train={"bank_lrr": 1.0}), "train.bank_lrr: not an option of `toe train` (did you mean bank_lr"),
+    (dict(train={"max_steps": 3}), "the study sets max_steps itself"),
+    (dict(budget={"steps": 2, "epochs": 1}), "exactly one of steps and epochs"),
+    (dict(budget={"steps": "two"}), "budget.steps: 'two': expected int"),
+    (dict(rows=[{"name": "a", "kind": "toe"}]), "needs layers"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [7]}], compare=[]), "the base has 2 layers"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1]}, {"name": "a", "kind": "lora"}]), "named twice"),
+    (dict(data__reported=[8, 200]), "has 24 rows"),
+    (dict(colour="blue"), "unknown key 'colour'"),
+])
+def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
+    import tree_of_experts.hf as hf
+
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    if "colour" in changes:
+        path = config(pair, tmp_path)
+        raw = yaml.safe_load(open(path))
+        raw["colour"] = "blue"
+        open(path, "w").write(yaml.safe_dump(raw))
+    else:
+        path = config(pair, tmp_path, **changes)
+    assert main(["study", path, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("toe: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "s" / "work").exists()
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    assert main(["study", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "s")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_the_two_level_bootstrap_counts_seed_variation_and_pairs_seeds():
+    torch.manual_seed(0)
+    items = torch.randn(1, 200)
+    offsets = torch.tensor([[-1.0], [0.0], [1.0]])  # three seeds that differ by a whole unit
+    a = items + offsets  # (3, 200)
+    b = items + offsets + 0.1  # the same seeds' shifts, 0.1 higher everywhere
+    d = Draws(200)
+    width = lambda x: float(x.quantile(0.975) - x.quantile(0.025))  # noqa: E731
+    seeds_and_items, items_only = d.means(a), Draws(200).means(a.mean(0, keepdim=True))
+    assert width(seeds_and_items) > 3 * width(items_only)  # the seeds' spread widens the interval
+    diff = d.means(b) - d.means(a)  # paired on seeds and items: the shared variation cancels
+    assert torch.allclose(diff, torch.full_like(diff, 0.1))
+
+
+def test_the_reading_rule():
+    assert reading({"point": -0.2, "ci95": [-0.3, -0.1]}, "ce", "a", "b") == \
+        "a is better than b (the interval excludes zero)"
+    assert reading({"point": -0.2, "ci95": [-0.3, -0.1]}, "acc", "a", "b").startswith("a is worse")
+    assert "level" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
+    assert "undefined" in reading({"point": 0.1, "ci95": [None, None]}, "ce", "a", "b")
+
+
+def test_the_shipped_toy_study_config_is_valid(tmp_path):
+    from tree_of_experts.recipes.study_config import load_study
+
+    cfg = load_study(os.path.join(os.path.dirname(__file__), "..", "studies", "toy.yaml"))
+    assert cfg.pair.base == "toy:base" and all(r.seeds == 2 for r in cfg.rows)
+    with pytest.raises(ToEError, match="toy:"):
+        from tree_of_experts.recipes.study import Study
+
+        Study(cfg, str(tmp_path)).resolve("toy:nope")
