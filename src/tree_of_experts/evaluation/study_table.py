@@ -159,6 +159,35 @@ def reading(diff: dict, target: str, a: str, b: str) -> str:
     return f"{a} is {'better' if better else 'worse'} than {b} (the interval excludes zero)"
 
 
+# -- what the training folders say ---------------------------------------------------------------------------------
+def training_facts(study, row) -> dict:
+    """Seed 0's budget (Stage-B steps, on-policy steps, sampled tokens) and a plug-in's bank geometry before ->
+    after training (median leaf cosine to the bank's mean, averaged over layers: near 1, one vector)."""
+    folder = os.path.join(study.out, "train", row.labels()[0])
+    facts: dict = {}
+    metrics = os.path.join(folder, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        rows = [json.loads(x) for x in open(metrics)]
+        stage_b = [r for r in rows if r.get("stage") in ("B", "C", None)]
+        facts["steps"] = sum(r.get("stage") != "A" for r in rows)  # logged Stage-B steps (the summary's, below)
+        facts["on_policy_steps"] = sum(r.get("objective") == "on_policy" for r in stage_b)
+        facts["sampled_tokens"] = sum(r.get("sample_tokens", 0) or 0 for r in stage_b)
+    for name in ("train_summary.json", "baseline_summary.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            summary = json.load(open(os.path.join(folder, name)))
+            summary = summary.get("train", summary)
+            if "steps" in summary:
+                facts["steps"] = summary["steps"] - (summary.get("stage_a_steps") or 0)
+    info = os.path.join(folder, "inspect.json")
+    if os.path.isfile(info):
+        banks = json.load(open(info)).get("banks", {}).values()
+        pairs = [(b["bank_before_training"]["cos_to_common_median"], b["bank"]["cos_to_common_median"])
+                 for b in banks if "bank_before_training" in b]
+        if pairs:
+            facts["leaf_cos_to_mean"] = [sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)]
+    return facts
+
+
 # -- rendering -----------------------------------------------------------------------------------------------------
 def _fmt(entry: dict | None, f) -> str:
     if not entry or entry.get("point") is None:
@@ -186,7 +215,8 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
     names = list(dict.fromkeys(names))
     planned = {r.name: r.seeds for r in study.cfg.rows}
     head = ["row", "seeds"] + (["CE gap closed", "per seed"] if ce else []) + (["accuracy"] if acc else []) + \
-        [f"{t} CE minus base" for t in extra]
+        [f"{t} CE minus base" for t in extra] + ["budget (seed 0)", "bank: leaf cos to mean, before → after"]
+    by_row = {r.name: r for r in study.cfg.rows}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         seeds = max((t["rows"][name]["seeds"] for t in tables.values() if name in t["rows"]), default=0)
@@ -199,6 +229,12 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
         if acc:
             cells.append(_fmt(acc["rows"].get(name, {}).get("mean"), pct))
         cells += [_fmt(tables[t]["rows"].get(name, {}).get("minus_base"), nats) for t in extra]
+        facts = training_facts(study, by_row[name]) if name in by_row else {}
+        budget = f"{facts['steps']} steps" if facts.get("steps") else "–"
+        if facts.get("on_policy_steps"):
+            budget += f", {facts['on_policy_steps']} on-policy, {facts['sampled_tokens'] / 1000:.1f}k sampled tokens"
+        geo = facts.get("leaf_cos_to_mean")
+        cells += [budget, f"{geo[0]:.2f} → {geo[1]:.2f}" if geo else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     comp = [c for t in tables.values() for c in t["comparisons"]]
     if comp:
@@ -216,20 +252,35 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
 
 
 def verdict_text(study, tables: dict[str, dict]) -> str:
-    """The verdict paragraph: each comparison read by the fixed rule, and the range of gap closed."""
+    """The verdict paragraph: the range of gap closed, then per target the comparisons grouped by the fixed rule's
+    reading (better / level / worse), each with its difference and interval."""
     parts = []
     ce = tables.get("ce")
     if ce:
         trained = {r: v["gap_closed"] for r, v in ce["rows"].items() if "gap_closed" in v and ":" not in r}
         if trained:
             lo, hi = min(trained, key=lambda r: trained[r]["point"]), max(trained, key=lambda r: trained[r]["point"])
+            seeds = sorted({ce["rows"][r]["seeds"] for r in trained})
             parts.append(f"Trained rows close between {pct(trained[lo]['point'])} ({lo}) and "
-                         f"{pct(trained[hi]['point'])} ({hi}) of the CE gap between the base and the teacher.")
+                         f"{pct(trained[hi]['point'])} ({hi}) of the CE gap between the base and the teacher "
+                         f"({'/'.join(map(str, seeds))} seed(s) per row, {ce['items']} items).")
+    names = {"ce": "CE on the teacher's answers", "acc": "accuracy"}
     for t, table in tables.items():
         f = pts if t == "acc" else nats
+        groups: dict[str, list[str]] = {}
         for c in table["comparisons"]:
-            parts.append(f"On {t}, {c['reading']}: {c['a']} − {c['b']} = {_fmt(c, f)}.")
-    missing = [r.name for r in study.cfg.rows if not any(r.name in t["rows"] for t in tables.values())]
+            word = "undefined" if c["ci95"][0] is None else "level" if c["ci95"][0] <= 0 <= c["ci95"][1] else \
+                "better" if (c["point"] < 0) == LOWER_IS_BETTER.get(t, True) else "worse"
+            groups.setdefault(word, []).append(f"{c['a']} − {c['b']} {_fmt(c, f)}")
+        if groups:
+            said = {"better": "the first row is better (interval excludes zero)",
+                    "worse": "the first row is worse (interval excludes zero)",
+                    "level": "level (interval includes zero)", "undefined": "no interval (too few items)"}
+            parts.append(f"{names.get(t, f'{t} CE')}: " + "; ".join(
+                f"{said[w]}: {', '.join(groups[w])}" for w in ("better", "level", "worse", "undefined") if w in groups)
+                + ".")
+    scored = {r.split(":")[0] for t in tables.values() for r in t["rows"]}
+    missing = [r.name for r in study.cfg.rows if r.name not in scored]
     if missing:
         parts.append(f"Not scored yet: {', '.join(missing)}.")
     return "**Verdict (computed from the intervals):** " + " ".join(parts) if parts else ""
@@ -242,7 +293,8 @@ def render(study) -> dict:
     tables = {t: target_table(study, t) for t in targets}
     tables = {t: v for t, v in tables.items() if v["rows"]}
     verdict = verdict_text(study, tables)
-    md = f"## Study `{study.cfg.name}`\n\n" + markdown(study, tables, verdict)
+    body = markdown(study, tables, verdict)
+    md = f"## Study `{study.cfg.name}`\n\n" + body
     rows = {}
     for t, table in tables.items():
         for name, entry in table["rows"].items():
@@ -256,7 +308,7 @@ def render(study) -> dict:
         plot_gap(tables["ce"], os.path.join(study.out, "study.png"), study.cfg.name)
     plot_curves(study, os.path.join(study.out, "curves.png"))
     if study.cfg.readme:
-        put_in_readme(study.cfg.readme, study.cfg.name, md)
+        put_in_readme(study.cfg.readme, study.cfg.name, body)
     return {"summary": f"study {study.cfg.name}: table in {os.path.join(study.out, 'table.md')}", "verdict": verdict}
 
 

@@ -62,6 +62,11 @@ class Study:
     def resolve(self, path: str) -> str:
         """A config path: ``toy:base``/``toy:teacher`` (the shipped toy pair), ``toy:train``/``toy:dev`` (the toy
         data, written into OUT/data once), a hub id, or a file/folder."""
+        if "$" in path:  # ${PAIR}/model: the config names the machine's folders through the environment
+            expanded = os.path.expandvars(path)
+            if "$" in expanded:
+                raise ToEError(f"{path}: set the environment variable it names (e.g. PAIR=/path/to/models)")
+            path = expanded
         if not path.startswith(TOY):
             return path
         from .demo import toy_pair_dir, write_toy_data
@@ -80,8 +85,10 @@ class Study:
         """Files the study reads exist and hold enough rows, before any model loads."""
         from ..data import read_rows
 
+        pending = {s.id for s in self.steps() if not s.done()}
         for name, path in (("data.train", self.train_data), ("data.items", self.items),
-                           *((f"scoring.ce_files.{k}", v) for k, v in self.cfg.scoring.ce_files.items())):
+                           *((f"scoring.ce_files.{k}", self.resolve(v)) for k, v in self.cfg.scoring.ce_files.items()
+                             if any(p.startswith(f"score/{k}/") for p in pending))):
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
         items = read_rows(self.items)
@@ -127,7 +134,7 @@ class Study:
                               lambda: self.run_score("acc", "teacher", None), {"kind": "score", "target": "acc",
                                                                                "row": None}))
         extractions = set()
-        steps_n = cfg.budget.steps_for(self.n_train())
+        steps_n = cfg.budget.steps or cfg.budget.steps_for(self.n_train())
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
                 deps = []
@@ -223,19 +230,23 @@ class Study:
                     kw.update(objective="on_policy", teacher=self.teacher)
                 experts = self.extraction(row.layers) if row.layers else None
                 if row.kind == "lora":
-                    baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **self.cfg.lora, **row.options)
+                    baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":
-                    baseline(kind="control", experts=experts, **kw, **_only(self.cfg.train, "baseline"),
-                             **row.options)
+                    baseline(kind="control", experts=experts, **kw, **{**_only(self.cfg.train, "baseline"),
+                                                                        **row.options})
                 else:
                     adapter = self.run_dir(self.cfg.row(row.adapter_of).labels()[seed]) if row.adapter_of else None
                     if adapter and not os.path.isdir(adapter):  # a fresh machine: the adapter from its kept copy
                         adapter = os.path.join(self.out, "train", self.cfg.row(row.adapter_of).labels()[seed])
-                    train(experts=experts, base_adapter=adapter, **kw, **self.cfg.train, **row.options)
+                    train(experts=experts, base_adapter=adapter, **kw, **{**self.cfg.train, **row.options})
             os.makedirs(kept, exist_ok=True)
             for f in KEPT:  # the small files and the trained weights, kept with the study's results
                 if os.path.isfile(os.path.join(out, f)):
                     shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
+            if row.kind != "lora":  # the bank's geometry before -> after training (did the leaves specialise?)
+                from ..commands.hub import inspect
+
+                atomic_write_json(os.path.join(kept, "inspect.json"), inspect(out))
         return run
 
     def system_dir(self, label: str) -> str:
@@ -299,8 +310,16 @@ class Study:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def run(self, render: Callable[[], None], poll_s: float = 10.0) -> dict:
+    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None) -> dict:
         steps = self.steps()
+        if rows is not None:  # those rows' steps and what they need
+            keep = {s.id for s in steps if any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
+            while True:
+                more = {d for s in steps if s.id in keep for d in s.deps} - keep
+                if not more:
+                    break
+                keep |= more
+            steps = [s for s in steps if s.id in keep]
         by_id = {s.id: s for s in steps}
         ran, waited = [], False
         while True:
@@ -346,7 +365,8 @@ def _only(options: dict, command: str) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
-def study(file: str, out: str, dry_run: bool = False, poll_s: float = 10.0) -> dict:
+def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None, render_only: bool = False,
+          poll_s: float = 10.0) -> dict:
     """Plans, runs (resuming) and renders a study.
 
     Args:
@@ -354,6 +374,8 @@ def study(file: str, out: str, dry_run: bool = False, poll_s: float = 10.0) -> d
             every key).
         out: the study folder (results, small files; committed) — rerunning into it continues the study.
         dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
+        rows: run only these rows (and the steps they need), in the config's order; default: every row.
+        render_only: run nothing; render the table, plots and verdict from what is scored.
         poll_s: seconds between looks while another process holds a step this one needs.
 
     Returns:
@@ -364,12 +386,17 @@ def study(file: str, out: str, dry_run: bool = False, poll_s: float = 10.0) -> d
 
     cfg = load_study(file)
     s = Study(cfg, out)
+    unknown = [r for r in rows or [] if r not in {x.name for x in cfg.rows}]
+    if unknown:
+        raise ToEError(f"--rows {unknown}: not rows of {file} ({', '.join(x.name for x in cfg.rows)})")
     os.makedirs(s.out, exist_ok=True)
+    if render_only:
+        return {**render(s), "ran": [], "waited": False}
     s.check_inputs()
     if dry_run:
         return plan(s)
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
-    result = s.run(lambda: render(s), poll_s)
+    result = s.run(lambda: render(s), poll_s, rows)
     summary = render(s)
     return {**summary, **result}
 
