@@ -183,7 +183,7 @@ class OutLock:
 
     A second ToE process that claims the folder is refused, with the pid, host and command line the lock file
     records. The kernel drops a flock when its process dies (kill -9 included), so a killed run's folder is free at
-    once and ``--resume`` continues it; the file it leaves holds only stale words. Released (``release()``, or the
+    once and ``--resume`` continues it; the file it leaves behind is only the dead run's record. Released (``release()``, or the
     end of a ``with`` block or of a command decorated with :func:`releases_out_locks`), the file is removed, and so
     is ``out`` when this lock created it and nothing else was written there. Within one process the same folder is
     re-entered (a recipe's command calling another into its own folder), not refused.
@@ -217,7 +217,7 @@ class OutLock:
                 self._remove_created()
                 raise ToEError(f"{self.out} is being written by another run ({holder}): wait for it to finish, or "
                                "pass another --out") from None
-            # the file may have been removed by the holder we waited on between our open and our lock: lock anew
+            # the holder may have released (and removed) the file between our open and our lock: lock anew
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
