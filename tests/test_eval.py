@@ -269,7 +269,8 @@ def test_eval_counts_skipped_rows_and_ce_targets_cut_by_max_length(tmp_path):
     cut = evaluate(out=str(tmp_path / "cut"), skip_bad_rows=True, max_length=24, **common)
     assert cut["systems"]["base"]["ce_cut_by_max_length"] == 4  # prompts are 19 tokens, with their answers 30
     assert all(json.loads(r)["cut_by_max_length"] for r in open(tmp_path / "cut" / "base.jsonl"))
-    with pytest.raises(ToEError, match="item 0: its prompt fills max_length=12 tokens"):
+    with pytest.raises(ToEError, match=r"4 of 4 items have a prompt that fills max_length=12 tokens.*item 1\): "
+                                       r"raise --max_length to at least 21 \(41 keeps"):
         evaluate(out=str(tmp_path / "x"), skip_bad_rows=True, max_length=12, **common)
     # Graded accuracy needs a gold answer per item: a GSM8K solution without '#### N' would be graded wrong whatever
     # the system answers, so it is refused up front (or left out and counted with --skip_bad_rows).

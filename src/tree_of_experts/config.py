@@ -76,6 +76,13 @@ class ToEConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # a hand-edited `"top_k": 4.0` would fail deep inside torch.topk
+            problem = _type_problem(getattr(self, f.name), hints[f.name])
+            if problem:
+                raise ToEError(f"{f.name}={getattr(self, f.name)!r} {problem}")
+        if self.hidden_size < 1:
+            raise ToEError(f"hidden_size={self.hidden_size}: must be >= 1 (the base's hidden size D)")
         check_routing(self.shape, self.num_leaves, self.selection, self.top_k)
         if not self.base_name and self.base_model:
             self.base_name = portable_name(self.base_model)
@@ -83,6 +90,8 @@ class ToEConfig:
             raise ToEError("layers is empty: give at least one decoder layer index to inject into")
         if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
             raise ToEError(f"layers={self.layers}: give distinct non-negative decoder layer indices")
+        if self.teacher_layers is not None and any(layer < 0 for layer in self.teacher_layers):
+            raise ToEError(f"teacher_layers={self.teacher_layers}: give non-negative teacher layer indices")
         if self.teacher_layers is not None and len(self.teacher_layers) != len(self.layers):
             raise ToEError(
                 f"teacher_layers={self.teacher_layers} has {len(self.teacher_layers)} entries but layers={self.layers} "
@@ -90,8 +99,8 @@ class ToEConfig:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ToEError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.clip <= 0:
-            raise ToEError(f"clip={self.clip}: the norm clip κ must be > 0")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ToEError(f"clip={self.clip}: the norm clip κ must be a finite number > 0")
         if self.gate_rank < 1:
             raise ToEError(f"gate_rank={self.gate_rank}: must be >= 1")
         if self.format_version < 1:
@@ -145,12 +154,60 @@ class ToEConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ToEError(f"{path} has unknown fields {unknown}: it was written by a newer tree-of-experts; upgrade")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ToEError(f"{path} has no {', '.join(missing)}: the file was cut or edited; re-save the plug-in (or "
+                           "restore the field)")
         try:
             return cls(**data)
-        except TypeError as e:
-            raise ToEError(f"{path}: {e}; re-save the plug-in") from None
         except ToEError as e:
             raise ToEError(f"{path}: {e}") from None
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with ``value`` for the annotation ``hint`` (int, float, bool, str, list[X], dict[str, X],
+    X | None), as the end of a sentence that says how to write it; None when it fits. An int is a float; a bool is
+    not a number."""
+    if hint is Any:
+        return None
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        problems = [_type_problem(value, a) for a in inner]
+        if any(p is None for p in problems):
+            return None
+        return problems[0] + (" (or null)" if type(None) in args else "")
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        whole = isinstance(value, float) and value.is_integer()
+        return f"must be a whole number{f' (write {int(value)})' if whole else ''}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list of {_NAMES.get(args[0], 'values')}"
+        bad = next((v for v in value if _type_problem(v, args[0])), None) if args else None
+        return None if bad is None else f"must be a list of {_NAMES.get(args[0], 'values')} ({bad!r} is not one)"
+    if origin is dict:
+        if not isinstance(value, dict):
+            return "must be an object ({...})"
+        bad = next((k for k, v in value.items() if _type_problem(v, args[1])), None) if len(args) == 2 else None
+        return None if bad is None else f"must map names to {_NAMES.get(args[1], 'values')} ({bad!r} does not)"
+    return None
+
+
+_NAMES = {int: "whole numbers", float: "numbers", str: "strings", bool: "true/false values"}
 
 
 def check_routing(shape: str, num_leaves: int, selection: str, top_k: int) -> None:

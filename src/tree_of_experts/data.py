@@ -247,6 +247,13 @@ class Encoded:
     offsets: torch.Tensor  # (T, 2) int64
     text: str
     cut: bool = False  # tokens beyond max_length were dropped
+    whole_length: int = 0  # tokens of the example uncut (prompt + response + EOS)
+    prompt_length: int = 0  # of those, the prompt's (the tokens that end inside it)
+
+    @property
+    def response_cut_away(self) -> bool:
+        """The prompt fills max_length: of the response only the appended EOS is left (nothing to train or score)."""
+        return self.cut and int(self.loss_mask.sum()) <= 1
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Encoded:
@@ -260,9 +267,29 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 1024) -> Enc
     offsets = [tuple(o) for o in enc["offset_mapping"]] + [(len(text), len(text) + 1)]
     offsets_t = torch.tensor(offsets, dtype=torch.long)
     loss_mask = offsets_t[:, 1] > len(prompt)  # tokens that end inside the response (incl. EOS)
-    # Only a text that fills the budget can have been cut: tokenize those once more, in full, to know.
-    cut = len(ids) == max_length and len(tokenizer(text, add_special_tokens=True)["input_ids"]) > max_length - 1
-    return Encoded(torch.tensor(ids, dtype=torch.long), loss_mask, offsets_t, text, cut)
+    whole, prompt_length = len(ids), int((~loss_mask).sum())
+    if len(ids) == max_length:  # only a text that fills the budget can have been cut: tokenize it in full to know
+        full = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        whole = len(full["input_ids"]) + 1
+        prompt_length = sum(1 for _, end in full["offset_mapping"] if end <= len(prompt))
+    return Encoded(torch.tensor(ids, dtype=torch.long), loss_mask, offsets_t, text, whole > max_length, whole,
+                   prompt_length)
+
+
+def responses_cut_away(encoded: list[Encoded], max_length: int, noun: str = "row",
+                       part: str = "response") -> tuple[list[int], str]:
+    """The examples whose prompt fills ``max_length`` (nothing of their ``part`` is left to train on or score, only
+    the appended EOS), by index, and the one line that says so ("" when there are none): their count, the first,
+    and the max_length that keeps part of each and all of each. `toe train`, `toe baseline` and `toe eval` refuse
+    them (training can skip them on request)."""
+    bad = [i for i, e in enumerate(encoded) if e.response_cut_away]
+    if not bad:
+        return [], ""
+    some = max(encoded[i].prompt_length for i in bad) + 2  # the prompt, one token of the response, EOS
+    whole = max(encoded[i].whole_length for i in bad)
+    return bad, (f"{len(bad)} of {len(encoded)} {noun}s have a prompt that fills max_length={max_length} tokens, so "
+                 f"nothing of their {part} is left (the first is {noun} {bad[0] + 1}): raise --max_length to at "
+                 f"least {some} ({whole} keeps every one whole)")
 
 
 def pad_left(seqs: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:

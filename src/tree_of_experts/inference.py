@@ -167,6 +167,7 @@ class GenerationLog:
             return
         line = json.dumps({"key": self.key, "tag": self.tag, "start": start, "prompts": _digest(prompts),
                            "texts": texts, "settings": self.settings})
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)  # `toe traces --out new/folder/t.jsonl`
         with open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()

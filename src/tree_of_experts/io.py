@@ -1,17 +1,26 @@
 """Files on disk: atomic writes (nothing is left half-written if a run dies mid-way, modes follow the umask, data is
-fsynced before the rename) and the output-folder guard every command calls before it loads a model."""
+fsynced before the rename) and the output-folder guard every command calls before it loads a model, which also
+locks the folder for the command's run (one run per folder)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import fnmatch
+import functools
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +43,25 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Gives ``path`` (a file, or a folder and everything under it) the modes a plain ``open()``/``mkdir()`` would
+    have given it under the process umask: for what is made through temp files (``tempfile.mkdtemp`` folders are
+    0700) or by libraries that write that way (safetensors >= 0.8 writes every file 0600, safetensors#782)."""
+    mask = _umask()
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _fsync(path: str) -> None:
@@ -144,6 +172,163 @@ def load_torch(path: str | os.PathLike, fix: str) -> Any:
         raise ToEError(f"{path} is unreadable ({reason}): {fix}") from None
 
 
+# -- one run per output folder -------------------------------------------------------------------------------------
+LOCK_NAME = ".toe.lock"  # in the output folder; starts with a dot, so run_files and --overwrite never see it
+_HELD: dict[tuple[int, int], OutLock] = {}  # this process's locks by folder (st_dev, st_ino): re-entered, not re-taken
+_SCOPE: contextvars.ContextVar[list[OutLock] | None] = contextvars.ContextVar("toe_out_locks", default=None)
+
+
+class OutLock:
+    """An advisory lock (``fcntl.flock``) on ``out/.toe.lock``, held while one command writes into ``out``.
+
+    A second ToE process that claims the folder is refused, with the pid, host and command line the lock file
+    records. The kernel drops a flock when its process dies (kill -9 included), so a killed run's folder is free at
+    once and ``--resume`` continues it; the file it leaves behind is only the dead run's record. Released (``release()``, or the
+    end of a ``with`` block or of a command decorated with :func:`releases_out_locks`), the file is removed, and so
+    is ``out`` when this lock created it and nothing else was written there. Within one process the same folder is
+    re-entered (a recipe's command calling another into its own folder), not refused.
+    """
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = os.fspath(out)
+        self.path = os.path.join(self.out, LOCK_NAME)
+        self._created = _missing_folders(self.out)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:
+            raise ToEError(f"--out {self.out} cannot be created ({e.strerror}): pass a writable folder") from None
+        self._key = _folder_key(self.out)
+        self._depth = 1
+        self._fd = self._acquire()
+        self._record()
+
+    def _acquire(self) -> int:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+            except PermissionError:
+                self._remove_created()
+                raise ToEError(f"--out {self.out} is not writable: pass a folder you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                self._remove_created()
+                raise ToEError(f"{self.out} is being written by another run ({holder}): wait for it to finish, or "
+                               "pass another --out") from None
+            # the holder may have released (and removed) the file between our open and our lock: lock anew
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _record(self) -> None:
+        """Writes who holds the lock into the file, for the message a second run gets."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "argv": shlex.join(sys.argv),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Gives the lock up (once per claim: a re-entered lock is held until its first claim lets go)."""
+        if self._fd is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        _HELD.pop(self._key, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)  # while still locked: whoever opens the name next gets a new file
+        fd, self._fd = self._fd, None
+        os.close(fd)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self._created):  # deepest first; a folder holding anything stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+    def __enter__(self) -> OutLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _take(out: str | os.PathLike) -> OutLock:
+    """This process's lock on the folder ``out`` (created if missing): taken, or re-entered where it holds it."""
+    key = _folder_key(out) if os.path.isdir(out) else None
+    lock = _HELD.get(key) if key else None
+    if lock is not None and lock.held:
+        lock._depth += 1
+        return lock
+    lock = OutLock(out)
+    _HELD[lock._key] = lock
+    return lock
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def releases_out_locks(fn: F) -> F:
+    """Decorates a command: the output folders it claims (:func:`claim_out`) stay locked while it runs and are
+    released when it returns or raises, so a library caller running many commands in one process leaks none."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        held: list[OutLock] = []
+        token = _SCOPE.set(held)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SCOPE.reset(token)
+            for lock in reversed(held):
+                lock.release()
+
+    return command  # type: ignore[return-value]
+
+
+def _folder_key(folder: str | os.PathLike) -> tuple[int, int]:
+    st = os.stat(folder)
+    return st.st_dev, st.st_ino
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, outermost first."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing[::-1]
+
+
+def _read_holder(fd: int) -> str:
+    """Who holds the lock, as its file says (it may not have written it yet)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "another process"
+    argv = str(holder.get("argv", ""))
+    argv = argv if len(argv) <= 100 else argv[:97] + "..."
+    return f"pid {holder['pid']} on {holder.get('host', '?')} since {holder.get('started', '?')}: {argv}"
+
+
 # -- output folders ------------------------------------------------------------------------------------------------
 # What ToE commands write at the top of an output folder. A folder holding any of these holds a run; a command
 # replaces it only when told (--overwrite), continues it only when it is its own run (--resume, or an extraction
@@ -191,14 +376,21 @@ def _same(a: str, b: str) -> bool:
 
 
 def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, resume: bool = False,
-              inputs: Mapping[str, Any] | None = None, extra: Iterable[str] = (), keep: Iterable[str] = ()) -> None:
-    """Checks that ``command`` may write into the folder ``out``; call it before any model is loaded.
+              inputs: Mapping[str, Any] | None = None, extra: Iterable[str] = (), keep: Iterable[str] = (),
+              lock: bool = True) -> OutLock | None:
+    """Checks that ``command`` may write into the folder ``out`` and locks it for the run; call it before any model
+    is loaded, from a command decorated with :func:`releases_out_locks`.
 
     Refuses, with one line naming the folder and the options: ``out`` being one of the command's ``inputs``
-    ({option: path}), an existing file, or a folder holding another run's files (see ``RUN_FILES``) unless
-    ``overwrite`` (those files and ``extra`` names are then removed) or the folder holds this command's own run and
-    it may continue it (``resume``; an extraction rerun; a report regenerated). ``keep``: names ``overwrite``
-    leaves in place (what a resumed run reuses).
+    ({option: path}), an existing file, a folder another process is writing into (its :class:`OutLock`), or a
+    folder holding another run's files (see ``RUN_FILES``) unless ``overwrite`` (those files and ``extra`` names are
+    then removed) or the folder holds this command's own run and it may continue it (``resume``; an extraction
+    rerun; a report regenerated). ``keep``: names ``overwrite`` leaves in place (what a resumed run reuses).
+    ``lock``: False checks only (the other processes of a multi-process run, whose main process holds the lock).
+
+    Returns:
+        The lock (None without ``lock``), held until the decorated command returns; called outside one, release
+        it yourself (``with claim_out(...):``).
     """
     out = os.fspath(out)
     for option, path in (inputs or {}).items():
@@ -207,6 +399,21 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
                            f"files it reads)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ToEError(f"--out {out} is a file: pass a folder")
+    held = _take(out) if lock else None
+    try:  # checked under the lock: no other run changes the folder between the check and the writes
+        _check_out(out, command, overwrite, resume, extra, keep)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    scope = _SCOPE.get()
+    if held is not None and scope is not None:
+        scope.append(held)
+    return held
+
+
+def _check_out(out: str, command: str, overwrite: bool, resume: bool, extra: Iterable[str],
+               keep: Iterable[str]) -> None:
     found = run_files(out)
     if not found:
         return
@@ -246,6 +453,19 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
         raise ToEError(f"{out} holds files of a run that is not a `toe {command}` ({shown}): pass --overwrite true to "
                        "replace them, or a new --out (an extraction resumes when rerun with the same settings)")
     raise ToEError(f"{out} holds another run's files ({shown}): pass --overwrite true to replace them, or a new --out")
+
+
+def check_file_out(path: str | os.PathLike, option: str = "out") -> None:
+    """Refuses, before any work, an output file whose folder cannot be made or written (the first existing folder
+    above it is a file, or not writable); missing folders are created when the first bytes are written."""
+    path = os.fspath(path)
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ToEError(f"--{option} {path}: {existing} is a file, not a folder: pass a path inside a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ToEError(f"--{option} {path}: {existing} is not writable: pass a path in a folder you can write to")
 
 
 TRAINED = ("train_args.json", "train_summary.json", "baseline_summary.json")

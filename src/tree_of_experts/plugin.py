@@ -26,6 +26,10 @@ from .io import atomic_save_tensors
 from .tree import RouteOutput, TreeGate, selection_mass
 
 log = logging.getLogger(__name__)
+# The plausibility bound on a loaded plug-in's values: trained banks, gates and scales hold values of order 1 (the
+# real-pair runs' leaf norms average 1.2, their scales 1.1); a value beyond 1e4 in magnitude is a damaged or
+# hand-made file, and would swamp the residual stream until the norm clip hides it.
+MAX_ABS = 1e4
 
 
 class Record(NamedTuple):
@@ -287,7 +291,8 @@ class ToEPlugin(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None) -> ToEPlugin:
-        """Reads a plug-in folder; every tensor must be present with the shape the config implies."""
+        """Reads a plug-in folder; every tensor must be present with the shape the config implies, finite, and at
+        most ``MAX_ABS`` (1e4) in magnitude; the config's fields are checked by type and range (ToEConfig)."""
         config = config or ToEConfig.load(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
@@ -300,6 +305,13 @@ class ToEPlugin(nn.Module):
         if bad:
             raise ToEError(f"{path} holds NaN or inf values ({', '.join(bad[:3])}): the plug-in is broken (a diverged "
                            "training run?); retrain it or restore an earlier copy")
+        peaks = {key: float(value.abs().max()) for key, value in state.items() if value.is_floating_point() and
+                 value.numel()}
+        huge = [key for key, peak in peaks.items() if peak > MAX_ABS]
+        if huge:
+            raise ToEError(f"{path}: {huge[0]} holds a value of magnitude {peaks[huge[0]]:.3g}, beyond the plausible "
+                           f"{MAX_ABS:g} (trained plug-ins hold values of order 1): the file is damaged or was not "
+                           "written by training; retrain it or restore an earlier copy")
         plugin = cls(config)
         expected = plugin.state_dict()
         missing = sorted(set(expected) - set(state))

@@ -16,7 +16,7 @@ import torch
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
 from ..hf import add_to_layers, capture_layers, decoder_layers, load_causal_lm, padded_inputs, starting_at
-from ..io import atomic_write_json, atomic_write_text, claim_out
+from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
 from ..losses import token_nll
 from ..model import ToEModel
 from ..plugin import injection_mask
@@ -348,6 +348,7 @@ def _lora_step(base_model, ids: torch.Tensor, am: torch.Tensor, mask: torch.Tens
     return run
 
 
+@releases_out_locks
 def bench(
     base: str | None = None,
     out: str = "bench",

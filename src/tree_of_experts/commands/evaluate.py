@@ -16,7 +16,7 @@ from dataclasses import asdict
 from ..config import EvalConfig, ToEError
 from ..data import DataSpec, read_jsonl, scan_rows
 from ..evaluation.results import usage_summary, write_metrics, write_rows
-from ..evaluation.scoring import score_system
+from ..evaluation.scoring import ce_examples, score_system
 from ..evaluation.tasks import (
     STOP,
     TASK_FIELDS,
@@ -28,12 +28,13 @@ from ..evaluation.tasks import (
 from ..grading import grade
 from ..hf import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, Sampling, folder_fingerprint
-from ..io import atomic_write_text, claim_out
+from ..io import atomic_write_text, check_file_out, claim_out, releases_out_locks
 
 logger = logging.getLogger(__name__)
 PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)
 
 
+@releases_out_locks
 def evaluate(
     base: str,
     task: str = "gsm8k",
@@ -164,6 +165,8 @@ def evaluate(
     tok = load_tokenizer(base)
     spec, ce_spec = spec.for_tokenizer(tok), ce_spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, ce_spec)
+    if ce:
+        ce_examples(tok, items, max_length)  # a prompt that fills max_length is refused before any model loads
     claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
               inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
     os.makedirs(out, exist_ok=True)
@@ -214,6 +217,7 @@ def evaluate(
     return metrics
 
 
+@releases_out_locks
 def traces(
     teacher: str,
     data: str,
@@ -265,6 +269,7 @@ def traces(
     """
     if os.path.isdir(out):
         raise ToEError(f"--out {out} is a folder: `toe traces` writes one JSONL file, pass its path")
+    check_file_out(out)  # its folders are made as the first batch is kept
     if os.path.exists(out) and _same_file(out, data):
         raise ToEError(f"--out {out} is the --data file: write the traces to a new file")
     if os.path.exists(out) and not overwrite:
@@ -340,6 +345,7 @@ def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict
     return [by_prompt[it.prompt] for it in items]
 
 
+@releases_out_locks
 def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: str = "gsm8k",
                      limit: int | None = None, skip: int = 0, template: str = "Question: {prompt}\nAnswer: ",
                      max_new_tokens: int = 256, overwrite: bool = False) -> dict:

@@ -17,6 +17,7 @@ from importlib import resources
 
 from ..config import ToEError
 from ..hf import is_full_hub_id, is_hub_id, load_tokenizer
+from ..io import follow_umask
 from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder
@@ -99,6 +100,7 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
             f.write(_card(base_name, model, tokenizer=tok is not None))
         if verify:
             _verify(tmp, model)
+        follow_umask(tmp)  # mkdtemp made it 0700, and safetensors writes its weights 0600
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,7 @@ from ..io import (
     claim_out,
     load_tensors,
     read_json,
+    releases_out_locks,
 )
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def layer_subset(source: str, shard: str, which: list[int]) -> dict[str, torch.T
     return out
 
 
+@releases_out_locks
 def extract(
     teacher: str,
     base: str,
@@ -346,6 +348,7 @@ def extract(
     return summary
 
 
+@releases_out_locks
 def rebuild(
     source: str,
     out: str,

@@ -36,7 +36,7 @@ from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delt
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
 from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
-from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out
+from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out, releases_out_locks
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
@@ -129,6 +129,7 @@ def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[st
     write_metrics(out, {**args, "source": "toe oracle"}, per_system)
 
 
+@releases_out_locks
 def oracle(
     teacher: str,
     base: str,

@@ -15,7 +15,7 @@ import re
 
 from ..config import ToEError
 from ..evaluation.results import summarize
-from ..io import atomic_write_json, atomic_write_text, claim_out
+from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
 from ..stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
 
 ANCHORS = ("base", "teacher")
@@ -327,6 +327,7 @@ def usage_plot(usage: list[dict], png: str) -> None:
     plt.close(fig)
 
 
+@releases_out_locks
 def report(run_dirs: list[str], out: str = "report", reference: str | None = None,
            labels: dict[str, str] | None = None, pairs: list[str] | None = None, overwrite: bool = False) -> dict:
     """Pools `toe eval` folders into one table of CE and accuracy, with paired differences.

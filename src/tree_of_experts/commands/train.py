@@ -35,6 +35,7 @@ from ..io import (
     check_extraction,
     check_resume_args,
     claim_out,
+    releases_out_locks,
 )
 from ..model import ToEModel
 from ..training.checkpoint import (
@@ -72,6 +73,7 @@ from ..training.steps import (
 from ..tree import effective_leaves
 
 
+@releases_out_locks
 def train(
     base: str | torch.nn.Module,
     experts: str,
@@ -101,6 +103,7 @@ def train(
     template: str = "Question: {prompt}\nAnswer: ",
     strip_calc: bool = False,
     max_length: int = 512,
+    skip_truncated: bool = False,
     log_every: int = 10,
     save_every: int = 50,
     resume: bool = False,
@@ -161,6 +164,8 @@ def train(
             template.
         strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
         max_length: tokens kept per example (prompt + response + EOS); longer examples are cut.
+        skip_truncated: leave out the rows whose prompt fills ``max_length`` (nothing of their response would be
+            trained on; refused otherwise, with the max_length that keeps them) and count them in the summary.
         log_every: steps between rows of ``out/metrics.jsonl``.
         save_every: steps between checkpoints in ``out/checkpoint`` (one is also saved at the end of each stage).
         resume: continue from ``out/checkpoint`` (with the arguments the run was started with).
@@ -234,7 +239,8 @@ def train(
     if cached_states and cached_layer not in run["layers"]:
         raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
                        "lowest injection layer): drop --cached_states")
-    examples, has_kd = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer)
+    examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer,
+                                              skip_truncated)
     if cached_states and run.get("limit") is not None and len(examples) > run["limit"]:
         raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
                        f"--limit {run['limit']}, or drop --cached_states")
@@ -251,9 +257,10 @@ def train(
                        "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
         # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
+        # (the main process holds the folder's lock for the run)
         claim_out(out, "train", overwrite=overwrite, resume=resume, keep=RESUMED if resume else (), inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
-            "base": base if isinstance(base, str) else None})
+            "base": base if isinstance(base, str) else None}, lock=acc.is_main_process)
         if resume:
             defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
             check_resume_args(os.path.join(out, "train_args.json"), args, defaults, resume_ignores(objective))
@@ -425,7 +432,7 @@ def train(
     acc.wait_for_everyone()
     # kd: whether steps distilled the cached top-k log-probs (off-policy steps only)
     summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,
-               "examples": n_examples,
+               "examples": n_examples, "skipped_truncated": skipped,  # rows left out by --skip_truncated
                "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ToEError
-from ..data import encode, pad_left
+from ..data import Encoded, encode, pad_left, responses_cut_away
 from ..grading import grade
 from ..hf import padded_inputs
 from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
@@ -20,13 +20,25 @@ from .tasks import Item
 logger = logging.getLogger(__name__)
 
 
+def ce_examples(tok, items: list[Item], max_length: int) -> list[Encoded]:
+    """Each item's CE prompt + target tokenized; refuses items whose prompt fills ``max_length`` (only the
+    appended EOS would be scored, not the target), with the max_length that keeps them. The tokenizer is enough:
+    `toe eval` calls it before any model loads."""
+    encoded = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items]
+    bad, problem = responses_cut_away(encoded, max_length, noun="item", part="target")
+    if bad:
+        raise ToEError(problem)
+    return encoded
+
+
 @torch.no_grad()
 def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int, bool]]:
     """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt."""
     dev = next(model.parameters()).device
+    encoded = ce_examples(tok, items, max_length)
     out = []
     for start in range(0, len(items), batch_size):
-        chunk = [encode(tok, it.ce_prompt, it.ce_target, max_length) for it in items[start : start + batch_size]]
+        chunk = encoded[start : start + batch_size]
         ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
         mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
         keep = tail_positions(mask, dev)  # vocabulary logits only from the position before the first target on
@@ -34,9 +46,6 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int)
         nll = token_nll(logits, ids[:, -len(keep) :].to(dev), mask[:, -len(keep) :].to(dev))
         for i in range(len(chunk)):
             n = int(mask[i].sum())
-            if chunk[i].cut and n <= 1:  # only the appended EOS, scored after a cut-off prompt: not the target
-                raise ToEError(f"item {start + i}: its prompt fills max_length={max_length} tokens, so none of its "
-                               "target is scored: raise --max_length")
             out.append((float(nll[i].sum()) / max(n, 1), n, chunk[i].cut))
     return out
 

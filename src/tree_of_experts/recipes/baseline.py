@@ -31,7 +31,15 @@ from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
 from ..hf import enable_checkpointing, is_full_hub_id, load_causal_lm, load_tokenizer, padded_inputs
-from ..io import append_jsonl, atomic_write_json, check_extraction, check_resume_args, claim_out
+from ..io import (
+    append_jsonl,
+    atomic_write_json,
+    check_extraction,
+    check_resume_args,
+    claim_out,
+    follow_umask,
+    releases_out_locks,
+)
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..training.checkpoint import (
@@ -56,7 +64,7 @@ from ..training.distill import (
     step_batch,
     teacher_logits,
 )
-from ..training.examples import load_examples
+from ..training.examples import encode_rows, load_examples
 from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -167,6 +175,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
     return metrics
 
 
+@releases_out_locks
 def baseline(
     kind: str,
     base: str,
@@ -185,6 +194,7 @@ def baseline(
     template: str = "Question: {prompt}\nAnswer: ",
     strip_calc: bool = False,
     max_length: int = 512,
+    skip_truncated: bool = False,
     dtype: str = "float32",
     seed: int = 0,
     gradient_checkpointing: bool = False,
@@ -223,6 +233,8 @@ def baseline(
         template: prompt template with ``{prompt}``, or "chat", as for `toe train`.
         strip_calc: drop GSM8K's ``<<48/2=24>>`` calculator notes from responses.
         max_length: tokens kept per example (prompt + response + EOS), as for `toe train`.
+        skip_truncated: leave out the rows whose prompt fills ``max_length`` and count them in the summary, as for
+            `toe train` (refused otherwise).
         dtype: dtype of the base: "float32", "float16", "bfloat16" or "auto" (as stored).
         seed: seed of every random choice, as for `toe train`.
         gradient_checkpointing: recompute activations in backward: the same gradients in much less memory, which
@@ -273,6 +285,9 @@ def baseline(
                            f"{data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
     if on_policy.ratio > 0:  # before anything is written to out
         teacher = resolve_teacher(teacher, experts, base)
+    spec = DataSpec(prompt_field, response_field, template, strip_calc)
+    tok = load_tokenizer(base)  # rows with nothing of their response left are refused (or counted) before any model
+    encoded, kept = encode_rows(data, spec.for_tokenizer(tok), tok, max_length, limit, skip_truncated)
     if resume and not overwrite and os.path.isfile(os.path.join(out, "baseline_summary.json")):
         raise ToEError(f"--resume: {out} holds a finished baseline run (baseline_summary.json): nothing to resume; "
                        "pass --overwrite true to redo it, or a new --out")
@@ -284,7 +299,6 @@ def baseline(
         check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()},
                           resume_ignores(objective))
     atomic_write_json(args_path, args)
-    spec = DataSpec(prompt_field, response_field, template, strip_calc)
     data_kw = dict(limit=limit, prompt_field=prompt_field, response_field=response_field, template=template,
                    strip_calc=strip_calc, max_length=max_length)
     train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype,
@@ -303,7 +317,10 @@ def baseline(
         train_kw["query_norm"] = query_norm
     if cached_states:
         train_kw["cached_states"] = True
-    summary: dict = {"kind": kind, "out": out, "objective": objective}
+    if skip_truncated:
+        train_kw["skip_truncated"] = True
+    summary: dict = {"kind": kind, "out": out, "objective": objective,
+                     "skipped_truncated": len(encoded) - len(kept)}  # rows left out by --skip_truncated
     if kind == "control":
         run = Extraction(experts).run()
         cfg = ToEConfig.load(experts)
@@ -321,10 +338,10 @@ def baseline(
         summary["train"] = train(base=base, experts=experts, init_plugin=init, out=out,
                                  stage_a_steps=stage_a_steps, **flags, **train_kw, **plugin_kw, **objective_kw)
     else:
-        tok = load_tokenizer(base)
         base_model = load_causal_lm(base, dtype=dtype)
         kd = kd_weight or 0.0
-        examples, has_kd = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "", kd > 0)
+        examples, has_kd, _ = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "",
+                                            kd > 0, skip_truncated=skip_truncated)
         if kd > 0 and not has_kd:
             raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                            "--topk_logprobs > 0 on this data, or drop --kd_weight")
@@ -355,6 +372,10 @@ def baseline(
                                                 seed, gradient_checkpointing, **fit)[-1]
             base_model.save_pretrained(out)
             tok.save_pretrained(out)
+    if kind in ("lora", "sft"):  # peft and transformers save through safetensors, which writes 0600 files
+        for name in os.listdir(out):
+            if name.endswith(".safetensors"):
+                follow_umask(os.path.join(out, name))
     summary.update(peak_memory())
     if kind == "lora":
         with open(os.path.join(out, "README.md"), "w") as f:

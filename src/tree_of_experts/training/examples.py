@@ -3,12 +3,16 @@ cached top-k; batches of them."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..data import DataSpec, encode, file_hash, pad_left, read_jsonl
+from ..config import ToEError
+from ..data import DataSpec, Encoded, encode, file_hash, pad_left, read_jsonl, responses_cut_away
 from ..extraction.store import RUN, Extraction
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,13 +24,34 @@ class Example:
     state: torch.Tensor | None = None  # (T, D) fp16 base state at the lowest injection layer (cached_state_layer)
 
 
-def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
-                  use_kd: bool, cached_state_layer: int | None = None) -> tuple[list[Example], bool]:
-    """Tokenizes the training rows; attaches what the extraction cached for the same rows (same data file, same
-    tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
-    extraction) the base's state there."""
+def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | None,
+                skip_truncated: bool = False) -> tuple[list[Encoded], list[int]]:
+    """The training rows tokenized, and the indices of those kept. A row whose prompt fills ``max_length`` has
+    nothing of its response left to train on (only the appended EOS): such rows are refused with their count and
+    the max_length that keeps them, or with ``skip_truncated`` left out (and logged); the tokenizer alone decides,
+    so commands check this before any model loads."""
     rows = read_jsonl(data, spec, limit)
     encoded = [encode(tok, spec.prompt(r), spec.response(r), max_length) for r in rows]
+    bad, problem = responses_cut_away(encoded, max_length)
+    if bad and len(bad) == len(encoded):
+        raise ToEError(f"{data}: {problem}")
+    if bad and not skip_truncated:
+        raise ToEError(f"{data}: {problem}, or pass --skip_truncated true to train without them")
+    if bad:
+        logger.warning("--skip_truncated: leaving out %d of %d rows of %s whose prompt fills max_length=%d",
+                       len(bad), len(encoded), data, max_length)
+    gone = set(bad)
+    return encoded, [i for i in range(len(encoded)) if i not in gone]
+
+
+def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
+                  use_kd: bool, cached_state_layer: int | None = None,
+                  skip_truncated: bool = False) -> tuple[list[Example], bool, int]:
+    """Tokenizes the training rows (:func:`encode_rows`: rows with nothing of their response left are refused, or
+    skipped with ``skip_truncated``); attaches what the extraction cached for the same rows (same data file, same
+    tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
+    extraction) the base's state there. Returns (examples, whether any has the teacher's top-k, rows skipped)."""
+    encoded, kept = encode_rows(data, spec, tok, max_length, limit, skip_truncated)
     cached_rows: dict[int, dict] = {}
     extraction = Extraction(experts)
     run = extraction.run() if extraction.has(RUN) else {}
@@ -36,14 +61,15 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         for ex in extraction.iter_examples():
             cached_rows[int(ex["example"][0])] = ex
     out = []
-    for i, e in enumerate(encoded):
+    for i in kept:  # i: the row's index in the file, which the extraction's cache is keyed by
+        e = encoded[i]
         cached = cached_rows.get(i)
         if cached is None or not torch.equal(cached["input_ids"], e.input_ids):
             cached = {}
         out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
                            cached.get("topk_logp") if use_kd else None, cached.get(state_key)))
     has_kd = any(e.topk_ids is not None for e in out)
-    return out, has_kd
+    return out, has_kd, len(encoded) - len(kept)
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
