@@ -496,18 +496,47 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str = "plug-in", revis
 
 def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                 revision: str | None = None, create_pr: bool = False, commit_message: str | None = None) -> str:
-    """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
+    """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL.
+    No token, no connection and a refused token or repo end in one line that names the fix, not the HTTP client's
+    traceback."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not is_full_hub_id(repo_id):
         raise ToEError(f"repo_id={repo_id!r}: give a hub repo id of the form user/name")
     if hub_offline():
         raise ToEError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload")
+    if token in (None, True) and not get_token():
+        raise ToEError(f"cannot push to {repo_id!r}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN "
+                       "to a write token")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                             create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                 create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fix = {401: "the token was refused: log in again with `hf auth login` or set HF_TOKEN to a valid write token",
+               403: "the token may not write there: use a write token of the repo's owner, or a repo_id under your "
+                    "own name or organisation",
+               404: "no such repo or branch for this token: check repo_id, --revision and the token's owner"}
+        raise ToEError(f"cannot push to {repo_id!r} ({first}): "
+                       f"{fix.get(status, f'the Hub at {api.endpoint} refused the upload; try again later')}") from None
+    except Exception as e:  # noqa: BLE001 (no connection: DNS, refused, timeout, as the HTTP client's own types)
+        if not _is_connection_error(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"cannot push to {repo_id!r}: the Hub at {api.endpoint} cannot be reached ({first}): check the "
+                       "network connection, or HF_ENDPOINT if it is set") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Whether ``e`` is the HTTP client failing to talk to a server (requests' errors are OSErrors; httpx's are not,
+    and huggingface_hub has used both)."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError) or module in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
