@@ -9,7 +9,9 @@ decoder layers, never from ``output_hidden_states``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -385,6 +387,20 @@ def padded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device:
     """
     am = attention_mask.to(device)
     return {"input_ids": input_ids.to(device), "attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp_min(0)}
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict:
+    """``{name: cache}``, the KV cache as ``model``'s forward takes it: transformers 5.25 renamed the argument
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); earlier 5.x know the old name only."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned: its ``cache`` field from transformers 5.25 on (``past_key_values`` there
+    is a property that warns), ``past_key_values`` before."""
+    names = {f.name for f in dataclasses.fields(output)}
+    return output.cache if "cache" in names else output.past_key_values
 
 
 # -- the Hub -------------------------------------------------------------------------------------------------------

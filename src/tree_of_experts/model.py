@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -100,6 +101,20 @@ def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
         versions=versions(),
         **fields,
     )
+
+
+class _NotSupportedFilter(logging.Filter):
+    """Drops the one message transformers' pipelines log for every ``pipeline(model=toe_model)``: "The model
+    'ToEModel' is not supported for text-generation. Supported models are [...]" (4.7 KB). The pipeline checks the
+    model's class name against the causal LM classes it knows and peft's wrappers, listed by name in transformers;
+    ToEModel, a wrapper too, cannot be on that list, and the pipeline runs it correctly. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The model 'ToEModel' is not supported for")
+
+
+# the logger of transformers.pipelines.base, where Pipeline.check_model_type logs it
+logging.getLogger("transformers.pipelines.base").addFilter(_NotSupportedFilter())
 
 
 class ToEModel(PreTrainedModel):
