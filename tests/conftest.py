@@ -17,6 +17,30 @@ PLUGIN_CASES = [
 ]
 
 
+# The Hub settings the shell may export. huggingface_hub (and datasets) read them once, at import, into constants:
+# clearing the variables alone leaves e.g. HF_HUB_OFFLINE=1 in force, so the constants are reset too.
+HUB_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_TOKEN",
+           "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_hub(monkeypatch, tmp_path_factory):
+    """Every test sees an online Hub at its default address and no token (none from the shell, none logged in on
+    this machine), whatever the environment says; tests that need a token or offline mode set it themselves."""
+    import sys
+
+    from huggingface_hub import constants
+
+    for name in HUB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path_factory.getbasetemp() / "no-hf-token"))
+    if "datasets.config" in sys.modules:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            monkeypatch.setattr(sys.modules["datasets.config"], name, False)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

@@ -36,14 +36,22 @@ def test_every_format_gives_the_same_rows(tmp_path):
     text = Path(FIXTURE).read_text()
     (tmp_path / "folder" / "test.jsonl").write_text(text)  # datasets names splits by file name
     datasets.DatasetDict({"dev": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))  # a Dataset, not a DatasetDict
+    datasets.Dataset.from_list(rows, split="dev").save_to_disk(str(tmp_path / "dev"))  # one that names its split
     (tmp_path / "bom.jsonl").write_text("\ufeff" + text)  # how some editors mark UTF-8
     for source in ("a.json", "a.csv", "a.parquet", "bom.jsonl"):
         assert read_rows(tmp_path / source, SPEC) == rows, source
         assert read_rows(tmp_path / source, SPEC, limit=2) == rows[:2], source
         assert len(file_hash(tmp_path / source)) == 64
-    for ref in (f"hf:{tmp_path / 'folder'}:test", f"hf:{tmp_path / 'saved'}:dev"):
+    for ref in (f"hf:{tmp_path / 'folder'}:test", f"hf:{tmp_path / 'saved'}:dev", f"hf:{tmp_path / 'one'}",
+                f"hf:{tmp_path / 'dev'}", f"hf:{tmp_path / 'dev'}:dev"):
         assert read_rows(ref, SPEC) == rows, ref
         assert read_rows(ref, SPEC, limit=2) == rows[:2], ref
+        assert len(file_hash(ref)) == 64
+    with pytest.raises(ToEError, match=r"holds the split 'dev' alone: write hf:.*dev"):
+        read_rows(f"hf:{tmp_path / 'dev'}:train", SPEC)
+    with pytest.raises(ToEError, match="hf:FOLDER"):
+        read_rows(f"hf:{tmp_path / 'saved'}", SPEC)  # a DatasetDict: which split?
 
 
 def test_an_unknown_format_is_one_error(tmp_path):

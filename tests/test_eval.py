@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -59,6 +60,45 @@ def test_tiny_end_to_end_eval(tmp_path):
     assert len(rows) == 4 and {"prompt", "completion", "extracted", "gold", "correct", "tokens", "ce"} <= set(rows[0])
     gap = m["comparisons"]["toe"]["ce_gap_closed"]  # the base's own CE: nothing of the gap closed, on every item
     assert gap["gap_closed"] == 0.0 and gap["ci95"] == [0.0, 0.0]
+
+
+def test_the_cli_prints_a_short_summary_and_plain_progress_lines(tmp_path, capsys, caplog, monkeypatch):
+    """Without a terminal `toe eval` logs plain progress lines (no bar) and prints one screen naming metrics.json,
+    not the whole file; its decode paths warn of no deprecated cache argument; the data is a Dataset saved with
+    save_to_disk."""
+    import warnings
+
+    import datasets
+
+    import tree_of_experts.evaluation.scoring
+    from tree_of_experts import ToEModel
+    from tree_of_experts.cli import main
+    from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    for name, seed in (("base", 0), ("teacher", 1)):
+        tiny_qwen2(seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    ToEModel.fresh(tiny_qwen2(seed=0), layers=[0], num_leaves=4).save_pretrained(tmp_path / "plug")
+    datasets.Dataset.from_list([json.loads(line) for line in open(FIXTURE)]).save_to_disk(str(tmp_path / "data"))
+    monkeypatch.setattr(tree_of_experts.evaluation.scoring, "PROGRESS_S", 0.0)  # a line after every batch
+    out = str(tmp_path / "ev")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--base", str(tmp_path / "base"), "--plugin", str(tmp_path / "plug"), "--teacher",
+                     str(tmp_path / "teacher"), "--data", f"hf:{tmp_path / 'data'}", "--out", out, "--limit", "4",
+                     "--max_new_tokens", "4", "--batch_size", "2"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) < 20 and os.path.join(out, "metrics.json") in printed[-1], printed
+    assert [line.split()[0] for line in printed[1:4]] == ["base", "toe", "teacher"] and '"systems"' not in printed
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert "summary" not in metrics and metrics["systems"]["toe"]["n"] == 4  # the file keeps the full metrics
+    progress = [r.getMessage() for r in caplog.records if "items/s" in r.getMessage()]
+    for system in ("base", "toe", "teacher"):
+        assert any(re.fullmatch(rf"generate {system}: 4/4 items, [\d.]+ items/s", p) for p in progress), progress
+        assert any(p.startswith(f"CE {system}: 2/4 items") for p in progress), progress
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 @pytest.fixture(scope="module")

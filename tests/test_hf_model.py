@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -55,6 +57,53 @@ def test_pipeline_generates_what_generate_does(toe, tok):
         enc = tok([prompt], return_tensors="pt")
         ids = toe.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         assert text == tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def transformers_log(caplog):
+    """transformers' log records in ``caplog`` (its library logger does not propagate to the root, where caplog
+    listens)."""
+    library = logging.getLogger("transformers")
+    library.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            yield
+    finally:
+        library.removeHandler(caplog.handler)
+
+
+def test_a_pipeline_logs_no_list_of_supported_models(toe, tok, caplog):
+    from transformers import pipeline
+
+    with transformers_log(caplog):
+        pipe = pipeline("text-generation", model=toe, tokenizer=tok)
+        assert pipe(PROMPTS[:1], max_new_tokens=2, do_sample=False)[0][0]["generated_text"]
+        said = [r.getMessage() for r in caplog.records]
+        assert not [m for m in said if "is not supported for" in m or "Supported models are" in m], said
+        # the filter drops that one message: the same check failing for another model still shows
+        logging.getLogger("transformers.pipelines.base").error("The model 'Other' is not supported for text-generation.")
+        assert caplog.records[-1].getMessage().startswith("The model 'Other' is not supported")
+
+
+def test_cache_passing_paths_warn_of_no_deprecated_argument(toe, tok, base, batch, caplog):
+    """transformers 5.25 renamed a forward's `past_key_values` to `cache` (a FutureWarning) and made the output's
+    `.past_key_values` a logged alias: the package's own decode loops use what the installed version expects."""
+    import warnings
+
+    from tree_of_experts.commands.bench import _timer, bench_decode_step
+    from tree_of_experts.commands.oracle import live_greedy
+
+    teacher = tiny_qwen2(hidden_size=48, num_layers=3, seed=1)
+    logging.Logger.warning_once.cache_clear()  # a message logged once earlier in the session would not show again
+    with warnings.catch_warnings(record=True) as caught, transformers_log(caplog):
+        warnings.simplefilter("always")
+        enc = tok(PROMPTS[:1], return_tensors="pt")
+        toe.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        delta = lambda j, u, h: u[..., :32].float()  # noqa: E731 (a teacher state cut to the base's width)
+        assert live_greedy(toe.base, tok, PROMPTS[0], 3, teacher, [0], [1], delta)
+        bench_decode_step(toe.base, toe, batch["input_ids"], batch["attention_mask"], _timer(torch.device("cpu")))
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "past_key_values" in m], said
 
 
 def test_trainer_trains_saves_and_reloads_the_plugin_alone(toe, tok, batch, tmp_path):
@@ -254,23 +303,32 @@ def hub(tmp_path, monkeypatch):
     fake = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "HfApi", fake.api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a logged-in user (the push refuses to start without a token)
     return fake
 
 
-def test_hub_round_trip_and_loading_from_the_plugin_alone(hub, base_dir, batch, tmp_path):
+def test_hub_round_trip_and_loading_from_the_plugin_alone(hub, base_dir, batch, tmp_path, monkeypatch):
+    import tree_of_experts.model
+
     model = randomize(ToEModel.fresh(load_causal_lm(base_dir), layers=[1], num_leaves=4, selection="dense"))
-    assert model.toe_config.base_model == base_dir  # a local base is recorded by its path ...
-    url = model.push_to_hub("user/plugin", private=True)
+    assert model.toe_config.base_model == base_dir  # a local base is recorded by its path, but never uploaded so
+    with pytest.raises(ToEError, match="--base_id") as e:
+        model.push_to_hub("user/plugin")
+    assert "\n" not in str(e.value) and not hub.calls
+    url = model.push_to_hub("user/plugin", base_id="org/tiny", private=True)
     assert url == "https://hub/user/plugin/commit/1"
     assert hub.calls[0] == ("create_repo", "user/plugin", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert hub.calls[1][2] == ["README.md", "toe_config.json", "toe_model.safetensors"]
 
     ref = logits(model, batch)
     assert torch.equal(logits(ToEModel.from_pretrained(tiny_qwen2(seed=0), "user/plugin"), batch), ref)
-    alone = ToEModel.from_pretrained("user/plugin")  # ... so the plug-in alone finds it again
-    assert torch.equal(logits(alone, batch), ref)
-    model.save_pretrained(tmp_path / "local")
+    loaded = []  # the plug-in alone names its base by the hub id: "org/tiny" is the base saved in base_dir
+    monkeypatch.setattr(tree_of_experts.model, "load_causal_lm",
+                        lambda name, **kw: loaded.append(name) or load_causal_lm(base_dir, **kw))
+    alone = ToEModel.from_pretrained("user/plugin")
+    assert loaded == ["org/tiny"] and torch.equal(logits(alone, batch), ref)
+    monkeypatch.undo()
+    model.save_pretrained(tmp_path / "local")  # a local folder keeps the local path: the plug-in alone finds it
     assert torch.equal(logits(ToEModel.from_pretrained(str(tmp_path / "local")), batch), ref)
 
     model.detach()
@@ -306,6 +364,119 @@ def test_card_metadata_from_huggingface_hub(hub, base_dir, tmp_path):
         push(str(tmp_path / "local"), "user/plugin", base_id="/not/a/hub/id")
     assert main(["push", "--plugin", str(tmp_path / "local"), "--repo_id", "user/other", "--base_id", "org/b"]) == 0
     assert ModelCard.load(hub.root / "user/other" / "README.md").data.base_model == "org/b"
+
+
+def test_a_pushed_plugin_records_no_local_path(hub, base_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    teacher, adapter = str(tmp_path / "teacher"), str(tmp_path / "lora")  # absolute paths of this machine
+    get_peft_model(load_causal_lm(base_dir), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    fresh = ToEModel.fresh(load_causal_lm(base_dir), layers=[0], num_leaves=4, teacher_model=teacher,
+                           teacher_layers=[1])
+    fresh.plugin.blocks["0"].bank.info = {"teacher": teacher, "teacher_layer": 1, "rows": 10}
+    fresh.save_pretrained(tmp_path / "plain")
+    ToEModel.from_pretrained(base_dir, str(tmp_path / "plain"), base_adapter=adapter).save_pretrained(tmp_path / "local")
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "metrics.json").write_text(json.dumps({"args": {"task": "gsm8k", "data": str(tmp_path / "dev.jsonl")},
+                                                    "systems": {"toe": {"n": 4, "accuracy": 0.5}}}))
+    local = str(tmp_path / "local")
+    assert json.loads((tmp_path / "local" / "toe_config.json").read_text())["teacher_model"] == teacher
+    capsys.readouterr()
+
+    assert main(["push", "--plugin", local, "--repo_id", "user/p"]) == 2  # a local base: its hub id is needed
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--base_id" in err and not hub.calls
+
+    def pushed_text(repo):
+        files = [os.path.join(d, f) for d, _, names in os.walk(hub.root / repo) for f in names]
+        assert {"toe_config.json", "README.md", "adapter_config.json", "toe_model.safetensors"} <= \
+            {os.path.basename(f) for f in files}
+        return b"".join(open(f, "rb").read() for f in files)
+
+    assert main(["push", "--plugin", local, "--repo_id", "user/p", "--base_id", "org/tiny", "--eval_dir",
+                 str(evals)]) == 0
+    uploaded = pushed_text("user/p")
+    for path in (str(tmp_path), os.path.realpath(tmp_path), base_dir):
+        assert path.encode() not in uploaded
+    config = json.loads((hub.root / "user/p" / "toe_config.json").read_text())
+    assert (config["base_model"], config["base_name"], config["teacher_model"]) == ("org/tiny", "org/tiny", None)
+    assert config["bank_info"]["0"] == {"teacher": None, "teacher_layer": 1, "rows": 10}
+    adapter_config = json.loads((hub.root / "user/p" / "base_adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "org/tiny"
+    assert "data `dev.jsonl`" in (hub.root / "user/p" / "README.md").read_text()
+
+    assert main(["push", "--plugin", local, "--repo_id", "user/q", "--base_id", "org/tiny", "--teacher_id",
+                 "org/big"]) == 0
+    assert str(tmp_path).encode() not in pushed_text("user/q")
+    config = json.loads((hub.root / "user/q" / "toe_config.json").read_text())
+    assert config["teacher_model"] == "org/big" and config["bank_info"]["0"]["teacher"] == "org/big"
+    assert json.loads((tmp_path / "local" / "toe_config.json").read_text())["teacher_model"] == teacher  # untouched
+    assert json.loads(open(os.path.join(local, "base_adapter", "adapter_config.json")).read())[
+        "base_model_name_or_path"] == base_dir
+
+
+class FailingHub:
+    """A local HTTP server that answers every request with ``status``: the Hub refusing a token or a repo."""
+
+    def __init__(self, status: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free again once closed: nothing listens there
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no-token", "401", "403"])
+def test_push_failures_are_one_line_naming_the_fix(case, base, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    ToEModel.fresh(base, layers=[0], num_leaves=4).save_pretrained(tmp_path / "plug")
+    server = None
+    if case in ("401", "403"):
+        server = FailingHub(int(case))
+        endpoint = server.url
+    else:
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # huggingface_hub read HF_ENDPOINT at import
+    if case != "no-token":
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
+    t0 = time.perf_counter()
+    try:
+        code = main(["push", "--plugin", str(tmp_path / "plug"), "--repo_id", "user/p", "--base_id", "org/tiny"])
+    finally:
+        if server is not None:
+            server.server.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert time.perf_counter() - t0 < 30
+    fix = {"unreachable": "HF_ENDPOINT", "no-token": "hf auth login", "401": "hf auth login", "403": "write token"}
+    assert err.startswith("toe: error: cannot push to 'user/p'") and fix[case] in err, err
 
 
 def test_offline_hub_id_fails_fast_with_one_line(base, monkeypatch):

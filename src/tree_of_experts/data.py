@@ -81,22 +81,31 @@ def chat_template(tokenizer, fix: str) -> str:
 
 def _load_split(ref: str, limit: int | None):
     """The `datasets.Dataset` of ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``: a hub id, a local folder of data
-    files, or a folder written by ``save_to_disk``."""
+    files, or a folder written by ``save_to_disk`` (a DatasetDict's, or a Dataset's: ``hf:FOLDER`` or, naming the
+    split it was saved from, ``hf:FOLDER:SPLIT``)."""
     parts = ref[len(HUB):].split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise ToEError(f"{ref!r}: write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (e.g. hf:openai/gsm8k:main:test)")
+    saved = os.path.isfile(os.path.join(parts[0], "state.json"))  # Dataset.save_to_disk: one split, no dict
+    if not all(parts) or not (len(parts) in (2, 3) or saved and len(parts) == 1) or saved and len(parts) == 3:
+        raise ToEError(f"{ref!r}: write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (e.g. hf:openai/gsm8k:main:test), or "
+                       "hf:FOLDER for a folder Dataset.save_to_disk wrote")
     name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
     try:
         import datasets
 
-        if os.path.isfile(os.path.join(name, "dataset_dict.json")):  # DatasetDict.save_to_disk
+        if saved:
+            ds = datasets.load_from_disk(name)
+        elif os.path.isfile(os.path.join(name, "dataset_dict.json")):  # DatasetDict.save_to_disk
             ds = datasets.load_from_disk(name)[split]
-            return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
-        return datasets.load_dataset(name, config, split=split if limit is None else f"{split}[:{limit}]")
+        else:
+            return datasets.load_dataset(name, config, split=split if limit is None else f"{split}[:{limit}]")
     except Exception as e:  # noqa: BLE001 (datasets raises many types: network, missing config, bad split)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ToEError(f"could not load {ref!r} with datasets ({reason}): check name, config and split, or pass a "
                        "local data file") from None
+    if saved and len(parts) == 2 and ds.split is not None and str(ds.split) != split:
+        raise ToEError(f"{ref!r}: {name} holds the split {str(ds.split)!r} alone: write hf:{name} (or "
+                       f"hf:{name}:{ds.split})")
+    return ds.select(range(min(limit, len(ds)))) if limit is not None else ds
 
 
 def _load_file(path: str, builder: str, limit: int | None):

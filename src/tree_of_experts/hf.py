@@ -9,7 +9,9 @@ decoder layers, never from ``output_hidden_states``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -387,6 +389,20 @@ def padded_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device:
     return {"input_ids": input_ids.to(device), "attention_mask": am, "position_ids": (am.cumsum(-1) - 1).clamp_min(0)}
 
 
+def cache_kwargs(model: nn.Module, cache: Any) -> dict:
+    """``{name: cache}``, the KV cache as ``model``'s forward takes it: transformers 5.25 renamed the argument
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); earlier 5.x know the old name only."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned: its ``cache`` field from transformers 5.25 on (``past_key_values`` there
+    is a property that warns), ``past_key_values`` before."""
+    names = {f.name for f in dataclasses.fields(output)}
+    return output.cache if "cache" in names else output.past_key_values
+
+
 # -- the Hub -------------------------------------------------------------------------------------------------------
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import time."""
@@ -496,18 +512,47 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str = "plug-in", revis
 
 def push_folder(folder: str, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                 revision: str | None = None, create_pr: bool = False, commit_message: str | None = None) -> str:
-    """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
+    """Uploads ``folder`` to the model repo ``repo_id`` (created if missing) in one commit; returns the commit URL.
+    No token, no connection and a refused token or repo end in one line that names the fix, not the HTTP client's
+    traceback."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if not is_full_hub_id(repo_id):
         raise ToEError(f"repo_id={repo_id!r}: give a hub repo id of the form user/name")
     if hub_offline():
         raise ToEError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it to upload")
+    if token in (None, True) and not get_token():
+        raise ToEError(f"cannot push to {repo_id!r}: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN "
+                       "to a write token")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                             create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                                 create_pr=create_pr, commit_message=commit_message or "Upload ToE plug-in")
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fix = {401: "the token was refused: log in again with `hf auth login` or set HF_TOKEN to a valid write token",
+               403: "the token may not write there: use a write token of the repo's owner, or a repo_id under your "
+                    "own name or organisation",
+               404: "no such repo or branch for this token: check repo_id, --revision and the token's owner"}
+        raise ToEError(f"cannot push to {repo_id!r} ({first}): "
+                       f"{fix.get(status, f'the Hub at {api.endpoint} refused the upload; try again later')}") from None
+    except Exception as e:  # noqa: BLE001 (no connection: DNS, refused, timeout, as the HTTP client's own types)
+        if not _is_connection_error(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToEError(f"cannot push to {repo_id!r}: the Hub at {api.endpoint} cannot be reached ({first}): check the "
+                       "network connection, or HF_ENDPOINT if it is set") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Whether ``e`` is the HTTP client failing to talk to a server (requests' errors are OSErrors; httpx's are not,
+    and huggingface_hub has used both)."""
+    module = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError) or module in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 def merge_adapter(model: nn.Module, adapter: str) -> nn.Module:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -98,6 +101,20 @@ def new_config(base: nn.Module, **fields: Any) -> ToEConfig:
         versions=versions(),
         **fields,
     )
+
+
+class _NotSupportedFilter(logging.Filter):
+    """Drops the one message transformers' pipelines log for every ``pipeline(model=toe_model)``: "The model
+    'ToEModel' is not supported for text-generation. Supported models are [...]" (4.7 KB). The pipeline checks the
+    model's class name against the causal LM classes it knows and peft's wrappers, listed by name in transformers;
+    ToEModel, a wrapper too, cannot be on that list, and the pipeline runs it correctly. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The model 'ToEModel' is not supported for")
+
+
+# the logger of transformers.pipelines.base, where Pipeline.check_model_type logs it
+logging.getLogger("transformers.pipelines.base").addFilter(_NotSupportedFilter())
 
 
 class ToEModel(PreTrainedModel):
@@ -303,6 +320,7 @@ class ToEModel(PreTrainedModel):
         repo_id: str,
         *,
         base_id: str | None = None,
+        teacher_id: str | None = None,
         eval_dir: str | None = None,
         license: str | None = None,
         private: bool | None = None,
@@ -312,9 +330,14 @@ class ToEModel(PreTrainedModel):
         commit_message: str | None = None,
     ) -> str:
         """Uploads the plug-in (what ``save_pretrained`` writes) to the hub model repo ``repo_id``; returns the commit
-        URL. Load it back with ``ToEModel.from_pretrained(repo_id)`` or ``from_pretrained(base, repo_id)``."""
+        URL. Load it back with ``ToEModel.from_pretrained(repo_id)`` or ``from_pretrained(base, repo_id)``.
+
+        The upload records no path of this machine: a base loaded from a local folder needs ``base_id`` (its hub
+        id), and a teacher recorded as a local folder is left out unless ``teacher_id`` names it (see
+        :func:`recorded_config`)."""
         with tempfile.TemporaryDirectory() as tmp:
-            save_plugin(tmp, self.plugin, base_id=base_id, eval_dir=eval_dir, license=license, repo_id=repo_id)
+            save_plugin(tmp, self.plugin, base_id=base_id, teacher_id=teacher_id, publish=True, eval_dir=eval_dir,
+                        license=license, repo_id=repo_id)
             return push_folder(tmp, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
                                commit_message=commit_message)
 
@@ -397,25 +420,29 @@ ADAPTER_DIR = "base_adapter"  # where a plug-in folder keeps the LoRA adapter it
 
 
 def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[str, torch.Tensor] | None = None,
-                base_id: str | None = None, eval_dir: str | None = None, license: str | None = None,
-                repo_id: str | None = None, datasets: list[str] | None = None) -> None:
+                base_id: str | None = None, teacher_id: str | None = None, publish: bool = False,
+                eval_dir: str | None = None, license: str | None = None, repo_id: str | None = None,
+                datasets: list[str] | None = None) -> None:
     """Writes a plug-in folder: ``toe_config.json``, ``toe_model.safetensors`` and a ``README.md`` card.
 
     Args:
         state: a ToEModel state dict whose ``plugin.*`` tensors are written instead of the live ones.
         base_id: the base's hub id, recorded as ``base_model`` (config and card) instead of a local path.
+        teacher_id: the teacher's hub id, recorded instead of the teacher the bank was extracted from.
+        publish: the folder is for upload: it must name no local path (see :func:`recorded_config`).
         eval_dir: a `toe eval` output folder; its metrics go into the card.
         license: the card's license.
         repo_id: where the folder is published, for the card's loading snippet.
         datasets: hub data set ids for the card; by default read from ``train_args.json`` in ``directory``.
     """
-    if base_id is not None and not is_hub_id(base_id):
-        raise ToEError(f"base_id={base_id!r} is not a hub repo id: give the id the base is published under (org/name)")
+    record = functools.partial(recorded_config, base_id=base_id, teacher_id=teacher_id, publish=publish)
+    record(plugin.config)  # a bad id or a local base refused before anything is written
     if state is not None:
         state = {k[len("plugin."):]: v for k, v in state.items() if k.startswith("plugin.")}
         if state.keys() != plugin.state_dict().keys():
             raise ToEError("state_dict does not hold this model's plugin.* tensors: pass ToEModel.state_dict()")
-    plugin.save(directory, state=state, base_model=base_id)
+    plugin.save(directory, state=state, record=record)
+    config = ToEConfig.load(directory)  # as written: base_model may be base_id
     source = getattr(plugin, "adapter_source", None)
     if plugin.config.base_adapter and source:  # ToE on a LoRA-adapted base: the adapter travels with the plug-in
         dest = os.path.join(directory, plugin.config.base_adapter)
@@ -425,12 +452,51 @@ def save_plugin(directory: str | os.PathLike, plugin: ToEPlugin, *, state: dict[
             shutil.copytree(source, tmp)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
-    config = ToEConfig.load(directory)  # as written: base_model may be base_id
+        if publish:  # peft records the base the adapter was trained on, often by its local path: the base's id
+            _rename_adapter_base(dest, config.base_model)
     n_params = sum(p.numel() for p in plugin.parameters())
     datasets = training_datasets(directory) if datasets is None else datasets
     card = model_card(config, n_params, datasets=datasets,
                       evals=read_eval(eval_dir) if eval_dir else None, license=license, repo_id=repo_id)
     atomic_write_text(os.path.join(directory, CARD_NAME), card)
+
+
+def _rename_adapter_base(adapter: str, base_id: str) -> None:
+    """Names the base of the peft adapter folder ``adapter`` by ``base_id`` where peft recorded a local path (its
+    config's ``base_model_name_or_path`` and its card)."""
+    config_path, card_path = os.path.join(adapter, "adapter_config.json"), os.path.join(adapter, CARD_NAME)
+    with open(config_path) as f:
+        fields = json.load(f)
+    old = fields.get("base_model_name_or_path")
+    if not old or is_hub_id(old):
+        return
+    atomic_write_text(config_path, json.dumps({**fields, "base_model_name_or_path": base_id}, indent=2) + "\n")
+    if os.path.isfile(card_path):
+        with open(card_path) as f:
+            atomic_write_text(card_path, f.read().replace(old, base_id))
+
+
+def recorded_config(config: ToEConfig, base_id: str | None = None, teacher_id: str | None = None,
+                    publish: bool = False) -> ToEConfig:
+    """The config a plug-in folder records: ``base_id`` / ``teacher_id`` (hub ids) in place of the base and teacher
+    the plug-in was built from. For an upload (``publish``) no path of this machine may stay, as it would mean
+    nothing elsewhere and tells how the machine is laid out: a base that is a local folder needs ``base_id`` (one
+    line otherwise), and a teacher that is a local folder is left out unless ``teacher_id`` names it."""
+    for option, value in (("base_id", base_id), ("teacher_id", teacher_id)):
+        if value is not None and not is_hub_id(value):
+            raise ToEError(f"{option}={value!r} is not a hub repo id: give the id the model is published under "
+                           "(org/name)")
+    base = base_id or config.base_model
+    if publish and not is_hub_id(base):
+        raise ToEError(f"the plug-in's base is the local folder {config.base_model!r}: pass --base_id org/name (the "
+                       "hub id the base is published under), so that the pushed plug-in records no local path")
+    teacher = teacher_id or config.teacher_model
+    if publish and teacher is not None and not is_hub_id(teacher):
+        teacher = None
+    banks = {layer: {**info, "teacher": teacher} if "teacher" in info else info
+             for layer, info in config.bank_info.items()}
+    names = {"base_name": base} if base_id else {}
+    return dataclasses.replace(config, base_model=base, teacher_model=teacher, bank_info=banks, **names)
 
 
 def training_datasets(folder: str | os.PathLike) -> list[str]:
@@ -455,6 +521,14 @@ def read_eval(eval_dir: str) -> dict:
         metrics = json.load(f)
     args = metrics.get("args", {})
     return {"task": args.get("task") or "eval", "data": args.get("data"), "systems": metrics.get("systems", {})}
+
+
+def data_name(data: str | None) -> str | None:
+    """``--data`` as a card shows it: a hub data set as it is, a local file or folder by its own name."""
+    if not data or not data.startswith("hf:"):
+        return os.path.basename(data) if data else data
+    name, sep, rest = data[3:].partition(":")
+    return data if is_hub_id(name) else "hf:" + os.path.basename(os.path.normpath(name)) + sep + rest
 
 
 def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None = None, evals: dict | None = None,
@@ -508,7 +582,7 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
     if not on_hub:
         lines += ["The base is recorded as a local path: `toe push --base_id org/name` records its hub id.", ""]
     if evals:
-        lines += [f"Evaluation (`toe eval`, task {evals['task']}, data `{evals['data']}`):", "",
+        lines += [f"Evaluation (`toe eval`, task {evals['task']}, data `{data_name(evals['data'])}`):", "",
                   "| system | n | accuracy | CE |", "|---|---|---|---|"]
         for name, m in evals["systems"].items():
             acc, ce = m.get("accuracy"), m.get("ce")

@@ -8,10 +8,9 @@ is an exact no-op: logits are bit-identical to the bare base.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -266,12 +265,13 @@ class ToEPlugin(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
-             base_model: str | None = None) -> None:
+             record: Callable[[ToEConfig], ToEConfig] | None = None) -> None:
         """Writes ``toe_config.json`` and ``toe_model.safetensors`` (float32).
 
         Args:
             state: the plug-in's tensors to write instead of the live ones (a trainer's gathered state dict).
-            base_model: records this base id (e.g. the base's hub id) instead of the one in the config.
+            record: gives the config to write from the plug-in's own (e.g. with hub ids in place of local paths,
+                :func:`tree_of_experts.model.recorded_config`); the live config is left as it is.
         """
         os.makedirs(directory, exist_ok=True)
         self.config.bank_info = {k: b.bank.info for k, b in self.blocks.items()}
@@ -282,12 +282,7 @@ class ToEPlugin(nn.Module):
             {k: v.float() for k, v in state.items()},
             metadata={"format": "pt", "toe_format_version": str(self.config.format_version)},
         )
-        config = self.config
-        if base_model is not None:
-            names = {f.name for f in dataclasses.fields(config)}
-            config = dataclasses.replace(config, base_model=base_model,
-                                         **({"base_name": base_model} if "base_name" in names else {}))
-        config.save(directory)
+        (record(self.config) if record is not None else self.config).save(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None) -> ToEPlugin:

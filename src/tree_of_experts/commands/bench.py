@@ -15,7 +15,16 @@ import torch
 
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
-from ..hf import add_to_layers, capture_layers, decoder_layers, load_causal_lm, padded_inputs, starting_at
+from ..hf import (
+    add_to_layers,
+    cache_kwargs,
+    capture_layers,
+    decoder_layers,
+    load_causal_lm,
+    output_cache,
+    padded_inputs,
+    starting_at,
+)
 from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
 from ..losses import token_nll
 from ..model import ToEModel
@@ -108,12 +117,13 @@ def bench_decode_step(base_model, model: ToEModel, ids: torch.Tensor, am: torch.
     machine would show."""
     model.detach()
     prefill = base_model(input_ids=ids, attention_mask=am, use_cache=True)
-    cache, plen = prefill.past_key_values, ids.shape[1]
+    cache, plen = output_cache(prefill), ids.shape[1]
     nxt = prefill.logits[:, -1:].argmax(-1)
     am1 = torch.cat([am, torch.ones_like(nxt)], 1)
+    with_cache = cache_kwargs(base_model, cache)
 
     def base_step() -> None:
-        base_model(input_ids=nxt, attention_mask=am1, past_key_values=cache, use_cache=True)
+        base_model(input_ids=nxt, attention_mask=am1, **with_cache, use_cache=True)
         cache.crop(-1)  # drop the token just added (a negative count works on every transformers version)
 
     plugin = model.plugin

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from ..config import EvalConfig, ToEError
 from ..data import DataSpec, read_jsonl, scan_rows
-from ..evaluation.results import usage_summary, write_metrics, write_rows
+from ..evaluation.results import summary_table, usage_summary, write_metrics, write_rows
 from ..evaluation.scoring import ce_examples, score_system
 from ..evaluation.tasks import (
     STOP,
@@ -117,7 +117,8 @@ def evaluate(
         overwrite: replace what another run left in ``out`` (refused otherwise).
 
     Returns:
-        The metrics dict written to ``out/metrics.json``.
+        The metrics dict written to ``out/metrics.json``, and under ``summary`` a one-screen table of it (what `toe
+        eval` prints).
     """
     from ..model import ToEModel, check_plugin_fits
 
@@ -214,7 +215,7 @@ def evaluate(
         run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
     metrics = write_metrics(out, {**args, "resumed_batches": resumed} if resumed else args, per_system, leaf_usage)
     logs[0].close()  # one file for all systems
-    return metrics
+    return {**metrics, "summary": summary_table(metrics, out)}
 
 
 @releases_out_locks

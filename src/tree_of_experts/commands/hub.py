@@ -63,19 +63,22 @@ def _training_start(plugin: str | os.PathLike) -> ToEPlugin | None:
     return ToEPlugin.load(start)
 
 
-def push(plugin: str, repo_id: str, base_id: str | None = None, eval_dir: str | None = None,
-         license: str | None = None, private: bool = False, revision: str | None = None,
-         create_pr: bool = False) -> str:
+def push(plugin: str, repo_id: str, base_id: str | None = None, teacher_id: str | None = None,
+         eval_dir: str | None = None, license: str | None = None, private: bool = False,
+         revision: str | None = None, create_pr: bool = False) -> str:
     """Uploads a plug-in folder to the Hugging Face Hub.
 
     Pushes ``toe_config.json``, ``toe_model.safetensors`` and a card rebuilt with the hub metadata; the token comes
-    from ``huggingface-cli login`` or ``HF_TOKEN``.
+    from ``hf auth login`` or ``HF_TOKEN``. The upload records no path of this machine: a plug-in built on a local
+    base folder needs ``base_id``, and a teacher recorded as a local folder is left out unless ``teacher_id`` is
+    given (the folder on disk is not changed).
 
     Args:
         plugin: a plug-in folder (`toe extract`, `toe train` or `toe baseline` output).
         repo_id: the model repo to create or update (user/name).
-        base_id: the base's hub id when the plug-in was built on a local folder, so that
+        base_id: the base's hub id; required when the plug-in was built on a local folder, so that
             ``ToEModel.from_pretrained(repo_id)`` finds the base and the card links to it.
+        teacher_id: the teacher's hub id, recorded in place of a local teacher folder (which is otherwise left out).
         eval_dir: a `toe eval` output folder whose metrics go into the card.
         license: the card's license (usually the base's, e.g. apache-2.0).
         private: create the repo as private.
@@ -87,6 +90,6 @@ def push(plugin: str, repo_id: str, base_id: str | None = None, eval_dir: str | 
     """
     module = ToEPlugin.load(resolve_folder(plugin, "plug-in"))
     with tempfile.TemporaryDirectory() as tmp:
-        save_plugin(tmp, module, base_id=base_id, eval_dir=eval_dir, license=license, repo_id=repo_id,
-                    datasets=training_datasets(plugin))
+        save_plugin(tmp, module, base_id=base_id, teacher_id=teacher_id, publish=True, eval_dir=eval_dir,
+                    license=license, repo_id=repo_id, datasets=training_datasets(plugin))
         return push_folder(tmp, repo_id, private=private, revision=revision, create_pr=create_pr)

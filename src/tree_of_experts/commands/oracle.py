@@ -35,7 +35,7 @@ from ..extraction.capture import capture_shard, prepare, same_vocab
 from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delta, signal_of, signal_record
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
-from ..hf import add_to_layers, load_causal_lm, load_tokenizer, pick_device, states_until
+from ..hf import add_to_layers, cache_kwargs, load_causal_lm, load_tokenizer, pick_device, states_until
 from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out, releases_out_locks
 from ..model import ToEModel
 from ..plugin import ToEPlugin
@@ -98,14 +98,14 @@ def live_greedy(model, tok, prompt: str, max_new_tokens: int, teacher=None, laye
         fns = {}
         if teacher is not None:
             u = states_until(teacher, list(teacher_layers), {"input_ids": cur, "attention_mask": am,
-                                                             "past_key_values": t_cache, "use_cache": True})
+                                                             **cache_kwargs(teacher, t_cache), "use_cache": True})
             keep = torch.ones(1, cur.shape[1], 1, device=dev)
             if step == 0:
                 keep[:, 0] = 0
             fns = {layer: (lambda h, j=j, lt=lt: delta_fn(j, u[lt], h) * keep)
                    for j, (layer, lt) in enumerate(zip(layers, teacher_layers))}
         with add_to_layers(model, fns):
-            logits = model(input_ids=cur, attention_mask=am, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=cur, attention_mask=am, **cache_kwargs(model, cache), use_cache=True).logits
         nxt = int(logits[0, -1].argmax())
         if nxt in eos:
             break

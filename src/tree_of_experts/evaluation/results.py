@@ -69,6 +69,49 @@ def write_metrics(out: str, args: dict, per_system: dict[str, list[dict]], leaf_
     return metrics
 
 
+def _interval(value, ci, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
+    """``value [lo, hi]`` (``scale``: 100 for percentages), "–" when there is no value."""
+    if value is None:
+        return "–"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    lo, hi = ci or (None, None)
+    return f(scale * value) + (f" [{f(scale * lo)}, {f(scale * hi)}]" if lo is not None and hi is not None else "")
+
+
+def summary_table(metrics: dict, out: str) -> str:
+    """One screen of ``metrics``, what `toe eval` prints: each system's accuracy and CE with 95 % intervals, each
+    system's paired difference from the base and its share of the base-teacher gap, and where the rest is."""
+    systems = metrics["systems"]
+    lines = [f"{'system':<10} {'n':>5}  {'accuracy % [95 % CI]':<24} {'CE [95 % CI]':<26} more"]
+    for name, m in systems.items():
+        more = []
+        if m.get("truncated_share"):
+            more.append(f"out of tokens {100 * m['truncated_share']:.0f} %")
+        k = m.get("num_samples")
+        if k:
+            more.append(f"pass@1 {100 * m['pass@1']:.1f} %, maj@{k} {100 * m[f'maj@{k}']:.1f} %, "
+                        f"pass@{k} {100 * m[f'pass@{k}']:.1f} %")
+        if m.get("ce_nonfinite"):
+            more.append(f"CE not finite on {m['ce_nonfinite']} items")
+        lines.append(f"{name:<10} {m['n']:>5}  {_interval(m.get('accuracy'), m.get('accuracy_ci95'), 100, 1):<24} "
+                     f"{_interval(m.get('ce'), m.get('ce_ci95')):<26} {'; '.join(more)}".rstrip())
+    for name, c in metrics.get("comparisons", {}).items():
+        parts = []
+        for metric, scale, digits, unit in (("ce", 1, 4, " nats"), ("accuracy", 100, 1, " pts")):
+            d = c.get(f"{metric}_vs_base")
+            if d:
+                parts.append(f"{metric} {_interval(d['mean_diff'], d['ci95'], scale, digits, signed=True)}{unit}")
+        for metric in ("ce", "accuracy"):
+            g = c.get(f"{metric}_gap_closed")
+            if g and g.get("gap_closed") is not None:
+                parts.append(f"{metric} gap closed {_interval(g['gap_closed'], g['ci95'], 100, 1)} %")
+        if parts:
+            lines.append(f"{name} minus base, same items: " + "; ".join(parts))
+    lines.append(f"Full metrics (intervals, comparisons, leaf usage, arguments): {os.path.join(out, 'metrics.json')}; "
+                 f"per-item rows: {os.path.join(out, '<system>.jsonl')}")
+    return "\n".join(lines)
+
+
 def compare(per_system: dict[str, list[dict]]) -> dict:
     """Paired differences vs the base and gap closed vs the teacher, on the same items."""
     out: dict[str, Any] = {}

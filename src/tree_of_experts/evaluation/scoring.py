@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +20,24 @@ from ..losses import tail_positions, token_nll
 from .tasks import Item
 
 logger = logging.getLogger(__name__)
+PROGRESS_S = 30.0  # seconds between plain progress lines when stderr is no terminal (a log file, a batch job)
+
+
+def batch_starts(n: int, batch_size: int, what: str) -> Iterator[int]:
+    """0, B, 2B, ... < ``n``, showing progress over the ``n`` items: tqdm's bar on a terminal, else (where a bar
+    would be off) a plain log line at most every PROGRESS_S seconds, "generate toe: 120/400 items, 2.1 items/s",
+    and a last one at the end when any was written."""
+    starts = range(0, n, batch_size)
+    if sys.stderr.isatty():
+        yield from tqdm(starts, desc=what, leave=False)
+        return
+    t0 = last = time.perf_counter()
+    for start in starts:
+        yield start
+        now, done = time.perf_counter(), min(start + batch_size, n)
+        if now - last >= PROGRESS_S or (done == n and last > t0):
+            logger.info("%s: %d/%d items, %.1f items/s", what, done, n, done / max(now - t0, 1e-9))
+            last = now
 
 
 def ce_examples(tok, items: list[Item], max_length: int) -> list[Encoded]:
@@ -32,12 +52,14 @@ def ce_examples(tok, items: list[Item], max_length: int) -> list[Encoded]:
 
 
 @torch.no_grad()
-def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int) -> list[tuple[float, int, bool]]:
-    """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt."""
+def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int,
+                what: str = "CE") -> list[tuple[float, int, bool]]:
+    """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt; ``what`` names
+    it in the progress lines."""
     dev = next(model.parameters()).device
     encoded = ce_examples(tok, items, max_length)
     out = []
-    for start in range(0, len(items), batch_size):
+    for start in batch_starts(len(items), batch_size, what):
         chunk = encoded[start : start + batch_size]
         ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
         mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
@@ -83,7 +105,7 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
     keeps each generated batch as it finishes and hands back the batches an interrupted run already generated."""
     rows = [{"system": name, "prompt": it.prompt, "gold": it.gold} for it in items]
     if do_ce:
-        for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length)):
+        for row, (ce, n, cut) in zip(rows, response_ce(model, tok, items, batch_size, max_length, f"CE {name}")):
             row.update(ce=ce, ce_tokens=n, cut_by_max_length=cut)
     if do_generate:
         k = sampling.num_samples
@@ -91,7 +113,7 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         texts = []
         log = log or GenerationLog(None, {})
         device = next(model.parameters()).device
-        for start in tqdm(range(0, len(items), batch_size), desc=f"generate {name}", leave=False, disable=None):
+        for start in batch_starts(len(items), batch_size, f"generate {name}"):
             chunk = [it.prompt for it in items[start : start + batch_size]]
             done = log.get(start, chunk)
             if done is None:
