@@ -77,3 +77,29 @@ def test_live_o1_generation_matches_a_teacher_forced_recompute(experts):
         logits = base(input_ids=full).logits
     n = ids.shape[1]
     assert torch.equal(logits[0, n - 1 : -1].argmax(-1), full[0, n:])
+
+
+def test_the_predictability_ceiling_fits_delta_from_h_and_injects_the_prediction(experts, tmp_path):
+    from tree_of_experts.commands.oracle import oracle
+
+    r = oracle(teacher=str(experts / "teacher"), base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE,
+               out=str(tmp_path / "or"), limit=6, ceiling_only=True)
+    assert {"predicted δ̂(h): ridge", "predicted δ̂(h): MLP", "static vector", "O1 trained map"} <= set(r["systems"])
+    assert "O2 oracle routing" not in r["systems"] and not any("ridge λ" in k for k in r["systems"])
+    for layer, e in r["predictability"].items():  # one entry per injection layer, R² at most 1
+        assert e["r2_ridge"] <= 1 and e["r2_mlp"] <= 1 and 0 <= e["mean_share"] <= 1 and e["heldout_tokens"] > 0
+    assert (tmp_path / "or" / "predicted-ridge.jsonl").exists() and "held-out R²" in (tmp_path / "or" / "oracle.md").read_text()
+
+
+def test_r2_is_one_for_a_linear_signal_and_near_zero_for_noise():
+    from tree_of_experts.extraction.predictability import fit_mlp, fit_ridge, r2
+
+    g = torch.Generator().manual_seed(0)
+    h, h2 = torch.randn(2000, 8, generator=g), torch.randn(500, 8, generator=g)
+    w = torch.randn(8, 4, generator=g)
+    d, d2 = h @ w + 1.0, h2 @ w + 1.0  # δ is a linear function of h (plus a mean)
+    assert r2(fit_ridge(h, d)(h2).detach(), d2, d.mean(0)) > 0.999
+    noise, noise2 = torch.randn(2000, 4, generator=g), torch.randn(500, 4, generator=g)
+    assert abs(r2(fit_ridge(h, noise)(h2).detach(), noise2, noise.mean(0))) < 0.05  # nothing to predict
+    assert r2(fit_mlp(h, torch.tanh(h[:, :4]) * 2)(h2).detach(), torch.tanh(h2[:, :4]) * 2,
+              (torch.tanh(h[:, :4]) * 2).mean(0)) > 0.9  # a non-linear signal: the MLP finds it

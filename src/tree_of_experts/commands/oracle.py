@@ -7,6 +7,9 @@ On the same held-out items, response CE of:
     O2 oracle routing               the extracted bank's leaf nearest to the live δ_t = A(u_t, h_t) (or to the ridge
                                     step, for a bank built from it: `toe extract --signal ridge`)
     static vector                   the mean δ added to every token
+    predicted δ̂(h): ridge / MLP     δ predicted from the base's own state h (no teacher): the ceiling of any
+                                    teacher-free gate with that predictor (:mod:`..extraction.predictability`; the
+                                    held-out R² of δ from h per layer is in oracle.json's ``predictability``)
     ToE (learned)                   the trained plug-in, no teacher (when --plugin is given)
 O1 - O2 is what clustering into N leaves loses; O2 - ToE is what learned routing (and training) loses or adds.
 
@@ -43,7 +46,8 @@ from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 
 STOP = ("Question:",)
 SLUGS = {"base": "base", "teacher": "teacher", "O1 trained map": "O1-map", "O2 oracle routing": "O2-routing",
-         "static vector": "static-mean", "ToE (learned)": "toe"}  # file names of the eval-format rows
+         "static vector": "static-mean", "ToE (learned)": "toe", "predicted δ̂(h): ridge": "predicted-ridge",
+         "predicted δ̂(h): MLP": "predicted-mlp"}  # file names of the eval-format rows
 
 
 def _pct(x: float) -> str:
@@ -149,6 +153,8 @@ def oracle(
     max_length: int = 1024,
     dtype: str = "float32",
     device: str | None = None,
+    predict: bool = True,
+    ceiling_only: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Compares base, teacher, O1/O2 oracles, static vector and ToE by teacher-forced CE.
@@ -176,6 +182,10 @@ def oracle(
             `toe report` (a shorter cut scores fewer target tokens on long traces, and the report refuses to pool).
         dtype: dtype both models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
         device: where the models run (default: the GPU when one is visible, else the CPU).
+        predict: also fit δ̂(h) (ridge and MLP) on the extraction's training tokens, report its held-out R² per
+            layer and score CE with δ̂(h) injected in place of δ (the ceiling of any teacher-free gate).
+        ceiling_only: score only the rows that place that ceiling (base, teacher, O1 trained map, static vector,
+            the predicted rows, ToE): no ridge-λ sweep, no O2, no per-layer rows.
         overwrite: replace what another run left in ``out`` (refused otherwise).
     """
     OracleConfig.from_args(locals())
@@ -234,16 +244,27 @@ def oracle(
     systems = {"base": example_ce(base_model, cfg.layers, items, pad, None, batch_size)}
     systems["teacher"] = [(float(it["teacher_nll"][it["loss_mask"].bool()].sum()), int(it["loss_mask"].sum()))
                           for it in items]
-    for lam in lambdas:
+    for lam in () if ceiling_only else lambdas:
         systems[f"O1 ridge λ={lam}"] = example_ce(base_model, cfg.layers, items, pad,
                                                   lambda j, u, h, lam=lam: ridge_delta(ridge[j], u, h, lam), batch_size)
     with torch.no_grad():
         systems["O1 trained map"] = example_ce(base_model, cfg.layers, items, pad, lambda j, u, h: maps[j](u, h),
                                                batch_size)
-        systems["O2 oracle routing"] = example_ce(base_model, cfg.layers, items, pad, o2, batch_size)
+        if not ceiling_only:
+            systems["O2 oracle routing"] = example_ce(base_model, cfg.layers, items, pad, o2, batch_size)
         systems["static vector"] = example_ce(base_model, cfg.layers, items, pad,
                                               lambda j, u, h: static[j].expand_as(h), batch_size)
-        if len(cfg.layers) > 1:  # each layer of the set alone: where the set's ceiling comes from
+        if predict:
+            from ..extraction.predictability import predictability
+
+            held = set(extraction.manifest().get("counts", {}).get("heldout", []))
+            on_cpu = lambda j, u, h: signal(j, u.to(device), h.to(device)).cpu()  # noqa: E731
+            fit, predictors = predictability(extraction, cfg.layers, on_cpu, held)
+            for kind, name in (("ridge", "predicted δ̂(h): ridge"), ("mlp", "predicted δ̂(h): MLP")):
+                fns = [p.to(device) for p in predictors[kind]]
+                systems[name] = example_ce(base_model, cfg.layers, items, pad,
+                                           lambda j, u, h, fns=fns: fns[j](h).to(h.dtype), batch_size)
+        if len(cfg.layers) > 1 and not ceiling_only:  # each layer of the set alone: where the set's ceiling comes from
             for k, layer in enumerate(cfg.layers):
                 for name, fn in (("O1 trained map", lambda j, u, h: maps[j](u, h)), ("O2 oracle routing", o2)):
                     only = lambda j, u, h, k=k, fn=fn: fn(j, u, h) if j == k else torch.zeros_like(h)  # noqa: E731
@@ -267,6 +288,8 @@ def oracle(
     per_item = {k: [s / max(n, 1) for s, n in v] for k, v in systems.items()}
     result = {"items": len(items), "data": data, "skip": skip, "limit": limit, "ce_target": ce_target,
               "o2_signal": signal_record(kind, lam), "systems": {}}
+    if predict:
+        result["predictability"] = fit
     for name, values in per_item.items():
         mean, lo, hi = bootstrap_mean(values)
         entry = {"ce": mean, "ce_ci95": [lo, hi]}
@@ -299,6 +322,11 @@ def oracle(
         g = e.get("gap_closed")
         gap = "–" if not g or g["gap_closed"] is None else _interval(g["gap_closed"], g["ci95"], _pct)
         lines.append(f"| {name} | {_interval(e['ce'], e['ce_ci95'], _nats)} | {gap} |")
+    if predict:
+        lines += ["", "| layer | held-out R² of δ from h: ridge | MLP | the mean's share of δ's energy | tokens "
+                      "(train / held out) |", "|---|---|---|---|---|"]
+        lines += [f"| {layer} | {e['r2_ridge']:.3f} | {e.get('r2_mlp', float('nan')):.3f} | {e['mean_share']:.3f} | "
+                  f"{e['train_tokens']} / {e['heldout_tokens']} |" for layer, e in fit.items()]
     if "generation" in result:
         lines += ["", "| greedy generation | accuracy [95 % CI] | gap closed [95 % CI] |", "|---|---|---|"]
         for name, e in result["generation"].items():
