@@ -24,7 +24,7 @@ MLP_HIDDEN = 512
 
 
 class Predictor(nn.Module):
-    """δ̂(h): standardised h -> ridge or MLP -> δ (float32 in, float32 out; (..., D) -> (..., D))."""
+    """δ̂(h): centred and scaled h -> ridge or MLP -> δ (float32 in, float32 out; (..., D) -> (..., D))."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, net: nn.Module):
         super().__init__()
@@ -59,7 +59,10 @@ def r2(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> float:
 
 
 def _standardise(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return h.mean(0), h.std(0).clamp_min(1e-6)
+    """Centre per dimension, scale by one number (the centred states' RMS): a per-dimension std would blow up a
+    dimension that barely moves on the training tokens (residual streams have such outlier dimensions)."""
+    mean = h.mean(0)
+    return mean, (h - mean).pow(2).mean().sqrt().clamp_min(1e-6).expand_as(mean).clone()
 
 
 def _split(n: int, frac: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,17 +100,24 @@ def fit_ridge(h: torch.Tensor, d: torch.Tensor, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 
 
 @torch.enable_grad()  # callers may hold no_grad (the oracle scores inside it)
 def fit_mlp(h: torch.Tensor, d: torch.Tensor, hidden: int = MLP_HIDDEN, max_epochs: int = 30, lr: float = 1e-3,
-            batch: int = 1024, seed: int = 0) -> Predictor:
-    """A one-hidden-layer MLP δ̂(z), Adam, early-stopped on a validation slice (the best epoch is kept)."""
+            batch: int = 1024, seed: int = 0, min_steps: int = 300) -> Predictor:
+    """A one-hidden-layer MLP δ̂(z), Adam, early-stopped on a validation slice (the best epoch is kept; at least
+    ``min_steps`` steps are offered on small data)."""
     torch.manual_seed(seed)
     mean, std = _standardise(h)
     z = (h - mean) / std
     fit_i, val_i = _split(len(z), seed=seed)
     net = nn.Sequential(nn.Linear(h.shape[1], hidden), nn.GELU(), nn.Linear(hidden, d.shape[1]))
+    with torch.no_grad():  # it starts at the mean of δ (R² 0): training keeps only what beats the mean
+        net[2].weight.zero_()
+        net[2].bias.copy_(d[fit_i].mean(0))
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-    best, best_state, patience = float("inf"), None, 0
+    with torch.no_grad():
+        best = float((net(z[val_i]) - d[val_i]).pow(2).mean())
+    best_state, patience = {k: v.clone() for k, v in net.state_dict().items()}, 0
     g = torch.Generator().manual_seed(seed)
-    for _ in range(max_epochs):
+    per_epoch = -(-len(fit_i) // batch)
+    for _ in range(max(max_epochs, -(-min_steps // per_epoch))):
         order = fit_i[torch.randperm(len(fit_i), generator=g)]
         for k in range(0, len(order), batch):
             rows = order[k : k + batch]
@@ -121,7 +131,7 @@ def fit_mlp(h: torch.Tensor, d: torch.Tensor, hidden: int = MLP_HIDDEN, max_epoc
             best, best_state, patience = val, {k: v.clone() for k, v in net.state_dict().items()}, 0
         else:
             patience += 1
-            if patience >= 3:
+            if patience >= 5:
                 break
     net.load_state_dict(best_state)
     return Predictor(mean, std, net).eval()
