@@ -205,3 +205,14 @@ def test_the_shipped_toy_study_config_is_valid(tmp_path):
         from tree_of_experts.recipes.study import Study
 
         Study(cfg, str(tmp_path)).resolve("toy:nope")
+
+
+def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
+    cfg = config(pair, tmp_path, scoring__targets=["ce", "accuracy"])
+    r = study(cfg, str(tmp_path / "s"), rows=["ctl"], targets=["ce"])
+    assert set(r["ran"]) == {"score/ce/anchors", "extract/extract-l1", "train/ctl", "score/ce/ctl"}
+    rows = {x["name"]: x for x in table(tmp_path / "s")["rows"]}
+    assert "toe" not in rows and "Not scored yet: toe, lora" in table(tmp_path / "s")["verdict"]
+    assert main(["study", cfg, "--out", str(tmp_path / "s"), "--rows", "nope"]) == 2
+    assert main(["study", cfg, "--out", str(tmp_path / "s"), "--targets", "code"]) == 2
+    assert "this study scores ce, acc" in capsys.readouterr().err

@@ -310,8 +310,11 @@ class Study:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None) -> dict:
+    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
+            targets: list[str] | None = None) -> dict:
         steps = self.steps()
+        if targets is not None:  # the other targets' scorings wait for a later run
+            steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
         if rows is not None:  # those rows' steps and what they need
             keep = {s.id for s in steps if any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
             while True:
@@ -365,8 +368,8 @@ def _only(options: dict, command: str) -> dict:
     return {k: v for k, v in options.items() if k in params}
 
 
-def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None, render_only: bool = False,
-          poll_s: float = 10.0) -> dict:
+def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
+          targets: list[str] | None = None, render_only: bool = False, poll_s: float = 10.0) -> dict:
     """Plans, runs (resuming) and renders a study.
 
     Args:
@@ -375,6 +378,8 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
         out: the study folder (results, small files; committed) — rerunning into it continues the study.
         dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
         rows: run only these rows (and the steps they need), in the config's order; default: every row.
+        targets: score only these targets now (``ce``, ``acc`` or a ``scoring.ce_files`` name); the others stay
+            pending for a later run. Default: every target.
         render_only: run nothing; render the table, plots and verdict from what is scored.
         poll_s: seconds between looks while another process holds a step this one needs.
 
@@ -389,6 +394,9 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     unknown = [r for r in rows or [] if r not in {x.name for x in cfg.rows}]
     if unknown:
         raise ToEError(f"--rows {unknown}: not rows of {file} ({', '.join(x.name for x in cfg.rows)})")
+    known = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
+    if any(t not in known for t in targets or []):
+        raise ToEError(f"--targets {targets}: this study scores {', '.join(known)}")
     os.makedirs(s.out, exist_ok=True)
     if render_only:
         return {**render(s), "ran": [], "waited": False}
@@ -396,7 +404,7 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     if dry_run:
         return plan(s)
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
-    result = s.run(lambda: render(s), poll_s, rows)
+    result = s.run(lambda: render(s), poll_s, rows, targets)
     summary = render(s)
     return {**summary, **result}
 
