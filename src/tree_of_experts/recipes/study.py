@@ -316,7 +316,8 @@ class Study:
         if targets is not None:  # the other targets' scorings wait for a later run
             steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
         if rows is not None:  # those rows' steps and what they need
-            keep = {s.id for s in steps if any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
+            keep = {s.id for s in steps if s.id.split("/")[-1] in ("anchors", "teacher")  # every table's ends
+                    or any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
             while True:
                 more = {d for s in steps if s.id in keep for d in s.deps} - keep
                 if not more:
