@@ -289,7 +289,9 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
 def render(study) -> dict:
     """Writes OUT/table.md, OUT/table.json, OUT/study.png and OUT/curves.png (and the README section when the config
     names one) from what is scored so far; returns a short summary."""
-    targets = [t for t in ["ce", "acc", *study.cfg.scoring.ce_files] if os.path.isdir(os.path.join(study.out, t))]
+    asked = {"ce": "ce", "accuracy": "acc"}
+    targets = [asked[t] for t in study.cfg.scoring.targets] + list(study.cfg.scoring.ce_files)
+    targets = [t for t in targets if os.path.isdir(os.path.join(study.out, t))]
     tables = {t: target_table(study, t) for t in targets}
     tables = {t: v for t, v in tables.items() if v["rows"]}
     verdict = verdict_text(study, tables)

@@ -119,8 +119,12 @@ class Study:
         return len(read_rows(self.train_data))
 
     # -- the plan ----------------------------------------------------------------------------------------------
-    def extraction(self, layers: list[int]) -> str:
-        return os.path.join(self.work, "extract-l" + "-".join(map(str, layers)))
+    def extraction(self, layers: list[int], rebuild: dict | None = None) -> str:
+        """The extraction folder of a layer set (and, with ``rebuild`` options, the bank rebuilt from it)."""
+        name = "extract-l" + "-".join(map(str, layers))
+        if rebuild:
+            name += "-" + "-".join(f"{k}{v}" for k, v in sorted(rebuild.items()))
+        return os.path.join(self.work, name)
 
     def steps(self) -> list[Step]:
         cfg, steps = self.cfg, []
@@ -145,6 +149,12 @@ class Study:
                                       {"kind": "extract", "layers": row.layers}))
                 if row.layers and row.kind != "oracle":
                     deps.append(f"extract/{os.path.basename(self.extraction(row.layers))}")
+                if row.rebuild:
+                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild))}"
+                    if rebuilt not in {s.id for s in steps}:
+                        steps.append(Step(rebuilt, list(deps), self.extraction_done(row.layers, row.rebuild),
+                                          self.run_rebuild(row), {"kind": "rebuild"}))
+                    deps = [rebuilt]
                 if row.kind == "oracle":
                     plugin = cfg.row(row.plugin_of).labels()[0]
                     steps.append(Step(f"score/ce/{label}", ["answers", f"train/{plugin}"],
@@ -176,12 +186,13 @@ class Study:
         kept = os.path.join(self.out, "train", label)
         return any(os.path.isfile(os.path.join(kept, f)) for f in ("train_summary.json", "baseline_summary.json"))
 
-    def extraction_done(self, layers: list[int]) -> Callable[[], bool]:
-        path = self.extraction(layers)
+    def extraction_done(self, layers: list[int], rebuild: dict | None = None) -> Callable[[], bool]:
+        path = self.extraction(layers, rebuild)
 
         def done() -> bool:
             # trained rows whose kept results exist need no extraction: a fresh machine skips it
-            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle" for lab in r.labels()]
+            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle"
+                     and (not rebuild or r.rebuild == rebuild) for lab in r.labels()]
             return os.path.isfile(os.path.join(path, "summary.json")) or all(self.trained(u) for u in users)
 
         return done
@@ -214,6 +225,15 @@ class Study:
                     layers=layers, dtype=self.cfg.pair.dtype, **self.common(), **self.cfg.extract)
         return run
 
+    def run_rebuild(self, row: Row) -> Callable[[], None]:
+        def run() -> None:
+            from ..commands.extract import rebuild
+
+            out = self.extraction(row.layers, row.rebuild)
+            rebuild(source=self.extraction(row.layers), out=out, dtype=self.cfg.pair.dtype,
+                    overwrite=os.path.isdir(out), **row.rebuild)
+        return run
+
     def run_train(self, row: Row, seed: int, label: str, steps_n: int) -> Callable[[], None]:
         def run() -> None:
             from ..commands.train import train
@@ -228,7 +248,7 @@ class Study:
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":
                     kw.update(objective="on_policy", teacher=self.teacher)
-                experts = self.extraction(row.layers) if row.layers else None
+                experts = self.extraction(row.layers, row.rebuild) if row.layers else None
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":

@@ -100,6 +100,9 @@ class Row:
     seeds: int = 1
     adapter_of: str | None = None
     plugin_of: str | None = None
+    rebuild: dict[str, Any] = field(default_factory=dict, metadata={"help": "`toe rebuild` options: the row's bank "
+                                                                            "rebuilt from its layer set's extraction "
+                                                                            "(other N, other signal)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra `toe train`/`toe baseline` "
                                                                             "options of this row"})
 
@@ -181,6 +184,10 @@ class StudyConfig:
         for r in self.rows:
             check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
                           "oracle" if r.kind == "oracle" else "train")
+            if r.rebuild:
+                if r.kind not in ("toe", "control", "toe_on_lora"):
+                    raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")
+                check_options(f"rows.{r.name}.rebuild", r.rebuild, "rebuild")
 
     def row(self, name: str) -> Row:
         return {r.name: r for r in self.rows}[name]
@@ -195,7 +202,7 @@ def comparison(text: str) -> tuple[str, str]:
 
 
 # Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
-STUDY_SETS = {"base", "teacher", "experts", "data", "out", "max_steps", "batch_size", "seed", "template",
+STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
               "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
               "base_adapter", "plugin", "layers", "dtype"}
 EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
@@ -205,8 +212,8 @@ def check_options(where: str, options: dict, command: str) -> None:
     """Every key of ``options`` is a parameter of the library function of ``command`` that the study leaves free."""
     from importlib import import_module
 
-    module = {"extract": "commands.extract", "train": "commands.train", "baseline": "recipes.baseline",
-              "oracle": "commands.oracle"}[command]
+    module = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
+              "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
     params = set(inspect.signature(getattr(import_module(f"..{module}", __package__), command)).parameters)
     for key in options:
         if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):

@@ -93,6 +93,8 @@ def plan(study) -> dict:
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))
+        elif kind == "rebuild":  # clustering the cached signal anew: ~20 passes of token-to-leaf distances
+            sec = n_rows * mean_len * base_cfg.hidden_size * 64 * 2 * 20 / F
         elif kind == "train":
             row, tokens = w["row"], w["steps"] * cfg.budget.batch_size * mean_len
             factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
