@@ -475,3 +475,46 @@ def test_flush_denormals_makes_subnormal_products_zero():
         pytest.skip("this CPU cannot flush subnormal floats")
     x = torch.tensor([1e-39, 1e-30, 0.5])
     assert (x * 1.0).tolist()[0] == 0.0 and (x * 1.0)[1:].tolist() == x[1:].tolist()
+
+
+def test_the_state_loss_equals_a_hand_computed_value():
+    from tree_of_experts.losses import state_loss
+
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]])  # (B=1, T=3, D=2), one layer
+    target = torch.tensor([[[[1.5, 2.0], [3.0, 3.0], [9.0, 9.0]]]])  # (B, L=1, T, D): h0 + δ
+    norm2 = torch.tensor([[[0.5, 2.0, 0.0]]])  # ‖δ‖²; the third token has no target
+    # (0.5² + 0²) + (0² + 1²) over 0.5 + 2.0
+    assert state_loss([h], target, norm2).item() == pytest.approx((0.25 + 1.0) / 2.5)
+
+
+@pytest.mark.parametrize("kind", ["toe", "lora"])
+def test_training_with_the_state_loss_starts_at_one_and_logs_it(experts, tmp_path, kind):
+    """At init LoRA changes nothing, so the relative error to h⁰ + δ is 1 (up to the cache's fp16 rounding); the
+    plug-in starts below 1 (its bank is built from δ and its scale starts at 1); trained on the state loss alone,
+    each lowers it."""
+    from tree_of_experts.recipes.baseline import baseline
+
+    common = dict(base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE, out=str(tmp_path / kind),
+                  max_steps=12, batch_size=4, state_loss_weight=5.0)
+    if kind == "toe":
+        # the tiny pair's δ is ~1e-5 per coordinate (h ~0.02): Adam's steps must be smaller still
+        train(**common, stage_a_steps=0, skip_stage_a=True, log_every=1, ce_weight=0.0, no_kd=True, lr=1e-7,
+              scale_lr=1e-7, bank_lr=1e-7)
+    else:
+        baseline(kind="lora", lora_rank=4, lr=1e-6, **common)
+    rows = [json.loads(r) for r in open(tmp_path / kind / "metrics.jsonl")]
+    state = [r["state"] for r in rows if r.get("state") is not None]
+    assert len(state) == 12 and min(state[-3:]) < state[0]
+    # LoRA starts at 1 up to the fp16 cache's rounding, which on the tiny pair is of δ's own size (h ~0.02, δ ~1e-5;
+    # on the real pair δ is ~3 % of h, 60× fp16's relative precision)
+    assert abs(state[0] - 1.0) < 0.25 if kind == "lora" else 0 < state[0] < 1
+
+
+def test_the_state_loss_is_refused_where_it_has_no_target(experts, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(FIXTURE).read().replace("plus", "and"))  # another file: the extraction cached nothing for it
+    with pytest.raises(ToEError, match="state_loss_weight"):
+        train(**args(experts, tmp_path / "p", data=str(other), state_loss_weight=1.0))
+    with pytest.raises(ToEError, match="state_loss_weight"):
+        train(**args(experts, tmp_path / "q", state_loss_weight=-1.0))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -160,3 +160,22 @@ def gathered_generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch
         (N,) float32 divergence per position.
     """
     return _GatheredJSD.apply(student_logits, teacher_logits, rows, cols, beta, chunk)
+
+
+def state_loss(states: list[torch.Tensor], target: torch.Tensor, norm2: torch.Tensor) -> torch.Tensor:
+    """Relative squared error between the trained system's states at the injection layers and where the teacher's
+    signal puts them: Σ_j Σ_t ‖h_j,t − (h⁰_j,t + δ_j,t)‖² / Σ_j Σ_t ‖δ_j,t‖², over the tokens with a target.
+
+    h⁰ is the frozen base's state (the extraction's cache) and δ the extraction's expert signal, so the loss is 1
+    when the system changes nothing and 0 when it adds exactly δ at every injection layer; it is scale-free, so its
+    weight reads against CE's.
+
+    Args:
+        states: per injection layer j, the system's layer output (B, T, D) (with gradient).
+        target: (B, L, T, D) h⁰ + δ per layer (left-padded like the batch).
+        norm2: (B, L, T) ‖δ‖², 0 where a token has no target (padding, the attention sink, unaligned tokens).
+    """
+    mask = (norm2 > 0).float()
+    err = sum((((s.float() - target[:, j].to(s.device).float()).pow(2).sum(-1)) * mask[:, j].to(s.device)).sum()
+              for j, s in enumerate(states))
+    return err / norm2.sum().to(err.device).clamp_min(1e-12)

@@ -35,7 +35,7 @@ from ..data import DataSpec, read_jsonl
 from ..evaluation.results import write_metrics, write_rows
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 from ..extraction.capture import capture_shard, prepare, same_vocab
-from ..extraction.fusion import FusionMap, example_ce, expert_signal, ridge_delta, signal_of, signal_record
+from ..extraction.fusion import example_ce, extraction_signal, ridge_delta, signal_record
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
 from ..hf import add_to_layers, cache_kwargs, load_causal_lm, load_tokenizer, pick_device, states_until
@@ -216,14 +216,7 @@ def oracle(
     items = [{k: v[int(offsets[i]) : int(offsets[i + 1])] for k, v in shard.items() if k != "offsets"}
              for i in range(len(examples))]
     extraction = Extraction(experts)
-    proj = extraction.projector()
-    maps, ridge = [], []
-    for layer in cfg.layers:
-        w = proj[f"ridge.{layer}"]
-        fm = FusionMap(w)
-        fm.load_state_dict({k.split(".", 2)[2]: v for k, v in proj.items() if k.startswith(f"trained.{layer}.")})
-        maps.append(fm.to(device).eval())
-        ridge.append(w.to(device))
+    signal, maps, ridge, (kind, lam) = extraction_signal(extraction, cfg.layers, device)  # what the bank was built from
     extracted = ToEPlugin.load(experts)
     banks = [extracted.blocks[str(layer)].bank.vectors().detach().to(device) for layer in cfg.layers]
     route = extraction.route_data()
@@ -232,8 +225,6 @@ def oracle(
         sizes = torch.bincount(route[route_key("leaf", layer)], minlength=len(bank)).float().to(device)
         static.append((bank * sizes[:, None]).sum(0) / sizes.sum())
 
-    kind, lam = signal_of(extraction.summary())
-    signal = expert_signal(kind, maps, ridge, lam)  # what the bank was built from
 
     def o2(j, u, h):
         delta = signal(j, u, h)  # (B, T, D) the live expert signal

@@ -22,6 +22,7 @@ from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.store import Extraction
 from ..hf import (
     adapter_folder,
+    capture_layers,
     checkpoint_frozen_layers,
     layers_return_tuples,
     load_causal_lm,
@@ -70,6 +71,7 @@ from ..training.steps import (
     node_levels,
     sampled_route_loss,
 )
+from ..losses import state_loss
 from ..tree import effective_leaves
 
 
@@ -124,6 +126,7 @@ def train(
     sample_top_p: float = 1.0,
     query_norm: bool | None = None,
     base_adapter: str | None = None,
+    state_loss_weight: float = 0.0,
     report_to: str | None = None,
 ) -> dict:
     """Trains a ToE plug-in on a frozen base.
@@ -193,6 +196,11 @@ def train(
         cached_states: off-policy steps start from the extraction's cached base states at the lowest injection
             layer instead of running the frozen layers below it (the same loss up to the cache's fp16 rounding;
             needs ``data`` to be the extraction's own file; on-policy samples are new text and run in full).
+        state_loss_weight: weight of the state loss on off-policy steps: the relative squared error between the
+            base's states at the injection layers (plug-in included) and where the teacher's signal puts them,
+            h⁰ + δ from the extraction's cache (:func:`tree_of_experts.losses.state_loss`: 1 when the plug-in
+            changes nothing, 0 when it adds exactly δ). Needs the extraction's own data file (its cached states);
+            on-policy steps (the student's own samples) have no cached target and skip it. 0: off.
         report_to: log every metrics row to accelerate's trackers as well ("tensorboard", "wandb", "mlflow", "all"...;
             default None: metrics.jsonl and curves.png only). Files of local trackers go to ``out/trackers``.
         base_adapter: a peft LoRA adapter folder (`toe baseline --kind lora` output) merged into the base before
@@ -239,8 +247,16 @@ def train(
     if cached_states and cached_layer not in run["layers"]:
         raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
                        "lowest injection layer): drop --cached_states")
+    if state_loss_weight < 0 or not math.isfinite(state_loss_weight):
+        raise ToEError(f"state_loss_weight={state_loss_weight}: a loss weight is finite and >= 0")
+    if state_loss_weight > 0 and base_adapter:
+        raise ToEError("--state_loss_weight targets the bare base's cached states, which a --base_adapter changes: "
+                       "drop one of them")
     examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer,
-                                              skip_truncated)
+                                              skip_truncated, with_targets=state_loss_weight > 0)
+    if state_loss_weight > 0 and not any(e.target is not None for e in examples):
+        raise ToEError(f"--state_loss_weight needs the extraction's cached states for {data}: {experts} was extracted "
+                       "from another file or tokenized otherwise (same --template/--max_length/fields), or pass 0")
     if cached_states and run.get("limit") is not None and len(examples) > run["limit"]:
         raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
                        f"--limit {run['limit']}, or drop --cached_states")
@@ -252,9 +268,9 @@ def train(
     use_kd = has_kd and not no_kd and kd_weight > 0
     if ce_weight < 0 or kd_weight < 0:
         raise ToEError(f"ce_weight={ce_weight}, kd_weight={kd_weight}: loss weights must be >= 0")
-    if ce_weight == 0 and not use_kd:
+    if ce_weight == 0 and not use_kd and not state_loss_weight:
         raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
-                       "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), or set ce_weight > 0")
+                       "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), a --state_loss_weight, or ce_weight > 0")
     if acc.is_main_process or not overwrite:  # read-only unless overwriting, which only the main process does
         # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
         # (the main process holds the folder's lock for the run)
@@ -371,6 +387,8 @@ def train(
             if "states" in b:  # an off-policy batch of cached states: the layers below them do not run
                 forward.enter_context(starting_at(model.base, cached_layer, b["states"].to(acc.device, base_dtype)))
             forward.enter_context(model.selection(selection))
+            targeted = state_loss_weight > 0 and "state_target" in b  # hooks after the plug-in's: its Δ included
+            seen = forward.enter_context(capture_layers(model.base, cfg.layers)) if targeted else None
             with forward:
                 with acc.autocast(), model.plugin.recording() as records:
                     logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
@@ -392,6 +410,10 @@ def train(
                             aux_route = aux_route + sampled_route_loss(gate, route_data, layer, route_batch_size, g,
                                                                        acc.device)[0]
                     loss = loss + w_route * aux_route + usage_weight * aux_usage
+                    if targeted:
+                        l_state = state_loss([seen[x] for x in cfg.layers], b["state_target"], b["state_norm2"])
+                        loss = loss + state_loss_weight * l_state
+                        parts = {**parts, "state": l_state.item()}
                 loss_value = finite_loss(acc, loss, step + 1, stage)
                 opt.zero_grad(set_to_none=True)
                 acc.backward(loss)

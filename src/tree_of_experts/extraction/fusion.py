@@ -116,6 +116,21 @@ def expert_signal(kind: str, maps, ridge: list[torch.Tensor], lam: float):
                    "tree-of-experts, or rebuild the extraction with --signal fusion_map")
 
 
+def extraction_signal(extraction, layers: list[int], device: str | torch.device = "cpu"):
+    """(signal, maps, ridge, (kind, λ)) of an extraction: its trained fusion maps and ridge maps per injection layer
+    (on ``device``) and the expert signal δ_j(u, h) its bank was built from (:func:`expert_signal`)."""
+    proj = extraction.projector()
+    maps, ridge = [], []
+    for layer in layers:
+        w = proj[f"ridge.{layer}"]
+        fm = FusionMap(w)
+        fm.load_state_dict({k.split(".", 2)[2]: v for k, v in proj.items() if k.startswith(f"trained.{layer}.")})
+        maps.append(fm.to(device).eval())
+        ridge.append(w.to(device))
+    kind, lam = signal_of(extraction.summary())
+    return expert_signal(kind, maps, ridge, lam), maps, ridge, (kind, lam)
+
+
 def signal_record(kind: str, lam: float) -> dict:
     """How an extraction's summary (and `toe oracle`'s result) records its expert signal; read back by `signal_of`."""
     return {"kind": kind, **({"lambda": lam} if kind == "ridge" else {})}

@@ -12,6 +12,7 @@ Kinds:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -30,7 +31,15 @@ from ..config import WEIGHTS_NAME, BaselineConfig, ToEConfig, ToEError
 from ..data import DataSpec, batch_indices, file_hash
 from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
-from ..hf import enable_checkpointing, is_full_hub_id, load_causal_lm, load_tokenizer, padded_inputs
+from ..hf import (
+    capture_layers,
+    enable_checkpointing,
+    is_full_hub_id,
+    load_causal_lm,
+    load_tokenizer,
+    padded_inputs,
+)
+from ..losses import state_loss
 from ..io import (
     append_jsonl,
     atomic_write_json,
@@ -107,13 +116,15 @@ def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -
 def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, batch_size: int, lr: float,
                    seed: int, gradient_checkpointing: bool, teacher_model=None, on_policy: OnPolicy | None = None,
                    ce_weight: float = 1.0, kd_weight: float = 0.0, save_every: int = 50,
-                   resume: bool = False) -> list[dict]:
+                   resume: bool = False, state_loss_weight: float = 0.0,
+                   state_layers: list[int] | None = None) -> list[dict]:
     """Trains whatever requires grad in ``base_model`` (LoRA or all weights) with `toe train`'s Stage-B objective
     (:func:`tree_of_experts.training.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
     ``examples`` carry the teacher's cached top-k), and on-policy steps (the adapted model samples, ``teacher_model``
     scores) on the same (seed, step) schedule. Every ``save_every`` steps the trainable tensors and the optimizer go
     to ``out/checkpoint``; ``resume`` continues from there to the uninterrupted run's weights (every random choice
-    is a function of (seed, step))."""
+    is a function of (seed, step)). With ``state_loss_weight``, off-policy steps also fit the base's states at
+    ``state_layers`` to the teacher's signal (:func:`tree_of_experts.losses.state_loss`)."""
     if gradient_checkpointing:  # LoRA and SFT backpropagate through every layer: activations dominate memory
         enable_checkpointing(base_model)
     trained = {n: p for n, p in base_model.named_parameters() if p.requires_grad}
@@ -149,10 +160,15 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         samples_seen += len(batch) if on else 0
         keep, tail = scored_tail(b, dev)
         t_logits = teacher_logits(teacher_model, b, keep) if on else None
-        logits = base_model(**padded_inputs(b["input_ids"], b["attention_mask"], dev), logits_to_keep=keep).logits
+        targeted = state_loss_weight > 0 and "state_target" in b
+        with capture_layers(base_model, state_layers) if targeted else contextlib.nullcontext() as seen:
+            logits = base_model(**padded_inputs(b["input_ids"], b["attention_mask"], dev), logits_to_keep=keep).logits
         n_tok = b["loss_mask"].sum().clamp_min(1).to(dev).float()
         loss, parts = objective_loss(logits, tail, n_tok, t_logits, on_policy.beta if on_policy else 0.5,
                                      ce_weight, kd_weight)
+        if targeted:
+            l_state = state_loss([seen[x] for x in state_layers], b["state_target"], b["state_norm2"])
+            loss, parts = loss + state_loss_weight * l_state, {**parts, "state": l_state.item()}
         if not math.isfinite(loss.item()):  # stop before the update, as `toe train` does: nothing saved from it
             raise ToEError(f"training stopped at step {step + 1}: the loss is {loss.item()}; nothing was saved from "
                            "this state (earlier checkpoints are intact): lower --lr and start again with --overwrite")
@@ -211,6 +227,7 @@ def baseline(
     overwrite: bool = False,
     query_norm: bool | None = None,
     cached_states: bool = False,
+    state_loss_weight: float = 0.0,
 ) -> dict:
     """Trains one baseline on the same data and step budget as `toe train`.
 
@@ -261,6 +278,9 @@ def baseline(
         cached_states: plug-in kinds train from cached base states at the lowest injection layer, as `toe train
             --cached_states` (the control from its own no-teacher extraction of ``data``); refused for lora and sft,
             which change every layer.
+        state_loss_weight: the state loss of `toe train --state_loss_weight` for this baseline too: for lora and
+            sft the change of the base's states at the extraction's injection layers (``experts``) against the
+            teacher's signal there; plug-in kinds pass it to `toe train`. 0: off.
     """
     args = dict(locals())
     flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
@@ -317,6 +337,8 @@ def baseline(
         train_kw["query_norm"] = query_norm
     if cached_states:
         train_kw["cached_states"] = True
+    if state_loss_weight and kind not in ("lora", "sft"):
+        train_kw["state_loss_weight"] = state_loss_weight
     if skip_truncated:
         train_kw["skip_truncated"] = True
     summary: dict = {"kind": kind, "out": out, "objective": objective,
@@ -340,15 +362,22 @@ def baseline(
     else:
         base_model = load_causal_lm(base, dtype=dtype)
         kd = kd_weight or 0.0
+        if state_loss_weight and not experts:
+            raise ToEError("--state_loss_weight reads the teacher's signal from an extraction: pass --experts")
         examples, has_kd, _ = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "",
-                                            kd > 0, skip_truncated=skip_truncated)
+                                            kd > 0, skip_truncated=skip_truncated,
+                                            with_targets=bool(state_loss_weight))
+        if state_loss_weight and not any(e.target is not None for e in examples):
+            raise ToEError(f"--state_loss_weight needs {experts}'s cached states for {data}: extract from this file "
+                           "with the same --template/--max_length/fields, or pass 0")
         if kd > 0 and not has_kd:
             raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                            "--topk_logprobs > 0 on this data, or drop --kd_weight")
         dev = next(base_model.parameters()).device
         teacher_model = load_teacher(teacher, tok, dtype, dev) if on_policy.ratio > 0 else None
         fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd, save_every=save_every,
-                   resume=resume)
+                   resume=resume, state_loss_weight=state_loss_weight,
+                   state_layers=Extraction(experts).run()["layers"] if state_loss_weight else None)
         if kind == "lora":
             from peft import LoraConfig, get_peft_model
 

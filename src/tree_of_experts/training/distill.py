@@ -162,7 +162,8 @@ def scored_tail(batch: dict[str, torch.Tensor], device: torch.device | str
     """(keep, tail): the positions where a target is scored (the batch's tail, the only logits computed) and the
     batch's per-token fields over them, on ``device``."""
     keep = tail_positions(batch["loss_mask"], device)
-    tail = {k: v[:, -len(keep) :].to(device) for k, v in batch.items() if k not in ("attention_mask", "states")}
+    tail = {k: v[:, -len(keep) :].to(device) for k, v in batch.items()
+            if k not in ("attention_mask", "states", "state_target", "state_norm2")}  # full-length fields
     return keep, tail
 
 

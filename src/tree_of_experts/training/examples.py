@@ -22,6 +22,8 @@ class Example:
     topk_ids: torch.Tensor | None  # (T, k) teacher top-k at target positions, or None
     topk_logp: torch.Tensor | None
     state: torch.Tensor | None = None  # (T, D) fp16 base state at the lowest injection layer (cached_state_layer)
+    target: torch.Tensor | None = None  # (L, T, D) fp16 h⁰ + δ per injection layer (--state_loss_weight)
+    target_norm2: torch.Tensor | None = None  # (L, T) ‖δ‖², 0 where a token has no target
 
 
 def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | None,
@@ -44,20 +46,40 @@ def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | No
     return encoded, [i for i in range(len(encoded)) if i not in gone]
 
 
+def state_targets(ex: dict, num_layers: int, signal) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, T, D) fp16 h⁰ + δ and (L, T) ‖δ‖² of one cached example (δ 0 on tokens that are not valid)."""
+    valid = ex["valid"].bool()
+    targets, norms = [], []
+    with torch.no_grad():
+        for j in range(num_layers):
+            h, u = ex[f"base.{j}"].float(), ex[f"teacher.{j}"].float()
+            d = signal(j, u[None], h[None])[0].float() * valid[:, None]
+            targets.append((h + d).half())
+            norms.append(d.pow(2).sum(-1))
+    return torch.stack(targets), torch.stack(norms)
+
+
 def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
                   use_kd: bool, cached_state_layer: int | None = None,
-                  skip_truncated: bool = False) -> tuple[list[Example], bool, int]:
+                  skip_truncated: bool = False, with_targets: bool = False) -> tuple[list[Example], bool, int]:
     """Tokenizes the training rows (:func:`encode_rows`: rows with nothing of their response left are refused, or
     skipped with ``skip_truncated``); attaches what the extraction cached for the same rows (same data file, same
     tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
-    extraction) the base's state there. Returns (examples, whether any has the teacher's top-k, rows skipped)."""
+    extraction) the base's state there, and with ``with_targets`` the state-loss targets at every injection layer
+    (:func:`state_targets`, from the extraction's cached states and its expert signal). Returns (examples, whether
+    any has the teacher's top-k, rows skipped)."""
     encoded, kept = encode_rows(data, spec, tok, max_length, limit, skip_truncated)
     cached_rows: dict[int, dict] = {}
     extraction = Extraction(experts)
     run = extraction.run() if extraction.has(RUN) else {}
     use_kd = use_kd and bool(run.get("topk_logprobs"))
     state_key = f"base.{run['layers'].index(cached_state_layer)}" if cached_state_layer is not None else None
-    if (use_kd or state_key) and run.get("data_sha256") == file_hash(data):
+    signal = None
+    if with_targets:
+        from ..extraction.fusion import extraction_signal
+
+        signal = extraction_signal(extraction, run["layers"])[0]
+    if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
         for ex in extraction.iter_examples():
             cached_rows[int(ex["example"][0])] = ex
     out = []
@@ -66,8 +88,9 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         cached = cached_rows.get(i)
         if cached is None or not torch.equal(cached["input_ids"], e.input_ids):
             cached = {}
+        target, norm2 = state_targets(cached, len(run["layers"]), signal) if cached and signal else (None, None)
         out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
-                           cached.get("topk_logp") if use_kd else None, cached.get(state_key)))
+                           cached.get("topk_logp") if use_kd else None, cached.get(state_key), target, norm2))
     has_kd = any(e.topk_ids is not None for e in out)
     return out, has_kd, len(encoded) - len(kept)
 
@@ -94,4 +117,11 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         for i, e in enumerate(batch):
             states[i, t - len(e.ids) :] = e.state
         out["states"] = states
+    if batch and all(e.target is not None for e in batch):  # (B, L, T, D) and (B, L, T), left-padded
+        t, (layers, _, d) = ids.shape[1], batch[0].target.shape
+        target = torch.zeros(len(batch), layers, t, d, dtype=batch[0].target.dtype)
+        norm2 = torch.zeros(len(batch), layers, t)
+        for i, e in enumerate(batch):
+            target[i, :, t - len(e.ids) :], norm2[i, :, t - len(e.ids) :] = e.target, e.target_norm2
+        out.update(state_target=target, state_norm2=norm2)
     return out
