@@ -216,3 +216,19 @@ def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--rows", "nope"]) == 2
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--targets", "code"]) == 2
     assert "this study scores ce, acc" in capsys.readouterr().err
+
+
+def test_learning_curves_score_the_snapshots_on_the_tuning_rows(pair, tmp_path):
+    rows = [json.loads(x) for x in open(FIXTURE)][0:8]
+    tuning = tmp_path / "tuning.jsonl"
+    tuning.write_text("".join(json.dumps({**r, "trace": r["answer"].split("####")[0].strip()}) + "\n" for r in rows))
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]},
+                                       {"name": "lora", "kind": "lora", "rank": 2, "layers": [1]}], compare=[],
+                 data__tuning_answers=str(tuning), scoring__curve_every=2)
+    r = study(cfg, str(tmp_path / "s"))
+    assert {"curve/toe", "curve/lora"} <= set(r["ran"])
+    curves = json.load(open(tmp_path / "s" / "table.json"))["curves"]
+    assert [p["step"] for p in curves["toe"]] == [2, 4] and [p["step"] for p in curves["lora"]] == [2, 4]
+    assert all(0 < p["ce"] < 100 for c in curves.values() for p in c) and (tmp_path / "s" / "curves-dev.png").exists()
+    with pytest.raises(ToEError, match="data.tuning"):
+        study(config(pair, tmp_path, data__tuning=None, scoring__curve_every=2), str(tmp_path / "t"))

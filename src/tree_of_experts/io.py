@@ -337,10 +337,11 @@ RUN_FILES = {
     "extract": ("run.json", "manifest.json", "shards", "projector.safetensors", "route_data.safetensors",
                 "summary.json", "summary.md", "toe_config.json", "toe_model.safetensors", "timings-*.json",
                 "build.json"),
-    "train": ("train_args.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old",
+    "train": ("train_args.json", "metrics.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "snapshots",
               "train_summary.json", "curves.png", "toe_config.json", "toe_model.safetensors"),
     "baseline": ("baseline_summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "model-*-of-*.safetensors", "model.safetensors.index.json", "train_args.json", "metrics.jsonl",
+                 "snapshots",
                  "checkpoint", "checkpoint.tmp", "checkpoint.old", "train_summary.json", "curves.png",
                  "toe_config.json", "toe_model.safetensors"),
     "eval": ("metrics.json", "base.jsonl", "toe.jsonl", "teacher.jsonl", "lora.jsonl", "sft.jsonl",
@@ -507,7 +508,8 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
 # the folder, and the folder's own path (a run moved elsewhere is the same run).
 # What a resumed run may change: where and how often it reports and saves, and how it spends memory (recomputing
 # activations gives the same gradients).
-RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "out", "report_to", "gradient_checkpointing")
+RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "snapshot_every", "out", "report_to",
+                     "gradient_checkpointing")
 
 
 def check_resume_args(path: str | os.PathLike, args: Mapping[str, Any], defaults: Mapping[str, Any],

@@ -108,6 +108,7 @@ def train(
     skip_truncated: bool = False,
     log_every: int = 10,
     save_every: int = 50,
+    snapshot_every: int = 0,
     resume: bool = False,
     overwrite: bool = False,
     seed: int = 0,
@@ -171,6 +172,8 @@ def train(
             trained on; refused otherwise, with the max_length that keeps them) and count them in the summary.
         log_every: steps between rows of ``out/metrics.jsonl``.
         save_every: steps between checkpoints in ``out/checkpoint`` (one is also saved at the end of each stage).
+        snapshot_every: also keep the plug-in every this many Stage-B steps as ``out/snapshots/step-N`` (a plug-in
+            folder each: learning curves score them); 0: none.
         resume: continue from ``out/checkpoint`` (with the arguments the run was started with).
         overwrite: replace what another run left in ``out`` (refused otherwise).
         seed: seed of every random choice.
@@ -448,6 +451,9 @@ def train(
                 save_checkpoint(out, model.plugin.state_dict(), opt_a if in_a else opt,
                                 {"step": step, "stage": "A" if in_a else "B"})
                 plot_curves(metrics_path, os.path.join(out, "curves.png"))  # refreshed with every checkpoint
+        if snapshot_every and step > stage_a and (step - stage_a) % snapshot_every == 0 and step < total \
+                and acc.is_main_process:
+            model.save_pretrained(os.path.join(out, "snapshots", f"step-{step - stage_a}"))
     bar.close()
     if report_to:
         acc.end_training()

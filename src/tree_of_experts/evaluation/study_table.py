@@ -301,14 +301,17 @@ def render(study) -> dict:
     for t, table in tables.items():
         for name, entry in table["rows"].items():
             rows.setdefault(name, {"name": name})[t] = entry
+    curves = dev_curves(study)
     atomic_write_json(os.path.join(study.out, "table.json"), {
-        "name": study.cfg.name, "rows": list(rows.values()),
+        "name": study.cfg.name, "rows": list(rows.values()), "curves": curves,
         "comparisons": [c | {"target": t} for t, v in tables.items() for c in v["comparisons"]],
         "verdict": verdict})
     atomic_write_text(os.path.join(study.out, "table.md"), md)
     if "ce" in tables:
         plot_gap(tables["ce"], os.path.join(study.out, "study.png"), study.cfg.name)
     plot_curves(study, os.path.join(study.out, "curves.png"))
+    if curves:
+        plot_dev_curves(study, curves, os.path.join(study.out, "curves-dev.png"))
     if study.cfg.readme:
         put_in_readme(study.cfg.readme, study.cfg.name, body)
     return {"summary": f"study {study.cfg.name}: table in {os.path.join(study.out, 'table.md')}", "verdict": verdict}
@@ -375,6 +378,41 @@ def plot_curves(study, png: str) -> None:
         ax.plot(*zip(*p), color=f"C{i % 10}", lw=1, label=name if name not in seen else None)
         seen.add(name)
     ax.set(xlabel="step", ylabel="training loss", title=f"study {study.cfg.name}: training curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def dev_curves(study) -> dict[str, list[dict]]:
+    """{run label: [{step, ce, ce_ci95}]}: each trained run's CE on the tuning rows' teacher answers along training
+    (OUT/curve/LABEL/curve.json, scoring.curve_every)."""
+    out = {}
+    for row in study.cfg.rows:
+        for label in row.labels():
+            path = os.path.join(study.out, "curve", label, "curve.json")
+            if os.path.isfile(path):
+                out[label] = json.load(open(path))["points"]
+    return out
+
+
+def plot_dev_curves(study, curves: dict[str, list[dict]], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seen = set()
+    for i, row in enumerate(study.cfg.rows):
+        for label in row.labels():
+            if label in curves:
+                pts_ = curves[label]
+                ax.plot([p["step"] for p in pts_], [p["ce"] for p in pts_], "o-", ms=3, color=f"C{i % 10}", lw=1,
+                        label=row.name if row.name not in seen else None)
+                seen.add(row.name)
+    ax.set(xlabel="training step", ylabel="CE on the tuning rows' teacher answers (nats)",
+           title=f"study {study.cfg.name}: learning curves")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

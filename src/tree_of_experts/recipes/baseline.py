@@ -117,7 +117,7 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
                    seed: int, gradient_checkpointing: bool, teacher_model=None, on_policy: OnPolicy | None = None,
                    ce_weight: float = 1.0, kd_weight: float = 0.0, save_every: int = 50,
                    resume: bool = False, state_loss_weight: float = 0.0,
-                   state_layers: list[int] | None = None) -> list[dict]:
+                   state_layers: list[int] | None = None, snapshot_every: int = 0) -> list[dict]:
     """Trains whatever requires grad in ``base_model`` (LoRA or all weights) with `toe train`'s Stage-B objective
     (:func:`tree_of_experts.training.distill.objective_loss`) and data order: off-policy CE (+ ``kd_weight`` · top-k KL where
     ``examples`` carry the teacher's cached top-k), and on-policy steps (the adapted model samples, ``teacher_model``
@@ -184,6 +184,10 @@ def _train_adapter(base_model, tok, examples: list, out: str, max_steps: int, ba
         if bar.disable:
             log_progress("toe baseline", row, max_steps)
         metrics.append(row)
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < max_steps:
+            snap = os.path.join(out, "snapshots", f"step-{step + 1}")
+            base_model.save_pretrained(snap)
+            follow_umask(snap)  # safetensors writes 0600 files
         if (step + 1) % save_every == 0 and step + 1 < max_steps:
             save_checkpoint(out, trained, opt, {"step": step + 1, "samples": samples_seen,
                                                 "elapsed_s": row["elapsed_s"]}, what="adapter")
@@ -215,6 +219,7 @@ def baseline(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     save_every: int = 50,
+    snapshot_every: int = 0,
     resume: bool = False,
     objective: str = "off_policy",
     teacher: str | None = None,
@@ -259,6 +264,8 @@ def baseline(
         save_every: steps between checkpoints in ``out/checkpoint`` (plug-in kinds: the plug-in; lora and sft: the
             trainable tensors and the optimizer — for sft the whole model and its Adam state, about 3x the model on
             disk — removed once the run has saved its weights).
+        snapshot_every: also keep the trained weights every this many steps as ``out/snapshots/step-N`` (plug-in
+            kinds: through `toe train`; lora: an adapter folder each); 0: none.
         resume: continue an interrupted run from ``out/checkpoint`` to the uninterrupted run's result (the
             control's extraction resumes from its last complete shard on its own).
         objective: "off_policy" or "on_policy", as for `toe train` (static, random, flat, lora and sft; the control
@@ -323,7 +330,8 @@ def baseline(
                    strip_calc=strip_calc, max_length=max_length)
     train_kw = dict(data=data, max_steps=max_steps, batch_size=batch_size, seed=seed, dtype=dtype,
                     gradient_checkpointing=gradient_checkpointing, **data_kw)
-    plugin_kw = dict(save_every=save_every, resume=resume)  # checkpointing: `toe train` does it for plug-in kinds
+    # checkpoints and snapshots: `toe train` makes them for plug-in kinds
+    plugin_kw = dict(save_every=save_every, resume=resume, snapshot_every=snapshot_every)
     if lr is not None:
         train_kw["lr"] = lr
     if bank_lr is not None and kind not in ("lora", "sft"):
@@ -376,7 +384,7 @@ def baseline(
         dev = next(base_model.parameters()).device
         teacher_model = load_teacher(teacher, tok, dtype, dev) if on_policy.ratio > 0 else None
         fit = dict(teacher_model=teacher_model, on_policy=on_policy, kd_weight=kd, save_every=save_every,
-                   resume=resume, state_loss_weight=state_loss_weight,
+                   resume=resume, state_loss_weight=state_loss_weight, snapshot_every=snapshot_every,
                    state_layers=Extraction(experts).run()["layers"] if state_loss_weight else None)
         if kind == "lora":
             from peft import LoraConfig, get_peft_model

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import ToEError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, read_json
 from .study_config import TOY, Row, StudyConfig, load_study
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class Study:
         self.train_data, self.items = self.resolve(cfg.data.train), self.resolve(cfg.data.items)
         self.answers = self.resolve(cfg.data.answers) if cfg.data.answers else os.path.join(self.out, "dev-traces.jsonl")
         self.skip, self.n = cfg.data.reported[0], cfg.data.reported[1] - cfg.data.reported[0]
+        self.tuning_answers = (self.resolve(cfg.data.tuning_answers) if cfg.data.tuning_answers else
+                               os.path.join(self.out, "tuning-traces.jsonl"))
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def resolve(self, path: str) -> str:
@@ -131,6 +133,9 @@ class Study:
         targets = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
         steps.append(Step("answers", [], lambda: os.path.isfile(self.answers), self.run_answers,
                           {"kind": "answers"}))
+        if cfg.scoring.curve_every:
+            steps.append(Step("tuning-answers", [], lambda: os.path.isfile(self.tuning_answers),
+                              lambda: self.run_answers(tuning=True), {"kind": "answers"}))
         for t in targets:
             steps.append(self.score_step(t, "anchors", None))
         if "acc" in targets:  # the teacher's graded answers (made with its answers when the study generates them)
@@ -168,6 +173,11 @@ class Study:
                                   {"kind": "train", "row": row, "steps": steps_n}))
                 for t in targets:
                     steps.append(self.score_step(t, label, row))
+                if cfg.scoring.curve_every:
+                    steps.append(Step(f"curve/{label}", ["tuning-answers", f"train/{label}"],
+                                      lambda label=label: os.path.isfile(os.path.join(self.out, "curve", label,
+                                                                                      "curve.json")),
+                                      lambda label=label, row=row: self.run_curve(label, row), {"kind": "curve"}))
         return steps
 
     def score_step(self, target: str, label: str, row: Row | None) -> Step:
@@ -203,19 +213,49 @@ class Study:
         fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.response_field)) if v}
         return dict(template=self.cfg.pair.template, max_length=d.max_length, **fields)
 
-    def run_answers(self) -> None:
+    def run_answers(self, tuning: bool = False) -> None:
+        """The teacher's greedy answers (all kept) to the reported rows (the CE target; its graded accuracy too), or
+        with ``tuning`` to the tuning rows (the learning curves' target)."""
         from ..commands.evaluate import traces
 
-        tmp = self.answers + ".partial"
-        got = traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=self.skip, limit=self.n,
-               template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
-               batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
-               eval_out=os.path.join(self.out, "acc", "teacher"), resume=True, overwrite=True)
+        target = self.tuning_answers if tuning else self.answers
+        skip, n = (self.cfg.data.tuning[0], self.cfg.data.tuning[1] - self.cfg.data.tuning[0]) if tuning else \
+            (self.skip, self.n)
+        tmp = target + ".partial"
+        got = traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=skip, limit=n,
+                     template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
+                     batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
+                     eval_out=None if tuning else os.path.join(self.out, "acc", "teacher"), resume=True,
+                     overwrite=True)
         if got["kept"] < got["generated"]:
-            raise ToEError(f"the teacher answered {got['kept']} of {got['generated']} reported items (the others were "
+            raise ToEError(f"the teacher answered {got['kept']} of {got['generated']} items (the others were "
                            f"empty; {100 * got['truncated_share']:.0f} % cut at scoring.max_new_tokens "
-                           f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers")
-        os.replace(tmp, self.answers)
+                           f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers / data.tuning_answers")
+        os.replace(tmp, target)
+
+    def run_curve(self, label: str, row: Row) -> None:
+        """CE on the tuning rows' teacher answers of every kept snapshot and the final weights: the learning curve."""
+        from ..commands.evaluate import evaluate
+
+        run, points = self.run_dir(label), []
+        snaps = os.path.join(run, "snapshots")
+        if not os.path.isdir(snaps):
+            raise ToEError(f"curve/{label}: {snaps} is gone (its work folder did not survive): delete "
+                           f"{os.path.join(self.out, 'train', label)} to train the row again, or set "
+                           "scoring.curve_every 0")
+        found = sorted((int(d.split("-")[1]), os.path.join(snaps, d)) for d in os.listdir(snaps)
+                       if d.startswith("step-"))
+        final = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+        for step, folder in [*found, (final, run)]:
+            out = os.path.join(self.out, "curve", label, f"step-{step}")
+            if not os.path.isfile(os.path.join(out, "metrics.json")):
+                evaluate(base=self.base, **{"lora" if row.kind == "lora" else "plugin": folder}, with_base=False,
+                         data=self.tuning_answers, template=self.cfg.pair.template, ce_target="trace",
+                         accuracy=False, task=self.cfg.data.task, batch_size=self.cfg.scoring.batch_size,
+                         dtype=self.cfg.pair.dtype, out=out, overwrite=True)
+            system = next(iter(read_json(os.path.join(out, "metrics.json"), "rerun the study")["systems"].values()))
+            points.append({"step": step, "ce": system["ce"], "ce_ci95": system.get("ce_ci95")})
+        atomic_write_json(os.path.join(self.out, "curve", label, "curve.json"), {"row": row.name, "points": points})
 
     def run_extract(self, layers: list[int]) -> Callable[[], None]:
         def run() -> None:
@@ -244,6 +284,7 @@ class Study:
             if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
                 marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
                 kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
+                          snapshot_every=self.cfg.scoring.curve_every,
                           batch_size=self.cfg.budget.batch_size, dtype=self.cfg.pair.dtype, resume=marker,
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":

@@ -113,6 +113,12 @@ def plan(study) -> dict:
                 (n * new / 2 * fb / F + -(-n // cfg.scoring.batch_size) * call_s(base_cfg)) * (
                     2 if w["row"] is None else 1)
             disk = 4096 * n
+        elif kind == "curve":  # CE on the tuning rows of every snapshot and the final weights
+            every = cfg.scoring.curve_every
+            points = (cfg.budget.steps or cfg.budget.steps_for(n_rows)) // every + 1
+            n_tuning = cfg.data.tuning[1] - cfg.data.tuning[0]
+            sec = points * (n_tuning * new / 2 * fb / F + -(-n_tuning // cfg.scoring.batch_size) * call_s(base_cfg))
+            disk = points * 4096 * n_tuning
         elif kind == "oracle":
             sec = n * new / 2 * (ft + 8 * fb) / F
         status = "done" if s.done() else "to run"
