@@ -110,18 +110,21 @@ def test_a_killed_study_resumes_to_the_same_table(pair, tmp_path):
 
 
 def test_a_step_another_process_holds_is_waited_for(pair, tmp_path):
+    """Another process holds the anchors' scoring: the study runs every other step meanwhile, then waits for it and
+    runs it itself once the holder lets go (the holder lets go only after the study's last other step)."""
     cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
     out = tmp_path / "s"
     (out / "locks").mkdir(parents=True)
-    lock = out / "locks" / "extract__extract-l1.lock"
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, time; f = open({str(lock)!r}, 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(3)"],
+    lock, last = out / "locks" / "score__ce__anchors.lock", out / "ce" / "toe" / "metrics.json"
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time; f = open({str(lock)!r}, 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)\n"
+                               f"while not os.path.exists({str(last)!r}): time.sleep(0.1)\ntime.sleep(1)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     result = study(cfg, str(out), poll_s=0.2)
     holder.wait()
-    assert result["waited"] and "extract/extract-l1" in result["ran"]  # it ran the step itself once the holder let go
-    with open(lock) as f:  # and let go of its own locks
+    assert result["waited"] and result["ran"][-1] == "score/ce/anchors"
+    with open(lock) as f:  # and it let go of its own locks
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
