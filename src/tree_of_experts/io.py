@@ -438,7 +438,7 @@ def _top_stats(folder: str) -> dict[str, tuple[int, int]]:
 
 def _claimed_here(folder: str) -> bool:
     """Whether this process holds the lock of ``folder`` or of a folder above it (a command writing its run)."""
-    return any(lock.held and _inside(folder, lock.out) is not None for lock in list(_HELD.values()))
+    return any(lock.held and inside(folder, lock.out) is not None for lock in list(_HELD.values()))
 
 
 def check_plugin_out(directory: str | os.PathLike) -> None:
@@ -508,7 +508,7 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     return held
 
 
-def _local_path(value: Any) -> str | None:
+def local_path(value: Any) -> str | None:
     """The local file or folder an input option names (``hf:FOLDER[:SPLIT]`` data included), None for a hub id."""
     if not isinstance(value, (str, os.PathLike)):
         return None
@@ -518,7 +518,7 @@ def _local_path(value: Any) -> str | None:
     return value if os.path.exists(value) else None
 
 
-def _inside(path: str, folder: str) -> str | None:
+def inside(path: str, folder: str) -> str | None:
     """``path``'s first name under ``folder`` ("." for the folder itself); None when it lies outside."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     if path == folder:
@@ -535,8 +535,8 @@ def _check_inputs(out: str, command: str, inputs: Mapping[str, Any], overwrite: 
         return
     writes = set(RUN_FILES.get(command, ())) | set(extra)
     for option, value in inputs.items():
-        path = _local_path(value)
-        top = _inside(path, out) if path else None
+        path = local_path(value)
+        top = inside(path, out) if path else None
         if top is None:
             continue
         if top == ".":

@@ -241,7 +241,7 @@ def extract(
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
     if state.is_main_process:
         claim_out(out, "extract", overwrite=overwrite,
-                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture})
+                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture, "data": data})
     state.wait_for_everyone()
     dev = torch.device(device) if device else state.device
     spec = DataSpec(prompt_field, response_field, template, strip_calc)

@@ -191,7 +191,7 @@ def oracle(
     OracleConfig.from_args(locals())
     check_extraction(experts)
     claim_out(out, "oracle", overwrite=overwrite, inputs={"experts": experts, "plugin": plugin, "base": base,
-                                                           "teacher": teacher})
+                                                           "teacher": teacher, "data": data})
     qf, rf = TASK_FIELDS[task]
     spec = ce_target_spec(task, template, ce_target)
     rows = read_jsonl(data, DataSpec(qf, rf, template))[skip:]

@@ -260,7 +260,8 @@ def train(
         # (the main process holds the folder's lock for the run)
         claim_out(out, "train", overwrite=overwrite, resume=resume, keep=RESUMED if resume else (), inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
-            "base": base if isinstance(base, str) else None}, lock=acc.is_main_process)
+            "base": base if isinstance(base, str) else None, "data": data, "tokenizer": tokenizer,
+            "base_adapter": base_adapter}, lock=acc.is_main_process)
         if resume:
             defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
             check_resume_args(os.path.join(out, "train_args.json"), args, defaults, resume_ignores(objective))

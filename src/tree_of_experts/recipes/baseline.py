@@ -293,7 +293,7 @@ def baseline(
                        "pass --overwrite true to redo it, or a new --out")
     claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
               keep=RESUMED + (ARGS_NAME,) if resume else (),  # --resume --overwrite: continue, replace the rest
-              inputs={"base": base, "experts": experts, "teacher": teacher})
+              inputs={"base": base, "experts": experts, "teacher": teacher, "data": data})
     args_path = os.path.join(out, ARGS_NAME)
     if resume:
         check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()},
