@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import ToEConfig, ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
-from ..extraction.store import Extraction
+from ..extraction.store import REBUILT_BY, ROUTE, Extraction
 from ..hf import (
     adapter_folder,
     checkpoint_frozen_layers,
@@ -71,6 +72,8 @@ from ..training.steps import (
     sampled_route_loss,
 )
 from ..tree import effective_leaves
+
+log = logging.getLogger(__name__)
 
 
 @releases_out_locks
@@ -239,7 +242,12 @@ def train(
     if cached_states and cached_layer not in run["layers"]:
         raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
                        "lowest injection layer): drop --cached_states")
-    examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer,
+    # What the run leaves out, said once here and in the summary; what the extraction lacks for the rest is refused.
+    left_out = leaves_out(experts, skip_stage_a, stage_a_steps, route_weight, no_kd, kd_weight, on_policy.ratio)
+    for part, why in left_out.items():
+        log.warning("toe train: no %s (%s)", part, why)
+    wants_kd = not no_kd and kd_weight > 0 and on_policy.ratio < 1  # on-policy steps distil the live teacher
+    examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, wants_kd, cached_layer,
                                               skip_truncated)
     if cached_states and run.get("limit") is not None and len(examples) > run["limit"]:
         raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
@@ -281,8 +289,8 @@ def train(
     if cached_states:
         layers_return_tuples(model.base)  # found now, outside any recording of routes
     route_data = Extraction(experts).route_data()
-    if not route_data:
-        skip_stage_a, route_weight = True, 0.0
+    if not route_data:  # a run that needed it was refused (leaves_out); this one said what it leaves out
+        route_weight = 0.0
     stage_a = 0 if skip_stage_a else stage_a_steps
     levels = node_levels(cfg.shape, cfg.num_leaves)
     depth = int(levels.max()) + 1
@@ -434,7 +442,7 @@ def train(
     # kd: whether steps distilled the cached top-k log-probs (off-policy steps only)
     summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,
                "examples": n_examples, "skipped_truncated": skipped,  # rows left out by --skip_truncated
-               "processes": acc.num_processes}
+               "left_out": left_out, "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)
         summary["curves"] = plot_curves(metrics_path, os.path.join(out, "curves.png"))
@@ -447,3 +455,22 @@ def train(
     return summary
 
 
+def leaves_out(experts: str, skip_stage_a: bool, stage_a_steps: int, route_weight: float, no_kd: bool,
+               kd_weight: float, on_policy_ratio: float) -> dict[str, str]:
+    """{part of the training left out: why} for what the options asked to leave out; refuses (one line, naming
+    the command that rebuilds it or the option that leaves it out) an extraction that lacks route data a run
+    uses: Stage A's labels, and the Stage-B route loss's."""
+    out = {}
+    if skip_stage_a or stage_a_steps == 0:
+        out["route warm-up (Stage A)"] = "--skip_stage_a true" if skip_stage_a else "--stage_a_steps 0"
+    if not Extraction(experts).has(ROUTE):
+        if "route warm-up (Stage A)" not in out:
+            raise ToEError(f"--experts {experts} lacks {ROUTE} (the route labels of Stage A): {REBUILT_BY}, or pass "
+                           "--skip_stage_a true to train without the route warm-up")
+        if route_weight > 0:
+            out["route loss in Stage B"] = f"{experts} has no {ROUTE} for it"
+    if no_kd or kd_weight == 0:
+        out["distillation of the cached top-k"] = "--no_kd true" if no_kd else "--kd_weight 0"
+    elif on_policy_ratio >= 1:
+        out["distillation of the cached top-k"] = "every step is on-policy"
+    return out

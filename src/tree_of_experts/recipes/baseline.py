@@ -64,7 +64,7 @@ from ..training.distill import (
     step_batch,
     teacher_logits,
 )
-from ..training.examples import encode_rows, load_examples
+from ..training.examples import check_kd_cache, encode_rows, load_examples
 from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -283,6 +283,7 @@ def baseline(
         if not run.get("topk_logprobs") or run.get("data_sha256") != file_hash(data):
             raise ToEError(f"kd_weight={kd_weight} but {experts or 'no --experts'} holds no cached teacher top-k for "
                            f"{data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
+        check_kd_cache(ex, run, data, "--kd_weight 0")  # its shards are there, as long as the manifest says
     if on_policy.ratio > 0:  # before anything is written to out
         teacher = resolve_teacher(teacher, experts, base)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
@@ -341,7 +342,8 @@ def baseline(
         base_model = load_causal_lm(base, dtype=dtype)
         kd = kd_weight or 0.0
         examples, has_kd, _ = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "",
-                                            kd > 0, skip_truncated=skip_truncated)
+                                            kd > 0, skip_truncated=skip_truncated,
+                                            without_kd="--kd_weight 0")
         if kd > 0 and not has_kd:
             raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                            "--topk_logprobs > 0 on this data, or drop --kd_weight")
