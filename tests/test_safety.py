@@ -214,7 +214,7 @@ CASES = {
         ["inspect", "--plugin", p := copy(w, "ex", t)], [p], r"has no format_version"),
     "corrupt extraction shard": lambda w, t: Case(
         train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x],
-        r"shard-00001\.safetensors is unreadable.*delete that shard", no_model=False),
+        r"lacks or holds damaged shards/shard-00001\.safetensors.*rerun the `toe extract` command"),
     "another plug-in saved into an extraction": lambda w, t: Case(
         train_args(w, str(t / "x"), experts=(x := copy(w, "ex", t))), [x],
         r"injects at layers \[0, 1\] but its route data was built for \[\d\].*extract again"),
