@@ -56,7 +56,7 @@ def test_the_manifest_records_every_shard(world):
 
 
 def test_train_refuses_an_extraction_without_route_data_unless_stage_a_is_skipped(world, tmp_path, capsys,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, caplog):
     """Stage A used to be skipped silently (rc 0) when route_data.safetensors was gone."""
     ex = copy(world, "ex", tmp_path)
     os.remove(os.path.join(ex, "route_data.safetensors"))
@@ -66,9 +66,9 @@ def test_train_refuses_an_extraction_without_route_data_unless_stage_a_is_skippe
     assert not (tmp_path / "run").exists()
     # asked for: the run says what it leaves out, in its log and its summary
     out = str(tmp_path / "skipped")
-    capsys.readouterr()
-    assert main(train_args(world, out, "--skip_stage_a", "true", experts=ex)) == 0
-    err = capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert main(train_args(world, out, "--skip_stage_a", "true", experts=ex)) == 0
+    err = caplog.text
     assert "no route warm-up (Stage A) (--skip_stage_a true)" in err
     assert "no route loss in Stage B" in err
     left = summary(out)["left_out"]
@@ -77,7 +77,8 @@ def test_train_refuses_an_extraction_without_route_data_unless_stage_a_is_skippe
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated", "all deleted"])
-def test_train_refuses_missing_shards_instead_of_training_without_kd(world, tmp_path, capsys, monkeypatch, damage):
+def test_train_refuses_missing_shards_instead_of_training_without_kd(world, tmp_path, capsys, monkeypatch, caplog,
+                                                                      damage):
     """Deleted shards used to give a run without distillation, rc 0, `kd: false`."""
     ex = copy(world, "ex", tmp_path)
     shard = os.path.join(ex, "shards", "shard-00001.safetensors")
@@ -97,9 +98,10 @@ def test_train_refuses_missing_shards_instead_of_training_without_kd(world, tmp_
     # asked for: trained without distillation, and said so
     for flag in (["--no_kd", "true"], ["--kd_weight", "0"]):
         out = str(tmp_path / f"run{flag[0]}")
-        capsys.readouterr()
-        assert main(train_args(world, out, *flag, "--stage_a_steps", "0", experts=ex)) == 0
-        assert "no distillation of the cached top-k" in capsys.readouterr().err
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(train_args(world, out, *flag, "--stage_a_steps", "0", experts=ex)) == 0
+        assert f"no distillation of the cached top-k ({' '.join(flag)})" in caplog.text
         assert summary(out)["kd"] is False
         assert summary(out)["left_out"]["distillation of the cached top-k"] == " ".join(flag)
 

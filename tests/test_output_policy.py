@@ -111,6 +111,7 @@ def test_export_overwrite_never_replaces_another_run(world, tmp_path, capsys, mo
 def test_overwrite_never_removes_an_input(world, tmp_path, capsys, monkeypatch):
     """`toe eval --overwrite true --data X/base.jsonl --out X` used to delete its own input data."""
     x = copy(world, "eval", tmp_path)
+    shutil.copy(FIXTURE, os.path.join(x, "base.jsonl"))  # the items, saved where an eval writes its base rows
     for extra in (("--overwrite", "true"), ()):  # without --overwrite the run would write over it
         message = refused(eval_args(world, x, *extra, data=os.path.join(x, "base.jsonl")), capsys, monkeypatch,
                           keep=[x])
