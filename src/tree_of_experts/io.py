@@ -387,7 +387,7 @@ KIND_MARKERS = (
     ("bench", ("bench.json", "bench.md")),
     ("eval", ("metrics.json", "generations.partial.jsonl")),
     ("export", ("modeling_toe.py", "configuration_toe.py")),
-    ("checkpoint", ("state.json", "optimizer.pt")),
+    ("checkpoint", ("state.json", "plugin.safetensors", "trainable.safetensors")),  # `toe train`'s, not Trainer's
     ("plugin", ("toe_config.json", "toe_model.safetensors")),
 )
 KINDS = {"extract": "an extraction (`toe extract`)", "plugin": "a plug-in folder (save_pretrained)",
@@ -478,11 +478,14 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     is loaded, from a command decorated with :func:`releases_out_locks`.
 
     Refuses, with one line naming the folder and the options: ``out`` being one of the command's ``inputs``
-    ({option: path}), an existing file, a folder another process is writing into (its :class:`OutLock`), or a
-    folder holding another run's files (see ``RUN_FILES``) unless ``overwrite`` (those files and ``extra`` names are
-    then removed) or the folder holds this command's own run and it may continue it (``resume``; an extraction
-    rerun; a report regenerated). ``keep``: names ``overwrite`` leaves in place (what a resumed run reuses).
-    ``lock``: False checks only (the other processes of a multi-process run, whose main process holds the lock).
+    ({option: path}) or holding one where ``overwrite`` would remove it or the run write over it, an existing file,
+    a folder another process is writing into (its :class:`OutLock`), a folder holding another kind of run
+    (:func:`folder_kind`) or files the command does not write (both even with ``overwrite``), or a folder holding a
+    run of this command unless ``overwrite`` (its files, see ``RUN_FILES``, and ``extra`` names are then removed) or
+    it may continue it (``resume``; an extraction rerun; a report regenerated). ``keep``: names ``overwrite`` leaves
+    in place (what a resumed run reuses). ``lock``: False checks only (the other processes of a multi-process run,
+    whose main process holds the lock). A command re-entering a folder its process claimed (a recipe's step) skips
+    the kind checks; the first claim records the kind of run in RECORD_NAME when the run has written its files.
 
     Returns:
         The lock (None without ``lock``), held until the decorated command returns; called outside one, release
