@@ -114,7 +114,13 @@ def test_out_is_refused_when_not_empty_and_replaced_whole(pair, tmp_path, monkey
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ToEError, match="--overwrite"):
+    for overwrite in (False, True):  # a file an export does not write is never replaced with the folder
+        with pytest.raises(ToEError, match=r"does not write \(keep\.txt\).*new --out"):
+            export(str(pair / "base"), str(tmp_path / "plugin"), str(out), overwrite=overwrite)
+    os.remove(out / "keep.txt")
+    export(str(pair / "base"), str(tmp_path / "plugin"), str(out))
+    first = sorted(os.listdir(out))
+    with pytest.raises(ToEError, match="an earlier export: pass --overwrite true"):
         export(str(pair / "base"), str(tmp_path / "plugin"), str(out))
 
     import huggingface_hub
@@ -125,11 +131,11 @@ def test_out_is_refused_when_not_empty_and_replaced_whole(pair, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", broken)
     with pytest.raises(OSError, match="disk full"):
         export(str(pair / "base"), str(tmp_path / "plugin"), str(out), overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]  # a failed export leaves the old folder as it was ...
+    assert sorted(os.listdir(out)) == first  # a failed export leaves the old folder as it was ...
     assert sorted(os.listdir(tmp_path)) == ["out", "plugin"]  # ... and no temporary folder behind
     monkeypatch.undo()
     export(str(pair / "base"), str(tmp_path / "plugin"), str(out), overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+    assert sorted(os.listdir(out)) == first
     assert sorted(os.listdir(tmp_path)) == ["out", "plugin"]
 
 

@@ -514,7 +514,7 @@ def test_the_state_loss_is_refused_where_it_has_no_target(experts, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text(open(FIXTURE).read().replace("plus", "and"))  # another file: the extraction cached nothing for it
     with pytest.raises(ToEError, match="state_loss_weight"):
-        train(**args(experts, tmp_path / "p", data=str(other), state_loss_weight=1.0))
+        train(**args(experts, tmp_path / "p", data=str(other), state_loss_weight=1.0, no_kd=True))
     with pytest.raises(ToEError, match="state_loss_weight"):
         train(**args(experts, tmp_path / "q", state_loss_weight=-1.0))
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()

@@ -201,6 +201,8 @@ class OutLock:
         self._depth = 1
         self._fd = self._acquire()
         self._record()
+        self.command: str | None = None  # set by claim_out: the kind of run recorded in RECORD_NAME at release
+        self._before: dict[str, tuple[int, int]] = {}
 
     def _acquire(self) -> int:
         while True:
@@ -245,11 +247,23 @@ class OutLock:
         if self._depth > 0:
             return
         _HELD.pop(self._key, None)
+        if self.command is not None:
+            with contextlib.suppress(OSError):  # a record that cannot be written only loses the kind's name
+                self._record_run()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)  # while still locked: whoever opens the name next gets a new file
         fd, self._fd = self._fd, None
         os.close(fd)
         self._remove_created()
+
+    def _record_run(self) -> None:
+        """Writes which command's run the folder holds (RECORD_NAME) when the run changed any of its files: a
+        refused or empty run leaves the folder byte-identical."""
+        if _top_stats(self.out) == self._before:
+            return
+        files = run_files(self.out, self.command)
+        if files:
+            atomic_write_json(os.path.join(self.out, RECORD_NAME), {"command": kind_of(self.command), "files": files})
 
     def _remove_created(self) -> None:
         for folder in reversed(self._created):  # deepest first; a folder holding anything stays
@@ -360,12 +374,94 @@ RESUMES_BY_RERUN = ("extract",)  # an extraction continues whenever it is rerun 
 REPLACES_ITSELF = ("report",)  # a report is a view of eval folders: regenerating it loses nothing
 
 
+RECORD_NAME = ".toe-files.json"  # which command's run a folder holds and its files (hidden, like the lock)
+SAME_KIND = {"rebuild": "extract"}  # commands whose folders are one kind of run
+# The files that say which kind of run a folder holds when it has no record (folders written before the record
+# existed, a run killed before it wrote one), most specific first: a baseline's folder holds a train run's files
+# too, every trained folder a plug-in's.
+KIND_MARKERS = (
+    ("baseline", ("baseline_args.json", "baseline_summary.json")),
+    ("train", ("train_args.json", "train_summary.json")),
+    ("extract", ("run.json", "build.json", "manifest.json", "route_data.safetensors", "projector.safetensors")),
+    ("oracle", ("oracle.json", "oracle.md", "O2-routing.jsonl")),
+    ("report", ("report.json", "report.md")),
+    ("bench", ("bench.json", "bench.md")),
+    ("eval", ("metrics.json", "generations.partial.jsonl")),
+    ("export", ("modeling_toe.py", "configuration_toe.py")),
+    ("checkpoint", ("state.json", "plugin.safetensors", "trainable.safetensors")),  # `toe train`'s, not Trainer's
+    ("plugin", ("toe_config.json", "toe_model.safetensors")),
+)
+KINDS = {"extract": "an extraction (`toe extract`)", "plugin": "a plug-in folder (save_pretrained)",
+         "checkpoint": "a training checkpoint", "export": "an exported model (`toe export`)"}
+
+
+def kind_of(command: str) -> str:
+    """The kind of run a command's output folder holds (`toe rebuild` writes an extraction)."""
+    return SAME_KIND.get(command, command)
+
+
+def describe(kind: str) -> str:
+    return KINDS.get(kind, f"a `toe {kind}` run")
+
+
+def folder_kind(folder: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """(the kind of run ``folder`` holds, the files that say so): its record (RECORD_NAME) where a command left
+    one, else the first of KIND_MARKERS it holds; (None, []) for a folder holding no ToE run."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return None, []
+    names = set(os.listdir(folder))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(folder, RECORD_NAME)) as f:
+            kind = json.load(f).get("command")
+        if isinstance(kind, str) and kind in {k for k, _ in KIND_MARKERS}:
+            markers = dict(KIND_MARKERS)[kind]
+            own = [m for m in markers if m in names] + [n for n in run_files(folder, kind) if n not in markers]
+            return kind, own or [RECORD_NAME]
+    for kind, markers in KIND_MARKERS:
+        hits = [m for m in markers if m in names]
+        if hits:
+            return kind, hits
+    return None, []
+
+
+def _top_stats(folder: str) -> dict[str, tuple[int, int]]:
+    """{name: (mtime_ns, size)} of the visible entries at the top of ``folder``: whether a run changed it."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if not entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    out[entry.name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _claimed_here(folder: str) -> bool:
+    """Whether this process holds the lock of ``folder`` or of a folder above it (a command writing its run)."""
+    return any(lock.held and inside(folder, lock.out) is not None for lock in list(_HELD.values()))
+
+
+def check_plugin_out(directory: str | os.PathLike) -> None:
+    """Refuses to save a plug-in into a folder holding another kind of run (an extraction, whose untrained plug-in
+    `toe train` starts from; an eval; a training checkpoint...), naming it; a plug-in folder is replaced. A command
+    saving into the folder it claimed (:func:`claim_out`) has applied the policy already."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory) or _claimed_here(directory):
+        return
+    kind, evidence = folder_kind(directory)
+    if kind in (None, "plugin"):
+        return
+    raise ToEError(f"save_pretrained: {directory} holds {describe(kind)} ({', '.join(evidence[:4])}), not a plug-in "
+                   "folder: save into a new folder (its own files would be replaced or mixed with the plug-in's)")
+
+
 def run_files(out: str | os.PathLike, command: str | None = None) -> list[str]:
     """Names at the top of ``out`` that a ToE command writes (``command``'s only, or any command's)."""
     out = os.fspath(out)
     if not os.path.isdir(out):
         return []
-    patterns = set(RUN_FILES[command]) if command else {p for ps in RUN_FILES.values() for p in ps}
+    patterns = set(RUN_FILES.get(kind_of(command), RUN_FILES.get(command, ()))) if command else {p for ps in RUN_FILES.values() for p in ps}
     return sorted(name for name in os.listdir(out) if any(fnmatch.fnmatchcase(name, p) for p in patterns))
 
 
@@ -383,41 +479,97 @@ def claim_out(out: str | os.PathLike, command: str, *, overwrite: bool = False, 
     is loaded, from a command decorated with :func:`releases_out_locks`.
 
     Refuses, with one line naming the folder and the options: ``out`` being one of the command's ``inputs``
-    ({option: path}), an existing file, a folder another process is writing into (its :class:`OutLock`), or a
-    folder holding another run's files (see ``RUN_FILES``) unless ``overwrite`` (those files and ``extra`` names are
-    then removed) or the folder holds this command's own run and it may continue it (``resume``; an extraction
-    rerun; a report regenerated). ``keep``: names ``overwrite`` leaves in place (what a resumed run reuses).
-    ``lock``: False checks only (the other processes of a multi-process run, whose main process holds the lock).
+    ({option: path}) or holding one where ``overwrite`` would remove it or the run write over it, an existing file,
+    a folder another process is writing into (its :class:`OutLock`), a folder holding another kind of run
+    (:func:`folder_kind`) or files the command does not write (both even with ``overwrite``), or a folder holding a
+    run of this command unless ``overwrite`` (its files, see ``RUN_FILES``, and ``extra`` names are then removed) or
+    it may continue it (``resume``; an extraction rerun; a report regenerated). ``keep``: names ``overwrite`` leaves
+    in place (what a resumed run reuses). ``lock``: False checks only (the other processes of a multi-process run,
+    whose main process holds the lock). A command re-entering a folder its process claimed (a recipe's step) skips
+    the kind checks; the first claim records the kind of run in RECORD_NAME when the run has written its files.
 
     Returns:
         The lock (None without ``lock``), held until the decorated command returns; called outside one, release
         it yourself (``with claim_out(...):``).
     """
     out = os.fspath(out)
-    for option, path in (inputs or {}).items():
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) and os.path.exists(out) and _same(out, path):
-            raise ToEError(f"--out {out} is the --{option} folder: write to a new folder (the command would replace "
-                           f"files it reads)")
+    _check_inputs(out, command, inputs or {}, overwrite, extra)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ToEError(f"--out {out} is a file: pass a folder")
     held = _take(out) if lock else None
+    reentered = held is not None and held._depth > 1  # a recipe's command writing into its own claimed folder
     try:  # checked under the lock: no other run changes the folder between the check and the writes
-        _check_out(out, command, overwrite, resume, extra, keep)
+        _check_out(out, command, overwrite, resume, extra, keep, reentered)
     except BaseException:
         if held is not None:
             held.release()
         raise
+    if held is not None and not reentered:
+        held.command, held._before = command, _top_stats(out)
     scope = _SCOPE.get()
     if held is not None and scope is not None:
         scope.append(held)
     return held
 
 
+def local_path(value: Any) -> str | None:
+    """The local file or folder an input option names (``hf:FOLDER[:SPLIT]`` data included), None for a hub id."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    value = os.fspath(value)
+    if value.startswith("hf:") and not os.path.exists(value):
+        value = value[3:].split(":")[0]
+    return value if os.path.exists(value) else None
+
+
+def inside(path: str, folder: str) -> str | None:
+    """``path``'s first name under ``folder`` ("." for the folder itself); None when it lies outside."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    if path == folder:
+        return "."
+    if not path.startswith(folder.rstrip(os.sep) + os.sep):
+        return None
+    return os.path.relpath(path, folder).split(os.sep)[0]
+
+
+def _check_inputs(out: str, command: str, inputs: Mapping[str, Any], overwrite: bool, extra: Iterable[str]) -> None:
+    """Refuses an input that is the output folder, or lies inside it where the run would remove (``overwrite``) or
+    write over it (a name of the command's own files): nothing a command reads is lost to its output."""
+    if not os.path.isdir(out):
+        return
+    writes = set(RUN_FILES.get(command, ())) | set(extra)
+    for option, value in inputs.items():
+        path = local_path(value)
+        top = inside(path, out) if path else None
+        if top is None:
+            continue
+        if top == ".":
+            if os.path.isdir(path):
+                raise ToEError(f"--out {out} is the --{option} folder: write to a new folder (the command would "
+                               "replace files it reads)")
+            continue
+        if overwrite or any(fnmatch.fnmatchcase(top, p) for p in writes):
+            how = "--overwrite would remove it" if overwrite else f"`toe {command}` writes {top} there"
+            raise ToEError(f"--{option} {value} lies inside --out {out} ({how}): an output folder never takes a "
+                           "command's inputs: move it out, or pass a new --out")
+
+
 def _check_out(out: str, command: str, overwrite: bool, resume: bool, extra: Iterable[str],
-               keep: Iterable[str]) -> None:
+               keep: Iterable[str], reentered: bool = False) -> None:
     found = run_files(out)
     if not found:
         return
+    kind, evidence = folder_kind(out)
+    if not reentered and kind is not None and kind != kind_of(command):
+        shown = ", ".join(evidence[:4])
+        resumes = "; --resume continues only its own runs" if command in RESUME_MARKER else ""
+        raise ToEError(f"{out} holds {describe(kind)} ({shown}), not a `toe {command}` run: pass a new --out "
+                       f"(--overwrite replaces only a `toe {command}` run's files{resumes})")
+    own = set(run_files(out, command))
+    foreign = [n for n in found if n not in own]
+    if foreign and not reentered:  # no command of this kind wrote them: --overwrite would not remove them either
+        raise ToEError(f"{out} holds files that a `toe {command}` run does not write ({', '.join(foreign[:4])}): "
+                       f"--overwrite removes only a `toe {command}` run's files: move them, or pass a new --out")
     if overwrite:
         doomed = [n for n in found if n not in keep] + [n for n in extra if n not in keep and n not in found
                                                         and os.path.lexists(os.path.join(out, n))]
@@ -429,8 +581,6 @@ def _check_out(out: str, command: str, overwrite: bool, resume: bool, extra: Ite
             else:
                 os.remove(path)
         return
-    own = set(run_files(out, command))
-    foreign = [n for n in found if n not in own]
     markers = RESUME_MARKER.get(command, ())
     has_run = any(os.path.isfile(os.path.join(out, m)) for m in markers)
     if not foreign and has_run and (resume or command in RESUMES_BY_RERUN):

@@ -36,7 +36,7 @@ from .hf import (
     resolve_folder,
     versions,
 )
-from .io import atomic_write_text
+from .io import atomic_write_text, check_plugin_out
 from .plugin import ToEPlugin
 
 
@@ -301,6 +301,9 @@ class ToEModel(PreTrainedModel):
         ``README.md`` card.
 
         Args:
+            save_directory: a new folder or a plug-in folder (replaced); one holding another kind of run (an
+                extraction, an eval, a training checkpoint...) is refused, unless the command writing that run
+                saves its own plug-in there.
             state_dict: a state dict of this model to write instead of the live tensors (its ``plugin.*`` entries), as
                 transformers' Trainer passes one.
             is_main_process: only the main process writes (distributed training).
@@ -312,6 +315,7 @@ class ToEModel(PreTrainedModel):
         """
         if not is_main_process:
             return
+        check_plugin_out(save_directory)  # an extraction's, an eval's or a checkpoint's folder is refused
         save_plugin(save_directory, self.plugin, state=state_dict, base_id=base_id, eval_dir=eval_dir,
                     license=license)
 

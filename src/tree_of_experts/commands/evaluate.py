@@ -169,7 +169,8 @@ def evaluate(
     if ce:
         ce_examples(tok, items, max_length)  # a prompt that fills max_length is refused before any model loads
     claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
-              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft})
+              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft, "data": data,
+                      "few_shot_data": few_shot_data})
     os.makedirs(out, exist_ok=True)
     args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
                 skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
@@ -283,7 +284,7 @@ def traces(
                            "continue it (same arguments), or --overwrite true to start over")
         os.remove(partial)
     if eval_out:
-        claim_out(eval_out, "eval", overwrite=overwrite, inputs={"from_eval": from_eval})
+        claim_out(eval_out, "eval", overwrite=overwrite, inputs={"from_eval": from_eval, "data": data, "teacher": teacher})
     qf, rf = TASK_FIELDS[task]
     spec = DataSpec(qf, rf, template)
     rows = read_jsonl(data, spec)[skip:]

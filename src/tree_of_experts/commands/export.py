@@ -9,6 +9,7 @@ exported model runs the library's own routing code.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -17,12 +18,17 @@ from importlib import resources
 
 from ..config import ToEError
 from ..hf import is_full_hub_id, is_hub_id, load_tokenizer
-from ..io import follow_umask
+from ..io import inside, local_path, describe, folder_kind, follow_umask
 from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder
 CODE = ("configuration_toe.py", "modeling_toe.py")
 LIBRARY_CODE = {"toe_tree.py": "tree.py", "toe_bank.py": "bank.py"}  # exported name: library module
+# What an export folder holds (the tokenizer's files vary with its kind): --overwrite replaces a folder holding
+# nothing else, as the whole folder is renamed away.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json", "README.md", "*.py", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.model")
 
 
 def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: str = "auto",
@@ -37,7 +43,7 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
         out: the folder to write; written in a temporary folder next to it, then renamed into place.
         base_id: the base's hub id, for the model card, when ``base`` is a local folder.
         dtype: dtype of the base weights written ("auto" keeps the base's); the plug-in is always float32.
-        overwrite: replace an existing non-empty ``out``.
+        overwrite: replace an earlier export in ``out`` (a folder holding anything else is refused).
         verify: load the written folder once more (as transformers will) and check that its logits on a short probe
             equal ToEModel's before moving it into place; needs memory for a second copy of the base.
 
@@ -47,8 +53,7 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
     from huggingface_hub import save_torch_state_dict
 
     out = os.path.abspath(out)
-    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
-        raise ToEError(f"out={out} exists and is not an empty folder: choose another --out or pass --overwrite true")
+    check_export_out(out, overwrite, {"base": base, "plugin": plugin})
     if base_id is not None and not is_hub_id(base_id):
         raise ToEError(f"base_id={base_id!r} is not a hub repo id: give the id the base is published under (org/name)")
     model = ToEModel.from_pretrained(base, plugin, dtype=dtype)
@@ -106,6 +111,37 @@ def export(base: str, plugin: str, out: str, base_id: str | None = None, dtype: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": out, "files": sorted(os.listdir(out)), "tokenizer": tok is not None}
+
+
+def check_export_out(out: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    """Refuses an ``out`` that the export, which replaces the whole folder, would lose anything in: a file, a folder
+    holding an input, another kind of run (even with ``overwrite``, naming it), files an export does not write; an
+    earlier export needs ``overwrite``."""
+    if os.path.isfile(out):
+        raise ToEError(f"--out {out} is a file: pass a new folder")
+    for option, value in inputs.items():
+        path = local_path(value)
+        if path and inside(path, out) is not None:
+            raise ToEError(f"--{option} {value} lies inside --out {out}: `toe export` replaces the whole folder: pass "
+                           "a new --out")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not names:
+        return
+    kind, evidence = folder_kind(out)
+    if kind not in (None, "export"):
+        raise ToEError(f"--out {out} holds {describe(kind)} ({', '.join(evidence[:4])}): `toe export` replaces the "
+                       "whole folder, so it writes only into a new folder or over an earlier export (even with "
+                       "--overwrite): pass a new --out")
+    other = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in EXPORT_FILES)]
+    if other:
+        shown = ", ".join(other[:4]) + (", ..." if len(other) > 4 else "")
+        raise ToEError(f"--out {out} holds files that `toe export` does not write ({shown}): it replaces the whole "
+                       "folder, so it writes only into a new folder or over an earlier export: pass a new --out")
+    if kind is None:
+        raise ToEError(f"--out {out} holds {', '.join(names[:4])} but no earlier export (no modeling_toe.py): pass a "
+                       "new --out")
+    if not overwrite:
+        raise ToEError(f"--out {out} holds an earlier export: pass --overwrite true to replace it, or a new --out")
 
 
 def _verify(folder: str, model: ToEModel) -> None:

@@ -39,7 +39,7 @@ from ..extraction.capture import capture_shard, default_layer, prepare, same_voc
 from ..extraction.fusion import (
     FusionMap,
 )
-from ..extraction.store import CORRUPT, CORRUPT_SHARD
+from ..extraction.store import CORRUPT, CORRUPT_SHARD, Extraction
 from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_tokenizer
 from ..io import (
     atomic_save_tensors,
@@ -73,6 +73,28 @@ def finished_extraction(out: str, build_settings: dict) -> dict | None:
         raise ToEError(f"{out} holds a finished extraction built with other settings ({', '.join(changed)}): {how}, "
                        "without running the models; --overwrite true extracts again")
     return read_json(summary_path, "delete the folder (or pass --overwrite true) and extract again")
+
+
+def whole(out: str) -> list[str]:
+    """What a finished extraction in ``out`` lacks or holds damaged: missing files and shards whose size or sha256
+    differs from the manifest's record (every shard is read once)."""
+    ex = Extraction(out)
+    try:
+        return ex.missing_pieces() + ex.damaged_shards(full=True)
+    except ToEError:  # a damaged manifest: everything is built again (the shards checked by their headers)
+        return ["manifest.json"]
+
+
+def damaged_shards(out: str, found: list[str]) -> list[str]:
+    """The shards to capture again: those ``found`` damaged (by their sha256) and those missing, cut short or not
+    as long as the manifest recorded (a damaged manifest: checked by their headers alone)."""
+    ex = Extraction(out)
+    try:
+        bad = ex.damaged_shards()
+    except ToEError:
+        os.remove(ex.path("manifest.json"))  # rewritten by the build
+        bad = ex.damaged_shards()
+    return sorted(set(bad) | {rel for rel in found if rel.startswith("shards" + os.sep)})
 
 
 def check_same_extraction(out: str, settings: dict) -> None:
@@ -241,7 +263,7 @@ def extract(
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
     if state.is_main_process:
         claim_out(out, "extract", overwrite=overwrite,
-                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture})
+                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture, "data": data})
     state.wait_for_everyone()
     dev = torch.device(device) if device else state.device
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
@@ -261,6 +283,7 @@ def extract(
     # does not say)
     n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
     check_layers(layers, teacher_layers, n_b_config, n_t_config)
+    damaged: list[str] = []  # what a finished extraction lacks or holds damaged (then captured and built again)
     known = bool(layers or n_b_config is not None) and bool(teacher_layers or None not in (n_b_config, n_t_config))
     if known:  # a finished extraction with these settings (its default layers resolved) is returned as it is
         check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
@@ -269,10 +292,14 @@ def extract(
             **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("batch_size", "topk_logprobs")},
             "ridge_lambdas": [float(x) for x in ridge_lambdas], "seed": seed}))
         finished = finished_extraction(out, build_settings)
-        if finished is not None:  # nothing to capture or build: no model is loaded
-            log.info("%s: a finished extraction with these settings; reused as it is (--overwrite true extracts "
-                     "again)", out)
+        damaged = whole(out) if finished is not None else []
+        if finished is not None and not damaged:  # nothing to capture or build: no model is loaded
+            log.info("%s: a finished extraction with these settings, its shards checked against the manifest's "
+                     "hashes; reused as it is (--overwrite true extracts again)", out)
             return finished if state.is_main_process else None
+        if damaged:  # the damaged shards are captured again below, and the rest rebuilt from them
+            log.warning("%s: a finished extraction with these settings lacks or has damaged %s: capturing and "
+                        "building them again", out, ", ".join(damaged[:6]) + (", ..." if len(damaged) > 6 else ""))
     source = reusable_capture(reuse_capture, early) if reuse_capture else None  # (a finished one needs it no more)
     if source is not None:  # the pairs asked for against the source's, before any weights load
         if not known:
@@ -311,6 +338,10 @@ def extract(
             check_same_extraction(out, settings)
         else:
             atomic_write_json(run_path, settings)
+        for rel in damaged_shards(out, damaged):  # a shard damaged since it was written is captured again
+            log.warning("%s: %s is missing or damaged: capturing it again", out, rel)
+            if os.path.lexists(os.path.join(out, rel)):
+                os.remove(os.path.join(out, rel))
     state.wait_for_everyone()
 
     # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import ToEConfig, ToEError, TrainConfig
 from ..data import DataSpec, batch_indices, file_hash
-from ..extraction.store import Extraction
+from ..extraction.store import REBUILT_BY, ROUTE, Extraction
 from ..hf import (
     adapter_folder,
     capture_layers,
@@ -73,6 +74,8 @@ from ..training.steps import (
 )
 from ..losses import state_loss
 from ..tree import effective_leaves
+
+log = logging.getLogger(__name__)
 
 
 @releases_out_locks
@@ -255,7 +258,12 @@ def train(
     if state_loss_weight > 0 and base_adapter:
         raise ToEError("--state_loss_weight targets the bare base's cached states, which a --base_adapter changes: "
                        "drop one of them")
-    examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, not no_kd, cached_layer,
+    # What the run leaves out, said once here and in the summary; what the extraction lacks for the rest is refused.
+    left_out = leaves_out(experts, skip_stage_a, stage_a_steps, route_weight, no_kd, kd_weight, on_policy.ratio)
+    for part, why in left_out.items():
+        log.warning("toe train: no %s (%s)", part, why)
+    wants_kd = not no_kd and kd_weight > 0 and on_policy.ratio < 1  # on-policy steps distil the live teacher
+    examples, has_kd, skipped = load_examples(data, spec, tok, max_length, limit, experts, wants_kd, cached_layer,
                                               skip_truncated, with_targets=state_loss_weight > 0)
     if state_loss_weight > 0 and not any(e.target is not None for e in examples):
         raise ToEError(f"--state_loss_weight needs the extraction's cached states for {data}: {experts} was extracted "
@@ -279,7 +287,8 @@ def train(
         # (the main process holds the folder's lock for the run)
         claim_out(out, "train", overwrite=overwrite, resume=resume, keep=RESUMED if resume else (), inputs={
             "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
-            "base": base if isinstance(base, str) else None}, lock=acc.is_main_process)
+            "base": base if isinstance(base, str) else None, "data": data, "tokenizer": tokenizer,
+            "base_adapter": base_adapter}, lock=acc.is_main_process)
         if resume:
             defaults = {k: v.default for k, v in inspect.signature(train).parameters.items()}
             check_resume_args(os.path.join(out, "train_args.json"), args, defaults, resume_ignores(objective))
@@ -299,8 +308,8 @@ def train(
     if cached_states:
         layers_return_tuples(model.base)  # found now, outside any recording of routes
     route_data = Extraction(experts).route_data()
-    if not route_data:
-        skip_stage_a, route_weight = True, 0.0
+    if not route_data:  # a run that needed it was refused (leaves_out); this one said what it leaves out
+        route_weight = 0.0
     stage_a = 0 if skip_stage_a else stage_a_steps
     levels = node_levels(cfg.shape, cfg.num_leaves)
     depth = int(levels.max()) + 1
@@ -461,7 +470,7 @@ def train(
     # kd: whether steps distilled the cached top-k log-probs (off-policy steps only)
     summary = {"out": out, "steps": step, "stage_a_steps": stage_a, "kd": use_kd and on_policy.ratio < 1,
                "examples": n_examples, "skipped_truncated": skipped,  # rows left out by --skip_truncated
-               "processes": acc.num_processes}
+               "left_out": left_out, "processes": acc.num_processes}
     if acc.is_main_process:
         model.save_pretrained(out)
         summary["curves"] = plot_curves(metrics_path, os.path.join(out, "curves.png"))
@@ -474,3 +483,22 @@ def train(
     return summary
 
 
+def leaves_out(experts: str, skip_stage_a: bool, stage_a_steps: int, route_weight: float, no_kd: bool,
+               kd_weight: float, on_policy_ratio: float) -> dict[str, str]:
+    """{part of the training left out: why} for what the options asked to leave out; refuses (one line, naming
+    the command that rebuilds it or the option that leaves it out) an extraction that lacks route data a run
+    uses: Stage A's labels, and the Stage-B route loss's."""
+    out = {}
+    if skip_stage_a or stage_a_steps == 0:
+        out["route warm-up (Stage A)"] = "--skip_stage_a true" if skip_stage_a else "--stage_a_steps 0"
+    if not Extraction(experts).has(ROUTE):
+        if "route warm-up (Stage A)" not in out:
+            raise ToEError(f"--experts {experts} lacks {ROUTE} (the route labels of Stage A): {REBUILT_BY}, or pass "
+                           "--skip_stage_a true to train without the route warm-up")
+        if route_weight > 0:
+            out["route loss in Stage B"] = f"{experts} has no {ROUTE} for it"
+    if no_kd or kd_weight == 0:
+        out["distillation of the cached top-k"] = "--no_kd true" if no_kd else "--kd_weight 0"
+    elif on_policy_ratio >= 1:
+        out["distillation of the cached top-k"] = "every step is on-policy"
+    return out

@@ -35,7 +35,7 @@ from .fusion import (
     signal_record,
     train_fusion_maps,
 )
-from .store import Extraction
+from .store import Extraction, shard_record
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, n_init: int = 3,
@@ -339,7 +339,9 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
     }
     if source != out:
         summary["rebuilt_from"] = source
-    manifest = {**settings, "shards": [os.path.relpath(p, out) for p in Extraction(out).shard_paths()],
+    shards = [os.path.relpath(p, out) for p in Extraction(out).shard_paths()]
+    manifest = {**settings, "shards": shards,  # each shard's size and hash: a rerun of `toe extract` checks them
+                "shard_files": {rel: shard_record(os.path.join(out, rel)) for rel in shards},
                 "base_revision": getattr(base_model.config, "_commit_hash", None),
                 "counts": counts, "timings": {**times, **capture}}
     atomic_write_json(os.path.join(out, "manifest.json"), manifest)

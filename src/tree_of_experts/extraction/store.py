@@ -4,7 +4,7 @@
 it, all through :class:`Extraction`, so a file name or tensor key is spelled in one place. Layout:
 
     run.json                 settings of the extraction (a rerun with other settings is refused)
-    manifest.json            models, layers, data hash, counts, timings, shard list
+    manifest.json            models, layers, data hash, counts, timings, shard list with each shard's bytes and sha256
     summary.json / .md       projector fit, O1 table, cluster sizes, throughput
     shards/shard-*.safetensors   per-example slices (``offsets``): ids, masks, base/teacher states, teacher top-k
     projector.safetensors    ``ridge.{layer}`` and ``trained.{layer}.*`` (the fusion maps)
@@ -15,6 +15,7 @@ it, all through :class:`Extraction`, so a file name or tensor key is spelled in 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,9 @@ from ..io import load_tensors, read_json
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
     "route_data.safetensors"
+# What a finished extraction holds besides its shards (build.json, written last, marks it finished).
+PIECES = (RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE, "toe_config.json", "toe_model.safetensors")
+REBUILT_BY = "rerun the `toe extract` command that wrote it (it recaptures and rebuilds what is missing or damaged)"
 CORRUPT = "the extraction is damaged: extract again into a new --out (or with --overwrite)"
 CORRUPT_SHARD = ("delete that shard and rerun `toe extract` with the same settings (it captures the missing shards "
                  "again)")
@@ -71,6 +75,30 @@ class Extraction:
     def shard_paths(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.folder, "shards", "shard-*.safetensors")))
 
+    def shard_records(self) -> dict[str, dict[str, Any]]:
+        """{shard path relative to the folder: {"bytes", "sha256"}} as the manifest recorded them when the shards
+        were written ({} for a folder without a manifest, or one that predates the record)."""
+        if not self.has(MANIFEST):
+            return {}
+        manifest = self.manifest()
+        return dict(manifest.get("shard_files") or {}) or {rel: {} for rel in manifest.get("shards", [])}
+
+    def damaged_shards(self, full: bool = False) -> list[str]:
+        """The shards (relative paths) that are missing, or whose size (and with ``full`` sha256: every byte is
+        read) differs from the manifest's record; a shard the manifest does not list yet (an unfinished
+        extraction) must have a readable header and the size it promises."""
+        records = self.shard_records()
+        bad = [rel for rel, rec in records.items() if not _matches(self.path(rel), rec, full)]
+        for path in self.shard_paths():
+            rel = os.path.relpath(path, self.folder)
+            if rel not in records and not _readable(path):
+                bad.append(rel)
+        return sorted(bad)
+
+    def missing_pieces(self) -> list[str]:
+        """The files of a finished extraction (PIECES) that the folder lacks."""
+        return [name for name in PIECES if not self.has(name)]
+
     def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
         for path in self.shard_paths():
             yield load_tensors(path, CORRUPT_SHARD)
@@ -84,6 +112,41 @@ class Extraction:
                 if which is not None and int(shard["example"][a]) not in which:
                     continue
                 yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+
+
+def shard_record(path: str) -> dict[str, Any]:
+    """{"bytes", "sha256"} of a shard file, for the manifest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _matches(path: str, record: dict[str, Any], full: bool) -> bool:
+    if not os.path.isfile(path):
+        return False
+    if "bytes" in record and os.path.getsize(path) != record["bytes"]:
+        return False
+    if not record:
+        return _readable(path)
+    return not full or shard_record(path)["sha256"] == record.get("sha256")
+
+
+def _readable(path: str) -> bool:
+    """Whether a safetensors file's header reads and its data is as long as the header says (a truncated file is
+    not)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return os.path.getsize(path) == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
 
 
 def route_key(kind: str, layer: int | str) -> str:

@@ -73,7 +73,7 @@ from ..training.distill import (
     step_batch,
     teacher_logits,
 )
-from ..training.examples import encode_rows, load_examples
+from ..training.examples import check_kd_cache, encode_rows, load_examples
 from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -310,6 +310,7 @@ def baseline(
         if not run.get("topk_logprobs") or run.get("data_sha256") != file_hash(data):
             raise ToEError(f"kd_weight={kd_weight} but {experts or 'no --experts'} holds no cached teacher top-k for "
                            f"{data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
+        check_kd_cache(ex, run, data, "--kd_weight 0")  # its shards are there, as long as the manifest says
     if on_policy.ratio > 0:  # before anything is written to out
         teacher = resolve_teacher(teacher, experts, base)
     spec = DataSpec(prompt_field, response_field, template, strip_calc)
@@ -320,7 +321,7 @@ def baseline(
                        "pass --overwrite true to redo it, or a new --out")
     claim_out(out, "baseline", overwrite=overwrite, resume=resume, extra=("init", "extract", ARGS_NAME),
               keep=RESUMED + (ARGS_NAME,) if resume else (),  # --resume --overwrite: continue, replace the rest
-              inputs={"base": base, "experts": experts, "teacher": teacher})
+              inputs={"base": base, "experts": experts, "teacher": teacher, "data": data})
     args_path = os.path.join(out, ARGS_NAME)
     if resume:
         check_resume_args(args_path, args, {k: p.default for k, p in inspect.signature(baseline).parameters.items()},
@@ -374,7 +375,7 @@ def baseline(
             raise ToEError("--state_loss_weight reads the teacher's signal from an extraction: pass --experts")
         examples, has_kd, _ = load_examples(data, spec.for_tokenizer(tok), tok, max_length, limit, experts or "",
                                             kd > 0, skip_truncated=skip_truncated,
-                                            with_targets=bool(state_loss_weight))
+                                            without_kd="--kd_weight 0", with_targets=bool(state_loss_weight))
         if state_loss_weight and not any(e.target is not None for e in examples):
             raise ToEError(f"--state_loss_weight needs {experts}'s cached states for {data}: extract from this file "
                            "with the same --template/--max_length/fields, or pass 0")

@@ -10,7 +10,7 @@ import torch
 
 from ..config import ToEError
 from ..data import DataSpec, Encoded, encode, file_hash, pad_left, read_jsonl, responses_cut_away
-from ..extraction.store import RUN, Extraction
+from ..extraction.store import REBUILT_BY, RUN, Extraction
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +61,24 @@ def state_targets(ex: dict, num_layers: int, signal) -> tuple[torch.Tensor, torc
 
 def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
                   use_kd: bool, cached_state_layer: int | None = None,
-                  skip_truncated: bool = False, with_targets: bool = False) -> tuple[list[Example], bool, int]:
+                  skip_truncated: bool = False, without_kd: str = "--no_kd true",
+                  with_targets: bool = False) -> tuple[list[Example], bool, int]:
     """Tokenizes the training rows (:func:`encode_rows`: rows with nothing of their response left are refused, or
     skipped with ``skip_truncated``); attaches what the extraction cached for the same rows (same data file, same
     tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
     extraction) the base's state there, and with ``with_targets`` the state-loss targets at every injection layer
     (:func:`state_targets`, from the extraction's cached states and its expert signal). Returns (examples, whether
-    any has the teacher's top-k, rows skipped)."""
+    any has the teacher's top-k, rows skipped).
+
+    With ``use_kd`` every row must get the teacher's top-k: an extraction that cached none, cached it for another
+    file or other tokens, or lacks shards is refused in one line naming the fix (``without_kd``: the option that
+    trains without it)."""
     encoded, kept = encode_rows(data, spec, tok, max_length, limit, skip_truncated)
     cached_rows: dict[int, dict] = {}
     extraction = Extraction(experts)
     run = extraction.run() if extraction.has(RUN) else {}
-    use_kd = use_kd and bool(run.get("topk_logprobs"))
+    if use_kd:
+        check_kd_cache(extraction, run, data, without_kd)
     state_key = f"base.{run['layers'].index(cached_state_layer)}" if cached_state_layer is not None else None
     signal = None
     if with_targets:
@@ -92,7 +98,30 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
                            cached.get("topk_logp") if use_kd else None, cached.get(state_key), target, norm2))
     has_kd = any(e.topk_ids is not None for e in out)
+    lacking = sum(e.topk_ids is None for e in out) if use_kd else 0
+    if lacking and not (state_key and any(e.state is None for e in out)):  # (else --cached_states is refused)
+        raise ToEError(f"{lacking} of {len(out)} rows of {data} were tokenized otherwise than in {experts}, which has no "
+                       "teacher top-k for them: use the extraction's --template/--max_length/--prompt_field/"
+                       f"--response_field/--limit, or pass {without_kd} to train without distillation")
     return out, has_kd, len(encoded) - len(kept)
+
+
+def check_kd_cache(extraction: Extraction, run: dict, data: str, without_kd: str = "--no_kd true") -> None:
+    """Refuses, in one line naming the fix, an extraction that cannot give ``data``'s rows the teacher's top-k: it
+    cached none, cached it for another file, or lacks (or holds cut) shards; before any model loads."""
+    folder = extraction.folder
+    if not run.get("topk_logprobs"):
+        raise ToEError(f"--experts {folder} cached no teacher top-k log-probs (extracted with --topk_logprobs 0, or "
+                       f"its teacher's vocabulary differs): pass {without_kd} to train without distillation, or "
+                       "extract with --topk_logprobs > 0")
+    if run.get("data_sha256") != file_hash(data):
+        raise ToEError(f"--experts {folder} cached the teacher's top-k for another data file than {data}: pass the "
+                       f"file it was extracted from, or {without_kd} to train without distillation")
+    damaged = extraction.damaged_shards()
+    if damaged or not extraction.shard_paths():
+        what = ", ".join(damaged[:3]) + (", ..." if len(damaged) > 3 else "") if damaged else "shards/"
+        raise ToEError(f"--experts {folder} lacks or holds damaged {what} (the teacher's cached top-k): {REBUILT_BY}, "
+                       f"or pass {without_kd} to train without distillation")
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
