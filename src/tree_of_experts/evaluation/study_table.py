@@ -245,6 +245,15 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
             for c in table["comparisons"]:
                 lines.append(f"| {c['a']} − {c['b']} | {t} | {_fmt(c, f)} | {c['seeds'][0]}/{c['seeds'][1]} × "
                              f"{c['items']} | {c['reading']} |")
+    for row in study.cfg.rows:  # the predictability ceiling: how much of δ the base's own state predicts
+        info = os.path.join(study.out, "ce", row.labels()[0], "oracle.json")
+        fit = json.load(open(info)).get("predictability") if row.kind == "oracle" and os.path.isfile(info) else None
+        if fit:
+            lines += ["", f"`{row.name}`: held-out R² of the teacher's signal δ from the base's own state h (after the "
+                          "mean), and the mean's share of δ's energy:", "",
+                      "| layer | R², ridge | R², MLP | mean's share | tokens (train / held out) |", "|---|---|---|---|---|"]
+            lines += [f"| {layer} | {e['r2_ridge']:.3f} | {e.get('r2_mlp', float('nan')):.3f} | {e['mean_share']:.3f} "
+                      f"| {e['train_tokens']} / {e['heldout_tokens']} |" for layer, e in fit.items()]
     n = {t: v["items"] for t, v in tables.items()}
     lines += ["", "Items: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Intervals: 95 %, two-level bootstrap "
               "(seeds, then items; rows paired on seeds and items). CE in nats, lower is better.", "", verdict]
