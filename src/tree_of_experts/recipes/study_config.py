@@ -183,8 +183,11 @@ class StudyConfig:
         for c in self.compare:
             a, b = comparison(c)
             for side in (a, b):
-                if side not in by and side not in ("base", "teacher"):
-                    raise ToEError(f"compare {c!r}: {side!r} is not a row of this study (rows: {', '.join(names)})")
+                row, colon, _ = side.partition(":")  # ORACLE:SYSTEM names one system of an oracle row
+                if (side not in by and side not in ("base", "teacher")) and not (
+                        colon and row in by and by[row].kind == "oracle"):
+                    raise ToEError(f"compare {c!r}: {side!r} is not a row of this study (rows: {', '.join(names)}; "
+                                   "an oracle row's systems as ROW:SYSTEM)")
         if self.scoring.curve_every and not self.data.tuning:
             raise ToEError("scoring.curve_every scores the learning curves on the tuning rows: give data.tuning")
         if self.scoring.curve_every < 0:
