@@ -11,7 +11,7 @@ from .plugin import InjectionLayer, ToEPlugin
 from .tree import RouteOutput, TreeGate
 
 try:  # registers the peft method TOE (peft_method.py); peft adds ~0.2 s to this import
-    from . import peft_method  # noqa: F401
+    from .peft_method import ToEPeftConfig  # noqa: F401
 except ImportError:  # a peft without register_peft_method or its state-dict hooks: ToEModel alone
     pass
 
