@@ -245,6 +245,36 @@ def test_trl_sft_trainer_trains_a_plugin_from_a_peft_config(experts, tok, batch,
     assert torch.equal(logits(loaded, batch), logits(sft.model, batch))
 
 
+def test_trl_gkd_trainer_distils_the_teacher_into_a_plugin(experts, tok, tmp_path):
+    """trl's GKDTrainer (on-policy: the student samples through the plug-in's hooks, the tiny teacher scores every
+    token of the shared vocabulary) trains a plug-in from a peft config; the saved adapter gives the trained logits.
+    Between steps the student samples without autograd: the bank must not serve vectors of before the last step."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok = tok.__class__.from_pretrained(str(experts / "base"))  # a copy: the chat template stays in this test
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    chats = [[{"role": "user", "content": f"what is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
+             for a, b in [(3, 4), (12, 7), (9, 2), (5, 5)]] * 2
+    args = GKDConfig(output_dir=str(tmp_path / "gkd"), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-2,
+                     report_to=[], use_cpu=True, seed=0, max_length=64, bf16=False, max_new_tokens=6, lmbda=1.0,
+                     temperature=0.9)
+    trainer = GKDTrainer(model=load_causal_lm(str(experts / "base")), teacher_model=load_causal_lm(str(experts / "teacher")),
+                         args=args, peft_config=ToEPeftConfig.from_plugin(experts / "ex"),
+                         train_dataset=datasets.Dataset.from_dict({"messages": chats}), processing_class=tok)
+    plugin = trainer.model.base_model.toe.toe_plugin["default"]
+    start = load_file(experts / "ex" / WEIGHTS_NAME)
+    trainer.train()
+    assert all(not torch.equal(v, start[k]) for k, v in plugin.state_dict().items() if k.endswith("scale"))
+    trainer.save_model(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter")
+    trainer.model.eval()
+    batch = tok(["user: what is 3 plus 4?\n"], return_tensors="pt")
+    assert torch.equal(logits(loaded, batch), logits(trainer.model, batch))
+
+
 def test_converters_go_both_ways(experts, plugin, batch, tmp_path):
     ref = toe_logits(experts, plugin, batch)
     adapter = plugin_to_adapter(plugin, tmp_path / "adapter")
