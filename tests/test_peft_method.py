@@ -115,6 +115,9 @@ def test_save_and_load_with_peft(experts, plugin, base, batch, tmp_path):
     trainable = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter",
                                           is_trainable=True)
     assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == sum(t.numel() for t in tensors.values())
+    empty_first = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter",
+                                            low_cpu_mem_usage=True)  # the plug-in built on meta, its tensors assigned
+    assert torch.equal(logits(empty_first, batch), ref)
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")  # the base from base_model_name_or_path
     assert torch.equal(logits(auto, batch), ref)
 
@@ -295,6 +298,7 @@ def test_converters_go_both_ways(experts, plugin, batch, tmp_path):
     ({}, "has no layers and num_leaves: use ToEPeftConfig.from_plugin"),
     ({"layers": [0], "num_leaves": 8, "top_kk": 2}, r"unknown fields \['top_kk'\]"),
     ({"layers": [0], "num_leaves": 8, "top_k": 9}, "top_k=9"),
+    ({"layers": [0], "num_leaves": 8, "base_adapter": "base_adapter"}, "LoRA-adapted base"),
 ])
 def test_config_errors_are_one_line(toe, message):
     with pytest.raises(ToEError, match=message) as e:

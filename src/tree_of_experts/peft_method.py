@@ -88,16 +88,15 @@ class ToEPeftConfig(PeftConfig):
             raise ToEError(f"ToEPeftConfig.toe has no {' and '.join(missing)}: use ToEPeftConfig.from_plugin(folder) "
                            "or give them, e.g. ToEPeftConfig(toe={'layers': [11], 'num_leaves': 64})")
         toe_config({"hidden_size": 1, **self.toe})  # ToEConfig's own checks, before any model loads
+        if self.toe.get("base_adapter"):
+            raise ToEError(f"the plug-in runs on a LoRA-adapted base (base_adapter={self.toe['base_adapter']!r}): the "
+                           "peft method plugs into a bare base; load it with ToEModel.from_pretrained")
 
     @classmethod
     def from_plugin(cls, folder: str | os.PathLike, **peft_fields: Any) -> ToEPeftConfig:
         """A config whose adapter starts from the plug-in in ``folder``: a `toe extract` output folder (its plug-in
         holds the extracted bank) or a trained plug-in. ``peft_fields``: PeftConfig fields (``inference_mode``...)."""
-        config = ToEConfig.load(folder)
-        if config.base_adapter:
-            raise ToEError(f"{folder} is a plug-in for a LoRA-adapted base (base_adapter={config.base_adapter!r}): "
-                           "the peft method plugs into a bare base; load it with ToEModel.from_pretrained")
-        return cls(toe=config.to_dict(), init_from=os.fspath(folder), **peft_fields)
+        return cls(toe=ToEConfig.load(folder).to_dict(), init_from=os.fspath(folder), **peft_fields)
 
     def to_dict(self) -> dict[str, Any]:
         # a saved adapter holds its own tensors: the folder it started from is no part of it (nor a path to publish)
@@ -110,7 +109,9 @@ def build_plugin(config: ToEPeftConfig, base: nn.Module) -> ToEPlugin:
     toe = toe_config(config.toe) if config.toe.get("base_config_hash") else new_config(base, **config.toe)
     check_base(toe, base)
     plugin = ToEPlugin.load(config.init_from, toe) if config.init_from else ToEPlugin(toe)
-    plugin.to(next(base.parameters()).device).attach(base).detach()  # checks the layers, records the weight sample
+    if not next(plugin.parameters()).is_meta:  # meta under peft's low_cpu_mem_usage: the load assigns the tensors
+        plugin.to(next(base.parameters()).device)
+    plugin.attach(base).detach()  # checks the layers, records the base's weight sample
     config.toe = toe.to_dict()
     return plugin
 
@@ -139,6 +140,12 @@ class ToELayer(nn.Module, BaseTunerLayer):
         self.toe_plugin[adapter_name].detach()
         super().delete_adapter(adapter_name)
         self.sync_hooks()
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # peft's version reads the weight of a wrapped layer; this layer wraps none: the base's device, float32 kept
+        plugin = self.toe_plugin[adapter_name]
+        if not any(p.is_meta for p in plugin.parameters()):
+            plugin.to(device or next(self.base.parameters()).device)
 
     def sync_hooks(self) -> None:
         """Puts the active plug-ins' hooks on the base, and no other's (none while the adapters are disabled)."""
