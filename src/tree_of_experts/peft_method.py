@@ -41,7 +41,8 @@ ADAPTER_KEY_PREFIX = "base_model.toe.toe_plugin."
 def _add_peft_type(name: str) -> None:
     """Adds ``name`` to peft's ``PeftType`` enum: ``register_peft_method`` takes only names listed there, and the enum
     lists peft's own methods. Python's Enum has no public way to add a member, so it is stored as the enum machinery
-    stores one (``PeftType.TOE``, ``PeftType("TOE")`` and ``list(PeftType)`` then work as for peft's own)."""
+    stores one (``PeftType.TOE``, ``PeftType("TOE")`` and ``list(PeftType)`` then work as for peft's own; checked on
+    Python 3.10 to 3.13)."""
     if name in PeftType.__members__:
         return
     member = str.__new__(PeftType, name)
