@@ -254,3 +254,21 @@ def test_weight_fingerprint_indices_stay_inside_large_tensors():
     for n in (1, 7, 2**24 + 1, 136134656, 151936 * 1536):
         idx = sample_indices(n, 8)
         assert idx.min() == 0 and idx.max() == n - 1 and len(idx) == 8
+
+
+def test_the_bank_sees_a_fused_optimizer_step_between_no_grad_forwards():
+    """torch's fused AdamW (transformers' default optimizer) updates parameters without bumping their versions: a
+    no-grad forward after a step (a trainer's on-policy sampling, an evaluation) must still read the stepped bank."""
+    from tree_of_experts.bank import ExpertBank
+
+    bank = ExpertBank(torch.randn(4, 8))
+    opt = torch.optim.AdamW(bank.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        before = bank.vectors().clone()
+    bank.vectors().sum().backward()
+    opt.step()
+    assert bank.direction._version == 0  # the premise: the step left no trace in the version
+    with torch.no_grad():
+        after = bank.vectors()
+        assert not torch.equal(after, before) and torch.equal(after, bank._vectors())
+        assert bank.vectors() is after  # reused until the next change

@@ -10,6 +10,11 @@ from .model import ToEModel, freeze, new_config
 from .plugin import InjectionLayer, ToEPlugin
 from .tree import RouteOutput, TreeGate
 
+try:  # registers the peft method TOE (peft_method.py); peft adds ~0.2 s to this import
+    from .peft_method import ToEPeftConfig  # noqa: F401
+except ImportError:  # a peft without register_peft_method or its state-dict hooks: ToEModel alone
+    pass
+
 # The commands as Python functions (`tree_of_experts.train(...)` is `toe train ...`), imported on first use so that
 # `import tree_of_experts` stays light.
 _COMMANDS = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",

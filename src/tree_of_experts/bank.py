@@ -7,6 +7,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# Steps taken by any torch optimizer in this process. Fused optimizers (torch's fused AdamW, transformers' default)
+# update parameters without bumping their versions, so the bank's cached vectors are keyed by this count too: a step
+# between two no-grad forwards (a trainer's on-policy sampling, an evaluation) must not leave them stale.
+_optimizer_steps = 0
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 class ExpertBank(nn.Module):
@@ -35,10 +49,11 @@ class ExpertBank(nn.Module):
 
     def vectors(self) -> torch.Tensor:
         """(N, D) float32 expert vectors. Without autograd (generation, eval) they are computed once and reused
-        until a parameter changes in place (an optimizer step or a load bumps its version)."""
+        until a parameter changes (a load bumps its version, an optimizer steps)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._vectors()
-        key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr())
+        key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr(),
+               _optimizer_steps)
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self._vectors())
         return self._cached[1]
