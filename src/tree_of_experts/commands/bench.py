@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .. import bank_scale
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
 from ..hf import (
@@ -425,7 +426,7 @@ def bench(
         parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy",
             "bank_scale" (default: all but bank_scale, which runs only when named: a one-layer plug-in of each N
             in ``bank_exponents`` saved, loaded mapped and into RAM, and decoded with, see
-            :mod:`tree_of_experts.commands.bank_scale`; extraction and on_policy need a teacher and are left out
+            :mod:`tree_of_experts.bank_scale`; extraction and on_policy need a teacher and are left out
             without one).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
             timed repetitions.
@@ -540,8 +541,6 @@ def bench(
             summary.append(f"on-policy step: {result['on_policy']['step_s']['median']:.2f} s "
                            f"({train_batch} x {new_tokens} sampled tokens)")
         elif part == "bank_scale":
-            from . import bank_scale
-
             model.detach()
             result["bank_scale"] = bank_scale.bench_bank_scale(
                 base_model, bank_exponents or [10, 12, 14, 16, 18, 20], top_k, prompt_len, new_tokens, reps, dev,
@@ -641,8 +640,6 @@ def markdown(result: dict) -> str:
             lines.append(f"Peak GPU memory: train step {peak['toe_step'] / 2**20:.0f} MiB vs reference "
                          f"{peak['reference'] / 2**20:.0f} MiB.")
     if "bank_scale" in result:
-        from . import bank_scale
-
         lines += ["", bank_scale.markdown(result["bank_scale"]).rstrip("\n")]
     if "routing" not in result:
         return "\n".join(lines) + "\n"

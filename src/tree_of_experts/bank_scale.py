@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from ..config import WEIGHTS_NAME
-from ..extraction.capture import default_layer
-from ..hf import decoder_layers
-from ..model import ToEModel
-from ..tensorfile import evict
+from .config import WEIGHTS_NAME
+from .extraction.capture import default_layer
+from .hf import decoder_layers
+from .model import ToEModel
+from .tensorfile import evict
 
 
 def _trim() -> None:
