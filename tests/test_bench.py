@@ -85,3 +85,19 @@ def test_the_shape_bench_refuses_bad_shapes_before_building_anything(tmp_path):
         with pytest.raises(ToEError, match=match):
             bench(out=str(tmp_path / "o"), **kw)
     assert not (tmp_path / "o").exists()
+
+
+def test_bank_scale_runs_only_when_named_and_compares_mapped_with_in_ram(tmp_path):
+    save_tiny_pair(tmp_path)
+    r = bench(base=str(tmp_path / "base"), out=str(tmp_path / "a"), parts=["routing"], routing_exponents=[4])
+    assert "bank_scale" not in r
+    r = bench(base=str(tmp_path / "base"), out=str(tmp_path / "b"), parts=["bank_scale"], bank_exponents=[6, 12],
+              reps=1, new_tokens=3, prompt_len=4)
+    rows = r["bank_scale"]["rows"]
+    assert [row["num_leaves"] for row in rows] == [64, 4096]
+    big = rows[-1]
+    assert big["file_bytes"] >= big["bank_bytes"] + big["gate_node_bytes"] > 0
+    if big["mapped"]["resident_after_load"] is not None:  # Linux: the mapped load reads no bank row
+        in_ram = big["in_ram"]["resident_after_load"]
+        assert sum(big["mapped"]["resident_after_load"].values()) < 0.5 * sum(in_ram.values())
+    assert "mapped load" in r["summary"] and "| 2^12 |" in (tmp_path / "b" / "bench.md").read_text()

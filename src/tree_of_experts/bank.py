@@ -41,6 +41,9 @@ class ExpertBank(nn.Module):
         self.direction = nn.Parameter(vectors / norm.clamp_min(1e-12)[:, None])  # (N, D)
         self.norm = nn.Parameter(norm)  # (N,)
         self.info = dict(info or {})
+        # rows read from a map of the plug-in file (ToEPlugin.load(mmap=True)): frozen, and `mix` gathers the K rows
+        # it needs instead of computing all N vectors, so only their pages are ever read
+        self.mapped = False
         self._cached: tuple[tuple, torch.Tensor] | None = None  # vectors() for inference, keyed by parameter versions
 
     @property
@@ -50,7 +53,7 @@ class ExpertBank(nn.Module):
     def vectors(self) -> torch.Tensor:
         """(N, D) float32 expert vectors. Without autograd (generation, eval) they are computed once and reused
         until a parameter changes (a load bumps its version, an optimizer steps)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.mapped:  # a mapped bank: no (N, D) copy
             return self._vectors()
         key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr(),
                _optimizer_steps)
@@ -59,11 +62,15 @@ class ExpertBank(nn.Module):
         return self._cached[1]
 
     def _vectors(self) -> torch.Tensor:
-        return F.normalize(self.direction, dim=-1) * self.norm[:, None]
+        return F.normalize(self.direction.float(), dim=-1) * self.norm.float()[:, None]  # a float16 map in float32
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""
-        e = F.embedding(indices, self.vectors())  # (B, T, K, D)
+        if self.mapped:  # the K rows alone, normalised as `_vectors` normalises every row (the same numbers)
+            direction = F.embedding(indices, self.direction).float()  # (B, T, K, D)
+            e = F.normalize(direction, dim=-1) * F.embedding(indices, self.norm[:, None]).float()
+        else:
+            e = F.embedding(indices, self.vectors())  # (B, T, K, D)
         return (weights.unsqueeze(-2) @ e).squeeze(-2)
 
     def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:

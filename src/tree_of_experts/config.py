@@ -18,6 +18,9 @@ CONFIG_NAME = "toe_config.json"
 WEIGHTS_NAME = "toe_model.safetensors"
 
 
+BANK_DTYPES = ("float32", "float16", "bfloat16")
+
+
 class ToEError(ValueError):
     """A user-facing error: its message is one line that names the offending value and the fix."""
 
@@ -49,6 +52,8 @@ class ToEConfig:
         query_norm: normalise the gate's query (its trunk features, LayerNorm without affine) before the node
             logits, as memory layers do (PKM, PEER, Memory Layers at Scale) so routing stays sharp while the trunk
             trains.
+        bank_dtype: the dtype the bank is saved in: "float32", or "float16" / "bfloat16" to halve the file (and the
+            pages a mapped bank reads); loaded into RAM it computes in float32 either way.
     """
 
     hidden_size: int
@@ -62,6 +67,7 @@ class ToEConfig:
     intensity: bool = False
     clip: float = 0.5
     query_norm: bool = False
+    bank_dtype: str = "float32"
     base_adapter: str | None = None
     base_model: str = ""
     base_name: str = ""
@@ -101,6 +107,8 @@ class ToEConfig:
             raise ToEError(f"top_p={self.top_p}: must be in (0, 1]")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ToEError(f"clip={self.clip}: the norm clip κ must be a finite number > 0")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ToEError(f"bank_dtype={self.bank_dtype!r}: use one of {BANK_DTYPES}")
         if self.gate_rank < 1:
             raise ToEError(f"gate_rank={self.gate_rank}: must be >= 1")
         if self.format_version < 1:

@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import save_file
-
 from .config import ToEError
+from .tensorfile import write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +121,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
+                        dtypes: dict[str, torch.dtype] | None = None) -> None:
+    """A safetensors file written in bounded memory (:func:`tree_of_experts.tensorfile.write_tensors`): ``dtypes``
+    gives the dtype to write a tensor in, by name."""
+    _atomic(path, lambda tmp: write_tensors(tmp, tensors, metadata=metadata, dtypes=dtypes))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:

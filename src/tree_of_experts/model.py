@@ -214,6 +214,7 @@ class ToEModel(PreTrainedModel):
         plugin_revision: str | None = None,
         token: str | bool | None = None,
         base_adapter: str | os.PathLike | None = None,
+        mmap_bank: bool | None = None,
         **load_kwargs: Any,
     ) -> ToEModel:
         """Loads a base and a plug-in: ``from_pretrained(base, plugin)``, or ``from_pretrained(plugin)`` with the base
@@ -231,6 +232,9 @@ class ToEModel(PreTrainedModel):
                 on top of it; the plug-in then records it and ``save_pretrained`` copies it into the plug-in folder.
                 A plug-in saved that way merges its own copy when loaded. A loaded base passed in is copied before
                 the merge (it stays the bare base for its other users), at the cost of a second copy in memory.
+            mmap_bank: map each layer's bank and gate node weights from the plug-in file instead of reading them into
+                RAM (pages are read as routing touches them; frozen; see :meth:`ToEPlugin.load`). None: mapped when
+                they hold 1 GiB or more.
             load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
         """
         paths = (str, os.PathLike)
@@ -276,7 +280,7 @@ class ToEModel(PreTrainedModel):
             base = merge_adapter(base, adapter)
             if base_adapter is not None:  # a new system: its base is the adapted one, fingerprinted as such
                 config.base_adapter, config.base_weight_sample = ADAPTER_DIR, None
-        plugin = ToEPlugin.load(plugin_dir, config)
+        plugin = ToEPlugin.load(plugin_dir, config, mmap=mmap_bank)
         if adapter is not None:
             plugin.adapter_source = adapter
         return cls(base, plugin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
 from .hf import decoder_layers, decoder_stack, edit_output, model_id, same_weights, weight_sample
 from .io import atomic_save_tensors
+from .tensorfile import DTYPES, TensorFileError, map_tensors, read_header
 from .tree import RouteOutput, TreeGate, selection_mass
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,12 @@ log = logging.getLogger(__name__)
 # real-pair runs' leaf norms average 1.2, their scales 1.1); a value beyond 1e4 in magnitude is a damaged or
 # hand-made file, and would swamp the residual stream until the norm clip hides it.
 MAX_ABS = 1e4
+# The tensors that grow with N, which ToEPlugin.load can map from the file instead of reading: routing reads a few of
+# their rows per token (the bank's K rows; a beam's K log2 N node rows). Per leaf, D floats of bank and r of gate.
+MAPPABLE = ("bank.direction", "bank.norm", "gate.nodes.weight", "gate.nodes.bias")
+# Above this many bytes of them, load maps by default: a bank that size (2^18 leaves at D = 896, float32) takes
+# seconds to read and as much RAM as the base, and is rarely trained again.
+MMAP_AUTO_BYTES = 1 << 30
 
 
 class Record(NamedTuple):
@@ -64,10 +72,19 @@ class InjectionLayer(nn.Module):
         self.scale = nn.Parameter(torch.zeros(config.hidden_size))  # zero-init: exact no-op until trained
         self.clip = config.clip
 
+    def mapped_parameters(self) -> list[nn.Parameter]:
+        """The parameters read from a map of the plug-in file (``ToEPlugin.load(mmap=True)``), which stay frozen."""
+        if not self.bank.mapped:
+            return []
+        return [self.bank.direction, self.bank.norm, self.gate.nodes.weight, self.gate.nodes.bias]
+
     def forward(
         self, h: torch.Tensor, mask: torch.Tensor, selection: str | None = None
     ) -> tuple[torch.Tensor, RouteOutput]:
         """Δ for hidden states ``h`` (B, T, D) where ``mask`` (B, T) is 1; returns (Δ (B, T, D) float32, route)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapped_parameters()):
+            raise ToEError("the bank and gate nodes of this plug-in are mapped from its file and cannot train: load it "
+                           "with mmap=False (ToEModel.from_pretrained(..., mmap_bank=False)) to train them")
         route = self.gate(h, selection)
         if (selection or self.gate.selection) == "dense":
             mixed = self.bank.mix_dense(route.weights)
@@ -266,7 +283,9 @@ class ToEPlugin(nn.Module):
     # -- persistence --------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
              record: Callable[[ToEConfig], ToEConfig] | None = None) -> None:
-        """Writes ``toe_config.json`` and ``toe_model.safetensors`` (float32).
+        """Writes ``toe_config.json`` and ``toe_model.safetensors``: each bank in ``config.bank_dtype``, everything
+        else float32, converted and written a few MB at a time (a mapped bank is read from its own file as it is
+        written, never wholly resident; a bank in RAM is not copied).
 
         Args:
             state: the plug-in's tensors to write instead of the live ones (a trainer's gathered state dict).
@@ -277,37 +296,60 @@ class ToEPlugin(nn.Module):
         self.config.bank_info = {k: b.bank.info for k, b in self.blocks.items()}
         state = self.state_dict() if state is None else state
         assert state.keys() == self.state_dict().keys(), sorted(set(state) ^ set(self.state_dict()))[:3]
+        bank_dtype = getattr(torch, self.config.bank_dtype)
         atomic_save_tensors(
             os.path.join(directory, WEIGHTS_NAME),
-            {k: v.float() for k, v in state.items()},
+            state,
             metadata={"format": "pt", "toe_format_version": str(self.config.format_version)},
+            dtypes={k: bank_dtype if k.endswith((".bank.direction", ".bank.norm")) else torch.float32 for k in state},
         )
         (record(self.config) if record is not None else self.config).save(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None) -> ToEPlugin:
+    def load(cls, directory: str | os.PathLike, config: ToEConfig | None = None, mmap: bool | None = None) -> ToEPlugin:
         """Reads a plug-in folder; every tensor must be present with the shape the config implies, finite, and at
-        most ``MAX_ABS`` (1e4) in magnitude; the config's fields are checked by type and range (ToEConfig)."""
+        most ``MAX_ABS`` (1e4) in magnitude; the config's fields are checked by type and range (ToEConfig).
+
+        Args:
+            mmap: map each layer's bank and gate node weights (the tensors that grow with N, :data:`MAPPABLE`) from
+                the file instead of reading them: a page is read when routing first touches it, so resident memory
+                grows with the rows routed to (K per token with ``selection="beam"``; every row with the others),
+                not with N. Mapped tensors keep the file's dtype, are frozen (training them is refused), and are not
+                scanned for NaN or magnitude (that would read every page). None (default) maps when they hold at
+                least ``MMAP_AUTO_BYTES`` (1 GiB).
+        """
         config = config or ToEConfig.load(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ToEError(f"{path} not found: the folder has {CONFIG_NAME} but no weights; re-save the plug-in")
         try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as e:
+            if mmap is None:
+                _, header, _ = read_header(path)
+                big = sum(DTYPES[e["dtype"]].itemsize * math.prod(e["shape"]) for key, e in header.items()
+                          if key.endswith(MAPPABLE))
+                mmap = big >= MMAP_AUTO_BYTES
+                if mmap:
+                    log.info("mapping the %.1f GB bank of %s from disk (mmap=False reads it into RAM)", big / 1e9, path)
+            state = map_tensors(path) if mmap else load_file(path)
+        except (SafetensorError, TensorFileError, OSError) as e:
             raise ToEError(f"{path} is unreadable ({e}): the file is corrupted, re-save or re-download it") from None
-        bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+        mapped = {key for key in state if mmap and key.endswith(MAPPABLE)
+                  and (state[key].dtype == torch.float32 or key.endswith(("bank.direction", "bank.norm")))}
+        # Mapped tensors are not scanned: that would read every page
+        scanned = {key: value for key, value in state.items() if key not in mapped}
+        bad = [key for key, value in scanned.items() if value.is_floating_point() and not torch.isfinite(value).all()]
         if bad:
             raise ToEError(f"{path} holds NaN or inf values ({', '.join(bad[:3])}): the plug-in is broken (a diverged "
                            "training run?); retrain it or restore an earlier copy")
-        peaks = {key: float(value.abs().max()) for key, value in state.items() if value.is_floating_point() and
+        peaks = {key: float(value.abs().max()) for key, value in scanned.items() if value.is_floating_point() and
                  value.numel()}
         huge = [key for key, peak in peaks.items() if peak > MAX_ABS]
         if huge:
             raise ToEError(f"{path}: {huge[0]} holds a value of magnitude {peaks[huge[0]]:.3g}, beyond the plausible "
                            f"{MAX_ABS:g} (trained plug-ins hold values of order 1): the file is damaged or was not "
                            "written by training; retrain it or restore an earlier copy")
-        plugin = cls(config)
+        with torch.device("meta"):  # shapes alone: every tensor comes from the file, none is made twice
+            plugin = cls(config)
         expected = plugin.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -322,7 +364,14 @@ class ToEPlugin(nn.Module):
                     f"{path}: {key} has shape {tuple(value.shape)} but {CONFIG_NAME} implies "
                     f"{tuple(expected[key].shape)}; the weights and config come from different plug-ins"
                 )
-        plugin.load_state_dict(state)
+        # assign: the module takes the tensors as they are (mapped ones stay views of the file), so the unmapped
+        # are copies of the file's values in float32, in RAM and writable
+        plugin.load_state_dict({key: value if key in mapped else value.to(torch.float32, copy=True)
+                                for key, value in state.items()}, assign=True)
+        for block in plugin.blocks.values():
+            block.bank.mapped = bool(mapped)
+            for p in block.mapped_parameters():
+                p.requires_grad_(False)
         if config.base_adapter:  # ToE on a LoRA-adapted base: the adapter copy in the folder travels with it
             plugin.adapter_source = os.path.join(os.fspath(directory), config.base_adapter)
         return plugin

@@ -84,17 +84,16 @@ def path_table(shape: str, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]
     """
     check_tree(shape, num_leaves)
     depth = tree_depth(shape, num_leaves)
+    if shape == "balanced":  # leaf i takes the bits of i, most significant first; vectorised (N = 2^20 is 20M steps)
+        leaf = torch.arange(num_leaves)[:, None]  # (N, 1)
+        branches = (leaf >> torch.arange(depth - 1, -1, -1)) & 1  # (N, depth)
+        prefix = leaf >> torch.arange(depth, 0, -1)  # (N, depth) the bits above each level: the node's rank there
+        return (1 << torch.arange(depth)) - 1 + prefix, branches
     nodes = torch.full((num_leaves, depth), -1, dtype=torch.long)
     branches = torch.full((num_leaves, depth), -1, dtype=torch.long)
     for leaf in range(num_leaves):
         if shape == "flat":
             nodes[leaf, 0], branches[leaf, 0] = leaf, 1
-        elif shape == "balanced":
-            node = 0
-            for level in range(depth):
-                bit = (leaf >> (depth - 1 - level)) & 1
-                nodes[leaf, level], branches[leaf, level] = node, bit
-                node = 2 * node + 1 + bit
         else:
             steps = min(leaf + 1, depth)
             nodes[leaf, :steps] = torch.arange(steps)
@@ -215,8 +214,12 @@ class TreeGate(nn.Module):
         self.trunk = nn.Linear(hidden_size, rank)
         self.nodes = nn.Linear(rank, num_nodes(shape, num_leaves))
         self.intensity = nn.Linear(rank, 1) if intensity else None
-        if shape == "balanced":  # leaf paths for leaf_log_probs, moved with the module; not saved
-            nodes, signs = path_gather_table(num_leaves)
+        # leaf paths for leaf_log_probs, moved with the module, not saved; a beam gate never reads them (a per-call
+        # override of its selection reads the cached table), and they are N log2 N numbers (250 MB at N = 2^20).
+        # Index tables: made on the CPU even when the module is built on the meta device (ToEPlugin.load).
+        if shape == "balanced" and selection != "beam":
+            with torch.device("cpu"):
+                nodes, signs = path_gather_table(num_leaves)
             self.register_buffer("path_nodes", nodes, persistent=False)
             self.register_buffer("path_signs", signs, persistent=False)
         nn.init.normal_(self.nodes.weight, std=rank**-0.5)
@@ -244,7 +247,7 @@ class TreeGate(nn.Module):
                 indices, logp = self.beam(z)
                 return RouteOutput(indices, torch.softmax(logp, -1), None, None, a, _count(indices))
             logits = self.nodes(z)  # (B, T, M)
-            paths = (self.path_nodes, self.path_signs) if self.shape == "balanced" else None
+            paths = (self.path_nodes, self.path_signs) if hasattr(self, "path_nodes") else None
             leaf_logp = leaf_log_probs(self.shape, logits, paths)  # (B, T, N)
             indices, weights = select(leaf_logp, mode, self.top_k, self.top_p)
             return RouteOutput(indices, weights, leaf_logp, logits, a, (weights > 0).sum(-1))

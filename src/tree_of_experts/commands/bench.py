@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .. import bank_scale
 from ..config import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
 from ..hf import (
@@ -31,7 +32,8 @@ from ..model import ToEModel
 from ..plugin import injection_mask
 from ..tree import TreeGate
 
-PARTS = ("generation", "routing", "training", "extraction", "on_policy")
+PARTS = ("generation", "routing", "training", "extraction", "on_policy", "bank_scale")
+OPT_IN_PARTS = ("bank_scale",)  # run only when named: it builds and saves plug-ins of up to 2^20 leaves (minutes)
 TEACHER_PARTS = ("extraction", "on_policy")  # the parts that need a teacher (--teacher or --shapes)
 
 
@@ -372,6 +374,7 @@ def bench(
     routing_exponents: list[int] | None = None,
     routing_tokens: int = 64,
     routing_reps: int = 5,
+    bank_exponents: list[int] | None = None,
     teacher: str | None = None,
     shapes: str | None = None,
     shape_layers: int | None = None,
@@ -403,6 +406,7 @@ def bench(
         routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
         routing_tokens: tokens per routing call.
         routing_reps: repetitions of each routing timing.
+        bank_exponents: N = 2^e leaves of the bank_scale part (default 10, 12, 14, 16, 18, 20).
         teacher: also time `toe extract`'s capture against a bare forward of this teacher, and an on-policy step.
         shapes: ``BASE:TEACHER`` shapes instead of ``base``/``teacher``: randomly initialised models of real
             configurations (shipped names such as ``qwen2.5-1.5b:deepseek-r1-distill-qwen-7b``, or config.json
@@ -419,8 +423,11 @@ def bench(
         dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
         device: where the models run (default: the GPU when one is visible, else the CPU).
         threads: torch CPU threads (default: torch's choice).
-        parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy"
-            (default: all; the last two need a teacher and are left out without one).
+        parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy",
+            "bank_scale" (default: all but bank_scale, which runs only when named: a one-layer plug-in of each N
+            in ``bank_exponents`` saved, loaded mapped and into RAM, and decoded with, see
+            :mod:`tree_of_experts.bank_scale`; extraction and on_policy need a teacher and are left out
+            without one).
         compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
             timed repetitions.
         overwrite: replace an earlier bench run in ``out`` (refused otherwise: its numbers are not lost silently).
@@ -433,7 +440,7 @@ def bench(
 
     if parts is not None and not parts:
         raise ToEError(f"--parts is empty: name any of {list(PARTS)}, or leave it out for all")
-    parts_given, parts = parts is not None, list(parts or PARTS)
+    parts_given, parts = parts is not None, list(parts or [p for p in PARTS if p not in OPT_IN_PARTS])
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ToEError(f"--parts {unknown}: use any of {list(PARTS)}")
@@ -533,6 +540,20 @@ def bench(
                                                   new_tokens, reps, dev)
             summary.append(f"on-policy step: {result['on_policy']['step_s']['median']:.2f} s "
                            f"({train_batch} x {new_tokens} sampled tokens)")
+        elif part == "bank_scale":
+            model.detach()
+            result["bank_scale"] = bank_scale.bench_bank_scale(
+                base_model, bank_exponents or [10, 12, 14, 16, 18, 20], top_k, prompt_len, new_tokens, reps, dev,
+                bench_generation)
+            model.attach()
+            bs = result["bank_scale"]
+            if "span" in bs:
+                lo, hi = (n.bit_length() - 1 for n in bs["span"])
+                rows = {r["num_leaves"]: r for r in bs["rows"]}
+                summary.append(f"bank 2^{hi}/2^{lo}: mapped load {bs['mapped_hi_over_lo']['load_s']:.2f}x "
+                               f"(in RAM {bs['in_ram_hi_over_lo']['load_s']:.1f}x), mapped decode tokens/s "
+                               f"{bs['mapped_hi_over_lo']['decode_tokens_per_s']:.2f}x; at 2^{hi} mapped/in-RAM load "
+                               f"{rows[bs['span'][1]]['mapped']['load_s'] / rows[bs['span'][1]]['in_ram']['load_s']:.3f}x")
         result["peak_memory"][part] = _peak(dev)
     del teacher_model
     result["summary"] = "; ".join(summary)
@@ -566,8 +587,9 @@ def markdown(result: dict) -> str:
 
     compiled = " (hook compiled with torch.compile)" if result.get("compiled_plugin") else ""
     lines = [f"`{result['base']}` on {result['device']}, {result['torch_threads']} torch thread(s), {result['dtype']}; "
-             f"plug-in: {result['plugin']}{compiled}. Ratios: median [min, max] over interleaved repetitions.", "",
-             "| measure | ToE / reference |", "|---|---|"]
+             f"plug-in: {result['plugin']}{compiled}. Ratios: median [min, max] over interleaved repetitions.", ""]
+    if set(result["parts"]) - {"bank_scale"}:
+        lines += ["| measure | ToE / reference |", "|---|---|"]
     for name, g in result.get("generation", {}).items():
         b = name.replace("batch_", "batch ")
         lines.append(f"| decode tokens/s, {b} (reference: bare base) | {ratio(g['decode_ratio'])} |")
@@ -617,6 +639,8 @@ def markdown(result: dict) -> str:
         if peak["reference"]:
             lines.append(f"Peak GPU memory: train step {peak['toe_step'] / 2**20:.0f} MiB vs reference "
                          f"{peak['reference'] / 2**20:.0f} MiB.")
+    if "bank_scale" in result:
+        lines += ["", bank_scale.markdown(result["bank_scale"]).rstrip("\n")]
     if "routing" not in result:
         return "\n".join(lines) + "\n"
     rows = result["routing"]["rows"]

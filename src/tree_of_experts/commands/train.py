@@ -295,7 +295,7 @@ def train(
     acc.wait_for_everyone()
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=dtype, device=str(acc.device))
-    model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter)
+    model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter, mmap_bank=False)
     if query_norm is not None:
         model.plugin.config.query_norm = query_norm
         for block in model.plugin.blocks.values():

@@ -85,7 +85,7 @@ def _plugin_params(experts: str) -> int:
 
 def _modified_plugin(base_model, experts: str, kind: str, out: str, seed: int) -> str:
     """Writes the starting plug-in of a bank/gate baseline into ``out/init`` and returns that folder."""
-    model = ToEModel.from_pretrained(base_model, experts)
+    model = ToEModel.from_pretrained(base_model, experts, mmap_bank=False)  # a plug-in to train: in RAM
     g = torch.Generator().manual_seed(seed)
     route = Extraction(experts).route_data()
     for layer, block in model.plugin.blocks.items():
