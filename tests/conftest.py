@@ -108,3 +108,23 @@ def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
     save_tiny_pair(d)
     return d
+
+
+def make_world(tmp_path_factory, trained: bool = True):
+    """The tiny pair saved as folders, an extraction of the arithmetic fixture (N = 8, 3 shards of 8 rows, the
+    teacher's top-k cached) in ``ex`` and, with ``trained``, a plug-in trained 2 steps with a checkpoint in
+    ``trained``: the world the safety tests damage copies of."""
+    import os
+
+    from tree_of_experts.commands.extract import extract
+    from tree_of_experts.commands.train import train
+
+    data = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
+    w = tmp_path_factory.mktemp("world")
+    save_tiny_pair(w)
+    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=data, out=str(w / "ex"), num_leaves=8,
+            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    if trained:
+        train(base=str(w / "base"), experts=str(w / "ex"), data=data, out=str(w / "trained"), max_steps=2,
+              stage_a_steps=1, batch_size=4, save_every=1)
+    return w

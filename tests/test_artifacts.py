@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_pair
+from conftest import make_world
 from safetensors.torch import load_file
 from test_output_policy import refused
 from test_safety import FIXTURE, copy, train_args
@@ -28,12 +28,7 @@ EXTRACT = ["--num_leaves", "8", "--shard_size", "8", "--heldout_frac", "0.25", "
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The tiny pair and an extraction of it (3 shards of 8 rows, the teacher's top-k cached)."""
-    from tree_of_experts.commands.extract import extract
-
-    w = tmp_path_factory.mktemp("world")
-    save_tiny_pair(w)
-    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=FIXTURE, out=str(w / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
+    w = make_world(tmp_path_factory, trained=False)
     return w
 
 

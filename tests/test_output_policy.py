@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_pair
-from test_safety import FIXTURE, check_refused, copy, no_model_loads, snapshot, train_args
+from conftest import make_world
+from test_safety import FIXTURE, copy, no_model_loads, snapshot, train_args
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
@@ -26,15 +26,8 @@ def world(tmp_path_factory) -> Path:
     """The tiny pair, an extraction, a trained plug-in (with its checkpoint) and an eval folder, all made by the
     commands."""
     from tree_of_experts.commands.evaluate import evaluate
-    from tree_of_experts.commands.extract import extract
-    from tree_of_experts.commands.train import train
 
-    w = tmp_path_factory.mktemp("world")
-    save_tiny_pair(w)
-    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=FIXTURE, out=str(w / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
-    train(base=str(w / "base"), experts=str(w / "ex"), data=FIXTURE, out=str(w / "trained"), max_steps=2,
-          stage_a_steps=1, batch_size=4, save_every=1)
+    w = make_world(tmp_path_factory)
     evaluate(base=str(w / "base"), data=FIXTURE, out=str(w / "eval"), limit=2, max_new_tokens=4)
     return w
 

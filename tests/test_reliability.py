@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_pair
+from conftest import make_world
 from safetensors.torch import load_file, save_file
 from test_safety import FIXTURE, check_refused, copy, edit_json, no_model_loads, snapshot, train_args
 
@@ -31,15 +31,7 @@ from tree_of_experts.io import LOCK_NAME, OutLock, claim_out, releases_out_locks
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The tiny pair, an extraction (N = 8) and a trained plug-in (2 steps, checkpointed)."""
-    from tree_of_experts.commands.extract import extract
-    from tree_of_experts.commands.train import train
-
-    w = tmp_path_factory.mktemp("world")
-    save_tiny_pair(w)
-    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=FIXTURE, out=str(w / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
-    train(base=str(w / "base"), experts=str(w / "ex"), data=FIXTURE, out=str(w / "trained"), max_steps=2,
-          stage_a_steps=1, batch_size=4, save_every=1)
+    w = make_world(tmp_path_factory)
     return w
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_pair
+from conftest import make_world
 from safetensors.torch import load_file, save_file
 
 from tree_of_experts.cli import main
@@ -28,15 +28,7 @@ TRAIN = ["--max_steps", "2", "--stage_a_steps", "1", "--batch_size", "4", "--sav
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """The tiny pair, an extraction (N = 8), a trained plug-in with a checkpoint, an eval folder and a traces file."""
-    from tree_of_experts.commands.extract import extract
-    from tree_of_experts.commands.train import train
-
-    w = tmp_path_factory.mktemp("world")
-    save_tiny_pair(w)
-    extract(teacher=str(w / "teacher"), base=str(w / "base"), data=FIXTURE, out=str(w / "ex"), num_leaves=8,
-            shard_size=8, heldout_frac=0.25, batch_size=4, gate_rank=8)
-    train(base=str(w / "base"), experts=str(w / "ex"), data=FIXTURE, out=str(w / "trained"), max_steps=2,
-          stage_a_steps=1, batch_size=4, save_every=1)
+    w = make_world(tmp_path_factory)
     (w / "eval").mkdir()
     (w / "eval" / "metrics.json").write_text('{"args": {}, "systems": {}}\n')
     (w / "eval" / "base.jsonl").write_text('{"prompt": "p", "ce": 1.0, "ce_tokens": 3}\n')
