@@ -251,8 +251,8 @@ def oracle(
             held = set(extraction.manifest().get("counts", {}).get("heldout", []))
             on_cpu = lambda j, u, h: signal(j, u.to(device), h.to(device)).cpu()  # noqa: E731
             fit, predictors = predictability(extraction, cfg.layers, on_cpu, held)
-            for kind, name in (("ridge", "predicted δ̂(h): ridge"), ("mlp", "predicted δ̂(h): MLP")):
-                fns = [p.to(device) for p in predictors[kind]]
+            for fit_kind, name in (("ridge", "predicted δ̂(h): ridge"), ("mlp", "predicted δ̂(h): MLP")):
+                fns = [p.to(device) for p in predictors[fit_kind]]
                 systems[name] = example_ce(base_model, cfg.layers, items, pad,
                                            lambda j, u, h, fns=fns: fns[j](h).to(h.dtype), batch_size)
         if len(cfg.layers) > 1 and not ceiling_only:  # each layer of the set alone: where the set's ceiling comes from
