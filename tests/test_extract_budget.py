@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tree_of_experts import ToEError
-from tree_of_experts.commands.extract import extract
+from tree_of_experts.commands.extract import extract, rebuild
 from tree_of_experts.extraction.budget import parse_size
 from tree_of_experts.extraction.store import Extraction, has_states
 
@@ -195,9 +195,34 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     h, _, hh, _ = layer_rows(ex, 0, signal, heldout)
     valid = {int(e["example"][0]): int(e["valid"].sum()) for e in ex.iter_examples()}
     assert len(h) == sum(valid[i] for i in sample - heldout) and len(hh) == sum(valid[i] for i in heldout)
-    run(experts, tmp_path / "nolow", state_tokens=600, cache_low_states=False)
+    # a rebuild reads the sample too
+    rebuilt = rebuild(str(d / "ex"), str(tmp_path / "re"), num_leaves=4, gate_rank=8)
+    assert rebuilt["state_sample"] == big[2]["state_sample"]
+    assert len(Extraction(str(tmp_path / "re")).route_data()["leaf.0"]) == len(h)
+
+
+def test_a_sampled_extraction_resumes_and_serves_a_layer_subset(experts, tmp_path):
+    """A sampled extraction interrupted and rerun equals one run; --reuse_capture takes its sample; --cached_states
+    on an extraction without low states is refused in one line."""
+    from tree_of_experts.commands.train import train
+
+    one = run(experts, tmp_path / "one", state_tokens=600, layers=[0, 1], cache_low_states=False)
+    run(experts, tmp_path / "two", state_tokens=600, layers=[0, 1], cache_low_states=False)
+    os.remove(Extraction(str(tmp_path / "two")).shard_paths()[-1])  # a light shard
+    for name in ("toe_model.safetensors", "summary.json"):
+        os.remove(tmp_path / "two" / name)
+    run(experts, tmp_path / "two", state_tokens=600, layers=[0, 1], cache_low_states=False)
+    assert_same(tensors(tmp_path / "one", "toe_model.safetensors"), tensors(tmp_path / "two", "toe_model.safetensors"))
+    with pytest.raises(ToEError, match="state_budget"):  # another sample for the same folder: refused, naming it
+        run(experts, tmp_path / "two", state_tokens=700, layers=[0, 1], cache_low_states=False)
+    sub = run(experts, tmp_path / "sub", layers=[1], reuse_capture=str(tmp_path / "one"))
+    assert sub["state_sample"] == one["state_sample"]
+    src, dst = Extraction(str(tmp_path / "one")), Extraction(str(tmp_path / "sub"))
+    for a, b in zip(src.iter_examples(with_states=True), dst.iter_examples(with_states=True), strict=True):
+        assert torch.equal(a["teacher.1"], b["teacher.0"]) and torch.equal(a["base.1"], b["base.0"])
+    assert dst.light_keys() == src.light_keys() and "base.0" not in dst.light_keys()
     with pytest.raises(ToEError, match="--cache_low_states true") as e:
-        train(base=str(experts / "base"), experts=str(tmp_path / "nolow"), data=FIXTURE, out=str(tmp_path / "t"),
+        train(base=str(experts / "base"), experts=str(tmp_path / "one"), data=FIXTURE, out=str(tmp_path / "t"),
               cached_states=True, max_steps=1)
     assert "\n" not in str(e.value)
 
@@ -209,7 +234,7 @@ def test_peak_memory_stays_within_the_plan(experts, big, tmp_path):
     d, data, _ = big
     script = f"""
 import json, resource, sys
-from tree_of_experts.commands.extract import extract
+from tree_of_experts.commands.extract import extract, rebuild
 kw = dict(teacher={str(experts / 'teacher')!r}, base={str(experts / 'base')!r}, **{ARGS!r})
 extract(data={FIXTURE!r}, out={str(tmp_path / 'warm')!r}, limit=8, **kw)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
