@@ -159,7 +159,7 @@ def test_dry_run_prints_the_plan_and_loads_no_model(experts, tmp_path, monkeypat
     assert not (tmp_path / "dry").exists()  # nothing written
     assert plan["light_bytes_per_token"] == 18 + 4 + 6 * 32 + 2 * 32  # ids/masks, NLL + top-32, the low state
     assert plan["full_bytes_per_token"] == 18 + 4 + 6 * 32 + 2 * (32 + 48)
-    assert plan["state_examples"] == 24 and plan["disk_total"] <= parse_size(BUDGET)
+    assert plan["sampled_examples"] == 24 and plan["disk_total"] <= parse_size(BUDGET)
     assert plan["peak_ram"] == max(plan["ram"]["capture"], plan["ram"]["build"]) > 0
     main(["extract", "--teacher", str(experts / "teacher"), "--base", str(experts / "base"), "--data", FIXTURE,
           "--out", str(tmp_path / "dry"), "--num_leaves", "8", "--heldout_frac", "0.25", "--max_disk", "1MB",

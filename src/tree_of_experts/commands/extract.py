@@ -311,7 +311,8 @@ def extract(
     n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
     check_layers(layers, teacher_layers, n_b_config, n_t_config)
     known = bool(layers or n_b_config is not None) and bool(teacher_layers or None not in (n_b_config, n_t_config))
-    if known and not dry_run:  # a finished extraction with these settings (its default layers resolved) is returned as it is
+    # a finished extraction with these settings (its default layers resolved) is returned as it is
+    if known and not dry_run:
         check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
                                             resolve_layers(layers, teacher_layers, n_b_config, n_t_config))))
         build_settings = json.loads(json.dumps({  # as build.json reads back; the capture's are run.json's

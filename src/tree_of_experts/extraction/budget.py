@@ -117,7 +117,8 @@ def choose_sample(examples: list[Example], heldout: set[int], tokens: int, seed:
     return sorted(chosen)
 
 
-def shard_groups(examples: list[Example], sample: list[int] | None, shard_size: int) -> list[tuple[list[Example], bool]]:
+def shard_groups(examples: list[Example], sample: list[int] | None,
+                 shard_size: int) -> list[tuple[list[Example], bool]]:
     """The shards to write, in order: (examples, whether they keep full states). The sampled examples first (in
     data order, ``shard_size`` a shard), then the others; without a sample every shard is full (today's layout)."""
     keep = set(sample) if sample is not None else None
@@ -139,6 +140,7 @@ class Plan:
     state_examples: list[int] | None  # None: every example keeps its full states
     state_tokens: int
     max_disk: int | None
+    light_fields: str = "ids, masks"
     disk: dict[str, int] = field(default_factory=dict)
     ram: dict[str, int] = field(default_factory=dict)
 
@@ -151,8 +153,10 @@ class Plan:
         return max(self.ram["capture"], self.ram["build"])
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON (the summary's ``disk_plan``): the sample as its example count, ``sampled_examples``."""
         d = asdict(self)
-        d["state_examples"] = len(self.state_examples) if self.state_examples is not None else self.examples
+        d.pop("state_examples")
+        d["sampled_examples"] = len(self.state_examples) if self.state_examples is not None else self.examples
         return {**d, "disk_total": self.disk_total, "peak_ram": self.peak_ram}
 
     def text(self) -> str:
@@ -160,12 +164,12 @@ class Plan:
         n_state = len(self.state_examples) if self.state_examples is not None else self.examples
         lines = [
             f"tokens T = {self.tokens} in {self.examples} examples ({self.heldout_tokens} held out, always sampled)",
-            f"bytes/token: light {self.light_bytes_per_token} (ids, masks, top-k, low state), "
+            f"bytes/token: light {self.light_bytes_per_token} ({self.light_fields}), "
             f"full {self.full_bytes_per_token} (+ base and teacher states at every injection layer)",
             f"state sample S = {self.state_tokens} tokens ({100 * share:.1f} %) in {n_state} examples",
             "disk: " + ", ".join(f"{k} {human(v)}" for k, v in self.disk.items())
             + f"; total {human(self.disk_total)}" + (f" of --max_disk {human(self.max_disk)}" if self.max_disk else ""),
-            "peak RAM (estimate, plus ~0.6 GB for Python, torch and transformers): "
+            f"peak RAM (estimate, plus ~{human(PYTHON_RUNTIME)} for Python, torch and transformers): "
             f"{human(self.peak_ram)} = max(capture {human(self.ram['capture'])}, build {human(self.ram['build'])}); "
             + ", ".join(f"{k} {human(v)}" for k, v in self.ram.items() if k not in ("capture", "build")),
         ]
@@ -193,6 +197,12 @@ class Asked:
     sample: list[int] | None = None  # a sample fixed beforehand (--reuse_capture: the source's)
 
 
+def route_bytes_per_row(sizes: Sizes, a: Asked) -> int:
+    """Bytes of one clustered token in route_data.safetensors, over every injection layer: its fp16 state, int64
+    leaf and int8 path branches."""
+    return a.layers * (2 * sizes.d_b + 8 + tree_depth(a.shape, a.num_leaves))
+
+
 def fixed_bytes(sizes: Sizes, a: Asked, route_rows: int, n_shards: int, n_examples: int) -> dict[str, int]:
     """The files beside the shards: route data, projector, plug-in, and a reserve for safetensors headers and the
     JSON/markdown records (which list the held-out and sampled examples)."""
@@ -204,7 +214,7 @@ def fixed_bytes(sizes: Sizes, a: Asked, route_rows: int, n_shards: int, n_exampl
                                  gate_rank=a.gate_rank, top_k=1))
     plugin_bytes = sum(t.numel() * t.element_size() for t in plugin.state_dict().values())
     return {
-        "route_data": L * route_rows * (2 * d_b + 8 + tree_depth(a.shape, a.num_leaves)),
+        "route_data": route_rows * route_bytes_per_row(sizes, a),
         "projector": L * 4 * ((d_t + 1) * d_b + d_t * d_b + 2 * d_b),
         "plugin": plugin_bytes,
         "headers_and_records": 32_768 + L * (4096 + 16 * a.num_leaves) + 24 * n_examples
@@ -222,7 +232,7 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     lengths = {e.index: len(e.ids) for e in examples}
     usable = {e.index: int((e.align[1:] >= 0).sum()) for e in examples}  # valid rows: aligned, not the first
     T, H = sum(lengths.values()), sum(lengths[i] for i in heldout)  # noqa: N806
-    route_per_token = a.layers * (2 * sizes.d_b + 8 + tree_depth(a.shape, a.num_leaves))
+    route_per_token = route_bytes_per_row(sizes, a)
     n_shards = math.ceil(len(examples) / a.shard_size) + 1
 
     def fixed_without_route(n: int) -> int:
@@ -230,15 +240,15 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
 
     budget_tokens = a.state_tokens if a.state_tokens is not None else T
     if a.max_disk is not None:
-        room = a.max_disk - T * light - fixed_without_route(len(examples))
-        need_heldout = H * (full - light)
-        if room < need_heldout:
+        # what is left for the training examples' states (and their route rows) once every token's light fields,
+        # the held-out examples' states and the files beside the shards are counted; a tree needs N rows at least
+        room = a.max_disk - T * light - fixed_without_route(len(examples)) - H * (full - light)
+        if room < a.num_leaves * (full - light + route_per_token):
             raise ToEError(refusal(examples, heldout, sizes, a, full, light, fixed_without_route))
-        # S tokens of states, and at most S training rows of route data (capped at max_rows)
-        s = room // (full - light + route_per_token)
+        s = room // (full - light + route_per_token)  # training tokens with states, each a route row at most
         if s > a.max_rows:  # the route data stops growing at max_rows: more room for states
             s = (room - a.max_rows * route_per_token) // (full - light)
-        budget_tokens = min(budget_tokens, s)
+        budget_tokens = min(budget_tokens, H + s)
     if a.sample is not None:
         sample: list[int] | None = a.sample
     elif budget_tokens >= T:
@@ -277,7 +287,8 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     cluster = L * rows * 6 * d_b + 3 * min(rows, a.max_rows) * 4 * d_b + min(DISTANCE_CHUNK, rows) * a.num_leaves * 4
     ram.update(gram=gram, fusion_training=fusion, clustering=cluster)
     ram["build"] = sizes.weights_b + max(gram, fusion, cluster)
-    return Plan(T, len(examples), H, light, full, sample, S, a.max_disk, disk, ram)
+    fields = ", ".join(["ids, masks", *(["top-k"] if a.kd else []), *(["low state"] if a.cache_low_states else [])])
+    return Plan(T, len(examples), H, light, full, sample, S, a.max_disk, fields, disk, ram)
 
 
 def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, full: int, light: int,
@@ -285,7 +296,8 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
     """The one line refusing a --max_disk the light fields and the held-out states exceed, naming what fits."""
     T = sum(len(e.ids) for e in examples)  # noqa: N806
     H = sum(len(e.ids) for e in examples if e.index in heldout)  # noqa: N806
-    need = T * light + H * (full - light) + fixed(len(examples))
+    need = (T * light + H * (full - light) + fixed(len(examples))
+            + a.num_leaves * (full - light + route_bytes_per_row(sizes, a)))
     rows, total = 0, fixed(0)  # the most leading rows (--limit) whose light fields and held-out states fit
     for e in examples:
         total += len(e.ids) * (full if e.index in heldout else light) + 24
@@ -298,6 +310,8 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
         hints.append(f"--topk_logprobs 0 (saves {human(T * (4 + 6 * kd_k))})")
     if a.cache_low_states:
         hints.append(f"--cache_low_states false (saves {human(T * 2 * sizes.d_b)})")
-    return (f"--max_disk {human(a.max_disk)} is below what the extraction needs before any sampled state: {human(need)} "
-            f"(every token's light fields, {T} x {light} B, and the held-out examples' states); give at least "
-            f"{human(need)}, or " + ", or ".join(hints))
+    if H:
+        hints.append(f"a lower --heldout_frac (the held-out examples' states take {human(H * (full - light))})")
+    return (f"--max_disk {human(a.max_disk)} is below what the extraction needs at least: {human(need)} (every "
+            f"token's light fields, {T} x {light} B, the held-out examples' states and N = {a.num_leaves} training "
+            f"tokens' to build a tree from); give at least {human(need)}, or " + ", or ".join(hints))

@@ -377,6 +377,10 @@ def summary_markdown(s: dict) -> str:
              f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
              f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}; "
              f"bank from {signal_words(s.get('signal'))}.", ""]
+    if s.get("state_sample"):
+        lines += [f"States (base and teacher at every layer) kept for a sample: {s['state_sample']['tokens']} of "
+                  f"{s['tokens']} tokens in {s['state_sample']['examples']} examples, every held-out one "
+                  "(`--max_disk`/`--state_tokens`); the maps, the tree and the route data are built from it.", ""]
     for p, layer in zip(s["projector"], s["layers"]):
         lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
     if s["o1_heldout_ce"]:
