@@ -265,8 +265,8 @@ def extract(
             smaller of the two). None: every example (unless ``max_disk`` says otherwise).
         cache_low_states: under a sample, keep the base's state at the lowest injection layer for every example
             (what `toe train --cached_states` reads; 2 D_B bytes per token).
-        dry_run: print the plan (bytes per token, the sample, the disk total, a peak RAM estimate) and return it
-            without loading a model or writing anything.
+        dry_run: return the plan (bytes per token, the sample, the disk total, a peak RAM estimate; `toe extract`
+            prints it) without loading a model or writing anything.
         overwrite: replace what another run (or an extraction with other settings) left in ``out``.
 
     Returns:
