@@ -4,6 +4,8 @@ Output folder layout::
 
     run.json                 settings of this extraction (a rerun with other settings is refused)
     shards/shard-00000.safetensors ...   fp16 teacher/base states per token, ids, masks, teacher top-k log-probs
+                             (under --max_disk / --state_tokens the states of a sample of the examples only: light
+                             shards hold the others' ids, masks, top-k and low states; extraction/budget.py)
     manifest.json            models, revisions, layers, data hash, counts, timings, shard list
     projector.safetensors    ridge map and trained fusion map per layer
     route_data.safetensors   sampled base states, their leaf ids and path branches (Stage A supervision)
@@ -25,7 +27,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import os
 import time
 
@@ -34,13 +35,14 @@ from tqdm.auto import tqdm
 
 from ..config import ExtractConfig, RebuildConfig, ToEError, check_leaves_fit
 from ..data import DataSpec, file_hash, read_jsonl
+from ..extraction.budget import Asked, Plan, config_sizes, parse_size, plan_extraction, shard_groups
 from ..extraction.build import Pairing, build, build_tree, clustered_rows
 from ..extraction.capture import capture_shard, default_layer, prepare, same_vocab, teacher_layer_for
 from ..extraction.fusion import (
     FusionMap,
 )
 from ..extraction.store import CORRUPT, CORRUPT_SHARD, Extraction
-from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_tokenizer
+from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_config, load_tokenizer
 from ..io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -131,7 +133,8 @@ def reusable_capture(source: str, early: dict) -> dict:
         raise ToEError(f"--reuse_capture {source} is not a `toe extract` folder (no run.json): give the folder of an "
                        "extraction of the same models and data")
     run = read_json(os.path.join(source, "run.json"), CORRUPT)
-    changed = sorted(k for k in early if k not in ("layers", "teacher_layers") and run.get(k) != early[k])
+    changed = sorted(k for k in early if k not in ("layers", "teacher_layers", "state_budget")
+                     and run.get(k) != early[k])
     if changed:
         raise ToEError(f"--reuse_capture {source} was captured with other settings ({', '.join(changed)}): give the "
                        "same models, data and capture settings, or extract without --reuse_capture")
@@ -156,20 +159,39 @@ def reused_pairs(path: str, source: dict, layers: list[int], teacher_layers: lis
     return [captured.index(p) for p in asked]
 
 
-def layer_subset(source: str, shard: str, which: list[int]) -> dict[str, torch.Tensor]:
-    """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..), everything else as captured."""
+def layer_subset(source: str, shard: str, which: list[int], layers: list[int]) -> dict[str, torch.Tensor]:
+    """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..; ``layers`` the injection layers
+    they are), everything else as captured."""
     path = os.path.join(source, "shards", shard)
     if not os.path.isfile(path):
         raise ToEError(f"--reuse_capture {source} lacks shards/{shard}: finish that extraction first (rerun its "
                        "`toe extract` command), or extract without --reuse_capture")
     tensors = load_tensors(path, CORRUPT_SHARD)
     out = {k: v for k, v in tensors.items() if not k.startswith(("base.", "teacher."))}
+    if "teacher.0" not in tensors:  # a light shard: the base's state of the lowest asked layer, where it was kept
+        low = min(range(len(which)), key=lambda j: layers[j])
+        if f"base.{which[low]}" in tensors:
+            out[f"base.{low}"] = tensors[f"base.{which[low]}"]
+        return out
     for j, i in enumerate(which):
         for side in ("base", "teacher"):
             if f"{side}.{i}" not in tensors:
                 raise ToEError(f"{path} lacks {side}.{i}: {CORRUPT_SHARD}")
             out[f"{side}.{j}"] = tensors[f"{side}.{i}"]
     return out
+
+
+def disk_plan(examples, teacher: str, base: str, t_kw: dict, b_kw: dict, cfg: ExtractConfig, dtype: str, kd: bool,
+              topk: int, cache_low_states: bool, budget: int | None, state_tokens: int | None, seed: int,
+              num_layers: int, sample: list[int] | None) -> Plan:
+    """The extraction's plan (extraction/budget.py) from the models' configs alone: no weights load."""
+    same_model = teacher == base and t_kw == b_kw
+    sizes = config_sizes(load_config(base, **b_kw), load_config(teacher, "teacher", **t_kw), dtype, same_model)
+    return plan_extraction(examples, sizes, Asked(
+        layers=num_layers, topk=topk, kd=kd, cache_low_states=cache_low_states, heldout_frac=cfg.heldout_frac,
+        shard_size=cfg.shard_size, batch_size=cfg.batch_size, num_leaves=cfg.num_leaves, shape=cfg.shape,
+        gate_rank=cfg.gate_rank, max_rows=cfg.max_rows, max_disk=budget, state_tokens=state_tokens, seed=seed,
+        sample=sample))
 
 
 @releases_out_locks
@@ -208,6 +230,10 @@ def extract(
     teacher_gguf_file: str | None = None,
     base_gguf_file: str | None = None,
     reuse_capture: str | None = None,
+    max_disk: str | None = None,
+    state_tokens: int | None = None,
+    cache_low_states: bool = True,
+    dry_run: bool = False,
     overwrite: bool = False,
 ) -> dict | None:
     """Builds an expert bank and tree from a teacher, a base and reasoning text.
@@ -252,16 +278,34 @@ def extract(
         reuse_capture: an extraction of the same models, data and capture settings at a layer set that includes
             every (layer, teacher layer) pair asked for: its shards give this one's states and the teacher is never
             loaded (the fusion maps and the tree are still built, for this layer set).
+        max_disk: bound the folder's size (``2GB``, ``500MB``, ``750KB``; powers of 1000, ``GiB`` of 1024): every
+            example keeps its light fields (ids, masks, top-k, the low state), and base/teacher states at every layer
+            are kept for a sample of the examples that fits (held-out examples always, the rest chosen by ``seed``);
+            everything that reads states reads the sample (docs/scale.md). A budget the light fields and the
+            held-out states alone exceed is refused before any model loads, naming what fits.
+        state_tokens: keep full states for at most this many tokens (the sample's size; with ``max_disk``, the
+            smaller of the two). None: every example (unless ``max_disk`` says otherwise).
+        cache_low_states: under a sample, keep the base's state at the lowest injection layer for every example
+            (what `toe train --cached_states` reads; 2 D_B bytes per token).
+        dry_run: return the plan (bytes per token, the sample, the disk total, a peak RAM estimate; `toe extract`
+            prints it) without loading a model or writing anything.
         overwrite: replace what another run (or an extraction with other settings) left in ``out``.
 
     Returns:
-        The summary dict (on the main process; None on the others under ``accelerate launch``).
+        The summary dict (on the main process; None on the others under ``accelerate launch``); with ``dry_run``
+        the plan (``{"plan": ..., "summary": its text}``).
     """
     from accelerate import PartialState
 
     cfg = ExtractConfig.from_args(locals())
+    budget = parse_size(max_disk) if max_disk is not None else None
+    if state_tokens is not None and state_tokens < 1:
+        raise ToEError(f"state_tokens={state_tokens}: give at least 1 (tokens whose states are kept), or leave it out")
+    if reuse_capture and (budget is not None or state_tokens is not None):
+        raise ToEError("--reuse_capture takes its states, and its sample of examples with states, from the source's "
+                       "shards: drop --max_disk/--state_tokens")
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
-    if state.is_main_process:
+    if state.is_main_process and not dry_run:
         claim_out(out, "extract", overwrite=overwrite,
                   inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture, "data": data})
     state.wait_for_everyone()
@@ -277,15 +321,21 @@ def extract(
              "spec": dataclasses.asdict(spec), "max_length": max_length, "shard_size": shard_size,
              "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
              **({"layers": list(layers)} if layers else {}),
-             **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
-    check_same_extraction(out, early)  # what can be compared before the models load
+             **({"teacher_layers": list(teacher_layers)} if teacher_layers else {}),
+             # the sample's settings (None: every example keeps its states, as before budgets existed)
+             "state_budget": None if budget is None and state_tokens is None else {
+                 "max_disk": budget, "state_tokens": state_tokens, "seed": seed, "heldout_frac": heldout_frac,
+                 "cache_low_states": cache_low_states}}
+    if not dry_run:
+        check_same_extraction(out, early)  # what can be compared before the models load
     # the layer lists against the configs' layer counts, before any weights load (again after, where a config
     # does not say)
     n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
     check_layers(layers, teacher_layers, n_b_config, n_t_config)
     damaged: list[str] = []  # what a finished extraction lacks or holds damaged (then captured and built again)
     known = bool(layers or n_b_config is not None) and bool(teacher_layers or None not in (n_b_config, n_t_config))
-    if known:  # a finished extraction with these settings (its default layers resolved) is returned as it is
+    # a finished extraction with these settings (its default layers resolved) is returned as it is
+    if known and not dry_run:
         check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
                                             resolve_layers(layers, teacher_layers, n_b_config, n_t_config))))
         build_settings = json.loads(json.dumps({  # as build.json reads back; the capture's are run.json's
@@ -307,7 +357,20 @@ def extract(
                            "with --reuse_capture")
         reused_pairs(reuse_capture, source, *resolve_layers(layers, teacher_layers, n_b_config, n_t_config))
     examples = prepare(records, spec, base_tok, teacher_tok, max_length)
-    check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows))
+    plan = None
+    if early["state_budget"] is not None or dry_run or (source or {}).get("state_examples") is not None:
+        if not known:
+            raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
+                           "to plan the disk (--max_disk, --state_tokens, --dry_run)")
+        plan = disk_plan(examples, teacher, base, t_kw, b_kw, cfg, dtype, kd, topk_logprobs, cache_low_states,
+                         budget, state_tokens, seed,
+                         len(resolve_layers(layers, teacher_layers, n_b_config, n_t_config)[0]),
+                         (source or {}).get("state_examples"))
+        log.info("extraction plan:\n%s", plan.text())
+        if dry_run:
+            return {"plan": plan.to_dict(), "summary": plan.text()}
+    sample = plan.state_examples if plan is not None else None
+    check_leaves_fit(num_leaves, shape, clustered_rows(examples, heldout_frac, sample_rate, max_rows, sample))
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
     # the same model read twice (the no-teacher control): loaded once, and one forward serves both without top-k
     same_model = teacher == base and t_kw == b_kw
@@ -327,6 +390,7 @@ def extract(
         "topk_logprobs": topk_logprobs if kd else 0, "dtype": dtype,
         "teacher_arch": source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
         "base_arch": arch_fingerprint(base_model.config)[1],
+        "state_budget": early["state_budget"], "state_examples": sample,
     }
     if source is not None and source.get("base_arch") != settings["base_arch"]:
         raise ToEError(f"--reuse_capture {reuse_capture} was captured from a base of another architecture: give an "
@@ -344,9 +408,11 @@ def extract(
                 os.remove(os.path.join(out, rel))
     state.wait_for_everyone()
 
-    # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume.
-    n_shards = math.ceil(len(examples) / shard_size)
-    mine = [s for s in range(n_shards) if s % state.num_processes == state.process_index]
+    # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume. Under a sample, the
+    # sampled examples' full shards come first, then light ones (extraction/budget.py).
+    groups = shard_groups(examples, sample, shard_size)
+    low = min(range(len(layers)), key=lambda j: layers[j]) if cache_low_states else None
+    mine = [s for s in range(len(groups)) if s % state.num_processes == state.process_index]
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
     pad = base_tok.pad_token_id
     t_start = time.perf_counter()
@@ -355,10 +421,11 @@ def extract(
         if os.path.exists(path):
             continue
         if which is not None:
-            tensors = layer_subset(reuse_capture, os.path.basename(path), which)
+            tensors = layer_subset(reuse_capture, os.path.basename(path), which, layers)
         else:
-            tensors = capture_shard(examples[s * shard_size : (s + 1) * shard_size], teacher_model, base_model,
-                                    layers, teacher_layers, batch_size, topk_logprobs, pad, kd, timings)
+            chunk, full = groups[s]
+            tensors = capture_shard(chunk, teacher_model, base_model, layers, teacher_layers, batch_size,
+                                    topk_logprobs, pad, kd, timings, full=full, low=low)
         atomic_save_tensors(path, tensors)
     timings["wall_s"] = time.perf_counter() - t_start
     if reuse_capture:
@@ -373,7 +440,7 @@ def extract(
     if os.path.exists(build_path):  # a build interrupted half way is not a finished one
         os.remove(build_path)
     summary = build(out, base_model, base_tok, cfg, Pairing(layers, teacher_layers, teacher, kd, settings), examples,
-                    ridge_lambdas, seed, dev)
+                    ridge_lambdas, seed, dev, plan.to_dict() if plan is not None else None)
     if known:  # last: it marks the folder finished (a rerun whose layers cannot be resolved early builds again)
         atomic_write_json(build_path, build_settings)
     return summary
@@ -433,7 +500,8 @@ def rebuild(
     prior = read_json(os.path.join(source, "summary.json"), CORRUPT)
     counts = manifest["counts"]
     train_share = 1 - len(counts["heldout"]) / max(counts["examples"], 1)
-    check_leaves_fit(num_leaves, shape, min(max_rows, int(prior["tokens"] * train_share * sample_rate)))
+    with_states = counts.get("state_tokens", prior["tokens"])  # the tokens the tree is built from (the sample's)
+    check_leaves_fit(num_leaves, shape, min(max_rows, int(with_states * train_share * sample_rate)))
     claim_out(out, "rebuild", overwrite=overwrite, inputs={"source": source})
     os.makedirs(out, exist_ok=True)
     link = os.path.join(out, "shards")

@@ -253,6 +253,11 @@ def train(
     if cached_states and cached_layer not in run["layers"]:
         raise ToEError(f"--cached_states: {experts} cached no base states at layer {cached_layer} (the plug-in's "
                        "lowest injection layer): drop --cached_states")
+    light = Extraction(experts).light_keys() if cached_states else None  # a disk budget's light shards
+    if light is not None and f"base.{run['layers'].index(cached_layer)}" not in light:
+        raise ToEError(f"--cached_states: {experts} kept states for a sample of its examples only, and no base state "
+                       f"at layer {cached_layer} for the others (--cache_low_states false, or not the extraction's "
+                       "lowest layer): extract with --cache_low_states true, or drop --cached_states")
     if state_loss_weight < 0 or not math.isfinite(state_loss_weight):
         raise ToEError(f"state_loss_weight={state_loss_weight}: a loss weight is finite and >= 0")
     if state_loss_weight > 0 and base_adapter:

@@ -163,11 +163,15 @@ def init_gate_from_geometry(gate: TreeGate, states: torch.Tensor, leaf: torch.Te
         gate.nodes.bias[m] = -((mu1 + mu0) / 2 @ direction) * scale
 
 
-def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int) -> int:
-    """About how many tokens step 4 clusters: the training examples' usable positions (aligned, not the first),
-    times ``sample_rate``, at most ``max_rows``; known once the data is tokenized, before any model loads."""
+def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int,
+                   sample: list[int] | None = None) -> int:
+    """About how many tokens step 4 clusters: the training examples' usable positions (aligned, not the first; of
+    the examples in ``sample`` only, when given), times ``sample_rate``, at most ``max_rows``; known once the data is
+    tokenized, before any model loads."""
     every = round(1 / heldout_frac) if heldout_frac > 0 else 0
-    usable = sum(int((e.align[1:] >= 0).sum()) for e in examples if not (every and e.index % every == every - 1))
+    keep = set(sample) if sample is not None else None
+    usable = sum(int((e.align[1:] >= 0).sum()) for e in examples
+                 if not (every and e.index % every == every - 1) and (keep is None or e.index in keep))
     return min(max_rows, int(usable * sample_rate))
 
 
@@ -184,9 +188,11 @@ class Pairing:
 
 
 def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, examples: list[Example],
-          ridge_lambdas: list[float], seed: int, dev: torch.device) -> dict:
+          ridge_lambdas: list[float], seed: int, dev: torch.device, plan: dict | None = None) -> dict:
     """Steps 2-4 on the main process, from the shards alone: ridge map, trained fusion map with the O1 CE table on
-    held-out examples, then the tree (`build_tree`)."""
+    held-out examples, then the tree (`build_tree`). Every step reads the examples with states (under a disk
+    budget, the sample: all held-out examples and some training ones); ``plan`` (extraction/budget.py) is recorded
+    in the summary."""
     layers, kd = pairing.layers, pairing.kd
     pad = base_tok.pad_token_id
     every = round(1 / cfg.heldout_frac) if cfg.heldout_frac > 0 else 0
@@ -194,12 +200,14 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
     train_ids = {e.index for e in examples} - heldout
     times: dict[str, float] = {}
 
-    # 2. Ridge map per layer from streamed Gram matrices.
+    # 2. Ridge map per layer from streamed Gram matrices (one shard in memory at a time).
     t0 = time.perf_counter()
-    d_t = next(Extraction(out).iter_shards())["teacher.0"].shape[1]
+    extraction = Extraction(out)
+    d_t = next(extraction.iter_shards(with_states=True))["teacher.0"].shape[1]
     d_b = base_model.config.hidden_size
     grams = [(GramAccumulator(d_t, d_b), GramAccumulator(d_t, d_b)) for _ in layers]
-    for shard in tqdm(list(Extraction(out).iter_shards()), desc="ridge", leave=False, disable=None):
+    n_full = sum(1 for _ in extraction.iter_shard_paths(with_states=True))
+    for shard in tqdm(extraction.iter_shards(with_states=True), total=n_full, desc="ridge", leave=False, disable=None):
         rows = shard["valid"].bool()
         held = torch.tensor([int(x) in heldout for x in shard["example"]]) & rows
         for j, (tr, ho) in enumerate(grams):
@@ -208,12 +216,13 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
             if held.any():
                 ho.add(u[held], v[held])
     ridge = [fit_ridge(tr, ho) for tr, ho in grams]
+    del grams
     times["ridge_s"] = time.perf_counter() - t0
 
     # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
     t0 = time.perf_counter()
-    train_data = list(Extraction(out).iter_examples(train_ids))
-    dev_data = list(Extraction(out).iter_examples(heldout)) if heldout else []
+    train_data = list(extraction.iter_examples(train_ids, with_states=True))
+    dev_data = list(extraction.iter_examples(heldout, with_states=True)) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
     losses = train_fusion_maps(base_model, layers, maps, train_data, pad, cfg.projector_epochs, cfg.projector_lr, 4,
                                seed)
@@ -242,6 +251,13 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
     fit = {"projector": [r for _, r in ridge],
            "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None, "o1_heldout_ce": o1}
     counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
+    sample = pairing.settings.get("state_examples")
+    if sample is not None:  # the examples (and tokens) whose states the steps above and the tree read
+        keep = set(sample)
+        counts.update(state_examples=len(keep), state_tokens=sum(len(e.ids) for e in examples if e.index in keep))
+    if plan is not None:
+        fit["disk_plan"] = plan
+    del train_data, dev_data  # the sample's states out of memory before the clustering's rows come in
     return build_tree(out, out, base_model, cfg, pairing, counts, maps, [w for w, _ in ridge], fit, times, seed)
 
 
@@ -264,7 +280,7 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
     signal_name = "trained fusion map delta" if tree.signal == "fusion_map" else f"ridge step, λ = {tree.signal_lambda}"
     heldout = set(counts["heldout"])
     with torch.no_grad():
-        for ex in Extraction(source).iter_examples():
+        for ex in Extraction(source).iter_examples(with_states=True):
             if int(ex["example"][0]) in heldout:
                 continue
             keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
@@ -334,6 +350,8 @@ def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pai
         "teacher": teacher, "base": model_id(base_model), "layers": layers, "teacher_layers": teacher_layers,
         "examples": counts["examples"], "train_examples": counts["examples"] - len(heldout),
         "heldout_examples": len(heldout), "tokens": counts["tokens"], "num_leaves": num_leaves, "shape": shape,
+        **({"state_sample": {"examples": counts["state_examples"], "tokens": counts["state_tokens"]}}
+           if "state_tokens" in counts else {}),
         **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
         "signal": signal_record(tree.signal, tree.signal_lambda),
     }
@@ -361,6 +379,10 @@ def summary_markdown(s: dict) -> str:
              f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
              f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}; "
              f"bank from {signal_words(s.get('signal'))}.", ""]
+    if s.get("state_sample"):
+        lines += [f"States (base and teacher at every layer) kept for a sample: {s['state_sample']['tokens']} of "
+                  f"{s['tokens']} tokens in {s['state_sample']['examples']} examples, every held-out one "
+                  "(`--max_disk`/`--state_tokens`); the maps, the tree and the route data are built from it.", ""]
     for p, layer in zip(s["projector"], s["layers"]):
         lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
     if s["o1_heldout_ce"]:

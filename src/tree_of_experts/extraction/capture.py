@@ -55,9 +55,12 @@ def prepare(records: list[dict], spec: DataSpec, base_tok, teacher_tok, max_leng
 def capture_shard(
     examples: list[Example],
     teacher, base, layers: list[int], teacher_layers: list[int], batch_size: int, topk: int, pad_id: int,
-    kd: bool, timings: dict,
+    kd: bool, timings: dict, full: bool = True, low: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Teacher-forced forward of both models; returns the shard's tensors (rows = kept tokens of each example)."""
+    """Teacher-forced forward of both models; returns the shard's tensors (rows = kept tokens of each example).
+
+    ``full=False`` captures a light shard (`toe extract --max_disk`): no teacher states, the base's state only at
+    pair ``low`` (an index into ``layers``; None: none); each model runs only for what is kept."""
     dev = next(base.parameters()).device
     cols: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(examples), batch_size):
@@ -66,7 +69,11 @@ def capture_shard(
         ids_b, am_b = pad_left([e.ids for e in chunk], pad_id)
         t0 = time.perf_counter()
         one_pass = teacher is base and not kd  # the no-teacher control reads the base twice: one forward serves both
-        if one_pass:
+        if not full:  # a light shard: the teacher runs for its top-k alone
+            t_states = {}
+            if kd:
+                t_logits = teacher(**padded_inputs(ids_t, am_t, dev)).logits
+        elif one_pass:
             t_states = states_until(base, sorted({*layers, *teacher_layers}), padded_inputs(ids_t, am_t, dev))
         elif kd:  # the teacher's log-probs are cached too: a full forward
             with capture_layers(teacher, teacher_layers) as t_states:
@@ -74,7 +81,10 @@ def capture_shard(
         else:
             t_states = states_until(teacher, teacher_layers, padded_inputs(ids_t, am_t, dev))
         t1 = time.perf_counter()
-        b_states = t_states if one_pass else states_until(base, layers, padded_inputs(ids_b, am_b, dev))
+        if not full:
+            b_states = states_until(base, [layers[low]], padded_inputs(ids_b, am_b, dev)) if low is not None else {}
+        else:
+            b_states = t_states if one_pass else states_until(base, layers, padded_inputs(ids_b, am_b, dev))
         t2 = time.perf_counter()
         timings["teacher_s"] += t1 - t0
         timings["base_s"] += t2 - t1
@@ -93,8 +103,10 @@ def capture_shard(
             add("valid", []).append(valid.to(torch.uint8))
             add("example", []).append(torch.full((len(e.ids),), e.index, dtype=torch.long))
             for j, (lb, lt) in enumerate(zip(layers, teacher_layers)):
-                add(f"base.{j}", []).append(b_states[lb][row, tb:].half().cpu())
-                add(f"teacher.{j}", []).append(t_states[lt][row, tix].half().cpu())
+                if full or j == low:
+                    add(f"base.{j}", []).append(b_states[lb][row, tb:].half().cpu())
+                if full:
+                    add(f"teacher.{j}", []).append(t_states[lt][row, tix].half().cpu())
             if kd:
                 # Targets: base token t is predicted at teacher position (aligned t) - 1 (only used when ids match).
                 src = (tix - 1).clamp_min(0)

@@ -41,7 +41,7 @@ def layer_rows(extraction: Extraction, j: int, signal, heldout: set[int]) -> tup
     the extraction's held-out examples. ``signal(j, u, h)`` is the expert signal the bank was built from."""
     parts: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
     with torch.no_grad():
-        for ex in extraction.iter_examples():
+        for ex in extraction.iter_examples(with_states=True):  # under a disk budget: the sample
             keep = ex["valid"].bool()
             h, u = ex[f"base.{j}"][keep].float(), ex[f"teacher.{j}"][keep].float()
             side = parts[int(ex["example"][0]) in heldout]

@@ -6,7 +6,12 @@ it, all through :class:`Extraction`, so a file name or tensor key is spelled in 
     run.json                 settings of the extraction (a rerun with other settings is refused)
     manifest.json            models, layers, data hash, counts, timings, shard list with each shard's bytes and sha256
     summary.json / .md       projector fit, O1 table, cluster sizes, throughput
-    shards/shard-*.safetensors   per-example slices (``offsets``): ids, masks, base/teacher states, teacher top-k
+    shards/shard-*.safetensors   per-example slices (``offsets``): ids, masks, teacher top-k, and base/teacher
+                             states at every injection layer (*full* shards). Under a disk budget (`toe extract
+                             --max_disk/--state_tokens`) only a sample of the examples keeps its states: those come
+                             first, the rest follow in *light* shards (no ``teacher.*``; ``base.{j}`` of the lowest
+                             injection layer alone with --cache_low_states); run.json's ``state_examples`` lists
+                             the sample (null: every example)
     projector.safetensors    ``ridge.{layer}`` and ``trained.{layer}.*`` (the fusion maps)
     route_data.safetensors   ``states.{layer}``, ``leaf.{layer}``, ``branches.{layer}`` (route labels, Stage A)
     toe_config.json + toe_model.safetensors   the untrained plug-in (loadable as is)
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..config import ToEError
 from ..io import load_tensors, read_json
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
@@ -99,13 +105,31 @@ class Extraction:
         """The files of a finished extraction (PIECES) that the folder lacks."""
         return [name for name in PIECES if not self.has(name)]
 
-    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
-        for path in self.shard_paths():
+    def state_examples(self) -> list[int] | None:
+        """The examples whose full states were kept (None: every example, as without a disk budget)."""
+        return self.run().get("state_examples") if self.has(RUN) else None
+
+    def iter_shard_paths(self, with_states: bool = False) -> Iterator[str]:
+        """The shard files (only full shards, with every state, when ``with_states``)."""
+        return (p for p in self.shard_paths() if not with_states or has_states(p))
+
+    def iter_shards(self, with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """The shards' tensors, one shard at a time (only full shards, with every state, when ``with_states``)."""
+        for path in self.iter_shard_paths(with_states):
             yield load_tensors(path, CORRUPT_SHARD)
 
-    def iter_examples(self, which: set[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Per-example slices of the shards (only examples in ``which`` when given)."""
-        for shard in self.iter_shards():
+    def light_keys(self) -> set[str] | None:
+        """The tensor keys of the light shards (None when every shard is full)."""
+        for path in self.shard_paths():
+            if not has_states(path):
+                return shard_keys(path)
+        return None
+
+    def iter_examples(self, which: set[int] | None = None,
+                      with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Per-example slices of the shards (only examples in ``which`` when given; only examples with their base
+        and teacher states at every injection layer, the sample, when ``with_states``)."""
+        for shard in self.iter_shards(with_states):
             offsets = shard["offsets"]
             for k in range(len(offsets) - 1):
                 a, b = int(offsets[k]), int(offsets[k + 1])
@@ -147,6 +171,22 @@ def _readable(path: str) -> bool:
         return os.path.getsize(path) == 8 + n + end
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return False
+
+
+def shard_keys(path: str) -> set[str]:
+    """The tensor keys of a shard, read from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a damaged file)
+        raise ToEError(f"{path} is unreadable ({e}): {CORRUPT_SHARD}") from None
+
+
+def has_states(path: str) -> bool:
+    """Whether a shard is full (base and teacher states at every injection layer), not light."""
+    return "teacher.0" in shard_keys(path)
 
 
 def route_key(kind: str, layer: int | str) -> str:

@@ -67,8 +67,12 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
     skipped with ``skip_truncated``); attaches what the extraction cached for the same rows (same data file, same
     tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
     extraction) the base's state there, and with ``with_targets`` the state-loss targets at every injection layer
-    (:func:`state_targets`, from the extraction's cached states and its expert signal). Returns (examples, whether
-    any has the teacher's top-k, rows skipped).
+    (:func:`state_targets`, from the extraction's cached states and its expert signal). Under a disk budget
+    (`toe extract --max_disk`) only the extraction's sample of examples has states: the others get no state target
+    (the state loss reads the sampled examples' tokens; :func:`collate` gives the rest a zero ‖δ‖², i.e. no target),
+    and a cached state only where the extraction kept the lowest layer's (--cache_low_states). Only the fields used
+    are kept (copied out of their shards, so the states of a shard nobody needs leave memory). Returns (examples,
+    whether any has the teacher's top-k, rows skipped).
 
     With ``use_kd`` every row must get the teacher's top-k: an extraction that cached none, cached it for another
     file or other tokens, or lacks shards is refused in one line naming the fix (``without_kd``: the option that
@@ -85,16 +89,20 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         from ..extraction.fusion import extraction_signal
 
         signal = extraction_signal(extraction, run["layers"])[0]
+    needed = {"input_ids", *(("topk_ids", "topk_logp") if use_kd else ()), *((state_key,) if state_key else ())}
     if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
         for ex in extraction.iter_examples():
-            cached_rows[int(ex["example"][0])] = ex
+            row = {k: v.clone() for k, v in ex.items() if k in needed}
+            if with_targets and "teacher.0" in ex:  # an example with states: its targets now, its states dropped
+                row["targets"] = state_targets(ex, len(run["layers"]), signal)
+            cached_rows[int(ex["example"][0])] = row
     out = []
     for i in kept:  # i: the row's index in the file, which the extraction's cache is keyed by
         e = encoded[i]
         cached = cached_rows.get(i)
         if cached is None or not torch.equal(cached["input_ids"], e.input_ids):
             cached = {}
-        target, norm2 = state_targets(cached, len(run["layers"]), signal) if cached and signal else (None, None)
+        target, norm2 = cached.get("targets", (None, None))
         out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
                            cached.get("topk_logp") if use_kd else None, cached.get(state_key), target, norm2))
     has_kd = any(e.topk_ids is not None for e in out)
@@ -146,11 +154,13 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         for i, e in enumerate(batch):
             states[i, t - len(e.ids) :] = e.state
         out["states"] = states
-    if batch and all(e.target is not None for e in batch):  # (B, L, T, D) and (B, L, T), left-padded
-        t, (layers, _, d) = ids.shape[1], batch[0].target.shape
-        target = torch.zeros(len(batch), layers, t, d, dtype=batch[0].target.dtype)
+    targeted = [e for e in batch if e.target is not None]
+    if targeted:  # (B, L, T, D) and (B, L, T), left-padded; an example without a target: ‖δ‖² = 0, no target
+        t, (layers, _, d) = ids.shape[1], targeted[0].target.shape
+        target = torch.zeros(len(batch), layers, t, d, dtype=targeted[0].target.dtype)
         norm2 = torch.zeros(len(batch), layers, t)
         for i, e in enumerate(batch):
-            target[i, :, t - len(e.ids) :], norm2[i, :, t - len(e.ids) :] = e.target, e.target_norm2
+            if e.target is not None:
+                target[i, :, t - len(e.ids) :], norm2[i, :, t - len(e.ids) :] = e.target, e.target_norm2
         out.update(state_target=target, state_norm2=norm2)
     return out
