@@ -154,3 +154,17 @@ def test_extract_rerun_checks_its_shards_and_captures_the_damaged_ones(world, tm
     assert Extraction(ex).damaged_shards(full=True) == [] and Extraction(ex).missing_pieces() == []
     assert load_file(os.path.join(ex, "route_data.safetensors")).keys() == \
         load_file(str(world / "ex" / "route_data.safetensors")).keys()
+
+
+def test_every_reader_of_the_shards_refuses_a_missing_one(world, tmp_path):
+    """`toe rebuild` (like the oracle, --reuse_capture and the training targets) reads the shards through
+    Extraction.iter_shards: a shard the manifest lists but the folder lacks is refused, not read around."""
+    from tree_of_experts.config import ToEError
+    from tree_of_experts.extraction.store import Extraction
+
+    ex = copy(world, "ex", tmp_path)
+    first = Extraction(ex).shard_paths()[0]
+    os.remove(first)
+    with pytest.raises(ToEError, match="rerun the `toe extract`"):
+        next(Extraction(ex).iter_shards())
+    assert main(["rebuild", "--source", ex, "--out", str(tmp_path / "rb"), "--num_leaves", "4"]) == 2

@@ -114,7 +114,13 @@ class Extraction:
         return (p for p in self.shard_paths() if not with_states or has_states(p))
 
     def iter_shards(self, with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-        """The shards' tensors, one shard at a time (only full shards, with every state, when ``with_states``)."""
+        """The shards' tensors, one shard at a time (only full shards, with every state, when ``with_states``).
+        A missing or cut shard the manifest lists is refused first (every reader would otherwise see less data
+        without a word: `toe rebuild`, `toe oracle`, `--reuse_capture`, training targets)."""
+        damaged = self.damaged_shards()
+        if damaged:
+            shown = ", ".join(damaged[:3]) + (", ..." if len(damaged) > 3 else "")
+            raise ToEError(f"{self.folder} lacks or holds damaged {shown}: {REBUILT_BY}")
         for path in self.iter_shard_paths(with_states):
             yield load_tensors(path, CORRUPT_SHARD)
 
