@@ -43,6 +43,8 @@ def test_bench_runs_only_the_parts_asked_for(tmp_path):
     r = bench(base=str(tmp_path / "base"), teacher=str(tmp_path / "teacher"), out=str(tmp_path / "b"),
               parts=["extraction"], reps=2, extract_batch=2, extract_length=16)
     assert "extraction" in r and not {"generation", "routing", "training"} & set(r)
+    a = r["extraction"]["account"]  # where capture's time goes, as shares of it
+    assert 0 < a["teacher_share"] < 1 and 0 < a["base_share"] < 1 and a["teacher_share"] + a["base_share"] <= 1 + 1e-9
     assert r["summary"].startswith("extraction capture") and (tmp_path / "b" / "bench.md").exists()
     with pytest.raises(ToEError, match="--parts"):
         bench(base=str(tmp_path / "base"), out=str(tmp_path / "c"), parts=["decode"])

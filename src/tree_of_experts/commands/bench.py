@@ -194,17 +194,30 @@ def bench_extraction(teacher_model, base_model, layers: list[int], teacher_layer
             teacher_model(**padded_inputs(ids, am, device))
 
     shard: dict[str, torch.Tensor] = {}
+    parts = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}
 
     def capture() -> None:
         shard.update(capture_shard(examples, teacher_model, base_model, layers, teacher_layers, batch, 32, 0, True,
-                                   {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}))
+                                   parts))
 
     bare(), capture()  # warm-up
+    parts.update(teacher_s=0.0, base_s=0.0, tokens=0)
     res: dict[str, list[float]] = {"teacher_forward": [], "capture": []}
+    bare_s = capture_s = 0.0
     for _ in range(reps):
-        res["teacher_forward"].append(batch * length / timer(bare))
-        res["capture"].append(batch * length / timer(capture))
+        t_bare, t_capture = timer(bare), timer(capture)
+        bare_s, capture_s = bare_s + t_bare, capture_s + t_capture
+        res["teacher_forward"].append(batch * length / t_bare)
+        res["capture"].append(batch * length / t_capture)
     out = {f"{k}_tokens_per_s": _stats(v) for k, v in res.items()}
+    # Where capture's time goes beyond a bare teacher forward (summed over the repetitions): the teacher's forward
+    # with the state hooks, the base's forward up to its highest injection layer (the other half of every paired
+    # state: inherent to the method), and the rest (the top-k log-probs over the vocabulary, copying the states to
+    # the host in fp16, slicing per example). On a GPU the first two are timed without a sync inside the capture,
+    # so their split is approximate there; the total is exact.
+    out["account"] = {"teacher_share": parts["teacher_s"] / capture_s, "base_share": parts["base_s"] / capture_s,
+                      "rest_share": max(0.0, 1 - (parts["teacher_s"] + parts["base_s"]) / capture_s),
+                      "teacher_hooks_over_bare": parts["teacher_s"] / bare_s}
     out["ratio"] = _stats([c / t for c, t in zip(res["capture"], res["teacher_forward"])])
     # what a shard holds per token, measured on the captured tensors (`offsets` is per example, not per token)
     out["bytes_per_token"] = sum(t.numel() * t.element_size() for k, t in shard.items() if k != "offsets") / (
@@ -611,6 +624,12 @@ def markdown(result: dict) -> str:
     e = result.get("extraction")
     if e:
         lines.append(f"| extraction capture tokens/s (reference: bare teacher forward) | {ratio(e['ratio'])} |")
+        a = e.get("account")
+        if a:
+            lines.append(f"| where capture's time goes: teacher forward with hooks {100 * a['teacher_share']:.0f} %, "
+                         f"base forward {100 * a['base_share']:.0f} %, top-k + host copies {100 * a['rest_share']:.0f} "
+                         f"% (reference: the teacher forward's own time, bare) | "
+                         f"{a['teacher_hooks_over_bare']:.2f}× |")
     o = result.get("on_policy")
     if o:
         lines.append(f"| on-policy step ({o['sampled_tokens']} sampled tokens): sample {o['sample_s']['median']:.3f} s "
