@@ -11,7 +11,7 @@ import sys
 import typing
 from argparse import ArgumentError
 
-from .config import ToEError
+from .errors import ToEError
 
 
 def _commands() -> dict:

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import ToEError  # noqa: F401 (re-exported: `from tree_of_experts.config import ToEError` stays valid)
 from .tree import SELECTIONS, check_tree, num_nodes, tree_depth
 
 FORMAT_VERSION = 1
@@ -19,10 +20,6 @@ WEIGHTS_NAME = "toe_model.safetensors"
 
 
 BANK_DTYPES = ("float32", "float16", "bfloat16")
-
-
-class ToEError(ValueError):
-    """A user-facing error: its message is one line that names the offending value and the fix."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import ToEError
+from .errors import ToEError
 
 logger = logging.getLogger(__name__)
 CALC_NOTE = re.compile(r"<<[^>]*>>")

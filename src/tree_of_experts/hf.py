@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ToEError
+from .errors import ToEError
 
 # Architecture fields that must match for a plug-in (or a cached extraction) to be valid on a base.
 ARCH_KEYS = (

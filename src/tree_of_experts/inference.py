@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import ToEError
+from .errors import ToEError
 from .data import FORMATS, read_rows
 from .io import atomic_write_text
 from .model import ADAPTER_DIR

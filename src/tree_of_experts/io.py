@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from .config import ToEError
+from .errors import ToEError
 from .tensorfile import write_tensors
 
 log = logging.getLogger(__name__)

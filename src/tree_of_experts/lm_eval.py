@@ -25,7 +25,7 @@ import sys
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .config import ToEError
+from .errors import ToEError
 from .hf import load_tokenizer
 from .model import ToEModel
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import ToEError
+from .errors import ToEError
 
 SHAPES_DIR = os.path.join(os.path.dirname(__file__), "assets", "shapes")
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .. import bank_scale
-from ..config import ToEError
+from ..errors import ToEError
 from ..extraction.capture import Example, capture_shard, default_layer, teacher_layer_for
 from ..hf import (
     add_to_layers,

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from importlib import resources
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..hf import is_full_hub_id, is_hub_id, load_tokenizer
 from ..io import inside, local_path, describe, folder_kind, follow_umask
 from ..model import ToEModel

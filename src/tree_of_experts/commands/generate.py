@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import chat_template
 from ..hf import load_causal_lm, load_tokenizer, pick_device
 from ..inference import Sampling, generate_texts, read_prompts, seeded

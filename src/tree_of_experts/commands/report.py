@@ -13,7 +13,7 @@ import json
 import os
 import re
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..evaluation.results import summarize
 from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
 from ..stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import Encoded, encode, pad_left, responses_cut_away
 from ..grading import grade
 from ..hf import padded_inputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import DataSpec
 from ..grading import gsm8k_gold, last_boxed
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..shapes import capture_bytes_per_token
 from ..tree import tree_depth
 from .capture import Example

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import pad_left
 from ..hf import add_to_layers, padded_inputs
 from ..losses import token_nll

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..io import load_tensors, read_json
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \

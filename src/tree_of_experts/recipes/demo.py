@@ -17,7 +17,7 @@ from ..commands.evaluate import evaluate
 from ..commands.extract import extract
 from ..commands.report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
 from ..commands.train import train
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import DataSpec, read_jsonl
 from ..evaluation.tasks import TASK_FIELDS, gradable_rows
 from ..io import atomic_write_json, atomic_write_text

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..io import atomic_write_json, read_json
 from .study_config import TOY, Row, StudyConfig, load_study
 

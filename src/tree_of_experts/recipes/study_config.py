@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import ToEError
+from ..errors import ToEError
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
 RowKind = Literal["toe", "control", "lora", "toe_on_lora", "oracle"]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..io import (
     atomic_save_tensors,
     atomic_torch_save,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
 from ..hf import padded_inputs

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..data import DataSpec, Encoded, encode, file_hash, pad_left, read_jsonl, responses_cut_away
 from ..extraction.store import REBUILT_BY, RUN, Extraction
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import ToEError
+from ..errors import ToEError
 from ..extraction.store import route_key
 from ..tree import RouteOutput, num_nodes, path_labels, route_loss, usage
 
