@@ -16,7 +16,7 @@ import yaml
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.evaluation.study_table import Draws, reading
+from tree_of_experts.evaluation.study_table import Draws, coverage, reading
 from tree_of_experts.recipes.study import study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
@@ -77,7 +77,7 @@ def test_a_study_runs_end_to_end_and_its_table_carries_seeds_and_a_computed_verd
     assert {(c["a"], c["b"], c["target"]) for c in t["comparisons"]} == {
         ("toe", "ctl", "ce"), ("toe", "lora", "ce"), ("toe", "ctl", "acc"), ("toe", "lora", "acc")}
     for c in t["comparisons"]:  # every reading in the verdict comes from its interval by the fixed rule
-        assert c["reading"] == reading(c, c["target"], c["a"], c["b"])
+        assert c["reading"] == reading(c, c["target"], c["a"], c["b"]) + coverage(c["seeds"])
         lo, hi = c["ci95"]
         f = (lambda v: f"{100 * v:+.1f} pts") if c["target"] == "acc" else (lambda v: f"{v:+.4f}")
         assert f"{c['a']} − {c['b']} {f(c['point'])} [{f(lo)}, {f(hi)}]" in t["verdict"]  # its number, from the file
@@ -96,7 +96,7 @@ def test_a_killed_study_resumes_to_the_same_table(pair, tmp_path):
     code = "import sys; from tree_of_experts.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "study", cfg, "--out", str(tmp_path / "killed")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "killed" / "work" / "train" / "toe-seed1" / "checkpoint"
+    checkpoint = tmp_path / "killed" / "work" / "train" / "tiny" / "toe-seed1" / "checkpoint"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -235,3 +235,46 @@ def test_learning_curves_score_the_snapshots_on_the_tuning_rows(pair, tmp_path):
     assert all(0 < p["ce"] < 100 for c in curves.values() for p in c) and (tmp_path / "s" / "curves-dev.png").exists()
     with pytest.raises(ToEError, match="data.tuning"):
         study(config(pair, tmp_path, data__tuning=None, scoring__curve_every=2), str(tmp_path / "t"))
+
+
+def test_a_failing_step_leaves_the_other_rows_running(pair, tmp_path, monkeypatch):
+    import tree_of_experts.recipes.study as study_mod
+
+    real = study_mod.Study.run_score
+
+    def broken(self, target, label, row):
+        if label == "ctl":
+            raise ToEError("planted failure")
+        return real(self, target, label, row)
+
+    monkeypatch.setattr(study_mod.Study, "run_score", broken)
+    cfg = config(pair, tmp_path, rows=[{"name": "ctl", "kind": "control", "layers": [1]},
+                                       {"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    with pytest.raises(ToEError, match="1 step\\(s\\) failed.*score/ce/ctl: planted failure"):
+        study(cfg, str(tmp_path / "s"))
+    rows = {r["name"] for r in table(tmp_path / "s")["rows"]}
+    assert "toe" in rows and "ctl" not in rows  # the row after the failed one was trained and scored
+
+
+def test_seeds_pair_by_which_seeds_a_row_has():
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(1, 50, generator=g)
+    a = items + torch.tensor([[0.0], [5.0]])  # seeds 0 and 1
+    d = Draws(50)
+    same = d.means(a, (0, 1)) - d.means(a + 0.1, (0, 1))  # the same seeds: paired, the shift is exact
+    assert torch.allclose(same, torch.full_like(same, -0.1), atol=1e-5)
+    other = d.means(a, (0, 1)) - d.means(a + 0.1, (0, 2))  # other seeds: drawn independently
+    assert float(other.std()) > 0.5
+    assert coverage([1, 3]).startswith("; items only") and "under-estimated" in coverage([2, 2]) and not coverage([3, 3])
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rows=[{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2},
+                {"name": "toe-seed1", "kind": "toe", "layers": [1]}], compare=[]), "another row's seed"),
+    (dict(scoring__ce_files={"train": "x.jsonl"}), "a folder the study writes itself"),
+    (dict(rows=[{"name": "t", "kind": "toe", "layers": [1]},
+                {"name": "o", "kind": "oracle", "layers": [0], "plugin_of": "t"}], compare=[]), "give t's layers"),
+])
+def test_config_clashes_are_refused(pair, tmp_path, changes, message):
+    with pytest.raises(ToEError, match=message):
+        study(config(pair, tmp_path, **changes), str(tmp_path / "s"), dry_run=True)

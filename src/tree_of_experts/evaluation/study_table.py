@@ -1,8 +1,11 @@
 """A study's table, paired comparisons, plots and verdict, computed from its per-item scores (never typed by hand).
 
-Intervals include both sources of variation: a two-level bootstrap resamples the training seeds of each row, then
-the items (Davison & Hinkley 1997, §3.8). Rows with the same number of seeds share the seed draw, so seed k of one
-row meets seed k of another (the same data order): comparisons are paired on seeds as well as items. The base and
+Rows × seeds × items is a crossed design; the intervals come from a bootstrap that resamples the training seeds of
+each row and, independently, the items (the "pigeonhole" bootstrap of crossed designs, Owen 2007): with several
+seeds a row's interval holds both sources of variation. With one seed it holds the items' alone, and with two the
+seeds' part is under-estimated (a resample of two seeds is often one seed twice): the readings say so. Rows scored
+on the same seeds share the seed draw, so seed k of one row meets seed k of the other (the same data order):
+comparisons are paired on seeds as well as items; rows with other seed sets are drawn independently. The base and
 the teacher have one "seed" each (they are not trained). Below three items an interval is undefined (None).
 
 The verdict reads each named comparison by one fixed rule: a difference whose 95 % interval excludes zero is a
@@ -23,6 +26,7 @@ from ..stats import MIN_INTERVAL_N
 
 log = logging.getLogger(__name__)
 ITERS = 2000
+SEED_IDS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}  # (study, target) -> {row: the seeds it has}
 METRIC = {"acc": "correct"}  # the per-item field each target folder is read by (default: ce)
 LOWER_IS_BETTER = {"acc": False}  # CE targets: lower is better
 
@@ -49,6 +53,7 @@ def load_target(study, target: str) -> dict[str, list[dict[str, float]]]:
     of every row, and each oracle system as a row ``ORACLE:SYSTEM``."""
     root, field = os.path.join(study.out, target), METRIC.get(target, "ce")
     out: dict[str, list[dict[str, float]]] = {}
+    seed_ids = SEED_IDS.setdefault((study.out, target), {})
 
     def read(folder: str, system: str) -> dict[str, float] | None:
         path = os.path.join(root, folder, f"{system}.jsonl")
@@ -68,10 +73,11 @@ def load_target(study, target: str) -> dict[str, list[dict[str, float]]]:
                     out[f"{row.name}:{system}"] = [read(row.labels()[0], system)]
             continue
         system = "lora" if row.kind == "lora" else "toe"
-        seeds = [read(label, system) for label in row.labels()]
-        seeds = [s for s in seeds if s]
+        seeds = {k: read(label, system) for k, label in enumerate(row.labels())}
+        seeds = {k: v for k, v in seeds.items() if v}
         if seeds:
-            out[row.name] = seeds
+            out[row.name] = list(seeds.values())
+            seed_ids[row.name] = tuple(seeds)
     return out
 
 
@@ -94,15 +100,17 @@ class Draws:
         self.g = torch.Generator().manual_seed(seed)
         self.iters = iters
         self.items = torch.randint(n_items, (iters, n_items), generator=self.g) if n_items else None
-        self.seeds: dict[int, torch.Tensor] = {}
+        self.seeds: dict = {}
 
-    def means(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) resampled means of ``x`` (S, I): seeds, then items."""
+    def means(self, x: torch.Tensor, seeds: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(B,) resampled means of ``x`` (S, I): seeds, then items. Rows with the same ``seeds`` (the training seeds
+        they hold, in order) share the seed draw: they are paired on seeds."""
         s = x.shape[0]
-        if s not in self.seeds:
-            self.seeds[s] = torch.randint(s, (self.iters, s), generator=self.g) if s > 1 else \
+        key = seeds if seeds is not None else s
+        if key not in self.seeds:
+            self.seeds[key] = torch.randint(s, (self.iters, s), generator=self.g) if s > 1 else \
                 torch.zeros(self.iters, 1, dtype=torch.long)
-        v = x[self.seeds[s]]  # (B, S, I)
+        v = x[self.seeds[key]]  # (B, S, I)
         return v.gather(2, self.items[:, None, :].expand(-1, s, -1)).mean((1, 2))
 
 
@@ -122,9 +130,10 @@ def target_table(study, target: str) -> dict:
     comparisons. CE on the teacher's answers (``ce``): the gap closed (row - base) / (teacher - base); accuracy:
     the share correct; other CE targets: the row minus the base."""
     keys, x = aligned(load_target(study, target))
+    ids = SEED_IDS.get((study.out, target), {})
     n = len(keys)
     d = Draws(n)
-    means = {row: d.means(v) for row, v in x.items()}
+    means = {row: d.means(v, ids.get(row, tuple(range(v.shape[0])))) for row, v in x.items()}
     point = {row: float(v.mean()) for row, v in x.items()}
     per_seed = {row: v.mean(1).tolist() for row, v in x.items()}
     rows: dict[str, dict] = {}
@@ -143,9 +152,21 @@ def target_table(study, target: str) -> dict:
         a, b = (s.strip() for s in text.split(" - "))
         if a in x and b in x:
             diff = interval(means[a] - means[b], point[a] - point[b], n)
-            comparisons.append({"a": a, "b": b, "seeds": [x[a].shape[0], x[b].shape[0]], "items": n, **diff,
-                                "reading": reading(diff, target, a, b)})
+            seeds = [x[a].shape[0], x[b].shape[0]]
+            comparisons.append({"a": a, "b": b, "seeds": seeds, "items": n, **diff,
+                                "paired_on_seeds": min(seeds) > 1 and ids.get(a) == ids.get(b),
+                                "reading": reading(diff, target, a, b) + coverage(seeds)})
     return {"target": target, "items": n, "rows": rows, "comparisons": comparisons}
+
+
+def coverage(seeds: list[int]) -> str:
+    """What the interval of a comparison between rows with these seed counts covers, when it is not both sources."""
+    trained = [k for k in seeds]
+    if min(trained) == 1:
+        return "; items only: one training seed"
+    if min(trained) == 2:
+        return "; 2 seeds: their variation under-estimated"
+    return ""
 
 
 def reading(diff: dict, target: str, a: str, b: str) -> str:
@@ -256,7 +277,7 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
                       f"| {e['train_tokens']} / {e['heldout_tokens']} |" for layer, e in fit.items()]
     n = {t: v["items"] for t, v in tables.items()}
     lines += ["", "Items: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Intervals: 95 %, two-level bootstrap "
-              "(seeds, then items; rows paired on seeds and items). CE in nats, lower is better.", "", verdict]
+              "(seeds, then items; rows on the same seeds paired on them, all rows on items; a one-seed row's interval is over items only). CE in nats, lower is better.", "", verdict]
     return "\n".join(lines) + "\n"
 
 
@@ -322,8 +343,24 @@ def render(study) -> dict:
     if curves:
         plot_dev_curves(study, curves, os.path.join(study.out, "curves-dev.png"))
     if study.cfg.readme:
-        put_in_readme(study.cfg.readme, study.cfg.name, body)
+        page, here = os.path.abspath(study.cfg.readme), os.path.abspath(study.out)
+        root = checkout_of(page)
+        if os.path.commonpath([root, here]) == root:  # the study folder lives in the page's checkout
+            put_in_readme(study.cfg.readme, study.cfg.name, body)
+        else:  # a copy elsewhere renders its own files and leaves the page alone
+            log.info("the study folder %s is outside %s: %s is left as it is", here, root, page)
     return {"summary": f"study {study.cfg.name}: table in {os.path.join(study.out, 'table.md')}", "verdict": verdict}
+
+
+def checkout_of(path: str) -> str:
+    """The folder holding ``.git`` above ``path`` (its folder when there is none)."""
+    d = os.path.dirname(path)
+    while True:
+        if os.path.exists(os.path.join(d, ".git")):
+            return d
+        if os.path.dirname(d) == d:
+            return os.path.dirname(path)
+        d = os.path.dirname(d)
 
 
 def put_in_readme(path: str, name: str, md: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from .study_config import TOY, Row, StudyConfig, load_study
 
 log = logging.getLogger(__name__)
 TARGET_DIRS = {"ce": "ce", "accuracy": "acc"}
+DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
 KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
         "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
         "adapter_model.safetensors", "README.md")
@@ -52,22 +54,48 @@ class Step:
 class Study:
     def __init__(self, cfg: StudyConfig, out: str):
         self.cfg, self.out = cfg, os.path.abspath(out)
-        self.work = os.path.abspath(cfg.work or os.path.join(self.out, "work"))
-        self.base, self.teacher = self.resolve(cfg.pair.base), self.resolve(cfg.pair.teacher)
-        self.train_data, self.items = self.resolve(cfg.data.train), self.resolve(cfg.data.items)
-        self.answers = self.resolve(cfg.data.answers) if cfg.data.answers else os.path.join(self.out, "dev-traces.jsonl")
         self.skip, self.n = cfg.data.reported[0], cfg.data.reported[1] - cfg.data.reported[0]
-        self.tuning_answers = (self.resolve(cfg.data.tuning_answers) if cfg.data.tuning_answers else
-                               os.path.join(self.out, "tuning-traces.jsonl"))
+
+    # Paths resolve when first used (``${VAR}`` from the environment, ``toy:`` to the shipped pair), so rendering
+    # the committed results needs none of the machine's folders.
+    @functools.cached_property
+    def work(self) -> str:
+        return os.path.abspath(self.resolve(self.cfg.work, "work") if self.cfg.work else os.path.join(self.out, "work"))
+
+    @functools.cached_property
+    def base(self) -> str:
+        return self.resolve(self.cfg.pair.base, "pair.base")
+
+    @functools.cached_property
+    def teacher(self) -> str:
+        return self.resolve(self.cfg.pair.teacher, "pair.teacher")
+
+    @functools.cached_property
+    def train_data(self) -> str:
+        return self.resolve(self.cfg.data.train, "data.train")
+
+    @functools.cached_property
+    def items(self) -> str:
+        return self.resolve(self.cfg.data.items, "data.items")
+
+    @functools.cached_property
+    def answers(self) -> str:
+        a = self.cfg.data.answers
+        return self.resolve(a, "data.answers") if a else os.path.join(self.out, "dev-traces.jsonl")
+
+    @functools.cached_property
+    def tuning_answers(self) -> str:
+        a = self.cfg.data.tuning_answers
+        return self.resolve(a, "data.tuning_answers") if a else os.path.join(self.out, "tuning-traces.jsonl")
 
     # -- inputs ------------------------------------------------------------------------------------------------
-    def resolve(self, path: str) -> str:
+    def resolve(self, path: str, key: str = "a path") -> str:
         """A config path: ``toy:base``/``toy:teacher`` (the shipped toy pair), ``toy:train``/``toy:dev`` (the toy
         data, written into OUT/data once), a hub id, or a file/folder."""
         if "$" in path:  # ${PAIR}/model: the config names the machine's folders through the environment
             expanded = os.path.expandvars(path)
             if "$" in expanded:
-                raise ToEError(f"{path}: set the environment variable it names (e.g. PAIR=/path/to/models)")
+                raise ToEError(f"{key} {path}: set the environment variable it names (e.g. PAIR=/path/to/models)")
             path = expanded
         if not path.startswith(TOY):
             return path
@@ -160,9 +188,10 @@ class Study:
                         steps.append(Step(rebuilt, list(deps), self.extraction_done(row.layers, row.rebuild),
                                           self.run_rebuild(row), {"kind": "rebuild"}))
                     deps = [rebuilt]
-                if row.kind == "oracle":
+                if row.kind == "oracle":  # it reads the extraction of its layer set (which its plug-in row built)
                     plugin = cfg.row(row.plugin_of).labels()[0]
-                    steps.append(Step(f"score/ce/{label}", ["answers", f"train/{plugin}"],
+                    ex = f"extract/{os.path.basename(self.extraction(row.layers))}"
+                    steps.append(Step(f"score/ce/{label}", ["answers", ex, f"train/{plugin}"],
                                       lambda label=label: self.scored("ce", label),
                                       self.run_oracle(row, plugin), {"kind": "oracle", "layers": row.layers}))
                     continue
@@ -190,7 +219,9 @@ class Study:
         return os.path.isfile(os.path.join(self.out, target, label, "metrics.json"))
 
     def run_dir(self, label: str) -> str:
-        return os.path.join(self.work, "train", label)
+        """A training's own folder: under the study's name, so studies sharing a work folder (and its extractions)
+        never adopt each other's runs."""
+        return os.path.join(self.work, "train", self.cfg.name, label)
 
     def trained(self, label: str) -> bool:
         kept = os.path.join(self.out, "train", label)
@@ -203,7 +234,9 @@ class Study:
             # trained rows whose kept results exist need no extraction: a fresh machine skips it
             users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle"
                      and (not rebuild or r.rebuild == rebuild) for lab in r.labels()]
-            return os.path.isfile(os.path.join(path, "summary.json")) or all(self.trained(u) for u in users)
+            oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild]
+            return os.path.isfile(os.path.join(path, "summary.json")) or (
+                all(self.trained(u) for u in users) and all(self.scored("ce", r.labels()[0]) for r in oracles))
 
         return done
 
@@ -301,13 +334,17 @@ class Study:
                         adapter = os.path.join(self.out, "train", self.cfg.row(row.adapter_of).labels()[seed])
                     train(experts=experts, base_adapter=adapter, **kw, **{**self.cfg.train, **row.options})
             os.makedirs(kept, exist_ok=True)
-            for f in KEPT:  # the small files and the trained weights, kept with the study's results
-                if os.path.isfile(os.path.join(out, f)):
+            for f in KEPT:  # the small files and the trained weights, kept with the study's results; the summary
+                # (what marks the step done) last, so a kill mid-copy leaves the step to redo
+                if os.path.isfile(os.path.join(out, f)) and f not in DONE:
                     shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
             if row.kind != "lora":  # the bank's geometry before -> after training (did the leaves specialise?)
                 from ..commands.hub import inspect
 
                 atomic_write_json(os.path.join(kept, "inspect.json"), inspect(out))
+            for f in DONE:
+                if os.path.isfile(os.path.join(out, f)):
+                    shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
         return run
 
     def system_dir(self, label: str) -> str:
@@ -386,9 +423,13 @@ class Study:
                 keep |= more
             steps = [s for s in steps if s.id in keep]
         by_id = {s.id: s for s in steps}
-        ran, waited = [], False
+        ran, waited, failed = [], False, {}
+
+        def blocked(s: Step) -> bool:  # a step whose input failed waits for a later run, not forever
+            return any(d in failed or blocked(by_id[d]) for d in s.deps if d in by_id)
+
         while True:
-            pending = [s for s in steps if not s.done()]
+            pending = [s for s in steps if not s.done() and s.id not in failed and not blocked(s)]
             if not pending:
                 break
             progressed = held = False
@@ -404,11 +445,16 @@ class Study:
                     if s.done():
                         continue
                     log.info("study: %s", s.id)
-                    s.run()
-                    ran.append(s.id)
+                    try:
+                        s.run()
+                    except ToEError as e:  # one row's trouble does not stop the others: said at the end
+                        failed[s.id] = str(e)
+                        log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
+                    else:
+                        ran.append(s.id)
+                        if s.id.startswith("score/"):
+                            render()
                     progressed = True
-                    if s.id.startswith("score/"):
-                        render()
                     break  # back to the first pending step: the rows' order is the priority order
             if not progressed:
                 if not held:
@@ -416,6 +462,10 @@ class Study:
                 waited = True
                 time.sleep(poll_s)  # another process holds a step this one needs
         render()
+        if failed:
+            first, why = next(iter(failed.items()))
+            raise ToEError(f"study: {len(failed)} step(s) failed, the rest ran and the table is rendered: {first}: "
+                           f"{why}" + (f" (and {', '.join(list(failed)[1:4])})" if len(failed) > 1 else ""))
         return {"ran": ran, "waited": waited}
 
 
@@ -457,6 +507,7 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     if unknown:
         raise ToEError(f"--rows {unknown}: not rows of {file} ({', '.join(x.name for x in cfg.rows)})")
     known = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
+    targets = [TARGET_DIRS.get(t, t) for t in targets] if targets is not None else None  # `accuracy` is `acc`
     if any(t not in known for t in targets or []):
         raise ToEError(f"--targets {targets}: this study scores {', '.join(known)}")
     os.makedirs(s.out, exist_ok=True)

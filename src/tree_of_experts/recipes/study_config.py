@@ -170,8 +170,19 @@ class StudyConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ToEError(f"rows: {dup} named twice: give every row its own name")
+        labels = [lab for r in self.rows for lab in r.labels()]
+        clash = sorted({lab for lab in labels if labels.count(lab) > 1})
+        if clash:
+            raise ToEError(f"rows: {clash} is both a row and another row's seed (ROW-seedK): rename the row")
+        reserved = {"ce", "acc", "train", "curve", "locks", "data", "work"}
+        if set(self.scoring.ce_files) & reserved:
+            raise ToEError(f"scoring.ce_files: {sorted(set(self.scoring.ce_files) & reserved)} is a folder the study "
+                           f"writes itself ({', '.join(sorted(reserved))}): give the file another name")
         by = {r.name: r for r in self.rows}
         for r in self.rows:
+            if r.kind == "oracle" and r.plugin_of in by and by[r.plugin_of].layers != r.layers:
+                raise ToEError(f"rows.{r.name}.layers {r.layers}: an oracle reads its plug-in row's extraction: give "
+                               f"{r.plugin_of}'s layers {by[r.plugin_of].layers}")
             ref = r.adapter_of or r.plugin_of
             want = "lora" if r.adapter_of else "toe"
             if ref and (ref not in by or by[ref].kind != want):
@@ -270,7 +281,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 def build(cls: type, raw: Any, where: str) -> Any:
     """``cls(**raw)`` with unknown, missing and mistyped keys refused in one line each."""
     if not isinstance(raw, dict):
-        raise ToEError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+        raise ToEError(f"{where or 'study config'}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(known))
