@@ -313,6 +313,10 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
     missing = [r.name for r in study.cfg.rows if r.name not in scored]
     if missing:
         parts.append(f"Not scored yet: {', '.join(missing)}.")
+    made = {f"{c['a']} - {c['b']}" for t in tables.values() for c in t["comparisons"]}
+    open_ = [c for c in study.cfg.compare if " - ".join(x.strip() for x in c.split(" - ")) not in made]
+    if open_:  # a side not scored yet, or an oracle system the oracle did not produce
+        parts.append(f"Not compared yet: {'; '.join(open_)}.")
     return "**Verdict (computed from the intervals):** " + " ".join(parts) if parts else ""
 
 
