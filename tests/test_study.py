@@ -278,3 +278,12 @@ def test_seeds_pair_by_which_seeds_a_row_has():
 def test_config_clashes_are_refused(pair, tmp_path, changes, message):
     with pytest.raises(ToEError, match=message):
         study(config(pair, tmp_path, **changes), str(tmp_path / "s"), dry_run=True)
+
+
+def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    study(cfg, str(tmp_path / "s"))
+    edited = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[],
+                    budget={"steps": 8, "batch_size": 4})
+    with pytest.raises(ToEError, match="max_steps 4 \\(the config: 8\\)"):
+        study(edited, str(tmp_path / "s"), dry_run=True)

@@ -121,6 +121,7 @@ class Study:
                              if any(p.startswith(f"score/{k}/") for p in pending))):
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
+        self.check_kept_runs()
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
             raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
@@ -142,6 +143,24 @@ class Study:
                 if bad:
                     raise ToEError(f"rows.{r.name}.layers {bad}: the base has {cfg.num_hidden_layers} layers "
                                    f"(0-{cfg.num_hidden_layers - 1})")
+
+    def check_kept_runs(self) -> None:
+        """A kept run trained with another budget or seed than the config now asks is refused, not reused: an edited
+        config would otherwise keep results it no longer describes."""
+        steps_n = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+        for row in self.cfg.rows:
+            for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
+                for name in ("train_args.json", "baseline_args.json"):
+                    path = os.path.join(self.out, "train", label, name)
+                    if not os.path.isfile(path):
+                        continue
+                    args = read_json(path, "delete the kept run to train it again")
+                    want = {"max_steps": steps_n, "batch_size": self.cfg.budget.batch_size, "seed": seed}
+                    differ = [f"{k} {args.get(k)} (the config: {v})" for k, v in want.items()
+                              if k in args and args[k] != v]
+                    if differ:
+                        raise ToEError(f"{os.path.dirname(path)} was trained with {', '.join(differ)}: rename the row "
+                                       "(or use another --out) for the new budget, or delete that folder to redo it")
 
     def n_train(self) -> int:
         from ..data import read_rows
@@ -394,8 +413,10 @@ class Study:
     def lock(self, step: Step):
         """The step's advisory lock (released by the kernel if the process dies): yields False when another
         process holds it."""
-        os.makedirs(os.path.join(self.out, "locks"), exist_ok=True)
-        path = os.path.join(self.out, "locks", step.id.replace("/", "__") + ".lock")
+        # an extraction may be shared by studies with one work folder: its lock lives there
+        where = self.work if step.id.startswith("extract/") else self.out
+        os.makedirs(os.path.join(where, "locks"), exist_ok=True)
+        path = os.path.join(where, "locks", step.id.replace("/", "__") + ".lock")
         with open(path, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
