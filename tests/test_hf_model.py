@@ -90,7 +90,7 @@ def test_cache_passing_paths_warn_of_no_deprecated_argument(toe, tok, base, batc
     `.past_key_values` a logged alias: the package's own decode loops use what the installed version expects."""
     import warnings
 
-    from tree_of_experts.commands.bench import _timer, bench_decode_step
+    from tree_of_experts.benchmarks import bench_decode_step, make_timer
     from tree_of_experts.commands.oracle import live_greedy
 
     teacher = tiny_qwen2(hidden_size=48, num_layers=3, seed=1)
@@ -101,7 +101,7 @@ def test_cache_passing_paths_warn_of_no_deprecated_argument(toe, tok, base, batc
         toe.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
         delta = lambda j, u, h: u[..., :32].float()  # noqa: E731 (a teacher state cut to the base's width)
         assert live_greedy(toe.base, tok, PROMPTS[0], 3, teacher, [0], [1], delta)
-        bench_decode_step(toe.base, toe, batch["input_ids"], batch["attention_mask"], _timer(torch.device("cpu")))
+        bench_decode_step(toe.base, toe, batch["input_ids"], batch["attention_mask"], make_timer(torch.device("cpu")))
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "past_key_values" in m], said
 
