@@ -77,7 +77,7 @@ def test_a_study_runs_end_to_end_and_its_table_carries_seeds_and_a_computed_verd
     assert {(c["a"], c["b"], c["target"]) for c in t["comparisons"]} == {
         ("toe", "ctl", "ce"), ("toe", "lora", "ce"), ("toe", "ctl", "acc"), ("toe", "lora", "acc")}
     for c in t["comparisons"]:  # every reading in the verdict comes from its interval by the fixed rule
-        assert c["reading"] == reading(c, c["target"], c["a"], c["b"]) + coverage(c["seeds"])
+        assert c["reading"] == reading(c, c["target"], c["a"], c["b"]) + coverage(c["seeds"], ":" in c["a"] + c["b"])
         lo, hi = c["ci95"]
         f = (lambda v: f"{100 * v:+.1f} pts") if c["target"] == "acc" else (lambda v: f"{v:+.4f}")
         assert f"{c['a']} − {c['b']} {f(c['point'])} [{f(lo)}, {f(hi)}]" in t["verdict"]  # its number, from the file

@@ -155,13 +155,16 @@ def target_table(study, target: str) -> dict:
             seeds = [x[a].shape[0], x[b].shape[0]]
             comparisons.append({"a": a, "b": b, "seeds": seeds, "items": n, **diff,
                                 "paired_on_seeds": min(seeds) > 1 and ids.get(a) == ids.get(b),
-                                "reading": reading(diff, target, a, b) + coverage(seeds)})
+                                "reading": reading(diff, target, a, b) + coverage(seeds, untrained=":" in a + b)})
     return {"target": target, "items": n, "rows": rows, "comparisons": comparisons}
 
 
-def coverage(seeds: list[int]) -> str:
-    """What the interval of a comparison between rows with these seed counts covers, when it is not both sources."""
+def coverage(seeds: list[int], untrained: bool = False) -> str:
+    """What the interval of a comparison between rows with these seed counts covers, when it is not both sources
+    (``untrained``: a side is an oracle's system, which no training seed moves)."""
     trained = [k for k in seeds]
+    if untrained and min(trained) == 1:
+        return "; over items (an oracle: one run)"
     if min(trained) == 1:
         return "; items only: one training seed"
     if min(trained) == 2:
