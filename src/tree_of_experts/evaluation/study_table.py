@@ -162,25 +162,34 @@ def target_table(study, target: str) -> dict:
 def coverage(seeds: list[int], untrained: bool = False) -> str:
     """What the interval of a comparison between rows with these seed counts covers, when it is not both sources
     (``untrained``: a side is an oracle's system, which no training seed moves)."""
-    trained = [k for k in seeds]
-    if untrained and min(trained) == 1:
+    if untrained and min(seeds) == 1:
         return "; over items (an oracle: one run)"
-    if min(trained) == 1:
+    if min(seeds) == 1:
         return "; items only: one training seed"
-    if min(trained) == 2:
+    if min(seeds) == 2:
         return "; 2 seeds: their variation under-estimated"
     return ""
 
 
-def reading(diff: dict, target: str, a: str, b: str) -> str:
-    """The fixed rule: an interval that excludes zero is a difference, one that includes it is level."""
+def verdict_word(diff: dict, target: str) -> str:
+    """The fixed rule: an interval that excludes zero is a difference ("better"/"worse" for the first row, by the
+    target's direction), one that includes it is "level"; without an interval, "undefined"."""
     lo, hi = diff["ci95"]
     if lo is None:
-        return "undefined (too few items for an interval)"
+        return "undefined"
     if lo <= 0 <= hi:
+        return "level"
+    return "better" if (diff["point"] < 0) == LOWER_IS_BETTER.get(target, True) else "worse"
+
+
+def reading(diff: dict, target: str, a: str, b: str) -> str:
+    """:func:`verdict_word` as a sentence."""
+    word = verdict_word(diff, target)
+    if word == "undefined":
+        return "undefined (too few items for an interval)"
+    if word == "level":
         return f"{a} and {b} are level (the interval includes zero)"
-    better = (diff["point"] < 0) == LOWER_IS_BETTER.get(target, True)
-    return f"{a} is {'better' if better else 'worse'} than {b} (the interval excludes zero)"
+    return f"{a} is {word} than {b} (the interval excludes zero)"
 
 
 # -- what the training folders say ---------------------------------------------------------------------------------
@@ -302,9 +311,7 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
         f = pts if t == "acc" else nats
         groups: dict[str, list[str]] = {}
         for c in table["comparisons"]:
-            word = "undefined" if c["ci95"][0] is None else "level" if c["ci95"][0] <= 0 <= c["ci95"][1] else \
-                "better" if (c["point"] < 0) == LOWER_IS_BETTER.get(t, True) else "worse"
-            groups.setdefault(word, []).append(f"{c['a']} − {c['b']} {_fmt(c, f)}")
+            groups.setdefault(verdict_word(c, t), []).append(f"{c['a']} − {c['b']} {_fmt(c, f)}")
         if groups:
             said = {"better": "the first row is better (interval excludes zero)",
                     "worse": "the first row is worse (interval excludes zero)",

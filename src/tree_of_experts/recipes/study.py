@@ -345,7 +345,7 @@ class Study:
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":
-                    baseline(kind="control", experts=experts, **kw, **{**_only(self.cfg.train, "baseline"),
+                    baseline(kind="control", experts=experts, **kw, **{**_baseline_options(self.cfg.train),
                                                                         **row.options})
                 else:
                     adapter = self.run_dir(self.cfg.row(row.adapter_of).labels()[seed]) if row.adapter_of else None
@@ -490,15 +490,14 @@ class Study:
         return {"ran": ran, "waited": waited}
 
 
-def _only(options: dict, command: str) -> dict:
-    """The options of ``options`` that ``command``'s function takes (the study's `train` group also serves the
-    control's `toe baseline`, which lacks some plug-in-only options)."""
+def _baseline_options(options: dict) -> dict:
+    """The options of the study's `train` group that `toe baseline` takes (the group also serves the control, whose
+    command lacks some plug-in-only options)."""
     import inspect
-    from importlib import import_module
 
-    fn = getattr(import_module("..recipes.baseline", __package__), "baseline") if command == "baseline" else None
-    params = set(inspect.signature(fn).parameters)
-    return {k: v for k, v in options.items() if k in params}
+    from .baseline import baseline
+
+    return {k: v for k, v in options.items() if k in inspect.signature(baseline).parameters}
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,

@@ -313,5 +313,4 @@ def load_study(path: str) -> StudyConfig:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ToEError(f"study config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = build(StudyConfig, raw, "")
-    return cfg
+    return build(StudyConfig, raw, "")
