@@ -125,16 +125,51 @@ def _normalise(argv: list[str]) -> list[str]:
         argv = _report_positionals(argv)
     if argv[:1] == ["study"] and len(argv) > 1 and not argv[1].startswith("-"):  # `toe study CONFIG --out DIR`
         argv = ["study", "--file", argv[1], *argv[2:]]
+    owner = getattr(_commands().get(argv[0]), "option_owner", {}) if argv else {}
     out: list[str] = []
     for arg in _join_split_lists(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
-            name = "--" + name.replace("-", "_")
-            arg = name + eq + (CONVERT[name](value) if eq and name in CONVERT else value)
-        elif out and out[-1] in CONVERT:
-            arg = CONVERT[out[-1]](arg)
+            name = name.replace("-", "_")
+            if name == "config" and eq and owner:
+                value = _nested_config(value, owner)
+            convert = CONVERT.get("--" + name.rpartition(".")[2])
+            name = "--" + (f"{owner[name]}.{name}" if name in owner else name)  # --beta: --loss.beta
+            arg = name + eq + (convert(value) if eq and convert else value)
+        elif out and out[-1] == "--config" and owner:
+            arg = _nested_config(arg, owner)
+        elif out and CONVERT.get("--" + out[-1][2:].rpartition(".")[2]):
+            arg = CONVERT["--" + out[-1][2:].rpartition(".")[2]](arg)
         out.append(arg)
     return out
+
+
+def _nested_config(path: str, owner: dict[str, str]) -> str:
+    """A run config written with the flat option names of earlier releases (``max_steps: 50``) as the option
+    groups read it (``schedule: {max_steps: 50}``); a nested one, or one that is not a readable file, as given."""
+    import os
+
+    import yaml
+
+    if not os.path.isfile(path):
+        return path
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError:
+            return path  # jsonargparse says what is wrong with it
+    if not isinstance(cfg, dict) or not any(k in owner for k in cfg):
+        return path
+    nested: dict = {}
+    for key, value in cfg.items():
+        if key in owner:
+            nested.setdefault(owner[key], {})[key] = value
+        else:
+            nested[key] = value
+    for group, fields in nested.items():
+        if group in owner.values() and isinstance(cfg.get(group), dict):
+            fields.update(cfg[group])
+    return yaml.safe_dump(nested, sort_keys=False)
 
 
 def _help_formatter():
@@ -206,13 +241,18 @@ def _argument_error(e: Exception) -> str:
     if not key:
         return text.strip().splitlines()[0] if text.strip() else type(e).__name__
     value = re.search(r"(?:Given value|Got value): (.*)", text)
+    choices = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+    if choices:  # a choice out of its Literal
+        return f"--{key.group(1)} {value.group(1).strip() if value else ''}: use one of {choices.group(1)}"
     types = re.search(r"Subtypes: \[(.*)\]", text) or re.search(r"Expected a (<class '[^']+'>|\S+)", text)
     wanted = re.sub(r"<class '([^']+)'>", r"\1", types.group(1)).replace("NoneType", "None") if types else "another type"
     return f"--{key.group(1)} {value.group(1).strip() if value else ''}: expected {wanted}".replace(" :", ":")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # an option group's help is in its fields
 
     # toe's own progress at INFO; other libraries' INFO chatter (e.g. a temp folder's "weights saved to") stays quiet
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

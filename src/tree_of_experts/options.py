@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from .config import MixedPrecision, Selection, _at_least, _finite, _lr, _optional_at_least, _RunConfig
+from .config import MixedPrecision, Selection, _at_least, _finite, _literal_values, _lr, _optional_at_least
 from .errors import ToEError
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -25,8 +25,23 @@ DType = Literal["float32", "float16", "bfloat16", "auto"]
 Objective = Literal["off_policy", "on_policy"]
 
 
-class OptionGroup(_RunConfig):
-    """A group of options: Literal fields are checked against their choices, then :meth:`check` runs."""
+@dataclass(frozen=True)
+class OptionGroup:
+    """A group of options: Literal fields are checked against their choices, then :meth:`check` runs (every class
+    of a group is a dataclass, so jsonargparse shows its fields as nested options)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            allowed = _literal_values(hints[f.name])
+            value = getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                choices = ", ".join(repr(v) for v in allowed if v is not None)
+                raise ToEError(f"{f.name}={value!r} is unknown: use one of {choices}")
+        self.check()
+
+    def check(self) -> None:
+        """Value checks beyond the Literal choices (ToEError with the fix)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
