@@ -91,3 +91,14 @@ def test_train_and_baseline_take_the_groups_and_record_flat_arguments(world, tmp
     args = json.loads((out / "train_args.json").read_text())
     assert (args["max_steps"], args["batch_size"], args["max_length"], args["stage_a_steps"]) == (1, 2, 128, 0)
     assert args["kd_weight"] == 1.0 and args["lr"] == 1e-3  # the command's own defaults, recorded
+
+
+def test_every_field_of_a_group_has_its_help():
+    from docstring_parser import parse_from_object
+
+    from tree_of_experts import options
+
+    for group in options.GROUPS:
+        described = {p.arg_name: p.description for p in parse_from_object(group).params}
+        for f in dataclasses.fields(group):
+            assert (described.get(f.name) or "").strip(), f"{group.__name__}.{f.name} has no help"

@@ -94,9 +94,9 @@ def train(
         raise ToEError(f"anneal_steps={fit.anneal_steps} > max_steps={schedule.max_steps}: anneal at most the "
                        "Stage-B steps")
     on_policy = loss.on_policy()
-    acc = accelerator(runtime.mixed_precision, runtime.report_to, out)
-    if schedule.batch_size % acc.num_processes:
-        raise ToEError(f"batch_size={schedule.batch_size} must divide evenly over {acc.num_processes} processes")
+    accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
+    if schedule.batch_size % accel.num_processes:
+        raise ToEError(f"batch_size={schedule.batch_size} must divide evenly over {accel.num_processes} processes")
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
@@ -126,48 +126,48 @@ def train(
     if loss.ce_weight == 0 and not use_kd and not loss.state_loss_weight:
         raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
                        "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), a --state_loss_weight, or ce_weight > 0")
-    if acc.is_main_process or not runtime.overwrite:  # read-only unless overwriting, which only the main process does
+    if accel.is_main_process or not runtime.overwrite:  # read-only unless overwriting, which only the main process does
         # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
         # (the main process holds the folder's lock for the run)
         claim_out(out, "train", overwrite=runtime.overwrite, resume=runtime.resume,
                   keep=RESUMED if runtime.resume else (), inputs={
                       "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
                       "base": base if isinstance(base, str) else None, "data": data, "tokenizer": tokenizer,
-                      "base_adapter": base_adapter}, lock=acc.is_main_process)
+                      "base_adapter": base_adapter}, lock=accel.is_main_process)
         if runtime.resume:
             check_resume_args(os.path.join(out, "train_args.json"), args, flat_defaults(train),
                               resume_ignores(loss.objective))
-    acc.wait_for_everyone()
+    accel.wait_for_everyone()
     if isinstance(base, str):
-        base = load_causal_lm(base, dtype=runtime.dtype, device=str(acc.device))
+        base = load_causal_lm(base, dtype=runtime.dtype, device=str(accel.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter, mmap_bank=False)
     if fit.query_norm is not None:
         model.plugin.config.query_norm = fit.query_norm
         for block in model.plugin.blocks.values():
             block.gate.query_norm = fit.query_norm
-    teacher_model = load_teacher(teacher, tok, runtime.dtype, acc.device) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device) if on_policy.ratio > 0 else None
     if runtime.gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     if fit.cached_states:
         layers_return_tuples(model.base)  # found now, outside any recording of routes
-    student = PluginStudent(model, fit, schedule.max_steps, Extraction(experts).route_data(), cached_layer, acc)
+    student = PluginStudent(model, fit, schedule.max_steps, Extraction(experts).route_data(), cached_layer, accel)
     objective = Objective(on_policy, loss.ce_weight, loss.kd_weight if use_kd else 0.0, loss.state_loss_weight,
                           list(model.toe_config.layers))
-    loop = TrainLoop(student, examples, tok, out, schedule, objective, acc, teacher_model, runtime.report_to)
+    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
     os.makedirs(out, exist_ok=True)
-    if acc.is_main_process:
+    if accel.is_main_process:
         atomic_write_json(os.path.join(out, "train_args.json"), args)
     if runtime.report_to:
-        acc.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
+        accel.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
     step = loop.run(runtime.resume)
     if runtime.report_to:
-        acc.end_training()
-    acc.wait_for_everyone()
+        accel.end_training()
+    accel.wait_for_everyone()
     # kd: whether steps distilled the cached top-k log-probs (off-policy steps only)
     summary = {"out": out, "steps": step, "stage_a_steps": student.warmup_steps, "kd": use_kd and on_policy.ratio < 1,
                "examples": len(examples), "skipped_truncated": skipped,  # rows left out by --skip_truncated
-               "left_out": left_out, "processes": acc.num_processes}
-    if acc.is_main_process:
+               "left_out": left_out, "processes": accel.num_processes}
+    if accel.is_main_process:
         model.save_pretrained(out)
         summary["curves"] = plot_curves(loop.metrics_path, os.path.join(out, "curves.png"))
         with open(loop.metrics_path) as f:
@@ -187,7 +187,7 @@ class PluginStudent(Student):
 
     command, what, final_checkpoint = "toe train", "plug-in", True
 
-    def __init__(self, model: ToEModel, fit: Fit, max_steps: int, route_data: dict, cached_layer: int | None, acc):
+    def __init__(self, model: ToEModel, fit: Fit, max_steps: int, route_data: dict, cached_layer: int | None, accel):
         with torch.no_grad():
             for block in model.plugin.blocks.values():
                 if not block.scale.any():
@@ -202,7 +202,7 @@ class PluginStudent(Student):
         super().__init__(model, opt)
         self.gates = [b.gate for b in model.plugin.blocks.values()]
         self.opt_a = torch.optim.Adam([p for g in self.gates for p in g.parameters()], lr=fit.stage_a_lr)
-        self.cfg, self.fit, self.max_steps, self.acc = model.toe_config, fit, max_steps, acc
+        self.cfg, self.fit, self.max_steps, self.accel = model.toe_config, fit, max_steps, accel
         self.route_data, self.cached_layer = route_data, cached_layer
         self.route_weight = fit.route_weight if route_data else 0.0  # without: refused or said (leaves_out)
         self.warmup_steps = 0 if fit.skip_stage_a else fit.stage_a_steps
@@ -225,7 +225,7 @@ class PluginStudent(Student):
         loss, accs = 0.0, []
         for layer, gate in zip(self.cfg.layers, self.gates):
             l_route, node_acc = sampled_route_loss(gate, self.route_data, layer, self.fit.route_batch_size, g,
-                                                   self.acc.device, self.levels >= open_levels)
+                                                   self.accel.device, self.levels >= open_levels)
             loss = loss + l_route
             accs.append(level_accuracy(node_acc.cpu(), self.levels))
         return loss, {"route_acc_per_level": accs[0], "open_levels": open_levels}
@@ -235,7 +235,7 @@ class PluginStudent(Student):
 
     def forward_context(self, batch: dict, b_step: int, stack: contextlib.ExitStack) -> str:
         if "states" in batch:  # an off-policy batch of cached states: the layers below them do not run
-            states = batch["states"].to(self.acc.device, self.base_dtype)
+            states = batch["states"].to(self.accel.device, self.base_dtype)
             stack.enter_context(starting_at(self.model.base, self.cached_layer, states))
         annealing = self.fit.anneal_steps and b_step >= self.max_steps - self.fit.anneal_steps
         selection = self.cfg.selection if annealing else self.fit.train_selection
@@ -252,12 +252,12 @@ class PluginStudent(Student):
                 self.records = None
 
     def regularise(self, loss: torch.Tensor, b_step: int, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        dev = self.acc.device
+        dev = self.accel.device
         aux_route, aux_usage = torch.zeros((), device=dev), torch.zeros((), device=dev)
         eff, ratio = [], []
         for rec in self.records.values():
             if rec.route.leaf_logp is not None:  # log N - entropy of the usage over every process's tokens
-                u = global_usage(rec.route, rec.mask, self.acc)  # (N,)
+                u = global_usage(rec.route, rec.mask, self.accel)  # (N,)
                 aux_usage = aux_usage + (math.log(u.numel()) - torch.log(effective_leaves(u)))
                 eff.append(effective_leaves(u).item())
             ratio.append(rec.delta_ratio.item())

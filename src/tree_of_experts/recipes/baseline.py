@@ -91,7 +91,7 @@ def baseline(
     fit: Fit = Fit(),
     runtime: Runtime = Runtime(),
 ) -> dict:
-    """Trains one baseline on the same data and step budget as `toe train`, through the same training loop.
+    """Trains one baseline on `toe train`'s data, step budget and training loop.
 
     Every option of a group can also be given flat (``baseline("lora", ..., kd_weight=1.0)``; on the command line
     ``--kd_weight 1.0`` or ``--loss.kd_weight 1.0``).
@@ -212,7 +212,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     it in ``out``; returns the summary's fields."""
     on_policy = loss.on_policy()
     kd = loss.kd(0.0)
-    acc = accelerator(runtime.mixed_precision, runtime.report_to, out)
+    accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
     base_model = load_causal_lm(base, dtype=runtime.dtype)
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
                                         skip_truncated=text.skip_truncated, without_kd="--kd_weight 0",
@@ -223,7 +223,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     if kd > 0 and not has_kd:
         raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                        "--topk_logprobs > 0 on this data, or drop --kd_weight")
-    teacher_model = load_teacher(loss.teacher, tok, runtime.dtype, acc.device) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(loss.teacher, tok, runtime.dtype, accel.device) if on_policy.ratio > 0 else None
     summary: dict = {}
     if kind == "lora":
         from peft import LoraConfig, get_peft_model
@@ -248,7 +248,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
                                                weight_decay=0.0))
     objective = Objective(on_policy, loss.ce_weight, kd, loss.state_loss_weight,
                           Extraction(experts).run()["layers"] if loss.state_loss_weight else [])
-    loop = TrainLoop(student, examples, tok, out, schedule, objective, acc, teacher_model, runtime.report_to)
+    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
     model.train()
     loop.run(runtime.resume)
     model.eval()

@@ -123,9 +123,9 @@ class TrainLoop:
     ``out/metrics.jsonl``, ``out/checkpoint`` (and ``out/snapshots``, ``out/curves.png``)."""
 
     def __init__(self, student: Student, examples: list, tok, out: str, schedule: Schedule, objective: Objective,
-                 acc, teacher: torch.nn.Module | None = None, report_to: str | None = None):
+                 accel, teacher: torch.nn.Module | None = None, report_to: str | None = None):
         self.student, self.examples, self.tok, self.out = student, examples, tok, out
-        self.schedule, self.objective, self.acc, self.teacher = schedule, objective, acc, teacher
+        self.schedule, self.objective, self.accel, self.teacher = schedule, objective, accel, teacher
         self.report_to = report_to
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.total = student.warmup_steps + schedule.max_steps
@@ -134,9 +134,9 @@ class TrainLoop:
     def resume(self, resume: bool) -> int:
         """The step to start from: the checkpoint's with ``resume`` (its weights and optimizer put back), else 0
         (and an earlier metrics file removed)."""
-        acc, s = self.acc, self.student
+        accel, s = self.accel, self.student
         if not (resume and has_checkpoint(self.out)):
-            if acc.is_main_process and os.path.isfile(self.metrics_path):
+            if accel.is_main_process and os.path.isfile(self.metrics_path):
                 os.remove(self.metrics_path)
             return 0
         weights, opt_state, state = load_checkpoint(self.out, s.what)
@@ -147,19 +147,19 @@ class TrainLoop:
         except (RuntimeError, ValueError, KeyError, ToEError) as e:  # another shape, optimizer groups or stage
             raise ToEError(f"--resume: {self.out}/checkpoint does not fit this run ({str(e).splitlines()[0][:120]}): "
                            "start again with --overwrite true, or a new --out") from None
-        if acc.is_main_process:
+        if accel.is_main_process:
             keep_logged_rows(self.metrics_path, step)
         return step
 
     def run(self, resume: bool = False) -> int:
         """Trains to the end; returns the steps done."""
-        acc, s, sched, obj = self.acc, self.student, self.schedule, self.objective
+        accel, s, sched, obj = self.accel, self.student, self.schedule, self.objective
         os.makedirs(self.out, exist_ok=True)
-        wrapped = acc.prepare(s.model)  # DDP syncs only parameters that require grad
+        wrapped = accel.prepare(s.model)  # DDP syncs only parameters that require grad
         step = self.resume(resume)
         warmup, total, seed = s.warmup_steps, self.total, sched.seed
-        bar = tqdm(total=total, initial=step, desc=s.command, disable=None if acc.is_local_main_process else True)
-        per_proc = sched.batch_size // acc.num_processes
+        bar = tqdm(total=total, initial=step, desc=s.command, disable=None if accel.is_local_main_process else True)
+        per_proc = sched.batch_size // accel.num_processes
         samples = sched.batch_size * sum(is_on_policy(obj.on_policy.ratio, seed, i) for i in range(max(0, step - warmup)))
         stop_ids = eos_ids(s.model, self.tok)
         t0 = time.perf_counter() - self.elapsed
@@ -168,22 +168,22 @@ class TrainLoop:
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             if step < warmup:
                 loss, row = s.warmup_step(step, g)
-                row = {"step": step + 1, "stage": "A", "loss": finite_loss(acc, loss, step + 1, "A"), **row}
+                row = {"step": step + 1, "stage": "A", "loss": finite_loss(accel, loss, step + 1, "A"), **row}
                 opt = s.optimizer_at(step)
                 opt.zero_grad(set_to_none=True)
-                with acc.no_sync(wrapped):  # identical picks on every process: nothing to all-reduce
-                    acc.backward(loss)
+                with accel.no_sync(wrapped):  # identical picks on every process: nothing to all-reduce
+                    accel.backward(loss)
                 opt.step()
             else:
                 b_step = step - warmup
                 torch.manual_seed(seed * 1_000_003 + b_step)  # any dropout draws the same after a resume
                 batch = [self.examples[i] for i in batch_indices(len(self.examples), sched.batch_size, b_step, seed)]
-                mine = batch[acc.process_index * per_proc: (acc.process_index + 1) * per_proc]
+                mine = batch[accel.process_index * per_proc: (accel.process_index + 1) * per_proc]
                 on = self.teacher is not None and is_on_policy(obj.on_policy.ratio, seed, b_step)
                 row, tokens = self.step(wrapped, mine, b_step, step, on, g, stop_ids)
                 tokens_since += tokens
                 if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (this process)
-                    samples += len(mine) * acc.num_processes if on else 0
+                    samples += len(mine) * accel.num_processes if on else 0
                     row.update(samples=samples, sample_tokens=row.pop("_sampled") if on else 0)
                 row.pop("_sampled", None)
             step += 1
@@ -192,7 +192,7 @@ class TrainLoop:
                             **({"samples": row["samples"]} if "samples" in row else {}))
             now = time.perf_counter()
             self.elapsed = now - t0
-            if self.logs(step) and acc.is_main_process:
+            if self.logs(step) and accel.is_main_process:
                 row["elapsed_s"] = self.elapsed
                 row["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9) if tokens_since else None
                 t_last, tokens_since = now, 0
@@ -204,14 +204,14 @@ class TrainLoop:
     def step(self, wrapped, mine: list, b_step: int, step: int, on: bool, g: torch.Generator, stop_ids: list[int]
              ) -> tuple[dict, int]:
         """One step of the objective: (its metrics row, its tokens)."""
-        acc, s, obj = self.acc, self.student, self.objective
+        accel, s, obj = self.accel, self.student, self.objective
         with s.sampling():  # on-policy, the student samples as it runs at inference
             b = step_batch(s.model, mine, self.tok.pad_token_id, stop_ids, obj.on_policy, on,
-                           self.schedule.seed * 1_000_003 + b_step * acc.num_processes + acc.process_index,
-                           acc.device)
+                           self.schedule.seed * 1_000_003 + b_step * accel.num_processes + accel.process_index,
+                           accel.device)
         # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
-        n_tok = acc.reduce(b["loss_mask"].sum().to(acc.device).float(), reduction="sum") / acc.num_processes
-        keep, tail = scored_tail(b, acc.device)  # logits only where a target is scored (the tail)
+        n_tok = accel.reduce(b["loss_mask"].sum().to(accel.device).float(), reduction="sum") / accel.num_processes
+        keep, tail = scored_tail(b, accel.device)  # logits only where a target is scored (the tail)
         t_logits = teacher_logits(self.teacher, b, keep) if on else None  # (B, len(keep), V_T)
         # What the forward runs with stays in place through the backward, which recomputes checkpointed layers
         # (with gradient checkpointing): the same routing mode, the same cached starting states.
@@ -219,8 +219,8 @@ class TrainLoop:
             stage = s.forward_context(b, b_step, forward)
             targeted = obj.state_loss_weight > 0 and "state_target" in b  # hooks after a plug-in's: its Δ included
             seen = forward.enter_context(capture_layers(s.state_model(), obj.state_layers)) if targeted else None
-            with acc.autocast(), s.recording():
-                logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], acc.device),
+            with accel.autocast(), s.recording():
+                logits = wrapped(**padded_inputs(b["input_ids"], b["attention_mask"], accel.device),
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
                 loss, parts = objective_loss(logits, tail, n_tok.clamp_min(1), t_logits, obj.on_policy.beta,
                                              obj.ce_weight, obj.kd_weight)
@@ -229,17 +229,17 @@ class TrainLoop:
                     l_state = state_loss([seen[x] for x in obj.state_layers], b["state_target"], b["state_norm2"])
                     loss = loss + obj.state_loss_weight * l_state
                     parts = {**parts, "state": l_state.item()}
-            loss_value = finite_loss(acc, loss, step + 1, stage)
+            loss_value = finite_loss(accel, loss, step + 1, stage)
             opt = s.optimizer_at(step)
             opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
+            accel.backward(loss)
         opt.step()
         row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": loss_value,
-               **global_mean(acc, parts), **extra, "_sampled": int(b["loss_mask"].sum()) if on else 0}
+               **global_mean(accel, parts), **extra, "_sampled": int(b["loss_mask"].sum()) if on else 0}
         # the step's vocabulary-wide tensors (~0.6 GB each at 4 x 256 sampled tokens of a 152k vocabulary) go now,
         # not when the next step reassigns them: else two steps' worth are alive during the next forward
         del logits, t_logits, loss
-        return row, int(b["attention_mask"].sum()) * acc.num_processes
+        return row, int(b["attention_mask"].sum()) * accel.num_processes
 
     def logs(self, step: int) -> bool:
         """Whether the row of ``step`` (1-based) is logged: every ``log_every`` steps and at the ends of the
@@ -251,21 +251,21 @@ class TrainLoop:
         if bar.disable:
             log_progress(self.student.command, row, self.total)
         if self.report_to:
-            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+            self.accel.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
 
     def save(self, step: int) -> None:
         """The checkpoint every ``save_every`` steps and at the end of the warm-up (and of the run, where the
         student keeps one); a snapshot every ``snapshot_every`` steps after the warm-up."""
-        acc, s, sched, warmup = self.acc, self.student, self.schedule, self.student.warmup_steps
+        accel, s, sched, warmup = self.accel, self.student, self.schedule, self.student.warmup_steps
         due = (step % sched.save_every == 0 and step < self.total) or (warmup and step == warmup) or \
             (step == self.total and s.final_checkpoint)
         if due:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
+            accel.wait_for_everyone()
+            if accel.is_main_process:
                 save_checkpoint(self.out, s.trained(), s.optimizer_at(step - 1),
                                 {"step": step, "stage": s.stage(step), "elapsed_s": self.elapsed}, what=s.what)
                 plot_curves(self.metrics_path, os.path.join(self.out, "curves.png"))  # refreshed with each one
         b_step = step - warmup
         if sched.snapshot_every and b_step > 0 and b_step % sched.snapshot_every == 0 and step < self.total \
-                and acc.is_main_process:
+                and accel.is_main_process:
             s.snapshot(os.path.join(self.out, "snapshots", f"step-{b_step}"))
