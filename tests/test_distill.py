@@ -262,7 +262,7 @@ def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
     recomputed in backward (each runs twice per step) with the same gradients; an on-policy sample in between
     leaves that set-up as it found it."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
 
     tok = tiny_tokenizer()
     ids = torch.tensor([tok("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
@@ -291,7 +291,7 @@ def test_checkpointing_runs_no_backward_below_the_first_injection_layer():
     recompute and backpropagate the frozen layers 0 and 1 for nothing. Non-reentrant, only layer 2 runs again;
     reentrant (asked for) keeps the hook, without which it would drop the plug-in's gradients."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
 
     ids = torch.tensor([tiny_tokenizer()("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
 
@@ -317,7 +317,7 @@ def test_toe_model_takes_transformers_checkpointing_calls_and_keeps_the_base_in_
     model they train: the base's decoder layers recompute while the model trains, never drop out, and stop
     recomputing when it is turned off."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import decoder_layers, is_checkpointing
+    from tree_of_experts.hf.layers import decoder_layers, is_checkpointing
 
     model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[1], num_leaves=4)
     assert model.supports_gradient_checkpointing

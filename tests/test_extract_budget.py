@@ -176,7 +176,7 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     from tree_of_experts.data import DataSpec
     from tree_of_experts.extraction.fusion import extraction_signal
     from tree_of_experts.extraction.predictability import layer_rows
-    from tree_of_experts.hf import load_tokenizer
+    from tree_of_experts.hf.loading import load_tokenizer
     from tree_of_experts.training.examples import collate, load_examples
 
     d, data, _ = big

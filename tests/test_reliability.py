@@ -25,7 +25,9 @@ from test_safety import FIXTURE, check_refused, copy, edit_json, no_model_loads,
 import tree_of_experts
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.io import LOCK_NAME, OutLock, claim_out, releases_out_locks, run_files
+from tree_of_experts.locks import LOCK_NAME, OutLock, releases_out_locks
+from tree_of_experts.folders import claim_out
+from tree_of_experts.run_kinds import run_files
 
 
 @pytest.fixture(scope="module")

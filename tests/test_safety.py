@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -340,27 +339,6 @@ def test_base_is_recorded_portably_and_other_weights_warn(world, caplog):
     with caplog.at_level(logging.WARNING):  # same architecture, other training: loads, with a warning
         ToEModel.from_pretrained(tiny_qwen2(hidden_size=32, num_layers=2, seed=7), str(world / "ex"))
     assert [r for r in caplog.records if "other weights" in r.getMessage()]
-
-
-def test_atomic_writes_follow_the_umask_fsync_and_write_strict_json(tmp_path, monkeypatch):
-    from tree_of_experts import io
-
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    old = os.umask(0o022)
-    try:
-        io.atomic_write_json(tmp_path / "m.json", {"ce": float("nan"), "x": [1.0, float("inf")]})
-        assert stat.S_IMODE(os.stat(tmp_path / "m.json").st_mode) == 0o644
-        os.umask(0o077)
-        io.atomic_write_text(tmp_path / "r.md", "x")
-        assert stat.S_IMODE(os.stat(tmp_path / "r.md").st_mode) == 0o600
-    finally:
-        os.umask(old)
-    assert len(synced) >= 4  # each file and its folder
-    assert json.loads((tmp_path / "m.json").read_text()) == {"ce": None, "x": [1.0, None]}
-    io.append_jsonl(tmp_path / "metrics.jsonl", {"loss": float("nan"), "step": 1})
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"loss": null, "step": 1}\n'
 
 
 def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):

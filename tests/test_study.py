@@ -129,7 +129,7 @@ def test_a_step_another_process_holds_is_waited_for(pair, tmp_path):
 
 
 def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path, monkeypatch, capsys):
-    import tree_of_experts.hf as hf
+    import tree_of_experts.hf.loading as hf
 
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded in a dry run"))
     assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
@@ -156,7 +156,7 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(colour="blue"), "unknown key 'colour'"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
-    import tree_of_experts.hf as hf
+    import tree_of_experts.hf.loading as hf
 
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
     if "colour" in changes:

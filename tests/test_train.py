@@ -263,7 +263,7 @@ def test_topk_losses_match_the_full_softmax_formulas():
 def test_losses_on_the_kept_tail_equal_the_full_batch():
     """`toe train` asks the model for logits at the tail that holds every target (logits_to_keep): CE and top-k KL
     of a left-padded batch are the full-sequence values."""
-    from tree_of_experts.hf import padded_inputs
+    from tree_of_experts.hf.layers import padded_inputs
     from tree_of_experts.losses import tail_length, tail_positions, token_nll, topk_kl
 
     model = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
@@ -311,7 +311,7 @@ def test_a_checkpoint_before_the_first_logged_row_is_fine(experts, tmp_path):
 
 def test_a_forward_started_from_cached_states_equals_the_full_forward():
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import capture_layers, decoder_layers, padded_inputs, starting_at
+    from tree_of_experts.hf.layers import capture_layers, decoder_layers, padded_inputs, starting_at
 
     base = tiny_qwen2(hidden_size=32, num_layers=3, seed=0)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
@@ -339,7 +339,7 @@ def test_a_forward_started_from_cached_states_equals_the_full_forward():
 
 
 def test_training_from_cached_states_gives_the_same_losses(experts, tmp_path):
-    from tree_of_experts.hf import decoder_layers
+    from tree_of_experts.hf.layers import decoder_layers
 
     def rounded_base():  # the full forward with the cache's fp16 rounding at the injection layer (layer 1)
         base = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
@@ -419,7 +419,7 @@ class _TupleLM(torch.nn.Module):
 
 
 def test_starting_at_follows_the_layers_output_convention():
-    from tree_of_experts.hf import capture_layers, layers_return_tuples, starting_at
+    from tree_of_experts.hf.layers import capture_layers, layers_return_tuples, starting_at
 
     lm, ids = _TupleLM(), torch.tensor([[1, 2, 3, 4]])
     assert layers_return_tuples(lm) is True

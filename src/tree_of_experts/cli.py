@@ -215,7 +215,7 @@ def _lm_eval(argv: list[str]) -> None:
     """`toe lm-eval ARGS`: lm-eval's own CLI with model type ``toe`` registered, ARGS passed as given (lm-eval has no
     discovery of models outside its source tree)."""
     try:
-        from .lm_eval import cli
+        from .harness import cli
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("lm_eval"):
             raise

@@ -136,7 +136,7 @@ class ToEConfig:
         return dataclasses.asdict(self)
 
     def save(self, directory: str | os.PathLike) -> None:
-        from .io import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
 

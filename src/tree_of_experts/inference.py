@@ -13,7 +13,7 @@ import torch
 
 from .errors import ToEError
 from .data import FORMATS, read_rows
-from .io import atomic_write_text
+from .files import atomic_write_text
 from .model import ADAPTER_DIR
 
 

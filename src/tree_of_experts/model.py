@@ -18,25 +18,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import ToEConfig, ToEError
-from .hf import (
-    adapter_folder,
-    arch_fingerprint,
-    base_hub_id,
-    decoder_stack,
-    disable_checkpointing,
-    enable_checkpointing,
-    hub_id_of,
-    is_full_hub_id,
-    is_hub_id,
-    load_causal_lm,
-    merge_adapter,
-    model_id,
-    push_folder,
-    recompute_frozen_layers,
-    resolve_folder,
-    versions,
-)
-from .io import atomic_write_text, check_plugin_out
+from .hf.loading import adapter_folder, arch_fingerprint, load_causal_lm, merge_adapter, versions
+from .hf.hub import base_hub_id, hub_id_of, is_full_hub_id, is_hub_id, model_id, push_folder, resolve_folder
+from .hf.layers import decoder_stack, disable_checkpointing, enable_checkpointing, recompute_frozen_layers
+from .files import atomic_write_text
+from .folders import check_plugin_out
 from .plugin import ToEPlugin
 
 

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ToEConfig, ToEError
-from .hf import recompute_frozen_layers, resolve_folder
+from .hf.layers import recompute_frozen_layers
+from .hf.hub import resolve_folder
 from .model import check_base, freeze, new_config, save_plugin
 from .plugin import ToEPlugin
 

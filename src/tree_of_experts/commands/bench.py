@@ -18,8 +18,11 @@ from ..benchmarks import (
 )
 from ..errors import ToEError
 from ..extraction.capture import default_layer, teacher_layer_for
-from ..hf import decoder_layers, load_causal_lm
-from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
+from ..hf.layers import decoder_layers
+from ..hf.loading import load_causal_lm
+from ..files import atomic_write_json, atomic_write_text
+from ..folders import claim_out
+from ..locks import releases_out_locks
 from ..model import ToEModel
 
 PARTS = ("generation", "routing", "training", "extraction", "on_policy", "bank_scale")

@@ -26,9 +26,11 @@ from ..evaluation.tasks import (
     gradable_rows,
 )
 from ..grading import grade
-from ..hf import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
+from ..hf.loading import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, Sampling, folder_fingerprint
-from ..io import atomic_write_text, check_file_out, claim_out, releases_out_locks
+from ..files import atomic_write_text
+from ..folders import check_file_out, claim_out
+from ..locks import releases_out_locks
 
 logger = logging.getLogger(__name__)
 PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)

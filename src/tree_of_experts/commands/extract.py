@@ -42,16 +42,11 @@ from ..extraction.fusion import (
     FusionMap,
 )
 from ..extraction.store import CORRUPT, CORRUPT_SHARD, Extraction
-from ..hf import arch_fingerprint, decoder_layer_count, decoder_layers, load_causal_lm, load_config, load_tokenizer
-from ..io import (
-    atomic_save_tensors,
-    atomic_write_json,
-    check_extraction,
-    claim_out,
-    load_tensors,
-    read_json,
-    releases_out_locks,
-)
+from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_config, load_tokenizer
+from ..hf.layers import decoder_layers
+from ..files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..folders import check_extraction, claim_out
+from ..locks import releases_out_locks
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ToEError
 from ..data import chat_template
-from ..hf import load_causal_lm, load_tokenizer, pick_device
+from ..hf.loading import load_causal_lm, load_tokenizer, pick_device
 from ..inference import Sampling, generate_texts, read_prompts, seeded
 
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..hf import (
-    push_folder,
-    resolve_folder,
-)
+from ..hf.hub import push_folder, resolve_folder
 from ..model import save_plugin, training_datasets
 from ..plugin import ToEPlugin
 

@@ -38,8 +38,11 @@ from ..extraction.capture import capture_shard, prepare, same_vocab
 from ..extraction.fusion import example_ce, extraction_signal, ridge_delta, signal_record
 from ..extraction.store import Extraction, route_key
 from ..grading import grade
-from ..hf import add_to_layers, cache_kwargs, load_causal_lm, load_tokenizer, pick_device, states_until
-from ..io import atomic_write_json, atomic_write_text, check_extraction, claim_out, releases_out_locks
+from ..hf.layers import add_to_layers, cache_kwargs, states_until
+from ..hf.loading import load_causal_lm, load_tokenizer, pick_device
+from ..files import atomic_write_json, atomic_write_text
+from ..folders import check_extraction, claim_out
+from ..locks import releases_out_locks
 from ..model import ToEModel
 from ..plugin import ToEPlugin
 from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson

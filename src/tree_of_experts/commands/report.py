@@ -15,7 +15,9 @@ import re
 
 from ..errors import ToEError
 from ..evaluation.results import summarize
-from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
+from ..files import atomic_write_json, atomic_write_text
+from ..folders import claim_out
+from ..locks import releases_out_locks
 from ..stats import MIN_INTERVAL_N, finite_values, gap_closed_ci, paired_bootstrap
 
 ANCHORS = ("base", "teacher")

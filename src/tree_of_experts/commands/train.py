@@ -21,15 +21,11 @@ import torch
 from ..config import ToEConfig, ToEError
 from ..data import file_hash
 from ..extraction.store import REBUILT_BY, ROUTE, Extraction
-from ..hf import (
-    adapter_folder,
-    checkpoint_frozen_layers,
-    layers_return_tuples,
-    load_causal_lm,
-    load_tokenizer,
-    starting_at,
-)
-from ..io import atomic_write_json, check_extraction, check_resume_args, claim_out, releases_out_locks
+from ..hf.loading import adapter_folder, load_causal_lm, load_tokenizer
+from ..hf.layers import checkpoint_frozen_layers, layers_return_tuples, starting_at
+from ..files import atomic_write_json
+from ..folders import check_extraction, check_resume_args, claim_out
+from ..locks import releases_out_locks
 from ..model import ToEModel
 from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves

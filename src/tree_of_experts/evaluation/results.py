@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text, dumps
+from ..files import atomic_write_json, atomic_write_text, dumps
 from ..stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
 from ..tree import effective_leaves
 

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 from ..stats import MIN_INTERVAL_N
 
 log = logging.getLogger(__name__)

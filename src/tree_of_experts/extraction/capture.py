@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import DataSpec, align_offsets, encode, pad_left
-from ..hf import capture_layers, padded_inputs, states_until
+from ..hf.layers import capture_layers, padded_inputs, states_until
 from ..losses import topk_logprobs
 
 

@@ -28,8 +28,12 @@ from ..config import WEIGHTS_NAME, BaselineKind, ToEConfig, ToEError
 from ..data import file_hash
 from ..extraction.build import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
-from ..hf import enable_checkpointing, is_full_hub_id, load_causal_lm, load_tokenizer
-from ..io import atomic_write_json, check_extraction, check_resume_args, claim_out, follow_umask, releases_out_locks
+from ..hf.layers import enable_checkpointing
+from ..hf.hub import is_full_hub_id
+from ..hf.loading import load_causal_lm, load_tokenizer
+from ..files import atomic_write_json, follow_umask
+from ..folders import check_extraction, check_resume_args, claim_out
+from ..locks import releases_out_locks
 from ..model import ToEModel
 from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped, require
 from ..plugin import ToEPlugin

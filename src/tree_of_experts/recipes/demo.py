@@ -20,7 +20,7 @@ from ..commands.train import train
 from ..errors import ToEError
 from ..data import DataSpec, read_jsonl
 from ..evaluation.tasks import TASK_FIELDS, gradable_rows
-from ..io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

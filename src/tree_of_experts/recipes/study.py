@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ToEError
-from ..io import atomic_write_json, read_json
+from ..files import atomic_write_json, read_json
 from .study_config import TOY, Row, StudyConfig, load_study
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class Study:
                 raise ToEError(f"data.answers {self.answers} answers other items than data.items rows "
                                f"{self.cfg.data.reported}: give the teacher's answers to exactly those rows")
         for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
-            from ..hf import load_config
+            from ..hf.loading import load_config
 
             cfg = load_config(path, who)
             for r in self.cfg.rows:

@@ -63,7 +63,7 @@ def _tokens(study, tok) -> tuple[int, float]:
 
 def plan(study) -> dict:
     """The plan of ``study``: one line per step (done / to run), its estimate, and the totals."""
-    from ..hf import load_config, load_tokenizer
+    from ..hf.loading import load_config, load_tokenizer
 
     cfg = study.cfg
     speed = probe()

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..data import batch_indices
 from ..errors import ToEError
-from ..hf import capture_layers, padded_inputs
-from ..io import append_jsonl
+from ..hf.layers import capture_layers, padded_inputs
+from ..files import append_jsonl
 from ..losses import state_loss
 from ..options import Schedule
 from .checkpoint import has_checkpoint, keep_logged_rows, load_checkpoint, log_progress, plot_curves, save_checkpoint
@@ -101,7 +101,7 @@ class Student:
 
     def snapshot(self, path: str) -> None:
         """Saves the trained weights as a loadable folder (a learning curve's point)."""
-        from ..io import follow_umask
+        from ..files import follow_umask
 
         self.model.save_pretrained(path)
         follow_umask(path)  # safetensors writes 0600 files
