@@ -137,6 +137,12 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     assert "plan of study tiny" in text and "GFLOP/s" in text and "train/toe-seed1" in text
     assert "extract/extract-l1" in text and "estimates:" in text
     assert not (tmp_path / "s" / "work").exists()
+    # --rows and --targets plan what that call would run: the row's steps and what they need, nothing else
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true",
+                 "--rows", "lora", "--targets", "ce"]) == 0
+    text = capsys.readouterr().out
+    assert "train/lora" in text and "score/ce/lora" in text
+    assert "train/toe-seed1" not in text and "train/ctl" not in text and "score/acc" not in text
 
 
 @pytest.mark.parametrize("changes, message", [

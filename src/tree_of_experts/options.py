@@ -261,6 +261,13 @@ def grouped(fn: Callable) -> Callable:
     return call
 
 
+def option_names(fn: Callable) -> set[str]:
+    """Every keyword ``fn`` takes, an option group's fields included (flat) and the groups' own names left out."""
+    params = inspect.signature(fn).parameters
+    owner = getattr(fn, "option_owner", {})
+    return {p for p in params if p not in set(owner.values())} | set(owner)
+
+
 def flat_args(args: dict[str, Any]) -> dict[str, Any]:
     """A command's arguments with every option group spread into its fields: the run's record (``*_args.json``),
     which `--resume` and the study compare field by field."""

@@ -429,8 +429,8 @@ class Study:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
-            targets: list[str] | None = None) -> dict:
+    def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None) -> list[Step]:
+        """The steps of ``rows`` (and what they need; default every row) scoring ``targets`` (default all)."""
         steps = self.steps()
         if targets is not None:  # the other targets' scorings wait for a later run
             steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
@@ -443,6 +443,11 @@ class Study:
                     break
                 keep |= more
             steps = [s for s in steps if s.id in keep]
+        return steps
+
+    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
+            targets: list[str] | None = None) -> dict:
+        steps = self.selected_steps(rows, targets)
         by_id = {s.id: s for s in steps}
         ran, waited, failed = [], False, {}
 
@@ -493,11 +498,10 @@ class Study:
 def _baseline_options(options: dict) -> dict:
     """The options of the study's `train` group that `toe baseline` takes (the group also serves the control, whose
     command lacks some plug-in-only options)."""
-    import inspect
-
+    from ..options import option_names
     from .baseline import baseline
 
-    return {k: v for k, v in options.items() if k in inspect.signature(baseline).parameters}
+    return {k: v for k, v in options.items() if k in option_names(baseline)}
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
@@ -534,8 +538,8 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     if render_only:
         return {**render(s), "ran": [], "waited": False}
     s.check_inputs()
-    if dry_run:
-        return plan(s)
+    if dry_run:  # the steps this call would run (with --rows/--targets: those only)
+        return plan(s, s.selected_steps(rows, targets))
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
     result = s.run(lambda: render(s), poll_s, rows, targets)
     summary = render(s)
