@@ -17,6 +17,7 @@ import torch
 from conftest import make_world
 from safetensors.torch import load_file, save_file
 
+import tree_of_experts.training.loop as loop_mod
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
 
@@ -160,7 +161,7 @@ CASES = {
     "absurd lr": lambda w, t: Case(train_args(w, str(t / "x"), "--lr", "1e6"), [], r"lr=1000000\.0"),
     "batch_size 0": lambda w, t: Case(train_args(w, str(t / "x"), "--batch_size", "0"), [], r"batch_size=0"),
     "unknown train_selection": lambda w, t: Case(
-        train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"train_selection='sparse'"),
+        train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"--fit.train_selection sparse: use one of 'dense'"),
     "eval plugin_top_k 0": lambda w, t: Case(
         eval_args(w, str(t / "x"), "--plugin_top_k", "0"), [], r"plugin_top_k=0"),
     # `toe eval` checks every input before the base's pass (a wrong path found after it costs hours)
@@ -276,16 +277,15 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):
-    import tree_of_experts.commands.train as train_mod
 
-    real, calls = train_mod.objective_loss, []
+    real, calls = loop_mod.objective_loss, []
 
     def diverging(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), parts) if len(calls) >= 2 else (loss, parts)
 
-    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    monkeypatch.setattr(loop_mod, "objective_loss", diverging)
     out = tmp_path / "run"
     message = check_refused(train_args(world, str(out), "--max_steps", "4"), capsys)
     assert re.search(r"training stopped at step 3 \(stage B\): the loss is nan", message), message

@@ -13,12 +13,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from .config import MixedPrecision, Selection, _at_least, _finite, _literal_values, _lr, _optional_at_least
 from .errors import ToEError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
 DType = Literal["float32", "float16", "bfloat16", "auto"]
@@ -281,14 +285,26 @@ def flat_args(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_defaults(fn: Callable) -> dict[str, Any]:
-    """{option: default} of ``fn``, option groups spread into their fields (the defaults of :func:`flat_args`)."""
-    params = inspect.signature(fn).parameters
-    return flat_args({k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty})
+    """{option: default} of ``fn`` (every parameter: a required one's is ``inspect.Parameter.empty``), option
+    groups spread into their fields (the defaults of :func:`flat_args`)."""
+    params = inspect.signature(fn).parameters  # a required one's "default" is inspect.Parameter.empty
+    return flat_args({k: p.default for k, p in params.items()})
+
+
+def unused(what: str, group: OptionGroup, names: Iterable[str], why: str) -> list[str]:
+    """Warns (one line) about the options of ``group`` in ``names`` that ``what`` does not read but were set away
+    from their defaults: a value the user gave is never silently ignored. Returns their names."""
+    defaults = type(group)()
+    given = [n for n in names if getattr(group, n) != getattr(defaults, n)]
+    if given:
+        log.warning("%s: %s %s no effect (%s)", what, ", ".join(f"--{n}" for n in given),
+                    "has" if len(given) == 1 else "have", why)
+    return given
 
 
 def require(fn_name: str, group: OptionGroup, unused: dict[str, str]) -> None:
     """Refuses options of ``group`` that ``fn_name`` does not read when set away from their defaults ({field:
-    why}): a value the user gave is never silently ignored."""
+    why}), where running without them would mislead (a value the user gave is never silently ignored)."""
     defaults = type(group)()
     for name, why in unused.items():
         if getattr(group, name) != getattr(defaults, name):

@@ -150,12 +150,12 @@ def train(
     objective = Objective(on_policy, loss.ce_weight, loss.kd_weight if use_kd else 0.0, loss.state_loss_weight,
                           list(model.toe_config.layers))
     loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
-    os.makedirs(out, exist_ok=True)
+    loop.start(runtime.resume)  # a checkpoint that does not fit is refused before anything is written
     if accel.is_main_process:
         atomic_write_json(os.path.join(out, "train_args.json"), args)
     if runtime.report_to:
         accel.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    step = loop.run(runtime.resume)
+    step = loop.run()
     if runtime.report_to:
         accel.end_training()
     accel.wait_for_everyone()

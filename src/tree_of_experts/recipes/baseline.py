@@ -35,7 +35,7 @@ from ..files import atomic_write_json, follow_umask
 from ..folders import check_extraction, check_resume_args, claim_out
 from ..locks import releases_out_locks
 from ..model import ToEModel
-from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped, require
+from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped, unused
 from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
@@ -134,8 +134,8 @@ def baseline(
         fix = " or an explicit --lora_rank" if kind == "lora" else ""
         raise ToEError(f"baseline {kind!r} needs --experts (the `toe extract` folder ToE was built from){fix}")
     if adapter:
-        require(f"a {kind} baseline", fit, {f.name: "it trains plug-ins" for f in dataclasses.fields(Fit)
-                                            if f.name not in ("lr", "cached_states")})
+        unused(f"toe baseline --kind {kind}", fit, [f.name for f in dataclasses.fields(Fit)
+                                                   if f.name not in ("lr", "cached_states")], "plug-in training only")
         if fit.cached_states:
             raise ToEError(f"--cached_states: a {kind} run changes every layer of the base, so no layer's states can "
                            "be cached: drop it")
@@ -254,7 +254,8 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
                           Extraction(experts).run()["layers"] if loss.state_loss_weight else [])
     loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
     model.train()
-    loop.run(runtime.resume)
+    loop.start(runtime.resume)
+    loop.run()
     model.eval()
     with open(loop.metrics_path) as f:
         summary["metrics"] = [json.loads(r) for r in f][-1]

@@ -151,12 +151,18 @@ class TrainLoop:
             keep_logged_rows(self.metrics_path, step)
         return step
 
-    def run(self, resume: bool = False) -> int:
-        """Trains to the end; returns the steps done."""
-        accel, s, sched, obj = self.accel, self.student, self.schedule, self.objective
+    def start(self, resume: bool = False) -> int:
+        """Prepares the model for the processes and, with ``resume``, puts the checkpoint back (a checkpoint that
+        does not fit is refused here, before the caller writes anything); returns the step training starts from."""
         os.makedirs(self.out, exist_ok=True)
-        wrapped = accel.prepare(s.model)  # DDP syncs only parameters that require grad
-        step = self.resume(resume)
+        self.wrapped = self.accel.prepare(self.student.model)  # DDP syncs only parameters that require grad
+        self.first_step = self.resume(resume)
+        return self.first_step
+
+    def run(self) -> int:
+        """Trains from :meth:`start`'s step to the end; returns the steps done."""
+        accel, s, sched, obj = self.accel, self.student, self.schedule, self.objective
+        wrapped, step = self.wrapped, self.first_step
         warmup, total, seed = s.warmup_steps, self.total, sched.seed
         bar = tqdm(total=total, initial=step, desc=s.command, disable=None if accel.is_local_main_process else True)
         per_proc = sched.batch_size // accel.num_processes
