@@ -33,7 +33,7 @@ def test_oracle_rows_pool_with_toe_eval(experts, tmp_path):
     and the oracle's base CE is the one `toe eval` measures."""
     from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.commands.oracle import oracle
-    from tree_of_experts.commands.report import pool, table_rows
+    from tree_of_experts.evaluation.tables import pool, table_rows
 
     oracle(teacher=str(experts / "teacher"), base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE,
            out=str(tmp_path / "oracle"), limit=5, lambdas=(0.5,))

@@ -342,7 +342,7 @@ def test_base_is_recorded_portably_and_other_weights_warn(world, caplog):
 
 
 def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):
-    from tree_of_experts.commands.report import markdown, table_rows
+    from tree_of_experts.evaluation.tables import markdown, table_rows
     from tree_of_experts.evaluation.results import summarize
     from tree_of_experts.stats import MIN_INTERVAL_N, bootstrap_mean, paired_bootstrap
 

@@ -15,7 +15,7 @@ from importlib import resources
 
 from ..commands.evaluate import evaluate
 from ..commands.extract import extract
-from ..commands.report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
+from ..evaluation.tables import leaf_usage, markdown, plot, pool, table_rows, usage_plot
 from ..commands.train import train
 from ..errors import ToEError
 from ..data import DataSpec, read_jsonl
