@@ -14,7 +14,7 @@ import torch
 from .errors import ToEError
 from .data import FORMATS, read_rows
 from .files import atomic_write_text
-from .model import ADAPTER_DIR
+from .plugin_folder import ADAPTER_DIR
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ def evaluate(
         The metrics dict written to ``out/metrics.json``, and under ``summary`` a one-screen table of it (what `toe
         eval` prints).
     """
-    from ..model import ToEModel, check_plugin_fits
+    from ..model import ToEModel
+    from ..plugin_folder import check_plugin_fits
 
     EvalConfig.from_args(locals())
     if data is None:

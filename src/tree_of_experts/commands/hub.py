@@ -7,7 +7,7 @@ import os
 import tempfile
 
 from ..hf.hub import push_folder, resolve_folder
-from ..model import save_plugin, training_datasets
+from ..plugin_folder import save_plugin, training_datasets
 from ..plugin import ToEPlugin
 
 

@@ -17,7 +17,8 @@ from ..bank import ExpertBank
 from ..config import ExtractConfig, ToEError, TreeConfig
 from ..hf.hub import model_id
 from ..files import atomic_save_tensors, atomic_write_json, atomic_write_text
-from ..model import ToEModel, new_config
+from ..model import ToEModel
+from ..plugin_folder import new_config
 from ..plugin import ToEPlugin
 from ..tree import TreeGate, effective_leaves, path_labels, path_table
 from .capture import Example
