@@ -16,7 +16,7 @@ import yaml
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.evaluation.study_table import Draws, coverage, reading
+from tree_of_experts.evaluation.study_stats import Draws, coverage, reading
 from tree_of_experts.recipes.study import study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
