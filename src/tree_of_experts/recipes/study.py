@@ -18,18 +18,15 @@ scoring's per-item JSONL and metrics.json: ``ce``, ``acc`` and one folder per ``
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..errors import ToEError
 from ..files import atomic_write_json, read_json
+from .steps import Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
 
 log = logging.getLogger(__name__)
@@ -38,17 +35,6 @@ DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done whe
 KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
         "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
         "adapter_model.safetensors", "README.md")
-
-
-@dataclass
-class Step:
-    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds)."""
-
-    id: str
-    deps: list[str]
-    done: Callable[[], bool]
-    run: Callable[[], None]
-    work: dict = field(default_factory=dict)  # what the estimate needs: tokens, model, kind
 
 
 class Study:
@@ -408,27 +394,6 @@ class Study:
                    **{"batch_size": 1, "lambdas": [0.25], **row.options})
         return run
 
-    # -- the loop ----------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, step: Step):
-        """The step's advisory lock (released by the kernel if the process dies): yields False when another
-        process holds it."""
-        # an extraction may be shared by studies with one work folder: its lock lives there
-        where = self.work if step.id.startswith("extract/") else self.out
-        os.makedirs(os.path.join(where, "locks"), exist_ok=True)
-        path = os.path.join(where, "locks", step.id.replace("/", "__") + ".lock")
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                f.seek(0), f.truncate(), f.write(f"pid {os.getpid()}\n"), f.flush()
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None) -> list[Step]:
         """The steps of ``rows`` (and what they need; default every row) scoring ``targets`` (default all)."""
         steps = self.steps()
@@ -445,54 +410,15 @@ class Study:
             steps = [s for s in steps if s.id in keep]
         return steps
 
+    def lock_folder(self, step: Step) -> str:
+        """Where ``step``'s lock lives: an extraction may be shared by studies with one work folder, so its lock
+        lives there; every other step's in the study folder."""
+        return self.work if step.id.startswith("extract/") else self.out
+
     def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
             targets: list[str] | None = None) -> dict:
-        steps = self.selected_steps(rows, targets)
-        by_id = {s.id: s for s in steps}
-        ran, waited, failed = [], False, {}
-
-        def blocked(s: Step) -> bool:  # a step whose input failed waits for a later run, not forever
-            return any(d in failed or blocked(by_id[d]) for d in s.deps if d in by_id)
-
-        while True:
-            pending = [s for s in steps if not s.done() and s.id not in failed and not blocked(s)]
-            if not pending:
-                break
-            progressed = held = False
-            for s in pending:
-                if s.done() or not all(by_id[d].done() for d in s.deps if d in by_id):
-                    held = held or any(not by_id[d].done() for d in s.deps if d in by_id)
-                    continue
-                with self.lock(s) as mine:
-                    if not mine:
-                        held = True
-                        log.info("study: %s is running in another process; next step", s.id)
-                        continue
-                    if s.done():
-                        continue
-                    log.info("study: %s", s.id)
-                    try:
-                        s.run()
-                    except ToEError as e:  # one row's trouble does not stop the others: said at the end
-                        failed[s.id] = str(e)
-                        log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
-                    else:
-                        ran.append(s.id)
-                        if s.id.startswith("score/"):
-                            render()
-                    progressed = True
-                    break  # back to the first pending step: the rows' order is the priority order
-            if not progressed:
-                if not held:
-                    raise ToEError("study: steps left that cannot start: " + ", ".join(s.id for s in pending[:5]))
-                waited = True
-                time.sleep(poll_s)  # another process holds a step this one needs
-        render()
-        if failed:
-            first, why = next(iter(failed.items()))
-            raise ToEError(f"study: {len(failed)} step(s) failed, the rest ran and the table is rendered: {first}: "
-                           f"{why}" + (f" (and {', '.join(list(failed)[1:4])})" if len(failed) > 1 else ""))
-        return {"ran": ran, "waited": waited}
+        """Runs the steps of ``rows`` scoring ``targets`` (default all), rendering after every scoring."""
+        return run_steps(self.selected_steps(rows, targets), self.lock_folder, render, poll_s)
 
 
 def _baseline_options(options: dict) -> dict:
