@@ -238,55 +238,6 @@ def test_sft_and_fixed_rank_lora_need_no_extraction_and_evaluate(experts, tmp_pa
         evaluate(base=base, with_base=False, task="gsm8k", data=FIXTURE, out=str(tmp_path / "none"))
 
 
-def test_topk_losses_match_the_full_softmax_formulas():
-    import torch.nn.functional as F
-
-    from tree_of_experts.losses import token_nll, topk_kl, topk_logprobs
-
-    g = torch.Generator().manual_seed(0)
-    logits, teacher = torch.randn(2, 7, 50, generator=g), torch.randn(2, 7, 50, generator=g)
-    ids = torch.randint(0, 50, (2, 7), generator=g)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[:, 0] = False
-    nll, top_ids, top_logp = topk_logprobs(teacher, ids, mask, 5)
-    full = teacher[:, :-1].log_softmax(-1)
-    assert torch.allclose(nll, token_nll(teacher, ids, mask), atol=1e-5)
-    assert torch.allclose(top_logp, full.topk(5, dim=-1).values, atol=1e-5)
-    ids_t, logp_t = F.pad(top_ids, (0, 0, 1, 0)), F.pad(top_logp, (0, 0, 1, 0))  # stored at target positions
-    student = F.pad(logits[:, :-1], (0, 0, 1, 0)).log_softmax(-1).gather(-1, ids_t)
-    s = student - student.logsumexp(-1, keepdim=True)
-    t = logp_t - logp_t.logsumexp(-1, keepdim=True)
-    expected = (t.exp() * (t - s)).sum(-1) * mask
-    assert torch.allclose(topk_kl(logits, ids_t, logp_t, mask), expected, atol=1e-5)
-
-
-def test_losses_on_the_kept_tail_equal_the_full_batch():
-    """`toe train` asks the model for logits at the tail that holds every target (logits_to_keep): CE and top-k KL
-    of a left-padded batch are the full-sequence values."""
-    from tree_of_experts.hf.layers import padded_inputs
-    from tree_of_experts.losses import tail_length, tail_positions, token_nll, topk_kl
-
-    model = tiny_qwen2(hidden_size=32, num_layers=2, seed=0)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 60, (3, 12), generator=g)
-    am = torch.ones_like(ids)
-    am[0, :4] = 0  # left padding
-    am[1, :2] = 0
-    mask = torch.zeros(3, 12, dtype=torch.bool)
-    mask[0, 9:], mask[1, 6:], mask[2, 8:] = True, True, True  # responses of different lengths
-    topk_ids, topk_logp = torch.randint(0, 64, (3, 12, 4), generator=g), torch.randn(3, 12, 4, generator=g)
-    keep = tail_length(mask)
-    assert keep == 12 - 6 + 1 and tail_length(torch.zeros(2, 5, dtype=torch.bool)) == 1
-    with torch.no_grad():
-        full = model(**padded_inputs(ids, am, "cpu")).logits
-        tail = model(**padded_inputs(ids, am, "cpu"), logits_to_keep=tail_positions(mask, "cpu")).logits
-    assert tail.shape[1] == keep
-    t = slice(-keep, None)
-    torch.testing.assert_close(token_nll(tail, ids[:, t], mask[:, t]).sum(), token_nll(full, ids, mask).sum())
-    torch.testing.assert_close(topk_kl(tail, topk_ids[:, t], topk_logp[:, t], mask[:, t]).sum(),
-                               topk_kl(full, topk_ids, topk_logp, mask).sum())
-
-
 def test_report_to_logs_the_metrics_rows_to_tensorboard(experts, tmp_path):
     """`--report_to tensorboard`: accelerate's tracker gets every logged row (its event file holds the CE scalar)."""
     pytest.importorskip("tensorboard")
@@ -475,16 +426,6 @@ def test_flush_denormals_makes_subnormal_products_zero():
         pytest.skip("this CPU cannot flush subnormal floats")
     x = torch.tensor([1e-39, 1e-30, 0.5])
     assert (x * 1.0).tolist()[0] == 0.0 and (x * 1.0)[1:].tolist() == x[1:].tolist()
-
-
-def test_the_state_loss_equals_a_hand_computed_value():
-    from tree_of_experts.losses import state_loss
-
-    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]])  # (B=1, T=3, D=2), one layer
-    target = torch.tensor([[[[1.5, 2.0], [3.0, 3.0], [9.0, 9.0]]]])  # (B, L=1, T, D): h0 + δ
-    norm2 = torch.tensor([[[0.5, 2.0, 0.0]]])  # ‖δ‖²; the third token has no target
-    # (0.5² + 0²) + (0² + 1²) over 0.5 + 2.0
-    assert state_loss([h], target, norm2).item() == pytest.approx((0.25 + 1.0) / 2.5)
 
 
 @pytest.mark.parametrize("kind", ["toe", "lora"])
