@@ -102,3 +102,22 @@ def test_every_field_of_a_group_has_its_help():
         described = {p.arg_name: p.description for p in parse_from_object(group).params}
         for f in dataclasses.fields(group):
             assert (described.get(f.name) or "").strip(), f"{group.__name__}.{f.name} has no help"
+
+
+def test_the_flat_and_the_nested_cli_spellings_train_the_same_run(world, tmp_path):
+    from tree_of_experts.cli import main
+
+    common = ["train", "--base", str(world / "base"), "--experts", str(world / "ex"), "--data", reference.DATA]
+    assert main([*common, "--out", str(tmp_path / "flat"), "--max_steps", "1", "--batch-size", "2",
+                 "--stage_a_steps", "0", "--ce_weight", "0.5"]) == 0
+    assert main([*common, "--out", str(tmp_path / "nested"), "--schedule.max_steps", "1",
+                 "--schedule.batch_size", "2", "--fit.stage_a_steps", "0", "--loss.ce_weight", "0.5"]) == 0
+    flat, nested = (json.loads((tmp_path / d / "train_args.json").read_text()) for d in ("flat", "nested"))
+    assert {k: v for k, v in flat.items() if k != "out"} == {k: v for k, v in nested.items() if k != "out"}
+    assert (flat["max_steps"], flat["batch_size"], flat["ce_weight"]) == (1, 2, 0.5)
+    config = tmp_path / "run.yaml"  # a config written with the flat names of earlier releases
+    config.write_text(f"base: {world / 'base'}\nexperts: {world / 'ex'}\ndata: {reference.DATA}\n"
+                      f"out: {tmp_path / 'config'}\nmax_steps: 1\nbatch_size: 2\nstage_a_steps: 0\nce_weight: 0.5\n")
+    assert main(["train", "--config", str(config)]) == 0
+    from_config = json.loads((tmp_path / "config" / "train_args.json").read_text())
+    assert {k: v for k, v in from_config.items() if k != "out"} == {k: v for k, v in flat.items() if k != "out"}
