@@ -31,7 +31,18 @@ from ..extraction.store import RUN, Extraction, route_key
 from ..hf import enable_checkpointing, is_full_hub_id, load_causal_lm, load_tokenizer
 from ..io import atomic_write_json, check_extraction, check_resume_args, claim_out, follow_umask, releases_out_locks
 from ..model import ToEModel
-from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped, require
+from ..options import (
+    ACCELERATE_PLACES,
+    Fit,
+    Loss,
+    Runtime,
+    Schedule,
+    Text,
+    flat_args,
+    flat_defaults,
+    grouped,
+    require,
+)
 from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
@@ -91,7 +102,7 @@ def baseline(
     fit: Fit = Fit(),
     runtime: Runtime = Runtime(),
 ) -> dict:
-    """Trains one baseline on the same data and step budget as `toe train`, through the same training loop.
+    """Trains one baseline on `toe train`'s data and step budget, through the same training loop.
 
     Every option of a group can also be given flat (``baseline("lora", ..., kd_weight=1.0)``; on the command line
     ``--kd_weight 1.0`` or ``--loss.kd_weight 1.0``).
@@ -117,10 +128,11 @@ def baseline(
             layer of the base).
         runtime: dtype, mixed precision, gradient checkpointing (LoRA and SFT backpropagate through every layer:
             activations dominate their memory), resume (the control's extraction resumes from its last complete
-            shard on its own), overwrite, trackers.
+            shard on its own), overwrite, trackers (``device`` is refused: accelerate places the models).
     """
     flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
     args = flat_args(dict(locals()))
+    require("toe baseline", runtime, {"device": ACCELERATE_PLACES})
     if kind not in typing.get_args(BaselineKind):
         raise ToEError(f"kind={kind!r} is unknown: use one of {', '.join(typing.get_args(BaselineKind))}")
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
