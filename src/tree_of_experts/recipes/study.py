@@ -493,11 +493,10 @@ class Study:
 def _baseline_options(options: dict) -> dict:
     """The options of the study's `train` group that `toe baseline` takes (the group also serves the control, whose
     command lacks some plug-in-only options)."""
-    import inspect
-
+    from ..options import option_names
     from .baseline import baseline
 
-    return {k: v for k, v in options.items() if k in inspect.signature(baseline).parameters}
+    return {k: v for k, v in options.items() if k in option_names(baseline)}
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
