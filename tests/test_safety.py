@@ -277,16 +277,16 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):
-    import tree_of_experts.commands.train as train_mod
+    import tree_of_experts.training.loop as loop_mod  # the training loop `toe train` runs
 
-    real, calls = train_mod.objective_loss, []
+    real, calls = loop_mod.objective_loss, []
 
     def diverging(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), parts) if len(calls) >= 2 else (loss, parts)
 
-    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    monkeypatch.setattr(loop_mod, "objective_loss", diverging)
     out = tmp_path / "run"
     message = check_refused(train_args(world, str(out), "--max_steps", "4"), capsys)
     assert re.search(r"training stopped at step 3 \(stage B\): the loss is nan", message), message
