@@ -621,9 +621,11 @@ def flat_args(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_defaults(fn: Callable) -> dict[str, Any]:
-    """{option: default} of ``fn``, option groups spread into their fields (the defaults of :func:`flat_args`)."""
+    """{option: default} of ``fn``, option groups spread into their fields (the defaults of :func:`flat_args`). A
+    required parameter is there too, with ``inspect.Parameter.empty``: `--resume` compares it like any other (a
+    record that lacks it differs)."""
     params = inspect.signature(fn).parameters
-    return flat_args({k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty})
+    return flat_args({k: p.default for k, p in params.items()})
 
 
 def require(fn_name: str, group: OptionGroup, unused: dict[str, str]) -> None:
