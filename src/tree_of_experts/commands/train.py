@@ -168,11 +168,14 @@ def train(
                           list(model.toe_config.layers))
     loop = TrainLoop(student, examples, tok, out, schedule, objective, acc, teacher_model, runtime.report_to)
     os.makedirs(out, exist_ok=True)
-    if acc.is_main_process:
-        atomic_write_json(os.path.join(out, "train_args.json"), args)
-    if runtime.report_to:
-        acc.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    step = loop.run(runtime.resume)
+
+    def started() -> None:  # once a resume has read the checkpoint: a damaged one leaves the folder as it was
+        if acc.is_main_process:
+            atomic_write_json(os.path.join(out, "train_args.json"), args)
+        if runtime.report_to:
+            acc.init_trackers("toe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
+
+    step = loop.run(runtime.resume, started)
     if runtime.report_to:
         acc.end_training()
     acc.wait_for_everyone()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -151,12 +151,15 @@ class TrainLoop:
             keep_logged_rows(self.metrics_path, step)
         return step
 
-    def run(self, resume: bool = False) -> int:
-        """Trains to the end; returns the steps done."""
+    def run(self, resume: bool = False, started: Callable[[], None] | None = None) -> int:
+        """Trains to the end; returns the steps done. ``started`` runs once the starting step is known (with
+        ``resume``, after the checkpoint was read and put back): where a command records its run."""
         acc, s, sched, obj = self.acc, self.student, self.schedule, self.objective
         os.makedirs(self.out, exist_ok=True)
         wrapped = acc.prepare(s.model)  # DDP syncs only parameters that require grad
         step = self.resume(resume)
+        if started is not None:
+            started()
         warmup, total, seed = s.warmup_steps, self.total, sched.seed
         bar = tqdm(total=total, initial=step, desc=s.command, disable=None if acc.is_local_main_process else True)
         per_proc = sched.batch_size // acc.num_processes
