@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tree_of_experts.training.loop as loop_mod
+import tree_of_experts.training.loop as loop_mod  # the training loop every trained system runs
 from tree_of_experts.commands.train import train
 from tree_of_experts.config import ToEError
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
@@ -117,8 +117,8 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     from tree_of_experts.recipes.baseline import baseline
 
     summary = baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"),
-                       experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, objective="on_policy",
-                       on_policy_ratio=0.5, sample_max_new_tokens=6, kd_weight=1.0, log_every=1)
+                       experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, log_every=1,
+                       objective="on_policy", on_policy_ratio=0.5, sample_max_new_tokens=6, kd_weight=1.0)
     rows = [json.loads(r) for r in open(tmp_path / "lora" / "metrics.jsonl")]
     want = ["on_policy" if is_on_policy(0.5, 0, s) else "off_policy" for s in range(3)]
     assert [r["objective"] for r in rows] == want and summary["objective"] == "on_policy"

@@ -71,7 +71,7 @@ def is_locked(folder: str | Path) -> bool:
 # -- 1. a lock per output folder -----------------------------------------------------------------------------------
 HANG_AFTER_CHECKPOINT = """
 import sys, time
-import tree_of_experts.training.loop as loop_mod
+import tree_of_experts.training.loop as loop_mod  # the training loop `toe train` runs
 real = loop_mod.save_checkpoint
 def save_then_hang(*args, **kwargs):  # a run that is still going: it has saved a checkpoint and works on
     real(*args, **kwargs)
@@ -133,7 +133,7 @@ def test_locks_are_released_when_commands_return_or_fail_in_process(world, tmp_p
         assert is_locked(out), "the folder is not locked while the run writes into it"
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(loop_mod, "objective_loss", boom)
+    monkeypatch.setattr(loop_mod, "objective_loss", boom)  # the loss of the training loop `toe train` runs
     with pytest.raises(RuntimeError, match="boom"):
         train(base=str(world / "base"), experts=str(world / "ex"), data=FIXTURE, out=str(out), max_steps=2,
               stage_a_steps=1, batch_size=4, overwrite=True)

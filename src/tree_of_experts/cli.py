@@ -110,7 +110,7 @@ def _join_split_lists(argv: list[str]) -> list[str]:
     for arg in argv:
         owner = out[-1] if out and "=" in out[-1] else (out[-2] if len(out) > 1 else "")
         if out[-1:] and out[-1].endswith(",") and not arg.startswith("-") and \
-                "--" + owner[2:].partition("=")[0].replace("-", "_") in LISTS:
+                "--" + owner[2:].partition("=")[0].replace("-", "_").rpartition(".")[2] in LISTS:
             out[-1] += arg
         else:
             out.append(arg)
@@ -249,6 +249,18 @@ def _argument_error(e: Exception) -> str:
     return f"--{key.group(1)} {value.group(1).strip() if value else ''}: expected {wanted}".replace(" :", ":")
 
 
+def _as_typed(message: str, argv: list[str]) -> str:
+    """An error's ``--group.field`` as the user spelled it: ``--field`` where that is what the command line says."""
+    typed = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+    def spelled(m: re.Match) -> str:
+        name = m.group(1)
+        leaf = name.rpartition(".")[2]
+        return f"--{leaf}" if name not in typed and leaf in typed else f"--{name}"
+
+    return re.sub(r"--([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)", spelled, message)
+
+
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI, set_parsing_settings
 
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if argv[:1] and argv[0].startswith("--config"):  # a config that names no subcommand
             hint = "; a config goes after its command: toe CMD --config FILE (`toe CMD --print_config` writes one)"
-        print(f"toe: error: {_argument_error(e).rstrip('.')}{hint} (see `{where}`)", file=sys.stderr)
+        print(f"toe: error: {_as_typed(_argument_error(e), argv).rstrip('.')}{hint} (see `{where}`)", file=sys.stderr)
         return 2
     except ToEError as e:
         _close_progress_bars()  # a bar left open would redraw after the error and hide it

@@ -24,59 +24,38 @@ from ..files import atomic_write_json, atomic_write_text
 from ..folders import claim_out
 from ..locks import releases_out_locks
 from ..model import ToEModel
+from ..options import TRAINING_ONLY, Runtime, Sweeps, Workload, grouped, refuse_unused
 
 PARTS = ("generation", "routing", "training", "extraction", "on_policy", "bank_scale")
 OPT_IN_PARTS = ("bank_scale",)  # run only when named: it builds and saves plug-ins of up to 2^20 leaves (minutes)
 TEACHER_PARTS = ("extraction", "on_policy")  # the parts that need a teacher (--teacher or --shapes)
 
 
+@grouped
 @releases_out_locks
 def bench(
     base: str | None = None,
     out: str = "bench",
     plugin: str | None = None,
-    num_leaves: int = 64,
-    top_k: int = 4,
-    batches: list[int] | None = None,
-    prompt_len: int = 64,
-    new_tokens: int = 32,
-    reps: int = 5,
-    routing_exponents: list[int] | None = None,
-    routing_tokens: int = 64,
-    routing_reps: int = 5,
-    bank_exponents: list[int] | None = None,
     teacher: str | None = None,
     shapes: str | None = None,
     shape_layers: int | None = None,
-    extract_batch: int = 4,
-    extract_length: int = 128,
-    train_batch: int = 4,
-    train_length: int = 128,
-    lora_rank: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
-    threads: int | None = None,
-    compile: bool = False,
+    num_leaves: int = 64,
+    top_k: int = 4,
     parts: list[str] | None = None,
-    overwrite: bool = False,
+    workload: Workload = Workload(),
+    sweeps: Sweeps = Sweeps(),
+    runtime: Runtime = Runtime(),
 ) -> dict:
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
+
+    Every option of a group can also be given flat (``--reps 3`` or ``--workload.reps 3``).
 
     Args:
         base: base model id or folder (or leave it out and give ``shapes``).
         out: output folder (bench.json, bench.png).
         plugin: a plug-in folder; default: one built in-process (N = num_leaves, top-K, random bank and gate, a
             non-zero scale so every part of the plug-in computes).
-        num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
-        top_k: K of the in-process plug-in and of the routing timings.
-        batches: batch sizes to time (default 1 and 8).
-        prompt_len: prompt tokens of the generation and on-policy workloads.
-        new_tokens: tokens decoded per generation run and sampled per on-policy step.
-        reps: interleaved repetitions of each generation, training and extraction timing.
-        routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
-        routing_tokens: tokens per routing call.
-        routing_reps: repetitions of each routing timing.
-        bank_exponents: N = 2^e leaves of the bank_scale part (default 10, 12, 14, 16, 18, 20).
         teacher: also time `toe extract`'s capture against a bare forward of this teacher, and an on-policy step.
         shapes: ``BASE:TEACHER`` shapes instead of ``base``/``teacher``: randomly initialised models of real
             configurations (shipped names such as ``qwen2.5-1.5b:deepseek-r1-distill-qwen-7b``, or config.json
@@ -84,23 +63,19 @@ def bench(
             of the depth.
         shape_layers: decoder layers of both shape models (same widths); default: the real depth on a GPU, 2 on
             the CPU (minutes, not hours). Every per-layer cost scales with depth; the result records both depths.
-        extract_batch: sequences per timed extraction forward (with a teacher).
-        extract_length: tokens per sequence of the timed extraction forward.
-        train_batch: sequences per timed `toe train` step (timed against a frozen-base forward + backward) and per
-            on-policy step.
-        train_length: tokens per sequence of the timed train step.
-        lora_rank: also time a `toe baseline lora` step of this rank on the same tokens (0: don't).
-        dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the models run (default: the GPU when one is visible, else the CPU).
-        threads: torch CPU threads (default: torch's choice).
+        num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
+        top_k: K of the in-process plug-in and of the routing timings.
         parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy",
             "bank_scale" (default: all but bank_scale, which runs only when named: a one-layer plug-in of each N
             in ``bank_exponents`` saved, loaded mapped and into RAM, and decoded with, see
             :mod:`tree_of_experts.bank_scale`; extraction and on_policy need a teacher and are left out
             without one).
-        compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
-            timed repetitions.
-        overwrite: replace an earlier bench run in ``out`` (refused otherwise: its numbers are not lost silently).
+        workload: the timed workloads (batch sizes, prompt and decode lengths, repetitions, the extraction and
+            train steps, the LoRA step's rank), torch's CPU threads and a compiled plug-in hook.
+        sweeps: the leaf counts N = 2^e routing and the bank are timed at.
+        runtime: dtype and device of the models (default: the GPU when one is visible, else the CPU), overwrite
+            (replace an earlier bench run in ``out``; refused otherwise: its numbers are not lost silently); the
+            training-only fields and ``resume`` are refused.
 
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``; ``peak_memory`` holds each part's
@@ -108,6 +83,13 @@ def bench(
     """
     from .. import shapes as shp
 
+    refuse_unused("toe bench", runtime, ("dtype", "device", "overwrite"),
+                  {**TRAINING_ONLY, "resume": "a bench run starts again"})
+    batches, prompt_len, new_tokens, reps = workload.batches, workload.prompt_len, workload.new_tokens, workload.reps
+    extract_batch, extract_length = workload.extract_batch, workload.extract_length
+    train_batch, train_length, lora_rank = workload.train_batch, workload.train_length, workload.lora_rank
+    compile, threads = workload.compile, workload.threads
+    dtype, device, overwrite = runtime.dtype, runtime.device, runtime.overwrite
     if parts is not None and not parts:
         raise ToEError(f"--parts is empty: name any of {list(PARTS)}, or leave it out for all")
     parts_given, parts = parts is not None, list(parts or [p for p in PARTS if p not in OPT_IN_PARTS])
@@ -177,9 +159,9 @@ def bench(
                 f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
                 + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
         elif part == "routing":
-            exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
+            exps = sweeps.routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
             result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
-                                              routing_tokens, routing_reps, dev)
+                                              sweeps.routing_tokens, sweeps.routing_reps, dev)
             if "tree_2^20_over_2^10" in result["routing"]:
                 summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
                                f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
@@ -213,7 +195,7 @@ def bench(
         elif part == "bank_scale":
             model.detach()
             result["bank_scale"] = bank_scale.bench_bank_scale(
-                base_model, bank_exponents or [10, 12, 14, 16, 18, 20], top_k, prompt_len, new_tokens, reps, dev,
+                base_model, sweeps.bank_exponents or [10, 12, 14, 16, 18, 20], top_k, prompt_len, new_tokens, reps, dev,
                 bench_generation)
             model.attach()
             bs = result["bank_scale"]

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from ..config import OracleConfig, ToEConfig, ToEError
+from ..config import ToEConfig, ToEError, _at_least, _optional_at_least
 from ..data import DataSpec, read_jsonl
 from ..evaluation.results import write_metrics, write_rows
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
@@ -44,6 +44,17 @@ from ..files import atomic_write_json, atomic_write_text
 from ..folders import check_extraction, claim_out
 from ..locks import releases_out_locks
 from ..model import ToEModel
+from ..options import (
+    DEFAULT_TEMPLATE,
+    ORACLE_ROWS,
+    SAMPLING,
+    TRAINING_ONLY,
+    Runtime,
+    Scoring,
+    Systems,
+    grouped,
+    refuse_unused,
+)
 from ..plugin import ToEPlugin
 from ..stats import MIN_INTERVAL_N, bootstrap_mean, gap_closed_ci, wilson
 
@@ -136,6 +147,7 @@ def _write_eval_folder(out: str, per_item: dict, systems: dict, prompts: list[st
     write_metrics(out, {**args, "source": "toe oracle"}, per_system)
 
 
+@grouped
 @releases_out_locks
 def oracle(
     teacher: str,
@@ -143,26 +155,18 @@ def oracle(
     experts: str,
     data: str,
     out: str,
-    plugin: str | None = None,
-    task: str = "gsm8k",
+    systems: Systems = Systems(),
+    scoring: Scoring = Scoring(),
+    runtime: Runtime = Runtime(),
     limit: int | None = None,
-    skip: int = 0,
-    template: str = "Question: {prompt}\nAnswer: ",
-    ce_target: str = "gold_clean",
-    lambdas: tuple[float, ...] = (0.25, 0.5, 1.0),
-    generate: bool = False,
-    max_new_tokens: int = 256,
+    template: str = DEFAULT_TEMPLATE,
     batch_size: int = 4,
     max_length: int = 1024,
-    dtype: str = "float32",
-    device: str | None = None,
-    predict: bool = True,
-    ceiling_only: bool = False,
-    overwrite: bool = False,
 ) -> dict:
     """Compares base, teacher, O1/O2 oracles, static vector and ToE by teacher-forced CE.
 
-    Every system is scored on the same items; with ``generate``, their greedy answers are graded too.
+    Every system is scored on the same items; with ``generate``, their greedy answers are graded too. Every option
+    of a group can also be given flat (``--plugin P`` or ``--systems.plugin P``).
 
     Args:
         teacher: the teacher the extraction used (hub id or folder).
@@ -170,28 +174,35 @@ def oracle(
         experts: the `toe extract` folder (projector, extracted bank).
         data: the items (task fields), in any format `toe eval --data` reads.
         out: output folder (oracle.json, oracle.md).
-        plugin: a trained plug-in to add as the "ToE (learned)" row.
-        task: "gsm8k" or "math" (which fields hold question and solution).
-        limit: score at most this many rows, from row ``skip`` on (default: all).
-        skip: rows of ``data`` left out first.
+        systems: the rows scored: ``plugin`` (a trained plug-in, the "ToE (learned)" row), ``lambdas`` (the ridge
+            O1 rows), ``predict``, ``ceiling_only`` and ``generate``; the base and teacher are always scored, so
+            ``with_base``, the adapters and the plug-in's routing overrides are refused.
+        scoring: the task (gsm8k or math: which fields hold question and solution), the rows (``skip``), what CE is
+            scored on (``ce_target``, as in `toe eval`) and the generation budget ``max_new_tokens`` of
+            ``generate`` (greedy); the few-shot, sampling and bad-row options are refused.
+        runtime: dtype and device of both models, overwrite (replace what another run left in ``out``); the
+            training-only fields and ``resume`` are refused.
+        limit: score at most this many rows, from row ``scoring.skip`` on (default: all).
         template: prompt template with {prompt}, or "chat" (the base tokenizer's chat template).
-        ce_target: what CE is scored on, as in `toe eval`: "gold_clean" (gold solutions without <<...>> notes),
-            "gold" (as written) or "trace" (the ``trace`` field written by `toe traces`).
-        lambdas: λ values of the ridge O1.
-        generate: also answer the items greedily (base, teacher, ToE, live O1 trained map) and grade them.
-        max_new_tokens: generation budget.
         batch_size: items per forward.
         max_length: prompt + target tokens kept per item; the default is `toe eval`'s, so that their rows pool in
             `toe report` (a shorter cut scores fewer target tokens on long traces, and the report refuses to pool).
-        dtype: dtype both models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the models run (default: the GPU when one is visible, else the CPU).
-        predict: also fit δ̂(h) (ridge and MLP) on the extraction's training tokens, report its held-out R² per
-            layer and score CE with δ̂(h) injected in place of δ (the ceiling of any teacher-free gate).
-        ceiling_only: score only the rows that place that ceiling (base, teacher, O1 trained map, static vector,
-            the predicted rows, ToE): no ridge-λ sweep, no O2, no per-layer rows.
-        overwrite: replace what another run left in ``out`` (refused otherwise).
     """
-    OracleConfig.from_args(locals())
+    refuse_unused("toe oracle", systems, ("plugin",) + ORACLE_ROWS,
+                  "the oracle scores the base, the teacher and a plug-in as configured")
+    refuse_unused("toe oracle", scoring, ("task", "skip", "ce_target", "max_new_tokens"), {
+        **{name: "the oracle's answers are greedy" for name in SAMPLING},
+        "ce": "the oracle scores CE", "accuracy": "pass --generate true to grade answers",
+        "": "the oracle reads the items as they are"})
+    refuse_unused("toe oracle", runtime, ("dtype", "device", "overwrite"),
+                  {**TRAINING_ONLY, "resume": "an oracle run starts again"})
+    _at_least("max_length", max_length, 2, " (tokens per item)")
+    _at_least("batch_size", batch_size, 1)
+    _optional_at_least("limit", limit, 1, " (items)")
+    plugin, lambdas, predict = systems.plugin, systems.lambdas, systems.predict
+    ceiling_only, generate = systems.ceiling_only, systems.generate
+    task, skip, ce_target, max_new_tokens = scoring.task, scoring.skip, scoring.ce_target, scoring.max_new_tokens
+    dtype, overwrite = runtime.dtype, runtime.overwrite
     check_extraction(experts)
     claim_out(out, "oracle", overwrite=overwrite, inputs={"experts": experts, "plugin": plugin, "base": base,
                                                            "teacher": teacher, "data": data})
@@ -206,7 +217,7 @@ def oracle(
     spec = spec.for_tokenizer(base_tok)
     if not same_vocab(base_tok, teacher_tok):
         raise ToEError("toe oracle compares CE token by token and needs teacher and base to share a tokenizer")
-    device = pick_device(device)
+    device = pick_device(runtime.device)
     base_model = load_causal_lm(base, dtype=dtype, device=device)
     teacher_model = load_causal_lm(teacher, dtype=dtype, device=device)
     examples = prepare(rows, spec, base_tok, teacher_tok, max_length)

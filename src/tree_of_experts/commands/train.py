@@ -27,7 +27,18 @@ from ..files import atomic_write_json
 from ..folders import check_extraction, check_resume_args, claim_out
 from ..locks import releases_out_locks
 from ..model import ToEModel
-from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped
+from ..options import (
+    ACCELERATE_PLACES,
+    Fit,
+    Loss,
+    Runtime,
+    Schedule,
+    Text,
+    flat_args,
+    flat_defaults,
+    grouped,
+    require,
+)
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import load_examples
@@ -69,7 +80,8 @@ def train(
         loss: the objective (off- or on-policy, the loss weights; ``kd_weight`` defaults to 1.0 here).
         fit: learning rates (``lr`` defaults to 1e-3 here), Stage A, the route and usage terms, routing while
             training, cached starting states.
-        runtime: dtype, mixed precision, gradient checkpointing, resume/overwrite, trackers.
+        runtime: dtype, mixed precision, gradient checkpointing, resume/overwrite, trackers (``device`` is refused:
+            accelerate places the models, one device per process).
         tokenizer: tokenizer id or folder (default: the base's).
         init_plugin: start from this plug-in folder instead of the extraction's (baselines: static vector, random
             bank, flat router); route labels and the teacher's cached top-k still come from ``experts``.
@@ -86,6 +98,7 @@ def train(
     loss = dataclasses.replace(loss, kd_weight=1.0 if loss.kd_weight is None else loss.kd_weight)
     fit = dataclasses.replace(fit, lr=1e-3 if fit.lr is None else fit.lr)
     args = flat_args(dict(locals()))
+    require("toe train", runtime, {"device": ACCELERATE_PLACES})
     if fit.anneal_steps > schedule.max_steps:
         raise ToEError(f"anneal_steps={fit.anneal_steps} > max_steps={schedule.max_steps}: anneal at most the "
                        "Stage-B steps")

@@ -35,7 +35,19 @@ from ..files import atomic_write_json, follow_umask
 from ..folders import check_extraction, check_resume_args, claim_out
 from ..locks import releases_out_locks
 from ..model import ToEModel
-from ..options import Fit, Loss, Runtime, Schedule, Text, flat_args, flat_defaults, grouped, unused
+from ..options import (
+    ACCELERATE_PLACES,
+    Fit,
+    Loss,
+    Runtime,
+    Schedule,
+    Text,
+    flat_args,
+    flat_defaults,
+    grouped,
+    require,
+    unused,
+)
 from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
@@ -121,10 +133,11 @@ def baseline(
             layer of the base).
         runtime: dtype, mixed precision, gradient checkpointing (LoRA and SFT backpropagate through every layer:
             activations dominate their memory), resume (the control's extraction resumes from its last complete
-            shard on its own), overwrite, trackers.
+            shard on its own), overwrite, trackers (``device`` is refused: accelerate places the models).
     """
     flush_denormals()  # subnormal gradients slow CPU matmuls many-fold as training sharpens the softmax
     args = flat_args(dict(locals()))
+    require("toe baseline", runtime, {"device": ACCELERATE_PLACES})
     if kind not in typing.get_args(BaselineKind):
         raise ToEError(f"kind={kind!r} is unknown: use one of {', '.join(typing.get_args(BaselineKind))}")
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
