@@ -359,7 +359,7 @@ def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_
 
 
 def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
-    from tree_of_experts.config import check_leaves_fit
+    from tree_of_experts.extraction.budget import check_leaves_fit
 
     check_leaves_fit(64, "balanced", 200_000, memory=2**30)
     with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):

@@ -33,9 +33,9 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ToEError, check_leaves_fit
+from ..config import ToEError
 from ..data import file_hash, read_jsonl
-from ..extraction.budget import Asked, Plan, config_sizes, plan_extraction, shard_groups
+from ..extraction.budget import Asked, Plan, check_leaves_fit, config_sizes, plan_extraction, shard_groups
 from ..extraction.build import Pairing, build, build_tree, clustered_rows
 from ..extraction.capture import capture_shard, default_layer, prepare, same_vocab, teacher_layer_for
 from ..extraction.fusion import (

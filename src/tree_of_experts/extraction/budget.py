@@ -20,6 +20,7 @@ Axes as elsewhere: B batch, T tokens, D hidden, N leaves, L layers.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 
 from ..errors import ToEError
 from ..shapes import capture_bytes_per_token
-from ..tree import tree_depth
+from ..tree import num_nodes, tree_depth
 from .capture import Example
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -315,3 +316,42 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
     return (f"--max_disk {human(a.max_disk)} is below what the extraction needs at least: {human(need)} (every "
             f"token's light fields, {T} x {light} B, the held-out examples' states and N = {a.num_leaves} training "
             f"tokens' to build a tree from); give at least {human(need)}, or " + ", or ".join(hints))
+
+
+# -- memory: the tree build -----------------------------------------------------------------------------------------
+def tree_build_bytes(num_leaves: int, shape: str, rows: int) -> int:
+    """Bytes the largest tensors of building an N-leaf tree from ``rows`` clustered tokens take: the (rows, M) path
+    labels of the gate's initialisation, the (N, M) label table and (N, depth) path tables, and for a deep tree
+    k-means' (chunk, N) distances. The bank and gate (N x D, N x r) are small next to these."""
+    n, m = num_leaves, num_nodes(shape, num_leaves)
+    depth = tree_depth(shape, num_leaves)
+    total = 4 * rows * m + 4 * n * m + 2 * 8 * n * depth
+    if shape == "deep":
+        total += 4 * min(rows, 65536) * n
+    return total
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_leaves_fit(num_leaves: int, shape: str, rows: int, memory: int | None = None) -> None:
+    """Refuses N leaves that the clustered tokens cannot fill, or that do not fit in memory, with the numbers.
+
+    Args:
+        rows: tokens that will be clustered (after --sample_rate and --max_rows).
+        memory: bytes available (default: the machine's RAM).
+    """
+    if rows < num_leaves:
+        raise ToEError(f"num_leaves={num_leaves} but only about {rows} tokens are available to cluster: use more "
+                       "data (--limit), a higher --sample_rate or --max_rows, or fewer --num_leaves")
+    memory = physical_memory() if memory is None else memory
+    need = tree_build_bytes(num_leaves, shape, rows)
+    if memory and need > memory // 2:
+        raise ToEError(f"num_leaves={num_leaves} on {rows} tokens needs about {need / 2**30:.1f} GiB to build the "
+                       f"tree, more than half of this machine's {memory / 2**30:.1f} GiB: use fewer --num_leaves or a "
+                       "lower --max_rows")
