@@ -167,7 +167,7 @@ def test_an_option_a_command_does_not_read_is_refused_never_ignored(call, want):
 def test_extraction_records_keep_their_flat_keys():
     """build.json of a finished extraction is compared key by key on a rerun: the keys every earlier extraction
     wrote must stay the ones written now."""
-    from tree_of_experts.commands.extract import REBUILT, build_record
+    from tree_of_experts.extraction.resume import REBUILT, build_record
     from tree_of_experts.options import Capture, Fusion, Text, Tree
 
     record = build_record(Text(), Tree(), Fusion(), Capture(), "float32", 0)

@@ -19,13 +19,15 @@ extraction's shards and trained fusion map (sweeps over N and shape without runn
 `toe extract --layers 11 --reuse_capture EXTRACTION ...` takes a subset of an extraction's layers from its shards
 instead of running the models again (layer-set sweeps: the fusion maps, trained jointly over the layer set, and the
 tree are built anew; the result is the extraction a fresh capture of those layers gives).
+
+What a rerun checks and records in its folder is :mod:`..extraction.resume`'s; what ``--reuse_capture`` takes from the
+source, :mod:`..extraction.reuse`'s; the plan of a disk budget, :mod:`..extraction.budget`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import os
 import time
@@ -34,15 +36,24 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ToEError
-from ..data import file_hash, read_jsonl
-from ..extraction.budget import Asked, Plan, check_leaves_fit, config_sizes, plan_extraction, shard_groups
+from ..data import read_jsonl
+from ..extraction.budget import Plan, check_leaves_fit, disk_plan, shard_groups
 from ..extraction.build import Pairing, build, build_tree, clustered_rows
-from ..extraction.capture import capture_shard, default_layer, prepare, same_vocab, teacher_layer_for
-from ..extraction.fusion import (
-    FusionMap,
+from ..extraction.capture import capture_shard, check_layers, prepare, resolve_layers, same_vocab
+from ..extraction.fusion import FusionMap
+from ..extraction.resume import (
+    build_record,
+    capture_record,
+    check_same_extraction,
+    finished_or_damaged,
+    mark_finished,
+    record_run,
+    run_record,
+    unmark_finished,
 )
-from ..extraction.store import CORRUPT, CORRUPT_SHARD, Extraction
-from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_config, load_tokenizer
+from ..extraction.reuse import check_same_base, layer_subset, reused_pairs, reused_source
+from ..extraction.store import CORRUPT
+from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_tokenizer
 from ..hf.layers import decoder_layers
 from ..files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from ..folders import check_extraction, claim_out
@@ -50,157 +61,6 @@ from ..locks import releases_out_locks
 from ..options import TRAINING_ONLY, Capture, Disk, Fusion, Runtime, Text, Tree, grouped, refuse_unused
 
 log = logging.getLogger(__name__)
-
-BUILD_NAME = "build.json"
-
-
-def finished_extraction(out: str, build_settings: dict) -> dict | None:
-    """The summary of the finished extraction in ``out`` when it was built with ``build_settings`` (its capture
-    settings are checked by :func:`check_same_extraction`); None when it is unfinished or predates build.json (then
-    the rerun builds it again). Refuses a finished one built with other settings, naming them and the fix."""
-    summary_path, build_path = os.path.join(out, "summary.json"), os.path.join(out, BUILD_NAME)
-    if not (os.path.isfile(summary_path) and os.path.isfile(build_path)):
-        return None
-    previous = read_json(build_path, "delete the folder (or pass --overwrite true) and extract again")
-    changed = sorted(k for k in set(previous) | set(build_settings) if previous.get(k) != build_settings.get(k))
-    if changed:
-        how = (f"`toe rebuild --source {out} --out NEW` builds a tree with these from its shards and fusion maps"
-               if set(changed) <= REBUILT else
-               f"`toe extract ... --reuse_capture {out} --out NEW` builds one with these from its shards")
-        raise ToEError(f"{out} holds a finished extraction built with other settings ({', '.join(changed)}): {how}, "
-                       "without running the models; --overwrite true extracts again")
-    return read_json(summary_path, "delete the folder (or pass --overwrite true) and extract again")
-
-
-def whole(out: str) -> list[str]:
-    """What a finished extraction in ``out`` lacks or holds damaged: missing files and shards whose size or sha256
-    differs from the manifest's record (every shard is read once)."""
-    ex = Extraction(out)
-    try:
-        return ex.missing_pieces() + ex.damaged_shards(full=True)
-    except ToEError:  # a damaged manifest: everything is built again (the shards checked by their headers)
-        return ["manifest.json"]
-
-
-def damaged_shards(out: str, found: list[str]) -> list[str]:
-    """The shards to capture again: those ``found`` damaged (by their sha256) and those missing, cut short or not
-    as long as the manifest recorded (a damaged manifest: checked by their headers alone)."""
-    ex = Extraction(out)
-    try:
-        bad = ex.damaged_shards()
-    except ToEError:
-        os.remove(ex.path("manifest.json"))  # rewritten by the build
-        bad = ex.damaged_shards()
-    return sorted(set(bad) | {rel for rel in found if rel.startswith("shards" + os.sep)})
-
-
-def check_same_extraction(out: str, settings: dict) -> None:
-    """Refuses to continue the extraction in ``out`` with other ``settings`` (those given), naming them."""
-    run_path = os.path.join(out, "run.json")
-    if not os.path.isfile(run_path):
-        return
-    previous = read_json(run_path, "delete the folder (or pass --overwrite true) and extract again")
-    changed = sorted(k for k in settings if previous.get(k) != settings[k])
-    if changed:
-        raise ToEError(f"{out} holds an extraction with other settings ({', '.join(changed)}): pass --overwrite true to "
-                       "replace it, or a new --out")
-
-
-def check_layers(layers, teacher_layers, n_base: int | None, n_teacher: int | None) -> None:
-    """Refuses injection layers that repeat or fall outside the base, teacher layers outside the teacher, and
-    teacher layers that do not pair one to one with the injection layers (a count of None is not checked)."""
-    if layers and len(set(layers)) != len(layers):
-        raise ToEError(f"layers={list(layers)}: each injection layer once (give distinct decoder layer indices)")
-    if layers and teacher_layers and len(teacher_layers) != len(layers):
-        raise ToEError(f"teacher_layers={list(teacher_layers)} needs one entry per injection layer in "
-                       f"layers={list(layers)}")
-    for name, ls, n in (("layers", layers, n_base), ("teacher_layers", teacher_layers, n_teacher)):
-        if ls and any(x < 0 for x in ls):
-            raise ToEError(f"{name}={list(ls)}: decoder layer indices count from 0")
-        if ls and n is not None and any(x >= n for x in ls):
-            raise ToEError(f"{name}={list(ls)} out of range: that model has {n} decoder layers (0..{n - 1})")
-
-
-def reusable_capture(source: str, early: dict) -> dict:
-    """The settings of SOURCE, an extraction whose shards may serve this one: every capture setting but the layers
-    must match ``early`` (this extraction's); its shards are checked as they are read."""
-    if not os.path.isfile(os.path.join(source, "run.json")):
-        raise ToEError(f"--reuse_capture {source} is not a `toe extract` folder (no run.json): give the folder of an "
-                       "extraction of the same models and data")
-    run = read_json(os.path.join(source, "run.json"), CORRUPT)
-    changed = sorted(k for k in early if k not in ("layers", "teacher_layers", "state_budget")
-                     and run.get(k) != early[k])
-    if changed:
-        raise ToEError(f"--reuse_capture {source} was captured with other settings ({', '.join(changed)}): give the "
-                       "same models, data and capture settings, or extract without --reuse_capture")
-    return run
-
-
-def resolve_layers(layers, teacher_layers, n_b: int | None, n_t: int | None) -> tuple[list[int], list[int]]:
-    """The injection layers (default: the base's middle layer) and the teacher layer read for each (default: the
-    same relative depth)."""
-    layers = list(layers) if layers else [default_layer(n_b)]
-    return layers, list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
-
-
-def reused_pairs(path: str, source: dict, layers: list[int], teacher_layers: list[int]) -> list[int]:
-    """Where each asked (layer, teacher layer) pair sits among the ones the source at PATH captured."""
-    captured = list(zip(source["layers"], source["teacher_layers"]))
-    asked = list(zip(layers, teacher_layers))
-    missing = [p for p in asked if p not in captured]
-    if missing:
-        raise ToEError(f"--reuse_capture {path} holds the (layer, teacher layer) pairs {captured}, not {missing}: ask "
-                       "for layers among those, or extract without --reuse_capture")
-    return [captured.index(p) for p in asked]
-
-
-def layer_subset(source: str, shard: str, which: list[int], layers: list[int]) -> dict[str, torch.Tensor]:
-    """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..; ``layers`` the injection layers
-    they are), everything else as captured."""
-    path = os.path.join(source, "shards", shard)
-    if not os.path.isfile(path):
-        raise ToEError(f"--reuse_capture {source} lacks shards/{shard}: finish that extraction first (rerun its "
-                       "`toe extract` command), or extract without --reuse_capture")
-    tensors = load_tensors(path, CORRUPT_SHARD)
-    out = {k: v for k, v in tensors.items() if not k.startswith(("base.", "teacher."))}
-    if "teacher.0" not in tensors:  # a light shard: the base's state of the lowest asked layer, where it was kept
-        low = min(range(len(which)), key=lambda j: layers[j])
-        if f"base.{which[low]}" in tensors:
-            out[f"base.{low}"] = tensors[f"base.{which[low]}"]
-        return out
-    for j, i in enumerate(which):
-        for side in ("base", "teacher"):
-            if f"{side}.{i}" not in tensors:
-                raise ToEError(f"{path} lacks {side}.{i}: {CORRUPT_SHARD}")
-            out[f"{side}.{j}"] = tensors[f"{side}.{i}"]
-    return out
-
-
-def disk_plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree, disk: Disk,
-              dtype: str, kd: bool, batch_size: int, seed: int, layers: int, sample: list[int] | None) -> Plan:
-    """The extraction's plan (extraction/budget.py) from the models' configs alone: no weights load. ``layers``:
-    how many injection layers; ``sample``: a sample fixed beforehand (the source's, under --reuse_capture)."""
-    t_kw, b_kw = capture.model_kwargs()
-    same_model = teacher == base and t_kw == b_kw
-    sizes = config_sizes(load_config(base, **b_kw), load_config(teacher, "teacher", **t_kw), dtype, same_model)
-    return plan_extraction(examples, sizes, Asked(
-        layers=layers, topk=capture.topk_logprobs, kd=kd, cache_low_states=disk.cache_low_states,
-        heldout_frac=fusion.heldout_frac, shard_size=capture.shard_size, batch_size=batch_size,
-        num_leaves=tree.num_leaves, shape=tree.shape, gate_rank=tree.gate_rank, max_rows=tree.max_rows,
-        max_disk=disk.budget(), state_tokens=disk.state_tokens, seed=seed, sample=sample))
-
-
-def build_record(text: Text, tree: Tree, fusion: Fusion, capture: Capture, dtype: str, seed: int) -> dict:
-    """The settings a finished extraction's tree and bank were built with (build.json), flat and as JSON reads them
-    back: a rerun with the same ones returns the extraction as it is."""
-    return json.loads(json.dumps({
-        **tree.to_dict(), "limit": text.limit, "heldout_frac": fusion.heldout_frac, "max_length": text.max_length,
-        "shard_size": capture.shard_size, "projector_epochs": fusion.projector_epochs,
-        "projector_lr": fusion.projector_lr, "dtype": dtype, "ridge_lambdas": [float(x) for x in fusion.ridge_lambdas],
-        "seed": seed}))
-
-
-REBUILT = {f.name for f in dataclasses.fields(Tree)} | {"dtype", "seed"}  # the build settings `toe rebuild` changes
 
 
 @grouped
@@ -250,154 +110,177 @@ def extract(
     """
     from accelerate import PartialState
 
+    _refuse_options(text, runtime, capture, disk)
+    dtype, dry_run, reuse_capture = runtime.dtype, disk.dry_run, capture.reuse_capture
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
+    if state.is_main_process and not dry_run:
+        claim_out(out, "extract", overwrite=runtime.overwrite, inputs={"teacher": teacher, "base": base,
+                                                                       "reuse_capture": reuse_capture, "data": data})
+    state.wait_for_everyone()
+    dev = torch.device(runtime.device) if runtime.device else state.device
+
+    # Checks before any weights load: the settings against what `out` holds, the layers against the configs.
+    spec, records, base_tok, teacher_tok = _read_text(data, text, capture, base, teacher)
+    kd = same_vocab(base_tok, teacher_tok) and capture.topk_logprobs > 0
+    early = capture_record(teacher, base, data, spec, text, capture, disk, fusion, dtype, kd, seed)
+    if not dry_run:
+        check_same_extraction(out, early)  # what can be compared before the models load
+    asked, n_t_config = _config_layers(capture, base, teacher)  # asked: None where the configs cannot resolve them
+    build_settings = build_record(text, tree, fusion, capture, dtype, seed)  # the capture's are run.json's
+    damaged: list[str] = []  # what a finished extraction lacks or holds damaged (then captured and built again)
+    if asked is not None and not dry_run:  # a finished extraction with these settings is returned as it is
+        finished, damaged = finished_or_damaged(out, asked, build_settings)
+        if finished is not None:  # nothing to capture or build: no model is loaded
+            return finished if state.is_main_process else None
+    source = reused_source(reuse_capture, early, asked)  # (a finished one needs it no more)
+    examples = prepare(records, spec, base_tok, teacher_tok, text.max_length)
+    plan = _plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, asked, source)
+    if dry_run:
+        return {"plan": plan.to_dict(), "summary": plan.text()}
+    sample = plan.state_examples if plan is not None else None
+    check_leaves_fit(tree.num_leaves, tree.shape,
+                     clustered_rows(examples, fusion.heldout_frac, tree.sample_rate, tree.max_rows, sample))
+
+    # Setup: the models, the layers they resolve, run.json (written once every check has passed).
+    base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture)
+    pairing, which = _pairing(early, capture, source, teacher, kd, base_model, teacher_model, n_t_config, sample)
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    if state.is_main_process:
+        record_run(out, pairing.settings, damaged)  # and a shard damaged since it was written is captured again
+    state.wait_for_everyone()
+
+    # 1. Capture, every process its share of the shards; then the build on the main process alone.
+    _capture_shards(out, state, shard_groups(examples, sample, capture.shard_size), base_model, teacher_model,
+                    pairing, capture, batch_size, base_tok.pad_token_id, disk.cache_low_states, which)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    del teacher_model
+    gc.collect()  # the teacher's memory back before the fusion map trains (it can be most of the RSS)
+
+    # 2-4. Fusion maps, tree and bank from the shards alone (extraction/build.py).
+    unmark_finished(out)  # a build interrupted half way is not a finished one
+    summary = build(out, base_model, base_tok, tree, fusion, pairing, examples, seed, dev,
+                    plan.to_dict() if plan is not None else None)
+    if asked is not None:  # last: it marks the folder finished (unresolved early, a rerun builds again)
+        mark_finished(out, build_settings)
+    return summary
+
+
+def _refuse_options(text: Text, runtime: Runtime, capture: Capture, disk: Disk) -> None:
+    """Refuses the options `toe extract` does not read, and a disk budget with --reuse_capture."""
     refuse_unused("toe extract", text, [f.name for f in dataclasses.fields(Text) if f.name != "skip_truncated"],
                   "an extraction keeps every row, its response cut at max_length")
     refuse_unused("toe extract", runtime, ("dtype", "device", "overwrite"),
                   {**TRAINING_ONLY, "resume": "a rerun with the same settings resumes from its last complete shard on "
                                               "its own"})
-    layers, teacher_layers, reuse_capture = capture.layers, capture.teacher_layers, capture.reuse_capture
-    dtype, dry_run = runtime.dtype, disk.dry_run
-    budget = disk.budget()
-    if reuse_capture and disk.sampled():
+    if capture.reuse_capture and disk.sampled():
         raise ToEError("--reuse_capture takes its states, and its sample of examples with states, from the source's "
                        "shards: drop --max_disk/--state_tokens")
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
-    if state.is_main_process and not dry_run:
-        claim_out(out, "extract", overwrite=runtime.overwrite,
-                  inputs={"teacher": teacher, "base": base, "reuse_capture": reuse_capture, "data": data})
-    state.wait_for_everyone()
-    dev = torch.device(runtime.device) if runtime.device else state.device
+
+
+def _read_text(data: str, text: Text, capture: Capture, base: str, teacher: str):
+    """The rows of ``data``, the prompt spec in the base's format (one prompt text for both models) and the base's
+    and the teacher's tokenizers."""
     spec = text.spec()
     records = read_jsonl(data, spec, text.limit)
     t_kw, b_kw = capture.model_kwargs()
     base_tok, teacher_tok = load_tokenizer(base, **b_kw), load_tokenizer(teacher, **t_kw)
-    spec = spec.for_tokenizer(base_tok)  # one prompt text for both models, in the base's format
-    kd = same_vocab(base_tok, teacher_tok) and capture.topk_logprobs > 0
-    early = {"teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": text.limit,
-             "spec": dataclasses.asdict(spec), "max_length": text.max_length, "shard_size": capture.shard_size,
-             "topk_logprobs": capture.topk_logprobs if kd else 0, "dtype": dtype,
-             **({"layers": list(layers)} if layers else {}),
-             **({"teacher_layers": list(teacher_layers)} if teacher_layers else {}),
-             # the sample's settings (None: every example keeps its states, as before budgets existed)
-             "state_budget": None if not disk.sampled() else {
-                 "max_disk": budget, "state_tokens": disk.state_tokens, "seed": seed,
-                 "heldout_frac": fusion.heldout_frac, "cache_low_states": disk.cache_low_states}}
-    if not dry_run:
-        check_same_extraction(out, early)  # what can be compared before the models load
-    # the layer lists against the configs' layer counts, before any weights load (again after, where a config
-    # does not say)
-    n_b_config, n_t_config = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
-    check_layers(layers, teacher_layers, n_b_config, n_t_config)
-    damaged: list[str] = []  # what a finished extraction lacks or holds damaged (then captured and built again)
-    known = bool(layers or n_b_config is not None) and bool(teacher_layers or None not in (n_b_config, n_t_config))
-    build_settings = build_record(text, tree, fusion, capture, dtype, seed)  # the capture's are run.json's
-    # a finished extraction with these settings (its default layers resolved) is returned as it is
-    if known and not dry_run:
-        check_same_extraction(out, dict(zip(("layers", "teacher_layers"),
-                                            resolve_layers(layers, teacher_layers, n_b_config, n_t_config))))
-        finished = finished_extraction(out, build_settings)
-        damaged = whole(out) if finished is not None else []
-        if finished is not None and not damaged:  # nothing to capture or build: no model is loaded
-            log.info("%s: a finished extraction with these settings, its shards checked against the manifest's "
-                     "hashes; reused as it is (--overwrite true extracts again)", out)
-            return finished if state.is_main_process else None
-        if damaged:  # the damaged shards are captured again below, and the rest rebuilt from them
-            log.warning("%s: a finished extraction with these settings lacks or has damaged %s: capturing and "
-                        "building them again", out, ", ".join(damaged[:6]) + (", ..." if len(damaged) > 6 else ""))
-    source = reusable_capture(reuse_capture, early) if reuse_capture else None  # (a finished one needs it no more)
-    if source is not None:  # the pairs asked for against the source's, before any weights load
-        if not known:
-            raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
-                           "with --reuse_capture")
-        reused_pairs(reuse_capture, source, *resolve_layers(layers, teacher_layers, n_b_config, n_t_config))
-    examples = prepare(records, spec, base_tok, teacher_tok, text.max_length)
-    plan = None
-    if early["state_budget"] is not None or dry_run or (source or {}).get("state_examples") is not None:
-        if not known:
-            raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
-                           "to plan the disk (--max_disk, --state_tokens, --dry_run)")
-        plan = disk_plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed,
-                         len(resolve_layers(layers, teacher_layers, n_b_config, n_t_config)[0]),
-                         (source or {}).get("state_examples"))
-        log.info("extraction plan:\n%s", plan.text())
-        if dry_run:
-            return {"plan": plan.to_dict(), "summary": plan.text()}
-    sample = plan.state_examples if plan is not None else None
-    check_leaves_fit(tree.num_leaves, tree.shape,
-                     clustered_rows(examples, fusion.heldout_frac, tree.sample_rate, tree.max_rows, sample))
+    return spec.for_tokenizer(base_tok), records, base_tok, teacher_tok
+
+
+def _config_layers(capture: Capture, base: str, teacher: str) -> tuple[tuple[list[int], list[int]] | None, int | None]:
+    """The layer lists checked against the configs' layer counts, before any weights load (again after, where a
+    config does not say): the (layers, teacher layers) asked for with their defaults resolved (None where the
+    configs do not give what that needs), and the teacher's layer count by its config."""
+    t_kw, b_kw = capture.model_kwargs()
+    layers, teacher_layers = capture.layers, capture.teacher_layers
+    n_b, n_t = decoder_layer_count(base, **b_kw), decoder_layer_count(teacher, **t_kw)
+    check_layers(layers, teacher_layers, n_b, n_t)
+    known = bool(layers or n_b is not None) and bool(teacher_layers or None not in (n_b, n_t))
+    return (resolve_layers(layers, teacher_layers, n_b, n_t) if known else None), n_t
+
+
+def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree, disk: Disk, dtype: str,
+          kd: bool, batch_size: int, seed: int, asked: tuple[list[int], list[int]] | None,
+          source: dict | None) -> Plan | None:
+    """The disk plan (extraction/budget.py) when a sample is asked for (``disk``), the ``source`` fixed one, or the
+    plan alone is (``dry_run``); None otherwise."""
+    fixed = (source or {}).get("state_examples")
+    if not (disk.sampled() or disk.dry_run or fixed is not None):
+        return None
+    if asked is None:
+        raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
+                       "to plan the disk (--max_disk, --state_tokens, --dry_run)")
+    plan = disk_plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, len(asked[0]),
+                     fixed)
+    log.info("extraction plan:\n%s", plan.text())
+    return plan
+
+
+def _load_models(base: str, teacher: str, dtype: str, dev: torch.device, capture: Capture):
+    """The base and the teacher: None under --reuse_capture (the states come from the source's shards: the teacher is
+    never loaded), the base itself when the same model is read twice (the no-teacher control: loaded once, and one
+    forward serves both without top-k)."""
+    t_kw, b_kw = capture.model_kwargs()
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
-    # the same model read twice (the no-teacher control): loaded once, and one forward serves both without top-k
+    if capture.reuse_capture:
+        return base_model, None
     same_model = teacher == base and t_kw == b_kw
-    if source is not None:  # the states come from the source's shards: the teacher is never loaded
-        teacher_model = None
-    else:
-        teacher_model = base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+    return base_model, base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+
+
+def _loaded_layers(capture: Capture, base_model, teacher_model, n_t_config: int | None) -> tuple[list[int], list[int]]:
+    """The injection layers and the teacher layer for each, resolved and checked against the loaded models (the
+    teacher's config count under --reuse_capture, where no teacher loads)."""
     n_b = len(decoder_layers(base_model))
     n_t = n_t_config if teacher_model is None else len(decoder_layers(teacher_model))
-    layers, teacher_layers = resolve_layers(layers, teacher_layers, n_b, n_t)
+    layers, teacher_layers = resolve_layers(capture.layers, capture.teacher_layers, n_b, n_t)
     check_layers(layers, teacher_layers, n_b, n_t)
-    which = reused_pairs(reuse_capture, source, layers, teacher_layers) if source is not None else None
-    settings = {
-        "teacher": teacher, "base": base, "data_sha256": file_hash(data), "limit": text.limit,
-        "spec": dataclasses.asdict(spec), "layers": layers, "teacher_layers": teacher_layers,
-        "max_length": text.max_length, "shard_size": capture.shard_size,
-        "topk_logprobs": capture.topk_logprobs if kd else 0, "dtype": dtype,
-        "teacher_arch": source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
-        "base_arch": arch_fingerprint(base_model.config)[1],
-        "state_budget": early["state_budget"], "state_examples": sample,
-    }
-    if source is not None and source.get("base_arch") != settings["base_arch"]:
-        raise ToEError(f"--reuse_capture {reuse_capture} was captured from a base of another architecture: give an "
-                       "extraction of this base, or extract without --reuse_capture")
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
-    run_path = os.path.join(out, "run.json")
-    if state.is_main_process:
-        if os.path.isfile(run_path):
-            check_same_extraction(out, settings)
-        else:
-            atomic_write_json(run_path, settings)
-        for rel in damaged_shards(out, damaged):  # a shard damaged since it was written is captured again
-            log.warning("%s: %s is missing or damaged: capturing it again", out, rel)
-            if os.path.lexists(os.path.join(out, rel)):
-                os.remove(os.path.join(out, rel))
-    state.wait_for_everyone()
+    return layers, teacher_layers
 
-    # 1. Capture: shard s goes to process s % world; finished shards are skipped on resume. Under a sample, the
-    # sampled examples' full shards come first, then light ones (extraction/budget.py).
-    groups = shard_groups(examples, sample, capture.shard_size)
-    low = min(range(len(layers)), key=lambda j: layers[j]) if disk.cache_low_states else None
+
+def _pairing(early: dict, capture: Capture, source: dict | None, teacher: str, kd: bool, base_model, teacher_model,
+             n_t_config: int | None, sample: list[int] | None) -> tuple[Pairing, list[int] | None]:
+    """What the extraction pairs once the models are loaded, with run.json's settings (:func:`run_record`), and under
+    --reuse_capture where the asked pairs sit among the source's (``source``: its run.json, checked to be of this
+    base's architecture)."""
+    layers, teacher_layers = _loaded_layers(capture, base_model, teacher_model, n_t_config)
+    which = reused_pairs(capture.reuse_capture, source, layers, teacher_layers) if source is not None else None
+    settings = run_record(early, layers, teacher_layers,
+                          source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
+                          arch_fingerprint(base_model.config)[1], sample)
+    if source is not None:
+        check_same_base(capture.reuse_capture, source, settings["base_arch"])
+    return Pairing(layers, teacher_layers, teacher, kd, settings), which
+
+
+def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pairing: Pairing, capture: Capture,
+                    batch_size: int, pad: int, keep_low: bool, which: list[int] | None) -> None:
+    """Step 1, this process's shards (shard s goes to process s % world; finished shards are skipped on resume), and
+    its timings. Under a sample, the sampled examples' full shards come first, then light ones (extraction/budget.py)
+    holding the base's state at the lowest layer where ``keep_low``. Under --reuse_capture (``which``: where the
+    asked pairs sit among the source's) each shard is the source's with those pairs alone."""
+    layers = pairing.layers
+    low = min(range(len(layers)), key=lambda j: layers[j]) if keep_low else None
     mine = [s for s in range(len(groups)) if s % state.num_processes == state.process_index]
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
-    pad = base_tok.pad_token_id
     t_start = time.perf_counter()
     for s in tqdm(mine, desc="extract shards", disable=None if state.is_local_main_process else True):
         path = os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
         if os.path.exists(path):
             continue
         if which is not None:
-            tensors = layer_subset(reuse_capture, os.path.basename(path), which, layers)
+            tensors = layer_subset(capture.reuse_capture, os.path.basename(path), which, layers)
         else:
             chunk, full = groups[s]
-            tensors = capture_shard(chunk, teacher_model, base_model, layers, teacher_layers, batch_size,
-                                    capture.topk_logprobs, pad, kd, timings, full=full, low=low)
+            tensors = capture_shard(chunk, teacher_model, base_model, layers, pairing.teacher_layers, batch_size,
+                                    capture.topk_logprobs, pad, pairing.kd, timings, full=full, low=low)
         atomic_save_tensors(path, tensors)
     timings["wall_s"] = time.perf_counter() - t_start
-    if reuse_capture:
-        timings["reused_capture"] = os.path.abspath(reuse_capture)
+    if capture.reuse_capture:
+        timings["reused_capture"] = os.path.abspath(capture.reuse_capture)
     atomic_write_json(os.path.join(out, f"timings-{state.process_index}.json"), timings)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    del teacher_model
-    gc.collect()  # the teacher's memory back before the fusion map trains (it can be most of the RSS)
-    build_path = os.path.join(out, BUILD_NAME)
-    if os.path.exists(build_path):  # a build interrupted half way is not a finished one
-        os.remove(build_path)
-    summary = build(out, base_model, base_tok, tree, fusion, Pairing(layers, teacher_layers, teacher, kd, settings),
-                    examples, seed, dev, plan.to_dict() if plan is not None else None)
-    if known:  # last: it marks the folder finished (a rerun whose layers cannot be resolved early builds again)
-        atomic_write_json(build_path, build_settings)
-    return summary
 
 
 @grouped

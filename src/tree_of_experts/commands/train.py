@@ -111,13 +111,7 @@ def train(
     check_extraction(experts)
     teacher = resolve_teacher(loss.teacher, experts, base) if on_policy.ratio > 0 else loss.teacher
     if base_adapter:  # checked (a hub id fetched) before anything loads; the run's args keep what was given
-        if fit.cached_states:
-            raise ToEError("--cached_states reads the bare base's states, which a --base_adapter (merged LoRA) "
-                           "changes: drop one of them")
-        if loss.state_loss_weight > 0:
-            raise ToEError("--state_loss_weight targets the bare base's cached states, which a --base_adapter "
-                           "changes: drop one of them")
-        base_adapter = adapter_folder(base_adapter)
+        base_adapter = _adapter_folder(base_adapter, fit, loss)
     # The data is read and checked before the output folder is claimed: a bad argument loses nothing.
     tok = load_tokenizer(tokenizer or base)
     cached_layer = _check_cached_states(experts, data, init_plugin, runtime.dtype) if fit.cached_states else None
@@ -136,24 +130,15 @@ def train(
         raise ToEError("ce_weight=0 leaves no loss: it needs the teacher's cached top-k (an extraction with "
                        "--topk_logprobs > 0, kd_weight > 0 and no --no_kd), a --state_loss_weight, or ce_weight > 0")
     if accel.is_main_process or not runtime.overwrite:  # read-only unless overwriting, which only the main process does
-        # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
-        # (the main process holds the folder's lock for the run)
-        claim_out(out, "train", overwrite=runtime.overwrite, resume=runtime.resume,
-                  keep=RESUMED if runtime.resume else (), inputs={
-                      "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
-                      "base": base if isinstance(base, str) else None, "data": data, "tokenizer": tokenizer,
-                      "base_adapter": base_adapter}, lock=accel.is_main_process)
-        if runtime.resume:
-            check_resume_args(os.path.join(out, "train_args.json"), args, flat_defaults(train),
-                              resume_ignores(loss.objective))
+        _claim(out, runtime, accel.is_main_process, args, resume_ignores(loss.objective), {
+            "experts": experts, "init_plugin": init_plugin, "teacher": teacher,
+            "base": base if isinstance(base, str) else None, "data": data, "tokenizer": tokenizer,
+            "base_adapter": base_adapter})
     accel.wait_for_everyone()
     if isinstance(base, str):
         base = load_causal_lm(base, dtype=runtime.dtype, device=str(accel.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter, mmap_bank=False)
-    if fit.query_norm is not None:
-        model.plugin.config.query_norm = fit.query_norm
-        for block in model.plugin.blocks.values():
-            block.gate.query_norm = fit.query_norm
+    _set_query_norm(model, fit.query_norm)
     teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device) if on_policy.ratio > 0 else None
     if runtime.gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
@@ -177,15 +162,53 @@ def train(
                "examples": len(examples), "skipped_truncated": skipped,  # rows left out by --skip_truncated
                "left_out": left_out, "processes": accel.num_processes}
     if accel.is_main_process:
-        model.save_pretrained(out)
-        summary["curves"] = plot_curves(loop.metrics_path, os.path.join(out, "curves.png"))
-        with open(loop.metrics_path) as f:
-            rows = [json.loads(r) for r in f]
-        last_b = [r for r in rows if r["stage"] != "A"]
-        summary["final"] = last_b[-1] if last_b else rows[-1]
-        summary.update(peak_memory())
-        atomic_write_json(os.path.join(out, "train_summary.json"), summary)
+        _save(model, out, loop.metrics_path, summary)
     return summary
+
+
+def _claim(out: str, runtime: Runtime, lock: bool, args: dict, ignores: tuple, inputs: dict) -> None:
+    """Claims ``out`` for the run (``lock``: this process holds the folder's lock for the run), and under --resume
+    refuses other arguments than the interrupted run's (those in ``ignores`` may differ)."""
+    # --resume with --overwrite continues from the checkpoint and replaces the rest, as `toe eval` does
+    claim_out(out, "train", overwrite=runtime.overwrite, resume=runtime.resume, keep=RESUMED if runtime.resume else (),
+              inputs=inputs, lock=lock)
+    if runtime.resume:
+        check_resume_args(os.path.join(out, "train_args.json"), args, flat_defaults(train), ignores)
+
+
+def _adapter_folder(base_adapter: str, fit: Fit, loss: Loss) -> str:
+    """The folder of the LoRA adapter merged into the base (a hub id fetched); refuses the options that read the
+    bare base's cached states, which the adapter changes."""
+    if fit.cached_states:
+        raise ToEError("--cached_states reads the bare base's states, which a --base_adapter (merged LoRA) "
+                       "changes: drop one of them")
+    if loss.state_loss_weight > 0:
+        raise ToEError("--state_loss_weight targets the bare base's cached states, which a --base_adapter "
+                       "changes: drop one of them")
+    return adapter_folder(base_adapter)
+
+
+def _set_query_norm(model: ToEModel, query_norm: bool | None) -> None:
+    """Overrides the plug-in's query normalisation with ``--query_norm``, in its config and every gate (None: the
+    plug-in's own)."""
+    if query_norm is None:
+        return
+    model.plugin.config.query_norm = query_norm
+    for block in model.plugin.blocks.values():
+        block.gate.query_norm = query_norm
+
+
+def _save(model: ToEModel, out: str, metrics_path: str, summary: dict) -> None:
+    """Writes the trained plug-in, curves.png and train_summary.json (``summary`` completed with the curves, the
+    last Stage-B metrics row and the peak memory)."""
+    model.save_pretrained(out)
+    summary["curves"] = plot_curves(metrics_path, os.path.join(out, "curves.png"))
+    with open(metrics_path) as f:
+        rows = [json.loads(r) for r in f]
+    last_b = [r for r in rows if r["stage"] != "A"]
+    summary["final"] = last_b[-1] if last_b else rows[-1]
+    summary.update(peak_memory())
+    atomic_write_json(os.path.join(out, "train_summary.json"), summary)
 
 
 class PluginStudent(Student):

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import ToEError
+from ..hf.loading import load_config
+from ..options import Capture, Disk, Fusion, Tree
 from ..shapes import capture_bytes_per_token
 from ..tree import num_nodes, tree_depth
 from .capture import Example
@@ -290,6 +292,21 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     ram["build"] = sizes.weights_b + max(gram, fusion, cluster)
     fields = ", ".join(["ids, masks", *(["top-k"] if a.kd else []), *(["low state"] if a.cache_low_states else [])])
     return Plan(T, len(examples), H, light, full, sample, S, a.max_disk, fields, disk, ram)
+
+
+def disk_plan(examples: list[Example], teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree,
+              disk: Disk, dtype: str, kd: bool, batch_size: int, seed: int, layers: int,
+              sample: list[int] | None) -> Plan:
+    """`toe extract`'s plan from the models' configs alone: no weights load. ``layers``: how many injection layers;
+    ``sample``: a sample fixed beforehand (the source's, under --reuse_capture)."""
+    t_kw, b_kw = capture.model_kwargs()
+    same_model = teacher == base and t_kw == b_kw
+    sizes = config_sizes(load_config(base, **b_kw), load_config(teacher, "teacher", **t_kw), dtype, same_model)
+    return plan_extraction(examples, sizes, Asked(
+        layers=layers, topk=capture.topk_logprobs, kd=kd, cache_low_states=disk.cache_low_states,
+        heldout_frac=fusion.heldout_frac, shard_size=capture.shard_size, batch_size=batch_size,
+        num_leaves=tree.num_leaves, shape=tree.shape, gate_rank=tree.gate_rank, max_rows=tree.max_rows,
+        max_disk=disk.budget(), state_tokens=disk.state_tokens, seed=seed, sample=sample))
 
 
 def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, full: int, light: int,

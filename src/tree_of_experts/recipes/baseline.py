@@ -157,14 +157,8 @@ def baseline(
     on_policy = loss.on_policy()
     if kind == "control" and loss.objective != "off_policy":
         raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
-    if adapter and loss.kd(0.0) > 0:  # the cached top-k is read later: checked now, from the extraction's record
-        # of the data it cached (a row tokenized otherwise is caught when the examples load)
-        ex = Extraction(experts) if experts else None
-        run = ex.run() if ex is not None and ex.has(RUN) else {}
-        if not run.get("topk_logprobs") or run.get("data_sha256") != file_hash(data):
-            raise ToEError(f"kd_weight={loss.kd_weight} but {experts or 'no --experts'} holds no cached teacher top-k "
-                           f"for {data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
-        check_kd_cache(ex, run, data, "--kd_weight 0")  # its shards are there, as long as the manifest says
+    if adapter and loss.kd(0.0) > 0:  # the cached top-k is read later: checked now
+        _check_kd_cache(experts, data, loss.kd_weight)
     if adapter and loss.state_loss_weight and not experts:
         raise ToEError("--state_loss_weight reads the teacher's signal from an extraction: pass --experts")
     if on_policy.ratio > 0:  # before anything is written to out
@@ -209,9 +203,7 @@ def baseline(
         summary.update(_train_adapter(kind, base, data, out, experts, lora_rank, tok, spec, text, schedule, loss,
                                       fit, runtime))
     if adapter:  # peft and transformers save through safetensors, which writes 0600 files
-        for name in os.listdir(out):
-            if name.endswith(".safetensors"):
-                follow_umask(os.path.join(out, name))
+        _follow_umask(out)
     summary.update(peak_memory())
     if kind == "lora":
         with open(os.path.join(out, "README.md"), "w") as f:
@@ -220,6 +212,25 @@ def baseline(
     if adapter:  # the saved weights supersede the checkpoint (SFT's is the model + Adam: GBs)
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return summary
+
+
+def _check_kd_cache(experts: str | None, data: str, kd_weight: float | None) -> None:
+    """Refuses KD for an adapter when ``experts`` holds no cached teacher top-k for ``data``, checked from the
+    extraction's record of the data it cached (a row tokenized otherwise is caught when the examples load) and its
+    shards (there, as long as the manifest says)."""
+    ex = Extraction(experts) if experts else None
+    run = ex.run() if ex is not None and ex.has(RUN) else {}
+    if not run.get("topk_logprobs") or run.get("data_sha256") != file_hash(data):
+        raise ToEError(f"kd_weight={kd_weight} but {experts or 'no --experts'} holds no cached teacher top-k "
+                       f"for {data}: extract with --topk_logprobs > 0 on this data, or drop --kd_weight")
+    check_kd_cache(ex, run, data, "--kd_weight 0")
+
+
+def _follow_umask(out: str) -> None:
+    """Gives the safetensors files in ``out`` the permissions the umask asks for."""
+    for name in os.listdir(out):
+        if name.endswith(".safetensors"):
+            follow_umask(os.path.join(out, name))
 
 
 def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | None, lora_rank: int | None, tok, spec,
