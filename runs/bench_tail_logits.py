@@ -20,8 +20,9 @@ import time
 import torch
 
 from tree_of_experts import ToEModel
-from tree_of_experts.hf import load_causal_lm, padded_inputs
-from tree_of_experts.io import atomic_write_json
+from tree_of_experts.hf.loading import load_causal_lm
+from tree_of_experts.hf.layers import padded_inputs
+from tree_of_experts.files import atomic_write_json
 from tree_of_experts.losses import tail_positions, token_nll
 from tree_of_experts.toy import tiny_qwen2
 

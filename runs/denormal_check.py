@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tree_of_experts.io import atomic_write_json
+from tree_of_experts.files import atomic_write_json
 
 
 def main(out: str, n: int = 100, v: int = 151936, h: int = 896) -> dict:

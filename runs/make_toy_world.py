@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from tree_of_experts.io import atomic_write_json
+from tree_of_experts.files import atomic_write_json
 from tree_of_experts.toy import tiny_qwen2, toy_rows, toy_tokenizer, toy_values, train_toy_lm
 
 VALUES_SEED = 1234

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from tree_of_experts.io import atomic_write_json
+from tree_of_experts.files import atomic_write_json
 from tree_of_experts.stats import paired_bootstrap
 
 

@@ -34,9 +34,9 @@ from toy_ablations import TRAIN as ABLATION_TRAIN
 from tree_of_experts.commands.evaluate import evaluate
 from tree_of_experts.commands.extract import extract
 from tree_of_experts.commands.hub import inspect
-from tree_of_experts.commands.report import pool
+from tree_of_experts.evaluation.tables import pool
 from tree_of_experts.commands.train import train
-from tree_of_experts.io import atomic_write_json, atomic_write_text
+from tree_of_experts.files import atomic_write_json, atomic_write_text
 from tree_of_experts.recipes.baseline import baseline
 from tree_of_experts.recipes.demo import toy_pair_dir, write_toy_data
 from tree_of_experts.stats import paired_bootstrap

@@ -6,12 +6,14 @@ from __future__ import annotations
 def test_cli_accepts_dashes_and_positional_report_dirs():
     from tree_of_experts.cli import _normalise
 
-    assert _normalise(["extract", "--num-leaves", "8", "--out=x"]) == ["extract", "--num_leaves", "8", "--out=x"]
+    # a flat option goes to its group (`--num_leaves` is `--tree.num_leaves`), spelled with dashes or not
+    assert _normalise(["extract", "--num-leaves", "8", "--out=x"]) == ["extract", "--tree.num_leaves", "8", "--out=x"]
     assert _normalise(["report", "a", "b", "--out", "r"]) == ["report", "--run_dirs", '["a", "b"]', "--out", "r"]
     # a list the shell split at its spaces, as an option value or after `=`; a comma elsewhere stays where it is
-    assert _normalise(["extract", "--layers", "5,", "11,", "17", "--out", "x"]) == ["extract", "--layers", "[5,11,17]",
-                                                                                    "--out", "x"]
-    assert _normalise(["extract", "--teacher-layers=5,", "11"]) == ["extract", "--teacher_layers=[5,11]"]
+    assert _normalise(["extract", "--layers", "5,", "11,", "17", "--out", "x"]) == [
+        "extract", "--capture.layers", "[5,11,17]", "--out", "x"]
+    assert _normalise(["extract", "--teacher-layers=5,", "11"]) == ["extract", "--capture.teacher_layers=[5,11]"]
+    assert _normalise(["extract", "--capture.layers", "5,", "11"]) == ["extract", "--capture.layers", "[5,11]"]
     assert _normalise(["eval", "--template", "Q,", "x"]) == ["eval", "--template", "Q,", "x"]
 
 

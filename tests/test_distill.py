@@ -11,89 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tree_of_experts.commands.train as train_mod
+import tree_of_experts.training.loop as loop_mod  # the training loop every trained system runs
 from tree_of_experts.commands.train import train
 from tree_of_experts.config import ToEError
-from tree_of_experts.losses import gathered_generalized_jsd, generalized_jsd
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
-from tree_of_experts.training.distill import OnPolicy, is_on_policy, onpolicy_divergence, prompt_ids, sample
+from tree_of_experts.training.distill import OnPolicy, is_on_policy, prompt_ids, sample
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
-
-
-def kl(p: list[float], q: list[float]) -> float:
-    return sum(a * math.log(a / b) for a, b in zip(p, q))
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
-def test_generalized_jsd_matches_the_formula_by_hand(beta):
-    s_logits, t_logits = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.5]])
-    s = torch.softmax(s_logits, -1)[0].tolist()
-    t = torch.softmax(t_logits, -1)[0].tolist()
-    if beta == 0.0:
-        want = kl(t, s)
-    elif beta == 1.0:
-        want = kl(s, t)
-    else:
-        m = [beta * a + (1 - beta) * b for a, b in zip(t, s)]
-        want = beta * kl(t, m) + (1 - beta) * kl(s, m)
-    got = generalized_jsd(s_logits, t_logits, beta)
-    assert got.shape == (1,) and got.item() == pytest.approx(want, rel=1e-5)
-    assert generalized_jsd(t_logits, t_logits, beta).item() == pytest.approx(0.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
-def test_generalized_jsd_and_its_gradient_match_trls_gkd_trainer(beta, monkeypatch):
-    """The reference implementation of the same objective (trl's GKDTrainer.generalized_jsd_loss), per position and
-    in the student's gradient, on random logits over a wide vocabulary."""
-    pytest.importorskip("trl")
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")  # the GKD trainer sits in trl.experimental since 1.0
-    try:
-        from trl.experimental.gkd import GKDTrainer
-    except ImportError:
-        from trl import GKDTrainer  # trl < 1.0
-    g = torch.Generator().manual_seed(2)
-    s, t = (torch.randn(6, 257, generator=g) * 3).requires_grad_(), torch.randn(6, 257, generator=g) * 3
-    ours = generalized_jsd(s, t, beta)
-    theirs = GKDTrainer.generalized_jsd_loss(s[None], t[None], beta=beta, reduction="none").sum(-1)[0]  # (N,)
-    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
-    (grad_ours,) = torch.autograd.grad(ours.sum(), s)
-    (grad_theirs,) = torch.autograd.grad(theirs.sum(), s)
-    assert torch.allclose(grad_ours, grad_theirs, rtol=1e-4, atol=1e-6)
-
-
-def test_divergence_sits_at_the_targets_and_ignores_a_padded_teacher_vocabulary():
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 9, generator=g)  # teacher vocabulary padded to 9
-    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
-    out = onpolicy_divergence(s, t, mask, 0.5)
-    assert out.shape == (2, 5) and torch.all(out[~mask] == 0) and torch.all(out[mask] > 0)
-    # target (0, 2) is predicted at position (0, 1)
-    assert out[0, 2].item() == pytest.approx(generalized_jsd(s[0, 1:2], t[0, 1:2, :7], 0.5).item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_chunked_divergence_gives_the_plain_values_and_gradient(beta):
-    # bounded memory (a few positions at a time, the backward recomputing each chunk) must not change the loss
-    g = torch.Generator().manual_seed(1)
-    s, t = torch.randn(3, 6, 11, generator=g), torch.randn(3, 6, 13, generator=g)
-    rows, cols = torch.tensor([0, 0, 1, 2, 2, 2, 1]), torch.tensor([1, 2, 0, 3, 4, 5, 5])
-    w = torch.rand(len(rows), generator=g)  # a non-uniform upstream gradient
-    plain = s.clone().requires_grad_()
-    want = generalized_jsd(plain[rows, cols], t[rows, cols, :11], beta)
-    (want * w).sum().backward()
-    for chunk in (1, 3, 100):
-        got_s = s.clone().requires_grad_()
-        got = gathered_generalized_jsd(got_s, t, rows, cols, beta, chunk=chunk)
-        (got * w).sum().backward()
-        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(got_s.grad, plain.grad, rtol=1e-5, atol=1e-7)
-    assert torch.all(plain.grad[2, 0] == 0)  # positions not scored get no gradient
-    twice = s.clone().requires_grad_()  # a position listed twice counts twice, as in the plain gather
-    gathered_generalized_jsd(twice, t, torch.tensor([0, 0]), torch.tensor([1, 1]), beta, chunk=1).sum().backward()
-    once = s.clone().requires_grad_()
-    generalized_jsd(once[0, 1:2], t[0, 1:2, :11], beta).sum().backward()
-    torch.testing.assert_close(twice.grad, 2 * once.grad)
 
 
 def test_sample_is_seeded_and_masks_what_follows_the_first_eos():
@@ -165,11 +89,11 @@ def test_on_policy_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     from test_train import crash_after
 
     train(**args(experts, tmp_path / "full"))
-    real_save = train_mod.save_checkpoint
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after(6, real_save))
+    real_save = loop_mod.save_checkpoint
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after(6, real_save))
     with pytest.raises(KeyboardInterrupt):
         train(**args(experts, tmp_path / "resumed"))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     train(**args(experts, tmp_path / "resumed", resume=True))
     a, b = load_file(tmp_path / "full" / "toe_model.safetensors"), load_file(tmp_path / "resumed" / "toe_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -193,8 +117,8 @@ def test_lora_trains_with_the_same_objective_code(experts, tmp_path):
     from tree_of_experts.recipes.baseline import baseline
 
     summary = baseline(kind="lora", base=str(experts / "base"), data=FIXTURE, out=str(tmp_path / "lora"),
-                       experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, objective="on_policy",
-                       on_policy_ratio=0.5, sample_max_new_tokens=6, kd_weight=1.0)
+                       experts=str(experts / "ex"), lora_rank=2, max_steps=3, batch_size=4, log_every=1,
+                       objective="on_policy", on_policy_ratio=0.5, sample_max_new_tokens=6, kd_weight=1.0)
     rows = [json.loads(r) for r in open(tmp_path / "lora" / "metrics.jsonl")]
     want = ["on_policy" if is_on_policy(0.5, 0, s) else "off_policy" for s in range(3)]
     assert [r["objective"] for r in rows] == want and summary["objective"] == "on_policy"
@@ -262,7 +186,7 @@ def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
     recomputed in backward (each runs twice per step) with the same gradients; an on-policy sample in between
     leaves that set-up as it found it."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
 
     tok = tiny_tokenizer()
     ids = torch.tensor([tok("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
@@ -291,7 +215,7 @@ def test_checkpointing_runs_no_backward_below_the_first_injection_layer():
     recompute and backpropagate the frozen layers 0 and 1 for nothing. Non-reentrant, only layer 2 runs again;
     reentrant (asked for) keeps the hook, without which it would drop the plug-in's gradients."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import checkpoint_frozen_layers, decoder_layers
+    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
 
     ids = torch.tensor([tiny_tokenizer()("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
 
@@ -317,7 +241,7 @@ def test_toe_model_takes_transformers_checkpointing_calls_and_keeps_the_base_in_
     model they train: the base's decoder layers recompute while the model trains, never drop out, and stop
     recomputing when it is turned off."""
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import decoder_layers, is_checkpointing
+    from tree_of_experts.hf.layers import decoder_layers, is_checkpointing
 
     model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[1], num_leaves=4)
     assert model.supports_gradient_checkpointing

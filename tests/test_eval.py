@@ -249,7 +249,7 @@ def test_sampled_eval_reports_maj_and_pass_at_k(tmp_path):
     assert greedy["args"]["decoding"] == "greedy" and "sampling" not in greedy["args"]
     assert "samples" not in rows("greedy")[0] and "maj@1" not in greedy["systems"]["base"]
     from tree_of_experts import ToEModel
-    from tree_of_experts.hf import load_causal_lm
+    from tree_of_experts.hf.loading import load_causal_lm
 
     ToEModel.fresh(load_causal_lm(f"{toy}/base"), layers=[1], num_leaves=4).save_pretrained(tmp_path / "plug")
     m = evaluate(out=str(tmp_path / "s0"), temperature=1.5, num_samples=4, seed=0, plugin=str(tmp_path / "plug"),
@@ -445,7 +445,7 @@ def test_response_ce_from_the_scored_tail_equals_the_whole_sequence():
     from tree_of_experts.data import encode, pad_left
     from tree_of_experts.evaluation.scoring import response_ce
     from tree_of_experts.evaluation.tasks import Item
-    from tree_of_experts.hf import padded_inputs
+    from tree_of_experts.hf.layers import padded_inputs
     from tree_of_experts.losses import token_nll
     from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 

@@ -16,7 +16,7 @@ from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.cli import main
 from tree_of_experts.commands import export as export_module
 from tree_of_experts.commands.export import export
-from tree_of_experts.hf import load_causal_lm, load_tokenizer
+from tree_of_experts.hf.loading import load_causal_lm, load_tokenizer
 from tree_of_experts.toy import tiny_qwen2
 
 CASES = PLUGIN_CASES

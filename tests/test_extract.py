@@ -209,7 +209,7 @@ def test_bad_dataset_fields_give_a_clear_error(pair, tmp_path):
 
 
 def test_states_until_stops_early_with_the_same_states():
-    from tree_of_experts.hf import capture_layers, states_until
+    from tree_of_experts.hf.layers import capture_layers, states_until
 
     model = tiny_qwen2(num_layers=4).eval()
     batch = dict(tiny_tokenizer()(["what is 3 plus 4?"], return_tensors="pt"))
@@ -338,7 +338,7 @@ def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path, c
 
     import tree_of_experts.extraction.fusion as fusion
     from tree_of_experts.extraction.fusion import FusionMap, train_fusion_maps
-    from tree_of_experts.hf import load_causal_lm
+    from tree_of_experts.hf.loading import load_causal_lm
 
     bar = fusion.tqdm  # off, as under nohup, even when pytest -s runs in a terminal
     monkeypatch.setattr(fusion, "tqdm", lambda *a, **k: bar(*a, **{**k, "disable": True}))
@@ -359,7 +359,7 @@ def test_the_base_read_as_its_own_teacher_runs_once_with_the_same_shards(pair, t
     import copy
 
     from tree_of_experts.extraction.capture import capture_shard, prepare
-    from tree_of_experts.hf import load_causal_lm, load_tokenizer
+    from tree_of_experts.hf.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(pair / "base"))
     examples = prepare(read_jsonl(FIXTURE, DataSpec(), limit=6), DataSpec(), tok, tok, 64)

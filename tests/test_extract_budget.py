@@ -129,7 +129,7 @@ def test_a_sample_of_the_states_gives_a_close_extraction(experts, tmp_path):
 
 def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, monkeypatch):
     import tree_of_experts.commands.extract as ex_mod
-    from tree_of_experts import hf
+    from tree_of_experts.hf import loading as hf
 
     def fail(*a, **k):
         raise AssertionError("a model was loaded")
@@ -147,7 +147,7 @@ def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, m
 
 def test_dry_run_prints_the_plan_and_loads_no_model(experts, tmp_path, monkeypatch, capsys):
     import tree_of_experts.commands.extract as ex_mod
-    from tree_of_experts import hf
+    from tree_of_experts.hf import loading as hf
     from tree_of_experts.cli import main
 
     def fail(*a, **k):
@@ -176,7 +176,7 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     from tree_of_experts.data import DataSpec
     from tree_of_experts.extraction.fusion import extraction_signal
     from tree_of_experts.extraction.predictability import layer_rows
-    from tree_of_experts.hf import load_tokenizer
+    from tree_of_experts.hf.loading import load_tokenizer
     from tree_of_experts.training.examples import collate, load_examples
 
     d, data, _ = big

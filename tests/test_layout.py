@@ -69,3 +69,34 @@ def test_the_commands_are_functions_of_the_package():
                             "print(any(m.startswith('tree_of_experts.commands') for m in sys.modules))"],
                            capture_output=True, text=True, check=True)
     assert light.stdout.strip() == "False"  # importing the package does not import the commands
+
+
+MAX_FUNCTION_LINES = 120  # issue #33: a function reads top to bottom in a screen or two (the commands' own ~100)
+# the largest module is at most ~400 lines (issue #33)
+MAX_MODULE_LINES = 400
+
+
+def too_long(source: str, name: str) -> list[str]:
+    """The functions and methods of ``source`` longer than MAX_FUNCTION_LINES (from the ``def`` line to the last,
+    docstring included), and the module itself when it is longer than MAX_MODULE_LINES."""
+    lines = len(source.splitlines())
+    found = [f"{name} ({lines} lines)"] if lines > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                found.append(f"{name}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_or_module_is_too_long():
+    # the check itself first: it catches a function one line too long, nested ones too, and a long module
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    assert too_long(f"def f():\n{body}", "m") == []
+    assert too_long(f"def f():\n{body}    y = 0\n", "m") == [f"m:1 f ({MAX_FUNCTION_LINES + 1} lines)"]
+    nested = "class C:\n    def g(self):\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "        y = 0\n"
+    assert too_long(nested, "m") == [f"m:2 g ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert too_long("x = 0\n" * (MAX_MODULE_LINES + 1), "m") == [f"m ({MAX_MODULE_LINES + 1} lines)"]
+    found = [hit for path in sorted(ROOT.rglob("*.py"))
+             for hit in too_long(path.read_text(), str(path.relative_to(ROOT)))]
+    assert not found, f"split these into named steps: {found}"

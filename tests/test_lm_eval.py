@@ -31,7 +31,7 @@ def test_lm_eval_scores_base_plus_plugin_on_a_local_task(tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from tree_of_experts.lm_eval import ToELM
+    from tree_of_experts.harness import ToELM
 
     tok = tiny_tokenizer()
     base = tiny_qwen2(seed=0)
@@ -74,8 +74,8 @@ def test_toe_lm_eval_cli_runs_lm_evals_own_cli_with_model_toe(tmp_path, monkeypa
     from transformers import AutoTokenizer
 
     from tree_of_experts.cli import main
-    from tree_of_experts.hf import load_tokenizer
-    from tree_of_experts.lm_eval import ToELM
+    from tree_of_experts.hf.loading import load_tokenizer
+    from tree_of_experts.harness import ToELM
 
     tok = tiny_tokenizer()
     tiny_qwen2(seed=0).save_pretrained(tmp_path / "base")

@@ -33,7 +33,7 @@ def test_oracle_rows_pool_with_toe_eval(experts, tmp_path):
     and the oracle's base CE is the one `toe eval` measures."""
     from tree_of_experts.commands.evaluate import evaluate
     from tree_of_experts.commands.oracle import oracle
-    from tree_of_experts.commands.report import pool, table_rows
+    from tree_of_experts.evaluation.tables import pool, table_rows
 
     oracle(teacher=str(experts / "teacher"), base=str(experts / "base"), experts=str(experts / "ex"), data=FIXTURE,
            out=str(tmp_path / "oracle"), limit=5, lambdas=(0.5,))
@@ -55,7 +55,8 @@ def test_oracle_rows_pool_with_toe_eval(experts, tmp_path):
 def test_live_o1_generation_matches_a_teacher_forced_recompute(experts):
     """The cached loop (teacher fed each generated token) injects exactly what a full teacher-forced pass would."""
     from tree_of_experts.commands.oracle import live_greedy
-    from tree_of_experts.hf import add_to_layers, capture_layers, load_causal_lm, load_tokenizer
+    from tree_of_experts.hf.layers import add_to_layers, capture_layers
+    from tree_of_experts.hf.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(experts / "base"))
     base, teacher = load_causal_lm(str(experts / "base")), load_causal_lm(str(experts / "teacher"))

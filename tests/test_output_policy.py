@@ -18,7 +18,7 @@ from test_safety import FIXTURE, copy, no_model_loads, snapshot, train_args
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.io import RECORD_NAME, folder_kind
+from tree_of_experts.run_kinds import RECORD_NAME, folder_kind
 
 
 @pytest.fixture(scope="module")

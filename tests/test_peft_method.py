@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig
-from tree_of_experts.hf import load_causal_lm
+from tree_of_experts.hf.loading import load_causal_lm
 from tree_of_experts.peft_method import ADAPTER_WEIGHTS, ToEPeftConfig, adapter_to_plugin, plugin_to_adapter
 
 TEXTS = ["Question: 3 plus 4? Answer: 7", "Question: 12 times 7? Answer: 84", "Question: 9 minus 2? Answer: 7",

@@ -249,7 +249,7 @@ def test_counting_reports_the_mean_push_of_each_layer(base, batch):
 def test_weight_fingerprint_indices_stay_inside_large_tensors():
     """A real base's embedding has 136M values: evenly spaced sample indices must stay below that (a float32
     linspace rounded the last one up to the size itself and broke attaching to Qwen2.5-0.5B)."""
-    from tree_of_experts.hf import sample_indices
+    from tree_of_experts.hf.loading import sample_indices
 
     for n in (1, 7, 2**24 + 1, 136134656, 151936 * 1536):
         idx = sample_indices(n, 8)

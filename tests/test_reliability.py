@@ -22,10 +22,13 @@ from conftest import make_world
 from safetensors.torch import load_file, save_file
 from test_safety import FIXTURE, check_refused, copy, edit_json, no_model_loads, snapshot, train_args
 
+import tree_of_experts.training.loop as loop_mod
 import tree_of_experts
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.io import LOCK_NAME, OutLock, claim_out, releases_out_locks, run_files
+from tree_of_experts.locks import LOCK_NAME, OutLock, releases_out_locks
+from tree_of_experts.folders import claim_out
+from tree_of_experts.run_kinds import run_files
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +71,13 @@ def is_locked(folder: str | Path) -> bool:
 # -- 1. a lock per output folder -----------------------------------------------------------------------------------
 HANG_AFTER_CHECKPOINT = """
 import sys, time
-import tree_of_experts.commands.train as train_mod
-real = train_mod.save_checkpoint
+import tree_of_experts.training.loop as loop_mod  # the training loop `toe train` runs
+real = loop_mod.save_checkpoint
 def save_then_hang(*args, **kwargs):  # a run that is still going: it has saved a checkpoint and works on
     real(*args, **kwargs)
     print("saved", flush=True)
     time.sleep(600)
-train_mod.save_checkpoint = save_then_hang
+loop_mod.save_checkpoint = save_then_hang
 from tree_of_experts.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -130,7 +133,7 @@ def test_locks_are_released_when_commands_return_or_fail_in_process(world, tmp_p
         assert is_locked(out), "the folder is not locked while the run writes into it"
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train_mod, "objective_loss", boom)
+    monkeypatch.setattr(loop_mod, "objective_loss", boom)  # the loss of the training loop `toe train` runs
     with pytest.raises(RuntimeError, match="boom"):
         train(base=str(world / "base"), experts=str(world / "ex"), data=FIXTURE, out=str(out), max_steps=2,
               stage_a_steps=1, batch_size=4, overwrite=True)

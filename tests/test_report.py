@@ -89,7 +89,7 @@ def test_report_pools_eval_folders_on_the_same_items(tmp_path):
 
 
 def test_sweep_plot_reads_n_and_k_from_labels(tmp_path):
-    from tree_of_experts.commands.report import sweep_plot, sweep_points
+    from tree_of_experts.evaluation.tables import sweep_plot, sweep_points
 
     def row(system, ce):
         return {"target": "t", "system": system, "ce": ce, "ce_ci95": [ce - 0.1, ce + 0.1], "accuracy": None,
@@ -107,7 +107,7 @@ def test_sampled_and_greedy_answers_are_never_pooled():
     """Accuracy from sampled answers is another measurement than greedy accuracy: folders that sampled answers form
     a target of their own (named with the sampling settings); a CE-only folder, whose scores do not depend on
     decoding, pools with greedy ones."""
-    from tree_of_experts.commands.report import _target
+    from tree_of_experts.evaluation.tables import _target
     from tree_of_experts.inference import Sampling
 
     common = dict(data="dev.jsonl", skip=56, limit=100, few_shot=0, ce_target="trace")

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from conftest import make_world
 from safetensors.torch import load_file, save_file
 
+import tree_of_experts.training.loop as loop_mod
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
 
@@ -148,9 +148,10 @@ CASES = {
     "num_leaves -4": lambda w, t: Case(extract_args(w, str(t / "x"), "--num_leaves", "-4"), [], r"num_leaves=-4"),
     "num_leaves 3 balanced": lambda w, t: Case(
         extract_args(w, str(t / "x"), "--num_leaves", "3"), [], r"power of two \(use 2 or 4"),
-    "unknown shape": lambda w, t: Case(extract_args(w, str(t / "x"), "--shape", "ball"), [], r"shape='ball'"),
+    "unknown shape": lambda w, t: Case(
+        extract_args(w, str(t / "x"), "--shape", "ball"), [], r"--shape ball: use one of 'balanced', 'deep'"),
     "unknown selection": lambda w, t: Case(
-        extract_args(w, str(t / "x"), "--selection", "top"), [], r"selection='top' is unknown"),
+        extract_args(w, str(t / "x"), "--selection", "top"), [], r"--selection top: use one of 'dense', 'topk'"),
     "top_k above N": lambda w, t: Case(extract_args(w, str(t / "x"), "--top_k", "16"), [], r"top_k=16 .*\[1, N\]"),
     "num_leaves above the tokens": lambda w, t: Case(
         extract_args(w, str(t / "x"), "--num_leaves", "4194304"), [], r"4194304 but only about \d+ tokens"),
@@ -161,7 +162,7 @@ CASES = {
     "absurd lr": lambda w, t: Case(train_args(w, str(t / "x"), "--lr", "1e6"), [], r"lr=1000000\.0"),
     "batch_size 0": lambda w, t: Case(train_args(w, str(t / "x"), "--batch_size", "0"), [], r"batch_size=0"),
     "unknown train_selection": lambda w, t: Case(
-        train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"train_selection='sparse'"),
+        train_args(w, str(t / "x"), "--train_selection", "sparse"), [], r"--train_selection sparse: use one of "),
     "eval plugin_top_k 0": lambda w, t: Case(
         eval_args(w, str(t / "x"), "--plugin_top_k", "0"), [], r"plugin_top_k=0"),
     # `toe eval` checks every input before the base's pass (a wrong path found after it costs hours)
@@ -277,16 +278,15 @@ def test_hostile_input_is_refused_in_one_line_and_touches_nothing(name, world, t
 
 
 def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, capsys, monkeypatch):
-    import tree_of_experts.commands.train as train_mod
 
-    real, calls = train_mod.objective_loss, []
+    real, calls = loop_mod.objective_loss, []
 
     def diverging(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), parts) if len(calls) >= 2 else (loss, parts)
 
-    monkeypatch.setattr(train_mod, "objective_loss", diverging)
+    monkeypatch.setattr(loop_mod, "objective_loss", diverging)
     out = tmp_path / "run"
     message = check_refused(train_args(world, str(out), "--max_steps", "4"), capsys)
     assert re.search(r"training stopped at step 3 \(stage B\): the loss is nan", message), message
@@ -342,29 +342,8 @@ def test_base_is_recorded_portably_and_other_weights_warn(world, caplog):
     assert [r for r in caplog.records if "other weights" in r.getMessage()]
 
 
-def test_atomic_writes_follow_the_umask_fsync_and_write_strict_json(tmp_path, monkeypatch):
-    from tree_of_experts import io
-
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    old = os.umask(0o022)
-    try:
-        io.atomic_write_json(tmp_path / "m.json", {"ce": float("nan"), "x": [1.0, float("inf")]})
-        assert stat.S_IMODE(os.stat(tmp_path / "m.json").st_mode) == 0o644
-        os.umask(0o077)
-        io.atomic_write_text(tmp_path / "r.md", "x")
-        assert stat.S_IMODE(os.stat(tmp_path / "r.md").st_mode) == 0o600
-    finally:
-        os.umask(old)
-    assert len(synced) >= 4  # each file and its folder
-    assert json.loads((tmp_path / "m.json").read_text()) == {"ce": None, "x": [1.0, None]}
-    io.append_jsonl(tmp_path / "metrics.jsonl", {"loss": float("nan"), "step": 1})
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"loss": null, "step": 1}\n'
-
-
 def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):
-    from tree_of_experts.commands.report import markdown, table_rows
+    from tree_of_experts.evaluation.tables import markdown, table_rows
     from tree_of_experts.evaluation.results import summarize
     from tree_of_experts.stats import MIN_INTERVAL_N, bootstrap_mean, paired_bootstrap
 
@@ -380,7 +359,7 @@ def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_
 
 
 def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
-    from tree_of_experts.config import check_leaves_fit
+    from tree_of_experts.extraction.budget import check_leaves_fit
 
     check_leaves_fit(64, "balanced", 200_000, memory=2**30)
     with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):

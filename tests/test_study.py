@@ -16,7 +16,7 @@ import yaml
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.evaluation.study_table import Draws, coverage, reading
+from tree_of_experts.evaluation.study_stats import Draws, coverage, reading
 from tree_of_experts.recipes.study import study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
@@ -129,7 +129,7 @@ def test_a_step_another_process_holds_is_waited_for(pair, tmp_path):
 
 
 def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path, monkeypatch, capsys):
-    import tree_of_experts.hf as hf
+    import tree_of_experts.hf.loading as hf
 
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded in a dry run"))
     assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
@@ -137,6 +137,12 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     assert "plan of study tiny" in text and "GFLOP/s" in text and "train/toe-seed1" in text
     assert "extract/extract-l1" in text and "estimates:" in text
     assert not (tmp_path / "s" / "work").exists()
+    # --rows and --targets plan what that call would run: the row's steps and what they need, nothing else
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true",
+                 "--rows", "lora", "--targets", "ce"]) == 0
+    text = capsys.readouterr().out
+    assert "train/lora" in text and "score/ce/lora" in text
+    assert "train/toe-seed1" not in text and "train/ctl" not in text and "score/acc" not in text
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -156,7 +162,7 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(colour="blue"), "unknown key 'colour'"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
-    import tree_of_experts.hf as hf
+    import tree_of_experts.hf.loading as hf
 
     monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
     if "colour" in changes:

@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 
 from .bank import ExpertBank
 from .config import ToEConfig, ToEError
-from .model import ToEModel, freeze, new_config
+from .model import ToEModel, freeze
+from .plugin_folder import new_config
 from .plugin import InjectionLayer, ToEPlugin
 from .tree import RouteOutput, TreeGate
 

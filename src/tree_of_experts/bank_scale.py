@@ -20,7 +20,7 @@ import torch
 
 from .config import WEIGHTS_NAME
 from .extraction.capture import default_layer
-from .hf import decoder_layers
+from .hf.layers import decoder_layers
 from .model import ToEModel
 from .tensorfile import evict
 

@@ -110,7 +110,7 @@ def _join_split_lists(argv: list[str]) -> list[str]:
     for arg in argv:
         owner = out[-1] if out and "=" in out[-1] else (out[-2] if len(out) > 1 else "")
         if out[-1:] and out[-1].endswith(",") and not arg.startswith("-") and \
-                "--" + owner[2:].partition("=")[0].replace("-", "_") in LISTS:
+                "--" + owner[2:].partition("=")[0].replace("-", "_").rpartition(".")[2] in LISTS:
             out[-1] += arg
         else:
             out.append(arg)
@@ -125,16 +125,51 @@ def _normalise(argv: list[str]) -> list[str]:
         argv = _report_positionals(argv)
     if argv[:1] == ["study"] and len(argv) > 1 and not argv[1].startswith("-"):  # `toe study CONFIG --out DIR`
         argv = ["study", "--file", argv[1], *argv[2:]]
+    owner = getattr(_commands().get(argv[0]), "option_owner", {}) if argv else {}
     out: list[str] = []
     for arg in _join_split_lists(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
-            name = "--" + name.replace("-", "_")
-            arg = name + eq + (CONVERT[name](value) if eq and name in CONVERT else value)
-        elif out and out[-1] in CONVERT:
-            arg = CONVERT[out[-1]](arg)
+            name = name.replace("-", "_")
+            if name == "config" and eq and owner:
+                value = _nested_config(value, owner)
+            convert = CONVERT.get("--" + name.rpartition(".")[2])
+            name = "--" + (f"{owner[name]}.{name}" if name in owner else name)  # --beta: --loss.beta
+            arg = name + eq + (convert(value) if eq and convert else value)
+        elif out and out[-1] == "--config" and owner:
+            arg = _nested_config(arg, owner)
+        elif out and CONVERT.get("--" + out[-1][2:].rpartition(".")[2]):
+            arg = CONVERT["--" + out[-1][2:].rpartition(".")[2]](arg)
         out.append(arg)
     return out
+
+
+def _nested_config(path: str, owner: dict[str, str]) -> str:
+    """A run config written with the flat option names of earlier releases (``max_steps: 50``) as the option
+    groups read it (``schedule: {max_steps: 50}``); a nested one, or one that is not a readable file, as given."""
+    import os
+
+    import yaml
+
+    if not os.path.isfile(path):
+        return path
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError:
+            return path  # jsonargparse says what is wrong with it
+    if not isinstance(cfg, dict) or not any(k in owner for k in cfg):
+        return path
+    nested: dict = {}
+    for key, value in cfg.items():
+        if key in owner:
+            nested.setdefault(owner[key], {})[key] = value
+        else:
+            nested[key] = value
+    for group, fields in nested.items():
+        if group in owner.values() and isinstance(cfg.get(group), dict):
+            fields.update(cfg[group])
+    return yaml.safe_dump(nested, sort_keys=False)
 
 
 def _help_formatter():
@@ -180,7 +215,7 @@ def _lm_eval(argv: list[str]) -> None:
     """`toe lm-eval ARGS`: lm-eval's own CLI with model type ``toe`` registered, ARGS passed as given (lm-eval has no
     discovery of models outside its source tree)."""
     try:
-        from .lm_eval import cli
+        from .harness import cli
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("lm_eval"):
             raise
@@ -206,13 +241,30 @@ def _argument_error(e: Exception) -> str:
     if not key:
         return text.strip().splitlines()[0] if text.strip() else type(e).__name__
     value = re.search(r"(?:Given value|Got value): (.*)", text)
+    choices = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+    if choices:  # a choice out of its Literal
+        return f"--{key.group(1)} {value.group(1).strip() if value else ''}: use one of {choices.group(1)}"
     types = re.search(r"Subtypes: \[(.*)\]", text) or re.search(r"Expected a (<class '[^']+'>|\S+)", text)
     wanted = re.sub(r"<class '([^']+)'>", r"\1", types.group(1)).replace("NoneType", "None") if types else "another type"
     return f"--{key.group(1)} {value.group(1).strip() if value else ''}: expected {wanted}".replace(" :", ":")
 
 
+def _as_typed(message: str, argv: list[str]) -> str:
+    """An error's ``--group.field`` as the user spelled it: ``--field`` where that is what the command line says."""
+    typed = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+    def spelled(m: re.Match) -> str:
+        name = m.group(1)
+        leaf = name.rpartition(".")[2]
+        return f"--{leaf}" if name not in typed and leaf in typed else f"--{name}"
+
+    return re.sub(r"--([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+)", spelled, message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # an option group's help is in its fields
 
     # toe's own progress at INFO; other libraries' INFO chatter (e.g. a temp folder's "weights saved to") stays quiet
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -242,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if argv[:1] and argv[0].startswith("--config"):  # a config that names no subcommand
             hint = "; a config goes after its command: toe CMD --config FILE (`toe CMD --print_config` writes one)"
-        print(f"toe: error: {_argument_error(e).rstrip('.')}{hint} (see `{where}`)", file=sys.stderr)
+        print(f"toe: error: {_as_typed(_argument_error(e), argv).rstrip('.')}{hint} (see `{where}`)", file=sys.stderr)
         return 2
     except ToEError as e:
         _close_progress_bars()  # a bar left open would redraw after the error and hide it

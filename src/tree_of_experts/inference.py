@@ -13,8 +13,8 @@ import torch
 
 from .errors import ToEError
 from .data import FORMATS, read_rows
-from .io import atomic_write_text
-from .model import ADAPTER_DIR
+from .files import atomic_write_text
+from .plugin_folder import ADAPTER_DIR
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ToEConfig, ToEError
-from .hf import recompute_frozen_layers, resolve_folder
-from .model import check_base, freeze, new_config, save_plugin
+from .hf.layers import recompute_frozen_layers
+from .hf.hub import resolve_folder
+from .plugin_folder import check_base, new_config, save_plugin
+from .model import freeze
 from .plugin import ToEPlugin
 
 if not hasattr(BaseTuner, "_get_adapter_state_dict"):  # how a tuner names its tensors on disk: peft >= 0.21

@@ -21,8 +21,10 @@ from torch import nn
 
 from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
-from .hf import decoder_layers, decoder_stack, edit_output, model_id, same_weights, weight_sample
-from .io import atomic_save_tensors
+from .hf.layers import decoder_layers, decoder_stack, edit_output
+from .hf.hub import model_id
+from .hf.loading import same_weights, weight_sample
+from .files import atomic_save_tensors
 from .tensorfile import DTYPES, TensorFileError, map_tensors, read_header
 from .tree import RouteOutput, TreeGate, selection_mass
 

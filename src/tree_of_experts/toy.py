@@ -104,7 +104,7 @@ def train_toy_lm(model: nn.Module, tok, rows_fn, steps: int, batch_size: int = 6
                  seed: int = 0) -> list[float]:
     """Trains a tiny LM on the answers of ``rows_fn(step)`` (a fresh batch of rows per step)."""
     from .data import DataSpec, encode, pad_left
-    from .hf import padded_inputs
+    from .hf.layers import padded_inputs
     from .losses import token_nll
 
     spec = DataSpec()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from .config import WEIGHTS_NAME, ToEError
-from .io import load_tensors
+from .files import load_tensors
 from .model import ToEModel
 
 

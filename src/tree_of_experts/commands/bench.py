@@ -18,62 +18,44 @@ from ..benchmarks import (
 )
 from ..errors import ToEError
 from ..extraction.capture import default_layer, teacher_layer_for
-from ..hf import decoder_layers, load_causal_lm
-from ..io import atomic_write_json, atomic_write_text, claim_out, releases_out_locks
+from ..hf.layers import decoder_layers
+from ..hf.loading import load_causal_lm
+from ..files import atomic_write_json, atomic_write_text
+from ..folders import claim_out
+from ..locks import releases_out_locks
 from ..model import ToEModel
+from ..options import TRAINING_ONLY, Runtime, Sweeps, Workload, grouped, refuse_unused
 
 PARTS = ("generation", "routing", "training", "extraction", "on_policy", "bank_scale")
 OPT_IN_PARTS = ("bank_scale",)  # run only when named: it builds and saves plug-ins of up to 2^20 leaves (minutes)
 TEACHER_PARTS = ("extraction", "on_policy")  # the parts that need a teacher (--teacher or --shapes)
 
 
+@grouped
 @releases_out_locks
 def bench(
     base: str | None = None,
     out: str = "bench",
     plugin: str | None = None,
-    num_leaves: int = 64,
-    top_k: int = 4,
-    batches: list[int] | None = None,
-    prompt_len: int = 64,
-    new_tokens: int = 32,
-    reps: int = 5,
-    routing_exponents: list[int] | None = None,
-    routing_tokens: int = 64,
-    routing_reps: int = 5,
-    bank_exponents: list[int] | None = None,
     teacher: str | None = None,
     shapes: str | None = None,
     shape_layers: int | None = None,
-    extract_batch: int = 4,
-    extract_length: int = 128,
-    train_batch: int = 4,
-    train_length: int = 128,
-    lora_rank: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
-    threads: int | None = None,
-    compile: bool = False,
+    num_leaves: int = 64,
+    top_k: int = 4,
     parts: list[str] | None = None,
-    overwrite: bool = False,
+    workload: Workload = Workload(),
+    sweeps: Sweeps = Sweeps(),
+    runtime: Runtime = Runtime(),
 ) -> dict:
     """Measures decode/prefill speed of base + plug-in vs the bare base and routing cost vs N.
+
+    Every option of a group can also be given flat (``--reps 3`` or ``--workload.reps 3``).
 
     Args:
         base: base model id or folder (or leave it out and give ``shapes``).
         out: output folder (bench.json, bench.png).
         plugin: a plug-in folder; default: one built in-process (N = num_leaves, top-K, random bank and gate, a
             non-zero scale so every part of the plug-in computes).
-        num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
-        top_k: K of the in-process plug-in and of the routing timings.
-        batches: batch sizes to time (default 1 and 8).
-        prompt_len: prompt tokens of the generation and on-policy workloads.
-        new_tokens: tokens decoded per generation run and sampled per on-policy step.
-        reps: interleaved repetitions of each generation, training and extraction timing.
-        routing_exponents: N = 2^e leaves to time routing at (default 6, 8, 10, 12, 14, 16, 18, 20).
-        routing_tokens: tokens per routing call.
-        routing_reps: repetitions of each routing timing.
-        bank_exponents: N = 2^e leaves of the bank_scale part (default 10, 12, 14, 16, 18, 20).
         teacher: also time `toe extract`'s capture against a bare forward of this teacher, and an on-policy step.
         shapes: ``BASE:TEACHER`` shapes instead of ``base``/``teacher``: randomly initialised models of real
             configurations (shipped names such as ``qwen2.5-1.5b:deepseek-r1-distill-qwen-7b``, or config.json
@@ -81,28 +63,78 @@ def bench(
             of the depth.
         shape_layers: decoder layers of both shape models (same widths); default: the real depth on a GPU, 2 on
             the CPU (minutes, not hours). Every per-layer cost scales with depth; the result records both depths.
-        extract_batch: sequences per timed extraction forward (with a teacher).
-        extract_length: tokens per sequence of the timed extraction forward.
-        train_batch: sequences per timed `toe train` step (timed against a frozen-base forward + backward) and per
-            on-policy step.
-        train_length: tokens per sequence of the timed train step.
-        lora_rank: also time a `toe baseline lora` step of this rank on the same tokens (0: don't).
-        dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the models run (default: the GPU when one is visible, else the CPU).
-        threads: torch CPU threads (default: torch's choice).
+        num_leaves: N of the in-process plug-in (when ``plugin`` is not given).
+        top_k: K of the in-process plug-in and of the routing timings.
         parts: which measurements to run, any of "generation", "routing", "training", "extraction", "on_policy",
             "bank_scale" (default: all but bank_scale, which runs only when named: a one-layer plug-in of each N
             in ``bank_exponents`` saved, loaded mapped and into RAM, and decoded with, see
             :mod:`tree_of_experts.bank_scale`; extraction and on_policy need a teacher and are left out
             without one).
-        compile: time the plug-in with its hook computation compiled (``ToEPlugin.compile``), compiled before the
-            timed repetitions.
-        overwrite: replace an earlier bench run in ``out`` (refused otherwise: its numbers are not lost silently).
+        workload: the timed workloads (batch sizes, prompt and decode lengths, repetitions, the extraction and
+            train steps, the LoRA step's rank), torch's CPU threads and a compiled plug-in hook.
+        sweeps: the leaf counts N = 2^e routing and the bank are timed at.
+        runtime: dtype and device of the models (default: the GPU when one is visible, else the CPU), overwrite
+            (replace an earlier bench run in ``out``; refused otherwise: its numbers are not lost silently); the
+            training-only fields and ``resume`` are refused.
 
     Returns:
         The results (also in ``out/bench.json``) with a one-line ``summary``; ``peak_memory`` holds each part's
         peak (GPU: bytes allocated; CPU: the process's resident high-water mark so far).
     """
+    refuse_unused("toe bench", runtime, ("dtype", "device", "overwrite"),
+                  {**TRAINING_ONLY, "resume": "a bench run starts again"})
+    parts, shape_cfgs = _checked_parts(parts, base, teacher, plugin, shapes)
+    claim_out(out, "bench", overwrite=runtime.overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher})
+    if workload.threads:
+        torch.set_num_threads(workload.threads)
+    dev = torch.device(runtime.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result: dict = {"compiled_plugin": workload.compile, "device": str(dev), "torch_threads": torch.get_num_threads(),
+                    "dtype": runtime.dtype, "parts": parts, "peak_memory": {}}
+    base_model, model, load_teacher = _models(result, base, teacher, plugin, shapes, shape_cfgs, shape_layers,
+                                              num_leaves, top_k, runtime.dtype, dev)
+    result["plugin"] = _ready_plugin(model, plugin, workload.compile, num_leaves, top_k)
+
+    # Each part in PARTS's order, its peak memory measured alone; the teacher loads once, for the first part that
+    # runs it.
+    summary: list[str] = []
+    teacher_model = None
+    for part in [p for p in PARTS if p in parts]:
+        _reset_peak(dev)
+        if part == "generation":
+            summary += _generation(result, base_model, model, workload, dev)
+        elif part == "routing":
+            summary += _routing(result, base_model, model, top_k, sweeps, dev)
+        elif part == "training":
+            summary += _training(result, base_model, model, workload, dev)
+        elif part == "extraction":
+            model.detach()  # the capture runs the bare base
+            teacher_model = teacher_model or load_teacher()
+            summary += _extraction(result, base_model, teacher_model, [int(k) for k in model.plugin.blocks],
+                                   workload, dev)
+            model.attach()
+        elif part == "on_policy":
+            teacher_model = teacher_model or load_teacher()
+            summary += _on_policy(result, base_model, model, teacher_model, workload, dev)
+        elif part == "bank_scale":
+            model.detach()  # the bank-scale plug-ins go on the bare base
+            summary += _bank_scale(result, base_model, top_k, workload, sweeps, dev)
+            model.attach()
+        result["peak_memory"][part] = _peak(dev)
+    del teacher_model
+    result["summary"] = "; ".join(summary)
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "bench.json"), result)
+    atomic_write_text(os.path.join(out, "bench.md"), markdown(result))
+    if "routing" in result:
+        _plot(result, os.path.join(out, "bench.png"))
+    return result
+
+
+def _checked_parts(parts: list[str] | None, base: str | None, teacher: str | None, plugin: str | None,
+                   shapes: str | None) -> tuple[list[str], tuple | None]:
+    """The parts to run (the default ones less those that need a teacher, when none is given) and the shapes'
+    configurations; refuses unknown parts, parts that need a teacher without one, and models named twice or not
+    at all."""
     from .. import shapes as shp
 
     if parts is not None and not parts:
@@ -120,13 +152,17 @@ def bench(
     missing = [p for p in parts if p in TEACHER_PARTS] if not (teacher or shapes) else []
     if missing and parts_given:
         raise ToEError(f"--parts {' '.join(missing)} runs the teacher: pass --teacher (or --shapes)")
-    parts = [p for p in parts if p not in missing]
-    claim_out(out, "bench", overwrite=overwrite, inputs={"base": base, "plugin": plugin, "teacher": teacher})
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result: dict = {"compiled_plugin": compile, "device": str(dev), "torch_threads": torch.get_num_threads(),
-                    "dtype": dtype, "parts": parts, "peak_memory": {}}
+    return [p for p in parts if p not in missing], shape_cfgs
+
+
+def _models(result: dict, base: str | None, teacher: str | None, plugin: str | None, shapes: str | None,
+            shape_cfgs: tuple | None, shape_layers: int | None, num_leaves: int, top_k: int, dtype: str,
+            dev: torch.device):
+    """The base, base + plug-in and a loader of the teacher: randomly initialised models of real shapes
+    (``shape_cfgs``, cut to ``shape_layers``, with a 3-layer plug-in), or the models named (the plug-in given, or one
+    built in-process at the default layer); what they are goes to ``result``."""
+    from .. import shapes as shp
+
     if shape_cfgs:
         depth = shape_layers if shape_layers is not None else (None if dev.type == "cuda" else 2)
         base_cfg, teacher_cfg = (shp.cut_depth(c, depth) for c in shape_cfgs)
@@ -141,95 +177,102 @@ def bench(
             "base_parameter_bytes": shp.parameter_bytes(base_model), "injection_layers": layers}
         result["base"] = f"{shapes.partition(':')[0]} shape ({base_cfg.num_hidden_layers} of " \
                          f"{shape_cfgs[0].num_hidden_layers} layers, random weights)"
+        return base_model, model, lambda: shp.random_model(teacher_cfg, torch_dtype, dev, seed=1)
+    base_model = load_causal_lm(base, dtype=dtype, device=str(dev))
+    if plugin:
+        model = ToEModel.from_pretrained(base_model, plugin)
     else:
-        base_model = load_causal_lm(base, dtype=dtype, device=str(dev))
-        if plugin:
-            model = ToEModel.from_pretrained(base_model, plugin)
-        else:
-            layer = default_layer(len(decoder_layers(base_model)))
-            model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
-        result["base"] = base
+        layer = default_layer(len(decoder_layers(base_model)))
+        model = ToEModel.fresh(base_model, layers=[max(layer, 0)], num_leaves=num_leaves, top_k=top_k)
+    result["base"] = base
+    return base_model, model, lambda: load_causal_lm(teacher, dtype=dtype, device=str(dev))
+
+
+def _ready_plugin(model: ToEModel, plugin: str | None, compile: bool, num_leaves: int, top_k: int) -> str:
+    """Gives the in-process plug-in a non-zero scale (every part of it computes) and compiles the hook when asked;
+    returns what the plug-in is, for the results."""
     if not plugin:
         with torch.no_grad():
             for block in model.plugin.blocks.values():
                 block.scale.fill_(0.1)  # a non-zero scale: every part of the plug-in computes
     if compile:
         model.plugin.compile()
-    result["plugin"] = plugin or f"in-process, N={num_leaves}, K={top_k}, layers {[int(k) for k in model.plugin.blocks]}"
-    summary = []
-    teacher_model = None
+    return plugin or f"in-process, N={num_leaves}, K={top_k}, layers {[int(k) for k in model.plugin.blocks]}"
 
-    def load_teacher():
-        if shape_cfgs:
-            return shp.random_model(teacher_cfg, torch_dtype, dev, seed=1)
-        return load_causal_lm(teacher, dtype=dtype, device=str(dev))
 
-    for part in [p for p in PARTS if p in parts]:
-        _reset_peak(dev)
-        if part == "generation":
-            result["generation"] = {f"batch_{b}": bench_generation(base_model, model, b, prompt_len, new_tokens,
-                                                                   reps, dev) for b in batches or [1, 8]}
-            gen = result["generation"].values()
-            summary.append("decode speed ToE/base: " + ", ".join(
-                f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
-                + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")")
-        elif part == "routing":
-            exps = routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
-            result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
-                                              routing_tokens, routing_reps, dev)
-            if "tree_2^20_over_2^10" in result["routing"]:
-                summary.append(f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
-                               f"{result['routing']['flat_2^20_over_2^10']:.1f}x)")
-        elif part == "training":
-            result["training"] = bench_training(base_model, model, train_batch, train_length, reps, dev, lora_rank)
-            summary.append(f"train step / frozen-base fwd+bwd: {result['training']['ratio']['median']:.2f}x")
-            summary.append(f"train step from cached states at layer {result['training']['cached_layer']} / full "
-                           f"step: {result['training']['cached_over_full']['median']:.2f}x")
-            if "toe_over_lora" in result["training"]:
-                summary.append(f"train step / LoRA r{lora_rank} step: "
-                               f"{result['training']['toe_over_lora']['median']:.2f}x")
-        elif part == "extraction":
-            model.detach()
-            teacher_model = teacher_model or load_teacher()
-            layers = [int(k) for k in model.plugin.blocks]
-            n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
-            t_layers = [teacher_layer_for(x, n_b, n_t) for x in layers]
-            result["extraction"] = bench_extraction(teacher_model, base_model, layers, t_layers, extract_batch,
-                                                    extract_length, reps, dev)
-            result["extraction"]["bytes_per_token_formula"] = shp.capture_bytes_per_token(
-                [base_model.config.hidden_size] * len(layers), [teacher_model.config.hidden_size] * len(layers), 32)
-            model.attach()
-            summary.append(f"extraction capture / teacher forward: {result['extraction']['ratio']['median']:.2f}x, "
-                           f"{result['extraction']['bytes_per_token'] / 1024:.1f} KiB/token")
-        elif part == "on_policy":
-            teacher_model = teacher_model or load_teacher()
-            result["on_policy"] = bench_on_policy(base_model, model, teacher_model, train_batch, prompt_len,
-                                                  new_tokens, reps, dev)
-            summary.append(f"on-policy step: {result['on_policy']['step_s']['median']:.2f} s "
-                           f"({train_batch} x {new_tokens} sampled tokens)")
-        elif part == "bank_scale":
-            model.detach()
-            result["bank_scale"] = bank_scale.bench_bank_scale(
-                base_model, bank_exponents or [10, 12, 14, 16, 18, 20], top_k, prompt_len, new_tokens, reps, dev,
-                bench_generation)
-            model.attach()
-            bs = result["bank_scale"]
-            if "span" in bs:
-                lo, hi = (n.bit_length() - 1 for n in bs["span"])
-                rows = {r["num_leaves"]: r for r in bs["rows"]}
-                summary.append(f"bank 2^{hi}/2^{lo}: mapped load {bs['mapped_hi_over_lo']['load_s']:.2f}x "
-                               f"(in RAM {bs['in_ram_hi_over_lo']['load_s']:.1f}x), mapped decode tokens/s "
-                               f"{bs['mapped_hi_over_lo']['decode_tokens_per_s']:.2f}x; at 2^{hi} mapped/in-RAM load "
-                               f"{rows[bs['span'][1]]['mapped']['load_s'] / rows[bs['span'][1]]['in_ram']['load_s']:.3f}x")
-        result["peak_memory"][part] = _peak(dev)
-    del teacher_model
-    result["summary"] = "; ".join(summary)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_json(os.path.join(out, "bench.json"), result)
-    atomic_write_text(os.path.join(out, "bench.md"), markdown(result))
-    if "routing" in result:
-        _plot(result, os.path.join(out, "bench.png"))
-    return result
+def _generation(result: dict, base_model, model: ToEModel, workload: Workload, dev: torch.device) -> list[str]:
+    """Decode and prefill speed of base + plug-in vs the bare base, per batch size."""
+    result["generation"] = {f"batch_{b}": bench_generation(base_model, model, b, workload.prompt_len,
+                                                           workload.new_tokens, workload.reps, dev)
+                            for b in workload.batches or [1, 8]}
+    gen = result["generation"].values()
+    return ["decode speed ToE/base: " + ", ".join(
+        f"{k} {v['decode_ratio']['median']:.3f}x" for k, v in result["generation"].items())
+        + " (per step, best of loops: " + ", ".join(f"{v['step']['implied_ratio']:.3f}x" for v in gen) + ")"]
+
+
+def _routing(result: dict, base_model, model: ToEModel, top_k: int, sweeps: Sweeps, dev: torch.device) -> list[str]:
+    """Routing time of the tree gate vs a flat router as N grows."""
+    exps = sweeps.routing_exponents or [6, 8, 10, 12, 14, 16, 18, 20]
+    result["routing"] = bench_routing(base_model.config.hidden_size, model.toe_config.gate_rank, top_k, exps,
+                                      sweeps.routing_tokens, sweeps.routing_reps, dev)
+    if "tree_2^20_over_2^10" not in result["routing"]:
+        return []
+    return [f"tree routing time 2^20/2^10: {result['routing']['tree_2^20_over_2^10']:.2f}x (flat: "
+            f"{result['routing']['flat_2^20_over_2^10']:.1f}x)"]
+
+
+def _training(result: dict, base_model, model: ToEModel, workload: Workload, dev: torch.device) -> list[str]:
+    """A train step vs the frozen base's forward and backward, vs one from cached states, and vs a LoRA step."""
+    t = result["training"] = bench_training(base_model, model, workload.train_batch, workload.train_length,
+                                            workload.reps, dev, workload.lora_rank)
+    lines = [f"train step / frozen-base fwd+bwd: {t['ratio']['median']:.2f}x",
+             f"train step from cached states at layer {t['cached_layer']} / full step: "
+             f"{t['cached_over_full']['median']:.2f}x"]
+    if "toe_over_lora" in t:
+        lines.append(f"train step / LoRA r{workload.lora_rank} step: {t['toe_over_lora']['median']:.2f}x")
+    return lines
+
+
+def _extraction(result: dict, base_model, teacher_model, layers: list[int], workload: Workload,
+                dev: torch.device) -> list[str]:
+    """`toe extract`'s capture at ``layers`` (the teacher read at the same relative depth) vs a bare teacher
+    forward, and its bytes per token, measured and by the formula."""
+    from .. import shapes as shp
+
+    n_b, n_t = len(decoder_layers(base_model)), len(decoder_layers(teacher_model))
+    t_layers = [teacher_layer_for(x, n_b, n_t) for x in layers]
+    e = result["extraction"] = bench_extraction(teacher_model, base_model, layers, t_layers, workload.extract_batch,
+                                                workload.extract_length, workload.reps, dev)
+    e["bytes_per_token_formula"] = shp.capture_bytes_per_token(
+        [base_model.config.hidden_size] * len(layers), [teacher_model.config.hidden_size] * len(layers), 32)
+    return [f"extraction capture / teacher forward: {e['ratio']['median']:.2f}x, "
+            f"{e['bytes_per_token'] / 1024:.1f} KiB/token"]
+
+
+def _on_policy(result: dict, base_model, model: ToEModel, teacher_model, workload: Workload,
+               dev: torch.device) -> list[str]:
+    """One on-policy step: sampling, the teacher's pass and the update."""
+    result["on_policy"] = bench_on_policy(base_model, model, teacher_model, workload.train_batch, workload.prompt_len,
+                                          workload.new_tokens, workload.reps, dev)
+    return [f"on-policy step: {result['on_policy']['step_s']['median']:.2f} s "
+            f"({workload.train_batch} x {workload.new_tokens} sampled tokens)"]
+
+
+def _bank_scale(result: dict, base_model, top_k: int, workload: Workload, sweeps: Sweeps,
+                dev: torch.device) -> list[str]:
+    """Load and decode with one-layer plug-ins of growing N, mapped and in RAM (:mod:`tree_of_experts.bank_scale`)."""
+    bs = result["bank_scale"] = bank_scale.bench_bank_scale(
+        base_model, sweeps.bank_exponents or [10, 12, 14, 16, 18, 20], top_k, workload.prompt_len,
+        workload.new_tokens, workload.reps, dev, bench_generation)
+    if "span" not in bs:
+        return []
+    lo, hi = (n.bit_length() - 1 for n in bs["span"])
+    rows = {r["num_leaves"]: r for r in bs["rows"]}
+    return [f"bank 2^{hi}/2^{lo}: mapped load {bs['mapped_hi_over_lo']['load_s']:.2f}x "
+            f"(in RAM {bs['in_ram_hi_over_lo']['load_s']:.1f}x), mapped decode tokens/s "
+            f"{bs['mapped_hi_over_lo']['decode_tokens_per_s']:.2f}x; at 2^{hi} mapped/in-RAM load "
+            f"{rows[bs['span'][1]]['mapped']['load_s'] / rows[bs['span'][1]]['in_ram']['load_s']:.3f}x"]
 
 
 def _reset_peak(dev: torch.device) -> None:

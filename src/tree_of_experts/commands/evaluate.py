@@ -13,176 +13,114 @@ import logging
 import os
 from dataclasses import asdict
 
-from ..config import EvalConfig, ToEError
-from ..data import DataSpec, read_jsonl, scan_rows
-from ..evaluation.results import summary_table, usage_summary, write_metrics, write_rows
-from ..evaluation.scoring import ce_examples, score_system
-from ..evaluation.tasks import (
-    STOP,
-    TASK_FIELDS,
-    build_items,
-    ce_target_spec,
-    check_ce_rows,
-    gradable_rows,
+from ..config import ToEError, _at_least, _optional_at_least
+from ..data import DataSpec, read_jsonl
+from ..evaluation.results import (
+    summary_table,
+    teacher_accuracy_args,
+    teacher_answers,
+    usage_summary,
+    write_metrics,
+    write_rows,
 )
+from ..evaluation.scoring import ce_examples, score_system
+from ..evaluation.tasks import STOP, TASK_FIELDS, build_items, eval_rows, gradable_rows
 from ..grading import grade
-from ..hf import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
-from ..inference import GenerationLog, Sampling, folder_fingerprint
-from ..io import atomic_write_text, check_file_out, claim_out, releases_out_locks
+from ..hf.loading import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
+from ..inference import GenerationLog, folder_fingerprint
+from ..files import atomic_write_text
+from ..folders import check_file_out, claim_out
+from ..locks import releases_out_locks
+from ..options import (
+    DEFAULT_TEMPLATE,
+    ORACLE_ROWS,
+    SAMPLING,
+    TRAINING_ONLY,
+    Runtime,
+    Scoring,
+    Systems,
+    grouped,
+    refuse_unused,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)
 
 
+@grouped
 @releases_out_locks
 def evaluate(
     base: str,
-    task: str = "gsm8k",
     data: str | None = None,
     out: str = "eval",
-    plugin: str | None = None,
     teacher: str | None = None,
-    lora: str | None = None,
-    sft: str | None = None,
+    systems: Systems = Systems(),
+    scoring: Scoring = Scoring(),
+    runtime: Runtime = Runtime(),
     limit: int | None = None,
-    skip: int = 0,
-    few_shot: int = 0,
-    few_shot_data: str | None = None,
-    template: str = "Question: {prompt}\nAnswer: ",
-    ce_target: str = "gold_clean",
-    with_base: bool = True,
-    ce: bool = True,
-    accuracy: bool = True,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
+    template: str = DEFAULT_TEMPLATE,
     max_length: int = 1024,
-    dtype: str = "float32",
-    device: str | None = None,
-    plugin_selection: str | None = None,
-    plugin_top_k: int | None = None,
-    plugin_top_p: float | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
+    batch_size: int = 8,
     seed: int = 0,
-    skip_bad_rows: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
 ) -> dict:
     """Evaluates base, base + plug-in, teacher and LoRA on the same items.
 
+    Every option of a group can also be given flat (``evaluate(base, data=..., plugin=P, task="math")``; on the
+    command line ``--plugin P`` or ``--systems.plugin P``).
+
     Args:
         base: base model id or folder.
-        task: "gsm8k", "math" or "code" (CE only: ``prompt``/``text`` rows, e.g. held-out source files).
         data: the task's items: a .jsonl/.json/.csv/.parquet file or hf:NAME[:CONFIG]:SPLIT (GSM8K:
             question/answer; MATH: problem/solution/answer).
         out: output folder (metrics.json, <system>.jsonl).
-        plugin: ToE plug-in folder on the base, scored as system "toe".
         teacher: teacher model id or folder, scored as system "teacher".
-        lora: peft adapter folder on the base (`toe baseline --kind lora`), scored as system "lora".
-        sft: a fully fine-tuned copy of the base (`toe baseline --kind sft`), scored as system "sft".
-        limit: evaluate at most this many rows, from row ``skip`` on (default: all).
-        skip: rows of ``data`` left out first (keeps a tuning slice out of reported numbers).
-        few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
-        few_shot_data: data file of solved examples for ``few_shot`` (e.g. the train file; its first rows are used).
+        systems: the systems scored beside the base and the teacher (a plug-in and its routing, LoRA, SFT) and
+            whether the bare base is scored; the oracle rows are `toe oracle`'s (refused here).
+        scoring: the task, which rows and prompts (``skip``, few-shot), what is scored (CE and its target,
+            accuracy) and the decoding accuracy grades (greedy by default; sampled with ``temperature`` > 0).
+        runtime: dtype and device of the models, resume (continue an interrupted run in ``out`` with the same
+            arguments: every generated batch is kept in ``out/generations.partial.jsonl`` as it finishes and is not
+            generated again, CE is recomputed; with ``overwrite`` too, the other files go and the finished batches
+            stay), overwrite (replace what another run left in ``out``); the training-only fields are refused.
+        limit: evaluate at most this many rows, from row ``scoring.skip`` on (default: all).
         template: prompt template with {prompt}, or "chat" for the base tokenizer's chat template (recorded
             rendered).
-        ce_target: "gold_clean" (solution without <<...>> notes), "gold" (as written) or "trace" (the ``trace``
-            field written by `toe traces`: the teacher's own completions, where its CE is the natural floor).
-        with_base: also score the bare base (off: a folder holding only the plug-in/LoRA/teacher rows, to be pooled
-            by `toe report` with a folder that has the base on the same items).
-        ce: score the teacher-forced CE of each system on the ``ce_target`` text.
-        accuracy: generate each system's answers and grade them.
-        max_new_tokens: generation budget.
-        batch_size: items per forward or generate call.
         max_length: prompt + target tokens kept per item for CE (targets cut by it are counted per system as
             ``ce_cut_by_max_length``).
-        dtype: dtype the models run in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the models run (default: the GPU when one is visible, else the CPU).
-        plugin_selection: route the plug-in with this mode instead of its configured one.
-        plugin_top_k: route the plug-in with this K (an inference-time sweep: nothing is retrained; recorded in
-            the metrics' args as ``routing``).
-        plugin_top_p: route the plug-in with this top-p mass.
-        temperature: decoding temperature; 0 (default) is greedy, a positive one samples.
-        top_p: nucleus mass when sampling (not to be confused with ``plugin_top_p``, which routes the plug-in).
-        num_samples: sampled completions per item (k): metrics gain maj@k, pass@k and pass@1 (mean over all
-            samples); every sample is in the per-example JSONL. The row's own answer is its first sample's.
+        batch_size: items per forward or generate call.
         seed: seed of the sampling draws (each system starts from it).
-        skip_bad_rows: leave out data rows that cannot be used (not an object, a missing, non-text or empty field,
-            no gold answer to grade, ...) and record how many as ``skipped_rows``, instead of stopping at the first
-            with its file:line.
-        resume: continue an interrupted run in ``out`` (same arguments): every generated batch is kept in
-            ``out/generations.partial.jsonl`` as it finishes and is not generated again (CE is recomputed). With
-            ``overwrite`` too, the other files go and the finished batches stay.
-        overwrite: replace what another run left in ``out`` (refused otherwise).
 
     Returns:
         The metrics dict written to ``out/metrics.json``, and under ``summary`` a one-screen table of it (what `toe
         eval` prints).
     """
-    from ..model import ToEModel, check_plugin_fits
-
-    EvalConfig.from_args(locals())
-    if data is None:
-        raise ToEError("--data is required: the task's items (a .jsonl/.json/.csv/.parquet file or "
-                       "hf:NAME[:CONFIG]:SPLIT)")
-    if task == "code" and (accuracy or ce_target != "gold"):
-        raise ToEError("--task code scores CE on the text alone: pass --accuracy false --ce_target gold")
-    if not (with_base or plugin or lora or sft or teacher):
-        raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
-    if not (ce or accuracy):
-        raise ToEError("nothing to score: --ce false and --accuracy false; keep one of them")
-    sampling = Sampling(temperature, top_p, num_samples, seed)
-    routing = {"selection": plugin_selection, "top_k": plugin_top_k, "top_p": plugin_top_p}
-    if not plugin and any(v is not None for v in routing.values()):
-        raise ToEError("--plugin_selection/--plugin_top_k/--plugin_top_p route a plug-in: pass --plugin, or drop them")
-    qf, rf = TASK_FIELDS[task]
-    spec = DataSpec(qf, rf, template)
-    ce_spec = ce_target_spec(task, template, ce_target)
-    rows, bad_rows = scan_rows(data, spec, skip_bad=skip_bad_rows)
-    rows = rows[skip:]
-    rows = rows[:limit] if limit is not None else rows
-    if accuracy:
-        graded = gradable_rows(task, rows, rf, f"{data} (after --skip {skip})" if skip else data, skip_bad_rows)
-        bad_rows += ["no gold answer"] * (len(rows) - len(graded))  # counted as skipped_rows
-        rows = graded
-    if not rows:
-        raise ToEError(f"{data}: no items left to evaluate (--skip {skip}, --limit {limit})")
-    if ce:
-        check_ce_rows(rows, ce_target, data)
-    shots = []
-    if few_shot:
-        if not few_shot_data:
-            raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
-        shots = read_jsonl(few_shot_data, spec, limit=few_shot)
+    sampling, routing = _checked_options(systems, scoring, runtime, data, teacher, max_length, batch_size, limit, seed)
+    task, ce, accuracy, max_new_tokens = scoring.task, scoring.ce, scoring.accuracy, scoring.max_new_tokens
+    rows, bad_rows, spec, ce_spec, shots = eval_rows(data, scoring, template, limit)
     # Every input is checked before the first model loads: a wrong path found after the base's pass costs hours.
-    base_config = load_config(base, "base")
-    for option, name in (("teacher", teacher), ("sft", sft)):
-        if name:
-            load_config(name, option)
-    if plugin:
-        check_plugin_fits(plugin, base_config, base, plugin_selection, plugin_top_k, plugin_top_p)
-    lora_dir = adapter_folder(lora) if lora else None
+    lora_dir = _check_models(base, teacher, systems)
     tok = load_tokenizer(base)
     spec, ce_spec = spec.for_tokenizer(tok), ce_spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, ce_spec)
     if ce:
         ce_examples(tok, items, max_length)  # a prompt that fills max_length is refused before any model loads
-    claim_out(out, "eval", overwrite=overwrite, resume=resume, keep=(PARTIAL,) if resume else (),
-              inputs={"base": base, "plugin": plugin, "teacher": teacher, "lora": lora, "sft": sft, "data": data,
-                      "few_shot_data": few_shot_data})
+    claim_out(out, "eval", overwrite=runtime.overwrite, resume=runtime.resume,
+              keep=(PARTIAL,) if runtime.resume else (),
+              inputs={"base": base, "plugin": systems.plugin, "teacher": teacher, "lora": systems.lora,
+                      "sft": systems.sft, "data": data, "few_shot_data": scoring.few_shot_data})
     os.makedirs(out, exist_ok=True)
-    args = dict(base=base, task=task, data=data, plugin=plugin, teacher=teacher, lora=lora, sft=sft, limit=limit,
-                skip=skip, few_shot=few_shot, template=spec.template, ce_target=ce_target,
-                max_new_tokens=max_new_tokens, dtype=dtype, **sampling.record(), stop=STOP, ce=ce,
-                accuracy=accuracy, routing=routing)
-    if skip_bad_rows:
+    args = dict(base=base, task=task, data=data, plugin=systems.plugin, teacher=teacher, lora=systems.lora,
+                sft=systems.sft, limit=limit, skip=scoring.skip, few_shot=scoring.few_shot, template=spec.template,
+                ce_target=scoring.ce_target, max_new_tokens=max_new_tokens, dtype=runtime.dtype, **sampling.record(),
+                stop=STOP, ce=ce, accuracy=accuracy, routing=routing)
+    if scoring.skip_bad_rows:
         args["skipped_rows"] = len(bad_rows)
-    per_system: dict[str, list[dict]] = {}
-    leaf_usage: dict[str, dict] = {}
 
-    weights = {k: folder_fingerprint(v) for k, v in dict(base=base, plugin=plugin, teacher=teacher, lora=lora,
-                                                         sft=sft).items()}
+    # Each system scored on the same items, one model in memory at a time; its rows written as it finishes.
+    per_system: dict[str, list[dict]] = {}
+    weights = {k: folder_fingerprint(v) for k, v in dict(base=base, plugin=systems.plugin, teacher=teacher,
+                                                         lora=systems.lora, sft=systems.sft).items()}
     logs, resumed = [], {}
 
     def run(name: str, model) -> None:
@@ -195,80 +133,133 @@ def evaluate(
         if logs[-1].reused:  # generated by the interrupted run: its leaf usage there is not counted again
             resumed[name] = logs[-1].reused
 
-    device = pick_device(device)
-    if with_base or plugin or lora:  # the systems that run on the base's own weights
-        base_model = load_causal_lm(base, dtype=dtype, device=device)
-        if with_base:
-            run("base", base_model)
-        if plugin:
-            with ToEModel.from_pretrained(base_model, plugin) as toe, \
-                    toe.selection(plugin_selection, plugin_top_k, plugin_top_p), toe.plugin.counting() as mass:
-                run("toe", toe)
-            leaf_usage["toe"] = usage_summary(mass, toe.plugin.delta_ratio)
-        if lora:
-            from peft import PeftModel
-
-            run("lora", PeftModel.from_pretrained(base_model, lora_dir).eval())
-        del base_model
-    if sft:
-        run("sft", load_causal_lm(sft, dtype=dtype, device=device))
-    if teacher:
-        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+    leaf_usage = _run_systems(run, base, teacher, systems, lora_dir, runtime)
     metrics = write_metrics(out, {**args, "resumed_batches": resumed} if resumed else args, per_system, leaf_usage)
     logs[0].close()  # one file for all systems
     return {**metrics, "summary": summary_table(metrics, out)}
 
 
+def _checked_options(systems: Systems, scoring: Scoring, runtime: Runtime, data: str | None, teacher: str | None,
+                     max_length: int, batch_size: int, limit: int | None, seed: int):
+    """Refuses the options `toe eval` does not read, sizes out of range and runs with nothing to evaluate or score;
+    returns the decoding (:class:`tree_of_experts.inference.Sampling`) and the plug-in's routing overrides."""
+    require("toe eval", systems, {name: "it is a `toe oracle` option" for name in ORACLE_ROWS})
+    refuse_unused("toe eval", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
+    _at_least("max_length", max_length, 2, " (tokens per item)")
+    _at_least("batch_size", batch_size, 1)
+    _optional_at_least("limit", limit, 1, " (items)")
+    plugin, lora, sft, with_base = systems.plugin, systems.lora, systems.sft, systems.with_base
+    if data is None:
+        raise ToEError("--data is required: the task's items (a .jsonl/.json/.csv/.parquet file or "
+                       "hf:NAME[:CONFIG]:SPLIT)")
+    if scoring.task == "code" and (scoring.accuracy or scoring.ce_target != "gold"):
+        raise ToEError("--task code scores CE on the text alone: pass --accuracy false --ce_target gold")
+    if not (with_base or plugin or lora or sft or teacher):
+        raise ToEError("nothing to evaluate: --with_base false needs --plugin, --lora, --sft or --teacher")
+    if not (scoring.ce or scoring.accuracy):
+        raise ToEError("nothing to score: --ce false and --accuracy false; keep one of them")
+    sampling = scoring.sampling(seed)
+    routing = systems.routing()
+    if not plugin and any(v is not None for v in routing.values()):
+        raise ToEError("--plugin_selection/--plugin_top_k/--plugin_top_p route a plug-in: pass --plugin, or drop them")
+    return sampling, routing
+
+
+def _check_models(base: str, teacher: str | None, systems: Systems) -> str | None:
+    """Refuses a model, plug-in or adapter that does not load or fit, from their configs alone; returns the LoRA
+    adapter's folder (None without ``systems.lora``)."""
+    from ..plugin_folder import check_plugin_fits
+
+    base_config = load_config(base, "base")
+    for option, name in (("teacher", teacher), ("sft", systems.sft)):
+        if name:
+            load_config(name, option)
+    if systems.plugin:
+        check_plugin_fits(systems.plugin, base_config, base, systems.plugin_selection, systems.plugin_top_k,
+                          systems.plugin_top_p)
+    return adapter_folder(systems.lora) if systems.lora else None
+
+
+def _run_systems(run, base: str, teacher: str | None, systems: Systems, lora_dir: str | None,
+                 runtime: Runtime) -> dict[str, dict]:
+    """Scores each system with ``run(name, model)``: those on the base's own weights first (the base loaded once),
+    then the SFT model and the teacher; returns the plug-in's leaf usage."""
+    from ..model import ToEModel
+
+    leaf_usage: dict[str, dict] = {}
+    device, dtype = pick_device(runtime.device), runtime.dtype
+    if systems.with_base or systems.plugin or systems.lora:  # the systems that run on the base's own weights
+        base_model = load_causal_lm(base, dtype=dtype, device=device)
+        if systems.with_base:
+            run("base", base_model)
+        if systems.plugin:
+            with ToEModel.from_pretrained(base_model, systems.plugin) as toe, \
+                    toe.selection(systems.plugin_selection, systems.plugin_top_k, systems.plugin_top_p), \
+                    toe.plugin.counting() as mass:
+                run("toe", toe)
+            leaf_usage["toe"] = usage_summary(mass, toe.plugin.delta_ratio)
+        if systems.lora:
+            from peft import PeftModel
+
+            run("lora", PeftModel.from_pretrained(base_model, lora_dir).eval())
+        del base_model
+    if systems.sft:
+        run("sft", load_causal_lm(systems.sft, dtype=dtype, device=device))
+    if teacher:
+        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+    return leaf_usage
+
+
+@grouped
 @releases_out_locks
 def traces(
     teacher: str,
     data: str,
     out: str,
-    task: str = "gsm8k",
+    scoring: Scoring = Scoring(),
+    runtime: Runtime = Runtime(),
     limit: int | None = None,
-    skip: int = 0,
-    few_shot: int = 0,
-    few_shot_data: str | None = None,
-    template: str = "Question: {prompt}\nAnswer: ",
-    max_new_tokens: int = 256,
+    template: str = DEFAULT_TEMPLATE,
     batch_size: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
     keep_incorrect: bool = False,
     eval_out: str | None = None,
     from_eval: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
 ) -> dict:
     """Samples the teacher greedily and keeps its correct traces as training or CE data.
 
     Writes JSONL rows with the original fields plus ``trace`` (the teacher's completion) and ``correct``; use
-    ``--response_field trace`` downstream. Rows are sorted shortest trace first.
+    ``--response_field trace`` downstream. Rows are sorted shortest trace first. Every option of a group can also
+    be given flat (``--task math`` or ``--scoring.task math``).
 
     Args:
         teacher: teacher model id or folder.
         data: the task's items, as for `toe eval` (GSM8K: question/answer; MATH: problem/solution/answer).
         out: the JSONL file to write (a file, not a folder), rows sorted shortest trace first.
-        task: "gsm8k" or "math": which fields hold question and solution, and how answers are graded.
-        limit: generate for at most this many rows, from row ``skip`` on (default: all).
-        skip: rows of ``data`` left out first.
-        few_shot: number of solved examples prepended to each prompt, taken from ``few_shot_data``.
-        few_shot_data: data file of solved examples for ``few_shot`` (without it, no examples are prepended).
+        scoring: the task (gsm8k or math: which fields hold question and solution, and how answers are graded), the
+            rows (``skip``), few-shot examples (without ``few_shot_data``, none are prepended) and the generation
+            budget ``max_new_tokens``; decoding is greedy and nothing but accuracy is scored, so the CE, sampling
+            and bad-row options are refused.
+        runtime: dtype and device of the teacher, resume (continue an interrupted run with the same arguments:
+            each generated batch is kept in ``OUT.partial`` as it finishes and is not generated again), overwrite
+            (replace an existing ``out`` file, an interrupted run's ``OUT.partial`` and what another run left in
+            ``eval_out``); the training-only fields are refused.
+        limit: generate for at most this many rows, from row ``scoring.skip`` on (default: all).
         template: prompt template with {prompt}, or "chat" for the teacher tokenizer's chat template.
-        max_new_tokens: generation budget per item.
         batch_size: prompts per generate call.
-        dtype: dtype the teacher runs in: "float32", "float16", "bfloat16" or "auto" (as stored).
-        device: where the teacher runs (default: the GPU when one is visible, else the CPU).
         keep_incorrect: also keep the traces whose answer is wrong (``correct`` false).
         eval_out: also write the graded generations as a `toe eval` folder (accuracy only, same prompt, budget and
             stop strings as `toe eval`), so `toe report` pools the teacher's accuracy without generating again.
         from_eval: take the teacher's answers from a `toe eval` folder that generated them on the same rows with the
             same template and budget (its ``teacher.jsonl``) instead of running the teacher again.
-        resume: continue an interrupted run (same arguments): each generated batch is kept in ``OUT.partial`` as it
-            finishes and is not generated again.
-        overwrite: replace an existing ``out`` file (and an interrupted run's ``OUT.partial``) and what another run
-            left in ``eval_out`` (refused otherwise).
     """
+    refuse_unused("toe traces", scoring, ("task", "skip", "few_shot", "few_shot_data", "max_new_tokens"), {
+        **{name: "the teacher answers greedily" for name in SAMPLING},
+        "": "traces are graded answers, nothing else is scored"})
+    refuse_unused("toe traces", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
+    _at_least("batch_size", batch_size, 1)
+    _optional_at_least("limit", limit, 1, " (items)")
+    task, skip, few_shot, few_shot_data = scoring.task, scoring.skip, scoring.few_shot, scoring.few_shot_data
+    max_new_tokens, dtype, resume, overwrite = scoring.max_new_tokens, runtime.dtype, runtime.resume, runtime.overwrite
     if os.path.isdir(out):
         raise ToEError(f"--out {out} is a folder: `toe traces` writes one JSONL file, pass its path")
     check_file_out(out)  # its folders are made as the first batch is kept
@@ -294,9 +285,9 @@ def traces(
     spec = spec.for_tokenizer(tok)
     items = build_items(task, rows, spec, shots, spec)
     if from_eval:
-        scored = _teacher_answers(from_eval, items, max_new_tokens)
+        scored = teacher_answers(from_eval, items, max_new_tokens)
     else:
-        model = load_causal_lm(teacher, dtype=dtype, device=pick_device(device))
+        model = load_causal_lm(teacher, dtype=dtype, device=pick_device(runtime.device))
         log = GenerationLog(partial, {"teacher": folder_fingerprint(teacher), "task": task, "data": data,
                                       "template": spec.template, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
                                       "batch_size": batch_size, "dtype": dtype,
@@ -311,7 +302,7 @@ def traces(
     if eval_out:
         os.makedirs(eval_out, exist_ok=True)
         write_rows(eval_out, "teacher", scored)
-        write_metrics(eval_out, _teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, spec.template,
+        write_metrics(eval_out, teacher_accuracy_args(task, data, teacher, limit, skip, few_shot, spec.template,
                                                        max_new_tokens), {"teacher": scored})
     if not from_eval:
         log.close()
@@ -324,27 +315,6 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict]:
-    """The teacher's graded answers from an eval folder, checked to be for these prompts and this budget."""
-    rows_file, metrics_file = os.path.join(folder, "teacher.jsonl"), os.path.join(folder, "metrics.json")
-    if not (os.path.isfile(rows_file) and os.path.isfile(metrics_file)):
-        raise ToEError(f"{folder} holds no teacher answers: pass a `toe eval --teacher ... --accuracy true` folder")
-    with open(metrics_file) as f:
-        args = json.load(f)["args"]
-    if not args.get("accuracy", True):
-        raise ToEError(f"{folder} scored CE only, no teacher answers: pass a `toe eval --teacher ... --accuracy true` "
-                       "folder")
-    if args.get("max_new_tokens") != max_new_tokens:
-        raise ToEError(f"{folder} generated with --max_new_tokens {args.get('max_new_tokens')}: pass "
-                       f"--max_new_tokens {args.get('max_new_tokens')}")
-    by_prompt = {row["prompt"]: row for row in read_jsonl(rows_file)}
-    missing = [i for i, it in enumerate(items) if it.prompt not in by_prompt]
-    if missing:
-        raise ToEError(f"{folder} has no teacher answer for {len(missing)} of these prompts (first: row "
-                       f"{missing[0]}): use the data, --skip/--limit and --template it was generated with")
-    return [by_prompt[it.prompt] for it in items]
 
 
 @releases_out_locks
@@ -400,13 +370,5 @@ def eval_from_traces(traces_file: str, teacher: str, data: str, out: str, task: 
                        "pass the budget they were generated with")
     os.makedirs(out, exist_ok=True)
     write_rows(out, "teacher", scored)
-    args = _teacher_accuracy_args(task, data, teacher, limit, skip, 0, spec.template, max_new_tokens)
+    args = teacher_accuracy_args(task, data, teacher, limit, skip, 0, spec.template, max_new_tokens)
     return write_metrics(out, {**args, "traces": traces_file}, {"teacher": scored})
-
-
-def _teacher_accuracy_args(task: str, data: str, teacher: str, limit: int | None, skip: int, few_shot: int,
-                           template: str, max_new_tokens: int) -> dict:
-    """The ``args`` of an accuracy-only eval folder holding the teacher's greedy answers."""
-    return dict(base=None, task=task, data=data, teacher=teacher, limit=limit, skip=skip, few_shot=few_shot,
-                template=template, max_new_tokens=max_new_tokens, decoding="greedy", stop=STOP, ce=False,
-                accuracy=True)

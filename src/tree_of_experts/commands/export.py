@@ -17,8 +17,11 @@ import tempfile
 from importlib import resources
 
 from ..errors import ToEError
-from ..hf import is_full_hub_id, is_hub_id, load_tokenizer
-from ..io import inside, local_path, describe, folder_kind, follow_umask
+from ..hf.hub import is_full_hub_id, is_hub_id
+from ..hf.loading import load_tokenizer
+from ..folders import inside, local_path
+from ..run_kinds import describe, folder_kind
+from ..files import follow_umask
 from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder

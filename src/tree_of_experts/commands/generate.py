@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from ..errors import ToEError
 from ..data import chat_template
-from ..hf import load_causal_lm, load_tokenizer, pick_device
+from ..hf.loading import load_causal_lm, load_tokenizer, pick_device
 from ..inference import Sampling, generate_texts, read_prompts, seeded
+from ..options import TRAINING_ONLY, Prompts, Runtime, grouped, refuse_unused
 
 
+@grouped
 def generate(
     base: str,
     plugin: str | None = None,
-    prompt: str | None = None,
-    prompts_file: str | None = None,
+    prompts: Prompts = Prompts(),
+    runtime: Runtime = Runtime(),
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    chat: bool = False,
-    dtype: str = "float32",
-    device: str | None = None,
     compile: bool = False,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -26,17 +25,16 @@ def generate(
 ) -> list[dict]:
     """Generates completions with the base (and the plug-in, when given).
 
+    Every option of a group can also be given flat (``--prompt TEXT`` or ``--prompts.prompt TEXT``).
+
     Args:
         base: hub id or local folder of the base model.
         plugin: plug-in folder (from `toe extract` / `toe train`); omit to run the bare base.
-        prompt: one prompt, as given (a shell passes "\\n" as two characters: write $'...\\n...' for a newline).
-        prompts_file: a text file with one prompt per line (as written: a multi-line prompt goes in a data file), or
-            a data file (.jsonl, .json, .csv, .parquet) with a "prompt" field.
+        prompts: the prompt, or a file of prompts, and whether each is wrapped in the chat template.
+        runtime: dtype and device of the base (default: the GPU when one is visible); nothing is written, so
+            ``resume``, ``overwrite`` and the training-only fields are refused.
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per batch (left-padded).
-        chat: wrap each prompt in the tokenizer's chat template.
-        dtype: torch dtype name for the base.
-        device: "cpu", "cuda", ... (default: the GPU when one is visible).
         compile: compile the plug-in's hook computation with torch.compile (see ``ToEPlugin.compile``).
         temperature: decoding temperature; 0 (default) is greedy, a positive one samples (see `Sampling`).
         top_p: nucleus mass when sampling (1: the whole distribution).
@@ -51,15 +49,18 @@ def generate(
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ToEError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}: both must be >= 1")
+    refuse_unused("toe generate", runtime, ("dtype", "device"),
+                  {**TRAINING_ONLY, "": "toe generate prints its completions and writes nothing"})
     sampling = Sampling(temperature, top_p, num_samples, seed)
-    prompts = read_prompts(prompt, prompts_file)
+    given = prompts
+    prompts = read_prompts(given.prompt, given.prompts_file)  # the texts, from here on
     tokenizer = load_tokenizer(base)
     rendered = prompts
-    if chat:
+    if given.chat:
         template = chat_template(tokenizer, "drop --chat and write the prompt format into the prompts")
         rendered = [template.replace("{prompt}", p) for p in prompts]
-    device = pick_device(device)
-    model = load_causal_lm(base, dtype=dtype, device=device)
+    device = pick_device(runtime.device)
+    model = load_causal_lm(base, dtype=runtime.dtype, device=device)
     if plugin is not None:
         model = ToEModel.from_pretrained(model, plugin)
         if compile:

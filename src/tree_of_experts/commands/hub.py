@@ -6,11 +6,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..hf import (
-    push_folder,
-    resolve_folder,
-)
-from ..model import save_plugin, training_datasets
+from ..hf.hub import push_folder, resolve_folder
+from ..plugin_folder import save_plugin, training_datasets
 from ..plugin import ToEPlugin
 
 

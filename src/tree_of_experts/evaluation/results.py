@@ -4,14 +4,18 @@ comparisons against the base and the teacher, and the per-example/metrics files 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
 
-from ..io import atomic_write_json, atomic_write_text, dumps
+from ..data import read_jsonl
+from ..errors import ToEError
+from ..files import atomic_write_json, atomic_write_text, dumps
 from ..stats import bootstrap_mean, finite_values, gap_closed_ci, nonfinite_count, paired_bootstrap, wilson
 from ..tree import effective_leaves
+from .tasks import STOP
 
 
 def usage_summary(mass: dict[int, torch.Tensor], delta_ratio: dict[int, float] | None = None) -> dict[str, dict]:
@@ -133,3 +137,32 @@ def compare(per_system: dict[str, list[dict]]) -> dict:
                 c[f"{metric}_gap_closed"] = gap_closed_ci(s, b, t)
         out[name] = c
     return out
+
+
+def teacher_answers(folder: str, items: list, max_new_tokens: int) -> list[dict]:
+    """The teacher's graded answers from an eval folder, checked to be for these prompts and this budget."""
+    rows_file, metrics_file = os.path.join(folder, "teacher.jsonl"), os.path.join(folder, "metrics.json")
+    if not (os.path.isfile(rows_file) and os.path.isfile(metrics_file)):
+        raise ToEError(f"{folder} holds no teacher answers: pass a `toe eval --teacher ... --accuracy true` folder")
+    with open(metrics_file) as f:
+        args = json.load(f)["args"]
+    if not args.get("accuracy", True):
+        raise ToEError(f"{folder} scored CE only, no teacher answers: pass a `toe eval --teacher ... --accuracy true` "
+                       "folder")
+    if args.get("max_new_tokens") != max_new_tokens:
+        raise ToEError(f"{folder} generated with --max_new_tokens {args.get('max_new_tokens')}: pass "
+                       f"--max_new_tokens {args.get('max_new_tokens')}")
+    by_prompt = {row["prompt"]: row for row in read_jsonl(rows_file)}
+    missing = [i for i, it in enumerate(items) if it.prompt not in by_prompt]
+    if missing:
+        raise ToEError(f"{folder} has no teacher answer for {len(missing)} of these prompts (first: row "
+                       f"{missing[0]}): use the data, --skip/--limit and --template it was generated with")
+    return [by_prompt[it.prompt] for it in items]
+
+
+def teacher_accuracy_args(task: str, data: str, teacher: str, limit: int | None, skip: int, few_shot: int,
+                          template: str, max_new_tokens: int) -> dict:
+    """The ``args`` of an accuracy-only eval folder holding the teacher's greedy answers."""
+    return dict(base=None, task=task, data=data, teacher=teacher, limit=limit, skip=skip, few_shot=few_shot,
+                template=template, max_new_tokens=max_new_tokens, decoding="greedy", stop=STOP, ce=False,
+                accuracy=True)

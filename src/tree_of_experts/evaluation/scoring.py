@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import ToEError
 from ..data import Encoded, encode, pad_left, responses_cut_away
 from ..grading import grade
-from ..hf import padded_inputs
+from ..hf.layers import padded_inputs
 from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
 from ..losses import tail_positions, token_nll
 from .tasks import Item

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ToEError
-from ..data import DataSpec
+from ..data import DataSpec, read_jsonl, scan_rows
 from ..grading import gsm8k_gold, last_boxed
+from ..options import Scoring
 
 # code: CE-only text (held-out source files: what a plug-in or adapter costs outside its domain)
 TASK_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "code": ("prompt", "text")}
@@ -72,3 +73,30 @@ def build_items(task: str, rows: list[dict], spec: DataSpec, shots: list[dict], 
     prefix = "".join(spec.prompt(s) + spec.response(s) + "\n\n" for s in shots)
     return [Item(prefix + spec.prompt(r), ce_spec.prompt(r), ce_spec.response(r),
                  gold_answer(task, r, spec.response_field)) for r in rows]
+
+
+def eval_rows(data: str, scoring: Scoring, template: str, limit: int | None):
+    """What `toe eval` scores in ``data``: the rows (from row ``skip`` on, at most ``limit``; with accuracy only those
+    with a gold answer, checked to hold a CE target with ``ce``), the rows left out (``skip_bad_rows``), the prompt
+    spec and the CE target's (not yet in a tokenizer's format) and the few-shot examples."""
+    task, skip, ce_target, skip_bad_rows = scoring.task, scoring.skip, scoring.ce_target, scoring.skip_bad_rows
+    qf, rf = TASK_FIELDS[task]
+    spec = DataSpec(qf, rf, template)
+    ce_spec = ce_target_spec(task, template, ce_target)
+    rows, bad_rows = scan_rows(data, spec, skip_bad=skip_bad_rows)
+    rows = rows[skip:]
+    rows = rows[:limit] if limit is not None else rows
+    if scoring.accuracy:
+        graded = gradable_rows(task, rows, rf, f"{data} (after --skip {skip})" if skip else data, skip_bad_rows)
+        bad_rows += ["no gold answer"] * (len(rows) - len(graded))  # counted as skipped_rows
+        rows = graded
+    if not rows:
+        raise ToEError(f"{data}: no items left to evaluate (--skip {skip}, --limit {limit})")
+    if scoring.ce:
+        check_ce_rows(rows, ce_target, data)
+    shots = []
+    if scoring.few_shot:
+        if not scoring.few_shot_data:
+            raise ToEError("--few_shot needs --few_shot_data (a JSONL of solved examples, e.g. the train file)")
+        shots = read_jsonl(scoring.few_shot_data, spec, limit=scoring.few_shot)
+    return rows, bad_rows, spec, ce_spec, shots

@@ -20,6 +20,7 @@ Axes as elsewhere: B batch, T tokens, D hidden, N leaves, L layers.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 
 from ..errors import ToEError
+from ..hf.loading import load_config
+from ..options import Capture, Disk, Fusion, Tree
 from ..shapes import capture_bytes_per_token
-from ..tree import tree_depth
+from ..tree import num_nodes, tree_depth
 from .capture import Example
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -291,6 +294,21 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     return Plan(T, len(examples), H, light, full, sample, S, a.max_disk, fields, disk, ram)
 
 
+def disk_plan(examples: list[Example], teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree,
+              disk: Disk, dtype: str, kd: bool, batch_size: int, seed: int, layers: int,
+              sample: list[int] | None) -> Plan:
+    """`toe extract`'s plan from the models' configs alone: no weights load. ``layers``: how many injection layers;
+    ``sample``: a sample fixed beforehand (the source's, under --reuse_capture)."""
+    t_kw, b_kw = capture.model_kwargs()
+    same_model = teacher == base and t_kw == b_kw
+    sizes = config_sizes(load_config(base, **b_kw), load_config(teacher, "teacher", **t_kw), dtype, same_model)
+    return plan_extraction(examples, sizes, Asked(
+        layers=layers, topk=capture.topk_logprobs, kd=kd, cache_low_states=disk.cache_low_states,
+        heldout_frac=fusion.heldout_frac, shard_size=capture.shard_size, batch_size=batch_size,
+        num_leaves=tree.num_leaves, shape=tree.shape, gate_rank=tree.gate_rank, max_rows=tree.max_rows,
+        max_disk=disk.budget(), state_tokens=disk.state_tokens, seed=seed, sample=sample))
+
+
 def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, full: int, light: int,
             fixed) -> str:
     """The one line refusing a --max_disk the light fields and the held-out states exceed, naming what fits."""
@@ -315,3 +333,42 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
     return (f"--max_disk {human(a.max_disk)} is below what the extraction needs at least: {human(need)} (every "
             f"token's light fields, {T} x {light} B, the held-out examples' states and N = {a.num_leaves} training "
             f"tokens' to build a tree from); give at least {human(need)}, or " + ", or ".join(hints))
+
+
+# -- memory: the tree build -----------------------------------------------------------------------------------------
+def tree_build_bytes(num_leaves: int, shape: str, rows: int) -> int:
+    """Bytes the largest tensors of building an N-leaf tree from ``rows`` clustered tokens take: the (rows, M) path
+    labels of the gate's initialisation, the (N, M) label table and (N, depth) path tables, and for a deep tree
+    k-means' (chunk, N) distances. The bank and gate (N x D, N x r) are small next to these."""
+    n, m = num_leaves, num_nodes(shape, num_leaves)
+    depth = tree_depth(shape, num_leaves)
+    total = 4 * rows * m + 4 * n * m + 2 * 8 * n * depth
+    if shape == "deep":
+        total += 4 * min(rows, 65536) * n
+    return total
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_leaves_fit(num_leaves: int, shape: str, rows: int, memory: int | None = None) -> None:
+    """Refuses N leaves that the clustered tokens cannot fill, or that do not fit in memory, with the numbers.
+
+    Args:
+        rows: tokens that will be clustered (after --sample_rate and --max_rows).
+        memory: bytes available (default: the machine's RAM).
+    """
+    if rows < num_leaves:
+        raise ToEError(f"num_leaves={num_leaves} but only about {rows} tokens are available to cluster: use more "
+                       "data (--limit), a higher --sample_rate or --max_rows, or fewer --num_leaves")
+    memory = physical_memory() if memory is None else memory
+    need = tree_build_bytes(num_leaves, shape, rows)
+    if memory and need > memory // 2:
+        raise ToEError(f"num_leaves={num_leaves} on {rows} tokens needs about {need / 2**30:.1f} GiB to build the "
+                       f"tree, more than half of this machine's {memory / 2**30:.1f} GiB: use fewer --num_leaves or a "
+                       "lower --max_rows")

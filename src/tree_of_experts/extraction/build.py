@@ -14,14 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bank import ExpertBank
-from ..config import ExtractConfig, ToEError, TreeConfig
-from ..hf import model_id
-from ..io import (
-    atomic_save_tensors,
-    atomic_write_json,
-    atomic_write_text,
-)
-from ..model import ToEModel, new_config
+from ..config import ToEError
+from ..hf.hub import model_id
+from ..files import atomic_save_tensors, atomic_write_json, atomic_write_text
+from ..model import ToEModel
+from ..plugin_folder import new_config
+from ..options import Fusion, Tree
 from ..plugin import ToEPlugin
 from ..tree import TreeGate, effective_leaves, path_labels, path_table
 from .capture import Example
@@ -187,15 +185,15 @@ class Pairing:
     settings: dict
 
 
-def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, examples: list[Example],
-          ridge_lambdas: list[float], seed: int, dev: torch.device, plan: dict | None = None) -> dict:
+def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: Pairing, examples: list[Example],
+          seed: int, dev: torch.device, plan: dict | None = None) -> dict:
     """Steps 2-4 on the main process, from the shards alone: ridge map, trained fusion map with the O1 CE table on
-    held-out examples, then the tree (`build_tree`). Every step reads the examples with states (under a disk
-    budget, the sample: all held-out examples and some training ones); ``plan`` (extraction/budget.py) is recorded
-    in the summary."""
+    held-out examples (``fusion``), then the tree (`build_tree`, with ``tree``). Every step reads the examples with
+    states (under a disk budget, the sample: all held-out examples and some training ones); ``plan``
+    (extraction/budget.py) is recorded in the summary."""
     layers, kd = pairing.layers, pairing.kd
     pad = base_tok.pad_token_id
-    every = round(1 / cfg.heldout_frac) if cfg.heldout_frac > 0 else 0
+    every = round(1 / fusion.heldout_frac) if fusion.heldout_frac > 0 else 0
     heldout = {e.index for e in examples if every and e.index % every == every - 1}
     train_ids = {e.index for e in examples} - heldout
     times: dict[str, float] = {}
@@ -224,8 +222,8 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
     train_data = list(extraction.iter_examples(train_ids, with_states=True))
     dev_data = list(extraction.iter_examples(heldout, with_states=True)) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
-    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, cfg.projector_epochs, cfg.projector_lr, 4,
-                               seed)
+    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, fusion.projector_epochs, fusion.projector_lr,
+                               4, seed)
     times["fusion_map_s"] = time.perf_counter() - t0
     o1 = {}
     if dev_data:
@@ -233,7 +231,7 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
         if kd:
             nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()] for d in dev_data])
             o1["teacher"] = float(nll.mean())
-        for lam in ridge_lambdas:
+        for lam in fusion.ridge_lambdas:
             o1[f"ridge_lambda_{lam}"] = mean_ce(
                 base_model, layers, dev_data, pad,
                 lambda j, u, h, lam=lam: ridge_delta(ridge[j][0].to(dev), u, h, lam))
@@ -258,10 +256,10 @@ def build(out: str, base_model, base_tok, cfg: ExtractConfig, pairing: Pairing, 
     if plan is not None:
         fit["disk_plan"] = plan
     del train_data, dev_data  # the sample's states out of memory before the clustering's rows come in
-    return build_tree(out, out, base_model, cfg, pairing, counts, maps, [w for w, _ in ridge], fit, times, seed)
+    return build_tree(out, out, base_model, tree, pairing, counts, maps, [w for w, _ in ridge], fit, times, seed)
 
 
-def build_tree(out: str, source: str, base_model, tree: TreeConfig, pairing: Pairing, counts: dict,
+def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, counts: dict,
                maps: torch.nn.ModuleList, ridge: list[torch.Tensor], fit: dict, times: dict, seed: int) -> dict:
     """Step 4 (expert signal -> tree -> bank -> geometry-initialised gate) from ``source``'s shards, written to ``out``
     with the summary and manifest. The signal is ``tree.signal``: the trained fusion maps ``maps`` or the ridge step

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from ..data import DataSpec, align_offsets, encode, pad_left
-from ..hf import capture_layers, padded_inputs, states_until
+from ..errors import ToEError
+from ..hf.layers import capture_layers, padded_inputs, states_until
 from ..losses import topk_logprobs
 
 
@@ -21,6 +22,28 @@ def default_layer(num_layers: int) -> int:
 def teacher_layer_for(base_layer: int, base_layers: int, teacher_layers: int) -> int:
     """Teacher layer at the same relative depth (layer outputs, 0-based): 11 of 24 -> 13 of 28."""
     return max(0, round((base_layer + 1) * teacher_layers / base_layers) - 1)
+
+
+def resolve_layers(layers, teacher_layers, n_b: int | None, n_t: int | None) -> tuple[list[int], list[int]]:
+    """The injection layers (default: the base's middle layer) and the teacher layer read for each (default: the
+    same relative depth)."""
+    layers = list(layers) if layers else [default_layer(n_b)]
+    return layers, list(teacher_layers) if teacher_layers else [teacher_layer_for(ell, n_b, n_t) for ell in layers]
+
+
+def check_layers(layers, teacher_layers, n_base: int | None, n_teacher: int | None) -> None:
+    """Refuses injection layers that repeat or fall outside the base, teacher layers outside the teacher, and
+    teacher layers that do not pair one to one with the injection layers (a count of None is not checked)."""
+    if layers and len(set(layers)) != len(layers):
+        raise ToEError(f"layers={list(layers)}: each injection layer once (give distinct decoder layer indices)")
+    if layers and teacher_layers and len(teacher_layers) != len(layers):
+        raise ToEError(f"teacher_layers={list(teacher_layers)} needs one entry per injection layer in "
+                       f"layers={list(layers)}")
+    for name, ls, n in (("layers", layers, n_base), ("teacher_layers", teacher_layers, n_teacher)):
+        if ls and any(x < 0 for x in ls):
+            raise ToEError(f"{name}={list(ls)}: decoder layer indices count from 0")
+        if ls and n is not None and any(x >= n for x in ls):
+            raise ToEError(f"{name}={list(ls)} out of range: that model has {n} decoder layers (0..{n - 1})")
 
 
 def same_vocab(tok_a, tok_b) -> bool:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ToEError
 from ..data import pad_left
-from ..hf import add_to_layers, padded_inputs
+from ..hf.layers import add_to_layers, padded_inputs
 from ..losses import token_nll
 from ..model import frozen
 from ..training.checkpoint import log_progress

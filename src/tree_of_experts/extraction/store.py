@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import ToEError
-from ..io import load_tensors, read_json
+from ..files import load_tensors, read_json
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
     "route_data.safetensors"

@@ -15,12 +15,23 @@ from importlib import resources
 
 from ..commands.evaluate import evaluate
 from ..commands.extract import extract
-from ..commands.report import leaf_usage, markdown, plot, pool, table_rows, usage_plot
+from ..evaluation.tables import leaf_usage, markdown, plot, pool, table_rows, usage_plot
 from ..commands.train import train
 from ..errors import ToEError
 from ..data import DataSpec, read_jsonl
 from ..evaluation.tasks import TASK_FIELDS, gradable_rows
-from ..io import atomic_write_json, atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
+from ..options import (
+    ACCELERATE_PLACES,
+    TRAINING_ONLY,
+    Fit,
+    Pipeline,
+    Runtime,
+    Scoring,
+    Tree,
+    grouped,
+    refuse_unused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +58,24 @@ def write_toy_data(out: str, n_train: int, n_dev: int) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+@grouped
 def demo(
     teacher: str | None = None,
     base: str | None = None,
     data: str | None = None,
     dev_data: str | None = None,
     out: str = "toe-demo",
-    num_leaves: int = 32,
-    shape: str = "balanced",
     layers: list[int] | None = None,
-    n_train: int = 384,
-    n_dev: int = 128,
-    train_steps: int = 1000,
-    stage_a_steps: int = 100,
     batch_size: int = 16,
-    lr: float = 3e-3,
-    bank_lr: float = 3e-3,
-    max_new_tokens: int = 64,
-    control: bool = True,
-    task: str = "gsm8k",
-    overwrite: bool = False,
+    pipeline: Pipeline = Pipeline(),
+    tree: Tree = Tree(num_leaves=32, gate_rank=32),
+    fit: Fit = Fit(lr=3e-3, bank_lr=3e-3),
+    scoring: Scoring = Scoring(max_new_tokens=64),
+    runtime: Runtime = Runtime(),
 ) -> dict:
     """Runs the whole pipeline and returns the gap-closed table.
+
+    Every option of a group can also be given flat (``--num_leaves 16`` or ``--tree.num_leaves 16``).
 
     Args:
         teacher: teacher model id or folder (default: the shipped toy pair's; give ``base`` with it).
@@ -76,21 +83,22 @@ def demo(
         data: training JSONL (default: generated toy problems; required with your own pair).
         dev_data: evaluation JSONL (default: generated toy problems; required with your own pair).
         out: output folder (extract/, plugin/, control/, eval/, report.md, report.png).
-        num_leaves: N leaves of the tree.
-        shape: "balanced" (ToE-B) or "deep" (ToE-D).
-        layers: base injection layers (default: the middle layer).
-        n_train: rows of generated toy training data.
-        n_dev: rows of generated toy evaluation data.
-        train_steps: `toe train` Stage B steps (the same for the control).
-        stage_a_steps: `toe train` route warm-up steps.
+        layers: base injection layers of both extractions (default: the middle layer).
         batch_size: `toe train` sequences per step.
-        lr: `toe train` learning rate of the gate.
-        bank_lr: `toe train` learning rate of the bank.
-        max_new_tokens: generation budget of the evaluation.
-        control: also run the no-teacher control.
-        task: grading of the evaluation ("gsm8k": last number).
-        overwrite: rerun into an ``out`` that holds an earlier demo, replacing it.
+        pipeline: the generated toy data's size, the training length (Stage B steps) and the no-teacher control.
+        tree: the tree and bank of both extractions, as `toe extract` builds them (here N = 32 leaves and gate rank
+            32 by default).
+        fit: how both plug-ins train, as in `toe train` (here learning rates 3e-3 for the gate and the bank by
+            default; ``stage_a_steps`` is the route warm-up).
+        scoring: the evaluation's grading (``task``: "gsm8k" grades the last number) and generation budget
+            (``max_new_tokens``, 64 here), as in `toe eval`.
+        runtime: dtype of every model, overwrite (rerun into an ``out`` that holds an earlier demo, replacing it),
+            and for training mixed precision, gradient checkpointing and trackers; ``device`` (training runs where
+            accelerate places it) and ``resume`` are refused.
     """
+    refuse_unused("toe demo", runtime, ("dtype", "overwrite") + tuple(TRAINING_ONLY),
+                  {"device": ACCELERATE_PLACES, "resume": "a demo starts again: pass --overwrite true"})
+    task, control, overwrite = scoring.task, pipeline.control, runtime.overwrite
     earlier = [d for d in ("extract", "plugin", "eval", "report.md") if os.path.exists(os.path.join(out, d))]
     if earlier and not overwrite:
         raise ToEError(f"{out} holds an earlier demo ({', '.join(earlier)}): pass --overwrite true to replace it, "
@@ -104,34 +112,33 @@ def demo(
         torch.set_num_threads(1)  # the toy models are tiny: one thread beats two that contend
         pair = toy_pair_dir()
         teacher, base = os.path.join(pair, "teacher"), os.path.join(pair, "base")
-        data, dev_data = write_toy_data(os.path.join(out, "data"), n_train, n_dev)
+        data, dev_data = write_toy_data(os.path.join(out, "data"), pipeline.n_train, pipeline.n_dev)
     elif data is None or dev_data is None:
         raise ToEError("with your own pair, pass --data (training JSONL) and --dev_data (evaluation JSONL)")
     else:  # the evaluation would refuse ungradable items only after both extractions and trainings
         qf, rf = TASK_FIELDS[task]
         gradable_rows(task, read_jsonl(dev_data, DataSpec(qf, rf)), rf, dev_data)
-    common = dict(num_leaves=num_leaves, shape=shape, layers=layers, shard_size=64, heldout_frac=0.1, gate_rank=32)
-    train_kw = dict(data=data, max_steps=train_steps, stage_a_steps=stage_a_steps, batch_size=batch_size, lr=lr,
-                    bank_lr=bank_lr, log_every=20, save_every=max(train_steps, 1))
+    steps = pipeline.train_steps
+    inference = Runtime(dtype=runtime.dtype, overwrite=overwrite)  # what extraction and evaluation read
+    common = dict(tree=tree, layers=layers, shard_size=64, heldout_frac=0.1, runtime=inference)
+    train_kw = dict(data=data, fit=fit, runtime=runtime, max_steps=steps, batch_size=batch_size, log_every=20,
+                    save_every=max(steps, 1))
     log.info("[1/4] extract: teacher states -> projector -> tree + bank")
-    extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), overwrite=overwrite, **common)
+    extract(teacher=teacher, base=base, data=data, out=os.path.join(out, "extract"), **common)
     log.info("[2/4] train the plug-in (route warm-up, then distillation)")
-    train(base=base, experts=os.path.join(out, "extract"), out=os.path.join(out, "plugin"), overwrite=overwrite,
-          **train_kw)
+    train(base=base, experts=os.path.join(out, "extract"), out=os.path.join(out, "plugin"), **train_kw)
     if control:
         log.info("[2b] no-teacher control: same pipeline, the base's own states, no distillation")
-        extract(teacher=base, base=base, data=data, out=os.path.join(out, "control-extract"), overwrite=overwrite,
-                **common)
+        extract(teacher=base, base=base, data=data, out=os.path.join(out, "control-extract"), **common)
         train(base=base, experts=os.path.join(out, "control-extract"), out=os.path.join(out, "control"), no_kd=True,
-              overwrite=overwrite, **train_kw)
+              **train_kw)
     log.info("[3/4] evaluate base, ToE and teacher on held-out problems")
-    evaluate(base=base, plugin=os.path.join(out, "plugin"), teacher=teacher, task=task, data=dev_data,
-             out=os.path.join(out, "eval"), max_new_tokens=max_new_tokens, batch_size=32, overwrite=overwrite)
+    evaluate(base=base, plugin=os.path.join(out, "plugin"), teacher=teacher, data=dev_data, scoring=scoring,
+             out=os.path.join(out, "eval"), batch_size=32, runtime=inference)
     runs = [os.path.join(out, "eval")]
     if control:
-        evaluate(base=base, plugin=os.path.join(out, "control"), task=task, data=dev_data,
-                 out=os.path.join(out, "eval-control"), max_new_tokens=max_new_tokens, batch_size=32,
-                 overwrite=overwrite)
+        evaluate(base=base, plugin=os.path.join(out, "control"), data=dev_data, scoring=scoring,
+                 out=os.path.join(out, "eval-control"), batch_size=32, runtime=inference)
         runs.append(os.path.join(out, "eval-control"))
     log.info("[4/4] report")
     labels = {runs[0]: "ToE", **({runs[1]: "no-teacher control"} if control else {})}

@@ -18,40 +18,25 @@ scoring's per-item JSONL and metrics.json: ``ce``, ``acc`` and one folder per ``
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import logging
 import os
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..errors import ToEError
-from ..io import atomic_write_json, read_json
+from ..files import atomic_write_json, read_json
+from .steps import Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
+from .study_runs import StudyRuns
 
 log = logging.getLogger(__name__)
 TARGET_DIRS = {"ce": "ce", "accuracy": "acc"}
-DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
-KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
-        "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
-        "adapter_model.safetensors", "README.md")
 
 
-@dataclass
-class Step:
-    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds)."""
+class Study(StudyRuns):
+    """A study config and its output folder: where every path resolves, the checks before anything runs, and the
+    graph of steps (:mod:`.study_runs` says what each step does)."""
 
-    id: str
-    deps: list[str]
-    done: Callable[[], bool]
-    run: Callable[[], None]
-    work: dict = field(default_factory=dict)  # what the estimate needs: tokens, model, kind
-
-
-class Study:
     def __init__(self, cfg: StudyConfig, out: str):
         self.cfg, self.out = cfg, os.path.abspath(out)
         self.skip, self.n = cfg.data.reported[0], cfg.data.reported[1] - cfg.data.reported[0]
@@ -135,7 +120,7 @@ class Study:
                 raise ToEError(f"data.answers {self.answers} answers other items than data.items rows "
                                f"{self.cfg.data.reported}: give the teacher's answers to exactly those rows")
         for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
-            from ..hf import load_config
+            from ..hf.loading import load_config
 
             cfg = load_config(path, who)
             for r in self.cfg.rows:
@@ -259,178 +244,8 @@ class Study:
 
         return done
 
-    # -- running the steps -------------------------------------------------------------------------------------
-    def common(self) -> dict:
-        d = self.cfg.data
-        fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.response_field)) if v}
-        return dict(template=self.cfg.pair.template, max_length=d.max_length, **fields)
-
-    def run_answers(self, tuning: bool = False) -> None:
-        """The teacher's greedy answers (all kept) to the reported rows (the CE target; its graded accuracy too), or
-        with ``tuning`` to the tuning rows (the learning curves' target)."""
-        from ..commands.evaluate import traces
-
-        target = self.tuning_answers if tuning else self.answers
-        skip, n = (self.cfg.data.tuning[0], self.cfg.data.tuning[1] - self.cfg.data.tuning[0]) if tuning else \
-            (self.skip, self.n)
-        tmp = target + ".partial"
-        got = traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=skip, limit=n,
-                     template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
-                     batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
-                     eval_out=None if tuning else os.path.join(self.out, "acc", "teacher"), resume=True,
-                     overwrite=True)
-        if got["kept"] < got["generated"]:
-            raise ToEError(f"the teacher answered {got['kept']} of {got['generated']} items (the others were "
-                           f"empty; {100 * got['truncated_share']:.0f} % cut at scoring.max_new_tokens "
-                           f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers / data.tuning_answers")
-        os.replace(tmp, target)
-
-    def run_curve(self, label: str, row: Row) -> None:
-        """CE on the tuning rows' teacher answers of every kept snapshot and the final weights: the learning curve."""
-        from ..commands.evaluate import evaluate
-
-        run, points = self.run_dir(label), []
-        snaps = os.path.join(run, "snapshots")
-        if not os.path.isdir(snaps):
-            raise ToEError(f"curve/{label}: {snaps} is gone (its work folder did not survive): delete "
-                           f"{os.path.join(self.out, 'train', label)} to train the row again, or set "
-                           "scoring.curve_every 0")
-        found = sorted((int(d.split("-")[1]), os.path.join(snaps, d)) for d in os.listdir(snaps)
-                       if d.startswith("step-"))
-        final = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
-        for step, folder in [*found, (final, run)]:
-            out = os.path.join(self.out, "curve", label, f"step-{step}")
-            if not os.path.isfile(os.path.join(out, "metrics.json")):
-                evaluate(base=self.base, **{"lora" if row.kind == "lora" else "plugin": folder}, with_base=False,
-                         data=self.tuning_answers, template=self.cfg.pair.template, ce_target="trace",
-                         accuracy=False, task=self.cfg.data.task, batch_size=self.cfg.scoring.batch_size,
-                         dtype=self.cfg.pair.dtype, out=out, overwrite=True)
-            system = next(iter(read_json(os.path.join(out, "metrics.json"), "rerun the study")["systems"].values()))
-            points.append({"step": step, "ce": system["ce"], "ce_ci95": system.get("ce_ci95")})
-        atomic_write_json(os.path.join(self.out, "curve", label, "curve.json"), {"row": row.name, "points": points})
-
-    def run_extract(self, layers: list[int]) -> Callable[[], None]:
-        def run() -> None:
-            from ..commands.extract import extract
-
-            extract(teacher=self.teacher, base=self.base, data=self.train_data, out=self.extraction(layers),
-                    layers=layers, dtype=self.cfg.pair.dtype, **self.common(), **self.cfg.extract)
-        return run
-
-    def run_rebuild(self, row: Row) -> Callable[[], None]:
-        def run() -> None:
-            from ..commands.extract import rebuild
-
-            out = self.extraction(row.layers, row.rebuild)
-            rebuild(source=self.extraction(row.layers), out=out, dtype=self.cfg.pair.dtype,
-                    overwrite=os.path.isdir(out), **row.rebuild)
-        return run
-
-    def run_train(self, row: Row, seed: int, label: str, steps_n: int) -> Callable[[], None]:
-        def run() -> None:
-            from ..commands.train import train
-            from ..recipes.baseline import baseline
-
-            out = self.run_dir(label)
-            kept = os.path.join(self.out, "train", label)
-            if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
-                marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
-                kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
-                          snapshot_every=self.cfg.scoring.curve_every,
-                          batch_size=self.cfg.budget.batch_size, dtype=self.cfg.pair.dtype, resume=marker,
-                          overwrite=not marker and os.path.isdir(out), **self.common())
-                if row.objective == "on_policy":
-                    kw.update(objective="on_policy", teacher=self.teacher)
-                experts = self.extraction(row.layers, row.rebuild) if row.layers else None
-                if row.kind == "lora":
-                    baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
-                elif row.kind == "control":
-                    baseline(kind="control", experts=experts, **kw, **{**_baseline_options(self.cfg.train),
-                                                                        **row.options})
-                else:
-                    adapter = self.run_dir(self.cfg.row(row.adapter_of).labels()[seed]) if row.adapter_of else None
-                    if adapter and not os.path.isdir(adapter):  # a fresh machine: the adapter from its kept copy
-                        adapter = os.path.join(self.out, "train", self.cfg.row(row.adapter_of).labels()[seed])
-                    train(experts=experts, base_adapter=adapter, **kw, **{**self.cfg.train, **row.options})
-            os.makedirs(kept, exist_ok=True)
-            for f in KEPT:  # the small files and the trained weights, kept with the study's results; the summary
-                # (what marks the step done) last, so a kill mid-copy leaves the step to redo
-                if os.path.isfile(os.path.join(out, f)) and f not in DONE:
-                    shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
-            if row.kind != "lora":  # the bank's geometry before -> after training (did the leaves specialise?)
-                from ..commands.hub import inspect
-
-                atomic_write_json(os.path.join(kept, "inspect.json"), inspect(out))
-            for f in DONE:
-                if os.path.isfile(os.path.join(out, f)):
-                    shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
-        return run
-
-    def system_dir(self, label: str) -> str:
-        """A trained row's weights: the run folder, else (a fresh machine) the kept copy."""
-        run = self.run_dir(label)
-        return run if os.path.isdir(run) and any(
-            os.path.isfile(os.path.join(run, f)) for f in ("train_summary.json", "baseline_summary.json")) else \
-            os.path.join(self.out, "train", label)
-
-    def run_score(self, target: str, label: str, row: Row | None) -> None:
-        from ..commands.evaluate import evaluate
-
-        out = os.path.join(self.out, target, label)
-        again = os.path.isfile(os.path.join(out, "generations.partial.jsonl"))
-        kw: dict = dict(base=self.base, out=out, batch_size=self.cfg.scoring.batch_size, dtype=self.cfg.pair.dtype,
-                        resume=again, overwrite=not again)
-        if label == "teacher":
-            kw.update(with_base=False, teacher=self.teacher)
-        elif row is None:
-            kw.update(with_base=True, teacher=self.teacher if target == "ce" else None)
-        else:
-            kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
-            kw["with_base"] = False
-        if target == "ce":
-            kw.update(data=self.answers, template=self.cfg.pair.template, ce_target="trace", accuracy=False,
-                      task=self.cfg.data.task)
-        elif target == "acc":
-            kw.update(data=self.items, skip=self.skip, limit=self.n, template=self.cfg.pair.template, ce=False,
-                      max_new_tokens=self.cfg.scoring.max_new_tokens, task=self.cfg.data.task)
-        else:
-            kw.update(data=self.resolve(self.cfg.scoring.ce_files[target]), task="code", template="{prompt}",
-                      accuracy=False, ce_target="gold")
-        evaluate(**kw)
-
-    def run_oracle(self, row: Row, plugin: str) -> Callable[[], None]:
-        def run() -> None:
-            from ..commands.oracle import oracle
-
-            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers), data=self.answers,
-                   plugin=self.system_dir(plugin), template=self.cfg.pair.template, ce_target="trace",
-                   dtype=self.cfg.pair.dtype, out=os.path.join(self.out, "ce", row.labels()[0]), overwrite=True,
-                   **{"batch_size": 1, "lambdas": [0.25], **row.options})
-        return run
-
-    # -- the loop ----------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self, step: Step):
-        """The step's advisory lock (released by the kernel if the process dies): yields False when another
-        process holds it."""
-        # an extraction may be shared by studies with one work folder: its lock lives there
-        where = self.work if step.id.startswith("extract/") else self.out
-        os.makedirs(os.path.join(where, "locks"), exist_ok=True)
-        path = os.path.join(where, "locks", step.id.replace("/", "__") + ".lock")
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                f.seek(0), f.truncate(), f.write(f"pid {os.getpid()}\n"), f.flush()
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
-            targets: list[str] | None = None) -> dict:
+    def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None) -> list[Step]:
+        """The steps of ``rows`` (and what they need; default every row) scoring ``targets`` (default all)."""
         steps = self.steps()
         if targets is not None:  # the other targets' scorings wait for a later run
             steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
@@ -443,61 +258,17 @@ class Study:
                     break
                 keep |= more
             steps = [s for s in steps if s.id in keep]
-        by_id = {s.id: s for s in steps}
-        ran, waited, failed = [], False, {}
+        return steps
 
-        def blocked(s: Step) -> bool:  # a step whose input failed waits for a later run, not forever
-            return any(d in failed or blocked(by_id[d]) for d in s.deps if d in by_id)
+    def lock_folder(self, step: Step) -> str:
+        """Where ``step``'s lock lives: an extraction may be shared by studies with one work folder, so its lock
+        lives there; every other step's in the study folder."""
+        return self.work if step.id.startswith("extract/") else self.out
 
-        while True:
-            pending = [s for s in steps if not s.done() and s.id not in failed and not blocked(s)]
-            if not pending:
-                break
-            progressed = held = False
-            for s in pending:
-                if s.done() or not all(by_id[d].done() for d in s.deps if d in by_id):
-                    held = held or any(not by_id[d].done() for d in s.deps if d in by_id)
-                    continue
-                with self.lock(s) as mine:
-                    if not mine:
-                        held = True
-                        log.info("study: %s is running in another process; next step", s.id)
-                        continue
-                    if s.done():
-                        continue
-                    log.info("study: %s", s.id)
-                    try:
-                        s.run()
-                    except ToEError as e:  # one row's trouble does not stop the others: said at the end
-                        failed[s.id] = str(e)
-                        log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
-                    else:
-                        ran.append(s.id)
-                        if s.id.startswith("score/"):
-                            render()
-                    progressed = True
-                    break  # back to the first pending step: the rows' order is the priority order
-            if not progressed:
-                if not held:
-                    raise ToEError("study: steps left that cannot start: " + ", ".join(s.id for s in pending[:5]))
-                waited = True
-                time.sleep(poll_s)  # another process holds a step this one needs
-        render()
-        if failed:
-            first, why = next(iter(failed.items()))
-            raise ToEError(f"study: {len(failed)} step(s) failed, the rest ran and the table is rendered: {first}: "
-                           f"{why}" + (f" (and {', '.join(list(failed)[1:4])})" if len(failed) > 1 else ""))
-        return {"ran": ran, "waited": waited}
-
-
-def _baseline_options(options: dict) -> dict:
-    """The options of the study's `train` group that `toe baseline` takes (the group also serves the control, whose
-    command lacks some plug-in-only options)."""
-    import inspect
-
-    from .baseline import baseline
-
-    return {k: v for k, v in options.items() if k in inspect.signature(baseline).parameters}
+    def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
+            targets: list[str] | None = None) -> dict:
+        """Runs the steps of ``rows`` scoring ``targets`` (default all), rendering after every scoring."""
+        return run_steps(self.selected_steps(rows, targets), self.lock_folder, render, poll_s)
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
@@ -534,8 +305,8 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     if render_only:
         return {**render(s), "ran": [], "waited": False}
     s.check_inputs()
-    if dry_run:
-        return plan(s)
+    if dry_run:  # the steps this call would run (with --rows/--targets: those only)
+        return plan(s, s.selected_steps(rows, targets))
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
     result = s.run(lambda: render(s), poll_s, rows, targets)
     summary = render(s)

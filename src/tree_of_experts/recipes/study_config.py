@@ -8,7 +8,6 @@ them and :mod:`..evaluation.study_table` renders the table and the verdict from 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 import typing
@@ -238,7 +237,9 @@ def check_options(where: str, options: dict, command: str) -> None:
 
     module = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
               "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
-    params = set(inspect.signature(getattr(import_module(f"..{module}", __package__), command)).parameters)
+    from ..options import option_names
+
+    params = option_names(getattr(import_module(f"..{module}", __package__), command))
     for key in options:
         if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
             raise ToEError(f"{where}.{key}: the study sets {key} itself (pair, data, budget, row fields): remove it")

@@ -61,9 +61,10 @@ def _tokens(study, tok) -> tuple[int, float]:
     return len(rows), sum(lengths) / max(1, len(lengths))
 
 
-def plan(study) -> dict:
-    """The plan of ``study``: one line per step (done / to run), its estimate, and the totals."""
-    from ..hf import load_config, load_tokenizer
+def plan(study, steps: list | None = None) -> dict:
+    """The plan of ``study``: one line per step (done / to run; ``steps``, default every step of the study), its
+    estimate, and the totals."""
+    from ..hf.loading import load_config, load_tokenizer
 
     cfg = study.cfg
     speed = probe()
@@ -81,7 +82,7 @@ def plan(study) -> dict:
         return steps * (max(fpt / 2 * wbytes / BW, batch * fpt / F) + call_s(c))
 
     lines, total_s, total_b = [], 0.0, 0
-    for s in study.steps():
+    for s in study.steps() if steps is None else steps:
         w, sec, disk = s.work, 0.0, 0
         kind = w.get("kind")
         if kind == "answers":

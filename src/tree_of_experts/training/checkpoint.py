@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ToEError
-from ..io import (
+from ..files import (
     atomic_save_tensors,
     atomic_torch_save,
     atomic_write_json,

@@ -18,8 +18,8 @@ import torch
 from ..errors import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
-from ..hf import padded_inputs
-from ..io import RESUMABLE_CHANGES
+from ..hf.layers import padded_inputs
+from ..folders import RESUMABLE_CHANGES
 from ..losses import gathered_generalized_jsd, tail_positions, token_nll, topk_kl
 from .examples import collate
 
@@ -204,7 +204,7 @@ def load_teacher(teacher: str, tok, dtype: str, device) -> torch.nn.Module:
     """The frozen teacher of on-policy steps (see :func:`resolve_teacher`); its vocabulary must be the student's
     (the divergence compares distributions over the same token ids)."""
 
-    from ..hf import load_causal_lm, load_tokenizer
+    from ..hf.loading import load_causal_lm, load_tokenizer
 
     t_tok = load_tokenizer(teacher)
     if t_tok.get_vocab() != tok.get_vocab():

@@ -17,7 +17,8 @@ from huggingface_hub import ModelCard
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.cli import main
 from tree_of_experts.commands.hub import push
-from tree_of_experts.hf import hub_id_of, load_causal_lm
+from tree_of_experts.hf.hub import hub_id_of
+from tree_of_experts.hf.loading import load_causal_lm
 from tree_of_experts.toy import tiny_qwen2
 
 PROMPTS = ["Question: 3 plus 4?", "Question: what is 12 times 7 then?"]

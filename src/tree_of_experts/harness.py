@@ -2,7 +2,7 @@
 
 Python::
 
-    from tree_of_experts.lm_eval import ToELM
+    from tree_of_experts.harness import ToELM
     import lm_eval
     lm = ToELM(base="Qwen/Qwen2.5-1.5B", plugin="path/to/plugin", batch_size=8)
     results = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k"])
@@ -12,7 +12,7 @@ adds tasks, not models), so ``toe lm-eval`` registers ``toe`` and then runs lm-e
 arguments::
 
     toe lm-eval --model toe --model_args base=B,plugin=P --tasks gsm8k --batch_size 8
-    python -m tree_of_experts.lm_eval ...   # the same
+    python -m tree_of_experts.harness ...   # the same
 
 The plug-in works through forward hooks on the base, so every lm-eval code path (loglikelihood, rolling
 perplexity, generate_until with the KV cache) runs with it.
@@ -26,7 +26,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .errors import ToEError
-from .hf import load_tokenizer
+from .hf.loading import load_tokenizer
 from .model import ToEModel
 
 
@@ -70,7 +70,7 @@ def cli(argv: list[str] | None = None) -> None:
         sys.argv = saved
 
 
-if __name__ == "__main__":  # `python -m tree_of_experts.lm_eval ARGS`, the same as `toe lm-eval ARGS`
+if __name__ == "__main__":  # `python -m tree_of_experts.harness ARGS`, the same as `toe lm-eval ARGS`
     try:
         cli()
     except ToEError as e:

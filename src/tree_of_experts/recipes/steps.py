@@ -1,0 +1,99 @@
+"""A study's work as a graph of resumable steps: each says whether its output exists and how to make it; the runner
+takes them in order (the config's rows are the priority order), each under a file lock, so two processes share one
+study and a held step is waited for; a step that fails leaves the others running and is reported at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ToEError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds)."""
+
+    id: str
+    deps: list[str]
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    work: dict = field(default_factory=dict)  # what the estimate needs: tokens, model, kind
+
+
+@contextlib.contextmanager
+def step_lock(step: Step, folder: str):
+    """The step's advisory lock in ``folder``/locks (released by the kernel if the process dies): yields False when
+    another process holds it."""
+    os.makedirs(os.path.join(folder, "locks"), exist_ok=True)
+    path = os.path.join(folder, "locks", step.id.replace("/", "__") + ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            f.seek(0), f.truncate(), f.write(f"pid {os.getpid()}\n"), f.flush()
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Callable[[], None],
+              poll_s: float = 10.0) -> dict:
+    """Runs every step of ``steps`` not done yet once its inputs are (``lock_folder(step)`` holds its lock),
+    calling ``render`` after each scoring and at the end; returns what ran and whether it waited for another
+    process. Raises one ToEError naming the failed steps after the others ran."""
+    by_id = {s.id: s for s in steps}
+    ran, waited, failed = [], False, {}
+
+    def blocked(s: Step) -> bool:  # a step whose input failed waits for a later run, not forever
+        return any(d in failed or blocked(by_id[d]) for d in s.deps if d in by_id)
+
+    while True:
+        pending = [s for s in steps if not s.done() and s.id not in failed and not blocked(s)]
+        if not pending:
+            break
+        progressed = held = False
+        for s in pending:
+            if s.done() or not all(by_id[d].done() for d in s.deps if d in by_id):
+                held = held or any(not by_id[d].done() for d in s.deps if d in by_id)
+                continue
+            with step_lock(s, lock_folder(s)) as mine:
+                if not mine:
+                    held = True
+                    log.info("study: %s is running in another process; next step", s.id)
+                    continue
+                if s.done():
+                    continue
+                log.info("study: %s", s.id)
+                try:
+                    s.run()
+                except ToEError as e:  # one row's trouble does not stop the others: said at the end
+                    failed[s.id] = str(e)
+                    log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
+                else:
+                    ran.append(s.id)
+                    if s.id.startswith("score/"):
+                        render()
+                progressed = True
+                break  # back to the first pending step: the rows' order is the priority order
+        if not progressed:
+            if not held:
+                raise ToEError("study: steps left that cannot start: " + ", ".join(s.id for s in pending[:5]))
+            waited = True
+            time.sleep(poll_s)  # another process holds a step this one needs
+    render()
+    if failed:
+        first, why = next(iter(failed.items()))
+        raise ToEError(f"study: {len(failed)} step(s) failed, the rest ran and the table is rendered: {first}: "
+                       f"{why}" + (f" (and {', '.join(list(failed)[1:4])})" if len(failed) > 1 else ""))
+    return {"ran": ran, "waited": waited}
