@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tree_of_experts import ToEError
 from tree_of_experts.commands.extract import extract, rebuild
+from tree_of_experts.config import ToEError
 from tree_of_experts.extraction.budget import parse_size
 from tree_of_experts.extraction.store import Extraction, has_states
 
@@ -147,8 +147,8 @@ def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, m
 
 def test_dry_run_prints_the_plan_and_loads_no_model(experts, tmp_path, monkeypatch, capsys):
     import tree_of_experts.commands.extract as ex_mod
-    from tree_of_experts.hf import loading as hf
     from tree_of_experts.cli import main
+    from tree_of_experts.hf import loading as hf
 
     def fail(*a, **k):
         raise AssertionError("a model was loaded")
@@ -172,7 +172,6 @@ def test_dry_run_prints_the_plan_and_loads_no_model(experts, tmp_path, monkeypat
 def test_consumers_read_the_sample(experts, big, tmp_path):
     """Training rows: top-k and the cached low state for every row, state targets for the sampled ones only; the
     predictability fit reads the sample's tokens; --cached_states without low states is refused in one line."""
-    from tree_of_experts.commands.train import train
     from tree_of_experts.data import DataSpec
     from tree_of_experts.extraction.fusion import extraction_signal
     from tree_of_experts.extraction.predictability import layer_rows
@@ -248,3 +247,11 @@ print(json.dumps({{"before": before, "after": after, "plan": s["disk_plan"]["pea
     assert done.returncode == 0, done.stderr[-2000:]
     m = json.loads(done.stdout.strip().splitlines()[-1])
     assert m["after"] - m["before"] <= m["plan"] + 150 * 2**20, m
+
+
+def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
+    from tree_of_experts.extraction.budget import check_leaves_fit
+
+    check_leaves_fit(64, "balanced", 200_000, memory=2**30)
+    with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):
+        check_leaves_fit(4096, "balanced", 200_000, memory=4 * 2**30)

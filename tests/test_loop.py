@@ -121,3 +121,28 @@ def test_the_flat_and_the_nested_cli_spellings_train_the_same_run(world, tmp_pat
     assert main(["train", "--config", str(config)]) == 0
     from_config = json.loads((tmp_path / "config" / "train_args.json").read_text())
     assert {k: v for k, v in from_config.items() if k != "out"} == {k: v for k, v in flat.items() if k != "out"}
+
+
+def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    import tree_of_experts.training.loop as loop_mod
+    from tree_of_experts.commands.train import train
+
+    real, calls = loop_mod.objective_loss, []
+
+    def diverging(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) >= 2 else (loss, parts)
+
+    monkeypatch.setattr(loop_mod, "objective_loss", diverging)
+    out = tmp_path / "run"
+    with pytest.raises(ToEError, match=r"training stopped at step 3 \(stage B\): the loss is nan"):
+        train(base=str(world / "base"), experts=str(world / "ex"), data=reference.DATA, out=str(out), max_steps=4,
+              stage_a_steps=1, batch_size=4, save_every=1)
+    assert not (out / "toe_model.safetensors").exists() and not (out / "train_summary.json").exists()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # the last finite step
+    ckpt = load_file(str(out / "checkpoint" / "plugin.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ckpt.values())

@@ -496,3 +496,17 @@ def test_a_base_loaded_from_the_hub_cache_records_its_hub_id(tmp_path, tok):
     assert hub_id_of(str(snapshot)) == ("org/tiny", "abc123") and hub_id_of(str(tmp_path)) == (None, None)
     config = ToEModel.fresh(load_causal_lm(str(snapshot)), layers=[0], num_leaves=4).toe_config
     assert (config.base_model, config.base_revision) == ("org/tiny", "abc123")
+
+
+def test_python_api_type_errors_say_what_is_accepted(experts):
+    from tree_of_experts import ToEModel
+    from tree_of_experts.toy import tiny_qwen2
+
+    plugin = str(experts / "ex")
+    for bad in (None, 123, {"a": 1}, torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="from_pretrained"):
+            ToEModel.from_pretrained(bad, plugin)
+    with pytest.raises(TypeError, match="pass the plug-in"):
+        ToEModel.from_pretrained(tiny_qwen2(), None)
+    with pytest.raises(TypeError, match="folder or hub repo id"):
+        ToEModel.from_pretrained(tiny_qwen2(), 123)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tree_of_experts import ToEError
+from tree_of_experts.config import ToEError
 
 
 def test_report_pools_eval_folders_on_the_same_items(tmp_path):
@@ -117,3 +117,19 @@ def test_sampled_and_greedy_answers_are_never_pooled():
     assert greedy == ce_only == "trace CE · dev.jsonl rows 56–155 · 0-shot"
     assert sampled == greedy + " · sampled T=0.7, top-p 0.95, k=4"
     assert _target({**common, "ce": True, "accuracy": True}) == greedy  # folders from before decoding was recorded
+
+
+def test_small_or_non_finite_evaluations_are_flagged_not_printed_as_numbers(tmp_path):
+    from tree_of_experts.evaluation.results import summarize
+    from tree_of_experts.evaluation.tables import markdown, table_rows
+    from tree_of_experts.stats import MIN_INTERVAL_N, bootstrap_mean, paired_bootstrap
+
+    assert bootstrap_mean([0.5])[1:] == (None, None) and MIN_INTERVAL_N == 3
+    assert paired_bootstrap([1.0, 2.0], [0.0, 0.0])["ci95"] == [None, None]
+    one = [{"prompt": "p", "ce": 0.4, "ce_tokens": 3}]
+    assert summarize(one)["ce_ci95"] == [None, None]
+    rows = [{"prompt": f"p{i}", "ce": v, "ce_tokens": 3} for i, v in enumerate([0.4, None, 0.5])]  # NaN -> null
+    s = summarize(rows)
+    assert s["ce"] is None and s["ce_nonfinite"] == 1
+    table = markdown(table_rows({"t": {"base": one, "toe": one}}) + table_rows({"u": {"base": rows, "toe": rows}}))
+    assert "nan" not in table.lower() and "no interval below 3 items" in table and "non-finite on 1 of 3 items" in table
