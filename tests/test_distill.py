@@ -181,61 +181,6 @@ def test_toe_on_top_of_lora_is_a_system_of_its_own(experts, tmp_path):
         assert torch.equal(bare(input_ids=ids).logits, plain)  # the caller's base is still the bare base
 
 
-def test_checkpointing_a_frozen_base_recomputes_and_sampling_keeps_it():
-    """`toe train --gradient_checkpointing true`: the frozen base stays in eval mode, yet its decoder layers are
-    recomputed in backward (each runs twice per step) with the same gradients; an on-policy sample in between
-    leaves that set-up as it found it."""
-    from tree_of_experts import ToEModel
-    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
-
-    tok = tiny_tokenizer()
-    ids = torch.tensor([tok("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
-
-    def grads(checkpoint: bool) -> tuple[list[torch.Tensor], int]:
-        model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=2, seed=0), layers=[0], num_leaves=4)
-        with torch.no_grad():
-            model.plugin.blocks["0"].scale.fill_(1.0)
-        if checkpoint:
-            checkpoint_frozen_layers(model.base)
-            sample(model, [ids[0, :4]], tok.pad_token_id, [tok.eos_token_id], OnPolicy(max_new_tokens=3), 0, "cpu")
-        calls = []
-        # a hook inside the layer (a layer's own hooks stay outside transformers' checkpoint by design)
-        decoder_layers(model.base)[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
-        model(input_ids=ids).logits.float().pow(2).mean().backward()
-        return [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None], len(calls)
-
-    (plain, n_plain), (ckpt, n_ckpt) = grads(False), grads(True)
-    assert n_plain == 1 and n_ckpt == 2  # recomputed in backward
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt)) and len(plain) == len(ckpt) > 0
-
-
-def test_checkpointing_runs_no_backward_below_the_first_injection_layer():
-    """transformers 5.x makes the input embeddings' output require a gradient when checkpointing is enabled (for
-    reentrant checkpoints of adapters); with the plug-in at layer 1 alone (it edits that layer's output) that would
-    recompute and backpropagate the frozen layers 0 and 1 for nothing. Non-reentrant, only layer 2 runs again;
-    reentrant (asked for) keeps the hook, without which it would drop the plug-in's gradients."""
-    from tree_of_experts import ToEModel
-    from tree_of_experts.hf.layers import checkpoint_frozen_layers, decoder_layers
-
-    ids = torch.tensor([tiny_tokenizer()("Question: 3 plus 4 is 7 and 12 times 7")["input_ids"]])
-
-    def calls_per_layer(kwargs: dict | None) -> tuple[list[int], torch.Tensor]:
-        model = ToEModel.fresh(tiny_qwen2(hidden_size=32, num_layers=3, seed=0), layers=[1], num_leaves=4)
-        with torch.no_grad():
-            model.plugin.blocks["1"].scale.fill_(1.0)
-        checkpoint_frozen_layers(model.base, kwargs)
-        calls = [0, 0, 0]
-        for i, layer in enumerate(decoder_layers(model.base)):
-            layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
-        model(input_ids=ids).logits.float().pow(2).mean().backward()
-        return calls, model.plugin.blocks["1"].scale.grad
-
-    calls, grad = calls_per_layer(None)
-    assert calls == [1, 1, 2] and grad is not None and grad.abs().sum() > 0  # no backward through layers 0 and 1
-    calls, grad_reentrant = calls_per_layer({"use_reentrant": True})
-    assert calls == [2, 2, 2] and torch.allclose(grad, grad_reentrant, atol=1e-6)
-
-
 def test_toe_model_takes_transformers_checkpointing_calls_and_keeps_the_base_in_eval_mode():
     """Trainer and trl call `activation_checkpointing_enable` (5.x) or `gradient_checkpointing_enable` (4.x) on the
     model they train: the base's decoder layers recompute while the model trains, never drop out, and stop

@@ -208,22 +208,6 @@ def test_bad_dataset_fields_give_a_clear_error(pair, tmp_path):
         run(pair, tmp_path / "ex", prompt_field="problem")
 
 
-def test_states_until_stops_early_with_the_same_states():
-    from tree_of_experts.hf.layers import capture_layers, states_until
-
-    model = tiny_qwen2(num_layers=4).eval()
-    batch = dict(tiny_tokenizer()(["what is 3 plus 4?"], return_tensors="pt"))
-    calls = []
-    handle = model.model.layers[3].register_forward_hook(lambda *a: calls.append(1))
-    with torch.no_grad(), capture_layers(model, [0, 1]) as full:
-        model(**batch)
-    with torch.no_grad():
-        early = states_until(model, [1, 0], batch)
-    handle.remove()
-    assert len(calls) == 1  # the top layer ran for the full forward only
-    assert all(torch.equal(full[i], early[i]) for i in (0, 1))
-
-
 def test_ridge_recovers_a_planted_linear_map():
     torch.manual_seed(0)
     w = torch.randn(6, 4)

@@ -261,35 +261,6 @@ def test_a_checkpoint_before_the_first_logged_row_is_fine(experts, tmp_path):
     assert (tmp_path / "p" / "curves.png").exists()
 
 
-def test_a_forward_started_from_cached_states_equals_the_full_forward():
-    from tree_of_experts import ToEModel
-    from tree_of_experts.hf.layers import capture_layers, decoder_layers, padded_inputs, starting_at
-
-    base = tiny_qwen2(hidden_size=32, num_layers=3, seed=0)
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8]])
-    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    inputs = padded_inputs(ids, am, "cpu")
-    with torch.no_grad(), capture_layers(base, [1]) as seen:
-        full = base(**inputs).logits
-    calls = []  # layer 0 on the batch (the one-token probe of the layers' output convention aside)
-    decoder_layers(base)[0].mlp.register_forward_hook(lambda m, a, o: calls.append(0) if a[0].shape[1] > 1 else None)
-    with torch.no_grad(), starting_at(base, 1, seen[1]):
-        cached = base(**inputs).logits
-    assert not calls and torch.allclose(cached, full, atol=1e-6)  # layer 0 did not run, the logits are the same
-    with torch.no_grad():
-        again = base(**inputs).logits
-    assert calls and torch.equal(again, full)  # the layers are themselves again after the block
-    # A plug-in at the starting layer adds its Δ to the cached states, as it does to the computed ones.
-    model = ToEModel.fresh(base, layers=[1, 2], num_leaves=4)
-    with torch.no_grad():
-        for block in model.plugin.blocks.values():
-            block.scale.fill_(1.0)
-        full = model(**inputs).logits
-        with starting_at(base, 1, seen[1]):
-            cached = model(**inputs).logits
-    assert torch.allclose(cached, full, atol=1e-6) and not torch.allclose(full, again, atol=1e-3)
-
-
 def test_training_from_cached_states_gives_the_same_losses(experts, tmp_path):
     from tree_of_experts.hf.layers import decoder_layers
 
@@ -343,48 +314,6 @@ def test_the_control_trains_from_its_own_cached_states_and_lora_refuses_them(exp
     with pytest.raises(ToEError, match="every layer"):  # (an adapter has no route warm-up to give steps to)
         baseline(kind="lora", out=str(tmp_path / "lora"), **{k: v for k, v in kw.items() if k != "stage_a_steps"})
     assert not (tmp_path / "lora").exists()
-
-
-class _TupleLayer(torch.nn.Module):
-    """A decoder layer with the transformers 4.x convention: it returns ``(hidden, attn_weights)``."""
-
-    def __init__(self, seed: int):
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(seed))
-
-    def forward(self, hidden_states, attention_mask=None):
-        return hidden_states + torch.tanh(self.lin(hidden_states)), None
-
-
-class _TupleLM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(16, 8)
-        self.layers = torch.nn.ModuleList([_TupleLayer(i) for i in range(3)])
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h, attention_mask=attention_mask)[0]
-        return h
-
-
-def test_starting_at_follows_the_layers_output_convention():
-    from tree_of_experts.hf.layers import capture_layers, layers_return_tuples, starting_at
-
-    lm, ids = _TupleLM(), torch.tensor([[1, 2, 3, 4]])
-    assert layers_return_tuples(lm) is True
-    assert layers_return_tuples(tiny_qwen2(hidden_size=32, num_layers=2, seed=0)) is False  # transformers 5.x
-    with torch.no_grad(), capture_layers(lm, [1]) as seen:
-        full = lm(ids)
-    with torch.no_grad(), starting_at(lm, 1, seen[1]):
-        cached = lm(ids)
-    assert torch.equal(cached, full)
-    own = lm.layers[0].forward = lambda *a, **k: (a[0], None)  # an instance forward (accelerate's wrappers) returns
-    with starting_at(lm, 1, seen[1]):
-        pass
-    assert lm.layers[0].forward is own and "forward" not in lm.layers[1].__dict__
 
 
 def test_a_finished_adapter_run_is_not_resumed(experts, tmp_path):
