@@ -143,6 +143,11 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     text = capsys.readouterr().out
     assert "train/lora" in text and "score/ce/lora" in text
     assert "train/toe-seed1" not in text and "train/ctl" not in text and "score/acc" not in text
+    # rows named in another order run in that order: the plan lists lora's steps before toe's
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true",
+                 "--rows", "lora,toe", "--targets", "ce"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("train/lora") < text.index("train/toe") < text.index("train/toe-seed1")
 
 
 @pytest.mark.parametrize("changes, message", [

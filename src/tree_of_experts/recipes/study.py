@@ -245,7 +245,8 @@ class Study(StudyRuns):
         return done
 
     def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None) -> list[Step]:
-        """The steps of ``rows`` (and what they need; default every row) scoring ``targets`` (default all)."""
+        """The steps of ``rows`` (and what they need; default every row, in the config's order) scoring ``targets``
+        (default all). Given rows run in the order given, each with its seeds in turn."""
         steps = self.steps()
         if targets is not None:  # the other targets' scorings wait for a later run
             steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
@@ -258,6 +259,10 @@ class Study(StudyRuns):
                     break
                 keep |= more
             steps = [s for s in steps if s.id in keep]
+            # the rows' order as given is the priority (what the study shares runs first)
+            rank = {label: i for i, r in enumerate(rows) for label in self.cfg.row(r).labels()}
+            order = {s.id: i for i, s in enumerate(steps)}
+            steps.sort(key=lambda s: (rank.get(s.id.split("/")[-1], -1), order[s.id]))
         return steps
 
     def lock_folder(self, step: Step) -> str:
@@ -280,7 +285,8 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
             every key).
         out: the study folder (results, small files; committed) — rerunning into it continues the study.
         dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
-        rows: run only these rows (and the steps they need), in the config's order; default: every row.
+        rows: run only these rows (and the steps they need), in the order given (the first row's steps first);
+            default: every row, in the config's order.
         targets: score only these targets now (``ce``, ``acc`` or a ``scoring.ce_files`` name); the others stay
             pending for a later run. Default: every target.
         render_only: run nothing; render the table, plots and verdict from what is scored.

@@ -6,7 +6,9 @@ probe (an fp32 matrix product for FLOP/s, a tensor copy for memory bandwidth). A
 (P: the weights' multiply-adds, embeddings' output projection included), a training step that backpropagates
 through the frozen base ~3× a forward (4× with activation checkpointing), and a decode step the larger of reading
 every weight once and 2·P·batch FLOPs; every forward call adds a fixed overhead (10 ms + 2 ms per layer: Python and
-kernel launches, what dominates tiny models). Real runs add what the probe cannot see (Python overhead, attention over long
+kernel launches, what dominates tiny models). An extraction is its capture (a base and a teacher forward per token)
+and its fusion maps' training (``projector_epochs`` passes of training steps over the base); a control row adds its
+own extraction with the base as the teacher. Real runs add what the probe cannot see (Python overhead, attention over long
 contexts, other jobs on the machine): on the CPU they have run 1-3× these estimates. Disk: an extraction's bytes
 per token by the formula of :func:`tree_of_experts.shapes.capture_bytes_per_token`; checkpoints by the trained
 parameters × 3 (weights and Adam's two moments).
@@ -81,6 +83,12 @@ def plan(study, steps: list | None = None) -> dict:
     def decode_s(fpt: float, steps: int, batch: int, c=base_cfg) -> float:
         return steps * (max(fpt / 2 * wbytes / BW, batch * fpt / F) + call_s(c))
 
+    def extraction_s(teacher_fpt: float, teacher_c) -> float:  # capture, then the fusion maps' training
+        batches = -(-n_rows // cfg.extract.get("batch_size", 4))
+        capture = n_rows * mean_len * (fb + teacher_fpt) / F + batches * (call_s(base_cfg) + call_s(teacher_c))
+        epochs = cfg.extract.get("projector_epochs", 1)
+        return capture + epochs * (n_rows * mean_len * 3 * fb / F + batches * 3 * call_s(base_cfg))
+
     lines, total_s, total_b = [], 0.0, 0
     for s in study.steps() if steps is None else steps:
         w, sec, disk = s.work, 0.0, 0
@@ -89,8 +97,7 @@ def plan(study, steps: list | None = None) -> dict:
             sec = decode_s(ft, -(-n // cfg.scoring.answer_batch_size) * new, cfg.scoring.answer_batch_size,
                            teacher_cfg)
         elif kind == "extract":
-            batches = -(-n_rows // cfg.extract.get("batch_size", 4))
-            sec = n_rows * mean_len * (fb + ft) / F + batches * (call_s(base_cfg) + call_s(teacher_cfg))
+            sec = extraction_s(ft, teacher_cfg)
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))
@@ -100,6 +107,8 @@ def plan(study, steps: list | None = None) -> dict:
             row, tokens = w["row"], w["steps"] * cfg.budget.batch_size * mean_len
             factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
             sec = tokens * fb * factor / F + w["steps"] * factor * call_s(base_cfg)
+            if row.kind == "control":  # its own extraction, the base standing in for the teacher
+                sec += extraction_s(fb, base_cfg)
             if row.objective == "on_policy":
                 sample = cfg.train.get("sample_max_new_tokens", 256)
                 sec += w["steps"] * (decode_s(fb, sample, cfg.budget.batch_size) / max(1, sample) * sample) \
