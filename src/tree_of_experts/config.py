@@ -248,38 +248,3 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 Task = Literal["gsm8k", "math", "code"]
 CETarget = Literal["gold_clean", "gold", "trace"]
 BaselineKind = Literal["control", "static", "random", "flat", "lora", "sft"]
-MAX_LR = 1.0  # Adam moves each weight by about lr per step: above 1 nothing sensible is trained
-
-
-def _literal_values(hint: Any) -> tuple | None:
-    """The allowed values of a Literal (or Literal | None) annotation, else None."""
-    if typing.get_origin(hint) is Literal:
-        return typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        parts = [_literal_values(a) for a in typing.get_args(hint) if a is not type(None)]
-        if parts and all(p is not None for p in parts):
-            return tuple(v for p in parts for v in p) + (None,)
-    return None
-
-
-def _at_least(name: str, value: Any, low: int, what: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ToEError(f"{name}={value!r}: must be a whole number >= {low}{what}")
-
-
-def _optional_at_least(name: str, value: Any, low: int, what: str = "") -> None:
-    if value is not None:
-        _at_least(name, value, low, what)
-
-
-def _finite(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
-    if not ok:
-        span = f"in [{low}, {high}]" if low is not None and high is not None else (
-            f">= {low}" if low is not None else f"<= {high}" if high is not None else "finite")
-        raise ToEError(f"{name}={value!r}: must be a finite number {span}{what}")
-
-
-def _lr(name: str, value: Any) -> None:
-    _finite(name, value, 0.0, MAX_LR, " (a learning rate; this project trains with 1e-4 to 1e-2)")

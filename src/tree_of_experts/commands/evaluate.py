@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict
 
-from ..config import ToEError, _at_least, _optional_at_least
+from ..config import ToEError
 from ..data import DataSpec, read_jsonl
 from ..evaluation.results import (
     summary_table,
@@ -25,11 +25,11 @@ from ..evaluation.results import (
 )
 from ..evaluation.scoring import ce_examples, score_system
 from ..evaluation.tasks import STOP, TASK_FIELDS, build_items, eval_rows, gradable_rows
+from ..files import atomic_write_text
+from ..folders import check_file_out, claim_out
 from ..grading import grade
 from ..hf.loading import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, folder_fingerprint
-from ..files import atomic_write_text
-from ..folders import check_file_out, claim_out
 from ..locks import releases_out_locks
 from ..options import (
     DEFAULT_TEMPLATE,
@@ -43,6 +43,7 @@ from ..options import (
     refuse_unused,
     require,
 )
+from ..options.base import at_least, optional_at_least
 
 logger = logging.getLogger(__name__)
 PARTIAL = "generations.partial.jsonl"  # an interrupted eval's finished generation batches (--resume)
@@ -145,9 +146,9 @@ def _checked_options(systems: Systems, scoring: Scoring, runtime: Runtime, data:
     returns the decoding (:class:`tree_of_experts.inference.Sampling`) and the plug-in's routing overrides."""
     require("toe eval", systems, {name: "it is a `toe oracle` option" for name in ORACLE_ROWS})
     refuse_unused("toe eval", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
-    _at_least("max_length", max_length, 2, " (tokens per item)")
-    _at_least("batch_size", batch_size, 1)
-    _optional_at_least("limit", limit, 1, " (items)")
+    at_least("max_length", max_length, 2, " (tokens per item)")
+    at_least("batch_size", batch_size, 1)
+    optional_at_least("limit", limit, 1, " (items)")
     plugin, lora, sft, with_base = systems.plugin, systems.lora, systems.sft, systems.with_base
     if data is None:
         raise ToEError("--data is required: the task's items (a .jsonl/.json/.csv/.parquet file or "
@@ -256,8 +257,8 @@ def traces(
         **{name: "the teacher answers greedily" for name in SAMPLING},
         "": "traces are graded answers, nothing else is scored"})
     refuse_unused("toe traces", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
-    _at_least("batch_size", batch_size, 1)
-    _optional_at_least("limit", limit, 1, " (items)")
+    at_least("batch_size", batch_size, 1)
+    optional_at_least("limit", limit, 1, " (items)")
     task, skip, few_shot, few_shot_data = scoring.task, scoring.skip, scoring.few_shot, scoring.few_shot_data
     max_new_tokens, dtype, resume, overwrite = scoring.max_new_tokens, runtime.dtype, runtime.resume, runtime.overwrite
     if os.path.isdir(out):

@@ -30,17 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ToEConfig, ToEError, _at_least, _optional_at_least
+from ..config import ToEConfig, ToEError
 from ..data import DataSpec, read_jsonl
 from ..evaluation.oracle_results import ce_result, graded_answers, markdown, write_eval_folder
 from ..evaluation.tasks import TASK_FIELDS, ce_target_spec, check_ce_rows, gold_answer
 from ..extraction.capture import capture_shard, prepare, same_vocab
 from ..extraction.fusion import example_ce, extraction_signal, ridge_delta, signal_record
 from ..extraction.store import Extraction, route_key
-from ..hf.layers import add_to_layers, cache_kwargs, states_until
-from ..hf.loading import load_causal_lm, load_tokenizer, pick_device
 from ..files import atomic_write_json, atomic_write_text
 from ..folders import check_extraction, claim_out
+from ..hf.layers import add_to_layers, cache_kwargs, states_until
+from ..hf.loading import load_causal_lm, load_tokenizer, pick_device
 from ..locks import releases_out_locks
 from ..model import ToEModel
 from ..options import (
@@ -54,6 +54,7 @@ from ..options import (
     grouped,
     refuse_unused,
 )
+from ..options.base import at_least, optional_at_least
 from ..plugin import ToEPlugin
 
 STOP = ("Question:",)
@@ -213,9 +214,9 @@ def _refuse_options(systems: Systems, scoring: Scoring, runtime: Runtime, max_le
         "": "the oracle reads the items as they are"})
     refuse_unused("toe oracle", runtime, ("dtype", "device", "overwrite"),
                   {**TRAINING_ONLY, "resume": "an oracle run starts again"})
-    _at_least("max_length", max_length, 2, " (tokens per item)")
-    _at_least("batch_size", batch_size, 1)
-    _optional_at_least("limit", limit, 1, " (items)")
+    at_least("max_length", max_length, 2, " (tokens per item)")
+    at_least("batch_size", batch_size, 1)
+    optional_at_least("limit", limit, 1, " (items)")
 
 
 def _read_items(data: str, task: str, template: str, ce_target: str, skip: int,

@@ -8,26 +8,62 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
+import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from ..config import (
-    _literal_values,
-)
 from ..errors import ToEError
 
 log = logging.getLogger(__name__)
 
-
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
-
-
 DType = Literal["float32", "float16", "bfloat16", "auto"]
-
-
 Objective = Literal["off_policy", "on_policy"]
+
+
+# -- the checks a group's fields run (one-line ToEErrors naming the value) ---------------------------------------
+MAX_LR = 1.0  # Adam moves each weight by about lr per step: above 1 nothing sensible is trained
+
+
+def literal_values(hint: Any) -> tuple | None:
+    """The allowed values of a Literal (or Literal | None) annotation, else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [literal_values(a) for a in typing.get_args(hint) if a is not type(None)]
+        if parts and all(p is not None for p in parts):
+            return tuple(v for p in parts for v in p) + (None,)
+    return None
+
+
+def at_least(name: str, value: Any, low: int, what: str = "") -> None:
+    """Refuses (one line) ``value`` unless it is a whole number >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ToEError(f"{name}={value!r}: must be a whole number >= {low}{what}")
+
+
+def optional_at_least(name: str, value: Any, low: int, what: str = "") -> None:
+    """:func:`at_least` where ``value`` is not None."""
+    if value is not None:
+        at_least(name, value, low, what)
+
+
+def finite(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "") -> None:
+    """Refuses (one line) ``value`` unless it is a finite number in [``low``, ``high``] (either bound optional)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        span = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}" if high is not None else "finite")
+        raise ToEError(f"{name}={value!r}: must be a finite number {span}{what}")
+
+
+def learning_rate(name: str, value: Any) -> None:
+    """Refuses (one line) a learning rate outside [0, MAX_LR]."""
+    finite(name, value, 0.0, MAX_LR, " (a learning rate; this project trains with 1e-4 to 1e-2)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +74,7 @@ class OptionGroup:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            allowed = _literal_values(hints[f.name])
+            allowed = literal_values(hints[f.name])
             value = getattr(self, f.name)
             if allowed is not None and value not in allowed:
                 choices = ", ".join(repr(v) for v in allowed if v is not None)
@@ -112,24 +148,28 @@ def flat_defaults(fn: Callable) -> dict[str, Any]:
     return flat_args({k: p.default for k, p in params.items()})
 
 
+def changed(group: OptionGroup, names: Iterable[str]) -> list[str]:
+    """The fields of ``group`` among ``names`` that are set away from the group's defaults, in ``names``' order."""
+    defaults = type(group)()
+    return [n for n in names if getattr(group, n) != getattr(defaults, n)]
+
+
 def unused(what: str, group: OptionGroup, names: Iterable[str], why: str) -> list[str]:
     """Warns (one line) about the options of ``group`` in ``names`` that ``what`` does not read but were set away
     from their defaults: a value the user gave is never silently ignored. Returns their names."""
-    defaults = type(group)()
-    given = [n for n in names if getattr(group, n) != getattr(defaults, n)]
+    given = changed(group, names)
     if given:
         log.warning("%s: %s %s no effect (%s)", what, ", ".join(f"--{n}" for n in given),
                     "has" if len(given) == 1 else "have", why)
     return given
 
 
-def require(fn_name: str, group: OptionGroup, unused: dict[str, str]) -> None:
+def require(fn_name: str, group: OptionGroup, not_read: dict[str, str]) -> None:
     """Refuses options of ``group`` that ``fn_name`` does not read when set away from their defaults ({field:
     why}), where running without them would mislead (a value the user gave is never silently ignored)."""
-    defaults = type(group)()
-    for name, why in unused.items():
-        if getattr(group, name) != getattr(defaults, name):
-            raise ToEError(f"{fn_name}: --{name} has no effect here ({why}): drop it")
+    given = changed(group, not_read)
+    if given:
+        raise ToEError(f"{fn_name}: --{given[0]} has no effect here ({not_read[given[0]]}): drop it")
 
 
 def refuse_unused(fn_name: str, group: OptionGroup, used: typing.Iterable[str], why: str | dict[str, str]) -> None:

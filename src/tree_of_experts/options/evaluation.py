@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import (
-    CETarget,
-    Selection,
-    Task,
-    _at_least,
-    _finite,
-    _optional_at_least,
-)
+from ..config import CETarget, Selection, Task
 from ..errors import ToEError
-from .base import OptionGroup
+from .base import OptionGroup, at_least, finite, optional_at_least
 
 
 @dataclass(frozen=True)
@@ -50,13 +43,13 @@ class Systems(OptionGroup):
     """`toe oracle`: also answer the items greedily (base, teacher, ToE, the live O1 trained map) and grade them"""
 
     def check(self) -> None:
-        _optional_at_least("plugin_top_k", self.plugin_top_k, 1)
+        optional_at_least("plugin_top_k", self.plugin_top_k, 1)
         if self.plugin_top_p is not None:
-            _finite("plugin_top_p", self.plugin_top_p, 0.0, 1.0)
+            finite("plugin_top_p", self.plugin_top_p, 0.0, 1.0)
             if self.plugin_top_p == 0:
                 raise ToEError("plugin_top_p=0 keeps no leaf: must be in (0, 1]")
         for lam in self.lambdas:
-            _finite("lambdas", lam)
+            finite("lambdas", lam)
 
     def routing(self) -> dict:
         """The plug-in's routing overrides, as the metrics record them (None: the plug-in's own)."""
@@ -101,9 +94,9 @@ class Scoring(OptionGroup):
     sample is in the per-example JSONL, and the row's own answer is its first sample's"""
 
     def check(self) -> None:
-        _at_least("skip", self.skip, 0)
-        _at_least("few_shot", self.few_shot, 0)
-        _at_least("max_new_tokens", self.max_new_tokens, 1)
+        at_least("skip", self.skip, 0)
+        at_least("few_shot", self.few_shot, 0)
+        at_least("max_new_tokens", self.max_new_tokens, 1)
         self.sampling(0)  # its own checks
 
     def sampling(self, seed: int):
@@ -161,11 +154,11 @@ class Workload(OptionGroup):
     def check(self) -> None:
         for name in ("prompt_len", "new_tokens", "reps", "extract_batch", "extract_length", "train_batch",
                      "train_length"):
-            _at_least(name, getattr(self, name), 1)
-        _at_least("lora_rank", self.lora_rank, 0)
-        _optional_at_least("threads", self.threads, 1)
+            at_least(name, getattr(self, name), 1)
+        at_least("lora_rank", self.lora_rank, 0)
+        optional_at_least("threads", self.threads, 1)
         for b in self.batches or ():
-            _at_least("batches", b, 1, " (a batch size)")
+            at_least("batches", b, 1, " (a batch size)")
 
 
 @dataclass(frozen=True)
@@ -182,8 +175,8 @@ class Sweeps(OptionGroup):
     """N = 2^e leaves of the bank_scale part (default 10, 12, 14, 16, 18, 20)"""
 
     def check(self) -> None:
-        _at_least("routing_tokens", self.routing_tokens, 1)
-        _at_least("routing_reps", self.routing_reps, 1)
+        at_least("routing_tokens", self.routing_tokens, 1)
+        at_least("routing_reps", self.routing_reps, 1)
 
 
 @dataclass(frozen=True)
@@ -201,6 +194,6 @@ class Pipeline(OptionGroup):
     """also run the no-teacher control: the identical pipeline with the base's own states and no distillation"""
 
     def check(self) -> None:
-        _at_least("n_train", self.n_train, 1)
-        _at_least("n_dev", self.n_dev, 1)
-        _at_least("train_steps", self.train_steps, 1)
+        at_least("n_train", self.n_train, 1)
+        at_least("n_dev", self.n_dev, 1)
+        at_least("train_steps", self.train_steps, 1)

@@ -5,17 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import (
-    ExtractShape,
-    Selection,
-    Signal,
-    _at_least,
-    _finite,
-    _lr,
-    check_routing,
-)
+from ..config import ExtractShape, Selection, Signal, check_routing
 from ..errors import ToEError
-from .base import OptionGroup
+from .base import OptionGroup, at_least, finite, learning_rate
 
 
 @dataclass(frozen=True)
@@ -45,14 +37,14 @@ class Tree(OptionGroup):
 
     def check(self) -> None:
         check_routing(self.shape, self.num_leaves, self.selection, self.top_k)
-        _finite("signal_lambda", self.signal_lambda, 0.0, 1.0, " (the ridge step's share of P(u) - h)")
+        finite("signal_lambda", self.signal_lambda, 0.0, 1.0, " (the ridge step's share of P(u) - h)")
         if self.signal_lambda == 0:
             raise ToEError("signal_lambda=0 gives an all-zero bank: must be in (0, 1]")
-        _at_least("gate_rank", self.gate_rank, 1)
-        _finite("sample_rate", self.sample_rate, 0.0, 1.0, " (the share of training tokens clustered)")
+        at_least("gate_rank", self.gate_rank, 1)
+        finite("sample_rate", self.sample_rate, 0.0, 1.0, " (the share of training tokens clustered)")
         if self.sample_rate == 0:
             raise ToEError("sample_rate=0 clusters no tokens: must be in (0, 1]")
-        _at_least("max_rows", self.max_rows, 1, " (tokens clustered at most)")
+        at_least("max_rows", self.max_rows, 1, " (tokens clustered at most)")
 
 
 @dataclass(frozen=True)
@@ -78,8 +70,8 @@ class Capture(OptionGroup):
     """load the base from this GGUF file inside the base folder"""
 
     def check(self) -> None:
-        _at_least("shard_size", self.shard_size, 1, " (examples per shard)")
-        _at_least("topk_logprobs", self.topk_logprobs, 0)
+        at_least("shard_size", self.shard_size, 1, " (examples per shard)")
+        at_least("topk_logprobs", self.topk_logprobs, 0)
 
     def model_kwargs(self) -> tuple[dict, dict]:
         """The loaders' keyword arguments for the teacher and the base (their GGUF files)."""
@@ -102,13 +94,13 @@ class Fusion(OptionGroup):
     """interpolation weights λ of the untrained O1 injection λ (P(u) - h) reported in the O1 CE table"""
 
     def check(self) -> None:
-        _finite("heldout_frac", self.heldout_frac, 0.0, None)
+        finite("heldout_frac", self.heldout_frac, 0.0, None)
         if self.heldout_frac >= 1:
             raise ToEError(f"heldout_frac={self.heldout_frac}: must be in [0, 1)")
-        _at_least("projector_epochs", self.projector_epochs, 0)
-        _lr("projector_lr", self.projector_lr)
+        at_least("projector_epochs", self.projector_epochs, 0)
+        learning_rate("projector_lr", self.projector_lr)
         for lam in self.ridge_lambdas:
-            _finite("ridge_lambdas", lam)
+            finite("ridge_lambdas", lam)
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import (
-    MixedPrecision,
-    Selection,
-    _at_least,
-    _finite,
-    _lr,
-    _optional_at_least,
-)
-from .base import DEFAULT_TEMPLATE, DType, Objective, OptionGroup
+from ..config import MixedPrecision, Selection
+from .base import DEFAULT_TEMPLATE, DType, Objective, OptionGroup, at_least, finite, learning_rate, optional_at_least
 
 
 @dataclass(frozen=True)
@@ -37,8 +30,8 @@ class Text(OptionGroup):
     otherwise, with the max_length that keeps them) and count them in the summary"""
 
     def check(self) -> None:
-        _at_least("max_length", self.max_length, 2, " (tokens per example)")
-        _optional_at_least("limit", self.limit, 1, " (rows of --data)")
+        at_least("max_length", self.max_length, 2, " (tokens per example)")
+        optional_at_least("limit", self.limit, 1, " (rows of --data)")
 
     def spec(self):
         """The :class:`tree_of_experts.data.DataSpec` of these options."""
@@ -66,11 +59,11 @@ class Schedule(OptionGroup):
     0: none"""
 
     def check(self) -> None:
-        _at_least("max_steps", self.max_steps, 1)
-        _at_least("batch_size", self.batch_size, 1, " (sequences per step)")
-        _at_least("log_every", self.log_every, 1)
-        _at_least("save_every", self.save_every, 1)
-        _at_least("snapshot_every", self.snapshot_every, 0)
+        at_least("max_steps", self.max_steps, 1)
+        at_least("batch_size", self.batch_size, 1, " (sequences per step)")
+        at_least("log_every", self.log_every, 1)
+        at_least("save_every", self.save_every, 1)
+        at_least("snapshot_every", self.snapshot_every, 0)
 
 
 @dataclass(frozen=True)
@@ -110,7 +103,7 @@ class Loss(OptionGroup):
         self.on_policy()  # its own range checks
         for name in ("ce_weight", "kd_weight", "state_loss_weight"):
             if getattr(self, name) is not None:
-                _finite(name, getattr(self, name), 0.0, None, " (a loss weight)")
+                finite(name, getattr(self, name), 0.0, None, " (a loss weight)")
 
     def on_policy(self):
         """The :class:`tree_of_experts.training.distill.OnPolicy` of these options (ratio 0 when off-policy)."""
@@ -165,13 +158,13 @@ class Fit(OptionGroup):
     def check(self) -> None:
         for name in ("lr", "scale_lr", "bank_lr", "stage_a_lr"):
             if getattr(self, name) is not None:
-                _lr(name, getattr(self, name))
-        _finite("scale_init", self.scale_init)
+                learning_rate(name, getattr(self, name))
+        finite("scale_init", self.scale_init)
         for name in ("route_weight", "usage_weight"):
-            _finite(name, getattr(self, name), 0.0, None, " (a loss weight)")
-        _at_least("stage_a_steps", self.stage_a_steps, 0)
-        _at_least("route_batch_size", self.route_batch_size, 1)
-        _at_least("anneal_steps", self.anneal_steps, 0)
+            finite(name, getattr(self, name), 0.0, None, " (a loss weight)")
+        at_least("stage_a_steps", self.stage_a_steps, 0)
+        at_least("route_batch_size", self.route_batch_size, 1)
+        at_least("anneal_steps", self.anneal_steps, 0)
 
 
 @dataclass(frozen=True)
