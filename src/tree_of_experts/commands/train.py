@@ -42,7 +42,7 @@ from ..options import (
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import load_examples
-from ..training.loop import Objective, Student, TrainLoop, accelerator
+from ..training.loop import StepObjective, Student, TrainLoop, accelerator
 from ..training.steps import flush_denormals, global_usage, level_accuracy, node_levels, sampled_route_loss
 from ..tree import effective_leaves
 
@@ -145,7 +145,7 @@ def train(
     if fit.cached_states:
         layers_return_tuples(model.base)  # found now, outside any recording of routes
     student = PluginStudent(model, fit, schedule.max_steps, Extraction(experts).route_data(), cached_layer, accel)
-    objective = Objective(on_policy, loss.ce_weight, loss.kd_weight if use_kd else 0.0, loss.state_loss_weight,
+    objective = StepObjective(on_policy, loss.ce_weight, loss.kd_weight if use_kd else 0.0, loss.state_loss_weight,
                           list(model.toe_config.layers))
     loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
     loop.start(runtime.resume)  # a checkpoint that does not fit is refused before anything is written

@@ -52,7 +52,7 @@ from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
 from ..training.distill import load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import check_kd_cache, encode_rows, load_examples
-from ..training.loop import Objective, Student, TrainLoop, accelerator
+from ..training.loop import StepObjective, Student, TrainLoop, accelerator
 from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -274,7 +274,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     trained = [p for p in model.parameters() if p.requires_grad]
     student = Student(model, torch.optim.AdamW(trained, lr=fit.lr or (2e-4 if kind == "lora" else 1e-5),
                                                weight_decay=0.0))
-    objective = Objective(on_policy, loss.ce_weight, kd, loss.state_loss_weight,
+    objective = StepObjective(on_policy, loss.ce_weight, kd, loss.state_loss_weight,
                           Extraction(experts).run()["layers"] if loss.state_loss_weight else [])
     loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
     model.train()

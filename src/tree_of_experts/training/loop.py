@@ -108,7 +108,7 @@ class Student:
 
 
 @dataclass
-class Objective:
+class StepObjective:
     """The step's loss settings, as the trained system resolved them."""
 
     on_policy: OnPolicy
@@ -122,7 +122,7 @@ class TrainLoop:
     """Runs ``student`` for ``schedule.max_steps`` steps (after its warm-up) on ``examples`` and writes
     ``out/metrics.jsonl``, ``out/checkpoint`` (and ``out/snapshots``, ``out/curves.png``)."""
 
-    def __init__(self, student: Student, examples: list, tok, out: str, schedule: Schedule, objective: Objective,
+    def __init__(self, student: Student, examples: list, tok, out: str, schedule: Schedule, objective: StepObjective,
                  accel, teacher: torch.nn.Module | None = None, report_to: str | None = None):
         self.student, self.examples, self.tok, self.out = student, examples, tok, out
         self.schedule, self.objective, self.accel, self.teacher = schedule, objective, accel, teacher
@@ -186,12 +186,11 @@ class TrainLoop:
                 batch = [self.examples[i] for i in batch_indices(len(self.examples), sched.batch_size, b_step, seed)]
                 mine = batch[accel.process_index * per_proc: (accel.process_index + 1) * per_proc]
                 on = self.teacher is not None and is_on_policy(obj.on_policy.ratio, seed, b_step)
-                row, tokens = self.step(wrapped, mine, b_step, step, on, g, stop_ids)
+                row, tokens, sampled = self.step(wrapped, mine, b_step, step, on, g, stop_ids)
                 tokens_since += tokens
                 if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (this process)
                     samples += len(mine) * accel.num_processes if on else 0
-                    row.update(samples=samples, sample_tokens=row.pop("_sampled") if on else 0)
-                row.pop("_sampled", None)
+                    row.update(samples=samples, sample_tokens=sampled)
             step += 1
             bar.update(1)
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}",
@@ -208,8 +207,8 @@ class TrainLoop:
         return step
 
     def step(self, wrapped, mine: list, b_step: int, step: int, on: bool, g: torch.Generator, stop_ids: list[int]
-             ) -> tuple[dict, int]:
-        """One step of the objective: (its metrics row, its tokens)."""
+             ) -> tuple[dict, int, int]:
+        """One step of the objective: (its metrics row, its tokens, the tokens it sampled on-policy here)."""
         accel, s, obj = self.accel, self.student, self.objective
         with s.sampling():  # on-policy, the student samples as it runs at inference
             b = step_batch(s.model, mine, self.tok.pad_token_id, stop_ids, obj.on_policy, on,
@@ -241,11 +240,12 @@ class TrainLoop:
             accel.backward(loss)
         opt.step()
         row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": loss_value,
-               **global_mean(accel, parts), **extra, "_sampled": int(b["loss_mask"].sum()) if on else 0}
+               **global_mean(accel, parts), **extra}
+        sampled = int(b["loss_mask"].sum()) if on else 0
         # the step's vocabulary-wide tensors (~0.6 GB each at 4 x 256 sampled tokens of a 152k vocabulary) go now,
         # not when the next step reassigns them: else two steps' worth are alive during the next forward
         del logits, t_logits, loss
-        return row, int(b["attention_mask"].sum()) * accel.num_processes
+        return row, int(b["attention_mask"].sum()) * accel.num_processes, sampled
 
     def logs(self, step: int) -> bool:
         """Whether the row of ``step`` (1-based) is logged: every ``log_every`` steps and at the ends of the
