@@ -14,6 +14,10 @@ import pytest
 import torch
 import yaml
 
+import tree_of_experts.commands.evaluate  # noqa: F401  (imported before a test patches hf.loading.load_causal_lm:
+import tree_of_experts.commands.extract  # noqa: F401  a module first imported under the patch would keep it)
+import tree_of_experts.commands.train  # noqa: F401
+import tree_of_experts.recipes.baseline  # noqa: F401
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
 from tree_of_experts.evaluation.study_stats import Draws, coverage, reading
@@ -165,6 +169,10 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1]}, {"name": "a", "kind": "lora"}]), "named twice"),
     (dict(data__reported=[8, 200]), "has 24 rows"),
     (dict(colour="blue"), "unknown key 'colour'"),
+    (dict(rows=[{"name": "a", "kind": "lora", "extract": {"max_disk": "1MB"}}], compare=[]),
+     "rows.a.extract: only a row with layers reads an extraction"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "extract": {"num_leafs": 4}}], compare=[]),
+     "rows.a.extract.num_leafs: not an option of `toe extract`"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
     import tree_of_experts.hf.loading as hf
@@ -298,3 +306,21 @@ def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
                     budget={"steps": 8, "batch_size": 4})
     with pytest.raises(ToEError, match="max_steps 4 \\(the config: 8\\)"):
         study(edited, str(tmp_path / "s"), dry_run=True)
+
+
+def test_a_row_with_its_own_extraction_options_trains_on_its_own_extraction(pair, tmp_path):
+    """``extract:`` on a row (here a bounded state sample, as `--max_disk` plans one) gives the row an extraction of
+    its own next to the layer set's shared one, named by its options; the plan lists both."""
+    rows = [{"name": "toe", "kind": "toe", "layers": [1]},
+            {"name": "toe-sampled", "kind": "toe", "layers": [1], "extract": {"state_tokens": 500}}]
+    cfg = config(pair, tmp_path, rows=rows, compare=["toe-sampled - toe"], budget={"steps": 2, "batch_size": 4})
+    plan = study(cfg, str(tmp_path / "s"), dry_run=True)["summary"]
+    assert "extract/extract-l1-state_tokens500" in plan and "extract/extract-l1 " in plan
+    study(cfg, str(tmp_path / "s"))
+    work = tmp_path / "s" / "work"
+    sampled = json.load(open(work / "extract-l1-state_tokens500" / "run.json"))
+    assert sampled["state_budget"]["state_tokens"] == 500
+    assert json.load(open(work / "extract-l1" / "run.json")).get("state_budget") is None
+    args = json.load(open(work / "train" / "tiny" / "toe-sampled" / "train_args.json"))
+    assert args["experts"].endswith("extract-l1-state_tokens500")
+    assert [r["name"] for r in table(tmp_path / "s")["rows"]][-1] == "toe-sampled"

@@ -153,9 +153,12 @@ class Study(StudyRuns):
         return len(read_rows(self.train_data))
 
     # -- the plan ----------------------------------------------------------------------------------------------
-    def extraction(self, layers: list[int], rebuild: dict | None = None) -> str:
-        """The extraction folder of a layer set (and, with ``rebuild`` options, the bank rebuilt from it)."""
+    def extraction(self, layers: list[int], rebuild: dict | None = None, extract: dict | None = None) -> str:
+        """The extraction folder of a layer set (with a row's own ``extract`` options, its own one; with ``rebuild``
+        options, the bank rebuilt from it)."""
         name = "extract-l" + "-".join(map(str, layers))
+        if extract:
+            name += "-" + "-".join(f"{k}{v}" for k, v in sorted(extract.items()))
         if rebuild:
             name += "-" + "-".join(f"{k}{v}" for k, v in sorted(rebuild.items()))
         return os.path.join(self.work, name)
@@ -179,22 +182,25 @@ class Study(StudyRuns):
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
                 deps = []
-                if row.layers and row.kind != "oracle" and tuple(row.layers) not in extractions:
-                    extractions.add(tuple(row.layers))
-                    steps.append(Step(f"extract/{os.path.basename(self.extraction(row.layers))}", [],
-                                      self.extraction_done(row.layers), self.run_extract(row.layers),
-                                      {"kind": "extract", "layers": row.layers}))
+                own = f"extract/{os.path.basename(self.extraction(row.layers, extract=row.extract))}" \
+                    if row.layers else None
+                if row.layers and row.kind != "oracle" and own not in extractions:
+                    extractions.add(own)
+                    steps.append(Step(own, [], self.extraction_done(row.layers, extract=row.extract),
+                                      self.run_extract(row.layers, row.extract),
+                                      {"kind": "extract", "layers": row.layers, "options": row.extract}))
                 if row.layers and row.kind != "oracle":
-                    deps.append(f"extract/{os.path.basename(self.extraction(row.layers))}")
+                    deps.append(own)
                 if row.rebuild:
-                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild))}"
+                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild, row.extract))}"
                     if rebuilt not in {s.id for s in steps}:
-                        steps.append(Step(rebuilt, list(deps), self.extraction_done(row.layers, row.rebuild),
+                        steps.append(Step(rebuilt, list(deps),
+                                          self.extraction_done(row.layers, row.rebuild, row.extract),
                                           self.run_rebuild(row), {"kind": "rebuild"}))
                     deps = [rebuilt]
                 if row.kind == "oracle":  # it reads the extraction of its layer set (which its plug-in row built)
                     plugin = cfg.row(row.plugin_of).labels()[0]
-                    ex = f"extract/{os.path.basename(self.extraction(row.layers))}"
+                    ex = own
                     steps.append(Step(f"score/ce/{label}", ["answers", ex, f"train/{plugin}"],
                                       lambda label=label: self.scored("ce", label),
                                       self.run_oracle(row, plugin), {"kind": "oracle", "layers": row.layers}))
@@ -231,14 +237,17 @@ class Study(StudyRuns):
         kept = os.path.join(self.out, "train", label)
         return any(os.path.isfile(os.path.join(kept, f)) for f in ("train_summary.json", "baseline_summary.json"))
 
-    def extraction_done(self, layers: list[int], rebuild: dict | None = None) -> Callable[[], bool]:
-        path = self.extraction(layers, rebuild)
+    def extraction_done(self, layers: list[int], rebuild: dict | None = None,
+                        extract: dict | None = None) -> Callable[[], bool]:
+        path = self.extraction(layers, rebuild, extract)
+        extract = extract or {}
 
         def done() -> bool:
             # trained rows whose kept results exist need no extraction: a fresh machine skips it
-            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle"
+            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle" and r.extract == extract
                      and (not rebuild or r.rebuild == rebuild) for lab in r.labels()]
-            oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild]
+            oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild
+                       and r.extract == extract]
             return os.path.isfile(os.path.join(path, "summary.json")) or (
                 all(self.trained(u) for u in users) and all(self.scored("ce", r.labels()[0]) for r in oracles))
 

@@ -102,6 +102,11 @@ class Row:
     seeds: int = 1
     adapter_of: str | None = None
     plugin_of: str | None = None
+    extract: dict[str, Any] = field(default_factory=dict, metadata={"help": "`toe extract` options of the row's "
+                                                                            "own extraction of its layer set, over "
+                                                                            "the study's (e.g. max_disk: 500MB); rows "
+                                                                            "with the same layers and options share "
+                                                                            "it"})
     rebuild: dict[str, Any] = field(default_factory=dict, metadata={"help": "`toe rebuild` options: the row's bank "
                                                                             "rebuilt from its layer set's extraction "
                                                                             "(other N, other signal)"})
@@ -207,6 +212,10 @@ class StudyConfig:
         for r in self.rows:
             check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
                           "oracle" if r.kind == "oracle" else "train")
+            if r.extract:
+                if not r.layers:
+                    raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
+                check_options(f"rows.{r.name}.extract", r.extract, "extract")
             if r.rebuild:
                 if r.kind not in ("toe", "control", "toe_on_lora"):
                     raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")

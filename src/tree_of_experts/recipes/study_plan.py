@@ -101,6 +101,11 @@ def plan(study, steps: list | None = None) -> dict:
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))
+            budget = {**cfg.extract, **w.get("options", {})}.get("max_disk")
+            if budget:  # the extraction keeps states for a sample that fits (its own --dry_run says which)
+                from ..extraction.budget import parse_size
+
+                disk = min(disk, parse_size(str(budget)))
         elif kind == "rebuild":  # clustering the cached signal anew: ~20 passes of token-to-leaf distances
             sec = n_rows * mean_len * base_cfg.hidden_size * 64 * 2 * 20 / F
         elif kind == "train":

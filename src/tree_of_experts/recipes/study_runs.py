@@ -71,20 +71,21 @@ class StudyRuns:
             points.append({"step": step, "ce": system["ce"], "ce_ci95": system.get("ce_ci95")})
         atomic_write_json(os.path.join(self.out, "curve", label, "curve.json"), {"row": row.name, "points": points})
 
-    def run_extract(self, layers: list[int]) -> Callable[[], None]:
+    def run_extract(self, layers: list[int], options: dict | None = None) -> Callable[[], None]:
         def run() -> None:
             from ..commands.extract import extract
 
-            extract(teacher=self.teacher, base=self.base, data=self.train_data, out=self.extraction(layers),
-                    layers=layers, dtype=self.cfg.pair.dtype, **self.common(), **self.cfg.extract)
+            extract(teacher=self.teacher, base=self.base, data=self.train_data,
+                    out=self.extraction(layers, extract=options), layers=layers, dtype=self.cfg.pair.dtype,
+                    **self.common(), **{**self.cfg.extract, **(options or {})})
         return run
 
     def run_rebuild(self, row: Row) -> Callable[[], None]:
         def run() -> None:
             from ..commands.extract import rebuild
 
-            out = self.extraction(row.layers, row.rebuild)
-            rebuild(source=self.extraction(row.layers), out=out, dtype=self.cfg.pair.dtype,
+            out = self.extraction(row.layers, row.rebuild, row.extract)
+            rebuild(source=self.extraction(row.layers, extract=row.extract), out=out, dtype=self.cfg.pair.dtype,
                     overwrite=os.path.isdir(out), **row.rebuild)
         return run
 
@@ -103,7 +104,7 @@ class StudyRuns:
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":
                     kw.update(objective="on_policy", teacher=self.teacher)
-                experts = self.extraction(row.layers, row.rebuild) if row.layers else None
+                experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":
@@ -164,7 +165,8 @@ class StudyRuns:
         def run() -> None:
             from ..commands.oracle import oracle
 
-            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers), data=self.answers,
+            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers, extract=row.extract),
+                   data=self.answers,
                    plugin=self.system_dir(plugin), template=self.cfg.pair.template, ce_target="trace",
                    dtype=self.cfg.pair.dtype, out=os.path.join(self.out, "ce", row.labels()[0]), overwrite=True,
                    **{"batch_size": 1, "lambdas": [0.25], **row.options})
