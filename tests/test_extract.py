@@ -356,3 +356,36 @@ def test_the_base_read_as_its_own_teacher_runs_once_with_the_same_shards(pair, t
     assert once["base_s"] < twice["base_s"] / 10  # the base pass is the teacher pass
     run(pair, tmp_path / "ctl", teacher=str(pair / "base"), topk_logprobs=0)
     assert json.load(open(tmp_path / "ctl" / "run.json"))["topk_logprobs"] == 0
+
+
+def test_a_teacher_spread_by_a_device_map_gives_the_same_extraction(pair, tmp_path):
+    """--teacher_device_map loads the teacher through accelerate's dispatch (here half of it offloaded to the disk,
+    the CPU-only stand-in for a teacher spread over GPUs): the shards and the bank equal an in-memory teacher's."""
+    mapping = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+               "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    run(pair, tmp_path / "one")
+    run(pair, tmp_path / "spread", teacher_device_map=str(tmp_path / "map.json"))
+    for pa, pb in zip(Extraction(str(tmp_path / "one")).shard_paths(),
+                      Extraction(str(tmp_path / "spread")).shard_paths()):
+        sa, sb = load_file(pa), load_file(pb)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a = load_file(tmp_path / "one" / "toe_model.safetensors")
+    b = load_file(tmp_path / "spread" / "toe_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("everywhere", "give one of auto, balanced, balanced_low_0, sequential or a JSON file"),
+    ("BAD_JSON", "not a JSON file"),
+    ("LIST_JSON", "write a JSON object {module name: device}"),
+])
+def test_a_bad_teacher_device_map_is_refused_before_any_model_loads(pair, tmp_path, monkeypatch, value, message):
+    import tree_of_experts.commands.extract as ex
+
+    monkeypatch.setattr(ex, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    value = {"BAD_JSON": str(tmp_path / "bad.json"), "LIST_JSON": str(tmp_path / "list.json")}.get(value, value)
+    with pytest.raises(ToEError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        run(pair, tmp_path / "ex", teacher_device_map=value)

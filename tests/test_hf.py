@@ -159,3 +159,45 @@ def test_checkpointing_runs_no_backward_below_the_first_injection_layer():
     assert calls == [1, 1, 2] and grad is not None and grad.abs().sum() > 0  # no backward through layers 0 and 1
     calls, grad_reentrant = calls_per_layer({"use_reentrant": True})
     assert calls == [2, 2, 2] and torch.allclose(grad, grad_reentrant, atol=1e-6)
+
+
+def test_a_teacher_spread_by_a_device_map_gives_the_same_logits_and_is_fed_on_its_first_device(tmp_path, monkeypatch):
+    """``load_causal_lm(device_map=...)`` dispatches with accelerate (here two layers offloaded to the disk, the
+    CPU-only stand-in for a teacher over several GPUs); the on-policy teacher logits equal an in-memory teacher's
+    and come back on the batch's device; the offload folder goes with the model."""
+    import gc
+    import json
+    import os
+
+    import pytest
+
+    from tree_of_experts.errors import ToEError
+    from tree_of_experts.hf.layers import input_device
+    from tree_of_experts.hf.loading import load_causal_lm, parse_device_map
+    from tree_of_experts.training.distill import teacher_logits
+
+    tiny_qwen2(hidden_size=48, num_layers=3, seed=1).save_pretrained(tmp_path / "teacher")
+    mapping = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+               "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    whole = load_causal_lm(str(tmp_path / "teacher"))
+    spread = load_causal_lm(str(tmp_path / "teacher"), device_map=parse_device_map(str(tmp_path / "map.json")))
+    assert any(p.device.type == "meta" for p in spread.parameters())  # offloaded: loaded layer by layer
+    assert input_device(spread) == torch.device("cpu")
+    batch = {"input_ids": torch.tensor([[0, 5, 6, 7], [3, 4, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1, 1],
+                                                                                                     [1, 1, 1, 1]])}
+    keep = torch.tensor([2, 3])
+    with torch.no_grad():
+        a, b = teacher_logits(whole, batch, keep), teacher_logits(spread, batch, keep)
+    assert b.device == batch["input_ids"].device and torch.allclose(a, b, atol=1e-6)
+    assert [d for d in os.listdir(tmp_path / "tmp") if d.startswith("toe-offload-")]  # the offloaded weights
+    del spread
+    gc.collect()
+    assert not os.listdir(tmp_path / "tmp")
+    assert parse_device_map("auto") == "auto" and parse_device_map(None) is None
+    with pytest.raises(ToEError, match="give one of auto, balanced"):
+        parse_device_map("gpu0")

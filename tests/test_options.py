@@ -158,6 +158,16 @@ def test_python_callers_pass_flat_keywords_and_values_are_checked_in_one_line():
         teacher="T", base="B", experts="E", data="D", out="O", lora="L"), "toe oracle: --lora has no effect here"),
     (lambda: __import__("tree_of_experts.commands.train", fromlist=["x"]).train(
         base="B", experts="E", data="D", out="O", device="cpu"), "toe train: --device has no effect here"),
+    (lambda: __import__("tree_of_experts.commands.oracle", fromlist=["x"]).oracle(
+        teacher="T", base="B", experts="E", data="D", out="O", teacher_device_map="auto"),
+     "toe oracle: --teacher_device_map has no effect here"),
+    (lambda: __import__("tree_of_experts.commands.generate", fromlist=["x"]).generate(
+        base="B", prompt="p", teacher_device_map="auto"), "toe generate: --teacher_device_map has no effect here"),
+    (lambda: __import__("tree_of_experts.commands.train", fromlist=["x"]).train(
+        base="B", experts="E", data="D", out="O", teacher_device_map="auto"), "off-policy training runs none"),
+    (lambda: __import__("tree_of_experts.recipes.baseline", fromlist=["x"]).baseline(
+        kind="lora", base="B", data="D", out="O", lora_rank=2, teacher_device_map="auto"),
+     "off-policy training runs none"),
 ])
 def test_an_option_a_command_does_not_read_is_refused_never_ignored(call, want):
     with pytest.raises(ToEError, match=want):

@@ -14,6 +14,7 @@ import torch
 from .errors import ToEError
 from .data import FORMATS, read_rows
 from .files import atomic_write_text
+from .hf.layers import input_device
 from .plugin_folder import ADAPTER_DIR
 
 
@@ -104,7 +105,7 @@ def generate_texts(
     prompt, consecutive (``[p0 s0, p0 s1, ..., p1 s0, ...]``). Sampling draws from the global RNG: seed it around
     the call (`seeded`). ``gen``: more ``generate`` arguments (``stop_strings``, ...)."""
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = {**sampling.generate_kwargs(), **gen}
     if gen.get("stop_strings"):
         gen["tokenizer"] = tokenizer  # transformers needs it to match stop strings

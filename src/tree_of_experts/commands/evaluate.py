@@ -145,7 +145,7 @@ def _checked_options(systems: Systems, scoring: Scoring, runtime: Runtime, data:
     """Refuses the options `toe eval` does not read, sizes out of range and runs with nothing to evaluate or score;
     returns the decoding (:class:`tree_of_experts.inference.Sampling`) and the plug-in's routing overrides."""
     require("toe eval", systems, {name: "it is a `toe oracle` option" for name in ORACLE_ROWS})
-    refuse_unused("toe eval", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
+    refuse_unused("toe eval", runtime, ("dtype", "device", "resume", "overwrite", "teacher_device_map"), TRAINING_ONLY)
     at_least("max_length", max_length, 2, " (tokens per item)")
     at_least("batch_size", batch_size, 1)
     optional_at_least("limit", limit, 1, " (items)")
@@ -207,7 +207,7 @@ def _run_systems(run, base: str, teacher: str | None, systems: Systems, lora_dir
     if systems.sft:
         run("sft", load_causal_lm(systems.sft, dtype=dtype, device=device))
     if teacher:
-        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device))
+        run("teacher", load_causal_lm(teacher, dtype=dtype, device=device, device_map=runtime.teacher_map()))
     return leaf_usage
 
 

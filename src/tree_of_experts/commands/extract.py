@@ -118,6 +118,9 @@ def extract(
                                                                        "reuse_capture": reuse_capture, "data": data})
     state.wait_for_everyone()
     dev = torch.device(runtime.device) if runtime.device else state.device
+    if runtime.teacher_device_map and state.num_processes > 1:
+        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
+                       "(not `accelerate launch` with several)")
 
     # Checks before any weights load: the settings against what `out` holds, the layers against the configs.
     spec, records, base_tok, teacher_tok = _read_text(data, text, capture, base, teacher)
@@ -142,7 +145,7 @@ def extract(
                      clustered_rows(examples, fusion.heldout_frac, tree.sample_rate, tree.max_rows, sample))
 
     # Setup: the models, the layers they resolve, run.json (written once every check has passed).
-    base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture)
+    base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture, runtime.teacher_map())
     pairing, which = _pairing(early, capture, source, teacher, kd, base_model, teacher_model, n_t_config, sample)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     if state.is_main_process:
@@ -171,9 +174,12 @@ def _refuse_options(text: Text, runtime: Runtime, capture: Capture, disk: Disk) 
     """Refuses the options `toe extract` does not read, and a disk budget with --reuse_capture."""
     refuse_unused("toe extract", text, [f.name for f in dataclasses.fields(Text) if f.name != "skip_truncated"],
                   "an extraction keeps every row, its response cut at max_length")
-    refuse_unused("toe extract", runtime, ("dtype", "device", "overwrite"),
+    refuse_unused("toe extract", runtime, ("dtype", "device", "overwrite", "teacher_device_map"),
                   {**TRAINING_ONLY, "resume": "a rerun with the same settings resumes from its last complete shard on "
                                               "its own"})
+    if capture.reuse_capture and runtime.teacher_device_map:
+        raise ToEError("--reuse_capture takes the teacher's states from the source's shards (no teacher loads): drop "
+                       "--teacher_device_map")
     if capture.reuse_capture and disk.sampled():
         raise ToEError("--reuse_capture takes its states, and its sample of examples with states, from the source's "
                        "shards: drop --max_disk/--state_tokens")
@@ -214,20 +220,22 @@ def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, t
                        "to plan the disk (--max_disk, --state_tokens, --dry_run)")
     plan = disk_plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, len(asked[0]),
                      fixed)
-    log.info("extraction plan:\n%s", plan.text())
+    if not disk.dry_run:  # a dry run returns the plan, which the CLI prints
+        log.info("extraction plan:\n%s", plan.text())
     return plan
 
 
-def _load_models(base: str, teacher: str, dtype: str, dev: torch.device, capture: Capture):
+def _load_models(base: str, teacher: str, dtype: str, dev: torch.device, capture: Capture, teacher_map=None):
     """The base and the teacher: None under --reuse_capture (the states come from the source's shards: the teacher is
     never loaded), the base itself when the same model is read twice (the no-teacher control: loaded once, and one
-    forward serves both without top-k)."""
+    forward serves both without top-k); ``teacher_map`` spreads the teacher over devices (--teacher_device_map)."""
     t_kw, b_kw = capture.model_kwargs()
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
     if capture.reuse_capture:
         return base_model, None
-    same_model = teacher == base and t_kw == b_kw
-    return base_model, base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev), **t_kw)
+    same_model = teacher == base and t_kw == b_kw and teacher_map is None
+    return base_model, base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev),
+                                                                     device_map=teacher_map, **t_kw)
 
 
 def _loaded_layers(capture: Capture, base_model, teacher_model, n_t_config: int | None) -> tuple[list[int], list[int]]:

@@ -40,7 +40,7 @@ from ..options import (
     require,
 )
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves
-from ..training.distill import load_teacher, resolve_teacher, resume_ignores
+from ..training.distill import check_teacher_map, load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import load_examples
 from ..training.loop import StepObjective, Student, TrainLoop, accelerator
 from ..training.steps import flush_denormals, global_usage, level_accuracy, node_levels, sampled_route_loss
@@ -106,6 +106,7 @@ def train(
     accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
     if schedule.batch_size % accel.num_processes:
         raise ToEError(f"batch_size={schedule.batch_size} must divide evenly over {accel.num_processes} processes")
+    check_teacher_map(runtime.teacher_device_map, on_policy.ratio, accel.num_processes)
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
@@ -139,7 +140,7 @@ def train(
         base = load_causal_lm(base, dtype=runtime.dtype, device=str(accel.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter, mmap_bank=False)
     _set_query_norm(model, fit.query_norm)
-    teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device, runtime.teacher_map()) if on_policy.ratio > 0 else None
     if runtime.gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     if fit.cached_states:

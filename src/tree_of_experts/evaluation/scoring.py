@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import ToEError
 from ..data import Encoded, encode, pad_left, responses_cut_away
 from ..grading import grade
-from ..hf.layers import padded_inputs
+from ..hf.layers import input_device, padded_inputs
 from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
 from ..losses import tail_positions, token_nll
 from .tasks import Item
@@ -56,7 +56,7 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int,
                 what: str = "CE") -> list[tuple[float, int, bool]]:
     """(mean NLL, token count, cut by ``max_length``) of each item's CE target after its CE prompt; ``what`` names
     it in the progress lines."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     encoded = ce_examples(tok, items, max_length)
     out = []
     for start in batch_starts(len(items), batch_size, what):
@@ -64,7 +64,7 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int,
         ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
         mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
         keep = tail_positions(mask, dev)  # vocabulary logits only from the position before the first target on
-        logits = model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits  # (B, len(keep), V)
+        logits = model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits.to(dev)  # (B, len(keep), V)
         nll = token_nll(logits, ids[:, -len(keep) :].to(dev), mask[:, -len(keep) :].to(dev))
         for i in range(len(chunk)):
             n = int(mask[i].sum())
@@ -112,7 +112,7 @@ def score_system(name: str, model, tok, items: list[Item], task: str, do_generat
         t0 = time.perf_counter()
         texts = []
         log = log or GenerationLog(None, {})
-        device = next(model.parameters()).device
+        device = input_device(model)
         for start in batch_starts(len(items), batch_size, f"generate {name}"):
             chunk = [it.prompt for it in items[start : start + batch_size]]
             done = log.get(start, chunk)

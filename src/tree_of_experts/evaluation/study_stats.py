@@ -130,8 +130,9 @@ def gap(x: torch.Tensor, base: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 def target_table(study, target: str) -> dict:
     """Every row's statistic on ``target`` with seed + item intervals and its per-seed values, and the named
-    comparisons. CE on the teacher's answers (``ce``): the gap closed (row - base) / (teacher - base); accuracy:
-    the share correct; other CE targets: the row minus the base."""
+    comparisons. CE on the teacher's answers (``ce``, and each of ``scoring.answer_sets``): the gap closed
+    (row - base) / (teacher - base); accuracy: the share correct; other CE targets: the row minus the base."""
+    teachers_answers = target == "ce" or target in study.cfg.scoring.answer_sets
     keys, x = aligned(load_target(study, target))
     ids = SEED_IDS.get((study.out, target), {})
     n = len(keys)
@@ -143,7 +144,7 @@ def target_table(study, target: str) -> dict:
     for row, v in x.items():
         entry = {"seeds": v.shape[0], "items": n, "mean": interval(means[row], point[row], n),
                  "per_seed": per_seed[row]}
-        if target == "ce" and "base" in x and "teacher" in x and row not in ("base", "teacher"):
+        if teachers_answers and "base" in x and "teacher" in x and row not in ("base", "teacher"):
             b, t = point["base"], point["teacher"]
             entry["gap_closed"] = interval(gap(means[row], means["base"], means["teacher"]), (point[row] - b) / (t - b), n)
             entry["gap_closed"]["per_seed"] = [(s - b) / (t - b) for s in per_seed[row]]

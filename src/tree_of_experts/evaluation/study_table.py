@@ -65,12 +65,13 @@ def pts(v: float) -> str:
 
 def markdown(study, tables: dict[str, dict], verdict: str) -> str:
     ce, acc = tables.get("ce"), tables.get("acc")
-    extra = [t for t in tables if t not in ("ce", "acc")]
+    sets = [t for t in tables if t in study.cfg.scoring.answer_sets]  # CE on the teacher's answers to other items
+    extra = [t for t in tables if t not in ("ce", "acc", *sets)]
     names = ["base", "teacher"] + [r for t in tables.values() for r in t["rows"] if r not in ("base", "teacher")]
     names = list(dict.fromkeys(names))
     planned = {r.name: r.seeds for r in study.cfg.rows}
     head = ["row", "seeds"] + (["CE gap closed", "per seed"] if ce else []) + (["accuracy"] if acc else []) + \
-        [f"{t} CE minus base" for t in extra] + ["budget (seed 0)", "bank: leaf cos to mean, before → after"]
+        [f"{t} CE gap closed" for t in sets] + [f"{t} CE minus base" for t in extra] + ["budget (seed 0)", "bank: leaf cos to mean, before → after"]
     by_row = {r.name: r for r in study.cfg.rows}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
@@ -83,6 +84,7 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
             cells.append(", ".join(pct(v) for v in r.get("gap_closed", {}).get("per_seed", [])) or "–")
         if acc:
             cells.append(_fmt(acc["rows"].get(name, {}).get("mean"), pct))
+        cells += [_fmt(tables[t]["rows"].get(name, {}).get("gap_closed"), pct) for t in sets]
         cells += [_fmt(tables[t]["rows"].get(name, {}).get("minus_base"), nats) for t in extra]
         facts = training_facts(study, by_row[name]) if name in by_row else {}
         budget = f"{facts['steps']} steps" if facts.get("steps") else "–"
@@ -128,7 +130,8 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
             parts.append(f"Trained rows close between {pct(trained[lo]['point'])} ({lo}) and "
                          f"{pct(trained[hi]['point'])} ({hi}) of the CE gap between the base and the teacher "
                          f"({'/'.join(map(str, seeds))} seed(s) per row, {ce['items']} items).")
-    names = {"ce": "CE on the teacher's answers", "acc": "accuracy"}
+    names = {"ce": "CE on the teacher's answers", "acc": "accuracy",
+             **{t: f"CE on the teacher's {t} answers" for t in study.cfg.scoring.answer_sets}}
     for t, table in tables.items():
         f = pts if t == "acc" else nats
         groups: dict[str, list[str]] = {}
@@ -155,9 +158,7 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
 def render(study) -> dict:
     """Writes OUT/table.md, OUT/table.json, OUT/study.png and OUT/curves.png (and the README section when the config
     names one) from what is scored so far; returns a short summary."""
-    asked = {"ce": "ce", "accuracy": "acc"}
-    targets = [asked[t] for t in study.cfg.scoring.targets] + list(study.cfg.scoring.ce_files)
-    targets = [t for t in targets if os.path.isdir(os.path.join(study.out, t))]
+    targets = [t for t in study.target_dirs() if os.path.isdir(os.path.join(study.out, t))]
     tables = {t: target_table(study, t) for t in targets}
     tables = {t: v for t, v in tables.items() if v["rows"]}
     verdict = verdict_text(study, tables)

@@ -113,6 +113,7 @@ def capture_shard(
         timings["base_s"] += t2 - t1
         timings["tokens"] += int(am_b.sum())
         if kd:
+            t_logits = t_logits.to(dev)  # (a teacher spread over devices returns them on its last one)
             t_nll, top_ids, top_logp = topk_logprobs(t_logits, ids_t.to(dev), am_t.to(dev).bool(), topk)
         for row, e in enumerate(chunk):
             tb, tt = ids_b.shape[1] - len(e.ids), ids_t.shape[1] - len(e.teacher_ids)  # left-pad offsets

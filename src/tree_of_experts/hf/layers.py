@@ -249,3 +249,14 @@ def output_cache(output: Any) -> Any:
     is a property that warns), ``past_key_values`` before."""
     names = {f.name for f in dataclasses.fields(output)}
     return output.cache if "cache" in names else output.past_key_values
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or for a model dispatched over several devices by a device
+    map (accelerate's hooks move each layer's inputs), the device of its first module (the CPU for disk)."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed and len(set(placed.values())) > 1:
+        first = next(iter(placed.values()))
+        return torch.device("cpu" if first in ("cpu", "disk") else (f"cuda:{first}" if isinstance(first, int)
+                                                                    else first))
+    return next(model.parameters()).device

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from typing import Any
 
 import torch
@@ -80,22 +83,59 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value: str | None, option: str = "--teacher_device_map") -> str | dict | None:
+    """A device map as transformers' ``from_pretrained(device_map=...)`` takes it: one of its strategies (auto,
+    balanced, balanced_low_0, sequential: accelerate spreads the layers over the visible GPUs, then the CPU, then the
+    disk), or a JSON file {module name: device} (``"cuda:0"``, ``0``, ``"cpu"``, ``"disk"``). Checked before any
+    model loads; None stays None."""
+    if value is None or value in DEVICE_MAP_STRATEGIES:
+        return value
+    if not os.path.isfile(value):
+        raise ToEError(f"{option} {value!r}: give one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file "
+                       "{module name: device}")
+    try:
+        with open(value) as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ToEError(f"{option} {value}: not a JSON file ({e}): write {{module name: device}}") from None
+    if not isinstance(mapping, dict) or not mapping or not all(isinstance(k, str) for k in mapping):
+        raise ToEError(f"{option} {value}: write a JSON object {{module name: device}}, e.g. "
+                       '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}')
+    return mapping
+
+
 def load_causal_lm(
-    name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | None = None, **kwargs: Any
+    name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | None = None,
+    device_map: str | dict | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Loads a causal LM from a hub id or local folder (``gguf_file=...`` passes through), eval mode."""
+    """Loads a causal LM from a hub id or local folder (``gguf_file=...`` passes through), eval mode.
+
+    ``device_map`` (see :func:`parse_device_map`) places the model over several devices with accelerate instead of
+    on ``device``: for a teacher larger than one device. Weights it offloads to the disk go to a temporary folder,
+    removed with the model."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if model_source(name_or_path, "model", **kwargs):
         kwargs["local_files_only"] = True
+    offload = None
+    if device_map is not None:
+        offload = tempfile.mkdtemp(prefix="toe-offload-")
+        kwargs.update(device_map=device_map, offload_folder=offload)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
         raise ToEError(f"cannot load model {name_or_path!r} ({first}): pass a local folder or a reachable hub id") from None
-    if device:
+    if offload:
+        weakref.finalize(model, shutil.rmtree, offload, True)
+    elif device:
         model.to(device)
     return model.eval()
 

@@ -187,6 +187,21 @@ class Runtime(OptionGroup):
     device: str | None = None
     """where the models run: cpu, cuda, cuda:1, ... (default: the GPU when one is visible, else the CPU; under
     `accelerate launch`, each process's own device)"""
+    teacher_device_map: str | None = None
+    """the teacher over several devices, for a teacher too large for one: auto, balanced, balanced_low_0 or
+    sequential (accelerate fills the GPUs, then the CPU, then the disk) or a JSON file {module name: device}; read by
+    the commands that run a teacher (extract, oracle, on-policy training, eval's teacher row), one process only"""
+
+    def check(self) -> None:
+        from ..hf.loading import parse_device_map
+
+        parse_device_map(self.teacher_device_map)
+
+    def teacher_map(self):
+        """``teacher_device_map`` as transformers' ``device_map`` (None: the teacher goes to ``device``)."""
+        from ..hf.loading import parse_device_map
+
+        return parse_device_map(self.teacher_device_map)
 
 
 ACCELERATE_PLACES = "accelerate places the models, one device per process: `accelerate launch`, or CUDA_VISIBLE_DEVICES"

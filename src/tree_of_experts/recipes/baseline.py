@@ -50,7 +50,7 @@ from ..options import (
 )
 from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
-from ..training.distill import load_teacher, resolve_teacher, resume_ignores
+from ..training.distill import check_teacher_map, load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import check_kd_cache, encode_rows, load_examples
 from ..training.loop import StepObjective, Student, TrainLoop, accelerator
 from ..training.steps import flush_denormals
@@ -155,6 +155,7 @@ def baseline(
     if experts is not None:
         check_extraction(experts)
     on_policy = loss.on_policy()
+    check_teacher_map(runtime.teacher_device_map, on_policy.ratio, 1)  # (the processes: once accelerate starts)
     if kind == "control" and loss.objective != "off_policy":
         raise ToEError("the no-teacher control trains without the teacher: drop --objective (it is off-policy CE)")
     if adapter and loss.kd(0.0) > 0:  # the cached top-k is read later: checked now
@@ -241,6 +242,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     on_policy = loss.on_policy()
     kd = loss.kd(0.0)
     accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
+    check_teacher_map(runtime.teacher_device_map, on_policy.ratio, accel.num_processes)
     base_model = load_causal_lm(base, dtype=runtime.dtype)
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
                                         skip_truncated=text.skip_truncated, without_kd="--kd_weight 0",
@@ -251,7 +253,8 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     if kd > 0 and not has_kd:
         raise ToEError(f"kd_weight={kd} but {experts} holds no cached teacher top-k for {data}: extract with "
                        "--topk_logprobs > 0 on this data, or drop --kd_weight")
-    teacher_model = load_teacher(loss.teacher, tok, runtime.dtype, accel.device) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(loss.teacher, tok, runtime.dtype, accel.device, runtime.teacher_map()) \
+        if on_policy.ratio > 0 else None
     summary: dict = {}
     if kind == "lora":
         from peft import LoraConfig, get_peft_model

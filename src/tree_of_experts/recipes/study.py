@@ -96,6 +96,17 @@ class Study(StudyRuns):
             write_toy_data(data, 384, 128)
         return os.path.join(data, f"{what}.jsonl")
 
+    def target_dirs(self) -> list[str]:
+        """Every target's folder name: ``ce``/``acc`` as asked, then the ce_files and the answer sets."""
+        return [TARGET_DIRS[t] for t in self.cfg.scoring.targets] + list(self.cfg.scoring.ce_files) + \
+            list(self.cfg.scoring.answer_sets)
+
+    def set_answers(self, name: str) -> str:
+        """The teacher's answers of the answer set ``name``: its given file, or the one the study generates."""
+        a = self.cfg.scoring.answer_sets[name].answers
+        return self.resolve(a, f"scoring.answer_sets.{name}.answers") if a else \
+            os.path.join(self.out, f"answers-{name}.jsonl")
+
     def check_inputs(self) -> None:
         """Files the study reads exist and hold enough rows, before any model loads."""
         from ..data import read_rows
@@ -107,6 +118,18 @@ class Study(StudyRuns):
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
         self.check_kept_runs()
+        for name, aset in self.cfg.scoring.answer_sets.items():
+            where = f"scoring.answer_sets.{name}"
+            if not any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
+                continue
+            path = self.resolve(aset.items, f"{where}.items")
+            if not path.startswith("hf:") and not os.path.exists(path):
+                raise ToEError(f"{where}.items: {path} not found: fix the path in the study config")
+            if aset.rows[1] > len(read_rows(path)):
+                raise ToEError(f"{where}.rows {aset.rows}: {path} has {len(read_rows(path))} rows")
+            if aset.answers and not os.path.isfile(self.set_answers(name)):
+                raise ToEError(f"{where}.answers: {self.set_answers(name)} not found: fix the path, or leave it "
+                               "out to generate them")
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
             raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
@@ -153,18 +176,26 @@ class Study(StudyRuns):
         return len(read_rows(self.train_data))
 
     # -- the plan ----------------------------------------------------------------------------------------------
-    def extraction(self, layers: list[int], rebuild: dict | None = None) -> str:
-        """The extraction folder of a layer set (and, with ``rebuild`` options, the bank rebuilt from it)."""
+    def extraction(self, layers: list[int], rebuild: dict | None = None, extract: dict | None = None) -> str:
+        """The extraction folder of a layer set (with a row's own ``extract`` options, its own one; with ``rebuild``
+        options, the bank rebuilt from it)."""
         name = "extract-l" + "-".join(map(str, layers))
+        if extract:
+            name += "-" + "-".join(f"{k}{v}" for k, v in sorted(extract.items()))
         if rebuild:
             name += "-" + "-".join(f"{k}{v}" for k, v in sorted(rebuild.items()))
         return os.path.join(self.work, name)
 
     def steps(self) -> list[Step]:
         cfg, steps = self.cfg, []
-        targets = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
+        targets = self.target_dirs()
         steps.append(Step("answers", [], lambda: os.path.isfile(self.answers), self.run_answers,
                           {"kind": "answers"}))
+        for name, aset in cfg.scoring.answer_sets.items():
+            steps.append(Step(f"answers-{name}", [], lambda name=name: os.path.isfile(self.set_answers(name)),
+                              lambda name=name: self.run_answer_set(name),
+                              {"kind": "answers", "n": aset.rows[1] - aset.rows[0],
+                               "new": aset.max_new_tokens or cfg.scoring.max_new_tokens}))
         if cfg.scoring.curve_every:
             steps.append(Step("tuning-answers", [], lambda: os.path.isfile(self.tuning_answers),
                               lambda: self.run_answers(tuning=True), {"kind": "answers"}))
@@ -179,22 +210,25 @@ class Study(StudyRuns):
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
                 deps = []
-                if row.layers and row.kind != "oracle" and tuple(row.layers) not in extractions:
-                    extractions.add(tuple(row.layers))
-                    steps.append(Step(f"extract/{os.path.basename(self.extraction(row.layers))}", [],
-                                      self.extraction_done(row.layers), self.run_extract(row.layers),
-                                      {"kind": "extract", "layers": row.layers}))
+                own = f"extract/{os.path.basename(self.extraction(row.layers, extract=row.extract))}" \
+                    if row.layers else None
+                if row.layers and row.kind != "oracle" and own not in extractions:
+                    extractions.add(own)
+                    steps.append(Step(own, [], self.extraction_done(row.layers, extract=row.extract),
+                                      self.run_extract(row.layers, row.extract),
+                                      {"kind": "extract", "layers": row.layers, "options": row.extract}))
                 if row.layers and row.kind != "oracle":
-                    deps.append(f"extract/{os.path.basename(self.extraction(row.layers))}")
+                    deps.append(own)
                 if row.rebuild:
-                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild))}"
+                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild, row.extract))}"
                     if rebuilt not in {s.id for s in steps}:
-                        steps.append(Step(rebuilt, list(deps), self.extraction_done(row.layers, row.rebuild),
+                        steps.append(Step(rebuilt, list(deps),
+                                          self.extraction_done(row.layers, row.rebuild, row.extract),
                                           self.run_rebuild(row), {"kind": "rebuild"}))
                     deps = [rebuilt]
                 if row.kind == "oracle":  # it reads the extraction of its layer set (which its plug-in row built)
                     plugin = cfg.row(row.plugin_of).labels()[0]
-                    ex = f"extract/{os.path.basename(self.extraction(row.layers))}"
+                    ex = own
                     steps.append(Step(f"score/ce/{label}", ["answers", ex, f"train/{plugin}"],
                                       lambda label=label: self.scored("ce", label),
                                       self.run_oracle(row, plugin), {"kind": "oracle", "layers": row.layers}))
@@ -214,7 +248,8 @@ class Study(StudyRuns):
         return steps
 
     def score_step(self, target: str, label: str, row: Row | None) -> Step:
-        deps = (["answers"] if target in ("ce", "acc") else []) + ([f"train/{label}"] if row else [])
+        deps = (["answers"] if target in ("ce", "acc") else [f"answers-{target}"]
+                if target in self.cfg.scoring.answer_sets else []) + ([f"train/{label}"] if row else [])
         return Step(f"score/{target}/{label}", deps, lambda: self.scored(target, label),
                     lambda: self.run_score(target, label, row), {"kind": "score", "target": target, "row": row})
 
@@ -231,14 +266,17 @@ class Study(StudyRuns):
         kept = os.path.join(self.out, "train", label)
         return any(os.path.isfile(os.path.join(kept, f)) for f in ("train_summary.json", "baseline_summary.json"))
 
-    def extraction_done(self, layers: list[int], rebuild: dict | None = None) -> Callable[[], bool]:
-        path = self.extraction(layers, rebuild)
+    def extraction_done(self, layers: list[int], rebuild: dict | None = None,
+                        extract: dict | None = None) -> Callable[[], bool]:
+        path = self.extraction(layers, rebuild, extract)
+        extract = extract or {}
 
         def done() -> bool:
             # trained rows whose kept results exist need no extraction: a fresh machine skips it
-            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle"
+            users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle" and r.extract == extract
                      and (not rebuild or r.rebuild == rebuild) for lab in r.labels()]
-            oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild]
+            oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild
+                       and r.extract == extract]
             return os.path.isfile(os.path.join(path, "summary.json")) or (
                 all(self.trained(u) for u in users) and all(self.scored("ce", r.labels()[0]) for r in oracles))
 
@@ -303,7 +341,7 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     unknown = [r for r in rows or [] if r not in {x.name for x in cfg.rows}]
     if unknown:
         raise ToEError(f"--rows {unknown}: not rows of {file} ({', '.join(x.name for x in cfg.rows)})")
-    known = [TARGET_DIRS[t] for t in cfg.scoring.targets] + list(cfg.scoring.ce_files)
+    known = s.target_dirs()
     targets = [TARGET_DIRS.get(t, t) for t in targets] if targets is not None else None  # `accuracy` is `acc`
     if any(t not in known for t in targets or []):
         raise ToEError(f"--targets {targets}: this study scores {', '.join(known)}")

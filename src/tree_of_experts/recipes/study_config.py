@@ -102,6 +102,11 @@ class Row:
     seeds: int = 1
     adapter_of: str | None = None
     plugin_of: str | None = None
+    extract: dict[str, Any] = field(default_factory=dict, metadata={"help": "`toe extract` options of the row's "
+                                                                            "own extraction of its layer set, over "
+                                                                            "the study's (e.g. max_disk: 500MB); rows "
+                                                                            "with the same layers and options share "
+                                                                            "it"})
     rebuild: dict[str, Any] = field(default_factory=dict, metadata={"help": "`toe rebuild` options: the row's bank "
                                                                             "rebuilt from its layer set's extraction "
                                                                             "(other N, other signal)"})
@@ -129,6 +134,27 @@ class Row:
 
 
 @dataclass
+class AnswerSet:
+    """One more CE target: the teacher's greedy answers (all kept) to the rows ``rows`` ([start, stop)) of another
+    items file, e.g. MATH-500 beside GSM8K; the base, the teacher and every row are scored by CE on them, with the
+    gap closed as for ``ce``. The study generates the answers (`toe traces`) unless ``answers`` gives them."""
+
+    items: str
+    rows: list[int] = field(default_factory=lambda: [0, 100])
+    task: Literal["gsm8k", "math"] = "math"
+    max_new_tokens: int | None = field(default=None, metadata={"help": "the answers' token cap (default: "
+                                                                        "scoring.max_new_tokens)"})
+    answers: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != 2 or not 0 <= self.rows[0] < self.rows[1]:
+            raise ToEError(f"scoring.answer_sets: rows {self.rows}: give [start, stop) rows of its items, "
+                           "0 <= start < stop")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ToEError(f"scoring.answer_sets: max_new_tokens {self.max_new_tokens}: must be >= 1")
+
+
+@dataclass
 class Scoring:
     """What every row is scored on: ``ce`` (CE on the teacher's greedy answers to the reported items),
     ``accuracy`` (graded greedy answers to them), and CE on each file of ``ce_files`` ({name: JSONL of
@@ -136,6 +162,8 @@ class Scoring:
 
     targets: list[Target] = field(default_factory=lambda: ["ce"])
     ce_files: dict[str, str] = field(default_factory=dict)
+    answer_sets: dict[str, AnswerSet] = field(default_factory=dict, metadata={
+        "help": "more CE targets, {name: {items, rows, task}}: the teacher's answers to other items (e.g. MATH-500)"})
     batch_size: int = 4
     max_new_tokens: int = 256
     answer_batch_size: int = 8
@@ -174,9 +202,15 @@ class StudyConfig:
         if clash:
             raise ToEError(f"rows: {clash} is both a row and another row's seed (ROW-seedK): rename the row")
         reserved = {"ce", "acc", "train", "curve", "locks", "data", "work"}
-        if set(self.scoring.ce_files) & reserved:
-            raise ToEError(f"scoring.ce_files: {sorted(set(self.scoring.ce_files) & reserved)} is a folder the study "
-                           f"writes itself ({', '.join(sorted(reserved))}): give the file another name")
+        for key, names in (("ce_files", self.scoring.ce_files), ("answer_sets", self.scoring.answer_sets)):
+            if set(names) & reserved:
+                raise ToEError(f"scoring.{key}: {sorted(set(names) & reserved)} is a folder the study writes itself "
+                               f"({', '.join(sorted(reserved))}): give the target another name")
+            if any(not n or any(c in n for c in "/: ") for n in names):
+                raise ToEError(f"scoring.{key}: {sorted(names)}: name each target plainly (no '/', ':' or spaces)")
+        both = sorted(set(self.scoring.ce_files) & set(self.scoring.answer_sets))
+        if both:
+            raise ToEError(f"scoring: {both} is both a ce_files and an answer_sets name: give each target its own")
         by = {r.name: r for r in self.rows}
         for r in self.rows:
             if r.kind == "oracle" and r.plugin_of in by and by[r.plugin_of].layers != r.layers:
@@ -207,6 +241,10 @@ class StudyConfig:
         for r in self.rows:
             check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
                           "oracle" if r.kind == "oracle" else "train")
+            if r.extract:
+                if not r.layers:
+                    raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
+                check_options(f"rows.{r.name}.extract", r.extract, "extract")
             if r.rebuild:
                 if r.kind not in ("toe", "control", "toe_on_lora"):
                     raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")
@@ -295,7 +333,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     kwargs = {}
     for k, v in raw.items():
-        if k == "rows" and isinstance(v, list):  # rows.NAME in messages
+        if cls is StudyConfig and k == "rows" and isinstance(v, list):  # rows.NAME in messages
             kwargs[k] = [build(Row, r, f"{prefix}rows.{r.get('name', i) if isinstance(r, dict) else i}")
                          for i, r in enumerate(v)]
         else:

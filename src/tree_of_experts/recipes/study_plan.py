@@ -93,14 +93,20 @@ def plan(study, steps: list | None = None) -> dict:
     for s in study.steps() if steps is None else steps:
         w, sec, disk = s.work, 0.0, 0
         kind = w.get("kind")
-        if kind == "answers":
-            sec = decode_s(ft, -(-n // cfg.scoring.answer_batch_size) * new, cfg.scoring.answer_batch_size,
+        if kind == "answers":  # the reported rows' answers, or an answer set's (its own count and cap)
+            n_a, new_a = w.get("n", n), w.get("new", new)
+            sec = decode_s(ft, -(-n_a // cfg.scoring.answer_batch_size) * new_a, cfg.scoring.answer_batch_size,
                            teacher_cfg)
         elif kind == "extract":
             sec = extraction_s(ft, teacher_cfg)
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))
+            budget = {**cfg.extract, **w.get("options", {})}.get("max_disk")
+            if budget:  # the extraction keeps states for a sample that fits (its own --dry_run says which)
+                from ..extraction.budget import parse_size
+
+                disk = min(disk, parse_size(str(budget)))
         elif kind == "rebuild":  # clustering the cached signal anew: ~20 passes of token-to-leaf distances
             sec = n_rows * mean_len * base_cfg.hidden_size * 64 * 2 * 20 / F
         elif kind == "train":
@@ -119,10 +125,12 @@ def plan(study, steps: list | None = None) -> dict:
             disk = params * 4 * 3
         elif kind == "score":
             t = w["target"]
+            aset = cfg.scoring.answer_sets.get(t)
+            n_s, new_s = (aset.rows[1] - aset.rows[0], aset.max_new_tokens or new) if aset else (n, new)
             sec = decode_s(fb, -(-n // cfg.scoring.batch_size) * new, cfg.scoring.batch_size) if t == "acc" else \
-                (n * new / 2 * fb / F + -(-n // cfg.scoring.batch_size) * call_s(base_cfg)) * (
+                (n_s * new_s / 2 * fb / F + -(-n_s // cfg.scoring.batch_size) * call_s(base_cfg)) * (
                     2 if w["row"] is None else 1)
-            disk = 4096 * n
+            disk = 4096 * n_s
         elif kind == "curve":  # CE on the tuning rows of every snapshot and the final weights
             every = cfg.scoring.curve_every
             points = (cfg.budget.steps or cfg.budget.steps_for(n_rows)) // every + 1

@@ -47,6 +47,23 @@ class StudyRuns:
                            f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers / data.tuning_answers")
         os.replace(tmp, target)
 
+    def run_answer_set(self, name: str) -> None:
+        """The teacher's greedy answers (all kept) to the rows of the answer set ``name``: its CE target."""
+        from ..commands.evaluate import traces
+
+        aset, target = self.cfg.scoring.answer_sets[name], self.set_answers(name)
+        cap = aset.max_new_tokens or self.cfg.scoring.max_new_tokens
+        tmp = target + ".partial"
+        got = traces(teacher=self.teacher, data=self.resolve(aset.items, f"scoring.answer_sets.{name}.items"),
+                     out=tmp, task=aset.task, skip=aset.rows[0], limit=aset.rows[1] - aset.rows[0],
+                     template=self.cfg.pair.template, max_new_tokens=cap,
+                     batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
+                     eval_out=os.path.join(self.out, f"answers-{name}-graded"), resume=True, overwrite=True)
+        if got["kept"] < got["generated"]:
+            raise ToEError(f"answers-{name}: the teacher answered {got['kept']} of {got['generated']} items (the "
+                           f"others were empty): raise scoring.answer_sets.{name}.max_new_tokens ({cap})")
+        os.replace(tmp, target)
+
     def run_curve(self, label: str, row: Row) -> None:
         """CE on the tuning rows' teacher answers of every kept snapshot and the final weights: the learning curve."""
         from ..commands.evaluate import evaluate
@@ -71,20 +88,21 @@ class StudyRuns:
             points.append({"step": step, "ce": system["ce"], "ce_ci95": system.get("ce_ci95")})
         atomic_write_json(os.path.join(self.out, "curve", label, "curve.json"), {"row": row.name, "points": points})
 
-    def run_extract(self, layers: list[int]) -> Callable[[], None]:
+    def run_extract(self, layers: list[int], options: dict | None = None) -> Callable[[], None]:
         def run() -> None:
             from ..commands.extract import extract
 
-            extract(teacher=self.teacher, base=self.base, data=self.train_data, out=self.extraction(layers),
-                    layers=layers, dtype=self.cfg.pair.dtype, **self.common(), **self.cfg.extract)
+            extract(teacher=self.teacher, base=self.base, data=self.train_data,
+                    out=self.extraction(layers, extract=options), layers=layers, dtype=self.cfg.pair.dtype,
+                    **self.common(), **{**self.cfg.extract, **(options or {})})
         return run
 
     def run_rebuild(self, row: Row) -> Callable[[], None]:
         def run() -> None:
             from ..commands.extract import rebuild
 
-            out = self.extraction(row.layers, row.rebuild)
-            rebuild(source=self.extraction(row.layers), out=out, dtype=self.cfg.pair.dtype,
+            out = self.extraction(row.layers, row.rebuild, row.extract)
+            rebuild(source=self.extraction(row.layers, extract=row.extract), out=out, dtype=self.cfg.pair.dtype,
                     overwrite=os.path.isdir(out), **row.rebuild)
         return run
 
@@ -103,7 +121,7 @@ class StudyRuns:
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":
                     kw.update(objective="on_policy", teacher=self.teacher)
-                experts = self.extraction(row.layers, row.rebuild) if row.layers else None
+                experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":
@@ -145,13 +163,17 @@ class StudyRuns:
         if label == "teacher":
             kw.update(with_base=False, teacher=self.teacher)
         elif row is None:
-            kw.update(with_base=True, teacher=self.teacher if target == "ce" else None)
+            gap = target == "ce" or target in self.cfg.scoring.answer_sets  # the teacher's own answers: its CE too
+            kw.update(with_base=True, teacher=self.teacher if gap else None)
         else:
             kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
             kw["with_base"] = False
         if target == "ce":
             kw.update(data=self.answers, template=self.cfg.pair.template, ce_target="trace", accuracy=False,
                       task=self.cfg.data.task)
+        elif target in self.cfg.scoring.answer_sets:
+            kw.update(data=self.set_answers(target), template=self.cfg.pair.template, ce_target="trace",
+                      accuracy=False, task=self.cfg.scoring.answer_sets[target].task)
         elif target == "acc":
             kw.update(data=self.items, skip=self.skip, limit=self.n, template=self.cfg.pair.template, ce=False,
                       max_new_tokens=self.cfg.scoring.max_new_tokens, task=self.cfg.data.task)
@@ -164,7 +186,8 @@ class StudyRuns:
         def run() -> None:
             from ..commands.oracle import oracle
 
-            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers), data=self.answers,
+            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers, extract=row.extract),
+                   data=self.answers,
                    plugin=self.system_dir(plugin), template=self.cfg.pair.template, ce_target="trace",
                    dtype=self.cfg.pair.dtype, out=os.path.join(self.out, "ce", row.labels()[0]), overwrite=True,
                    **{"batch_size": 1, "lambdas": [0.25], **row.options})

@@ -18,7 +18,7 @@ import torch
 from ..errors import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
-from ..hf.layers import padded_inputs
+from ..hf.layers import input_device, padded_inputs
 from ..folders import RESUMABLE_CHANGES
 from ..losses import gathered_generalized_jsd, tail_positions, token_nll, topk_kl
 from .examples import collate
@@ -169,10 +169,11 @@ def scored_tail(batch: dict[str, torch.Tensor], device: torch.device | str
 
 @torch.no_grad()
 def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits at the positions ``keep`` of a sampled batch, on the teacher's device."""
-    dev = next(teacher.parameters()).device
+    """The teacher's logits at the positions ``keep`` of a sampled batch, on the batch's device (a teacher spread
+    over devices by --teacher_device_map returns them on its last one)."""
+    dev = input_device(teacher)
     return teacher(**padded_inputs(batch["input_ids"], batch["attention_mask"], dev),
-                   logits_to_keep=keep.to(dev)).logits
+                   logits_to_keep=keep.to(dev)).logits.to(batch["input_ids"].device)
 
 
 def eos_ids(model: torch.nn.Module, tok) -> list[int]:
@@ -200,7 +201,18 @@ def resolve_teacher(teacher: str | None, experts: str | None, base) -> str:
     return teacher
 
 
-def load_teacher(teacher: str, tok, dtype: str, device) -> torch.nn.Module:
+def check_teacher_map(teacher_device_map: str | None, ratio: float, num_processes: int) -> None:
+    """Refuses --teacher_device_map where it has no teacher to place (off-policy) or several processes would each
+    spread a copy over the same devices."""
+    if teacher_device_map and ratio == 0:
+        raise ToEError("--teacher_device_map places the on-policy teacher: off-policy training runs none (its "
+                       "top-k comes from the extraction): drop it")
+    if teacher_device_map and num_processes > 1:
+        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
+                       "(not `accelerate launch` with several)")
+
+
+def load_teacher(teacher: str, tok, dtype: str, device, device_map=None) -> torch.nn.Module:
     """The frozen teacher of on-policy steps (see :func:`resolve_teacher`); its vocabulary must be the student's
     (the divergence compares distributions over the same token ids)."""
 
@@ -210,7 +222,7 @@ def load_teacher(teacher: str, tok, dtype: str, device) -> torch.nn.Module:
     if t_tok.get_vocab() != tok.get_vocab():
         raise ToEError(f"teacher {teacher} has another vocabulary than the student: on-policy distillation compares "
                        "next-token distributions over shared ids; use a teacher with the student's tokenizer")
-    model = load_causal_lm(teacher, dtype=dtype, device=str(device))
+    model = load_causal_lm(teacher, dtype=dtype, device=str(device), device_map=device_map)
     return model.requires_grad_(False).eval()
 
 
