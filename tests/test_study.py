@@ -241,6 +241,23 @@ def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
     assert "this study scores ce, acc" in capsys.readouterr().err
 
 
+def test_seeds_plan_and_run_only_the_seeds_named(pair, tmp_path, monkeypatch, capsys):
+    """``--seeds 0``: a first pass over every row before any repeat; a later call runs the rest."""
+    import tree_of_experts.hf.loading as hf
+
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: pytest.fail("a model loaded in a dry run"))
+    cfg = config(pair, tmp_path)
+    assert main(["study", cfg, "--out", str(tmp_path / "s"), "--dry_run", "true", "--seeds", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "train/toe " in text and "train/ctl " in text and "train/lora " in text and "toe-seed1" not in text
+    assert main(["study", cfg, "--out", str(tmp_path / "s"), "--dry_run", "true", "--seeds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "train/toe-seed1" in text and "train/toe " not in text and "train/ctl " not in text
+    assert main(["study", cfg, "--out", str(tmp_path / "s"), "--dry_run", "true", "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds [2]: give seed numbers from 0 to 1" in err and len(err.strip().splitlines()) == 1
+
+
 def test_learning_curves_score_the_snapshots_on_the_tuning_rows(pair, tmp_path):
     rows = [json.loads(x) for x in open(FIXTURE)][0:8]
     tuning = tmp_path / "tuning.jsonl"

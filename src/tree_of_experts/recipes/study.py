@@ -282,12 +282,17 @@ class Study(StudyRuns):
 
         return done
 
-    def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None) -> list[Step]:
+    def selected_steps(self, rows: list[str] | None = None, targets: list[str] | None = None,
+                       seeds: list[int] | None = None) -> list[Step]:
         """The steps of ``rows`` (and what they need; default every row, in the config's order) scoring ``targets``
-        (default all). Given rows run in the order given, each with its seeds in turn."""
+        (default all), for the seeds ``seeds`` of each row (default all). Given rows run in the order given, each
+        with its seeds in turn."""
         steps = self.steps()
         if targets is not None:  # the other targets' scorings wait for a later run
             steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
+        if seeds is not None:  # the other seeds' training and scoring wait for a later run
+            other = {label for r in self.cfg.rows for k, label in enumerate(r.labels()) if k not in seeds}
+            steps = [s for s in steps if s.id.split("/")[-1] not in other]
         if rows is not None:  # those rows' steps and what they need
             keep = {s.id for s in steps if s.id.split("/")[-1] in ("anchors", "teacher")  # every table's ends
                     or any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
@@ -309,13 +314,15 @@ class Study(StudyRuns):
         return self.work if step.id.startswith("extract/") else self.out
 
     def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
-            targets: list[str] | None = None) -> dict:
-        """Runs the steps of ``rows`` scoring ``targets`` (default all), rendering after every scoring."""
-        return run_steps(self.selected_steps(rows, targets), self.lock_folder, render, poll_s)
+            targets: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+        """Runs the steps of ``rows`` scoring ``targets`` for ``seeds`` (default all), rendering after every
+        scoring."""
+        return run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s)
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
-          targets: list[str] | None = None, render_only: bool = False, poll_s: float = 10.0) -> dict:
+          targets: list[str] | None = None, seeds: list[int] | None = None, render_only: bool = False,
+          poll_s: float = 10.0) -> dict:
     """Plans, runs (resuming) and renders a study.
 
     Args:
@@ -327,6 +334,8 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
             default: every row, in the config's order.
         targets: score only these targets now (``ce``, ``acc`` or a ``scoring.ce_files`` name); the others stay
             pending for a later run. Default: every target.
+        seeds: train and score only these seeds (0 is a row's first) of every row now, e.g. ``--seeds 0`` for a
+            first pass over all rows before any repeat; the others stay pending. Default: every seed.
         render_only: run nothing; render the table, plots and verdict from what is scored.
         poll_s: seconds between looks while another process holds a step this one needs.
 
@@ -345,14 +354,18 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
     targets = [TARGET_DIRS.get(t, t) for t in targets] if targets is not None else None  # `accuracy` is `acc`
     if any(t not in known for t in targets or []):
         raise ToEError(f"--targets {targets}: this study scores {', '.join(known)}")
+    most = max(r.seeds for r in cfg.rows)
+    if seeds is not None and (not seeds or any(isinstance(k, bool) or not 0 <= k < most for k in seeds)):
+        raise ToEError(f"--seeds {seeds}: give seed numbers from 0 to {most - 1} (the rows' seeds: "
+                       f"{', '.join(f'{r.name} {r.seeds}' for r in cfg.rows)})")
     os.makedirs(s.out, exist_ok=True)
     if render_only:
         return {**render(s), "ran": [], "waited": False}
     s.check_inputs()
     if dry_run:  # the steps this call would run (with --rows/--targets: those only)
-        return plan(s, s.selected_steps(rows, targets))
+        return plan(s, s.selected_steps(rows, targets, seeds))
     atomic_write_json(os.path.join(s.out, "study.json"), {"config": os.path.abspath(file), "name": cfg.name})
-    result = s.run(lambda: render(s), poll_s, rows, targets)
+    result = s.run(lambda: render(s), poll_s, rows, targets, seeds)
     summary = render(s)
     return {**summary, **result}
 
