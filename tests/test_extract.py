@@ -358,16 +358,23 @@ def test_the_base_read_as_its_own_teacher_runs_once_with_the_same_shards(pair, t
     assert json.load(open(tmp_path / "ctl" / "run.json"))["topk_logprobs"] == 0
 
 
-def test_a_teacher_spread_by_a_device_map_gives_the_same_extraction(pair, tmp_path):
+def test_a_teacher_spread_by_a_device_map_gives_the_same_extraction(pair, tmp_path, monkeypatch):
     """--teacher_device_map loads the teacher through accelerate's dispatch (here half of it offloaded to the disk,
     the CPU-only stand-in for a teacher spread over GPUs): the shards and the bank equal an in-memory teacher's."""
     mapping = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
     (tmp_path / "map.json").write_text(json.dumps(mapping))
+    import tree_of_experts.commands.extract as ex
+
+    maps = []
+    real = ex.load_causal_lm
+    monkeypatch.setattr(ex, "load_causal_lm", lambda *a, **k: maps.append(k.get("device_map")) or real(*a, **k))
     run(pair, tmp_path / "one")
     run(pair, tmp_path / "spread", teacher_device_map=str(tmp_path / "map.json"))
-    for pa, pb in zip(Extraction(str(tmp_path / "one")).shard_paths(),
-                      Extraction(str(tmp_path / "spread")).shard_paths()):
+    assert maps == [None, None, None, mapping]  # base, teacher; base, the teacher spread by the map
+    one, spread = Extraction(str(tmp_path / "one")).shard_paths(), Extraction(str(tmp_path / "spread")).shard_paths()
+    assert len(one) == len(spread) == 3
+    for pa, pb in zip(one, spread):
         sa, sb = load_file(pa), load_file(pb)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     a = load_file(tmp_path / "one" / "toe_model.safetensors")

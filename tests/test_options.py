@@ -168,6 +168,8 @@ def test_python_callers_pass_flat_keywords_and_values_are_checked_in_one_line():
     (lambda: __import__("tree_of_experts.recipes.baseline", fromlist=["x"]).baseline(
         kind="lora", base="B", data="D", out="O", lora_rank=2, teacher_device_map="auto"),
      "off-policy training runs none"),
+    (lambda: __import__("tree_of_experts.commands.evaluate", fromlist=["x"]).evaluate(
+        base="B", data="D", teacher_device_map="auto"), "--teacher_device_map places the teacher row's model"),
 ])
 def test_an_option_a_command_does_not_read_is_refused_never_ignored(call, want):
     with pytest.raises(ToEError, match=want):

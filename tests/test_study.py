@@ -17,12 +17,14 @@ import yaml
 
 import tree_of_experts.commands.evaluate  # noqa: F401  (imported before a test patches hf.loading.load_causal_lm:
 import tree_of_experts.commands.extract  # noqa: F401  a module first imported under the patch would keep it)
+import tree_of_experts.commands.oracle  # noqa: F401
 import tree_of_experts.commands.train  # noqa: F401
 import tree_of_experts.recipes.baseline  # noqa: F401
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
 from tree_of_experts.evaluation.study_stats import Draws, coverage, reading
-from tree_of_experts.recipes.study import study
+from tree_of_experts.recipes.study import Study, study
+from tree_of_experts.recipes.study_config import load_study
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "arith.jsonl")
 
@@ -174,6 +176,12 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
      "rows.a.extract: only a row with layers reads an extraction"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "extract": {"num_leafs": 4}}], compare=[]),
      "rows.a.extract.num_leafs: not an option of `toe extract`"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1]},
+                {"name": "o", "kind": "oracle", "layers": [1], "plugin_of": "a", "extract": {"num_leaves": 4}}],
+          compare=[]), "rows.o.extract: an oracle reads its plug-in row's extraction"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "rebuild": {"num_leaves": 8}},
+                {"name": "b", "kind": "toe", "layers": [1], "extract": {"num_leaves": 8}}], compare=[]),
+     "rows.b: its extraction extract-l1-num_leaves8 is also another row's rebuilt bank"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
     import tree_of_experts.hf.loading as hf
@@ -341,6 +349,15 @@ def test_a_row_with_its_own_extraction_options_trains_on_its_own_extraction(pair
     assert json.load(open(work / "extract-l1" / "run.json")).get("state_budget") is None
     args = json.load(open(work / "train" / "tiny" / "toe-sampled" / "train_args.json"))
     assert args["experts"].endswith("extract-l1-state_tokens500")
+    # an oracle of the row reads the row's own extraction
+    oracle = {"name": "o", "kind": "oracle", "layers": [1], "plugin_of": "toe-sampled"}
+    s = Study(load_study(config(pair, tmp_path, rows=[*rows, oracle], compare=[])), str(tmp_path / "s"))
+    assert "extract/extract-l1-state_tokens500" in next(x for x in s.steps() if x.id == "score/ce/o").deps
+    # the row's extract options edited after it trained: its kept run is refused, not reused
+    edited = [rows[0], {**rows[1], "extract": {"state_tokens": 600}}]
+    with pytest.raises(ToEError, match="not the row's extraction extract-l1-state_tokens600"):
+        study(config(pair, tmp_path, rows=edited, compare=[], budget={"steps": 2, "batch_size": 4}),
+              str(tmp_path / "s"), dry_run=True)
     assert [r["name"] for r in table(tmp_path / "s")["rows"]][-1] == "toe-sampled"
 
 
@@ -385,10 +402,16 @@ def test_answer_sets_add_ce_targets_on_other_items_with_the_gap_closed(pair, tmp
 
 @pytest.mark.parametrize("sets, message", [
     ({"ce": {"items": FIXTURE}}, "scoring.answer_sets: ['ce'] is a folder the study writes itself"),
-    ({"m": {"items": FIXTURE, "rows": [5, 2]}}, "rows [5, 2]: give [start, stop)"),
+    ({"m": {"items": FIXTURE, "rows": [5, 2]}}, "scoring.answer_sets.m.rows [5, 2]: give [start, stop)"),
+    ({"accuracy": {"items": FIXTURE}}, "['accuracy'] is a folder the study writes itself"),
+    ({"answers-x": {"items": FIXTURE}}, "not starting with answers-"),
+    ({"m": {"items": FIXTURE, "rows": [0, 2], "answers": "ANSWERS"}}, "answers other items than rows [0, 2]"),
     ({"m": {"items": FIXTURE, "rows": [0, 200]}}, "scoring.answer_sets.m.rows [0, 200]"),
     ({"m": {"items": "nowhere.jsonl"}}, "scoring.answer_sets.m.items: nowhere.jsonl not found"),
 ])
 def test_bad_answer_sets_are_refused_before_any_model_loads(pair, tmp_path, sets, message):
+    for s in sets.values():
+        if s.get("answers") == "ANSWERS":  # the teacher's answers to rows 8-19, not 0-1
+            s["answers"] = answers(tmp_path)
     with pytest.raises(ToEError, match=re.escape(message)):
         study(config(pair, tmp_path, scoring__answer_sets=sets), str(tmp_path / "s"), dry_run=True)

@@ -240,7 +240,7 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
 # What a resumed run may change: where and how often it reports and saves, and how it spends memory (recomputing
 # activations gives the same gradients).
 RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "snapshot_every", "out", "report_to",
-                     "gradient_checkpointing")
+                     "gradient_checkpointing", "teacher_device_map")
 
 
 def check_resume_args(path: str | os.PathLike, args: Mapping[str, Any], defaults: Mapping[str, Any],

@@ -28,6 +28,7 @@ from ..evaluation.tasks import STOP, TASK_FIELDS, build_items, eval_rows, gradab
 from ..files import atomic_write_text
 from ..folders import check_file_out, claim_out
 from ..grading import grade
+from ..hf.layers import input_device
 from ..hf.loading import adapter_folder, load_causal_lm, load_config, load_tokenizer, pick_device
 from ..inference import GenerationLog, folder_fingerprint
 from ..locks import releases_out_locks
@@ -146,6 +147,8 @@ def _checked_options(systems: Systems, scoring: Scoring, runtime: Runtime, data:
     returns the decoding (:class:`tree_of_experts.inference.Sampling`) and the plug-in's routing overrides."""
     require("toe eval", systems, {name: "it is a `toe oracle` option" for name in ORACLE_ROWS})
     refuse_unused("toe eval", runtime, ("dtype", "device", "resume", "overwrite", "teacher_device_map"), TRAINING_ONLY)
+    if runtime.teacher_device_map and not teacher:
+        raise ToEError("--teacher_device_map places the teacher row's model: pass --teacher, or drop it")
     at_least("max_length", max_length, 2, " (tokens per item)")
     at_least("batch_size", batch_size, 1)
     optional_at_least("limit", limit, 1, " (items)")
@@ -256,7 +259,8 @@ def traces(
     refuse_unused("toe traces", scoring, ("task", "skip", "few_shot", "few_shot_data", "max_new_tokens"), {
         **{name: "the teacher answers greedily" for name in SAMPLING},
         "": "traces are graded answers, nothing else is scored"})
-    refuse_unused("toe traces", runtime, ("dtype", "device", "resume", "overwrite"), TRAINING_ONLY)
+    refuse_unused("toe traces", runtime, ("dtype", "device", "resume", "overwrite", "teacher_device_map"),
+                  TRAINING_ONLY)
     at_least("batch_size", batch_size, 1)
     optional_at_least("limit", limit, 1, " (items)")
     task, skip, few_shot, few_shot_data = scoring.task, scoring.skip, scoring.few_shot, scoring.few_shot_data
@@ -288,11 +292,12 @@ def traces(
     if from_eval:
         scored = teacher_answers(from_eval, items, max_new_tokens)
     else:
-        model = load_causal_lm(teacher, dtype=dtype, device=pick_device(runtime.device))
+        model = load_causal_lm(teacher, dtype=dtype, device=pick_device(runtime.device),
+                               device_map=runtime.teacher_map())
         log = GenerationLog(partial, {"teacher": folder_fingerprint(teacher), "task": task, "data": data,
                                       "template": spec.template, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
                                       "batch_size": batch_size, "dtype": dtype,
-                                      "device": str(next(model.parameters()).device)}, tag="teacher")
+                                      "device": str(input_device(model))}, tag="teacher")
         scored = score_system("teacher", model, tok, items, task, True, False, max_new_tokens, batch_size, 4096,
                               STOP, log=log)
     kept = [{**r, "trace": s["completion"].strip(), "correct": s["correct"], "truncated": s["truncated"]}

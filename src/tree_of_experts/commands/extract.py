@@ -113,14 +113,14 @@ def extract(
     _refuse_options(text, runtime, capture, disk)
     dtype, dry_run, reuse_capture = runtime.dtype, disk.dry_run, capture.reuse_capture
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
+    if runtime.teacher_device_map and state.num_processes > 1:  # (before the folder is claimed: nothing removed)
+        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
+                       "(not `accelerate launch` with several)")
     if state.is_main_process and not dry_run:
         claim_out(out, "extract", overwrite=runtime.overwrite, inputs={"teacher": teacher, "base": base,
                                                                        "reuse_capture": reuse_capture, "data": data})
     state.wait_for_everyone()
     dev = torch.device(runtime.device) if runtime.device else state.device
-    if runtime.teacher_device_map and state.num_processes > 1:
-        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
-                       "(not `accelerate launch` with several)")
 
     # Checks before any weights load: the settings against what `out` holds, the layers against the configs.
     spec, records, base_tok, teacher_tok = _read_text(data, text, capture, base, teacher)

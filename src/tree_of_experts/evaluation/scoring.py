@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import ToEError
 from ..data import Encoded, encode, pad_left, responses_cut_away
 from ..grading import grade
-from ..hf.layers import input_device, padded_inputs
+from ..hf.layers import input_device, keep_index, padded_inputs
 from ..inference import GREEDY, GenerationLog, Sampling, generate_texts, seeded
 from ..losses import tail_positions, token_nll
 from .tasks import Item
@@ -64,7 +64,7 @@ def response_ce(model, tok, items: list[Item], batch_size: int, max_length: int,
         ids, am = pad_left([c.input_ids for c in chunk], tok.pad_token_id)
         mask = pad_left([c.loss_mask.long() for c in chunk], 0)[0].bool()
         keep = tail_positions(mask, dev)  # vocabulary logits only from the position before the first target on
-        logits = model(**padded_inputs(ids, am, dev), logits_to_keep=keep).logits.to(dev)  # (B, len(keep), V)
+        logits = model(**padded_inputs(ids, am, dev), logits_to_keep=keep_index(model, keep, dev)).logits.to(dev)
         nll = token_nll(logits, ids[:, -len(keep) :].to(dev), mask[:, -len(keep) :].to(dev))
         for i in range(len(chunk)):
             n = int(mask[i].sum())

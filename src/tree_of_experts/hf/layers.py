@@ -251,12 +251,23 @@ def output_cache(output: Any) -> Any:
     return output.cache if "cache" in names else output.past_key_values
 
 
+def spread(model: nn.Module) -> bool:
+    """Whether a device map placed the model over several devices (accelerate's hooks move the activations)."""
+    placed = getattr(model, "hf_device_map", None)
+    return bool(placed) and len(set(placed.values())) > 1
+
+
+def keep_index(model: nn.Module, keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` positions for ``model``: on ``device``, or on the CPU for a model spread over devices
+    (its last hidden states sit on its last device, and a CPU index serves any device)."""
+    return keep.cpu() if spread(model) else keep.to(device)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: its parameters' device, or for a model dispatched over several devices by a device
     map (accelerate's hooks move each layer's inputs), the device of its first module (the CPU for disk)."""
-    placed = getattr(model, "hf_device_map", None)
-    if placed and len(set(placed.values())) > 1:
-        first = next(iter(placed.values()))
+    if spread(model):
+        first = next(iter(model.hf_device_map.values()))
         return torch.device("cpu" if first in ("cpu", "disk") else (f"cuda:{first}" if isinstance(first, int)
                                                                     else first))
     return next(model.parameters()).device

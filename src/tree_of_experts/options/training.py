@@ -190,7 +190,8 @@ class Runtime(OptionGroup):
     teacher_device_map: str | None = None
     """the teacher over several devices, for a teacher too large for one: auto, balanced, balanced_low_0 or
     sequential (accelerate fills the GPUs, then the CPU, then the disk) or a JSON file {module name: device}; read by
-    the commands that run a teacher (extract, oracle, on-policy training, eval's teacher row), one process only"""
+    extract, traces, on-policy train/baseline and eval's teacher row (one process only; not by oracle, which runs
+    the teacher token by token beside the base)"""
 
     def check(self) -> None:
         from ..hf.loading import parse_device_map

@@ -24,16 +24,18 @@ import os
 from collections.abc import Callable
 
 from ..errors import ToEError
-from ..files import atomic_write_json, read_json
+from ..files import atomic_write_json
 from .steps import Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
+from .study_checks import StudyChecks
 from .study_runs import StudyRuns
 
 log = logging.getLogger(__name__)
 TARGET_DIRS = {"ce": "ce", "accuracy": "acc"}
+PLACEMENT = {"teacher_device_map"}  # extract options that place the models without changing what is extracted
 
 
-class Study(StudyRuns):
+class Study(StudyRuns, StudyChecks):
     """A study config and its output folder: where every path resolves, the checks before anything runs, and the
     graph of steps (:mod:`.study_runs` says what each step does)."""
 
@@ -107,69 +109,6 @@ class Study(StudyRuns):
         return self.resolve(a, f"scoring.answer_sets.{name}.answers") if a else \
             os.path.join(self.out, f"answers-{name}.jsonl")
 
-    def check_inputs(self) -> None:
-        """Files the study reads exist and hold enough rows, before any model loads."""
-        from ..data import read_rows
-
-        pending = {s.id for s in self.steps() if not s.done()}
-        for name, path in (("data.train", self.train_data), ("data.items", self.items),
-                           *((f"scoring.ce_files.{k}", self.resolve(v)) for k, v in self.cfg.scoring.ce_files.items()
-                             if any(p.startswith(f"score/{k}/") for p in pending))):
-            if not path.startswith("hf:") and not os.path.exists(path):
-                raise ToEError(f"{name}: {path} not found: fix the path in the study config")
-        self.check_kept_runs()
-        for name, aset in self.cfg.scoring.answer_sets.items():
-            where = f"scoring.answer_sets.{name}"
-            if not any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
-                continue
-            path = self.resolve(aset.items, f"{where}.items")
-            if not path.startswith("hf:") and not os.path.exists(path):
-                raise ToEError(f"{where}.items: {path} not found: fix the path in the study config")
-            if aset.rows[1] > len(read_rows(path)):
-                raise ToEError(f"{where}.rows {aset.rows}: {path} has {len(read_rows(path))} rows")
-            if aset.answers and not os.path.isfile(self.set_answers(name)):
-                raise ToEError(f"{where}.answers: {self.set_answers(name)} not found: fix the path, or leave it "
-                               "out to generate them")
-        items = read_rows(self.items)
-        if self.cfg.data.reported[1] > len(items):
-            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
-        if self.cfg.data.answers:
-            if not os.path.isfile(self.answers):
-                raise ToEError(f"data.answers: {self.answers} not found: fix the path, or leave it out to generate them")
-            field = self.cfg.data.prompt_field or "question"
-            want = sorted(str(r.get(field)) for r in items[self.skip:self.skip + self.n])
-            got = sorted(str(r.get(field)) for r in read_rows(self.answers))
-            if got != want:
-                raise ToEError(f"data.answers {self.answers} answers other items than data.items rows "
-                               f"{self.cfg.data.reported}: give the teacher's answers to exactly those rows")
-        for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
-            from ..hf.loading import load_config
-
-            cfg = load_config(path, who)
-            for r in self.cfg.rows:
-                bad = [x for x in r.layers or [] if who == "pair.base" and not 0 <= x < cfg.num_hidden_layers]
-                if bad:
-                    raise ToEError(f"rows.{r.name}.layers {bad}: the base has {cfg.num_hidden_layers} layers "
-                                   f"(0-{cfg.num_hidden_layers - 1})")
-
-    def check_kept_runs(self) -> None:
-        """A kept run trained with another budget or seed than the config now asks is refused, not reused: an edited
-        config would otherwise keep results it no longer describes."""
-        steps_n = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
-        for row in self.cfg.rows:
-            for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
-                for name in ("train_args.json", "baseline_args.json"):
-                    path = os.path.join(self.out, "train", label, name)
-                    if not os.path.isfile(path):
-                        continue
-                    args = read_json(path, "delete the kept run to train it again")
-                    want = {"max_steps": steps_n, "batch_size": self.cfg.budget.batch_size, "seed": seed}
-                    differ = [f"{k} {args.get(k)} (the config: {v})" for k, v in want.items()
-                              if k in args and args[k] != v]
-                    if differ:
-                        raise ToEError(f"{os.path.dirname(path)} was trained with {', '.join(differ)}: rename the row "
-                                       "(or use another --out) for the new budget, or delete that folder to redo it")
-
     def n_train(self) -> int:
         from ..data import read_rows
 
@@ -179,12 +118,16 @@ class Study(StudyRuns):
     def extraction(self, layers: list[int], rebuild: dict | None = None, extract: dict | None = None) -> str:
         """The extraction folder of a layer set (with a row's own ``extract`` options, its own one; with ``rebuild``
         options, the bank rebuilt from it)."""
-        name = "extract-l" + "-".join(map(str, layers))
-        if extract:
-            name += "-" + "-".join(f"{k}{v}" for k, v in sorted(extract.items()))
-        if rebuild:
-            name += "-" + "-".join(f"{k}{v}" for k, v in sorted(rebuild.items()))
-        return os.path.join(self.work, name)
+        def suffix(options: dict) -> str:  # placement-only options change no result: not part of the name
+            kept = sorted((k, v) for k, v in options.items() if k not in PLACEMENT)
+            return "".join(f"-{k}{str(v).replace(os.sep, '_').replace(' ', '')}" for k, v in kept)
+
+        return os.path.join(self.work, "extract-l" + "-".join(map(str, layers)) + suffix(extract or {}) +
+                            suffix(rebuild or {}))
+
+    def row_extract(self, row: Row) -> dict:
+        """A row's own extraction options: an oracle's are its plug-in row's (it reads that row's extraction)."""
+        return self.cfg.row(row.plugin_of).extract if row.kind == "oracle" else row.extract
 
     def steps(self) -> list[Step]:
         cfg, steps = self.cfg, []
@@ -205,14 +148,15 @@ class Study(StudyRuns):
             steps.append(Step("score/acc/teacher", ["answers"], lambda: self.scored("acc", "teacher"),
                               lambda: self.run_score("acc", "teacher", None), {"kind": "score", "target": "acc",
                                                                                "row": None}))
-        extractions = set()
+        extractions, rebuilds = set(), set()
         steps_n = cfg.budget.steps or cfg.budget.steps_for(self.n_train())
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
                 deps = []
-                own = f"extract/{os.path.basename(self.extraction(row.layers, extract=row.extract))}" \
+                own = f"extract/{os.path.basename(self.extraction(row.layers, extract=self.row_extract(row)))}" \
                     if row.layers else None
                 if row.layers and row.kind != "oracle" and own not in extractions:
+                    _refuse_shared(own, rebuilds, row.name)
                     extractions.add(own)
                     steps.append(Step(own, [], self.extraction_done(row.layers, extract=row.extract),
                                       self.run_extract(row.layers, row.extract),
@@ -221,6 +165,8 @@ class Study(StudyRuns):
                     deps.append(own)
                 if row.rebuild:
                     rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild, row.extract))}"
+                    _refuse_shared(rebuilt, extractions, row.name)
+                    rebuilds.add(rebuilt)
                     if rebuilt not in {s.id for s in steps}:
                         steps.append(Step(rebuilt, list(deps),
                                           self.extraction_done(row.layers, row.rebuild, row.extract),
@@ -276,7 +222,7 @@ class Study(StudyRuns):
             users = [lab for r in self.cfg.rows if r.layers == layers and r.kind != "oracle" and r.extract == extract
                      and (not rebuild or r.rebuild == rebuild) for lab in r.labels()]
             oracles = [r for r in self.cfg.rows if r.kind == "oracle" and r.layers == layers and not rebuild
-                       and r.extract == extract]
+                       and self.row_extract(r) == extract]
             return os.path.isfile(os.path.join(path, "summary.json")) or (
                 all(self.trained(u) for u in users) and all(self.scored("ce", r.labels()[0]) for r in oracles))
 
@@ -318,6 +264,13 @@ class Study(StudyRuns):
         """Runs the steps of ``rows`` scoring ``targets`` for ``seeds`` (default all), rendering after every
         scoring."""
         return run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s)
+
+
+def _refuse_shared(step_id: str, others: set[str], row: str) -> None:
+    """A row's extraction and another row's rebuilt bank must not be one folder (their options name it alike)."""
+    if step_id in others:
+        raise ToEError(f"rows.{row}: its extraction {step_id.split('/', 1)[1]} is also another row's rebuilt bank "
+                       "(extract and rebuild options name folders alike): give one of the rows other options")
 
 
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,

@@ -146,12 +146,11 @@ class AnswerSet:
                                                                         "scoring.max_new_tokens)"})
     answers: str | None = None
 
-    def __post_init__(self) -> None:
+    def check(self, where: str) -> None:
         if len(self.rows) != 2 or not 0 <= self.rows[0] < self.rows[1]:
-            raise ToEError(f"scoring.answer_sets: rows {self.rows}: give [start, stop) rows of its items, "
-                           "0 <= start < stop")
+            raise ToEError(f"{where}.rows {self.rows}: give [start, stop) rows of its items, 0 <= start < stop")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ToEError(f"scoring.answer_sets: max_new_tokens {self.max_new_tokens}: must be >= 1")
+            raise ToEError(f"{where}.max_new_tokens {self.max_new_tokens}: must be >= 1")
 
 
 @dataclass
@@ -201,13 +200,16 @@ class StudyConfig:
         clash = sorted({lab for lab in labels if labels.count(lab) > 1})
         if clash:
             raise ToEError(f"rows: {clash} is both a row and another row's seed (ROW-seedK): rename the row")
-        reserved = {"ce", "acc", "train", "curve", "locks", "data", "work"}
+        reserved = {"ce", "acc", "accuracy", "answers", "train", "curve", "locks", "data", "work"}
         for key, names in (("ce_files", self.scoring.ce_files), ("answer_sets", self.scoring.answer_sets)):
             if set(names) & reserved:
                 raise ToEError(f"scoring.{key}: {sorted(set(names) & reserved)} is a folder the study writes itself "
                                f"({', '.join(sorted(reserved))}): give the target another name")
-            if any(not n or any(c in n for c in "/: ") for n in names):
-                raise ToEError(f"scoring.{key}: {sorted(names)}: name each target plainly (no '/', ':' or spaces)")
+            if any(not n.replace("_", "").replace("-", "").isalnum() or n.startswith("answers-") for n in names):
+                raise ToEError(f"scoring.{key}: {sorted(names)}: name each target with letters, digits, '_' and '-' "
+                               "(not starting with answers-, which the study's answer files use)")
+        for name, aset in self.scoring.answer_sets.items():
+            aset.check(f"scoring.answer_sets.{name}")
         both = sorted(set(self.scoring.ce_files) & set(self.scoring.answer_sets))
         if both:
             raise ToEError(f"scoring: {both} is both a ce_files and an answer_sets name: give each target its own")
@@ -244,6 +246,9 @@ class StudyConfig:
             if r.extract:
                 if not r.layers:
                     raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
+                if r.kind == "oracle":
+                    raise ToEError(f"rows.{r.name}.extract: an oracle reads its plug-in row's extraction: give the "
+                                   "options to that row")
                 check_options(f"rows.{r.name}.extract", r.extract, "extract")
             if r.rebuild:
                 if r.kind not in ("toe", "control", "toe_on_lora"):

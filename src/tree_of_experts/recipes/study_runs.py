@@ -186,7 +186,8 @@ class StudyRuns:
         def run() -> None:
             from ..commands.oracle import oracle
 
-            oracle(teacher=self.teacher, base=self.base, experts=self.extraction(row.layers, extract=row.extract),
+            oracle(teacher=self.teacher, base=self.base,
+                   experts=self.extraction(row.layers, extract=self.row_extract(row)),
                    data=self.answers,
                    plugin=self.system_dir(plugin), template=self.cfg.pair.template, ce_target="trace",
                    dtype=self.cfg.pair.dtype, out=os.path.join(self.out, "ce", row.labels()[0]), overwrite=True,

@@ -18,7 +18,7 @@ import torch
 from ..errors import ToEError
 from ..data import pad_left
 from ..extraction.store import Extraction
-from ..hf.layers import input_device, padded_inputs
+from ..hf.layers import input_device, keep_index, padded_inputs
 from ..folders import RESUMABLE_CHANGES
 from ..losses import gathered_generalized_jsd, tail_positions, token_nll, topk_kl
 from .examples import collate
@@ -173,7 +173,7 @@ def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], kee
     over devices by --teacher_device_map returns them on its last one)."""
     dev = input_device(teacher)
     return teacher(**padded_inputs(batch["input_ids"], batch["attention_mask"], dev),
-                   logits_to_keep=keep.to(dev)).logits.to(batch["input_ids"].device)
+                   logits_to_keep=keep_index(teacher, keep, dev)).logits.to(batch["input_ids"].device)
 
 
 def eos_ids(model: torch.nn.Module, tok) -> list[int]:
