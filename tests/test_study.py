@@ -415,3 +415,28 @@ def test_bad_answer_sets_are_refused_before_any_model_loads(pair, tmp_path, sets
             s["answers"] = answers(tmp_path)
     with pytest.raises(ToEError, match=re.escape(message)):
         study(config(pair, tmp_path, scoring__answer_sets=sets), str(tmp_path / "s"), dry_run=True)
+
+
+def test_the_pair_s_teacher_device_map_reaches_every_teacher_load(pair, tmp_path, monkeypatch):
+    """``pair.teacher_device_map``: the extraction, the teacher's answers and the anchors' teacher CE load the
+    teacher spread by it (here half offloaded to the disk); a bad value is one line before anything runs."""
+    import tree_of_experts.commands.evaluate as ev
+    import tree_of_experts.commands.extract as ex
+
+    mapping = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+               "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(mapping))
+    loads = []
+    for module in (ex, ev):
+        real = module.load_causal_lm
+        monkeypatch.setattr(module, "load_causal_lm", lambda name, *a, real=real, **k: loads.append(
+            (os.path.basename(str(name)), k.get("device_map"))) or real(name, *a, **k))
+    rows = [{"name": "toe", "kind": "toe", "layers": [1]}]
+    cfg = config(pair, tmp_path, rows=rows, compare=[], budget={"steps": 2, "batch_size": 4},
+                 pair__teacher_device_map=str(tmp_path / "map.json"))
+    study(cfg, str(tmp_path / "s"))
+    teacher = [m for name, m in loads if name == "teacher"]
+    assert len(teacher) >= 2 and all(m == mapping for m in teacher)  # the extraction and the anchors' CE
+    assert all(m is None for name, m in loads if name == "base")
+    with pytest.raises(ToEError, match="pair.teacher_device_map 'gpus': give one of auto"):
+        study(config(pair, tmp_path, pair__teacher_device_map="gpus"), str(tmp_path / "s2"), dry_run=True)

@@ -31,6 +31,14 @@ class Pair:
     teacher: str
     template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "prompt template, or `chat`"})
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    teacher_device_map: str | None = field(default=None, metadata={
+        "help": "the teacher over several devices (auto, balanced, sequential, or a JSON file {module: device}), for "
+                "a teacher too large for one: every step that runs the teacher but the oracles passes it on"})
+
+    def __post_init__(self) -> None:
+        from ..hf.loading import parse_device_map
+
+        parse_device_map(self.teacher_device_map, "pair.teacher_device_map")
 
 
 @dataclass
@@ -270,7 +278,7 @@ def comparison(text: str) -> tuple[str, str]:
 # Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
 STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
               "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
-              "base_adapter", "plugin", "layers", "dtype", "snapshot_every"}
+              "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map"}
 EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
 
 

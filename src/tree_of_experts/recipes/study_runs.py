@@ -39,6 +39,7 @@ class StudyRuns:
         got = traces(teacher=self.teacher, data=self.items, out=tmp, task=self.cfg.data.task, skip=skip, limit=n,
                      template=self.cfg.pair.template, max_new_tokens=self.cfg.scoring.max_new_tokens,
                      batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
+                     teacher_device_map=self.cfg.pair.teacher_device_map,
                      eval_out=None if tuning else os.path.join(self.out, "acc", "teacher"), resume=True,
                      overwrite=True)
         if got["kept"] < got["generated"]:
@@ -58,6 +59,7 @@ class StudyRuns:
                      out=tmp, task=aset.task, skip=aset.rows[0], limit=aset.rows[1] - aset.rows[0],
                      template=self.cfg.pair.template, max_new_tokens=cap,
                      batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype, keep_incorrect=True,
+                     teacher_device_map=self.cfg.pair.teacher_device_map,
                      eval_out=os.path.join(self.out, f"answers-{name}-graded"), resume=True, overwrite=True)
         if got["kept"] < got["generated"]:
             raise ToEError(f"answers-{name}: the teacher answered {got['kept']} of {got['generated']} items (the "
@@ -94,6 +96,7 @@ class StudyRuns:
 
             extract(teacher=self.teacher, base=self.base, data=self.train_data,
                     out=self.extraction(layers, extract=options), layers=layers, dtype=self.cfg.pair.dtype,
+                    teacher_device_map=self.cfg.pair.teacher_device_map,
                     **self.common(), **{**self.cfg.extract, **(options or {})})
         return run
 
@@ -120,7 +123,8 @@ class StudyRuns:
                           batch_size=self.cfg.budget.batch_size, dtype=self.cfg.pair.dtype, resume=marker,
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":
-                    kw.update(objective="on_policy", teacher=self.teacher)
+                    kw.update(objective="on_policy", teacher=self.teacher,
+                              teacher_device_map=self.cfg.pair.teacher_device_map)
                 experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
@@ -161,10 +165,11 @@ class StudyRuns:
         kw: dict = dict(base=self.base, out=out, batch_size=self.cfg.scoring.batch_size, dtype=self.cfg.pair.dtype,
                         resume=again, overwrite=not again)
         if label == "teacher":
-            kw.update(with_base=False, teacher=self.teacher)
+            kw.update(with_base=False, teacher=self.teacher, teacher_device_map=self.cfg.pair.teacher_device_map)
         elif row is None:
             gap = target == "ce" or target in self.cfg.scoring.answer_sets  # the teacher's own answers: its CE too
-            kw.update(with_base=True, teacher=self.teacher if gap else None)
+            kw.update(with_base=True, teacher=self.teacher if gap else None,
+                      teacher_device_map=self.cfg.pair.teacher_device_map if gap else None)
         else:
             kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
             kw["with_base"] = False
