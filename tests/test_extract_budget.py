@@ -125,6 +125,8 @@ def test_a_sample_of_the_states_gives_a_close_extraction(experts, tmp_path):
     assert abs(summary["projector"][0]["heldout_r2"] - ref["projector"][0]["heldout_r2"]) <= 0.1
     assert o1["trained_map"] == pytest.approx(o1_ref["trained_map"], abs=0.005)
     assert summary["projector"][0]["train_rows"] < ref["projector"][0]["train_rows"]
+    # the map trains as many steps on the sample as on the whole corpus (a budget bounds disk, not training)
+    assert summary["fusion_map_steps"] == ref["fusion_map_steps"] == 5  # 18 training examples, 4 a step
 
 
 def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, monkeypatch):

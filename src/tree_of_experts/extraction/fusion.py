@@ -191,24 +191,30 @@ def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=Non
 
 def train_fusion_maps(
     base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, epochs: int, lr: float,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, steps: int | None = None,
 ) -> list[float]:
-    """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states."""
+    """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states:
+    ``epochs`` passes over ``data``, or ``steps`` optimiser steps cycling over it (a fresh order each pass; a
+    state sample trains as many steps as the whole corpus would give)."""
     dev = next(base.parameters()).device
     maps.to(dev).train()
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    steps = epochs * math.ceil(len(data) / batch_size)
+    per_pass = math.ceil(len(data) / batch_size)
+    steps = epochs * per_pass if steps is None else steps
+    passes = math.ceil(steps / per_pass) if per_pass else 0
     bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
     # without a terminal: a progress line per 5 % of the steps (each step when there are fewer than 40)
     every, start = max(1, steps // 20), time.perf_counter()
     # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
     # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
     with frozen(base):
-        for _ in range(epochs):
+        for _ in range(passes):
             order = torch.randperm(len(data), generator=g).tolist()
             for chunk in batches([data[i] for i in order], batch_size):
+                if len(losses) == steps:  # the last pass over a sample stops at the step count
+                    break
                 b = collate(chunk, len(layers), pad_id)
                 fns = {}
                 for j, layer in enumerate(layers):

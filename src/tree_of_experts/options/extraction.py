@@ -87,7 +87,9 @@ class Fusion(OptionGroup):
     heldout_frac: float = 0.1
     """share of the examples held out, in [0, 1)"""
     projector_epochs: int = 1
-    """epochs of the trained fusion map"""
+    """epochs of the trained fusion map over the corpus's training examples (under a state sample, --max_disk or
+    --state_tokens, the same number of steps, cycling over the sampled examples: a budget bounds the disk, not the
+    map's training)"""
     projector_lr: float = 1e-3
     """learning rate of the trained fusion map"""
     ridge_lambdas: tuple[float, ...] = (0.25, 0.5, 1.0)
