@@ -6,6 +6,12 @@ import torch
 from tree_of_experts import ToEModel
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
 
+# Every command and recipe module imported now: a test that patches tree_of_experts.hf.loading.load_causal_lm would
+# otherwise leave its patch bound in a module first imported during that test (`from ..hf.loading import ...`).
+from tree_of_experts.cli import _commands  # noqa: E402
+
+_commands()
+
 # Plug-in configurations the plug-in and export tests run through (shapes, selections, layer sets, gates).
 PLUGIN_CASES = [
     dict(layers=[0], num_leaves=8, shape="balanced", selection="topk", top_k=2),

@@ -396,3 +396,25 @@ def test_a_bad_teacher_device_map_is_refused_before_any_model_loads(pair, tmp_pa
     value = {"BAD_JSON": str(tmp_path / "bad.json"), "LIST_JSON": str(tmp_path / "list.json")}.get(value, value)
     with pytest.raises(ToEError, match=message.replace("{", r"\{").replace("}", r"\}")):
         run(pair, tmp_path / "ex", teacher_device_map=value)
+
+
+def test_a_build_to_redo_over_captured_shards_loads_no_teacher(pair, tmp_path, monkeypatch):
+    """A rerun whose shards are all captured (the build interrupted, or its records removed to build again) loads
+    the base alone, builds the same bank, and keeps the capture's own timings."""
+    import tree_of_experts.commands.extract as ex
+
+    run(pair, tmp_path / "ex")
+    out = tmp_path / "ex"
+    bank = load_file(out / "toe_model.safetensors")
+    timings = (out / "timings-0.json").read_text()
+    for name in ("build.json", "summary.json", "toe_model.safetensors"):
+        os.remove(out / name)
+    loads = []
+    real = ex.load_causal_lm
+    monkeypatch.setattr(ex, "load_causal_lm", lambda name, *a, **k: loads.append(os.path.basename(name)) or
+                        real(name, *a, **k))
+    summary = run(pair, out)
+    assert loads == ["base"]
+    again = load_file(out / "toe_model.safetensors")
+    assert bank.keys() == again.keys() and all(torch.equal(bank[k], again[k]) for k in bank)
+    assert (out / "timings-0.json").read_text() == timings and summary["capture"]["tokens"] > 0

@@ -53,7 +53,7 @@ from ..extraction.resume import (
 )
 from ..extraction.reuse import check_same_base, layer_subset, reused_pairs, reused_source
 from ..extraction.store import CORRUPT
-from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_tokenizer
+from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_config, load_tokenizer
 from ..hf.layers import decoder_layers
 from ..files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from ..folders import check_extraction, claim_out
@@ -144,8 +144,11 @@ def extract(
     check_leaves_fit(tree.num_leaves, tree.shape,
                      clustered_rows(examples, fusion.heldout_frac, tree.sample_rate, tree.max_rows, sample))
 
-    # Setup: the models, the layers they resolve, run.json (written once every check has passed).
-    base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture, runtime.teacher_map())
+    # Setup: the models, the layers they resolve, run.json (written once every check has passed). Every shard
+    # already captured (a build to redo): the teacher is not loaded.
+    groups = shard_groups(examples, sample, capture.shard_size)
+    captured = asked is not None and not damaged and all(os.path.exists(_shard(out, s)) for s in range(len(groups)))
+    base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture, runtime.teacher_map(), captured)
     pairing, which = _pairing(early, capture, source, teacher, kd, base_model, teacher_model, n_t_config, sample)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     if state.is_main_process:
@@ -153,7 +156,7 @@ def extract(
     state.wait_for_everyone()
 
     # 1. Capture, every process its share of the shards; then the build on the main process alone.
-    _capture_shards(out, state, shard_groups(examples, sample, capture.shard_size), base_model, teacher_model,
+    _capture_shards(out, state, groups, base_model, teacher_model,
                     pairing, capture, batch_size, base_tok.pad_token_id, disk.cache_low_states, which)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -225,13 +228,15 @@ def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, t
     return plan
 
 
-def _load_models(base: str, teacher: str, dtype: str, dev: torch.device, capture: Capture, teacher_map=None):
+def _load_models(base: str, teacher: str, dtype: str, dev: torch.device, capture: Capture, teacher_map=None,
+                 captured: bool = False):
     """The base and the teacher: None under --reuse_capture (the states come from the source's shards: the teacher is
-    never loaded), the base itself when the same model is read twice (the no-teacher control: loaded once, and one
-    forward serves both without top-k); ``teacher_map`` spreads the teacher over devices (--teacher_device_map)."""
+    never loaded) or when every shard is ``captured`` already (the build alone is left), the base itself when the
+    same model is read twice (the no-teacher control: loaded once, and one forward serves both without top-k);
+    ``teacher_map`` spreads the teacher over devices (--teacher_device_map)."""
     t_kw, b_kw = capture.model_kwargs()
     base_model = load_causal_lm(base, dtype=dtype, device=str(dev), **b_kw)
-    if capture.reuse_capture:
+    if capture.reuse_capture or captured:
         return base_model, None
     same_model = teacher == base and t_kw == b_kw and teacher_map is None
     return base_model, base_model if same_model else load_causal_lm(teacher, dtype=dtype, device=str(dev),
@@ -255,8 +260,10 @@ def _pairing(early: dict, capture: Capture, source: dict | None, teacher: str, k
     base's architecture)."""
     layers, teacher_layers = _loaded_layers(capture, base_model, teacher_model, n_t_config)
     which = reused_pairs(capture.reuse_capture, source, layers, teacher_layers) if source is not None else None
+    t_config = teacher_model.config if teacher_model is not None else None if source else \
+        load_config(teacher, "teacher", **capture.model_kwargs()[0])  # (every shard captured: no teacher loaded)
     settings = run_record(early, layers, teacher_layers,
-                          source["teacher_arch"] if source else arch_fingerprint(teacher_model.config)[1],
+                          source["teacher_arch"] if source else arch_fingerprint(t_config)[1],
                           arch_fingerprint(base_model.config)[1], sample)
     if source is not None:
         check_same_base(capture.reuse_capture, source, settings["base_arch"])
@@ -274,10 +281,12 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
     mine = [s for s in range(len(groups)) if s % state.num_processes == state.process_index]
     timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
     t_start = time.perf_counter()
+    done = 0
     for s in tqdm(mine, desc="extract shards", disable=None if state.is_local_main_process else True):
-        path = os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
+        path = _shard(out, s)
         if os.path.exists(path):
             continue
+        done += 1
         if which is not None:
             tensors = layer_subset(capture.reuse_capture, os.path.basename(path), which, layers)
         else:
@@ -288,7 +297,13 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
     timings["wall_s"] = time.perf_counter() - t_start
     if capture.reuse_capture:
         timings["reused_capture"] = os.path.abspath(capture.reuse_capture)
-    atomic_write_json(os.path.join(out, f"timings-{state.process_index}.json"), timings)
+    record = os.path.join(out, f"timings-{state.process_index}.json")
+    if done or not os.path.exists(record):  # a rerun that captured nothing keeps the capture's own timings
+        atomic_write_json(record, timings)
+
+
+def _shard(out: str, s: int) -> str:
+    return os.path.join(out, "shards", f"shard-{s:05d}.safetensors")
 
 
 @grouped
