@@ -15,11 +15,6 @@ import pytest
 import torch
 import yaml
 
-import tree_of_experts.commands.evaluate  # noqa: F401  (imported before a test patches hf.loading.load_causal_lm:
-import tree_of_experts.commands.extract  # noqa: F401  a module first imported under the patch would keep it)
-import tree_of_experts.commands.oracle  # noqa: F401
-import tree_of_experts.commands.train  # noqa: F401
-import tree_of_experts.recipes.baseline  # noqa: F401
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
 from tree_of_experts.evaluation.study_stats import Draws, coverage, reading

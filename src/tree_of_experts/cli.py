@@ -97,8 +97,8 @@ def _unescape(value: str) -> str:
 # Options whose value is rewritten before parsing: integer lists that also take `9` or `5,11,17`, string lists that
 # also take `a:b,c:d`, and prompt templates.
 CONVERT = {"--layers": _int_list, "--teacher_layers": _int_list, "--batches": _int_list,
-           "--routing_exponents": _int_list, "--seeds": _int_list, "--pairs": _str_list, "--rows": _str_list, "--targets": _str_list,
-           "--parts": _str_list, "--template": _unescape}
+           "--routing_exponents": _int_list, "--seeds": _int_list, "--pairs": _str_list, "--rows": _str_list,
+           "--targets": _str_list, "--parts": _str_list, "--template": _unescape}
 
 
 LISTS = tuple(k for k, f in CONVERT.items() if f in (_int_list, _str_list))  # options whose value is a comma list

@@ -53,7 +53,8 @@ from ..extraction.resume import (
 )
 from ..extraction.reuse import check_same_base, layer_subset, reused_pairs, reused_source
 from ..extraction.store import CORRUPT
-from ..hf.loading import arch_fingerprint, decoder_layer_count, load_causal_lm, load_config, load_tokenizer
+from ..hf.loading import (arch_fingerprint, check_one_process, decoder_layer_count, load_causal_lm, load_config,
+                          load_tokenizer)
 from ..hf.layers import decoder_layers
 from ..files import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from ..folders import check_extraction, claim_out
@@ -113,9 +114,7 @@ def extract(
     _refuse_options(text, runtime, capture, disk)
     dtype, dry_run, reuse_capture = runtime.dtype, disk.dry_run, capture.reuse_capture
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo process group under torchrun
-    if runtime.teacher_device_map and state.num_processes > 1:  # (before the folder is claimed: nothing removed)
-        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
-                       "(not `accelerate launch` with several)")
+    check_one_process(runtime.teacher_device_map, state.num_processes)  # (before the folder is claimed)
     if state.is_main_process and not dry_run:
         claim_out(out, "extract", overwrite=runtime.overwrite, inputs={"teacher": teacher, "base": base,
                                                                        "reuse_capture": reuse_capture, "data": data})

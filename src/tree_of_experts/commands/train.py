@@ -140,7 +140,8 @@ def train(
         base = load_causal_lm(base, dtype=runtime.dtype, device=str(accel.device))
     model = ToEModel.from_pretrained(base, init_plugin or experts, base_adapter=base_adapter, mmap_bank=False)
     _set_query_norm(model, fit.query_norm)
-    teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device, runtime.teacher_map()) if on_policy.ratio > 0 else None
+    teacher_model = load_teacher(teacher, tok, runtime.dtype, accel.device, runtime.teacher_map()) \
+        if on_policy.ratio > 0 else None
     if runtime.gradient_checkpointing:
         checkpoint_frozen_layers(model.base)
     if fit.cached_states:

@@ -71,7 +71,8 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
     names = list(dict.fromkeys(names))
     planned = {r.name: r.seeds for r in study.cfg.rows}
     head = ["row", "seeds"] + (["CE gap closed", "per seed"] if ce else []) + (["accuracy"] if acc else []) + \
-        [f"{t} CE gap closed" for t in sets] + [f"{t} CE minus base" for t in extra] + ["budget (seed 0)", "bank: leaf cos to mean, before → after"]
+        [f"{t} CE gap closed" for t in sets] + [f"{t} CE minus base" for t in extra] + \
+        ["budget (seed 0)", "bank: leaf cos to mean, before → after"]
     by_row = {r.name: r for r in study.cfg.rows}
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:

@@ -222,8 +222,8 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
     train_data = list(extraction.iter_examples(train_ids, with_states=True))
     dev_data = list(extraction.iter_examples(heldout, with_states=True)) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
-    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, fusion.projector_epochs, fusion.projector_lr,
-                               4, seed, steps=fusion.projector_epochs * -(-len(train_ids) // 4))
+    steps = fusion.projector_epochs * -(-len(train_ids) // 4)  # the corpus's, on a state sample too (4 a step)
+    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, steps, fusion.projector_lr, 4, seed)
     times["fusion_map_s"] = time.perf_counter() - t0
     o1 = {}
     if dev_data:

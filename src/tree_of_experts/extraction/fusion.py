@@ -190,19 +190,18 @@ def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=Non
 
 
 def train_fusion_maps(
-    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, epochs: int, lr: float,
-    batch_size: int, seed: int, steps: int | None = None,
+    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, steps: int, lr: float,
+    batch_size: int, seed: int,
 ) -> list[float]:
     """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states:
-    ``epochs`` passes over ``data``, or ``steps`` optimiser steps cycling over it (a fresh order each pass; a
-    state sample trains as many steps as the whole corpus would give)."""
+    ``steps`` optimiser steps cycling over ``data`` (a fresh order each pass; a state sample trains as many steps as
+    the whole corpus would give)."""
     dev = next(base.parameters()).device
     maps.to(dev).train()
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
     per_pass = math.ceil(len(data) / batch_size)
-    steps = epochs * per_pass if steps is None else steps
     passes = math.ceil(steps / per_pass) if per_pass else 0
     bar = tqdm(total=steps, desc="train fusion map", leave=False, disable=None)  # None: off when not a terminal
     # without a terminal: a progress line per 5 % of the steps (each step when there are fewer than 40)

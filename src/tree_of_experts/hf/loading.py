@@ -107,6 +107,13 @@ def parse_device_map(value: str | None, option: str = "--teacher_device_map") ->
     return mapping
 
 
+def check_one_process(device_map: str | dict | None, num_processes: int) -> None:
+    """Refuses a teacher device map under several processes (each would spread a copy over the same devices)."""
+    if device_map and num_processes > 1:
+        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
+                       "(not `accelerate launch` with several)")
+
+
 def load_causal_lm(
     name_or_path: str, dtype: str | torch.dtype | None = "auto", device: str | None = None,
     device_map: str | dict | None = None, **kwargs: Any

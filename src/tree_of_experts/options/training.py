@@ -194,9 +194,7 @@ class Runtime(OptionGroup):
     the teacher token by token beside the base)"""
 
     def check(self) -> None:
-        from ..hf.loading import parse_device_map
-
-        parse_device_map(self.teacher_device_map)
+        self.teacher_map()
 
     def teacher_map(self):
         """``teacher_device_map`` as transformers' ``device_map`` (None: the teacher goes to ``device``)."""

@@ -32,7 +32,6 @@ from .study_runs import StudyRuns
 
 log = logging.getLogger(__name__)
 TARGET_DIRS = {"ce": "ce", "accuracy": "acc"}
-PLACEMENT = {"teacher_device_map"}  # extract options that place the models without changing what is extracted
 
 
 class Study(StudyRuns, StudyChecks):
@@ -118,9 +117,8 @@ class Study(StudyRuns, StudyChecks):
     def extraction(self, layers: list[int], rebuild: dict | None = None, extract: dict | None = None) -> str:
         """The extraction folder of a layer set (with a row's own ``extract`` options, its own one; with ``rebuild``
         options, the bank rebuilt from it)."""
-        def suffix(options: dict) -> str:  # placement-only options change no result: not part of the name
-            kept = sorted((k, v) for k, v in options.items() if k not in PLACEMENT)
-            return "".join(f"-{k}{str(v).replace(os.sep, '_').replace(' ', '')}" for k, v in kept)
+        def suffix(options: dict) -> str:  # a path-valued option's separators would make sub-folders
+            return "".join(f"-{k}{str(v).replace(os.sep, '_').replace(' ', '')}" for k, v in sorted(options.items()))
 
         return os.path.join(self.work, "extract-l" + "-".join(map(str, layers)) + suffix(extract or {}) +
                             suffix(rebuild or {}))

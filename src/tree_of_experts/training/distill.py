@@ -207,9 +207,9 @@ def check_teacher_map(teacher_device_map: str | None, ratio: float, num_processe
     if teacher_device_map and ratio == 0:
         raise ToEError("--teacher_device_map places the on-policy teacher: off-policy training runs none (its "
                        "top-k comes from the extraction): drop it")
-    if teacher_device_map and num_processes > 1:
-        raise ToEError("--teacher_device_map spreads one teacher over this machine's devices: run one process "
-                       "(not `accelerate launch` with several)")
+    from ..hf.loading import check_one_process
+
+    check_one_process(teacher_device_map, num_processes)
 
 
 def load_teacher(teacher: str, tok, dtype: str, device, device_map=None) -> torch.nn.Module:
