@@ -91,6 +91,11 @@ def test_the_folder_stays_within_the_budget_as_the_corpus_grows(experts, big):
     assert size <= plan["disk_total"] <= budget  # the plan is an upper bound of what is written
     assert size >= 0.85 * plan["disk_total"]  # and a close one
     assert folder_bytes(experts / "ex") <= budget
+    # the run records its processes' peak resident memory beside the plan's estimate
+    timings = json.loads((d / "ex" / "timings-0.json").read_text())
+    assert summary["capture"]["peak_rss_gib"] == timings["peak_rss_gib"] > 0
+    assert summary["memory"]["peak_rss_gib"] >= timings["peak_rss_gib"]  # one process captured and built
+    assert "Peak resident memory: capture" in (d / "ex" / "summary.md").read_text()
     # a sample: every held-out example in it, states for it alone, light fields (top-k, low state) for everyone
     sample = ex.state_examples()
     heldout = set(ex.manifest()["counts"]["heldout"])

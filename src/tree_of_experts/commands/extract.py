@@ -60,6 +60,7 @@ from ..files import atomic_save_tensors, atomic_write_json, load_tensors, read_j
 from ..folders import check_extraction, claim_out
 from ..locks import releases_out_locks
 from ..options import TRAINING_ONLY, Capture, Disk, Fusion, Runtime, Text, Tree, grouped, refuse_unused
+from ..training.checkpoint import peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
     timings["wall_s"] = time.perf_counter() - t_start
     if capture.reuse_capture:
         timings["reused_capture"] = os.path.abspath(capture.reuse_capture)
+    timings.update(peak_memory())
     record = os.path.join(out, f"timings-{state.process_index}.json")
     if done or not os.path.exists(record):  # a rerun that captured nothing keeps the capture's own timings
         atomic_write_json(record, timings)

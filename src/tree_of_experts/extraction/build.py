@@ -21,6 +21,7 @@ from ..model import ToEModel
 from ..plugin_folder import new_config
 from ..options import Fusion, Tree
 from ..plugin import ToEPlugin
+from ..training.checkpoint import peak_memory
 from ..tree import TreeGate, effective_leaves, path_labels, path_table
 from .capture import Example
 from .fusion import (
@@ -33,6 +34,7 @@ from .fusion import (
     signal_record,
     train_fusion_maps,
 )
+from .report import summary_markdown
 from .store import Extraction, shard_record
 
 
@@ -340,6 +342,8 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
         capture["wall_s"] = max(capture["wall_s"], t["wall_s"])
         if "reused_capture" in t:  # `toe extract --reuse_capture`: the states came from that extraction's shards
             capture["reused_from"] = t["reused_capture"]
+        if "peak_rss_gib" in t:  # the capturing process's high-water mark (the largest over processes)
+            capture["peak_rss_gib"] = max(capture.get("peak_rss_gib", 0.0), t["peak_rss_gib"])
     if capture["tokens"]:
         capture["tokens_per_s"] = capture["tokens"] / max(capture["wall_s"], 1e-9)
         capture["teacher_forward_tokens_per_s"] = capture["tokens"] / max(capture["teacher_s"], 1e-9)
@@ -352,6 +356,7 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
            if "state_tokens" in counts else {}),
         **fit, "clusters": clusters, "capture": capture, "times": times, "kd_cached": kd,
         "signal": signal_record(tree.signal, tree.signal_lambda),
+        "memory": peak_memory(),  # this process's peak: the build's, and the capture's where it ran in it too
     }
     if source != out:
         summary["rebuilt_from"] = source
@@ -364,37 +369,3 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     atomic_write_text(os.path.join(out, "summary.md"), summary_markdown(summary))
     return summary
-
-
-def signal_words(signal: dict | None) -> str:
-    if signal and signal.get("kind") == "ridge":
-        return f"the ridge step λ (P(u) - h), λ = {signal['lambda']}"
-    return "the trained fusion map A(u, h)"
-
-
-def summary_markdown(s: dict) -> str:
-    lines = [f"# Extraction: {s['teacher']} -> {s['base']}", "",
-             f"{s['examples']} examples ({s['heldout_examples']} held out), {s['tokens']} tokens; "
-             f"layers {s['layers']} <- teacher {s['teacher_layers']}; {s['shape']} tree, N = {s['num_leaves']}; "
-             f"bank from {signal_words(s.get('signal'))}.", ""]
-    if s.get("state_sample"):
-        lines += [f"States (base and teacher at every layer) kept for a sample: {s['state_sample']['tokens']} of "
-                  f"{s['tokens']} tokens in {s['state_sample']['examples']} examples, every held-out one "
-                  "(`--max_disk`/`--state_tokens`); the maps, the tree and the route data are built from it.", ""]
-    for p, layer in zip(s["projector"], s["layers"]):
-        lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
-    if s["o1_heldout_ce"]:
-        lines += ["", "| held-out CE (response tokens) | nats |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in s["o1_heldout_ce"].items() if isinstance(v, float)]
-    for layer, c in s["clusters"].items():
-        lines += ["", f"Layer {layer}: effective leaves {c['effective_leaves']:.1f} of {len(c['sizes'])}; "
-                      f"cluster sizes min {min(c['sizes'])} / max {max(c['sizes'])}; "
-                      f"geometry-initialised gate routes {100 * c['gate_init_routing_accuracy']:.1f} % of tokens "
-                      f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
-    cap = s["capture"]
-    if cap.get("reused_from"):
-        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`): the teacher did not run."]
-    if cap.get("tokens"):
-        lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
-                      f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
-    return "\n".join(lines) + "\n"
