@@ -383,6 +383,8 @@ def test_answer_sets_add_ce_targets_on_other_items_with_the_gap_closed(pair, tmp
     plan = study(cfg, str(tmp_path / "s"), dry_run=True)["summary"]
     assert re.search(r"answers-given +done", plan) and re.search(r"answers-made +to run", plan)
     assert "score/given/toe" in plan and "score/made/anchors" in plan
+    plan = study(cfg, str(tmp_path / "s"), dry_run=True, targets=["ce"])["summary"]  # no answers for a later target
+    assert "answers-made" not in plan and "score/made" not in plan and "score/ce/toe" in plan
     study(cfg, str(tmp_path / "s"))
     made = [json.loads(x) for x in open(tmp_path / "s" / "answers-made.jsonl")]
     assert len(made) == 3 and all(r["trace"] for r in made)

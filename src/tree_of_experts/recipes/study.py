@@ -232,8 +232,9 @@ class Study(StudyRuns, StudyChecks):
         (default all), for the seeds ``seeds`` of each row (default all). Given rows run in the order given, each
         with its seeds in turn."""
         steps = self.steps()
-        if targets is not None:  # the other targets' scorings wait for a later run
-            steps = [s for s in steps if not s.id.startswith("score/") or s.id.split("/")[1] in targets]
+        if targets is not None:  # the other targets' scorings (and an answer set's generation) wait for a later run
+            steps = [s for s in steps if not s.id.startswith(("score/", "answers-"))
+                     or (s.id.split("/")[1] if s.id.startswith("score/") else s.id[len("answers-"):]) in targets]
         if seeds is not None:  # the other seeds' training and scoring wait for a later run
             other = {label for r in self.cfg.rows for k, label in enumerate(r.labels()) if k not in seeds}
             steps = [s for s in steps if s.id.split("/")[-1] not in other]
