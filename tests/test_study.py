@@ -437,3 +437,26 @@ def test_the_pair_s_teacher_device_map_reaches_every_teacher_load(pair, tmp_path
     assert all(m is None for name, m in loads if name == "base")
     with pytest.raises(ToEError, match="pair.teacher_device_map 'gpus': give one of auto"):
         study(config(pair, tmp_path, pair__teacher_device_map="gpus"), str(tmp_path / "s2"), dry_run=True)
+
+
+def test_the_plan_calibrates_its_estimates_by_the_study_s_measured_steps(pair, tmp_path):
+    """Every step run's wall time goes to step-times.jsonl; the next plan shows them and scales the pending steps of
+    a kind by that kind's measured / estimated ratio on this machine."""
+    from tree_of_experts.recipes.study_plan import calibrate
+
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2}], compare=[],
+                 budget={"steps": 2, "batch_size": 4})
+    ran = study(cfg, str(tmp_path / "s"), seeds=[0])["ran"]
+    times = [json.loads(x) for x in open(tmp_path / "s" / "step-times.jsonl")]
+    assert [t["step"] for t in times] == ran and all(t["finished"] and t["seconds"] >= 0 for t in times)
+    p = study(cfg, str(tmp_path / "s"), dry_run=True)
+    steps = {x["step"]: x for x in p["steps"]}
+    assert "measured_seconds" in steps["train/toe"] and "train:toe" in p["calibration"]
+    f = p["calibration"]["train:toe"]["factor"]
+    assert steps["train/toe-seed1"]["calibrated_seconds"] == pytest.approx(steps["train/toe-seed1"]["seconds"] * f)
+    assert "by this study's finished steps on this machine" in p["summary"] and "train:toe ×" in p["summary"]
+    # another machine's (or thread count's) times are shown but do not calibrate
+    lines = [{"step": "a", "status": "done", "seconds": 10.0, "kind": "k"}, {"step": "b", "status": "to run",
+                                                                            "seconds": 5.0, "kind": "k"}]
+    assert calibrate(lines, {"a": {"seconds": 30.0, "finished": True, "host": "elsewhere", "threads": 1}}) == {}
+    assert lines[0]["measured_seconds"] == 30.0 and "calibrated_seconds" not in lines[1]

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from ..errors import ToEError
 
 log = logging.getLogger(__name__)
+
+TIMES = "step-times.jsonl"  # in the study folder: every step run's wall time, what calibrates the plan
 
 
 @dataclass
@@ -47,10 +53,35 @@ def step_lock(step: Step, folder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def record_time(path: str, step: Step, seconds: float, finished: bool) -> None:
+    """Appends one run of ``step`` to the study's time record (one JSON line, a single append: processes sharing
+    the study do not interleave); a run ended by a failure or Ctrl-C counts too, as part of the step's total (a
+    killed process records nothing)."""
+    line = {"step": step.id, "seconds": round(seconds, 1), "finished": finished, "host": platform.node(),
+            "threads": torch.get_num_threads(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def recorded_times(path: str) -> dict[str, dict]:
+    """The study's time record: per step, its runs' total seconds and the host and threads of its last run."""
+    out: dict[str, dict] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                r = json.loads(line)
+                prev = out.get(r["step"], {"seconds": 0.0})
+                out[r["step"]] = {**r, "seconds": prev["seconds"] + float(r["seconds"])}
+    return out
+
+
 def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Callable[[], None],
-              poll_s: float = 10.0) -> dict:
+              poll_s: float = 10.0, times: str | None = None) -> dict:
     """Runs every step of ``steps`` not done yet once its inputs are (``lock_folder(step)`` holds its lock),
-    calling ``render`` after each scoring and at the end; returns what ran and whether it waited for another
+    calling ``render`` after each scoring and at the end, and appending each run's wall time to ``times`` (a
+    JSON-lines file; what calibrates the next plan's estimates); returns what ran and whether it waited for another
     process. Raises one ToEError naming the failed steps after the others ran."""
     by_id = {s.id: s for s in steps}
     ran, waited, failed = [], False, {}
@@ -75,8 +106,13 @@ def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Cal
                 if s.done():
                     continue
                 log.info("study: %s", s.id)
+                start = time.perf_counter()
                 try:
-                    s.run()
+                    try:
+                        s.run()
+                    finally:  # a failed or interrupted run's time is part of the step's total as well
+                        if times:
+                            record_time(times, s, time.perf_counter() - start, s.done())
                 except ToEError as e:  # one row's trouble does not stop the others: said at the end
                     failed[s.id] = str(e)
                     log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from ..errors import ToEError
 from ..files import atomic_write_json
-from .steps import Step, run_steps
+from .steps import TIMES, Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
 from .study_checks import StudyChecks
 from .study_runs import StudyRuns
@@ -262,7 +262,8 @@ class Study(StudyRuns, StudyChecks):
             targets: list[str] | None = None, seeds: list[int] | None = None) -> dict:
         """Runs the steps of ``rows`` scoring ``targets`` for ``seeds`` (default all), rendering after every
         scoring."""
-        return run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s)
+        return run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s,
+                         times=os.path.join(self.out, TIMES))
 
 
 def _refuse_shared(step_id: str, others: set[str], row: str) -> None:

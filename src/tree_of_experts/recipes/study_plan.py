@@ -9,7 +9,9 @@ every weight once and 2·P·batch FLOPs; every forward call adds a fixed overhea
 kernel launches, what dominates tiny models). An extraction is its capture (a base and a teacher forward per token)
 and its fusion maps' training (``projector_epochs`` passes of training steps over the base); a control row adds its
 own extraction with the base as the teacher. Real runs add what the probe cannot see (Python overhead, attention over long
-contexts, other jobs on the machine): on the CPU they have run 1-3× these estimates. Disk: an extraction's bytes
+contexts, other jobs on the machine): on the CPU they have run 1-3× these estimates, so once steps of a kind have
+finished on this machine (``step-times.jsonl`` in the study folder records every run's wall time) the plan also
+scales the pending steps of that kind by their measured / estimated ratio. Disk: an extraction's bytes
 per token by the formula of :func:`tree_of_experts.shapes.capture_bytes_per_token`; checkpoints by the trained
 parameters × 3 (weights and Adam's two moments).
 """
@@ -17,11 +19,13 @@ parameters × 3 (weights and Adam's two moments).
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 import torch
 
 from ..shapes import capture_bytes_per_token
+from .steps import TIMES, recorded_times
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
 
@@ -89,7 +93,7 @@ def plan(study, steps: list | None = None) -> dict:
         epochs = cfg.extract.get("projector_epochs", 1)
         return capture + epochs * (n_rows * mean_len * 3 * fb / F + batches * 3 * call_s(base_cfg))
 
-    lines, total_s, total_b = [], 0.0, 0
+    lines, total_b = [], 0
     for s in study.steps() if steps is None else steps:
         w, sec, disk = s.work, 0.0, 0
         kind = w.get("kind")
@@ -141,18 +145,64 @@ def plan(study, steps: list | None = None) -> dict:
             sec = n * new / 2 * (ft + 8 * fb) / F
         status = "done" if s.done() else "to run"
         if status != "done":
-            total_s, total_b = total_s + sec, total_b + disk
-        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk})
+            total_b += disk
+        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk, "kind": _kind(s.work)})
+    factors = calibrate(lines, recorded_times(os.path.join(study.out, TIMES)))
+    total_s = sum(x["seconds"] for x in lines if x["status"] != "done")
+    calibrated = sum(x.get("calibrated_seconds", x["seconds"]) for x in lines if x["status"] != "done")
+    by = "; ".join(f"{k} ×{f['factor']:.2g} ({f['steps']} step{'s' * (f['steps'] > 1)})" for k, f in factors.items())
     text = [f"plan of study {cfg.name} ({study.out}): {sum(x['status'] == 'done' for x in lines)} of {len(lines)} "
-            f"steps done; to run: ~{_dur(total_s)}, ~{_size(total_b)} of disk",
+            f"steps done; to run: ~{_dur(total_s)} by the probe"
+            + (f", ~{_dur(calibrated)} by this study's finished steps on this machine" if factors else "")
+            + f"; ~{_size(total_b)} of disk",
             f"machine probe: {F / 1e9:.0f} GFLOP/s fp32 matmul on {speed['threads']} thread(s), {BW / 1e9:.1f} GB/s "
             f"copy; training data: {n_rows} rows, ~{mean_len:.0f} tokens each; reported items: {n}",
-            "", f"{'step':<40} {'status':<8} {'time':>9} {'disk':>10}"]
-    text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_size(x['disk_bytes']):>10}" for x in lines]
+            *([f"measured / probe estimate, by kind of step: {by}"] if factors else []),
+            "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
+    text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
+             f"{_size(x['disk_bytes']):>10}" for x in lines]
     text += ["", "estimates: " + " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1]
                                          .split())]
     return {"summary": "\n".join(text), "steps": lines, "probe": speed, "total_seconds": total_s,
-            "total_disk_bytes": total_b, "out": os.path.abspath(study.out)}
+            "calibrated_seconds": calibrated, "calibration": factors, "total_disk_bytes": total_b,
+            "out": os.path.abspath(study.out)}
+
+
+def _kind(work: dict) -> str:
+    """The kind of step whose measured times calibrate each other's estimates: a training row by its kind and
+    objective, a scoring by generation (accuracy) or a forward (CE)."""
+    kind = work.get("kind", "other")
+    if kind == "train":
+        return f"train:{work['row'].kind}" + (":on_policy" if work["row"].objective == "on_policy" else "")
+    if kind == "score":
+        return "score:acc" if work["target"] == "acc" else "score:ce"
+    return kind
+
+
+def calibrate(lines: list[dict], times: dict[str, dict]) -> dict[str, dict]:
+    """Per kind of step, the measured over the estimated time of this study's finished steps run on this machine
+    with this thread count (a step's runs summed: a resumed step counts whole); sets each pending step's
+    ``calibrated_seconds`` and each finished one's ``measured_seconds``. Kinds with no finished step keep the
+    probe's estimate."""
+    here, threads, sums = platform.node(), torch.get_num_threads(), {}
+    for x in lines:
+        t = times.get(x["step"])
+        if x["status"] == "done" and t and t.get("finished"):
+            x["measured_seconds"] = t["seconds"]
+            if t.get("host") == here and t.get("threads") == threads and x["seconds"] > 0:
+                m, e, k = sums.get(x["kind"], (0.0, 0.0, 0))
+                sums[x["kind"]] = (m + t["seconds"], e + x["seconds"], k + 1)
+    factors = {k: {"factor": m / e, "steps": c} for k, (m, e, c) in sums.items()}
+    for x in lines:
+        if x["status"] != "done" and x["kind"] in factors:
+            x["calibrated_seconds"] = x["seconds"] * factors[x["kind"]]["factor"]
+    return factors
+
+
+def _measured(x: dict) -> str:
+    if "measured_seconds" in x:
+        return _dur(x["measured_seconds"])
+    return f"~{_dur(x['calibrated_seconds'])}" if "calibrated_seconds" in x else ""
 
 
 def _dur(s: float) -> str:
