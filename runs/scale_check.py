@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 
@@ -54,8 +55,10 @@ def tiny(tmp: str) -> list[dict]:
     kw = dict(teacher=os.path.join(tmp, "teacher"), base=os.path.join(tmp, "base"), **ARGS)
     rows = []
     for corpus, data in (("1x", FIXTURE), ("4x", four_times(os.path.join(tmp, "4x.jsonl")))):
-        plain = extract(data=data, out=os.path.join(tmp, f"{corpus}-plain"), **kw)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the 1x runs warm the process up
         s = extract(data=data, out=os.path.join(tmp, f"{corpus}-2MB"), max_disk="2MB", **kw)
+        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        plain = extract(data=data, out=os.path.join(tmp, f"{corpus}-plain"), **kw)
         p, out = s["disk_plan"], os.path.join(tmp, f"{corpus}-2MB")
         shards = sum(os.path.getsize(os.path.join(out, "shards", f)) for f in os.listdir(os.path.join(out, "shards")))
         rows.append({
@@ -65,6 +68,7 @@ def tiny(tmp: str) -> list[dict]:
             "folder_bytes": folder_bytes(out), "plan_disk_bytes": p["disk_total"], "plan_disk": p["disk"],
             "shard_bytes": shards, "formula_shard_bytes": p["disk"]["shards"], "shard_files": len(os.listdir(
                 os.path.join(out, "shards"))), "plan_peak_ram_bytes": p["peak_ram"],
+            "peak_rss_growth_bytes": grew,  # the budgeted run's growth of the process's high-water mark
             "unbudgeted_ridge_r2": plain["projector"][0]["heldout_r2"], "ridge_r2": s["projector"][0]["heldout_r2"],
         })
     return rows
