@@ -418,3 +418,27 @@ def test_a_build_to_redo_over_captured_shards_loads_no_teacher(pair, tmp_path, m
     again = load_file(out / "toe_model.safetensors")
     assert bank.keys() == again.keys() and all(torch.equal(bank[k], again[k]) for k in bank)
     assert (out / "timings-0.json").read_text() == timings and summary["capture"]["tokens"] > 0
+
+
+def test_response_nll_projects_only_the_tail_and_matches_the_full_logits():
+    """The fusion maps' loss and the held-out CE take logits over the batch's tail alone (prompt and padding
+    positions cost no vocabulary projection): the same per-example NLL as the full logits."""
+    from tree_of_experts.extraction.fusion import collate, response_nll
+    from tree_of_experts.hf.layers import padded_inputs
+    from tree_of_experts.losses import token_nll
+    from tree_of_experts.toy import tiny_qwen2
+
+    m = tiny_qwen2(hidden_size=32, num_layers=2, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    chunk = []
+    for n, first in ((12, 5), (9, 3), (15, 8)):
+        mask = torch.arange(n) >= first
+        chunk.append({"input_ids": torch.randint(0, 100, (n,), generator=g), "loss_mask": mask, "valid": mask,
+                      "teacher.0": torch.zeros(n, 4)})
+    b = collate(chunk, 1, 0)
+    with torch.no_grad():
+        full = token_nll(m(**padded_inputs(b["input_ids"], b["attention_mask"], "cpu")).logits, b["input_ids"],
+                         b["loss_mask"])
+        tail = response_nll(m, b, "cpu")
+    assert tail.shape == (3, 8)  # left-padded to 15: the earliest target is at 8 (rows 1 and 3), the tail from 7
+    assert torch.allclose(tail.sum(1), full.sum(1), atol=1e-4)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import ToEError
 from ..data import pad_left
 from ..hf.layers import add_to_layers, padded_inputs
-from ..losses import token_nll
+from ..losses import tail_positions, token_nll
 from ..model import frozen
 from ..training.checkpoint import log_progress
 
@@ -162,6 +162,15 @@ def collate(chunk: list[dict], num_layers: int, pad_id: int) -> dict[str, torch.
     return out
 
 
+def response_nll(base, b: dict[str, torch.Tensor], dev) -> torch.Tensor:
+    """(B, tail) NLL of a left-padded batch's response tokens, the vocabulary projected only over the batch's tail
+    (from the position before its first target): prompt and padding positions cost no logits (152k columns for
+    Qwen2.5), which is most of a step's peak memory."""
+    keep = tail_positions(b["loss_mask"], dev)
+    logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev), logits_to_keep=keep).logits
+    return token_nll(logits, b["input_ids"][:, -len(keep):].to(dev), b["loss_mask"][:, -len(keep):].to(dev))
+
+
 def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None,
                batch_size: int = 4) -> list[tuple[float, int]]:
     """(NLL sum, token count) over each example's response tokens, optionally with ``delta_fn(j, u, h) -> Δ``
@@ -177,8 +186,7 @@ def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=
                     u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
                     fns[layer] = lambda h, j=j, u=u, m=m: delta_fn(j, u, h) * m[..., None]
             with add_to_layers(base, fns):
-                logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
-            nll = token_nll(logits, b["input_ids"].to(dev), b["loss_mask"].to(dev))
+                nll = response_nll(base, b, dev)
             out += [(float(nll[i].sum()), int(b["loss_mask"][i].sum())) for i in range(len(chunk))]
     return out
 
@@ -220,9 +228,7 @@ def train_fusion_maps(
                     u, m = b[f"teacher.{j}"].to(dev), b["valid"].to(dev)
                     fns[layer] = lambda h, j=j, u=u, m=m: maps[j](u, h) * m[..., None]
                 with add_to_layers(base, fns):
-                    logits = base(**padded_inputs(b["input_ids"], b["attention_mask"], dev)).logits
-                mask = b["loss_mask"].to(dev)
-                loss = token_nll(logits, b["input_ids"].to(dev), mask).sum() / mask.sum().clamp_min(1)
+                    loss = response_nll(base, b, dev).sum() / b["loss_mask"].sum().clamp_min(1).to(dev)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
