@@ -146,3 +146,46 @@ def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tm
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2  # the last finite step
     ckpt = load_file(str(out / "checkpoint" / "plugin.safetensors"))
     assert all(torch.isfinite(v).all() for v in ckpt.values())
+
+
+@pytest.mark.parametrize("name", ["plugin-off", "lora-off", "lora-on", "sft"])
+def test_micro_batches_give_the_whole_batch_s_steps(world, name):
+    """``gradient_accumulation_steps`` 2: each step's 4 sequences run as two micro-batches whose gradients add up
+    to the batch's, so the losses step by step (CE, KD, the state loss, on-policy JSD) are the whole batch's. A
+    plug-in's route and usage terms depend on the batch they see: off here."""
+    import torch
+
+    torch.set_num_threads(1)
+    extra = {"route_weight": 0.0, "usage_weight": 0.0} if name == "plugin-off" else {}
+    whole = reference.run(name, world, log_every=1, overwrite=True, **extra)
+    split = reference.run(name, world, log_every=1, overwrite=True, gradient_accumulation_steps=2, **extra)
+    assert [r["step"] for r in split] == [r["step"] for r in whole]
+    for a, b in zip(whole, split):
+        for key in ("loss", "ce", "kd", "jsd", "state"):
+            if a.get(key) is None:
+                assert b.get(key) is None
+            else:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, a["step"], key)
+
+
+def test_micro_batches_drop_their_own_padding_and_a_bad_split_is_refused():
+    import torch
+
+    from tree_of_experts.training.loop import check_batch, micro_batches
+
+    am = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+    b = {"input_ids": am * 7, "attention_mask": am, "loss_mask": am.bool(),
+         "state_target": torch.zeros(4, 2, 4, 3), "state_norm2": torch.ones(4, 2, 4)}
+    first, second = micro_batches(b, 2)
+    assert first["input_ids"].shape == (2, 1) and first["state_target"].shape == (2, 2, 1, 3)
+    assert second["input_ids"].shape == (2, 4) and second["state_norm2"].shape == (2, 2, 4)
+    assert micro_batches(b, 1) == [b]
+    check_batch(8, 4, 2)
+    with pytest.raises(ToEError, match="gradient_accumulation_steps=3 must divide each process's 4 sequences"):
+        check_batch(8, 3, 2)
+    with pytest.raises(ToEError, match="batch_size=6 must divide evenly over 4 processes"):
+        check_batch(6, 1, 4)
+    with pytest.raises(ToEError, match="gradient_accumulation_steps=0"):
+        from tree_of_experts.options import Runtime
+
+        Runtime(gradient_accumulation_steps=0)

@@ -162,7 +162,8 @@ def gathered_generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch
     return _GatheredJSD.apply(student_logits, teacher_logits, rows, cols, beta, chunk)
 
 
-def state_loss(states: list[torch.Tensor], target: torch.Tensor, norm2: torch.Tensor) -> torch.Tensor:
+def state_loss(states: list[torch.Tensor], target: torch.Tensor, norm2: torch.Tensor,
+               total: torch.Tensor | None = None) -> torch.Tensor:
     """Relative squared error between the trained system's states at the injection layers and where the teacher's
     signal puts them: Σ_j Σ_t ‖h_j,t − (h⁰_j,t + δ_j,t)‖² / Σ_j Σ_t ‖δ_j,t‖², over the tokens with a target.
 
@@ -174,8 +175,10 @@ def state_loss(states: list[torch.Tensor], target: torch.Tensor, norm2: torch.Te
         states: per injection layer j, the system's layer output (B, T, D) (with gradient).
         target: (B, L, T, D) h⁰ + δ per layer (left-padded like the batch).
         norm2: (B, L, T) ‖δ‖², 0 where a token has no target (padding, the attention sink, unaligned tokens).
+        total: the denominator Σ‖δ‖² when ``states`` are a micro-batch of a larger batch (default: ``norm2``'s
+            sum), so the micro-batches' losses add up to the batch's.
     """
     mask = (norm2 > 0).float()
     err = sum((((s.float() - target[:, j].to(s.device).float()).pow(2).sum(-1)) * mask[:, j].to(s.device)).sum()
               for j, s in enumerate(states))
-    return err / norm2.sum().to(err.device).clamp_min(1e-12)
+    return err / (norm2.sum() if total is None else total).to(err.device).clamp_min(1e-12)

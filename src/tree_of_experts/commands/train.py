@@ -42,7 +42,7 @@ from ..options import (
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves
 from ..training.distill import check_teacher_map, load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import load_examples
-from ..training.loop import StepObjective, Student, TrainLoop, accelerator
+from ..training.loop import StepObjective, Student, TrainLoop, accelerator, check_batch
 from ..training.steps import flush_denormals, global_usage, level_accuracy, node_levels, sampled_route_loss
 from ..tree import effective_leaves
 
@@ -104,8 +104,7 @@ def train(
                        "Stage-B steps")
     on_policy = loss.on_policy()
     accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
-    if schedule.batch_size % accel.num_processes:
-        raise ToEError(f"batch_size={schedule.batch_size} must divide evenly over {accel.num_processes} processes")
+    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps, accel.num_processes)
     check_teacher_map(runtime.teacher_device_map, on_policy.ratio, accel.num_processes)
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
@@ -149,7 +148,8 @@ def train(
     student = PluginStudent(model, fit, schedule.max_steps, Extraction(experts).route_data(), cached_layer, accel)
     objective = StepObjective(on_policy, loss.ce_weight, loss.kd_weight if use_kd else 0.0, loss.state_loss_weight,
                           list(model.toe_config.layers))
-    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
+    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to,
+                     runtime.gradient_accumulation_steps)
     loop.start(runtime.resume)  # a checkpoint that does not fit is refused before anything is written
     if accel.is_main_process:
         atomic_write_json(os.path.join(out, "train_args.json"), args)

@@ -177,6 +177,10 @@ class Runtime(OptionGroup):
     """accelerate's autocast in training steps: no, fp16 or bf16"""
     gradient_checkpointing: bool = False
     """recompute the frozen layers' activations in backward (the same gradients in less memory)"""
+    gradient_accumulation_steps: int = 1
+    """run each step's batch as this many micro-batches, adding their gradients before the one optimizer step:
+    the same gradients (a plug-in's usage balance is taken per micro-batch) with a micro-batch's activations and
+    logits in memory; must divide each process's share of batch_size"""
     resume: bool = False
     """continue from out/checkpoint (with the arguments the run was started with)"""
     overwrite: bool = False
@@ -194,6 +198,7 @@ class Runtime(OptionGroup):
     the teacher token by token beside the base)"""
 
     def check(self) -> None:
+        at_least("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, " (micro-batches per step)")
         self.teacher_map()
 
     def teacher_map(self):
@@ -207,4 +212,5 @@ ACCELERATE_PLACES = "accelerate places the models, one device per process: `acce
 
 
 TRAINING_ONLY = {"mixed_precision": "it is training's autocast", "gradient_checkpointing": "it saves training memory",
+                 "gradient_accumulation_steps": "it splits training steps",
                  "report_to": "it logs training metrics"}  # the Runtime fields only the training commands read

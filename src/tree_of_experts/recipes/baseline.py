@@ -52,7 +52,7 @@ from ..plugin import ToEPlugin
 from ..training.checkpoint import RESUMED, checkpoint_dir, peak_memory
 from ..training.distill import check_teacher_map, load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import check_kd_cache, encode_rows, load_examples
-from ..training.loop import StepObjective, Student, TrainLoop, accelerator
+from ..training.loop import StepObjective, Student, TrainLoop, accelerator, check_batch
 from ..training.steps import flush_denormals
 
 ARGS_NAME = "baseline_args.json"  # the arguments of the run in a folder: `--resume` must repeat them
@@ -242,6 +242,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     on_policy = loss.on_policy()
     kd = loss.kd(0.0)
     accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
+    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps, accel.num_processes)
     check_teacher_map(runtime.teacher_device_map, on_policy.ratio, accel.num_processes)
     base_model = load_causal_lm(base, dtype=runtime.dtype)
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
@@ -279,7 +280,8 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
                                                weight_decay=0.0))
     objective = StepObjective(on_policy, loss.ce_weight, kd, loss.state_loss_weight,
                           Extraction(experts).run()["layers"] if loss.state_loss_weight else [])
-    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to)
+    loop = TrainLoop(student, examples, tok, out, schedule, objective, accel, teacher_model, runtime.report_to,
+                     runtime.gradient_accumulation_steps)
     model.train()
     loop.start(runtime.resume)
     loop.run()

@@ -39,6 +39,53 @@ def accelerator(mixed_precision: str = "no", report_to: str | None = None, out: 
                        project_dir=os.path.join(out, "trackers") if report_to and out else None)
 
 
+def check_batch(batch_size: int, accumulation: int, processes: int) -> None:
+    """Refuses, in one line before any model loads, a batch that does not split evenly over the processes and then
+    into ``accumulation`` micro-batches."""
+    if batch_size % processes:
+        raise ToEError(f"batch_size={batch_size} must divide evenly over {processes} processes")
+    if accumulation < 1 or (batch_size // processes) % accumulation:
+        raise ToEError(f"gradient_accumulation_steps={accumulation} must divide each process's {batch_size // processes}"
+                       " sequences per step into equal micro-batches: use a divisor of it")
+
+
+def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` split into ``n`` micro-batches of consecutive rows (the last may be smaller), each without the
+    columns that are padding in all of its rows (positions come from the attention mask, so none moves)."""
+    if n == 1:
+        return [batch]
+    rows = batch["input_ids"].shape[0]
+    size = -(-rows // n)
+    out = []
+    for lo in range(0, rows, size):
+        mb = {k: v[lo:lo + size] for k, v in batch.items()}
+        first = int(mb["attention_mask"].any(0).nonzero()[0]) if mb["attention_mask"].any() else 0
+        # time is axis 1, but axis 2 for the state targets (B, L, T, ...)
+        out.append({k: v[:, :, first:] if k in ("state_target", "state_norm2") else v[:, first:]
+                    for k, v in mb.items()})
+    return out
+
+
+def summed(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Loss parts of the micro-batches added up (each is normalised by the whole batch's tokens); None stays."""
+    return {k: None if rows[0][k] is None else sum(r[k] for r in rows) for k in rows[0]}
+
+
+def averaged(rows: list[dict]) -> dict:
+    """The system's own metrics over the micro-batches: numbers and lists of numbers averaged."""
+    if len(rows) == 1:
+        return rows[0]
+    out = {}
+    for k, v in rows[0].items():
+        if isinstance(v, list):
+            out[k] = [sum(r[k][i] for r in rows) / len(rows) for i in range(len(v))]
+        elif isinstance(v, (int, float)):
+            out[k] = sum(r[k] for r in rows) / len(rows)
+        else:
+            out[k] = v
+    return out
+
+
 class Student:
     """What one trained system adds to the shared loop. The defaults are an adapter's: the model's own trainable
     weights, nothing around the forward, no extra terms, no warm-up."""
@@ -123,10 +170,10 @@ class TrainLoop:
     ``out/metrics.jsonl``, ``out/checkpoint`` (and ``out/snapshots``, ``out/curves.png``)."""
 
     def __init__(self, student: Student, examples: list, tok, out: str, schedule: Schedule, objective: StepObjective,
-                 accel, teacher: torch.nn.Module | None = None, report_to: str | None = None):
+                 accel, teacher: torch.nn.Module | None = None, report_to: str | None = None, accumulation: int = 1):
         self.student, self.examples, self.tok, self.out = student, examples, tok, out
         self.schedule, self.objective, self.accel, self.teacher = schedule, objective, accel, teacher
-        self.report_to = report_to
+        self.report_to, self.accumulation = report_to, accumulation
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.total = student.warmup_steps + schedule.max_steps
         self.elapsed = 0.0  # seconds of training so far (a resumed run's include the earlier runs')
@@ -208,7 +255,9 @@ class TrainLoop:
 
     def step(self, wrapped, mine: list, b_step: int, step: int, on: bool, g: torch.Generator, stop_ids: list[int]
              ) -> tuple[dict, int, int]:
-        """One step of the objective: (its metrics row, its tokens, the tokens it sampled on-policy here)."""
+        """One step of the objective: (its metrics row, its tokens, the tokens it sampled on-policy here). With
+        ``accumulation`` > 1 the batch's forward and backward run in that many micro-batches whose gradients add up
+        to the batch's (every loss is normalised by the whole batch's token count) before the one optimizer step."""
         accel, s, obj = self.accel, self.student, self.objective
         with s.sampling():  # on-policy, the student samples as it runs at inference
             b = step_batch(s.model, mine, self.tok.pad_token_id, stop_ids, obj.on_policy, on,
@@ -216,6 +265,30 @@ class TrainLoop:
                            accel.device)
         # Normalise by the *global* token count so 2 processes give the same gradient as 1 (DDP averages).
         n_tok = accel.reduce(b["loss_mask"].sum().to(accel.device).float(), reduction="sum") / accel.num_processes
+        # the state loss's denominator, the whole batch's (one micro-batch: the same value its own sum gives)
+        state_total = b["state_norm2"].sum() if self.accumulation > 1 and "state_target" in b else None
+        opt = s.optimizer_at(step)
+        opt.zero_grad(set_to_none=True)
+        micro = micro_batches(b, self.accumulation)
+        values, parts, extras = [], [], []
+        for i, mb in enumerate(micro):
+            # gradients all-reduce once, with the last micro-batch's backward
+            with accel.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext():
+                stage, value, part, extra = self.micro_step(wrapped, mb, b_step, step, on, g, n_tok, len(micro),
+                                                            state_total)
+            values.append(value), parts.append(part), extras.append(extra)
+        opt.step()
+        row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": sum(values),
+               **global_mean(accel, summed(parts)), **averaged(extras)}
+        sampled = int(b["loss_mask"].sum()) if on else 0
+        return row, int(b["attention_mask"].sum()) * accel.num_processes, sampled
+
+    def micro_step(self, wrapped, b: dict, b_step: int, step: int, on: bool, g: torch.Generator, n_tok: torch.Tensor,
+                   parts_n: int, state_total: torch.Tensor | None) -> tuple[str, float, dict, dict]:
+        """The forward and backward of one micro-batch ``b`` (the whole batch without accumulation): (stage, its
+        share of the step's loss, its loss parts, the system's own terms' metrics). The system's own terms (a
+        plug-in's route and usage losses) count 1/``parts_n`` in each, so the step adds them once."""
+        accel, s, obj = self.accel, self.student, self.objective
         keep, tail = scored_tail(b, accel.device)  # logits only where a target is scored (the tail)
         t_logits = teacher_logits(self.teacher, b, keep) if on else None  # (B, len(keep), V_T)
         # What the forward runs with stays in place through the backward, which recomputes checkpointed layers
@@ -229,23 +302,19 @@ class TrainLoop:
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
                 loss, parts = objective_loss(logits, tail, n_tok.clamp_min(1), t_logits, obj.on_policy.beta,
                                              obj.ce_weight, obj.kd_weight)
-                loss, extra = s.regularise(loss, b_step, g)
+                loss, extra = s.regularise(loss * parts_n, b_step, g)  # (x n) / n: exact without accumulation
+                loss = loss / parts_n
                 if targeted:
-                    l_state = state_loss([seen[x] for x in obj.state_layers], b["state_target"], b["state_norm2"])
+                    l_state = state_loss([seen[x] for x in obj.state_layers], b["state_target"], b["state_norm2"],
+                                         state_total)
                     loss = loss + obj.state_loss_weight * l_state
                     parts = {**parts, "state": l_state.item()}
-            loss_value = finite_loss(accel, loss, step + 1, stage)
-            opt = s.optimizer_at(step)
-            opt.zero_grad(set_to_none=True)
+            value = finite_loss(accel, loss, step + 1, stage)
             accel.backward(loss)
-        opt.step()
-        row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": loss_value,
-               **global_mean(accel, parts), **extra}
-        sampled = int(b["loss_mask"].sum()) if on else 0
-        # the step's vocabulary-wide tensors (~0.6 GB each at 4 x 256 sampled tokens of a 152k vocabulary) go now,
-        # not when the next step reassigns them: else two steps' worth are alive during the next forward
+        # the vocabulary-wide tensors (~0.6 GB each at 4 x 256 sampled tokens of a 152k vocabulary) go now, not when
+        # the next micro-batch or step reassigns them: else two of them are alive during the next forward
         del logits, t_logits, loss
-        return row, int(b["attention_mask"].sum()) * accel.num_processes, sampled
+        return stage, value, parts, extra
 
     def logs(self, step: int) -> bool:
         """Whether the row of ``step`` (1-based) is logged: every ``log_every`` steps and at the ends of the
