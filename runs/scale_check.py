@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
+import subprocess
 import sys
 import tempfile
 
@@ -47,6 +47,25 @@ def four_times(path: str) -> str:
     return path
 
 
+def peak_growth(kw: dict, data: str, out: str) -> int:
+    """The budgeted extraction's peak resident memory above what its process held just before it (after a
+    warm-up extraction: imports, kernels, allocator pools), in a fresh process: its high-water mark after the run
+    minus its resident set before."""
+    script = f"""
+import json, resource
+from tree_of_experts.commands.extract import extract
+kw = {kw!r}
+extract(data={FIXTURE!r}, out={out + '-warm'!r}, limit=8, **kw)
+rss = int(next(x for x in open('/proc/self/status') if x.startswith('VmRSS')).split()[1]) * 1024
+extract(data={data!r}, out={out!r}, max_disk='2MB', **kw)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
 def tiny(tmp: str) -> list[dict]:
     tok = tiny_tokenizer()
     for name, width, layers, seed in (("base", 32, 2, 0), ("teacher", 48, 3, 1)):
@@ -55,9 +74,8 @@ def tiny(tmp: str) -> list[dict]:
     kw = dict(teacher=os.path.join(tmp, "teacher"), base=os.path.join(tmp, "base"), **ARGS)
     rows = []
     for corpus, data in (("1x", FIXTURE), ("4x", four_times(os.path.join(tmp, "4x.jsonl")))):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the 1x runs warm the process up
+        grew = peak_growth(kw, data, os.path.join(tmp, f"{corpus}-rss")) if corpus == "4x" else None
         s = extract(data=data, out=os.path.join(tmp, f"{corpus}-2MB"), max_disk="2MB", **kw)
-        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         plain = extract(data=data, out=os.path.join(tmp, f"{corpus}-plain"), **kw)
         p, out = s["disk_plan"], os.path.join(tmp, f"{corpus}-2MB")
         shards = sum(os.path.getsize(os.path.join(out, "shards", f)) for f in os.listdir(os.path.join(out, "shards")))
@@ -68,7 +86,7 @@ def tiny(tmp: str) -> list[dict]:
             "folder_bytes": folder_bytes(out), "plan_disk_bytes": p["disk_total"], "plan_disk": p["disk"],
             "shard_bytes": shards, "formula_shard_bytes": p["disk"]["shards"], "shard_files": len(os.listdir(
                 os.path.join(out, "shards"))), "plan_peak_ram_bytes": p["peak_ram"],
-            "peak_rss_growth_bytes": grew,  # the budgeted run's growth of the process's high-water mark
+            "peak_rss_growth_bytes": grew,  # the budgeted run's peak above its process's resident memory before it
             "unbudgeted_ridge_r2": plain["projector"][0]["heldout_r2"], "ridge_r2": s["projector"][0]["heldout_r2"],
         })
     return rows

@@ -148,20 +148,37 @@ def test_training_stops_on_a_non_finite_loss_and_saves_nothing_from_it(world, tm
     assert all(torch.isfinite(v).all() for v in ckpt.values())
 
 
-@pytest.mark.parametrize("name", ["plugin-off", "lora-off", "lora-on", "sft"])
-def test_micro_batches_give_the_whole_batch_s_steps(world, name):
+@pytest.mark.parametrize("name, extra", [
+    ("plugin-off", {"cached_states": True, "usage_weight": 0.0}),  # the route term (drawn once a step) stays on
+    ("lora-off", {}),  # CE + KD + the state loss
+    ("lora-on", {"on_policy_ratio": 1.0}),  # every step on-policy
+    ("sft", {}),
+])
+def test_micro_batches_give_the_whole_batch_s_gradients(world, name, extra, monkeypatch):
     """``gradient_accumulation_steps`` 2: each step's 4 sequences run as two micro-batches whose gradients add up
-    to the batch's, so the losses step by step (CE, KD, the state loss, on-policy JSD) are the whole batch's. A
-    plug-in's route and usage terms depend on the batch they see: off here."""
+    to the batch's: every optimizer step sees the gradients of the whole batch, and the losses step by step are
+    the same. (A plug-in's usage term is each micro-batch's own: off here.)"""
     import torch
 
     torch.set_num_threads(1)
-    extra = {"route_weight": 0.0, "usage_weight": 0.0} if name == "plugin-off" else {}
+    seen = []
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        original = cls.step
+
+        def step(self, *a, original=original, **k):
+            seen.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(cls, "step", step)
     whole = reference.run(name, world, log_every=1, overwrite=True, **extra)
+    grads_whole, seen[:] = list(seen), []
     split = reference.run(name, world, log_every=1, overwrite=True, gradient_accumulation_steps=2, **extra)
+    assert len(seen) == len(grads_whole) > 0
+    for i, (a, b) in enumerate(zip(grads_whole, seen)):
+        assert len(a) == len(b) and all(torch.allclose(x, y, rtol=1e-3, atol=1e-6) for x, y in zip(a, b)), (name, i)
     assert [r["step"] for r in split] == [r["step"] for r in whole]
     for a, b in zip(whole, split):
-        for key in ("loss", "ce", "kd", "jsd", "state"):
+        for key in ("loss", "ce", "kd", "jsd", "state", "route"):
             if a.get(key) is None:
                 assert b.get(key) is None
             else:

@@ -162,6 +162,7 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(train={"max_steps": 3}), "the study sets max_steps itself"),
     (dict(budget={"steps": 2, "epochs": 1}), "exactly one of steps and epochs"),
     (dict(budget={"steps": "two"}), "budget.steps: 'two': expected int"),
+    (dict(train={"gradient_accumulation_steps": 3}), "train.gradient_accumulation_steps 3: give a divisor of"),
     (dict(rows=[{"name": "a", "kind": "toe"}]), "needs layers"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [7]}], compare=[]), "the base has 2 layers"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1]}, {"name": "a", "kind": "lora"}]), "named twice"),
@@ -460,3 +461,18 @@ def test_the_plan_calibrates_its_estimates_by_the_study_s_measured_steps(pair, t
                                                                             "seconds": 5.0, "kind": "k"}]
     assert calibrate(lines, {"a": {"seconds": 30.0, "finished": True, "host": "elsewhere", "threads": 1}}) == {}
     assert lines[0]["measured_seconds"] == 30.0 and "calibrated_seconds" not in lines[1]
+
+
+def test_the_time_record_adds_a_resumed_step_s_runs_and_restarts_a_redone_one(tmp_path):
+    from tree_of_experts.recipes.steps import recorded_times
+
+    path = tmp_path / "step-times.jsonl"
+    rows = [("train/a", 10, False, "h"), ("train/a", 5, True, "h"),     # killed, then resumed to the end
+            ("train/b", 7, False, "h"), ("train/b", 3, True, "other"),  # resumed on another machine
+            ("train/c", 9, True, "h"), ("train/c", 4, True, "h")]       # finished, then redone
+    path.write_text("".join(json.dumps({"step": s, "seconds": t, "finished": f, "host": h, "threads": 1}) + "\n"
+                            for s, t, f, h in rows) + "not json\n")
+    t = recorded_times(str(path))
+    assert t["train/a"] == {"seconds": 15.0, "finished": True, "host": "h", "threads": 1}
+    assert t["train/b"]["seconds"] == 10.0 and t["train/b"]["host"] is None  # mixed: shown, never calibrates
+    assert t["train/c"]["seconds"] == 4.0

@@ -235,12 +235,11 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
                            "again into a new --out")
 
 
-# Arguments that may change when a run is continued: how often it logs and saves, the flags that say how to treat
-# the folder, and the folder's own path (a run moved elsewhere is the same run).
-# What a resumed run may change: where and how often it reports and saves, and how it spends memory (recomputing
-# activations, or running a step in micro-batches, gives the same gradients).
+# What a resumed run may change: where and how often it reports and saves, the flags that say how to treat the
+# folder, the folder's own path (a run moved elsewhere is the same run) and how it spends memory where the gradients
+# stay the same (recomputed activations; not micro-batches, whose plug-in usage term is each one's own).
 RESUMABLE_CHANGES = ("resume", "overwrite", "log_every", "save_every", "snapshot_every", "out", "report_to",
-                     "gradient_checkpointing", "gradient_accumulation_steps", "teacher_device_map")
+                     "gradient_checkpointing", "teacher_device_map")
 
 
 def check_resume_args(path: str | os.PathLike, args: Mapping[str, Any], defaults: Mapping[str, Any],

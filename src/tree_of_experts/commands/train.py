@@ -42,7 +42,7 @@ from ..options import (
 from ..training.checkpoint import RESUMED, peak_memory, plot_curves
 from ..training.distill import check_teacher_map, load_teacher, resolve_teacher, resume_ignores
 from ..training.examples import load_examples
-from ..training.loop import StepObjective, Student, TrainLoop, accelerator, check_batch
+from ..training.loop import StepObjective, Student, TrainLoop, accelerator, averaged, check_batch
 from ..training.steps import flush_denormals, global_usage, level_accuracy, node_levels, sampled_route_loss
 from ..tree import effective_leaves
 
@@ -285,24 +285,41 @@ class PluginStudent(Student):
             finally:
                 self.records = None
 
-    def regularise(self, loss: torch.Tensor, b_step: int, g: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def regularise(self, loss: torch.Tensor, b_step: int, g: torch.Generator, part: tuple[int, int] = (0, 1)
+                   ) -> tuple[torch.Tensor, dict]:
+        i, n = part
         dev = self.accel.device
         aux_route, aux_usage = torch.zeros((), device=dev), torch.zeros((), device=dev)
-        eff, ratio = [], []
+        eff, ratio, usages = [], [], []
         for rec in self.records.values():
             if rec.route.leaf_logp is not None:  # log N - entropy of the usage over every process's tokens
                 u = global_usage(rec.route, rec.mask, self.accel)  # (N,)
                 aux_usage = aux_usage + (math.log(u.numel()) - torch.log(effective_leaves(u)))
                 eff.append(effective_leaves(u).item())
+                usages.append((u.detach(), float(rec.mask.sum())))
             ratio.append(rec.delta_ratio.item())
         w_route = self.route_weight * max(0.0, 1.0 - b_step / self.max_steps)
-        if w_route > 0:
+        if w_route > 0 and i == 0:  # the route term reads the route data, not the batch: once per step
             for layer, gate in zip(self.cfg.layers, self.gates):
                 aux_route = aux_route + sampled_route_loss(gate, self.route_data, layer, self.fit.route_batch_size,
                                                            g, dev)[0]
-        loss = loss + w_route * aux_route + self.fit.usage_weight * aux_usage
-        return loss, {"route": aux_route.item(), "usage": aux_usage.item(), "effective_leaves": eff,
-                      "delta_ratio": ratio}
+        # the usage term is the micro-batch's own (its gradient needs the tokens in the graph), 1/n of it in each
+        loss = loss + w_route * aux_route + self.fit.usage_weight * aux_usage / n
+        extra = {"route": aux_route.item(), "usage": aux_usage.item(), "effective_leaves": eff, "delta_ratio": ratio}
+        return loss, {**extra, "_usage": usages} if n > 1 else extra
+
+    def combine(self, extras: list[dict]) -> dict:
+        """The step's metrics from its micro-batches': the route term as drawn (once), and the leaf usage (its
+        penalty and effective leaves) of the whole batch, from the micro-batches' usage weighted by their tokens."""
+        if len(extras) == 1:
+            return extras[0]
+        row = averaged([{k: v for k, v in e.items() if k != "_usage"} for e in extras])
+        row["route"] = sum(e["route"] for e in extras)
+        whole = [sum(e["_usage"][j][0] * e["_usage"][j][1] for e in extras)
+                 / max(sum(e["_usage"][j][1] for e in extras), 1.0) for j in range(len(extras[0]["_usage"]))]
+        row["effective_leaves"] = [effective_leaves(u).item() for u in whole]
+        row["usage"] = sum(math.log(u.numel()) - math.log(e) for u, e in zip(whole, row["effective_leaves"]))
+        return row
 
     def state_model(self) -> torch.nn.Module:
         return self.model.base

@@ -53,5 +53,7 @@ def memory_lines(s: dict) -> list[str]:
     ram = (s.get("disk_plan") or {}).get("ram") or {}
     plan = (lambda k: f" (plan {human(ram[k])})" if k in ram else "")
     words = f"capture {human(cap * GIB)}{plan('capture')}; " if cap is not None else ""
+    cuda = (s.get("memory") or {}).get("peak_cuda_gib")
     return ["", f"Peak resident memory: {words}build process {human(peak * GIB)}{plan('build')}; the plan's "
-                "estimates leave out the ~0.6 GB of Python, torch and transformers."]
+                "estimates leave out the ~0.6 GB of Python, torch and transformers."
+            + (f" Peak CUDA memory (torch's allocator): {human(cuda * GIB)}." if cuda is not None else "")]

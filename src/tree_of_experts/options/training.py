@@ -178,9 +178,10 @@ class Runtime(OptionGroup):
     gradient_checkpointing: bool = False
     """recompute the frozen layers' activations in backward (the same gradients in less memory)"""
     gradient_accumulation_steps: int = 1
-    """run each step's batch as this many micro-batches, adding their gradients before the one optimizer step:
-    the same gradients (a plug-in's usage balance is taken per micro-batch) with a micro-batch's activations and
-    logits in memory; must divide each process's share of batch_size"""
+    """run each step's batch as this many micro-batches, adding their gradients before the one optimizer step,
+    with one micro-batch's activations and logits in memory: the same gradients, but for a plug-in's usage-balance
+    term, which each micro-batch takes over its own tokens; must divide each process's share of batch_size, and a
+    resumed run keeps it"""
     resume: bool = False
     """continue from out/checkpoint (with the arguments the run was started with)"""
     overwrite: bool = False

@@ -164,6 +164,7 @@ def baseline(
         raise ToEError("--state_loss_weight reads the teacher's signal from an extraction: pass --experts")
     if on_policy.ratio > 0:  # before anything is written to out
         loss = dataclasses.replace(loss, teacher=resolve_teacher(loss.teacher, experts, base))
+    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps)  # before a control's extraction
     tok = load_tokenizer(base)  # rows with nothing of their response left are refused (or counted) before any model
     spec = text.spec().for_tokenizer(tok)
     encoded, kept = encode_rows(data, spec, tok, text.max_length, text.limit, text.skip_truncated)

@@ -64,7 +64,9 @@ def record_time(path: str, step: Step, seconds: float, finished: bool) -> None:
 
 
 def recorded_times(path: str) -> dict[str, dict]:
-    """The study's time record: per step, its runs' total seconds and the host and threads of its last run."""
+    """The study's time record: per step, its runs since the last finished one before them (a step redone after
+    its output was removed starts again): their total seconds, whether the last finished, and the host and thread
+    count when every one of those runs had the same (else None)."""
     out: dict[str, dict] = {}
     if not os.path.isfile(path):
         return out
@@ -72,8 +74,14 @@ def recorded_times(path: str) -> dict[str, dict]:
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 r = json.loads(line)
-                prev = out.get(r["step"], {"seconds": 0.0})
-                out[r["step"]] = {**r, "seconds": prev["seconds"] + float(r["seconds"])}
+                run = {"seconds": float(r["seconds"]), "finished": bool(r["finished"]), "host": r.get("host"),
+                       "threads": r.get("threads")}
+                prev = out.get(r["step"])
+                if prev is not None and not prev["finished"]:  # a resumed step: its runs add up
+                    same = (prev["host"], prev["threads"]) == (run["host"], run["threads"])
+                    run = {**run, "seconds": prev["seconds"] + run["seconds"],
+                           **({} if same else {"host": None, "threads": None})}
+                out[r["step"]] = run
     return out
 
 
@@ -112,7 +120,8 @@ def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Cal
                         s.run()
                     finally:  # a failed or interrupted run's time is part of the step's total as well
                         if times:
-                            record_time(times, s, time.perf_counter() - start, s.done())
+                            with contextlib.suppress(OSError):  # a record that cannot be written costs no step
+                                record_time(times, s, time.perf_counter() - start, s.done())
                 except ToEError as e:  # one row's trouble does not stop the others: said at the end
                     failed[s.id] = str(e)
                     log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)

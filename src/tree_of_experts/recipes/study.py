@@ -285,8 +285,9 @@ def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = N
         dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
         rows: run only these rows (and the steps they need), in the order given (the first row's steps first);
             default: every row, in the config's order.
-        targets: score only these targets now (``ce``, ``acc`` or a ``scoring.ce_files`` name); the others stay
-            pending for a later run. Default: every target.
+        targets: score only these targets now (``ce``, ``acc``, a ``scoring.ce_files`` or a
+            ``scoring.answer_sets`` name: an answer set's answers are made only when it is a target); the others
+            stay pending for a later run. Default: every target.
         seeds: train and score only these seeds (0 is a row's first) of every row now, e.g. ``--seeds 0`` for a
             first pass over all rows before any repeat; the others stay pending. Default: every seed.
         render_only: run nothing; render the table, plots and verdict from what is scored.

@@ -248,6 +248,10 @@ class StudyConfig:
             raise ToEError(f"scoring.curve_every {self.scoring.curve_every}: give a step count >= 1, or 0 for none")
         for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
             check_options(group, getattr(self, group), fn)
+            k = getattr(self, group).get("gradient_accumulation_steps", 1)
+            if not isinstance(k, int) or k < 1 or self.budget.batch_size % k:
+                raise ToEError(f"{group}.gradient_accumulation_steps {k!r}: give a divisor of budget.batch_size "
+                               f"({self.budget.batch_size})")
         for r in self.rows:
             check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
                           "oracle" if r.kind == "oracle" else "train")

@@ -93,8 +93,10 @@ def plan(study, steps: list | None = None) -> dict:
         epochs = cfg.extract.get("projector_epochs", 1)
         return capture + epochs * (n_rows * mean_len * 3 * fb / F + batches * 3 * call_s(base_cfg))
 
-    lines, total_b = [], 0
-    for s in study.steps() if steps is None else steps:
+    lines = []
+    everything = study.steps()  # every step's estimate: the finished ones calibrate whichever are planned
+    chosen = [x.id for x in (everything if steps is None else steps)]
+    for s in everything:
         w, sec, disk = s.work, 0.0, 0
         kind = w.get("kind")
         if kind == "answers":  # the reported rows' answers, or an answer set's (its own count and cap)
@@ -144,10 +146,11 @@ def plan(study, steps: list | None = None) -> dict:
         elif kind == "oracle":
             sec = n * new / 2 * (ft + 8 * fb) / F
         status = "done" if s.done() else "to run"
-        if status != "done":
-            total_b += disk
-        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk, "kind": _kind(s.work)})
+        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk, "kind": _kind(s)})
     factors = calibrate(lines, recorded_times(os.path.join(study.out, TIMES)))
+    by_id = {x["step"]: x for x in lines}
+    lines = [by_id[i] for i in chosen]
+    total_b = sum(x["disk_bytes"] for x in lines if x["status"] != "done")
     total_s = sum(x["seconds"] for x in lines if x["status"] != "done")
     calibrated = sum(x.get("calibrated_seconds", x["seconds"]) for x in lines if x["status"] != "done")
     by = "; ".join(f"{k} ×{f['factor']:.2g} ({f['steps']} step{'s' * (f['steps'] > 1)})" for k, f in factors.items())
@@ -168,14 +171,17 @@ def plan(study, steps: list | None = None) -> dict:
             "out": os.path.abspath(study.out)}
 
 
-def _kind(work: dict) -> str:
+def _kind(step) -> str:
     """The kind of step whose measured times calibrate each other's estimates: a training row by its kind and
-    objective, a scoring by generation (accuracy) or a forward (CE)."""
+    objective, a scoring by generation (accuracy) or a forward (CE), the anchors' and the teacher's scorings
+    (other models than a row's) on their own."""
+    work = step.work
     kind = work.get("kind", "other")
     if kind == "train":
         return f"train:{work['row'].kind}" + (":on_policy" if work["row"].objective == "on_policy" else "")
     if kind == "score":
-        return "score:acc" if work["target"] == "acc" else "score:ce"
+        return ("score:acc" if work["target"] == "acc" else "score:ce") + \
+            (f":{step.id.split('/')[-1]}" if work.get("row") is None else "")
     return kind
 
 
@@ -184,7 +190,7 @@ def calibrate(lines: list[dict], times: dict[str, dict]) -> dict[str, dict]:
     with this thread count (a step's runs summed: a resumed step counts whole); sets each pending step's
     ``calibrated_seconds`` and each finished one's ``measured_seconds``. Kinds with no finished step keep the
     probe's estimate."""
-    here, threads, sums = platform.node(), torch.get_num_threads(), {}
+    here, threads, sums = platform.node(), torch.get_num_threads(), {}  # (a host or thread count of None: mixed)
     for x in lines:
         t = times.get(x["step"])
         if x["status"] == "done" and t and t.get("finished"):

@@ -39,9 +39,13 @@ def accelerator(mixed_precision: str = "no", report_to: str | None = None, out: 
                        project_dir=os.path.join(out, "trackers") if report_to and out else None)
 
 
-def check_batch(batch_size: int, accumulation: int, processes: int) -> None:
-    """Refuses, in one line before any model loads, a batch that does not split evenly over the processes and then
-    into ``accumulation`` micro-batches."""
+def check_batch(batch_size: int, accumulation: int, processes: int | None = None) -> None:
+    """Refuses, in one line before any model loads, a batch that does not split evenly over the processes (default:
+    accelerate's count for this launch) and then into ``accumulation`` micro-batches."""
+    if processes is None:
+        from accelerate import PartialState
+
+        processes = PartialState().num_processes
     if batch_size % processes:
         raise ToEError(f"batch_size={batch_size} must divide evenly over {processes} processes")
     if accumulation < 1 or (batch_size // processes) % accumulation:
@@ -138,9 +142,16 @@ class Student:
         the step's stage label."""
         return "B"
 
-    def regularise(self, loss: torch.Tensor, b_step: int, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """``loss`` with the system's own terms added (called inside :meth:`recording`) and their metrics."""
+    def regularise(self, loss: torch.Tensor, b_step: int, g: torch.Generator, part: tuple[int, int] = (0, 1)
+                   ) -> tuple[torch.Tensor, dict]:
+        """``loss`` with the system's own terms added (called inside :meth:`recording`) and their metrics, for
+        micro-batch ``part`` = (i, n) of the step (gradient accumulation): a term that does not depend on the batch
+        is added once (in micro-batch 0), one that does 1/n in each."""
         return loss, {}
+
+    def combine(self, extras: list[dict]) -> dict:
+        """The step's metrics row entries from its micro-batches' :meth:`regularise` metrics (default: averaged)."""
+        return averaged(extras)
 
     def state_model(self) -> torch.nn.Module:
         """The model whose decoder layers the state loss reads."""
@@ -274,20 +285,19 @@ class TrainLoop:
         for i, mb in enumerate(micro):
             # gradients all-reduce once, with the last micro-batch's backward
             with accel.no_sync(wrapped) if i < len(micro) - 1 else contextlib.nullcontext():
-                stage, value, part, extra = self.micro_step(wrapped, mb, b_step, step, on, g, n_tok, len(micro),
-                                                            state_total)
+                stage, value, part, extra = self.micro_step(wrapped, mb, b_step, step, on, g, n_tok,
+                                                            (i, len(micro)), state_total)
             values.append(value), parts.append(part), extras.append(extra)
         opt.step()
         row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": sum(values),
-               **global_mean(accel, summed(parts)), **averaged(extras)}
+               **global_mean(accel, summed(parts)), **s.combine(extras)}
         sampled = int(b["loss_mask"].sum()) if on else 0
         return row, int(b["attention_mask"].sum()) * accel.num_processes, sampled
 
     def micro_step(self, wrapped, b: dict, b_step: int, step: int, on: bool, g: torch.Generator, n_tok: torch.Tensor,
-                   parts_n: int, state_total: torch.Tensor | None) -> tuple[str, float, dict, dict]:
-        """The forward and backward of one micro-batch ``b`` (the whole batch without accumulation): (stage, its
-        share of the step's loss, its loss parts, the system's own terms' metrics). The system's own terms (a
-        plug-in's route and usage losses) count 1/``parts_n`` in each, so the step adds them once."""
+                   part: tuple[int, int], state_total: torch.Tensor | None) -> tuple[str, float, dict, dict]:
+        """The forward and backward of micro-batch ``b`` (``part`` = (i, n); the whole batch without
+        accumulation): (stage, its share of the step's loss, its loss parts, the system's own terms' metrics)."""
         accel, s, obj = self.accel, self.student, self.objective
         keep, tail = scored_tail(b, accel.device)  # logits only where a target is scored (the tail)
         t_logits = teacher_logits(self.teacher, b, keep) if on else None  # (B, len(keep), V_T)
@@ -302,8 +312,7 @@ class TrainLoop:
                                  logits_to_keep=keep).logits  # (B, len(keep), V)
                 loss, parts = objective_loss(logits, tail, n_tok.clamp_min(1), t_logits, obj.on_policy.beta,
                                              obj.ce_weight, obj.kd_weight)
-                loss, extra = s.regularise(loss * parts_n, b_step, g)  # (x n) / n: exact without accumulation
-                loss = loss / parts_n
+                loss, extra = s.regularise(loss, b_step, g, part)
                 if targeted:
                     l_state = state_loss([seen[x] for x in obj.state_layers], b["state_target"], b["state_norm2"],
                                          state_total)
