@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -328,6 +329,27 @@ def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
                     budget={"steps": 8, "batch_size": 4})
     with pytest.raises(ToEError, match="max_steps 4 \\(the config: 8\\)"):
         study(edited, str(tmp_path / "s"), dry_run=True)
+
+
+def test_a_run_trained_from_an_earlier_build_of_its_extraction_is_refused(pair, tmp_path):
+    """An extraction rebuilt in place with another bank (a new rule, changed options) makes the plug-ins trained
+    from it stale: neither their kept copies nor their finished runs are reused, and a rebuild that makes the same
+    bank changes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    out = tmp_path / "s"
+    study(cfg, str(out))
+    bank = next(out.glob("work/**/extract-l1/toe_model.safetensors"))
+    tensors = load_file(str(bank))
+    save_file(dict(tensors), str(bank))  # the same bank written again: still the same build
+    study(cfg, str(out), dry_run=True)
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(bank))
+    with pytest.raises(ToEError, match="trained from an earlier build of .*extract-l1 .*delete that folder"):
+        study(cfg, str(out), dry_run=True)
+    shutil.rmtree(out / "train" / "toe")  # the kept copy gone, the finished run in the work folder is refused too
+    with pytest.raises(ToEError, match="train/toe: .*trained from an earlier build"):
+        study(cfg, str(out))
 
 
 def test_a_row_with_its_own_extraction_options_trains_on_its_own_extraction(pair, tmp_path):

@@ -4,12 +4,15 @@ checks of a command's input folders and resumed arguments."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import torch
 
 from .errors import ToEError
 from .files import read_json
@@ -201,6 +204,43 @@ def check_file_out(path: str | os.PathLike, option: str = "out") -> None:
 
 
 TRAINED = ("train_args.json", "train_summary.json", "baseline_summary.json")
+
+
+BANK_KEY = "experts_bank_sha256"  # in train_args.json: the build of the extraction a plug-in was trained from
+
+
+def bank_fingerprint(experts: str | os.PathLike) -> str | None:
+    """sha256 of an extraction's initial plug-in (its bank, gate and scales): the same for a rebuild that makes the
+    same bank, another when a rebuild (a new rule, other options in place) changed it; None before it is built."""
+    from safetensors import safe_open
+
+    path = os.path.join(os.fspath(experts), "toe_model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    h, block = hashlib.sha256(), 1 << 18
+    with safe_open(path, "pt") as f:  # the tensors, not the file's bytes (its metadata may differ)
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous().view(-1)  # memory-mapped: a GB-scale bank is not read whole
+            raw = t.view(torch.uint8) if t.numel() else t
+            h.update(f"{name}:{t.dtype}:{tuple(f.get_slice(name).get_shape())}".encode())
+            n = raw.numel()
+            size = n if n <= 64 * block else block  # a large tensor: 64 spread slices stand for it
+            for start in ([0] if size == n else [i * (n - block) // 63 for i in range(64)]):
+                h.update(raw[start:start + size].numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: str) -> None:
+    """Refuses, in one line, a run trained from an earlier build of ``experts`` than the folder now holds (a
+    finished run is not reused; an interrupted one does not resume). Runs that predate the record pass."""
+    path = os.path.join(os.fspath(run), "train_args.json")
+    if not os.path.isfile(path):
+        return
+    saved = read_json(path, "delete the run to train it again").get(BANK_KEY)
+    now = bank_fingerprint(experts)
+    if saved and now and saved != now:
+        raise ToEError(f"{os.fspath(run)} was trained from an earlier build of {os.fspath(experts)} (its bank has "
+                       f"changed since): {what}")
 
 
 def check_extraction(experts: str | os.PathLike, option: str = "experts") -> None:

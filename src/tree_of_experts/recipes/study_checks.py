@@ -7,6 +7,7 @@ import os
 
 from ..errors import ToEError
 from ..files import read_json
+from ..folders import check_same_build
 
 
 class StudyChecks:
@@ -88,6 +89,9 @@ class StudyChecks:
                     if differ:
                         raise ToEError(f"{os.path.dirname(path)} was trained with {', '.join(differ)}: rename the row "
                                        "(or use another --out) for the new budget, or delete that folder to redo it")
+                    if row.layers and row.kind not in ("control", "lora"):  # not trained on an earlier build
+                        check_same_build(os.path.dirname(path), self.extraction(row.layers, row.rebuild, row.extract),
+                                         "rename the row (or use another --out), or delete that folder to redo it")
                     own = name == ("baseline_args.json" if row.kind in ("control", "lora") else "train_args.json")
                     want_ex = os.path.basename(self.extraction(row.layers, row.rebuild, row.extract)) \
                         if row.extract and row.layers else None

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ..errors import ToEError
 from ..files import atomic_write_json, read_json
+from ..folders import check_same_build
 from .study_config import Row
 
 DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
@@ -116,6 +117,9 @@ class StudyRuns:
 
             out = self.run_dir(label)
             kept = os.path.join(self.out, "train", label)
+            experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
+            if experts and row.kind != "control":  # not a finished run of an earlier build of the extraction
+                check_same_build(out, experts, f"delete it (and {kept}) to train it again")
             if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
                 marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
                 kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
@@ -125,7 +129,6 @@ class StudyRuns:
                 if row.objective == "on_policy":
                     kw.update(objective="on_policy", teacher=self.teacher,
                               teacher_device_map=self.cfg.pair.teacher_device_map)
-                experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
                 if row.kind == "lora":
                     baseline(kind="lora", lora_rank=row.rank, experts=experts, **kw, **{**self.cfg.lora, **row.options})
                 elif row.kind == "control":
