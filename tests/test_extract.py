@@ -331,8 +331,8 @@ def test_fusion_map_training_leaves_the_base_without_gradients(pair, tmp_path, c
     base = load_causal_lm(str(pair / "base"))
     maps = torch.nn.ModuleList([FusionMap(torch.randn(49, 32) * 0.01)])
     with caplog.at_level(logging.INFO, logger="tree_of_experts.training.checkpoint"):  # log_progress's logger
-        losses = train_fusion_maps(base, [1], maps, data, 0, 2, 1e-3, 4, 0)  # 2 steps: 8 examples, 4 a step
-    assert len(losses) == 2 and all(p.grad is None for p in base.parameters())
+        losses, pick = train_fusion_maps(base, [1], maps, data, 0, 2, 1e-3, 4, 0)  # 2 steps: 8 examples, 4 a step
+    assert len(losses) == 2 and pick is None and all(p.grad is None for p in base.parameters())  # one pass
     assert "train fusion map: step 2/2" in caplog.messages[-1]
     assert all(p.requires_grad for p in base.parameters()) and maps[0].proj.weight.grad is not None
 

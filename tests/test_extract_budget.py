@@ -130,8 +130,13 @@ def test_a_sample_of_the_states_gives_a_close_extraction(experts, tmp_path):
     assert abs(summary["projector"][0]["heldout_r2"] - ref["projector"][0]["heldout_r2"]) <= 0.1
     assert o1["trained_map"] == pytest.approx(o1_ref["trained_map"], abs=0.005)
     assert summary["projector"][0]["train_rows"] < ref["projector"][0]["train_rows"]
-    # the map trains as many steps on the sample as on the whole corpus (a budget bounds disk, not training)
+    # the map trains as many steps on the sample as on the whole corpus (a budget bounds disk, not training), and
+    # the held-out CE after each pass over the sample picks the maps kept (a small sample overfits in a few passes)
     assert summary["fusion_map_steps"] == ref["fusion_map_steps"] == 5  # 18 training examples, 4 a step
+    pick = summary["fusion_map_pick"]
+    assert "fusion_map_pick" not in ref and len(pick["heldout_ce_by_pass"]) >= 2
+    assert pick["heldout_ce_by_pass"][pick["kept_pass"] - 1] == min(pick["heldout_ce_by_pass"])
+    assert o1["trained_map"] == pytest.approx(min(pick["heldout_ce_by_pass"]), abs=1e-6)  # the kept maps' CE
 
 
 def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, monkeypatch):

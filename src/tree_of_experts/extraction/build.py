@@ -225,7 +225,8 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
     dev_data = list(extraction.iter_examples(heldout, with_states=True)) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
     steps = fusion.projector_epochs * -(-len(train_ids) // 4)  # the corpus's, on a state sample too (4 a step)
-    losses = train_fusion_maps(base_model, layers, maps, train_data, pad, steps, fusion.projector_lr, 4, seed)
+    losses, pick = train_fusion_maps(base_model, layers, maps, train_data, pad, steps, fusion.projector_lr, 4, seed,
+                                     dev_data)
     times["fusion_map_s"] = time.perf_counter() - t0
     o1 = {}
     if dev_data:
@@ -249,6 +250,7 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
             proj[f"trained.{layer}.{k}"] = v
     atomic_save_tensors(os.path.join(out, "projector.safetensors"), proj)
     fit = {"projector": [r for _, r in ridge], "fusion_map_steps": len(losses),
+           **({"fusion_map_pick": pick} if pick else {}),  # a sample's passes, picked by held-out CE
            "fusion_map_loss_first_last": [losses[0], losses[-1]] if losses else None, "o1_heldout_ce": o1}
     counts = {"examples": len(examples), "heldout": sorted(heldout), "tokens": sum(len(e.ids) for e in examples)}
     sample = pairing.settings.get("state_examples")

@@ -199,11 +199,13 @@ def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=Non
 
 def train_fusion_maps(
     base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, steps: int, lr: float,
-    batch_size: int, seed: int,
-) -> list[float]:
+    batch_size: int, seed: int, dev_data: list[dict] | None = None,
+) -> tuple[list[float], dict | None]:
     """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states:
     ``steps`` optimiser steps cycling over ``data`` (a fresh order each pass; a state sample trains as many steps as
-    the whole corpus would give)."""
+    the whole corpus would give). Where that is more than one pass and ``dev_data`` is given, the held-out CE after
+    each pass picks the maps kept (a small sample overfits in a few passes). Returns the losses and the pick
+    (``None`` for one pass): the held-out CE by pass, the pass kept and its step count."""
     dev = next(base.parameters()).device
     maps.to(dev).train()
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
@@ -216,8 +218,12 @@ def train_fusion_maps(
     every, start = max(1, steps // 20), time.perf_counter()
     # Only the maps learn: unfrozen, the backward also builds weight gradients for every base matrix (the LM head's
     # alone costs about as much as the forward) and keeps 4 bytes per base parameter of them.
+    pick = {"heldout_ce_by_pass": [], "kept_pass": 0, "kept_steps": 0} if passes > 1 and dev_data else None
+    best = None
     with frozen(base):
         for _ in range(passes):
+            if pick is not None and pick["heldout_ce_by_pass"]:
+                maps.train()
             order = torch.randperm(len(data), generator=g).tolist()
             for chunk in batches([data[i] for i in order], batch_size):
                 if len(losses) == steps:  # the last pass over a sample stops at the step count
@@ -238,6 +244,15 @@ def train_fusion_maps(
                 if bar.disable and (len(losses) % every == 0 or len(losses) == steps):  # loss: the interval's mean
                     log_progress("train fusion map", {"step": len(losses), "loss": sum(losses[-every:]) / every,
                                                       "elapsed_s": time.perf_counter() - start}, steps)
+            if pick is not None:  # the pass's maps on the held-out examples; the best pass's are kept
+                maps.eval()
+                ce = mean_ce(base, layers, dev_data, pad_id, lambda j, u, h: maps[j](u, h))
+                pick["heldout_ce_by_pass"].append(ce)
+                if best is None or ce < best:
+                    best, pick["kept_pass"], pick["kept_steps"] = ce, len(pick["heldout_ce_by_pass"]), len(losses)
+                    kept = {k: v.detach().clone() for k, v in maps.state_dict().items()}
     bar.close()
+    if pick is not None:
+        maps.load_state_dict(kept)
     maps.eval()
-    return losses
+    return losses, pick

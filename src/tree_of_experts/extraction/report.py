@@ -23,6 +23,12 @@ def summary_markdown(s: dict) -> str:
         lines += [f"States (base and teacher at every layer) kept for a sample: {s['state_sample']['tokens']} of "
                   f"{s['tokens']} tokens in {s['state_sample']['examples']} examples, every held-out one "
                   "(`--max_disk`/`--state_tokens`); the maps, the tree and the route data are built from it.", ""]
+    pick = s.get("fusion_map_pick")
+    if pick:
+        by_pass = ", ".join(f"{x:.4f}" for x in pick["heldout_ce_by_pass"])
+        lines += [f"Trained fusion maps: {s['fusion_map_steps']} steps over the state sample; held-out CE after each "
+                  f"pass {by_pass} nats; kept pass {pick['kept_pass']} ({pick['kept_steps']} steps), so the held-out "
+                  "CE below also picked them.", ""]
     for p, layer in zip(s["projector"], s["layers"]):
         lines.append(f"Ridge projector (layer {layer}): held-out R² {p['heldout_r2']:.3f}, λ = {p['lambda']:.3g}.")
     if s["o1_heldout_ce"]:
