@@ -49,8 +49,8 @@ def check_batch(batch_size: int, accumulation: int, processes: int | None = None
     if batch_size % processes:
         raise ToEError(f"batch_size={batch_size} must divide evenly over {processes} processes")
     if accumulation < 1 or (batch_size // processes) % accumulation:
-        raise ToEError(f"gradient_accumulation_steps={accumulation} must divide each process's {batch_size // processes}"
-                       " sequences per step into equal micro-batches: use a divisor of it")
+        raise ToEError(f"gradient_accumulation_steps={accumulation} must divide each process's "
+                       f"{batch_size // processes} sequences per step into equal micro-batches: use a divisor of it")
 
 
 def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
