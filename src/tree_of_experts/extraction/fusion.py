@@ -222,8 +222,7 @@ def train_fusion_maps(
     best = None
     with frozen(base):
         for _ in range(passes):
-            if pick is not None and pick["heldout_ce_by_pass"]:
-                maps.train()
+            maps.train()  # (a pick's held-out scoring left them in eval mode)
             order = torch.randperm(len(data), generator=g).tolist()
             for chunk in batches([data[i] for i in order], batch_size):
                 if len(losses) == steps:  # the last pass over a sample stops at the step count

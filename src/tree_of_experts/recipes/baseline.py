@@ -164,7 +164,7 @@ def baseline(
         raise ToEError("--state_loss_weight reads the teacher's signal from an extraction: pass --experts")
     if on_policy.ratio > 0:  # before anything is written to out
         loss = dataclasses.replace(loss, teacher=resolve_teacher(loss.teacher, experts, base))
-    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps)  # before a control's extraction
+    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps)  # every kind, before a control's extraction
     tok = load_tokenizer(base)  # rows with nothing of their response left are refused (or counted) before any model
     spec = text.spec().for_tokenizer(tok)
     encoded, kept = encode_rows(data, spec, tok, text.max_length, text.limit, text.skip_truncated)
@@ -243,7 +243,6 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     on_policy = loss.on_policy()
     kd = loss.kd(0.0)
     accel = accelerator(runtime.mixed_precision, runtime.report_to, out)
-    check_batch(schedule.batch_size, runtime.gradient_accumulation_steps, accel.num_processes)
     check_teacher_map(runtime.teacher_device_map, on_policy.ratio, accel.num_processes)
     base_model = load_causal_lm(base, dtype=runtime.dtype)
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
