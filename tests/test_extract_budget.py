@@ -267,3 +267,31 @@ def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
     check_leaves_fit(64, "balanced", 200_000, memory=2**30)
     with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):
         check_leaves_fit(4096, "balanced", 200_000, memory=4 * 2**30)
+
+
+def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):
+    """--reuse_capture of an extraction that kept every example's states, under a budget: the same sample, shards
+    and build as a budgeted capture of its own (at a subset of the source's layers), the teacher not run — one
+    capture serves a sweep over budgets; a budget over a source that kept a sample only is refused in one line."""
+    ref = json.loads((experts / "ex" / "summary.json").read_text())
+    kw = dict(layers=[1], state_tokens=ref["tokens"] // 2)
+    run(experts, tmp_path / "both", layers=[0, 1])
+    fresh = run(experts, tmp_path / "fresh", **kw)
+    reused = run(experts, tmp_path / "reused", reuse_capture=str(tmp_path / "both"), **kw)
+    a, b = Extraction(str(tmp_path / "fresh")), Extraction(str(tmp_path / "reused"))
+    assert reused["state_sample"] == fresh["state_sample"] and b.state_examples() == a.state_examples() is not None
+    assert reused["capture"]["reused_from"] == os.path.abspath(tmp_path / "both")
+    for pa, pb in zip(a.shard_paths(), b.shard_paths(), strict=True):  # full shards, then light ones, as captured
+        ta, tb = load_file(pa), load_file(pb)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]) if not ta[k].is_floating_point() else \
+                torch.allclose(ta[k].float(), tb[k].float(), atol=2e-3), k
+    assert b.light_keys() == a.light_keys() and "base.0" in b.light_keys()
+    ce_a, ce_b = fresh["o1_heldout_ce"], reused["o1_heldout_ce"]
+    assert ce_a.keys() == ce_b.keys() and all(ce_b[k] == pytest.approx(ce_a[k], abs=1e-3) for k in ce_a
+                                               if not isinstance(ce_a[k], dict))
+    assert reused["clusters"] == fresh["clusters"]
+    with pytest.raises(ToEError, match="kept the states of a sample of its examples only") as e:
+        run(experts, tmp_path / "again", reuse_capture=str(tmp_path / "fresh"), **kw)
+    assert "\n" not in str(e.value)

@@ -365,6 +365,9 @@ def test_a_row_with_its_own_extraction_options_trains_on_its_own_extraction(pair
     sampled = json.load(open(work / "extract-l1-state_tokens500" / "run.json"))
     assert sampled["state_budget"]["state_tokens"] == 500
     assert json.load(open(work / "extract-l1" / "run.json")).get("state_budget") is None
+    # the shared extraction finished first: the sampled one took its shards from that capture (the teacher not run)
+    summary = json.load(open(work / "extract-l1-state_tokens500" / "summary.json"))
+    assert summary["capture"]["reused_from"] == os.path.abspath(work / "extract-l1")
     args = json.load(open(work / "train" / "tiny" / "toe-sampled" / "train_args.json"))
     assert args["experts"].endswith("extract-l1-state_tokens500")
     # an oracle of the row reads the row's own extraction

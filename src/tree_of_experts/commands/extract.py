@@ -51,7 +51,8 @@ from ..extraction.resume import (
     run_record,
     unmark_finished,
 )
-from ..extraction.reuse import check_same_base, layer_subset, reused_pairs, reused_source
+from ..extraction.reuse import (check_same_base, layer_subset, resampled_shard, reused_pairs, reused_source,
+                                source_index)
 from ..extraction.store import CORRUPT
 from ..hf.loading import (arch_fingerprint, check_one_process, decoder_layer_count, load_causal_lm, load_config,
                           load_tokenizer)
@@ -135,7 +136,7 @@ def extract(
         finished, damaged = finished_or_damaged(out, asked, build_settings)
         if finished is not None:  # nothing to capture or build: no model is loaded
             return finished if state.is_main_process else None
-    source = reused_source(reuse_capture, early, asked)  # (a finished one needs it no more)
+    source = reused_source(reuse_capture, early, asked, disk.sampled())  # (a finished one needs it no more)
     examples = prepare(records, spec, base_tok, teacher_tok, text.max_length)
     plan = _plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, asked, source)
     if dry_run:
@@ -156,8 +157,11 @@ def extract(
     state.wait_for_everyone()
 
     # 1. Capture, every process its share of the shards; then the build on the main process alone.
+    # a budget over a source that kept every example's states: the shards are gathered from it example by example
+    index = source_index(reuse_capture) if source is not None and sample is not None and \
+        source.get("state_examples") is None else None
     _capture_shards(out, state, groups, base_model, teacher_model,
-                    pairing, capture, batch_size, base_tok.pad_token_id, disk.cache_low_states, which)
+                    pairing, capture, batch_size, base_tok.pad_token_id, disk.cache_low_states, which, index)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -174,7 +178,7 @@ def extract(
 
 
 def _refuse_options(text: Text, runtime: Runtime, capture: Capture, disk: Disk) -> None:
-    """Refuses the options `toe extract` does not read, and a disk budget with --reuse_capture."""
+    """Refuses the options `toe extract` does not read, and --teacher_device_map with --reuse_capture."""
     refuse_unused("toe extract", text, [f.name for f in dataclasses.fields(Text) if f.name != "skip_truncated"],
                   "an extraction keeps every row, its response cut at max_length")
     refuse_unused("toe extract", runtime, ("dtype", "device", "overwrite", "teacher_device_map"),
@@ -183,9 +187,6 @@ def _refuse_options(text: Text, runtime: Runtime, capture: Capture, disk: Disk) 
     if capture.reuse_capture and runtime.teacher_device_map:
         raise ToEError("--reuse_capture takes the teacher's states from the source's shards (no teacher loads): drop "
                        "--teacher_device_map")
-    if capture.reuse_capture and disk.sampled():
-        raise ToEError("--reuse_capture takes its states, and its sample of examples with states, from the source's "
-                       "shards: drop --max_disk/--state_tokens")
 
 
 def _read_text(data: str, text: Text, capture: Capture, base: str, teacher: str):
@@ -271,11 +272,13 @@ def _pairing(early: dict, capture: Capture, source: dict | None, teacher: str, k
 
 
 def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pairing: Pairing, capture: Capture,
-                    batch_size: int, pad: int, keep_low: bool, which: list[int] | None) -> None:
+                    batch_size: int, pad: int, keep_low: bool, which: list[int] | None,
+                    index: dict | None = None) -> None:
     """Step 1, this process's shards (shard s goes to process s % world; finished shards are skipped on resume), and
     its timings. Under a sample, the sampled examples' full shards come first, then light ones (extraction/budget.py)
     holding the base's state at the lowest layer where ``keep_low``. Under --reuse_capture (``which``: where the
-    asked pairs sit among the source's) each shard is the source's with those pairs alone."""
+    asked pairs sit among the source's) each shard is the source's with those pairs alone, or, for a budget over a
+    source that kept every example's states (``index``: where its examples sit), gathered from it per example."""
     layers = pairing.layers
     low = min(range(len(layers)), key=lambda j: layers[j]) if keep_low else None
     mine = [s for s in range(len(groups)) if s % state.num_processes == state.process_index]
@@ -287,7 +290,10 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
         if os.path.exists(path):
             continue
         done += 1
-        if which is not None:
+        if index is not None:
+            chunk, full = groups[s]
+            tensors = resampled_shard(index, [e.index for e in chunk], full, which, low)
+        elif which is not None:
             tensors = layer_subset(capture.reuse_capture, os.path.basename(path), which, layers)
         else:
             chunk, full = groups[s]

@@ -3,6 +3,11 @@
 SOURCE must have been captured from the same models, data and capture settings; this extraction asks for a subset
 of its (layer, teacher layer) pairs, and each of its shards is SOURCE's shard with those pairs alone (renumbered
 0..). The teacher never loads; the fusion maps and the tree are built anew from the subset.
+
+A disk budget (``--max_disk``/``--state_tokens``) over a SOURCE that kept every example's states samples it as a
+fresh capture would: the plan picks the sample, and each shard is gathered example by example from SOURCE's (the
+sample's full shards, then light ones) — a sweep over budgets from one capture. A SOURCE that kept a sample only
+gives that sample, and a budget over it is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from ..errors import ToEError
 from ..files import load_tensors, read_json
-from .store import CORRUPT, CORRUPT_SHARD
+from .store import CORRUPT, CORRUPT_SHARD, Extraction
 
 
 def reusable_capture(source: str, early: dict) -> dict:
@@ -42,13 +47,18 @@ def reused_pairs(path: str, source: dict, layers: list[int], teacher_layers: lis
     return [captured.index(p) for p in asked]
 
 
-def reused_source(path: str | None, early: dict, layer_pairs: tuple[list[int], list[int]] | None) -> dict | None:
+def reused_source(path: str | None, early: dict, layer_pairs: tuple[list[int], list[int]] | None,
+                  sampled: bool = False) -> dict | None:
     """The run.json of the extraction at PATH (None without ``--reuse_capture``), checked before any weights load:
-    its capture settings against ``early``, and the pairs asked for (``layer_pairs``, resolved from the configs;
-    None where they do not give the layer counts) against its own."""
+    its capture settings against ``early``, the pairs asked for (``layer_pairs``, resolved from the configs; None
+    where they do not give the layer counts) against its own, and a disk budget (``sampled``) against its sample."""
     if not path:
         return None
     source = reusable_capture(path, early)
+    if sampled and source.get("state_examples") is not None:
+        raise ToEError(f"--reuse_capture {path} kept the states of a sample of its examples only: drop "
+                       "--max_disk/--state_tokens (its sample is taken as it is), or reuse an extraction that kept "
+                       "every example's states")
     if layer_pairs is None:
         raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
                        "with --reuse_capture")
@@ -83,3 +93,56 @@ def layer_subset(source: str, shard: str, which: list[int], layers: list[int]) -
                 raise ToEError(f"{path} lacks {side}.{i}: {CORRUPT_SHARD}")
             out[f"{side}.{j}"] = tensors[f"{side}.{i}"]
     return out
+
+
+def source_index(source: str) -> dict[int, tuple[str, int, int]]:
+    """Where each example sits in SOURCE's shards, {example: (shard path, first row, end row)}, read from each
+    shard's ``offsets`` and ``example`` columns alone; a missing or cut shard is refused first."""
+    from safetensors import safe_open
+
+    ex = Extraction(source)
+    damaged = ex.damaged_shards()
+    if damaged:
+        raise ToEError(f"--reuse_capture {source} lacks or holds damaged {damaged[0]}: finish or repair that "
+                       "extraction first (rerun its `toe extract` command), or extract without --reuse_capture")
+    index = {}
+    for path in ex.shard_paths():
+        with safe_open(path, "pt") as f:
+            offsets, example = f.get_tensor("offsets"), f.get_tensor("example")
+        for k in range(len(offsets) - 1):
+            a, b = int(offsets[k]), int(offsets[k + 1])
+            index[int(example[a])] = (path, a, b)
+    return index
+
+
+def resampled_shard(index: dict[int, tuple[str, int, int]], examples: list[int], full: bool, which: list[int],
+                    low: int | None) -> dict[str, torch.Tensor]:
+    """One shard of this extraction's own layout gathered from a source that kept every example's states
+    (``index``: :func:`source_index`): the ``examples`` in order, every token field as captured, and the states of
+    the asked pairs (``which``: their indices among the source's, renumbered 0..) — every pair's base and teacher
+    states in a ``full`` shard, in a light one the base's state at pair ``low`` alone (None: none)."""
+    from safetensors import safe_open
+
+    missing = [i for i in examples if i not in index]
+    if missing:
+        raise ToEError(f"--reuse_capture: the source's shards lack example {missing[0]}: give an extraction of the "
+                       "same data, finished, or extract without --reuse_capture")
+    keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")} if full else \
+        ({f"base.{which[low]}": f"base.{low}"} if low is not None else {})
+    cols: dict[str, list[torch.Tensor]] = {}
+    for path in dict.fromkeys(index[i][0] for i in examples):  # each source shard opened once, the order kept
+        with safe_open(path, "pt") as f:
+            names = {k: keep.get(k, k) for k in f.keys()
+                     if k != "offsets" and (not k.startswith(("base.", "teacher.")) or k in keep)}
+            lost = set(keep) - set(names)
+            if lost:
+                raise ToEError(f"{path} lacks {sorted(lost)[0]}: {CORRUPT_SHARD}")
+            for pos, i in enumerate(examples):
+                if index[i][0] != path:
+                    continue
+                _, a, b = index[i]
+                for k, name in names.items():
+                    cols.setdefault(name, [None] * len(examples))[pos] = f.get_slice(k)[a:b]
+    tensors = {k: torch.cat(v) for k, v in cols.items()}
+    tensors["offsets"] = torch.tensor([0] + [index[i][2] - index[i][1] for i in examples]).cumsum(0)
+    return tensors

@@ -87,9 +87,10 @@ def plan(study, steps: list | None = None) -> dict:
     def decode_s(fpt: float, steps: int, batch: int, c=base_cfg) -> float:
         return steps * (max(fpt / 2 * wbytes / BW, batch * fpt / F) + call_s(c))
 
-    def extraction_s(teacher_fpt: float, teacher_c) -> float:  # capture, then the fusion maps' training
+    def extraction_s(teacher_fpt: float, teacher_c, capture: bool = True) -> float:  # capture, the maps' training
         batches = -(-n_rows // cfg.extract.get("batch_size", 4))
-        capture = n_rows * mean_len * (fb + teacher_fpt) / F + batches * (call_s(base_cfg) + call_s(teacher_c))
+        capture = capture * (n_rows * mean_len * (fb + teacher_fpt) / F + batches * (call_s(base_cfg)
+                                                                                   + call_s(teacher_c)))
         epochs = cfg.extract.get("projector_epochs", 1)
         return capture + epochs * (n_rows * mean_len * 3 * fb / F + batches * 3 * call_s(base_cfg))
 
@@ -104,7 +105,8 @@ def plan(study, steps: list | None = None) -> dict:
             sec = decode_s(ft, -(-n_a // cfg.scoring.answer_batch_size) * new_a, cfg.scoring.answer_batch_size,
                            teacher_cfg)
         elif kind == "extract":
-            sec = extraction_s(ft, teacher_cfg)
+            # a budget sampling the shared extraction's finished capture builds alone (StudyRuns.capture_source)
+            sec = extraction_s(ft, teacher_cfg, not study.capture_source(w["layers"], w.get("options")))
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))

@@ -13,6 +13,7 @@ from ..files import atomic_write_json, read_json
 from ..folders import check_same_build
 from .study_config import Row
 
+BUDGET_OPTIONS = {"max_disk", "state_tokens", "cache_low_states"}  # extract options that change the disk alone
 DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
 KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
         "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
@@ -95,11 +96,27 @@ class StudyRuns:
         def run() -> None:
             from ..commands.extract import extract
 
+            source = self.capture_source(layers, options)
+            if source:
+                print(f"study: {os.path.basename(self.extraction(layers, extract=options))} samples the capture "
+                      f"of {source} (its budget alone differs): the teacher does not run again", flush=True)
             extract(teacher=self.teacher, base=self.base, data=self.train_data,
                     out=self.extraction(layers, extract=options), layers=layers, dtype=self.cfg.pair.dtype,
-                    teacher_device_map=self.cfg.pair.teacher_device_map,
-                    **self.common(), **{**self.cfg.extract, **(options or {})})
+                    teacher_device_map=None if source else self.cfg.pair.teacher_device_map,
+                    **self.common(), **{**self.cfg.extract, **(options or {})},
+                    **({"reuse_capture": source} if source else {}))
         return run
+
+    def capture_source(self, layers: list[int], options: dict | None) -> str | None:
+        """The layer set's shared extraction, where a row's own ``extract`` options only bound the disk and that one
+        is finished with every example's states: the budget samples its shards (`toe extract --reuse_capture`, the
+        same shards a capture of its own would write) instead of running the teacher again. None otherwise."""
+        from ..extraction.store import Extraction
+
+        if not options or not set(options) <= BUDGET_OPTIONS or "reuse_capture" in self.cfg.extract:
+            return None
+        shared = Extraction(self.extraction(layers))
+        return shared.folder if shared.has("build.json") and shared.state_examples() is None else None
 
     def run_rebuild(self, row: Row) -> Callable[[], None]:
         def run() -> None:
