@@ -112,16 +112,20 @@ def test_a_killed_study_resumes_to_the_same_table(pair, tmp_path):
     assert table(tmp_path / "killed") == table(tmp_path / "whole")
 
 
-def test_a_step_another_process_holds_is_waited_for(pair, tmp_path):
+def test_a_step_another_process_holds_is_waited_for(pair, tmp_path, monkeypatch):
     """Another process holds the anchors' scoring: the study runs every other step meanwhile, then waits for it and
-    runs it itself once the holder lets go (the holder lets go only after the study's last other step)."""
+    runs it itself once the holder lets go (the holder lets go only once the study waits, after its other steps)."""
+    import tree_of_experts.recipes.steps as steps_mod
+
     cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
     out = tmp_path / "s"
     (out / "locks").mkdir(parents=True)
-    lock, last = out / "locks" / "score__ce__anchors.lock", out / "ce" / "toe" / "metrics.json"
+    lock, waiting = out / "locks" / "score__ce__anchors.lock", tmp_path / "waiting"
+    sleep = time.sleep
+    monkeypatch.setattr(steps_mod.time, "sleep", lambda s: (waiting.touch(), sleep(s)))
     holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time; f = open({str(lock)!r}, 'a+'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)\n"
-                               f"while not os.path.exists({str(last)!r}): time.sleep(0.1)\ntime.sleep(1)"],
+                               f"while not os.path.exists({str(waiting)!r}): time.sleep(0.1)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     result = study(cfg, str(out), poll_s=0.2)
