@@ -281,6 +281,8 @@ def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):
     a, b = Extraction(str(tmp_path / "fresh")), Extraction(str(tmp_path / "reused"))
     assert reused["state_sample"] == fresh["state_sample"] and b.state_examples() == a.state_examples() is not None
     assert reused["capture"]["reused_from"] == os.path.abspath(tmp_path / "both")
+    ram, ram_fresh = reused["disk_plan"]["ram"], fresh["disk_plan"]["ram"]  # no teacher and no forward to plan for
+    assert ram["capture_batch"] == 0 < ram_fresh["capture_batch"] and ram["weights"] < ram_fresh["weights"]
     for pa, pb in zip(a.shard_paths(), b.shard_paths(), strict=True):  # full shards, then light ones, as captured
         ta, tb = load_file(pa), load_file(pb)
         assert ta.keys() == tb.keys()

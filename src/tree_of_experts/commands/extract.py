@@ -223,7 +223,7 @@ def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, t
         raise ToEError("the models' configs do not give their layer counts: pass --layers and --teacher_layers "
                        "to plan the disk (--max_disk, --state_tokens, --dry_run)")
     plan = disk_plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, len(asked[0]),
-                     fixed)
+                     fixed, reused=source is not None)
     if not disk.dry_run:  # a dry run returns the plan, which the CLI prints
         log.info("extraction plan:\n%s", plan.text())
     return plan

@@ -198,6 +198,7 @@ class Asked:
     state_tokens: int | None = None
     seed: int = 0
     sample: list[int] | None = None  # a sample fixed beforehand (--reuse_capture: the source's)
+    reused: bool = False  # --reuse_capture: no model captures, the shards are read from the source's
 
 
 def route_bytes_per_row(sizes: Sizes, a: Asked) -> int:
@@ -276,7 +277,10 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     capture_act = a.batch_size * t_max * (sizes.act_bytes * (2 * max(sizes.inter_b, sizes.inter_t) + 4 * max(d_b, d_t))
                                           + 4 * L * (d_b + d_t) + (3 * 4 * sizes.vocab if a.kd else 0))
     capture_shard = int(2 * a.shard_size * mean_len * full)
-    ram = {"weights": sizes.weights_b + sizes.weights_t, "capture_batch": capture_act, "capture_shard": capture_shard}
+    if a.reused:  # the base alone loads (for the build) and no forward runs: each shard is read and written
+        capture_act = 0
+    ram = {"weights": sizes.weights_b + (0 if a.reused else sizes.weights_t), "capture_batch": capture_act,
+           "capture_shard": capture_shard}
     ram["capture"] = ram["weights"] + capture_act + capture_shard
     # build (the teacher freed): the largest of the Gram matrices (train + held-out accumulators and eigh's copy,
     # float64), the fusion maps' training (the sample's examples as stored, a training step's activations, the
@@ -300,9 +304,10 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
 
 def disk_plan(examples: list[Example], teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree,
               disk: Disk, dtype: str, kd: bool, batch_size: int, seed: int, layers: int,
-              sample: list[int] | None) -> Plan:
+              sample: list[int] | None, reused: bool = False) -> Plan:
     """`toe extract`'s plan from the models' configs alone: no weights load. ``layers``: how many injection layers;
-    ``sample``: a sample fixed beforehand (the source's, under --reuse_capture)."""
+    ``sample``: a sample fixed beforehand (the source's, under --reuse_capture); ``reused``: the shards come from
+    another extraction's (--reuse_capture: no model captures)."""
     t_kw, b_kw = capture.model_kwargs()
     same_model = teacher == base and t_kw == b_kw
     sizes = config_sizes(load_config(base, **b_kw), load_config(teacher, "teacher", **t_kw), dtype, same_model)
@@ -310,7 +315,7 @@ def disk_plan(examples: list[Example], teacher: str, base: str, capture: Capture
         layers=layers, topk=capture.topk_logprobs, kd=kd, cache_low_states=disk.cache_low_states,
         heldout_frac=fusion.heldout_frac, shard_size=capture.shard_size, batch_size=batch_size,
         num_leaves=tree.num_leaves, shape=tree.shape, gate_rank=tree.gate_rank, max_rows=tree.max_rows,
-        max_disk=disk.budget(), state_tokens=disk.state_tokens, seed=seed, sample=sample))
+        max_disk=disk.budget(), state_tokens=disk.state_tokens, seed=seed, sample=sample, reused=reused))
 
 
 def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, full: int, light: int,
