@@ -294,6 +294,13 @@ def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):
     assert ce_a.keys() == ce_b.keys() and all(ce_b[k] == pytest.approx(ce_a[k], abs=1e-3) for k in ce_a
                                                if not isinstance(ce_a[k], dict))
     assert reused["clusters"] == fresh["clusters"]
+    bare = run(experts, tmp_path / "bare", reuse_capture=str(tmp_path / "both"), cache_low_states=False,
+               **{**kw, "layers": [0, 1], "max_disk": "1MB"})  # every pair, and light shards without a low state
+    c = Extraction(str(tmp_path / "bare"))
+    assert bare["state_sample"]["examples"] < bare["examples"] and c.light_keys() == a.light_keys() - {"base.0"}
+    for ea, eb in zip(Extraction(str(tmp_path / "both")).iter_examples(set(c.state_examples())),
+                      c.iter_examples(with_states=True), strict=True):
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)  # gathered as captured
     with pytest.raises(ToEError, match="kept the states of a sample of its examples only") as e:
         run(experts, tmp_path / "again", reuse_capture=str(tmp_path / "fresh"), **kw)
     assert "\n" not in str(e.value)

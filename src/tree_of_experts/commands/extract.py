@@ -158,8 +158,8 @@ def extract(
 
     # 1. Capture, every process its share of the shards; then the build on the main process alone.
     # a budget over a source that kept every example's states: the shards are gathered from it example by example
-    index = source_index(reuse_capture) if source is not None and sample is not None and \
-        source.get("state_examples") is None else None
+    index = source_index(reuse_capture, [e.index for e in examples]) if source is not None and not captured and \
+        sample is not None and source.get("state_examples") is None else None
     _capture_shards(out, state, groups, base_model, teacher_model,
                     pairing, capture, batch_size, base_tok.pad_token_id, disk.cache_low_states, which, index)
     state.wait_for_everyone()

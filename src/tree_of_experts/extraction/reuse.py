@@ -17,8 +17,8 @@ import os
 import torch
 
 from ..errors import ToEError
-from ..files import load_tensors, read_json
-from .store import CORRUPT, CORRUPT_SHARD, Extraction
+from ..files import read_json
+from .store import CORRUPT, CORRUPT_SHARD, Extraction, shard_keys
 
 
 def reusable_capture(source: str, early: dict) -> dict:
@@ -75,29 +75,34 @@ def check_same_base(path: str, source: dict, base_arch: str) -> None:
 
 def layer_subset(source: str, shard: str, which: list[int], layers: list[int]) -> dict[str, torch.Tensor]:
     """SOURCE's shard with only the layer pairs at indices WHICH (renumbered 0..; ``layers`` the injection layers
-    they are), everything else as captured."""
+    they are), everything else as captured; only what is kept is read (not every pair of a many-layer source)."""
+    from safetensors import safe_open
+
     path = os.path.join(source, "shards", shard)
     if not os.path.isfile(path):
         raise ToEError(f"--reuse_capture {source} lacks shards/{shard}: finish that extraction first (rerun its "
                        "`toe extract` command), or extract without --reuse_capture")
-    tensors = load_tensors(path, CORRUPT_SHARD)
-    out = {k: v for k, v in tensors.items() if not k.startswith(("base.", "teacher."))}
-    if "teacher.0" not in tensors:  # a light shard: the base's state of the lowest asked layer, where it was kept
+    keys = shard_keys(path)  # (an unreadable header: one line naming the fix)
+    if "teacher.0" not in keys:  # a light shard: the base's state of the lowest asked layer, where it was kept
         low = min(range(len(which)), key=lambda j: layers[j])
-        if f"base.{which[low]}" in tensors:
-            out[f"base.{low}"] = tensors[f"base.{which[low]}"]
-        return out
-    for j, i in enumerate(which):
-        for side in ("base", "teacher"):
-            if f"{side}.{i}" not in tensors:
-                raise ToEError(f"{path} lacks {side}.{i}: {CORRUPT_SHARD}")
-            out[f"{side}.{j}"] = tensors[f"{side}.{i}"]
-    return out
+        keep = {f"base.{which[low]}": f"base.{low}"} if f"base.{which[low]}" in keys else {}
+    else:
+        keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")}
+        lost = sorted(set(keep) - keys)
+        if lost:
+            raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
+    names = {k: keep.get(k, k) for k in keys if not k.startswith(("base.", "teacher.")) or k in keep}
+    try:
+        with safe_open(path, "pt") as f:
+            return {name: f.get_tensor(k) for k, name in names.items()}
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a damaged file)
+        raise ToEError(f"{path} is unreadable ({e}): {CORRUPT_SHARD}") from None
 
 
-def source_index(source: str) -> dict[int, tuple[str, int, int]]:
+def source_index(source: str, examples: list[int]) -> dict[int, tuple[str, int, int]]:
     """Where each example sits in SOURCE's shards, {example: (shard path, first row, end row)}, read from each
-    shard's ``offsets`` and ``example`` columns alone; a missing or cut shard is refused first."""
+    shard's ``offsets`` and ``example`` columns alone; a missing or cut shard, or one of ``examples`` (this
+    extraction's) that SOURCE lacks, is refused first."""
     from safetensors import safe_open
 
     ex = Extraction(source)
@@ -112,6 +117,10 @@ def source_index(source: str) -> dict[int, tuple[str, int, int]]:
         for k in range(len(offsets) - 1):
             a, b = int(offsets[k]), int(offsets[k + 1])
             index[int(example[a])] = (path, a, b)
+    missing = [i for i in examples if i not in index]
+    if missing:
+        raise ToEError(f"--reuse_capture {source} lacks example {missing[0]} in its shards: give a finished "
+                       "extraction of the same data, or extract without --reuse_capture")
     return index
 
 
@@ -123,10 +132,6 @@ def resampled_shard(index: dict[int, tuple[str, int, int]], examples: list[int],
     states in a ``full`` shard, in a light one the base's state at pair ``low`` alone (None: none)."""
     from safetensors import safe_open
 
-    missing = [i for i in examples if i not in index]
-    if missing:
-        raise ToEError(f"--reuse_capture: the source's shards lack example {missing[0]}: give an extraction of the "
-                       "same data, finished, or extract without --reuse_capture")
     keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")} if full else \
         ({f"base.{which[low]}": f"base.{low}"} if low is not None else {})
     cols: dict[str, list[torch.Tensor]] = {}
@@ -146,3 +151,4 @@ def resampled_shard(index: dict[int, tuple[str, int, int]], examples: list[int],
     tensors = {k: torch.cat(v) for k, v in cols.items()}
     tensors["offsets"] = torch.tensor([0] + [index[i][2] - index[i][1] for i in examples]).cumsum(0)
     return tensors
+

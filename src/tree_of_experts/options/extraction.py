@@ -64,7 +64,8 @@ class Capture(OptionGroup):
     """an extraction of the same models, data and capture settings at a layer set that includes every (layer,
     teacher layer) pair asked for: its shards give this one's states and the teacher is never loaded (the fusion
     maps and the tree are still built, for this layer set); with max_disk/state_tokens over one that kept every
-    example's states, the budget samples it as a capture of its own would (a sweep over budgets from one capture)"""
+    example's states, the budget samples it as a capture of its own would (a sweep over budgets from one capture);
+    a budget over one that kept a sample only is refused"""
     teacher_gguf_file: str | None = None
     """load the teacher from this GGUF file inside the teacher folder"""
     base_gguf_file: str | None = None

@@ -106,7 +106,8 @@ def plan(study, steps: list | None = None) -> dict:
                            teacher_cfg)
         elif kind == "extract":
             # a budget sampling the shared extraction's finished capture builds alone (StudyRuns.capture_source)
-            sec = extraction_s(ft, teacher_cfg, not study.capture_source(w["layers"], w.get("options")))
+            w["reused"] = study.reuses_capture(w["layers"], w.get("options"))
+            sec = extraction_s(ft, teacher_cfg, not w["reused"])
             k = len(w["layers"])
             disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
                                                                    [teacher_cfg.hidden_size] * k, 32))
@@ -184,6 +185,8 @@ def _kind(step) -> str:
     if kind == "score":
         return ("score:acc" if work["target"] == "acc" else "score:ce") + \
             (f":{step.id.split('/')[-1]}" if work.get("row") is None else "")
+    if kind == "extract" and work.get("reused"):  # a build from another extraction's capture: no capture to time
+        return "extract:reused"
     return kind
 
 

@@ -4,6 +4,7 @@ study's pair, data and budget. :class:`tree_of_experts.recipes.study.Study` inhe
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from ..files import atomic_write_json, read_json
 from ..folders import check_same_build
 from .study_config import Row
 
+log = logging.getLogger(__name__)
 BUDGET_OPTIONS = {"max_disk", "state_tokens", "cache_low_states"}  # extract options that change the disk alone
 DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
 KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
@@ -98,8 +100,8 @@ class StudyRuns:
 
             source = self.capture_source(layers, options)
             if source:
-                print(f"study: {os.path.basename(self.extraction(layers, extract=options))} samples the capture "
-                      f"of {source} (its budget alone differs): the teacher does not run again", flush=True)
+                log.info("study: %s samples the capture of %s (its budget alone differs): the teacher does not run "
+                         "again", os.path.basename(self.extraction(layers, extract=options)), source)
             extract(teacher=self.teacher, base=self.base, data=self.train_data,
                     out=self.extraction(layers, extract=options), layers=layers, dtype=self.cfg.pair.dtype,
                     teacher_device_map=None if source else self.cfg.pair.teacher_device_map,
@@ -109,14 +111,26 @@ class StudyRuns:
 
     def capture_source(self, layers: list[int], options: dict | None) -> str | None:
         """The layer set's shared extraction, where a row's own ``extract`` options only bound the disk and that one
-        is finished with every example's states: the budget samples its shards (`toe extract --reuse_capture`, the
-        same shards a capture of its own would write) instead of running the teacher again. None otherwise."""
+        is finished with every example's states: the budget samples its shards (`toe extract --reuse_capture`: the
+        sample and token fields a capture of its own would write, the states up to fp16 rounding) instead of running
+        the teacher again. None otherwise (the row captures its own: which way it went, its summary's
+        ``capture.reused_from`` says)."""
         from ..extraction.store import Extraction
 
         if not options or not set(options) <= BUDGET_OPTIONS or "reuse_capture" in self.cfg.extract:
             return None
         shared = Extraction(self.extraction(layers))
         return shared.folder if shared.has("build.json") and shared.state_examples() is None else None
+
+    def reuses_capture(self, layers: list[int], options: dict | None) -> bool:
+        """Whether an extraction step samples the shared capture: as its finished summary records it, or, pending,
+        as :meth:`capture_source` would decide now (the plan's estimate and calibration tell the two apart)."""
+        from ..extraction.store import SUMMARY, Extraction
+
+        own = Extraction(self.extraction(layers, extract=options))
+        if own.has(SUMMARY):
+            return bool(own.summary().get("capture", {}).get("reused_from"))
+        return self.capture_source(layers, options) is not None
 
     def run_rebuild(self, row: Row) -> Callable[[], None]:
         def run() -> None:
