@@ -74,8 +74,11 @@ def test_a_budget_holding_every_state_gives_todays_extraction(experts, tmp_path)
     summary = run(experts, tmp_path / "b", max_disk=BUDGET)
     assert "state_sample" not in summary and Extraction(str(tmp_path / "b")).state_examples() is None
     assert folder_bytes(tmp_path / "b") <= parse_size(BUDGET)
-    for name in ("projector.safetensors", "route_data.safetensors", "toe_model.safetensors"):
+    for name in ("projector.safetensors", "toe_model.safetensors"):
         assert_same(tensors(experts / "ex", name), tensors(tmp_path / "b", name))
+    # the route data: the same states and labels, which under a budget it reads from the shards (it keeps where)
+    assert_same(Extraction(str(experts / "ex")).route_data(), Extraction(str(tmp_path / "b")).route_data())
+    assert not any(k.startswith("states.") for k in tensors(tmp_path / "b", "route_data.safetensors"))
     for pa, pb in zip(Extraction(str(experts / "ex")).shard_paths(), Extraction(str(tmp_path / "b")).shard_paths(),
                       strict=True):
         assert_same(load_file(pa), load_file(pb))
@@ -198,9 +201,10 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     sample = set(ex.state_examples())
     assert has_kd and all(r.topk_ids is not None and r.state is not None for r in rows)
     assert {i for i, r in enumerate(rows) if r.target is not None} == sample
-    b = collate(rows[:8], tok.pad_token_id)  # a batch mixing sampled and unsampled rows: no target for the latter
-    without = [i for i in range(8) if rows[i].target is None]
-    assert without and len(without) < 8 and not b["state_norm2"][without].any()
+    mix = [i for i, r in enumerate(rows) if r.target is not None][:4] + \
+        [i for i, r in enumerate(rows) if r.target is None][:4]
+    b = collate([rows[i] for i in mix], tok.pad_token_id)  # sampled and unsampled rows: no target for the latter
+    assert len(mix) == 8 and b["state_norm2"][:4].any() and not b["state_norm2"][4:].any()
     heldout = set(ex.manifest()["counts"]["heldout"])
     signal = extraction_signal(ex, [0])[0]
     h, _, hh, _ = layer_rows(ex, 0, signal, heldout)

@@ -266,7 +266,7 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
         layers = read_json(config, "the extraction's plug-in is damaged: extract again into a new --out").get("layers")
         try:
             with safe_open(route, "pt") as f:
-                routed = sorted(int(k.split(".")[1]) for k in f.keys() if k.startswith("states."))
+                routed = sorted(int(k.split(".")[1]) for k in f.keys() if k.startswith("leaf."))
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a damaged file)
             raise ToEError(f"{route} is unreadable ({e}): extract again into a new --out") from None
         if sorted(layers or []) != routed:

@@ -8,7 +8,8 @@ Output folder layout::
                              shards hold the others' ids, masks, top-k and low states; extraction/budget.py)
     manifest.json            models, revisions, layers, data hash, counts, timings, shard list
     projector.safetensors    ridge map and trained fusion map per layer
-    route_data.safetensors   sampled base states, their leaf ids and path branches (Stage A supervision)
+    route_data.safetensors   sampled base states (under a disk budget, where they sit in the shards), their leaf ids
+                             and path branches (Stage A supervision)
     toe_config.json, toe_model.safetensors, README.md   the plug-in (gate initialised from the geometry, s = 0)
     summary.json, summary.md projector fit, O1 dev CE table, cluster sizes, effective leaves, throughput
     build.json               the settings the tree and bank were built with: a rerun with them returns the finished

@@ -202,9 +202,10 @@ class Asked:
 
 
 def route_bytes_per_row(sizes: Sizes, a: Asked) -> int:
-    """Bytes of one clustered token in route_data.safetensors, over every injection layer: its fp16 state, int64
-    leaf and int8 path branches."""
-    return a.layers * (2 * sizes.d_b + 8 + tree_depth(a.shape, a.num_leaves))
+    """Bytes of one clustered token in route_data.safetensors, over every injection layer: its fp16 state (under a
+    disk budget, where it sits in the shards instead: two int64), int64 leaf and int8 path branches."""
+    budgeted = a.max_disk is not None or a.state_tokens is not None
+    return a.layers * ((16 if budgeted else 2 * sizes.d_b) + 8 + tree_depth(a.shape, a.num_leaves))
 
 
 def fixed_bytes(sizes: Sizes, a: Asked, route_rows: int, n_shards: int, n_examples: int) -> dict[str, int]:

@@ -277,6 +277,7 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
     g = torch.Generator().manual_seed(seed)
     deltas: list[list[torch.Tensor]] = [[] for _ in layers]
     states: list[list[torch.Tensor]] = [[] for _ in layers]
+    where: list[list[torch.Tensor]] = [[] for _ in layers]  # (example, row) of each clustered token
     maps.cpu()  # shard rows live on the CPU
     signal = expert_signal(tree.signal, maps, [w.cpu() for w in ridge], tree.signal_lambda)
     signal_name = "trained fusion map delta" if tree.signal == "fusion_map" else f"ridge step, λ = {tree.signal_lambda}"
@@ -290,16 +291,17 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
                 h = ex[f"base.{j}"][keep].float()
                 deltas[j].append(signal(j, ex[f"teacher.{j}"][keep].float(), h))
                 states[j].append(ex[f"base.{j}"][keep])
+                where[j].append(torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1))
     config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
     plugin = ToEPlugin(config)
     route_tensors, clusters = {}, {}
     _, branch_table = path_table(shape, num_leaves)
     for j, layer in enumerate(layers):
-        delta, x = torch.cat(deltas[j]), torch.cat(states[j])
+        delta, x, at = torch.cat(deltas[j]), torch.cat(states[j]), torch.cat(where[j])
         if len(delta) > max_rows:
             pick = torch.randperm(len(delta), generator=g)[:max_rows]
-            delta, x = delta[pick], x[pick]
+            delta, x, at = delta[pick], x[pick], at[pick]
         if len(delta) < num_leaves:
             raise ToEError(f"only {len(delta)} tokens sampled for {num_leaves} leaves: use more data, a higher "
                            "--sample_rate, or fewer --num_leaves")
@@ -325,7 +327,10 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
             "mean_state_norm": float(x.float().norm(dim=-1).mean()),
             "gate_init_routing_accuracy": float((routed == leaf).float().mean()),
         }
-        route_tensors[f"states.{layer}"] = x.half()
+        if settings.get("state_budget") is None:
+            route_tensors[f"states.{layer}"] = x.half()
+        else:  # under a disk budget the states stay in the shards alone: the route data says where (store.py)
+            route_tensors[f"rows.{layer}"] = at
         route_tensors[f"leaf.{layer}"] = leaf
         route_tensors[f"branches.{layer}"] = branch_table[leaf].to(torch.int8)
     times["tree_s"] = time.perf_counter() - t0

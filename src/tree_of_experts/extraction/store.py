@@ -13,7 +13,9 @@ it, all through :class:`Extraction`, so a file name or tensor key is spelled in 
                              injection layer alone with --cache_low_states); run.json's ``state_examples`` lists
                              the sample (null: every example)
     projector.safetensors    ``ridge.{layer}`` and ``trained.{layer}.*`` (the fusion maps)
-    route_data.safetensors   ``states.{layer}``, ``leaf.{layer}``, ``branches.{layer}`` (route labels, Stage A)
+    route_data.safetensors   ``states.{layer}``, ``leaf.{layer}``, ``branches.{layer}`` (route labels, Stage A);
+                             under a disk budget ``rows.{layer}`` (example, row) in place of the states, which
+                             the full shards hold already (:meth:`Extraction.route_data` gathers them)
     toe_config.json + toe_model.safetensors   the untrained plug-in (loadable as is)
 """
 
@@ -75,8 +77,40 @@ class Extraction:
         return load_tensors(self.path(PROJECTOR), CORRUPT)
 
     def route_data(self) -> dict[str, torch.Tensor]:
-        """Cached base states and their leaf/path labels per layer ({} when the folder has none)."""
-        return load_tensors(self.path(ROUTE), CORRUPT) if self.has(ROUTE) else {}
+        """Cached base states and their leaf/path labels per layer ({} when the folder has none); where the file
+        says only where each state sits in the shards (a disk budget's ``rows.{layer}``), the states are gathered
+        from them."""
+        data = load_tensors(self.path(ROUTE), CORRUPT) if self.has(ROUTE) else {}
+        refs = {int(k.split(".")[1]): data.pop(k) for k in [k for k in data if k.startswith("rows.")]}
+        if refs:
+            data.update(self._gathered_states(refs))
+        return data
+
+    def _gathered_states(self, refs: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``states.{layer}`` of each layer's (example, row) pairs ``refs``, read from the full shards (the base's
+        state at that layer, in the order given)."""
+        order = self.run()["layers"]
+        slots: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # example -> (layer, out rows, rows)
+        out = {}
+        for layer, at in refs.items():
+            if layer not in order:
+                raise ToEError(f"{self.path(ROUTE)} names layer {layer}, which the extraction did not capture: "
+                               f"{CORRUPT}")
+            for e in at[:, 0].unique().tolist():
+                idx = (at[:, 0] == e).nonzero()[:, 0]
+                slots.setdefault(e, []).append((layer, idx, at[idx, 1]))
+        seen = set()
+        for ex in self.iter_examples(set(slots), with_states=True):
+            e = int(ex["example"][0])
+            seen.add(e)
+            for layer, idx, rows in slots[e]:
+                h = ex[f"base.{order.index(layer)}"]
+                dst = out.setdefault(layer, torch.empty(len(refs[layer]), h.shape[1], dtype=h.dtype))
+                dst[idx] = h[rows]
+        if seen != set(slots):
+            raise ToEError(f"{self.folder}'s shards lack the states of example {min(set(slots) - seen)} that its "
+                           f"route data points to: {CORRUPT}")
+        return {route_key("states", layer): v for layer, v in out.items()}
 
     def shard_paths(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.folder, "shards", "shard-*.safetensors")))
