@@ -514,3 +514,28 @@ def test_the_time_record_adds_a_resumed_step_s_runs_and_restarts_a_redone_one(tm
     assert t["train/a"] == {"seconds": 15.0, "finished": True, "host": "h", "threads": 1}
     assert t["train/b"]["seconds"] == 10.0 and t["train/b"]["host"] is None  # mixed: shown, never calibrates
     assert t["train/c"]["seconds"] == 4.0
+
+
+def test_a_budgeted_row_samples_the_shared_capture_only_when_it_is_this_study_s(pair, tmp_path):
+    """A row whose `extract` options only bound the disk takes the shared extraction's capture when that one is
+    finished with every state and was captured from this study's pair, data and length; otherwise it captures its
+    own (a shared folder left from an edited config is done, so never rerun, and would be refused as a source)."""
+    from tree_of_experts.data import file_hash
+
+    rows = [{"name": "toe", "kind": "toe", "layers": [1]},
+            {"name": "toe-sampled", "kind": "toe", "layers": [1], "extract": {"state_tokens": 500}}]
+    s = Study(load_study(config(pair, tmp_path, rows=rows, compare=[])), str(tmp_path / "s"))
+    shared = s.extraction([1])
+    assert s.capture_source([1], {"state_tokens": 500}) is None  # nothing finished yet
+    os.makedirs(shared)
+    run = {"teacher": s.teacher, "base": s.base, "data_sha256": file_hash(s.train_data),
+           "max_length": s.cfg.data.max_length, "state_examples": None}
+    for name, record in (("run.json", run), ("build.json", {})):
+        with open(os.path.join(shared, name), "w") as f:
+            json.dump(record, f)
+    assert s.capture_source([1], {"state_tokens": 500}) == shared
+    assert s.capture_source([1], {"state_tokens": 500, "num_leaves": 4}) is None  # not a budget alone
+    for stale in ({"data_sha256": "0" * 64}, {"max_length": 7}, {"state_examples": [0, 1]}):
+        with open(os.path.join(shared, "run.json"), "w") as f:
+            json.dump({**run, **stale}, f)
+        assert s.capture_source([1], {"state_tokens": 500}) is None, stale

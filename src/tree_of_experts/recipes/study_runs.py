@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 
+from ..data import file_hash
 from ..errors import ToEError
 from ..files import atomic_write_json, read_json
 from ..folders import check_same_build
@@ -120,7 +121,17 @@ class StudyRuns:
         if not options or not set(options) <= BUDGET_OPTIONS or "reuse_capture" in self.cfg.extract:
             return None
         shared = Extraction(self.extraction(layers))
-        return shared.folder if shared.has("build.json") and shared.state_examples() is None else None
+        if not (shared.has("build.json") and shared.state_examples() is None):
+            return None
+        run = shared.run()  # a shared extraction left from another config (its step is done, so never rerun)
+        now = {"teacher": self.teacher, "base": self.base, "data_sha256": file_hash(self.train_data),
+               "max_length": self.cfg.data.max_length}
+        stale = sorted(k for k, v in now.items() if run.get(k) != v)
+        if stale:
+            log.info("study: %s was captured with another %s: the budgeted extraction captures its own",
+                     shared.folder, ", ".join(stale))
+            return None
+        return shared.folder
 
     def reuses_capture(self, layers: list[int], options: dict | None) -> bool:
         """Whether an extraction step samples the shared capture: as its finished summary records it, or, pending,
