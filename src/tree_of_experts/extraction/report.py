@@ -41,7 +41,8 @@ def summary_markdown(s: dict) -> str:
                       f"to their own leaf; mean ‖δ‖ {c['mean_delta_norm']:.3g} vs ‖h‖ {c['mean_state_norm']:.3g}."]
     cap = s["capture"]
     if cap.get("reused_from"):
-        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`): the teacher did not run."]
+        lines += ["", f"States taken from the capture in {cap['reused_from']} (`--reuse_capture`): the teacher did not "
+                      "run for the shards this run wrote."]
     if cap.get("tokens"):
         lines += ["", f"Capture: {cap['tokens_per_s']:.1f} tokens/s vs {cap['teacher_forward_tokens_per_s']:.1f} "
                       f"for the teacher forward alone (ratio {cap['ratio_vs_teacher_forward']:.2f})."]
