@@ -83,20 +83,29 @@ def layer_subset(source: str, shard: str, which: list[int], layers: list[int]) -
         raise ToEError(f"--reuse_capture {source} lacks shards/{shard}: finish that extraction first (rerun its "
                        "`toe extract` command), or extract without --reuse_capture")
     keys = shard_keys(path)  # (an unreadable header: one line naming the fix)
-    if "teacher.0" not in keys:  # a light shard: the base's state of the lowest asked layer, where it was kept
-        low = min(range(len(which)), key=lambda j: layers[j])
-        keep = {f"base.{which[low]}": f"base.{low}"} if f"base.{which[low]}" in keys else {}
-    else:
-        keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")}
-        lost = sorted(set(keep) - keys)
-        if lost:
-            raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
-    names = {k: keep.get(k, k) for k in keys if not k.startswith(("base.", "teacher.")) or k in keep}
+    full = "teacher.0" in keys
+    low = min(range(len(which)), key=lambda j: layers[j])
+    if not full and f"base.{which[low]}" not in keys:  # a light shard kept without the low state
+        low = None
+    names = _kept_keys(path, keys, which, full, low)
     try:
         with safe_open(path, "pt") as f:
             return {name: f.get_tensor(k) for k, name in names.items()}
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a damaged file)
         raise ToEError(f"{path} is unreadable ({e}): {CORRUPT_SHARD}") from None
+
+
+def _kept_keys(path: str, keys: set[str], which: list[int], full: bool, low: int | None) -> dict[str, str]:
+    """{key in the source shard at PATH: key in this extraction's} of what a reused shard keeps: every token field,
+    and the asked pairs' states (``which``: their indices among the source's, renumbered 0..) — every pair's base
+    and teacher states for a ``full`` shard, for a light one the base's state at pair ``low`` alone (None: none).
+    A state asked for that the shard (``keys``) lacks is refused in one line."""
+    keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")} if full else \
+        ({f"base.{which[low]}": f"base.{low}"} if low is not None else {})
+    lost = sorted(set(keep) - keys)
+    if lost:
+        raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
+    return {k: keep.get(k, k) for k in keys if not k.startswith(("base.", "teacher.")) or k in keep}
 
 
 def source_index(source: str, examples: list[int]) -> dict[int, tuple[str, int, int]]:
@@ -132,16 +141,10 @@ def resampled_shard(index: dict[int, tuple[str, int, int]], examples: list[int],
     states in a ``full`` shard, in a light one the base's state at pair ``low`` alone (None: none)."""
     from safetensors import safe_open
 
-    keep = {f"{side}.{i}": f"{side}.{j}" for j, i in enumerate(which) for side in ("base", "teacher")} if full else \
-        ({f"base.{which[low]}": f"base.{low}"} if low is not None else {})
     cols: dict[str, list[torch.Tensor]] = {}
     for path in dict.fromkeys(index[i][0] for i in examples):  # each source shard opened once, the order kept
         with safe_open(path, "pt") as f:
-            names = {k: keep.get(k, k) for k in f.keys()
-                     if k != "offsets" and (not k.startswith(("base.", "teacher.")) or k in keep)}
-            lost = set(keep) - set(names)
-            if lost:
-                raise ToEError(f"{path} lacks {sorted(lost)[0]}: {CORRUPT_SHARD}")
+            names = {k: v for k, v in _kept_keys(path, set(f.keys()), which, full, low).items() if k != "offsets"}
             for pos, i in enumerate(examples):
                 if index[i][0] != path:
                     continue
