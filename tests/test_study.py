@@ -253,7 +253,9 @@ def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
     r = study(cfg, str(tmp_path / "s"), rows=["ctl"], targets=["ce"])
     assert set(r["ran"]) == {"score/ce/anchors", "extract/extract-l1", "train/ctl", "score/ce/ctl"}
     rows = {x["name"]: x for x in table(tmp_path / "s")["rows"]}
-    assert "toe" not in rows and "Not scored yet: toe, lora" in table(tmp_path / "s")["verdict"]
+    verdict = table(tmp_path / "s")["verdict"]
+    assert "toe" not in rows and "Not scored yet: toe, lora" in verdict
+    assert "The trained row ctl closes" in verdict and "close between" not in verdict  # one row: no range
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--rows", "nope"]) == 2
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--targets", "code"]) == 2
     assert "this study scores ce, acc" in capsys.readouterr().err

@@ -128,8 +128,10 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
         if trained:
             lo, hi = min(trained, key=lambda r: trained[r]["point"]), max(trained, key=lambda r: trained[r]["point"])
             seeds = sorted({ce["rows"][r]["seeds"] for r in trained})
-            parts.append(f"Trained rows close between {pct(trained[lo]['point'])} ({lo}) and "
-                         f"{pct(trained[hi]['point'])} ({hi}) of the CE gap between the base and the teacher "
+            span = (f"The trained row {lo} closes {pct(trained[lo]['point'])}" if lo == hi else
+                    f"Trained rows close between {pct(trained[lo]['point'])} ({lo}) and "
+                    f"{pct(trained[hi]['point'])} ({hi})")
+            parts.append(f"{span} of the CE gap between the base and the teacher "
                          f"({'/'.join(map(str, seeds))} seed(s) per row, {ce['items']} items).")
     names = {"ce": "CE on the teacher's answers", "acc": "accuracy",
              **{t: f"CE on the teacher's {t} answers" for t in study.cfg.scoring.answer_sets}}
