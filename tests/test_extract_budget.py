@@ -308,3 +308,51 @@ def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):
     with pytest.raises(ToEError, match="kept the states of a sample of its examples only") as e:
         run(experts, tmp_path / "again", reuse_capture=str(tmp_path / "fresh"), **kw)
     assert "\n" not in str(e.value)
+
+
+def one_pass_rows(ex: Extraction, heldout: set[int], signal, sample_rate: float, max_rows: int, seed: int):
+    """The clustered rows as the build gathered them before rows.py: every sampled training token, then max_rows."""
+    g = torch.Generator().manual_seed(seed)
+    d, x, at = [], [], []
+    for e in ex.iter_examples(with_states=True):
+        if int(e["example"][0]) in heldout:
+            continue
+        keep = e["valid"].bool() & (torch.rand(len(e["valid"]), generator=g) < sample_rate)
+        d.append(signal(0, e["teacher.0"][keep].float(), e["base.0"][keep].float()))
+        x.append(e["base.0"][keep])
+        at.append(torch.stack([e["example"][keep], keep.nonzero()[:, 0]], 1))
+    d, x, at = torch.cat(d), torch.cat(x), torch.cat(at)
+    if len(d) > max_rows:
+        pick = torch.randperm(len(d), generator=g)[:max_rows]
+        d, x, at = d[pick], x[pick], at[pick]
+    return d, x, at
+
+
+@pytest.mark.parametrize("sample_rate, max_rows", [(1.0, 10**6), (0.5, 10**6), (0.7, 300), (1.0, 40)])
+def test_the_clustered_rows_are_a_single_pass_s_bit_for_bit_in_bounded_memory(big, sample_rate, max_rows):
+    """Two passes (draws, then only the picked rows' δ and h) give the rows one pass over every sampled token gave:
+    the same δ, h and (example, row), in the same order, with and without the max_rows cap."""
+    from tree_of_experts.extraction.fusion import extraction_signal
+    from tree_of_experts.extraction.rows import sampled_rows
+
+    ex = Extraction(str(big[0] / "ex"))
+    heldout = set(ex.manifest()["counts"]["heldout"])
+    signal = extraction_signal(ex, [0])[0]
+    want = one_pass_rows(ex, heldout, signal, sample_rate, max_rows, seed=3)
+    got = sampled_rows(ex, heldout, 1, signal, sample_rate, max_rows, seed=3)
+    assert len(want[0]) == len(got[0][0]) == min(max_rows, len(want[0])) and len(want[0]) > 8
+    for w, (g,) in zip(want, got):
+        assert w.dtype == g.dtype and torch.equal(w, g)
+
+
+def test_the_fusion_map_s_examples_are_read_from_the_shards_as_stored(big):
+    """The fusion maps' training reads its examples one at a time from their shards: in the order and with the
+    values that loading the shards whole gives, only the keys asked for."""
+    ex = Extraction(str(big[0] / "ex"))
+    which = set(ex.state_examples()[::2])
+    keys = ("input_ids", "loss_mask", "valid", "teacher.0")
+    lazy = ex.example_slices(which, keys)
+    whole = list(ex.iter_examples(which, with_states=True))
+    assert len(lazy) == len(whole) == len(which) and lazy.examples == [int(e["example"][0]) for e in whole]
+    for e, w in zip(lazy[1:] + [lazy[0]], whole[1:] + whole[:1]):  # a slice and an index read the same examples
+        assert set(e) == set(keys) and all(torch.equal(e[k], w[k]) for k in keys)

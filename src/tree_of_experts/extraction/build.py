@@ -35,6 +35,7 @@ from .fusion import (
     train_fusion_maps,
 )
 from .report import summary_markdown
+from .rows import sampled_rows
 from .store import Extraction, shard_record
 
 
@@ -221,8 +222,11 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
 
     # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
     t0 = time.perf_counter()
-    train_data = list(extraction.iter_examples(train_ids, with_states=True))
-    dev_data = list(extraction.iter_examples(heldout, with_states=True)) if heldout else []
+    # the examples stay in their shards, read a batch at a time: the step's memory does not grow with the sample
+    keys = ("input_ids", "loss_mask", "valid", *(f"teacher.{j}" for j in range(len(layers))),
+            *(("teacher_nll",) if kd else ()))
+    train_data = extraction.example_slices(train_ids, keys)
+    dev_data = extraction.example_slices(heldout, keys) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
     steps = fusion.projector_epochs * -(-len(train_ids) // 4)  # the corpus's, on a state sample too (4 a step)
     losses, pick = train_fusion_maps(base_model, layers, maps, train_data, pad, steps, fusion.projector_lr, 4, seed,
@@ -259,7 +263,6 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
         counts.update(state_examples=len(keep), state_tokens=sum(len(e.ids) for e in examples if e.index in keep))
     if plan is not None:
         fit["disk_plan"] = plan
-    del train_data, dev_data  # the sample's states out of memory before the clustering's rows come in
     return build_tree(out, out, base_model, tree, pairing, counts, maps, [w for w, _ in ridge], fit, times, seed)
 
 
@@ -274,34 +277,19 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
     gate_rank, top_k, selection = tree.gate_rank, tree.top_k, tree.selection
     # 4. Expert signal δ on sampled training tokens -> tree -> bank; gate from the geometry.
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
-    deltas: list[list[torch.Tensor]] = [[] for _ in layers]
-    states: list[list[torch.Tensor]] = [[] for _ in layers]
-    where: list[list[torch.Tensor]] = [[] for _ in layers]  # (example, row) of each clustered token
     maps.cpu()  # shard rows live on the CPU
     signal = expert_signal(tree.signal, maps, [w.cpu() for w in ridge], tree.signal_lambda)
     signal_name = "trained fusion map delta" if tree.signal == "fusion_map" else f"ridge step, λ = {tree.signal_lambda}"
     heldout = set(counts["heldout"])
-    with torch.no_grad():
-        for ex in Extraction(source).iter_examples(with_states=True):
-            if int(ex["example"][0]) in heldout:
-                continue
-            keep = ex["valid"].bool() & (torch.rand(len(ex["valid"]), generator=g) < sample_rate)
-            for j in range(len(layers)):
-                h = ex[f"base.{j}"][keep].float()
-                deltas[j].append(signal(j, ex[f"teacher.{j}"][keep].float(), h))
-                states[j].append(ex[f"base.{j}"][keep])
-                where[j].append(torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1))
+    delta_rows, state_rows, where_rows = sampled_rows(Extraction(source), heldout, len(layers),
+                                                       signal, sample_rate, max_rows, seed)
     config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)
     plugin = ToEPlugin(config)
     route_tensors, clusters = {}, {}
     _, branch_table = path_table(shape, num_leaves)
     for j, layer in enumerate(layers):
-        delta, x, at = torch.cat(deltas[j]), torch.cat(states[j]), torch.cat(where[j])
-        if len(delta) > max_rows:
-            pick = torch.randperm(len(delta), generator=g)[:max_rows]
-            delta, x, at = delta[pick], x[pick], at[pick]
+        delta, x, at = delta_rows[j], state_rows[j], where_rows[j]
         if len(delta) < num_leaves:
             raise ToEError(f"only {len(delta)} tokens sampled for {num_leaves} leaves: use more data, a higher "
                            "--sample_rate, or fewer --num_leaves")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ def signal_of(summary: dict) -> tuple[str, float]:
 
 
 # -- training and scoring them ------------------------------------------------
-def batches(examples: list[dict], size: int) -> Iterator[list[dict]]:
+def batches(examples: Sequence, size: int) -> Iterator[list]:
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
 
@@ -171,7 +171,7 @@ def response_nll(base, b: dict[str, torch.Tensor], dev) -> torch.Tensor:
     return token_nll(logits, b["input_ids"][:, -len(keep):].to(dev), b["loss_mask"][:, -len(keep):].to(dev))
 
 
-def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None,
+def example_ce(base, layers: list[int], data: Sequence[dict], pad_id: int, delta_fn=None,
                batch_size: int = 4) -> list[tuple[float, int]]:
     """(NLL sum, token count) over each example's response tokens, optionally with ``delta_fn(j, u, h) -> Δ``
     injected at injection layer j (u: the example's cached teacher states)."""
@@ -191,15 +191,15 @@ def example_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=
     return out
 
 
-def mean_ce(base, layers: list[int], data: list[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
+def mean_ce(base, layers: list[int], data: Sequence[dict], pad_id: int, delta_fn=None, batch_size: int = 4) -> float:
     """Token-weighted mean response CE (see :func:`example_ce`)."""
     per = example_ce(base, layers, data, pad_id, delta_fn, batch_size)
     return sum(s for s, _ in per) / max(sum(n for _, n in per), 1)
 
 
 def train_fusion_maps(
-    base, layers: list[int], maps: torch.nn.ModuleList, data: list[dict], pad_id: int, steps: int, lr: float,
-    batch_size: int, seed: int, dev_data: list[dict] | None = None,
+    base, layers: list[int], maps: torch.nn.ModuleList, data: Sequence[dict], pad_id: int, steps: int, lr: float,
+    batch_size: int, seed: int, dev_data: Sequence[dict] | None = None,
 ) -> tuple[list[float], dict | None]:
     """Trains A_j(u, h) injected at each layer to lower the base's response CE with cached teacher states:
     ``steps`` optimiser steps cycling over ``data`` (a fresh order each pass; a state sample trains as many steps as
@@ -224,9 +224,10 @@ def train_fusion_maps(
         for _ in range(passes):
             maps.train()  # (a pick's held-out scoring left them in eval mode)
             order = torch.randperm(len(data), generator=g).tolist()
-            for chunk in batches([data[i] for i in order], batch_size):
+            for idx in batches(order, batch_size):
                 if len(losses) == steps:  # the last pass over a sample stops at the step count
                     break
+                chunk = [data[i] for i in idx]  # (a lazy sequence reads only this batch's examples)
                 b = collate(chunk, len(layers), pad_id)
                 fns = {}
                 for j, layer in enumerate(layers):

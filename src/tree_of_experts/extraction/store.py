@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -151,12 +152,15 @@ class Extraction:
         """The shards' tensors, one shard at a time (only full shards, with every state, when ``with_states``).
         A missing or cut shard the manifest lists is refused first (every reader would otherwise see less data
         without a word: `toe rebuild`, `toe oracle`, `--reuse_capture`, training targets)."""
+        for path in self._checked_paths(with_states):
+            yield load_tensors(path, CORRUPT_SHARD)
+
+    def _checked_paths(self, with_states: bool) -> list[str]:
         damaged = self.damaged_shards()
         if damaged:
             shown = ", ".join(damaged[:3]) + (", ..." if len(damaged) > 3 else "")
             raise ToEError(f"{self.folder} lacks or holds damaged {shown}: {REBUILT_BY}")
-        for path in self.iter_shard_paths(with_states):
-            yield load_tensors(path, CORRUPT_SHARD)
+        return list(self.iter_shard_paths(with_states))
 
     def light_keys(self) -> set[str] | None:
         """The tensor keys of the light shards (None when every shard is full)."""
@@ -164,6 +168,22 @@ class Extraction:
             if not has_states(path):
                 return shard_keys(path)
         return None
+
+    def example_slices(self, which: set[int] | None, keys: Iterable[str]) -> ExampleSlices:
+        """The examples that hold full states (those in ``which`` when given), in the shards' order as
+        :meth:`iter_examples` gives them, each read from its shard only when indexed and only its ``keys``
+        (:class:`ExampleSlices`). A missing or cut shard is refused first."""
+        from safetensors import safe_open
+
+        index, examples = [], []
+        for path in self._checked_paths(with_states=True):
+            with safe_open(path, "pt") as f:
+                offsets, example = f.get_tensor("offsets").tolist(), f.get_tensor("example")
+            for a, b in itertools.pairwise(offsets):
+                if which is None or int(example[a]) in which:
+                    index.append((path, a, b))
+                    examples.append(int(example[a]))
+        return ExampleSlices(index, tuple(keys), examples)
 
     def iter_examples(self, which: set[int] | None = None,
                       with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
@@ -176,6 +196,31 @@ class Extraction:
                 if which is not None and int(shard["example"][a]) not in which:
                     continue
                 yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+
+
+class ExampleSlices(Sequence):
+    """An extraction's examples read one at a time from their shards (``index``: (shard path, first row, end row)
+    of each; only ``keys``): whatever the sample's size, a reader holds one example's tensors, not the sample's. The
+    fusion maps' training reads its examples this way, in a fresh order each pass (each read maps the shard and copies
+    the example's rows; the bytes a training step reads are small beside its forward)."""
+
+    def __init__(self, index: list[tuple[str, int, int]], keys: tuple[str, ...], examples: list[int]):
+        self.index, self.keys, self.examples = index, keys, examples  # examples: each one's example number
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        from safetensors import SafetensorError, safe_open
+
+        path, a, b = self.index[i]
+        try:
+            with safe_open(path, "pt") as f:
+                return {k: f.get_slice(k)[a:b] for k in self.keys}
+        except (SafetensorError, OSError) as e:
+            raise ToEError(f"{path} is unreadable ({str(e).strip() or type(e).__name__}): {CORRUPT_SHARD}") from None
 
 
 def shard_record(path: str) -> dict[str, Any]:

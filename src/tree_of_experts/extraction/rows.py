@@ -1,0 +1,62 @@
+"""The tokens the tree is clustered from, gathered in memory bounded by ``--max_rows``, not by the sample.
+
+Each training example with states draws which of its valid tokens are sampled (``--sample_rate``); when more than
+``max_rows`` are, each layer keeps ``max_rows`` of them drawn at random. Two passes over the shards: the first reads
+each example's ``valid`` column alone and makes the draws, the second computes the expert signal δ of an example's
+sampled tokens and keeps only the picked rows, written straight to their place. The draws are the ones a single
+pass gathering every sampled token makes (the same generator, in the same order), and δ is computed on the same
+rows at a time, so the rows are bit-identical to that; only their memory differs: R rows of δ (fp32), h (fp16) and
+where they came from per layer (R = min(max_rows, sampled tokens)), plus one shard, instead of every sampled token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .store import Extraction
+
+
+def sampled_rows(extraction: Extraction, heldout: set[int], num_layers: int, signal, sample_rate: float,
+                   max_rows: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per injection layer j: δ = ``signal(j, u, h)`` (R, D_B), the base's state h (R, D_B, as stored) and the
+    (example, row) of each clustered token (R, 2), from the training examples (not ``heldout``) with states."""
+    g = torch.Generator().manual_seed(seed)
+    valid = extraction.example_slices(None, ("valid",))
+    train = [k for k, e in enumerate(valid.examples) if e not in heldout]
+    keeps = []
+    for k in train:
+        v = valid[k]["valid"].bool()
+        keeps.append(v & (torch.rand(len(v), generator=g) < sample_rate))
+    n = sum(int(m.sum()) for m in keeps)
+    # each layer's picked rows, sorted (where they are among the n sampled tokens) and where each goes in the output
+    picks = []
+    for _ in range(num_layers):
+        pick = torch.randperm(n, generator=g)[:max_rows] if n > max_rows else torch.arange(n)
+        rows, place = pick.sort()
+        picks.append((rows, place))
+    r = min(n, max_rows)
+    deltas: list[torch.Tensor | None] = [None] * num_layers
+    states: list[torch.Tensor | None] = [None] * num_layers
+    where = [torch.empty(r, 2, dtype=torch.long) for _ in range(num_layers)]
+    wanted = {valid.examples[k]: keep for k, keep in zip(train, keeps)}
+    start = 0
+    with torch.no_grad():
+        for ex in extraction.iter_examples(set(wanted), with_states=True):
+            keep = wanted[int(ex["example"][0])]
+            m = int(keep.sum())
+            for j, (rows, place) in enumerate(picks):
+                lo, hi = torch.searchsorted(rows, start), torch.searchsorted(rows, start + m)
+                if lo == hi:
+                    continue
+                local, dest = rows[lo:hi] - start, place[lo:hi]
+                h = ex[f"base.{j}"][keep]
+                d = signal(j, ex[f"teacher.{j}"][keep].float(), h.float())  # every sampled row: as one pass computes it
+                if deltas[j] is None:
+                    deltas[j] = torch.empty(r, d.shape[1], dtype=d.dtype)
+                    states[j] = torch.empty(r, h.shape[1], dtype=h.dtype)
+                deltas[j][dest], states[j][dest] = d[local], h[local]
+                where[j][dest] = torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1)[local].long()
+            start += m
+    if deltas[0] is None:  # nothing sampled: empty rows (the caller refuses too few tokens for the leaves)
+        return [torch.zeros(0, 1)] * num_layers, [torch.zeros(0, 1)] * num_layers, where
+    return deltas, states, where
