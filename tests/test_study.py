@@ -282,13 +282,16 @@ def test_learning_curves_score_the_snapshots_on_the_tuning_rows(pair, tmp_path):
     rows = [json.loads(x) for x in open(FIXTURE)][0:8]
     tuning = tmp_path / "tuning.jsonl"
     tuning.write_text("".join(json.dumps({**r, "trace": r["answer"].split("####")[0].strip()}) + "\n" for r in rows))
-    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]},
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2},
                                        {"name": "lora", "kind": "lora", "rank": 2, "layers": [1]}], compare=[],
-                 data__tuning_answers=str(tuning), scoring__curve_every=2)
+                 data__tuning_answers=str(tuning), scoring__curve_every=2, scoring__curve_seeds=[0])
     r = study(cfg, str(tmp_path / "s"))
-    assert {"curve/toe", "curve/lora"} <= set(r["ran"])
+    assert {"curve/toe", "curve/lora"} <= set(r["ran"]) and "train/toe-seed1" in r["ran"]
     curves = json.load(open(tmp_path / "s" / "table.json"))["curves"]
     assert [p["step"] for p in curves["toe"]] == [2, 4] and [p["step"] for p in curves["lora"]] == [2, 4]
+    runs = {p.name: p for p in (tmp_path / "s" / "work" / "train").glob("*/*")}
+    assert "toe-seed1" not in curves and (runs["toe"] / "snapshots").is_dir()  # seed 1 kept no snapshots
+    assert not (runs["toe-seed1"] / "snapshots").exists()
     assert all(0 < p["ce"] < 100 for c in curves.values() for p in c) and (tmp_path / "s" / "curves-dev.png").exists()
     with pytest.raises(ToEError, match="data.tuning"):
         study(config(pair, tmp_path, data__tuning=None, scoring__curve_every=2), str(tmp_path / "t"))

@@ -177,6 +177,13 @@ class Scoring:
     curve_every: int = field(default=0, metadata={"help": "learning curves: every trained row keeps its weights every "
                                                           "this many steps, each scored by CE on the teacher's answers "
                                                           "to the tuning rows (data.tuning); 0: none"})
+    curve_seeds: list[int] | None = field(default=None, metadata={
+        "help": "the seeds whose learning curves are kept and scored (e.g. [0]: a curve per row, not per seed); "
+                "default: every seed"})
+
+    def curves(self, seed: int) -> bool:
+        """Whether the training of ``seed`` keeps snapshots and gets a learning curve."""
+        return bool(self.curve_every) and (self.curve_seeds is None or seed in self.curve_seeds)
 
 
 @dataclass
@@ -246,6 +253,9 @@ class StudyConfig:
             raise ToEError("scoring.curve_every scores the learning curves on the tuning rows: give data.tuning")
         if self.scoring.curve_every < 0:
             raise ToEError(f"scoring.curve_every {self.scoring.curve_every}: give a step count >= 1, or 0 for none")
+        if any(k < 0 for k in self.scoring.curve_seeds or []):
+            raise ToEError(f"scoring.curve_seeds {self.scoring.curve_seeds}: seeds are 0, 1, ...: give those whose "
+                           "curves to keep")
         for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
             check_options(group, getattr(self, group), fn)
             k = getattr(self, group).get("gradient_accumulation_steps", 1)
