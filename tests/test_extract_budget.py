@@ -210,6 +210,8 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     h, _, hh, _ = layer_rows(ex, 0, signal, heldout)
     valid = {int(e["example"][0]): int(e["valid"].sum()) for e in ex.iter_examples()}
     assert len(h) == sum(valid[i] for i in sample - heldout) and len(hh) == sum(valid[i] for i in heldout)
+    capped, _, held, _ = layer_rows(ex, 0, signal, heldout, max_rows=50)  # a predictor's fit: at most max_rows
+    assert len(capped) == 50 and torch.equal(held, hh) and all((h == r).all(1).any() for r in capped)
     # a rebuild reads the sample too
     rebuilt = rebuild(str(d / "ex"), str(tmp_path / "re"), num_leaves=4, gate_rank=8)
     assert rebuilt["state_sample"] == big[2]["state_sample"]
@@ -339,7 +341,7 @@ def test_the_clustered_rows_are_a_single_pass_s_bit_for_bit_in_bounded_memory(bi
     heldout = set(ex.manifest()["counts"]["heldout"])
     signal = extraction_signal(ex, [0])[0]
     want = one_pass_rows(ex, heldout, signal, sample_rate, max_rows, seed=3)
-    got = sampled_rows(ex, heldout, 1, signal, sample_rate, max_rows, seed=3)
+    got = sampled_rows(ex, heldout, [0], signal, sample_rate, max_rows, seed=3)
     assert len(want[0]) == len(got[0][0]) == min(max_rows, len(want[0])) and len(want[0]) > 8
     for w, (g,) in zip(want, got):
         assert w.dtype == g.dtype and torch.equal(w, g)

@@ -281,7 +281,7 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
     signal = expert_signal(tree.signal, maps, [w.cpu() for w in ridge], tree.signal_lambda)
     signal_name = "trained fusion map delta" if tree.signal == "fusion_map" else f"ridge step, λ = {tree.signal_lambda}"
     heldout = set(counts["heldout"])
-    delta_rows, state_rows, where_rows = sampled_rows(Extraction(source), heldout, len(layers),
+    delta_rows, state_rows, where_rows = sampled_rows(Extraction(source), heldout, list(range(len(layers))),
                                                        signal, sample_rate, max_rows, seed)
     config = new_config(base_model, layers=layers, num_leaves=num_leaves, shape=shape, selection=selection,
                         top_k=top_k, gate_rank=gate_rank, teacher_model=teacher, teacher_layers=teacher_layers)

@@ -8,7 +8,8 @@ training tokens and measures it on its held-out examples:
     R²(layer) = 1 − Σ‖δ − δ̂(h)‖² / Σ‖δ − δ̄‖²        (held-out tokens; δ̄ the training mean: "after the mean")
 
 with δ̂ a ridge map (closed form) and a small MLP (one hidden layer, early-stopped on a slice of the training
-tokens). `toe oracle` then injects δ̂(h) in place of δ and scores CE: the CE any teacher-free selection could reach
+tokens), each fitted on at most ``FIT_ROWS`` training tokens drawn at random (the memory of a fit does not grow with
+the extraction). `toe oracle` then injects δ̂(h) in place of δ and scores CE: the CE any teacher-free selection could reach
 with that predictor. If it sits at the static-mean row (the mean δ added everywhere), routing cannot help at this
 scale; if it sits near O1 (the live teacher's δ), a better gate could.
 """
@@ -18,9 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .rows import sampled_rows
 from .store import Extraction
 
 MLP_HIDDEN = 512
+FIT_ROWS = 200_000  # training tokens a predictor is fitted on at most (drawn at random, as the clustering's max_rows)
 
 
 class Predictor(nn.Module):
@@ -36,20 +39,20 @@ class Predictor(nn.Module):
         return self.net((h.float() - self.mean) / self.std)
 
 
-def layer_rows(extraction: Extraction, j: int, signal, heldout: set[int]) -> tuple[torch.Tensor, ...]:
+def layer_rows(extraction: Extraction, j: int, signal, heldout: set[int], max_rows: int = FIT_ROWS,
+               seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(h_train, δ_train, h_held, δ_held) at injection layer j: every valid token (not the attention sink), split by
-    the extraction's held-out examples. ``signal(j, u, h)`` is the expert signal the bank was built from."""
-    parts: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    the extraction's held-out examples; at most ``max_rows`` training tokens, drawn at random (rows.py: memory
+    bounded by them, whatever the sample). ``signal(j, u, h)`` is the expert signal the bank was built from."""
+    d, h, _ = sampled_rows(extraction, heldout, [j], signal, 1.0, max_rows, seed)
+    held_h, held_d = [], []
     with torch.no_grad():
-        for ex in extraction.iter_examples(with_states=True):  # under a disk budget: the sample
+        for ex in extraction.iter_examples(heldout, with_states=True) if heldout else ():
             keep = ex["valid"].bool()
-            h, u = ex[f"base.{j}"][keep].float(), ex[f"teacher.{j}"][keep].float()
-            side = parts[int(ex["example"][0]) in heldout]
-            side[0].append(h)
-            side[1].append(signal(j, u[None], h[None])[0].float())
-    cat = lambda xs, d: torch.cat(xs) if xs else torch.zeros(0, d)  # noqa: E731
-    d = parts[False][0][0].shape[-1]
-    return cat(parts[False][0], d), cat(parts[False][1], d), cat(parts[True][0], d), cat(parts[True][1], d)
+            held_h.append(ex[f"base.{j}"][keep].float())
+            held_d.append(signal(j, ex[f"teacher.{j}"][keep].float(), held_h[-1]).float())
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, h[0].shape[-1])  # noqa: E731
+    return h[0].float(), d[0].float(), cat(held_h), cat(held_d)
 
 
 def r2(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor) -> float:

@@ -16,10 +16,11 @@ import torch
 from .store import Extraction
 
 
-def sampled_rows(extraction: Extraction, heldout: set[int], num_layers: int, signal, sample_rate: float,
-                   max_rows: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Per injection layer j: δ = ``signal(j, u, h)`` (R, D_B), the base's state h (R, D_B, as stored) and the
-    (example, row) of each clustered token (R, 2), from the training examples (not ``heldout``) with states."""
+def sampled_rows(extraction: Extraction, heldout: set[int], layers: list[int], signal, sample_rate: float,
+                 max_rows: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per injection layer j in ``layers`` (indices among the extraction's): δ = ``signal(j, u, h)`` (R, D_B), the
+    base's state h (R, D_B, as stored) and the (example, row) of each token (R, 2), from the training examples (not
+    ``heldout``) with states. The predictability fit reads its training tokens the same way (one layer at a time)."""
     g = torch.Generator().manual_seed(seed)
     valid = extraction.example_slices(None, ("valid",))
     train = [k for k, e in enumerate(valid.examples) if e not in heldout]
@@ -30,33 +31,33 @@ def sampled_rows(extraction: Extraction, heldout: set[int], num_layers: int, sig
     n = sum(int(m.sum()) for m in keeps)
     # each layer's picked rows, sorted (where they are among the n sampled tokens) and where each goes in the output
     picks = []
-    for _ in range(num_layers):
+    for _ in layers:
         pick = torch.randperm(n, generator=g)[:max_rows] if n > max_rows else torch.arange(n)
         rows, place = pick.sort()
         picks.append((rows, place))
     r = min(n, max_rows)
-    deltas: list[torch.Tensor | None] = [None] * num_layers
-    states: list[torch.Tensor | None] = [None] * num_layers
-    where = [torch.empty(r, 2, dtype=torch.long) for _ in range(num_layers)]
+    deltas: list[torch.Tensor | None] = [None] * len(layers)
+    states: list[torch.Tensor | None] = [None] * len(layers)
+    where = [torch.empty(r, 2, dtype=torch.long) for _ in layers]
     wanted = {valid.examples[k]: keep for k, keep in zip(train, keeps)}
     start = 0
     with torch.no_grad():
         for ex in extraction.iter_examples(set(wanted), with_states=True):
             keep = wanted[int(ex["example"][0])]
             m = int(keep.sum())
-            for j, (rows, place) in enumerate(picks):
+            for i, (j, (rows, place)) in enumerate(zip(layers, picks)):
                 lo, hi = torch.searchsorted(rows, start), torch.searchsorted(rows, start + m)
                 if lo == hi:
                     continue
                 local, dest = rows[lo:hi] - start, place[lo:hi]
                 h = ex[f"base.{j}"][keep]
                 d = signal(j, ex[f"teacher.{j}"][keep].float(), h.float())  # every sampled row: as one pass computes it
-                if deltas[j] is None:
-                    deltas[j] = torch.empty(r, d.shape[1], dtype=d.dtype)
-                    states[j] = torch.empty(r, h.shape[1], dtype=h.dtype)
-                deltas[j][dest], states[j][dest] = d[local], h[local]
-                where[j][dest] = torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1)[local].long()
+                if deltas[i] is None:
+                    deltas[i] = torch.empty(r, d.shape[1], dtype=d.dtype)
+                    states[i] = torch.empty(r, h.shape[1], dtype=h.dtype)
+                deltas[i][dest], states[i][dest] = d[local], h[local]
+                where[i][dest] = torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1)[local].long()
             start += m
     if deltas[0] is None:  # nothing sampled: empty rows (the caller refuses too few tokens for the leaves)
-        return [torch.zeros(0, 1)] * num_layers, [torch.zeros(0, 1)] * num_layers, where
+        return [torch.zeros(0, 1)] * len(layers), [torch.zeros(0, 1)] * len(layers), where
     return deltas, states, where
