@@ -312,42 +312,66 @@ def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def one_pass_rows(ex: Extraction, heldout: set[int], signal, sample_rate: float, max_rows: int, seed: int):
+def one_pass_rows(ex, heldout: set[int], layers: int, signal, sample_rate: float, max_rows: int, seed: int):
     """The clustered rows as the build gathered them before rows.py: every sampled training token, then max_rows."""
     g = torch.Generator().manual_seed(seed)
-    d, x, at = [], [], []
+    d, x, at = [[] for _ in range(layers)], [[] for _ in range(layers)], [[] for _ in range(layers)]
     for e in ex.iter_examples(with_states=True):
         if int(e["example"][0]) in heldout:
             continue
         keep = e["valid"].bool() & (torch.rand(len(e["valid"]), generator=g) < sample_rate)
-        d.append(signal(0, e["teacher.0"][keep].float(), e["base.0"][keep].float()))
-        x.append(e["base.0"][keep])
-        at.append(torch.stack([e["example"][keep], keep.nonzero()[:, 0]], 1))
-    d, x, at = torch.cat(d), torch.cat(x), torch.cat(at)
-    if len(d) > max_rows:
-        pick = torch.randperm(len(d), generator=g)[:max_rows]
-        d, x, at = d[pick], x[pick], at[pick]
-    return d, x, at
+        for j in range(layers):
+            d[j].append(signal(j, e[f"teacher.{j}"][keep].float(), e[f"base.{j}"][keep].float()))
+            x[j].append(e[f"base.{j}"][keep])
+            at[j].append(torch.stack([e["example"][keep], keep.nonzero()[:, 0]], 1))
+    out = []
+    for j in range(layers):
+        dj, xj, aj = torch.cat(d[j]), torch.cat(x[j]), torch.cat(at[j])
+        if len(dj) > max_rows:
+            pick = torch.randperm(len(dj), generator=g)[:max_rows]
+            dj, xj, aj = dj[pick], xj[pick], aj[pick]
+        out.append((dj, xj, aj))
+    return out
+
+
+class TwoLayers:
+    """The 4x extraction seen with a second injection layer (its states transformed), for two layers' draws."""
+
+    def __init__(self, ex: Extraction):
+        self.ex, self.folder = ex, ex.folder
+
+    def example_slices(self, which, fields):
+        return self.ex.example_slices(which, fields)
+
+    def iter_examples(self, which=None, with_states=False):
+        for e in self.ex.iter_examples(which, with_states):
+            yield {**e, "base.1": (e["base.0"] * 2).flip(-1), "teacher.1": e["teacher.0"] + 1}
 
 
 @pytest.mark.parametrize("sample_rate, max_rows", [(1.0, 10**6), (0.5, 10**6), (0.7, 300), (1.0, 40)])
 def test_the_clustered_rows_are_a_single_pass_s_bit_for_bit_in_bounded_memory(big, sample_rate, max_rows):
     """Two passes (draws, then only the picked rows' δ and h) give the rows one pass over every sampled token gave:
-    the same δ, h and (example, row), in the same order, with and without the max_rows cap."""
+    the same δ, h and (example, row) at each of two layers, in the same order, with and without the max_rows cap."""
     from tree_of_experts.extraction.fusion import extraction_signal
     from tree_of_experts.extraction.rows import sampled_rows
 
-    ex = Extraction(str(big[0] / "ex"))
-    heldout = set(ex.manifest()["counts"]["heldout"])
-    signal = extraction_signal(ex, [0])[0]
-    want = one_pass_rows(ex, heldout, signal, sample_rate, max_rows, seed=3)
-    got = sampled_rows(ex, heldout, [0], signal, sample_rate, max_rows, seed=3)
-    assert len(want[0]) == len(got[0][0]) == min(max_rows, len(want[0])) and len(want[0]) > 8
-    for w, (g,) in zip(want, got):
-        assert w.dtype == g.dtype and torch.equal(w, g)
+    ex = TwoLayers(Extraction(str(big[0] / "ex")))
+    heldout = set(ex.ex.manifest()["counts"]["heldout"])
+    one = extraction_signal(ex.ex, [0])[0]
+    signal = lambda j, u, h: one(0, u, h) * (j + 1)  # noqa: E731
+    want = one_pass_rows(ex, heldout, 2, signal, sample_rate, max_rows, seed=3)
+    got = sampled_rows(ex, heldout, [0, 1], signal, sample_rate, max_rows, seed=3)
+    for j in range(2):
+        assert len(want[j][0]) == min(max_rows, len(want[0][0])) and len(want[j][0]) > 8
+        for w, g in zip(want[j], (got.deltas[j], got.states[j], got.where[j])):
+            assert w.dtype == g.dtype and torch.equal(w, g)
+    if max_rows < 10**6:  # the two layers draw their own rows
+        assert not torch.equal(got.where[0], got.where[1])
+    empty = sampled_rows(ex, heldout | set(ex.ex.state_examples()), [0], signal, 1.0, 10, seed=3)
+    assert len(empty.deltas[0]) == len(empty.where[0]) == 0  # no training example: no rows (the build refuses)
 
 
-def test_the_fusion_map_s_examples_are_read_from_the_shards_as_stored(big):
+def test_the_fusion_map_s_examples_are_read_from_the_shards_as_stored(big, tmp_path):
     """The fusion maps' training reads its examples one at a time from their shards: in the order and with the
     values that loading the shards whole gives, only the keys asked for."""
     ex = Extraction(str(big[0] / "ex"))
@@ -355,6 +379,12 @@ def test_the_fusion_map_s_examples_are_read_from_the_shards_as_stored(big):
     keys = ("input_ids", "loss_mask", "valid", "teacher.0")
     lazy = ex.example_slices(which, keys)
     whole = list(ex.iter_examples(which, with_states=True))
-    assert len(lazy) == len(whole) == len(which) and lazy.examples == [int(e["example"][0]) for e in whole]
+    assert len(lazy) == len(whole) == len(which) and lazy.example_ids == [int(e["example"][0]) for e in whole]
     for e, w in zip(lazy[1:] + [lazy[0]], whole[1:] + whole[:1]):  # a slice and an index read the same examples
         assert set(e) == set(keys) and all(torch.equal(e[k], w[k]) for k in keys)
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in e.values())  # owned rows
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(open(lazy.index[0][0], "rb").read()[:1000])  # a shard cut short: one line naming the fix
+    with pytest.raises(ToEError, match="cut.safetensors is unreadable .*rerun `toe extract`") as err:
+        type(lazy)([(str(bad), 0, 3)], keys, [0])[0]
+    assert "\n" not in str(err.value)

@@ -143,8 +143,13 @@ def load_tensors(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ToEError(f"{path} is unreadable ({reason}): {fix}") from None
+        raise unreadable(path, e, fix) from None
+
+
+def unreadable(path: str | os.PathLike, error: BaseException, fix: str) -> ToEError:
+    """The one-line error for a file another run wrote that does not read: its path, the first line of why, the fix."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ToEError(f"{os.fspath(path)} is unreadable ({reason}): {fix}")
 
 
 def load_torch(path: str | os.PathLike, fix: str) -> Any:
@@ -155,5 +160,4 @@ def load_torch(path: str | os.PathLike, fix: str) -> Any:
     try:
         return torch.load(path)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ToEError(f"{path} is unreadable ({reason}): {fix}") from None
+        raise unreadable(path, e, fix) from None

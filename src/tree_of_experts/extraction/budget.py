@@ -285,9 +285,10 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
     ram["capture"] = ram["weights"] + capture_act + capture_shard
     # build (the teacher freed): the largest of the Gram matrices (train + held-out accumulators and eigh's copy,
     # float64), the fusion maps' training (a step's examples as read from their shards, its activations, the maps
-    # with their gradients and Adam moments), and the clustering (per layer δ fp32, h fp16 and where of the R
-    # clustered rows, their float copies, a distance block, one shard as the second pass reads it and a flag per
-    # token: rows.py); neither grows with the sample S beyond R = min(max_rows, its training tokens). A step's
+    # with their gradients and Adam moments), and the clustering (per layer δ fp32, h fp16, where and the pick's
+    # order of the R clustered rows, their float copies, a distance block, two shards at a shard's turn in the
+    # second pass and a flag per token: rows.py); beyond R = min(max_rows, its training tokens) only the flags grow
+    # with the data. A step's
     # activations: what each decoder layer saves for the backward (~5 D + 3 I values a token, counted with
     # autograd's saved-tensor hooks on Qwen2; 8 D here, for wider KV heads), and the loss's peak over the vocabulary
     # in the backward (the logits, their log-softmax and both gradients: ~3 V fp32 values a token by the peak RSS of
@@ -297,8 +298,8 @@ def plan_extraction(examples: list[Example], sizes: Sizes, a: Asked) -> Plan:
                                       + 4 * 4 * sizes.vocab)  # the loss upcasts the logits to fp32
               + 4 * 4 * L * (d_t * d_b + 2 * d_b))
     r = min(a.max_rows, sum(usable[i] for i in chosen if i not in heldout))
-    cluster = (L * r * (6 * d_b + 16) + 3 * r * 4 * d_b + min(DISTANCE_CHUNK, r) * a.num_leaves * 4
-               + int(a.shard_size * mean_len * full) + T)
+    cluster = (L * r * (6 * d_b + 32) + 3 * r * 4 * d_b + min(DISTANCE_CHUNK, r) * a.num_leaves * 4
+               + int(2 * a.shard_size * mean_len * full) + T)
     ram.update(gram=gram, fusion_training=fusion, clustering=cluster)
     ram["build"] = sizes.weights_b + max(gram, fusion, cluster)
     fields = ", ".join(["ids, masks", *(["top-k"] if a.kd else []), *(["low state"] if a.cache_low_states else [])])

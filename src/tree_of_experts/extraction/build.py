@@ -223,10 +223,9 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
     # 3. Trained fusion map A(u, h) = s ⊙ (W u + b - h), and the O1 CE table on held-out examples.
     t0 = time.perf_counter()
     # the examples stay in their shards, read a batch at a time: the step's memory does not grow with the sample
-    keys = ("input_ids", "loss_mask", "valid", *(f"teacher.{j}" for j in range(len(layers))),
-            *(("teacher_nll",) if kd else ()))
-    train_data = extraction.example_slices(train_ids, keys)
-    dev_data = extraction.example_slices(heldout, keys) if heldout else []
+    fields = ("input_ids", "loss_mask", "valid", *(f"teacher.{j}" for j in range(len(layers))))
+    train_data = extraction.example_slices(train_ids, fields)
+    dev_data = extraction.example_slices(heldout, fields) if heldout else []
     maps = torch.nn.ModuleList([FusionMap(w) for w, _ in ridge])
     steps = fusion.projector_epochs * -(-len(train_ids) // 4)  # the corpus's, on a state sample too (4 a step)
     losses, pick = train_fusion_maps(base_model, layers, maps, train_data, pad, steps, fusion.projector_lr, 4, seed,
@@ -236,7 +235,8 @@ def build(out: str, base_model, base_tok, tree: Tree, fusion: Fusion, pairing: P
     if dev_data:
         o1["base"] = mean_ce(base_model, layers, dev_data, pad)
         if kd:
-            nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()] for d in dev_data])
+            nll = torch.cat([d["teacher_nll"][d["loss_mask"].bool()]
+                             for d in extraction.example_slices(heldout, ("teacher_nll", "loss_mask"))])
             o1["teacher"] = float(nll.mean())
         for lam in fusion.ridge_lambdas:
             o1[f"ridge_lambda_{lam}"] = mean_ce(

@@ -11,23 +11,38 @@ where they came from per layer (R = min(max_rows, sampled tokens)), plus one sha
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .store import Extraction
+from ..errors import ToEError
+from .store import CORRUPT, Extraction
+
+
+class Rows(NamedTuple):
+    """Per asked layer: δ (R, D_B, as the signal gives it), the base's state h (R, D_B, as stored) and the
+    (example, row) each came from (R, 2, int64)."""
+
+    deltas: list[torch.Tensor]
+    states: list[torch.Tensor]
+    where: list[torch.Tensor]
 
 
 def sampled_rows(extraction: Extraction, heldout: set[int], layers: list[int], signal, sample_rate: float,
-                 max_rows: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Per injection layer j in ``layers`` (indices among the extraction's): δ = ``signal(j, u, h)`` (R, D_B), the
-    base's state h (R, D_B, as stored) and the (example, row) of each token (R, 2), from the training examples (not
-    ``heldout``) with states. The predictability fit reads its training tokens the same way (one layer at a time)."""
+                 max_rows: int, seed: int) -> Rows:
+    """:class:`Rows` at each injection layer j in ``layers`` (indices among the extraction's; δ = ``signal(j, u, h)``)
+    from the training examples (not ``heldout``) with states. The predictability fit reads its training tokens the
+    same way (one layer at a time)."""
     g = torch.Generator().manual_seed(seed)
-    valid = extraction.example_slices(None, ("valid",))
-    train = [k for k, e in enumerate(valid.examples) if e not in heldout]
+    masks = extraction.example_slices(None, ("valid",))
+    train = [k for k, e in enumerate(masks.example_ids) if e not in heldout]
     keeps = []
     for k in train:
-        v = valid[k]["valid"].bool()
+        v = masks[k]["valid"].bool()
         keeps.append(v & (torch.rand(len(v), generator=g) < sample_rate))
+    wanted = {masks.example_ids[k]: keep for k, keep in zip(train, keeps)}
+    if len(wanted) != len(train):  # the second pass finds each example by its number
+        raise ToEError(f"{extraction.folder}'s shards hold an example twice: {CORRUPT}")
     n = sum(int(m.sum()) for m in keeps)
     # each layer's picked rows, sorted (where they are among the n sampled tokens) and where each goes in the output
     picks = []
@@ -39,12 +54,12 @@ def sampled_rows(extraction: Extraction, heldout: set[int], layers: list[int], s
     deltas: list[torch.Tensor | None] = [None] * len(layers)
     states: list[torch.Tensor | None] = [None] * len(layers)
     where = [torch.empty(r, 2, dtype=torch.long) for _ in layers]
-    wanted = {valid.examples[k]: keep for k, keep in zip(train, keeps)}
     start = 0
     with torch.no_grad():
         for ex in extraction.iter_examples(set(wanted), with_states=True):
             keep = wanted[int(ex["example"][0])]
             m = int(keep.sum())
+            at = torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1).long()
             for i, (j, (rows, place)) in enumerate(zip(layers, picks)):
                 lo, hi = torch.searchsorted(rows, start), torch.searchsorted(rows, start + m)
                 if lo == hi:
@@ -55,9 +70,8 @@ def sampled_rows(extraction: Extraction, heldout: set[int], layers: list[int], s
                 if deltas[i] is None:
                     deltas[i] = torch.empty(r, d.shape[1], dtype=d.dtype)
                     states[i] = torch.empty(r, h.shape[1], dtype=h.dtype)
-                deltas[i][dest], states[i][dest] = d[local], h[local]
-                where[i][dest] = torch.stack([ex["example"][keep], keep.nonzero()[:, 0]], 1)[local].long()
+                deltas[i][dest], states[i][dest], where[i][dest] = d[local], h[local], at[local]
             start += m
-    if deltas[0] is None:  # nothing sampled: empty rows (the caller refuses too few tokens for the leaves)
-        return [torch.zeros(0, 1)] * len(layers), [torch.zeros(0, 1)] * len(layers), where
-    return deltas, states, where
+    if r == 0:  # nothing sampled: empty rows (the build then refuses too few tokens for the leaves)
+        return Rows([torch.zeros(0, 1) for _ in layers], [torch.zeros(0, 1) for _ in layers], where)
+    return Rows(deltas, states, where)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ToEError
-from ..files import load_tensors, read_json
+from ..files import load_tensors, read_json, unreadable
 
 RUN, MANIFEST, SUMMARY, PROJECTOR, ROUTE = "run.json", "manifest.json", "summary.json", "projector.safetensors", \
     "route_data.safetensors"
@@ -169,21 +169,18 @@ class Extraction:
                 return shard_keys(path)
         return None
 
-    def example_slices(self, which: set[int] | None, keys: Iterable[str]) -> ExampleSlices:
+    def example_slices(self, which: set[int] | None, fields: Iterable[str]) -> ExampleSlices:
         """The examples that hold full states (those in ``which`` when given), in the shards' order as
-        :meth:`iter_examples` gives them, each read from its shard only when indexed and only its ``keys``
+        :meth:`iter_examples` gives them, each read from its shard only when indexed and only its ``fields``
         (:class:`ExampleSlices`). A missing or cut shard is refused first."""
-        from safetensors import safe_open
-
-        index, examples = [], []
+        index, ids = [], []
         for path in self._checked_paths(with_states=True):
-            with safe_open(path, "pt") as f:
-                offsets, example = f.get_tensor("offsets").tolist(), f.get_tensor("example")
+            offsets, example = _read(path, lambda f: (f.get_tensor("offsets").tolist(), f.get_tensor("example")))
             for a, b in itertools.pairwise(offsets):
                 if which is None or int(example[a]) in which:
                     index.append((path, a, b))
-                    examples.append(int(example[a]))
-        return ExampleSlices(index, tuple(keys), examples)
+                    ids.append(int(example[a]))
+        return ExampleSlices(index, tuple(fields), ids)
 
     def iter_examples(self, which: set[int] | None = None,
                       with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
@@ -199,13 +196,15 @@ class Extraction:
 
 
 class ExampleSlices(Sequence):
-    """An extraction's examples read one at a time from their shards (``index``: (shard path, first row, end row)
-    of each; only ``keys``): whatever the sample's size, a reader holds one example's tensors, not the sample's. The
-    fusion maps' training reads its examples this way, in a fresh order each pass (each read maps the shard and copies
-    the example's rows; the bytes a training step reads are small beside its forward)."""
+    """An extraction's examples read one at a time from their shards, only the tensors named in ``fields``
+    (``index``: (shard path, first row, end row) of each; ``example_ids``: their example numbers): whatever the
+    sample's size, a reader holds the examples it indexed, not the sample. An index gives one example's {field:
+    tensor} (tensors of their own, copied out of the shard's map), a slice a list of them. The fusion maps' training
+    reads its examples this way, a batch at a time in a fresh order each pass (the bytes a step reads are small beside
+    its forward)."""
 
-    def __init__(self, index: list[tuple[str, int, int]], keys: tuple[str, ...], examples: list[int]):
-        self.index, self.keys, self.examples = index, keys, examples  # examples: each one's example number
+    def __init__(self, index: list[tuple[str, int, int]], fields: tuple[str, ...], example_ids: list[int]):
+        self.index, self.fields, self.example_ids = index, fields, example_ids
 
     def __len__(self) -> int:
         return len(self.index)
@@ -213,14 +212,20 @@ class ExampleSlices(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        from safetensors import SafetensorError, safe_open
-
         path, a, b = self.index[i]
-        try:
-            with safe_open(path, "pt") as f:
-                return {k: f.get_slice(k)[a:b] for k in self.keys}
-        except (SafetensorError, OSError) as e:
-            raise ToEError(f"{path} is unreadable ({str(e).strip() or type(e).__name__}): {CORRUPT_SHARD}") from None
+        # a slice of the map is a view of the whole tensor's mapped storage on some safetensors versions: clone it
+        return {k: v.clone() for k, v in _read(path, lambda f: {k: f.get_slice(k)[a:b] for k in self.fields}).items()}
+
+
+def _read(path: str, fn):
+    """``fn(f)`` on the shard at PATH opened with safetensors; an unreadable shard is one line naming the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return fn(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, e, CORRUPT_SHARD) from None
 
 
 def shard_record(path: str) -> dict[str, Any]:
