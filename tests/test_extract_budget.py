@@ -191,7 +191,7 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     from tree_of_experts.extraction.fusion import extraction_signal
     from tree_of_experts.extraction.predictability import layer_rows
     from tree_of_experts.hf.loading import load_tokenizer
-    from tree_of_experts.training.examples import collate, load_examples
+    from tree_of_experts.training.examples import collate, load_examples, state_targets
 
     d, data, _ = big
     ex = Extraction(str(d / "ex"))
@@ -199,10 +199,21 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     rows, has_kd, _ = load_examples(data, DataSpec().for_tokenizer(tok), tok, 512, None, str(d / "ex"), True, 0,
                                     with_targets=True)
     sample = set(ex.state_examples())
-    assert has_kd and all(r.topk_ids is not None and r.state is not None for r in rows)
-    assert {i for i, r in enumerate(rows) if r.target is not None} == sample
-    mix = [i for i, r in enumerate(rows) if r.target is not None][:4] + \
-        [i for i, r in enumerate(rows) if r.target is None][:4]
+    assert has_kd and all(r.has("topk_ids") and r.has("state") for r in rows)
+    assert {i for i, r in enumerate(rows) if r.has("target")} == sample
+    assert all(r.topk_ids is r.state is r.target is None for r in rows)  # held in their shards until a batch reads
+    signal = extraction_signal(ex, ex.run()["layers"])[0]
+    for e in ex.iter_examples():  # a batch reads what the shards hold (and the targets computed from them)
+        got = rows[int(e["example"][0])].loaded()
+        assert torch.equal(got.topk_ids, e["topk_ids"]) and torch.equal(got.topk_logp, e["topk_logp"])
+        assert torch.equal(got.state, e["base.0"]) and got.ref is None
+        if "teacher.0" in e:
+            want = state_targets(e, 1, signal)
+            assert torch.equal(got.target, want[0]) and torch.equal(got.target_norm2, want[1])
+        else:
+            assert got.target is None
+    mix = [i for i, r in enumerate(rows) if r.has("target")][:4] + \
+        [i for i, r in enumerate(rows) if not r.has("target")][:4]
     b = collate([rows[i] for i in mix], tok.pad_token_id)  # sampled and unsampled rows: no target for the latter
     assert len(mix) == 8 and b["state_norm2"][:4].any() and not b["state_norm2"][4:].any()
     heldout = set(ex.manifest()["counts"]["heldout"])

@@ -355,7 +355,7 @@ def _check_cached_states(experts: str, data: str, init_plugin: str | None, dtype
 
 def _check_examples(examples: list, experts: str, data: str, cached_states: bool, state_loss: bool) -> None:
     """Refuses examples that lack what the run reads from the extraction (cached states, state targets)."""
-    if state_loss and not any(e.target is not None for e in examples):
+    if state_loss and not any(e.has("target") for e in examples):
         raise ToEError(f"--state_loss_weight needs the extraction's cached states for {data}: {experts} was extracted "
                        "from another file or tokenized otherwise (same --template/--max_length/fields), or pass 0")
     if not cached_states:
@@ -364,7 +364,7 @@ def _check_examples(examples: list, experts: str, data: str, cached_states: bool
     if run.get("limit") is not None and len(examples) > run["limit"]:
         raise ToEError(f"--cached_states: {experts} cached only the first {run['limit']} rows of {data}: pass "
                        f"--limit {run['limit']}, or drop --cached_states")
-    missing = sum(e.state is None for e in examples)
+    missing = sum(not e.has("state") for e in examples)
     if missing:
         raise ToEError(f"--cached_states: {missing} of {len(examples)} rows were tokenized otherwise than in {experts}: "
                        "use the extraction's --template/--max_length/--prompt_field/--response_field, or drop "

@@ -182,6 +182,17 @@ class Extraction:
                     ids.append(int(example[a]))
         return ExampleSlices(index, tuple(fields), ids)
 
+    def example_refs(self) -> Iterator[tuple[int, str, tuple[int, int], frozenset[str], torch.Tensor]]:
+        """(example, shard path, its rows, the shard's fields, its input ids) of every example of every shard, read
+        from the shards' ``offsets``, ``example`` and ``input_ids`` columns alone (what a reader needs to find an
+        example's cached fields without loading them). A missing or cut shard is refused first."""
+        for path in self._checked_paths(with_states=False):
+            offsets, example, ids, keys = _read(path, lambda f: (
+                f.get_tensor("offsets").tolist(), f.get_tensor("example"), f.get_tensor("input_ids"),
+                frozenset(f.keys())))
+            for a, b in itertools.pairwise(offsets):
+                yield int(example[a]), path, (a, b), keys, ids[a:b]
+
     def iter_examples(self, which: set[int] | None = None,
                       with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Per-example slices of the shards (only examples in ``which`` when given; only examples with their base
@@ -213,8 +224,14 @@ class ExampleSlices(Sequence):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
         path, a, b = self.index[i]
-        # a slice of the map is a view of the whole tensor's mapped storage on some safetensors versions: clone it
-        return {k: v.clone() for k, v in _read(path, lambda f: {k: f.get_slice(k)[a:b] for k in self.fields}).items()}
+        return read_rows(path, (a, b), self.fields)
+
+
+def read_rows(path: str, rows: tuple[int, int], fields: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Rows [a, b) of ``fields`` of the shard at PATH, each a tensor of its own (a slice of the map can be a view of
+    the whole tensor's mapped storage on some safetensors versions: cloned); an unreadable shard is one line."""
+    a, b = rows
+    return {k: v.clone() for k, v in _read(path, lambda f: {k: f.get_slice(k)[a:b] for k in fields}).items()}
 
 
 def _read(path: str, fn):

@@ -248,7 +248,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
                                         skip_truncated=text.skip_truncated, without_kd="--kd_weight 0",
                                         with_targets=bool(loss.state_loss_weight))
-    if loss.state_loss_weight and not any(e.target is not None for e in examples):
+    if loss.state_loss_weight and not any(e.has("target") for e in examples):
         raise ToEError(f"--state_loss_weight needs {experts}'s cached states for {data}: extract from this file "
                        "with the same --template/--max_length/fields, or pass 0")
     if kd > 0 and not has_kd:

@@ -4,15 +4,40 @@ cached top-k; batches of them."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import ToEError
 from ..data import DataSpec, Encoded, encode, file_hash, pad_left, read_jsonl, responses_cut_away
-from ..extraction.store import REBUILT_BY, RUN, Extraction
+from ..extraction.store import REBUILT_BY, RUN, Extraction, read_rows
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where a training example's cached fields sit in an extraction's shard, and which of them it has: the teacher's
+    top-k (``kd``), the base's state under ``state_key``, and with ``signal`` its state targets (from its states at
+    every one of ``num_layers`` injection layers). A batch reads them (:meth:`Example.loaded`), so a run holds a
+    batch's cached fields, not the training set's."""
+
+    path: str
+    rows: tuple[int, int]
+    kd: bool = False
+    state_key: str | None = None
+    signal: Callable | None = None
+    num_layers: int = 0
+
+    def read(self) -> dict[str, torch.Tensor | None]:
+        fields = [*(("topk_ids", "topk_logp") if self.kd else ()), *((self.state_key,) if self.state_key else ()),
+                  *(("valid", *(f"{side}.{j}" for j in range(self.num_layers) for side in ("base", "teacher")))
+                    if self.signal is not None else ())]
+        got = read_rows(self.path, self.rows, dict.fromkeys(fields))
+        target, norm2 = state_targets(got, self.num_layers, self.signal) if self.signal is not None else (None, None)
+        return {"topk_ids": got.get("topk_ids"), "topk_logp": got.get("topk_logp"),
+                "state": got.get(self.state_key) if self.state_key else None, "target": target, "target_norm2": norm2}
 
 
 @dataclass
@@ -24,6 +49,19 @@ class Example:
     state: torch.Tensor | None = None  # (T, D) fp16 base state at the lowest injection layer (cached_state_layer)
     target: torch.Tensor | None = None  # (L, T, D) fp16 h⁰ + δ per injection layer (--state_loss_weight)
     target_norm2: torch.Tensor | None = None  # (L, T) ‖δ‖², 0 where a token has no target
+    ref: ShardRef | None = None  # where the fields above are read from, when they are not held (load_examples)
+
+    def has(self, name: str) -> bool:
+        """Whether the example has ``name`` (``topk_ids``, ``state`` or ``target``), held or in its shard."""
+        if getattr(self, name) is not None:
+            return True
+        r = self.ref
+        return r is not None and {"topk_ids": r.kd, "state": r.state_key is not None,
+                                  "target": r.signal is not None}[name]
+
+    def loaded(self) -> Example:
+        """The example with its cached fields read from its shard (itself when it holds them)."""
+        return self if self.ref is None else replace(self, ref=None, **self.ref.read())
 
 
 def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | None,
@@ -70,15 +108,15 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
     (:func:`state_targets`, from the extraction's cached states and its expert signal). Under a disk budget
     (`toe extract --max_disk`) only the extraction's sample of examples has states: the others get no state target
     (the state loss reads the sampled examples' tokens; :func:`collate` gives the rest a zero ‖δ‖², i.e. no target),
-    and a cached state only where the extraction kept the lowest layer's (--cache_low_states). Only the fields used
-    are kept (copied out of their shards, so the states of a shard nobody needs leave memory). Returns (examples,
-    whether any has the teacher's top-k, rows skipped).
+    and a cached state only where the extraction kept the lowest layer's (--cache_low_states). The fields stay in the
+    shards: each example keeps where they are (:class:`ShardRef`), and :func:`collate` reads a batch's. Returns
+    (examples, whether any has the teacher's top-k, rows skipped).
 
     With ``use_kd`` every row must get the teacher's top-k: an extraction that cached none, cached it for another
     file or other tokens, or lacks shards is refused in one line naming the fix (``without_kd``: the option that
     trains without it)."""
     encoded, kept = encode_rows(data, spec, tok, max_length, limit, skip_truncated)
-    cached_rows: dict[int, dict] = {}
+    cached_rows: dict[int, tuple[torch.Tensor, ShardRef]] = {}
     extraction = Extraction(experts)
     run = extraction.run() if extraction.has(RUN) else {}
     if use_kd:
@@ -89,25 +127,23 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         from ..extraction.fusion import extraction_signal
 
         signal = extraction_signal(extraction, run["layers"])[0]
-    needed = {"input_ids", *(("topk_ids", "topk_logp") if use_kd else ()), *((state_key,) if state_key else ())}
     if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
-        for ex in extraction.iter_examples():
-            row = {k: v.clone() for k, v in ex.items() if k in needed}
-            if with_targets and "teacher.0" in ex:  # an example with states: its targets now, its states dropped
-                row["targets"] = state_targets(ex, len(run["layers"]), signal)
-            cached_rows[int(ex["example"][0])] = row
+        for i, path, rows, keys, ids in extraction.example_refs():  # where each example's fields are, not the fields
+            full = with_targets and "teacher.0" in keys  # an example with states: state targets
+            ref = ShardRef(path, rows, use_kd and "topk_ids" in keys, state_key if state_key in keys else None,
+                           signal if full else None, len(run["layers"]) if full else 0)
+            if ref.kd or ref.state_key or ref.signal:
+                cached_rows[i] = (ids, ref)
     out = []
     for i in kept:  # i: the row's index in the file, which the extraction's cache is keyed by
         e = encoded[i]
-        cached = cached_rows.get(i)
-        if cached is None or not torch.equal(cached["input_ids"], e.input_ids):
-            cached = {}
-        target, norm2 = cached.get("targets", (None, None))
-        out.append(Example(e.input_ids, e.loss_mask, cached.get("topk_ids") if use_kd else None,
-                           cached.get("topk_logp") if use_kd else None, cached.get(state_key), target, norm2))
-    has_kd = any(e.topk_ids is not None for e in out)
-    lacking = sum(e.topk_ids is None for e in out) if use_kd else 0
-    if lacking and not (state_key and any(e.state is None for e in out)):  # (else --cached_states is refused)
+        ids, ref = cached_rows.get(i, (None, None))
+        if ref is None or not torch.equal(ids, e.input_ids):
+            ref = None
+        out.append(Example(e.input_ids, e.loss_mask, None, None, ref=ref))
+    has_kd = any(e.has("topk_ids") for e in out)
+    lacking = sum(not e.has("topk_ids") for e in out) if use_kd else 0
+    if lacking and not (state_key and any(not e.has("state") for e in out)):  # (else --cached_states is refused)
         raise ToEError(f"{lacking} of {len(out)} rows of {data} were tokenized otherwise than in {experts}, which has no "
                        "teacher top-k for them: use the extraction's --template/--max_length/--prompt_field/"
                        f"--response_field/--limit, or pass {without_kd} to train without distillation")
@@ -133,6 +169,7 @@ def check_kd_cache(extraction: Extraction, run: dict, data: str, without_kd: str
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    batch = [e.loaded() for e in batch]  # the cached fields read from their shards, this batch's only
     ids, am = pad_left([e.ids for e in batch], pad_id)
     loss_mask = pad_left([e.loss_mask.long() for e in batch], 0)[0].bool()
     out = {"input_ids": ids, "attention_mask": am, "loss_mask": loss_mask}
