@@ -399,3 +399,26 @@ def test_the_fusion_map_s_examples_are_read_from_the_shards_as_stored(big, tmp_p
     with pytest.raises(ToEError, match="cut.safetensors is unreadable .*rerun `toe extract`") as err:
         type(lazy)([(str(bad), 0, 3)], keys, [0])[0]
     assert "\n" not in str(err.value)
+
+
+def test_a_shard_rewritten_during_training_is_refused_not_mixed_in(experts, big, tmp_path):
+    """Training reads a batch's cached fields from the shards: a shard rewritten after the run loaded the extraction
+    (`toe extract --overwrite` beside it) is refused in one line at the batch that reads it, never mixed in."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tree_of_experts.data import DataSpec
+    from tree_of_experts.hf.loading import load_tokenizer
+    from tree_of_experts.training.examples import collate, load_examples
+
+    d, data, _ = big
+    shutil.copytree(d / "ex", tmp_path / "ex")
+    tok = load_tokenizer(str(experts / "base"))
+    rows, _, _ = load_examples(data, DataSpec().for_tokenizer(tok), tok, 512, None, str(tmp_path / "ex"), True, 0)
+    collate(rows[:2], tok.pad_token_id)  # reads
+    path = rows[0].ref.path
+    save_file(load_file(path), path)  # the same tensors written again: another file as far as the run can tell
+    with pytest.raises(ToEError, match="changed since this run loaded its extraction") as err:
+        collate(rows[:2], tok.pad_token_id)
+    assert "\n" not in str(err.value)

@@ -4,14 +4,16 @@ cached top-k; batches of them."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from ..errors import ToEError
 from ..data import DataSpec, Encoded, encode, file_hash, pad_left, read_jsonl, responses_cut_away
-from ..extraction.store import REBUILT_BY, RUN, Extraction, read_rows
+from ..extraction.store import CORRUPT_SHARD, REBUILT_BY, RUN, Extraction, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -19,25 +21,50 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ShardRef:
     """Where a training example's cached fields sit in an extraction's shard, and which of them it has: the teacher's
-    top-k (``kd``), the base's state under ``state_key``, and with ``signal`` its state targets (from its states at
-    every one of ``num_layers`` injection layers). A batch reads them (:meth:`Example.loaded`), so a run holds a
-    batch's cached fields, not the training set's."""
+    top-k (``kd``), the base's state under ``state_key``, and with ``signal`` its state targets (computed from its
+    states at every one of ``num_layers`` injection layers). A batch reads them (:meth:`Example.loaded`), so a run
+    holds a batch's cached fields, not the training set's. ``stamp``: the shard's size and modification time when the
+    run found it — a shard rewritten since (`toe extract --overwrite` during the run) is refused, not mixed in."""
 
     path: str
     rows: tuple[int, int]
+    stamp: tuple[int, int]
     kd: bool = False
     state_key: str | None = None
     signal: Callable | None = None
     num_layers: int = 0
 
-    def read(self) -> dict[str, torch.Tensor | None]:
-        fields = [*(("topk_ids", "topk_logp") if self.kd else ()), *((self.state_key,) if self.state_key else ()),
-                  *(("valid", *(f"{side}.{j}" for j in range(self.num_layers) for side in ("base", "teacher")))
-                    if self.signal is not None else ())]
-        got = read_rows(self.path, self.rows, dict.fromkeys(fields))
+    def fields(self) -> list[str]:
+        """The shard's fields a batch reads for this example (its input ids too: the rows must still be its)."""
+        out = ["input_ids"]
+        if self.kd:
+            out += ["topk_ids", "topk_logp"]
+        if self.state_key:
+            out.append(self.state_key)
+        if self.signal is not None:
+            out += ["valid", *(f"{side}.{j}" for j in range(self.num_layers) for side in ("base", "teacher"))]
+        return list(dict.fromkeys(out))  # (the low state is one of the target's states)
+
+    def read(self, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The example's cached fields as :class:`Example` names them; ``ids``: its tokens, which the rows must hold."""
+        if shard_stamp(self.path) != self.stamp:
+            raise ToEError(f"{self.path} changed since this run loaded its extraction (rewritten, e.g. by "
+                           "`toe extract --overwrite`): restart the run to train on the new extraction")
+        got = read_rows(self.path, self.rows, self.fields())
+        if not torch.equal(got["input_ids"], ids):
+            raise ToEError(f"{self.path} rows {self.rows} no longer hold this example: restart the run")
         target, norm2 = state_targets(got, self.num_layers, self.signal) if self.signal is not None else (None, None)
         return {"topk_ids": got.get("topk_ids"), "topk_logp": got.get("topk_logp"),
                 "state": got.get(self.state_key) if self.state_key else None, "target": target, "target_norm2": norm2}
+
+
+def shard_stamp(path: str) -> tuple[int, int]:
+    """(size, modification time in ns) of a shard: what tells a rewritten one (missing: (-1, -1))."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 @dataclass
@@ -51,17 +78,17 @@ class Example:
     target_norm2: torch.Tensor | None = None  # (L, T) ‖δ‖², 0 where a token has no target
     ref: ShardRef | None = None  # where the fields above are read from, when they are not held (load_examples)
 
-    def has(self, name: str) -> bool:
-        """Whether the example has ``name`` (``topk_ids``, ``state`` or ``target``), held or in its shard."""
+    def has(self, name: Literal["topk_ids", "state", "target"]) -> bool:
+        """Whether the example has ``name``, held or in its shard."""
         if getattr(self, name) is not None:
             return True
         r = self.ref
-        return r is not None and {"topk_ids": r.kd, "state": r.state_key is not None,
-                                  "target": r.signal is not None}[name]
+        in_shard = {"topk_ids": r.kd, "state": r.state_key is not None, "target": r.signal is not None} if r else {}
+        return in_shard.get(name, False)
 
     def loaded(self) -> Example:
         """The example with its cached fields read from its shard (itself when it holds them)."""
-        return self if self.ref is None else replace(self, ref=None, **self.ref.read())
+        return self if self.ref is None else replace(self, ref=None, **self.ref.read(self.ids))
 
 
 def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | None,
@@ -116,7 +143,7 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
     file or other tokens, or lacks shards is refused in one line naming the fix (``without_kd``: the option that
     trains without it)."""
     encoded, kept = encode_rows(data, spec, tok, max_length, limit, skip_truncated)
-    cached_rows: dict[int, tuple[torch.Tensor, ShardRef]] = {}
+    refs: dict[int, tuple[torch.Tensor, ShardRef]] = {}  # example -> (its ids in the shard, where its fields are)
     extraction = Extraction(experts)
     run = extraction.run() if extraction.has(RUN) else {}
     if use_kd:
@@ -128,19 +155,23 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
 
         signal = extraction_signal(extraction, run["layers"])[0]
     if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
+        stamps: dict[str, tuple[int, int]] = {}
         for i, path, rows, keys, ids in extraction.example_refs():  # where each example's fields are, not the fields
-            full = with_targets and "teacher.0" in keys  # an example with states: state targets
-            ref = ShardRef(path, rows, use_kd and "topk_ids" in keys, state_key if state_key in keys else None,
-                           signal if full else None, len(run["layers"]) if full else 0)
+            with_states = with_targets and "teacher.0" in keys  # an example with states: state targets
+            ref = ShardRef(path, rows, stamps.setdefault(path, shard_stamp(path)), use_kd and "topk_ids" in keys,
+                           state_key if state_key in keys else None, signal if with_states else None,
+                           len(run["layers"]) if with_states else 0)
+            lost = sorted(set(ref.fields()) - keys)
+            if lost:  # refused now, not at the batch that reads it
+                raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
             if ref.kd or ref.state_key or ref.signal:
-                cached_rows[i] = (ids, ref)
+                refs[i] = (ids, ref)
     out = []
     for i in kept:  # i: the row's index in the file, which the extraction's cache is keyed by
         e = encoded[i]
-        ids, ref = cached_rows.get(i, (None, None))
-        if ref is None or not torch.equal(ids, e.input_ids):
-            ref = None
-        out.append(Example(e.input_ids, e.loss_mask, None, None, ref=ref))
+        ids, ref = refs.get(i, (None, None))
+        matched = ref is not None and torch.equal(ids, e.input_ids)
+        out.append(Example(e.input_ids, e.loss_mask, topk_ids=None, topk_logp=None, ref=ref if matched else None))
     has_kd = any(e.has("topk_ids") for e in out)
     lacking = sum(not e.has("topk_ids") for e in out) if use_kd else 0
     if lacking and not (state_key and any(not e.has("state") for e in out)):  # (else --cached_states is refused)
