@@ -192,6 +192,10 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "rebuild": {"num_leaves": 8}},
                 {"name": "b", "kind": "toe", "layers": [1], "extract": {"num_leaves": 8}}], compare=[]),
      "rows.b: its extraction extract-l1-num_leaves8 is also another row's rebuilt bank"),
+    (dict(data__train_traces={"items": FIXTURE, "rows": [20, 24]}), "data.train (a JSONL file) or data.train_traces"),
+    (dict(data__train=None, data__train_traces={"items": FIXTURE, "rows": [12, 24]}),
+     "data.train_traces.rows [12, 24] overlap data.reported [8, 20]"),
+    (dict(data__train=None, data__train_traces={"items": FIXTURE, "rows": [20, 30]}), "has 24 rows"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
     import tree_of_experts.hf.loading as hf
@@ -544,3 +548,40 @@ def test_a_budgeted_row_samples_the_shared_capture_only_when_it_is_this_study_s(
         with open(os.path.join(shared, "run.json"), "w") as f:
             json.dump({**run, **stale}, f)
         assert s.capture_source([1], {"state_tokens": 500}) is None, stale
+
+
+def test_a_study_makes_its_training_traces_first_and_trains_on_them(pair, tmp_path, monkeypatch):
+    """data.train_traces: the teacher's traces of other items' rows, made once into OUT/train-traces.jsonl before
+    any extraction or training reads them; the budget's epochs count the traces kept; a rerun makes nothing again.
+    (`toe traces` itself is tested in test_eval; the tiny random teacher's answers are empty, so its gold solutions
+    stand in for them here, every other row "wrong" and left out.)"""
+    import tree_of_experts.commands.evaluate as evaluate
+
+    asked = []
+
+    def fake_traces(teacher, data, out, skip, limit, keep_incorrect, max_new_tokens, **kw):
+        rows = [json.loads(x) for x in open(data)][skip:skip + limit]
+        asked.append((skip, limit, keep_incorrect, max_new_tokens))
+        kept = [{**r, "trace": r["answer"].split("####")[0].strip(), "correct": True} for r in rows[::2]]
+        open(out, "w").write("".join(json.dumps(r) + "\n" for r in kept))
+        return {"kept": len(kept), "generated": len(rows)}
+
+    monkeypatch.setattr(evaluate, "traces", fake_traces)
+    train_items = tmp_path / "train-items.jsonl"
+    shutil.copy(FIXTURE, train_items)
+    cfg = config(pair, tmp_path, data__train=None, budget={"epochs": 1, "batch_size": 4},
+                 data__train_traces={"items": str(train_items), "rows": [0, 24], "max_new_tokens": 8},
+                 rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    planned = study(cfg, str(tmp_path / "s"), dry_run=True)  # before the traces exist: the rows asked, at most
+    assert "train-traces" in json.dumps(planned) and not asked
+    r = study(cfg, str(tmp_path / "s"))
+    made = [json.loads(x) for x in open(tmp_path / "s" / "train-traces.jsonl")]
+    assert r["ran"][0] == "train-traces" and {"train/toe", "score/ce/toe"} <= set(r["ran"])
+    assert asked == [(0, 24, False, 8)] and len(made) == 12
+    from tree_of_experts.data import file_hash
+
+    ex = json.load(open(next((tmp_path / "s" / "work").glob("extract-l1/run.json"))))
+    assert ex["data_sha256"] == file_hash(str(tmp_path / "s" / "train-traces.jsonl"))  # extracted from the traces
+    summary = json.load(open(tmp_path / "s" / "train" / "toe" / "train_summary.json"))
+    assert summary["examples"] == 12 and summary["steps"] - summary["stage_a_steps"] == 3  # an epoch of 12, 4 a step
+    assert study(cfg, str(tmp_path / "s"))["ran"] == []

@@ -58,6 +58,9 @@ class Study(StudyRuns, StudyChecks):
 
     @functools.cached_property
     def train_data(self) -> str:
+        """The training data: data.train, or the teacher's traces the study makes (data.train_traces)."""
+        if self.cfg.data.train_traces is not None:
+            return os.path.join(self.out, "train-traces.jsonl")
         return self.resolve(self.cfg.data.train, "data.train")
 
     @functools.cached_property
@@ -109,8 +112,13 @@ class Study(StudyRuns, StudyChecks):
             os.path.join(self.out, f"answers-{name}.jsonl")
 
     def n_train(self) -> int:
+        """Training rows: the file's, or before the study made its traces, the rows it will generate for (the
+        correct ones are kept: an upper bound)."""
         from ..data import read_rows
 
+        tr = self.cfg.data.train_traces
+        if tr is not None and not os.path.isfile(self.train_data):
+            return tr.rows[1] - tr.rows[0]
         return len(read_rows(self.train_data))
 
     # -- the plan ----------------------------------------------------------------------------------------------
@@ -137,6 +145,13 @@ class Study(StudyRuns, StudyChecks):
                               lambda name=name: self.run_answer_set(name),
                               {"kind": "answers", "n": aset.rows[1] - aset.rows[0],
                                "new": aset.max_new_tokens or cfg.scoring.max_new_tokens}))
+        first = []  # what every extraction and training needs first: the training data, when the study makes it
+        if cfg.data.train_traces is not None:
+            tr = cfg.data.train_traces
+            steps.append(Step("train-traces", [], lambda: os.path.isfile(self.train_data), self.run_train_traces,
+                              {"kind": "answers", "n": tr.rows[1] - tr.rows[0],
+                               "new": tr.max_new_tokens or cfg.scoring.max_new_tokens}))
+            first = ["train-traces"]
         if cfg.scoring.curve_every:
             steps.append(Step("tuning-answers", [], lambda: os.path.isfile(self.tuning_answers),
                               lambda: self.run_answers(tuning=True), {"kind": "answers"}))
@@ -150,13 +165,13 @@ class Study(StudyRuns, StudyChecks):
         steps_n = cfg.budget.steps or cfg.budget.steps_for(self.n_train())
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
-                deps = []
+                deps = list(first)
                 own = f"extract/{os.path.basename(self.extraction(row.layers, extract=self.row_extract(row)))}" \
                     if row.layers else None
                 if row.layers and row.kind != "oracle" and own not in extractions:
                     _refuse_shared(own, rebuilds, row.name)
                     extractions.add(own)
-                    steps.append(Step(own, [], self.extraction_done(row.layers, extract=row.extract),
+                    steps.append(Step(own, list(first), self.extraction_done(row.layers, extract=row.extract),
                                       self.run_extract(row.layers, row.extract),
                                       {"kind": "extract", "layers": row.layers, "options": row.extract}))
                 if row.layers and row.kind != "oracle":
@@ -262,8 +277,14 @@ class Study(StudyRuns, StudyChecks):
             targets: list[str] | None = None, seeds: list[int] | None = None) -> dict:
         """Runs the steps of ``rows`` scoring ``targets`` for ``seeds`` (default all), rendering after every
         scoring."""
-        return run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s,
-                         times=os.path.join(self.out, TIMES))
+        times = os.path.join(self.out, TIMES)
+        made = {"ran": [], "waited": False}
+        if self.cfg.data.train_traces is not None and not os.path.isfile(self.train_data):
+            # the training data first: the rows' step counts (budget.epochs) are the traces kept
+            made = run_steps([s for s in self.steps() if s.id == "train-traces"], self.lock_folder, render, poll_s,
+                             times=times)
+        result = run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s, times=times)
+        return {"ran": made["ran"] + result["ran"], "waited": made["waited"] or result["waited"]}
 
 
 def _refuse_shared(step_id: str, others: set[str], row: str) -> None:

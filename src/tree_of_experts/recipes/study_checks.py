@@ -18,7 +18,10 @@ class StudyChecks:
         from ..data import read_rows
 
         pending = {s.id for s in self.steps() if not s.done()}
-        for name, path in (("data.train", self.train_data), ("data.items", self.items),
+        tr = self.cfg.data.train_traces
+        train = ("data.train_traces.items", self.resolve(tr.items, "data.train_traces.items")) if tr is not None \
+            else ("data.train", self.train_data)
+        for name, path in (train, ("data.items", self.items),
                            *((f"scoring.ce_files.{k}", self.resolve(v)) for k, v in self.cfg.scoring.ce_files.items()
                              if any(p.startswith(f"score/{k}/") for p in pending))):
             if not path.startswith("hf:") and not os.path.exists(path):
@@ -27,6 +30,10 @@ class StudyChecks:
         for name in self.cfg.scoring.answer_sets:
             if any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
                 self.check_answer_set(name)
+        if tr is not None and "train-traces" in pending and not train[1].startswith("hf:"):
+            n = len(read_rows(train[1]))
+            if tr.rows[1] > n:
+                raise ToEError(f"data.train_traces.rows {tr.rows}: {train[1]} has {n} rows")
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
             raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")

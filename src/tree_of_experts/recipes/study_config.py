@@ -7,14 +7,13 @@ them and :mod:`..evaluation.study_table` renders the table and the verdict from 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ToEError
+from .typed_yaml import build
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
 RowKind = Literal["toe", "control", "lora", "toe_on_lora", "oracle"]
@@ -42,12 +41,37 @@ class Pair:
 
 
 @dataclass
+class TrainTraces:
+    """The training data made by the study: the teacher's greedy traces (`toe traces`) of rows [start, stop) of
+    ``items``, graded, the correct ones kept (all with ``keep_incorrect``), into OUT/train-traces.jsonl — generated
+    once, resumed batch by batch after a kill, before any extraction or training reads it."""
+
+    items: str
+    rows: list[int]
+    task: Literal["gsm8k", "math"] = "gsm8k"
+    max_new_tokens: int | None = field(default=None, metadata={"help": "the traces' token cap (default: "
+                                                                        "scoring.max_new_tokens)"})
+    keep_incorrect: bool = False
+
+    def check(self) -> None:
+        if len(self.rows) != 2 or not 0 <= self.rows[0] < self.rows[1]:
+            raise ToEError(f"data.train_traces.rows {self.rows}: give [start, stop) rows of its items, "
+                           "0 <= start < stop")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ToEError(f"data.train_traces.max_new_tokens {self.max_new_tokens}: must be >= 1")
+
+
+@dataclass
 class Data:
     """Training traces and the evaluation items. ``reported`` and ``tuning`` are [start, stop) row ranges of
-    ``items``: the study reports the first and never the second (tuning rows choose settings; checked disjoint)."""
+    ``items``: the study reports the first and never the second (tuning rows choose settings; checked disjoint).
+    The training data is a file (``train``) or made by the study (``train_traces``)."""
 
-    train: str = field(metadata={"help": "JSONL the trained rows learn from (e.g. the teacher's traces)"})
     items: str = field(metadata={"help": "JSONL of evaluation items (question/answer)"})
+    train: str | None = field(default=None, metadata={"help": "JSONL the trained rows learn from (e.g. the "
+                                                                "teacher's traces)"})
+    train_traces: TrainTraces | None = field(default=None, metadata={
+        "help": "instead of train: the teacher's traces of rows of an items file, made by the study"})
     reported: list[int] = field(default_factory=lambda: [0, 100])
     tuning: list[int] | None = None
     answers: str | None = field(default=None, metadata={"help": "the teacher's answers to the reported items (JSONL "
@@ -61,7 +85,23 @@ class Data:
     max_length: int = 512
     task: Literal["gsm8k", "math"] = "gsm8k"
 
+    def train_response_field(self) -> str | None:
+        """The training data's response field: response_field, or the traces' own (``trace``) when the study
+        makes them."""
+        return self.response_field or ("trace" if self.train_traces is not None else None)
+
     def __post_init__(self) -> None:
+        if (self.train is None) == (self.train_traces is None):
+            raise ToEError("data: give the training data as data.train (a JSONL file) or data.train_traces (the "
+                           "teacher's traces, made by the study), one of the two")
+        if self.train_traces is not None:
+            self.train_traces.check()
+            same = os.path.abspath(self.train_traces.items) == os.path.abspath(self.items)
+            for name in ("reported", "tuning"):
+                span, rows = getattr(self, name), self.train_traces.rows
+                if same and span and max(span[0], rows[0]) < min(span[1], rows[1]):
+                    raise ToEError(f"data.train_traces.rows {rows} overlap data.{name} {span} of the same items: "
+                                   "a row trained on must never be scored or tuned on; give disjoint rows")
         for name in ("reported", "tuning"):
             span = getattr(self, name)
             if span is not None and (len(span) != 2 or not 0 <= span[0] < span[1]):
@@ -312,60 +352,6 @@ def check_options(where: str, options: dict, command: str) -> None:
             close = [p for p in sorted(params - STUDY_SETS) if p[:4] == key[:4]][:3]
             raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
                            (f" (did you mean {', '.join(close)}?)" if close else ""))
-
-
-# -- reading the YAML into the dataclasses, with one-line errors -----------------------------------------------------
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        if value is None and type(None) in args:
-            return None
-        return _check_type(value, next(a for a in args if a is not type(None)), where)
-    if origin is Literal:
-        if value not in args:
-            raise ToEError(f"{where}: {value!r}: use one of {', '.join(map(str, args))}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ToEError(f"{where}: {value!r}: expected a list")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ToEError(f"{where}: {value!r}: expected a mapping (key: value)")
-        return {str(k): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ToEError(f"{where}: {value!r}: expected {hint.__name__}")
-    return value
-
-
-def build(cls: type, raw: Any, where: str) -> Any:
-    """``cls(**raw)`` with unknown, missing and mistyped keys refused in one line each."""
-    if not isinstance(raw, dict):
-        raise ToEError(f"{where or 'study config'}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ToEError(f"{where or 'study config'}: unknown key {unknown[0]!r} (keys: {', '.join(known)})")
-    missing = [n for n, f in known.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ToEError(f"{where or 'study config'}: missing {missing[0]!r}")
-    prefix = f"{where}." if where else ""
-    kwargs = {}
-    for k, v in raw.items():
-        if cls is StudyConfig and k == "rows" and isinstance(v, list):  # rows.NAME in messages
-            kwargs[k] = [build(Row, r, f"{prefix}rows.{r.get('name', i) if isinstance(r, dict) else i}")
-                         for i, r in enumerate(v)]
-        else:
-            kwargs[k] = _check_type(v, hints[k], prefix + k)
-    return cls(**kwargs)
 
 
 def load_study(path: str) -> StudyConfig:

@@ -55,13 +55,19 @@ def flops_per_token(cfg) -> float:
 
 
 def _tokens(study, tok) -> tuple[int, float]:
-    """(rows, mean tokens per row) of the training data (first 200 rows, capped at max_length)."""
+    """(rows, mean tokens per row) of the training data (first 200 rows, capped at max_length); before the study
+    made its traces (data.train_traces), the rows it generates for, their gold solutions standing in for the traces."""
     from ..data import DataSpec, read_rows
 
-    rows = read_rows(study.train_data)
     d = study.cfg.data
-    spec = DataSpec(**{k: v for k, v in dict(prompt_field=d.prompt_field, response_field=d.response_field,
-                                              template=study.cfg.pair.template).items() if v is not None})
+    tr = d.train_traces
+    if tr is not None and not os.path.isfile(study.train_data):
+        rows = read_rows(study.resolve(tr.items, "data.train_traces.items"))[tr.rows[0]:tr.rows[1]]
+        fields = dict(prompt_field=d.prompt_field)
+    else:
+        rows = read_rows(study.train_data)
+        fields = dict(prompt_field=d.prompt_field, response_field=d.train_response_field())
+    spec = DataSpec(**{k: v for k, v in dict(**fields, template=study.cfg.pair.template).items() if v is not None})
     spec = spec.for_tokenizer(tok)
     lengths = [min(d.max_length, len(tok(spec.prompt(r) + spec.response(r))["input_ids"])) for r in rows[:200]]
     return len(rows), sum(lengths) / max(1, len(lengths))

@@ -29,7 +29,8 @@ class StudyRuns:
     # -- what each step runs -------------------------------------------------------------------------------------
     def common(self) -> dict:
         d = self.cfg.data
-        fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.response_field)) if v}
+        fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.train_response_field()))
+                  if v}
         return dict(template=self.cfg.pair.template, max_length=d.max_length, **fields)
 
     def run_answers(self, tuning: bool = False) -> None:
@@ -52,6 +53,27 @@ class StudyRuns:
                            f"empty; {100 * got['truncated_share']:.0f} % cut at scoring.max_new_tokens "
                            f"{self.cfg.scoring.max_new_tokens}): raise it, or give data.answers / data.tuning_answers")
         os.replace(tmp, target)
+
+    def run_train_traces(self) -> None:
+        """The training data (data.train_traces): the teacher's greedy traces of the asked rows, graded, the correct
+        ones kept (all with keep_incorrect), shortest first; resumed batch by batch after a kill."""
+        from ..commands.evaluate import traces
+
+        tr = self.cfg.data.train_traces
+        tmp = self.train_data + ".partial"
+        got = traces(teacher=self.teacher, data=self.resolve(tr.items, "data.train_traces.items"), out=tmp,
+                     task=tr.task, skip=tr.rows[0], limit=tr.rows[1] - tr.rows[0], template=self.cfg.pair.template,
+                     max_new_tokens=tr.max_new_tokens or self.cfg.scoring.max_new_tokens,
+                     batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype,
+                     keep_incorrect=tr.keep_incorrect, teacher_device_map=self.cfg.pair.teacher_device_map,
+                     resume=True, overwrite=True)
+        if got["kept"] < self.cfg.budget.batch_size:
+            why = "empty" if tr.keep_incorrect else "wrong or empty"
+            raise ToEError(f"the teacher's traces kept {got['kept']} of {got['generated']} rows (the others were {why}), "
+                           f"fewer than budget.batch_size {self.cfg.budget.batch_size}: give more "
+                           "data.train_traces.rows or a higher max_new_tokens" +
+                           ("" if tr.keep_incorrect else ", or keep_incorrect: true"))
+        os.replace(tmp, self.train_data)
 
     def run_answer_set(self, name: str) -> None:
         """The teacher's greedy answers (all kept) to the rows of the answer set ``name``: its CE target."""
