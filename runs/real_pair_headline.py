@@ -1,0 +1,90 @@
+"""The real-pair studies' headline, rendered from their tables (never typed by hand): the teacher's margin over the
+no-teacher control and ToE minus LoRA at both budgets (v2: 40 steps of 4 sequences, 3 seeds; v3: 4 passes over the
+traces), what the state loss adds, and the predictability ceiling of any static bank.
+
+    python runs/real_pair_headline.py            # writes results/real_pair_headline.md and README's section
+
+Reads results/real_pair_v2/table.json and results/real_pair_v3/table.json (`toe study` writes them after every
+scoring); a comparison a study has not scored yet reads "not run yet". README.md holds the output between
+``<!-- headline:real_pair -->`` and ``<!-- /headline:real_pair -->``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from tree_of_experts.evaluation.study_stats import verdict_word
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+STUDIES = {"v2": "results/real_pair_v2/table.json", "v3": "results/real_pair_v3/table.json"}
+QUESTIONS = [  # (what it asks, comparison A - B) in CE on the teacher's GSM8K answers
+    ("the teacher's margin: ToE minus its no-teacher control", "toe3-off", "ctl3"),
+    ("ToE minus LoRA r8 (same text, objective, budget)", "toe3-off", "lora8-off"),
+    ("what the state loss adds to ToE", "toe3-off-state", "toe3-off"),
+    ("what the state loss adds to LoRA", "lora8-off-state", "lora8-off"),
+]
+GAP_ROWS = ["toe3-off", "ctl3", "lora8-off", "toe3-off-state", "lora8-off-state"]
+CEILING = [("the live teacher's δ (O1, trained map)", "ceiling3:O1-map"),
+           ("δ̂(h) predicted from the base's state, MLP", "ceiling3:predicted-mlp"),
+           ("δ̂(h) predicted, ridge", "ceiling3:predicted-ridge"),
+           ("the mean δ added everywhere (static)", "ceiling3:static-mean")]
+
+
+def load(path: str) -> dict:
+    full = os.path.join(ROOT, path)
+    return json.load(open(full)) if os.path.isfile(full) else {"rows": [], "comparisons": []}
+
+
+def interval(entry: dict, f) -> str:
+    lo, hi = entry["ci95"]
+    return f(entry["point"]) if lo is None else f"{f(entry['point'])} [{f(lo)}, {f(hi)}]"
+
+
+def comparison(table: dict, a: str, b: str) -> str:
+    for c in table["comparisons"]:
+        if c["a"] == a and c["b"] == b and c["target"] == "ce":
+            word = {"better": "A better", "worse": "A worse", "level": "level"}.get(verdict_word(c, "ce"), "no interval")
+            return f"{interval(c, lambda v: f'{v:+.4f}')}: **{word}** ({c['seeds'][0]}/{c['seeds'][1]} seeds)"
+    return "not run yet"
+
+
+def gap(table: dict, row: str) -> str:
+    for r in table["rows"]:
+        if r["name"] == row and "gap_closed" in r.get("ce", {}):
+            return f"{interval(r['ce']['gap_closed'], lambda v: f'{100 * v:.1f} %')} ({r['ce']['seeds']} seed(s))"
+    return "not run yet"
+
+
+def render() -> str:
+    tables = {k: load(p) for k, p in STUDIES.items()}
+    lines = ["| CE on the teacher's answers (nats; A − B, below 0: A better) | v2: 40 steps × 4 sequences | "
+             "v3: 4 passes (209 steps × 4) |", "|---|---|---|"]
+    lines += [f"| {q} (`{a}` − `{b}`) | {comparison(tables['v2'], a, b)} | {comparison(tables['v3'], a, b)} |"
+              for q, a, b in QUESTIONS]
+    lines += ["", "| share of the base–teacher CE gap closed | v2 | v3 |", "|---|---|---|"]
+    lines += [f"| `{r}` | {gap(tables['v2'], r)} | {gap(tables['v3'], r)} |" for r in GAP_ROWS]
+    lines += ["", "| the ceiling of any static bank at layers 5, 11, 17 (v2's extraction) | gap closed |", "|---|---|"]
+    lines += [f"| {what} | {gap(tables['v2'], row)} |" for what, row in CEILING]
+    lines += ["", "95 % intervals: a bootstrap over seeds, then items (100 GSM8K dev items; over items only for one "
+              "seed). Rendered by `python runs/real_pair_headline.py` from the studies' `table.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    md = render()
+    with open(os.path.join(ROOT, "results", "real_pair_headline.md"), "w") as f:
+        f.write(md)
+    readme = os.path.join(ROOT, "README.md")
+    start, end = "<!-- headline:real_pair -->", "<!-- /headline:real_pair -->"
+    text = open(readme).read()
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{md}{end}", text, flags=re.S)
+        with open(readme, "w") as f:
+            f.write(text)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
