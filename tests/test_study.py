@@ -241,6 +241,13 @@ def test_the_reading_rule():
     assert "undefined" in reading({"point": 0.1, "ci95": [None, None]}, "ce", "a", "b")
 
 
+@pytest.mark.parametrize("name", ["real_pair_v2", "real_pair_v2_sweep", "real_pair_v3", "seed_scale"])
+def test_every_shipped_study_config_reads(name):
+    """Each config under studies/ is a valid study (read and checked; nothing resolved or loaded)."""
+    cfg = load_study(os.path.join(os.path.dirname(__file__), "..", "studies", f"{name}.yaml"))
+    assert cfg.rows and cfg.name == name
+
+
 def test_the_shipped_toy_study_config_is_valid(tmp_path):
     from tree_of_experts.recipes.study_config import load_study
 
