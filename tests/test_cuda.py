@@ -82,3 +82,19 @@ def test_the_shape_bench_runs_on_cuda(tmp_path):
     assert r["device"].startswith("cuda") and r["shapes"]["base_layers"] == [4, 4]  # the real depth on a GPU
     assert r["extraction"]["bytes_per_token"] == r["extraction"]["bytes_per_token_formula"]
     assert all(v["gpu_bytes"] > 0 for v in r["peak_memory"].values())
+
+
+def test_state_targets_are_computed_on_the_training_device(experts):
+    """With --state_loss_weight on a GPU, a batch's targets h⁰ + δ are computed on the device (the fusion map is
+    cheap there, not on the host) and equal the CPU's up to float rounding; a state-loss run trains on CUDA."""
+    from tree_of_experts.data import DataSpec
+    from tree_of_experts.hf.loading import load_tokenizer
+    from tree_of_experts.training.examples import load_examples
+
+    tok = load_tokenizer(str(experts / "base"))
+    rows = {dev: load_examples(FIXTURE, DataSpec().for_tokenizer(tok), tok, 512, None, str(experts / "ex"), False,
+                               with_targets=True, device=dev)[0] for dev in ("cpu", "cuda")}
+    cpu, gpu = rows["cpu"][0].loaded(), rows["cuda"][0].loaded()
+    assert rows["cuda"][0].ref.device == "cuda" and gpu.target.device.type == "cpu"  # batches are built on the host
+    assert torch.allclose(cpu.target.float(), gpu.target.float(), atol=1e-2) and torch.allclose(
+        cpu.target_norm2, gpu.target_norm2, rtol=1e-3, atol=1e-4)

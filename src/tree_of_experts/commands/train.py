@@ -125,7 +125,7 @@ def train(
     wants_kd = loss.kd(1.0) > 0 and on_policy.ratio < 1  # on-policy steps distil the live teacher
     examples, has_kd, skipped = load_examples(data, text.spec().for_tokenizer(tok), tok, text.max_length, text.limit,
                                               experts, wants_kd, cached_layer, text.skip_truncated,
-                                              with_targets=loss.state_loss_weight > 0)
+                                              with_targets=loss.state_loss_weight > 0, device=accel.device)
     _check_examples(examples, experts, data, fit.cached_states, loss.state_loss_weight > 0)
     use_kd = has_kd and loss.kd(1.0) > 0
     if loss.ce_weight == 0 and not use_kd and not loss.state_loss_weight:

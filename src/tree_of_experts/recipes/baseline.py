@@ -247,7 +247,7 @@ def _train_adapter(kind: str, base: str, data: str, out: str, experts: str | Non
     base_model = load_causal_lm(base, dtype=runtime.dtype)
     examples, has_kd, _ = load_examples(data, spec, tok, text.max_length, text.limit, experts or "", kd > 0,
                                         skip_truncated=text.skip_truncated, without_kd="--kd_weight 0",
-                                        with_targets=bool(loss.state_loss_weight))
+                                        with_targets=bool(loss.state_loss_weight), device=accel.device)
     if loss.state_loss_weight and not any(e.has("target") for e in examples):
         raise ToEError(f"--state_loss_weight needs {experts}'s cached states for {data}: extract from this file "
                        "with the same --template/--max_length/fields, or pass 0")

@@ -33,6 +33,7 @@ class ShardRef:
     state_key: str | None = None
     signal: Callable | None = None
     num_layers: int = 0
+    device: str = "cpu"  # where the targets are computed: the signal's device
 
     def fields(self) -> list[str]:
         """The shard's fields a batch reads for this example (its input ids too: the rows must still be its)."""
@@ -53,7 +54,8 @@ class ShardRef:
         got = read_rows(self.path, self.rows, self.fields())
         if not torch.equal(got["input_ids"], ids):
             raise ToEError(f"{self.path} rows {self.rows} no longer hold this example: restart the run")
-        target, norm2 = state_targets(got, self.num_layers, self.signal) if self.signal is not None else (None, None)
+        target, norm2 = (state_targets(got, self.num_layers, self.signal, self.device) if self.signal is not None
+                         else (None, None))
         return {"topk_ids": got.get("topk_ids"), "topk_logp": got.get("topk_logp"),
                 "state": got.get(self.state_key) if self.state_key else None, "target": target, "target_norm2": norm2}
 
@@ -111,23 +113,25 @@ def encode_rows(data: str, spec: DataSpec, tok, max_length: int, limit: int | No
     return encoded, [i for i in range(len(encoded)) if i not in gone]
 
 
-def state_targets(ex: dict, num_layers: int, signal) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, T, D) fp16 h⁰ + δ and (L, T) ‖δ‖² of one cached example (δ 0 on tokens that are not valid)."""
-    valid = ex["valid"].bool()
+def state_targets(ex: dict, num_layers: int, signal, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, T, D) fp16 h⁰ + δ and (L, T) ‖δ‖² of one cached example (δ 0 on tokens that are not valid), computed on
+    ``device`` (the signal's: the training device, where the fusion map is cheap) and returned on the CPU."""
+    valid = ex["valid"].bool().to(device)
     targets, norms = [], []
     with torch.no_grad():
         for j in range(num_layers):
-            h, u = ex[f"base.{j}"].float(), ex[f"teacher.{j}"].float()
+            h, u = ex[f"base.{j}"].to(device).float(), ex[f"teacher.{j}"].to(device).float()
             d = signal(j, u[None], h[None])[0].float() * valid[:, None]
-            targets.append((h + d).half())
-            norms.append(d.pow(2).sum(-1))
+            targets.append((h + d).half().cpu())
+            norms.append(d.pow(2).sum(-1).cpu())
     return torch.stack(targets), torch.stack(norms)
 
 
 def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | None, experts: str,
                   use_kd: bool, cached_state_layer: int | None = None,
                   skip_truncated: bool = False, without_kd: str = "--no_kd true",
-                  with_targets: bool = False) -> tuple[list[Example], bool, int]:
+                  with_targets: bool = False, device: str | torch.device = "cpu") -> tuple[list[Example], bool, int]:
     """Tokenizes the training rows (:func:`encode_rows`: rows with nothing of their response left are refused, or
     skipped with ``skip_truncated``); attaches what the extraction cached for the same rows (same data file, same
     tokens): the teacher's top-k when ``use_kd``, and with ``cached_state_layer`` (an injection layer of the
@@ -153,14 +157,14 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
     if with_targets:
         from ..extraction.fusion import extraction_signal
 
-        signal = extraction_signal(extraction, run["layers"])[0]
+        signal = extraction_signal(extraction, run["layers"], device)[0]  # the targets computed on the device
     if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
         stamps: dict[str, tuple[int, int]] = {}
         for i, path, rows, keys, ids in extraction.example_refs():  # where each example's fields are, not the fields
             with_states = with_targets and "teacher.0" in keys  # an example with states: state targets
             ref = ShardRef(path, rows, stamps.setdefault(path, shard_stamp(path)), use_kd and "topk_ids" in keys,
                            state_key if state_key in keys else None, signal if with_states else None,
-                           len(run["layers"]) if with_states else 0)
+                           len(run["layers"]) if with_states else 0, str(device))
             lost = sorted(set(ref.fields()) - keys)
             if lost:  # refused now, not at the batch that reads it
                 raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
