@@ -26,6 +26,8 @@ QUESTIONS = [  # (what it asks, comparison A - B) in CE on the teacher's GSM8K a
     ("what the state loss adds to LoRA", "lora8-off-state", "lora8-off"),
 ]
 GAP_ROWS = ["toe3-off", "ctl3", "lora8-off", "toe3-off-state", "lora8-off-state"]
+CONFIGS = {"v2": "studies/real_pair_v2.yaml", "v3": "studies/real_pair_v3.yaml"}
+NOT_RUN, NOT_IN = "not run yet", "–"
 CEILING = [("the live teacher's δ (O1, trained map)", "ceiling3:O1-map"),
            ("δ̂(h) predicted from the base's state, MLP", "ceiling3:predicted-mlp"),
            ("δ̂(h) predicted, ridge", "ceiling3:predicted-ridge"),
@@ -34,7 +36,16 @@ CEILING = [("the live teacher's δ (O1, trained map)", "ceiling3:O1-map"),
 
 def load(path: str) -> dict:
     full = os.path.join(ROOT, path)
-    return json.load(open(full)) if os.path.isfile(full) else {"rows": [], "comparisons": []}
+    if not os.path.isfile(full):
+        raise SystemExit(f"{path} not found: run (or render) that study first")
+    return json.load(open(full))
+
+
+def planned(config: str) -> set[str]:
+    """The rows a study's config names (a row it does not name reads "not in this study", not "not run yet")."""
+    import yaml
+
+    return {r["name"] for r in yaml.safe_load(open(os.path.join(ROOT, config)))["rows"]}
 
 
 def interval(entry: dict, f) -> str:
@@ -46,29 +57,41 @@ def comparison(table: dict, a: str, b: str) -> str:
     for c in table["comparisons"]:
         if c["a"] == a and c["b"] == b and c["target"] == "ce":
             word = {"better": "A better", "worse": "A worse", "level": "level"}.get(verdict_word(c, "ce"), "no interval")
-            return f"{interval(c, lambda v: f'{v:+.4f}')}: **{word}** ({c['seeds'][0]}/{c['seeds'][1]} seeds)"
-    return "not run yet"
+            seeds = f"A {c['seeds'][0]}, B {c['seeds'][1]} seed(s)" + (
+                "; interval over items only" if 1 in c["seeds"] and not c.get("paired_on_seeds") else "")
+            return f"{interval(c, lambda v: f'{v:+.4f}')}: **{word}** ({seeds})"
+    return NOT_RUN
 
 
 def gap(table: dict, row: str) -> str:
     for r in table["rows"]:
         if r["name"] == row and "gap_closed" in r.get("ce", {}):
             return f"{interval(r['ce']['gap_closed'], lambda v: f'{100 * v:.1f} %')} ({r['ce']['seeds']} seed(s))"
-    return "not run yet"
+    return NOT_RUN
 
 
 def render() -> str:
     tables = {k: load(p) for k, p in STUDIES.items()}
+    rows = {k: planned(p) for k, p in CONFIGS.items()}
+
+    def cmp(v: str, a: str, b: str) -> str:
+        return comparison(tables[v], a, b) if {a, b} <= rows[v] | {"base", "teacher"} else NOT_IN
+
+    def closed(v: str, r: str) -> str:
+        return gap(tables[v], r) if r.split(":")[0] in rows[v] else NOT_IN
+
     lines = ["| CE on the teacher's answers (nats; A − B, below 0: A better) | v2: 40 steps × 4 sequences | "
              "v3: 4 passes (209 steps × 4) |", "|---|---|---|"]
-    lines += [f"| {q} (`{a}` − `{b}`) | {comparison(tables['v2'], a, b)} | {comparison(tables['v3'], a, b)} |"
-              for q, a, b in QUESTIONS]
+    lines += [f"| {q} (`{a}` − `{b}`) | {cmp('v2', a, b)} | {cmp('v3', a, b)} |" for q, a, b in QUESTIONS]
     lines += ["", "| share of the base–teacher CE gap closed | v2 | v3 |", "|---|---|---|"]
-    lines += [f"| `{r}` | {gap(tables['v2'], r)} | {gap(tables['v3'], r)} |" for r in GAP_ROWS]
-    lines += ["", "| the ceiling of any static bank at layers 5, 11, 17 (v2's extraction) | gap closed |", "|---|---|"]
-    lines += [f"| {what} | {gap(tables['v2'], row)} |" for what, row in CEILING]
-    lines += ["", "95 % intervals: a bootstrap over seeds, then items (100 GSM8K dev items; over items only for one "
-              "seed). Rendered by `python runs/real_pair_headline.py` from the studies' `table.json`."]
+    lines += [f"| `{r}` | {closed('v2', r)} | {closed('v3', r)} |" for r in GAP_ROWS]
+    lines += ["", "| what a teacher-free gate could select at layers 5, 11, 17 (`toe oracle`, v2's extraction): δ "
+              "injected | gap closed |", "|---|---|"]
+    lines += [f"| {what} | {closed('v2', row)} |" for what, row in CEILING]
+    lines += ["", "95 % intervals: a bootstrap over seeds, then items (GSM8K dev items; over items only for a "
+              "one-seed row). – : not a row of that study. The oracle rows inject δ on the extraction's cached states "
+              "(the trained map's δ with the live teacher's states; δ̂(h) predicted from the base's state alone; the "
+              "mean δ). Rendered by `python runs/real_pair_headline.py` from the studies' `table.json`."]
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,11 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(data__train=None, data__train_traces={"items": FIXTURE, "rows": [12, 24]}),
      "data.train_traces.rows [12, 24] overlap data.reported [8, 20]"),
     (dict(data__train=None, data__train_traces={"items": FIXTURE, "rows": [20, 30]}), "has 24 rows"),
+    (dict(data__train=None, data__train_traces={"items": FIXTURE, "rows": [20, 24]},
+          scoring__answer_sets={"more": {"items": FIXTURE, "rows": [22, 24], "task": "gsm8k"}}),
+     "overlap scoring.answer_sets.more.rows [22, 24]"),
+    (dict(scoring__curve_every=2, scoring__curve_seeds=[2]), "scoring.curve_seeds [2]: give seeds from 0 to 1"),
+    (dict(scoring__curve_seeds=[0]), "with scoring.curve_every set"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
     import tree_of_experts.hf.loading as hf
@@ -592,3 +597,12 @@ def test_a_study_makes_its_training_traces_first_and_trains_on_them(pair, tmp_pa
     summary = json.load(open(tmp_path / "s" / "train" / "toe" / "train_summary.json"))
     assert summary["examples"] == 12 and summary["steps"] - summary["stage_a_steps"] == 3  # an epoch of 12, 4 a step
     assert study(cfg, str(tmp_path / "s"))["ran"] == []
+    edited = yaml.safe_load(open(cfg))
+    edited["data"]["train_traces"]["max_new_tokens"] = 16  # other traces than the ones kept: refused, not reused
+    open(cfg, "w").write(yaml.safe_dump(edited))
+    with pytest.raises(ToEError, match="was made with another max_new_tokens"):
+        study(cfg, str(tmp_path / "s"))
+    from tree_of_experts.recipes.study_config import Data, TrainTraces
+
+    math = Data(items=FIXTURE, train_traces=TrainTraces(items="math.jsonl", rows=[0, 8], task="math"))
+    assert (math.train_prompt_field(), math.train_response_field()) == ("problem", "trace")  # MATH rows' fields

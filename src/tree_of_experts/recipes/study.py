@@ -145,13 +145,16 @@ class Study(StudyRuns, StudyChecks):
                               lambda name=name: self.run_answer_set(name),
                               {"kind": "answers", "n": aset.rows[1] - aset.rows[0],
                                "new": aset.max_new_tokens or cfg.scoring.max_new_tokens}))
-        first = []  # what every extraction and training needs first: the training data, when the study makes it
+        needs_data = []  # what every extraction and training needs first: the training data, when the study makes it
         if cfg.data.train_traces is not None:
             tr = cfg.data.train_traces
-            steps.append(Step("train-traces", [], lambda: os.path.isfile(self.train_data), self.run_train_traces,
+            trained = [lab for r in cfg.rows if r.kind != "oracle" for lab in r.labels()]
+            # made, or needed by nothing left (every row's kept results exist: a fresh clone skips it)
+            steps.append(Step("train-traces", [], lambda: os.path.isfile(self.train_data) or all(
+                self.trained(lab) for lab in trained), self.run_train_traces,
                               {"kind": "answers", "n": tr.rows[1] - tr.rows[0],
                                "new": tr.max_new_tokens or cfg.scoring.max_new_tokens}))
-            first = ["train-traces"]
+            needs_data = ["train-traces"]
         if cfg.scoring.curve_every:
             steps.append(Step("tuning-answers", [], lambda: os.path.isfile(self.tuning_answers),
                               lambda: self.run_answers(tuning=True), {"kind": "answers"}))
@@ -165,13 +168,13 @@ class Study(StudyRuns, StudyChecks):
         steps_n = cfg.budget.steps or cfg.budget.steps_for(self.n_train())
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
-                deps = list(first)
+                deps = list(needs_data)
                 own = f"extract/{os.path.basename(self.extraction(row.layers, extract=self.row_extract(row)))}" \
                     if row.layers else None
                 if row.layers and row.kind != "oracle" and own not in extractions:
                     _refuse_shared(own, rebuilds, row.name)
                     extractions.add(own)
-                    steps.append(Step(own, list(first), self.extraction_done(row.layers, extract=row.extract),
+                    steps.append(Step(own, list(needs_data), self.extraction_done(row.layers, extract=row.extract),
                                       self.run_extract(row.layers, row.extract),
                                       {"kind": "extract", "layers": row.layers, "options": row.extract}))
                 if row.layers and row.kind != "oracle":
@@ -279,11 +282,14 @@ class Study(StudyRuns, StudyChecks):
         scoring."""
         times = os.path.join(self.out, TIMES)
         made = {"ran": [], "waited": False}
-        if self.cfg.data.train_traces is not None and not os.path.isfile(self.train_data):
-            # the training data first: the rows' step counts (budget.epochs) are the traces kept
-            made = run_steps([s for s in self.steps() if s.id == "train-traces"], self.lock_folder, render, poll_s,
+        selected = self.selected_steps(rows, targets, seeds)
+        needed = any("train-traces" in s.deps and not s.done() for s in selected)  # by a pending step, or not made
+        if needed and any(s.id == "train-traces" and not s.done() for s in selected):
+            # the training data first: the rows' step counts (an epochs budget) are the traces kept
+            made = run_steps([s for s in selected if s.id == "train-traces"], self.lock_folder, render, poll_s,
                              times=times)
-        result = run_steps(self.selected_steps(rows, targets, seeds), self.lock_folder, render, poll_s, times=times)
+        steps = [s for s in self.selected_steps(rows, targets, seeds) if s.id != "train-traces" or needed]
+        result = run_steps(steps, self.lock_folder, render, poll_s, times=times)
         return {"ran": made["ran"] + result["ran"], "waited": made["waited"] or result["waited"]}
 
 

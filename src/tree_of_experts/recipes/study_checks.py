@@ -30,10 +30,17 @@ class StudyChecks:
         for name in self.cfg.scoring.answer_sets:
             if any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
                 self.check_answer_set(name)
-        if tr is not None and "train-traces" in pending and not train[1].startswith("hf:"):
+        if tr is not None and "train-traces" in pending:
             n = len(read_rows(train[1]))
             if tr.rows[1] > n:
                 raise ToEError(f"data.train_traces.rows {tr.rows}: {train[1]} has {n} rows")
+        made = self.train_data + ".json"
+        if tr is not None and os.path.isfile(self.train_data) and os.path.isfile(made):
+            was = read_json(made, "delete it and the traces beside it to make them again")
+            changed = sorted(k for k, v in self.traces_settings().items() if was.get(k) != v)
+            if changed:
+                raise ToEError(f"{self.train_data} was made with another {', '.join(changed)} than data.train_traces "
+                               "now asks: delete it (and its .json) to make the traces again, or use another --out")
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
             raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
@@ -82,7 +89,10 @@ class StudyChecks:
         """A kept run trained with another budget or seed than the config now asks, or (for a row with its own
         ``extract`` options) on another extraction, is refused, not reused: an edited config would otherwise keep
         results it no longer describes."""
-        steps_n = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+        tr = self.cfg.data.train_traces
+        # before the study made its traces, an epochs budget's step count is not known: checked once they are made
+        estimate = tr is not None and not os.path.isfile(self.train_data) and not self.cfg.budget.steps
+        steps_n = None if estimate else self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
         for row in self.cfg.rows:
             for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
                 for name in ("train_args.json", "baseline_args.json"):
@@ -91,6 +101,8 @@ class StudyChecks:
                         continue
                     args = read_json(path, "delete the kept run to train it again")
                     want = {"max_steps": steps_n, "batch_size": self.cfg.budget.batch_size, "seed": seed}
+                    if steps_n is None:
+                        del want["max_steps"]
                     differ = [f"{k} {args.get(k)} (the config: {v})" for k, v in want.items()
                               if k in args and args[k] != v]
                     if differ:

@@ -90,6 +90,13 @@ class Data:
         makes them."""
         return self.response_field or ("trace" if self.train_traces is not None else None)
 
+    def train_prompt_field(self) -> str | None:
+        """The training data's question field: prompt_field, or its task's (MATH: ``problem``) when the study makes
+        the traces (they keep their items' fields)."""
+        from ..evaluation.tasks import TASK_FIELDS
+
+        return self.prompt_field or (TASK_FIELDS[self.train_traces.task][0] if self.train_traces else None)
+
     def __post_init__(self) -> None:
         if (self.train is None) == (self.train_traces is None):
             raise ToEError("data: give the training data as data.train (a JSONL file) or data.train_traces (the "
@@ -293,9 +300,17 @@ class StudyConfig:
             raise ToEError("scoring.curve_every scores the learning curves on the tuning rows: give data.tuning")
         if self.scoring.curve_every < 0:
             raise ToEError(f"scoring.curve_every {self.scoring.curve_every}: give a step count >= 1, or 0 for none")
-        if any(k < 0 for k in self.scoring.curve_seeds or []):
-            raise ToEError(f"scoring.curve_seeds {self.scoring.curve_seeds}: seeds are 0, 1, ...: give those whose "
-                           "curves to keep")
+        most = max((r.seeds for r in self.rows), default=1)
+        if any(not 0 <= k < most for k in self.scoring.curve_seeds or []) or (
+                self.scoring.curve_seeds is not None and not self.scoring.curve_every):
+            raise ToEError(f"scoring.curve_seeds {self.scoring.curve_seeds}: give seeds from 0 to {most - 1} (the "
+                           "rows' seeds), with scoring.curve_every set")
+        traces = self.data.train_traces
+        for name, aset in self.scoring.answer_sets.items():  # trained-on rows must not be scored either
+            if traces and os.path.abspath(aset.items) == os.path.abspath(traces.items) and \
+                    max(aset.rows[0], traces.rows[0]) < min(aset.rows[1], traces.rows[1]):
+                raise ToEError(f"data.train_traces.rows {traces.rows} overlap scoring.answer_sets.{name}.rows "
+                               f"{aset.rows} of the same items: give disjoint rows")
         for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
             check_options(group, getattr(self, group), fn)
             k = getattr(self, group).get("gradient_accumulation_steps", 1)

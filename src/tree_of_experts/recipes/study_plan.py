@@ -61,15 +61,17 @@ def _tokens(study, tok) -> tuple[int, float]:
 
     d = study.cfg.data
     tr = d.train_traces
+    fields = {"prompt_field": d.train_prompt_field(), "response_field": d.train_response_field(),
+              "template": study.cfg.pair.template}
+    spec = DataSpec(**{k: v for k, v in fields.items() if v is not None}).for_tokenizer(tok)
     if tr is not None and not os.path.isfile(study.train_data):
+        # before the traces exist: their prompts, each with a trace as long as its cap (an upper bound)
         rows = read_rows(study.resolve(tr.items, "data.train_traces.items"))[tr.rows[0]:tr.rows[1]]
-        fields = dict(prompt_field=d.prompt_field)
+        cap = tr.max_new_tokens or study.cfg.scoring.max_new_tokens
+        lengths = [min(d.max_length, len(tok(spec.prompt(r))["input_ids"]) + cap) for r in rows[:200]]
     else:
         rows = read_rows(study.train_data)
-        fields = dict(prompt_field=d.prompt_field, response_field=d.train_response_field())
-    spec = DataSpec(**{k: v for k, v in dict(**fields, template=study.cfg.pair.template).items() if v is not None})
-    spec = spec.for_tokenizer(tok)
-    lengths = [min(d.max_length, len(tok(spec.prompt(r) + spec.response(r))["input_ids"])) for r in rows[:200]]
+        lengths = [min(d.max_length, len(tok(spec.prompt(r) + spec.response(r))["input_ids"])) for r in rows[:200]]
     return len(rows), sum(lengths) / max(1, len(lengths))
 
 

@@ -29,8 +29,8 @@ class StudyRuns:
     # -- what each step runs -------------------------------------------------------------------------------------
     def common(self) -> dict:
         d = self.cfg.data
-        fields = {k: v for k, v in (("prompt_field", d.prompt_field), ("response_field", d.train_response_field()))
-                  if v}
+        fields = {k: v for k, v in (("prompt_field", d.train_prompt_field()),
+                                    ("response_field", d.train_response_field())) if v}
         return dict(template=self.cfg.pair.template, max_length=d.max_length, **fields)
 
     def run_answers(self, tuning: bool = False) -> None:
@@ -73,7 +73,15 @@ class StudyRuns:
                            f"fewer than budget.batch_size {self.cfg.budget.batch_size}: give more "
                            "data.train_traces.rows or a higher max_new_tokens" +
                            ("" if tr.keep_incorrect else ", or keep_incorrect: true"))
+        atomic_write_json(self.train_data + ".json", self.traces_settings())  # what made them (checked on reruns)
         os.replace(tmp, self.train_data)
+
+    def traces_settings(self) -> dict:
+        """What the training traces are made of: an edited data.train_traces must not keep the old file."""
+        tr = self.cfg.data.train_traces
+        return {"teacher": self.teacher, "template": self.cfg.pair.template, "items": tr.items, "rows": tr.rows,
+                "task": tr.task, "max_new_tokens": tr.max_new_tokens or self.cfg.scoring.max_new_tokens,
+                "keep_incorrect": tr.keep_incorrect}
 
     def run_answer_set(self, name: str) -> None:
         """The teacher's greedy answers (all kept) to the rows of the answer set ``name``: its CE target."""
