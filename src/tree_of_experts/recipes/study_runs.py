@@ -79,8 +79,9 @@ class StudyRuns:
     def traces_settings(self) -> dict:
         """What the training traces are made of: an edited data.train_traces must not keep the old file."""
         tr = self.cfg.data.train_traces
-        return {"teacher": self.teacher, "template": self.cfg.pair.template, "items": tr.items, "rows": tr.rows,
-                "task": tr.task, "max_new_tokens": tr.max_new_tokens or self.cfg.scoring.max_new_tokens,
+        # as the config names them (not resolved: a study folder moved to another machine keeps its traces)
+        return {"teacher": self.cfg.pair.teacher, "template": self.cfg.pair.template, "items": tr.items,
+                "rows": tr.rows, "task": tr.task, "max_new_tokens": tr.max_new_tokens or self.cfg.scoring.max_new_tokens,
                 "keep_incorrect": tr.keep_incorrect}
 
     def run_answer_set(self, name: str) -> None:
