@@ -574,7 +574,9 @@ def test_a_study_makes_its_training_traces_first_and_trains_on_them(pair, tmp_pa
     def fake_traces(teacher, data, out, skip, limit, keep_incorrect, max_new_tokens, **kw):
         rows = [json.loads(x) for x in open(data)][skip:skip + limit]
         asked.append((skip, limit, keep_incorrect, max_new_tokens))
-        kept = [{**r, "trace": r["answer"].split("####")[0].strip(), "correct": True} for r in rows[::2]]
+        kept = [{**r, "trace": r["answer"].split("####")[0].strip(), "correct": True, "truncated": False}
+                for r in rows[::2]]
+        kept[-1]["truncated"] = True  # correct by its last number, but cut at the cap: left out
         open(out, "w").write("".join(json.dumps(r) + "\n" for r in kept))
         return {"kept": len(kept), "generated": len(rows)}
 
@@ -589,13 +591,13 @@ def test_a_study_makes_its_training_traces_first_and_trains_on_them(pair, tmp_pa
     r = study(cfg, str(tmp_path / "s"))
     made = [json.loads(x) for x in open(tmp_path / "s" / "train-traces.jsonl")]
     assert r["ran"][0] == "train-traces" and {"train/toe", "score/ce/toe"} <= set(r["ran"])
-    assert asked == [(0, 24, False, 8)] and len(made) == 12
+    assert asked == [(0, 24, False, 8)] and len(made) == 11 and not any(m["truncated"] for m in made)
     from tree_of_experts.data import file_hash
 
     ex = json.load(open(next((tmp_path / "s" / "work").glob("extract-l1/run.json"))))
     assert ex["data_sha256"] == file_hash(str(tmp_path / "s" / "train-traces.jsonl"))  # extracted from the traces
     summary = json.load(open(tmp_path / "s" / "train" / "toe" / "train_summary.json"))
-    assert summary["examples"] == 12 and summary["steps"] - summary["stage_a_steps"] == 3  # an epoch of 12, 4 a step
+    assert summary["examples"] == 11 and summary["steps"] - summary["stage_a_steps"] == 3  # an epoch of 11, 4 a step
     assert study(cfg, str(tmp_path / "s"))["ran"] == []
     edited = yaml.safe_load(open(cfg))
     edited["data"]["train_traces"]["max_new_tokens"] = 16  # other traces than the ones kept: refused, not reused

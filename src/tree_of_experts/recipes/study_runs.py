@@ -4,6 +4,7 @@ study's pair, data and budget. :class:`tree_of_experts.recipes.study.Study` inhe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 from ..data import file_hash
 from ..errors import ToEError
-from ..files import atomic_write_json, read_json
+from ..files import atomic_write_json, atomic_write_text, read_json
 from ..folders import check_same_build
 from .study_config import Row
 
@@ -67,9 +68,17 @@ class StudyRuns:
                      batch_size=self.cfg.scoring.answer_batch_size, dtype=self.cfg.pair.dtype,
                      keep_incorrect=tr.keep_incorrect, teacher_device_map=self.cfg.pair.teacher_device_map,
                      resume=True, overwrite=True)
+        if not tr.keep_incorrect:  # a trace cut at the token cap is not a worked solution, whatever number it ends on
+            rows = [json.loads(line) for line in open(tmp)]
+            whole = [r for r in rows if not r.get("truncated")]
+            if len(whole) < len(rows):
+                log.info("train-traces: %d correct traces were cut at max_new_tokens: left out", len(rows) - len(whole))
+                atomic_write_text(tmp, "".join(json.dumps(r) + "\n" for r in whole))
+            got = {**got, "kept": len(whole)}
         if got["kept"] < self.cfg.budget.batch_size:
             why = "empty" if tr.keep_incorrect else "wrong or empty"
-            raise ToEError(f"the teacher's traces kept {got['kept']} of {got['generated']} rows (the others were {why}), "
+            raise ToEError(f"the teacher's traces kept {got['kept']} of {got['generated']} rows (the others were {why}"
+                           f"{'' if tr.keep_incorrect else ', or cut at the token cap'}), "
                            f"fewer than budget.batch_size {self.cfg.budget.batch_size}: give more "
                            "data.train_traces.rows or a higher max_new_tokens" +
                            ("" if tr.keep_incorrect else ", or keep_incorrect: true"))
