@@ -90,8 +90,8 @@ class StudyRuns:
         tr = self.cfg.data.train_traces
         # as the config names them (not resolved: a study folder moved to another machine keeps its traces)
         return {"teacher": self.cfg.pair.teacher, "template": self.cfg.pair.template, "items": tr.items,
-                "rows": tr.rows, "task": tr.task, "max_new_tokens": tr.max_new_tokens or self.cfg.scoring.max_new_tokens,
-                "keep_incorrect": tr.keep_incorrect}
+                "rows": tr.rows, "task": tr.task, "keep_incorrect": tr.keep_incorrect,
+                "max_new_tokens": tr.max_new_tokens or self.cfg.scoring.max_new_tokens}
 
     def run_answer_set(self, name: str) -> None:
         """The teacher's greedy answers (all kept) to the rows of the answer set ``name``: its CE target."""
