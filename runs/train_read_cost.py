@@ -25,7 +25,7 @@ def main(folder: str, out: str = "results/scale/train-read.json") -> None:
     ex = Extraction(folder)
     layers = ex.run()["layers"]
     signal = extraction_signal(ex, layers)[0]
-    refs = [(p, rows) for _, p, rows, keys, _ in ex.example_refs() if "teacher.0" in keys][:32]
+    refs = [(r.path, r.rows) for r in ex.example_refs(with_states=True)][:32]
     result = {"command": f"PYTHONPATH=src python runs/train_read_cost.py {folder}", "examples": len(refs),
               "mean_tokens": sum(b - a for _, (a, b) in refs) / len(refs), "threads": 1}
     # full shards only (their low state is base.0); the stamp as training takes it, so the reads are checked alike

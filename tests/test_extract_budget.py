@@ -351,8 +351,8 @@ class TwoLayers:
     def __init__(self, ex: Extraction):
         self.ex, self.folder = ex, ex.folder
 
-    def example_slices(self, which, fields):
-        return self.ex.example_slices(which, fields)
+    def example_refs(self, with_states=False, columns=()):
+        return self.ex.example_refs(with_states, columns)
 
     def iter_examples(self, which=None, with_states=False):
         for e in self.ex.iter_examples(which, with_states):

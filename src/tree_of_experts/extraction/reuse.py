@@ -112,20 +112,12 @@ def source_index(source: str, examples: list[int]) -> dict[int, tuple[str, int, 
     """Where each example sits in SOURCE's shards, {example: (shard path, first row, end row)}, read from each
     shard's ``offsets`` and ``example`` columns alone; a missing or cut shard, or one of ``examples`` (this
     extraction's) that SOURCE lacks, is refused first."""
-    from safetensors import safe_open
-
     ex = Extraction(source)
     damaged = ex.damaged_shards()
     if damaged:
         raise ToEError(f"--reuse_capture {source} lacks or holds damaged {damaged[0]}: finish or repair that "
                        "extraction first (rerun its `toe extract` command), or extract without --reuse_capture")
-    index = {}
-    for path in ex.shard_paths():
-        with safe_open(path, "pt") as f:
-            offsets, example = f.get_tensor("offsets"), f.get_tensor("example")
-        for k in range(len(offsets) - 1):
-            a, b = int(offsets[k]), int(offsets[k + 1])
-            index[int(example[a])] = (path, a, b)
+    index = {r.example: (r.path, *r.rows) for r in ex.example_refs()}
     missing = [i for i in examples if i not in index]
     if missing:
         raise ToEError(f"--reuse_capture {source} lacks example {missing[0]} in its shards: give a finished "

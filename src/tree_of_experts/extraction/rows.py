@@ -2,7 +2,7 @@
 
 Each training example with states draws which of its valid tokens are sampled (``--sample_rate``); when more than
 ``max_rows`` are, each layer keeps ``max_rows`` of them drawn at random. Two passes over the shards: the first reads
-each example's ``valid`` column alone and makes the draws, the second computes the expert signal δ of an example's
+each shard's ``valid`` column alone and makes the draws, the second computes the expert signal δ of an example's
 sampled tokens and keeps only the picked rows, written straight to their place. The draws are the ones a single
 pass gathering every sampled token makes (the same generator, in the same order), and δ is computed on the same
 rows at a time, so the rows are bit-identical to that; only their memory differs: R rows of δ (fp32), h (fp16) and
@@ -34,13 +34,12 @@ def sampled_rows(extraction: Extraction, heldout: set[int], layers: list[int], s
     from the training examples (not ``heldout``) with states. The predictability fit reads its training tokens the
     same way (one layer at a time)."""
     g = torch.Generator().manual_seed(seed)
-    masks = extraction.example_slices(None, ("valid",))
-    train = [k for k, e in enumerate(masks.example_ids) if e not in heldout]
+    train = [r for r in extraction.example_refs(with_states=True, columns=("valid",)) if r.example not in heldout]
     keeps = []
-    for k in train:
-        v = masks[k]["valid"].bool()
+    for r in train:
+        v = r.columns["valid"].bool()
         keeps.append(v & (torch.rand(len(v), generator=g) < sample_rate))
-    wanted = {masks.example_ids[k]: keep for k, keep in zip(train, keeps)}
+    wanted = {r.example: keep for r, keep in zip(train, keeps)}
     if len(wanted) != len(train):  # the second pass finds each example by its number
         raise ToEError(f"{extraction.folder}'s shards hold an example twice: {CORRUPT}")
     n = sum(int(m.sum()) for m in keeps)

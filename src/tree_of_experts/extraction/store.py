@@ -26,7 +26,7 @@ import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -169,29 +169,24 @@ class Extraction:
                 return shard_keys(path)
         return None
 
-    def example_slices(self, which: set[int] | None, fields: Iterable[str]) -> ExampleSlices:
-        """The examples that hold full states (those in ``which`` when given), in the shards' order as
-        :meth:`iter_examples` gives them, each read from its shard only when indexed and only its ``fields``
-        (:class:`ExampleSlices`). A missing or cut shard is refused first."""
-        index, ids = [], []
-        for path in self._checked_paths(with_states=True):
-            offsets, example = _read(path, lambda f: (f.get_tensor("offsets").tolist(), f.get_tensor("example")))
-            for a, b in itertools.pairwise(offsets):
-                if which is None or int(example[a]) in which:
-                    index.append((path, a, b))
-                    ids.append(int(example[a]))
-        return ExampleSlices(index, tuple(fields), ids)
-
-    def example_refs(self) -> Iterator[tuple[int, str, tuple[int, int], frozenset[str], torch.Tensor]]:
-        """(example, shard path, its rows, the shard's fields, its input ids) of every example of every shard, read
-        from the shards' ``offsets``, ``example`` and ``input_ids`` columns alone (what a reader needs to find an
-        example's cached fields without loading them). A missing or cut shard is refused first."""
-        for path in self._checked_paths(with_states=False):
-            offsets, example, ids, keys = _read(path, lambda f: (
-                f.get_tensor("offsets").tolist(), f.get_tensor("example"), f.get_tensor("input_ids"),
+    def example_refs(self, with_states: bool = False, columns: Iterable[str] = ()) -> Iterator[ExampleRef]:
+        """Where every example sits (:class:`ExampleRef`; only full shards' examples when ``with_states``), in the
+        shards' order as :meth:`iter_examples` gives them, read from each shard's ``offsets`` and ``example`` columns
+        and the per-token ``columns`` asked for, one read per shard: what a reader needs to find an example's fields
+        without loading them. A missing or cut shard is refused first."""
+        columns = tuple(columns)
+        for path in self._checked_paths(with_states):
+            offsets, example, cols, keys = _read(path, lambda f: (
+                f.get_tensor("offsets").tolist(), f.get_tensor("example"), {c: f.get_tensor(c) for c in columns},
                 frozenset(f.keys())))
             for a, b in itertools.pairwise(offsets):
-                yield int(example[a]), path, (a, b), keys, ids[a:b]
+                yield ExampleRef(int(example[a]), path, (a, b), keys, {c: v[a:b] for c, v in cols.items()})
+
+    def example_slices(self, which: set[int] | None, fields: Iterable[str]) -> ExampleSlices:
+        """The examples that hold full states (those in ``which`` when given), in the shards' order, each read from
+        its shard only when indexed and only its ``fields`` (:class:`ExampleSlices`)."""
+        refs = [r for r in self.example_refs(with_states=True) if which is None or r.example in which]
+        return ExampleSlices([(r.path, *r.rows) for r in refs], tuple(fields), [r.example for r in refs])
 
     def iter_examples(self, which: set[int] | None = None,
                       with_states: bool = False) -> Iterator[dict[str, torch.Tensor]]:
@@ -204,6 +199,17 @@ class Extraction:
                 if which is not None and int(shard["example"][a]) not in which:
                     continue
                 yield {key: v[a:b] for key, v in shard.items() if key != "offsets"}
+
+
+class ExampleRef(NamedTuple):
+    """Where one example sits: its number, its shard, its rows [a, b) there, the shard's fields, and the per-token
+    columns a reader asked for, sliced to its rows."""
+
+    example: int
+    path: str
+    rows: tuple[int, int]
+    keys: frozenset[str]
+    columns: dict[str, torch.Tensor]
 
 
 class ExampleSlices(Sequence):

@@ -288,7 +288,8 @@ class Study(StudyRuns, StudyChecks):
             # the training data first: the rows' step counts (an epochs budget) are the traces kept
             made = run_steps([s for s in selected if s.id == "train-traces"], self.lock_folder, render, poll_s,
                              times=times)
-        steps = [s for s in self.selected_steps(rows, targets, seeds) if s.id != "train-traces" or needed]
+            selected = self.selected_steps(rows, targets, seeds)  # planned again from the traces kept
+        steps = [s for s in selected if s.id != "train-traces" or needed]
         result = run_steps(steps, self.lock_folder, render, poll_s, times=times)
         return {"ran": made["ran"] + result["ran"], "waited": made["waited"] or result["waited"]}
 

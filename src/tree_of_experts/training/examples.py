@@ -160,16 +160,16 @@ def load_examples(data: str, spec: DataSpec, tok, max_length: int, limit: int | 
         signal = extraction_signal(extraction, run["layers"], device)[0]  # the targets computed on the device
     if (use_kd or state_key or with_targets) and run.get("data_sha256") == file_hash(data):
         stamps: dict[str, tuple[int, int]] = {}
-        for i, path, rows, keys, ids in extraction.example_refs():  # where each example's fields are, not the fields
-            with_states = with_targets and "teacher.0" in keys  # an example with states: state targets
-            ref = ShardRef(path, rows, stamps.setdefault(path, shard_stamp(path)), use_kd and "topk_ids" in keys,
-                           state_key if state_key in keys else None, signal if with_states else None,
-                           len(run["layers"]) if with_states else 0, str(device))
-            lost = sorted(set(ref.fields()) - keys)
+        for r in extraction.example_refs(columns=("input_ids",)):  # where each example's fields are, not the fields
+            with_states = with_targets and "teacher.0" in r.keys  # an example with states: state targets
+            ref = ShardRef(r.path, r.rows, stamps.setdefault(r.path, shard_stamp(r.path)),
+                           use_kd and "topk_ids" in r.keys, state_key if state_key in r.keys else None,
+                           signal if with_states else None, len(run["layers"]) if with_states else 0, str(device))
+            lost = sorted(set(ref.fields()) - r.keys)
             if lost:  # refused now, not at the batch that reads it
-                raise ToEError(f"{path} lacks {lost[0]}: {CORRUPT_SHARD}")
+                raise ToEError(f"{r.path} lacks {lost[0]}: {CORRUPT_SHARD}")
             if ref.kd or ref.state_key or ref.signal:
-                refs[i] = (ids, ref)
+                refs[r.example] = (r.columns["input_ids"], ref)
     out = []
     for i in kept:  # i: the row's index in the file, which the extraction's cache is keyed by
         e = encoded[i]
