@@ -54,11 +54,7 @@ class TrainTraces:
     keep_incorrect: bool = False
 
     def check(self) -> None:
-        if len(self.rows) != 2 or not 0 <= self.rows[0] < self.rows[1]:
-            raise ToEError(f"data.train_traces.rows {self.rows}: give [start, stop) rows of its items, "
-                           "0 <= start < stop")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ToEError(f"data.train_traces.max_new_tokens {self.max_new_tokens}: must be >= 1")
+        check_generation("data.train_traces", self.rows, self.max_new_tokens)
 
 
 @dataclass
@@ -106,14 +102,14 @@ class Data:
             same = os.path.abspath(self.train_traces.items) == os.path.abspath(self.items)
             for name in ("reported", "tuning"):
                 span, rows = getattr(self, name), self.train_traces.rows
-                if same and span and max(span[0], rows[0]) < min(span[1], rows[1]):
+                if same and span and overlap(span, rows):
                     raise ToEError(f"data.train_traces.rows {rows} overlap data.{name} {span} of the same items: "
                                    "a row trained on must never be scored or tuned on; give disjoint rows")
         for name in ("reported", "tuning"):
             span = getattr(self, name)
             if span is not None and (len(span) != 2 or not 0 <= span[0] < span[1]):
                 raise ToEError(f"data.{name}: {span}: give [start, stop) rows of data.items, 0 <= start < stop")
-        if self.tuning and max(self.tuning[0], self.reported[0]) < min(self.tuning[1], self.reported[1]):
+        if self.tuning and overlap(self.tuning, self.reported):
             raise ToEError(f"data.tuning {self.tuning} overlaps data.reported {self.reported}: the rows used to tune "
                            "settings must never be reported; give disjoint ranges")
 
@@ -202,10 +198,20 @@ class AnswerSet:
     answers: str | None = None
 
     def check(self, where: str) -> None:
-        if len(self.rows) != 2 or not 0 <= self.rows[0] < self.rows[1]:
-            raise ToEError(f"{where}.rows {self.rows}: give [start, stop) rows of its items, 0 <= start < stop")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ToEError(f"{where}.max_new_tokens {self.max_new_tokens}: must be >= 1")
+        check_generation(where, self.rows, self.max_new_tokens)
+
+
+def check_generation(where: str, rows: list[int], max_new_tokens: int | None) -> None:
+    """The rows [start, stop) of an items file the teacher answers, and the answers' token cap."""
+    if len(rows) != 2 or not 0 <= rows[0] < rows[1]:
+        raise ToEError(f"{where}.rows {rows}: give [start, stop) rows of its items, 0 <= start < stop")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ToEError(f"{where}.max_new_tokens {max_new_tokens}: must be >= 1")
+
+
+def overlap(a: list[int], b: list[int]) -> bool:
+    """Whether two [start, stop) row ranges share a row."""
+    return max(a[0], b[0]) < min(a[1], b[1])
 
 
 @dataclass
@@ -308,7 +314,7 @@ class StudyConfig:
         traces = self.data.train_traces
         for name, aset in self.scoring.answer_sets.items():  # trained-on rows must not be scored either
             if traces and os.path.abspath(aset.items) == os.path.abspath(traces.items) and \
-                    max(aset.rows[0], traces.rows[0]) < min(aset.rows[1], traces.rows[1]):
+                    overlap(aset.rows, traces.rows):
                 raise ToEError(f"data.train_traces.rows {traces.rows} overlap scoring.answer_sets.{name}.rows "
                                f"{aset.rows} of the same items: give disjoint rows")
         for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
