@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
-from tree_of_experts.evaluation.study_stats import verdict_word
+from tree_of_experts.evaluation.study_stats import coverage, verdict_word
+from tree_of_experts.evaluation.study_table import fmt_interval, nats, pct, put_in_readme
+from tree_of_experts.files import atomic_write_text
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 STUDIES = {"v2": "results/real_pair_v2/table.json", "v3": "results/real_pair_v3/table.json"}
@@ -48,25 +49,19 @@ def planned(config: str) -> set[str]:
     return {r["name"] for r in yaml.safe_load(open(os.path.join(ROOT, config)))["rows"]}
 
 
-def interval(entry: dict, f) -> str:
-    lo, hi = entry["ci95"]
-    return f(entry["point"]) if lo is None else f"{f(entry['point'])} [{f(lo)}, {f(hi)}]"
-
-
 def comparison(table: dict, a: str, b: str) -> str:
     for c in table["comparisons"]:
         if c["a"] == a and c["b"] == b and c["target"] == "ce":
             word = {"better": "A better", "worse": "A worse", "level": "level"}.get(verdict_word(c, "ce"), "no interval")
-            seeds = f"A {c['seeds'][0]}, B {c['seeds'][1]} seed(s)" + (
-                "; interval over items only" if 1 in c["seeds"] and not c.get("paired_on_seeds") else "")
-            return f"{interval(c, lambda v: f'{v:+.4f}')}: **{word}** ({seeds})"
+            seeds = f"A {c['seeds'][0]}, B {c['seeds'][1]} seed(s)" + coverage(c["seeds"])
+            return f"{fmt_interval(c, nats)}: **{word}** ({seeds})"
     return NOT_RUN
 
 
 def gap(table: dict, row: str) -> str:
     for r in table["rows"]:
         if r["name"] == row and "gap_closed" in r.get("ce", {}):
-            return f"{interval(r['ce']['gap_closed'], lambda v: f'{100 * v:.1f} %')} ({r['ce']['seeds']} seed(s))"
+            return f"{fmt_interval(r['ce']['gap_closed'], pct)} ({r['ce']['seeds']} seed(s))"
     return NOT_RUN
 
 
@@ -97,15 +92,8 @@ def render() -> str:
 
 def main() -> None:
     md = render()
-    with open(os.path.join(ROOT, "results", "real_pair_headline.md"), "w") as f:
-        f.write(md)
-    readme = os.path.join(ROOT, "README.md")
-    start, end = "<!-- headline:real_pair -->", "<!-- /headline:real_pair -->"
-    text = open(readme).read()
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{md}{end}", text, flags=re.S)
-        with open(readme, "w") as f:
-            f.write(text)
+    atomic_write_text(os.path.join(ROOT, "results", "real_pair_headline.md"), md)
+    put_in_readme(os.path.join(ROOT, "README.md"), "real_pair", md, kind="headline")
     print(md)
 
 

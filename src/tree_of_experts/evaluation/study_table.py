@@ -44,7 +44,8 @@ def training_facts(study, row) -> dict:
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------
-def _fmt(entry: dict | None, f) -> str:
+def fmt_interval(entry: dict | None, f) -> str:
+    """A point and its 95 % interval, each formatted by ``f`` ("–" for none)."""
     if not entry or entry.get("point") is None:
         return "–"
     lo, hi = entry["ci95"]
@@ -81,12 +82,12 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
         cells = [name, f"{seeds}" + (f" of {plan}" if seeds < plan else "")]
         if ce:
             r = ce["rows"].get(name, {})
-            cells.append(_fmt(r.get("gap_closed"), pct))
+            cells.append(fmt_interval(r.get("gap_closed"), pct))
             cells.append(", ".join(pct(v) for v in r.get("gap_closed", {}).get("per_seed", [])) or "–")
         if acc:
-            cells.append(_fmt(acc["rows"].get(name, {}).get("mean"), pct))
-        cells += [_fmt(tables[t]["rows"].get(name, {}).get("gap_closed"), pct) for t in sets]
-        cells += [_fmt(tables[t]["rows"].get(name, {}).get("minus_base"), nats) for t in extra]
+            cells.append(fmt_interval(acc["rows"].get(name, {}).get("mean"), pct))
+        cells += [fmt_interval(tables[t]["rows"].get(name, {}).get("gap_closed"), pct) for t in sets]
+        cells += [fmt_interval(tables[t]["rows"].get(name, {}).get("minus_base"), nats) for t in extra]
         facts = training_facts(study, by_row[name]) if name in by_row else {}
         budget = f"{facts['steps']} steps" if facts.get("steps") else "–"
         if facts.get("on_policy_steps"):
@@ -101,7 +102,7 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
         for t, table in tables.items():
             f = pts if t == "acc" else nats
             for c in table["comparisons"]:
-                lines.append(f"| {c['a']} − {c['b']} | {t} | {_fmt(c, f)} | {c['seeds'][0]}/{c['seeds'][1]} × "
+                lines.append(f"| {c['a']} − {c['b']} | {t} | {fmt_interval(c, f)} | {c['seeds'][0]}/{c['seeds'][1]} × "
                              f"{c['items']} | {c['reading']} |")
     for row in study.cfg.rows:  # the predictability ceiling: how much of δ the base's own state predicts
         info = os.path.join(study.out, "ce", row.labels()[0], "oracle.json")
@@ -139,7 +140,7 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
         f = pts if t == "acc" else nats
         groups: dict[str, list[str]] = {}
         for c in table["comparisons"]:
-            groups.setdefault(verdict_word(c, t), []).append(f"{c['a']} − {c['b']} {_fmt(c, f)}")
+            groups.setdefault(verdict_word(c, t), []).append(f"{c['a']} − {c['b']} {fmt_interval(c, f)}")
         if groups:
             said = {"better": "the first row is better (interval excludes zero)",
                     "worse": "the first row is worse (interval excludes zero)",
@@ -203,12 +204,12 @@ def checkout_of(path: str) -> str:
         d = os.path.dirname(d)
 
 
-def put_in_readme(path: str, name: str, md: str) -> None:
-    """Replaces the text between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in ``path``."""
-    start, end = f"<!-- study:{name} -->", f"<!-- /study:{name} -->"
+def put_in_readme(path: str, name: str, md: str, kind: str = "study") -> None:
+    """Replaces the text between ``<!-- KIND:NAME -->`` and ``<!-- /KIND:NAME -->`` in ``path``."""
+    start, end = f"<!-- {kind}:{name} -->", f"<!-- /{kind}:{name} -->"
     text = open(path).read() if os.path.isfile(path) else ""
     if start not in text or end not in text:
-        log.warning("%s has no %s ... %s section: the study's table was not put there", path, start, end)
+        log.warning("%s has no %s ... %s section: the table was not put there", path, start, end)
         return
     new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{md}{end}", text, flags=re.S)
     if new != text:
