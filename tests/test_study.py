@@ -537,6 +537,27 @@ def test_the_time_record_adds_a_resumed_step_s_runs_and_restarts_a_redone_one(tm
     assert t["train/c"]["seconds"] == 4.0
 
 
+def test_a_running_step_records_its_time_as_it_goes_so_a_killed_run_still_counts(tmp_path):
+    """A machine that stops kills the study without a ``finally``: the beats written while the step ran are its
+    time so far, and the run that resumes it adds its own."""
+    from tree_of_experts.recipes.steps import Step, recorded_times, timed
+
+    path, done = str(tmp_path / "step-times.jsonl"), []
+    step = Step("train/a", [], lambda: bool(done), lambda: None)
+    with timed(path, step, beat_s=0.1):  # (each record's seconds are rounded to 0.1)
+        time.sleep(0.35)
+        so_far = recorded_times(path)["train/a"]  # what a kill right now would leave
+    assert not so_far["finished"] and 0.2 <= so_far["seconds"] <= 0.4
+    assert so_far["threads"] == torch.get_num_threads()  # the run's count, not the timer thread's
+    done.append(True)
+    with timed(path, step, beat_s=10.0):  # the resumed run, finishing before its first beat
+        time.sleep(0.1)
+    total = recorded_times(path)["train/a"]
+    assert total["finished"] and 0.4 <= total["seconds"] < 1.0 and len(open(path).readlines()) >= 4
+    with timed(None, step):  # no record asked for: nothing written
+        pass
+
+
 def test_a_budgeted_row_samples_the_shared_capture_only_when_it_is_this_study_s(pair, tmp_path):
     """A row whose `extract` options only bound the disk takes the shared extraction's capture when that one is
     finished with every state and was captured from this study's pair, data and length; otherwise it captures its

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ..errors import ToEError
 log = logging.getLogger(__name__)
 
 TIMES = "step-times.jsonl"  # in the study folder: every step run's wall time, what calibrates the plan
+BEAT_S = 300.0  # a running step adds its time so far to the record this often: a killed run loses less than this
 
 
 @dataclass
@@ -53,14 +55,46 @@ def step_lock(step: Step, folder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def record_time(path: str, step: Step, seconds: float, finished: bool) -> None:
-    """Appends one run of ``step`` to the study's time record (one JSON line, a single append: processes sharing
-    the study do not interleave); a run ended by a failure or Ctrl-C counts too, as part of the step's total (a
-    killed process records nothing)."""
+def record_time(path: str, step: Step, seconds: float, finished: bool, threads: int | None = None) -> None:
+    """Appends one run (or one stretch of a running one) of ``step`` to the study's time record: one JSON line, a
+    single append, so processes sharing the study do not interleave. Unfinished records add up to the step's total
+    (:func:`recorded_times`). ``threads``: the run's torch thread count, read where it runs (OpenMP's count is per
+    thread: a timer thread would read its own)."""
     line = {"step": step.id, "seconds": round(seconds, 1), "finished": finished, "host": platform.node(),
-            "threads": torch.get_num_threads(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "threads": threads or torch.get_num_threads(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+@contextlib.contextmanager
+def timed(path: str | None, step: Step, beat_s: float = BEAT_S):
+    """Records the wall time of running ``step`` in ``path``: every ``beat_s`` seconds the stretch so far as an
+    unfinished record (a run killed by the machine, which runs no ``finally``, loses less than ``beat_s``), then
+    the rest when the run ends, finished or not (a failed or interrupted run's time is part of the step's total).
+    A record that cannot be written costs no step."""
+    if not path:
+        yield
+        return
+    stop, last, threads = threading.Event(), [time.perf_counter()], torch.get_num_threads()
+
+    def write(finished: bool) -> None:  # the timer's writes end (join) before the last one
+        now = time.perf_counter()
+        with contextlib.suppress(OSError):
+            record_time(path, step, now - last[0], finished, threads)
+        last[0] = now
+
+    def beat() -> None:
+        while not stop.wait(beat_s):
+            write(False)
+
+    beater = threading.Thread(target=beat, name=f"time {step.id}", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
+        write(step.done())
 
 
 def recorded_times(path: str) -> dict[str, dict]:
@@ -114,14 +148,9 @@ def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Cal
                 if s.done():
                     continue
                 log.info("study: %s", s.id)
-                start = time.perf_counter()
                 try:
-                    try:
+                    with timed(times, s):
                         s.run()
-                    finally:  # a failed or interrupted run's time is part of the step's total as well
-                        if times:
-                            with contextlib.suppress(OSError):  # a record that cannot be written costs no step
-                                record_time(times, s, time.perf_counter() - start, s.done())
                 except ToEError as e:  # one row's trouble does not stop the others: said at the end
                     failed[s.id] = str(e)
                     log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
