@@ -201,6 +201,9 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
      "overlap scoring.answer_sets.more.rows [22, 24]"),
     (dict(scoring__curve_every=2, scoring__curve_seeds=[2]), "scoring.curve_seeds [2]: give seeds from 0 to 1"),
     (dict(scoring__curve_seeds=[0]), "with scoring.curve_every set"),
+    (dict(rows=[{"name": "a", "kind": "lora"}], compare=[]), "rows.a: kd_weight 1.0 reads what an extraction cached"),
+    (dict(rows=[{"name": "a", "kind": "lora", "options": {"kd_weight": 0, "state_loss_weight": 1.0}}], compare=[]),
+     "rows.a: state_loss_weight 1.0 reads what an extraction cached"),
 ])
 def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, monkeypatch, capsys, changes, message):
     import tree_of_experts.hf.loading as hf
@@ -299,15 +302,17 @@ def test_learning_curves_score_the_snapshots_on_the_tuning_rows(pair, tmp_path):
     tuning = tmp_path / "tuning.jsonl"
     tuning.write_text("".join(json.dumps({**r, "trace": r["answer"].split("####")[0].strip()}) + "\n" for r in rows))
     cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2},
-                                       {"name": "lora", "kind": "lora", "rank": 2, "layers": [1]}], compare=[],
+                                       {"name": "lora", "kind": "lora", "rank": 2, "layers": [1]},
+                                       {"name": "quiet", "kind": "lora", "rank": 2, "layers": [1], "curve": False}], compare=[],
                  data__tuning_answers=str(tuning), scoring__curve_every=2, scoring__curve_seeds=[0])
     r = study(cfg, str(tmp_path / "s"))
     assert {"curve/toe", "curve/lora"} <= set(r["ran"]) and "train/toe-seed1" in r["ran"]
+    assert "train/quiet" in r["ran"] and "curve/quiet" not in r["ran"]  # a row may opt out of its curve
     curves = json.load(open(tmp_path / "s" / "table.json"))["curves"]
     assert [p["step"] for p in curves["toe"]] == [2, 4] and [p["step"] for p in curves["lora"]] == [2, 4]
     runs = {p.name: p for p in (tmp_path / "s" / "work" / "train").glob("*/*")}
     assert "toe-seed1" not in curves and (runs["toe"] / "snapshots").is_dir()  # seed 1 kept no snapshots
-    assert not (runs["toe-seed1"] / "snapshots").exists()
+    assert not (runs["toe-seed1"] / "snapshots").exists() and not (runs["quiet"] / "snapshots").exists()
     assert all(0 < p["ce"] < 100 for c in curves.values() for p in c) and (tmp_path / "s" / "curves-dev.png").exists()
     with pytest.raises(ToEError, match="data.tuning"):
         study(config(pair, tmp_path, data__tuning=None, scoring__curve_every=2), str(tmp_path / "t"))

@@ -202,7 +202,7 @@ class Study(StudyRuns, StudyChecks):
                                   {"kind": "train", "row": row, "steps": steps_n}))
                 for t in targets:
                     steps.append(self.score_step(t, label, row))
-                if cfg.scoring.curves(k):
+                if cfg.scoring.curves(row, k):
                     steps.append(Step(f"curve/{label}", ["tuning-answers", f"train/{label}"],
                                       lambda label=label: os.path.isfile(os.path.join(self.out, "curve", label,
                                                                                       "curve.json")),

@@ -163,6 +163,10 @@ class Row:
                                                                             "(other N, other signal)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra `toe train`/`toe baseline` "
                                                                             "options of this row"})
+    curve: bool = field(default=True, metadata={"help": "false: no learning curve for this row where "
+                                                        "scoring.curve_every gives the others one (a curve costs "
+                                                        "a CE scoring per snapshot); its final weights are "
+                                                        "scored as every row's"})
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/: ") or self.name in ("anchors", "base", "teacher"):
@@ -234,9 +238,9 @@ class Scoring:
         "help": "the seeds whose learning curves are kept and scored (e.g. [0]: a curve per row, not per seed); "
                 "default: every seed"})
 
-    def curves(self, seed: int) -> bool:
-        """Whether the training of ``seed`` keeps snapshots and gets a learning curve."""
-        return bool(self.curve_every) and (self.curve_seeds is None or seed in self.curve_seeds)
+    def curves(self, row: Row, seed: int) -> bool:
+        """Whether the training of ``row``'s ``seed`` keeps snapshots and gets a learning curve."""
+        return bool(self.curve_every) and row.curve and (self.curve_seeds is None or seed in self.curve_seeds)
 
 
 @dataclass
@@ -337,6 +341,12 @@ class StudyConfig:
                 if r.kind not in ("toe", "control", "toe_on_lora"):
                     raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")
                 check_options(f"rows.{r.name}.rebuild", r.rebuild, "rebuild")
+            given = {**self.lora, **r.options} if r.kind == "lora" else {}
+            cached = [k for k in ("kd_weight", "state_loss_weight") if given.get(k)]
+            if cached and not r.layers and r.objective == "off_policy":
+                raise ToEError(f"rows.{r.name}: {cached[0]} {given[cached[0]]} reads what an extraction cached (the "
+                               "teacher's top-k, its states): give the row layers (the extraction's), or set "
+                               f"{cached[0]} 0")
 
     def row(self, name: str) -> Row:
         return {r.name: r for r in self.rows}[name]

@@ -205,7 +205,7 @@ class StudyRuns:
             if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
                 marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
                 kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
-                          snapshot_every=self.cfg.scoring.curve_every if self.cfg.scoring.curves(seed) else 0,
+                          snapshot_every=self.cfg.scoring.curve_every if self.cfg.scoring.curves(row, seed) else 0,
                           batch_size=self.cfg.budget.batch_size, dtype=self.cfg.pair.dtype, resume=marker,
                           overwrite=not marker and os.path.isdir(out), **self.common())
                 if row.objective == "on_policy":
