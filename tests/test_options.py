@@ -190,7 +190,7 @@ def test_extraction_records_keep_their_flat_keys():
 
 
 def test_study_options_may_name_group_fields():
-    from tree_of_experts.recipes.study_config import check_options
+    from tree_of_experts.recipes.study_options import check_options
 
     check_options("extract", {"num_leaves": 8, "shard_size": 4, "batch_size": 2}, "extract")
     check_options("rebuild", {"num_leaves": 4, "shape": "deep"}, "rebuild")

@@ -19,7 +19,7 @@ import yaml
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.evaluation.study_stats import Draws, coverage, reading
+from tree_of_experts.evaluation.study_stats import Draws, coverage, interval, reading
 from tree_of_experts.recipes.study import Study, study
 from tree_of_experts.recipes.study_config import load_study
 
@@ -201,7 +201,21 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
      "overlap scoring.answer_sets.more.rows [22, 24]"),
     (dict(scoring__curve_every=2, scoring__curve_seeds=[2]), "scoring.curve_seeds [2]: give seeds from 0 to 1"),
     (dict(scoring__curve_seeds=[0]), "with scoring.curve_every set"),
+    (dict(scoring__curve_every=2, data__tuning_answers="ANSWERS"), "data.tuning_answers "),
+    (dict(scoring__curve_every=2, data__tuning_answers="nowhere.jsonl"), "data.tuning_answers: nowhere.jsonl not found"),
     (dict(rows=[{"name": "a", "kind": "lora"}], compare=[]), "rows.a: kd_weight 1.0 reads what an extraction cached"),
+    (dict(rows=[], compare=[]), "rows: empty: give the study at least one row"),
+    (dict(rows=[{"name": "answers", "kind": "lora", "layers": [1]}], compare=[]), "rows: name 'answers'"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1]},
+                {"name": "o", "kind": "oracle", "layers": [1], "plugin_of": "a", "seeds": 2}], compare=[]),
+     "rows.o.seeds 2: an oracle row is scored once"),
+    (dict(rows=[{"name": "a", "kind": "lora", "layers": [1], "rank": 0}], compare=[]), "rows.a: seeds 1, rank 0"),
+    (dict(scoring__batch_size=0), "scoring.batch_size 0: give a whole number >= 1"),
+    (dict(data__max_length=0), "data.max_length 0"),
+    (dict(data__reported=[5], data__train=None, data__train_traces={"items": FIXTURE, "rows": [20, 24]}),
+     "data.reported: [5]: give [start, stop)"),
+    (dict(compare=["toe - nobody"], scoring__answer_sets={"math": {"items": FIXTURE, "rows": [20, 24]}}),
+     "(rows: toe, ctl, lora;"),
     (dict(rows=[{"name": "a", "kind": "lora", "options": {"kd_weight": 0, "state_loss_weight": 1.0}}], compare=[]),
      "rows.a: state_loss_weight 1.0 reads what an extraction cached"),
 ])
@@ -215,6 +229,8 @@ def test_bad_configs_fail_in_one_line_before_any_model_loads(pair, tmp_path, mon
         raw["colour"] = "blue"
         open(path, "w").write(yaml.safe_dump(raw))
     else:
+        if changes.get("data__tuning_answers") == "ANSWERS":  # the teacher's answers to rows 8-19, not 0-7
+            changes = {**changes, "data__tuning_answers": answers(tmp_path)}
         path = config(pair, tmp_path, **changes)
     assert main(["study", path, "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
@@ -239,6 +255,11 @@ def test_the_two_level_bootstrap_counts_seed_variation_and_pairs_seeds():
     assert width(seeds_and_items) > 3 * width(items_only)  # the seeds' spread widens the interval
     diff = d.means(b) - d.means(a)  # paired on seeds and items: the shared variation cancels
     assert torch.allclose(diff, torch.full_like(diff, 0.1))
+    # a row's draws do not depend on which rows were drawn before it (rows scored later move nothing)
+    fresh = Draws(200)
+    fresh.means(torch.randn(2, 200), (0, 1)), fresh.means(torch.randn(1, 200), (0,))
+    assert torch.equal(fresh.means(a, (0, 1, 2)), Draws(200).means(a, (0, 1, 2)))
+    assert torch.isnan(Draws(0).means(torch.zeros(2, 0))).all()  # no common items: no interval, no crash
 
 
 def test_the_reading_rule():
@@ -247,6 +268,10 @@ def test_the_reading_rule():
     assert reading({"point": -0.2, "ci95": [-0.3, -0.1]}, "acc", "a", "b").startswith("a is worse")
     assert "level" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
     assert "undefined" in reading({"point": 0.1, "ci95": [None, None]}, "ce", "a", "b")
+    # the direction is the interval's, not the point's (a percentile interval need not hold its point)
+    assert reading({"point": 0.01, "ci95": [-0.3, -0.1]}, "ce", "a", "b").startswith("a is better")
+    assert coverage([1, 1]) == "; items only: one training seed" and "one side has one" in coverage([1, 2])
+    assert interval(torch.full((100,), float("nan")), float("nan"), 50) == {"point": None, "ci95": [None, None]}
 
 
 @pytest.mark.parametrize("name", ["real_pair_v2", "real_pair_v2_sweep", "real_pair_v3", "seed_scale"])
@@ -346,7 +371,7 @@ def test_seeds_pair_by_which_seeds_a_row_has():
     assert torch.allclose(same, torch.full_like(same, -0.1), atol=1e-5)
     other = d.means(a, (0, 1)) - d.means(a + 0.1, (0, 2))  # other seeds: drawn independently
     assert float(other.std()) > 0.5
-    assert coverage([1, 3]).startswith("; items only") and "under-estimated" in coverage([2, 2]) and not coverage([3, 3])
+    assert coverage([1, 3]).startswith("; one side has one") and "under-estimated" in coverage([2, 2]) and not coverage([3, 3])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -368,6 +393,32 @@ def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
                     budget={"steps": 8, "batch_size": 4})
     with pytest.raises(ToEError, match="max_steps 4 \\(the config: 8\\)"):
         study(edited, str(tmp_path / "s"), dry_run=True)
+    shutil.rmtree(tmp_path / "s" / "train" / "toe")  # the kept copy alone deleted: the finished run is not taken back
+    with pytest.raises(ToEError, match="train/tiny/toe was trained with max_steps 4 \\(the config: 8\\)"):
+        study(edited, str(tmp_path / "s"), dry_run=True)
+
+
+def test_a_score_of_a_training_or_answers_since_replaced_is_refused_not_shown(pair, tmp_path):
+    """Every score keeps what it was made from; a row trained again (its folders deleted, as the budget message
+    says) or answers made again leave the old scores refused, named, before anything runs."""
+    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
+    out = tmp_path / "s"
+    study(cfg, str(out))
+    assert set(json.load(open(out / "ce" / "toe" / "inputs.json"))) == {"training", "data"}
+    study(cfg, str(out), dry_run=True)  # nothing changed: nothing refused
+    with open(tmp_path / "answers.jsonl", "a") as f:  # the same items, answered again (other bytes)
+        f.write("\n")
+    with pytest.raises(ToEError, match=r"2 score\(s\) were made from another training or answers .*ce/anchors"):
+        study(cfg, str(out), dry_run=True)
+    shutil.rmtree(out / "ce" / "anchors")
+    os.remove(out / "ce" / "toe" / "inputs.json")  # a score from before the record: taken as it is
+    study(cfg, str(out), dry_run=True)
+    shutil.rmtree(out / "ce" / "toe")
+    study(cfg, str(out))  # scored again, with its record
+    shutil.rmtree(out / "train" / "toe")
+    shutil.rmtree(out / "work" / "train" / "tiny" / "toe")
+    with pytest.raises(ToEError, match=r"1 score\(s\) .*ce/toe"):  # its training gone: the score is of nothing
+        study(cfg, str(out), dry_run=True)
 
 
 def test_a_run_trained_from_an_earlier_build_of_its_extraction_is_refused(pair, tmp_path):
@@ -384,10 +435,11 @@ def test_a_run_trained_from_an_earlier_build_of_its_extraction_is_refused(pair, 
     save_file(dict(tensors), str(bank))  # the same bank written again: still the same build
     study(cfg, str(out), dry_run=True)
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(bank))
-    with pytest.raises(ToEError, match="trained from an earlier build of .*extract-l1 .*delete that folder"):
+    with pytest.raises(ToEError, match="s/train/toe was trained from an earlier build of .*extract-l1 .*delete "):
         study(cfg, str(out), dry_run=True)
     shutil.rmtree(out / "train" / "toe")  # the kept copy gone, the finished run in the work folder is refused too
-    with pytest.raises(ToEError, match="train/toe: .*trained from an earlier build"):
+    with pytest.raises(ToEError, match="train/tiny/toe was trained from an earlier build .*delete .*s/train/toe and "
+                                       ".*train/tiny/toe"):
         study(cfg, str(out))
 
 
@@ -540,6 +592,24 @@ def test_the_time_record_adds_a_resumed_step_s_runs_and_restarts_a_redone_one(tm
     assert t["train/a"] == {"seconds": 15.0, "finished": True, "host": "h", "threads": 1}
     assert t["train/b"]["seconds"] == 10.0 and t["train/b"]["host"] is None  # mixed: shown, never calibrates
     assert t["train/c"]["seconds"] == 4.0
+
+
+def test_a_step_that_ends_without_its_output_fails_once_and_a_render_error_costs_no_step(tmp_path):
+    from tree_of_experts.recipes.steps import Step, run_steps
+
+    runs, renders = [], []
+
+    def render():
+        renders.append(1)
+        if len(renders) == 1:
+            raise ValueError("a table that cannot be drawn yet")
+
+    made = []
+    steps = [Step("score/ce/a", [], lambda: bool(made), lambda: made.append(1)),
+             Step("score/ce/b", [], lambda: False, lambda: runs.append(1))]  # never writes its output
+    with pytest.raises(ToEError, match="score/ce/b finished without writing its output"):
+        run_steps(steps, lambda s: str(tmp_path), render)
+    assert runs == [1] and made and len(renders) == 2  # run once; the failed render after a did not stop b
 
 
 def test_a_running_step_records_its_time_as_it_goes_so_a_killed_run_still_counts(tmp_path):

@@ -16,16 +16,15 @@ difference (with its direction); one whose interval includes zero is "level". It
 from __future__ import annotations
 
 import json
+import math
 import os
+import zlib
 
 import torch
 
 from ..stats import MIN_INTERVAL_N
 
 ITERS = 2000
-
-
-SEED_IDS: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}  # (study, target) -> {row: the seeds it has}
 
 
 METRIC = {"acc": "correct"}  # the per-item field each target folder is read by (default: ce)
@@ -51,12 +50,12 @@ def _items(path: str, field: str) -> dict[str, float]:
     return out
 
 
-def load_target(study, target: str) -> dict[str, list[dict[str, float]]]:
+def load_target(study, target: str) -> tuple[dict[str, list[dict[str, float]]], dict[str, tuple[int, ...]]]:
     """{row: [per-seed {item: value}]} of one target: ``base`` and ``teacher`` from the anchors, every scored seed
-    of every row, and each oracle system as a row ``ORACLE:SYSTEM``."""
+    of every row, and each oracle system as a row ``ORACLE:SYSTEM``; and {row: the training seeds it has}."""
     root, field = os.path.join(study.out, target), METRIC.get(target, "ce")
     out: dict[str, list[dict[str, float]]] = {}
-    seed_ids = SEED_IDS.setdefault((study.out, target), {})
+    seed_ids: dict[str, tuple[int, ...]] = {}
 
     def read(folder: str, system: str) -> dict[str, float] | None:
         path = os.path.join(root, folder, f"{system}.jsonl")
@@ -81,7 +80,7 @@ def load_target(study, target: str) -> dict[str, list[dict[str, float]]]:
         if seeds:
             out[row.name] = list(seeds.values())
             seed_ids[row.name] = tuple(seeds)
-    return out
+    return out, seed_ids
 
 
 def aligned(scores: dict[str, list[dict[str, float]]]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -100,26 +99,33 @@ class Draws:
     """Bootstrap draws shared by every row of a target: items (B, I), and seeds (B, S) per seed count S."""
 
     def __init__(self, n_items: int, seed: int = 0, iters: int = ITERS):
-        self.g = torch.Generator().manual_seed(seed)
-        self.iters = iters
-        self.items = torch.randint(n_items, (iters, n_items), generator=self.g) if n_items else None
+        self.seed, self.iters = seed, iters
+        g = torch.Generator().manual_seed(seed)
+        self.items = torch.randint(n_items, (iters, n_items), generator=g) if n_items else None
         self.seeds: dict = {}
 
     def means(self, x: torch.Tensor, seeds: tuple[int, ...] | None = None) -> torch.Tensor:
         """(B,) resampled means of ``x`` (S, I): seeds, then items. Rows with the same ``seeds`` (the training seeds
-        they hold, in order) share the seed draw: they are paired on seeds."""
+        they hold, in order) share the seed draw: they are paired on seeds. Each seed draw comes from its own key,
+        so a row's interval does not move when other rows are scored. No items: NaN (no interval)."""
         s = x.shape[0]
+        if self.items is None:
+            return torch.full((self.iters,), math.nan, dtype=torch.float64)
         key = seeds if seeds is not None else s
         if key not in self.seeds:
-            self.seeds[key] = torch.randint(s, (self.iters, s), generator=self.g) if s > 1 else \
+            g = torch.Generator().manual_seed(self.seed + 1 + zlib.crc32(repr(key).encode()))
+            self.seeds[key] = torch.randint(s, (self.iters, s), generator=g) if s > 1 else \
                 torch.zeros(self.iters, 1, dtype=torch.long)
         v = x[self.seeds[key]]  # (B, S, I)
         return v.gather(2, self.items[:, None, :].expand(-1, s, -1)).mean((1, 2))
 
 
 def interval(draws: torch.Tensor, point: float, n_items: int) -> dict:
+    """The point and the 95 % percentile interval of ``draws``; none below MIN_INTERVAL_N items or when over a
+    tenth of the draws are not finite (a point that is not finite is None too: JSON has no NaN)."""
     ok = draws[torch.isfinite(draws)]
-    if n_items < MIN_INTERVAL_N or len(ok) < 0.9 * len(draws):
+    point = point if math.isfinite(point) else None
+    if n_items < MIN_INTERVAL_N or len(ok) < 0.9 * len(draws) or point is None:
         return {"point": point, "ci95": [None, None]}
     return {"point": point, "ci95": [float(ok.quantile(0.025)), float(ok.quantile(0.975))]}
 
@@ -133,8 +139,8 @@ def target_table(study, target: str) -> dict:
     comparisons. CE on the teacher's answers (``ce``, and each of ``scoring.answer_sets``): the gap closed
     (row - base) / (teacher - base); accuracy: the share correct; other CE targets: the row minus the base."""
     teachers_answers = target == "ce" or target in study.cfg.scoring.answer_sets
-    keys, x = aligned(load_target(study, target))
-    ids = SEED_IDS.get((study.out, target), {})
+    scores, ids = load_target(study, target)
+    keys, x = aligned(scores)
     n = len(keys)
     d = Draws(n)
     means = {row: d.means(v, ids.get(row, tuple(range(v.shape[0])))) for row, v in x.items()}
@@ -168,8 +174,10 @@ def coverage(seeds: list[int], untrained: bool = False) -> str:
     (``untrained``: a side is an oracle's system, which no training seed moves)."""
     if untrained and min(seeds) == 1:
         return "; over items (an oracle: one run)"
-    if min(seeds) == 1:
+    if max(seeds) == 1:
         return "; items only: one training seed"
+    if min(seeds) == 1:
+        return "; one side has one training seed (its seed variation is not in the interval)"
     if min(seeds) == 2:
         return "; 2 seeds: their variation under-estimated"
     return ""
@@ -183,14 +191,14 @@ def verdict_word(diff: dict, target: str) -> str:
         return "undefined"
     if lo <= 0 <= hi:
         return "level"
-    return "better" if (diff["point"] < 0) == LOWER_IS_BETTER.get(target, True) else "worse"
+    return "better" if (hi < 0) == LOWER_IS_BETTER.get(target, True) else "worse"
 
 
 def reading(diff: dict, target: str, a: str, b: str) -> str:
     """:func:`verdict_word` as a sentence."""
     word = verdict_word(diff, target)
     if word == "undefined":
-        return "undefined (too few items for an interval)"
+        return "undefined (too few items for an interval, or scores that are not finite)"
     if word == "level":
         return f"{a} and {b} are level (the interval includes zero)"
     return f"{a} is {word} than {b} (the interval excludes zero)"

@@ -151,13 +151,20 @@ def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Cal
                 try:
                     with timed(times, s):
                         s.run()
-                except ToEError as e:  # one row's trouble does not stop the others: said at the end
-                    failed[s.id] = str(e)
-                    log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id, e)
+                    if not s.done():  # (taken as done, the loop would run it again at once, and again)
+                        raise ToEError(f"{s.id} finished without writing its output, so it is not taken as done "
+                                       "(a step that cannot make its output should say why: report it)")
+                except Exception as e:  # one row's trouble (an error, out of memory) does not stop the others
+                    failed[s.id] = str(e) if isinstance(e, ToEError) else f"{type(e).__name__}: {e}"
+                    log.error("study: %s failed: %s (the steps that need it wait; the others go on)", s.id,
+                              failed[s.id], exc_info=not isinstance(e, ToEError))
                 else:
                     ran.append(s.id)
                     if s.id.startswith("score/"):
-                        render()
+                        try:
+                            render()
+                        except Exception:  # a table that cannot be drawn now costs no step; the last render raises
+                            log.exception("study: the table could not be rendered after %s", s.id)
                 progressed = True
                 break  # back to the first pending step: the rows' order is the priority order
         if not progressed:

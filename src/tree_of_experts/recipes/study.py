@@ -193,7 +193,8 @@ class Study(StudyRuns, StudyChecks):
                     ex = own
                     steps.append(Step(f"score/ce/{label}", ["answers", ex, f"train/{plugin}"],
                                       lambda label=label: self.scored("ce", label),
-                                      self.run_oracle(row, plugin), {"kind": "oracle", "layers": row.layers}))
+                                      self.recorded("ce", label, self.run_oracle(row, plugin)),
+                                      {"kind": "oracle", "layers": row.layers}))
                     continue
                 if row.kind == "toe_on_lora":
                     deps.append(f"train/{cfg.row(row.adapter_of).labels()[k]}")
@@ -206,14 +207,23 @@ class Study(StudyRuns, StudyChecks):
                     steps.append(Step(f"curve/{label}", ["tuning-answers", f"train/{label}"],
                                       lambda label=label: os.path.isfile(os.path.join(self.out, "curve", label,
                                                                                       "curve.json")),
-                                      lambda label=label, row=row: self.run_curve(label, row), {"kind": "curve"}))
+                                      self.recorded("curve", label, lambda label=label, row=row: self.run_curve(
+                                          label, row)), {"kind": "curve"}))
         return steps
 
     def score_step(self, target: str, label: str, row: Row | None) -> Step:
         deps = (["answers"] if target in ("ce", "acc") else [f"answers-{target}"]
                 if target in self.cfg.scoring.answer_sets else []) + ([f"train/{label}"] if row else [])
         return Step(f"score/{target}/{label}", deps, lambda: self.scored(target, label),
-                    lambda: self.run_score(target, label, row), {"kind": "score", "target": target, "row": row})
+                    self.recorded(target, label, lambda: self.run_score(target, label, row)),
+                    {"kind": "score", "target": target, "row": row})
+
+    def recorded(self, target: str, label: str, run: Callable[[], None]) -> Callable[[], None]:
+        """``run`` (a scoring of ``label`` on ``target``), then the record of what it scored (:meth:`record_inputs`)."""
+        def run_and_record() -> None:
+            run()
+            self.record_inputs(target, label)
+        return run_and_record
 
     # -- done markers ------------------------------------------------------------------------------------------
     def scored(self, target: str, label: str) -> bool:

@@ -3,11 +3,44 @@ longer match the config (a mixin of :class:`.study.Study`)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from ..errors import ToEError
 from ..files import read_json
 from ..folders import check_same_build
+
+
+INPUTS = "inputs.json"  # beside a score's metrics.json (a curve's curve.json): what it was made from
+_SHA: dict[tuple, str] = {}
+
+
+def _sha(path: str | None) -> str | None:
+    """sha256 of a file (None when there is none), cached per (path, size, mtime): the runner asks often."""
+    if not path or path.startswith("hf:") or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA[key] = h.hexdigest()
+    return _SHA[key]
+
+
+def check_answers(where: str, path: str, items: list[dict], rows: list[int], field: str, of: str) -> None:
+    """Given answers (a JSONL of the teacher's answers) exist and answer exactly ``rows`` [start, stop) of ``items``
+    (compared by their question ``field``, which the answers keep)."""
+    from ..data import read_rows
+
+    if not os.path.isfile(path):
+        raise ToEError(f"{where}: {path} not found: fix the path, or leave it out to generate them")
+    want = sorted(str(r.get(field)) for r in items[rows[0]:rows[1]])
+    if sorted(str(r.get(field)) for r in read_rows(path)) != want:
+        raise ToEError(f"{where} {path} answers other items than rows {rows} of {of}: give the teacher's answers to "
+                       "exactly those rows")
 
 
 class StudyChecks:
@@ -16,6 +49,7 @@ class StudyChecks:
     def check_inputs(self) -> None:
         """Files the study reads exist and hold enough rows, before any model loads."""
         from ..data import read_rows
+        from ..evaluation.tasks import TASK_FIELDS
 
         pending = {s.id for s in self.steps() if not s.done()}
         tr = self.cfg.data.train_traces
@@ -27,6 +61,7 @@ class StudyChecks:
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
         self.check_kept_runs()
+        self.check_scores_current()
         for name in self.cfg.scoring.answer_sets:
             if any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
                 self.check_answer_set(name)
@@ -44,15 +79,12 @@ class StudyChecks:
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
             raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
+        field = TASK_FIELDS[self.cfg.data.task][0]  # the answers keep their items' fields
         if self.cfg.data.answers:
-            if not os.path.isfile(self.answers):
-                raise ToEError(f"data.answers: {self.answers} not found: fix the path, or leave it out to generate them")
-            field = self.cfg.data.prompt_field or "question"
-            want = sorted(str(r.get(field)) for r in items[self.skip:self.skip + self.n])
-            got = sorted(str(r.get(field)) for r in read_rows(self.answers))
-            if got != want:
-                raise ToEError(f"data.answers {self.answers} answers other items than data.items rows "
-                               f"{self.cfg.data.reported}: give the teacher's answers to exactly those rows")
+            check_answers("data.answers", self.answers, items, self.cfg.data.reported, field, "data.items")
+        if self.cfg.data.tuning_answers and self.cfg.scoring.curve_every:  # (never generated into a given path)
+            check_answers("data.tuning_answers", self.tuning_answers, items, self.cfg.data.tuning, field,
+                          "data.items")
         for who, path in (("pair.base", self.base), ("pair.teacher", self.teacher)):
             from ..hf.loading import load_config
 
@@ -76,45 +108,81 @@ class StudyChecks:
         if aset.rows[1] > len(items):
             raise ToEError(f"{where}.rows {aset.rows}: {path} has {len(items)} rows")
         if aset.answers:
-            if not os.path.isfile(self.set_answers(name)):
-                raise ToEError(f"{where}.answers: {self.set_answers(name)} not found: fix the path, or leave it "
-                               "out to generate them")
-            field = TASK_FIELDS[aset.task][0]
-            want = sorted(str(r.get(field)) for r in items[aset.rows[0]:aset.rows[1]])
-            if sorted(str(r.get(field)) for r in read_rows(self.set_answers(name))) != want:
-                raise ToEError(f"{where}.answers {self.set_answers(name)} answers other items than rows {aset.rows} "
-                               f"of {path}: give the teacher's answers to exactly those rows")
+            check_answers(f"{where}.answers", self.set_answers(name), items, aset.rows, TASK_FIELDS[aset.task][0],
+                          path)
 
     def check_kept_runs(self) -> None:
-        """A kept run trained with another budget or seed than the config now asks, or (for a row with its own
-        ``extract`` options) on another extraction, is refused, not reused: an edited config would otherwise keep
-        results it no longer describes."""
+        """A run trained with another budget or seed than the config now asks, or (for a row with its own
+        ``extract`` options) on another extraction, is refused, not reused: its kept copy (OUT/train/ROW) and its
+        training's own folder (WORK/train/STUDY/ROW, which a rerun would copy back) alike. An edited config would
+        otherwise keep results it no longer describes."""
         tr = self.cfg.data.train_traces
         # before the study made its traces, an epochs budget's step count is not known: checked once they are made
         estimate = tr is not None and not os.path.isfile(self.train_data) and not self.cfg.budget.steps
         steps_n = None if estimate else self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
         for row in self.cfg.rows:
             for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
-                for name in ("train_args.json", "baseline_args.json"):
-                    path = os.path.join(self.out, "train", label, name)
-                    if not os.path.isfile(path):
-                        continue
-                    args = read_json(path, "delete the kept run to train it again")
-                    want = {"max_steps": steps_n, "batch_size": self.cfg.budget.batch_size, "seed": seed}
-                    if steps_n is None:
-                        del want["max_steps"]
-                    differ = [f"{k} {args.get(k)} (the config: {v})" for k, v in want.items()
-                              if k in args and args[k] != v]
-                    if differ:
-                        raise ToEError(f"{os.path.dirname(path)} was trained with {', '.join(differ)}: rename the row "
-                                       "(or use another --out) for the new budget, or delete that folder to redo it")
-                    if row.layers and row.kind not in ("control", "lora"):  # not trained on an earlier build
-                        check_same_build(os.path.dirname(path), self.extraction(row.layers, row.rebuild, row.extract),
-                                         "rename the row (or use another --out), or delete that folder to redo it")
-                    own = name == ("baseline_args.json" if row.kind in ("control", "lora") else "train_args.json")
-                    want_ex = os.path.basename(self.extraction(row.layers, row.rebuild, row.extract)) \
-                        if row.extract and row.layers else None
-                    if own and want_ex and os.path.basename(str(args.get("experts"))) != want_ex:
-                        raise ToEError(f"{os.path.dirname(path)} was trained on {args.get('experts')}, not the row's "
-                                       f"extraction {want_ex}: rename the row (or use another --out) for the new "
-                                       "extract options, or delete that folder to redo it")
+                folders = (os.path.join(self.out, "train", label), self.run_dir(label))
+                redo = (f"rename the row for the new settings, or delete {' and '.join(folders)} (what exists of "
+                        "them) to train it again")
+                for folder in folders:
+                    self._check_kept_run(row, seed, folder, steps_n, redo)
+
+    def _check_kept_run(self, row, seed: int, folder: str, steps_n: int | None, redo: str) -> None:
+        own = "baseline_args.json" if row.kind in ("control", "lora") else "train_args.json"
+        for name in ("train_args.json", "baseline_args.json"):
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                continue
+            args = read_json(path, "delete the kept run to train it again")
+            want = {"max_steps": steps_n, "batch_size": self.cfg.budget.batch_size, "seed": seed}
+            differ = [f"{k} {args.get(k)} (the config: {v})" for k, v in want.items()
+                      if k in args and v is not None and args[k] != v]
+            if differ:
+                raise ToEError(f"{folder} was trained with {', '.join(differ)}: {redo}")
+            experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
+            if experts and row.kind not in ("control", "lora"):
+                check_same_build(folder, experts, redo)
+            want_ex = os.path.basename(experts) if experts and row.extract else None
+            if name == own and want_ex and os.path.basename(str(args.get("experts"))) != want_ex:
+                raise ToEError(f"{folder} was trained on {args.get('experts')}, not the row's extraction "
+                               f"{want_ex}: {redo}")
+
+    # -- what a score was made from ----------------------------------------------------------------------------
+    def score_inputs(self, target: str, label: str) -> dict:
+        """What the score of ``label`` on ``target`` (``curve``: its learning curve) is made from: the kept training
+        it scores (its summary, rewritten by every training) and the answers or items file it reads."""
+        kept = os.path.join(self.out, "train", label)
+        summary = next((os.path.join(kept, f) for f in ("train_summary.json", "baseline_summary.json")
+                        if os.path.isfile(os.path.join(kept, f))), None)
+        data = (self.tuning_answers if target == "curve" else self.answers if target == "ce" else
+                self.items if target == "acc" else self.set_answers(target) if target in self.cfg.scoring.answer_sets
+                else self.resolve(self.cfg.scoring.ce_files[target]) if target in self.cfg.scoring.ce_files else None)
+        return {"training": _sha(summary), "data": _sha(data)}
+
+    def record_inputs(self, target: str, label: str) -> None:
+        """Keeps beside a finished score what it was made from (:meth:`check_scores_current` compares)."""
+        from ..files import atomic_write_json
+
+        atomic_write_json(os.path.join(self.out, target, label, INPUTS), self.score_inputs(target, label))
+
+    def check_scores_current(self) -> None:
+        """A finished score (or learning curve) made from another training or answers file than the study now holds
+        is refused, not shown: a row trained again, or answers made again, would otherwise sit beside the old
+        numbers. Scores from before the study recorded their inputs pass; a file that is gone is not compared."""
+        stale = []
+        for target in os.listdir(self.out) if os.path.isdir(self.out) else ():
+            if target in ("train", "locks", "work", "data") or not os.path.isdir(os.path.join(self.out, target)):
+                continue
+            for label in sorted(os.listdir(os.path.join(self.out, target))):
+                path = os.path.join(self.out, target, label, INPUTS)
+                if not os.path.isfile(path):
+                    continue
+                was, now = read_json(path, "delete its folder to score it again"), self.score_inputs(target, label)
+                if any(was.get(k) and v is None and k == "training" or was.get(k) and v and v != was[k]
+                       for k, v in now.items()):
+                    stale.append(os.path.join(self.out, target, label))
+        if stale:
+            raise ToEError(f"{len(stale)} score(s) were made from another training or answers than the study now "
+                           f"holds (e.g. {stale[0]}): delete {' '.join(stale[:6])}{' …' if len(stale) > 6 else ''} "
+                           "to score them again")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ToEError
+from .study_options import check_row_options
 from .typed_yaml import build
 
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer: "
@@ -97,6 +98,12 @@ class Data:
         if (self.train is None) == (self.train_traces is None):
             raise ToEError("data: give the training data as data.train (a JSONL file) or data.train_traces (the "
                            "teacher's traces, made by the study), one of the two")
+        for name in ("reported", "tuning"):
+            span = getattr(self, name)
+            if span is not None and (len(span) != 2 or not 0 <= span[0] < span[1]):
+                raise ToEError(f"data.{name}: {span}: give [start, stop) rows of data.items, 0 <= start < stop")
+        if self.max_length < 1:
+            raise ToEError(f"data.max_length {self.max_length}: give the token cap of a training sequence, >= 1")
         if self.train_traces is not None:
             self.train_traces.check()
             same = os.path.abspath(self.train_traces.items) == os.path.abspath(self.items)
@@ -105,10 +112,6 @@ class Data:
                 if same and span and overlap(span, rows):
                     raise ToEError(f"data.train_traces.rows {rows} overlap data.{name} {span} of the same items: "
                                    "a row trained on must never be scored or tuned on; give disjoint rows")
-        for name in ("reported", "tuning"):
-            span = getattr(self, name)
-            if span is not None and (len(span) != 2 or not 0 <= span[0] < span[1]):
-                raise ToEError(f"data.{name}: {span}: give [start, stop) rows of data.items, 0 <= start < stop")
         if self.tuning and overlap(self.tuning, self.reported):
             raise ToEError(f"data.tuning {self.tuning} overlaps data.reported {self.reported}: the rows used to tune "
                            "settings must never be reported; give disjoint ranges")
@@ -133,6 +136,9 @@ class Budget:
 
     def steps_for(self, n_train: int) -> int:
         return self.steps if self.steps is not None else max(1, math.ceil(self.epochs * n_train / self.batch_size))
+
+
+STUDY_NAMES = ("anchors", "base", "teacher", "answers", "tuning-answers", "train-traces")  # not a row's name
 
 
 @dataclass
@@ -169,11 +175,14 @@ class Row:
                                                         "scored as every row's"})
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/: ") or self.name in ("anchors", "base", "teacher"):
-            raise ToEError(f"rows: name {self.name!r}: use a plain name without '/', ':' or spaces (not anchors, "
-                           "base or teacher, which every study has)")
-        if self.seeds < 1:
-            raise ToEError(f"rows.{self.name}.seeds {self.seeds}: must be >= 1")
+        if not self.name or any(c in self.name for c in "/: ") or self.name in STUDY_NAMES:
+            raise ToEError(f"rows: name {self.name!r}: use a plain name without '/', ':' or spaces (not "
+                           f"{', '.join(STUDY_NAMES)}: the study's own rows and steps)")
+        if self.seeds < 1 or self.rank < 1:
+            raise ToEError(f"rows.{self.name}: seeds {self.seeds}, rank {self.rank}: each must be >= 1")
+        if self.kind == "oracle" and self.seeds != 1:
+            raise ToEError(f"rows.{self.name}.seeds {self.seeds}: an oracle row is scored once (next to its plug-in "
+                           "row's seed 0): remove seeds")
         if self.kind in ("toe", "control", "toe_on_lora", "oracle") and not self.layers:
             raise ToEError(f"rows.{self.name}: a {self.kind} row needs layers (the injection layers, e.g. [5, 11, 17])")
         if self.kind == "toe_on_lora" and not self.adapter_of:
@@ -238,6 +247,11 @@ class Scoring:
         "help": "the seeds whose learning curves are kept and scored (e.g. [0]: a curve per row, not per seed); "
                 "default: every seed"})
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "answer_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ToEError(f"scoring.{name} {getattr(self, name)!r}: give a whole number >= 1")
+
     def curves(self, row: Row, seed: int) -> bool:
         """Whether the training of ``row``'s ``seed`` keeps snapshots and gets a learning curve."""
         return bool(self.curve_every) and row.curve and (self.curve_seeds is None or seed in self.curve_seeds)
@@ -264,6 +278,8 @@ class StudyConfig:
     readme: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.rows:
+            raise ToEError("rows: empty: give the study at least one row (e.g. {name: toe, kind: toe, layers: [1]})")
         names = [r.name for r in self.rows]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -273,12 +289,12 @@ class StudyConfig:
         if clash:
             raise ToEError(f"rows: {clash} is both a row and another row's seed (ROW-seedK): rename the row")
         reserved = {"ce", "acc", "accuracy", "answers", "train", "curve", "locks", "data", "work"}
-        for key, names in (("ce_files", self.scoring.ce_files), ("answer_sets", self.scoring.answer_sets)):
-            if set(names) & reserved:
-                raise ToEError(f"scoring.{key}: {sorted(set(names) & reserved)} is a folder the study writes itself "
-                               f"({', '.join(sorted(reserved))}): give the target another name")
-            if any(not n.replace("_", "").replace("-", "").isalnum() or n.startswith("answers-") for n in names):
-                raise ToEError(f"scoring.{key}: {sorted(names)}: name each target with letters, digits, '_' and '-' "
+        for key, targets in (("ce_files", self.scoring.ce_files), ("answer_sets", self.scoring.answer_sets)):
+            if set(targets) & reserved:
+                raise ToEError(f"scoring.{key}: {sorted(set(targets) & reserved)} is a folder the study writes "
+                               f"itself ({', '.join(sorted(reserved))}): give the target another name")
+            if any(not n.replace("_", "").replace("-", "").isalnum() or n.startswith("answers-") for n in targets):
+                raise ToEError(f"scoring.{key}: {sorted(targets)}: name each target with letters, digits, '_' and '-' "
                                "(not starting with answers-, which the study's answer files use)")
         for name, aset in self.scoring.answer_sets.items():
             aset.check(f"scoring.answer_sets.{name}")
@@ -321,32 +337,7 @@ class StudyConfig:
                     overlap(aset.rows, traces.rows):
                 raise ToEError(f"data.train_traces.rows {traces.rows} overlap scoring.answer_sets.{name}.rows "
                                f"{aset.rows} of the same items: give disjoint rows")
-        for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
-            check_options(group, getattr(self, group), fn)
-            k = getattr(self, group).get("gradient_accumulation_steps", 1)
-            if not isinstance(k, int) or k < 1 or self.budget.batch_size % k:
-                raise ToEError(f"{group}.gradient_accumulation_steps {k!r}: give a divisor of budget.batch_size "
-                               f"({self.budget.batch_size})")
-        for r in self.rows:
-            check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
-                          "oracle" if r.kind == "oracle" else "train")
-            if r.extract:
-                if not r.layers:
-                    raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
-                if r.kind == "oracle":
-                    raise ToEError(f"rows.{r.name}.extract: an oracle reads its plug-in row's extraction: give the "
-                                   "options to that row")
-                check_options(f"rows.{r.name}.extract", r.extract, "extract")
-            if r.rebuild:
-                if r.kind not in ("toe", "control", "toe_on_lora"):
-                    raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")
-                check_options(f"rows.{r.name}.rebuild", r.rebuild, "rebuild")
-            given = {**self.lora, **r.options} if r.kind == "lora" else {}
-            cached = [k for k in ("kd_weight", "state_loss_weight") if given.get(k)]
-            if cached and not r.layers and r.objective == "off_policy":
-                raise ToEError(f"rows.{r.name}: {cached[0]} {given[cached[0]]} reads what an extraction cached (the "
-                               "teacher's top-k, its states): give the row layers (the extraction's), or set "
-                               f"{cached[0]} 0")
+        check_row_options(self)
 
     def row(self, name: str) -> Row:
         return {r.name: r for r in self.rows}[name]
@@ -358,31 +349,6 @@ def comparison(text: str) -> tuple[str, str]:
     if not sep or not a.strip() or not b.strip():
         raise ToEError(f"compare {text!r}: write `A - B` (row names with spaces around the minus)")
     return a.strip(), b.strip()
-
-
-# Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
-STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
-              "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
-              "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map"}
-EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
-
-
-def check_options(where: str, options: dict, command: str) -> None:
-    """Every key of ``options`` is a parameter of the library function of ``command`` that the study leaves free."""
-    from importlib import import_module
-
-    module = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
-              "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
-    from ..options import option_names
-
-    params = option_names(getattr(import_module(f"..{module}", __package__), command))
-    for key in options:
-        if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
-            raise ToEError(f"{where}.{key}: the study sets {key} itself (pair, data, budget, row fields): remove it")
-        if key not in params:
-            close = [p for p in sorted(params - STUDY_SETS) if p[:4] == key[:4]][:3]
-            raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
-                           (f" (did you mean {', '.join(close)}?)" if close else ""))
 
 
 def load_study(path: str) -> StudyConfig:

@@ -122,7 +122,7 @@ class StudyRuns:
                            f"{os.path.join(self.out, 'train', label)} to train the row again, or set "
                            "scoring.curve_every 0")
         found = sorted((int(d.split("-")[1]), os.path.join(snaps, d)) for d in os.listdir(snaps)
-                       if d.startswith("step-"))
+                       if d.startswith("step-") and d.split("-")[1].isdigit())  # (not a snapshot cut short)
         final = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
         for step, folder in [*found, (final, run)]:
             out = os.path.join(self.out, "curve", label, f"step-{step}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -341,6 +342,14 @@ class TrainLoop:
         """The checkpoint every ``save_every`` steps and at the end of the warm-up (and of the run, where the
         student keeps one); a snapshot every ``snapshot_every`` steps after the warm-up."""
         accel, s, sched, warmup = self.accel, self.student, self.schedule, self.student.warmup_steps
+        b_step = step - warmup  # the snapshot first: a run killed while writing it resumes before this step
+        if sched.snapshot_every and b_step > 0 and b_step % sched.snapshot_every == 0 and step < self.total \
+                and accel.is_main_process:
+            final = os.path.join(self.out, "snapshots", f"step-{b_step}")
+            shutil.rmtree(final + ".partial", ignore_errors=True)
+            s.snapshot(final + ".partial")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(final + ".partial", final)
         due = (step % sched.save_every == 0 and step < self.total) or (warmup and step == warmup) or \
             (step == self.total and s.final_checkpoint)
         if due:
@@ -349,7 +358,3 @@ class TrainLoop:
                 save_checkpoint(self.out, s.trained(), s.optimizer_at(step - 1),
                                 {"step": step, "stage": s.stage(step), "elapsed_s": self.elapsed}, what=s.what)
                 plot_curves(self.metrics_path, os.path.join(self.out, "curves.png"))  # refreshed with each one
-        b_step = step - warmup
-        if sched.snapshot_every and b_step > 0 and b_step % sched.snapshot_every == 0 and step < self.total \
-                and accel.is_main_process:
-            s.snapshot(os.path.join(self.out, "snapshots", f"step-{b_step}"))

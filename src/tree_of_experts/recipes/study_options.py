@@ -1,0 +1,61 @@
+"""The options a study passes to the package's commands (``extract``, ``train``, ``lora`` and each row's own):
+each must be a parameter of the command's library function that the study leaves free, checked before any model
+loads (:class:`.study_config.StudyConfig` calls :func:`check_row_options`)."""
+
+from __future__ import annotations
+
+from ..errors import ToEError
+
+# Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
+STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
+              "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
+              "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map", "dry_run"}
+EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
+
+
+def check_options(where: str, options: dict, command: str) -> None:
+    """Every key of ``options`` is a parameter of the library function of ``command`` that the study leaves free."""
+    from importlib import import_module
+
+    module = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
+              "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
+    from ..options import option_names
+
+    params = option_names(getattr(import_module(f"..{module}", __package__), command))
+    for key in options:
+        if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
+            raise ToEError(f"{where}.{key}: the study sets {key} itself (pair, data, budget, row fields): remove it")
+        if key not in params:
+            close = [p for p in sorted(params - STUDY_SETS) if p[:4] == key[:4]][:3]
+            raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
+                           (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
+def check_row_options(cfg) -> None:
+    """The option groups of a :class:`.study_config.StudyConfig` and of each of its rows."""
+    for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
+        check_options(group, getattr(cfg, group), fn)
+        k = getattr(cfg, group).get("gradient_accumulation_steps", 1)
+        if not isinstance(k, int) or k < 1 or cfg.budget.batch_size % k:
+            raise ToEError(f"{group}.gradient_accumulation_steps {k!r}: give a divisor of budget.batch_size "
+                           f"({cfg.budget.batch_size})")
+    for r in cfg.rows:
+        check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
+                      "oracle" if r.kind == "oracle" else "train")
+        if r.extract:
+            if not r.layers:
+                raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
+            if r.kind == "oracle":
+                raise ToEError(f"rows.{r.name}.extract: an oracle reads its plug-in row's extraction: give the "
+                               "options to that row")
+            check_options(f"rows.{r.name}.extract", r.extract, "extract")
+        if r.rebuild:
+            if r.kind not in ("toe", "control", "toe_on_lora"):
+                raise ToEError(f"rows.{r.name}.rebuild: only a plug-in row has a bank to rebuild")
+            check_options(f"rows.{r.name}.rebuild", r.rebuild, "rebuild")
+        given = {**cfg.lora, **r.options} if r.kind == "lora" else {}
+        cached = [k for k in ("kd_weight", "state_loss_weight") if given.get(k)]
+        if cached and not r.layers and r.objective == "off_policy":
+            raise ToEError(f"rows.{r.name}: {cached[0]} {given[cached[0]]} reads what an extraction cached (the "
+                           "teacher's top-k, its states): give the row layers (the extraction's), or set "
+                           f"{cached[0]} 0")
