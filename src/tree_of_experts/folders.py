@@ -203,7 +203,13 @@ def check_file_out(path: str | os.PathLike, option: str = "out") -> None:
         raise ToEError(f"--{option} {path}: {existing} is not writable: pass a path in a folder you can write to")
 
 
-TRAINED = ("train_args.json", "train_summary.json", "baseline_summary.json")
+SUMMARIES = ("train_summary.json", "baseline_summary.json")  # a finished training (`toe train`, `toe baseline`)
+TRAINED = ("train_args.json", *SUMMARIES)
+
+
+def run_summary(folder: str | os.PathLike) -> str | None:
+    """The summary a finished training wrote in ``folder`` (None: not finished, or no run there)."""
+    return next((p for p in (os.path.join(os.fspath(folder), n) for n in SUMMARIES) if os.path.isfile(p)), None)
 
 
 BANK_KEY = "experts_bank_sha256"  # in train_args.json: the build of the extraction a plug-in was trained from

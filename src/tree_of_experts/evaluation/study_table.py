@@ -9,6 +9,7 @@ import os
 import re
 
 from ..files import atomic_write_json, atomic_write_text
+from ..folders import run_summary
 from .study_stats import target_table, verdict_word
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,12 @@ def training_facts(study, row) -> dict:
         facts["steps"] = sum(r.get("stage") != "A" for r in rows)  # logged Stage-B steps (the summary's, below)
         facts["on_policy_steps"] = sum(r.get("objective") == "on_policy" for r in stage_b)
         facts["sampled_tokens"] = sum(r.get("sample_tokens", 0) or 0 for r in stage_b)
-    for name in ("train_summary.json", "baseline_summary.json"):
-        if os.path.isfile(os.path.join(folder, name)):
-            summary = json.load(open(os.path.join(folder, name)))
-            summary = summary.get("train", summary)
-            if "steps" in summary:
-                facts["steps"] = summary["steps"] - (summary.get("stage_a_steps") or 0)
+    path = run_summary(folder)
+    if path:
+        summary = json.load(open(path))
+        summary = summary.get("train", summary)
+        if "steps" in summary:
+            facts["steps"] = summary["steps"] - (summary.get("stage_a_steps") or 0)
     info = os.path.join(folder, "inspect.json")
     if os.path.isfile(info):
         banks = json.load(open(info)).get("banks", {}).values()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from ..errors import ToEError
 from ..files import atomic_write_json
+from ..folders import run_summary
 from .steps import TIMES, Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
 from .study_checks import StudyChecks
@@ -121,6 +122,10 @@ class Study(StudyRuns, StudyChecks):
             return tr.rows[1] - tr.rows[0]
         return len(read_rows(self.train_data))
 
+    def steps_n(self) -> int:
+        """Every trained row's optimiser steps (an epochs budget: over the training rows, read only then)."""
+        return self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+
     # -- the plan ----------------------------------------------------------------------------------------------
     def extraction(self, layers: list[int], rebuild: dict | None = None, extract: dict | None = None) -> str:
         """The extraction folder of a layer set (with a row's own ``extract`` options, its own one; with ``rebuild``
@@ -165,7 +170,7 @@ class Study(StudyRuns, StudyChecks):
                               lambda: self.run_score("acc", "teacher", None), {"kind": "score", "target": "acc",
                                                                                "row": None}))
         extractions, rebuilds = set(), set()
-        steps_n = cfg.budget.steps or cfg.budget.steps_for(self.n_train())
+        steps_n = self.steps_n()
         for row in cfg.rows:
             for k, label in enumerate(row.labels()):
                 deps = list(needs_data)
@@ -236,7 +241,7 @@ class Study(StudyRuns, StudyChecks):
 
     def trained(self, label: str) -> bool:
         kept = os.path.join(self.out, "train", label)
-        return any(os.path.isfile(os.path.join(kept, f)) for f in ("train_summary.json", "baseline_summary.json"))
+        return run_summary(kept) is not None
 
     def extraction_done(self, layers: list[int], rebuild: dict | None = None,
                         extract: dict | None = None) -> Callable[[], bool]:

@@ -8,7 +8,7 @@ import os
 
 from ..errors import ToEError
 from ..files import read_json
-from ..folders import check_same_build
+from ..folders import check_same_build, run_summary
 
 
 INPUTS = "inputs.json"  # beside a score's metrics.json (a curve's curve.json): what it was made from
@@ -119,7 +119,7 @@ class StudyChecks:
         tr = self.cfg.data.train_traces
         # before the study made its traces, an epochs budget's step count is not known: checked once they are made
         estimate = tr is not None and not os.path.isfile(self.train_data) and not self.cfg.budget.steps
-        steps_n = None if estimate else self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+        steps_n = None if estimate else self.steps_n()
         for row in self.cfg.rows:
             for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
                 folders = (os.path.join(self.out, "train", label), self.run_dir(label))
@@ -153,8 +153,7 @@ class StudyChecks:
         """What the score of ``label`` on ``target`` (``curve``: its learning curve) is made from: the kept training
         it scores (its summary, rewritten by every training) and the answers or items file it reads."""
         kept = os.path.join(self.out, "train", label)
-        summary = next((os.path.join(kept, f) for f in ("train_summary.json", "baseline_summary.json")
-                        if os.path.isfile(os.path.join(kept, f))), None)
+        summary = run_summary(kept)
         data = (self.tuning_answers if target == "curve" else self.answers if target == "ce" else
                 self.items if target == "acc" else self.set_answers(target) if target in self.cfg.scoring.answer_sets
                 else self.resolve(self.cfg.scoring.ce_files[target]) if target in self.cfg.scoring.ce_files else None)

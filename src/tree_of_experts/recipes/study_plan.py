@@ -150,7 +150,7 @@ def plan(study, steps: list | None = None) -> dict:
             disk = 4096 * n_s
         elif kind == "curve":  # CE on the tuning rows of every snapshot and the final weights
             every = cfg.scoring.curve_every
-            points = (cfg.budget.steps or cfg.budget.steps_for(n_rows)) // every + 1
+            points = cfg.budget.steps_for(n_rows) // every + 1
             n_tuning = cfg.data.tuning[1] - cfg.data.tuning[0]
             sec = points * (n_tuning * new / 2 * fb / F + -(-n_tuning // cfg.scoring.batch_size) * call_s(base_cfg))
             disk = points * 4096 * n_tuning

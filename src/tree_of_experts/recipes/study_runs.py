@@ -13,13 +13,12 @@ from collections.abc import Callable
 from ..data import file_hash
 from ..errors import ToEError
 from ..files import atomic_write_json, atomic_write_text, read_json
-from ..folders import check_same_build
+from ..folders import SUMMARIES, check_same_build, run_summary
 from .study_config import Row
 
 log = logging.getLogger(__name__)
 BUDGET_OPTIONS = {"max_disk", "state_tokens", "cache_low_states"}  # extract options that change the disk alone
-DONE = ("train_summary.json", "baseline_summary.json")  # a kept run is done when its summary is there
-KEPT = ("metrics.jsonl", "curves.png", "train_summary.json", "baseline_summary.json", "train_args.json",
+KEPT = ("metrics.jsonl", "curves.png", *SUMMARIES, "train_args.json",
         "baseline_args.json", "toe_config.json", "toe_model.safetensors", "adapter_config.json",
         "adapter_model.safetensors", "README.md")
 
@@ -123,7 +122,7 @@ class StudyRuns:
                            "scoring.curve_every 0")
         found = sorted((int(d.split("-")[1]), os.path.join(snaps, d)) for d in os.listdir(snaps)
                        if d.startswith("step-") and d.split("-")[1].isdigit())  # (not a snapshot cut short)
-        final = self.cfg.budget.steps or self.cfg.budget.steps_for(self.n_train())
+        final = self.steps_n()
         for step, folder in [*found, (final, run)]:
             out = os.path.join(self.out, "curve", label, f"step-{step}")
             if not os.path.isfile(os.path.join(out, "metrics.json")):
@@ -202,7 +201,7 @@ class StudyRuns:
             experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
             if experts and row.kind != "control":  # not a finished run of an earlier build of the extraction
                 check_same_build(out, experts, f"delete it (and {kept}) to train it again")
-            if not any(os.path.isfile(os.path.join(out, f)) for f in ("train_summary.json", "baseline_summary.json")):
+            if not run_summary(out):
                 marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
                 kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
                           snapshot_every=self.cfg.scoring.curve_every if self.cfg.scoring.curves(row, seed) else 0,
@@ -224,13 +223,13 @@ class StudyRuns:
             os.makedirs(kept, exist_ok=True)
             for f in KEPT:  # the small files and the trained weights, kept with the study's results; the summary
                 # (what marks the step done) last, so a kill mid-copy leaves the step to redo
-                if os.path.isfile(os.path.join(out, f)) and f not in DONE:
+                if os.path.isfile(os.path.join(out, f)) and f not in SUMMARIES:
                     shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
             if row.kind != "lora":  # the bank's geometry before -> after training (did the leaves specialise?)
                 from ..commands.hub import inspect
 
                 atomic_write_json(os.path.join(kept, "inspect.json"), inspect(out))
-            for f in DONE:
+            for f in SUMMARIES:
                 if os.path.isfile(os.path.join(out, f)):
                     shutil.copy2(os.path.join(out, f), os.path.join(kept, f))
         return run
@@ -238,9 +237,7 @@ class StudyRuns:
     def system_dir(self, label: str) -> str:
         """A trained row's weights: the run folder, else (a fresh machine) the kept copy."""
         run = self.run_dir(label)
-        return run if os.path.isdir(run) and any(
-            os.path.isfile(os.path.join(run, f)) for f in ("train_summary.json", "baseline_summary.json")) else \
-            os.path.join(self.out, "train", label)
+        return run if run_summary(run) else os.path.join(self.out, "train", label)
 
     def run_score(self, target: str, label: str, row: Row | None) -> None:
         from ..commands.evaluate import evaluate
