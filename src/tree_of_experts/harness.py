@@ -55,6 +55,7 @@ class ToELM(HFLM):
             tokenizer = load_tokenizer(tokenizer)
         super().__init__(pretrained=base, tokenizer=tokenizer, **kwargs)
         self.toe = ToEModel.from_pretrained(self.model, plugin)
+        self._model = self.toe.base  # a plug-in on a LoRA-adapted base hooks a merged copy: lm-eval scores that one
 
 
 def cli(argv: list[str] | None = None) -> None:

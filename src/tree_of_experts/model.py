@@ -173,7 +173,9 @@ class ToEModel(PreTrainedModel):
             mmap_bank: map each layer's bank and gate node weights from the plug-in file instead of reading them into
                 RAM (pages are read as routing touches them; frozen; see :meth:`ToEPlugin.load`). None: mapped when
                 they hold 1 GiB or more.
-            load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...).
+            load_kwargs: go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``revision``, ``gguf_file``...)
+                when the base is loaded here (refused with a loaded one). In the one-argument form ``revision`` is
+                the plug-in repo's, as transformers reads it (the base's is the config's ``base_revision``).
         """
         paths = (str, os.PathLike)
         if isinstance(base_or_plugin, nn.Module) and not hasattr(base_or_plugin, "config"):
@@ -188,6 +190,14 @@ class ToEModel(PreTrainedModel):
         if plugin is not None and not isinstance(plugin, paths):
             raise TypeError(f"ToEModel.from_pretrained: the plug-in is a folder or hub repo id (str or os.PathLike), "
                             f"not {type(plugin).__name__}")
+        if plugin is None and "revision" in load_kwargs:  # the repo loaded is the plug-in's, as in transformers
+            if plugin_revision is not None:
+                raise TypeError("ToEModel.from_pretrained(plugin, revision=..., plugin_revision=...): give one; "
+                                "revision is the plug-in's here (the base's comes from its config: base_revision)")
+            plugin_revision = load_kwargs.pop("revision")
+        if load_kwargs and isinstance(base_or_plugin, nn.Module):
+            raise TypeError(f"ToEModel.from_pretrained: {sorted(load_kwargs)} would load the base, which is already "
+                            "loaded: load it with them, then pass it")
         plugin_dir = resolve_folder(base_or_plugin if plugin is None else plugin, "plug-in", plugin_revision, token)
         config = ToEConfig.load(plugin_dir)
         base = base_or_plugin
@@ -221,7 +231,7 @@ class ToEModel(PreTrainedModel):
         plugin = ToEPlugin.load(plugin_dir, config, mmap=mmap_bank)
         if adapter is not None:
             plugin.adapter_source = adapter
-        return cls(base, plugin)
+        return cls(base, plugin).eval()  # as transformers returns a model: eval mode (a trainer sets train mode)
 
     @classmethod
     def fresh(cls, base: nn.Module, **fields: Any) -> ToEModel:
@@ -255,6 +265,9 @@ class ToEModel(PreTrainedModel):
             kwargs: transformers' other ``save_pretrained`` options (``safe_serialization``, ``max_shard_size``...),
                 accepted for its callers and ignored: a plug-in is always one safetensors file.
         """
+        if kwargs.get("push_to_hub"):
+            raise TypeError("ToEModel.save_pretrained(push_to_hub=True): use model.push_to_hub(repo_id), which writes "
+                            "the card with the base and teacher ids")
         if not is_main_process:
             return
         check_plugin_out(save_directory)  # an extraction's, an eval's or a checkpoint's folder is refused

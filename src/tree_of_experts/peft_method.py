@@ -114,7 +114,7 @@ def build_plugin(config: ToEPeftConfig, base: nn.Module) -> ToEPlugin:
     plugin = ToEPlugin.load(config.init_from, toe) if config.init_from else ToEPlugin(toe)
     if not next(plugin.parameters()).is_meta:  # meta under peft's low_cpu_mem_usage: the load assigns the tensors
         plugin.to(next(base.parameters()).device)
-    plugin.attach(base).detach()  # checks the layers, records the base's weight sample
+    plugin.attach(base, share=True).detach()  # checks the layers, records the base's weight sample
     config.toe = toe.to_dict()
     return plugin
 
@@ -154,7 +154,7 @@ class ToELayer(nn.Module, BaseTunerLayer):
         """Puts the active plug-ins' hooks on the base, and no other's (none while the adapters are disabled)."""
         for name, plugin in self.toe_plugin.items():
             if name in self.active_adapters and not self.disable_adapters:
-                plugin.attach(self.base)
+                plugin.attach(self.base, share=True)  # several active adapters: their plug-ins add up
             else:
                 plugin.detach()
 
@@ -166,6 +166,10 @@ class ToETuner(BaseTuner):
 
     prefix = "toe_"
     tuner_layer_cls = ToELayer
+    # the plug-ins live on the tuner, not in the base's modules: peft's inject_adapter_in_model (what transformers'
+    # `load_adapter` and `AutoModelForCausalLM.from_pretrained(adapter)` call) would drop them and leave the bare
+    # base; this flag makes it refuse, naming get_peft_model (PeftModel.from_pretrained loads a saved adapter)
+    uses_shared_state = True
     target_module_mapping: dict[str, list[str]] = {}
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
@@ -269,6 +273,9 @@ def adapter_to_plugin(adapter: str | os.PathLike, out: str | os.PathLike) -> str
     if not isinstance(config, ToEPeftConfig):
         raise ToEError(f"{adapter} is a {config.peft_type} adapter, not a ToE one (peft_type TOE)")
     plugin = ToEPlugin(toe_config(config.toe))
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+        raise ToEError(f"{adapter} has no {ADAPTER_WEIGHTS}: save the adapter with safe_serialization=True (the "
+                       "default) and convert it again")
     state = {k.removeprefix(ADAPTER_KEY_PREFIX): v for k, v in load_file(os.path.join(folder, ADAPTER_WEIGHTS)).items()}
     expected = plugin.state_dict().keys()
     if state.keys() != expected:

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,12 +22,13 @@ from torch import nn
 
 from .bank import ExpertBank
 from .config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig, ToEError
-from .hf.layers import decoder_layers, decoder_stack, edit_output
-from .hf.hub import model_id
-from .hf.loading import same_weights, weight_sample
 from .files import atomic_save_tensors
+from .hf.hub import model_id
+from .hf.layers import decoder_layers, decoder_stack, edit_output
+from .hf.loading import same_weights, weight_sample
+from .injection import InjectionLayer, Record, _past_length, injection_mask  # noqa: F401  (the package's names)
 from .tensorfile import DTYPES, TensorFileError, map_tensors, read_header
-from .tree import RouteOutput, TreeGate, selection_mass
+from .tree import selection_mass
 
 log = logging.getLogger(__name__)
 # The plausibility bound on a loaded plug-in's values: trained banks, gates and scales hold values of order 1 (the
@@ -39,92 +41,6 @@ MAPPABLE = ("bank.direction", "bank.norm", "gate.nodes.weight", "gate.nodes.bias
 # Above this many bytes of them, load maps by default: a bank that size (2^18 leaves at D = 896, float32) takes
 # seconds to read and as much RAM as the base, and is rarely trained again.
 MMAP_AUTO_BYTES = 1 << 30
-
-
-class Record(NamedTuple):
-    """What one injection layer did in the last forward: its route, mask (B, T) and mean ||Δ|| / ||h||."""
-
-    route: RouteOutput
-    mask: torch.Tensor
-    delta_ratio: torch.Tensor
-
-
-class InjectionLayer(nn.Module):
-    """Gate, bank and scale for one decoder layer."""
-
-    def __init__(self, config: ToEConfig, bank: ExpertBank):
-        super().__init__()
-        if bank.num_leaves != config.num_leaves or bank.direction.shape[1] != config.hidden_size:
-            raise ToEError(
-                f"bank is {tuple(bank.direction.shape)} but the config asks for ({config.num_leaves}, "
-                f"{config.hidden_size}): rebuild the bank or fix num_leaves/hidden_size"
-            )
-        self.gate = TreeGate(
-            config.hidden_size,
-            config.num_leaves,
-            config.shape,
-            config.gate_rank,
-            config.selection,
-            config.top_k,
-            config.top_p,
-            config.intensity,
-            config.query_norm,
-        )
-        self.bank = bank
-        self.scale = nn.Parameter(torch.zeros(config.hidden_size))  # zero-init: exact no-op until trained
-        self.clip = config.clip
-
-    def mapped_parameters(self) -> list[nn.Parameter]:
-        """The parameters read from a map of the plug-in file (``ToEPlugin.load(mmap=True)``), which stay frozen."""
-        if not self.bank.mapped:
-            return []
-        return [self.bank.direction, self.bank.norm, self.gate.nodes.weight, self.gate.nodes.bias]
-
-    def forward(
-        self, h: torch.Tensor, mask: torch.Tensor, selection: str | None = None
-    ) -> tuple[torch.Tensor, RouteOutput]:
-        """Δ for hidden states ``h`` (B, T, D) where ``mask`` (B, T) is 1; returns (Δ (B, T, D) float32, route)."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapped_parameters()):
-            raise ToEError("the bank and gate nodes of this plug-in are mapped from its file and cannot train: load it "
-                           "with mmap=False (ToEModel.from_pretrained(..., mmap_bank=False)) to train them")
-        route = self.gate(h, selection)
-        if (selection or self.gate.selection) == "dense":
-            mixed = self.bank.mix_dense(route.weights)
-        else:
-            mixed = self.bank.mix(route.indices, route.weights)  # (B, T, D)
-        delta = self.scale * mixed
-        if route.intensity is not None:
-            delta = delta * route.intensity
-        h_norm = h.float().norm(dim=-1, keepdim=True)
-        d_norm = delta.norm(dim=-1, keepdim=True)
-        delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
-        return delta * mask[..., None].to(delta.dtype), route
-
-
-def injection_mask(
-    batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None, past_len: int
-) -> torch.Tensor:
-    """(B, T) 1.0 where Δ may be added: real tokens that are not the first real token of their sequence.
-
-    Args:
-        attention_mask: (B, past + T) 2-D padding mask (1 = real), as ``generate`` passes it, or None.
-        past_len: number of cached positions before these T tokens (used only without a mask).
-    """
-    if attention_mask is not None and attention_mask.dim() == 2:
-        am = attention_mask.to(device)
-        first = am.cumsum(-1) == 1
-        keep = am.bool() & ~first  # (B, past + T)
-        return keep[:, -length:].float()
-    pos = past_len + torch.arange(length, device=device)
-    return (pos > 0).float().expand(batch, length)
-
-
-def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache (transformers < 4.47)
 
 
 class ToEPlugin(nn.Module):
@@ -167,8 +83,10 @@ class ToEPlugin(nn.Module):
             if not was:
                 self.detach()
 
-    def attach(self, model: nn.Module) -> ToEPlugin:
-        """Registers the hooks on ``model`` (a causal LM); returns self. Idempotent."""
+    def attach(self, model: nn.Module, share: bool = False) -> ToEPlugin:
+        """Registers the hooks on ``model`` (a causal LM); returns self. Idempotent. Another plug-in attached to
+        ``model`` is detached first, with a warning (two would add up silently: e.g. a fresh plug-in saved, then
+        loaded onto the same base), unless ``share`` (peft's several active adapters, which add up by design)."""
         if self._handles:
             return self
         layers = decoder_layers(model)
@@ -178,10 +96,32 @@ class ToEPlugin(nn.Module):
         self._check_weights(model)
         # the positions to edit come from the decoder stack's own inputs: the LM calls it with them, and trainers
         # that apply the LM head themselves (trl's fused head) call the stack alone
+        others = [] if share else [p for ref in model.__dict__.get("_toe_plugins", []) if (p := ref()) is not None
+                                   and p is not self and p.is_attached]
+        for other in others:  # two would add up silently: the newer plug-in takes the base
+            other.detach()
+            log.warning("warning: the base carried another ToE plug-in; its hooks are removed (one plug-in per base: "
+                        "load the base again for a second one, or combine adapters with peft)")
         self._handles.append(decoder_stack(model).register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for layer in self.config.layers:
             self._handles.append(layers[layer].register_forward_hook(self._layer_hook(layer)))
+            device = next(layers[layer].parameters(), torch.empty(0)).device  # a base spread over devices: its own
+            block = self.blocks[str(layer)]
+            if device.type != "meta" and not any(p.is_meta for p in block.parameters()):
+                block.to(device)
+        model.__dict__.setdefault("_toe_plugins", []).append(weakref.ref(self))  # (weak: copies and GC unharmed)
         return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ToEPlugin:
+        """Moves follow ``.to(device)``; casts do not: the plug-in computes in its own dtype (float32) whatever
+        the base is cast to (``model.to(torch.bfloat16)``, ``.half()``, Trainer's ``bf16_full_eval``, trl's cast of
+        the trainable parameters), so a cast of the whole model neither rounds its weights nor breaks its
+        forward."""
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if t.is_floating_point() and out.dtype != t.dtype else out
+
+        return super()._apply(move_only, recurse)
 
     def _check_weights(self, model: nn.Module) -> None:
         """Records a sample of the base's weights the first time the plug-in meets a base (it is saved with the
@@ -218,7 +158,8 @@ class ToEPlugin(nn.Module):
         cache_position = kwargs.get("cache_position")
         if kwargs.get("attention_mask") is None and cache_position is not None:
             past_len = int(cache_position[0])  # only read without a mask (a sync, but off the usual path)
-        self._mask = injection_mask(batch, length, ref.device, kwargs.get("attention_mask"), past_len)
+        self._mask = injection_mask(batch, length, ref.device, kwargs.get("attention_mask"), past_len,
+                                    kwargs.get("position_ids"))
 
     def _layer_hook(self, layer: int):
         block = self.blocks[str(layer)]
@@ -227,6 +168,7 @@ class ToEPlugin(nn.Module):
             mask = self._mask
             if mask is None or mask.shape != h.shape[:2]:
                 mask = injection_mask(h.shape[0], h.shape[1], h.device, None, 0)
+            mask = mask.to(h.device)  # (a base spread over devices: this layer's; a no-op on one device)
             delta, route = block(h, mask, self.selection)
             if self._routes is not None:
                 ratio = (delta.norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-6) * mask).sum() / mask.sum().clamp_min(1)

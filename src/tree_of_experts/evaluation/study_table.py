@@ -25,7 +25,9 @@ def training_facts(study, row) -> dict:
     if os.path.isfile(metrics):
         rows = [json.loads(x) for x in open(metrics)]
         stage_b = [r for r in rows if r.get("stage") in ("B", "C", None)]
-        facts["steps"] = sum(r.get("stage") != "A" for r in rows)  # logged Stage-B steps (the summary's, below)
+        # Stage-B steps: the last logged step past the warm-up's (rows are every log_every steps; the last is logged)
+        logged = [r["step"] for r in rows if isinstance(r.get("step"), int)]
+        facts["steps"] = max(logged, default=0) - max((r["step"] for r in rows if r.get("stage") == "A"), default=0)
         facts["on_policy_steps"] = sum(r.get("objective") == "on_policy" for r in stage_b)
         facts["sampled_tokens"] = sum(r.get("sample_tokens", 0) or 0 for r in stage_b)
     path = run_summary(folder)

@@ -54,15 +54,18 @@ class InjectionLayer(nn.Module):
 
 
 def injection_mask(batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                   past_len: int) -> torch.Tensor:
-    """(B, T) 1.0 on real tokens that are not the first real token of their sequence."""
+                   past_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) 1.0 on real tokens that are not the first real token of their sequence (a position 0 starts one)."""
     if attention_mask is not None and attention_mask.dim() == 2:
         am = attention_mask.to(device)
         first = am.cumsum(-1) == 1
-        keep = am.bool() & ~first  # (B, past + T)
-        return keep[:, -length:].float()
-    pos = past_len + torch.arange(length, device=device)
-    return (pos > 0).float().expand(batch, length)
+        keep = (am.bool() & ~first)[:, -length:].float()  # (B, T) of (B, past + T)
+    else:
+        pos = past_len + torch.arange(length, device=device)
+        keep = (pos > 0).float().expand(batch, length)
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == length:
+        keep = keep * (position_ids.to(device) > 0).float()
+    return keep
 
 
 def past_length(past: Any) -> int:
@@ -113,7 +116,8 @@ class ToEPlugin(nn.Module):
         cache_position = kwargs.get("cache_position")
         if kwargs.get("attention_mask") is None and cache_position is not None:
             past_len = int(cache_position[0])
-        self._mask = injection_mask(ref.shape[0], ref.shape[1], ref.device, kwargs.get("attention_mask"), past_len)
+        self._mask = injection_mask(ref.shape[0], ref.shape[1], ref.device, kwargs.get("attention_mask"), past_len,
+                                    kwargs.get("position_ids"))
 
     def _layer_hook(self, layer: int):
         block = self.blocks[str(layer)]
@@ -122,7 +126,7 @@ class ToEPlugin(nn.Module):
             mask = self._mask
             if mask is None or mask.shape != h.shape[:2]:
                 mask = injection_mask(h.shape[0], h.shape[1], h.device, None, 0)
-            return h + block(h, mask).to(h.dtype)
+            return h + block(h, mask.to(h.device)).to(h.dtype)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             # Decoder layers return a tuple (hidden, ...) in transformers < 5 and the tensor itself in 5.x.

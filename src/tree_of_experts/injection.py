@@ -1,0 +1,106 @@
+"""One injection layer's computation — ``Δ_t = a_t · s ⊙ Σ_{i∈K} g_i e_i``, clipped to ``||Δ_t|| <= κ ||h_t||`` — and
+the positions it may edit (every real token but the first of its sequence). :class:`.plugin.ToEPlugin` holds one
+per injection layer and adds their Δ to the base's residual stream through forward hooks."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .bank import ExpertBank
+from .config import ToEConfig, ToEError
+from .tree import RouteOutput, TreeGate
+
+
+class Record(NamedTuple):
+    """What one injection layer did in the last forward: its route, mask (B, T) and mean ||Δ|| / ||h||."""
+
+    route: RouteOutput
+    mask: torch.Tensor
+    delta_ratio: torch.Tensor
+
+
+class InjectionLayer(nn.Module):
+    """Gate, bank and scale for one decoder layer."""
+
+    def __init__(self, config: ToEConfig, bank: ExpertBank):
+        super().__init__()
+        if bank.num_leaves != config.num_leaves or bank.direction.shape[1] != config.hidden_size:
+            raise ToEError(
+                f"bank is {tuple(bank.direction.shape)} but the config asks for ({config.num_leaves}, "
+                f"{config.hidden_size}): rebuild the bank or fix num_leaves/hidden_size"
+            )
+        self.gate = TreeGate(
+            config.hidden_size,
+            config.num_leaves,
+            config.shape,
+            config.gate_rank,
+            config.selection,
+            config.top_k,
+            config.top_p,
+            config.intensity,
+            config.query_norm,
+        )
+        self.bank = bank
+        self.scale = nn.Parameter(torch.zeros(config.hidden_size))  # zero-init: exact no-op until trained
+        self.clip = config.clip
+
+    def mapped_parameters(self) -> list[nn.Parameter]:
+        """The parameters read from a map of the plug-in file (``ToEPlugin.load(mmap=True)``), which stay frozen."""
+        if not self.bank.mapped:
+            return []
+        return [self.bank.direction, self.bank.norm, self.gate.nodes.weight, self.gate.nodes.bias]
+
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor, selection: str | None = None
+    ) -> tuple[torch.Tensor, RouteOutput]:
+        """Δ for hidden states ``h`` (B, T, D) where ``mask`` (B, T) is 1; returns (Δ (B, T, D) float32, route)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.mapped_parameters()):
+            raise ToEError("the bank and gate nodes of this plug-in are mapped from its file and cannot train: load it "
+                           "with mmap=False (ToEModel.from_pretrained(..., mmap_bank=False)) to train them")
+        route = self.gate(h, selection)
+        if (selection or self.gate.selection) == "dense":
+            mixed = self.bank.mix_dense(route.weights)
+        else:
+            mixed = self.bank.mix(route.indices, route.weights)  # (B, T, D)
+        delta = self.scale * mixed
+        if route.intensity is not None:
+            delta = delta * route.intensity
+        h_norm = h.float().norm(dim=-1, keepdim=True)
+        d_norm = delta.norm(dim=-1, keepdim=True)
+        delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
+        return delta * mask[..., None].to(delta.dtype), route
+
+
+def injection_mask(
+    batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None, past_len: int,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T) 1.0 where Δ may be added: real tokens that are not the first real token of their sequence.
+
+    Args:
+        attention_mask: (B, past + T) 2-D padding mask (1 = real), as ``generate`` passes it, or None.
+        past_len: number of cached positions before these T tokens (used only without a mask).
+        position_ids: (B, T) positions, where given: a position 0 starts a sequence, so sequences packed into one
+            row (trl's ``padding_free``/``packing``, ``DataCollatorWithFlattening``) each keep their first token.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2:
+        am = attention_mask.to(device)
+        first = am.cumsum(-1) == 1
+        keep = (am.bool() & ~first)[:, -length:].float()  # (B, T) of (B, past + T)
+    else:
+        pos = past_len + torch.arange(length, device=device)
+        keep = (pos > 0).float().expand(batch, length)
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == length:
+        keep = keep * (position_ids.to(device) > 0).float()
+    return keep
+
+
+def _past_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return int(past[0][0].shape[-2])  # legacy tuple cache (transformers < 4.47)
