@@ -33,15 +33,19 @@ def check_options(where: str, options: dict, command: str) -> None:
 
 def check_row_options(cfg) -> None:
     """The option groups of a :class:`.study_config.StudyConfig` and of each of its rows."""
+    def check_accumulation(where: str, options: dict) -> None:
+        k = options.get("gradient_accumulation_steps", 1)
+        if not isinstance(k, int) or k < 1 or cfg.budget.batch_size % k:
+            raise ToEError(f"{where}.gradient_accumulation_steps {k!r}: give a divisor of budget.batch_size "
+                           f"({cfg.budget.batch_size})")
+
     for group, fn in (("extract", "extract"), ("train", "train"), ("lora", "baseline")):
         check_options(group, getattr(cfg, group), fn)
-        k = getattr(cfg, group).get("gradient_accumulation_steps", 1)
-        if not isinstance(k, int) or k < 1 or cfg.budget.batch_size % k:
-            raise ToEError(f"{group}.gradient_accumulation_steps {k!r}: give a divisor of budget.batch_size "
-                           f"({cfg.budget.batch_size})")
+        check_accumulation(group, getattr(cfg, group))
     for r in cfg.rows:
         check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
                       "oracle" if r.kind == "oracle" else "train")
+        check_accumulation(f"rows.{r.name}.options", r.options)
         if r.extract:
             if not r.layers:
                 raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
