@@ -338,3 +338,15 @@ def test_the_readme_snippet_runs(experts, tok, tmp_path, monkeypatch, capsys):
          "from tree_of_experts import ToEPeftConfig\n" + code, scope)
     assert isinstance(scope["model"], PeftModel) and (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()
     assert any(line.startswith("Question: 3 plus 4?") for line in capsys.readouterr().out.splitlines())
+
+
+def test_from_plugin_takes_a_plug_ins_hub_id(plugin, monkeypatch, tmp_path):
+    """``from_plugin("user/plug")`` and ``plugin_to_adapter`` read the repo's snapshot (resolved as ToEModel does)."""
+    import tree_of_experts.peft_method as pm
+
+    asked = []
+    monkeypatch.setattr(pm, "resolve_folder", lambda name, what: asked.append(name) or str(plugin))
+    config = ToEPeftConfig.from_plugin("user/plug")
+    assert asked == ["user/plug"] and config.init_from == str(plugin)
+    pm.plugin_to_adapter("user/plug", tmp_path / "adapter")
+    assert (tmp_path / "adapter" / ADAPTER_WEIGHTS).is_file()

@@ -98,8 +98,10 @@ class ToEPeftConfig(PeftConfig):
     @classmethod
     def from_plugin(cls, folder: str | os.PathLike, **peft_fields: Any) -> ToEPeftConfig:
         """A config whose adapter starts from the plug-in in ``folder``: a `toe extract` output folder (its plug-in
-        holds the extracted bank) or a trained plug-in. ``peft_fields``: PeftConfig fields (``inference_mode``...)."""
-        return cls(toe=ToEConfig.load(folder).to_dict(), init_from=os.fspath(folder), **peft_fields)
+        holds the extracted bank), a trained plug-in, or a plug-in's hub repo id. ``peft_fields``: PeftConfig fields
+        (``inference_mode``...)."""
+        folder = resolve_folder(folder, "plug-in")
+        return cls(toe=ToEConfig.load(folder).to_dict(), init_from=folder, **peft_fields)
 
     def to_dict(self) -> dict[str, Any]:
         # a saved adapter holds its own tensors: the folder it started from is no part of it (nor a path to publish)
@@ -249,15 +251,16 @@ _register()
 # -- a plug-in folder as a peft adapter folder, and back ------------------------------------------------------------
 def plugin_to_adapter(plugin: str | os.PathLike, out: str | os.PathLike,
                       base_model_name_or_path: str | None = None) -> str:
-    """Writes the plug-in folder ``plugin`` (toe_config.json + toe_model.safetensors) as the peft adapter folder
-    ``out`` (adapter_config.json + adapter_model.safetensors) that ``PeftModel.from_pretrained`` loads; returns ``out``.
+    """Writes the plug-in ``plugin`` (a folder of toe_config.json + toe_model.safetensors, or a hub repo id) as the
+    peft adapter folder ``out`` (adapter_config.json + adapter_model.safetensors) that ``PeftModel.from_pretrained``
+    loads; returns ``out``.
 
     Args:
         base_model_name_or_path: the base the adapter names (``AutoPeftModelForCausalLM`` loads it); by default the
             base the plug-in records.
     """
-    config = ToEPeftConfig.from_plugin(plugin)
-    loaded = ToEPlugin.load(plugin, toe_config(config.toe))  # the plug-in's own checks: shapes, finite values
+    config = ToEPeftConfig.from_plugin(plugin)  # (a hub id: its snapshot, config.init_from)
+    loaded = ToEPlugin.load(config.init_from, toe_config(config.toe))  # the plug-in's own checks: shapes, finite values
     config.base_model_name_or_path = base_model_name_or_path or loaded.config.base_model or None
     config.save_pretrained(os.fspath(out))
     save_file({ADAPTER_KEY_PREFIX + k: v.contiguous() for k, v in loaded.state_dict().items()},
