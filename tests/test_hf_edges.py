@@ -3,6 +3,8 @@ base, transformers' own adapter loading, the loading options, and lm-eval on a p
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import randomize
@@ -112,3 +114,29 @@ def _fresh_plugin(base, tmp_path) -> str:
     plug.save_pretrained(tmp_path / "plug")
     plug.plugin.detach()
     return str(tmp_path / "plug")
+
+
+def test_the_exported_model_edits_the_same_positions(tmp_path, monkeypatch):
+    """The exported folder's modeling_toe.py is self-contained (remote code cannot import the package): its copy of
+    the mask must stay the package's, packed rows included."""
+    import importlib
+    import shutil
+    import sys
+
+    import tree_of_experts.commands.export as export_module
+
+    package = tmp_path / "exported_toe"  # the folder's code as `toe export` writes it, imported as a package
+    shutil.copytree(export_module.TEMPLATE, package)
+    for name, library in export_module.LIBRARY_CODE.items():
+        shutil.copy(os.path.join(os.path.dirname(export_module.__file__), "..", library), package / name)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    exported = importlib.import_module("exported_toe.modeling_toe")
+    sys.modules.pop("exported_toe", None)
+    cpu = torch.device("cpu")
+    cases = [(None, 0, None), (None, 3, None), (torch.tensor([[0, 1, 1, 1, 1]]), 0, None),
+             (torch.tensor([[0, 0, 1, 1, 1]]), 0, torch.tensor([[1, 1, 0, 1, 2]])),
+             (None, 0, torch.tensor([[0, 1, 2, 0, 1]]))]
+    for mask, past, pos in cases:
+        assert torch.equal(exported.injection_mask(1, 5, cpu, mask, past, pos),
+                           injection_mask(1, 5, cpu, mask, past, pos))
