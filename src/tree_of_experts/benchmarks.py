@@ -17,7 +17,7 @@ from .extraction.capture import Example, capture_shard
 from .hf.layers import add_to_layers, cache_kwargs, capture_layers, output_cache, padded_inputs, starting_at
 from .losses import token_nll
 from .model import ToEModel
-from .plugin import injection_mask
+from .positions import injection_mask
 from .tree import TreeGate
 
 

@@ -1,10 +1,10 @@
-"""One injection layer's computation — ``Δ_t = a_t · s ⊙ Σ_{i∈K} g_i e_i``, clipped to ``||Δ_t|| <= κ ||h_t||`` — and
-the positions it may edit (every real token but the first of its sequence). :class:`.plugin.ToEPlugin` holds one
-per injection layer and adds their Δ to the base's residual stream through forward hooks."""
+"""One injection layer's computation — ``Δ_t = a_t · s ⊙ Σ_{i∈K} g_i e_i``, clipped to ``||Δ_t|| <= κ ||h_t||``, on
+the positions :mod:`.positions` marks. :class:`.plugin.ToEPlugin` holds one per injection layer and adds their Δ to
+the base's residual stream through forward hooks."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -72,35 +72,3 @@ class InjectionLayer(nn.Module):
         d_norm = delta.norm(dim=-1, keepdim=True)
         delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
         return delta * mask[..., None].to(delta.dtype), route
-
-
-def injection_mask(
-    batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None, past_len: int,
-    position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(B, T) 1.0 where Δ may be added: real tokens that are not the first real token of their sequence.
-
-    Args:
-        attention_mask: (B, past + T) 2-D padding mask (1 = real), as ``generate`` passes it, or None.
-        past_len: number of cached positions before these T tokens (used only without a mask).
-        position_ids: (B, T) positions, where given: a position 0 starts a sequence, so sequences packed into one
-            row (trl's ``padding_free``/``packing``, ``DataCollatorWithFlattening``) each keep their first token.
-    """
-    if attention_mask is not None and attention_mask.dim() == 2:
-        am = attention_mask.to(device)
-        first = am.cumsum(-1) == 1
-        keep = (am.bool() & ~first)[:, -length:].float()  # (B, T) of (B, past + T)
-    else:
-        pos = past_len + torch.arange(length, device=device)
-        keep = (pos > 0).float().expand(batch, length)
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == length:
-        keep = keep * (position_ids.to(device) > 0).float()
-    return keep
-
-
-def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache (transformers < 4.47)

@@ -26,7 +26,8 @@ from .files import atomic_save_tensors
 from .hf.hub import model_id
 from .hf.layers import decoder_layers, decoder_stack, edit_output
 from .hf.loading import same_weights, weight_sample
-from .injection import InjectionLayer, Record, _past_length, injection_mask  # noqa: F401  (the package's names)
+from .injection import InjectionLayer, Record
+from .positions import injection_mask, past_length
 from .tensorfile import DTYPES, TensorFileError, map_tensors, read_header
 from .tree import selection_mass
 
@@ -154,7 +155,7 @@ class ToEPlugin(nn.Module):
         # The KV cache is `past_key_values` up to transformers 5.x's `cache`; generate passes no attention mask
         # when nothing is padded, so the cache length is then all that tells a decode step from a prompt.
         past = kwargs.get("past_key_values", kwargs.get("cache"))
-        past_len = _past_length(past)
+        past_len = past_length(past)
         cache_position = kwargs.get("cache_position")
         if kwargs.get("attention_mask") is None and cache_position is not None:
             past_len = int(cache_position[0])  # only read without a mask (a sync, but off the usual path)

@@ -26,7 +26,8 @@ from ..model import ToEModel
 
 TEMPLATE = resources.files("tree_of_experts") / "assets" / "export"  # the modeling code written into the folder
 CODE = ("configuration_toe.py", "modeling_toe.py")
-LIBRARY_CODE = {"toe_tree.py": "tree.py", "toe_bank.py": "bank.py"}  # exported name: library module
+LIBRARY_CODE = {"toe_tree.py": "tree.py", "toe_bank.py": "bank.py",  # exported name: library module
+                "toe_positions.py": "positions.py"}
 # What an export folder holds (the tokenizer's files vary with its kind): --overwrite replaces a folder holding
 # nothing else, as the whole folder is renamed away.
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",

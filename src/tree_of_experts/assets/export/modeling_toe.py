@@ -7,7 +7,8 @@ tree gate, an expert bank and a scale per injection layer, under ``plugin.blocks
     h_t <- h_t + Δ_t,  Δ_t = a_t · s ⊙ Σ_{i∈K} g_i e_i,  ||Δ_t|| <= κ ||h_t||,  Δ_t = 0 at the first real token and on padding
 
 to the output of its decoder layers through forward hooks, as ``tree_of_experts.ToEModel`` does: the same code
-(``toe_tree.py`` and ``toe_bank.py`` are copies of the library's ``tree.py`` and ``bank.py``), so the same logits.
+(``toe_tree.py``, ``toe_bank.py`` and ``toe_positions.py`` are copies of the library's ``tree.py``, ``bank.py`` and
+``positions.py``), so the same logits.
 Axes: B batch, T tokens, D hidden, N leaves.
 """
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_toe import ToEExportConfig
 from .toe_bank import ExpertBank
+from .toe_positions import injection_mask, past_length
 from .toe_tree import TreeGate, path_gather_table
 
 
@@ -51,29 +53,6 @@ class InjectionLayer(nn.Module):
         d_norm = delta.norm(dim=-1, keepdim=True)
         delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
         return delta * mask[..., None].to(delta.dtype)
-
-
-def injection_mask(batch: int, length: int, device: torch.device, attention_mask: torch.Tensor | None,
-                   past_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) 1.0 on real tokens that are not the first real token of their sequence (a position 0 starts one)."""
-    if attention_mask is not None and attention_mask.dim() == 2:
-        am = attention_mask.to(device)
-        first = am.cumsum(-1) == 1
-        keep = (am.bool() & ~first)[:, -length:].float()  # (B, T) of (B, past + T)
-    else:
-        pos = past_len + torch.arange(length, device=device)
-        keep = (pos > 0).float().expand(batch, length)
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == length:
-        keep = keep * (position_ids.to(device) > 0).float()
-    return keep
-
-
-def past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2])  # legacy tuple cache
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
