@@ -106,6 +106,17 @@ class Study(StudyRuns, StudyChecks):
         return [TARGET_DIRS[t] for t in self.cfg.scoring.targets] + list(self.cfg.scoring.ce_files) + \
             list(self.cfg.scoring.answer_sets)
 
+    def target_data(self, target: str) -> str:
+        """The file a target's scores read: the teacher's answers (``ce``, an answer set), the items (``acc``), or
+        a ``scoring.ce_files`` file."""
+        if target == "ce":
+            return self.answers
+        if target in self.cfg.scoring.answer_sets:
+            return self.set_answers(target)
+        if target == "acc":
+            return self.items
+        return self.resolve(self.cfg.scoring.ce_files[target])
+
     def set_answers(self, name: str) -> str:
         """The teacher's answers of the answer set ``name``: its given file, or the one the study generates."""
         a = self.cfg.scoring.answer_sets[name].answers

@@ -3,11 +3,11 @@ longer match the config (a mixin of :class:`.study.Study`)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 
+from ..data import file_hash
 from ..errors import ToEError
-from ..files import read_json
+from ..files import atomic_write_json, read_json
 from ..folders import check_same_build, run_summary
 
 
@@ -22,11 +22,7 @@ def _sha(path: str | None) -> str | None:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA[key] = h.hexdigest()
+        _SHA[key] = file_hash(path)
     return _SHA[key]
 
 
@@ -130,6 +126,7 @@ class StudyChecks:
 
     def _check_kept_run(self, row, seed: int, folder: str, steps_n: int | None, redo: str) -> None:
         own = "baseline_args.json" if row.kind in ("control", "lora") else "train_args.json"
+        experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
         for name in ("train_args.json", "baseline_args.json"):
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
@@ -140,7 +137,6 @@ class StudyChecks:
                       if k in args and v is not None and args[k] != v]
             if differ:
                 raise ToEError(f"{folder} was trained with {', '.join(differ)}: {redo}")
-            experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
             if experts and row.kind not in ("control", "lora"):
                 check_same_build(folder, experts, redo)
             want_ex = os.path.basename(experts) if experts and row.extract else None
@@ -152,35 +148,32 @@ class StudyChecks:
     def score_inputs(self, target: str, label: str) -> dict:
         """What the score of ``label`` on ``target`` (``curve``: its learning curve) is made from: the kept training
         it scores (its summary, rewritten by every training) and the answers or items file it reads."""
-        kept = os.path.join(self.out, "train", label)
-        summary = run_summary(kept)
-        data = (self.tuning_answers if target == "curve" else self.answers if target == "ce" else
-                self.items if target == "acc" else self.set_answers(target) if target in self.cfg.scoring.answer_sets
-                else self.resolve(self.cfg.scoring.ce_files[target]) if target in self.cfg.scoring.ce_files else None)
-        return {"training": _sha(summary), "data": _sha(data)}
+        data = self.tuning_answers if target == "curve" else self.target_data(target)
+        return {"training": _sha(run_summary(os.path.join(self.out, "train", label))), "data": _sha(data)}
 
     def record_inputs(self, target: str, label: str) -> None:
         """Keeps beside a finished score what it was made from (:meth:`check_scores_current` compares)."""
-        from ..files import atomic_write_json
-
         atomic_write_json(os.path.join(self.out, target, label, INPUTS), self.score_inputs(target, label))
 
     def check_scores_current(self) -> None:
         """A finished score (or learning curve) made from another training or answers file than the study now holds
         is refused, not shown: a row trained again, or answers made again, would otherwise sit beside the old
         numbers. Scores from before the study recorded their inputs pass; a file that is gone is not compared."""
+        def changed(key: str, was: str | None, now: str | None) -> bool:
+            if not was:
+                return False
+            return key == "training" if now is None else now != was  # a training gone scores nothing any more
+
         stale = []
-        for target in os.listdir(self.out) if os.path.isdir(self.out) else ():
-            if target in ("train", "locks", "work", "data") or not os.path.isdir(os.path.join(self.out, target)):
-                continue
-            for label in sorted(os.listdir(os.path.join(self.out, target))):
-                path = os.path.join(self.out, target, label, INPUTS)
+        for target in (*self.target_dirs(), "curve"):
+            folder = os.path.join(self.out, target)
+            for label in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+                path = os.path.join(folder, label, INPUTS)
                 if not os.path.isfile(path):
                     continue
-                was, now = read_json(path, "delete its folder to score it again"), self.score_inputs(target, label)
-                if any(was.get(k) and v is None and k == "training" or was.get(k) and v and v != was[k]
-                       for k, v in now.items()):
-                    stale.append(os.path.join(self.out, target, label))
+                was = read_json(path, "delete its folder to score it again")
+                if any(changed(k, was.get(k), v) for k, v in self.score_inputs(target, label).items()):
+                    stale.append(os.path.join(folder, label))
         if stale:
             raise ToEError(f"{len(stale)} score(s) were made from another training or answers than the study now "
                            f"holds (e.g. {stale[0]}): delete {' '.join(stale[:6])}{' …' if len(stale) > 6 else ''} "

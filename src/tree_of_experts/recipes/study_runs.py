@@ -255,18 +255,17 @@ class StudyRuns:
         else:
             kw["lora" if row.kind == "lora" else "plugin"] = self.system_dir(label)
             kw["with_base"] = False
+        kw["data"] = self.target_data(target)
         if target == "ce":
-            kw.update(data=self.answers, template=self.cfg.pair.template, ce_target="trace", accuracy=False,
-                      task=self.cfg.data.task)
+            kw.update(template=self.cfg.pair.template, ce_target="trace", accuracy=False, task=self.cfg.data.task)
         elif target in self.cfg.scoring.answer_sets:
-            kw.update(data=self.set_answers(target), template=self.cfg.pair.template, ce_target="trace",
-                      accuracy=False, task=self.cfg.scoring.answer_sets[target].task)
+            kw.update(template=self.cfg.pair.template, ce_target="trace", accuracy=False,
+                      task=self.cfg.scoring.answer_sets[target].task)
         elif target == "acc":
-            kw.update(data=self.items, skip=self.skip, limit=self.n, template=self.cfg.pair.template, ce=False,
+            kw.update(skip=self.skip, limit=self.n, template=self.cfg.pair.template, ce=False,
                       max_new_tokens=self.cfg.scoring.max_new_tokens, task=self.cfg.data.task)
         else:
-            kw.update(data=self.resolve(self.cfg.scoring.ce_files[target]), task="code", template="{prompt}",
-                      accuracy=False, ce_target="gold")
+            kw.update(task="code", template="{prompt}", accuracy=False, ce_target="gold")
         evaluate(**kw)
 
     def run_oracle(self, row: Row, plugin: str) -> Callable[[], None]:
