@@ -54,6 +54,20 @@ def test_a_second_plugin_on_one_base_takes_it_instead_of_stacking(base, batch, c
     assert torch.equal(taken, alone)  # what runs is the second plug-in alone, not the two added up
 
 
+def test_a_copy_of_a_hooked_base_takes_its_own_plugin_without_touching_the_original(base):
+    """from_pretrained copies a caller's base to merge a LoRA adapter: a plug-in on the copy leaves the original's
+    plug-in attached; and a plug-in attached again and again is remembered once."""
+    import copy
+
+    first = ToEModel.fresh(base, layers=[0], num_leaves=4)
+    for _ in range(5):
+        first.plugin.detach()
+        first.plugin.attach(base)
+    assert len(base.__dict__["_toe_plugins"]) == 1
+    second = ToEModel.fresh(copy.deepcopy(base), layers=[1], num_leaves=4)
+    assert first.plugin.is_attached and second.plugin.is_attached
+
+
 def test_transformers_own_adapter_loading_refuses_instead_of_giving_the_bare_base(base, tmp_path):
     from peft import get_peft_model
 

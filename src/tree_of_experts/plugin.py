@@ -59,6 +59,7 @@ class ToEPlugin(nn.Module):
                 bank = ExpertBank(torch.randn(config.num_leaves, config.hidden_size) * 0.02, info or {"init": "random"})
             self.blocks[str(layer)] = InjectionLayer(config, bank)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._base: weakref.ref | None = None  # the model the hooks are on (weak: the plug-in does not keep it)
         self._mask: torch.Tensor | None = None  # (B, T) for the forward in progress, set by the stack's pre-hook
         self._routes: dict[int, Record] | None = None
         self._mass: dict[int, torch.Tensor] | None = None  # per-layer selection mass while counting()
@@ -97,8 +98,9 @@ class ToEPlugin(nn.Module):
         self._check_weights(model)
         # the positions to edit come from the decoder stack's own inputs: the LM calls it with them, and trainers
         # that apply the LM head themselves (trl's fused head) call the stack alone
-        others = [] if share else [p for ref in model.__dict__.get("_toe_plugins", []) if (p := ref()) is not None
-                                   and p is not self and p.is_attached]
+        # the plug-ins that have hooked this model (a WeakSet on it: no entry outlives its plug-in, none repeats)
+        hooked = model.__dict__.setdefault("_toe_plugins", weakref.WeakSet())
+        others = [] if share else [p for p in hooked if p is not self and p.is_attached and p._base() is model]
         for other in others:  # two would add up silently: the newer plug-in takes the base
             other.detach()
             log.warning("warning: the base carried another ToE plug-in; its hooks are removed (one plug-in per base: "
@@ -110,7 +112,8 @@ class ToEPlugin(nn.Module):
             block = self.blocks[str(layer)]
             if device.type != "meta" and not any(p.is_meta for p in block.parameters()):
                 block.to(device)
-        model.__dict__.setdefault("_toe_plugins", []).append(weakref.ref(self))  # (weak: copies and GC unharmed)
+        hooked.add(self)
+        self._base = weakref.ref(model)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> ToEPlugin:
@@ -144,6 +147,7 @@ class ToEPlugin(nn.Module):
             handle.remove()
         self._handles.clear()
         self._mask = None
+        self._base = None
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
