@@ -85,6 +85,9 @@ def test_a_study_runs_end_to_end_and_its_table_carries_seeds_and_a_computed_verd
         lo, hi = c["ci95"]
         f = (lambda v: f"{100 * v:+.1f} pts") if c["target"] == "acc" else (lambda v: f"{v:+.4f}")
         assert f"{c['a']} − {c['b']} {f(c['point'])} [{f(lo)}, {f(hi)}]" in t["verdict"]  # its number, from the file
+        # the equivalence margin: 5 % of the base-teacher gap on the comparison's own target
+        gap_ = rows["teacher"][c["target"]]["mean"]["point"] - rows["base"][c["target"]]["mean"]["point"]
+        assert c["margin"] == pytest.approx(0.05 * abs(gap_))
     assert all((tmp_path / "s" / f).exists() for f in ("table.md", "study.png", "curves.png"))
     assert (tmp_path / "s" / "train" / "toe-seed1" / "toe_model.safetensors").exists()
     assert "score/ce/lora" in result["ran"]
@@ -211,6 +214,9 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
      "rows.o.seeds 2: an oracle row is scored once"),
     (dict(rows=[{"name": "a", "kind": "lora", "layers": [1], "rank": 0}], compare=[]), "rows.a: seeds 1, rank 0"),
     (dict(scoring__batch_size=0), "scoring.batch_size 0: give a whole number >= 1"),
+    (dict(scoring__margin=5), "scoring.margin 5.0: give a share of the gap in [0, 1)"),
+    (dict(scoring__margins={"cod": 0.01}), "scoring.margins: ['cod'] is not a target of this study"),
+    (dict(scoring__margins={"acc": -1}), "scoring.margins {'acc': -1.0}: give margins >= 0"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"gradient_accumulation_steps": 3}}],
           compare=[]), "rows.a.options.gradient_accumulation_steps 3: give a divisor of budget.batch_size (4)"),
     (dict(data__max_length=0), "data.max_length 0"),
@@ -268,7 +274,10 @@ def test_the_reading_rule():
     assert reading({"point": -0.2, "ci95": [-0.3, -0.1]}, "ce", "a", "b") == \
         "a is better than b (the interval excludes zero)"
     assert reading({"point": -0.2, "ci95": [-0.3, -0.1]}, "acc", "a", "b").startswith("a is worse")
-    assert "level" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
+    # an interval that includes zero: level only within the margin, else not resolved (and without a margin)
+    assert "are level" in reading({"point": 0.1, "ci95": [-0.1, 0.3], "margin": 0.3}, "ce", "a", "b")
+    assert "not resolved" in reading({"point": 0.1, "ci95": [-0.1, 0.3], "margin": 0.2}, "ce", "a", "b")
+    assert "has no margin" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
     assert "undefined" in reading({"point": 0.1, "ci95": [None, None]}, "ce", "a", "b")
     # the direction is the interval's, not the point's (a percentile interval need not hold its point)
     assert reading({"point": 0.01, "ci95": [-0.3, -0.1]}, "ce", "a", "b").startswith("a is better")

@@ -10,7 +10,10 @@ comparisons are paired on seeds as well as items; rows with other seed sets are 
 the teacher have one "seed" each (they are not trained). Below three items an interval is undefined (None).
 
 The verdict reads each named comparison by one fixed rule: a difference whose 95 % interval excludes zero is a
-difference (with its direction); one whose interval includes zero is "level". Its words come from here alone.
+difference (with its direction); one whose interval includes zero is "level" only when the whole interval lies within
+the target's equivalence margin (by default 5 % of the base-teacher gap, set before the study is run: see
+``scoring.margin``), and "not resolved" when it reaches beyond it (too few items or seeds to tell a tie from a
+difference that matters). Its words come from here alone.
 """
 
 from __future__ import annotations
@@ -134,6 +137,17 @@ def gap(x: torch.Tensor, base: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return (x - base) / (teacher - base)
 
 
+def equivalence_margin(study, target: str, point: dict[str, float]) -> float | None:
+    """The smallest difference on ``target`` that matters: ``scoring.margins[target]`` when given, else
+    ``scoring.margin`` × |teacher − base| (both scored on the target); None when neither is known."""
+    given = study.cfg.scoring.margins.get(target)
+    if given is not None:
+        return float(given)
+    if "base" in point and "teacher" in point and math.isfinite(point["teacher"] - point["base"]):
+        return study.cfg.scoring.margin * abs(point["teacher"] - point["base"])
+    return None
+
+
 def target_table(study, target: str) -> dict:
     """Every row's statistic on ``target`` with seed + item intervals and its per-seed values, and the named
     comparisons. CE on the teacher's answers (``ce``, and each of ``scoring.answer_sets``): the gap closed
@@ -157,12 +171,14 @@ def target_table(study, target: str) -> dict:
         elif target not in ("ce", "acc") and "base" in x and row != "base":
             entry["minus_base"] = interval(means[row] - means["base"], point[row] - point["base"], n)
         rows[row] = entry
+    margin = equivalence_margin(study, target, point)
     comparisons = []
     for text in study.cfg.compare:
         a, b = (s.strip() for s in text.split(" - "))
         if a in x and b in x:
             diff = interval(means[a] - means[b], point[a] - point[b], n)
             seeds = [x[a].shape[0], x[b].shape[0]]
+            diff["margin"] = margin
             comparisons.append({"a": a, "b": b, "seeds": seeds, "items": n, **diff,
                                 "paired_on_seeds": min(seeds) > 1 and ids.get(a) == ids.get(b),
                                 "reading": reading(diff, target, a, b) + coverage(seeds, untrained=":" in a + b)})
@@ -185,12 +201,15 @@ def coverage(seeds: list[int], untrained: bool = False) -> str:
 
 def verdict_word(diff: dict, target: str) -> str:
     """The fixed rule: an interval that excludes zero is a difference ("better"/"worse" for the first row, by the
-    target's direction), one that includes it is "level"; without an interval, "undefined"."""
+    target's direction); one that includes it is "level" when it lies within ±``diff["margin"]`` (the target's
+    equivalence margin) and "unresolved" when it reaches beyond (or no margin is known); without an interval,
+    "undefined"."""
     lo, hi = diff["ci95"]
     if lo is None:
         return "undefined"
     if lo <= 0 <= hi:
-        return "level"
+        m = diff.get("margin")
+        return "level" if m is not None and -m <= lo and hi <= m else "unresolved"
     return "better" if (hi < 0) == LOWER_IS_BETTER.get(target, True) else "worse"
 
 
@@ -200,5 +219,8 @@ def reading(diff: dict, target: str, a: str, b: str) -> str:
     if word == "undefined":
         return "undefined (too few items for an interval, or scores that are not finite)"
     if word == "level":
-        return f"{a} and {b} are level (the interval includes zero)"
+        return f"{a} and {b} are level (the interval includes zero and lies within the margin)"
+    if word == "unresolved":
+        why = "reaches beyond the margin" if diff.get("margin") is not None else "this target has no margin"
+        return f"{a} − {b} is not resolved (the interval includes zero but {why})"
     return f"{a} is {word} than {b} (the interval excludes zero)"

@@ -100,13 +100,14 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     comp = [c for t in tables.values() for c in t["comparisons"]]
     if comp:
-        lines += ["", "| comparison | target | difference [95 % interval] | seeds × items | reading |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| comparison | target | difference [95 % interval] | margin | seeds × items | reading |",
+                  "|---|---|---|---|---|---|"]
         for t, table in tables.items():
             f = pts if t == "acc" else nats
             for c in table["comparisons"]:
-                lines.append(f"| {c['a']} − {c['b']} | {t} | {fmt_interval(c, f)} | {c['seeds'][0]}/{c['seeds'][1]} × "
-                             f"{c['items']} | {c['reading']} |")
+                margin = "–" if c.get("margin") is None else f"±{f(c['margin'])[1:]}"
+                lines.append(f"| {c['a']} − {c['b']} | {t} | {fmt_interval(c, f)} | {margin} | "
+                             f"{c['seeds'][0]}/{c['seeds'][1]} × {c['items']} | {c['reading']} |")
     for row in study.cfg.rows:  # the predictability ceiling: how much of δ the base's own state predicts
         info = os.path.join(study.out, "ce", row.labels()[0], "oracle.json")
         fit = json.load(open(info)).get("predictability") if row.kind == "oracle" and os.path.isfile(info) else None
@@ -118,7 +119,10 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
                       f"| {e['train_tokens']} / {e['heldout_tokens']} |" for layer, e in fit.items()]
     n = {t: v["items"] for t, v in tables.items()}
     lines += ["", "Items: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Intervals: 95 %, two-level bootstrap "
-              "(seeds, then items; rows on the same seeds paired on them, all rows on items; a one-seed row's interval is over items only). CE in nats, lower is better.", "", verdict]
+              "(seeds, then items; rows on the same seeds paired on them, all rows on items; a one-seed row's interval "
+              "is over items only). CE in nats, lower is better. An interval that includes zero reads level only "
+              f"within the margin (scoring.margin: {pct(study.cfg.scoring.margin)} of the base–teacher gap, unless "
+              "scoring.margins sets it), and not resolved beyond it.", "", verdict]
     return "\n".join(lines) + "\n"
 
 
@@ -147,10 +151,12 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
         if groups:
             said = {"better": "the first row is better (interval excludes zero)",
                     "worse": "the first row is worse (interval excludes zero)",
-                    "level": "level (interval includes zero)", "undefined": "no interval (too few items)"}
-            parts.append(f"{names.get(t, f'{t} CE')}: " + "; ".join(
-                f"{said[w]}: {', '.join(groups[w])}" for w in ("better", "level", "worse", "undefined") if w in groups)
-                + ".")
+                    "level": "level (interval includes zero, within the margin)",
+                    "unresolved": "not resolved (interval includes zero but reaches beyond the margin)",
+                    "undefined": "no interval (too few items)"}
+            order = ("better", "level", "unresolved", "worse", "undefined")
+            parts.append(f"{names.get(t, f'{t} CE')}: "
+                         + "; ".join(f"{said[w]}: {', '.join(groups[w])}" for w in order if w in groups) + ".")
     scored = {r.split(":")[0] for t in tables.values() for r in t["rows"]}
     missing = [r.name for r in study.cfg.rows if r.name not in scored]
     if missing:
