@@ -80,6 +80,9 @@ def test_on_policy_training_logs_samples(experts, tmp_path):
     for r in b:
         assert (r["jsd"] is None) == (r["objective"] == "off_policy") and math.isfinite(r["loss"])
     assert b[-1]["samples"] == 4 * want.count("on_policy")
+    # running totals on every row: the last row alone gives the run's, whatever log_every drops
+    assert b[-1]["on_policy_steps"] == want.count("on_policy")
+    assert b[-1]["sample_tokens_total"] == sum(r["sample_tokens"] for r in b) > 0
     after, before = load_file(tmp_path / "p" / "toe_model.safetensors"), load_file(experts / "ex" / "toe_model.safetensors")
     assert any(not torch.equal(after[k], before[k]) for k in after if "gate" in k)
     assert summary["steps"] == 8
@@ -97,6 +100,9 @@ def test_on_policy_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):
     train(**args(experts, tmp_path / "resumed", resume=True))
     a, b = load_file(tmp_path / "full" / "toe_model.safetensors"), load_file(tmp_path / "resumed" / "toe_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    last = [json.loads(open(tmp_path / d / "metrics.jsonl").readlines()[-1]) for d in ("full", "resumed")]
+    totals = [{k: r[k] for k in ("on_policy_steps", "sample_tokens_total")} for r in last]
+    assert totals[0] == totals[1]  # the totals come back with the checkpoint
 
 
 def test_on_policy_refuses_a_teacher_with_another_vocabulary(experts, tmp_path):

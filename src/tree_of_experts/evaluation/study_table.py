@@ -28,8 +28,12 @@ def training_facts(study, row) -> dict:
         # Stage-B steps: the last logged step past the warm-up's (rows are every log_every steps; the last is logged)
         logged = [r["step"] for r in rows if isinstance(r.get("step"), int)]
         facts["steps"] = max(logged, default=0) - max((r["step"] for r in rows if r.get("stage") == "A"), default=0)
-        facts["on_policy_steps"] = sum(r.get("objective") == "on_policy" for r in stage_b)
-        facts["sampled_tokens"] = sum(r.get("sample_tokens", 0) or 0 for r in stage_b)
+        last = stage_b[-1] if stage_b else {}
+        if "on_policy_steps" in last:  # totals logged with every row: right whatever log_every is
+            facts["on_policy_steps"], facts["sampled_tokens"] = last["on_policy_steps"], last["sample_tokens_total"]
+        else:  # a run from before the totals, which logged every step (v2's on-policy rows did)
+            facts["on_policy_steps"] = sum(r.get("objective") == "on_policy" for r in stage_b)
+            facts["sampled_tokens"] = sum(r.get("sample_tokens", 0) or 0 for r in stage_b)
     path = run_summary(folder)
     if path:
         summary = json.load(open(path))

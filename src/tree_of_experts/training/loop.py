@@ -189,6 +189,9 @@ class TrainLoop:
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.total = student.warmup_steps + schedule.max_steps
         self.elapsed = 0.0  # seconds of training so far (a resumed run's include the earlier runs')
+        # on-policy steps and the tokens sampled in them so far (this process), logged with every row as totals, so
+        # a table reads them from the last row whatever log_every is; kept in the checkpoint like elapsed_s
+        self.totals = {"on_policy_steps": 0, "sample_tokens_total": 0}
 
     def resume(self, resume: bool) -> int:
         """The step to start from: the checkpoint's with ``resume`` (its weights and optimizer put back), else 0
@@ -200,6 +203,7 @@ class TrainLoop:
             return 0
         weights, opt_state, state = load_checkpoint(self.out, s.what)
         step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
+        self.totals.update(state.get("totals", {}))
         try:
             s.load(weights)
             s.optimizer_at(step - 1 if state.get("stage", "B") == "A" else s.warmup_steps).load_state_dict(opt_state)
@@ -249,7 +253,9 @@ class TrainLoop:
                 tokens_since += tokens
                 if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (this process)
                     samples += len(mine) * accel.num_processes if on else 0
-                    row.update(samples=samples, sample_tokens=sampled)
+                    self.totals["on_policy_steps"] += int(on)
+                    self.totals["sample_tokens_total"] += sampled
+                    row.update(samples=samples, sample_tokens=sampled, **self.totals)
             step += 1
             bar.update(1)
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}",
@@ -356,5 +362,6 @@ class TrainLoop:
             accel.wait_for_everyone()
             if accel.is_main_process:
                 save_checkpoint(self.out, s.trained(), s.optimizer_at(step - 1),
-                                {"step": step, "stage": s.stage(step), "elapsed_s": self.elapsed}, what=s.what)
+                                {"step": step, "stage": s.stage(step), "elapsed_s": self.elapsed,
+                                 "totals": self.totals}, what=s.what)
                 plot_curves(self.metrics_path, os.path.join(self.out, "curves.png"))  # refreshed with each one
