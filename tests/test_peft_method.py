@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import randomize
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -112,6 +113,15 @@ def test_save_and_load_with_peft(experts, plugin, base, batch, tmp_path):
     assert saved["toe"] == json.loads((experts / "plugin" / CONFIG_NAME).read_text())  # toe_config.json, as it is
     tensors = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
     assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # the card: ToE's (what the adapter is, how to load it) in place of peft's blank template, peft's metadata kept
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert "[More Information Needed]" not in card.text and "AutoPeftModelForCausalLM.from_pretrained" in card.text
+    assert card.data.library_name == "peft" and {"tree-of-experts", "peft"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-generation"  # peft's
+    assert f"| parameters | {sum(t.numel() for t in tensors.values()):,} |" in card.text
+    (tmp_path / "adapter" / "README.md").write_text("my own card\n")
+    model.save_pretrained(tmp_path / "adapter")  # a card of the user's own is peft's to update, not replaced
+    assert "my own card" in (tmp_path / "adapter" / "README.md").read_text()
 
     loaded = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), ref)
@@ -288,6 +298,7 @@ def test_converters_go_both_ways(experts, plugin, batch, tmp_path):
     ref = toe_logits(experts, plugin, batch)
     adapter = plugin_to_adapter(plugin, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_from"] is None
+    assert "# ToE peft adapter for" in (tmp_path / "adapter" / "README.md").read_text()
     assert torch.equal(logits(PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), adapter), batch), ref)
     back = adapter_to_plugin(adapter, tmp_path / "plugin")
     assert {CONFIG_NAME, WEIGHTS_NAME, "README.md"} <= set(os.listdir(back))

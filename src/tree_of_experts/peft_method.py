@@ -20,12 +20,14 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from .config import ToEConfig, ToEError
 from .hf.layers import recompute_frozen_layers
 from .hf.hub import resolve_folder
-from .plugin_folder import check_base, new_config, save_plugin
+from .files import atomic_write_text
+from .plugin_folder import CARD_NAME, check_base, model_card, new_config, save_plugin
 from .model import freeze
 from .plugin import ToEPlugin
 
@@ -38,6 +40,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # `base_model` is the ToETuner, whose `toe` is the ToELayer, whose `toe_plugin` holds the plug-ins by adapter name
 # (the name is left out on disk, as peft does).
 ADAPTER_KEY_PREFIX = "base_model.toe.toe_plugin."
+PEFT_TEMPLATE_MARK = "[More Information Needed]"  # what peft's blank model card template is full of
 
 
 def _add_peft_type(name: str) -> None:
@@ -106,6 +109,35 @@ class ToEPeftConfig(PeftConfig):
     def to_dict(self) -> dict[str, Any]:
         # a saved adapter holds its own tensors: the folder it started from is no part of it (nor a path to publish)
         return {**super().to_dict(), "init_from": None}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, and the ToE card as the folder's README.md (see :func:`write_adapter_card`):
+        ``PeftModel.save_pretrained`` and trl's ``save_model`` reach it after writing peft's blank template card."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.toe.get("hidden_size"):  # a config built on a base (get_peft_model): the card can say what it holds
+            write_adapter_card(save_directory, toe_config(self.toe))
+
+
+def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:
+    """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template (a card of
+    the user's own is left as it is); the hub metadata peft put in the template (tags, base_model, pipeline) is
+    kept."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(folder, CARD_NAME)
+    old = ModelCard.load(path) if os.path.isfile(path) else None
+    if old is not None and PEFT_TEMPLATE_MARK not in old.text:
+        return
+    with torch.device("meta"):  # the parameter count without allocating a (possibly large) bank
+        n_params = sum(p.numel() for p in ToEPlugin(config).parameters())
+    card = ModelCard(model_card(config, n_params, adapter=True))
+    if old is not None:
+        for key, value in old.data.to_dict().items():
+            if key == "tags":
+                value = sorted(set(value) | set(card.data.tags or []))
+            if value is not None and (key == "tags" or card.data.to_dict().get(key) is None):
+                card.data[key] = value
+    atomic_write_text(path, str(card))
 
 
 def build_plugin(config: ToEPeftConfig, base: nn.Module) -> ToEPlugin:

@@ -180,8 +180,9 @@ def data_name(data: str | None) -> str | None:
 
 
 def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None = None, evals: dict | None = None,
-               license: str | None = None, repo_id: str | None = None) -> str:
-    """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is."""
+               license: str | None = None, repo_id: str | None = None, adapter: bool = False) -> str:
+    """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is.
+    ``adapter``: the card of the plug-in as a peft adapter folder (library peft, loaded by AutoPeftModelForCausalLM)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     on_hub = is_full_hub_id(config.base_model)  # a local path is no hub metadata
@@ -194,9 +195,9 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
                                       dataset_name=evals["task"], metric_type=metric, metric_value=value))
     data = ModelCardData(
         base_model=config.base_model if on_hub else None,
-        library_name="tree-of-experts",
+        library_name="peft" if adapter else "tree-of-experts",
         license=license,
-        tags=["tree-of-experts", "toe", "plug-in"],
+        tags=["tree-of-experts", "toe", "peft" if adapter else "plug-in"],
         datasets=datasets or None,
         metrics=metric_names or None,
         model_name=repo_id or f"ToE plug-in for {config.base_model}",
@@ -204,11 +205,15 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
     )
     where = repo_id or "path/to/this/folder"
     load = f'ToEModel.from_pretrained("{where}")' if on_hub else f'ToEModel.from_pretrained("{config.base_model}", "{where}")'
+    snippet = ["import tree_of_experts  # registers the TOE peft method with peft", "from peft import "
+               "AutoPeftModelForCausalLM", f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")'] if adapter \
+        else ["from tree_of_experts import ToEModel", f"model = {load}"]
     lines = [
-        f"# ToE plug-in for `{config.base_model}`",
+        f"# ToE {'peft adapter' if adapter else 'plug-in'} for `{config.base_model}`",
         "",
         "A Tree-of-Experts plug-in: a tree gate and an expert bank added to the residual stream of a frozen base. "
-        "The base's weights are not stored here and never change.",
+        "The base's weights are not stored here and never change."
+        + (" This folder is the plug-in as a peft adapter (`peft_type` TOE)." if adapter else ""),
         "",
         "| field | value |",
         "|---|---|",
@@ -222,12 +227,11 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
         f"| parameters | {n_params:,} |",
         "",
         "```python",
-        "from tree_of_experts import ToEModel",
-        f"model = {load}",
+        *snippet,
         "```",
         "",
     ]
-    if not on_hub:
+    if not on_hub and not adapter:
         lines += ["The base is recorded as a local path: `toe push --base_id org/name` records its hub id.", ""]
     if evals:
         lines += [f"Evaluation (`toe eval`, task {evals['task']}, data `{data_name(evals['data'])}`):", "",
