@@ -616,8 +616,8 @@ def test_a_step_that_ends_without_its_output_fails_once_and_a_render_error_costs
             raise ValueError("a table that cannot be drawn yet")
 
     made = []
-    steps = [Step("score/ce/a", [], lambda: bool(made), lambda: made.append(1)),
-             Step("score/ce/b", [], lambda: False, lambda: runs.append(1))]  # never writes its output
+    steps = [Step("score/ce/a", [], lambda: bool(made), lambda: made.append(1), stage="score"),
+             Step("score/ce/b", [], lambda: False, lambda: runs.append(1), stage="score")]  # never writes its output
     with pytest.raises(ToEError, match="score/ce/b finished without writing its output"):
         run_steps(steps, lambda s: str(tmp_path), render)
     assert runs == [1] and made and len(renders) == 2  # run once; the failed render after a did not stop b

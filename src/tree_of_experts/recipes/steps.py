@@ -22,18 +22,26 @@ from ..errors import ToEError
 log = logging.getLogger(__name__)
 
 TIMES = "step-times.jsonl"  # in the study folder: every step run's wall time, what calibrates the plan
+TRAIN_TRACES = "train-traces"  # the step that makes the training data (data.train_traces), which trainings wait for
 BEAT_S = 300.0  # a running step adds its time so far to the record this often: a killed run loses less than this
 
 
 @dataclass
 class Step:
-    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds)."""
+    """One unit of work: ``done`` says whether its output exists, ``run`` makes it (resuming what it finds).
+
+    ``id`` names it in locks, the time record and other steps' ``deps``; what selects and orders steps reads the
+    structured fields: ``stage`` (answers, extract, train, score or curve), ``label`` (the row seed it belongs to,
+    ROW or ROW-seedK, or ``anchors``/``teacher``) and ``target`` (the target it scores, or an answer set it makes)."""
 
     id: str
     deps: list[str]
     done: Callable[[], bool]
     run: Callable[[], None]
     work: dict = field(default_factory=dict)  # what the estimate needs: tokens, model, kind
+    stage: str = "other"
+    label: str | None = None
+    target: str | None = None
 
 
 @contextlib.contextmanager
@@ -160,7 +168,7 @@ def run_steps(steps: list[Step], lock_folder: Callable[[Step], str], render: Cal
                               failed[s.id], exc_info=not isinstance(e, ToEError))
                 else:
                     ran.append(s.id)
-                    if s.id.startswith("score/"):
+                    if s.stage == "score":
                         try:
                             render()
                         except Exception:  # a table that cannot be drawn now costs no step; the last render raises

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from ..errors import ToEError
 from ..files import atomic_write_json
 from ..folders import run_summary
-from .steps import TIMES, Step, run_steps
+from .steps import TIMES, TRAIN_TRACES, Step, run_steps
 from .study_config import TOY, Row, StudyConfig, load_study
 from .study_checks import StudyChecks
 from .study_runs import StudyRuns
@@ -152,79 +152,86 @@ class Study(StudyRuns, StudyChecks):
         return self.cfg.row(row.plugin_of).extract if row.kind == "oracle" else row.extract
 
     def steps(self) -> list[Step]:
+        """Every step of the study, in the priority order: the teacher's answers (and the training traces, when the
+        study makes them), the anchors' scorings, then each row's extraction, training per seed, scorings and curve."""
+        steps = self.data_steps()
+        needs_data = [TRAIN_TRACES] if self.cfg.data.train_traces is not None else []
+        extractions: dict[str, str] = {}  # step id -> "extract" or "rebuild", for the check that they differ
+        steps_n = self.steps_n()
+        for row in self.cfg.rows:
+            for k, label in enumerate(row.labels()):
+                steps += self.row_steps(row, k, label, needs_data, extractions, steps_n)
+        return steps
+
+    def data_steps(self) -> list[Step]:
+        """The steps every row needs: the teacher's answers to the reported rows, to each answer set, to the
+        training items (data.train_traces) and the tuning rows (learning curves), and the anchors' scorings."""
         cfg, steps = self.cfg, []
-        targets = self.target_dirs()
         steps.append(Step("answers", [], lambda: os.path.isfile(self.answers), self.run_answers,
-                          {"kind": "answers"}))
+                          {"kind": "answers"}, stage="answers"))
         for name, aset in cfg.scoring.answer_sets.items():
             steps.append(Step(f"answers-{name}", [], lambda name=name: os.path.isfile(self.set_answers(name)),
                               lambda name=name: self.run_answer_set(name),
                               {"kind": "answers", "n": aset.rows[1] - aset.rows[0],
-                               "new": aset.max_new_tokens or cfg.scoring.max_new_tokens}))
-        needs_data = []  # what every extraction and training needs first: the training data, when the study makes it
+                               "new": aset.max_new_tokens or cfg.scoring.max_new_tokens}, stage="answers", target=name))
         if cfg.data.train_traces is not None:
             tr = cfg.data.train_traces
             trained = [lab for r in cfg.rows if r.kind != "oracle" for lab in r.labels()]
             # made, or needed by nothing left (every row's kept results exist: a fresh clone skips it)
-            steps.append(Step("train-traces", [], lambda: os.path.isfile(self.train_data) or all(
+            steps.append(Step(TRAIN_TRACES, [], lambda: os.path.isfile(self.train_data) or all(
                 self.trained(lab) for lab in trained), self.run_train_traces,
                               {"kind": "answers", "n": tr.rows[1] - tr.rows[0],
-                               "new": tr.max_new_tokens or cfg.scoring.max_new_tokens}))
-            needs_data = ["train-traces"]
+                               "new": tr.max_new_tokens or cfg.scoring.max_new_tokens}, stage="answers"))
         if cfg.scoring.curve_every:
             steps.append(Step("tuning-answers", [], lambda: os.path.isfile(self.tuning_answers),
-                              lambda: self.run_answers(tuning=True), {"kind": "answers"}))
-        for t in targets:
-            steps.append(self.score_step(t, "anchors", None))
+                              lambda: self.run_answers(tuning=True), {"kind": "answers"}, stage="answers"))
+        targets = self.target_dirs()
+        steps += [self.score_step(t, "anchors", None) for t in targets]
         if "acc" in targets:  # the teacher's graded answers (made with its answers when the study generates them)
             steps.append(Step("score/acc/teacher", ["answers"], lambda: self.scored("acc", "teacher"),
-                              lambda: self.run_score("acc", "teacher", None), {"kind": "score", "target": "acc",
-                                                                               "row": None}))
-        extractions, rebuilds = set(), set()
-        steps_n = self.steps_n()
-        for row in cfg.rows:
-            for k, label in enumerate(row.labels()):
-                deps = list(needs_data)
-                own = f"extract/{os.path.basename(self.extraction(row.layers, extract=self.row_extract(row)))}" \
-                    if row.layers else None
-                if row.layers and row.kind != "oracle" and own not in extractions:
-                    _refuse_shared(own, rebuilds, row.name)
-                    extractions.add(own)
-                    steps.append(Step(own, list(needs_data), self.extraction_done(row.layers, extract=row.extract),
-                                      self.run_extract(row.layers, row.extract),
-                                      {"kind": "extract", "layers": row.layers, "options": row.extract}))
-                if row.layers and row.kind != "oracle":
-                    deps.append(own)
-                if row.rebuild:
-                    rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild, row.extract))}"
-                    _refuse_shared(rebuilt, extractions, row.name)
-                    rebuilds.add(rebuilt)
-                    if rebuilt not in {s.id for s in steps}:
-                        steps.append(Step(rebuilt, list(deps),
-                                          self.extraction_done(row.layers, row.rebuild, row.extract),
-                                          self.run_rebuild(row), {"kind": "rebuild"}))
-                    deps = [rebuilt]
-                if row.kind == "oracle":  # it reads the extraction of its layer set (which its plug-in row built)
-                    plugin = cfg.row(row.plugin_of).labels()[0]
-                    ex = own
-                    steps.append(Step(f"score/ce/{label}", ["answers", ex, f"train/{plugin}"],
-                                      lambda label=label: self.scored("ce", label),
-                                      self.recorded("ce", label, self.run_oracle(row, plugin)),
-                                      {"kind": "oracle", "layers": row.layers}))
-                    continue
-                if row.kind == "toe_on_lora":
-                    deps.append(f"train/{cfg.row(row.adapter_of).labels()[k]}")
-                steps.append(Step(f"train/{label}", deps, lambda label=label: self.trained(label),
-                                  self.run_train(row, k, label, steps_n),
-                                  {"kind": "train", "row": row, "steps": steps_n}))
-                for t in targets:
-                    steps.append(self.score_step(t, label, row))
-                if cfg.scoring.curves(row, k):
-                    steps.append(Step(f"curve/{label}", ["tuning-answers", f"train/{label}"],
-                                      lambda label=label: os.path.isfile(os.path.join(self.out, "curve", label,
-                                                                                      "curve.json")),
-                                      self.recorded("curve", label, lambda label=label, row=row: self.run_curve(
-                                          label, row)), {"kind": "curve"}))
+                              lambda: self.run_score("acc", "teacher", None),
+                              {"kind": "score", "target": "acc", "row": None}, stage="score", label="teacher",
+                              target="acc"))
+        return steps
+
+    def row_steps(self, row: Row, k: int, label: str, needs_data: list[str], extractions: dict[str, str],
+                  steps_n: int) -> list[Step]:
+        """Seed ``k`` (``label``) of ``row``: its extraction when no row before made it (and a rebuilt bank), its
+        training, its scorings and its learning curve; an oracle row's scoring alone."""
+        steps, deps = [], list(needs_data)
+        own = f"extract/{os.path.basename(self.extraction(row.layers, extract=self.row_extract(row)))}" \
+            if row.layers else None
+        if row.layers and row.kind != "oracle":
+            _refuse_shared(own, extractions, "extract", row.name)
+            if own not in extractions:
+                extractions[own] = "extract"
+                steps.append(Step(own, list(needs_data), self.extraction_done(row.layers, extract=row.extract),
+                                  self.run_extract(row.layers, row.extract),
+                                  {"kind": "extract", "layers": row.layers, "options": row.extract}, stage="extract"))
+            deps.append(own)
+        if row.rebuild:
+            rebuilt = f"extract/{os.path.basename(self.extraction(row.layers, row.rebuild, row.extract))}"
+            _refuse_shared(rebuilt, extractions, "rebuild", row.name)
+            if rebuilt not in extractions:
+                extractions[rebuilt] = "rebuild"
+                steps.append(Step(rebuilt, list(deps), self.extraction_done(row.layers, row.rebuild, row.extract),
+                                  self.run_rebuild(row), {"kind": "rebuild"}, stage="extract"))
+            deps = [rebuilt]
+        if row.kind == "oracle":  # it reads the extraction of its layer set (which its plug-in row built)
+            plugin = self.cfg.row(row.plugin_of).labels()[0]
+            return [Step(f"score/ce/{label}", ["answers", own, f"train/{plugin}"],
+                         lambda: self.scored("ce", label), self.recorded("ce", label, self.run_oracle(row, plugin)),
+                         {"kind": "oracle", "layers": row.layers}, stage="score", label=label, target="ce")]
+        if row.kind == "toe_on_lora":
+            deps.append(f"train/{self.cfg.row(row.adapter_of).labels()[k]}")
+        steps.append(Step(f"train/{label}", deps, lambda: self.trained(label), self.run_train(row, k, label, steps_n),
+                          {"kind": "train", "row": row, "steps": steps_n}, stage="train", label=label))
+        steps += [self.score_step(t, label, row) for t in self.target_dirs()]
+        if self.cfg.scoring.curves(row, k):
+            steps.append(Step(f"curve/{label}", ["tuning-answers", f"train/{label}"],
+                              lambda: os.path.isfile(os.path.join(self.out, "curve", label, "curve.json")),
+                              self.recorded("curve", label, lambda: self.run_curve(label, row)), {"kind": "curve"},
+                              stage="curve", label=label))
         return steps
 
     def score_step(self, target: str, label: str, row: Row | None) -> Step:
@@ -232,7 +239,7 @@ class Study(StudyRuns, StudyChecks):
                 if target in self.cfg.scoring.answer_sets else []) + ([f"train/{label}"] if row else [])
         return Step(f"score/{target}/{label}", deps, lambda: self.scored(target, label),
                     self.recorded(target, label, lambda: self.run_score(target, label, row)),
-                    {"kind": "score", "target": target, "row": row})
+                    {"kind": "score", "target": target, "row": row}, stage="score", label=label, target=target)
 
     def recorded(self, target: str, label: str, run: Callable[[], None]) -> Callable[[], None]:
         """``run`` (a scoring of ``label`` on ``target``), then the record of what it scored (:meth:`record_inputs`)."""
@@ -277,14 +284,13 @@ class Study(StudyRuns, StudyChecks):
         with its seeds in turn."""
         steps = self.steps()
         if targets is not None:  # the other targets' scorings (and an answer set's generation) wait for a later run
-            steps = [s for s in steps if not s.id.startswith(("score/", "answers-"))
-                     or (s.id.split("/")[1] if s.id.startswith("score/") else s.id[len("answers-"):]) in targets]
+            steps = [s for s in steps if s.target is None or s.target in targets]
         if seeds is not None:  # the other seeds' training and scoring wait for a later run
             other = {label for r in self.cfg.rows for k, label in enumerate(r.labels()) if k not in seeds}
-            steps = [s for s in steps if s.id.split("/")[-1] not in other]
+            steps = [s for s in steps if s.label not in other]
         if rows is not None:  # those rows' steps and what they need
-            keep = {s.id for s in steps if s.id.split("/")[-1] in ("anchors", "teacher")  # every table's ends
-                    or any(s.id.split("/")[-1] in self.cfg.row(r).labels() for r in rows)}
+            labels = {label for r in rows for label in self.cfg.row(r).labels()}
+            keep = {s.id for s in steps if s.label in ("anchors", "teacher") or s.label in labels}  # tables' ends
             while True:
                 more = {d for s in steps if s.id in keep for d in s.deps} - keep
                 if not more:
@@ -294,13 +300,13 @@ class Study(StudyRuns, StudyChecks):
             # the rows' order as given is the priority (what the study shares runs first)
             rank = {label: i for i, r in enumerate(rows) for label in self.cfg.row(r).labels()}
             order = {s.id: i for i, s in enumerate(steps)}
-            steps.sort(key=lambda s: (rank.get(s.id.split("/")[-1], -1), order[s.id]))
+            steps.sort(key=lambda s: (rank.get(s.label, -1), order[s.id]))
         return steps
 
     def lock_folder(self, step: Step) -> str:
         """Where ``step``'s lock lives: an extraction may be shared by studies with one work folder, so its lock
         lives there; every other step's in the study folder."""
-        return self.work if step.id.startswith("extract/") else self.out
+        return self.work if step.stage == "extract" else self.out
 
     def run(self, render: Callable[[], None], poll_s: float = 10.0, rows: list[str] | None = None,
             targets: list[str] | None = None, seeds: list[int] | None = None) -> dict:
@@ -309,20 +315,20 @@ class Study(StudyRuns, StudyChecks):
         times = os.path.join(self.out, TIMES)
         made = {"ran": [], "waited": False}
         selected = self.selected_steps(rows, targets, seeds)
-        needed = any("train-traces" in s.deps and not s.done() for s in selected)  # by a pending step, or not made
-        if needed and any(s.id == "train-traces" and not s.done() for s in selected):
+        needed = any(TRAIN_TRACES in s.deps and not s.done() for s in selected)  # by a pending step, or not made
+        if needed and any(s.id == TRAIN_TRACES and not s.done() for s in selected):
             # the training data first: the rows' step counts (an epochs budget) are the traces kept
-            made = run_steps([s for s in selected if s.id == "train-traces"], self.lock_folder, render, poll_s,
+            made = run_steps([s for s in selected if s.id == TRAIN_TRACES], self.lock_folder, render, poll_s,
                              times=times)
             selected = self.selected_steps(rows, targets, seeds)  # planned again from the traces kept
-        steps = [s for s in selected if s.id != "train-traces" or needed]
+        steps = [s for s in selected if s.id != TRAIN_TRACES or needed]
         result = run_steps(steps, self.lock_folder, render, poll_s, times=times)
         return {"ran": made["ran"] + result["ran"], "waited": made["waited"] or result["waited"]}
 
 
-def _refuse_shared(step_id: str, others: set[str], row: str) -> None:
+def _refuse_shared(step_id: str, made: dict[str, str], kind: str, row: str) -> None:
     """A row's extraction and another row's rebuilt bank must not be one folder (their options name it alike)."""
-    if step_id in others:
+    if made.get(step_id, kind) != kind:
         raise ToEError(f"rows.{row}: its extraction {step_id.split('/', 1)[1]} is also another row's rebuilt bank "
                        "(extract and rebuild options name folders alike): give one of the rows other options")
 

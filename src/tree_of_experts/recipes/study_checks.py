@@ -9,6 +9,7 @@ from ..data import file_hash
 from ..errors import ToEError
 from ..files import atomic_write_json, read_json
 from ..folders import check_same_build, run_summary
+from .steps import TRAIN_TRACES
 
 
 INPUTS = "inputs.json"  # beside a score's metrics.json (a curve's curve.json): what it was made from
@@ -47,21 +48,22 @@ class StudyChecks:
         from ..data import read_rows
         from ..evaluation.tasks import TASK_FIELDS
 
-        pending = {s.id for s in self.steps() if not s.done()}
+        pending = [s for s in self.steps() if not s.done()]
+        pending_targets = {s.target for s in pending}
         tr = self.cfg.data.train_traces
         train = ("data.train_traces.items", self.resolve(tr.items, "data.train_traces.items")) if tr is not None \
             else ("data.train", self.train_data)
         for name, path in (train, ("data.items", self.items),
                            *((f"scoring.ce_files.{k}", self.resolve(v)) for k, v in self.cfg.scoring.ce_files.items()
-                             if any(p.startswith(f"score/{k}/") for p in pending))):
+                             if k in pending_targets)):
             if not path.startswith("hf:") and not os.path.exists(path):
                 raise ToEError(f"{name}: {path} not found: fix the path in the study config")
         self.check_kept_runs()
         self.check_scores_current()
         for name in self.cfg.scoring.answer_sets:
-            if any(p.startswith(f"score/{name}/") or p == f"answers-{name}" for p in pending):
+            if name in pending_targets:
                 self.check_answer_set(name)
-        if tr is not None and "train-traces" in pending:
+        if tr is not None and any(s.id == TRAIN_TRACES for s in pending):
             n = len(read_rows(train[1]))
             if tr.rows[1] > n:
                 raise ToEError(f"data.train_traces.rows {tr.rows}: {train[1]} has {n} rows")

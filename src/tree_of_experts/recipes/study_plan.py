@@ -75,111 +75,145 @@ def _tokens(study, tok) -> tuple[int, float]:
     return len(rows), sum(lengths) / max(1, len(lengths))
 
 
-def plan(study, steps: list | None = None) -> dict:
-    """The plan of ``study``: one line per step (done / to run; ``steps``, default every step of the study), its
-    estimate, and the totals."""
-    from ..hf.loading import load_config, load_tokenizer
+class Estimates:
+    """Each kind of step's estimated seconds and disk bytes on this machine (the module's docstring says how)."""
 
-    cfg = study.cfg
-    speed = probe()
-    base_cfg, teacher_cfg = load_config(study.base, "pair.base"), load_config(study.teacher, "pair.teacher")
-    fb, ft = flops_per_token(base_cfg), flops_per_token(teacher_cfg)
-    wbytes = DTYPE_BYTES[cfg.pair.dtype]
-    n_rows, mean_len = _tokens(study, load_tokenizer(study.base))
-    F, BW = speed["flops"], speed["bandwidth"]
-    new, n = cfg.scoring.max_new_tokens, study.n
+    def __init__(self, study):
+        from ..hf.loading import load_config, load_tokenizer
 
+        self.study, self.cfg = study, study.cfg
+        self.speed = probe()
+        self.base, self.teacher = load_config(study.base, "pair.base"), load_config(study.teacher, "pair.teacher")
+        self.fb, self.ft = flops_per_token(self.base), flops_per_token(self.teacher)
+        self.wbytes = DTYPE_BYTES[self.cfg.pair.dtype]
+        self.n_rows, self.mean_len = _tokens(study, load_tokenizer(study.base))
+        self.F, self.BW = self.speed["flops"], self.speed["bandwidth"]
+        self.new, self.n = self.cfg.scoring.max_new_tokens, study.n
+
+    def of(self, step) -> tuple[float, int]:
+        """(seconds, disk bytes) of ``step``, by its ``work["kind"]`` (a kind without an estimate: 0, 0)."""
+        kind = step.work.get("kind")
+        return getattr(self, kind)(step.work) if kind in ESTIMATED else (0.0, 0)
+
+    # -- the costs every estimate is made of ----------------------------------------------------------------------
+    @staticmethod
     def call_s(c) -> float:  # the fixed cost of one forward call
         return 0.010 + 0.002 * c.num_hidden_layers
 
-    def decode_s(fpt: float, steps: int, batch: int, c=base_cfg) -> float:
-        return steps * (max(fpt / 2 * wbytes / BW, batch * fpt / F) + call_s(c))
+    def decode_s(self, fpt: float, steps: int, batch: int, c=None) -> float:
+        return steps * (max(fpt / 2 * self.wbytes / self.BW, batch * fpt / self.F) + self.call_s(c or self.base))
 
-    def extraction_s(teacher_fpt: float, teacher_c, capture: bool = True) -> float:  # capture, the maps' training
-        batches = -(-n_rows // cfg.extract.get("batch_size", 4))
-        capture = capture * (n_rows * mean_len * (fb + teacher_fpt) / F + batches * (call_s(base_cfg)
-                                                                                   + call_s(teacher_c)))
-        epochs = cfg.extract.get("projector_epochs", 1)
-        return capture + epochs * (n_rows * mean_len * 3 * fb / F + batches * 3 * call_s(base_cfg))
+    def extraction_s(self, teacher_fpt: float, teacher_c, capture: bool = True) -> float:  # capture, maps' training
+        batches = -(-self.n_rows // self.cfg.extract.get("batch_size", 4))
+        tokens = self.n_rows * self.mean_len
+        capture = capture * (tokens * (self.fb + teacher_fpt) / self.F
+                             + batches * (self.call_s(self.base) + self.call_s(teacher_c)))
+        epochs = self.cfg.extract.get("projector_epochs", 1)
+        return capture + epochs * (tokens * 3 * self.fb / self.F + batches * 3 * self.call_s(self.base))
 
-    lines = []
+    def ce_s(self, n: int, new: int) -> float:  # a CE scoring: one forward over n items of ~new/2 answer tokens
+        return n * new / 2 * self.fb / self.F + -(-n // self.cfg.scoring.batch_size) * self.call_s(self.base)
+
+    # -- one method per kind of step ----------------------------------------------------------------------------
+    def answers(self, w: dict) -> tuple[float, int]:
+        """The teacher's answers to the reported rows, or an answer set's (its own count and cap)."""
+        n, new, batch = w.get("n", self.n), w.get("new", self.new), self.cfg.scoring.answer_batch_size
+        return self.decode_s(self.ft, -(-n // batch) * new, batch, self.teacher), 0
+
+    def extract(self, w: dict) -> tuple[float, int]:
+        # a budget sampling the shared extraction's finished capture builds alone (StudyRuns.capture_source)
+        w["reused"] = self.study.reuses_capture(w["layers"], w.get("options"))
+        k = len(w["layers"])
+        disk = int(self.n_rows * self.mean_len * capture_bytes_per_token([self.base.hidden_size] * k,
+                                                                        [self.teacher.hidden_size] * k, 32))
+        budget = {**self.cfg.extract, **w.get("options", {})}.get("max_disk")
+        if budget:  # the extraction keeps states for a sample that fits (its own --dry_run says which)
+            from ..extraction.budget import parse_size
+
+            disk = min(disk, parse_size(str(budget)))
+        return self.extraction_s(self.ft, self.teacher, not w["reused"]), disk
+
+    def rebuild(self, w: dict) -> tuple[float, int]:  # clustering the cached signal anew: ~20 passes to the leaves
+        return self.n_rows * self.mean_len * self.base.hidden_size * 64 * 2 * 20 / self.F, 0
+
+    def train(self, w: dict) -> tuple[float, int]:
+        cfg, row, steps = self.cfg, w["row"], w["steps"]
+        tokens = steps * cfg.budget.batch_size * self.mean_len
+        factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
+        sec = tokens * self.fb * factor / self.F + steps * factor * self.call_s(self.base)
+        if row.kind == "control":  # its own extraction, the base standing in for the teacher
+            sec += self.extraction_s(self.fb, self.base)
+        if row.objective == "on_policy":
+            sample = cfg.train.get("sample_max_new_tokens", 256)
+            sec += steps * self.decode_s(self.fb, sample, cfg.budget.batch_size) + tokens * self.ft / self.F
+        d = self.base.hidden_size
+        params = (len(row.layers or []) * 64 * d * 3) if row.kind != "lora" else \
+            row.rank * 2 * d * 7 * self.base.num_hidden_layers
+        return sec, params * 4 * 3
+
+    def score(self, w: dict) -> tuple[float, int]:
+        t, scoring = w["target"], self.cfg.scoring
+        aset = scoring.answer_sets.get(t)
+        n, new = (aset.rows[1] - aset.rows[0], aset.max_new_tokens or self.new) if aset else (self.n, self.new)
+        if t == "acc":
+            return self.decode_s(self.fb, -(-self.n // scoring.batch_size) * self.new, scoring.batch_size), 4096 * n
+        return self.ce_s(n, new) * (2 if w["row"] is None else 1), 4096 * n  # the anchors: base and teacher
+
+    def curve(self, w: dict) -> tuple[float, int]:  # CE on the tuning rows of every snapshot and the final weights
+        points = self.cfg.budget.steps_for(self.n_rows) // self.cfg.scoring.curve_every + 1
+        n_tuning = self.cfg.data.tuning[1] - self.cfg.data.tuning[0]
+        return points * self.ce_s(n_tuning, self.new), points * 4096 * n_tuning
+
+    def oracle(self, w: dict) -> tuple[float, int]:
+        return self.n * self.new / 2 * (self.ft + 8 * self.fb) / self.F, 0
+
+
+ESTIMATED = ("answers", "extract", "rebuild", "train", "score", "curve", "oracle")
+
+
+def plan(study, steps: list | None = None) -> dict:
+    """The plan of ``study``: one line per step (done / to run; ``steps``, default every step of the study), its
+    estimate, and the totals."""
+    est = Estimates(study)
     everything = study.steps()  # every step's estimate: the finished ones calibrate whichever are planned
     chosen = [x.id for x in (everything if steps is None else steps)]
+    lines = []
     for s in everything:
-        w, sec, disk = s.work, 0.0, 0
-        kind = w.get("kind")
-        if kind == "answers":  # the reported rows' answers, or an answer set's (its own count and cap)
-            n_a, new_a = w.get("n", n), w.get("new", new)
-            sec = decode_s(ft, -(-n_a // cfg.scoring.answer_batch_size) * new_a, cfg.scoring.answer_batch_size,
-                           teacher_cfg)
-        elif kind == "extract":
-            # a budget sampling the shared extraction's finished capture builds alone (StudyRuns.capture_source)
-            w["reused"] = study.reuses_capture(w["layers"], w.get("options"))
-            sec = extraction_s(ft, teacher_cfg, not w["reused"])
-            k = len(w["layers"])
-            disk = int(n_rows * mean_len * capture_bytes_per_token([base_cfg.hidden_size] * k,
-                                                                   [teacher_cfg.hidden_size] * k, 32))
-            budget = {**cfg.extract, **w.get("options", {})}.get("max_disk")
-            if budget:  # the extraction keeps states for a sample that fits (its own --dry_run says which)
-                from ..extraction.budget import parse_size
-
-                disk = min(disk, parse_size(str(budget)))
-        elif kind == "rebuild":  # clustering the cached signal anew: ~20 passes of token-to-leaf distances
-            sec = n_rows * mean_len * base_cfg.hidden_size * 64 * 2 * 20 / F
-        elif kind == "train":
-            row, tokens = w["row"], w["steps"] * cfg.budget.batch_size * mean_len
-            factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
-            sec = tokens * fb * factor / F + w["steps"] * factor * call_s(base_cfg)
-            if row.kind == "control":  # its own extraction, the base standing in for the teacher
-                sec += extraction_s(fb, base_cfg)
-            if row.objective == "on_policy":
-                sample = cfg.train.get("sample_max_new_tokens", 256)
-                sec += w["steps"] * (decode_s(fb, sample, cfg.budget.batch_size) / max(1, sample) * sample) \
-                    + tokens * ft / F
-            d = base_cfg.hidden_size
-            params = (len(row.layers or []) * 64 * d * 3) if row.kind != "lora" else \
-                row.rank * 2 * d * 7 * base_cfg.num_hidden_layers
-            disk = params * 4 * 3
-        elif kind == "score":
-            t = w["target"]
-            aset = cfg.scoring.answer_sets.get(t)
-            n_s, new_s = (aset.rows[1] - aset.rows[0], aset.max_new_tokens or new) if aset else (n, new)
-            sec = decode_s(fb, -(-n // cfg.scoring.batch_size) * new, cfg.scoring.batch_size) if t == "acc" else \
-                (n_s * new_s / 2 * fb / F + -(-n_s // cfg.scoring.batch_size) * call_s(base_cfg)) * (
-                    2 if w["row"] is None else 1)
-            disk = 4096 * n_s
-        elif kind == "curve":  # CE on the tuning rows of every snapshot and the final weights
-            every = cfg.scoring.curve_every
-            points = cfg.budget.steps_for(n_rows) // every + 1
-            n_tuning = cfg.data.tuning[1] - cfg.data.tuning[0]
-            sec = points * (n_tuning * new / 2 * fb / F + -(-n_tuning // cfg.scoring.batch_size) * call_s(base_cfg))
-            disk = points * 4096 * n_tuning
-        elif kind == "oracle":
-            sec = n * new / 2 * (ft + 8 * fb) / F
-        status = "done" if s.done() else "to run"
-        lines.append({"step": s.id, "status": status, "seconds": sec, "disk_bytes": disk, "kind": _kind(s)})
+        sec, disk = est.of(s)
+        lines.append({"step": s.id, "status": "done" if s.done() else "to run", "seconds": sec, "disk_bytes": disk,
+                      "kind": _kind(s)})
     factors = calibrate(lines, recorded_times(os.path.join(study.out, TIMES)))
     by_id = {x["step"]: x for x in lines}
     lines = [by_id[i] for i in chosen]
-    total_b = sum(x["disk_bytes"] for x in lines if x["status"] != "done")
-    total_s = sum(x["seconds"] for x in lines if x["status"] != "done")
-    calibrated = sum(x.get("calibrated_seconds", x["seconds"]) for x in lines if x["status"] != "done")
+    return {"summary": summary(study, est, lines, factors), "steps": lines, "probe": est.speed,
+            "total_seconds": _total(lines, "seconds"), "calibrated_seconds": _total(lines, "calibrated_seconds"),
+            "calibration": factors, "total_disk_bytes": _total(lines, "disk_bytes"),
+            "out": os.path.abspath(study.out)}
+
+
+def _total(lines: list[dict], key: str) -> float:
+    """The sum of ``key`` over the steps still to run (calibrated seconds: the probe's where a kind has none)."""
+    return sum(x.get(key, x["seconds"]) for x in lines if x["status"] != "done")
+
+
+def summary(study, est: Estimates, lines: list[dict], factors: dict) -> str:
+    """The plan as text: the totals, the probe, the calibration, one line per step and how the estimate is made."""
+    total_s, calibrated, total_b = (_total(lines, k) for k in ("seconds", "calibrated_seconds", "disk_bytes"))
     by = "; ".join(f"{k} ×{f['factor']:.2g} ({f['steps']} step{'s' * (f['steps'] > 1)})" for k, f in factors.items())
-    text = [f"plan of study {cfg.name} ({study.out}): {sum(x['status'] == 'done' for x in lines)} of {len(lines)} "
-            f"steps done; to run: ~{_dur(total_s)} by the probe"
+    text = [f"plan of study {study.cfg.name} ({study.out}): {sum(x['status'] == 'done' for x in lines)} of "
+            f"{len(lines)} steps done; to run: ~{_dur(total_s)} by the probe"
             + (f", ~{_dur(calibrated)} by this study's finished steps on this machine" if factors else "")
             + f"; ~{_size(total_b)} of disk",
-            f"machine probe: {F / 1e9:.0f} GFLOP/s fp32 matmul on {speed['threads']} thread(s), {BW / 1e9:.1f} GB/s "
-            f"copy; training data: {n_rows} rows, ~{mean_len:.0f} tokens each; reported items: {n}",
+            f"machine probe: {est.F / 1e9:.0f} GFLOP/s fp32 matmul on {est.speed['threads']} thread(s), "
+            f"{est.BW / 1e9:.1f} GB/s copy; training data: {est.n_rows} rows, ~{est.mean_len:.0f} tokens each; "
+            f"reported items: {est.n}",
             *([f"measured / probe estimate, by kind of step: {by}"] if factors else []),
             "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
     text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
              f"{_size(x['disk_bytes']):>10}" for x in lines]
     text += ["", "estimates: " + " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1]
                                          .split())]
-    return {"summary": "\n".join(text), "steps": lines, "probe": speed, "total_seconds": total_s,
-            "calibrated_seconds": calibrated, "calibration": factors, "total_disk_bytes": total_b,
-            "out": os.path.abspath(study.out)}
+    return "\n".join(text)
 
 
 def _kind(step) -> str:
@@ -192,7 +226,7 @@ def _kind(step) -> str:
         return f"train:{work['row'].kind}" + (":on_policy" if work["row"].objective == "on_policy" else "")
     if kind == "score":
         return ("score:acc" if work["target"] == "acc" else "score:ce") + \
-            (f":{step.id.split('/')[-1]}" if work.get("row") is None else "")
+            (f":{step.label}" if work.get("row") is None else "")
     if kind == "extract" and work.get("reused"):  # a build from another extraction's capture: no capture to time
         return "extract:reused"
     return kind
