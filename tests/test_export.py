@@ -156,7 +156,8 @@ def test_a_folder_whose_logits_differ_is_refused(pair, tmp_path, monkeypatch):
     template = tmp_path / "template"
     shutil.copytree(str(export_module.TEMPLATE), template)
     code = (template / "modeling_toe.py").read_text()
-    (template / "modeling_toe.py").write_text(code.replace("max=1.0)", "max=0.5)"))  # another norm clip
+    assert "self.scale, h, self.clip" in code
+    (template / "modeling_toe.py").write_text(code.replace("self.scale, h", "2 * self.scale, h"))  # twice the Δ
     monkeypatch.setattr(export_module, "TEMPLATE", template)
     with pytest.raises(ToEError, match="logits differ"):
         export(str(pair / "base"), str(tmp_path / "plugin"), str(tmp_path / "out"))

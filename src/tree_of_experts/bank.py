@@ -77,6 +77,20 @@ class ExpertBank(nn.Module):
         """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather."""
         return probs @ self.vectors()
 
+    def delta(self, route: Any, dense: bool, scale: torch.Tensor, h: torch.Tensor, clip: float,
+              mask: torch.Tensor) -> torch.Tensor:
+        """One injection's Δ = a · s ⊙ Σ_{i∈K} g_i e_i for a gate's ``route`` (its indices, weights and intensity a;
+        ``dense``: weights over every leaf), clipped to ||Δ|| <= ``clip`` ||h|| per token and zero where ``mask``
+        (B, T) is 0: (B, T, D) float32. The library's injection layer and the exported model's both compute it here."""
+        mixed = self.mix_dense(route.weights) if dense else self.mix(route.indices, route.weights)  # (B, T, D)
+        delta = scale * mixed
+        if route.intensity is not None:
+            delta = delta * route.intensity
+        h_norm = h.float().norm(dim=-1, keepdim=True)
+        d_norm = delta.norm(dim=-1, keepdim=True)
+        delta = delta * torch.clamp(clip * h_norm / (d_norm + 1e-6), max=1.0)
+        return delta * mask[..., None].to(delta.dtype)
+
 
 def geometry(vectors: torch.Tensor) -> dict[str, float | None]:
     """How much of a bank is one shared vector, for (N, D) leaves v_i with mean m.

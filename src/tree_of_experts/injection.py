@@ -61,14 +61,5 @@ class InjectionLayer(nn.Module):
             raise ToEError("the bank and gate nodes of this plug-in are mapped from its file and cannot train: load it "
                            "with mmap=False (ToEModel.from_pretrained(..., mmap_bank=False)) to train them")
         route = self.gate(h, selection)
-        if (selection or self.gate.selection) == "dense":
-            mixed = self.bank.mix_dense(route.weights)
-        else:
-            mixed = self.bank.mix(route.indices, route.weights)  # (B, T, D)
-        delta = self.scale * mixed
-        if route.intensity is not None:
-            delta = delta * route.intensity
-        h_norm = h.float().norm(dim=-1, keepdim=True)
-        d_norm = delta.norm(dim=-1, keepdim=True)
-        delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
-        return delta * mask[..., None].to(delta.dtype), route
+        dense = (selection or self.gate.selection) == "dense"
+        return self.bank.delta(route, dense, self.scale, h, self.clip, mask), route

@@ -42,17 +42,7 @@ class InjectionLayer(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Δ (B, T, D) float32 for hidden states ``h`` (B, T, D) where ``mask`` (B, T) is 1."""
         route = self.gate(h)
-        if self.gate.selection == "dense":
-            mixed = self.bank.mix_dense(route.weights)
-        else:
-            mixed = self.bank.mix(route.indices, route.weights)  # (B, T, D)
-        delta = self.scale * mixed
-        if route.intensity is not None:
-            delta = delta * route.intensity
-        h_norm = h.float().norm(dim=-1, keepdim=True)
-        d_norm = delta.norm(dim=-1, keepdim=True)
-        delta = delta * torch.clamp(self.clip * h_norm / (d_norm + 1e-6), max=1.0)
-        return delta * mask[..., None].to(delta.dtype)
+        return self.bank.delta(route, self.gate.selection == "dense", self.scale, h, self.clip, mask)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
