@@ -52,16 +52,21 @@ def planned(config: str) -> set[str]:
 def comparison(table: dict, a: str, b: str) -> str:
     for c in table["comparisons"]:
         if c["a"] == a and c["b"] == b and c["target"] == "ce":
-            word = {"better": "A better", "worse": "A worse", "level": "level",
-                    "unresolved": "not resolved"}.get(verdict_word(c, "ce"), "no interval")
+            word = {"better": "A better", "worse": "A worse", "level": "level", "unresolved": "not resolved",
+                    "no_margin": "includes zero"}.get(verdict_word(c, "ce"), "no interval")
             seeds = f"A {c['seeds'][0]}, B {c['seeds'][1]} seed(s)" + coverage(c["seeds"])
-            return f"{fmt_interval(c, nats)}: **{word}** ({seeds})"
+            within = f"; level from ±{c['level_from']:.4f}" if c.get("level_from") is not None else ""
+            return f"{fmt_interval(c, nats)}: **{word}** ({seeds}{within})"
     return NOT_RUN
 
 
 def margin(table: dict) -> str:
-    """The equivalence margin of the study's CE comparisons (one per target: 5 % of its base-teacher gap)."""
-    return next((f"{c['margin']:.4f}" for c in table["comparisons"] if c["target"] == "ce" and c.get("margin")), "?")
+    """The equivalence margin of the study's CE comparisons, and its share of the base-teacher gap."""
+    m = next((c["margin"] for c in table["comparisons"] if c["target"] == "ce" and c.get("margin") is not None), None)
+    ce = {r["name"]: r["ce"]["mean"]["point"] for r in table["rows"] if r["name"] in ("base", "teacher")}
+    if m is None or len(ce) < 2:
+        return "none (no CE comparison with a margin)"
+    return f"±{m:.4f} nats, {100 * m / abs(ce['teacher'] - ce['base']):.0f} % of the base–teacher gap"
 
 
 def gap(table: dict, row: str) -> str:
@@ -91,7 +96,8 @@ def render() -> str:
     lines += [f"| {what} | {closed('v2', row)} |" for what, row in CEILING]
     lines += ["", "95 % intervals: a bootstrap over seeds, then items (GSM8K dev items; over items only for a "
               "one-seed row). Level: the interval includes zero and lies within the studies' equivalence margin "
-              f"(`scoring.margin`: ±{margin(tables['v3'])} nats, 5 % of the base–teacher gap). – : not a row of that study. The oracle rows inject δ on the extraction's cached states "
+              f"(`scoring.margin`: {margin(tables['v3'])}); level from: the smallest margin under which it would "
+              "read level. – : not a row of that study. The oracle rows inject δ on the extraction's cached states "
               "(the trained map's δ with the live teacher's states; δ̂(h) predicted from the base's state alone; the "
               "mean δ). Rendered by `python runs/real_pair_headline.py` from the studies' `table.json`."]
     return "\n".join(lines) + "\n"

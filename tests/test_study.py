@@ -19,7 +19,7 @@ import yaml
 
 from tree_of_experts.cli import main
 from tree_of_experts.config import ToEError
-from tree_of_experts.evaluation.study_stats import Draws, coverage, interval, reading
+from tree_of_experts.evaluation.study_stats import Draws, coverage, interval, level_from, reading
 from tree_of_experts.recipes.study import Study, study
 from tree_of_experts.recipes.study_config import load_study
 
@@ -85,9 +85,9 @@ def test_a_study_runs_end_to_end_and_its_table_carries_seeds_and_a_computed_verd
         lo, hi = c["ci95"]
         f = (lambda v: f"{100 * v:+.1f} pts") if c["target"] == "acc" else (lambda v: f"{v:+.4f}")
         assert f"{c['a']} − {c['b']} {f(c['point'])} [{f(lo)}, {f(hi)}]" in t["verdict"]  # its number, from the file
-        # the equivalence margin: 5 % of the base-teacher gap on the comparison's own target
+        # the equivalence margin: 2 % of the base-teacher gap on the comparison's own target
         gap_ = rows["teacher"][c["target"]]["mean"]["point"] - rows["base"][c["target"]]["mean"]["point"]
-        assert c["margin"] == pytest.approx(0.05 * abs(gap_))
+        assert c["margin"] == (pytest.approx(0.02 * abs(gap_)) if gap_ else None)  # no gap: no margin
     assert all((tmp_path / "s" / f).exists() for f in ("table.md", "study.png", "curves.png"))
     assert (tmp_path / "s" / "train" / "toe-seed1" / "toe_model.safetensors").exists()
     assert "score/ce/lora" in result["ran"]
@@ -216,7 +216,8 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(scoring__batch_size=0), "scoring.batch_size 0: give a whole number >= 1"),
     (dict(scoring__margin=5), "scoring.margin 5.0: give a share of the gap in [0, 1)"),
     (dict(scoring__margins={"cod": 0.01}), "scoring.margins: ['cod'] is not a target of this study"),
-    (dict(scoring__margins={"acc": -1}), "scoring.margins {'acc': -1.0}: give margins >= 0"),
+    (dict(scoring__margins={"ce": -1}), "scoring.margins {'ce': -1.0}: give margins >= 0"),
+    (dict(scoring__margins={"acc": 0.05}), "scoring.margins: ['acc'] is not a target of this study"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"gradient_accumulation_steps": 3}}],
           compare=[]), "rows.a.options.gradient_accumulation_steps 3: give a divisor of budget.batch_size (4)"),
     (dict(data__max_length=0), "data.max_length 0"),
@@ -277,7 +278,10 @@ def test_the_reading_rule():
     # an interval that includes zero: level only within the margin, else not resolved (and without a margin)
     assert "are level" in reading({"point": 0.1, "ci95": [-0.1, 0.3], "margin": 0.3}, "ce", "a", "b")
     assert "not resolved" in reading({"point": 0.1, "ci95": [-0.1, 0.3], "margin": 0.2}, "ce", "a", "b")
-    assert "has no margin" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
+    assert "this target has no margin" in reading({"point": 0.1, "ci95": [-0.1, 0.3]}, "ce", "a", "b")
+    assert reading({"point": -0.2, "ci95": [-0.3, -0.1], "margin": 0.5}, "ce", "a", "b").endswith(
+        "excludes zero, but lies within the margin)")  # a difference, and one too small to matter
+    assert level_from({"ci95": [-0.1, 0.3]}) == 0.3 and level_from({"ci95": [0.1, 0.3]}) is None
     assert "undefined" in reading({"point": 0.1, "ci95": [None, None]}, "ce", "a", "b")
     # the direction is the interval's, not the point's (a percentile interval need not hold its point)
     assert reading({"point": 0.01, "ci95": [-0.3, -0.1]}, "ce", "a", "b").startswith("a is better")

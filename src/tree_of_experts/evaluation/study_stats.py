@@ -11,9 +11,11 @@ the teacher have one "seed" each (they are not trained). Below three items an in
 
 The verdict reads each named comparison by one fixed rule: a difference whose 95 % interval excludes zero is a
 difference (with its direction); one whose interval includes zero is "level" only when the whole interval lies within
-the target's equivalence margin (by default 5 % of the base-teacher gap, set before the study is run: see
-``scoring.margin``), and "not resolved" when it reaches beyond it (too few items or seeds to tell a tie from a
-difference that matters). Its words come from here alone.
+the target's equivalence margin (``scoring.margin``: by default 2 % of the base-teacher gap, a fifth of what a
+trained row closes on the real pair; or ``scoring.margins``), and "not resolved" when it reaches beyond it (too few
+items or seeds to tell a tie from a difference that matters). Each such comparison also carries ``level_from``, the
+smallest margin under which it would read level, for a reader with another margin in mind. Its words come from here
+alone.
 """
 
 from __future__ import annotations
@@ -143,9 +145,8 @@ def equivalence_margin(study, target: str, point: dict[str, float]) -> float | N
     given = study.cfg.scoring.margins.get(target)
     if given is not None:
         return float(given)
-    if "base" in point and "teacher" in point and math.isfinite(point["teacher"] - point["base"]):
-        return study.cfg.scoring.margin * abs(point["teacher"] - point["base"])
-    return None
+    gap_ = point["teacher"] - point["base"] if "base" in point and "teacher" in point else math.nan
+    return study.cfg.scoring.margin * abs(gap_) if math.isfinite(gap_) and gap_ != 0 else None
 
 
 def target_table(study, target: str) -> dict:
@@ -178,7 +179,7 @@ def target_table(study, target: str) -> dict:
         if a in x and b in x:
             diff = interval(means[a] - means[b], point[a] - point[b], n)
             seeds = [x[a].shape[0], x[b].shape[0]]
-            diff["margin"] = margin
+            diff["margin"], diff["level_from"] = margin, level_from(diff)
             comparisons.append({"a": a, "b": b, "seeds": seeds, "items": n, **diff,
                                 "paired_on_seeds": min(seeds) > 1 and ids.get(a) == ids.get(b),
                                 "reading": reading(diff, target, a, b) + coverage(seeds, untrained=":" in a + b)})
@@ -202,25 +203,34 @@ def coverage(seeds: list[int], untrained: bool = False) -> str:
 def verdict_word(diff: dict, target: str) -> str:
     """The fixed rule: an interval that excludes zero is a difference ("better"/"worse" for the first row, by the
     target's direction); one that includes it is "level" when it lies within ±``diff["margin"]`` (the target's
-    equivalence margin) and "unresolved" when it reaches beyond (or no margin is known); without an interval,
-    "undefined"."""
+    equivalence margin), "unresolved" when it reaches beyond, and "no_margin" when the target has none; without an
+    interval, "undefined"."""
     lo, hi = diff["ci95"]
     if lo is None:
         return "undefined"
     if lo <= 0 <= hi:
         m = diff.get("margin")
-        return "level" if m is not None and -m <= lo and hi <= m else "unresolved"
+        return "no_margin" if m is None else "level" if -m <= lo and hi <= m else "unresolved"
     return "better" if (hi < 0) == LOWER_IS_BETTER.get(target, True) else "worse"
+
+
+def level_from(diff: dict) -> float | None:
+    """The smallest margin under which ``diff`` would read level (its interval's farthest end from zero), for an
+    interval that includes zero; else None. A reader with another margin in mind applies it here."""
+    lo, hi = diff["ci95"]
+    return max(-lo, hi) if lo is not None and lo <= 0 <= hi else None
 
 
 def reading(diff: dict, target: str, a: str, b: str) -> str:
     """:func:`verdict_word` as a sentence."""
-    word = verdict_word(diff, target)
+    word, m = verdict_word(diff, target), diff.get("margin")
     if word == "undefined":
         return "undefined (too few items for an interval, or scores that are not finite)"
     if word == "level":
         return f"{a} and {b} are level (the interval includes zero and lies within the margin)"
     if word == "unresolved":
-        why = "reaches beyond the margin" if diff.get("margin") is not None else "this target has no margin"
-        return f"{a} − {b} is not resolved (the interval includes zero but {why})"
-    return f"{a} is {word} than {b} (the interval excludes zero)"
+        return f"{a} − {b} is not resolved (the interval includes zero but reaches beyond the margin)"
+    if word == "no_margin":
+        return f"{a} − {b} includes zero (this target has no margin: set scoring.margins to read level)"
+    small = m is not None and max(abs(diff["ci95"][0]), abs(diff["ci95"][1])) <= m
+    return f"{a} is {word} than {b} (the interval excludes zero" + (", but lies within the margin)" if small else ")")

@@ -104,12 +104,13 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     comp = [c for t in tables.values() for c in t["comparisons"]]
     if comp:
-        lines += ["", "| comparison | target | difference [95 % interval] | margin | seeds × items | reading |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| comparison | target | difference [95 % interval] | margin · level from | seeds × items | "
+                  "reading |", "|---|---|---|---|---|---|"]
         for t, table in tables.items():
             f = pts if t == "acc" else nats
             for c in table["comparisons"]:
-                margin = "–" if c.get("margin") is None else f"±{f(c['margin'])[1:]}"
+                margin = ("–" if c.get("margin") is None else f"±{f(c['margin'])[1:]}") + \
+                    (f" · ±{f(c['level_from'])[1:]}" if c.get("level_from") is not None else "")
                 lines.append(f"| {c['a']} − {c['b']} | {t} | {fmt_interval(c, f)} | {margin} | "
                              f"{c['seeds'][0]}/{c['seeds'][1]} × {c['items']} | {c['reading']} |")
     for row in study.cfg.rows:  # the predictability ceiling: how much of δ the base's own state predicts
@@ -126,7 +127,8 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
               "(seeds, then items; rows on the same seeds paired on them, all rows on items; a one-seed row's interval "
               "is over items only). CE in nats, lower is better. An interval that includes zero reads level only "
               f"within the margin (scoring.margin: {pct(study.cfg.scoring.margin)} of the base–teacher gap, unless "
-              "scoring.margins sets it), and not resolved beyond it.", "", verdict]
+              "scoring.margins sets it), and not resolved beyond it; \"level from\" is the smallest margin under "
+              "which it would read level.", "", verdict]
     return "\n".join(lines) + "\n"
 
 
@@ -157,8 +159,9 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
                     "worse": "the first row is worse (interval excludes zero)",
                     "level": "level (interval includes zero, within the margin)",
                     "unresolved": "not resolved (interval includes zero but reaches beyond the margin)",
+                    "no_margin": "interval includes zero (no margin for this target)",
                     "undefined": "no interval (too few items)"}
-            order = ("better", "level", "unresolved", "worse", "undefined")
+            order = ("better", "level", "unresolved", "no_margin", "worse", "undefined")
             parts.append(f"{names.get(t, f'{t} CE')}: "
                          + "; ".join(f"{said[w]}: {', '.join(groups[w])}" for w in order if w in groups) + ".")
     scored = {r.split(":")[0] for t in tables.values() for r in t["rows"]}

@@ -243,13 +243,13 @@ class Scoring:
     curve_every: int = field(default=0, metadata={"help": "learning curves: every trained row keeps its weights every "
                                                           "this many steps, each scored by CE on the teacher's answers "
                                                           "to the tuning rows (data.tuning); 0: none"})
-    margin: float = field(default=0.05, metadata={
-        "help": "the equivalence margin, as a share of the base-teacher gap on each target: a comparison whose 95 % "
-                "interval includes zero reads 'level' only when it lies within ±margin × gap, else 'not resolved'; "
-                "set it before running the study"})
+    margin: float = field(default=0.02, metadata={
+        "help": "the equivalence margin, as a share of the base-teacher gap on each target the teacher is scored on "
+                "(ce, accuracy, answer_sets): a comparison whose 95 % interval includes zero reads 'level' only when "
+                "it lies within ±margin × gap, else 'not resolved'; set it before running the study"})
     margins: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "absolute margins per target, {target: value} (e.g. {code: 0.005, acc: 0.02}), for targets without "
-                "a teacher score or where the share of the gap is not the right scale"})
+        "help": "absolute margins per target, {target: value} (e.g. {code: 0.005, acc: 0.05}): the only margin of a "
+                "ce_files target (the teacher is not scored on those), or where a share of the gap is not the scale"})
     curve_seeds: list[int] | None = field(default=None, metadata={
         "help": "the seeds whose learning curves are kept and scored (e.g. [0]: a curve per row, not per seed); "
                 "default: every seed"})
@@ -259,9 +259,9 @@ class Scoring:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ToEError(f"scoring.{name} {getattr(self, name)!r}: give a whole number >= 1")
         if not 0 <= self.margin < 1:
-            raise ToEError(f"scoring.margin {self.margin!r}: give a share of the gap in [0, 1), e.g. 0.05")
+            raise ToEError(f"scoring.margin {self.margin!r}: give a share of the gap in [0, 1), e.g. 0.02")
         self.margins = {("acc" if k == "accuracy" else k): v for k, v in self.margins.items()}
-        known = {"ce", "acc", *self.ce_files, *self.answer_sets}
+        known = {{"accuracy": "acc"}.get(t, t) for t in self.targets} | {*self.ce_files, *self.answer_sets}
         if set(self.margins) - known:
             raise ToEError(f"scoring.margins: {sorted(set(self.margins) - known)} is not a target of this study: "
                            f"use one of {sorted(known)}")
