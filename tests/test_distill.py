@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -86,6 +87,42 @@ def test_on_policy_training_logs_samples(experts, tmp_path):
     after, before = load_file(tmp_path / "p" / "toe_model.safetensors"), load_file(experts / "ex" / "toe_model.safetensors")
     assert any(not torch.equal(after[k], before[k]) for k in after if "gate" in k)
     assert summary["steps"] == 8
+
+
+def test_the_totals_count_every_step_whatever_is_logged_and_the_table_reads_them(experts, tmp_path, monkeypatch):
+    """log_every 3: the rows logged skip steps, the totals on the last one do not; a checkpoint written before the
+    totals were kept gets them back from the schedule (on-policy steps) and the logged rows (tokens)."""
+    from types import SimpleNamespace
+
+    from tree_of_experts.evaluation.study_table import training_facts
+
+    kw = dict(on_policy_ratio=0.5, log_every=3)
+    train(**args(experts, tmp_path / "every1", on_policy_ratio=0.5))  # the same run, every step logged
+    train(**args(experts, tmp_path / "p", **kw))
+    every = [json.loads(r) for r in open(tmp_path / "every1" / "metrics.jsonl")]
+    rows = [json.loads(r) for r in open(tmp_path / "p" / "metrics.jsonl")]
+    want = {"on_policy_steps": sum(r.get("objective") == "on_policy" for r in every),
+            "sample_tokens_total": sum(r.get("sample_tokens") or 0 for r in every)}
+    assert len(rows) < len(every) and {k: rows[-1][k] for k in want} == want
+    assert sum(r.get("objective") == "on_policy" for r in rows) < want["on_policy_steps"]  # what summing logged rows gave
+    row = SimpleNamespace(labels=lambda: ["p"])
+    (tmp_path / "study" / "train").mkdir(parents=True)
+    shutil.copytree(tmp_path / "p", tmp_path / "study" / "train" / "p")
+    facts = training_facts(SimpleNamespace(out=str(tmp_path / "study")), row)
+    assert (facts["on_policy_steps"], facts["sampled_tokens"]) == tuple(want.values())
+    # a checkpoint from before the totals: the on-policy steps come back from the schedule
+    real_save = loop_mod.save_checkpoint
+    monkeypatch.setattr(loop_mod, "save_checkpoint", lambda out, w, o, state, what: real_save(
+        out, w, o, {k: v for k, v in state.items() if k != "totals"}, what=what))
+    from test_train import crash_after
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after(6, loop_mod.save_checkpoint))
+    with pytest.raises(KeyboardInterrupt):
+        train(**args(experts, tmp_path / "old", on_policy_ratio=0.5))
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    train(**args(experts, tmp_path / "old", on_policy_ratio=0.5, resume=True))
+    last = json.loads(open(tmp_path / "old" / "metrics.jsonl").readlines()[-1])
+    assert {k: last[k] for k in want} == want
 
 
 def test_on_policy_resume_equals_uninterrupted(experts, tmp_path, monkeypatch):

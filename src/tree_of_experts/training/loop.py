@@ -12,6 +12,7 @@ mode, cached starting states) and its extra terms (the plug-in's route and usage
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -27,7 +28,8 @@ from ..hf.layers import capture_layers, padded_inputs
 from ..files import append_jsonl
 from ..losses import state_loss
 from ..options import Schedule
-from .checkpoint import has_checkpoint, keep_logged_rows, load_checkpoint, log_progress, plot_curves, save_checkpoint
+from .checkpoint import (has_checkpoint, keep_logged_rows, load_checkpoint, log_progress, logged_step, plot_curves,
+                         save_checkpoint)
 from .distill import OnPolicy, eos_ids, is_on_policy, objective_loss, scored_tail, step_batch, teacher_logits
 from .steps import finite_loss, global_mean
 
@@ -203,7 +205,7 @@ class TrainLoop:
             return 0
         weights, opt_state, state = load_checkpoint(self.out, s.what)
         step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
-        self.totals.update(state.get("totals", {}))
+        self.totals.update(state.get("totals") or self.rebuilt_totals(step))
         try:
             s.load(weights)
             s.optimizer_at(step - 1 if state.get("stage", "B") == "A" else s.warmup_steps).load_state_dict(opt_state)
@@ -213,6 +215,17 @@ class TrainLoop:
         if accel.is_main_process:
             keep_logged_rows(self.metrics_path, step)
         return step
+
+    def rebuilt_totals(self, step: int) -> dict:
+        """The totals of a checkpoint written before they were kept: the on-policy steps from the schedule (as
+        ``samples`` is), the sampled tokens from the logged rows kept (exact when every step was logged)."""
+        warmup, ratio, seed = self.student.warmup_steps, self.objective.on_policy.ratio, self.schedule.seed
+        tokens = 0
+        if os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                tokens = sum(json.loads(r).get("sample_tokens") or 0 for r in f if logged_step(r) <= step)
+        on = sum(is_on_policy(ratio, seed, i) for i in range(max(0, step - warmup))) if self.teacher is not None else 0
+        return {"on_policy_steps": on, "sample_tokens_total": tokens}
 
     def start(self, resume: bool = False) -> int:
         """Prepares the model for the processes and, with ``resume``, puts the checkpoint back (a checkpoint that
@@ -251,7 +264,7 @@ class TrainLoop:
                 on = self.teacher is not None and is_on_policy(obj.on_policy.ratio, seed, b_step)
                 row, tokens, sampled = self.step(wrapped, mine, b_step, step, on, g, stop_ids)
                 tokens_since += tokens
-                if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (this process)
+                if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (all processes)
                     samples += len(mine) * accel.num_processes if on else 0
                     self.totals["on_policy_steps"] += int(on)
                     self.totals["sample_tokens_total"] += sampled
@@ -298,7 +311,8 @@ class TrainLoop:
         opt.step()
         row = {"step": step + 1, "stage": stage, "objective": "on_policy" if on else "off_policy", "loss": sum(values),
                **global_mean(accel, summed(parts)), **s.combine(extras)}
-        sampled = int(b["loss_mask"].sum()) if on else 0
+        # every process's sampled tokens (each samples its share of the batch; the main process logs the total)
+        sampled = int(accel.reduce(b["loss_mask"].sum().to(accel.device), reduction="sum")) if on else 0
         return row, int(b["attention_mask"].sum()) * accel.num_processes, sampled
 
     def micro_step(self, wrapped, b: dict, b_step: int, step: int, on: bool, g: torch.Generator, n_tok: torch.Tensor,
