@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import randomize
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -117,11 +117,18 @@ def test_save_and_load_with_peft(experts, plugin, base, batch, tmp_path):
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert "[More Information Needed]" not in card.text and "AutoPeftModelForCausalLM.from_pretrained" in card.text
     assert card.data.library_name == "peft" and {"tree-of-experts", "peft"} <= set(card.data.tags)
-    assert card.data.pipeline_tag == "text-generation"  # peft's
+    assert card.data.pipeline_tag == "text-generation" and "- PEFT " in card.text  # peft's, kept
+    assert card.data.base_model is None  # peft's local path is no hub metadata (the hub refuses it)
     assert f"| parameters | {sum(t.numel() for t in tensors.values()):,} |" in card.text
-    (tmp_path / "adapter" / "README.md").write_text("my own card\n")
-    model.save_pretrained(tmp_path / "adapter")  # a card of the user's own is peft's to update, not replaced
-    assert "my own card" in (tmp_path / "adapter" / "README.md").read_text()
+    blank = ModelCard.from_template(ModelCardData())
+    blank.text = blank.text.replace("<!-- Provide a quick summary", "Mine, half written.\n<!-- Provide", 1)
+    blank.save(tmp_path / "adapter" / "README.md")
+    model.save_pretrained(tmp_path / "adapter")  # a card the user began is peft's to update, never replaced
+    assert "Mine, half written." in (tmp_path / "adapter" / "README.md").read_text()
+    named = get_peft_model(load_causal_lm(str(experts / "base")), ToEPeftConfig.from_plugin(plugin), adapter_name="k")
+    named.save_pretrained(tmp_path / "named")  # peft saves a named adapter in its own folder: its card goes there
+    sub = ModelCard.load(tmp_path / "named" / "k" / "README.md")
+    assert "AutoPeftModelForCausalLM" in sub.text and sub.data.pipeline_tag == "text-generation"
 
     loaded = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), ref)
@@ -176,7 +183,7 @@ def hub(tmp_path, monkeypatch):
     import peft.utils.other
     import peft.utils.save_and_load
     import transformers.utils.hub
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     fake = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(transformers.utils.hub, "hf_api", fake.hf_api)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ToEConfig, ToEError
 from .hf.layers import recompute_frozen_layers
-from .hf.hub import resolve_folder
+from .hf.hub import is_full_hub_id, resolve_folder
 from .files import atomic_write_text
 from .plugin_folder import CARD_NAME, check_base, model_card, new_config, save_plugin
 from .model import freeze
@@ -40,7 +40,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # `base_model` is the ToETuner, whose `toe` is the ToELayer, whose `toe_plugin` holds the plug-ins by adapter name
 # (the name is left out on disk, as peft does).
 ADAPTER_KEY_PREFIX = "base_model.toe.toe_plugin."
-PEFT_TEMPLATE_MARK = "[More Information Needed]"  # what peft's blank model card template is full of
 
 
 def _add_peft_type(name: str) -> None:
@@ -119,25 +118,44 @@ class ToEPeftConfig(PeftConfig):
 
 
 def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:
-    """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template (a card of
-    the user's own is left as it is); the hub metadata peft put in the template (tags, base_model, pipeline) is
-    kept."""
+    """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template (a card with
+    any text of the user's own is left as it is). The hub metadata peft put in the template (tags, pipeline, a hub
+    ``base_model``) and its framework-versions lines are kept."""
     from huggingface_hub import ModelCard
 
     path = os.path.join(folder, CARD_NAME)
     old = ModelCard.load(path) if os.path.isfile(path) else None
-    if old is not None and PEFT_TEMPLATE_MARK not in old.text:
+    peft_lines = peft_additions(old.text) if old is not None else ""
+    if peft_lines is None:
         return
     with torch.device("meta"):  # the parameter count without allocating a (possibly large) bank
         n_params = sum(p.numel() for p in ToEPlugin(config).parameters())
     card = ModelCard(model_card(config, n_params, adapter=True))
-    if old is not None:
-        for key, value in old.data.to_dict().items():
-            if key == "tags":
-                value = sorted(set(value) | set(card.data.tags or []))
-            if value is not None and (key == "tags" or card.data.to_dict().get(key) is None):
-                card.data[key] = value
+    card.data.pipeline_tag = "text-generation"
+    for key, value in (old.data.to_dict() if old is not None else {}).items():
+        if key == "tags":
+            value = sorted(set(value) | set(card.data.tags or []))
+        elif key == "base_model" and not is_full_hub_id(str(value)):  # peft records a local path as it is
+            continue
+        if value is not None and (key == "tags" or card.data.to_dict().get(key) is None):
+            card.data[key] = value
+    card.text = card.text.rstrip("\n") + ("\n\n" + peft_lines if peft_lines else "") + "\n"
     atomic_write_text(path, str(card))
+
+
+def peft_additions(text: str) -> str | None:
+    """What peft added to its blank model card template in ``text`` (its framework-versions and training-procedure
+    lines), or None when ``text`` is not that template (a card someone wrote or edited)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    blank = ModelCard.from_template(ModelCardData()).text.strip()
+    body = text.strip()
+    if not body.startswith(blank):
+        return None
+    rest = body[len(blank):].strip()
+    ok = ("### Framework versions", "## Training procedure", "- ", "The following `bitsandbytes`")
+    return rest if all(not line.strip() or line.startswith(ok) for line in rest.splitlines()) else None
+
 
 
 def build_plugin(config: ToEPeftConfig, base: nn.Module) -> ToEPlugin:
