@@ -54,6 +54,18 @@ def test_mapped_bank_gives_the_in_ram_logits_bit_exactly(base, batch, fields, tm
         assert os.path.getsize(tmp_path / WEIGHTS_NAME) < half_bank + gate + 4096
 
 
+def test_a_mapped_bank_mixes_densely_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Dense routing over a mapped bank reads it in blocks (here 3 rows) instead of making its N × D float32 copy
+    on every forward: the same mix as the bank read into RAM, to float rounding."""
+    from tree_of_experts import bank as bank_module
+
+    folder, _ = plugin_folder(tmp_path, 16, 8)
+    mapped, in_ram = (ToEPlugin.load(folder, mmap=m).blocks["0"].bank for m in (True, False))
+    probs = torch.softmax(torch.randn(2, 5, 16), -1)
+    monkeypatch.setattr(bank_module, "DENSE_BLOCK_BYTES", 3 * 4 * 8)
+    assert mapped.mapped and torch.allclose(mapped.mix_dense(probs), in_ram.mix_dense(probs), atol=1e-6)
+
+
 def test_files_are_read_by_safetensors_and_safetensors_files_are_mapped(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.commands.extract import extract, rebuild
 from tree_of_experts.data import DataSpec, align_offsets, read_jsonl
-from tree_of_experts.extraction.build import balanced_tree, init_gate_from_geometry, mass_ordered_clusters
+from tree_of_experts.extraction.build import balanced_tree, mass_ordered_clusters
+from tree_of_experts.extraction.gate_init import init_gate_from_geometry
 from tree_of_experts.extraction.fusion import GramAccumulator, fit_ridge
 from tree_of_experts.extraction.store import Extraction
 from tree_of_experts.toy import tiny_qwen2, tiny_tokenizer
@@ -256,6 +257,41 @@ def test_geometry_initialised_gate_routes_clustered_data_to_its_own_leaf(shape, 
     assert torch.equal(leaf_log_probs(shape, follow).argmax(-1), leaf)
 
 
+def reference_node_init(gate, states, leaf, sharpness=4.0):
+    """The per-node loop over a dense (R, M) label table that init_gate_from_geometry replaced (the same numbers)."""
+    z = gate.features(states)
+    labels = path_labels(gate.shape, gate.num_leaves, leaf)
+    w, b = torch.zeros_like(gate.nodes.weight), torch.zeros_like(gate.nodes.bias)
+    for m in range(gate.num_nodes):
+        ones, zeros = labels[:, m] == 1, labels[:, m] == 0
+        if not ones.any() or not zeros.any():
+            b[m] = 4.0 if ones.any() else -4.0
+            continue
+        mu1, mu0 = z[ones].mean(0), z[zeros].mean(0)
+        direction = mu1 - mu0
+        scale = sharpness / ((z[ones | zeros] - (mu1 + mu0) / 2) @ direction).std().clamp_min(1e-6)
+        w[m], b[m] = direction * scale, -((mu1 + mu0) / 2 @ direction) * scale
+    return w, b
+
+
+@pytest.mark.parametrize("shape,n", [("balanced", 16), ("deep", 6), ("flat", 5)])
+def test_the_gate_init_reads_paths_not_an_rows_by_nodes_table(shape, n):
+    """The node statistics accumulate a step of every path at a time (R rows, never R × M): the same hyperplanes as
+    the dense label table gave, empty and one-sided nodes included; the routing check chunks its rows."""
+    from tree_of_experts.extraction.gate_init import dense_argmax
+
+    torch.manual_seed(1)
+    x = torch.randn(300, 12)
+    leaf = torch.randint(0, n - 1, (300,))  # the last leaf empty: its nodes see one side only
+    gate = TreeGate(12, n, shape, rank=8)
+    with torch.no_grad():
+        init_gate_from_geometry(gate, x, leaf)
+        w, b = reference_node_init(gate, x, leaf)
+        assert torch.allclose(gate.nodes.weight, w, atol=1e-4) and torch.allclose(gate.nodes.bias, b, atol=1e-4)
+        whole = gate(x, "dense").leaf_logp.argmax(-1)
+    assert torch.equal(dense_argmax(gate, x, budget=n * 8), whole)  # a few rows per chunk
+
+
 def test_character_offset_alignment_never_looks_ahead():
     # base tokens "ab|cd|e", teacher tokens "abc|de"
     base = torch.tensor([[0, 2], [2, 4], [4, 5]])
@@ -418,6 +454,16 @@ def test_a_build_to_redo_over_captured_shards_loads_no_teacher(pair, tmp_path, m
     again = load_file(out / "toe_model.safetensors")
     assert bank.keys() == again.keys() and all(torch.equal(bank[k], again[k]) for k in bank)
     assert (out / "timings-0.json").read_text() == timings and summary["capture"]["tokens"] > 0
+    # a shard grown since (a byte appended) in such a rerun: the teacher loads and captures it again
+    os.remove(out / "build.json")
+    shard = sorted((out / "shards").iterdir())[0]
+    with open(shard, "ab") as f:
+        f.write(b"\0")
+    loads.clear()
+    run(pair, out)
+    assert sorted(loads) == ["base", "teacher"]
+    again = load_file(out / "toe_model.safetensors")
+    assert all(torch.equal(bank[k], again[k]) for k in bank)
 
 
 def test_response_nll_projects_only_the_tail_and_matches_the_full_logits():

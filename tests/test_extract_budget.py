@@ -156,6 +156,10 @@ def test_a_budget_too_small_is_refused_before_a_model_loads(experts, tmp_path, m
     msg = str(e.value)
     assert "\n" not in msg and "--max_disk 300 KB" in msg
     assert "--limit" in msg and "--topk_logprobs 0" in msg and "--cache_low_states false" in msg
+    # the hinted --limit fits the budget it was hinted for (one more row would not): the plan passes
+    hinted = re.search(r"--limit (\d+)", msg)
+    assert hinted, msg
+    run(experts, tmp_path / "hinted", max_disk="300KB", limit=int(hinted.group(1)), dry_run=True)
     with pytest.raises(ToEError, match="held-out"):
         run(experts, tmp_path / "few", state_tokens=10)
 
@@ -282,8 +286,9 @@ def test_leaf_count_beyond_memory_is_refused_with_the_numbers():
     from tree_of_experts.extraction.budget import check_leaves_fit
 
     check_leaves_fit(64, "balanced", 200_000, memory=2**30)
-    with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 3\.1 GiB.*'s 4\.0 GiB"):
-        check_leaves_fit(4096, "balanced", 200_000, memory=4 * 2**30)
+    check_leaves_fit(2**16, "balanced", 200_000, memory=4 * 2**30)  # no (rows, M) table: 2^16 leaves fit in 4 GiB
+    with pytest.raises(ToEError, match=r"num_leaves=4096 on 200000 tokens needs about 0\.4 GiB.*'s 0\.5 GiB"):
+        check_leaves_fit(4096, "balanced", 200_000, memory=2**29)
 
 
 def test_a_budget_over_a_full_capture_samples_its_shards(experts, tmp_path):

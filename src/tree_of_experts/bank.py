@@ -15,6 +15,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _optimizer_steps = 0
 
 
+DENSE_BLOCK_BYTES = 64 << 20  # a mapped bank's dense mix reads this many bytes of float32 rows at a time
+
+
 def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
@@ -74,8 +77,16 @@ class ExpertBank(nn.Module):
         return (weights.unsqueeze(-2) @ e).squeeze(-2)
 
     def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:
-        """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather."""
-        return probs @ self.vectors()
+        """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather. A
+        mapped bank is read a block of rows at a time (about 64 MB of float32 each), never as a whole N × D copy."""
+        if not self.mapped:
+            return probs @ self.vectors()
+        rows = max(1, DENSE_BLOCK_BYTES // (4 * self.direction.shape[1]))
+        out = probs.new_zeros(*probs.shape[:-1], self.direction.shape[1])
+        for i in range(0, self.num_leaves, rows):
+            block = F.normalize(self.direction[i:i + rows].float(), dim=-1) * self.norm[i:i + rows].float()[:, None]
+            out = out + probs[..., i:i + rows] @ block
+        return out
 
     def delta(self, route: Any, dense: bool, scale: torch.Tensor, h: torch.Tensor, clip: float,
               mask: torch.Tensor) -> torch.Tensor:

@@ -114,12 +114,15 @@ def path_labels(shape: str, num_leaves: int, leaf_ids: torch.Tensor) -> torch.Te
         the leaf, 0 elsewhere).
     """
     nodes, branches = path_table(shape, num_leaves)
-    # Flat routers score every leaf for every token (one-vs-rest); trees only score the nodes on the path.
-    labels = torch.full((num_leaves, num_nodes(shape, num_leaves)), 0.0 if shape == "flat" else -1.0)
-    rows = torch.arange(num_leaves)[:, None].expand_as(nodes)
-    on = nodes >= 0
-    labels[rows[on], nodes[on]] = branches[on].float()
-    return labels.to(leaf_ids.device)[leaf_ids]
+    ids = leaf_ids.reshape(-1).cpu()
+    # Flat routers score every leaf for every token (one-vs-rest); trees only score the nodes on the path. Only the
+    # rows asked for are built: an (N, M) table of every leaf would be N² numbers (16 GB at N = 2^16).
+    labels = torch.full((len(ids), num_nodes(shape, num_leaves)), 0.0 if shape == "flat" else -1.0)
+    on_path, branch = nodes[ids], branches[ids]  # (R, P)
+    rows = torch.arange(len(ids))[:, None].expand_as(on_path)
+    on = on_path >= 0
+    labels[rows[on], on_path[on]] = branch[on].float()
+    return labels.reshape(*leaf_ids.shape, -1).to(leaf_ids.device)
 
 
 def leaf_log_probs(shape: str, node_logits: torch.Tensor,

@@ -54,7 +54,7 @@ from ..extraction.resume import (
 )
 from ..extraction.reuse import (check_same_base, layer_subset, resampled_shard, reused_pairs, reused_source,
                                 source_index)
-from ..extraction.store import CORRUPT
+from ..extraction.store import CORRUPT, Extraction
 from ..hf.loading import (arch_fingerprint, check_one_process, decoder_layer_count, load_causal_lm, load_config,
                           load_tokenizer)
 from ..hf.layers import decoder_layers
@@ -149,7 +149,8 @@ def extract(
     # Setup: the models, the layers they resolve, run.json (written once every check has passed). Every shard
     # already captured (a build to redo): the teacher is not loaded.
     groups = shard_groups(examples, sample, capture.shard_size)
-    captured = asked is not None and not damaged and all(os.path.exists(_shard(out, s)) for s in range(len(groups)))
+    captured = asked is not None and not damaged and all(os.path.exists(_shard(out, s)) for s in range(len(groups))) \
+        and not _cut_shards(out)  # a shard cut or grown since (record_run removes it): the teacher captures it again
     base_model, teacher_model = _load_models(base, teacher, dtype, dev, capture, runtime.teacher_map(), captured)
     pairing, which = _pairing(early, capture, source, teacher, kd, base_model, teacher_model, n_t_config, sample)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
@@ -188,6 +189,15 @@ def _refuse_options(text: Text, runtime: Runtime, capture: Capture, disk: Disk) 
     if capture.reuse_capture and runtime.teacher_device_map:
         raise ToEError("--reuse_capture takes the teacher's states from the source's shards (no teacher loads): drop "
                        "--teacher_device_map")
+
+
+def _cut_shards(out: str) -> bool:
+    """Whether a shard of ``out`` differs in size from its manifest record or promised header (read-only; a damaged
+    manifest counts: the shards are then checked by their headers, and may be captured again)."""
+    try:
+        return bool(Extraction(out).damaged_shards())
+    except ToEError:
+        return True
 
 
 def _read_text(data: str, text: Text, capture: Capture, base: str, teacher: str):

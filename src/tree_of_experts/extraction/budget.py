@@ -31,7 +31,7 @@ from ..errors import ToEError
 from ..hf.loading import load_config
 from ..options import Capture, Disk, Fusion, Tree
 from ..shapes import capture_bytes_per_token
-from ..tree import num_nodes, tree_depth
+from ..tree import tree_depth
 from .capture import Example
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -215,8 +215,12 @@ def fixed_bytes(sizes: Sizes, a: Asked, route_rows: int, n_shards: int, n_exampl
     from ..plugin import ToEPlugin
 
     L, d_b, d_t = a.layers, sizes.d_b, sizes.d_t  # noqa: N806
-    plugin = ToEPlugin(ToEConfig(hidden_size=d_b, layers=list(range(L)), num_leaves=a.num_leaves, shape=a.shape,
-                                 gate_rank=a.gate_rank, top_k=1))
+    # the plug-in's tensors by shape alone: built on the meta device (nothing allocated), and as a beam gate where
+    # the tree is balanced, which keeps no path tables (they are not saved: the file holds the same tensors)
+    with torch.device("meta"):
+        plugin = ToEPlugin(ToEConfig(hidden_size=d_b, layers=list(range(L)), num_leaves=a.num_leaves, shape=a.shape,
+                                     gate_rank=a.gate_rank, top_k=1,
+                                     selection="beam" if a.shape == "balanced" else "topk"))
     plugin_bytes = sum(t.numel() * t.element_size() for t in plugin.state_dict().values())
     return {
         "route_data": route_rows * route_bytes_per_row(sizes, a),
@@ -329,7 +333,9 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
     H = sum(len(e.ids) for e in examples if e.index in heldout)  # noqa: N806
     need = (T * light + H * (full - light) + fixed(len(examples))
             + a.num_leaves * (full - light + route_bytes_per_row(sizes, a)))
-    rows, total = 0, fixed(0)  # the most leading rows (--limit) whose light fields and held-out states fit
+    # the most leading rows (--limit) whose light fields, held-out states and N training tokens' states fit: the
+    # same sum as `need`, over a prefix (the files beside the shards grow by 24 B a row)
+    rows, total = 0, fixed(0) + a.num_leaves * (full - light + route_bytes_per_row(sizes, a))
     for e in examples:
         total += len(e.ids) * (full if e.index in heldout else light) + 24
         if total > a.max_disk:
@@ -350,12 +356,12 @@ def refusal(examples: list[Example], heldout: set[int], sizes: Sizes, a: Asked, 
 
 # -- memory: the tree build -----------------------------------------------------------------------------------------
 def tree_build_bytes(num_leaves: int, shape: str, rows: int) -> int:
-    """Bytes the largest tensors of building an N-leaf tree from ``rows`` clustered tokens take: the (rows, M) path
-    labels of the gate's initialisation, the (N, M) label table and (N, depth) path tables, and for a deep tree
-    k-means' (chunk, N) distances. The bank and gate (N x D, N x r) are small next to these."""
-    n, m = num_leaves, num_nodes(shape, num_leaves)
-    depth = tree_depth(shape, num_leaves)
-    total = 4 * rows * m + 4 * n * m + 2 * 8 * n * depth
+    """Bytes the largest tensors of building an N-leaf tree from ``rows`` clustered tokens take beyond the rows
+    themselves: the (N, depth) path tables, the routing check's chunk of dense leaf log-probabilities (2^25 numbers,
+    a few copies), and for a deep tree k-means' (chunk, N) distances. The gate's initialisation reads one step of
+    every path at a time (rows × r), never a (rows, M) table."""
+    n, depth = num_leaves, tree_depth(shape, num_leaves)
+    total = 2 * 8 * n * depth + 3 * 4 * 2**25
     if shape == "deep":
         total += 4 * min(rows, 65536) * n
     return total

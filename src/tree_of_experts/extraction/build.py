@@ -22,7 +22,8 @@ from ..plugin_folder import new_config
 from ..options import Fusion, Tree
 from ..plugin import ToEPlugin
 from ..training.checkpoint import peak_memory
-from ..tree import TreeGate, effective_leaves, path_labels, path_table
+from ..tree import effective_leaves, path_table
+from .gate_init import dense_argmax, init_gate_from_geometry
 from .capture import Example
 from .fusion import (
     FusionMap,
@@ -124,44 +125,6 @@ def leaf_means(x: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> torch.Te
     """(N, D) mean of each leaf's rows (zero for an empty leaf)."""
     sums = torch.zeros(num_leaves, x.shape[1]).index_add_(0, leaf, x.float())
     return sums / torch.bincount(leaf, minlength=num_leaves).clamp_min(1).float()[:, None]
-
-
-@torch.no_grad()
-def init_gate_from_geometry(gate: TreeGate, states: torch.Tensor, leaf: torch.Tensor, sharpness: float = 4.0) -> None:
-    """Sets the gate so it routes base states roughly like the clustering did.
-
-    The trunk becomes ±(top r/2 principal directions) of the normalised states, so SiLU(z) keeps the sign
-    information of both halves; each node's hyperplane is the perpendicular bisector, in trunk space, of the mean
-    features of the tokens in its "1" and "0" subtrees, scaled so the logits have standard deviation ``sharpness``.
-
-    Args:
-        states: (R, D) base states at the injection layer.
-        leaf: (R,) leaf id of each row.
-    """
-    x = gate.norm(states.float())
-    mean = x.mean(0)
-    half = max(1, gate.trunk.out_features // 2)
-    _, s, v = torch.linalg.svd(x - mean, full_matrices=False)
-    k = min(half, v.shape[0])
-    p = v[:k] / (s[:k, None] / (len(x) ** 0.5)).clamp_min(1e-6)  # (k, D) whitened principal directions
-    w = torch.zeros_like(gate.trunk.weight)
-    w[:k], w[half : half + k] = p, -p
-    gate.trunk.weight.copy_(w)
-    gate.trunk.bias.copy_(-(w @ mean))
-    z = gate.features(states)  # (R, r)
-    labels = path_labels(gate.shape, gate.num_leaves, leaf)  # (R, M)
-    for m in range(gate.num_nodes):
-        ones, zeros = labels[:, m] == 1, labels[:, m] == 0
-        if not ones.any() or not zeros.any():
-            gate.nodes.weight[m].zero_()
-            gate.nodes.bias[m] = 4.0 if ones.any() else -4.0
-            continue
-        mu1, mu0 = z[ones].mean(0), z[zeros].mean(0)
-        direction = mu1 - mu0
-        logit = (z[ones | zeros] - (mu1 + mu0) / 2) @ direction
-        scale = sharpness / logit.std().clamp_min(1e-6)
-        gate.nodes.weight[m] = direction * scale
-        gate.nodes.bias[m] = -((mu1 + mu0) / 2 @ direction) * scale
 
 
 def clustered_rows(examples: list[Example], heldout_frac: float, sample_rate: float, max_rows: int,
@@ -306,8 +269,7 @@ def build_tree(out: str, source: str, base_model, tree: Tree, pairing: Pairing, 
             "rows": len(delta), "ridge_heldout_r2": round(fit["projector"][j]["heldout_r2"], 4),
         })
         init_gate_from_geometry(block.gate, x.float(), leaf)
-        with torch.no_grad():
-            routed = block.gate(x.float(), "dense").leaf_logp.argmax(-1)
+        routed = dense_argmax(block.gate, x.float())
         clusters[str(layer)] = {
             "sizes": sizes.tolist(),
             "effective_leaves": float(effective_leaves(sizes.float())),

@@ -26,7 +26,7 @@ from ..commands.extract import extract
 from ..commands.train import train
 from ..config import WEIGHTS_NAME, BaselineKind, ToEConfig, ToEError
 from ..data import file_hash
-from ..extraction.build import init_gate_from_geometry
+from ..extraction.gate_init import init_gate_from_geometry
 from ..extraction.store import RUN, Extraction, route_key
 from ..hf.layers import enable_checkpointing
 from ..hf.hub import is_full_hub_id
