@@ -259,6 +259,20 @@ def test_a_sampled_extraction_resumes_and_serves_a_layer_subset(experts, tmp_pat
     assert "\n" not in str(e.value)
 
 
+def test_a_budgeted_capture_resumed_with_other_tree_settings_keeps_its_sample(experts, tmp_path):
+    """Under --max_disk the sample depends on the tree's settings too (the route rows and the plug-in take room): a
+    resumed capture keeps the sample its run.json records rather than refusing its own shards."""
+    full = run(experts, tmp_path / "plan", dry_run=True)["plan"]
+    budget = int(0.75 * full["disk_total"])
+    first = run(experts, tmp_path / "ex", max_disk=budget)
+    assert first["state_sample"] is not None
+    os.remove(Extraction(str(tmp_path / "ex")).shard_paths()[-1])
+    for name in ("toe_model.safetensors", "summary.json", "build.json"):
+        os.remove(tmp_path / "ex" / name)
+    again = run(experts, tmp_path / "ex", max_disk=budget, num_leaves=32)  # 32 leaves alone sample 6 examples
+    assert again["state_sample"] == first["state_sample"]
+
+
 def test_peak_memory_stays_within_the_plan(experts, big, tmp_path):
     """Peak RSS of the 4x corpus's budgeted extraction, in a fresh process after a warm-up extraction (imports,
     kernels, allocator pools), grows by at most the plan's peak RAM estimate plus 150 MB (what the estimate leaves

@@ -139,7 +139,8 @@ def extract(
             return finished if state.is_main_process else None
     source = reused_source(reuse_capture, early, asked, disk.sampled())  # (a finished one needs it no more)
     examples = prepare(records, spec, base_tok, teacher_tok, text.max_length)
-    plan = _plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, asked, source)
+    plan = _plan(examples, teacher, base, capture, fusion, tree, disk, dtype, kd, batch_size, seed, asked, source,
+                 None if dry_run else out)
     if dry_run:
         return {"plan": plan.to_dict(), "summary": plan.text()}
     sample = plan.state_examples if plan is not None else None
@@ -224,10 +225,14 @@ def _config_layers(capture: Capture, base: str, teacher: str) -> tuple[tuple[lis
 
 def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, tree: Tree, disk: Disk, dtype: str,
           kd: bool, batch_size: int, seed: int, asked: tuple[list[int], list[int]] | None,
-          source: dict | None) -> Plan | None:
+          source: dict | None, out: str | None = None) -> Plan | None:
     """The disk plan (extraction/budget.py) when a sample is asked for (``disk``), the ``source`` fixed one, or the
-    plan alone is (``dry_run``); None otherwise."""
+    plan alone is (``dry_run``); None otherwise. A resumed capture keeps the sample its run.json records (its budget
+    settings were checked equal before): the sample also depends on the tree's settings (N, max_rows, the gate's
+    rank), which a resume may change, and another sample would refuse the shards already captured."""
     fixed = (source or {}).get("state_examples")
+    if fixed is None and out is not None and os.path.isfile(os.path.join(out, "run.json")):
+        fixed = Extraction(out).state_examples()
     if not (disk.sampled() or disk.dry_run or fixed is not None):
         return None
     if asked is None:
