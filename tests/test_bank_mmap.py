@@ -66,6 +66,21 @@ def test_a_mapped_bank_mixes_densely_a_block_of_rows_at_a_time(tmp_path, monkeyp
     assert mapped.mapped and torch.allclose(mapped.mix_dense(probs), in_ram.mix_dense(probs), atol=1e-6)
 
 
+@pytest.mark.parametrize("offsets", [["0", "12"], [0.0, 12.0], [None, 12]])
+def test_a_header_whose_offsets_are_not_whole_numbers_is_named(tmp_path, offsets):
+    """A header entry JSON can hold but safetensors does not write: TensorFileError naming the entry (what
+    ToEPlugin.load turns into one line), never a TypeError from deep in the arithmetic."""
+    import json
+    import struct
+
+    from tree_of_experts.tensorfile import TensorFileError, read_header
+
+    head = json.dumps({"a": {"dtype": "F32", "shape": [3], "data_offsets": offsets}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
+    with pytest.raises(TensorFileError, match="a: malformed header entry"):
+        read_header(tmp_path / "x.safetensors")
+
+
 def test_files_are_read_by_safetensors_and_safetensors_files_are_mapped(tmp_path):
     from safetensors.torch import load_file, save_file
 

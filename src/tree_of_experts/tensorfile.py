@@ -99,9 +99,11 @@ def read_header(path: str | os.PathLike) -> tuple[int, dict[str, dict], dict[str
     for name, entry in header.items():
         try:
             dtype, shape, (begin, stop) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            if not all(isinstance(x, int) for x in (begin, stop, *shape)):  # JSON may hold "3", 3.0, null there
+                raise TypeError
             count = 1
             for n in shape:
-                count *= int(n)
+                count *= n
         except (KeyError, TypeError, ValueError):
             raise TensorFileError(f"{name}: malformed header entry {entry!r}") from None
         if stop - begin != count * dtype.itemsize or begin < 0:
