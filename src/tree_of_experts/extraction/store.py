@@ -100,10 +100,10 @@ class Extraction:
             for e in at[:, 0].unique().tolist():
                 idx = (at[:, 0] == e).nonzero()[:, 0]
                 slots.setdefault(e, []).append((layer, idx, at[idx, 1]))
-        seen = set()
-        for ex in self.iter_examples(set(slots), with_states=True):
-            e = int(ex["example"][0])
-            seen.add(e)
+        # each example's rows of the base's states alone (not its shard whole: the teacher's states, top-k...)
+        examples = self.example_slices(set(slots), [f"base.{order.index(layer)}" for layer in refs])
+        seen = set(examples.example_ids)
+        for e, ex in zip(examples.example_ids, examples):
             for layer, idx, rows in slots[e]:
                 h = ex[f"base.{order.index(layer)}"]
                 dst = out.setdefault(layer, torch.empty(len(refs[layer]), h.shape[1], dtype=h.dtype))
