@@ -307,6 +307,37 @@ def test_the_shipped_toy_study_config_is_valid(tmp_path):
         Study(cfg, str(tmp_path)).resolve("toy:nope")
 
 
+def test_step_selection_by_rows_seeds_and_targets_over_every_kind_of_row(pair, tmp_path):
+    """What --rows, --seeds and --targets select (read from each step's stage, row seed and target): an oracle row
+    pulls in its plug-in row's training and extraction, a ToE-on-LoRA row its adapter seed for seed, a rebuilt bank
+    its source extraction; the given rows' order is the priority; other seeds and targets wait."""
+    rows = [{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2},
+            {"name": "ctl", "kind": "control", "layers": [1]},
+            {"name": "lora", "kind": "lora", "rank": 2, "layers": [1], "seeds": 2},
+            {"name": "tol", "kind": "toe_on_lora", "layers": [1], "adapter_of": "lora", "seeds": 2},
+            {"name": "reb", "kind": "toe", "layers": [1], "rebuild": {"num_leaves": 2}},
+            {"name": "o", "kind": "oracle", "layers": [1], "plugin_of": "toe"}]
+    path = config(pair, tmp_path, rows=rows, compare=["toe - ctl"], scoring__ce_files={"code": FIXTURE},
+                  scoring__answer_sets={"more": {"items": FIXTURE, "rows": [20, 24], "task": "gsm8k"}},
+                  scoring__curve_every=2, scoring__curve_seeds=[0])
+    st = Study(load_study(path), str(tmp_path / "s"))
+    deps = {s.id: s.deps for s in st.steps()}
+    ends = ["answers", "answers-more", "score/ce/anchors", "score/code/anchors", "score/more/anchors"]
+    assert [s.id for s in st.selected_steps(rows=["o"])] == ends + ["extract/extract-l1", "train/toe", "score/ce/o"]
+    assert deps["train/tol-seed1"] == ["extract/extract-l1", "train/lora-seed1"]  # seed for seed
+    assert deps["train/reb"] == ["extract/extract-l1-num_leaves2"] == [
+        s for s in deps if s.startswith("extract/") and "extract/extract-l1" in deps[s]]
+    picked = [s.id for s in st.selected_steps(rows=["tol", "toe"])]
+    assert picked.index("score/ce/tol-seed1") < picked.index("train/toe") and "train/lora-seed1" in picked
+    assert "train/ctl" not in picked and "curve/tol" in picked and "curve/toe" in picked
+    seed1 = [s.id for s in st.selected_steps(seeds=[1])]
+    assert {x.split("/")[-1] for x in seed1 if x.startswith(("train/", "score/", "curve/"))} == \
+        {"anchors", "toe-seed1", "lora-seed1", "tol-seed1"}
+    more = [s.id for s in st.selected_steps(targets=["more"])]
+    assert "answers-more" in more and not any(x.startswith(("score/ce/", "score/code/")) for x in more)
+    assert "score/more/reb" in more and "curve/reb" in more  # curves are no target's: they run with their row
+
+
 def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
     cfg = config(pair, tmp_path, scoring__targets=["ce", "accuracy"])
     r = study(cfg, str(tmp_path / "s"), rows=["ctl"], targets=["ce"])
