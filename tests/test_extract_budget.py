@@ -231,6 +231,17 @@ def test_consumers_read_the_sample(experts, big, tmp_path):
     rebuilt = rebuild(str(d / "ex"), str(tmp_path / "re"), num_leaves=4, gate_rank=8)
     assert rebuilt["state_sample"] == big[2]["state_sample"]
     assert len(Extraction(str(tmp_path / "re")).route_data()["leaf.0"]) == len(h)
+    # the source written anew (its manifest's hashes change with its shards): the rebuilt bank's row references
+    # would point into other states of the same shapes, so its route data is refused, naming the rebuild
+    original = (d / "ex" / "manifest.json").read_text()  # (the fixture is shared: put back after)
+    manifest = json.loads(original)
+    manifest["shard_files"][sorted(manifest["shard_files"])[0]]["sha256"] = "0" * 64
+    (d / "ex" / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(ToEError, match=r"was written anew since this bank was built from it: rebuild it"):
+            Extraction(str(tmp_path / "re")).route_data()
+    finally:
+        (d / "ex" / "manifest.json").write_text(original)
 
 
 def test_a_sampled_extraction_resumes_and_serves_a_layer_subset(experts, tmp_path):

@@ -84,8 +84,25 @@ class Extraction:
         data = load_tensors(self.path(ROUTE), CORRUPT) if self.has(ROUTE) else {}
         refs = {int(k.split(".")[1]): data.pop(k) for k in [k for k in data if k.startswith("rows.")]}
         if refs:
+            self.check_linked_shards()
             data.update(self._gathered_states(refs))
         return data
+
+    def check_linked_shards(self) -> None:
+        """Refuses shards reached through a link (`toe rebuild` links the source's) that the source has written anew
+        since this folder was built: its manifest and the source's disagree on a shard's sha256. The route data's
+        row references would then point into other states of the same shapes, which no size check sees."""
+        link = self.path("shards")
+        source = os.path.dirname(os.path.realpath(link))
+        if not os.path.islink(link) or not os.path.isfile(os.path.join(source, MANIFEST)):
+            return
+        theirs = dict(read_json(os.path.join(source, MANIFEST), CORRUPT).get("shard_files") or {})
+        changed = [rel for rel, rec in self.shard_records().items()
+                   if rel in theirs and rec.get("sha256") and theirs[rel].get("sha256") != rec["sha256"]]
+        if changed:
+            raise ToEError(f"{self.folder}: {changed[0]} (linked from {source}) was written anew since this bank was "
+                           f"built from it: rebuild it (toe rebuild --source {source} --out {self.folder} "
+                           "--overwrite true)")
 
     def _gathered_states(self, refs: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``states.{layer}`` of each layer's (example, row) pairs ``refs``, read from the full shards (the base's
