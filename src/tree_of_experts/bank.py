@@ -64,8 +64,9 @@ class ExpertBank(nn.Module):
             self._cached = (key, self._vectors())
         return self._cached[1]
 
-    def _vectors(self) -> torch.Tensor:
-        return F.normalize(self.direction.float(), dim=-1) * self.norm.float()[:, None]  # a float16 map in float32
+    def _vectors(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The expert vectors of ``rows`` (default all), in float32 (a float16 map too)."""
+        return F.normalize(self.direction[rows].float(), dim=-1) * self.norm[rows].float()[:, None]
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""
@@ -84,8 +85,7 @@ class ExpertBank(nn.Module):
         rows = max(1, DENSE_BLOCK_BYTES // (4 * self.direction.shape[1]))
         out = probs.new_zeros(*probs.shape[:-1], self.direction.shape[1])
         for i in range(0, self.num_leaves, rows):
-            block = F.normalize(self.direction[i:i + rows].float(), dim=-1) * self.norm[i:i + rows].float()[:, None]
-            out = out + probs[..., i:i + rows] @ block
+            out = out + probs[..., i:i + rows] @ self._vectors(slice(i, i + rows))
         return out
 
     def delta(self, route: Any, dense: bool, scale: torch.Tensor, h: torch.Tensor, clip: float,

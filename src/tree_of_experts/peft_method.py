@@ -20,7 +20,6 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from safetensors.torch import load_file, save_file
-import torch
 from torch import nn
 
 from .config import ToEConfig, ToEError
@@ -29,7 +28,7 @@ from .hf.hub import is_full_hub_id, resolve_folder
 from .files import atomic_write_text
 from .plugin_folder import CARD_NAME, check_base, model_card, new_config, save_plugin
 from .model import freeze
-from .plugin import ToEPlugin
+from .plugin import ToEPlugin, shapes_only
 
 if not hasattr(BaseTuner, "_get_adapter_state_dict"):  # how a tuner names its tensors on disk: peft >= 0.21
     raise ImportError("the TOE peft method needs peft >= 0.21 (tested on 0.21.2): pip install -U peft")
@@ -128,8 +127,7 @@ def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:
     peft_lines = peft_additions(old.text) if old is not None else ""
     if peft_lines is None:
         return
-    with torch.device("meta"):  # the parameter count without allocating a (possibly large) bank
-        n_params = sum(p.numel() for p in ToEPlugin(config).parameters())
+    n_params = sum(p.numel() for p in shapes_only(config).parameters())  # nothing allocated: a GB bank too
     card = ModelCard(model_card(config, n_params, adapter=True))
     card.data.pipeline_tag = "text-generation"
     for key, value in (old.data.to_dict() if old is not None else {}).items():

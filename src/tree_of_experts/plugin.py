@@ -8,6 +8,7 @@ is an exact no-op: logits are bit-identical to the bare base.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -42,6 +43,15 @@ MAPPABLE = ("bank.direction", "bank.norm", "gate.nodes.weight", "gate.nodes.bias
 # Above this many bytes of them, load maps by default: a bank that size (2^18 leaves at D = 896, float32) takes
 # seconds to read and as much RAM as the base, and is rarely trained again.
 MMAP_AUTO_BYTES = 1 << 30
+
+
+def shapes_only(config: ToEConfig) -> ToEPlugin:
+    """The plug-in ``config`` describes, on the meta device: its tensors' shapes and dtypes with nothing allocated
+    (built as a beam gate where the tree is balanced, which keeps no path tables: they are not saved either)."""
+    if config.shape == "balanced":
+        config = dataclasses.replace(config, selection="beam")
+    with torch.device("meta"):
+        return ToEPlugin(config)
 
 
 class ToEPlugin(nn.Module):

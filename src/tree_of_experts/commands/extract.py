@@ -231,7 +231,7 @@ def _plan(examples, teacher: str, base: str, capture: Capture, fusion: Fusion, t
     settings were checked equal before): the sample also depends on the tree's settings (N, max_rows, the gate's
     rank), which a resume may change, and another sample would refuse the shards already captured."""
     fixed = (source or {}).get("state_examples")
-    if fixed is None and out is not None and os.path.isfile(os.path.join(out, "run.json")):
+    if fixed is None and out is not None:
         fixed = Extraction(out).state_examples()
     if not (disk.sampled() or disk.dry_run or fixed is not None):
         return None

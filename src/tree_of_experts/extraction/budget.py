@@ -212,15 +212,11 @@ def fixed_bytes(sizes: Sizes, a: Asked, route_rows: int, n_shards: int, n_exampl
     """The files beside the shards: route data, projector, plug-in, and a reserve for safetensors headers and the
     JSON/markdown records (which list the held-out and sampled examples)."""
     from ..config import ToEConfig
-    from ..plugin import ToEPlugin
+    from ..plugin import shapes_only
 
     L, d_b, d_t = a.layers, sizes.d_b, sizes.d_t  # noqa: N806
-    # the plug-in's tensors by shape alone: built on the meta device (nothing allocated), and as a beam gate where
-    # the tree is balanced, which keeps no path tables (they are not saved: the file holds the same tensors)
-    with torch.device("meta"):
-        plugin = ToEPlugin(ToEConfig(hidden_size=d_b, layers=list(range(L)), num_leaves=a.num_leaves, shape=a.shape,
-                                     gate_rank=a.gate_rank, top_k=1,
-                                     selection="beam" if a.shape == "balanced" else "topk"))
+    plugin = shapes_only(ToEConfig(hidden_size=d_b, layers=list(range(L)), num_leaves=a.num_leaves, shape=a.shape,
+                                   gate_rank=a.gate_rank, top_k=1))  # the tensors by shape alone
     plugin_bytes = sum(t.numel() * t.element_size() for t in plugin.state_dict().values())
     return {
         "route_data": route_rows * route_bytes_per_row(sizes, a),
