@@ -488,3 +488,31 @@ def test_response_nll_projects_only_the_tail_and_matches_the_full_logits():
         tail = response_nll(m, b, "cpu")
     assert tail.shape == (3, 8)  # left-padded to 15: the earliest target is at 8 (rows 1 and 3), the tail from 7
     assert torch.allclose(tail.sum(1), full.sum(1), atol=1e-4)
+
+
+def test_a_resumed_capture_adds_its_shards_times_to_the_record(pair, tmp_path, monkeypatch):
+    """timings-0.json is written after every shard and a resumed capture adds to it: a kill loses the time of the
+    shard it cut, and the record of the whole capture counts every token once."""
+    import tree_of_experts.commands.extract as ex
+
+    run(pair, tmp_path / "one")
+    whole = json.loads((tmp_path / "one" / "timings-0.json").read_text())
+    real, saved = ex.atomic_save_tensors, []
+
+    def killed_at_the_last_shard(path, tensors):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real(path, tensors)
+
+    monkeypatch.setattr(ex, "atomic_save_tensors", killed_at_the_last_shard)
+    out = tmp_path / "two"
+    with pytest.raises(KeyboardInterrupt):
+        run(pair, out)
+    first = json.loads((out / "timings-0.json").read_text())
+    assert first["shards"] == 2 and 0 < first["tokens"] < whole["tokens"] and first["wall_s"] > 0
+    monkeypatch.setattr(ex, "atomic_save_tensors", real)
+    summary = run(pair, out)
+    again = json.loads((out / "timings-0.json").read_text())
+    assert again["shards"] == whole["shards"] == 3 and again["tokens"] == whole["tokens"] == summary["capture"]["tokens"]
+    assert again["wall_s"] > first["wall_s"] and again["teacher_s"] > first["teacher_s"]

@@ -306,6 +306,9 @@ def test_converters_go_both_ways(experts, plugin, batch, tmp_path):
     adapter = plugin_to_adapter(plugin, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_from"] is None
     assert "# ToE peft adapter for" in (tmp_path / "adapter" / "README.md").read_text()
+    named = plugin_to_adapter(plugin, tmp_path / "on-hub", base_model_name_or_path="org/base-model")
+    card = ModelCard.load(os.path.join(named, "README.md"))  # the card names the base the adapter loads on
+    assert card.data.base_model == "org/base-model" and "# ToE peft adapter for `org/base-model`" in card.text
     assert torch.equal(logits(PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), adapter), batch), ref)
     back = adapter_to_plugin(adapter, tmp_path / "plugin")
     assert {CONFIG_NAME, WEIGHTS_NAME, "README.md"} <= set(os.listdir(back))

@@ -113,7 +113,10 @@ class ToEPeftConfig(PeftConfig):
         ``PeftModel.save_pretrained`` and trl's ``save_model`` reach it after writing peft's blank template card."""
         super().save_pretrained(save_directory, **kwargs)
         if self.toe.get("hidden_size"):  # a config built on a base (get_peft_model): the card can say what it holds
-            write_adapter_card(save_directory, toe_config(self.toe))
+            config = toe_config(self.toe)
+            if self.base_model_name_or_path:  # the base the adapter loads on (plugin_to_adapter may name another)
+                config = dataclasses.replace(config, base_model=self.base_model_name_or_path)
+            write_adapter_card(save_directory, config)
 
 
 def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:

@@ -50,6 +50,7 @@ from ..extraction.resume import (
     mark_finished,
     record_run,
     run_record,
+    timings_so_far,
     unmark_finished,
 )
 from ..extraction.reuse import (check_same_base, layer_subset, resampled_shard, reused_pairs, reused_source,
@@ -298,14 +299,13 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
     layers = pairing.layers
     low = min(range(len(layers)), key=lambda j: layers[j]) if keep_low else None
     mine = [s for s in range(len(groups)) if s % state.num_processes == state.process_index]
-    timings = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
-    t_start = time.perf_counter()
-    done = 0
+    record = os.path.join(out, f"timings-{state.process_index}.json")
+    timings = timings_so_far(record)
     for s in tqdm(mine, desc="extract shards", disable=None if state.is_local_main_process else True):
         path = _shard(out, s)
         if os.path.exists(path):
             continue
-        done += 1
+        t_start = time.perf_counter()
         if index is not None:
             chunk, full = groups[s]
             tensors = resampled_shard(index, [e.index for e in chunk], full, which, low)
@@ -316,12 +316,13 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
             tensors = capture_shard(chunk, teacher_model, base_model, layers, pairing.teacher_layers, batch_size,
                                     capture.topk_logprobs, pad, pairing.kd, timings, full=full, low=low)
         atomic_save_tensors(path, tensors)
-    timings["wall_s"] = time.perf_counter() - t_start
-    if capture.reuse_capture:
-        timings["reused_capture"] = os.path.abspath(capture.reuse_capture)
-    timings.update(peak_memory())
-    record = os.path.join(out, f"timings-{state.process_index}.json")
-    if done or not os.path.exists(record):  # a rerun that captured nothing keeps the capture's own timings
+        timings["wall_s"] += time.perf_counter() - t_start
+        timings.update({"reused_capture": os.path.abspath(capture.reuse_capture)} if capture.reuse_capture else {})
+        rss = peak_memory().get("peak_rss_gib")  # the largest over the runs that captured (each sees its own)
+        timings.update({"peak_rss_gib": max(timings.get("peak_rss_gib", 0.0), rss)} if rss else {})
+        timings["shards"] = timings.get("shards", 0) + 1
+        atomic_write_json(record, timings)  # after every shard: a kill loses one shard's time, not the run's
+    if not os.path.exists(record):  # every shard of this process was there already
         atomic_write_json(record, timings)
 
 

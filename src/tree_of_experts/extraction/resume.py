@@ -3,6 +3,8 @@
     run.json     the capture's settings (:func:`capture_record` before the models load, :func:`run_record` after):
                  a rerun with other ones is refused (:func:`check_same_extraction`), one with the same ones resumes
                  from the last complete shard
+    timings-P.json  process P's capture times so far (written after every shard; a resumed capture adds to them,
+                 :func:`timings_so_far`)
     build.json   the settings the tree and bank were built with (:func:`build_record`), written last: it marks the
                  folder finished, and a rerun with the same ones returns the extraction without loading a model
                  (:func:`finished_or_damaged`) unless a piece is missing or a shard's sha256 differs from the
@@ -163,3 +165,14 @@ def unmark_finished(out: str) -> None:
 def mark_finished(out: str, build_settings: dict) -> None:
     """Writes build.json, last: it marks the folder finished with these build settings."""
     atomic_write_json(os.path.join(out, BUILD_NAME), build_settings)
+
+
+def timings_so_far(record: str) -> dict:
+    """The capture's timings recorded so far by earlier runs of this process index (a resumed capture adds its
+    shards' times to them), or zeros."""
+    zero = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
+    try:
+        found = read_json(record, "") if os.path.exists(record) else zero
+    except ToEError:  # timings only: a damaged record starts again from zero
+        return zero
+    return {**zero, **found} if isinstance(found, dict) else zero
