@@ -213,40 +213,75 @@ def run_summary(folder: str | os.PathLike) -> str | None:
 
 
 BANK_KEY = "experts_bank_sha256"  # in train_args.json: the build of the extraction a plug-in was trained from
+BANK_VALUES_KEY = "experts_bank_values"  # and a few of its values, to tell a build recomputed elsewhere from a new one
+BANK_RTOL = 1e-4  # float32 rounding (another machine, thread count or BLAS) moves a rebuilt bank by ~1e-7 relative
 
 
-def bank_fingerprint(experts: str | os.PathLike) -> str | None:
-    """sha256 of an extraction's initial plug-in (its bank, gate and scales): the same for a rebuild that makes the
-    same bank, another when a rebuild (a new rule, other options in place) changed it; None before it is built."""
+def bank_record(experts: str | os.PathLike) -> tuple[str | None, dict | None]:
+    """(sha256, sampled values) of an extraction's initial plug-in (its bank, gate and scales); (None, None) before
+    it is built. The sha256 is the same for a rebuild that makes the same bank, another when a rebuild (a new rule,
+    other options in place) changed it. The values (each tensor's shape and 16 of its values at fixed positions) are
+    what an extraction captured again on another machine reproduces to float rounding while its sha256 differs."""
     from safetensors import safe_open
 
     path = os.path.join(os.fspath(experts), "toe_model.safetensors")
     if not os.path.isfile(path):
-        return None
-    h, block = hashlib.sha256(), 1 << 18
+        return None, None
+    h, block, values = hashlib.sha256(), 1 << 18, {}
     with safe_open(path, "pt") as f:  # the tensors, not the file's bytes (its metadata may differ)
         for name in sorted(f.keys()):
             t = f.get_tensor(name).contiguous().view(-1)  # memory-mapped: a GB-scale bank is not read whole
             raw = t.view(torch.uint8) if t.numel() else t
-            h.update(f"{name}:{t.dtype}:{tuple(f.get_slice(name).get_shape())}".encode())
+            shape = list(f.get_slice(name).get_shape())
+            h.update(f"{name}:{t.dtype}:{tuple(shape)}".encode())
             n = raw.numel()
             size = n if n <= 64 * block else block  # a large tensor: 64 spread slices stand for it
             for start in ([0] if size == n else [i * (n - block) // 63 for i in range(64)]):
                 h.update(raw[start:start + size].numpy().tobytes())
-    return h.hexdigest()
+            at = sorted({i * (t.numel() - 1) // 15 for i in range(16)}) if t.numel() else []
+            values[name] = {"shape": shape, "values": [float(t[i]) for i in at]}
+    return h.hexdigest(), values
 
 
-def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: str) -> None:
+def same_bank_values(saved: dict, now: dict) -> bool:
+    """Whether two :func:`bank_record` value samples are one build up to float rounding: the same tensors and
+    shapes, every sampled value within ``BANK_RTOL`` of the tensor's largest sampled magnitude."""
+    if saved.keys() != now.keys():
+        return False
+    for name, a in saved.items():
+        b = now[name]
+        if a["shape"] != b["shape"] or len(a["values"]) != len(b["values"]):
+            return False
+        scale = max((abs(v) for v in a["values"]), default=0.0)
+        if any(abs(x - y) > BANK_RTOL * max(scale, 1e-12) for x, y in zip(a["values"], b["values"])):
+            return False
+    return True
+
+
+def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: str, finished_ok: bool = False) -> None:
     """Refuses, in one line, a run trained from an earlier build of ``experts`` than the folder now holds (a
-    finished run is not reused; an interrupted one does not resume). Runs that predate the record pass."""
+    finished run is not reused; an interrupted one does not resume). A build whose sha256 differs but whose sampled
+    values agree to float rounding (the extraction captured again on another machine) is the same build. Runs that
+    predate the record pass; so does, with a warning, a finished run that records the sha256 alone when
+    ``finished_ok`` (a study's kept row it does not rerun: its values cannot be compared)."""
     path = os.path.join(os.fspath(run), "train_args.json")
     if not os.path.isfile(path):
         return
-    saved = read_json(path, "delete the run to train it again").get(BANK_KEY)
-    now = bank_fingerprint(experts)
-    if saved and now and saved != now:
-        raise ToEError(f"{os.fspath(run)} was trained from an earlier build of {os.fspath(experts)} (its bank has "
-                       f"changed since): {what}")
+    args = read_json(path, "delete the run to train it again")
+    saved = args.get(BANK_KEY)
+    now, values = bank_record(experts)
+    if not saved or not now or saved == now:
+        return
+    if args.get(BANK_VALUES_KEY) is not None and values is not None:
+        if same_bank_values(args[BANK_VALUES_KEY], values):
+            return
+    elif finished_ok and run_summary(run):
+        log.warning("%s was trained from a build of %s with another sha256 and records none of its values (an "
+                    "older run): kept as it is; if the extraction was rebuilt with other settings, %s",
+                    os.fspath(run), os.fspath(experts), what)
+        return
+    raise ToEError(f"{os.fspath(run)} was trained from an earlier build of {os.fspath(experts)} (its bank has "
+                   f"changed since): {what}")
 
 
 def check_extraction(experts: str | os.PathLike, option: str = "experts") -> None:

@@ -140,7 +140,7 @@ class StudyChecks:
             if differ:
                 raise ToEError(f"{folder} was trained with {', '.join(differ)}: {redo}")
             if experts and row.kind not in ("control", "lora"):
-                check_same_build(folder, experts, redo)
+                check_same_build(folder, experts, redo, finished_ok=True)
             want_ex = os.path.basename(experts) if experts and row.extract else None
             if name == own and want_ex and os.path.basename(str(args.get("experts"))) != want_ex:
                 raise ToEError(f"{folder} was trained on {args.get('experts')}, not the row's extraction "
