@@ -156,6 +156,13 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     assert "plan of study tiny" in text and "GFLOP/s" in text and "train/toe-seed1" in text
     assert "extract/extract-l1" in text and "estimates:" in text
     assert not (tmp_path / "s" / "work").exists()
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a probe beside other jobs says so
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
+    assert "the machine was busy: load average 3.0 on 2 CPU(s)" in capsys.readouterr().out
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
+    assert "busy" not in capsys.readouterr().out
     # --rows and --targets plan what that call would run: the row's steps and what they need, nothing else
     assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true",
                  "--rows", "lora", "--targets", "ce"]) == 0

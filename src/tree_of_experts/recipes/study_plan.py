@@ -2,7 +2,8 @@
 
 How the estimate is made (printed with the plan): the models' sizes come from their configs (no weights load); the
 training data's token counts from the base's tokenizer over the first 200 rows; this machine's speed from a short
-probe (an fp32 matrix product for FLOP/s, a tensor copy for memory bandwidth). A forward costs 2·P FLOPs per token
+probe (an fp32 matrix product for FLOP/s, a tensor copy for memory bandwidth; a probe beside other jobs reads low,
+and the plan says so when the load average was at least half the CPUs). A forward costs 2·P FLOPs per token
 (P: the weights' multiply-adds, embeddings' output projection included), a training step that backpropagates
 through the frozen base ~3× a forward (4× with activation checkpointing), and a decode step the larger of reading
 every weight once and 2·P·batch FLOPs; every forward call adds a fixed overhead (10 ms + 2 ms per layer: Python and
@@ -31,7 +32,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
 
 
 def probe(seconds: float = 0.3) -> dict:
-    """This machine's fp32 matmul FLOP/s and memory bandwidth (bytes/s), measured now."""
+    """This machine's fp32 matmul FLOP/s and memory bandwidth (bytes/s), measured now, and the load average (1 min)
+    and CPU count it was measured under (other jobs make it read low)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # (not on Windows)
     a = torch.randn(512, 512)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -45,7 +48,18 @@ def probe(seconds: float = 0.3) -> dict:
         y.copy_(x)
         n += 1
     bandwidth = n * 2 * x.numel() * 4 / (time.perf_counter() - t0)
-    return {"flops": flops, "bandwidth": bandwidth, "threads": torch.get_num_threads()}
+    return {"flops": flops, "bandwidth": bandwidth, "threads": torch.get_num_threads(), "load": load,
+            "cpus": os.cpu_count()}
+
+
+def busy_note(speed: dict) -> str:
+    """A note for the plan when the probe ran beside other work (a 1-min load average of at least half the CPUs):
+    its speed reads low and its estimates long."""
+    load, cpus = speed.get("load"), speed.get("cpus") or 1
+    if load is None or load < cpus / 2:
+        return ""
+    return (f" (the machine was busy: load average {load:.1f} on {cpus} CPU(s), so the probe reads low and its "
+            "estimates long; finished steps calibrate their kind)")
 
 
 def flops_per_token(cfg) -> float:
@@ -206,7 +220,7 @@ def summary(study, est: Estimates, lines: list[dict], factors: dict) -> str:
             + f"; ~{_size(total_b)} of disk",
             f"machine probe: {est.F / 1e9:.0f} GFLOP/s fp32 matmul on {est.speed['threads']} thread(s), "
             f"{est.BW / 1e9:.1f} GB/s copy; training data: {est.n_rows} rows, ~{est.mean_len:.0f} tokens each; "
-            f"reported items: {est.n}",
+            f"reported items: {est.n}" + busy_note(est.speed),
             *([f"measured / probe estimate, by kind of step: {by}"] if factors else []),
             "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
     text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
