@@ -516,3 +516,9 @@ def test_a_resumed_capture_adds_its_shards_times_to_the_record(pair, tmp_path, m
     again = json.loads((out / "timings-0.json").read_text())
     assert again["shards"] == whole["shards"] == 3 and again["tokens"] == whole["tokens"] == summary["capture"]["tokens"]
     assert again["wall_s"] > first["wall_s"] and again["teacher_s"] > first["teacher_s"]
+    os.remove(Extraction(str(out)).shard_paths()[0])  # a shard lost (or damaged) and captured again: counted once
+    for name in ("toe_model.safetensors", "summary.json", "build.json"):
+        os.remove(out / name)
+    run(pair, out)
+    last = json.loads((out / "timings-0.json").read_text())
+    assert last["shards"] == 3 and last["tokens"] == whole["tokens"] and sorted(last["per_shard"]) == ["0", "1", "2"]

@@ -1,4 +1,4 @@
-"""The record of which build of an extraction a plug-in was trained from (folders.bank_record, check_same_build)."""
+"""The record of which build of an extraction a plug-in was trained from (folders.check_same_build)."""
 
 from __future__ import annotations
 
@@ -10,63 +10,61 @@ import torch
 from safetensors.torch import save_file
 
 from tree_of_experts import ToEError
-from tree_of_experts.folders import BANK_KEY, BANK_VALUES_KEY, bank_record, check_same_build, same_bank_values
+from tree_of_experts.folders import BANK_KEY, BUILD_KEY, bank_fingerprint, build_settings, check_same_build
+
+RUN = {"teacher": "/machine-a/teacher", "base": "/machine-a/base", "data_sha256": "ab" * 32, "layers": [1],
+       "teacher_arch": "t" * 64, "base_arch": "b" * 64, "state_examples": list(range(100))}
+BUILD = {"num_leaves": 8, "shape": "balanced", "seed": 0}
 
 
-def write_bank(folder, tensors):
+def extraction(folder, bank, run=RUN, build=BUILD):
     os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.path.join(folder, "toe_model.safetensors"))
+    save_file(bank, os.path.join(folder, "toe_model.safetensors"))
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "build.json").write_text(json.dumps(build))
 
 
-def trained_from(run, experts, finished=True, values=True):
-    digest, sampled = bank_record(experts)
+def trained_from(run, experts, finished=True, settings=True):
     os.makedirs(run, exist_ok=True)
-    args = {BANK_KEY: digest, **({BANK_VALUES_KEY: sampled} if values else {})}
+    args = {BANK_KEY: bank_fingerprint(experts), **({BUILD_KEY: build_settings(experts)} if settings else {})}
     (run / "train_args.json").write_text(json.dumps(args))
     if finished:
         (run / "train_summary.json").write_text("{}")
 
 
-def test_a_bank_rounded_differently_is_the_same_build_and_a_changed_one_is_not(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    bank = {"blocks.0.bank.direction": torch.randn(64, 16, generator=g), "blocks.0.scale": torch.full((1,), 0.5),
-            "blocks.0.leaf": torch.arange(64, dtype=torch.int64)}
+def test_a_bank_built_again_with_the_same_settings_stands_and_other_settings_are_refused(tmp_path, caplog):
+    bank = {"direction": torch.randn(8, 4), "leaf": torch.arange(8)}
     experts, run = tmp_path / "ex", tmp_path / "run"
-    write_bank(experts, bank)
+    extraction(experts, bank)
     trained_from(run, experts, finished=False)
+    assert len(json.dumps(json.loads((run / "train_args.json").read_text())[BUILD_KEY])) < 1000  # a long list hashed
+    # captured again on another machine (other model paths): another bank, the same settings: the run stands
+    extraction(experts, {**bank, "direction": bank["direction"].flip(0)},
+               run={**RUN, "teacher": "/machine-b/teacher", "base": "/machine-b/base"})
+    caplog.set_level("INFO")
     check_same_build(run, experts, "redo")
-    write_bank(experts, {k: v * (1 + 1e-6) if v.is_floating_point() else v for k, v in bank.items()})
-    assert bank_record(experts)[0] != json.loads((run / "train_args.json").read_text())[BANK_KEY]
-    check_same_build(run, experts, "redo")  # float rounding: the same build
-    changed = {**bank, "blocks.0.bank.direction": bank["blocks.0.bank.direction"].flip(0)}  # the leaves reordered
-    write_bank(experts, changed)
-    with pytest.raises(ToEError, match="earlier build .*: redo"):
-        check_same_build(run, experts, "redo")
-    write_bank(experts, {**bank, "blocks.0.bank.direction": torch.randn(32, 16, generator=g)})  # other N
-    with pytest.raises(ToEError, match="earlier build"):
-        check_same_build(run, experts, "redo")
+    assert "captured or built again with the same settings" in caplog.text
+    for run_json, build_json, setting in [(RUN, {**BUILD, "seed": 1}, "build.seed"),
+                                          ({**RUN, "state_examples": list(range(1, 101))}, BUILD,
+                                           "capture.state_examples"),
+                                          ({**RUN, "base_arch": "c" * 64}, BUILD, "capture.base_arch")]:
+        extraction(experts, {**bank, "direction": bank["direction"] + 1}, run=run_json, build=build_json)
+        with pytest.raises(ToEError, match=f"earlier build .*other settings: {setting}\\): redo"):
+            check_same_build(run, experts, "redo", finished_ok=True)
+    extraction(experts, bank, build={**BUILD, "seed": 1})  # the same bank: nothing to compare
+    check_same_build(run, experts, "redo")
 
 
 def test_a_run_that_records_the_sha256_alone_passes_only_when_finished_and_asked(tmp_path, caplog):
     bank = {"w": torch.randn(8, 4)}
     experts, run = tmp_path / "ex", tmp_path / "run"
-    write_bank(experts, bank)
-    trained_from(run, experts, finished=False, values=False)
-    write_bank(experts, {"w": bank["w"] * (1 + 1e-6)})
-    with pytest.raises(ToEError, match="earlier build"):  # an unfinished run never resumes on an unproven build
+    extraction(experts, bank)
+    trained_from(run, experts, finished=False, settings=False)
+    extraction(experts, {"w": bank["w"] * 2})
+    with pytest.raises(ToEError, match="earlier build .*its bank has changed"):  # never resumes on an unproven build
         check_same_build(run, experts, "redo", finished_ok=True)
     (run / "train_summary.json").write_text("{}")
     with pytest.raises(ToEError, match="earlier build"):
         check_same_build(run, experts, "redo")
     check_same_build(run, experts, "redo", finished_ok=True)
-    assert "records none of its values" in caplog.text
-
-
-def test_sampled_values_compare_shapes_names_and_values():
-    a = {"w": {"shape": [2, 2], "values": [1.0, -2.0, 0.5, 0.0]}}
-    assert same_bank_values(a, {"w": {"shape": [2, 2], "values": [1.0, -2.0 + 1e-5, 0.5, 0.0]}})
-    assert not same_bank_values(a, {"w": {"shape": [2, 2], "values": [1.0, -2.0, 0.6, 0.0]}})
-    assert not same_bank_values(a, {"w": {"shape": [4], "values": [1.0, -2.0, 0.5, 0.0]}})
-    assert not same_bank_values(a, {"v": a["w"]})
-    zeros = {"w": {"shape": [3], "values": [0.0, 0.0, 0.0]}}
-    assert same_bank_values(zeros, zeros) and not same_bank_values(zeros, {"w": {"shape": [3], "values": [0, 1e-3, 0]}})
+    assert "records none of its settings" in caplog.text

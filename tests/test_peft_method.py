@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from tree_of_experts import ToEError, ToEModel
 from tree_of_experts.config import CONFIG_NAME, WEIGHTS_NAME, ToEConfig
 from tree_of_experts.hf.loading import load_causal_lm
-from tree_of_experts.peft_method import ADAPTER_WEIGHTS, ToEPeftConfig, adapter_to_plugin, plugin_to_adapter
+from tree_of_experts.peft_method import (ADAPTER_WEIGHTS, ToEPeftConfig, adapter_to_plugin, card_config,
+                                         plugin_to_adapter)
 
 TEXTS = ["Question: 3 plus 4? Answer: 7", "Question: 12 times 7? Answer: 84", "Question: 9 minus 2? Answer: 7",
          "Question: 5 times 5? Answer: 25"] * 2
@@ -309,6 +310,12 @@ def test_converters_go_both_ways(experts, plugin, batch, tmp_path):
     named = plugin_to_adapter(plugin, tmp_path / "on-hub", base_model_name_or_path="org/base-model")
     card = ModelCard.load(os.path.join(named, "README.md"))  # the card names the base the adapter loads on
     assert card.data.base_model == "org/base-model" and "# ToE peft adapter for `org/base-model`" in card.text
+    recorded = {**ToEConfig.load(plugin).to_dict(), "base_model": "org/recorded"}
+    assert card_config(ToEConfig(**recorded), "/some/local/base").base_model == "org/recorded"  # a path: never
+    assert card_config(ToEConfig(**recorded), "org/other").base_model == "org/other"
+    cached = tmp_path / "hub" / "models--org--cached" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    assert card_config(ToEConfig(**recorded), str(cached)).base_model == "org/cached"  # the cache's folder: its id
     assert torch.equal(logits(PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), adapter), batch), ref)
     back = adapter_to_plugin(adapter, tmp_path / "plugin")
     assert {CONFIG_NAME, WEIGHTS_NAME, "README.md"} <= set(os.listdir(back))

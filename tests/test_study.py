@@ -157,6 +157,7 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     assert "extract/extract-l1" in text and "estimates:" in text
     assert not (tmp_path / "s" / "work").exists()
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a probe beside other jobs says so
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
     assert "the machine was busy: load average 3.0 on 2 CPU(s)" in capsys.readouterr().out
@@ -487,17 +488,21 @@ def test_a_run_trained_from_an_earlier_build_of_its_extraction_is_refused(pair, 
     tensors = load_file(str(bank))
     save_file(dict(tensors), str(bank))  # the same bank written again: still the same build
     study(cfg, str(out), dry_run=True)
-    # captured again on another machine: the same bank to float rounding (another sha256) is still the same build
-    save_file({k: v * (1 + 1e-7) if v.is_floating_point() else v for k, v in tensors.items()}, str(bank))
+    # captured again on another machine: another bank (another sha256), the same settings: the same build
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(bank))
     study(cfg, str(out), dry_run=True)
     kept = out / "train" / "toe" / "train_args.json"
     args = json.loads(kept.read_text())
-    kept.write_text(json.dumps({k: v for k, v in args.items() if k != "experts_bank_values"}))
-    study(cfg, str(out), dry_run=True)  # a finished kept run from before the values were recorded: kept, warned
+    assert args["experts_build"]["build"]["num_leaves"] == 4
+    kept.write_text(json.dumps({k: v for k, v in args.items() if k != "experts_build"}))
+    study(cfg, str(out), dry_run=True)  # a finished kept run from before the settings were recorded: kept, warned
+    args["experts_build"]["build"]["seed"] = 7  # trained from a build with another seed (a rebuild in place since)
     kept.write_text(json.dumps(args))
-    save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(bank))
-    with pytest.raises(ToEError, match="s/train/toe was trained from an earlier build of .*extract-l1 .*delete "):
+    with pytest.raises(ToEError, match="s/train/toe was trained from an earlier build of .*extract-l1 .*other "
+                                       r"settings: build.seed\): .*delete "):
         study(cfg, str(out), dry_run=True)
+    run_args = out / "work" / "train" / "tiny" / "toe" / "train_args.json"
+    run_args.write_text(json.dumps(args))
     shutil.rmtree(out / "train" / "toe")  # the kept copy gone, the finished run in the work folder is refused too
     with pytest.raises(ToEError, match="train/tiny/toe was trained from an earlier build .*delete .*s/train/toe and "
                                        ".*train/tiny/toe"):

@@ -213,70 +213,76 @@ def run_summary(folder: str | os.PathLike) -> str | None:
 
 
 BANK_KEY = "experts_bank_sha256"  # in train_args.json: the build of the extraction a plug-in was trained from
-BANK_VALUES_KEY = "experts_bank_values"  # and a few of its values, to tell a build recomputed elsewhere from a new one
-BANK_RTOL = 1e-4  # float32 rounding (another machine, thread count or BLAS) moves a rebuilt bank by ~1e-7 relative
+BUILD_KEY = "experts_build"  # and the settings it was captured and built with (run.json and build.json)
+MACHINE_FIELDS = ("teacher", "base")  # where the models were read from: another machine has other paths (their
+# architecture fingerprints stay in the record)
 
 
-def bank_record(experts: str | os.PathLike) -> tuple[str | None, dict | None]:
-    """(sha256, sampled values) of an extraction's initial plug-in (its bank, gate and scales); (None, None) before
-    it is built. The sha256 is the same for a rebuild that makes the same bank, another when a rebuild (a new rule,
-    other options in place) changed it. The values (each tensor's shape and 16 of its values at fixed positions) are
-    what an extraction captured again on another machine reproduces to float rounding while its sha256 differs."""
+def bank_fingerprint(experts: str | os.PathLike) -> str | None:
+    """sha256 of an extraction's initial plug-in (its bank, gate and scales): the same for a rebuild that makes the
+    same bank, another when a rebuild (a new rule, other options in place) changed it; None before it is built."""
     from safetensors import safe_open
 
     path = os.path.join(os.fspath(experts), "toe_model.safetensors")
     if not os.path.isfile(path):
-        return None, None
-    h, block, values = hashlib.sha256(), 1 << 18, {}
+        return None
+    h, block = hashlib.sha256(), 1 << 18
     with safe_open(path, "pt") as f:  # the tensors, not the file's bytes (its metadata may differ)
         for name in sorted(f.keys()):
             t = f.get_tensor(name).contiguous().view(-1)  # memory-mapped: a GB-scale bank is not read whole
             raw = t.view(torch.uint8) if t.numel() else t
-            shape = list(f.get_slice(name).get_shape())
-            h.update(f"{name}:{t.dtype}:{tuple(shape)}".encode())
+            h.update(f"{name}:{t.dtype}:{tuple(f.get_slice(name).get_shape())}".encode())
             n = raw.numel()
             size = n if n <= 64 * block else block  # a large tensor: 64 spread slices stand for it
             for start in ([0] if size == n else [i * (n - block) // 63 for i in range(64)]):
                 h.update(raw[start:start + size].numpy().tobytes())
-            at = sorted({i * (t.numel() - 1) // 15 for i in range(16)}) if t.numel() else []
-            values[name] = {"shape": shape, "values": [float(t[i]) for i in at]}
-    return h.hexdigest(), values
+    return h.hexdigest()
 
 
-def same_bank_values(saved: dict, now: dict) -> bool:
-    """Whether two :func:`bank_record` value samples are one build up to float rounding: the same tensors and
-    shapes, every sampled value within ``BANK_RTOL`` of the tensor's largest sampled magnitude."""
-    if saved.keys() != now.keys():
-        return False
-    for name, a in saved.items():
-        b = now[name]
-        if a["shape"] != b["shape"] or len(a["values"]) != len(b["values"]):
-            return False
-        scale = max((abs(v) for v in a["values"]), default=0.0)
-        if any(abs(x - y) > BANK_RTOL * max(scale, 1e-12) for x, y in zip(a["values"], b["values"])):
-            return False
-    return True
+def build_settings(experts: str | os.PathLike) -> dict | None:
+    """What an extraction was captured and built with: its run.json (the models' paths aside) and build.json, a long
+    list (a state sample's examples) by its sha256; None before it is built."""
+    ex = os.fspath(experts)
+    run, build = os.path.join(ex, "run.json"), os.path.join(ex, "build.json")
+    if not (os.path.isfile(run) and os.path.isfile(build)):
+        return None
+    redo = "the extraction is damaged: extract again into a new --out"
+
+    def short(v: Any) -> Any:
+        return "sha256:" + hashlib.sha256(json.dumps(v).encode()).hexdigest() if isinstance(v, list) and \
+            len(v) > 64 else v
+
+    return {"capture": {k: short(v) for k, v in read_json(run, redo).items() if k not in MACHINE_FIELDS},
+            "build": {k: short(v) for k, v in read_json(build, redo).items()}}
 
 
 def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: str, finished_ok: bool = False) -> None:
-    """Refuses, in one line, a run trained from an earlier build of ``experts`` than the folder now holds (a
-    finished run is not reused; an interrupted one does not resume). A build whose sha256 differs but whose sampled
-    values agree to float rounding (the extraction captured again on another machine) is the same build. Runs that
-    predate the record pass; so does, with a warning, a finished run that records the sha256 alone when
-    ``finished_ok`` (a study's kept row it does not rerun: its values cannot be compared)."""
+    """Refuses, in one line, a run trained from an earlier build of ``experts`` than the folder now holds: another
+    bank (sha256) made with other settings (a finished run is not reused; an interrupted one does not resume). A bank
+    that differs while every setting is the same is the extraction captured again (another machine: float order
+    moves the states and the 2-means splits built on them) and the run stands; a change of the build's code under
+    the same settings is not seen. Runs that predate the record pass; so does, with a warning, a finished run that
+    records the sha256 alone when ``finished_ok`` (a study's kept row it does not rerun)."""
     path = os.path.join(os.fspath(run), "train_args.json")
     if not os.path.isfile(path):
         return
     args = read_json(path, "delete the run to train it again")
-    saved = args.get(BANK_KEY)
-    now, values = bank_record(experts)
+    saved, now = args.get(BANK_KEY), bank_fingerprint(experts)
     if not saved or not now or saved == now:
         return
-    if args.get(BANK_VALUES_KEY) is not None and values is not None:
-        if same_bank_values(args[BANK_VALUES_KEY], values):
+    before, settings = args.get(BUILD_KEY), build_settings(experts)
+    if before is not None and settings is not None:
+        changed = sorted(f"{part}.{k}" for part in ("capture", "build") for k in
+                         set(before.get(part, {})) | set(settings.get(part, {}))
+                         if before.get(part, {}).get(k) != settings.get(part, {}).get(k))
+        if not changed:
+            log.info("%s: %s was captured or built again with the same settings (its bank differs in float order): "
+                     "the run stands", os.fspath(run), os.fspath(experts))
             return
-    elif finished_ok and run_summary(run):
-        log.warning("%s was trained from a build of %s with another sha256 and records none of its values (an "
+        raise ToEError(f"{os.fspath(run)} was trained from an earlier build of {os.fspath(experts)} (other settings: "
+                       f"{', '.join(changed[:4])}): {what}")
+    if finished_ok and run_summary(run):
+        log.warning("%s was trained from a build of %s with another sha256 and records none of its settings (an "
                     "older run): kept as it is; if the extraction was rebuilt with other settings, %s",
                     os.fspath(run), os.fspath(experts), what)
         return

@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ToEConfig, ToEError
 from .hf.layers import recompute_frozen_layers
-from .hf.hub import is_full_hub_id, resolve_folder
+from .hf.hub import hub_id_of, is_full_hub_id, resolve_folder
 from .files import atomic_write_text
 from .plugin_folder import CARD_NAME, check_base, model_card, new_config, save_plugin
 from .model import freeze
@@ -113,10 +113,16 @@ class ToEPeftConfig(PeftConfig):
         ``PeftModel.save_pretrained`` and trl's ``save_model`` reach it after writing peft's blank template card."""
         super().save_pretrained(save_directory, **kwargs)
         if self.toe.get("hidden_size"):  # a config built on a base (get_peft_model): the card can say what it holds
-            config = toe_config(self.toe)
-            if self.base_model_name_or_path:  # the base the adapter loads on (plugin_to_adapter may name another)
-                config = dataclasses.replace(config, base_model=self.base_model_name_or_path)
-            write_adapter_card(save_directory, config)
+            write_adapter_card(save_directory, card_config(toe_config(self.toe), self.base_model_name_or_path))
+
+
+def card_config(config: ToEConfig, base: str | None) -> ToEConfig:
+    """``config`` as the card of an adapter that names ``base`` (peft's ``base_model_name_or_path``: the base
+    ``AutoPeftModelForCausalLM`` loads) shows it: that base where it is a hub id (a folder of the hub cache by its
+    id) or the plug-in records none; a local path never replaces the plug-in's recorded hub id."""
+    base = base and (hub_id_of(base)[0] or base)
+    keep = not base or base == config.base_model or (is_full_hub_id(config.base_model or "") and not is_full_hub_id(base))
+    return config if keep else dataclasses.replace(config, base_model=base)
 
 
 def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:

@@ -50,6 +50,7 @@ from ..extraction.resume import (
     mark_finished,
     record_run,
     run_record,
+    add_shard_timings,
     timings_so_far,
     unmark_finished,
 )
@@ -305,7 +306,7 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
         path = _shard(out, s)
         if os.path.exists(path):
             continue
-        t_start = time.perf_counter()
+        t_start, shard_t = time.perf_counter(), {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0}
         if index is not None:
             chunk, full = groups[s]
             tensors = resampled_shard(index, [e.index for e in chunk], full, which, low)
@@ -314,13 +315,10 @@ def _capture_shards(out: str, state, groups: list, base_model, teacher_model, pa
         else:
             chunk, full = groups[s]
             tensors = capture_shard(chunk, teacher_model, base_model, layers, pairing.teacher_layers, batch_size,
-                                    capture.topk_logprobs, pad, pairing.kd, timings, full=full, low=low)
+                                    capture.topk_logprobs, pad, pairing.kd, shard_t, full=full, low=low)
         atomic_save_tensors(path, tensors)
-        timings["wall_s"] += time.perf_counter() - t_start
+        timings = add_shard_timings(timings, s, {**shard_t, "wall_s": time.perf_counter() - t_start}, peak_memory())
         timings.update({"reused_capture": os.path.abspath(capture.reuse_capture)} if capture.reuse_capture else {})
-        rss = peak_memory().get("peak_rss_gib")  # the largest over the runs that captured (each sees its own)
-        timings.update({"peak_rss_gib": max(timings.get("peak_rss_gib", 0.0), rss)} if rss else {})
-        timings["shards"] = timings.get("shards", 0) + 1
         atomic_write_json(record, timings)  # after every shard: a kill loses one shard's time, not the run's
     if not os.path.exists(record):  # every shard of this process was there already
         atomic_write_json(record, timings)

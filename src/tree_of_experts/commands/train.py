@@ -24,8 +24,8 @@ from ..extraction.store import REBUILT_BY, ROUTE, Extraction
 from ..hf.loading import adapter_folder, load_causal_lm, load_tokenizer
 from ..hf.layers import checkpoint_frozen_layers, layers_return_tuples, starting_at
 from ..files import atomic_write_json
-from ..folders import (BANK_KEY, BANK_VALUES_KEY, bank_record, check_extraction, check_resume_args, check_same_build,
-                       claim_out)
+from ..folders import (BANK_KEY, BUILD_KEY, bank_fingerprint, build_settings, check_extraction, check_resume_args,
+                       check_same_build, claim_out)
 from ..locks import releases_out_locks
 from ..model import ToEModel
 from ..options import (
@@ -110,7 +110,7 @@ def train(
     if not isinstance(base, str) and tokenizer is None:
         raise ToEError("train() got a loaded base model: pass tokenizer= (an id or folder) as well")
     check_extraction(experts)
-    args[BANK_KEY], args[BANK_VALUES_KEY] = bank_record(experts)  # which build of the extraction it trains from
+    args[BANK_KEY], args[BUILD_KEY] = bank_fingerprint(experts), build_settings(experts)  # which build it trains from
     teacher = resolve_teacher(loss.teacher, experts, base) if on_policy.ratio > 0 else loss.teacher
     if base_adapter:  # checked (a hub id fetched) before anything loads; the run's args keep what was given
         base_adapter = _adapter_folder(base_adapter, fit, loss)

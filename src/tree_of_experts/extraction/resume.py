@@ -169,10 +169,29 @@ def mark_finished(out: str, build_settings: dict) -> None:
 
 def timings_so_far(record: str) -> dict:
     """The capture's timings recorded so far by earlier runs of this process index (a resumed capture adds its
-    shards' times to them), or zeros."""
-    zero = {"teacher_s": 0.0, "base_s": 0.0, "tokens": 0, "wall_s": 0.0}
+    shards' times to them, :func:`add_shard_timings`), or none. A record from before per-shard times keeps its totals
+    as one entry."""
     try:
-        found = read_json(record, "") if os.path.exists(record) else zero
+        found = read_json(record, "") if os.path.exists(record) else {}
     except ToEError:  # timings only: a damaged record starts again from zero
-        return zero
-    return {**zero, **found} if isinstance(found, dict) else zero
+        found = {}
+    if not isinstance(found, dict) or not found:
+        return {**dict.fromkeys(TIMED, 0), "per_shard": {}}
+    if "per_shard" not in found:
+        found["per_shard"] = {"earlier": {k: found.get(k, 0) for k in TIMED}}
+    return found
+
+
+TIMED = ("teacher_s", "base_s", "tokens", "wall_s")
+
+
+def add_shard_timings(timings: dict, shard: int, times: dict, memory: dict) -> dict:
+    """``timings`` with shard ``shard``'s ``times`` (teacher_s, base_s, tokens, wall_s; a shard captured again
+    replaces its entry) and their totals, and the largest ``memory`` peaks (:func:`peak_memory`) of the runs so far."""
+    out = {**timings, "per_shard": {**timings.get("per_shard", {}), str(shard): times}}
+    for k in TIMED:
+        out[k] = sum(t.get(k, 0) for t in out["per_shard"].values())
+    out["shards"] = sum(k.isdigit() for k in out["per_shard"])
+    for k, v in memory.items():  # each run sees its own process's peak: the record keeps the largest
+        out[k] = max(out.get(k, 0.0), v)
+    return out

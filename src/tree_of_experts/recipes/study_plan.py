@@ -34,7 +34,10 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
 def probe(seconds: float = 0.3) -> dict:
     """This machine's fp32 matmul FLOP/s and memory bandwidth (bytes/s), measured now, and the load average (1 min)
     and CPU count it was measured under (other jobs make it read low)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # (not on Windows)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows, nor where the system does not say
+        load = None
     a = torch.randn(512, 512)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -48,8 +51,8 @@ def probe(seconds: float = 0.3) -> dict:
         y.copy_(x)
         n += 1
     bandwidth = n * 2 * x.numel() * 4 / (time.perf_counter() - t0)
-    return {"flops": flops, "bandwidth": bandwidth, "threads": torch.get_num_threads(), "load": load,
-            "cpus": os.cpu_count()}
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # this process's
+    return {"flops": flops, "bandwidth": bandwidth, "threads": torch.get_num_threads(), "load": load, "cpus": cpus}
 
 
 def busy_note(speed: dict) -> str:

@@ -200,7 +200,7 @@ class StudyRuns:
             kept = os.path.join(self.out, "train", label)
             experts = self.extraction(row.layers, row.rebuild, row.extract) if row.layers else None
             if experts and row.kind != "control":  # not a finished run of an earlier build of the extraction
-                check_same_build(out, experts, f"delete it (and {kept}) to train it again")
+                check_same_build(out, experts, f"delete it (and {kept}) to train it again", finished_ok=True)
             if not run_summary(out):
                 marker = any(os.path.isfile(os.path.join(out, f)) for f in ("train_args.json", "baseline_args.json"))
                 kw = dict(base=self.base, data=self.train_data, out=out, max_steps=steps_n, seed=seed,
