@@ -214,6 +214,7 @@ def run_summary(folder: str | os.PathLike) -> str | None:
 
 BANK_KEY = "experts_bank_sha256"  # in train_args.json: the build of the extraction a plug-in was trained from
 BUILD_KEY = "experts_build"  # and the settings it was captured and built with (run.json and build.json)
+DAMAGED = "the extraction is damaged: extract again into a new --out"
 MACHINE_FIELDS = ("teacher", "base")  # where the models were read from: another machine has other paths (their
 # architecture fingerprints stay in the record)
 
@@ -246,14 +247,13 @@ def build_settings(experts: str | os.PathLike) -> dict | None:
     run, build = os.path.join(ex, "run.json"), os.path.join(ex, "build.json")
     if not (os.path.isfile(run) and os.path.isfile(build)):
         return None
-    redo = "the extraction is damaged: extract again into a new --out"
 
     def short(v: Any) -> Any:
         return "sha256:" + hashlib.sha256(json.dumps(v).encode()).hexdigest() if isinstance(v, list) and \
             len(v) > 64 else v
 
-    return {"capture": {k: short(v) for k, v in read_json(run, redo).items() if k not in MACHINE_FIELDS},
-            "build": {k: short(v) for k, v in read_json(build, redo).items()}}
+    return {"capture": {k: short(v) for k, v in read_json(run, DAMAGED).items() if k not in MACHINE_FIELDS},
+            "build": {k: short(v) for k, v in read_json(build, DAMAGED).items()}}
 
 
 def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: str, finished_ok: bool = False) -> None:
@@ -272,9 +272,8 @@ def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: s
         return
     before, settings = args.get(BUILD_KEY), build_settings(experts)
     if before is not None and settings is not None:
-        changed = sorted(f"{part}.{k}" for part in ("capture", "build") for k in
-                         set(before.get(part, {})) | set(settings.get(part, {}))
-                         if before.get(part, {}).get(k) != settings.get(part, {}).get(k))
+        before, settings = _flat(before), _flat(settings)
+        changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
         if not changed:
             log.info("%s: %s was captured or built again with the same settings (its bank differs in float order): "
                      "the run stands", os.fspath(run), os.fspath(experts))
@@ -288,6 +287,11 @@ def check_same_build(run: str | os.PathLike, experts: str | os.PathLike, what: s
         return
     raise ToEError(f"{os.fspath(run)} was trained from an earlier build of {os.fspath(experts)} (its bank has "
                    f"changed since): {what}")
+
+
+def _flat(settings: dict) -> dict:
+    """:func:`build_settings` as {"capture.layers": ..., "build.seed": ...}."""
+    return {f"{part}.{k}": v for part, fields in settings.items() for k, v in fields.items()}
 
 
 def check_extraction(experts: str | os.PathLike, option: str = "experts") -> None:
@@ -305,7 +309,7 @@ def check_extraction(experts: str | os.PathLike, option: str = "experts") -> Non
     if "run.json" not in names:
         raise ToEError(f"--{option} {experts} is not a `toe extract` output (no run.json): run `toe extract` first "
                        "and pass its --out")
-    read_json(os.path.join(experts, "run.json"), "the extraction is damaged: extract again into a new --out")
+    read_json(os.path.join(experts, "run.json"), DAMAGED)
     route, config = os.path.join(experts, "route_data.safetensors"), os.path.join(experts, "toe_config.json")
     if os.path.isfile(route) and os.path.isfile(config):  # its plug-in must be the one its route data was built for
         from safetensors import safe_open

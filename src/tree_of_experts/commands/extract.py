@@ -43,6 +43,7 @@ from ..extraction.build import Pairing, build, build_tree, clustered_rows
 from ..extraction.capture import capture_shard, check_layers, prepare, resolve_layers, same_vocab
 from ..extraction.fusion import FusionMap
 from ..extraction.resume import (
+    add_shard_timings,
     build_record,
     capture_record,
     check_same_extraction,
@@ -50,7 +51,6 @@ from ..extraction.resume import (
     mark_finished,
     record_run,
     run_record,
-    add_shard_timings,
     timings_so_far,
     unmark_finished,
 )

@@ -167,6 +167,9 @@ def mark_finished(out: str, build_settings: dict) -> None:
     atomic_write_json(os.path.join(out, BUILD_NAME), build_settings)
 
 
+TIMED = ("teacher_s", "base_s", "tokens", "wall_s")  # a capture's times, per shard and in total
+
+
 def timings_so_far(record: str) -> dict:
     """The capture's timings recorded so far by earlier runs of this process index (a resumed capture adds its
     shards' times to them, :func:`add_shard_timings`), or none. A record from before per-shard times keeps its totals
@@ -180,9 +183,6 @@ def timings_so_far(record: str) -> dict:
     if "per_shard" not in found:
         found["per_shard"] = {"earlier": {k: found.get(k, 0) for k in TIMED}}
     return found
-
-
-TIMED = ("teacher_s", "base_s", "tokens", "wall_s")
 
 
 def add_shard_timings(timings: dict, shard: int, times: dict, memory: dict) -> dict:
