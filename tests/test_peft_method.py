@@ -130,6 +130,10 @@ def test_save_and_load_with_peft(experts, plugin, base, batch, tmp_path):
     named.save_pretrained(tmp_path / "named")  # peft saves a named adapter in its own folder: its card goes there
     sub = ModelCard.load(tmp_path / "named" / "k" / "README.md")
     assert "AutoPeftModelForCausalLM" in sub.text and sub.data.pipeline_tag == "text-generation"
+    root = ModelCard.load(tmp_path / "named" / "README.md")  # the folder a user pushes: ToE's card, not peft's blank
+    assert "[More Information Needed]" not in root.text and 'subfolder="k")' in root.text
+    from_root = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "named", subfolder="k")
+    assert torch.equal(logits(from_root, batch), ref)
 
     loaded = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), ref)

@@ -112,8 +112,15 @@ class ToEPeftConfig(PeftConfig):
         """peft's ``adapter_config.json``, and the ToE card as the folder's README.md (see :func:`write_adapter_card`):
         ``PeftModel.save_pretrained`` and trl's ``save_model`` reach it after writing peft's blank template card."""
         super().save_pretrained(save_directory, **kwargs)
-        if self.toe.get("hidden_size"):  # a config built on a base (get_peft_model): the card can say what it holds
-            write_adapter_card(save_directory, card_config(toe_config(self.toe), self.base_model_name_or_path))
+        if not self.toe.get("hidden_size"):  # a config not yet built on a base (get_peft_model): no card to write
+            return
+        config = card_config(toe_config(self.toe), self.base_model_name_or_path)
+        write_adapter_card(save_directory, config)
+        # a named adapter is saved in a subfolder (peft): the folder above, the one a user pushes, gets the card with
+        # the subfolder to load where it holds no adapter of its own and only peft's blank template
+        root = os.path.dirname(os.path.abspath(save_directory))
+        if not os.path.isfile(os.path.join(root, "adapter_config.json")) and os.path.isfile(os.path.join(root, CARD_NAME)):
+            write_adapter_card(root, config, subfolder=os.path.basename(os.path.abspath(save_directory)))
 
 
 def card_config(config: ToEConfig, base: str | None) -> ToEConfig:
@@ -125,10 +132,11 @@ def card_config(config: ToEConfig, base: str | None) -> ToEConfig:
     return config if keep else dataclasses.replace(config, base_model=base)
 
 
-def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:
+def write_adapter_card(folder: str | os.PathLike, config: ToEConfig, subfolder: str | None = None) -> None:
     """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template (a card with
     any text of the user's own is left as it is). The hub metadata peft put in the template (tags, pipeline, a hub
-    ``base_model``) and its framework-versions lines are kept."""
+    ``base_model``) and its framework-versions lines are kept. ``subfolder``: the adapter lies in that subfolder of
+    ``folder`` (a named adapter); the card loads it from there."""
     from huggingface_hub import ModelCard
 
     path = os.path.join(folder, CARD_NAME)
@@ -137,7 +145,7 @@ def write_adapter_card(folder: str | os.PathLike, config: ToEConfig) -> None:
     if peft_lines is None:
         return
     n_params = sum(p.numel() for p in shapes_only(config).parameters())  # nothing allocated: a GB bank too
-    card = ModelCard(model_card(config, n_params, adapter=True))
+    card = ModelCard(model_card(config, n_params, adapter=True, subfolder=subfolder))
     card.data.pipeline_tag = "text-generation"
     for key, value in (old.data.to_dict() if old is not None else {}).items():
         if key == "tags":

@@ -180,9 +180,11 @@ def data_name(data: str | None) -> str | None:
 
 
 def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None = None, evals: dict | None = None,
-               license: str | None = None, repo_id: str | None = None, adapter: bool = False) -> str:
+               license: str | None = None, repo_id: str | None = None, adapter: bool = False,
+               subfolder: str | None = None) -> str:
     """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is.
-    ``adapter``: the card of the plug-in as a peft adapter folder (library peft, loaded by AutoPeftModelForCausalLM)."""
+    ``adapter``: the card of the plug-in as a peft adapter folder (library peft, loaded by AutoPeftModelForCausalLM);
+    ``subfolder``: the adapter lies in that subfolder of the card's folder (a named peft adapter)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     on_hub = is_full_hub_id(config.base_model)  # a local path is no hub metadata
@@ -205,15 +207,21 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
     )
     where = repo_id or "path/to/this/folder"
     load = f'ToEModel.from_pretrained("{where}")' if on_hub else f'ToEModel.from_pretrained("{config.base_model}", "{where}")'
-    snippet = ["import tree_of_experts  # registers the TOE peft method with peft", "from peft import "
-               "AutoPeftModelForCausalLM", f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")'] if adapter \
-        else ["from tree_of_experts import ToEModel", f"model = {load}"]
+    snippet = ["from tree_of_experts import ToEModel", f"model = {load}"]
+    if adapter:  # AutoPeftModelForCausalLM would pass a subfolder on to the base's load: PeftModel takes it alone
+        snippet = ["import tree_of_experts  # registers the TOE peft method with peft", "from peft import "
+                   "AutoPeftModelForCausalLM", f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")'] \
+            if not subfolder else ["import tree_of_experts  # registers the TOE peft method with peft",
+                                   "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                                   f'base = AutoModelForCausalLM.from_pretrained("{config.base_model}")',
+                                   f'model = PeftModel.from_pretrained(base, "{where}", subfolder="{subfolder}")']
     lines = [
         f"# ToE {'peft adapter' if adapter else 'plug-in'} for `{config.base_model}`",
         "",
         "A Tree-of-Experts plug-in: a tree gate and an expert bank added to the residual stream of a frozen base. "
         "The base's weights are not stored here and never change."
-        + (" This folder is the plug-in as a peft adapter (`peft_type` TOE)." if adapter else ""),
+        + (" This folder is the plug-in as a peft adapter (`peft_type` TOE)." if adapter and not subfolder else "")
+        + (f" The plug-in is the peft adapter (`peft_type` TOE) in the subfolder `{subfolder}`." if subfolder else ""),
         "",
         "| field | value |",
         "|---|---|",

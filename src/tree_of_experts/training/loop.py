@@ -242,7 +242,6 @@ class TrainLoop:
         warmup, total, seed = s.warmup_steps, self.total, sched.seed
         bar = tqdm(total=total, initial=step, desc=s.command, disable=None if accel.is_local_main_process else True)
         per_proc = sched.batch_size // accel.num_processes
-        samples = sched.batch_size * sum(is_on_policy(obj.on_policy.ratio, seed, i) for i in range(max(0, step - warmup)))
         stop_ids = eos_ids(s.model, self.tok)
         t0 = time.perf_counter() - self.elapsed
         t_last, tokens_since = time.perf_counter(), 0
@@ -265,10 +264,10 @@ class TrainLoop:
                 row, tokens, sampled = self.step(wrapped, mine, b_step, step, on, g, stop_ids)
                 tokens_since += tokens
                 if self.teacher is not None:  # samples drawn so far, and this step's sampled tokens (all processes)
-                    samples += len(mine) * accel.num_processes if on else 0
                     self.totals["on_policy_steps"] += int(on)
                     self.totals["sample_tokens_total"] += sampled
-                    row.update(samples=samples, sample_tokens=sampled, **self.totals)
+                    row.update(samples=per_proc * accel.num_processes * self.totals["on_policy_steps"],
+                               sample_tokens=sampled, **self.totals)
             step += 1
             bar.update(1)
             bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}",
