@@ -134,6 +134,14 @@ def test_save_and_load_with_peft(experts, plugin, base, batch, tmp_path):
     assert "[More Information Needed]" not in root.text and 'subfolder="k")' in root.text
     from_root = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "named", subfolder="k")
     assert torch.equal(logits(from_root, batch), ref)
+    named.add_adapter("j", ToEPeftConfig.from_plugin(plugin))
+    named.save_pretrained(tmp_path / "named")  # a second named adapter: the root card names both subfolders
+    assert "subfolders `j`, `k`" in (tmp_path / "named" / "README.md").read_text()
+    named.add_adapter("default", ToEPeftConfig.from_plugin(plugin))
+    named.save_pretrained(tmp_path / "named", selected_adapters=["default"])  # the folder's own adapter: its card
+    root = ModelCard.load(tmp_path / "named" / "README.md")
+    assert "subfolder" not in root.text and 'AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")' in root.text
+    assert "- PEFT " in root.text  # peft's lines kept through both replacements
 
     loaded = PeftModel.from_pretrained(load_causal_lm(str(experts / "base")), tmp_path / "adapter")
     assert torch.equal(logits(loaded, batch), ref)

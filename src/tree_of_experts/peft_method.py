@@ -12,6 +12,7 @@ Importing this module registers the method with peft; ``import tree_of_experts``
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # `base_model` is the ToETuner, whose `toe` is the ToELayer, whose `toe_plugin` holds the plug-ins by adapter name
 # (the name is left out on disk, as peft does).
 ADAPTER_KEY_PREFIX = "base_model.toe.toe_plugin."
+# ends the text of the card a folder gets for the ToE adapters in its subfolders (peft's lines follow it)
+SUBFOLDERS_MARK = "<!-- tree-of-experts: the card of this folder's adapter subfolders -->"
 
 
 def _add_peft_type(name: str) -> None:
@@ -116,11 +119,26 @@ class ToEPeftConfig(PeftConfig):
             return
         config = card_config(toe_config(self.toe), self.base_model_name_or_path)
         write_adapter_card(save_directory, config)
-        # a named adapter is saved in a subfolder (peft): the folder above, the one a user pushes, gets the card with
-        # the subfolder to load where it holds no adapter of its own and only peft's blank template
-        root = os.path.dirname(os.path.abspath(save_directory))
-        if not os.path.isfile(os.path.join(root, "adapter_config.json")) and os.path.isfile(os.path.join(root, CARD_NAME)):
-            write_adapter_card(root, config, subfolder=os.path.basename(os.path.abspath(save_directory)))
+        # a named adapter is saved in a subfolder (peft): the folder above, the one a user pushes, gets a card that
+        # names the folder's ToE subfolders where it holds no adapter of its own and only peft's blank template
+        here = os.path.abspath(save_directory)
+        root = os.path.dirname(here)
+        if not os.path.isfile(os.path.join(root, ADAPTER_CONFIG)) and os.path.isfile(os.path.join(root, CARD_NAME)):
+            write_adapter_card(root, config, subfolder=os.path.basename(here), siblings=toe_subfolders(root))
+
+
+def toe_subfolders(folder: str) -> list[str]:
+    """The subfolders of ``folder`` that hold a ToE peft adapter (named adapters that peft saved there)."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, ADAPTER_CONFIG)
+        try:
+            with open(path) as f:
+                if json.load(f).get("peft_type") == "TOE":
+                    found.append(name)
+        except (OSError, ValueError):  # no adapter there, or not a JSON one
+            continue
+    return found
 
 
 def card_config(config: ToEConfig, base: str | None) -> ToEConfig:
@@ -132,11 +150,13 @@ def card_config(config: ToEConfig, base: str | None) -> ToEConfig:
     return config if keep else dataclasses.replace(config, base_model=base)
 
 
-def write_adapter_card(folder: str | os.PathLike, config: ToEConfig, subfolder: str | None = None) -> None:
-    """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template (a card with
-    any text of the user's own is left as it is). The hub metadata peft put in the template (tags, pipeline, a hub
-    ``base_model``) and its framework-versions lines are kept. ``subfolder``: the adapter lies in that subfolder of
-    ``folder`` (a named adapter); the card loads it from there."""
+def write_adapter_card(folder: str | os.PathLike, config: ToEConfig, subfolder: str | None = None,
+                       siblings: list[str] = ()) -> None:
+    """Writes the ToE card as ``folder``'s README.md where there is none, or only peft's blank template, or a card
+    this function wrote for the folder's subfolders (a card with any text of the user's own is left as it is). The
+    hub metadata peft put in the template (tags, pipeline, a hub ``base_model``) and its framework-versions lines are
+    kept. ``subfolder``: the adapter lies in that subfolder of ``folder`` (a named adapter), the card loads it from
+    there and names ``siblings``, the folder's other ToE adapter subfolders."""
     from huggingface_hub import ModelCard
 
     path = os.path.join(folder, CARD_NAME)
@@ -145,7 +165,7 @@ def write_adapter_card(folder: str | os.PathLike, config: ToEConfig, subfolder: 
     if peft_lines is None:
         return
     n_params = sum(p.numel() for p in shapes_only(config).parameters())  # nothing allocated: a GB bank too
-    card = ModelCard(model_card(config, n_params, adapter=True, subfolder=subfolder))
+    card = ModelCard(model_card(config, n_params, adapter=True, subfolder=subfolder, siblings=siblings))
     card.data.pipeline_tag = "text-generation"
     for key, value in (old.data.to_dict() if old is not None else {}).items():
         if key == "tags":
@@ -154,20 +174,25 @@ def write_adapter_card(folder: str | os.PathLike, config: ToEConfig, subfolder: 
             continue
         if value is not None and (key == "tags" or card.data.to_dict().get(key) is None):
             card.data[key] = value
-    card.text = card.text.rstrip("\n") + ("\n\n" + peft_lines if peft_lines else "") + "\n"
+    mark = "\n\n" + SUBFOLDERS_MARK if subfolder else ""  # a card a default adapter saved here later replaces
+    card.text = card.text.rstrip("\n") + mark + ("\n\n" + peft_lines if peft_lines else "") + "\n"
     atomic_write_text(path, str(card))
 
 
 def peft_additions(text: str) -> str | None:
     """What peft added to its blank model card template in ``text`` (its framework-versions and training-procedure
-    lines), or None when ``text`` is not that template (a card someone wrote or edited)."""
+    lines), or to ToE's card for a folder's adapter subfolders; None when ``text`` is neither (a card someone wrote
+    or edited)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     blank = ModelCard.from_template(ModelCardData()).text.strip()
     body = text.strip()
-    if not body.startswith(blank):
+    if SUBFOLDERS_MARK in body:  # ToE's card for the adapters in the folder's subfolders: peft's lines follow it
+        rest = body.split(SUBFOLDERS_MARK, 1)[1].strip()
+    elif body.startswith(blank):
+        rest = body[len(blank):].strip()
+    else:
         return None
-    rest = body[len(blank):].strip()
     ok = ("### Framework versions", "## Training procedure", "- ", "The following `bitsandbytes`")
     return rest if all(not line.strip() or line.startswith(ok) for line in rest.splitlines()) else None
 

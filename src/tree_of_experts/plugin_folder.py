@@ -179,12 +179,23 @@ def data_name(data: str | None) -> str | None:
     return data if is_hub_id(name) else "hf:" + os.path.basename(os.path.normpath(name)) + sep + rest
 
 
+def in_subfolders(subfolder: str, siblings: list[str]) -> str:
+    """The sentence of an adapter card that says which subfolders hold the adapters and which one it describes."""
+    names = sorted(set(siblings) | {subfolder})
+    if len(names) == 1:
+        return f" The plug-in is the peft adapter (`peft_type` TOE) in the subfolder `{subfolder}`."
+    listed = ", ".join(f"`{n}`" for n in names)
+    return (f" The folder holds ToE peft adapters (`peft_type` TOE) in its subfolders {listed}; this card describes "
+            f"`{subfolder}` (each subfolder's README.md describes its own).")
+
+
 def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None = None, evals: dict | None = None,
                license: str | None = None, repo_id: str | None = None, adapter: bool = False,
-               subfolder: str | None = None) -> str:
+               subfolder: str | None = None, siblings: list[str] = ()) -> str:
     """The plug-in's README.md: hub metadata (huggingface_hub.ModelCardData) and a table of what the plug-in is.
     ``adapter``: the card of the plug-in as a peft adapter folder (library peft, loaded by AutoPeftModelForCausalLM);
-    ``subfolder``: the adapter lies in that subfolder of the card's folder (a named peft adapter)."""
+    ``subfolder``: the adapter lies in that subfolder of the card's folder (a named peft adapter), beside the ToE
+    adapters in ``siblings`` (the folder's adapter subfolders, ``subfolder`` among them or not)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     on_hub = is_full_hub_id(config.base_model)  # a local path is no hub metadata
@@ -221,7 +232,7 @@ def model_card(config: ToEConfig, n_params: int, *, datasets: list[str] | None =
         "A Tree-of-Experts plug-in: a tree gate and an expert bank added to the residual stream of a frozen base. "
         "The base's weights are not stored here and never change."
         + (" This folder is the plug-in as a peft adapter (`peft_type` TOE)." if adapter and not subfolder else "")
-        + (f" The plug-in is the peft adapter (`peft_type` TOE) in the subfolder `{subfolder}`." if subfolder else ""),
+        + (in_subfolders(subfolder, siblings) if subfolder else ""),
         "",
         "| field | value |",
         "|---|---|",
