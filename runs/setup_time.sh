@@ -23,6 +23,6 @@ python3 -m venv "$tmp/v1" && python3 -m venv "$tmp/v2"
     /usr/bin/time -f "command 2 (install + python -m pytest): %e s" bash -c \
       "pip install -q torch==2.13.0 && pip install -q -c constraints.txt -e '.[test]' && python -m pytest -p no:cacheprovider" \
       > "$tmp/cmd2.log" 2>&1 )
-  echo "tests: $(grep -E '^[.sFE]+ +\[' "$tmp/cmd2.log" | tr -d ' []%0-9\n' | fold -w1 | sort | uniq -c | tr -s ' \n' ' ')(. passed, s skipped, F failed, E error)"
+  echo "tests: $(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$tmp/cmd2.log" | tail -1 | tr -d '=')"
   tail -1 "$tmp/cmd2.log"
 } | tee "$out"

@@ -154,7 +154,7 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     assert main(["study", config(pair, tmp_path), "--out", str(tmp_path / "s"), "--dry_run", "true"]) == 0
     text = capsys.readouterr().out
     assert "plan of study tiny" in text and "GFLOP/s" in text and "train/toe-seed1" in text
-    assert "extract/extract-l1" in text and "estimates:" in text
+    assert "extract/extract-l1" in text and "estimates:" in text and ":func:" not in text and "``" not in text
     assert not (tmp_path / "s" / "work").exists()
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a probe beside other jobs says so
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

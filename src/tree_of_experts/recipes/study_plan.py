@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 
 import torch
@@ -228,9 +229,14 @@ def summary(study, est: Estimates, lines: list[dict], factors: dict) -> str:
             "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
     text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
              f"{_size(x['disk_bytes']):>10}" for x in lines]
-    text += ["", "estimates: " + " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1]
-                                         .split())]
+    how = " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1].split())
+    text += ["", "estimates: " + plain(how)]
     return "\n".join(text)
+
+
+def plain(text: str) -> str:
+    """``text`` with its reST markup as a terminal shows it: ``x`` and :func:`a.b.f` become `x` and `a.b.f`."""
+    return re.sub(r":\w+:`([^`]+)`", r"`\1`", text).replace("``", "`")
 
 
 def _kind(step) -> str:
