@@ -98,6 +98,8 @@ def test_plugin_baseline_resumes(experts, tmp_path, monkeypatch):
     monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after(3, real_save))
     with pytest.raises(KeyboardInterrupt):
         baseline(out=str(tmp_path / "resumed"), **kw)
+    from tree_of_experts.recipes.study_plan import resumes_at
+    assert resumes_at(str(tmp_path / "resumed")) == (3, 6)  # what a study's plan reads: Stage A's 2 steps + 4
     monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     baseline(out=str(tmp_path / "resumed"), resume=True, **kw)
     a, b = plugin_tensors(tmp_path / "full"), plugin_tensors(tmp_path / "resumed")

@@ -19,6 +19,7 @@ parameters × 3 (weights and Adam's two moments).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -157,7 +158,8 @@ class Estimates:
     def train(self, w: dict) -> tuple[float, int]:
         cfg, row, steps = self.cfg, w["row"], w["steps"]
         tokens = steps * cfg.budget.batch_size * self.mean_len
-        factor = 4 if (cfg.lora if row.kind == "lora" else cfg.train).get("gradient_checkpointing") else 3
+        options = {**(cfg.lora if row.kind == "lora" else cfg.train), **row.options}  # the row's own win
+        factor = 4 if options.get("gradient_checkpointing") else 3
         sec = tokens * self.fb * factor / self.F + steps * factor * self.call_s(self.base)
         if row.kind == "control":  # its own extraction, the base standing in for the teacher
             sec += self.extraction_s(self.fb, self.base)
@@ -190,16 +192,20 @@ ESTIMATED = ("answers", "extract", "rebuild", "train", "score", "curve", "oracle
 
 
 def plan(study, steps: list | None = None) -> dict:
-    """The plan of ``study``: one line per step (done / to run; ``steps``, default every step of the study), its
-    estimate, and the totals."""
+    """The plan of ``study``: one line per step (done / resumes / to run; ``steps``, default every step of the
+    study), its estimate (of what is left of a training that resumes from its checkpoint), and the totals."""
     est = Estimates(study)
     everything = study.steps()  # every step's estimate: the finished ones calibrate whichever are planned
     chosen = [x.id for x in (everything if steps is None else steps)]
     lines = []
     for s in everything:
         sec, disk = est.of(s)
-        lines.append({"step": s.id, "status": "done" if s.done() else "to run", "seconds": sec, "disk_bytes": disk,
-                      "kind": _kind(s)})
+        line = {"step": s.id, "status": "done" if s.done() else "to run", "seconds": sec, "disk_bytes": disk,
+                "kind": _kind(s)}
+        at = resumes_at(study.run_dir(s.label)) if s.stage == "train" and line["status"] != "done" else None
+        if at:  # a killed training resumes from its checkpoint: what is left of it
+            line.update(status="resumes", seconds=sec * max(0.0, 1 - at[0] / at[1]), at=at)
+        lines.append(line)
     factors = calibrate(lines, recorded_times(os.path.join(study.out, TIMES)))
     by_id = {x["step"]: x for x in lines}
     lines = [by_id[i] for i in chosen]
@@ -207,6 +213,31 @@ def plan(study, steps: list | None = None) -> dict:
             "total_seconds": _total(lines, "seconds"), "calibrated_seconds": _total(lines, "calibrated_seconds"),
             "calibration": factors, "total_disk_bytes": _total(lines, "disk_bytes"),
             "out": os.path.abspath(study.out)}
+
+
+def resumes_at(run_dir: str) -> tuple[int, int] | None:
+    """(step, total steps) of the checkpoint a training in ``run_dir`` resumes from, or None where it has none. A
+    checkpoint from before ``total_steps`` was kept takes it from the run's recorded arguments (a LoRA run has no
+    Stage A)."""
+    state = _json(os.path.join(run_dir, "checkpoint", "state.json"))
+    if not state or not isinstance(state.get("step"), int):
+        return None
+    total = state.get("total_steps")
+    for name in ("train_args.json", "baseline_args.json"):
+        args = _json(os.path.join(run_dir, name)) if total is None else None
+        if args and isinstance(args.get("max_steps"), int):
+            stage_a = 0 if args.get("kind") == "lora" or args.get("skip_stage_a") else args.get("stage_a_steps", 0)
+            total = args["max_steps"] + stage_a
+    return (state["step"], total) if total else None
+
+
+def _json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):  # absent, or half written by a run being killed
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _total(lines: list[dict], key: str) -> float:
@@ -227,7 +258,7 @@ def summary(study, est: Estimates, lines: list[dict], factors: dict) -> str:
             f"reported items: {est.n}" + busy_note(est.speed),
             *([f"measured / probe estimate, by kind of step: {by}"] if factors else []),
             "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
-    text += [f"{x['step']:<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
+    text += [f"{_shown(x):<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
              f"{_size(x['disk_bytes']):>10}" for x in lines]
     how = " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1].split())
     text += ["", "estimates: " + plain(how)]
@@ -273,6 +304,10 @@ def calibrate(lines: list[dict], times: dict[str, dict]) -> dict[str, dict]:
         if x["status"] != "done" and x["kind"] in factors:
             x["calibrated_seconds"] = x["seconds"] * factors[x["kind"]]["factor"]
     return factors
+
+
+def _shown(x: dict) -> str:
+    return x["step"] + (f" (at {x['at'][0]}/{x['at'][1]})" if "at" in x else "")
 
 
 def _measured(x: dict) -> str:

@@ -375,6 +375,6 @@ class TrainLoop:
             accel.wait_for_everyone()
             if accel.is_main_process:
                 save_checkpoint(self.out, s.trained(), s.optimizer_at(step - 1),
-                                {"step": step, "stage": s.stage(step), "elapsed_s": self.elapsed,
-                                 "totals": self.totals}, what=s.what)
+                                {"step": step, "total_steps": self.total, "stage": s.stage(step),
+                                 "elapsed_s": self.elapsed, "totals": self.totals}, what=s.what)
                 plot_curves(self.metrics_path, os.path.join(self.out, "curves.png"))  # refreshed with each one
