@@ -66,6 +66,27 @@ def test_a_mapped_bank_mixes_densely_a_block_of_rows_at_a_time(tmp_path, monkeyp
     assert mapped.mapped and torch.allclose(mapped.mix_dense(probs), in_ram.mix_dense(probs), atol=1e-6)
 
 
+def test_a_large_bank_in_ram_mixes_from_its_rows_and_keeps_no_second_copy(tmp_path, monkeypatch):
+    """Above CACHE_MAX_BYTES of float32 vectors an in-RAM bank is mixed as a mapped one (the K rows; dense: blocks of
+    rows), so inference holds it once: the same mix as the cached vectors give, to float rounding."""
+    from tree_of_experts import bank as bank_module
+
+    folder, _ = plugin_folder(tmp_path, 16, 8)
+    small, large = (ToEPlugin.load(folder, mmap=False).blocks["0"].bank for _ in range(2))
+    monkeypatch.setattr(bank_module, "CACHE_MAX_BYTES", 16 * 8 * 4 - 1)  # this bank is one byte over
+    monkeypatch.setattr(bank_module, "DENSE_BLOCK_BYTES", 3 * 4 * 8)
+    idx, w = torch.randint(0, 16, (2, 5, 4)), torch.softmax(torch.randn(2, 5, 4), -1)
+    probs = torch.softmax(torch.randn(2, 5, 16), -1)
+    with torch.no_grad():
+        assert large.by_rows and not large.mapped
+        got, got_dense = large.mix(idx, w), large.mix_dense(probs)
+        assert large._cached is None  # no N × D copy kept
+        monkeypatch.setattr(bank_module, "CACHE_MAX_BYTES", 1 << 30)
+        assert not small.by_rows
+        assert torch.allclose(got, small.mix(idx, w), atol=1e-6)
+        assert torch.allclose(got_dense, small.mix_dense(probs), atol=1e-6) and small._cached is not None
+
+
 @pytest.mark.parametrize("offsets", [["0", "12"], [0.0, 12.0], [None, 12]])
 def test_a_header_whose_offsets_are_not_whole_numbers_is_named(tmp_path, offsets):
     """A header entry JSON can hold but safetensors does not write: TensorFileError naming the entry (what

@@ -16,6 +16,9 @@ _optimizer_steps = 0
 
 
 DENSE_BLOCK_BYTES = 64 << 20  # a mapped bank's dense mix reads this many bytes of float32 rows at a time
+# An in-RAM bank whose float32 vectors are larger is mixed from its rows as a mapped one is: a cached N × D copy for
+# inference would hold the bank twice (1.86 GB for a 0.96 GB file: docs/speed.md, bank scale)
+CACHE_MAX_BYTES = 256 << 20
 
 
 def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -53,10 +56,17 @@ class ExpertBank(nn.Module):
     def num_leaves(self) -> int:
         return self.direction.shape[0]
 
+    @property
+    def by_rows(self) -> bool:
+        """Whether ``mix`` gathers the K rows it needs (and ``mix_dense`` reads blocks of rows) instead of using all
+        N vectors at once: a mapped bank, or one whose float32 vectors exceed ``CACHE_MAX_BYTES``."""
+        return self.mapped or self.direction.numel() * 4 > CACHE_MAX_BYTES
+
     def vectors(self) -> torch.Tensor:
         """(N, D) float32 expert vectors. Without autograd (generation, eval) they are computed once and reused
-        until a parameter changes (a load bumps its version, an optimizer steps)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.mapped:  # a mapped bank: no (N, D) copy
+        until a parameter changes (a load bumps its version, an optimizer steps); a bank mixed by rows
+        (:attr:`by_rows`) keeps no copy."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or self.by_rows:
             return self._vectors()
         key = (self.direction._version, self.norm._version, self.direction.data_ptr(), self.norm.data_ptr(),
                _optimizer_steps)
@@ -70,7 +80,7 @@ class ExpertBank(nn.Module):
 
     def mix(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_k e_{indices_k}: (B, T, K) ids and weights -> (B, T, D) float32."""
-        if self.mapped:  # the K rows alone, normalised as `_vectors` normalises every row (the same numbers)
+        if self.by_rows:  # the K rows alone, normalised as `_vectors` normalises every row (the same numbers)
             direction = F.embedding(indices, self.direction).float()  # (B, T, K, D)
             e = F.normalize(direction, dim=-1) * F.embedding(indices, self.norm[:, None]).float()
         else:
@@ -79,8 +89,9 @@ class ExpertBank(nn.Module):
 
     def mix_dense(self, probs: torch.Tensor) -> torch.Tensor:
         """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather. A
-        mapped bank is read a block of rows at a time (about 64 MB of float32 each), never as a whole N × D copy."""
-        if not self.mapped:
+        bank mixed by rows (mapped, or large) is read a block of rows at a time (about 64 MB of float32 each), never
+        as a whole N × D copy."""
+        if not self.by_rows:
             return probs @ self.vectors()
         rows = max(1, DENSE_BLOCK_BYTES // (4 * self.direction.shape[1]))
         out = probs.new_zeros(*probs.shape[:-1], self.direction.shape[1])
