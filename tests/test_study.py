@@ -644,11 +644,14 @@ def test_the_plan_calibrates_its_estimates_by_the_study_s_measured_steps(pair, t
     (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 3, "total_steps": 4}))
     now = {x["step"]: x for x in study(cfg, str(tmp_path / "s"), dry_run=True)["steps"]}  # the same probe: seed 0's
     left = now["train/toe-seed1"]                                                         # estimate is seed 1's whole
-    assert left["status"] == "resumes" and left["seconds"] == pytest.approx(now["train/toe"]["seconds"] / 4)
-    (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 1}))  # written before total_steps was kept
+    assert left["status"] == "resumes" and left["seconds"] == pytest.approx(now["train/toe"]["seconds"] / 2)
+    os.replace(run / "checkpoint", run / "checkpoint.tmp")  # killed between a save's renames: resumes from it
+    (run / "checkpoint.tmp" / "state.json").write_text(json.dumps({"step": 1}))  # before total_steps was kept
     (run / "train_args.json").write_text(json.dumps({"max_steps": 2, "stage_a_steps": 2}))
     p = study(cfg, str(tmp_path / "s"), dry_run=True)
     assert "train/toe-seed1 (at 1/4)" in p["summary"] and "resumes" in p["summary"]
+    left = {x["step"]: x for x in p["steps"]}["train/toe-seed1"]  # still in Stage A: all its 2 training steps left
+    assert left["seconds"] == pytest.approx({x["step"]: x for x in p["steps"]}["train/toe"]["seconds"])
     # another machine's (or thread count's) times are shown but do not calibrate
     lines = [{"step": "a", "status": "done", "seconds": 10.0, "kind": "k"}, {"step": "b", "status": "to run",
                                                                             "seconds": 5.0, "kind": "k"}]

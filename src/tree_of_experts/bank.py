@@ -91,8 +91,8 @@ class ExpertBank(nn.Module):
         """Σ_i probs_i e_i over all leaves: (B, T, N) -> (B, T, D), one matmul instead of a (B, T, N, D) gather. A
         bank mixed by rows (mapped, or large) is read a block of rows at a time (about 64 MB of float32 each), never
         as a whole N × D copy."""
-        if not self.by_rows:
-            return probs @ self.vectors()
+        if not self.by_rows or self.direction.requires_grad and torch.is_grad_enabled():  # training: one product (a
+            return probs @ self.vectors()  # block's slice would add a zero-filled N × D gradient per block backward)
         rows = max(1, DENSE_BLOCK_BYTES // (4 * self.direction.shape[1]))
         out = probs.new_zeros(*probs.shape[:-1], self.direction.shape[1])
         for i in range(0, self.num_leaves, rows):

@@ -28,8 +28,10 @@ import time
 import torch
 
 from ..shapes import capture_bytes_per_token
+from ..training.checkpoint import RESUMED
 from .steps import TIMES, recorded_times
 
+CHECKPOINTS = [name for name in RESUMED if name.startswith("checkpoint")]  # in the order a resume takes them
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
 
 
@@ -109,10 +111,11 @@ class Estimates:
         self.F, self.BW = self.speed["flops"], self.speed["bandwidth"]
         self.new, self.n = self.cfg.scoring.max_new_tokens, study.n
 
-    def of(self, step) -> tuple[float, int]:
-        """(seconds, disk bytes) of ``step``, by its ``work["kind"]`` (a kind without an estimate: 0, 0)."""
+    def of(self, step, **extra) -> tuple[float, int]:
+        """(seconds, disk bytes) of ``step``, by its ``work["kind"]`` (a kind without an estimate: 0, 0); ``extra``
+        adds to its work (``left``: the steps a resumed training has left)."""
         kind = step.work.get("kind")
-        return getattr(self, kind)(step.work) if kind in ESTIMATED else (0.0, 0)
+        return getattr(self, kind)({**step.work, **extra}) if kind in ESTIMATED else (0.0, 0)
 
     # -- the costs every estimate is made of ----------------------------------------------------------------------
     @staticmethod
@@ -156,12 +159,13 @@ class Estimates:
         return self.n_rows * self.mean_len * self.base.hidden_size * 64 * 2 * 20 / self.F, 0
 
     def train(self, w: dict) -> tuple[float, int]:
-        cfg, row, steps = self.cfg, w["row"], w["steps"]
+        cfg, row, steps = self.cfg, w["row"], w.get("left", w["steps"])
         tokens = steps * cfg.budget.batch_size * self.mean_len
         options = {**(cfg.lora if row.kind == "lora" else cfg.train), **row.options}  # the row's own win
         factor = 4 if options.get("gradient_checkpointing") else 3
         sec = tokens * self.fb * factor / self.F + steps * factor * self.call_s(self.base)
-        if row.kind == "control":  # its own extraction, the base standing in for the teacher
+        if row.kind == "control" and "left" not in w:  # its own extraction (the base standing in for the teacher),
+            # made before its training's first checkpoint
             sec += self.extraction_s(self.fb, self.base)
         if row.objective == "on_policy":
             sample = cfg.train.get("sample_max_new_tokens", 256)
@@ -199,12 +203,13 @@ def plan(study, steps: list | None = None) -> dict:
     chosen = [x.id for x in (everything if steps is None else steps)]
     lines = []
     for s in everything:
-        sec, disk = est.of(s)
-        line = {"step": s.id, "status": "done" if s.done() else "to run", "seconds": sec, "disk_bytes": disk,
-                "kind": _kind(s)}
-        at = resumes_at(study.run_dir(s.label)) if s.stage == "train" and line["status"] != "done" else None
-        if at:  # a killed training resumes from its checkpoint: what is left of it
-            line.update(status="resumes", seconds=sec * max(0.0, 1 - at[0] / at[1]), at=at)
+        done = s.done()
+        at = resumes_at(study.run_dir(s.label)) if s.stage == "train" and not done else None
+        # a killed training resumes from its checkpoint: the Stage-B steps it has left (its Stage A counts as none)
+        left = {"left": max(0, min(s.work["steps"], at[1] - at[0]))} if at else {}
+        sec, disk = est.of(s, **left)
+        line = {"step": s.id, "status": "done" if done else "resumes" if at else "to run", "seconds": sec,
+                "disk_bytes": disk, "kind": _kind(s), **({"at": at} if at else {})}
         lines.append(line)
     factors = calibrate(lines, recorded_times(os.path.join(study.out, TIMES)))
     by_id = {x["step"]: x for x in lines}
@@ -219,15 +224,17 @@ def resumes_at(run_dir: str) -> tuple[int, int] | None:
     """(step, total steps) of the checkpoint a training in ``run_dir`` resumes from, or None where it has none. A
     checkpoint from before ``total_steps`` was kept takes it from the run's recorded arguments (a LoRA run has no
     Stage A)."""
-    state = _json(os.path.join(run_dir, "checkpoint", "state.json"))
-    if not state or not isinstance(state.get("step"), int):
+    # a kill between a save's two renames leaves the newest whole one in checkpoint.tmp, the one before in .old
+    found = (_json(os.path.join(run_dir, name, "state.json")) for name in CHECKPOINTS)
+    state = next((x for x in found if x and isinstance(x.get("step"), int)), None)
+    if state is None:
         return None
     total = state.get("total_steps")
     for name in ("train_args.json", "baseline_args.json"):
         args = _json(os.path.join(run_dir, name)) if total is None else None
         if args and isinstance(args.get("max_steps"), int):
-            stage_a = 0 if args.get("kind") == "lora" or args.get("skip_stage_a") else args.get("stage_a_steps", 0)
-            total = args["max_steps"] + stage_a
+            no_stage_a = args.get("kind") in ("lora", "sft", "static", "random") or args.get("skip_stage_a")
+            total = args["max_steps"] + (0 if no_stage_a else args.get("stage_a_steps", 0))
     return (state["step"], total) if total else None
 
 
