@@ -178,8 +178,10 @@ class Row:
         if not self.name or any(c in self.name for c in "/: ") or self.name in STUDY_NAMES:
             raise ToEError(f"rows: name {self.name!r}: use a plain name without '/', ':' or spaces (not "
                            f"{', '.join(STUDY_NAMES)}: the study's own rows and steps)")
-        if self.seeds < 1 or self.rank < 1:
-            raise ToEError(f"rows.{self.name}: seeds {self.seeds}, rank {self.rank}: each must be >= 1")
+        if self.seeds < 1:
+            raise ToEError(f"rows.{self.name}.seeds {self.seeds}: give a whole number >= 1")
+        if self.rank < 1:
+            raise ToEError(f"rows.{self.name}.rank {self.rank}: give a whole number >= 1 (LoRA's rank)")
         if self.kind == "oracle" and self.seeds != 1:
             raise ToEError(f"rows.{self.name}.seeds {self.seeds}: an oracle row is scored once (next to its plug-in "
                            "row's seed 0): remove seeds")

@@ -21,7 +21,8 @@ def check_options(where: str, options: dict, command: str) -> None:
               "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
     from ..options import option_names
 
-    params = option_names(getattr(import_module(f"..{module}", __package__), command))
+    fn = getattr(import_module(f"..{module}", __package__), command)
+    params = option_names(fn)
     for key in options:
         if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
             raise ToEError(f"{where}.{key}: the study sets {key} itself (pair, data, budget, row fields): remove it")
@@ -29,6 +30,25 @@ def check_options(where: str, options: dict, command: str) -> None:
             close = [p for p in sorted(params - STUDY_SETS) if p[:4] == key[:4]][:3]
             raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
                            (f" (did you mean {', '.join(close)}?)" if close else ""))
+    check_values(where, options, fn)
+
+
+def check_values(where: str, options: dict, fn) -> None:
+    """The values of ``options`` that belong to an option group of ``fn``, checked by building the group (its one-line
+    range and type checks), so a bad value fails before the study runs anything rather than when its step starts."""
+    import dataclasses
+    import inspect
+
+    params, by_group = inspect.signature(fn).parameters, {}
+    for key, value in options.items():
+        group = getattr(fn, "option_owner", {}).get(key)
+        if group is not None:
+            by_group.setdefault(group, {})[key] = value
+    for group, fields in by_group.items():
+        try:
+            dataclasses.replace(params[group].default, **fields)
+        except (ToEError, TypeError, ValueError) as e:
+            raise ToEError(f"{where}: {str(e).splitlines()[0]}") from None
 
 
 def check_row_options(cfg) -> None:
