@@ -445,14 +445,17 @@ def test_config_clashes_are_refused(pair, tmp_path, changes, message):
 
 
 def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
-    cfg = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[])
-    study(cfg, str(tmp_path / "s"))
-    edited = config(pair, tmp_path, rows=[{"name": "toe", "kind": "toe", "layers": [1]}], compare=[],
-                    budget={"steps": 8, "batch_size": 4})
-    with pytest.raises(ToEError, match="max_steps 4 \\(the config: 8\\)"):
+    rows = [{"name": "toe", "kind": "toe", "layers": [1], "seeds": 2}]
+    study(config(pair, tmp_path, rows=rows, compare=[]), str(tmp_path / "s"))
+    edited = config(pair, tmp_path, rows=rows, compare=[], budget={"steps": 8, "batch_size": 4})
+    # every refused run named at once (both seeds), not one per rerun
+    with pytest.raises(ToEError, match="2 kept runs no longer fit the config \\(toe, toe-seed1; the first: .*"
+                                       "max_steps 4 \\(the config: 8\\)\\).* delete what exists of .*toe-seed1"):
         study(edited, str(tmp_path / "s"), dry_run=True)
+    shutil.rmtree(tmp_path / "s" / "train" / "toe-seed1")
+    shutil.rmtree(tmp_path / "s" / "work" / "train" / "tiny" / "toe-seed1")
     shutil.rmtree(tmp_path / "s" / "train" / "toe")  # the kept copy alone deleted: the finished run is not taken back
-    with pytest.raises(ToEError, match="train/tiny/toe was trained with max_steps 4 \\(the config: 8\\)"):
+    with pytest.raises(ToEError, match="train/tiny/toe was trained with max_steps 4 \\(the config: 8\\): rename"):
         study(edited, str(tmp_path / "s"), dry_run=True)
 
 

@@ -118,13 +118,25 @@ class StudyChecks:
         # before the study made its traces, an epochs budget's step count is not known: checked once they are made
         estimate = tr is not None and not os.path.isfile(self.train_data) and not self.cfg.budget.steps
         steps_n = None if estimate else self.steps_n()
+        refused = []  # (label, what is wrong, its folders): every one named at once, not one per rerun
         for row in self.cfg.rows:
             for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
                 folders = (os.path.join(self.out, "train", label), self.run_dir(label))
                 redo = (f"rename the row for the new settings, or delete {' and '.join(folders)} (what exists of "
                         "them) to train it again")
-                for folder in folders:
-                    self._check_kept_run(row, seed, folder, steps_n, redo)
+                try:
+                    for folder in folders:
+                        self._check_kept_run(row, seed, folder, steps_n, redo)
+                except ToEError as e:
+                    refused.append((label, str(e).removesuffix(": " + redo), folders))
+        if len(refused) == 1:
+            raise ToEError(f"{refused[0][1]}: rename the row for the new settings, or delete "
+                           f"{' and '.join(refused[0][2])} (what exists of them) to train it again")
+        if refused:
+            every = " ".join(f for _, _, folders in refused for f in folders)
+            raise ToEError(f"{len(refused)} kept runs no longer fit the config ({', '.join(x[0] for x in refused)}; "
+                           f"the first: {refused[0][1]}): rename their rows for the new settings, or delete what "
+                           f"exists of {every} to train them again")
 
     def _check_kept_run(self, row, seed: int, folder: str, steps_n: int | None, redo: str) -> None:
         own = "baseline_args.json" if row.kind in ("control", "lora") else "train_args.json"
