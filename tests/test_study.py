@@ -357,6 +357,7 @@ def test_rows_and_targets_run_only_what_they_name(pair, tmp_path, capsys):
     rows = {x["name"]: x for x in table(tmp_path / "s")["rows"]}
     verdict = table(tmp_path / "s")["verdict"]
     assert "toe" not in rows and "Not scored yet: toe, lora" in verdict
+    assert "Not compared yet: toe − ctl; toe − lora." in verdict  # written as the table writes comparisons
     assert "The trained row ctl closes" in verdict and "close between" not in verdict  # one row: no range
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--rows", "nope"]) == 2
     assert main(["study", cfg, "--out", str(tmp_path / "s"), "--targets", "code"]) == 2

@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 import typing
+import warnings
 from argparse import ArgumentError
 
 from .errors import ToEError
@@ -279,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     from .training.steps import flush_denormals
 
     flush_denormals()  # every command: subnormal floats slow CPU matmuls many-fold
+    # peft reads transformers' renamed `is_gradient_checkpointing` on every model it wraps: a warning at every step
+    # of a study that no command line can act on (the library's Python API leaves the user's warnings alone)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         if argv[:1] == ["lm-eval"]:
             _lm_eval(argv[1:])

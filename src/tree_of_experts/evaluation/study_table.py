@@ -125,7 +125,9 @@ def markdown(study, tables: dict[str, dict], verdict: str) -> str:
     n = {t: v["items"] for t, v in tables.items()}
     lines += ["", "Items: " + ", ".join(f"{t} {k}" for t, k in n.items()) + ". Intervals: 95 %, two-level bootstrap "
               "(seeds, then items; rows on the same seeds paired on them, all rows on items; a one-seed row's interval "
-              "is over items only). CE in nats, lower is better. An interval that includes zero reads level only "
+              "is over items only). CE in nats, lower is better (a difference below zero: the first row better)"
+              + ("; accuracy in points, higher is better (above zero: the first row better)" if "acc" in tables
+                 else "") + ". An interval that includes zero reads level only "
               f"within the margin (scoring.margin: {pct(study.cfg.scoring.margin)} of the base–teacher gap, unless "
               "scoring.margins sets it), and not resolved beyond it; \"level from\" is the smallest margin under "
               "which it would read level.", "", verdict]
@@ -171,7 +173,7 @@ def verdict_text(study, tables: dict[str, dict]) -> str:
     made = {f"{c['a']} - {c['b']}" for t in tables.values() for c in t["comparisons"]}
     open_ = [c for c in study.cfg.compare if " - ".join(x.strip() for x in c.split(" - ")) not in made]
     if open_:  # a side not scored yet, or an oracle system the oracle did not produce
-        parts.append(f"Not compared yet: {'; '.join(open_)}.")
+        parts.append(f"Not compared yet: {'; '.join(' − '.join(x.strip() for x in c.split(' - ')) for c in open_)}.")
     return "**Verdict (computed from the intervals):** " + " ".join(parts) if parts else ""
 
 
