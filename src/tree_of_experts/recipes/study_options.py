@@ -4,12 +4,17 @@ loads (:class:`.study_config.StudyConfig` calls :func:`check_row_options`)."""
 
 from __future__ import annotations
 
+from difflib import get_close_matches
+
 from ..errors import ToEError
 
 # Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
 STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
               "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
               "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map", "dry_run"}
+# other libraries' names for an option (transformers' TrainingArguments, peft's LoraConfig): what an error suggests
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "budget.epochs",
+           "per_device_train_batch_size": "budget.batch_size", "train_batch_size": "budget.batch_size"}
 EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
 
 
@@ -27,7 +32,10 @@ def check_options(where: str, options: dict, command: str) -> None:
         if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
             raise ToEError(f"{where}.{key}: the study sets {key} itself (pair, data, budget, row fields): remove it")
         if key not in params:
-            close = [p for p in sorted(params - STUDY_SETS) if p[:4] == key[:4]][:3]
+            free = sorted(params - STUDY_SETS)
+            alias = ALIASES.get(key, "")
+            close = [alias] if alias in free or alias.startswith("budget.") else \
+                list(dict.fromkeys([p for p in free if p[:4] == key[:4]] + get_close_matches(key, free, 3, 0.7)))[:3]
             raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
                            (f" (did you mean {', '.join(close)}?)" if close else ""))
     check_values(where, options, fn)
