@@ -95,7 +95,7 @@ class Study(StudyRuns, StudyChecks):
         if what in ("base", "teacher"):
             return os.path.join(toy_pair_dir(), what)
         if what not in ("train", "dev"):
-            raise ToEError(f"{path}: use toy:base, toy:teacher, toy:train or toy:dev")
+            raise ToEError(f"{key} {path}: use toy:base, toy:teacher, toy:train or toy:dev")
         data = os.path.join(self.out, "data")
         if not os.path.isfile(os.path.join(data, f"{what}.jsonl")):
             write_toy_data(data, 384, 128)

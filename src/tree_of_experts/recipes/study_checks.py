@@ -76,7 +76,8 @@ class StudyChecks:
                                "now asks: delete it (and its .json) to make the traces again, or use another --out")
         items = read_rows(self.items)
         if self.cfg.data.reported[1] > len(items):
-            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.items} has {len(items)} rows")
+            raise ToEError(f"data.reported {self.cfg.data.reported}: data.items {self.cfg.data.items} has {len(items)} "
+                           f"rows: give a range within [0, {len(items)}]")
         field = TASK_FIELDS[self.cfg.data.task][0]  # the answers keep their items' fields
         if self.cfg.data.answers:
             check_answers("data.answers", self.answers, items, self.cfg.data.reported, field, "data.items")
