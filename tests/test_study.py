@@ -659,7 +659,7 @@ def test_the_plan_calibrates_its_estimates_by_the_study_s_measured_steps(pair, t
     (run / "checkpoint.tmp" / "state.json").write_text(json.dumps({"step": 1}))  # before total_steps was kept
     (run / "train_args.json").write_text(json.dumps({"max_steps": 2, "stage_a_steps": 2}))
     p = study(cfg, str(tmp_path / "s"), dry_run=True)
-    assert "train/toe-seed1 (at 1/4)" in p["summary"] and "resumes" in p["summary"]
+    assert "train/toe-seed1 (at 1/4)" in p["summary"] and "resumes" in p["summary"] and "route warm-up" in p["summary"]
     left = {x["step"]: x for x in p["steps"]}["train/toe-seed1"]  # still in Stage A: all its 2 training steps left
     assert left["seconds"] == pytest.approx({x["step"]: x for x in p["steps"]}["train/toe"]["seconds"])
     # another machine's (or thread count's) times are shown but do not calibrate

@@ -336,11 +336,11 @@ def _refuse_shared(step_id: str, made: dict[str, str], kind: str, row: str) -> N
 def study(file: str, out: str, dry_run: bool = False, rows: list[str] | None = None,
           targets: list[str] | None = None, seeds: list[int] | None = None, render_only: bool = False,
           poll_s: float = 10.0) -> dict:
-    """Plans, runs (resuming) and renders a study.
+    """Plans, runs (resuming) and renders a study: toe study CONFIG.yaml --out DIR.
 
     Args:
-        file: the study's YAML config (see ``studies/toy.yaml``; :mod:`tree_of_experts.recipes.study_config` documents
-            every key).
+        file: the study's YAML config, the first argument (or ``--file``; see ``studies/toy.yaml``;
+            :mod:`tree_of_experts.recipes.study_config` documents every key).
         out: the study folder (results, small files; committed) — rerunning into it continues the study.
         dry_run: print the plan (every step with its status, estimated time and disk) and stop; nothing loads.
         rows: run only these rows (and the steps they need), in the order given (the first row's steps first);

@@ -267,6 +267,9 @@ def summary(study, est: Estimates, lines: list[dict], factors: dict) -> str:
             "", f"{'step':<40} {'status':<8} {'estimate':>9} {'measured':>13} {'disk':>10}"]
     text += [f"{_shown(x):<40} {x['status']:<8} {_dur(x['seconds']):>9} {_measured(x):>13} "
              f"{_size(x['disk_bytes']):>10}" for x in lines]
+    if any("at" in x for x in lines):
+        text += ["", "(at STEP/TOTAL): the step a killed training resumes from; a plug-in row's total counts its route "
+                 "warm-up (train.stage_a_steps) before the budget's steps, as its log does"]
     how = " ".join((__doc__ or "").split("How the estimate is made (printed with the plan): ")[1].split())
     text += ["", "estimates: " + plain(how)]
     return "\n".join(text)
