@@ -225,8 +225,10 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(rows=[{"name": "a", "kind": "lora", "layers": [1], "rank": 0}], compare=[]), "rows.a.rank 0: give a whole"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "seeds": 0}], compare=[]), "rows.a.seeds 0: give a whole"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"lr": "fast"}}], compare=[]),
-     "rows.a.options: lr='fast': must be a finite number"),  # a value is checked before any step, as a name is
-    (dict(lora={"lr": -1, "kd_weight": 1.0}), "lora: lr=-1: must be a finite number"),
+     "rows.a (with the train options): lr='fast': must be a finite number"),  # a value is checked before any step, as a name is
+    (dict(lora={"lr": -1, "kd_weight": 1.0}), "rows.lora (with the lora options): lr=-1: must be a finite number"),
+    (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"on_policy_ratio": 0.5}}], compare=[]),
+     "rows.a (with the train options): --on_policy_ratio sets on-policy training"),  # checked with the row's objective
     (dict(scoring__batch_size=0), "scoring.batch_size 0: give a whole number >= 1"),
     (dict(scoring__margin=5), "scoring.margin 5.0: give a share of the gap in [0, 1)"),
     (dict(scoring__margins={"cod": 0.01}), "scoring.margins: ['cod'] is not a target of this study"),

@@ -38,17 +38,18 @@ def check_options(where: str, options: dict, command: str) -> None:
                 list(dict.fromkeys([p for p in free if p[:4] == key[:4]] + get_close_matches(key, free, 3, 0.7)))[:3]
             raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
                            (f" (did you mean {', '.join(close)}?)" if close else ""))
-    check_values(where, options, fn)
 
 
-def check_values(where: str, options: dict, fn) -> None:
-    """The values of ``options`` that belong to an option group of ``fn``, checked by building the group (its one-line
-    range and type checks), so a bad value fails before the study runs anything rather than when its step starts."""
+def check_values(where: str, options: dict, fn, implied: dict) -> None:
+    """The values of ``options`` (with ``implied``: what the study sets for the row, its objective) that belong to an
+    option group of ``fn``, checked by building the group (its one-line range, type and cross-field checks), so a
+    bad value fails before the study runs anything rather than when its step starts."""
     import dataclasses
     import inspect
 
     params, by_group = inspect.signature(fn).parameters, {}
-    for key, value in options.items():
+    owner = getattr(fn, "option_owner", {})
+    for key, value in {**{k: v for k, v in implied.items() if k in owner}, **options}.items():
         group = getattr(fn, "option_owner", {}).get(key)
         if group is not None:
             by_group.setdefault(group, {})[key] = value
@@ -71,9 +72,10 @@ def check_row_options(cfg) -> None:
         check_options(group, getattr(cfg, group), fn)
         check_accumulation(group, getattr(cfg, group))
     for r in cfg.rows:
-        check_options(f"rows.{r.name}.options", r.options, "baseline" if r.kind in ("lora", "control") else
-                      "oracle" if r.kind == "oracle" else "train")
+        command = "baseline" if r.kind in ("lora", "control") else "oracle" if r.kind == "oracle" else "train"
+        check_options(f"rows.{r.name}.options", r.options, command)
         check_accumulation(f"rows.{r.name}.options", r.options)
+        check_row_values(cfg, r, command)
         if r.extract:
             if not r.layers:
                 raise ToEError(f"rows.{r.name}.extract: only a row with layers reads an extraction")
@@ -91,3 +93,18 @@ def check_row_options(cfg) -> None:
             raise ToEError(f"rows.{r.name}: {cached[0]} {given[cached[0]]} reads what an extraction cached (the "
                            "teacher's top-k, its states): give the row layers (the extraction's), or set "
                            f"{cached[0]} 0")
+
+
+def check_row_values(cfg, row, command: str) -> None:
+    """The option values ``row`` trains (or is scored) with: its group's (``lora`` or ``train``) under its own, with
+    its objective, as the study will pass them."""
+    from importlib import import_module
+
+    from ..options import option_names
+
+    fn = getattr(import_module({"train": "..commands.train", "baseline": "..recipes.baseline",
+                                "oracle": "..commands.oracle"}[command], __package__), command)
+    group = {} if row.kind == "oracle" else cfg.lora if row.kind == "lora" else cfg.train
+    merged = {k: v for k, v in {**group, **row.options}.items() if k in option_names(fn)}  # the control's subset
+    where = f"rows.{row.name}" + (f" (with the {'lora' if row.kind == 'lora' else 'train'} options)" if group else "")
+    check_values(where, merged, fn, {"objective": row.objective})
