@@ -225,10 +225,12 @@ def test_dry_run_prints_a_plan_with_estimates_and_loads_no_model(pair, tmp_path,
     (dict(rows=[{"name": "a", "kind": "lora", "layers": [1], "rank": 0}], compare=[]), "rows.a.rank 0: give a whole"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "seeds": 0}], compare=[]), "rows.a.seeds 0: give a whole"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"lr": "fast"}}], compare=[]),
-     "rows.a (with the train options): lr='fast': must be a finite number"),  # a value is checked before any step, as a name is
-    (dict(lora={"lr": -1, "kd_weight": 1.0}), "rows.lora (with the lora options): lr=-1: must be a finite number"),
+     "rows.a.options: lr='fast': must be a finite number"),  # a value is checked before any step, as a name is
+    (dict(lora={"lr": -1, "kd_weight": 1.0}), "lora (row lora): lr=-1: must be a finite number"),
+    (dict(lora={"lr": "1e-3", "kd_weight": 1.0}), "(YAML reads 1e-3 as text: write it with a decimal point"),
+    (dict(extract={"num_leaves": 0}), "extract: num_leaves"),
     (dict(rows=[{"name": "a", "kind": "toe", "layers": [1], "options": {"on_policy_ratio": 0.5}}], compare=[]),
-     "rows.a (with the train options): --on_policy_ratio sets on-policy training"),  # checked with the row's objective
+     "rows.a.options: --on_policy_ratio sets on-policy training"),  # checked with the row's objective
     (dict(scoring__batch_size=0), "scoring.batch_size 0: give a whole number >= 1"),
     (dict(scoring__margin=5), "scoring.margin 5.0: give a share of the gap in [0, 1)"),
     (dict(scoring__margins={"cod": 0.01}), "scoring.margins: ['cod'] is not a target of this study"),
@@ -454,8 +456,8 @@ def test_a_kept_run_of_another_budget_is_refused_not_reused(pair, tmp_path):
     study(config(pair, tmp_path, rows=rows, compare=[]), str(tmp_path / "s"))
     edited = config(pair, tmp_path, rows=rows, compare=[], budget={"steps": 8, "batch_size": 4})
     # every refused run named at once (both seeds), not one per rerun
-    with pytest.raises(ToEError, match="2 kept runs no longer fit the config \\(toe, toe-seed1; the first: .*"
-                                       "max_steps 4 \\(the config: 8\\)\\).* delete what exists of .*toe-seed1"):
+    with pytest.raises(ToEError, match="2 kept runs no longer fit the config \\(.*/toe was trained with max_steps 4 "
+                                       "\\(the config: 8\\); .*toe-seed1 was trained .* delete what exists of .*toe-seed1"):
         study(edited, str(tmp_path / "s"), dry_run=True)
     shutil.rmtree(tmp_path / "s" / "train" / "toe-seed1")
     shutil.rmtree(tmp_path / "s" / "work" / "train" / "tiny" / "toe-seed1")

@@ -129,15 +129,17 @@ class StudyChecks:
                     for folder in folders:
                         self._check_kept_run(row, seed, folder, steps_n, redo)
                 except ToEError as e:
+                    if not str(e).endswith(redo):  # another kind of fault (a damaged file): its own message and fix
+                        raise
                     refused.append((label, str(e).removesuffix(": " + redo), folders))
         if len(refused) == 1:
             raise ToEError(f"{refused[0][1]}: rename the row for the new settings, or delete "
                            f"{' and '.join(refused[0][2])} (what exists of them) to train it again")
         if refused:
             every = " ".join(f for _, _, folders in refused for f in folders)
-            raise ToEError(f"{len(refused)} kept runs no longer fit the config ({', '.join(x[0] for x in refused)}; "
-                           f"the first: {refused[0][1]}): rename their rows for the new settings, or delete what "
-                           f"exists of {every} to train them again")
+            raise ToEError(f"{len(refused)} kept runs no longer fit the config ({'; '.join(x[1] for x in refused)}): "
+                           f"rename their rows for the new settings, or delete what exists of {every} to train them "
+                           "again")
 
     def _check_kept_run(self, row, seed: int, folder: str, steps_n: int | None, redo: str) -> None:
         own = "baseline_args.json" if row.kind in ("control", "lora") else "train_args.json"

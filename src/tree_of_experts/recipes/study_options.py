@@ -11,7 +11,8 @@ from ..errors import ToEError
 # Options the study sets itself: a config that sets them too would be ignored or contradict the plan.
 STUDY_SETS = {"base", "teacher", "experts", "data", "out", "source", "max_steps", "batch_size", "seed", "template",
               "prompt_field", "response_field", "max_length", "resume", "overwrite", "kind", "lora_rank", "objective",
-              "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map", "dry_run"}
+              "base_adapter", "plugin", "layers", "dtype", "snapshot_every", "teacher_device_map", "dry_run",
+              "ce_target"}
 # other libraries' names for an option (transformers' TrainingArguments, peft's LoraConfig): what an error suggests
 ALIASES = {"learning_rate": "lr", "num_train_epochs": "budget.epochs",
            "per_device_train_batch_size": "budget.batch_size", "train_batch_size": "budget.batch_size"}
@@ -34,10 +35,13 @@ def check_options(where: str, options: dict, command: str) -> None:
         if key not in params:
             free = sorted(params - STUDY_SETS)
             alias = ALIASES.get(key, "")
-            close = [alias] if alias in free or alias.startswith("budget.") else \
+            budget = alias.startswith("budget.") and command not in ("extract", "rebuild")  # those have their own
+            close = [alias] if alias in free or budget else \
                 list(dict.fromkeys([p for p in free if p[:4] == key[:4]] + get_close_matches(key, free, 3, 0.7)))[:3]
             raise ToEError(f"{where}.{key}: not an option of `toe {command}`" +
                            (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if command in ("extract", "rebuild"):  # (a training's values are checked per row: check_row_values)
+        check_values(where, options, fn, {})
 
 
 def check_values(where: str, options: dict, fn, implied: dict) -> None:
@@ -57,7 +61,17 @@ def check_values(where: str, options: dict, fn, implied: dict) -> None:
         try:
             dataclasses.replace(params[group].default, **fields)
         except (ToEError, TypeError, ValueError) as e:
-            raise ToEError(f"{where}: {str(e).splitlines()[0]}") from None
+            text = [k for k, v in fields.items() if isinstance(v, str) and _is_number(v)]
+            hint = f" (YAML reads {fields[text[0]]} as text: write it with a decimal point, e.g. 1.0e-3)" if text else ""
+            raise ToEError(f"{where}: {str(e).splitlines()[0]}{hint}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_row_options(cfg) -> None:
@@ -105,6 +119,9 @@ def check_row_values(cfg, row, command: str) -> None:
     fn = getattr(import_module({"train": "..commands.train", "baseline": "..recipes.baseline",
                                 "oracle": "..commands.oracle"}[command], __package__), command)
     group = {} if row.kind == "oracle" else cfg.lora if row.kind == "lora" else cfg.train
+    name, implied = "lora" if row.kind == "lora" else "train", {"objective": row.objective}
+    if group:  # the group's own values first, so an error names where the value is
+        check_values(f"{name} (row {row.name})", {k: v for k, v in group.items() if k in option_names(fn)}, fn,
+                     implied)
     merged = {k: v for k, v in {**group, **row.options}.items() if k in option_names(fn)}  # the control's subset
-    where = f"rows.{row.name}" + (f" (with the {'lora' if row.kind == 'lora' else 'train'} options)" if group else "")
-    check_values(where, merged, fn, {"objective": row.objective})
+    check_values(f"rows.{row.name}.options", merged, fn, implied)
