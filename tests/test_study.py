@@ -333,7 +333,7 @@ def test_step_selection_by_rows_seeds_and_targets_over_every_kind_of_row(pair, t
             {"name": "ctl", "kind": "control", "layers": [1]},
             {"name": "lora", "kind": "lora", "rank": 2, "layers": [1], "seeds": 2},
             {"name": "tol", "kind": "toe_on_lora", "layers": [1], "adapter_of": "lora", "seeds": 2},
-            {"name": "reb", "kind": "toe", "layers": [1], "rebuild": {"num_leaves": 2}},
+            {"name": "reb", "kind": "toe", "layers": [1], "rebuild": {"num_leaves": 2, "top_k": 2}},
             {"name": "o", "kind": "oracle", "layers": [1], "plugin_of": "toe"}]
     path = config(pair, tmp_path, rows=rows, compare=["toe - ctl"], scoring__ce_files={"code": FIXTURE},
                   scoring__answer_sets={"more": {"items": FIXTURE, "rows": [20, 24], "task": "gsm8k"}},
@@ -343,7 +343,7 @@ def test_step_selection_by_rows_seeds_and_targets_over_every_kind_of_row(pair, t
     ends = ["answers", "answers-more", "score/ce/anchors", "score/code/anchors", "score/more/anchors"]
     assert [s.id for s in st.selected_steps(rows=["o"])] == ends + ["extract/extract-l1", "train/toe", "score/ce/o"]
     assert deps["train/tol-seed1"] == ["extract/extract-l1", "train/lora-seed1"]  # seed for seed
-    assert deps["train/reb"] == ["extract/extract-l1-num_leaves2"] == [
+    assert deps["train/reb"] == ["extract/extract-l1-num_leaves2-top_k2"] == [
         s for s in deps if s.startswith("extract/") and "extract/extract-l1" in deps[s]]
     picked = [s.id for s in st.selected_steps(rows=["tol", "toe"])]
     assert picked.index("score/ce/tol-seed1") < picked.index("train/toe") and "train/lora-seed1" in picked
