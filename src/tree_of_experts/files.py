@@ -134,6 +134,17 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
         raise ToEError(f"{path} is corrupt ({reason}): {fix}") from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object from ``path``, or None where there is none to read (absent, half written by a run being killed,
+    not JSON, or not an object): for records that are only consulted, never required."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def load_tensors(path: str | os.PathLike, fix: str) -> dict[str, torch.Tensor]:
     """A safetensors file another run wrote; a truncated or corrupt one is a one-line ToEError naming it and ``fix``."""
     from safetensors import SafetensorError

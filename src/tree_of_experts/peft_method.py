@@ -12,7 +12,6 @@ Importing this module registers the method with peft; ``import tree_of_experts``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 from .config import ToEConfig, ToEError
 from .hf.layers import recompute_frozen_layers
 from .hf.hub import hub_id_of, is_full_hub_id, resolve_folder
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json_object
 from .plugin_folder import CARD_NAME, check_base, model_card, new_config, save_plugin
 from .model import freeze
 from .plugin import ToEPlugin, shapes_only
@@ -129,16 +128,8 @@ class ToEPeftConfig(PeftConfig):
 
 def toe_subfolders(folder: str) -> list[str]:
     """The subfolders of ``folder`` that hold a ToE peft adapter (named adapters that peft saved there)."""
-    found = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name, ADAPTER_CONFIG)
-        try:
-            with open(path) as f:
-                if json.load(f).get("peft_type") == "TOE":
-                    found.append(name)
-        except (OSError, ValueError):  # no adapter there, or not a JSON one
-            continue
-    return found
+    return [name for name in sorted(os.listdir(folder))
+            if (read_json_object(os.path.join(folder, name, ADAPTER_CONFIG)) or {}).get("peft_type") == "TOE"]
 
 
 def card_config(config: ToEConfig, base: str | None) -> ToEConfig:

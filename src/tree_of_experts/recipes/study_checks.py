@@ -119,7 +119,7 @@ class StudyChecks:
         # before the study made its traces, an epochs budget's step count is not known: checked once they are made
         estimate = tr is not None and not os.path.isfile(self.train_data) and not self.cfg.budget.steps
         steps_n = None if estimate else self.steps_n()
-        refused = []  # (label, what is wrong, its folders): every one named at once, not one per rerun
+        refused = []  # (its error, what is wrong, its folders): every one named at once, not one per rerun
         for row in self.cfg.rows:
             for seed, label in enumerate(row.labels()) if row.kind != "oracle" else ():
                 folders = (os.path.join(self.out, "train", label), self.run_dir(label))
@@ -131,10 +131,9 @@ class StudyChecks:
                 except ToEError as e:
                     if not str(e).endswith(redo):  # another kind of fault (a damaged file): its own message and fix
                         raise
-                    refused.append((label, str(e).removesuffix(": " + redo), folders))
+                    refused.append((e, str(e).removesuffix(": " + redo), folders))
         if len(refused) == 1:
-            raise ToEError(f"{refused[0][1]}: rename the row for the new settings, or delete "
-                           f"{' and '.join(refused[0][2])} (what exists of them) to train it again")
+            raise refused[0][0]
         if refused:
             every = " ".join(f for _, _, folders in refused for f in folders)
             raise ToEError(f"{len(refused)} kept runs no longer fit the config ({'; '.join(x[1] for x in refused)}): "

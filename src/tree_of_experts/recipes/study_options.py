@@ -19,15 +19,20 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "budget.epochs",
 EXTRACT_FREE = {"batch_size", "seed"}  # an extraction's own batch size and seed are its to choose
 
 
-def check_options(where: str, options: dict, command: str) -> None:
-    """Every key of ``options`` is a parameter of the library function of ``command`` that the study leaves free."""
+def command_fn(command: str):
+    """The library function of the package command ``command`` (imported when first asked: it loads torch and more)."""
     from importlib import import_module
 
     module = {"extract": "commands.extract", "rebuild": "commands.extract", "train": "commands.train",
               "baseline": "recipes.baseline", "oracle": "commands.oracle"}[command]
+    return getattr(import_module(f"..{module}", __package__), command)
+
+
+def check_options(where: str, options: dict, command: str) -> None:
+    """Every key of ``options`` is a parameter of the library function of ``command`` that the study leaves free."""
     from ..options import option_names
 
-    fn = getattr(import_module(f"..{module}", __package__), command)
+    fn = command_fn(command)
     params = option_names(fn)
     for key in options:
         if key in STUDY_SETS and not (command == "extract" and key in EXTRACT_FREE):
@@ -54,9 +59,8 @@ def check_values(where: str, options: dict, fn, implied: dict) -> None:
     params, by_group = inspect.signature(fn).parameters, {}
     owner = getattr(fn, "option_owner", {})
     for key, value in {**{k: v for k, v in implied.items() if k in owner}, **options}.items():
-        group = getattr(fn, "option_owner", {}).get(key)
-        if group is not None:
-            by_group.setdefault(group, {})[key] = value
+        if key in owner:
+            by_group.setdefault(owner[key], {})[key] = value
     for group, fields in by_group.items():
         try:
             dataclasses.replace(params[group].default, **fields)
@@ -112,16 +116,13 @@ def check_row_options(cfg) -> None:
 def check_row_values(cfg, row, command: str) -> None:
     """The option values ``row`` trains (or is scored) with: its group's (``lora`` or ``train``) under its own, with
     its objective, as the study will pass them."""
-    from importlib import import_module
-
     from ..options import option_names
 
-    fn = getattr(import_module({"train": "..commands.train", "baseline": "..recipes.baseline",
-                                "oracle": "..commands.oracle"}[command], __package__), command)
+    fn = command_fn(command)
+    takes = option_names(fn)  # the control takes the part of the train group its command has
     group = {} if row.kind == "oracle" else cfg.lora if row.kind == "lora" else cfg.train
     name, implied = "lora" if row.kind == "lora" else "train", {"objective": row.objective}
     if group:  # the group's own values first, so an error names where the value is
-        check_values(f"{name} (row {row.name})", {k: v for k, v in group.items() if k in option_names(fn)}, fn,
-                     implied)
-    merged = {k: v for k, v in {**group, **row.options}.items() if k in option_names(fn)}  # the control's subset
+        check_values(f"{name} (row {row.name})", {k: v for k, v in group.items() if k in takes}, fn, implied)
+    merged = {k: v for k, v in {**group, **row.options}.items() if k in takes}
     check_values(f"rows.{row.name}.options", merged, fn, implied)

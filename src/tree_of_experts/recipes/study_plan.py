@@ -19,7 +19,6 @@ parameters × 3 (weights and Adam's two moments).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -27,6 +26,7 @@ import time
 
 import torch
 
+from ..files import read_json_object
 from ..shapes import capture_bytes_per_token
 from ..training.checkpoint import RESUMED
 from .steps import TIMES, recorded_times
@@ -225,26 +225,17 @@ def resumes_at(run_dir: str) -> tuple[int, int] | None:
     checkpoint from before ``total_steps`` was kept takes it from the run's recorded arguments (a LoRA run has no
     Stage A)."""
     # a kill between a save's two renames leaves the newest whole one in checkpoint.tmp, the one before in .old
-    found = (_json(os.path.join(run_dir, name, "state.json")) for name in CHECKPOINTS)
+    found = (read_json_object(os.path.join(run_dir, name, "state.json")) for name in CHECKPOINTS)
     state = next((x for x in found if x and isinstance(x.get("step"), int)), None)
     if state is None:
         return None
     total = state.get("total_steps")
     for name in ("train_args.json", "baseline_args.json"):
-        args = _json(os.path.join(run_dir, name)) if total is None else None
+        args = read_json_object(os.path.join(run_dir, name)) if total is None else None
         if args and isinstance(args.get("max_steps"), int):
             no_stage_a = args.get("kind") in ("lora", "sft", "static", "random") or args.get("skip_stage_a")
             total = args["max_steps"] + (0 if no_stage_a else args.get("stage_a_steps", 0))
     return (state["step"], total) if total else None
-
-
-def _json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            found = json.load(f)
-    except (OSError, ValueError):  # absent, or half written by a run being killed
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def _total(lines: list[dict], key: str) -> float:
